@@ -1,0 +1,1 @@
+"""Postwarden lab."""

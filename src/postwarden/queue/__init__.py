@@ -1,0 +1,1 @@
+"""Postwarden queue."""

@@ -1,0 +1,1 @@
+"""Shared fixtures: the lab and real peers are started here, never copied."""
