@@ -1,0 +1,458 @@
+"""One typed configuration object, loaded from TOML with ``POSTWARDEN_*`` overrides.
+
+The file is optional: every key has an embedded default so ``postwarden serve`` with
+no file runs. Unknown keys and bad values are refused at load time with the key's
+dotted path (``smtp.listen[1]: ...``), never silently ignored.
+
+Environment overrides use a double underscore between path parts:
+``POSTWARDEN_SMTP__LISTEN='["0.0.0.0:587"]'``, ``POSTWARDEN_DELIVERY__MX_PORT=2526``.
+The value is read as a TOML value when it parses as one, else as a plain string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+ENV_PREFIX = "POSTWARDEN_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names its path."""
+
+
+# Markers carried in dataclass field metadata to parse human units.
+_DURATION = {"unit": "duration"}
+_SIZE = {"unit": "size"}
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1,
+    "k": 1024, "kb": 1024, "kib": 1024,
+    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+}  # fmt: skip
+
+
+def parse_duration(value: object, path: str = "duration") -> float:
+    """Seconds from a number or a string such as ``"250ms"``, ``"30s"``, ``"5m"``, ``"5d"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{path}: expected a duration like 30, \"30s\", \"5m\", \"5d\"; "
+                          f"got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{path}: must not be negative, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object, path: str = "size") -> int:
+    """Bytes from an integer or a string such as ``"25MB"`` (binary units: 1 MB = 1 MiB)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        unit = m.group(2).lower() if m.group(2) else None
+        size = int(m.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise ConfigError(f"{path}: expected a size like 1048576 or \"25MB\"; got {value!r}")
+    if size < 0:
+        raise ConfigError(f"{path}: must not be negative, got {value!r}")
+    return size
+
+
+def parse_hostport(spec: str, path: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; refuse anything else with the key path."""
+    s = spec.strip()
+    host, port_s = s, ""
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ConfigError(f"{path}: bad address {spec!r}")
+        host, rest = s[1:end], s[end + 1 :]
+        if rest.startswith(":"):
+            port_s = rest[1:]
+        elif rest:
+            raise ConfigError(f"{path}: bad address {spec!r}")
+    elif s.count(":") == 1:
+        host, port_s = s.split(":")
+    if not port_s:
+        if default_port is None:
+            raise ConfigError(f"{path}: expected \"host:port\", got {spec!r}")
+        return host, default_port
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(f"{path}: bad port in {spec!r}")
+    if not host:
+        raise ConfigError(f"{path}: missing host in {spec!r}")
+    return host, int(port_s)
+
+
+def _default_hostname() -> str:
+    name = socket.getfqdn() or socket.gethostname() or "localhost"
+    return name.lower()
+
+
+@dataclass
+class ServerConfig:
+    """Process-wide settings."""
+
+    hostname: str = field(default_factory=_default_hostname)
+    shutdown_grace: float = field(default=30.0, metadata=_DURATION)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass
+class SmtpUser:
+    """An SMTP AUTH identity; ``password_hash`` from ``postwarden hash-password``."""
+
+    username: str
+    password_hash: str
+
+
+@dataclass
+class SmtpConfig:
+    """Submission listeners (mta.ingress)."""
+
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"])
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    max_message_size: int = field(default=25 * 1024 * 1024, metadata=_SIZE)
+    max_recipients: int = 1000
+    max_line_length: int = 1000
+    max_sessions_per_ip: int = 100
+    max_commands_per_session: int = 100_000
+    idle_timeout: float = field(default=300.0, metadata=_DURATION)
+    tls_cert: str = ""
+    tls_key: str = ""
+    bare_newlines: Literal["reject", "normalize"] = "reject"
+    users: list[SmtpUser] = field(default_factory=list)
+
+
+@dataclass
+class SpoolConfig:
+    """The durable spool (queue.spool)."""
+
+    path: str = "./var/spool"
+    segment_size: int = field(default=64 * 1024 * 1024, metadata=_SIZE)
+    fsync: bool = True
+
+
+@dataclass
+class DatabaseConfig:
+    """Control-plane database (SQLAlchemy URL)."""
+
+    url: str = "sqlite+aiosqlite:///./var/postwarden.db"
+
+
+@dataclass
+class DnsConfig:
+    """Resolver used for MX lookups; empty ``nameservers`` means the system's."""
+
+    nameservers: list[str] = field(default_factory=list)
+    timeout: float = field(default=5.0, metadata=_DURATION)
+    cache_size: int = 100_000
+
+
+@dataclass
+class DeliveryTimeouts:
+    """RFC 5321 section 4.5.3.2 client timeouts."""
+
+    connect: float = field(default=30.0, metadata=_DURATION)
+    greeting: float = field(default=300.0, metadata=_DURATION)
+    ehlo: float = field(default=300.0, metadata=_DURATION)
+    mail: float = field(default=300.0, metadata=_DURATION)
+    rcpt: float = field(default=300.0, metadata=_DURATION)
+    data_init: float = field(default=120.0, metadata=_DURATION)
+    data_block: float = field(default=180.0, metadata=_DURATION)
+    data_term: float = field(default=600.0, metadata=_DURATION)
+    idle: float = field(default=5.0, metadata=_DURATION)
+
+
+@dataclass
+class DeliveryConfig:
+    """Outbound delivery (mta.delivery)."""
+
+    mx_port: int = 25
+    ehlo_hostname: str = ""
+    source_address: str = ""
+    max_connections: int = 400
+    max_connections_per_domain: int = 20
+    max_messages_per_connection: int = 100
+    max_recipients_per_transaction: int = 100
+    tls: Literal["opportunistic", "required", "disabled"] = "opportunistic"
+    tls_verify: bool = False
+    tls_policies: dict[str, Literal["opportunistic", "required", "disabled"]] = field(
+        default_factory=dict
+    )
+    timeouts: DeliveryTimeouts = field(default_factory=DeliveryTimeouts)
+
+
+@dataclass
+class QueueConfig:
+    """Scheduling, retries and expiry (queue.scheduler)."""
+
+    max_age: float = field(default=5 * 86400.0, metadata=_DURATION)
+    retry_initial: float = field(default=300.0, metadata=_DURATION)
+    retry_factor: float = 2.0
+    retry_max: float = field(default=4 * 3600.0, metadata=_DURATION)
+    retry_jitter: float = 0.2
+    scan_interval: float = field(default=1.0, metadata=_DURATION)
+    max_inflight: int = 20_000
+
+
+@dataclass
+class ControlConfig:
+    """Control plane HTTP listener (API, admin, ``/metrics``)."""
+
+    listen: str = "127.0.0.1:8025"
+
+
+@dataclass
+class DkimKeyConfig:
+    """One signing key from a file."""
+
+    domain: str
+    selector: str
+    key_file: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+
+@dataclass
+class DkimConfig:
+    keys: list[DkimKeyConfig] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """The whole appliance configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    @property
+    def ehlo_hostname(self) -> str:
+        return self.delivery.ehlo_hostname or self.server.hostname
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _convert(value: Any, tp: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    unit = meta.get("unit")
+    if unit == "duration":
+        return parse_duration(value, path)
+    if unit == "size":
+        return parse_size(value, path)
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, allowed))}; "
+                              f"got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{path}[{i}]", {}) for i, v in enumerate(value)]
+    if origin is dict:
+        _key_tp, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {type(value).__name__}")
+        return {str(k): _convert(v, val_tp, f"{path}.{k}", {}) for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"{path}: unsupported union type")  # not used by the schema
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{path}: unknown key (known here: {known})")
+        f = fields[key]
+        kwargs[key] = _convert(value, hints[key], path, f.metadata)
+    for name, f in fields.items():
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            path = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{path}: required key is missing")
+    return cls(**kwargs)
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``POSTWARDEN_A__B=value`` variables into a nested mapping ``{a: {b: value}}``."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(f"{name}: malformed override variable name")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: conflicts with another override")
+        node[parts[-1]] = _env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load and validate the configuration.
+
+    Order (later wins): embedded defaults, the TOML file, ``overrides`` (a nested
+    mapping, used by the lab and tests), then ``POSTWARDEN_*__*`` environment variables.
+    Raises :class:`ConfigError` naming the offending key.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{p}: config file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+        source = str(p)
+    if overrides:
+        data = _merge(data, overrides)
+    env = env_overrides(os.environ if environ is None else environ)
+    if env:
+        data = _merge(data, env)
+    cfg: Config = _build(Config, data, "")
+    cfg.source = source
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and format checks that types alone cannot express."""
+    for i, spec in enumerate(cfg.smtp.listen):
+        parse_hostport(spec, f"smtp.listen[{i}]")
+    parse_hostport(cfg.control.listen, "control.listen")
+    for i, net in enumerate(cfg.smtp.trusted_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"smtp.trusted_networks[{i}]: {exc}") from exc
+    for i, ns in enumerate(cfg.dns.nameservers):
+        parse_hostport(ns, f"dns.nameservers[{i}]", default_port=53)
+    if bool(cfg.smtp.tls_cert) != bool(cfg.smtp.tls_key):
+        raise ConfigError("smtp.tls_cert: tls_cert and tls_key must be given together")
+    for i, user in enumerate(cfg.smtp.users):
+        if not user.password_hash.startswith("scrypt$"):
+            raise ConfigError(
+                f"smtp.users[{i}].password_hash: expected a hash from "
+                "`postwarden hash-password` (scrypt$...), never a plain password"
+            )
+    if cfg.delivery.source_address:
+        try:
+            ipaddress.ip_address(cfg.delivery.source_address)
+        except ValueError as exc:
+            raise ConfigError(f"delivery.source_address: {exc}") from exc
+    positives = {
+        "smtp.max_recipients": cfg.smtp.max_recipients,
+        "smtp.max_line_length": cfg.smtp.max_line_length,
+        "smtp.max_sessions_per_ip": cfg.smtp.max_sessions_per_ip,
+        "smtp.max_commands_per_session": cfg.smtp.max_commands_per_session,
+        "smtp.max_message_size": cfg.smtp.max_message_size,
+        "delivery.max_connections": cfg.delivery.max_connections,
+        "delivery.max_connections_per_domain": cfg.delivery.max_connections_per_domain,
+        "delivery.max_messages_per_connection": cfg.delivery.max_messages_per_connection,
+        "delivery.max_recipients_per_transaction": cfg.delivery.max_recipients_per_transaction,
+        "queue.max_inflight": cfg.queue.max_inflight,
+        "spool.segment_size": cfg.spool.segment_size,
+        "dns.cache_size": cfg.dns.cache_size,
+    }
+    for path, value in positives.items():
+        if value <= 0:
+            raise ConfigError(f"{path}: must be greater than 0, got {value}")
+    if not 0 < cfg.delivery.mx_port <= 65535:
+        raise ConfigError(f"delivery.mx_port: not a TCP port: {cfg.delivery.mx_port}")
+    if cfg.smtp.max_line_length < 80:
+        raise ConfigError("smtp.max_line_length: must be at least 80")
+    if cfg.queue.retry_factor < 1.0:
+        raise ConfigError("queue.retry_factor: must be at least 1.0")
+    if not 0.0 <= cfg.queue.retry_jitter < 1.0:
+        raise ConfigError("queue.retry_jitter: must be in [0, 1)")
+    if cfg.queue.retry_initial <= 0:
+        raise ConfigError("queue.retry_initial: must be greater than 0")
+    for i, key in enumerate(cfg.dkim.keys):
+        if not key.domain or not key.selector:
+            raise ConfigError(f"dkim.keys[{i}]: domain and selector are required")

@@ -1,0 +1,698 @@
+"""The durable spool: message bodies in append-only segment files, state in SQLite.
+
+Layout under ``spool.path``::
+
+    segments/000000000001.seg   append-only records: one per accepted message
+    index.db                    SQLite (WAL): messages, recipients, events, segments
+
+Durability protocol (group commit, one writer thread):
+
+1. every message waiting to be stored is appended to the current segment, then the
+   segment is ``fdatasync``'d once for the whole batch;
+2. the index rows (message, recipients, ``accepted`` events) for the batch go in one
+   SQLite transaction committed with ``synchronous=FULL`` (the WAL is fsync'd);
+3. only then are the callers' futures resolved, so the SMTP ``250`` (or the HTTP
+   ``2xx``) is written after both fsyncs that cover the message.
+
+State changes after acceptance (leases, delivery results, events) are committed
+with ``synchronous=NORMAL``: they survive a process crash (the WAL is in the page
+cache) and, after a power loss, at worst a delivered recipient is delivered again —
+at-least-once, never lost.
+
+A crash leaves recipients that were leased for delivery in state ``active``;
+:meth:`Spool.open` puts them back to ``queued`` and counts them: those are the only
+recipients that can be delivered twice.
+
+Bodies are never kept in memory while a message waits: they are read back from the
+segment (``pread``) when a delivery attempt needs them. A segment file is removed
+when no live message refers to it any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("postwarden.spool")
+
+RECORD_MAGIC = b"PWS1"
+SCHEMA_VERSION = 1
+
+# Recipient states. ``active`` means leased to the scheduler (in memory); it never
+# survives a restart.
+QUEUED, ACTIVE, DEFERRED = "queued", "active", "deferred"
+DELIVERED, BOUNCED, EXPIRED, DELETED = "delivered", "bounced", "expired", "deleted"
+PENDING_STATES = (QUEUED, ACTIVE, DEFERRED)
+FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY,
+    live INTEGER NOT NULL DEFAULT 0,
+    sealed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    segment INTEGER NOT NULL,
+    body_offset INTEGER NOT NULL,
+    body_length INTEGER NOT NULL,
+    mail_from TEXT NOT NULL,
+    client_ip TEXT NOT NULL DEFAULT '',
+    helo TEXT NOT NULL DEFAULT '',
+    auth TEXT,
+    tenant TEXT,
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    body_8bit INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    remaining INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY,
+    msg_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_response TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_msg ON recipients(msg_id);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
+    WHERE state IN ('queued', 'deferred') AND held = 0;
+CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    rcpt_id INTEGER,
+    rcpt TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_msg ON events(msg_id);
+"""
+
+
+class SpoolError(RuntimeError):
+    """The spool could not do what was asked (closed, corrupt record, I/O error)."""
+
+
+def new_message_id() -> str:
+    """A sortable, unique queue id: 12 hex digits of milliseconds + 10 random hex digits."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+def domain_of(address: str) -> str:
+    """Lower-cased domain part of an address (``""`` when there is none)."""
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What travels with a message besides its bytes."""
+
+    mail_from: str
+    rcpt_tos: Sequence[str]
+    client_ip: str = ""
+    helo: str = ""
+    auth: str | None = None
+    tenant: str | None = None
+    smtputf8: bool = False
+    body_8bit: bool = False
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A recipient handed to the scheduler for a delivery attempt."""
+
+    rcpt_id: int
+    msg_id: str
+    rcpt: str
+    domain: str
+    attempts: int
+    created_at: float
+    mail_from: str
+    segment: int
+    body_offset: int
+    body_length: int
+    smtputf8: bool
+    body_8bit: bool
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """The answer to :meth:`Spool.store`: durable when returned."""
+
+    msg_id: str
+    rcpt_ids: tuple[int, ...]
+    leases: tuple[Lease, ...]  # non-empty when stored straight into ``active``
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A recipient's new state after a delivery attempt (or an operator action)."""
+
+    rcpt_id: int
+    msg_id: str
+    state: str  # delivered | deferred | bounced | expired | queued (not attempted)
+    response: str = ""
+    next_attempt: float = 0.0
+    counted_attempt: bool = True
+    event: str | None = None  # event type; defaults to the state
+    detail: dict[str, Any] | None = None
+
+
+@dataclass
+class _Op:
+    kind: str
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+class Spool:
+    """The durable spool. Create, then ``await open()``; all writes go through one thread."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        segment_size: int = 64 * 1024 * 1024,
+        fsync: bool = True,
+        max_batch: int = 1024,
+    ) -> None:
+        self.path = Path(path)
+        self.segment_dir = self.path / "segments"
+        self.segment_size = segment_size
+        self.fsync = fsync
+        self.max_batch = max_batch
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._seg_id = 0
+        self._seg_fd = -1
+        self._seg_pos = 0
+        self._read_fds: dict[int, int] = {}
+        self._read_lock = threading.Lock()
+        self.recovered_inflight = 0
+        self.closed = True
+        # Observers of committed events (metrics, logs); called on the event loop.
+        self.event_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        self.stats = {"batches": 0, "stored": 0, "fsyncs": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Open (or create) the spool, recover from a crash, start the writer thread."""
+        await asyncio.to_thread(self._open_sync)
+        self.closed = False
+        self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def _open_sync(self) -> None:
+        self.segment_dir.mkdir(parents=True, exist_ok=True)
+        self._db = self._connect()
+        db = self._db
+        db.executescript(_SCHEMA)
+        db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        now = time.time()
+        # Leases do not survive a restart: whatever was active may or may not have
+        # reached its destination, so it is tried again (and counted).
+        cur = db.execute(
+            "UPDATE recipients SET state = ?, updated_at = ? WHERE state = ?",
+            (QUEUED, now, ACTIVE),
+        )
+        self.recovered_inflight = cur.rowcount
+        if self.recovered_inflight:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('recovered_inflight_total', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+                (str(self.recovered_inflight), self.recovered_inflight),
+            )
+            log.warning("event=spool_recovered inflight=%d", self.recovered_inflight)
+        # Every segment left from before the restart is sealed: its tail may be torn.
+        db.execute("UPDATE segments SET sealed = 1")
+        db.commit()
+        self._remove_dead_segments()
+        row = db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()
+        on_disk = [int(p.stem) for p in self.segment_dir.glob("*.seg") if p.stem.isdigit()]
+        self._seg_id = max([row[0], *on_disk])
+        self._new_segment()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path / "index.db", isolation_level=None, check_same_thread=False, timeout=30
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    async def close(self) -> None:
+        """Flush pending operations, checkpoint the WAL and stop the writer."""
+        if self.closed:
+            return
+        self.closed = True
+        self._ops.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        with self._read_lock:
+            for fd in self._read_fds.values():
+                os.close(fd)
+            self._read_fds.clear()
+
+    def _close_sync(self) -> None:
+        if self._seg_fd >= 0:
+            os.close(self._seg_fd)
+            self._seg_fd = -1
+        if self._db is not None:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.close()
+                self._db = None
+
+    # ------------------------------------------------------------------ public API
+
+    async def store(self, envelope: Envelope, data: bytes, *, lease: bool = False) -> StoredMessage:
+        """Store a message durably; returns once it and its envelope are fsync'd.
+
+        With ``lease=True`` the recipients go straight to ``active`` and come back as
+        leases, so the scheduler can start delivery without another round trip.
+        """
+        return await self._submit("store", envelope, data, lease)
+
+    async def lease_due(self, now: float, limit: int) -> list[Lease]:
+        """Mark up to ``limit`` due, unheld recipients ``active`` and return them."""
+        if limit <= 0:
+            return []
+        return await self._submit("lease", now, limit)
+
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply outcomes (state + event), removing messages whose last recipient is done."""
+        if outcomes:
+            await self._submit("record", list(outcomes))
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(db)`` in the writer thread inside a transaction; returns its result."""
+        return await self._submit("call", fn)
+
+    def read_body(self, lease: Lease) -> bytes:
+        """Read a message's bytes back from its segment (blocking ``pread``)."""
+        return self.read_location(lease.segment, lease.body_offset, lease.body_length)
+
+    def read_location(self, segment: int, offset: int, length: int) -> bytes:
+        with self._read_lock:
+            fd = self._read_fds.get(segment)
+            if fd is None:
+                fd = os.open(self.segment_dir / f"{segment:012d}.seg", os.O_RDONLY)
+                if len(self._read_fds) >= 64:
+                    old_seg, old_fd = next(iter(self._read_fds.items()))
+                    del self._read_fds[old_seg]
+                    os.close(old_fd)
+                self._read_fds[segment] = fd
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise SpoolError(f"segment {segment}: short read at {offset} ({len(data)}/{length})")
+        return data
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _submit(self, kind: str, *args: Any) -> asyncio.Future[Any]:
+        if self.closed:
+            raise SpoolError("spool is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._ops.put(_Op(kind, args, fut, loop))
+        return fut
+
+    def _writer(self) -> None:
+        stop = False
+        while not stop:
+            op = self._ops.get()
+            if op is None:
+                break
+            batch = [op]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+        self._close_sync()
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        assert self._db is not None
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        committed_events: list[dict[str, Any]] = []
+        stores = [op for op in batch if op.kind == "store"]
+        placed: dict[int, tuple[int, int, int]] = {}
+        try:
+            if stores:
+                placed = self._append_bodies(stores)
+        except BaseException as exc:  # an I/O error fails the stores, not the others
+            log.exception("event=spool_write_failed")
+            for op in stores:
+                results.append((op, None, SpoolError(f"spool write failed: {exc}")))
+            batch = [op for op in batch if op.kind != "store"]
+        db = self._db
+        try:
+            db.execute("PRAGMA synchronous=FULL" if stores and self.fsync else
+                       "PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            unlink: list[int] = []
+            for op in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    if op.kind == "store":
+                        res = self._do_store(op, placed[id(op)], committed_events)
+                    elif op.kind == "lease":
+                        res = self._do_lease(*op.args)
+                    elif op.kind == "record":
+                        res = self._do_record(op.args[0], committed_events, unlink)
+                    elif op.kind == "call":
+                        res = op.args[0](db)
+                    else:  # pragma: no cover
+                        raise SpoolError(f"unknown op {op.kind}")
+                    db.execute("RELEASE op")
+                    results.append((op, res, None))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    log.exception("event=spool_op_failed kind=%s", op.kind)
+                    results.append((op, None, exc))
+            db.execute("COMMIT")
+            if stores:
+                self.stats["fsyncs"] += 1
+            for seg in unlink:
+                self._unlink_segment(seg)
+        except BaseException as exc:
+            log.exception("event=spool_commit_failed")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(op, None, SpoolError(f"spool commit failed: {exc}")) for op, _, _ in results]
+            committed_events = []
+        self.stats["batches"] += 1
+        self.stats["stored"] += len(stores)
+        self._resolve(results, committed_events)
+
+    def _resolve(
+        self, results: list[tuple[_Op, Any, BaseException | None]], events: list[dict[str, Any]]
+    ) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, Any, BaseException | None]]] = {}
+        for item in results:
+            if item[0].loop is not None:
+                by_loop.setdefault(item[0].loop, []).append(item)
+        listeners = list(self.event_listeners)
+
+        def deliver(items: list[tuple[_Op, Any, BaseException | None]], evs: list[Any]) -> None:
+            for op, res, exc in items:
+                fut = op.future
+                if fut is None or fut.done():
+                    continue
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(res)
+            if evs:
+                for listener in listeners:
+                    try:
+                        listener(evs)
+                    except Exception:
+                        log.exception("event=event_listener_failed")
+
+        first = True
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, items, events if first else [])
+            except RuntimeError:  # loop closed: nobody waits any more
+                pass
+            first = False
+
+    # ------------------------------------------------------------------ segments
+
+    def _new_segment(self) -> None:
+        if self._seg_fd >= 0:
+            os.close(self._seg_fd)
+            assert self._db is not None
+            self._db.execute("UPDATE segments SET sealed = 1 WHERE id = ?", (self._seg_id,))
+            row = self._db.execute(
+                "SELECT live FROM segments WHERE id = ?", (self._seg_id,)
+            ).fetchone()
+            if row is not None and row[0] <= 0:
+                self._db.execute("DELETE FROM segments WHERE id = ?", (self._seg_id,))
+                self._unlink_segment(self._seg_id)
+        self._seg_id += 1
+        seg_path = self.segment_dir / f"{self._seg_id:012d}.seg"
+        self._seg_fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._seg_pos = os.fstat(self._seg_fd).st_size
+        if self.fsync:
+            # The directory entry must be durable too, or a power loss could lose
+            # the whole file behind already-acknowledged messages.
+            dfd = os.open(self.segment_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        assert self._db is not None
+        self._db.execute(
+            "INSERT OR IGNORE INTO segments(id, live, sealed) VALUES (?, 0, 0)", (self._seg_id,)
+        )
+
+    def _append_bodies(self, stores: list[_Op]) -> dict[int, tuple[int, int, int]]:
+        """Write the batch's records to the segment and fdatasync once; return locations."""
+        if self._seg_pos >= self.segment_size:
+            self._new_segment()
+        placed: dict[int, tuple[int, int, int]] = {}
+        chunks: list[bytes] = []
+        pos = self._seg_pos
+        for op in stores:
+            envelope, data, _lease = op.args
+            msg_id = new_message_id()
+            header = json.dumps(
+                {
+                    "id": msg_id,
+                    "mail_from": envelope.mail_from,
+                    "rcpt_tos": list(envelope.rcpt_tos),
+                    "client_ip": envelope.client_ip,
+                    "helo": envelope.helo,
+                    "auth": envelope.auth,
+                    "tenant": envelope.tenant,
+                    "smtputf8": envelope.smtputf8,
+                    "body_8bit": envelope.body_8bit,
+                    "received_at": envelope.received_at,
+                },
+                separators=(",", ":"),
+            ).encode()
+            prefix = RECORD_MAGIC + len(header).to_bytes(4, "big") + len(data).to_bytes(8, "big")
+            body_offset = pos + len(prefix) + len(header)
+            chunks += (prefix, header, data)
+            pos = body_offset + len(data)
+            op.args = (envelope, data, _lease, msg_id)
+            placed[id(op)] = (self._seg_id, body_offset, len(data))
+        os.writev(self._seg_fd, chunks) if len(chunks) < 1000 else self._write_all(chunks)
+        self._seg_pos = pos
+        if self.fsync:
+            os.fdatasync(self._seg_fd)
+        return placed
+
+    def _write_all(self, chunks: list[bytes]) -> None:
+        for i in range(0, len(chunks), 999):
+            os.writev(self._seg_fd, chunks[i : i + 999])
+
+    def _unlink_segment(self, seg: int) -> None:
+        try:
+            (self.segment_dir / f"{seg:012d}.seg").unlink()
+        except FileNotFoundError:
+            pass
+        with self._read_lock:
+            fd = self._read_fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _remove_dead_segments(self) -> None:
+        assert self._db is not None
+        dead = [
+            r[0]
+            for r in self._db.execute("SELECT id FROM segments WHERE live <= 0 AND sealed = 1")
+        ]
+        live = {r[0] for r in self._db.execute("SELECT id FROM segments WHERE live > 0")}
+        for seg in dead:
+            self._unlink_segment(seg)
+        self._db.execute("DELETE FROM segments WHERE live <= 0 AND sealed = 1")
+        # Files not in the table at all hold only records that were never indexed
+        # (a crash between the segment fsync and the index commit): nothing was
+        # acknowledged from them.
+        for p in self.segment_dir.glob("*.seg"):
+            if p.stem.isdigit() and int(p.stem) not in live:
+                p.unlink()
+
+    # ------------------------------------------------------------------ operations
+
+    def _do_store(
+        self, op: _Op, where: tuple[int, int, int], events: list[dict[str, Any]]
+    ) -> StoredMessage:
+        assert self._db is not None
+        db = self._db
+        envelope, _data, lease, msg_id = op.args
+        seg, offset, length = where
+        now = time.time()
+        rcpts = list(envelope.rcpt_tos)
+        db.execute(
+            "INSERT INTO messages(id, segment, body_offset, body_length, mail_from, client_ip,"
+            " helo, auth, tenant, smtputf8, body_8bit, received_at, remaining)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                msg_id, seg, offset, length, envelope.mail_from, envelope.client_ip,
+                envelope.helo, envelope.auth, envelope.tenant, int(envelope.smtputf8),
+                int(envelope.body_8bit), envelope.received_at, len(rcpts),
+            ),
+        )  # fmt: skip
+        db.execute("UPDATE segments SET live = live + 1 WHERE id = ?", (seg,))
+        state = ACTIVE if lease else QUEUED
+        ids: list[int] = []
+        leases: list[Lease] = []
+        for rcpt in rcpts:
+            domain = domain_of(rcpt)
+            cur = db.execute(
+                "INSERT INTO recipients(msg_id, rcpt, domain, state, next_attempt, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?)",
+                (msg_id, rcpt, domain, state, now, envelope.received_at, now),
+            )
+            rid = int(cur.lastrowid or 0)
+            ids.append(rid)
+            if lease:
+                leases.append(
+                    Lease(
+                        rid, msg_id, rcpt, domain, 0, envelope.received_at, envelope.mail_from,
+                        seg, offset, length, envelope.smtputf8, envelope.body_8bit,
+                    )
+                )  # fmt: skip
+            detail = {"size": length, "client_ip": envelope.client_ip}
+            if envelope.auth:
+                detail["auth"] = envelope.auth
+            if envelope.tenant:
+                detail["tenant"] = envelope.tenant
+            events.append(self._event(now, "accepted", msg_id, rid, rcpt, detail))
+        return StoredMessage(msg_id, tuple(ids), tuple(leases))
+
+    def _event(
+        self, ts: float, kind: str, msg_id: str, rid: int | None, rcpt: str | None,
+        detail: dict[str, Any],
+    ) -> dict[str, Any]:  # fmt: skip
+        assert self._db is not None
+        payload = json.dumps(detail, separators=(",", ":"), default=str)
+        cur = self._db.execute(
+            "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail) VALUES (?,?,?,?,?,?)",
+            (ts, kind, msg_id, rid, rcpt, payload),
+        )
+        return {
+            "id": cur.lastrowid, "ts": ts, "type": kind, "msg_id": msg_id,
+            "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
+        }  # fmt: skip
+
+    _LEASE_SQL = (
+        "SELECT r.id, r.msg_id, r.rcpt, r.domain, r.attempts, r.created_at, m.mail_from,"
+        " m.segment, m.body_offset, m.body_length, m.smtputf8, m.body_8bit"
+        " FROM recipients r JOIN messages m ON m.id = r.msg_id"
+        " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.next_attempt <= ?"
+        " ORDER BY r.next_attempt LIMIT ?"
+    )
+
+    def _do_lease(self, now: float, limit: int) -> list[Lease]:
+        assert self._db is not None
+        rows = self._db.execute(self._LEASE_SQL, (now, limit)).fetchall()
+        if not rows:
+            return []
+        self._db.executemany(
+            "UPDATE recipients SET state = 'active', updated_at = ? WHERE id = ?",
+            [(now, r[0]) for r in rows],
+        )
+        return [
+            Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                  bool(r[11]))
+            for r in rows
+        ]
+
+    def _do_record(
+        self, outcomes: Iterable[Outcome], events: list[dict[str, Any]], unlink: list[int]
+    ) -> None:
+        assert self._db is not None
+        db = self._db
+        now = time.time()
+        finished: dict[str, int] = {}
+        for o in outcomes:
+            if o.state in FINAL_STATES:
+                # Only a recipient still pending may finish; an operator's delete
+                # racing a delivery must not be counted twice.
+                cur = db.execute(
+                    "UPDATE recipients SET state = ?, last_response = ?, updated_at = ?,"
+                    " attempts = attempts + ? WHERE id = ? AND state IN ('queued','active',"
+                    "'deferred')",
+                    (o.state, o.response, now, int(o.counted_attempt), o.rcpt_id),
+                )
+                if cur.rowcount:
+                    finished[o.msg_id] = finished.get(o.msg_id, 0) + 1
+            else:
+                cur = db.execute(
+                    "UPDATE recipients SET state = ?, last_response = ?, next_attempt = ?,"
+                    " updated_at = ?, attempts = attempts + ? WHERE id = ? AND state IN"
+                    " ('queued','active','deferred')",
+                    (o.state, o.response or None, o.next_attempt or now, now,
+                     int(o.counted_attempt), o.rcpt_id),
+                )  # fmt: skip
+            if cur.rowcount and (o.event or o.counted_attempt or o.state != QUEUED):
+                detail = dict(o.detail or {})
+                if o.response:
+                    detail.setdefault("response", o.response)
+                if o.state == DEFERRED:
+                    detail.setdefault("next_attempt", o.next_attempt)
+                row = db.execute("SELECT rcpt FROM recipients WHERE id = ?", (o.rcpt_id,)).fetchone()
+                events.append(
+                    self._event(now, o.event or o.state, o.msg_id, o.rcpt_id,
+                                row[0] if row else None, detail)
+                )  # fmt: skip
+        for msg_id, n in finished.items():
+            db.execute("UPDATE messages SET remaining = remaining - ? WHERE id = ?", (n, msg_id))
+            self._remove_if_done(msg_id, unlink)
+
+    def _remove_if_done(self, msg_id: str, unlink: list[int]) -> None:
+        assert self._db is not None
+        db = self._db
+        row = db.execute("SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)).fetchone()
+        if row is None or row[0] > 0:
+            return
+        seg = row[1]
+        db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
+        db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+        db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
+        if seg != self._seg_id:
+            r = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
+            if r is not None and r[0] <= 0:
+                db.execute("DELETE FROM segments WHERE id = ?", (seg,))
+                unlink.append(seg)
