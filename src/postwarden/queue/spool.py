@@ -293,13 +293,15 @@ class Spool:
 
     # ------------------------------------------------------------------ public API
 
-    async def store(self, envelope: Envelope, data: bytes, *, lease: bool = False) -> StoredMessage:
+    async def store(
+        self, envelope: Envelope, data: bytes, *, lease: bool = False, msg_id: str | None = None
+    ) -> StoredMessage:
         """Store a message durably; returns once it and its envelope are fsync'd.
 
         With ``lease=True`` the recipients go straight to ``active`` and come back as
         leases, so the scheduler can start delivery without another round trip.
         """
-        return await self._submit("store", envelope, data, lease)
+        return await self._submit("store", envelope, data, lease, msg_id or new_message_id())
 
     async def lease_due(self, now: float, limit: int) -> list[Lease]:
         """Mark up to ``limit`` due, unheld recipients ``active`` and return them."""
@@ -492,8 +494,7 @@ class Spool:
         chunks: list[bytes] = []
         pos = self._seg_pos
         for op in stores:
-            envelope, data, _lease = op.args
-            msg_id = new_message_id()
+            envelope, data, _lease, msg_id = op.args
             header = json.dumps(
                 {
                     "id": msg_id,
@@ -513,7 +514,6 @@ class Spool:
             body_offset = pos + len(prefix) + len(header)
             chunks += (prefix, header, data)
             pos = body_offset + len(data)
-            op.args = (envelope, data, _lease, msg_id)
             placed[id(op)] = (self._seg_id, body_offset, len(data))
         os.writev(self._seg_fd, chunks) if len(chunks) < 1000 else self._write_all(chunks)
         self._seg_pos = pos

@@ -1,0 +1,284 @@
+"""Wires the stages together and runs them on one event loop.
+
+ingress (SMTP) ─▶ spool (fsync) ─▶ scheduler ─▶ delivery ─▶ events (spool index)
+
+Shutdown (SIGTERM/SIGINT): stop accepting connections, let transactions that are
+spooling finish, let delivery sessions finish the transaction they are in (up to
+``server.shutdown_grace``), hand unstarted work back to the queue, flush and
+checkpoint the spool index. Reload (SIGHUP): re-read the config file; limits,
+trusted networks, users, DKIM keys, TLS policies and the retry schedule change at
+once; listener addresses need a restart (logged). A bad file is refused and the old
+configuration stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import signal
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from postwarden.config import Config, ConfigError, load_config, parse_hostport
+from postwarden.dns.resolver import Resolver
+from postwarden.metrics import Metrics
+from postwarden.mta.auth import PasswordStore
+from postwarden.mta.delivery import DeliveryAgent
+from postwarden.mta.dkim import DkimSigner, load_key
+from postwarden.mta.ingress import IngressHandler, make_server_factory
+from postwarden.queue.scheduler import Scheduler
+from postwarden.queue.spool import Envelope, Spool, StoredMessage
+
+log = logging.getLogger("postwarden")
+
+
+def build_signer(cfg: Config) -> DkimSigner:
+    """Load every ``[[dkim.keys]]`` entry; a bad key names its config path."""
+    keys = []
+    for i, k in enumerate(cfg.dkim.keys):
+        try:
+            keys.append(load_key(k.domain, k.selector, k.key_file, k.algorithm))
+        except Exception as exc:
+            raise ConfigError(f"dkim.keys[{i}].key_file: {exc}") from exc
+    return DkimSigner(keys)
+
+
+def ensure_tls_files(cfg: Config) -> tuple[str, str]:
+    """The configured cert/key, or a self-signed pair generated on first start."""
+    if cfg.smtp.tls_cert:
+        return cfg.smtp.tls_cert, cfg.smtp.tls_key
+    tls_dir = Path(cfg.spool.path).resolve().parent / "tls"
+    cert, key = tls_dir / "selfsigned.crt", tls_dir / "selfsigned.key"
+    if cert.exists() and key.exists():
+        return str(cert), str(key)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.server.hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(cfg.server.hostname)]
+    for spec in cfg.smtp.listen:
+        host, _ = parse_hostport(spec, "smtp.listen")
+        with contextlib.suppress(ValueError):
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(pkey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(pkey, hashes.SHA256())
+    )
+    key.write_bytes(
+        pkey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key.chmod(0o600)
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    log.info("event=tls_selfsigned cert=%s", cert)
+    return str(cert), str(key)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class Appliance:
+    """The whole MTA in one object: ``await start()``, then ``await stop()``."""
+
+    def __init__(self, cfg: Config, *, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.spool = Spool(cfg.spool.path, segment_size=cfg.spool.segment_size,
+                           fsync=cfg.spool.fsync)
+        self.resolver = Resolver(cfg.dns.nameservers, timeout=cfg.dns.timeout,
+                                 cache_size=cfg.dns.cache_size)
+        self.agent = DeliveryAgent(cfg, self.resolver, self.spool.read_body, self.metrics)
+        self.scheduler = Scheduler(cfg, self.spool, self.agent, self.metrics)
+        self.signer = build_signer(cfg)
+        self.passwords = PasswordStore(cfg.smtp.users)
+        self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept,
+                                      self.sign)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.smtp_addresses: list[tuple[str, int]] = []
+        self.control_address: tuple[str, int] | None = None
+        self._http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._gauge_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    # ------------------------------------------------------------------ stages
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signer.sign(message)
+
+    async def accept(self, envelope: Envelope, data: bytes, msg_id: str) -> StoredMessage:
+        """Spool durably; hand the recipients straight to the scheduler when there is room."""
+        n = len(envelope.rcpt_tos)
+        lease = self.scheduler.reserve(n)
+        try:
+            stored = await self.spool.store(envelope, data, lease=lease, msg_id=msg_id)
+        except BaseException:
+            if lease:
+                self.scheduler.release(n)
+            raise
+        if lease:
+            self.scheduler.offer(stored.leases)
+        else:
+            self.scheduler.wake()
+        return stored
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.spool.open()
+        if self.spool.recovered_inflight:
+            self.metrics.recovered_inflight.inc(self.spool.recovered_inflight)
+        self.spool.event_listeners.append(self._on_events)
+        self.scheduler.start()
+        cert, key = ensure_tls_files(self.cfg)
+        tls = server_tls_context(cert, key)
+        loop = asyncio.get_running_loop()
+        factory = make_server_factory(self.ingress, tls)
+        for spec in self.cfg.smtp.listen:
+            host, port = parse_hostport(spec, "smtp.listen")
+            server = await loop.create_server(factory, host, port, backlog=1024,
+                                              reuse_address=True)
+            self.servers.append(server)
+            for sock in server.sockets:
+                self.smtp_addresses.append(sock.getsockname()[:2])
+        await self._start_http()
+        self._gauge_task = asyncio.create_task(self._update_gauges())
+        log.info("event=started smtp=%s control=%s spool=%s config=%s",
+                 ",".join(f"{h}:{p}" for h, p in self.smtp_addresses),
+                 "%s:%s" % self.control_address if self.control_address else "-",
+                 self.cfg.spool.path, self.cfg.source)
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from postwarden.control.app import create_app
+
+        host, port = parse_hostport(self.cfg.control.listen, "control.listen")
+        app = create_app(self)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                access_log=False, lifespan="off")
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError("control plane failed to start")
+            await asyncio.sleep(0.01)
+        sock = self._http.servers[0].sockets[0]
+        self.control_address = sock.getsockname()[:2]
+
+    def _on_events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev["type"] != "accepted":
+                log.debug("event=%s msg=%s rcpt_id=%s", ev["type"], ev["msg_id"], ev["rcpt_id"])
+
+    async def _update_gauges(self) -> None:
+        def count(db: Any) -> dict[str, int]:
+            rows = db.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall()
+            held = db.execute("SELECT COUNT(*) FROM recipients WHERE held = 1").fetchone()[0]
+            return {**{r[0]: r[1] for r in rows}, "held": held}
+
+        while True:
+            try:
+                counts = await self.spool.run(count)
+                for state in ("queued", "deferred", "active", "held"):
+                    self.metrics.queue_depth.labels(state).set(counts.get(state, 0))
+            except Exception:
+                if self.spool.closed:
+                    return
+                log.exception("event=gauge_update_failed")
+            await asyncio.sleep(5)
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call twice."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        log.info("event=stopping")
+        for server in self.servers:
+            server.close()
+        grace = self.cfg.server.shutdown_grace
+        deadline = time.monotonic() + grace
+        # Transactions already past DATA finish spooling (and get their 250).
+        while self.ingress.in_transaction and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
+        if self._gauge_task:
+            self._gauge_task.cancel()
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._http_task, 5)
+        await self.spool.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        self._stopped.set()
+        log.info("event=stopped")
+
+    def reload(self) -> bool:
+        """Re-read the config file; apply what can change live. False if refused."""
+        if self.config_path is None:
+            log.info("event=reload_skipped reason=no_config_file")
+            return False
+        try:
+            new = load_config(self.config_path)
+            signer = build_signer(new)
+        except ConfigError as exc:
+            log.error("event=reload_refused error=%r", str(exc))
+            return False
+        if new.smtp.listen != self.cfg.smtp.listen or new.control.listen != self.cfg.control.listen:
+            log.warning("event=reload_partial reason=listen_addresses_need_restart")
+        self.cfg = new
+        self.signer = signer
+        self.ingress.configure(new)
+        self.agent.reconfigure(new)
+        self.scheduler.reconfigure(new)
+        log.info("event=reloaded config=%s dkim_domains=%s", self.config_path,
+                 ",".join(sorted(signer.domains())) or "-")
+        return True
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(cfg: Config, config_path: str | None = None) -> None:
+    app = Appliance(cfg, config_path=config_path)
+    await app.start()
+    app.install_signal_handlers()
+    await app.wait_stopped()

@@ -1,0 +1,236 @@
+"""The ``postwarden`` command: the only entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from postwarden.config import Config, ConfigError, load_config
+
+log = logging.getLogger("postwarden")
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """One event per line: ``ts level logger message`` where message is key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        line = f"{ts}.{int(record.msecs):03d} {record.levelname.lower()} {record.name} " \
+               f"{record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command at INFO; that belongs at debug for an MTA.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop when it is installed (it is a dependency), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _load(args: argparse.Namespace, **overrides: Any) -> Config:
+    path = args.config or os.environ.get("POSTWARDEN_CONFIG")
+    return load_config(path, overrides=overrides or None)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from postwarden.appliance import serve
+
+    cfg = _load(args)
+    setup_logging(cfg.server.log_level)
+    run_async(serve(cfg, args.config or os.environ.get("POSTWARDEN_CONFIG")))
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from postwarden.lab.demo import run_lab
+
+    setup_logging("info")
+    return int(run_async(run_lab(args.config, var_dir=args.var, demo=not args.no_demo,
+                                 once=args.once)))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from postwarden.appliance import build_signer
+
+    build_signer(cfg)
+    print(f"config ok: {cfg.source}")
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from postwarden.mta.auth import hash_password
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("passwords differ", file=sys.stderr)
+            return 2
+    if not password:
+        print("empty password refused", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def _fmt_time(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from postwarden.queue.admin import QueueAdmin
+
+    cfg = _load(args)
+    admin = QueueAdmin(cfg.spool.path)
+    try:
+        if args.action == "list":
+            rows = admin.list(args.state, args.limit)
+            if args.json:
+                print(json.dumps(rows, indent=1))
+                return 0
+            print(json.dumps(admin.summary()))
+            for r in rows:
+                print(f"{r['msg_id']}  {r['state']:<9}{' HELD' if r['held'] else ''}"
+                      f"  tries={r['attempts']}  next={_fmt_time(r['next_attempt'])}"
+                      f"  from=<{r['mail_from']}> to=<{r['rcpt']}>"
+                      f"  {r['last_response'] or ''}")
+            return 0
+        if args.action == "show":
+            info = admin.show(args.id)
+            if info is None:
+                print(f"no such message: {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(info, indent=1, default=str))
+            return 0
+        target = None if args.id in (None, "ALL") else args.id
+        if args.action != "flush" and args.id is None:
+            print("give a message id, or ALL", file=sys.stderr)
+            return 2
+        n = getattr(admin, args.action)(target)
+        print(f"{args.action}: {n} recipient(s)")
+        return 0
+    finally:
+        admin.close()
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from postwarden.queue.admin import QueueAdmin
+
+    cfg = _load(args)
+    admin = QueueAdmin(cfg.spool.path)
+    try:
+        if args.tail:
+            after = None if args.all else None
+            try:
+                for ev in admin.tail(after=0 if args.all else after):
+                    print(json.dumps(ev, default=str), flush=True)
+            except KeyboardInterrupt:
+                return 0
+        for ev in admin.events(msg_id=args.msg, limit=args.limit):
+            print(json.dumps(ev, default=str))
+        return 0
+    finally:
+        admin.close()
+
+
+def cmd_dkim_genkey(args: argparse.Namespace) -> int:
+    from postwarden.mta.dkim import generate_key, load_key
+
+    pem = generate_key(args.algorithm)
+    with open(args.out, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(pem)
+    key = load_key(args.domain, args.selector, args.out, args.algorithm)
+    print(f"{args.selector}._domainkey.{args.domain} IN TXT \"{key.public_txt()}\"")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="postwarden", description="Postwarden email appliance")
+    p.add_argument("--config", "-c", help="TOML config file (default: embedded defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the appliance")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("lab", help="run the appliance against the built-in simulated internet")
+    s.add_argument("--var", default="./var/lab", help="state directory for the lab run")
+    s.add_argument("--no-demo", action="store_true", help="do not send the demo messages")
+    s.add_argument("--once", action="store_true", help="exit after the demo")
+    s.set_defaults(fn=cmd_lab)
+
+    s = sub.add_parser("check-config", help="validate the configuration and keys")
+    s.set_defaults(fn=cmd_check_config)
+
+    s = sub.add_parser("hash-password", help="hash an SMTP AUTH password for [[smtp.users]]")
+    s.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    s.set_defaults(fn=cmd_hash_password)
+
+    s = sub.add_parser("queue", help="inspect and act on the queue")
+    s.add_argument("action", choices=["list", "show", "flush", "hold", "release", "delete"])
+    s.add_argument("id", nargs="?", help="message id (or ALL for hold/release/delete)")
+    s.add_argument("--state", help="list only this state (queued, deferred, active, held)")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_queue)
+
+    s = sub.add_parser("events", help="print recipient events")
+    s.add_argument("--tail", action="store_true", help="follow new events")
+    s.add_argument("--all", action="store_true", help="with --tail, start from the first")
+    s.add_argument("--msg", help="only this message")
+    s.add_argument("--limit", type=int, default=100)
+    s.set_defaults(fn=cmd_events)
+
+    s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")
+    s.add_argument("--domain", required=True)
+    s.add_argument("--selector", required=True)
+    s.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"],
+                   default="rsa-sha256")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_dkim_genkey)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"postwarden: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"postwarden: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

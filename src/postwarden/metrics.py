@@ -1,0 +1,85 @@
+"""Prometheus metrics. Every name here is documented in ``docs/operations.md``.
+
+Labels are bounded: results, states, directions and listener names, never recipient
+domains or addresses.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+
+
+class Metrics:
+    """All of the appliance's metrics, in their own registry (one per appliance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "postwarden_messages_received", "Messages accepted and spooled.", ["source"],
+            registry=r,
+        )
+        self.recipients_received = Counter(
+            "postwarden_recipients_received", "Recipients accepted and spooled.", registry=r
+        )
+        self.rejected = Counter(
+            "postwarden_smtp_rejected",
+            "SMTP commands refused by the ingress, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.delivered = Counter(
+            "postwarden_recipients_delivered", "Recipients delivered (2xx after DATA).", registry=r
+        )
+        self.deferred = Counter(
+            "postwarden_recipients_deferred", "Temporary delivery failures.", ["reason"],
+            registry=r,
+        )
+        self.bounced = Counter(
+            "postwarden_recipients_bounced", "Permanent delivery failures.", ["reason"],
+            registry=r,
+        )
+        self.expired = Counter(
+            "postwarden_recipients_expired", "Recipients that reached queue.max_age.", registry=r
+        )
+        self.recovered_inflight = Counter(
+            "postwarden_spool_recovered_inflight",
+            "Recipients found leased at startup after a crash (each may be delivered twice).",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "postwarden_queue_recipients", "Recipients in the spool by state.", ["state"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "postwarden_scheduler_inflight", "Recipients leased to the scheduler.", registry=r
+        )
+        self.connections = Gauge(
+            "postwarden_connections_open", "Open SMTP connections.", ["direction"], registry=r
+        )
+        self.accept_latency = Histogram(
+            "postwarden_acceptance_seconds",
+            "From end of DATA to the 250 reply (spooling, DKIM, fsync).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "postwarden_delivery_seconds",
+            "From acceptance to successful delivery, per recipient.",
+            buckets=_DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "postwarden_delivery_attempts", "Delivery transactions by result.", ["result"],
+            registry=r,
+        )
+        self.spool_fsyncs = Counter(
+            "postwarden_spool_commits", "Durable spool group commits.", registry=r
+        )
+        for state in ("queued", "deferred", "active", "held"):
+            self.queue_depth.labels(state)
+        for direction in ("in", "out"):
+            self.connections.labels(direction)

@@ -1,0 +1,367 @@
+"""Direct-to-MX delivery over SMTP (aiosmtplib).
+
+One :class:`DeliveryAgent` runs *sessions*: a session resolves a destination
+domain's MX hosts, connects to the first one that answers (trying the next host or
+address on connection failure or a 4xx/5xx greeting), says EHLO, upgrades with
+STARTTLS according to the domain's TLS policy, then carries job after job (one job =
+one message with all its recipients at that domain) over the same connection.
+
+The outcome of each recipient is reported as an :class:`AttemptResult`; the
+scheduler turns it into a state change with the one retry policy. Nothing here
+decides *when* to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+from aiosmtplib.errors import (
+    SMTPConnectError,
+    SMTPException,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from postwarden.config import Config
+from postwarden.dns.resolver import DnsError, MxHost, Resolver
+from postwarden.metrics import Metrics
+from postwarden.queue.spool import Lease
+
+log = logging.getLogger("postwarden.delivery")
+
+Kind = Literal["delivered", "temporary", "permanent", "not_attempted"]
+
+
+@dataclass
+class Job:
+    """One message for one destination domain: a single SMTP transaction."""
+
+    msg_id: str
+    domain: str
+    mail_from: str
+    leases: list[Lease]
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def smtputf8(self) -> bool:
+        return self.leases[0].smtputf8
+
+    @property
+    def body_8bit(self) -> bool:
+        return self.leases[0].body_8bit
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What happened to one recipient in one attempt."""
+
+    lease: Lease
+    kind: Kind
+    response: str
+    mx: str = ""
+    ip: str = ""
+    tls: bool = False
+    reason: str = "other"  # bounded metric label: rcpt, data, mail, connect, dns, tls, ...
+
+
+def format_response(code: int, message: str) -> str:
+    """One-line ``"451 4.3.0 text"`` form of an SMTP reply (multi-line joined by spaces)."""
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return f"{code} {text}".strip()
+
+
+def kind_of(code: int) -> Kind:
+    if 200 <= code < 300:
+        return "delivered"
+    if 400 <= code < 500:
+        return "temporary"
+    if code >= 500:
+        return "permanent"
+    return "temporary"  # anything unexpected is retried, never lost
+
+
+class _ConnectFailed(Exception):
+    def __init__(self, response: str, permanent: bool = False) -> None:
+        super().__init__(response)
+        self.response = response
+        self.permanent = permanent
+
+
+@dataclass
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    mx: str
+    ip: str
+    tls: bool
+
+
+class DeliveryAgent:
+    """Delivers jobs to MX hosts; knows nothing about queues or retries."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        resolver: Resolver,
+        read_body: Callable[[Lease], bytes],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.resolver = resolver
+        self.read_body = read_body
+        self.metrics = metrics
+        self._tls_ctx = self._make_tls_context(verify=cfg.delivery.tls_verify)
+        # Addresses whose STARTTLS handshake failed recently: opportunistic TLS
+        # falls back to plain text there instead of failing every time.
+        self._tls_broken: dict[str, float] = {}
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._tls_ctx = self._make_tls_context(verify=cfg.delivery.tls_verify)
+
+    @staticmethod
+    def _make_tls_context(verify: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        if not verify:
+            # Opportunistic TLS (RFC 7435): encrypt even when the certificate cannot
+            # be verified, as Postfix's "may" level does.
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def tls_policy(self, domain: str) -> str:
+        return self.cfg.delivery.tls_policies.get(domain, self.cfg.delivery.tls)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def run_session(
+        self,
+        domain: str,
+        next_job: Callable[[bool], Awaitable[Job | None]],
+        report: Callable[[list[AttemptResult]], None],
+    ) -> None:
+        """Deliver jobs for ``domain`` over one connection until none are left.
+
+        ``next_job(first)`` returns the next job (waiting a little for more when
+        ``first`` is False) or None; every recipient of every job taken is reported
+        exactly once through ``report`` — delivered, failed, or ``not_attempted``
+        (handed back untouched when the session ends before its transaction began).
+        """
+        job = await next_job(True)
+        if job is None:
+            return
+        try:
+            mx = await self.resolver.resolve_mx(domain)
+        except DnsError as exc:
+            kind: Kind = "permanent" if exc.permanent else "temporary"
+            code = 550 if exc.permanent else 451
+            resp = f"{code} {exc.enhanced} {exc}"
+            while job is not None:
+                report([AttemptResult(lease, kind, resp, reason="dns") for lease in job.leases])
+                job = await next_job(True)
+            return
+        try:
+            conn = await self._connect(domain, mx.hosts)
+        except _ConnectFailed as exc:
+            kind = "permanent" if exc.permanent else "temporary"
+            # Every job waiting for this domain would meet the same hosts: fail them
+            # together rather than trying the dead destination once per message.
+            while job is not None:
+                report(
+                    [AttemptResult(lease, kind, exc.response, reason="connect")
+                     for lease in job.leases]
+                )
+                job = await next_job(True)
+            return
+        sent = 0
+        try:
+            while job is not None:
+                results, alive = await self._transaction(conn, job)
+                report(results)
+                sent += 1
+                if not alive or sent >= self.cfg.delivery.max_messages_per_connection:
+                    break
+                job = await next_job(False)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            await self._close(conn)
+
+    async def _connect(self, domain: str, hosts: tuple[MxHost, ...]) -> _Connection:
+        policy = self.tls_policy(domain)
+        last = "451 4.4.1 no MX host could be reached"
+        all_permanent = bool(hosts)
+        for host in hosts:
+            for ip in host.addresses:
+                try:
+                    return await self._open(ip, host.name, policy)
+                except _ConnectFailed as exc:
+                    last = f"{exc.response} (mx {host.name} [{ip}])"
+                    all_permanent = all_permanent and exc.permanent
+                    log.info("event=connect_failed domain=%s mx=%s ip=%s response=%r",
+                             domain, host.name, ip, exc.response)
+        # RFC 5321 5.1: try every address; only when each refused permanently at the
+        # greeting is the failure permanent.
+        raise _ConnectFailed(last, permanent=all_permanent)
+
+    async def _open(self, ip: str, mx_name: str, policy: str) -> _Connection:
+        t = self.cfg.delivery.timeouts
+        src = self.cfg.delivery.source_address
+        smtp = aiosmtplib.SMTP(
+            hostname=ip,
+            port=self.cfg.delivery.mx_port,
+            local_hostname=self.cfg.ehlo_hostname,
+            source_address=(src, 0) if src else None,
+            timeout=t.connect + t.greeting,
+            start_tls=False,
+            validate_certs=self.cfg.delivery.tls_verify,
+        )
+        try:
+            await smtp.connect()
+        except SMTPConnectError as exc:
+            if isinstance(exc, SMTPResponseException):
+                resp = format_response(exc.code, exc.message)
+                raise _ConnectFailed(resp, permanent=exc.code >= 500) from exc
+            raise _ConnectFailed(f"451 4.4.1 connection failed: {exc}") from exc
+        except (SMTPException, OSError) as exc:
+            raise _ConnectFailed(f"451 4.4.1 connection failed: {exc}") from exc
+        if self.metrics:
+            self.metrics.connections.labels("out").inc()
+        try:
+            try:
+                await smtp.ehlo(timeout=t.ehlo)
+            except SMTPResponseException:
+                await smtp.helo(timeout=t.ehlo)
+            use_tls = False
+            if policy != "disabled" and smtp.supports_extension("starttls"):
+                broken_until = self._tls_broken.get(ip, 0.0)
+                if policy == "required" or broken_until < time.monotonic():
+                    try:
+                        await smtp.starttls(tls_context=self._tls_ctx, timeout=t.ehlo)
+                        await smtp.ehlo(timeout=t.ehlo)
+                        use_tls = True
+                    except (SMTPException, ssl.SSLError, OSError) as exc:
+                        self._tls_broken[ip] = time.monotonic() + 3600
+                        log.info("event=starttls_failed mx=%s ip=%s error=%r", mx_name, ip, exc)
+                        await self._quiet_close(smtp)
+                        if policy == "required":
+                            raise _ConnectFailed(f"451 4.7.5 STARTTLS failed: {exc}") from exc
+                        return await self._open(ip, mx_name, policy)
+            if policy == "required" and not use_tls:
+                raise _ConnectFailed("451 4.7.10 TLS required by policy but not offered")
+            return _Connection(smtp, mx_name, ip, use_tls)
+        except _ConnectFailed:
+            await self._quiet_close(smtp)
+            raise
+        except SMTPResponseException as exc:
+            await self._quiet_close(smtp)
+            raise _ConnectFailed(format_response(exc.code, exc.message),
+                                 permanent=exc.code >= 500) from exc
+        except (SMTPException, OSError) as exc:
+            await self._quiet_close(smtp)
+            raise _ConnectFailed(f"451 4.4.2 connection lost during EHLO: {exc}") from exc
+
+    async def _quiet_close(self, smtp: aiosmtplib.SMTP) -> None:
+        if self.metrics:
+            self.metrics.connections.labels("out").dec()
+        smtp.close()
+
+    async def _close(self, conn: _Connection) -> None:
+        try:
+            if conn.smtp.is_connected:
+                await conn.smtp.quit(timeout=5)
+        except (SMTPException, OSError):
+            pass
+        finally:
+            await self._quiet_close(conn.smtp)
+
+    # ------------------------------------------------------------------ one job
+
+    async def _transaction(
+        self, conn: _Connection, job: Job
+    ) -> tuple[list[AttemptResult], bool]:
+        """Send one message; returns per-recipient results and whether the connection lives."""
+        t = self.cfg.delivery.timeouts
+        smtp = conn.smtp
+
+        def result(lease: Lease, kind: Kind, resp: str, reason: str) -> AttemptResult:
+            return AttemptResult(lease, kind, resp, conn.mx, conn.ip, conn.tls, reason)
+
+        if not smtp.is_connected:
+            return [result(x, "not_attempted", "", "connect") for x in job.leases], False
+        try:
+            body = await asyncio.to_thread(self.read_body, job.leases[0])
+        except OSError as exc:
+            log.error("event=spool_read_failed msg=%s error=%r", job.msg_id, exc)
+            resp = "451 4.3.0 local error reading the spool"
+            return [result(x, "temporary", resp, "local") for x in job.leases], True
+        options = [f"SIZE={len(body)}"] if smtp.supports_extension("size") else []
+        if job.body_8bit and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if job.smtputf8:
+            if not smtp.supports_extension("smtputf8"):
+                resp = "550 5.6.7 non-ASCII address and the MX host lacks SMTPUTF8"
+                return [result(x, "permanent", resp, "smtputf8") for x in job.leases], True
+            options.append("SMTPUTF8")
+        enc = "utf-8" if job.smtputf8 else "ascii"
+        accepted: list[Lease] = []
+        results: list[AttemptResult] = []
+        try:
+            try:
+                await smtp.mail(job.mail_from, options=options, encoding=enc, timeout=t.mail)
+            except SMTPResponseException as exc:
+                resp = format_response(exc.code, exc.message)
+                alive = await self._rset(smtp)
+                kind = kind_of(exc.code)
+                return [result(x, kind, resp, "mail") for x in job.leases], alive
+            for lease in job.leases:
+                try:
+                    r: SMTPResponse = await smtp.rcpt(lease.rcpt, encoding=enc, timeout=t.rcpt)
+                    accepted.append(lease)
+                except SMTPResponseException as exc:
+                    resp = format_response(exc.code, exc.message)
+                    results.append(result(lease, kind_of(exc.code), resp, "rcpt"))
+                    if not smtp.is_connected:
+                        # 421 or a drop mid-envelope: everyone not yet refused waits.
+                        answered = {id(y.lease) for y in results}
+                        results += [result(x, "temporary", resp, "rcpt") for x in job.leases
+                                    if id(x) not in answered]
+                        return results, False
+            if not accepted:
+                return results, await self._rset(smtp)
+            try:
+                r = await smtp.data(body, timeout=t.data_term)
+                resp = format_response(r.code, r.message)
+                results += [result(x, "delivered", resp, "data") for x in accepted]
+            except SMTPResponseException as exc:
+                resp = format_response(exc.code, exc.message)
+                kind = kind_of(exc.code)
+                results += [result(x, kind, resp, "data") for x in accepted]
+                return results, smtp.is_connected and await self._rset(smtp)
+            return results, smtp.is_connected
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPException, OSError) as exc:
+            # Whatever had not been answered is retried: the connection broke.
+            what = "timeout" if isinstance(exc, SMTPTimeoutError | TimeoutError) else "lost"
+            resp = f"451 4.4.2 connection {what} during transaction: {exc}"
+            answered = {id(x.lease) for x in results if x.kind != "delivered"}
+            out = [x for x in results if x.kind != "delivered"]
+            out += [result(x, "temporary", resp, "connection") for x in job.leases
+                    if id(x) not in answered]
+            return out, False
+
+    async def _rset(self, smtp: aiosmtplib.SMTP) -> bool:
+        if not smtp.is_connected:
+            return False
+        try:
+            await smtp.rset(timeout=self.cfg.delivery.timeouts.mail)
+            return True
+        except (SMTPException, OSError):
+            return False

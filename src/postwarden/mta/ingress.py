@@ -1,0 +1,440 @@
+"""SMTP submission (aiosmtpd): relay control, limits, spooling before ``250``.
+
+The protocol layer is aiosmtpd's; :class:`IngressSMTP` adds what aiosmtpd leaves to
+the application — enhanced status codes on every reply, sessions per client IP,
+commands per session, AUTH only over TLS or from trusted networks with the password
+check off the event loop — and :class:`IngressHandler` decides each command.
+
+Bare CR or LF (SMTP smuggling, CVE-2023-51764 family): aiosmtpd only ends DATA on
+``<CRLF>.<CRLF>``, but passes bare LF *inside* a line to the handler. By default
+(``smtp.bare_newlines = "reject"``) such a message is refused with
+``550 5.6.0``; with ``"normalize"`` every bare CR or LF becomes CRLF before the
+message is spooled. Either way nothing we relay carries a stray CR or LF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from postwarden.config import Config
+from postwarden.metrics import Metrics
+from postwarden.mta.auth import PasswordStore
+from postwarden.queue.spool import Envelope as SpoolEnvelope
+from postwarden.queue.spool import StoredMessage, new_message_id
+
+log = logging.getLogger("postwarden.ingress")
+
+# Default enhanced codes (RFC 3463) for replies aiosmtpd writes without one.
+_ENHANCED = {
+    "221": "2.0.0", "235": "2.7.0", "250": "2.0.0", "251": "2.1.5", "252": "2.5.0",
+    "421": "4.7.0", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "534": "5.7.9", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0",
+    "552": "5.3.4", "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
+}  # fmt: skip
+_HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_REPLY = re.compile(rb"^(\d{3})([ -])(.*)$", re.DOTALL)
+_ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"]+@[A-Za-z0-9.\-\[\]:]+$|^[^\s@]+@[^\s@]+$")
+
+MAX_AUTH_FAILURES = 3
+
+
+def add_enhanced_code(reply: bytes) -> bytes:
+    """Give a reply aiosmtpd wrote without an enhanced status code a default one."""
+    if _HAS_ENHANCED.match(reply):
+        return reply
+    m = _REPLY.match(reply)
+    if not m:
+        return reply
+    code = m.group(1).decode()
+    enhanced = _ENHANCED.get(code)
+    if enhanced is None:
+        return reply
+    return b"%s%s%s %s" % (m.group(1), m.group(2), enhanced.encode(), m.group(3))
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """True when ``data`` holds a CR not followed by LF or an LF not preceded by CR."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+_BARE = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_newlines(data: bytes) -> bytes:
+    """Turn every bare CR and bare LF into CRLF."""
+    return _BARE.sub(b"\r\n", data)
+
+
+_HEADER_NAME = re.compile(rb"(?im)^(message-id|date)[ \t]*:")
+
+
+def finalize_headers(
+    data: bytes, *, received: bytes, msg_id: str, hostname: str, now: float | None = None
+) -> bytes:
+    """Prepend ``Received``; add ``Message-ID`` and ``Date`` when the message lacks them."""
+    end = data.find(b"\r\n\r\n")
+    if data.startswith(b"\r\n"):
+        head = b""
+    else:
+        head = data if end < 0 else data[: end + 2]
+    present = {m.group(1).lower() for m in _HEADER_NAME.finditer(head)}
+    extra = [received]
+    if b"message-id" not in present:
+        extra.append(f"Message-ID: <{msg_id}@{hostname}>\r\n".encode())
+    if b"date" not in present:
+        date = email.utils.formatdate(now, localtime=True)
+        extra.append(f"Date: {date}\r\n".encode())
+    if end < 0 and not data.startswith(b"\r\n") and data:
+        # Headers only, no body separator: keep it a well-formed message.
+        if not data.endswith(b"\r\n"):
+            data += b"\r\n"
+    return b"".join(extra) + data
+
+
+def received_header(
+    *, helo: str, client_ip: str, hostname: str, protocol: str, msg_id: str, rcpt: str | None,
+    now: float | None = None, tls: str | None = None,
+) -> bytes:  # fmt: skip
+    """An RFC 5321 section 4.4 trace header, folded with CRLF + tab."""
+    date = email.utils.formatdate(now, localtime=True)
+    helo_clean = re.sub(r"[^A-Za-z0-9.\-\[\]:_]", "", helo)[:200] or "unknown"
+    lines = [f"Received: from {helo_clean} ([{client_ip}])", f"by {hostname} (Postwarden)"]
+    if tls:
+        lines.append(f"({tls})")
+    lines.append(f"with {protocol} id {msg_id}")
+    if rcpt:
+        lines.append(f"for <{rcpt}>")
+    lines[-1] += f"; {date}"
+    return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class _PendingAuth:
+    """Credentials parsed by aiosmtpd, verified asynchronously by IngressSMTP."""
+
+    mechanism: str
+    login: bytes
+    password: bytes
+
+
+class IngressSMTP(SMTP):
+    """aiosmtpd's SMTP with Postwarden's session rules."""
+
+    def __init__(self, handler: IngressHandler, **kwargs: Any) -> None:
+        # aiosmtpd reads the limit while building its StreamReader in __init__.
+        self.line_length_limit = handler.cfg.smtp.max_line_length + 1
+        super().__init__(handler, **kwargs)
+        self.ingress = handler
+        self._in_ehlo = False
+        self._commands = 0
+        self._auth_failures = 0
+        self._over_limit = False
+        self._peer_ip = ""
+        self._smtp_methods = {
+            name: self._counted(method) for name, method in self._smtp_methods.items()
+        }
+
+    def _counted(self, method: Callable[[str], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def wrapper(arg: str) -> None:
+            self._commands += 1
+            if self._commands > self.ingress.cfg.smtp.max_commands_per_session:
+                self.ingress.metrics.rejected.labels("too_many_commands").inc()
+                await self.push("421 4.7.0 Too many commands in this session, closing")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            await method(arg)
+
+        return wrapper
+
+    # -- connection accounting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # STARTTLS re-entry, same session
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = peer[0] if peer else ""
+        self._over_limit = not self.ingress.session_opened(self._peer_ip)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._peer_ip:
+            self.ingress.session_closed(self._peer_ip)
+            self._peer_ip = ""
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._over_limit:
+            self.ingress.metrics.rejected.labels("too_many_sessions").inc()
+            await self.push("421 4.7.0 Too many sessions from your address, try later")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    # -- replies
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        if not self._in_ehlo:
+            raw = add_enhanced_code(raw)
+        await super().push(raw)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    # -- AUTH only over TLS or from trusted networks, verified off the loop
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self._tls_protocol and not self.ingress.is_trusted(self._peer_ip):
+            self.ingress.metrics.rejected.labels("auth_without_tls").inc()
+            await self.push("538 5.7.11 Encryption required for requested authentication "
+                            "mechanism: use STARTTLS")
+            return
+        await super().smtp_AUTH(arg)
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> Any:
+        # aiosmtpd calls this synchronously; hand the credentials back to our async
+        # auth_* wrappers so a slow password hash never blocks the event loop.
+        assert isinstance(auth_data, LoginPassword)
+        return _PendingAuth(mechanism, auth_data.login, auth_data.password)
+
+    async def _verify(self, result: Any) -> AuthResult:
+        if not isinstance(result, _PendingAuth):
+            return result  # type: ignore[no-any-return]
+        ok = await self.ingress.passwords.verify(result.login, result.password)
+        if ok:
+            login = result.login.decode("utf-8", "replace")
+            log.info("event=auth_ok peer=%s user=%s", self._peer_ip, login)
+            return AuthResult(success=True, auth_data=LoginPassword(result.login, b""))
+        self._auth_failures += 1
+        self.ingress.metrics.rejected.labels("auth_failed").inc()
+        log.warning("event=auth_failed peer=%s user=%r", self._peer_ip, result.login[:64])
+        # Slow down guessing; after a few failures the session ends.
+        await asyncio.sleep(min(0.5 * self._auth_failures, 2.0))
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            await self.push("421 4.7.0 Too many authentication failures, closing")
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+
+AcceptFn = Callable[[SpoolEnvelope, bytes, str], Awaitable[StoredMessage]]
+
+
+class IngressHandler:
+    """Decides MAIL, RCPT and DATA for the submission listeners."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: Metrics,
+        passwords: PasswordStore,
+        accept: AcceptFn,
+        sign: Callable[[bytes], bytes] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.passwords = passwords
+        self.accept = accept
+        self.sign = sign
+        self.sessions_by_ip: dict[str, int] = {}
+        self.open_sessions = 0
+        self.in_transaction = 0
+        self.configure(cfg)
+
+    def configure(self, cfg: Config) -> None:
+        """Apply a (re)loaded configuration: limits, networks, users take effect at once."""
+        self.cfg = cfg
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
+        self.passwords.configure(cfg.smtp.users)
+
+    # -- sessions
+
+    def session_opened(self, ip: str) -> bool:
+        n = self.sessions_by_ip.get(ip, 0) + 1
+        self.sessions_by_ip[ip] = n
+        self.open_sessions += 1
+        self.metrics.connections.labels("in").inc()
+        return n <= self.cfg.smtp.max_sessions_per_ip
+
+    def session_closed(self, ip: str) -> None:
+        n = self.sessions_by_ip.get(ip, 0) - 1
+        if n <= 0:
+            self.sessions_by_ip.pop(ip, None)
+        else:
+            self.sessions_by_ip[ip] = n
+        self.open_sessions -= 1
+        self.metrics.connections.labels("in").dec()
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted)
+
+    def may_relay(self, session: Session) -> bool:
+        peer = session.peer[0] if session.peer else ""
+        return bool(session.authenticated) or self.is_trusted(peer)
+
+    # -- hooks
+
+    async def handle_EHLO(
+        self, server: IngressSMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        peer = session.peer[0] if session.peer else ""
+        out = []
+        for line in responses:
+            if line.startswith("250-AUTH") and not (server._tls_protocol or self.is_trusted(peer)):
+                continue  # AUTH is advertised only where it may be used
+            if line == "250 HELP":
+                out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+                continue
+            out.append(line)
+        return out
+
+    async def handle_MAIL(
+        self, server: IngressSMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:  # fmt: skip
+        if not self.may_relay(session):
+            self.metrics.rejected.labels("auth_required").inc()
+            return "530 5.7.0 Authentication required"
+        if address and not _ADDRESS.match(address):
+            self.metrics.rejected.labels("bad_sender").inc()
+            return "553 5.1.7 Bad sender address syntax"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: IngressSMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        if not self.may_relay(session):
+            self.metrics.rejected.labels("relay_denied").inc()
+            return "554 5.7.1 Relay access denied"
+        if not _ADDRESS.match(address):
+            self.metrics.rejected.labels("bad_recipient").inc()
+            return "553 5.1.3 Bad recipient address syntax"
+        if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:
+            self.metrics.rejected.labels("too_many_recipients").inc()
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: IngressSMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        data = envelope.original_content or b""
+        if has_bare_newline(data):
+            if self.cfg.smtp.bare_newlines == "reject":
+                self.metrics.rejected.labels("bare_newline").inc()
+                return "550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF"
+            data = normalize_newlines(data)
+        self.in_transaction += 1
+        try:
+            peer_ip = session.peer[0] if session.peer else ""
+            msg_id = new_message_id()
+            tls = server._tls_protocol is not None
+            auth = session.login_data.decode("utf-8", "replace") if session.authenticated and \
+                isinstance(session.login_data, bytes) else None
+            protocol = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
+            if not session.extended_smtp:
+                protocol = "SMTP"
+            tls_info = None
+            if tls and session.ssl:
+                cipher = session.ssl.get("cipher")
+                if cipher:
+                    tls_info = f"using {cipher[1]} with cipher {cipher[0]}"
+            rcpt_for = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+            received = received_header(
+                helo=session.host_name or "", client_ip=peer_ip, hostname=self.cfg.server.hostname,
+                protocol=protocol, msg_id=msg_id, rcpt=rcpt_for, tls=tls_info,
+            )  # fmt: skip
+            message = finalize_headers(
+                data, received=received, msg_id=msg_id, hostname=self.cfg.server.hostname
+            )
+            if self.sign is not None:
+                message = self.sign(message) + message
+            body_8bit = not message.isascii() or "BODY=8BITMIME" in (
+                o.upper() for o in envelope.mail_options
+            )
+            spool_env = SpoolEnvelope(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                client_ip=peer_ip,
+                helo=session.host_name or "",
+                auth=auth,
+                smtputf8=bool(envelope.smtp_utf8),
+                body_8bit=body_8bit,
+            )
+            try:
+                stored = await self.accept(spool_env, message, msg_id)
+            except Exception:
+                log.exception("event=spool_failed peer=%s", peer_ip)
+                self.metrics.rejected.labels("local_error").inc()
+                return "451 4.3.0 Temporary local problem, try again later"
+        finally:
+            self.in_transaction -= 1
+        self.metrics.accept_latency.observe(time.perf_counter() - started)
+        self.metrics.received.labels("smtp").inc()
+        self.metrics.recipients_received.inc(len(envelope.rcpt_tos))
+        log.info("event=accepted msg=%s peer=%s from=%r rcpts=%d size=%d auth=%s",
+                 stored.msg_id, peer_ip, envelope.mail_from, len(envelope.rcpt_tos),
+                 len(message), auth or "-")
+        return f"250 2.0.0 Ok: queued as {stored.msg_id}"
+
+
+def make_server_factory(
+    handler: IngressHandler, tls_context: ssl.SSLContext | None
+) -> Callable[[], IngressSMTP]:
+    """A protocol factory for ``loop.create_server`` with the handler's limits."""
+    cfg = handler.cfg.smtp
+
+    def factory() -> IngressSMTP:
+        return IngressSMTP(
+            handler,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=handler.cfg.server.hostname,
+            ident="Postwarden ESMTP",
+            tls_context=tls_context,
+            require_starttls=False,
+            timeout=cfg.idle_timeout,
+            auth_required=False,
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+
+    return factory
