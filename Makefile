@@ -1,0 +1,34 @@
+# Postwarden: `make run` and `make test` are the whole set-up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench bench-soak clean venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start the appliance on embedded defaults, delivering into the built-in lab.
+run: $(STAMP)
+	$(BIN)/postwarden lab
+
+## Run the whole test suite.
+test: $(STAMP)
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(if $(PROFILE),--profile $(PROFILE),)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info
