@@ -1,1 +1,155 @@
-"""Shared fixtures: the lab and real peers are started here, never copied."""
+"""Shared fixtures: the lab and real peers are started here, never copied.
+
+* ``lab``: the simulated internet (DNS server + sink MX hosts on 127.0.1.x), in the
+  test's event loop.
+* ``appliance``: a factory starting Postwarden in-process against that lab, with short
+  retry and timeout settings; every appliance it made is stopped afterwards.
+* ``dkim_keys``: RSA and Ed25519 keys for ``sender.test``, published in the lab DNS.
+* ``subprocess_config``: writes a TOML config for running ``postwarden serve`` as a
+  separate process (crash and strace tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postwarden.appliance import Appliance
+from postwarden.config import load_config
+from postwarden.lab import Lab
+from postwarden.mta.dkim import generate_key, load_key
+
+SENDER_DOMAIN = "sender.test"
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with Lab() as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def dkim_keys(tmp_path: Path, lab: Lab) -> list[dict[str, str]]:
+    keys = []
+    for algorithm, selector in (("rsa-sha256", "rsa1"), ("ed25519-sha256", "ed1")):
+        path = tmp_path / f"{selector}.pem"
+        path.write_bytes(generate_key(algorithm))  # type: ignore[arg-type]
+        key = load_key(SENDER_DOMAIN, selector, path, algorithm)  # type: ignore[arg-type]
+        lab.dns.add(f"{selector}._domainkey.{SENDER_DOMAIN}", "TXT", key.public_txt())
+        keys.append({"domain": SENDER_DOMAIN, "selector": selector, "key_file": str(path),
+                     "algorithm": algorithm})
+    return keys
+
+
+def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
+    """Settings every test appliance shares: loopback only, lab DNS, fast retries."""
+    return {
+        "server": {"hostname": "postwarden.test", "shutdown_grace": "2s"},
+        "smtp": {"listen": ["127.0.0.1:0"]},
+        "control": {"listen": "127.0.0.1:0"},
+        "spool": {"path": str(tmp_path / "spool")},
+        "dns": {"nameservers": [lab.nameserver], "timeout": "1s"},
+        "delivery": {
+            "mx_port": lab.mx_port,
+            "timeouts": {"connect": "2s", "greeting": "3s", "ehlo": "3s", "mail": "3s",
+                         "rcpt": "3s", "data_init": "3s", "data_block": "3s",
+                         "data_term": "5s", "idle": "0.5s"},
+        },
+        "queue": {"retry_initial": "0.3s", "retry_max": "1s", "retry_jitter": 0.0,
+                  "scan_interval": "0.05s"},
+    }
+
+
+ApplianceFactory = Callable[..., Awaitable[Appliance]]
+
+
+@pytest.fixture
+async def appliance(tmp_path: Path, lab: Lab) -> AsyncIterator[ApplianceFactory]:
+    started: list[Appliance] = []
+
+    async def make(overrides: dict[str, Any] | None = None, **kw: Any) -> Appliance:
+        merged = deep_merge(base_overrides(tmp_path, lab), overrides or {})
+        cfg = load_config(None, environ={}, overrides=merged)
+        app = Appliance(cfg, **kw)
+        await app.start()
+        started.append(app)
+        return app
+
+    yield make
+    for app in started:
+        await app.stop()
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A tiny TOML writer for test configs (tables, arrays of tables, scalars, lists)."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f'"{k}" = {scalar(x)}' for k, x in v.items()) + " }"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        simple = {k: v for k, v in d.items() if not isinstance(v, dict)
+                  and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
+        for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                table(name, v)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"[[{name}]]")
+                    lines.extend(f"{ik} = {scalar(iv)}" for ik, iv in item.items())
+
+    table("", data)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def subprocess_config(tmp_path: Path, lab: Lab) -> Callable[..., tuple[Path, int]]:
+    """Write a config for ``postwarden serve`` in a child process; returns (file, smtp port)."""
+
+    def make(overrides: dict[str, Any] | None = None) -> tuple[Path, int]:
+        port = free_port()
+        data = deep_merge(base_overrides(tmp_path, lab), {
+            "smtp": {"listen": [f"127.0.0.1:{port}"]},
+            "control": {"listen": f"127.0.0.1:{free_port()}"},
+        })
+        data = deep_merge(data, overrides or {})
+        path = write_toml(tmp_path / "postwarden.toml", data)
+        load_config(path, environ={})  # fail early, in the test, on a bad config
+        return path, port
+
+    return make

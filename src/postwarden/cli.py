@@ -177,7 +177,18 @@ def cmd_dkim_genkey(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postwarden", description="Postwarden email appliance")
     p.add_argument("--config", "-c", help="TOML config file (default: embedded defaults)")
+    # `--config` is accepted after the subcommand too (`postwarden serve --config F`);
+    # SUPPRESS keeps a value given before the subcommand from being reset.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                        help="TOML config file (default: embedded defaults)")
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     s = sub.add_parser("serve", help="run the appliance")
     s.set_defaults(fn=cmd_serve)
