@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postwarden.mta.dkim import generate_key, load_key
 
 from postwarden.appliance import Appliance
 from postwarden.config import load_config
 from postwarden.lab import Lab
-from postwarden.mta.dkim import generate_key, load_key
 
 SENDER_DOMAIN = "sender.test"
 VENV_BIN = Path(sys.executable).parent
@@ -38,8 +38,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
-            else v
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -57,8 +58,14 @@ def dkim_keys(tmp_path: Path, lab: Lab) -> list[dict[str, str]]:
         path.write_bytes(generate_key(algorithm))  # type: ignore[arg-type]
         key = load_key(SENDER_DOMAIN, selector, path, algorithm)  # type: ignore[arg-type]
         lab.dns.add(f"{selector}._domainkey.{SENDER_DOMAIN}", "TXT", key.public_txt())
-        keys.append({"domain": SENDER_DOMAIN, "selector": selector, "key_file": str(path),
-                     "algorithm": algorithm})
+        keys.append(
+            {
+                "domain": SENDER_DOMAIN,
+                "selector": selector,
+                "key_file": str(path),
+                "algorithm": algorithm,
+            }
+        )
     return keys
 
 
@@ -72,12 +79,24 @@ def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
         "dns": {"nameservers": [lab.nameserver], "timeout": "1s"},
         "delivery": {
             "mx_port": lab.mx_port,
-            "timeouts": {"connect": "2s", "greeting": "3s", "ehlo": "3s", "mail": "3s",
-                         "rcpt": "3s", "data_init": "3s", "data_block": "3s",
-                         "data_term": "5s", "idle": "0.5s"},
+            "timeouts": {
+                "connect": "2s",
+                "greeting": "3s",
+                "ehlo": "3s",
+                "mail": "3s",
+                "rcpt": "3s",
+                "data_init": "3s",
+                "data_block": "3s",
+                "data_term": "5s",
+                "idle": "0.5s",
+            },
         },
-        "queue": {"retry_initial": "0.3s", "retry_max": "1s", "retry_jitter": 0.0,
-                  "scan_interval": "0.05s"},
+        "queue": {
+            "retry_initial": "0.3s",
+            "retry_max": "1s",
+            "retry_jitter": 0.0,
+            "scan_interval": "0.05s",
+        },
     }
 
 
@@ -118,8 +137,12 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     lines: list[str] = []
 
     def table(prefix: str, d: dict[str, Any]) -> None:
-        simple = {k: v for k, v in d.items() if not isinstance(v, dict)
-                  and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        simple = {
+            k: v
+            for k, v in d.items()
+            if not isinstance(v, dict)
+            and not (isinstance(v, list) and v and isinstance(v[0], dict))
+        }
         if prefix:
             lines.append(f"[{prefix}]")
         lines.extend(f"{k} = {scalar(v)}" for k, v in simple.items())
@@ -143,10 +166,13 @@ def subprocess_config(tmp_path: Path, lab: Lab) -> Callable[..., tuple[Path, int
 
     def make(overrides: dict[str, Any] | None = None) -> tuple[Path, int]:
         port = free_port()
-        data = deep_merge(base_overrides(tmp_path, lab), {
-            "smtp": {"listen": [f"127.0.0.1:{port}"]},
-            "control": {"listen": f"127.0.0.1:{free_port()}"},
-        })
+        data = deep_merge(
+            base_overrides(tmp_path, lab),
+            {
+                "smtp": {"listen": [f"127.0.0.1:{port}"]},
+                "control": {"listen": f"127.0.0.1:{free_port()}"},
+            },
+        )
         data = deep_merge(data, overrides or {})
         path = write_toml(tmp_path / "postwarden.toml", data)
         load_config(path, environ={})  # fail early, in the test, on a bad config

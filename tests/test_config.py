@@ -25,7 +25,10 @@ def test_defaults_load_without_a_file() -> None:
 
 
 def test_file_values_and_units(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
 [smtp]
 listen = ["127.0.0.1:2600", "[::1]:2601"]
 max_message_size = "10MB"
@@ -41,7 +44,10 @@ domain = "a.test"
 selector = "s1"
 key_file = "k.pem"
 algorithm = "ed25519-sha256"
-"""), environ={})
+""",
+        ),
+        environ={},
+    )
     assert cfg.smtp.max_message_size == 10 * 1024 * 1024
     assert cfg.queue.max_age == 2 * 86400 and cfg.queue.retry_initial == 90
     assert cfg.delivery.timeouts.connect == 0.25
@@ -75,10 +81,15 @@ def test_bad_values_are_refused_with_their_path(tmp_path: Path, text: str, path:
 
 def test_environment_overrides_win_and_are_validated(tmp_path: Path) -> None:
     f = write(tmp_path, "[delivery]\nmx_port = 2526\n")
-    cfg = load_config(f, environ={"POSTWARDEN_DELIVERY__MX_PORT": "2600",
-                                  "POSTWARDEN_SMTP__LISTEN": '["127.0.0.2:25"]',
-                                  "POSTWARDEN_SERVER__HOSTNAME": "mx.example.test",
-                                  "POSTWARDEN_CONFIG": "ignored: no double underscore"})
+    cfg = load_config(
+        f,
+        environ={
+            "POSTWARDEN_DELIVERY__MX_PORT": "2600",
+            "POSTWARDEN_SMTP__LISTEN": '["127.0.0.2:25"]',
+            "POSTWARDEN_SERVER__HOSTNAME": "mx.example.test",
+            "POSTWARDEN_CONFIG": "ignored: no double underscore",
+        },
+    )
     assert cfg.delivery.mx_port == 2600
     assert cfg.smtp.listen == ["127.0.0.2:25"]
     assert cfg.server.hostname == "mx.example.test"

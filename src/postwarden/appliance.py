@@ -108,16 +108,17 @@ class Appliance:
         self.cfg = cfg
         self.config_path = config_path
         self.metrics = Metrics()
-        self.spool = Spool(cfg.spool.path, segment_size=cfg.spool.segment_size,
-                           fsync=cfg.spool.fsync)
-        self.resolver = Resolver(cfg.dns.nameservers, timeout=cfg.dns.timeout,
-                                 cache_size=cfg.dns.cache_size)
+        self.spool = Spool(
+            cfg.spool.path, segment_size=cfg.spool.segment_size, fsync=cfg.spool.fsync
+        )
+        self.resolver = Resolver(
+            cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
+        )
         self.agent = DeliveryAgent(cfg, self.resolver, self.spool.read_body, self.metrics)
         self.scheduler = Scheduler(cfg, self.spool, self.agent, self.metrics)
         self.signer = build_signer(cfg)
         self.passwords = PasswordStore(cfg.smtp.users)
-        self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept,
-                                      self.sign)
+        self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
@@ -162,17 +163,19 @@ class Appliance:
         factory = make_server_factory(self.ingress, tls)
         for spec in self.cfg.smtp.listen:
             host, port = parse_hostport(spec, "smtp.listen")
-            server = await loop.create_server(factory, host, port, backlog=1024,
-                                              reuse_address=True)
+            server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
             self.servers.append(server)
             for sock in server.sockets:
                 self.smtp_addresses.append(sock.getsockname()[:2])
         await self._start_http()
         self._gauge_task = asyncio.create_task(self._update_gauges())
-        log.info("event=started smtp=%s control=%s spool=%s config=%s",
-                 ",".join(f"{h}:{p}" for h, p in self.smtp_addresses),
-                 "%s:%s" % self.control_address if self.control_address else "-",
-                 self.cfg.spool.path, self.cfg.source)
+        log.info(
+            "event=started smtp=%s control=%s spool=%s config=%s",
+            ",".join(f"{h}:{p}" for h, p in self.smtp_addresses),
+            "{}:{}".format(*self.control_address) if self.control_address else "-",
+            self.cfg.spool.path,
+            self.cfg.source,
+        )
 
     async def _start_http(self) -> None:
         import uvicorn
@@ -181,8 +184,9 @@ class Appliance:
 
         host, port = parse_hostport(self.cfg.control.listen, "control.listen")
         app = create_app(self)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        )
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._http_task = asyncio.create_task(self._http.serve())
@@ -228,7 +232,7 @@ class Appliance:
         grace = self.cfg.server.shutdown_grace
         deadline = time.monotonic() + grace
         # Transactions already past DATA finish spooling (and get their 250).
-        while self.ingress.in_transaction and time.monotonic() < deadline:
+        while self.ingress.in_transaction and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         if self._gauge_task:
@@ -263,8 +267,11 @@ class Appliance:
         self.ingress.configure(new)
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)
-        log.info("event=reloaded config=%s dkim_domains=%s", self.config_path,
-                 ",".join(sorted(signer.domains())) or "-")
+        log.info(
+            "event=reloaded config=%s dkim_domains=%s",
+            self.config_path,
+            ",".join(sorted(signer.domains())) or "-",
+        )
         return True
 
     def install_signal_handlers(self) -> None:

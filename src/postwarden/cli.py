@@ -23,8 +23,10 @@ class _KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"{ts}.{int(record.msecs):03d} {record.levelname.lower()} {record.name} " \
-               f"{record.getMessage()}"
+        line = (
+            f"{ts}.{int(record.msecs):03d} {record.levelname.lower()} {record.name} "
+            f"{record.getMessage()}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -70,8 +72,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
     from postwarden.lab.demo import run_lab
 
     setup_logging("info")
-    return int(run_async(run_lab(args.config, var_dir=args.var, demo=not args.no_demo,
-                                 once=args.once)))
+    return int(
+        run_async(run_lab(args.config, var_dir=args.var, demo=not args.no_demo, once=args.once))
+    )
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -119,10 +122,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 return 0
             print(json.dumps(admin.summary()))
             for r in rows:
-                print(f"{r['msg_id']}  {r['state']:<9}{' HELD' if r['held'] else ''}"
-                      f"  tries={r['attempts']}  next={_fmt_time(r['next_attempt'])}"
-                      f"  from=<{r['mail_from']}> to=<{r['rcpt']}>"
-                      f"  {r['last_response'] or ''}")
+                print(
+                    f"{r['msg_id']}  {r['state']:<9}{' HELD' if r['held'] else ''}"
+                    f"  tries={r['attempts']}  next={_fmt_time(r['next_attempt'])}"
+                    f"  from=<{r['mail_from']}> to=<{r['rcpt']}>"
+                    f"  {r['last_response'] or ''}"
+                )
             return 0
         if args.action == "show":
             info = admin.show(args.id)
@@ -149,9 +154,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     admin = QueueAdmin(cfg.spool.path)
     try:
         if args.tail:
-            after = None if args.all else None
             try:
-                for ev in admin.tail(after=0 if args.all else after):
+                for ev in admin.tail(after=0 if args.all else None):
                     print(json.dumps(ev, default=str), flush=True)
             except KeyboardInterrupt:
                 return 0
@@ -170,7 +174,7 @@ def cmd_dkim_genkey(args: argparse.Namespace) -> int:
         os.fchmod(fh.fileno(), 0o600)
         fh.write(pem)
     key = load_key(args.domain, args.selector, args.out, args.algorithm)
-    print(f"{args.selector}._domainkey.{args.domain} IN TXT \"{key.public_txt()}\"")
+    print(f'{args.selector}._domainkey.{args.domain} IN TXT "{key.public_txt()}"')
     return 0
 
 
@@ -180,8 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     # `--config` is accepted after the subcommand too (`postwarden serve --config F`);
     # SUPPRESS keeps a value given before the subcommand from being reset.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                        help="TOML config file (default: embedded defaults)")
+    common.add_argument(
+        "--config",
+        "-c",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default: embedded defaults)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
 
@@ -224,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")
     s.add_argument("--domain", required=True)
     s.add_argument("--selector", required=True)
-    s.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"],
-                   default="rsa-sha256")
+    s.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_dkim_genkey)
     return p

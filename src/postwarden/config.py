@@ -55,8 +55,7 @@ def parse_duration(value: object, path: str = "duration") -> float:
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
-        raise ConfigError(f"{path}: expected a duration like 30, \"30s\", \"5m\", \"5d\"; "
-                          f"got {value!r}")
+        raise ConfigError(f'{path}: expected a duration like 30, "30s", "5m", "5d"; got {value!r}')
     if seconds < 0:
         raise ConfigError(f"{path}: must not be negative, got {value!r}")
     return seconds
@@ -72,7 +71,7 @@ def parse_size(value: object, path: str = "size") -> int:
         unit = m.group(2).lower() if m.group(2) else None
         size = int(m.group(1)) * _SIZE_UNITS[unit]
     else:
-        raise ConfigError(f"{path}: expected a size like 1048576 or \"25MB\"; got {value!r}")
+        raise ConfigError(f'{path}: expected a size like 1048576 or "25MB"; got {value!r}')
     if size < 0:
         raise ConfigError(f"{path}: must not be negative, got {value!r}")
     return size
@@ -95,7 +94,7 @@ def parse_hostport(spec: str, path: str, default_port: int | None = None) -> tup
         host, port_s = s.split(":")
     if not port_s:
         if default_port is None:
-            raise ConfigError(f"{path}: expected \"host:port\", got {spec!r}")
+            raise ConfigError(f'{path}: expected "host:port", got {spec!r}')
         return host, default_port
     if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
         raise ConfigError(f"{path}: bad port in {spec!r}")
@@ -275,8 +274,9 @@ def _convert(value: Any, tp: Any, path: str, meta: Mapping[str, Any]) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, allowed))}; "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{path}: must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+            )
         return value
     if origin is list:
         (item_tp,) = get_args(tp)

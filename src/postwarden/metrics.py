@@ -19,7 +19,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.received = Counter(
-            "postwarden_messages_received", "Messages accepted and spooled.", ["source"],
+            "postwarden_messages_received",
+            "Messages accepted and spooled.",
+            ["source"],
             registry=r,
         )
         self.recipients_received = Counter(
@@ -35,11 +37,15 @@ class Metrics:
             "postwarden_recipients_delivered", "Recipients delivered (2xx after DATA).", registry=r
         )
         self.deferred = Counter(
-            "postwarden_recipients_deferred", "Temporary delivery failures.", ["reason"],
+            "postwarden_recipients_deferred",
+            "Temporary delivery failures.",
+            ["reason"],
             registry=r,
         )
         self.bounced = Counter(
-            "postwarden_recipients_bounced", "Permanent delivery failures.", ["reason"],
+            "postwarden_recipients_bounced",
+            "Permanent delivery failures.",
+            ["reason"],
             registry=r,
         )
         self.expired = Counter(
@@ -51,7 +57,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "postwarden_queue_recipients", "Recipients in the spool by state.", ["state"],
+            "postwarden_queue_recipients",
+            "Recipients in the spool by state.",
+            ["state"],
             registry=r,
         )
         self.inflight = Gauge(
@@ -73,7 +81,9 @@ class Metrics:
             registry=r,
         )
         self.attempts = Counter(
-            "postwarden_delivery_attempts", "Delivery transactions by result.", ["result"],
+            "postwarden_delivery_attempts",
+            "Delivery transactions by result.",
+            ["result"],
             registry=r,
         )
         self.spool_fsyncs = Counter(

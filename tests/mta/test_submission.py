@@ -33,8 +33,9 @@ def no_verify() -> ssl.SSLContext:
     return ctx
 
 
-async def raw_session(host: str, port: int, lines: list[bytes], *,
-                      read_timeout: float = 3.0) -> list[bytes]:
+async def raw_session(
+    host: str, port: int, lines: list[bytes], *, read_timeout: float = 3.0
+) -> list[bytes]:
     """Send raw bytes (one chunk per list item, replies read in between); return replies."""
     reader, writer = await asyncio.open_connection(host, port)
     replies = [await asyncio.wait_for(reader.readline(), read_timeout)]
@@ -63,8 +64,14 @@ async def test_trusted_client_relays_and_headers_are_added(
     host, port = addr(app)
     async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
         _, ehlo = await smtp.ehlo()
-        for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE", "ENHANCEDSTATUSCODES",
-                    "STARTTLS"):
+        for ext in (
+            "PIPELINING",
+            "8BITMIME",
+            "SMTPUTF8",
+            "SIZE",
+            "ENHANCEDSTATUSCODES",
+            "STARTTLS",
+        ):
             assert ext in ehlo, ext
         errors, resp = await smtp.sendmail("a@sender.test", ["b@inbox.test"], MSG)
     assert errors == {}
@@ -84,12 +91,16 @@ async def test_untrusted_client_cannot_relay_without_auth(
 ) -> None:
     app = await appliance({"smtp": {"trusted_networks": ["10.0.0.0/8"]}})
     host, port = addr(app)
-    replies = await raw_session(host, port, [
-        b"EHLO client.test\r\n",
-        b"MAIL FROM:<a@sender.test>\r\n",
-        b"RCPT TO:<b@inbox.test>\r\n",
-        b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n",
-    ])
+    replies = await raw_session(
+        host,
+        port,
+        [
+            b"EHLO client.test\r\n",
+            b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<b@inbox.test>\r\n",
+            b"AUTH PLAIN AHVzZXIAcGFzcw==\r\n",
+        ],
+    )
     text = b"".join(replies)
     assert b"AUTH" not in b"".join(r for r in replies if r.startswith(b"250-"))
     assert b"530 5.7.0 Authentication required" in text
@@ -119,9 +130,10 @@ async def test_auth_over_tls_then_relay(lab: Lab, appliance: ApplianceFactory) -
     await smtp.quit()
     await lab.wait_for_messages(1, timeout=10)
     # The auth identity travels with the message.
-    msg_id = [e for e in QueueAdmin(app.cfg.spool.path).events(limit=10)
-              if e["type"] == "accepted"][0]
-    assert msg_id["detail"]["auth"] == "app1"
+    accepted = next(
+        e for e in QueueAdmin(app.cfg.spool.path).events(limit=10) if e["type"] == "accepted"
+    )
+    assert accepted["detail"]["auth"] == "app1"
     assert b"with ESMTPSA id" in lab.messages[0].data
 
 
@@ -151,21 +163,25 @@ async def test_auth_login_from_trusted_network_without_tls_and_lockout(
 async def test_size_recipient_and_line_limits(lab: Lab, appliance: ApplianceFactory) -> None:
     app = await appliance({"smtp": {"max_message_size": 4096, "max_recipients": 2}})
     host, port = addr(app)
-    replies = await raw_session(host, port, [
-        b"EHLO client.test\r\n",
-        b"MAIL FROM:<a@sender.test> SIZE=100000\r\n",
-        b"MAIL FROM:<a@sender.test>\r\n",
-        b"RCPT TO:<b1@inbox.test>\r\n",
-        b"RCPT TO:<b2@inbox.test>\r\n",
-        b"RCPT TO:<b3@inbox.test>\r\n",
-        b"DATA\r\n",
-        b"Subject: big\r\n\r\n" + b"x" * 90 + b"\r\n" + (b"y" * 78 + b"\r\n") * 60 + b".\r\n",
-        b"RSET\r\n",
-        b"MAIL FROM:<a@sender.test>\r\n",
-        b"RCPT TO:<b1@inbox.test>\r\n",
-        b"DATA\r\n",
-        b"Subject: long\r\n\r\n" + b"z" * 1200 + b"\r\n.\r\n",
-    ])
+    replies = await raw_session(
+        host,
+        port,
+        [
+            b"EHLO client.test\r\n",
+            b"MAIL FROM:<a@sender.test> SIZE=100000\r\n",
+            b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<b1@inbox.test>\r\n",
+            b"RCPT TO:<b2@inbox.test>\r\n",
+            b"RCPT TO:<b3@inbox.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: big\r\n\r\n" + b"x" * 90 + b"\r\n" + (b"y" * 78 + b"\r\n") * 60 + b".\r\n",
+            b"RSET\r\n",
+            b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<b1@inbox.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: long\r\n\r\n" + b"z" * 1200 + b"\r\n.\r\n",
+        ],
+    )
     codes = [r[:9] for r in replies]
     assert b"552 5.3.4" in codes[2]  # SIZE= over the limit, refused at MAIL
     assert codes[5].startswith(b"250") and codes[6].startswith(b"452 4.5.3")
@@ -177,8 +193,9 @@ async def test_size_recipient_and_line_limits(lab: Lab, appliance: ApplianceFact
 async def test_sessions_per_ip_commands_per_session_and_idle_timeout(
     lab: Lab, appliance: ApplianceFactory
 ) -> None:
-    app = await appliance({"smtp": {"max_sessions_per_ip": 2, "max_commands_per_session": 4,
-                                    "idle_timeout": "0.5s"}})
+    app = await appliance(
+        {"smtp": {"max_sessions_per_ip": 2, "max_commands_per_session": 4, "idle_timeout": "0.5s"}}
+    )
     host, port = addr(app)
     held = [await asyncio.open_connection(host, port) for _ in range(2)]
     for r, _ in held:
@@ -216,10 +233,20 @@ async def test_bare_newlines_never_end_data_and_are_rejected(
     lab.add_domain("inbox.test")
     app = await appliance()
     host, port = addr(app)
-    replies = await raw_session(host, port, [
-        b"EHLO client.test\r\n", b"MAIL FROM:<a@sender.test>\r\n", b"RCPT TO:<b@inbox.test>\r\n",
-        b"DATA\r\n", payload, b".\r\n", b"QUIT\r\n",
-    ], read_timeout=1.0)
+    replies = await raw_session(
+        host,
+        port,
+        [
+            b"EHLO client.test\r\n",
+            b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<b@inbox.test>\r\n",
+            b"DATA\r\n",
+            payload,
+            b".\r\n",
+            b"QUIT\r\n",
+        ],
+        read_timeout=1.0,
+    )
     # The payload alone never ends DATA: the only reply comes after <CRLF>.<CRLF>.
     assert replies[5] == b"<timeout>"
     assert replies[6].startswith(b"550 5.6.0")
@@ -235,10 +262,17 @@ async def test_bare_newlines_normalized_when_configured(
     lab.add_domain("inbox.test")
     app = await appliance({"smtp": {"bare_newlines": "normalize"}})
     host, port = addr(app)
-    replies = await raw_session(host, port, [
-        b"EHLO client.test\r\n", b"MAIL FROM:<a@sender.test>\r\n", b"RCPT TO:<b@inbox.test>\r\n",
-        b"DATA\r\n", b"Subject: s\n\nline1\nline2\rline3\r\n.\r\n",
-    ])
+    replies = await raw_session(
+        host,
+        port,
+        [
+            b"EHLO client.test\r\n",
+            b"MAIL FROM:<a@sender.test>\r\n",
+            b"RCPT TO:<b@inbox.test>\r\n",
+            b"DATA\r\n",
+            b"Subject: s\n\nline1\nline2\rline3\r\n.\r\n",
+        ],
+    )
     assert replies[-1].startswith(b"250 2.0.0")
     await lab.wait_for_messages(1, timeout=10)
     data = lab.messages[0].data
@@ -255,10 +289,24 @@ async def test_swaks_submits_with_starttls_and_auth(
     app = await appliance({"smtp": {"trusted_networks": ["10.0.0.0/8"], "users": users}})
     host, port = addr(app)
     proc = await asyncio.create_subprocess_exec(
-        swaks, "--server", f"{host}:{port}", "--from", "a@sender.test", "--to", "b@inbox.test",
-        "--tls", "--auth", "PLAIN", "--auth-user", "swaks-user", "--auth-password",
-        "pw-for-swaks", "--header", "Subject: via swaks",
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        swaks,
+        "--server",
+        f"{host}:{port}",
+        "--from",
+        "a@sender.test",
+        "--to",
+        "b@inbox.test",
+        "--tls",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "swaks-user",
+        "--auth-password",
+        "pw-for-swaks",
+        "--header",
+        "Subject: via swaks",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, out.decode()

@@ -47,12 +47,20 @@ async def wait_port(port: int, proc: asyncio.subprocess.Process, timeout: float 
 
 
 @contextlib.asynccontextmanager
-async def serve(argv_prefix: list[str], config: Path, port: int,
-                log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def serve(
+    argv_prefix: list[str], config: Path, port: int, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
     with log.open("ab") as fh:
         proc = await asyncio.create_subprocess_exec(
-            *argv_prefix, PY, "-m", "postwarden.cli", "serve", "--config", str(config),
-            stdout=fh, stderr=subprocess.STDOUT,
+            *argv_prefix,
+            PY,
+            "-m",
+            "postwarden.cli",
+            "serve",
+            "--config",
+            str(config),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
@@ -111,13 +119,24 @@ async def test_each_250_follows_the_fsyncs_covering_its_message(
     lab.add_domain("inbox.test")
     config, port = subprocess_config()
     trace = tmp_path / "trace.txt"
-    prefix = [strace, "-f", "-y", "-s", "512", "-e",
-              "trace=fsync,fdatasync,write,writev,sendto,sendmsg", "-o", str(trace)]
+    prefix = [
+        strace,
+        "-f",
+        "-y",
+        "-s",
+        "512",
+        "-e",
+        "trace=fsync,fdatasync,write,writev,sendto,sendmsg",
+        "-o",
+        str(trace),
+    ]
     ids: list[str] = []
     async with serve(prefix, config, port, tmp_path / "serve.log"):
+
         async def one(i: int) -> str:
-            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
-                                       timeout=30) as smtp:
+            async with aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=port, start_tls=False, timeout=30
+            ) as smtp:
                 body = f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
                 _, resp = await smtp.sendmail("a@sender.test", [f"r{i}@inbox.test"], body)
                 return resp.rsplit(" ", 1)[-1]
@@ -130,25 +149,41 @@ async def test_each_250_follows_the_fsyncs_covering_its_message(
     assert calls, "strace recorded nothing"
     checked = 0
     for msg_id in ids:
-        seg_write = next(p for p, _, n, path, line in calls
-                         if n in ("write", "writev") and path.endswith(".seg") and msg_id in line)
-        reply = next(p for p, _, n, path, line in calls
-                     if n in ("write", "writev", "sendto", "sendmsg")
-                     and path.startswith("socket:") and f"queued as {msg_id}" in line)
-        seg_sync = [p for p, _, n, path, _ in calls
-                    if n in ("fsync", "fdatasync") and path.endswith(".seg")
-                    and seg_write < p < reply]
-        wal_sync = [p for p, _, n, path, _ in calls
-                    if n in ("fsync", "fdatasync") and path.endswith("index.db-wal")
-                    and seg_write < p < reply]
+        seg_write = next(
+            p
+            for p, _, n, path, line in calls
+            if n in ("write", "writev") and path.endswith(".seg") and msg_id in line
+        )
+        reply = next(
+            p
+            for p, _, n, path, line in calls
+            if n in ("write", "writev", "sendto", "sendmsg")
+            and path.startswith("socket:")
+            and f"queued as {msg_id}" in line
+        )
+        seg_sync = [
+            p
+            for p, _, n, path, _ in calls
+            if n in ("fsync", "fdatasync") and path.endswith(".seg") and seg_write < p < reply
+        ]
+        wal_sync = [
+            p
+            for p, _, n, path, _ in calls
+            if n in ("fsync", "fdatasync")
+            and path.endswith("index.db-wal")
+            and seg_write < p < reply
+        ]
         assert seg_sync, f"{msg_id}: no segment fsync between its write and its 250"
         assert wal_sync, f"{msg_id}: no index WAL fsync between its write and its 250"
         checked += 1
     assert checked == 13
     # Group commit: the ten concurrent messages did not need ten fsyncs each way.
     concurrent = set(ids[3:])
-    seg_writes = {p for p, _, n, path, line in calls if n in ("write", "writev")
-                  and path.endswith(".seg") and any(i in line for i in concurrent)}
+    seg_writes = {
+        p
+        for p, _, n, path, line in calls
+        if n in ("write", "writev") and path.endswith(".seg") and any(i in line for i in concurrent)
+    }
     assert len(seg_writes) < 10
 
 
@@ -156,7 +191,7 @@ async def test_each_250_follows_the_fsyncs_covering_its_message(
 
 
 def metric(control: str, name: str) -> float:
-    with urllib.request.urlopen(f"http://{control}/metrics", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://{control}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -168,13 +203,16 @@ async def load(port: int, acked: set[int], stop: asyncio.Event, sessions: int = 
     async def worker(w: int) -> None:
         while not stop.is_set():
             try:
-                async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
-                                           timeout=10) as smtp:
+                async with aiosmtplib.SMTP(
+                    hostname="127.0.0.1", port=port, start_tls=False, timeout=10
+                ) as smtp:
                     while not stop.is_set():
                         n = next(seq)
                         domain = f"d{n % 3}.test"
-                        body = (f"From: a@sender.test\r\nTo: r{n}@{domain}\r\nX-Seq: {n}\r\n"
-                                f"Subject: crash {n}\r\n\r\n" + "z" * 2000 + "\r\n").encode()
+                        body = (
+                            f"From: a@sender.test\r\nTo: r{n}@{domain}\r\nX-Seq: {n}\r\n"
+                            f"Subject: crash {n}\r\n\r\n" + "z" * 2000 + "\r\n"
+                        ).encode()
                         await smtp.sendmail("a@sender.test", [f"r{n}@{domain}"], body)
                         acked.add(n)
             except (aiosmtplib.SMTPException, OSError):
@@ -216,18 +254,24 @@ async def test_sigkill_loses_no_acknowledged_message(
         recovered = metric(control, "postwarden_spool_recovered_inflight_total")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            seen = {int(m.group(1)) for msg in lab.messages
-                    if (m := re.search(rb"X-Seq: (\d+)", msg.data))}
+            seen = {
+                int(m.group(1))
+                for msg in lab.messages
+                if (m := re.search(rb"X-Seq: (\d+)", msg.data))
+            }
             if acked_at_kill <= seen:
                 break
             await asyncio.sleep(0.2)
-    counts = Counter(int(m.group(1)) for msg in lab.messages
-                     if (m := re.search(rb"X-Seq: (\d+)", msg.data)))
+    counts = Counter(
+        int(m.group(1)) for msg in lab.messages if (m := re.search(rb"X-Seq: (\d+)", msg.data))
+    )
     lost = acked_at_kill - set(counts)
     duplicates = sum(c - 1 for c in counts.values() if c > 1)
-    print(f"crash test: acknowledged={len(acked_at_kill)} delivered_before_kill="
-          f"{delivered_before_restart} lost={len(lost)} duplicates={duplicates} "
-          f"recovered_inflight={recovered:.0f}")
+    print(
+        f"crash test: acknowledged={len(acked_at_kill)} delivered_before_kill="
+        f"{delivered_before_restart} lost={len(lost)} duplicates={duplicates} "
+        f"recovered_inflight={recovered:.0f}"
+    )
     assert not lost, f"{len(lost)} acknowledged messages lost, e.g. {sorted(lost)[:10]}"
     # Only recipients that were in flight at the kill may arrive twice.
     assert duplicates <= recovered

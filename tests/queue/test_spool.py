@@ -39,8 +39,15 @@ async def test_store_lease_deliver_removes_message(tmp_path: Path) -> None:
     assert await spool.lease_due(time.time() + 1, 10) == []
     await spool.record([Outcome(leases[0].rcpt_id, leases[0].msg_id, DELIVERED, "250 ok")])
     await spool.record(
-        [Outcome(leases[1].rcpt_id, leases[1].msg_id, DEFERRED, "451 later",
-                 next_attempt=time.time() + 3600)]
+        [
+            Outcome(
+                leases[1].rcpt_id,
+                leases[1].msg_id,
+                DEFERRED,
+                "451 later",
+                next_attempt=time.time() + 3600,
+            )
+        ]
     )
     assert _count(tmp_path, "SELECT COUNT(*) FROM messages") == 1
     assert await spool.lease_due(time.time() + 1, 10) == []

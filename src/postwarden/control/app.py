@@ -18,16 +18,17 @@ def create_app(appliance: Appliance) -> Starlette:
     """Routes served on ``control.listen``."""
 
     async def metrics(_: Request) -> Response:
-        return Response(generate_latest(appliance.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(appliance.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_: Request) -> JSONResponse:
         ok = not appliance.spool.closed
         return JSONResponse(
-            {"status": "ok" if ok else "stopping",
-             "inflight": appliance.scheduler.inflight,
-             "sessions_in": appliance.ingress.open_sessions,
-             "sessions_out": appliance.scheduler.sessions},
+            {
+                "status": "ok" if ok else "stopping",
+                "inflight": appliance.scheduler.inflight,
+                "sessions_in": appliance.ingress.open_sessions,
+                "sessions_out": appliance.scheduler.sessions,
+            },
             status_code=200 if ok else 503,
         )
 

@@ -43,8 +43,14 @@ def lab_dkim_keys(var_dir: Path) -> list[dict[str, str]]:
         if not path.exists():
             path.write_bytes(generate_key(algorithm))  # type: ignore[arg-type]
             path.chmod(0o600)
-        out.append({"domain": DEMO_DOMAIN, "selector": selector, "key_file": str(path),
-                    "algorithm": algorithm})
+        out.append(
+            {
+                "domain": DEMO_DOMAIN,
+                "selector": selector,
+                "key_file": str(path),
+                "algorithm": algorithm,
+            }
+        )
     return out
 
 
@@ -87,10 +93,11 @@ async def dkim_verdicts(message: bytes, resolver: Resolver) -> list[str]:
     return verdicts
 
 
-async def run_lab(config_path: str | None, *, var_dir: str = "./var/lab", demo: bool = True,
-                  once: bool = False) -> int:
+async def run_lab(
+    config_path: str | None, *, var_dir: str = "./var/lab", demo: bool = True, once: bool = False
+) -> int:
     var = Path(var_dir)
-    var.mkdir(parents=True, exist_ok=True)
+    var.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
     async with Lab() as lab:
         lab.populate_demo()
         cfg = lab_config(config_path, lab, var)
@@ -101,23 +108,28 @@ async def run_lab(config_path: str | None, *, var_dir: str = "./var/lab", demo: 
         resolver = Resolver([lab.nameserver], timeout=2)
         smtp_host, smtp_port = app.smtp_addresses[0]
         assert app.control_address is not None
-        ctl = "%s:%d" % app.control_address
+        ctl = "{}:{}".format(*app.control_address)
         _say("")
         _say("Postwarden is running against the built-in lab: a simulated internet on this")
         _say("machine (no mail leaves it). Lab domains and how their MX hosts behave:")
         for domain, behaviour in lab.demo_domains.items():
             _say(f"    {domain:<22} {behaviour}")
-        _say(f"  submission   {smtp_host}:{smtp_port}  (trusted: {', '.join(cfg.smtp.trusted_networks)})")
+        trusted = ", ".join(cfg.smtp.trusted_networks)
+        _say(f"  submission   {smtp_host}:{smtp_port}  (trusted: {trusted})")
         _say(f"  metrics      http://{ctl}/metrics")
         _say(f"  lab DNS      {lab.nameserver}   lab MX hosts port {lab.mx_port}")
         _say(f"  DKIM         {DEMO_DOMAIN}: selectors {', '.join(SELECTORS.values())}")
         _say("  send one:")
-        _say(f"    swaks --server {smtp_host}:{smtp_port} --from you@{DEMO_DOMAIN} "
-             "--to someone@inbox.lab.test")
-        _say(f"    python3 -c \"import smtplib; smtplib.SMTP('{smtp_host}', {smtp_port})"
-             f".sendmail('you@{DEMO_DOMAIN}', ['someone@inbox.lab.test'], "
-             f"'From: you@{DEMO_DOMAIN}\\r\\nTo: someone@inbox.lab.test\\r\\n"
-             "Subject: hi\\r\\n\\r\\nhello\\r\\n')\"")
+        _say(
+            f"    swaks --server {smtp_host}:{smtp_port} --from you@{DEMO_DOMAIN} "
+            "--to someone@inbox.lab.test"
+        )
+        _say(
+            f"    python3 -c \"import smtplib; smtplib.SMTP('{smtp_host}', {smtp_port})"
+            f".sendmail('you@{DEMO_DOMAIN}', ['someone@inbox.lab.test'], "
+            f"'From: you@{DEMO_DOMAIN}\\r\\nTo: someone@inbox.lab.test\\r\\n"
+            "Subject: hi\\r\\n\\r\\nhello\\r\\n')\""
+        )
         _say("  watch:  .venv/bin/postwarden events --tail    (Ctrl-C stops the appliance)")
         _say("")
 
@@ -150,8 +162,10 @@ async def run_lab(config_path: str | None, *, var_dir: str = "./var/lab", demo: 
                 await send_demo(smtp_host, smtp_port)
                 try:
                     await asyncio.wait_for(delivered_ok.wait(), 30)
-                    _say("demo: a message went submission -> spool -> DKIM -> lab MX, "
-                         "signatures verified")
+                    _say(
+                        "demo: a message went submission -> spool -> DKIM -> lab MX, "
+                        "signatures verified"
+                    )
                 except TimeoutError:
                     _say("demo: FAILED - no DKIM-verified message reached the lab in 30 s")
                     rc = 1

@@ -176,8 +176,10 @@ class DeliveryAgent:
             # together rather than trying the dead destination once per message.
             while job is not None:
                 report(
-                    [AttemptResult(lease, kind, exc.response, reason="connect")
-                     for lease in job.leases]
+                    [
+                        AttemptResult(lease, kind, exc.response, reason="connect")
+                        for lease in job.leases
+                    ]
                 )
                 job = await next_job(True)
             return
@@ -206,8 +208,13 @@ class DeliveryAgent:
                 except _ConnectFailed as exc:
                     last = f"{exc.response} (mx {host.name} [{ip}])"
                     all_permanent = all_permanent and exc.permanent
-                    log.info("event=connect_failed domain=%s mx=%s ip=%s response=%r",
-                             domain, host.name, ip, exc.response)
+                    log.info(
+                        "event=connect_failed domain=%s mx=%s ip=%s response=%r",
+                        domain,
+                        host.name,
+                        ip,
+                        exc.response,
+                    )
         # RFC 5321 5.1: try every address; only when each refused permanently at the
         # greeting is the failure permanent.
         raise _ConnectFailed(last, permanent=all_permanent)
@@ -263,8 +270,9 @@ class DeliveryAgent:
             raise
         except SMTPResponseException as exc:
             await self._quiet_close(smtp)
-            raise _ConnectFailed(format_response(exc.code, exc.message),
-                                 permanent=exc.code >= 500) from exc
+            raise _ConnectFailed(
+                format_response(exc.code, exc.message), permanent=exc.code >= 500
+            ) from exc
         except (SMTPException, OSError) as exc:
             await self._quiet_close(smtp)
             raise _ConnectFailed(f"451 4.4.2 connection lost during EHLO: {exc}") from exc
@@ -285,9 +293,7 @@ class DeliveryAgent:
 
     # ------------------------------------------------------------------ one job
 
-    async def _transaction(
-        self, conn: _Connection, job: Job
-    ) -> tuple[list[AttemptResult], bool]:
+    async def _transaction(self, conn: _Connection, job: Job) -> tuple[list[AttemptResult], bool]:
         """Send one message; returns per-recipient results and whether the connection lives."""
         t = self.cfg.delivery.timeouts
         smtp = conn.smtp
@@ -332,8 +338,11 @@ class DeliveryAgent:
                     if not smtp.is_connected:
                         # 421 or a drop mid-envelope: everyone not yet refused waits.
                         answered = {id(y.lease) for y in results}
-                        results += [result(x, "temporary", resp, "rcpt") for x in job.leases
-                                    if id(x) not in answered]
+                        results += [
+                            result(x, "temporary", resp, "rcpt")
+                            for x in job.leases
+                            if id(x) not in answered
+                        ]
                         return results, False
             if not accepted:
                 return results, await self._rset(smtp)
@@ -353,8 +362,11 @@ class DeliveryAgent:
             resp = f"451 4.4.2 connection {what} during transaction: {exc}"
             answered = {id(x.lease) for x in results if x.kind != "delivered"}
             out = [x for x in results if x.kind != "delivered"]
-            out += [result(x, "temporary", resp, "connection") for x in job.leases
-                    if id(x) not in answered]
+            out += [
+                result(x, "temporary", resp, "connection")
+                for x in job.leases
+                if id(x) not in answered
+            ]
             return out, False
 
     async def _rset(self, smtp: aiosmtplib.SMTP) -> bool:

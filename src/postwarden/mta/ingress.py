@@ -206,8 +206,10 @@ class IngressSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         if not self._tls_protocol and not self.ingress.is_trusted(self._peer_ip):
             self.ingress.metrics.rejected.labels("auth_without_tls").inc()
-            await self.push("538 5.7.11 Encryption required for requested authentication "
-                            "mechanism: use STARTTLS")
+            await self.push(
+                "538 5.7.11 Encryption required for requested authentication "
+                "mechanism: use STARTTLS"
+            )
             return
         await super().smtp_AUTH(arg)
 
@@ -366,8 +368,11 @@ class IngressHandler:
             peer_ip = session.peer[0] if session.peer else ""
             msg_id = new_message_id()
             tls = server._tls_protocol is not None
-            auth = session.login_data.decode("utf-8", "replace") if session.authenticated and \
-                isinstance(session.login_data, bytes) else None
+            auth = (
+                session.login_data.decode("utf-8", "replace")
+                if session.authenticated and isinstance(session.login_data, bytes)
+                else None
+            )
             protocol = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
             if not session.extended_smtp:
                 protocol = "SMTP"
@@ -409,9 +414,15 @@ class IngressHandler:
         self.metrics.accept_latency.observe(time.perf_counter() - started)
         self.metrics.received.labels("smtp").inc()
         self.metrics.recipients_received.inc(len(envelope.rcpt_tos))
-        log.info("event=accepted msg=%s peer=%s from=%r rcpts=%d size=%d auth=%s",
-                 stored.msg_id, peer_ip, envelope.mail_from, len(envelope.rcpt_tos),
-                 len(message), auth or "-")
+        log.info(
+            "event=accepted msg=%s peer=%s from=%r rcpts=%d size=%d auth=%s",
+            stored.msg_id,
+            peer_ip,
+            envelope.mail_from,
+            len(envelope.rcpt_tos),
+            len(message),
+            auth or "-",
+        )
         return f"250 2.0.0 Ok: queued as {stored.msg_id}"
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from postwarden.queue.spool import FINAL_STATES
 
+_FINAL_PLACEHOLDERS = "(" + ",".join("?" * len(FINAL_STATES)) + ")"
+
 
 class QueueAdmin:
     """Read and change the queue from outside the appliance process."""
@@ -57,17 +59,28 @@ class QueueAdmin:
 
     def show(self, msg_id: str) -> dict[str, Any] | None:
         msg = self.db.execute("SELECT * FROM messages WHERE id = ?", (msg_id,)).fetchone()
-        rcpts = [dict(r) for r in self.db.execute(
-            "SELECT id, rcpt, state, held, attempts, next_attempt, last_response"
-            " FROM recipients WHERE msg_id = ? ORDER BY id", (msg_id,))]
+        rcpts = [
+            dict(r)
+            for r in self.db.execute(
+                "SELECT id, rcpt, state, held, attempts, next_attempt, last_response"
+                " FROM recipients WHERE msg_id = ? ORDER BY id",
+                (msg_id,),
+            )
+        ]
         events = self.events(msg_id=msg_id, limit=10_000)
         if msg is None and not events:
             return None
-        return {"id": msg_id, "message": dict(msg) if msg else None, "recipients": rcpts,
-                "events": events, "in_queue": msg is not None}
+        return {
+            "id": msg_id,
+            "message": dict(msg) if msg else None,
+            "recipients": rcpts,
+            "events": events,
+            "in_queue": msg is not None,
+        }
 
-    def events(self, *, msg_id: str | None = None, after: int = 0,
-               limit: int = 100) -> list[dict[str, Any]]:
+    def events(
+        self, *, msg_id: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
         sql = "SELECT * FROM events WHERE id > ?"
         args: list[Any] = [after]
         if msg_id:
@@ -107,15 +120,23 @@ class QueueAdmin:
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            ids = [tuple(r) for r in self.db.execute(
-                "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"
-                + sql + where, args + wargs)]
+            ids = [
+                tuple(r)
+                # Only constant fragments are concatenated; every value is bound.
+                for r in self.db.execute(  # noqa: S608
+                    "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"
+                    + sql
+                    + where,
+                    args + wargs,
+                )
+            ]
             for rid, mid, rcpt in ids:
                 self._apply(event, rid, now)
                 self.db.execute(
                     "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail)"
                     " VALUES (?,?,?,?,?,?)",
-                    (now, event, mid, rid, rcpt, json.dumps({"by": "operator"})))
+                    (now, event, mid, rid, rcpt, json.dumps({"by": "operator"})),
+                )
             if event == "deleted":
                 self._remove_finished({mid for _, mid, _ in ids})
             self.db.execute("COMMIT")
@@ -130,19 +151,22 @@ class QueueAdmin:
         elif event == "released":
             self.db.execute("UPDATE recipients SET held=0, updated_at=? WHERE id=?", (now, rid))
         elif event == "flushed":
-            self.db.execute("UPDATE recipients SET next_attempt=?, updated_at=? WHERE id=?",
-                            (now, now, rid))
+            self.db.execute(
+                "UPDATE recipients SET next_attempt=?, updated_at=? WHERE id=?", (now, now, rid)
+            )
         elif event == "deleted":
-            self.db.execute("UPDATE recipients SET state='deleted', updated_at=? WHERE id=?",
-                            (now, rid))
+            self.db.execute(
+                "UPDATE recipients SET state='deleted', updated_at=? WHERE id=?", (now, rid)
+            )
 
     def _remove_finished(self, msg_ids: set[str]) -> None:
         for mid in msg_ids:
-            n = self.db.execute(
-                "SELECT COUNT(*) FROM recipients WHERE msg_id=? AND state NOT IN (%s)"
-                % ",".join("?" * len(FINAL_STATES)), (mid, *FINAL_STATES)).fetchone()[0]
-            self.db.execute(
-                "UPDATE messages SET remaining=? WHERE id=?", (n, mid))
+            n = self.db.execute(  # noqa: S608 - constant placeholders, bound values
+                "SELECT COUNT(*) FROM recipients WHERE msg_id=? AND state NOT IN "
+                + _FINAL_PLACEHOLDERS,
+                (mid, *FINAL_STATES),
+            ).fetchone()[0]
+            self.db.execute("UPDATE messages SET remaining=? WHERE id=?", (n, mid))
             if n == 0:
                 seg = self.db.execute("SELECT segment FROM messages WHERE id=?", (mid,)).fetchone()
                 self.db.execute("DELETE FROM recipients WHERE msg_id=?", (mid,))

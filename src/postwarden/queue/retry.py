@@ -23,8 +23,9 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, cfg: QueueConfig) -> RetryPolicy:
-        return cls(cfg.retry_initial, cfg.retry_factor, cfg.retry_max, cfg.retry_jitter,
-                   cfg.max_age)
+        return cls(
+            cfg.retry_initial, cfg.retry_factor, cfg.retry_max, cfg.retry_jitter, cfg.max_age
+        )
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (``attempts`` >= 1).

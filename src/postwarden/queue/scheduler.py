@@ -214,34 +214,50 @@ class Scheduler:
             lease = r.lease
             detail = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
             if r.kind == "delivered":
-                outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, DELIVERED, r.response,
-                                        detail=detail))
+                outcomes.append(
+                    Outcome(lease.rcpt_id, lease.msg_id, DELIVERED, r.response, detail=detail)
+                )
                 self.metrics.delivered.inc()
                 self.metrics.delivery_latency.observe(max(0.0, now - lease.created_at))
             elif r.kind == "permanent":
-                outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, BOUNCED, r.response,
-                                        detail=detail))
+                outcomes.append(
+                    Outcome(lease.rcpt_id, lease.msg_id, BOUNCED, r.response, detail=detail)
+                )
                 self.metrics.bounced.labels(r.reason).inc()
             elif r.kind == "temporary":
                 state, when = self.policy.after_temporary_failure(
                     lease.attempts + 1, lease.created_at, now, self.rng
                 )
                 if state == EXPIRED:
-                    outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, EXPIRED, r.response,
-                                            detail=detail))
+                    outcomes.append(
+                        Outcome(lease.rcpt_id, lease.msg_id, EXPIRED, r.response, detail=detail)
+                    )
                     self.metrics.expired.inc()
                 else:
-                    outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, DEFERRED, r.response,
-                                            next_attempt=when, detail=detail))
+                    outcomes.append(
+                        Outcome(
+                            lease.rcpt_id,
+                            lease.msg_id,
+                            DEFERRED,
+                            r.response,
+                            next_attempt=when,
+                            detail=detail,
+                        )
+                    )
                     self.metrics.deferred.labels(r.reason).inc()
             else:  # not attempted: back to the queue untouched
-                outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, QUEUED,
-                                        counted_attempt=False))
+                outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, QUEUED, counted_attempt=False))
             if r.kind != "not_attempted":
                 self.metrics.attempts.labels(r.kind).inc()
                 log.info(
                     "event=%s msg=%s rcpt_id=%d domain=%s mx=%s ip=%s tls=%s response=%r",
-                    r.kind, lease.msg_id, lease.rcpt_id, lease.domain, r.mx, r.ip, r.tls,
+                    r.kind,
+                    lease.msg_id,
+                    lease.rcpt_id,
+                    lease.domain,
+                    r.mx,
+                    r.ip,
+                    r.tls,
                     r.response,
                 )
         self._pending.extend(outcomes)

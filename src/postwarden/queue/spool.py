@@ -382,8 +382,9 @@ class Spool:
             batch = [op for op in batch if op.kind != "store"]
         db = self._db
         try:
-            db.execute("PRAGMA synchronous=FULL" if stores and self.fsync else
-                       "PRAGMA synchronous=NORMAL")
+            db.execute(
+                "PRAGMA synchronous=FULL" if stores and self.fsync else "PRAGMA synchronous=NORMAL"
+            )
             db.execute("BEGIN IMMEDIATE")
             unlink: list[int] = []
             for op in batch:
@@ -417,7 +418,9 @@ class Spool:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            results = [(op, None, SpoolError(f"spool commit failed: {exc}")) for op, _, _ in results]
+            results = [
+                (op, None, SpoolError(f"spool commit failed: {exc}")) for op, _, _ in results
+            ]
             committed_events = []
         self.stats["batches"] += 1
         self.stats["stored"] += len(stores)
@@ -538,8 +541,7 @@ class Spool:
     def _remove_dead_segments(self) -> None:
         assert self._db is not None
         dead = [
-            r[0]
-            for r in self._db.execute("SELECT id FROM segments WHERE live <= 0 AND sealed = 1")
+            r[0] for r in self._db.execute("SELECT id FROM segments WHERE live <= 0 AND sealed = 1")
         ]
         live = {r[0] for r in self._db.execute("SELECT id FROM segments WHERE live > 0")}
         for seg in dead:
@@ -634,8 +636,9 @@ class Spool:
             [(now, r[0]) for r in rows],
         )
         return [
-            Lease(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]),
-                  bool(r[11]))
+            Lease(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]), bool(r[11])
+            )
             for r in rows
         ]
 
@@ -672,7 +675,9 @@ class Spool:
                     detail.setdefault("response", o.response)
                 if o.state == DEFERRED:
                     detail.setdefault("next_attempt", o.next_attempt)
-                row = db.execute("SELECT rcpt FROM recipients WHERE id = ?", (o.rcpt_id,)).fetchone()
+                row = db.execute(
+                    "SELECT rcpt FROM recipients WHERE id = ?", (o.rcpt_id,)
+                ).fetchone()
                 events.append(
                     self._event(now, o.event or o.state, o.msg_id, o.rcpt_id,
                                 row[0] if row else None, detail)
@@ -684,7 +689,9 @@ class Spool:
     def _remove_if_done(self, msg_id: str, unlink: list[int]) -> None:
         assert self._db is not None
         db = self._db
-        row = db.execute("SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)).fetchone()
+        row = db.execute(
+            "SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)
+        ).fetchone()
         if row is None or row[0] > 0:
             return
         seg = row[1]
