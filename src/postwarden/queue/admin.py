@@ -123,8 +123,8 @@ class QueueAdmin:
             ids = [
                 tuple(r)
                 # Only constant fragments are concatenated; every value is bound.
-                for r in self.db.execute(  # noqa: S608
-                    "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"
+                for r in self.db.execute(
+                    "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
                     + sql
                     + where,
                     args + wargs,
@@ -161,8 +161,8 @@ class QueueAdmin:
 
     def _remove_finished(self, msg_ids: set[str]) -> None:
         for mid in msg_ids:
-            n = self.db.execute(  # noqa: S608 - constant placeholders, bound values
-                "SELECT COUNT(*) FROM recipients WHERE msg_id=? AND state NOT IN "
+            n = self.db.execute(
+                "SELECT COUNT(*) FROM recipients WHERE msg_id=? AND state NOT IN "  # noqa: S608
                 + _FINAL_PLACEHOLDERS,
                 (mid, *FINAL_STATES),
             ).fetchone()[0]
