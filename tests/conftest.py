@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postwarden.mta.dkim import generate_key, load_key
 
 from postwarden.appliance import Appliance
 from postwarden.config import load_config
 from postwarden.lab import Lab
+from postwarden.mta.dkim import generate_key, load_key
 
 SENDER_DOMAIN = "sender.test"
 VENV_BIN = Path(sys.executable).parent
