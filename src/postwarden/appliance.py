@@ -188,7 +188,7 @@ class Appliance:
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
         )
         self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http.install_signal_handlers = lambda: None
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():

@@ -36,22 +36,28 @@ def no_verify() -> ssl.SSLContext:
 async def raw_session(
     host: str, port: int, lines: list[bytes], *, read_timeout: float = 3.0
 ) -> list[bytes]:
-    """Send raw bytes (one chunk per list item, replies read in between); return replies."""
+    """Send raw bytes (one chunk per list item, replies read in between).
+
+    Returns one entry per reply (the lines of a multi-line reply joined), so that
+    ``replies[i]`` answers the i-th chunk (``replies[0]`` is the greeting).
+    """
     reader, writer = await asyncio.open_connection(host, port)
     replies = [await asyncio.wait_for(reader.readline(), read_timeout)]
     for chunk in lines:
         writer.write(chunk)
         await writer.drain()
+        reply = b""
         try:
             while True:
                 line = await asyncio.wait_for(reader.readline(), read_timeout)
                 if not line:
                     break
-                replies.append(line)
+                reply += line
                 if line[3:4] != b"-":
                     break
         except TimeoutError:
-            replies.append(b"<timeout>")
+            reply += b"<timeout>"
+        replies.append(reply or b"<closed>")
     writer.close()
     return replies
 

@@ -221,7 +221,7 @@ class IngressSMTP(SMTP):
 
     async def _verify(self, result: Any) -> AuthResult:
         if not isinstance(result, _PendingAuth):
-            return result  # type: ignore[no-any-return]
+            return result
         ok = await self.ingress.passwords.verify(result.login, result.password)
         if ok:
             login = result.login.decode("utf-8", "replace")

@@ -8,6 +8,7 @@ an event.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import time
@@ -40,7 +41,7 @@ class QueueAdmin:
             " r.next_attempt, r.last_response, m.mail_from, m.received_at"
             " FROM recipients r JOIN messages m ON m.id = r.msg_id"
         )
-        args: list[Any] = []
+        args: builtins.list[Any] = []
         if state == "held":
             sql += " WHERE r.held = 1"
         elif state:
@@ -80,9 +81,9 @@ class QueueAdmin:
 
     def events(
         self, *, msg_id: str | None = None, after: int = 0, limit: int = 100
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[dict[str, Any]]:
         sql = "SELECT * FROM events WHERE id > ?"
-        args: list[Any] = [after]
+        args: builtins.list[Any] = [after]
         if msg_id:
             sql += " AND msg_id = ?"
             args.append(msg_id)
@@ -110,12 +111,12 @@ class QueueAdmin:
 
     # -- actions
 
-    def _where(self, msg_id: str | None) -> tuple[str, list[Any]]:
+    def _where(self, msg_id: str | None) -> tuple[str, builtins.list[Any]]:
         if msg_id in (None, "ALL"):
             return "", []
         return " AND msg_id = ?", [msg_id]
 
-    def _act(self, sql: str, args: list[Any], event: str, msg_id: str | None) -> int:
+    def _act(self, sql: str, args: builtins.list[Any], event: str, msg_id: str | None) -> int:
         where, wargs = self._where(msg_id)
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")

@@ -389,13 +389,15 @@ class Spool:
             unlink: list[int] = []
             for op in batch:
                 db.execute("SAVEPOINT op")
+                res: Any
                 try:
                     if op.kind == "store":
                         res = self._do_store(op, placed[id(op)], committed_events)
                     elif op.kind == "lease":
                         res = self._do_lease(*op.args)
                     elif op.kind == "record":
-                        res = self._do_record(op.args[0], committed_events, unlink)
+                        self._do_record(op.args[0], committed_events, unlink)
+                        res = None
                     elif op.kind == "call":
                         res = op.args[0](db)
                     else:  # pragma: no cover
