@@ -170,11 +170,12 @@ class Appliance:
         await self._start_http()
         self._gauge_task = asyncio.create_task(self._update_gauges())
         log.info(
-            "event=started smtp=%s control=%s spool=%s config=%s",
+            "event=started smtp=%s control=%s spool=%s config=%s loop=%s",
             ",".join(f"{h}:{p}" for h, p in self.smtp_addresses),
             "{}:{}".format(*self.control_address) if self.control_address else "-",
             self.cfg.spool.path,
             self.cfg.source,
+            type(loop).__module__.split(".")[0],
         )
 
     async def _start_http(self) -> None:

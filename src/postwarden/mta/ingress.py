@@ -430,9 +430,11 @@ def make_server_factory(
     handler: IngressHandler, tls_context: ssl.SSLContext | None
 ) -> Callable[[], IngressSMTP]:
     """A protocol factory for ``loop.create_server`` with the handler's limits."""
-    cfg = handler.cfg.smtp
 
     def factory() -> IngressSMTP:
+        # Read the handler's config per connection so that a reload (SIGHUP) of the
+        # size limit and idle timeout applies to every new session.
+        cfg = handler.cfg.smtp
         return IngressSMTP(
             handler,
             data_size_limit=cfg.max_message_size,

@@ -1,0 +1,166 @@
+"""`postwarden serve` as a process: uvloop, metrics, SIGHUP reload, SIGTERM shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sqlite3
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from postwarden.lab import Lab
+from postwarden.queue.admin import QueueAdmin
+from tests.conftest import write_toml
+from tests.queue.test_durability import serve
+
+METRICS = (  # metric families documented in docs/operations.md
+    "postwarden_messages_received",
+    "postwarden_recipients_delivered",
+    "postwarden_recipients_deferred",
+    "postwarden_recipients_bounced",
+    "postwarden_recipients_expired",
+    "postwarden_queue_recipients",
+    "postwarden_acceptance_seconds",
+    "postwarden_delivery_seconds",
+    "postwarden_connections_open",
+)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def wait_log(log: Path, pattern: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if re.search(pattern, text):
+            return text
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not in log:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+async def rcpt_replies(port: int, n: int) -> list[int]:
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:
+        await smtp.mail("a@sender.test")
+        codes = []
+        for i in range(n):
+            try:
+                codes.append((await smtp.rcpt(f"r{i}@inbox.test"))[0])
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                codes.append(exc.code)
+        await smtp.rset()
+    return codes
+
+
+async def test_serve_uses_uvloop_serves_metrics_and_reloads_on_sighup(
+    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
+) -> None:
+    lab.add_domain("inbox.test")
+    config, port = subprocess_config()
+    data = tomllib.loads(config.read_text())
+    control = data["control"]["listen"]
+    log = tmp_path / "serve.log"
+    async with serve([], config, port, log) as proc:
+        text = await wait_log(log, r"event=started .* loop=(\w+)")
+        assert re.search(r"event=started .* loop=uvloop", text)
+
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:
+            await smtp.sendmail("a@sender.test", ["r@inbox.test"], b"Subject: m\r\n\r\nx\r\n")
+        await lab.wait_for_messages(1)
+        status, health = http_get(f"http://{control}/healthz")
+        assert status == 200 and '"status":"ok"' in health
+        deadline = time.monotonic() + 10
+        while True:
+            _, metrics = http_get(f"http://{control}/metrics")
+            if re.search(r"^postwarden_recipients_delivered_total 1\.0$", metrics, re.M):
+                break
+            assert time.monotonic() < deadline, metrics
+            await asyncio.sleep(0.1)
+        for name in METRICS:
+            assert re.search(
+                rf"^# TYPE {name}(_total)? (counter|gauge|histogram)$", metrics, re.M
+            ), name
+        assert 'postwarden_messages_received_total{source="smtp"} 1.0' in metrics
+        # Bounded labels: no recipient domain ever appears in the metrics.
+        assert "inbox.test" not in metrics
+
+        assert await rcpt_replies(port, 3) == [250, 250, 250]
+        data["smtp"]["max_recipients"] = 2
+        write_toml(config, data)
+        proc.send_signal(signal.SIGHUP)
+        await wait_log(log, r"event=reloaded")
+        assert await rcpt_replies(port, 3) == [250, 250, 452]
+
+        # A bad file is refused with the key's path; the running config stays.
+        config.write_text(config.read_text() + "\n[delivery]\nbogus_key = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        text = await wait_log(log, r"event=reload_refused")
+        assert "bogus_key" in text or "not valid TOML" in text
+        assert await rcpt_replies(port, 3) == [250, 250, 452]
+        assert proc.returncode is None
+
+
+async def test_sigterm_stops_cleanly_and_keeps_the_queue(
+    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
+) -> None:
+    lab.add_domain("later.test", behaviour="tempfail")
+    config, port = subprocess_config({"queue": {"retry_initial": "1h"}})
+    spool = Path(tomllib.loads(config.read_text())["spool"]["path"])
+    log = tmp_path / "serve.log"
+    async with serve([], config, port, log) as proc:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:
+            for i in range(5):
+                await smtp.sendmail(
+                    "a@sender.test", [f"r{i}@later.test"], b"Subject: q\r\n\r\nx\r\n"
+                )
+        await wait_log(log, r"(?s)(event=temporary.*){5}")
+        # A client in the middle of DATA when the signal comes: it never got a 250.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        for cmd in (b"HELO c\r\n", b"MAIL FROM:<a@sender.test>\r\n", b"RCPT TO:<x@later.test>\r\n"):
+            writer.write(cmd)
+            await reader.readline()
+        writer.write(b"DATA\r\n")
+        assert (await reader.readline()).startswith(b"354")
+        writer.write(b"Subject: half\r\n\r\nhalf a message")
+        await writer.drain()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert time.monotonic() - started < 10
+        rest = await reader.read()
+        assert b"250" not in rest
+        writer.close()
+    text = log.read_text()
+    assert "event=stopping" in text and "event=stopped" in text
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    # The index was checkpointed: nothing left in the WAL, and the five deferred
+    # recipients are still queued, the half message is not.
+    wal = spool / "index.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    admin = QueueAdmin(spool)
+    try:
+        assert admin.summary()["deferred"] == 5
+        assert admin.summary()["messages"] == 5
+    finally:
+        admin.close()
+    assert sqlite3.connect(spool / "index.db").execute("PRAGMA integrity_check").fetchone() == (
+        "ok",
+    )
