@@ -18,10 +18,11 @@ from typing import Any
 
 import aiosmtplib
 import dkim
+from dkim.util import parse_tag_value
 
 from postwarden.appliance import Appliance
 from postwarden.config import Config, load_config
-from postwarden.dns.resolver import Resolver
+from postwarden.dns.resolver import DnsError, Resolver
 from postwarden.lab import Lab
 from postwarden.mta.dkim import generate_key, load_key
 
@@ -75,20 +76,28 @@ def publish_keys(lab: Lab, cfg: Config) -> None:
 
 
 async def dkim_verdicts(message: bytes, resolver: Resolver) -> list[str]:
-    """``["pass rsa-sha256 demo.lab.test", ...]`` for each signature, via the lab DNS."""
+    """``["pass rsa-sha256 d=demo.lab.test", ...]`` for each signature, keys via the lab DNS."""
     verdicts = []
-    sigs = re.findall(rb"(?im)^DKIM-Signature:(.*(?:\r\n[ \t].*)*)", message)
-    for i, sig in enumerate(sigs):
-        tags = dict(
-            (m.group(1).decode(), m.group(2).decode())
-            for m in re.finditer(rb"([a-z]+)=([^;]*)", re.sub(rb"\s+", b"", sig))
-        )
-        name = f"{tags.get('s')}._domainkey.{tags.get('d')}"
+    try:
+        headers = dkim.DKIM(message).headers
+    except dkim.DKIMException as exc:
+        return [f"FAIL unparsable message: {exc}"]
+    sigs = [value for name, value in headers if name.lower() == b"dkim-signature"]
+    for i, value in enumerate(sigs):
         try:
-            txt = "".join(await resolver.resolve_txt(name)).encode()
+            tags = {k.decode(): v.decode() for k, v in parse_tag_value(value).items()}
         except Exception:
-            txt = b""
-        ok = dkim.DKIM(message).verify(idx=i, dnsfunc=lambda _n, _t=txt, **_: _t)
+            verdicts.append("FAIL unparsable signature")
+            continue
+        try:
+            txt = "".join(await resolver.resolve_txt(f"{tags.get('s')}._domainkey.{tags.get('d')}"))
+        except DnsError:
+            txt = ""
+        record = txt.encode()
+        try:
+            ok = dkim.DKIM(message).verify(idx=i, dnsfunc=lambda *_a, _t=record, **_k: _t)
+        except dkim.DKIMException:
+            ok = False
         verdicts.append(f"{'pass' if ok else 'FAIL'} {tags.get('a')} d={tags.get('d')}")
     return verdicts
 
@@ -144,7 +153,7 @@ async def run_lab(
                     m = msgs[seen]
                     seen += 1
                     verdicts = await dkim_verdicts(m.data, resolver)
-                    subject = re.search(rb"(?im)^Subject:[ \t]*(.*)$", m.data)
+                    subject = re.search(rb"(?im)^Subject:[ \t]*(.*?)\r?$", m.data)
                     _say(
                         f"lab: {m.sink_address} received <{m.mail_from}> -> "
                         f"{', '.join(m.rcpt_tos)} tls={'yes' if m.tls else 'no'} "
