@@ -16,6 +16,7 @@ than it occurs so that no second From can be added without breaking the signatur
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import logging
 import os
@@ -114,16 +115,28 @@ class SigningKey:
 def load_key(
     domain: str, selector: str, path: str | os.PathLike[str], algorithm: Algorithm
 ) -> SigningKey:
-    """Read a PEM private key (PKCS#8 or PKCS#1) and check it suits ``algorithm``.
+    """Read a private key and check it suits ``algorithm``.
+
+    PEM (PKCS#8, or PKCS#1 for RSA); for Ed25519 also the base64 32-byte seed that
+    dkimpy and OpenDKIM use.
 
     RSA keys must be at least 1024 bits (RFC 8301); 2048 is what ``generate_key``
     makes and what receivers expect today.
     """
     data = Path(path).read_bytes()
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise DkimKeyError(f"{path}: not a readable unencrypted PEM private key") from exc
+    key: object
+    if algorithm == "ed25519-sha256" and not data.lstrip().startswith(b"-----"):
+        # dkimpy's and OpenDKIM's Ed25519 format: the 32-byte seed in base64.
+        try:
+            seed = base64.b64decode(data.strip(), validate=True)
+            key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+        except (ValueError, binascii.Error) as exc:
+            raise DkimKeyError(f"{path}: neither PEM nor a base64 Ed25519 seed") from exc
+    else:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise DkimKeyError(f"{path}: not a readable unencrypted PEM private key") from exc
     if algorithm == "rsa-sha256":
         if not isinstance(key, rsa.RSAPrivateKey):
             raise DkimKeyError(f"{path}: rsa-sha256 needs an RSA key")
