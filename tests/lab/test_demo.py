@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,11 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     # Port 0 everywhere so the test never collides with a `make run` on this machine.
     config = write_toml(
         tmp_path / "lab.toml",
-        {"smtp": {"listen": ["127.0.0.1:0"]}, "control": {"listen": "127.0.0.1:0"}},
+        {
+            "smtp": {"listen": ["127.0.0.1:0"]},
+            "control": {"listen": "127.0.0.1:0"},
+            "spool": {"path": str(tmp_path / "spool")},
+        },
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "postwarden.cli", "lab",
@@ -27,3 +32,11 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     assert "signatures verified" in text, text
     assert "dkim=[pass rsa-sha256 d=demo.lab.test; pass ed25519-sha256 d=demo.lab.test]" in text
     assert "received <hello@demo.lab.test> -> someone@inbox.lab.test tls=yes" in text
+    # The run's queue is where the config put it, for `postwarden queue` and `events`.
+    env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(tmp_path / "spool")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", "events", "--limit", "100",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and '"type": "delivered"' in out.decode()

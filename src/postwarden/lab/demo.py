@@ -56,10 +56,13 @@ def lab_dkim_keys(var_dir: Path) -> list[dict[str, str]]:
 
 
 def lab_config(config_path: str | None, lab: Lab, var_dir: Path) -> Config:
-    """The user's config (or defaults) with the resolver and MX port aimed at the lab."""
+    """The user's config (or defaults) with the resolver and MX port aimed at the lab.
+
+    The spool stays where the config puts it (``./var/spool`` by default), so the
+    queue and events commands find it without options.
+    """
     keys = lab_dkim_keys(var_dir)
     overrides: dict[str, Any] = {
-        "spool": {"path": str(var_dir / "spool")},
         "dns": {"nameservers": [lab.nameserver]},
         "delivery": {"mx_port": lab.mx_port},
         "dkim": {"keys": keys},
