@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import ipaddress
 import logging
+import os
 import signal
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from postwarden.mta.dkim import DkimSigner, load_key
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.spool import Envelope, Spool, StoredMessage
+from postwarden.tls import self_signed, server_context
 
 log = logging.getLogger("postwarden")
 
@@ -56,49 +56,18 @@ def ensure_tls_files(cfg: Config) -> tuple[str, str]:
     cert, key = tls_dir / "selfsigned.crt", tls_dir / "selfsigned.key"
     if cert.exists() and key.exists():
         return str(cert), str(key)
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     tls_dir.mkdir(parents=True, exist_ok=True)
-    pkey = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cfg.server.hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(cfg.server.hostname)]
+    ips = []
     for spec in cfg.smtp.listen:
         host, _ = parse_hostport(spec, "smtp.listen")
         with contextlib.suppress(ValueError):
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(pkey.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(pkey, hashes.SHA256())
-    )
-    key.write_bytes(
-        pkey.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key.chmod(0o600)
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+            ips.append(str(ipaddress.ip_address(host)))
+    cert_pem, key_pem = self_signed([cfg.server.hostname], ips)
+    with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        fh.write(key_pem)
+    cert.write_bytes(cert_pem)
     log.info("event=tls_selfsigned cert=%s", cert)
     return str(cert), str(key)
-
-
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
 
 
 class Appliance:
@@ -158,7 +127,7 @@ class Appliance:
         self.spool.event_listeners.append(self._on_events)
         self.scheduler.start()
         cert, key = ensure_tls_files(self.cfg)
-        tls = server_tls_context(cert, key)
+        tls = server_context(cert, key)
         loop = asyncio.get_running_loop()
         factory = make_server_factory(self.ingress, tls)
         for spec in self.cfg.smtp.listen:

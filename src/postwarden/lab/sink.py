@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import functools
-import ipaddress
 import os
 import re
 import ssl
@@ -30,10 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from postwarden.tls import self_signed
 
 #: What a sink does at ``RCPT TO`` for a recipient:
 #:
@@ -152,30 +148,8 @@ class SinkState:
 
 @functools.cache
 def _self_signed(names: tuple[str, ...], ips: tuple[str, ...]) -> tuple[bytes, bytes]:
-    """A self-signed P-256 certificate for ``names`` and ``ips``: (cert PEM, key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.UTC)
-    alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    """One certificate per process for the same names (key generation is not free)."""
+    return self_signed(names, ips, days=3650)
 
 
 def server_tls_context(names: Iterable[str], ips: Iterable[str]) -> tuple[ssl.SSLContext, bytes]:
