@@ -32,3 +32,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+## An hour-shaped load scaled down: 15 minutes at 1M messages/hour through Postwarden.
+bench-soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(if $(MINUTES),--minutes $(MINUTES),)

@@ -1,0 +1,141 @@
+"""Soak: Postwarden at a steady 1M messages/hour for a while; is memory and queue flat?
+
+Not a test. Paced Python sessions submit at ``--rate`` messages/s (default 278, i.e.
+1 000 000 an hour) for ``--minutes`` (default 15) to the 50 benchmark domains on three
+``smtp-sink`` MX hosts; every 10 s the appliance's memory (PSS of its process tree),
+its queue depth and what it has delivered are sampled. It prints the samples, then
+``soak: rate=… delivered_rate=… rss_first_mb=… rss_last_mb=… queue_last=… flat=yes|no``:
+flat means memory in the last quarter is within 10 % (or 20 MB) of the second quarter
+and the queue does not grow.
+
+    python bench/soak.py [--minutes 15] [--rate 278] [--sessions 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aiosmtplib
+from procstat import TreeMonitor
+from run import (
+    DOMAINS,
+    SENDER,
+    SINK_HOSTS,
+    Postwarden,
+    bench_world,
+    body_of,
+    domain,
+    free_port_on_all,
+)
+
+from peers import SinkFarm
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        total = 0.0
+        for line in r.read().decode().splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+async def paced_session(
+    port: int, rate: float, until: float, offset: int, step: int, sent: list[int]
+) -> None:
+    body = {d: body_of(5_000, f"s@{domain(d)}", d) for d in range(DOMAINS)}
+    interval = 1.0 / rate
+    n = offset
+    next_at = time.monotonic()
+    async with aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, timeout=120
+    ) as smtp:
+        while time.monotonic() < until:
+            d = n % DOMAINS
+            await smtp.sendmail(SENDER, [f"s{n}@{domain(d)}"], body[d])
+            sent[0] += 1
+            n += step
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
+async def main(args: argparse.Namespace) -> int:
+    base, dns, key = await bench_world()
+    scratch = base / "soak"
+    scratch.mkdir()
+    sink_port = free_port_on_all(SINK_HOSTS)
+    sinks = SinkFarm(SINK_HOSTS, sink_port)
+    sinks.start(scratch)
+    pw = Postwarden(scratch, dns, sink_port, key)
+    samples: list[tuple[float, float, float, float]] = []
+    sent = [0]
+    try:
+        pid = await pw.start()
+        monitor = TreeMonitor(pid, interval=1.0)
+        monitor.start()
+        t0 = time.monotonic()
+        until = t0 + args.minutes * 60
+        per_session = args.rate / args.sessions
+        load = asyncio.gather(
+            *(
+                paced_session(pw.port, per_session, until, i, args.sessions, sent)
+                for i in range(args.sessions)
+            )
+        )
+        print(
+            f"soak: {args.minutes} min at {args.rate}/s over {args.sessions} sessions", flush=True
+        )
+        print(f"{'t s':>6} {'sent':>8} {'delivered':>10} {'queue':>7} {'PSS MB':>7}", flush=True)
+        while not load.done():
+            await asyncio.wait([load], timeout=10)
+            delivered = await asyncio.to_thread(
+                metric, pw.control, "postwarden_recipients_delivered_total"
+            )
+            queue = await asyncio.to_thread(metric, pw.control, "postwarden_queue_recipients")
+            rss = (monitor.last.rss_bytes if monitor.last else 0) / 2**20
+            t = time.monotonic() - t0
+            samples.append((t, delivered, queue, rss))
+            print(f"{t:6.0f} {sent[0]:8d} {delivered:10.0f} {queue:7.0f} {rss:7.0f}", flush=True)
+        load.result()
+        await monitor.stop()
+    finally:
+        await pw.stop()
+        sinks.stop()
+        await dns.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    if len(samples) < 4:
+        print("soak: too short to judge")
+        return 1
+    q = len(samples) // 4
+    second = statistics.mean(s[3] for s in samples[q : 2 * q])
+    last = statistics.mean(s[3] for s in samples[-q:])
+    queue_second = statistics.mean(s[2] for s in samples[q : 2 * q])
+    queue_last = statistics.mean(s[2] for s in samples[-q:])
+    flat_mem = last <= max(second * 1.10, second + 20)
+    flat_queue = queue_last <= max(queue_second * 1.5, 100)
+    duration = samples[-1][0]
+    print(
+        f"soak: rate={sent[0] / duration:.1f} delivered_rate={samples[-1][1] / duration:.1f} "
+        f"rss_first_mb={second:.0f} rss_last_mb={last:.0f} queue_last={queue_last:.0f} "
+        f"flat={'yes' if flat_mem and flat_queue else 'no'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=15)
+    ap.add_argument("--rate", type=float, default=278)
+    ap.add_argument("--sessions", type=int, default=10)
+    sys.exit(asyncio.run(main(ap.parse_args())))
