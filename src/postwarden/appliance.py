@@ -99,8 +99,8 @@ class Appliance:
 
     # ------------------------------------------------------------------ stages
 
-    def sign(self, message: bytes) -> bytes:
-        return self.signer.sign(message)
+    async def sign(self, message: bytes) -> bytes:
+        return await self.signer.sign_async(message)
 
     async def accept(self, envelope: Envelope, data: bytes, msg_id: str) -> StoredMessage:
         """Spool durably; hand the recipients straight to the scheduler when there is room."""
@@ -113,7 +113,7 @@ class Appliance:
                 self.scheduler.release(n)
             raise
         if lease:
-            self.scheduler.offer(stored.leases)
+            self.scheduler.offer(stored.leases, data)
         else:
             self.scheduler.wake()
         return stored

@@ -320,3 +320,44 @@ async def test_swaks_submits_with_starttls_and_auth(
     await lab.wait_for_messages(1, timeout=10)
     assert b"Subject: via swaks" in lab.messages[0].data
     assert b"with ESMTPSA id" in lab.messages[0].data
+
+
+async def test_pipelined_commands_after_data_and_dot_unstuffing(
+    lab: Lab, appliance: ApplianceFactory
+) -> None:
+    lab.add_domain("inbox.test")
+    app = await appliance()
+    host, port = addr(app)
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def reply() -> bytes:
+        out = b""
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            out += line
+            if line[3:4] != b"-":
+                return out
+
+    await reply()
+    writer.write(b"EHLO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@inbox.test>\r\nDATA\r\n")
+    for _ in range(3):
+        assert (await reply()).startswith(b"250")
+    assert (await reply()).startswith(b"354")
+    # The message, its end, and the next transaction's commands in one write.
+    writer.write(
+        b"Subject: one\r\n\r\n..leading dot\r\n.\r\n"
+        b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<c@inbox.test>\r\nDATA\r\n"
+    )
+    assert (await reply()).startswith(b"250 2.0.0 Ok: queued as")
+    assert (await reply()).startswith(b"250")
+    assert (await reply()).startswith(b"250")
+    assert (await reply()).startswith(b"354")
+    # An empty message is a message too: a lone dot ends it.
+    writer.write(b".\r\nQUIT\r\n")
+    assert (await reply()).startswith(b"250 2.0.0 Ok: queued as")
+    assert (await reply()).startswith(b"221")
+    writer.close()
+    await lab.wait_for_messages(2, timeout=10)
+    by_rcpt = {m.rcpt_tos[0]: m.data for m in lab.messages}
+    assert by_rcpt["b@inbox.test"].endswith(b"\r\n\r\n.leading dot\r\n")
+    assert b"Received: from c.test" in by_rcpt["c@inbox.test"]

@@ -50,6 +50,9 @@ class Job:
     mail_from: str
     leases: list[Lease]
     queued_at: float = field(default_factory=time.monotonic)
+    #: The message bytes when they came straight from acceptance; else read from the
+    #: spool when the transaction starts.
+    body: bytes | None = field(default=None, repr=False)
 
     @property
     def smtputf8(self) -> bool:
@@ -304,7 +307,9 @@ class DeliveryAgent:
         if not smtp.is_connected:
             return [result(x, "not_attempted", "", "connect") for x in job.leases], False
         try:
-            body = await asyncio.to_thread(self.read_body, job.leases[0])
+            body = job.body
+            if body is None:
+                body = await asyncio.to_thread(self.read_body, job.leases[0])
         except OSError as exc:
             log.error("event=spool_read_failed msg=%s error=%r", job.msg_id, exc)
             resp = "451 4.3.0 local error reading the spool"

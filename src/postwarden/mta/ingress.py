@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from postwarden.config import Config
 from postwarden.metrics import Metrics
@@ -62,6 +62,46 @@ def add_enhanced_code(reply: bytes) -> bytes:
     if enhanced is None:
         return reply
     return b"%s%s%s %s" % (m.group(1), m.group(2), enhanced.encode(), m.group(3))
+
+
+_TERMINATOR = b"\r\n.\r\n"
+_READ_CHUNK = 256 * 1024
+
+
+async def read_data(
+    reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
+) -> tuple[bytes, str | None]:
+    """Read DATA up to ``<CRLF>.<CRLF>``; returns (content, error reply or None).
+
+    The CRLF that ended the DATA command starts the search buffer, so an empty
+    message (a lone ``.``) ends like any other. Bytes after the terminator (pipelined
+    commands) go back to the front of the reader's buffer. Over-size data is
+    discarded as it arrives (memory stays bounded) and answered once it has ended.
+    """
+    buf = bytearray(b"\r\n")
+    pending: bytearray = reader._buffer  # type: ignore[attr-defined]
+    too_much = False
+    start = 0
+    while (end := buf.find(_TERMINATOR, start)) < 0:
+        if size_limit and len(buf) > size_limit + 2:
+            too_much = True
+            del buf[:-4]
+        start = max(0, len(buf) - 4)
+        chunk = await reader.read(_READ_CHUNK)
+        if not chunk:
+            raise ConnectionResetError("connection closed during DATA")
+        buf += chunk
+    rest = buf[end + 5 :]
+    if rest:
+        pending[:0] = rest
+    if too_much or (size_limit and end > size_limit):
+        return b"", "552 Error: Too much mail data"
+    data = bytes(buf[2 : end + 2])
+    if len(data) > line_limit and max(map(len, data.split(b"\r\n"))) + 2 > line_limit:
+        return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+    if data.startswith(b".") or b"\r\n." in data:
+        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
+    return data, None
 
 
 def has_bare_newline(data: bytes) -> bool:
@@ -186,6 +226,50 @@ class IngressSMTP(SMTP):
             return
         await super()._handle_client()
 
+    # -- DATA
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA read in chunks up to ``<CRLF>.<CRLF>`` instead of line by line.
+
+        Same replies and limits as aiosmtpd's own loop (which costs about a fifth of
+        the CPU per message: a read, a check and a debug log call per line): only
+        ``<CRLF>.<CRLF>`` ends the data, a line over ``smtp.max_line_length`` gets
+        ``500 5.5.2`` and data over ``smtp.max_message_size`` ``552 5.3.4`` once the
+        client has finished sending, and leading dots are unstuffed. Commands a
+        client pipelines right behind the message stay in the reader for the command
+        loop. Where the reader's buffer is not what this expects, aiosmtpd's loop
+        runs instead.
+        """
+        if not isinstance(getattr(self._reader, "_buffer", None), bytearray):
+            await super().smtp_DATA(arg)
+            return
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, error = await read_data(
+                self._reader, self.data_size_limit, self.line_length_limit
+            )
+        except (ConnectionError, asyncio.IncompleteReadError):
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if error is not None:
+            await self.push(error)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
     # -- replies
 
     async def push(self, status: str | bytes) -> None:
@@ -258,7 +342,7 @@ class IngressHandler:
         metrics: Metrics,
         passwords: PasswordStore,
         accept: AcceptFn,
-        sign: Callable[[bytes], bytes] | None = None,
+        sign: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.passwords = passwords
@@ -390,7 +474,7 @@ class IngressHandler:
                 data, received=received, msg_id=msg_id, hostname=self.cfg.server.hostname
             )
             if self.sign is not None:
-                message = self.sign(message) + message
+                message = await self.sign(message) + message
             body_8bit = not message.isascii() or "BODY=8BITMIME" in (
                 o.upper() for o in envelope.mail_options
             )
@@ -414,7 +498,8 @@ class IngressHandler:
         self.metrics.accept_latency.observe(time.perf_counter() - started)
         self.metrics.received.labels("smtp").inc()
         self.metrics.recipients_received.inc(len(envelope.rcpt_tos))
-        log.info(
+        # Per message at debug: the durable per-recipient record is the event log.
+        log.debug(
             "event=accepted msg=%s peer=%s from=%r rcpts=%d size=%d auth=%s",
             stored.msg_id,
             peer_ip,

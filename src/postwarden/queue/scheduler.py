@@ -40,6 +40,9 @@ from postwarden.queue.spool import (
 
 log = logging.getLogger("postwarden.scheduler")
 
+#: Bytes of freshly accepted message bodies kept in memory for their first attempt.
+BODY_BUDGET = 64 * 1024 * 1024
+
 
 @dataclass
 class _DomainQueue:
@@ -76,6 +79,7 @@ class Scheduler:
         self._pending: list[Outcome] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._recording: set[asyncio.Task[None]] = set()
+        self._body_bytes = 0
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -95,9 +99,17 @@ class Scheduler:
         self.inflight = max(0, self.inflight - n)
         self.metrics.inflight.set(self.inflight)
 
-    def offer(self, leases: Iterable[Lease]) -> None:
-        """Queue recipients reserved with :meth:`reserve` and already marked active."""
-        self._enqueue(list(leases))
+    def offer(self, leases: Iterable[Lease], body: bytes | None = None) -> None:
+        """Queue recipients reserved with :meth:`reserve` and already marked active.
+
+        ``body``, the message just spooled, rides along with its jobs (so delivery
+        need not read it back) while the bodies held this way stay under
+        ``BODY_BUDGET`` bytes; beyond that they are read from the spool as usual.
+        """
+        leases = list(leases)
+        if body is not None and self._body_bytes + len(body) > BODY_BUDGET:
+            body = None
+        self._enqueue(leases, body)
 
     def wake(self) -> None:
         self._wake.set()
@@ -126,7 +138,7 @@ class Scheduler:
                     self.metrics.inflight.set(self.inflight)
                     self._enqueue(leases)
 
-    def _enqueue(self, leases: list[Lease]) -> None:
+    def _enqueue(self, leases: list[Lease], body: bytes | None = None) -> None:
         per_job = self.cfg.delivery.max_recipients_per_transaction
         groups: dict[tuple[str, str], list[Lease]] = {}
         for lease in leases:
@@ -138,7 +150,9 @@ class Scheduler:
                 q = self.queues[domain] = _DomainQueue()
             for i in range(0, len(group), per_job):
                 chunk = group[i : i + per_job]
-                q.jobs.append(Job(msg_id, domain, chunk[0].mail_from, chunk))
+                q.jobs.append(Job(msg_id, domain, chunk[0].mail_from, chunk, body=body))
+                if body is not None:
+                    self._body_bytes += len(body)
             touched.add(domain)
         for domain in touched:
             q = self.queues[domain]
@@ -166,7 +180,7 @@ class Scheduler:
             if self._stopping:
                 return None
             if q.jobs:
-                return q.jobs.popleft()
+                return self._take(q)
             if first:
                 return None
             # Keep the connection a moment for work that is about to arrive.
@@ -182,7 +196,7 @@ class Scheduler:
                         await asyncio.wait_for(q.changed.wait(), remaining)
             finally:
                 q.waiters -= 1
-            return q.jobs.popleft() if q.jobs and not self._stopping else None
+            return self._take(q) if q.jobs and not self._stopping else None
 
         try:
             await self.agent.run_session(domain, next_job, self._report)
@@ -204,6 +218,12 @@ class Scheduler:
                         self._dispatch(other, oq)
                     if self.sessions >= self.cfg.delivery.max_connections:
                         break
+
+    def _take(self, q: _DomainQueue) -> Job:
+        job = q.jobs.popleft()
+        if job.body is not None:
+            self._body_bytes -= len(job.body)
+        return job
 
     # ------------------------------------------------------------------ results
 
@@ -249,7 +269,9 @@ class Scheduler:
                 outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, QUEUED, counted_attempt=False))
             if r.kind != "not_attempted":
                 self.metrics.attempts.labels(r.kind).inc()
-                log.info(
+                # Deliveries at debug (the event log has each one); failures at info.
+                log.log(
+                    logging.DEBUG if r.kind == "delivered" else logging.INFO,
                     "event=%s msg=%s rcpt_id=%d domain=%s mx=%s ip=%s tls=%s response=%r",
                     r.kind,
                     lease.msg_id,
