@@ -117,6 +117,29 @@ def new_message_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
 
 
+SHARD_PREFIX = "shard-"
+
+
+def shard_path(spool_path: str | os.PathLike[str], index: int) -> Path:
+    """The spool directory of worker ``index``: the spool path itself for worker 0 (so a
+    single-process appliance keeps the plain layout), ``<path>/shard-<k>`` otherwise."""
+    root = Path(spool_path)
+    return root if index == 0 else root / f"{SHARD_PREFIX}{index}"
+
+
+def shard_paths(spool_path: str | os.PathLike[str]) -> list[Path]:
+    """Every spool shard that exists under ``spool_path`` (worker 0's first)."""
+    root = Path(spool_path)
+    found = [root] if (root / "index.db").exists() else []
+    extra = []
+    if root.is_dir():
+        for p in root.iterdir():
+            suffix = p.name[len(SHARD_PREFIX) :]
+            if p.name.startswith(SHARD_PREFIX) and suffix.isdigit() and (p / "index.db").exists():
+                extra.append((int(suffix), p))
+    return found + [p for _, p in sorted(extra)]
+
+
 def domain_of(address: str) -> str:
     """Lower-cased domain part of an address (``""`` when there is none)."""
     return address.rpartition("@")[2].lower().rstrip(".")
