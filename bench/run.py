@@ -190,16 +190,21 @@ algorithm = "rsa-sha256"
         return 0
 
     def delays(self) -> list[float]:
-        db = sqlite3.connect(self.spool / "index.db")
-        try:
-            rows = db.execute(
-                "SELECT d.ts - a.ts FROM events d JOIN events a"
-                " ON a.rcpt_id = d.rcpt_id AND a.type = 'accepted'"
-                " WHERE d.type = 'delivered'"
-            ).fetchall()
-        finally:
-            db.close()
-        return [r[0] for r in rows]
+        from postwarden.queue.spool import shard_paths
+
+        out: list[float] = []
+        for shard in shard_paths(self.spool):  # one per worker
+            db = sqlite3.connect(shard / "index.db")
+            try:
+                rows = db.execute(
+                    "SELECT d.ts - a.ts FROM events d JOIN events a"
+                    " ON a.rcpt_id = d.rcpt_id AND a.type = 'accepted'"
+                    " WHERE d.type = 'delivered'"
+                ).fetchall()
+            finally:
+                db.close()
+            out += [r[0] for r in rows]
+        return out
 
     async def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import signal
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from postwarden.mta.delivery import DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, load_key
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
-from postwarden.queue.spool import Envelope, Spool, StoredMessage
+from postwarden.queue.spool import Envelope, Spool, StoredMessage, shard_path
 from postwarden.tls import self_signed, server_context
 
 log = logging.getLogger("postwarden")
@@ -70,15 +74,56 @@ def ensure_tls_files(cfg: Config) -> tuple[str, str]:
     return str(cert), str(key)
 
 
-class Appliance:
-    """The whole MTA in one object: ``await start()``, then ``await stop()``."""
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes an appliance one worker of several (docs/decisions/0004)."""
 
-    def __init__(self, cfg: Config, *, config_path: str | None = None) -> None:
+    index: int
+    count: int
+    sockets: tuple[socket.socket, ...]  # the supervisor's listening sockets, shared
+
+
+def worker_share(cfg: Config, count: int) -> Config:
+    """The config one of ``count`` workers runs with: appliance-wide connection and
+    in-flight limits divided among them (rounded up), everything else as given."""
+    if count <= 1:
+        return cfg
+
+    def share(n: int) -> int:
+        return max(1, math.ceil(n / count))
+
+    d, q = cfg.delivery, cfg.queue
+    return dataclasses.replace(
+        cfg,
+        delivery=dataclasses.replace(
+            d,
+            max_connections=share(d.max_connections),
+            max_connections_per_domain=share(d.max_connections_per_domain),
+        ),
+        queue=dataclasses.replace(q, max_inflight=share(q.max_inflight)),
+    )
+
+
+class Appliance:
+    """The whole MTA in one object: ``await start()``, then ``await stop()``.
+
+    Alone, it listens on ``smtp.listen`` and ``control.listen`` and spools under
+    ``spool.path``. As worker ``k`` of a supervisor (``worker``), it serves the
+    supervisor's listening sockets, spools in its own shard and leaves the control
+    plane to the supervisor.
+    """
+
+    def __init__(
+        self, cfg: Config, *, config_path: str | None = None, worker: WorkerRole | None = None
+    ) -> None:
+        self.worker = worker
+        cfg = worker_share(cfg, worker.count) if worker else cfg
         self.cfg = cfg
         self.config_path = config_path
         self.metrics = Metrics()
+        self.spool_path = shard_path(cfg.spool.path, worker.index if worker else 0)
         self.spool = Spool(
-            cfg.spool.path, segment_size=cfg.spool.segment_size, fsync=cfg.spool.fsync
+            self.spool_path, segment_size=cfg.spool.segment_size, fsync=cfg.spool.fsync
         )
         self.resolver = Resolver(
             cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
@@ -92,7 +137,6 @@ class Appliance:
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
         self._http: Any = None
-        self._http_task: asyncio.Task[None] | None = None
         self._gauge_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -130,43 +174,49 @@ class Appliance:
         tls = server_context(cert, key)
         loop = asyncio.get_running_loop()
         factory = make_server_factory(self.ingress, tls)
-        for spec in self.cfg.smtp.listen:
-            host, port = parse_hostport(spec, "smtp.listen")
-            server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
-            self.servers.append(server)
-            for sock in server.sockets:
+        if self.worker is not None:
+            for sock in self.worker.sockets:
+                server = await loop.create_server(factory, sock=sock, backlog=1024)
+                self.servers.append(server)
                 self.smtp_addresses.append(sock.getsockname()[:2])
-        await self._start_http()
+        else:
+            for spec in self.cfg.smtp.listen:
+                host, port = parse_hostport(spec, "smtp.listen")
+                server = await loop.create_server(
+                    factory, host, port, backlog=1024, reuse_address=True
+                )
+                self.servers.append(server)
+                for sock in server.sockets:
+                    self.smtp_addresses.append(sock.getsockname()[:2])
+            await self._start_http()
         self._gauge_task = asyncio.create_task(self._update_gauges())
         log.info(
-            "event=started smtp=%s control=%s spool=%s config=%s loop=%s",
+            "event=started worker=%s smtp=%s control=%s spool=%s config=%s loop=%s",
+            f"{self.worker.index}/{self.worker.count}" if self.worker else "-",
             ",".join(f"{h}:{p}" for h, p in self.smtp_addresses),
             "{}:{}".format(*self.control_address) if self.control_address else "-",
-            self.cfg.spool.path,
+            self.spool_path,
             self.cfg.source,
             type(loop).__module__.split(".")[0],
         )
 
     async def _start_http(self) -> None:
-        import uvicorn
+        from prometheus_client import generate_latest
 
         from postwarden.control.app import create_app
+        from postwarden.control.server import HttpServer
+
+        def health() -> tuple[bool, dict[str, Any]]:
+            return not self.spool.closed, {
+                "inflight": self.scheduler.inflight,
+                "sessions_in": self.ingress.open_sessions,
+                "sessions_out": self.scheduler.sessions,
+            }
 
         host, port = parse_hostport(self.cfg.control.listen, "control.listen")
-        app = create_app(self)
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
-        )
-        self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None
-        self._http_task = asyncio.create_task(self._http.serve())
-        while not self._http.started:
-            if self._http_task.done():
-                self._http_task.result()
-                raise RuntimeError("control plane failed to start")
-            await asyncio.sleep(0.01)
-        sock = self._http.servers[0].sockets[0]
-        self.control_address = sock.getsockname()[:2]
+        app = create_app(lambda: bytes(generate_latest(self.metrics.registry)), health)
+        self._http = HttpServer(app, host, port)
+        self.control_address = await self._http.start()
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
@@ -208,10 +258,7 @@ class Appliance:
         if self._gauge_task:
             self._gauge_task.cancel()
         if self._http is not None:
-            self._http.should_exit = True
-            if self._http_task:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._http_task, 5)
+            await self._http.stop()
         await self.spool.close()
         for server in self.servers:
             with contextlib.suppress(Exception):
@@ -227,6 +274,8 @@ class Appliance:
         try:
             new = load_config(self.config_path)
             signer = build_signer(new)
+            if self.worker is not None:
+                new = worker_share(new, self.worker.count)
         except ConfigError as exc:
             log.error("event=reload_refused error=%r", str(exc))
             return False

@@ -21,20 +21,25 @@ log = logging.getLogger("postwarden")
 class _KeyValueFormatter(logging.Formatter):
     """One event per line: ``ts level logger message`` where message is key=value."""
 
+    def __init__(self, tag: str = "") -> None:
+        super().__init__()
+        self.tag = f"{tag} " if tag else ""
+
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
         line = (
             f"{ts}.{int(record.msecs):03d} {record.levelname.lower()} {record.name} "
-            f"{record.getMessage()}"
+            f"{self.tag}{record.getMessage()}"
         )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", tag: str = "") -> None:
+    """Log lines to stderr; ``tag`` (``worker=1``) is put in front of each message."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_KeyValueFormatter())
+    handler.setFormatter(_KeyValueFormatter(tag))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -60,11 +65,41 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from postwarden.appliance import serve
+    from postwarden.supervisor import Supervisor, worker_count
 
     cfg = _load(args)
     setup_logging(cfg.server.log_level)
-    run_async(serve(cfg, args.config or os.environ.get("POSTWARDEN_CONFIG")))
+    path = args.config or os.environ.get("POSTWARDEN_CONFIG")
+    count = worker_count(cfg)
+    if count == 1:
+        from postwarden.appliance import serve
+
+        run_async(serve(cfg, path))
+        return 0
+    return int(run_async(Supervisor(cfg, path, count).run()))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker of ``serve`` (started by the supervisor, not by hand)."""
+    import socket
+
+    from postwarden.appliance import Appliance, WorkerRole
+    from postwarden.supervisor import die_with_parent
+
+    die_with_parent(args.parent)
+    cfg = _load(args)
+    setup_logging(cfg.server.log_level, tag=f"worker={args.index}")
+    sockets = tuple(socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd)
+    role = WorkerRole(args.index, args.count, sockets)
+
+    async def run() -> None:
+        app = Appliance(cfg, config_path=args.config or os.environ.get("POSTWARDEN_CONFIG"),
+                        worker=role)  # fmt: skip
+        await app.start()
+        app.install_signal_handlers()
+        await app.wait_stopped()
+
+    run_async(run())
     return 0
 
 
@@ -200,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the appliance")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("worker", help=argparse.SUPPRESS)
+    s.add_argument("--index", type=int, required=True)
+    s.add_argument("--count", type=int, required=True)
+    s.add_argument("--fds", required=True, help="listening socket file descriptors")
+    s.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
+    s.set_defaults(fn=cmd_worker)
 
     s = sub.add_parser("lab", help="run the appliance against the built-in simulated internet")
     s.add_argument("--var", default="./var/lab", help="state directory for the lab run")

@@ -115,6 +115,7 @@ class ServerConfig:
     hostname: str = field(default_factory=_default_hostname)
     shutdown_grace: float = field(default=30.0, metadata=_DURATION)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = 0  # processes sharing the work (docs/decisions/0004); 0 = one per CPU
 
 
 @dataclass
@@ -443,6 +444,10 @@ def validate(cfg: Config) -> None:
     for path, value in positives.items():
         if value <= 0:
             raise ConfigError(f"{path}: must be greater than 0, got {value}")
+    if not 0 <= cfg.server.workers <= 256:
+        raise ConfigError(
+            f"server.workers: must be 0 (one per CPU) to 256, got {cfg.server.workers}"
+        )
     if not 0 < cfg.delivery.mx_port <= 65535:
         raise ConfigError(f"delivery.mx_port: not a TCP port: {cfg.delivery.mx_port}")
     if cfg.smtp.max_line_length < 80:

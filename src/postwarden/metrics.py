@@ -2,11 +2,28 @@
 
 Labels are bounded: results, states, directions and listener names, never recipient
 domains or addresses.
+
+With several workers (docs/decisions/0004) the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` before any worker starts: prometheus-client then keeps
+every value in a per-process file, and the supervisor's ``/metrics`` adds them up
+(gauges as the sum over live workers).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+#: Bounded label values (documented in docs/operations.md).
+REJECT_REASONS = (
+    "auth_required", "relay_denied", "auth_without_tls", "auth_failed", "too_many_recipients",
+    "too_many_sessions", "too_many_commands", "bare_newline", "bad_sender", "bad_recipient",
+    "local_error",
+)  # fmt: skip
+FAILURE_STAGES = (
+    "connect", "dns", "mail", "rcpt", "data", "connection", "local", "smtputf8",
+)  # fmt: skip
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
@@ -61,12 +78,20 @@ class Metrics:
             "Recipients in the spool by state.",
             ["state"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight = Gauge(
-            "postwarden_scheduler_inflight", "Recipients leased to the scheduler.", registry=r
+            "postwarden_scheduler_inflight",
+            "Recipients leased to the scheduler.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections = Gauge(
-            "postwarden_connections_open", "Open SMTP connections.", ["direction"], registry=r
+            "postwarden_connections_open",
+            "Open SMTP connections.",
+            ["direction"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.accept_latency = Histogram(
             "postwarden_acceptance_seconds",
@@ -89,7 +114,26 @@ class Metrics:
         self.spool_fsyncs = Counter(
             "postwarden_spool_commits", "Durable spool group commits.", registry=r
         )
+        # Every label value exists from the start (at 0), so that dashboards and rates
+        # see each series before its first event, with one worker or several.
+        self.received.labels("smtp")
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for reason in FAILURE_STAGES:
+            self.deferred.labels(reason)
+            self.bounced.labels(reason)
+        for result in ("delivered", "temporary", "permanent"):
+            self.attempts.labels(result)
         for state in ("queued", "deferred", "active", "held"):
             self.queue_depth.labels(state)
         for direction in ("in", "out"):
             self.connections.labels(direction)
+
+
+def render_multiprocess() -> bytes:
+    """The text exposition of every worker's metrics, summed (supervisor side)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    return bytes(generate_latest(registry))

@@ -274,7 +274,6 @@ async def test_sigkill_loses_no_acknowledged_message(
     assert delivered_before_restart < len(acked_at_kill), "everything delivered before the kill"
 
     async with serve([], config, port, log):
-        recovered = metric(control, "postwarden_spool_recovered_inflight_total")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             seen = {
@@ -285,6 +284,8 @@ async def test_sigkill_loses_no_acknowledged_message(
             if acked_at_kill <= seen:
                 break
             await asyncio.sleep(0.2)
+        # Read once every worker has recovered its shard (they start after the port).
+        recovered = metric(control, "postwarden_spool_recovered_inflight_total")
     counts = Counter(
         int(m.group(1)) for msg in lab.messages if (m := re.search(rb"X-Seq: (\d+)", msg.data))
     )
