@@ -4,38 +4,90 @@ These open the index with their own SQLite connection (WAL allows it while the
 appliance runs). State changes only touch recipients that are not being delivered
 right now (``active``), so an operator never races a delivery attempt; each change is
 an event.
+
+A spool path may hold several shards, one per worker (see
+:func:`postwarden.queue.spool.shard_paths`); :class:`QueueAdmin` reads and changes all
+of them. Message ids are unique across shards; recipient and event ids are only unique
+within their shard, so every event returned carries its shard's number (``"shard"``),
+and following the event log keeps one cursor per shard.
 """
 
 from __future__ import annotations
 
 import builtins
+import heapq
+import itertools
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from postwarden.queue.spool import FINAL_STATES
+from postwarden.queue.spool import FINAL_STATES, SHARD_PREFIX, shard_paths
 
 _FINAL_PLACEHOLDERS = "(" + ",".join("?" * len(FINAL_STATES)) + ")"
 
+Row = dict[str, Any]
+# ``after`` for :meth:`QueueAdmin.events` and :meth:`QueueAdmin.tail`: an event id
+# applied to every shard (0: from the start), or one per shard number.
+After = int | Mapping[int, int]
+
+
+def _shard_number(root: Path, path: Path) -> int:
+    return 0 if path == root else int(path.name[len(SHARD_PREFIX) :])
+
+
+_TABLES = ("messages", "recipients", "events", "segments")
+
+
+def _connect(path: Path) -> sqlite3.Connection | None:
+    """A connection to a shard's index, or None while its worker is still creating it."""
+    db = sqlite3.connect(path / "index.db", isolation_level=None, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA busy_timeout=30000")
+    found = db.execute(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN (?,?,?,?)",
+        _TABLES,
+    ).fetchone()[0]
+    if found == len(_TABLES):
+        return db
+    db.close()
+    return None
+
+
+def _merge(streams: Iterable[builtins.list[Row]], *keys: str, limit: int) -> builtins.list[Row]:
+    """The first ``limit`` rows of streams each already ordered by ``keys``."""
+    merged = heapq.merge(*streams, key=lambda r: tuple(r[k] for k in keys))
+    return builtins.list(itertools.islice(merged, max(limit, 0)))
+
 
 class QueueAdmin:
-    """Read and change the queue from outside the appliance process."""
+    """Read and change the queue (every shard of it) from outside the appliance."""
 
     def __init__(self, spool_path: str | Path) -> None:
-        path = Path(spool_path) / "index.db"
-        if not path.exists():
-            raise FileNotFoundError(f"no spool index at {path}")
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self.root = Path(spool_path)
+        # shard number -> connection, in shard order (worker 0 first)
+        self.shards: dict[int, sqlite3.Connection] = {}
+        self._open_new_shards()
+        if not self.shards:
+            raise FileNotFoundError(f"no spool index at {self.root / 'index.db'}")
+
+    def _open_new_shards(self) -> builtins.list[int]:
+        """Open the shards that appeared since the last call; returns their numbers."""
+        new = []
+        for path in shard_paths(self.root):
+            k = _shard_number(self.root, path)
+            if k not in self.shards and (db := _connect(path)) is not None:
+                self.shards[k] = db
+                new.append(k)
+        return new
 
     def close(self) -> None:
-        self.db.close()
+        for db in self.shards.values():
+            db.close()
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def list(self, state: str | None = None, limit: int = 100) -> builtins.list[Row]:
         sql = (
             "SELECT r.msg_id, r.id AS rcpt_id, r.rcpt, r.state, r.held, r.attempts,"
             " r.next_attempt, r.last_response, m.mail_from, m.received_at"
@@ -49,39 +101,64 @@ class QueueAdmin:
             args.append(state)
         sql += " ORDER BY m.received_at, r.id LIMIT ?"
         args.append(limit)
-        return [dict(r) for r in self.db.execute(sql, args)]
+        per_shard = [[dict(r) for r in db.execute(sql, args)] for db in self.shards.values()]
+        return _merge(per_shard, "received_at", "rcpt_id", limit=limit)
 
     def summary(self) -> dict[str, int]:
-        rows = self.db.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state")
-        out = {r[0]: r[1] for r in rows}
-        out["held"] = self.db.execute("SELECT COUNT(*) FROM recipients WHERE held=1").fetchone()[0]
-        out["messages"] = self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        out: dict[str, int] = {}
+        for db in self.shards.values():
+            for st, n in db.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state"):
+                out[st] = out.get(st, 0) + n
+        out["held"] = self._count("SELECT COUNT(*) FROM recipients WHERE held=1")
+        out["messages"] = self._count("SELECT COUNT(*) FROM messages")
         return out
 
+    def _count(self, sql: str) -> int:
+        return sum(int(db.execute(sql).fetchone()[0]) for db in self.shards.values())
+
+    def _shard_of(self, msg_id: str) -> tuple[int, sqlite3.Row] | None:
+        for k, db in self.shards.items():
+            msg = db.execute("SELECT * FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            if msg is not None:
+                return k, msg
+        return None
+
     def show(self, msg_id: str) -> dict[str, Any] | None:
-        msg = self.db.execute("SELECT * FROM messages WHERE id = ?", (msg_id,)).fetchone()
-        rcpts = [
-            dict(r)
-            for r in self.db.execute(
-                "SELECT id, rcpt, state, held, attempts, next_attempt, last_response"
-                " FROM recipients WHERE msg_id = ? ORDER BY id",
-                (msg_id,),
-            )
-        ]
+        found = self._shard_of(msg_id)
+        rcpts: builtins.list[Row] = []
+        if found is not None:
+            rcpts = [
+                dict(r)
+                for r in self.shards[found[0]].execute(
+                    "SELECT id, rcpt, state, held, attempts, next_attempt, last_response"
+                    " FROM recipients WHERE msg_id = ? ORDER BY id",
+                    (msg_id,),
+                )
+            ]
         events = self.events(msg_id=msg_id, limit=10_000)
-        if msg is None and not events:
+        if found is None and not events:
             return None
         return {
             "id": msg_id,
-            "message": dict(msg) if msg else None,
+            "shard": found[0] if found else events[0]["shard"],
+            "message": dict(found[1]) if found else None,
             "recipients": rcpts,
             "events": events,
-            "in_queue": msg is not None,
+            "in_queue": found is not None,
         }
 
-    def events(
-        self, *, msg_id: str | None = None, after: int = 0, limit: int = 100
-    ) -> builtins.list[dict[str, Any]]:
+    # -- the event log
+
+    def _cursors(self, after: After | None) -> dict[int, int]:
+        if after is None:
+            return self.last_event_ids()
+        if isinstance(after, int):
+            return dict.fromkeys(self.shards, after)
+        return {k: after.get(k, 0) for k in self.shards}
+
+    def _shard_events(
+        self, k: int, after: int, msg_id: str | None, limit: int
+    ) -> builtins.list[Row]:
         sql = "SELECT * FROM events WHERE id > ?"
         args: builtins.list[Any] = [after]
         if msg_id:
@@ -90,23 +167,54 @@ class QueueAdmin:
         sql += " ORDER BY id LIMIT ?"
         args.append(limit)
         out = []
-        for r in self.db.execute(sql, args):
+        for r in self.shards[k].execute(sql, args):
             d = dict(r)
             d["detail"] = json.loads(d["detail"] or "{}")
+            d["shard"] = k
             out.append(d)
         return out
 
-    def last_event_id(self) -> int:
-        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+    def events(
+        self, *, msg_id: str | None = None, after: After = 0, limit: int = 100
+    ) -> builtins.list[Row]:
+        """Up to ``limit`` events of every shard, oldest first (by timestamp).
 
-    def tail(self, poll: float = 0.5, after: int | None = None) -> Iterator[dict[str, Any]]:
-        last = self.last_event_id() if after is None else after
+        ``after`` is an event id applied in every shard (ids are per shard, so a
+        single id other than 0 only makes sense with one shard), or a mapping from
+        shard number to the last event id seen there (shards not in it: from the start).
+        """
+        cursors = self._cursors(after)
+        per_shard = [self._shard_events(k, c, msg_id, limit) for k, c in cursors.items()]
+        # Within a shard the log is in id (commit) order; merging keeps that order,
+        # so a cursor per shard never skips an event.
+        return _merge(per_shard, "ts", limit=limit)
+
+    def last_event_ids(self) -> dict[int, int]:
+        """The newest event id of each shard (0 when it has none)."""
+        return {
+            k: int(db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+            for k, db in self.shards.items()
+        }
+
+    def last_event_id(self) -> int:
+        """The highest event id in any shard (see :meth:`last_event_ids` for cursors)."""
+        return max(self.last_event_ids().values())
+
+    def tail(self, poll: float = 0.5, after: After | None = None) -> Iterator[Row]:
+        """Follow the event log of every shard: from now (``after=None``), from the
+        start (``after=0``) or from per-shard cursors. Shards that appear later are
+        followed from their first event."""
+        return self._follow(self._cursors(after), poll)
+
+    def _follow(self, cursors: dict[int, int], poll: float) -> Iterator[Row]:
         while True:
-            batch = self.events(after=last, limit=1000)
+            batch = self.events(after=cursors, limit=1000)
             for ev in batch:
-                last = ev["id"]
+                cursors[ev["shard"]] = ev["id"]
                 yield ev
             if not batch:
+                for k in self._open_new_shards():
+                    cursors[k] = 0
                 time.sleep(poll)
 
     # -- actions
@@ -117,14 +225,29 @@ class QueueAdmin:
         return " AND msg_id = ?", [msg_id]
 
     def _act(self, sql: str, args: builtins.list[Any], event: str, msg_id: str | None) -> int:
+        if msg_id in (None, "ALL"):
+            return sum(self._act_in(db, sql, args, event, None) for db in self.shards.values())
+        found = self._shard_of(msg_id)
+        if found is None:
+            return 0
+        return self._act_in(self.shards[found[0]], sql, args, event, msg_id)
+
+    def _act_in(
+        self,
+        db: sqlite3.Connection,
+        sql: str,
+        args: builtins.list[Any],
+        event: str,
+        msg_id: str | None,
+    ) -> int:
         where, wargs = self._where(msg_id)
         now = time.time()
-        self.db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             ids = [
                 tuple(r)
                 # Only constant fragments are concatenated; every value is bound.
-                for r in self.db.execute(
+                for r in db.execute(
                     "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
                     + sql
                     + where,
@@ -132,50 +255,50 @@ class QueueAdmin:
                 )
             ]
             for rid, mid, rcpt in ids:
-                self._apply(event, rid, now)
-                self.db.execute(
+                self._apply(db, event, rid, now)
+                db.execute(
                     "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail)"
                     " VALUES (?,?,?,?,?,?)",
                     (now, event, mid, rid, rcpt, json.dumps({"by": "operator"})),
                 )
             if event == "deleted":
-                self._remove_finished({mid for _, mid, _ in ids})
-            self.db.execute("COMMIT")
+                self._remove_finished(db, {mid for _, mid, _ in ids})
+            db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
         return len(ids)
 
-    def _apply(self, event: str, rid: int, now: float) -> None:
+    @staticmethod
+    def _apply(db: sqlite3.Connection, event: str, rid: int, now: float) -> None:
         if event == "held":
-            self.db.execute("UPDATE recipients SET held=1, updated_at=? WHERE id=?", (now, rid))
+            db.execute("UPDATE recipients SET held=1, updated_at=? WHERE id=?", (now, rid))
         elif event == "released":
-            self.db.execute("UPDATE recipients SET held=0, updated_at=? WHERE id=?", (now, rid))
+            db.execute("UPDATE recipients SET held=0, updated_at=? WHERE id=?", (now, rid))
         elif event == "flushed":
-            self.db.execute(
+            db.execute(
                 "UPDATE recipients SET next_attempt=?, updated_at=? WHERE id=?", (now, now, rid)
             )
         elif event == "deleted":
-            self.db.execute(
-                "UPDATE recipients SET state='deleted', updated_at=? WHERE id=?", (now, rid)
-            )
+            db.execute("UPDATE recipients SET state='deleted', updated_at=? WHERE id=?", (now, rid))
 
-    def _remove_finished(self, msg_ids: set[str]) -> None:
+    @staticmethod
+    def _remove_finished(db: sqlite3.Connection, msg_ids: set[str]) -> None:
         for mid in msg_ids:
-            n = self.db.execute(
+            n = db.execute(
                 "SELECT COUNT(*) FROM recipients WHERE msg_id=? AND state NOT IN "  # noqa: S608
                 + _FINAL_PLACEHOLDERS,
                 (mid, *FINAL_STATES),
             ).fetchone()[0]
-            self.db.execute("UPDATE messages SET remaining=? WHERE id=?", (n, mid))
+            db.execute("UPDATE messages SET remaining=? WHERE id=?", (n, mid))
             if n == 0:
-                seg = self.db.execute("SELECT segment FROM messages WHERE id=?", (mid,)).fetchone()
-                self.db.execute("DELETE FROM recipients WHERE msg_id=?", (mid,))
-                self.db.execute("DELETE FROM messages WHERE id=?", (mid,))
+                seg = db.execute("SELECT segment FROM messages WHERE id=?", (mid,)).fetchone()
+                db.execute("DELETE FROM recipients WHERE msg_id=?", (mid,))
+                db.execute("DELETE FROM messages WHERE id=?", (mid,))
                 if seg is not None:
                     # The appliance's writer removes the file when it next sees the
                     # segment empty (at rotation or restart).
-                    self.db.execute("UPDATE segments SET live = live - 1 WHERE id=?", (seg[0],))
+                    db.execute("UPDATE segments SET live = live - 1 WHERE id=?", (seg[0],))
 
     def hold(self, msg_id: str | None) -> int:
         return self._act(" AND held = 0", [], "held", msg_id)
