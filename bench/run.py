@@ -198,7 +198,7 @@ algorithm = "rsa-sha256"
             try:
                 rows = db.execute(
                     "SELECT d.ts - a.ts FROM events d JOIN events a"
-                    " ON a.rcpt_id = d.rcpt_id AND a.type = 'accepted'"
+                    " ON a.rcpt_id = d.rcpt_id AND a.msg_id = d.msg_id AND a.type = 'accepted'"
                     " WHERE d.type = 'delivered'"
                 ).fetchall()
             finally:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sqlite3
+import subprocess
 import time
 import tomllib
 import urllib.request
@@ -164,3 +166,55 @@ async def test_sigterm_stops_cleanly_and_keeps_the_queue(
     assert sqlite3.connect(spool / "index.db").execute("PRAGMA integrity_check").fetchone() == (
         "ok",
     )
+
+
+async def test_workers_share_the_listener_and_a_dead_worker_is_restarted(
+    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
+) -> None:
+    lab.add_domain("inbox.test")
+    config, port = subprocess_config({"server": {"workers": 2}})
+    data = tomllib.loads(config.read_text())
+    control = data["control"]["listen"]
+    log = tmp_path / "serve.log"
+    async with serve([], config, port, log):
+        await wait_log(log, r"worker=1 event=started")
+        await wait_log(log, r"worker=0 event=started")
+        _, health = http_get(f"http://{control}/healthz")
+        assert '"workers":2' in health and '"workers_alive":2' in health
+
+        async def send(n: int) -> None:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as s:
+                await s.sendmail("a@sender.test", [f"r{n}@inbox.test"], b"Subject: w\r\n\r\nx\r\n")
+
+        await asyncio.gather(*(send(n) for n in range(20)))
+        await lab.wait_for_messages(20)
+        # Both workers took connections: both shards have events.
+        shards = [tomllib.loads(config.read_text())["spool"]["path"]]
+        admin = QueueAdmin(shards[0])
+        try:
+            per_shard = {e["shard"] for e in admin.events(limit=1000)}
+        finally:
+            admin.close()
+        assert per_shard == {0, 1}, per_shard
+
+        # Kill one worker outright: the supervisor starts it again, mail keeps flowing.
+        worker = await asyncio.create_subprocess_exec(
+            "pgrep", "-f", "postwarden.cli worker --index 1", stdout=subprocess.PIPE
+        )
+        out, _ = await worker.communicate()
+        victim = int(out.split()[0])
+        os.kill(victim, signal.SIGKILL)
+        await wait_log(log, r"event=worker_died worker=1")
+        deadline = time.monotonic() + 15
+        while True:
+            _, health = http_get(f"http://{control}/healthz")
+            if '"workers_alive":2' in health:
+                break
+            assert time.monotonic() < deadline, health
+            await asyncio.sleep(0.1)
+        assert '"worker_restarts":1' in health
+        await asyncio.gather(*(send(n) for n in range(20, 30)))
+        await lab.wait_for_messages(30)
+        _, metrics = http_get(f"http://{control}/metrics")
+        # Counters of the killed worker are kept: the sum covers all 30 messages.
+        assert 'postwarden_messages_received_total{source="smtp"} 30.0' in metrics

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from postwarden.mta.ingress import (
     add_enhanced_code,
     finalize_headers,
@@ -63,3 +67,46 @@ def test_headers_added_when_missing_and_kept_when_present() -> None:
         b"Subject: x\r\n\r\nDate: nope\r\n", received=rcv, msg_id="abc", hostname="mx.test"
     )
     assert body_only.lower().count(b"date:") == 2
+
+
+PATHS = [
+    "<>", "<a@b.test>", "<a@b.test> SIZE=100 BODY=8BITMIME", "<first.last+tag@sub.b-c.test>",
+    '<"q x"@b.test>', "a@b.test", "<a@[1.2.3.4]>", "<@r.test:a@b.test>", "<a@b.test>(c)",
+    "<a..b@b.test>", "<.a@b.test>", "<a@b..test>", "<a@b.test", "<ü@b.test>", " <a@b.test>",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arg", PATHS)
+def test_fast_path_parsing_agrees_with_aiosmtpd(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from postwarden.mta.wire import fast_getaddr
+
+    fast = fast_getaddr(arg)
+    if fast is None:
+        return  # left to aiosmtpd's parser: nothing to compare
+    reference = SMTP.__new__(SMTP)
+    reference.local_part_limit = 0
+    assert fast == SMTP._getaddr(reference, arg)
+
+
+async def test_read_data_limits_and_pipelining() -> None:
+    import asyncio
+
+    from postwarden.mta.wire import read_data
+
+    async def feed(raw: bytes, size: int | None = 1000, line: int = 1001) -> tuple[Any, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        result = await read_data(reader, size, line)
+        return result, await reader.read()
+
+    assert await feed(b".\r\nQUIT\r\n") == ((b"", None), b"QUIT\r\n")
+    assert await feed(b"a\r\n..b\r\n.\r\n") == ((b"a\r\n.b\r\n", None), b"")
+    # A bare LF before the dot does not end the data; only CRLF.CRLF does.
+    assert await feed(b"a\n.\nb\r\n.\r\n") == ((b"a\n.\nb\r\n", None), b"")
+    (_, err), _ = await feed(b"x" * 1001 + b"\r\n.\r\n", size=None)
+    assert err is not None and err.startswith("500")
+    (_, err), rest = await feed(b"y\r\n" * 600 + b".\r\nNOOP\r\n")
+    assert err is not None and err.startswith("552") and rest == b"NOOP\r\n"

@@ -361,3 +361,16 @@ async def test_pipelined_commands_after_data_and_dot_unstuffing(
     by_rcpt = {m.rcpt_tos[0]: m.data for m in lab.messages}
     assert by_rcpt["b@inbox.test"].endswith(b"\r\n\r\n.leading dot\r\n")
     assert b"Received: from c.test" in by_rcpt["c@inbox.test"]
+
+
+async def test_null_reverse_path_is_accepted_and_relayed(
+    lab: Lab, appliance: ApplianceFactory
+) -> None:
+    lab.add_domain("inbox.test")
+    app = await appliance()
+    host, port = addr(app)
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
+        errors, resp = await smtp.sendmail("", ["b@inbox.test"], MSG)  # MAIL FROM:<>
+    assert errors == {} and resp.startswith("2.0.0 Ok: queued as")
+    await lab.wait_for_messages(1, timeout=10)
+    assert lab.messages[0].mail_from == ""

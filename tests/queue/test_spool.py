@@ -104,3 +104,37 @@ async def test_concurrent_stores_share_fsyncs(tmp_path: Path) -> None:
     # Group commit: far fewer fsync rounds than messages.
     assert spool.stats["fsyncs"] < 200
     await spool.close()
+
+
+async def test_recipient_ids_are_never_reused(tmp_path: Path) -> None:
+    """An event's rcpt_id names one recipient for good, even after its message left."""
+    spool = Spool(tmp_path)
+    await spool.open()
+    first = await spool.store(Envelope("a@x.test", ["b@y.test"]), b"Subject: 1\r\n\r\n1\r\n")
+    await spool.record([Outcome(first.rcpt_ids[0], first.msg_id, DELIVERED, "250 ok")])
+    assert _count(tmp_path, "SELECT COUNT(*) FROM messages") == 0
+    second = await spool.store(Envelope("a@x.test", ["c@y.test"]), b"Subject: 2\r\n\r\n2\r\n")
+    assert second.rcpt_ids[0] > first.rcpt_ids[0]
+    await spool.close()
+
+
+async def test_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from postwarden.queue import spool as spool_mod
+
+    old_schema = spool_mod._SCHEMA.replace("PRIMARY KEY AUTOINCREMENT", "PRIMARY KEY")
+    db = sqlite3.connect(tmp_path / "index.db")
+    db.executescript(old_schema)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute(
+        "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt) VALUES (1, 'delivered', 'm', 41, 'x')"
+    )
+    db.commit()
+    db.close()
+    spool = Spool(tmp_path)
+    await spool.open()
+    stored = await spool.store(Envelope("a@x.test", ["b@y.test"]), b"Subject: u\r\n\r\nu\r\n")
+    assert stored.rcpt_ids[0] > 41  # past every id an old event named
+    await spool.close()
+    assert _count(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == 2

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import ssl
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any, NoReturn
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
+from postwarden.mta.wire import fast_getaddr, read_data
 from postwarden.tls import self_signed
 
 #: What a sink does at ``RCPT TO`` for a recipient:
@@ -169,17 +169,6 @@ def server_tls_context(names: Iterable[str], ips: Iterable[str]) -> tuple[ssl.SS
     return ctx, cert_pem
 
 
-_TERMINATOR = b"\r\n.\r\n"
-_READ_CHUNK = 256 * 1024
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-# "<local@domain>" in the plain forms the email package parses the same way; anything
-# fancier (quoted local parts, literals, source routes, UTF-8) takes aiosmtpd's parser.
-_SIMPLE_PATH = re.compile(
-    rf"<(?:({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)|)>[ \t]*([^(]*)\Z",
-    re.DOTALL,
-)
-
-
 class _SinkSMTP(SMTP):
     """aiosmtpd's SMTP, made cheaper per message and registered with its sink while
     connected so that the sink can cut it off.
@@ -218,10 +207,8 @@ class _SinkSMTP(SMTP):
             raw.close()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        m = _SIMPLE_PATH.match(arg.lstrip())
-        if m is None:
-            return super()._getaddr(arg)
-        return m.group(1) or "<>", m.group(2)
+        fast = fast_getaddr(arg)
+        return fast if fast is not None else super()._getaddr(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -237,46 +224,15 @@ class _SinkSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content = await self._read_content()
-        if content is None:
-            await self.push("552 Error: Too much mail data")
+        content, error = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        if error is not None:
+            await self.push(error)
             self._set_post_data_state()
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
-
-    async def _read_content(self) -> bytes | None:
-        """The message up to ``<CRLF>.<CRLF>``, dot-unstuffed; ``None`` when it was
-        over the size limit (then read to its end and discarded)."""
-        reader = self._reader
-        limit = self.data_size_limit
-        # Start with the CRLF that ended the DATA line, so an empty message's lone
-        # "." is found like any other terminator.
-        buf = bytearray(b"\r\n")
-        start = 0
-        too_big = False
-        while (end := buf.find(_TERMINATOR, start)) < 0:
-            if limit and len(buf) > limit + 2:
-                too_big = True
-                del buf[:-4]
-            start = max(0, len(buf) - 4)
-            chunk = await reader.read(_READ_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("connection closed during DATA")
-            buf += chunk
-        rest = buf[end + 5 :]
-        if rest:  # commands pipelined after the message: hand them back to the reader
-            pending = getattr(reader, "_buffer", None)
-            if isinstance(pending, bytearray):
-                pending[:0] = rest
-        if too_big or (limit and end - 2 > limit):
-            return None
-        data = bytes(buf[: end + 2])
-        if b"\r\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n")
-        return data[2:]
 
 
 async def _until_cancelled() -> NoReturn:

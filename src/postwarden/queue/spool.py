@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import queue
+import re
 import secrets
 import sqlite3
 import threading
@@ -47,7 +48,7 @@ from typing import Any
 log = logging.getLogger("postwarden.spool")
 
 RECORD_MAGIC = b"PWS1"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Recipient states. ``active`` means leased to the scheduler (in memory); it never
 # survives a restart.
@@ -56,7 +57,7 @@ DELIVERED, BOUNCED, EXPIRED, DELETED = "delivered", "bounced", "expired", "delet
 PENDING_STATES = (QUEUED, ACTIVE, DEFERRED)
 FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED)
 
-_SCHEMA = """
+_SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY,
@@ -78,8 +79,22 @@ CREATE TABLE IF NOT EXISTS messages (
     received_at REAL NOT NULL,
     remaining INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS recipients (
+{recipients}CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    rcpt_id INTEGER,
+    rcpt TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_msg ON events(msg_id);
+"""
+
+
+_RECIPIENTS_DDL = """
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     msg_id TEXT NOT NULL,
     rcpt TEXT NOT NULL,
     domain TEXT NOT NULL,
@@ -95,17 +110,8 @@ CREATE INDEX IF NOT EXISTS recipients_msg ON recipients(msg_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
     WHERE state IN ('queued', 'deferred') AND held = 0;
 CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    type TEXT NOT NULL,
-    msg_id TEXT NOT NULL,
-    rcpt_id INTEGER,
-    rcpt TEXT,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS events_msg ON events(msg_id);
 """
+_SCHEMA = _SCHEMA_TEMPLATE.replace("{recipients}", _RECIPIENTS_DDL)
 
 
 class SpoolError(RuntimeError):
@@ -253,6 +259,7 @@ class Spool:
         self._db = self._connect()
         db = self._db
         db.executescript(_SCHEMA)
+        self._upgrade(db)
         db.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -280,6 +287,36 @@ class Spool:
         on_disk = [int(p.stem) for p in self.segment_dir.glob("*.seg") if p.stem.isdigit()]
         self._seg_id = max([row[0], *on_disk])
         self._new_segment()
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Schema 1 → 2: recipient ids become AUTOINCREMENT — never reused after their
+        message left the spool, so an event's rcpt_id names one recipient for good —
+        numbered past every id an event has ever named."""
+        sql = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'recipients'"
+        ).fetchone()[0]
+        if re.search(r"PRIMARY\s+KEY\s+AUTOINCREMENT", sql, re.IGNORECASE):
+            return
+        log.warning("event=spool_upgrade from=1 to=2 what=recipient_ids")
+        # One transaction (SQLite DDL is transactional): a crash leaves schema 1 whole.
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE recipients RENAME TO recipients_v1")
+        for index in ("recipients_msg", "recipients_due", "recipients_state"):
+            db.execute(f"DROP INDEX IF EXISTS {index}")
+        for statement in _RECIPIENTS_DDL.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("INSERT INTO recipients SELECT * FROM recipients_v1")
+        db.execute("DROP TABLE recipients_v1")
+        high = db.execute(
+            "SELECT MAX(x) FROM (SELECT MAX(id) AS x FROM recipients"
+            " UNION ALL SELECT MAX(rcpt_id) FROM events)"
+        ).fetchone()[0]
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'recipients'")
+        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('recipients', ?)", (high or 0,))
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        db.execute("COMMIT")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
