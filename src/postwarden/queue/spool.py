@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import sqlite3
@@ -118,9 +119,14 @@ class SpoolError(RuntimeError):
     """The spool could not do what was asked (closed, corrupt record, I/O error)."""
 
 
+# Queue ids need uniqueness, not secrecy (they are not tokens): a generator seeded
+# from the OS once per process is enough, and a system call per message is not.
+_ids = random.Random(secrets.randbits(64))
+
+
 def new_message_id() -> str:
     """A sortable, unique queue id: 12 hex digits of milliseconds + 10 random hex digits."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+    return f"{int(time.time() * 1000):012x}{_ids.getrandbits(40):010x}"
 
 
 SHARD_PREFIX = "shard-"
