@@ -176,7 +176,7 @@ async def test_workers_share_the_listener_and_a_dead_worker_is_restarted(
     data = tomllib.loads(config.read_text())
     control = data["control"]["listen"]
     log = tmp_path / "serve.log"
-    async with serve([], config, port, log):
+    async with serve([], config, port, log) as proc:
         await wait_log(log, r"worker=1 event=started")
         await wait_log(log, r"worker=0 event=started")
         _, health = http_get(f"http://{control}/healthz")
@@ -186,7 +186,9 @@ async def test_workers_share_the_listener_and_a_dead_worker_is_restarted(
             async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as s:
                 await s.sendmail("a@sender.test", [f"r{n}@inbox.test"], b"Subject: w\r\n\r\nx\r\n")
 
-        await asyncio.gather(*(send(n) for n in range(20)))
+        # Waves of concurrent connections: whichever worker is free accepts each one.
+        for wave in range(5):
+            await asyncio.gather(*(send(wave * 4 + n) for n in range(4)))
         await lab.wait_for_messages(20)
         # Both workers took connections: both shards have events.
         shards = [tomllib.loads(config.read_text())["spool"]["path"]]
@@ -199,8 +201,9 @@ async def test_workers_share_the_listener_and_a_dead_worker_is_restarted(
 
         # Kill one worker outright: the supervisor starts it again, mail keeps flowing.
         worker = await asyncio.create_subprocess_exec(
-            "pgrep", "-f", "postwarden.cli worker --index 1", stdout=subprocess.PIPE
-        )
+            "pgrep", "-P", str(proc.pid), "-f", "postwarden.cli worker --index 1",
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
         out, _ = await worker.communicate()
         victim = int(out.split()[0])
         os.kill(victim, signal.SIGKILL)
