@@ -243,3 +243,20 @@ async def test_required_tls_policy_defers_when_tls_is_missing(
     evs = await wait_events(app, msg_id, has("deferred"))
     assert "4.7.10" in evs[-1]["detail"]["response"]
     assert lab.messages == []
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_smtp_client_speedups_give_aiosmtplibs_results(seed: int) -> None:
+    import random
+
+    from postwarden.mta.smtpclient_speedups import _PeriodQuoter, normalize_message_line_endings
+    from postwarden.mta.smtpclient_speedups import original as aiosmtplib_original
+
+    normalize, periods = aiosmtplib_original()
+    rng = random.Random(seed)
+    pieces = [b"a", b".", b"..", b"\r\n", b"\r\n.", b"\n", b"\r", b" ", b"\r\n\r\n", b"x.y"]
+    message = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+    assert normalize_message_line_endings(message) == normalize(message)
+    normalized = normalize(message)
+    for m in (message, normalized):
+        assert _PeriodQuoter().sub(b"..", m) == periods.sub(b"..", m)

@@ -34,6 +34,7 @@ from aiosmtplib.errors import (
 from postwarden.config import Config
 from postwarden.dns.resolver import DnsError, MxHost, Resolver
 from postwarden.metrics import Metrics
+from postwarden.mta import smtpclient_speedups
 from postwarden.queue.spool import Lease
 
 log = logging.getLogger("postwarden.delivery")
@@ -125,6 +126,7 @@ class DeliveryAgent:
         # Addresses whose STARTTLS handshake failed recently: opportunistic TLS
         # falls back to plain text there instead of failing every time.
         self._tls_broken: dict[str, float] = {}
+        smtpclient_speedups.install()
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg

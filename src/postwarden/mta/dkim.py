@@ -278,7 +278,7 @@ class DkimSigner:
         return list(self._by_domain.get(domain.lower().rstrip("."), ()))
 
     def _plan(
-        self, message: bytes
+        self, message: bytes, now: int | None = None
     ) -> list[tuple[SigningKey, bytes, list[tuple[bytes, bytes]]]]:  # fmt: skip
         if not self._by_domain:
             return []
@@ -292,20 +292,20 @@ class DkimSigner:
         if not keys:
             return []
         canonical_body = relaxed_body(body)
-        now = int(time.time())
+        now = int(time.time()) if now is None else now
         return [(k, *_prepare(headers, canonical_body, k, now=now)) for k in keys]
 
-    def sign(self, message: bytes) -> bytes:
+    def sign(self, message: bytes, now: int | None = None) -> bytes:
         """The DKIM-Signature fields to prepend to ``message`` (empty when no key applies).
 
         A message whose header cannot be parsed goes out unsigned rather than being
         refused after acceptance; the event is logged.
         """
-        return b"".join(_finish(f, k.sign_digest(d)) for k, d, f in self._plan(message))
+        return b"".join(_finish(f, k.sign_digest(d)) for k, d, f in self._plan(message, now))
 
-    async def sign_async(self, message: bytes) -> bytes:
+    async def sign_async(self, message: bytes, now: int | None = None) -> bytes:
         """:meth:`sign` with the RSA operations in a thread beside the event loop."""
-        plan = self._plan(message)
+        plan = self._plan(message, now)
         if not plan:
             return b""
         loop = asyncio.get_running_loop()
