@@ -4,11 +4,12 @@ Not a test. Paced Python sessions submit at ``--rate`` messages/s (default 278, 
 1 000 000 an hour) for ``--minutes`` (default 15) to the 50 benchmark domains on three
 ``smtp-sink`` MX hosts; every 10 s the appliance's memory (PSS of its process tree),
 its queue depth and what it has delivered are sampled. It prints the samples, then
-``soak: rate=… delivered_rate=… rss_first_mb=… rss_last_mb=… queue_last=… flat=yes|no``:
+``soak: rate=… delivered_rate=… rss_first_mb=… rss_last_mb=… queue_last=… p50_ms=…
+p99_ms=… flat=yes|no`` (acceptance latency of every transaction at that rate):
 flat means memory in the last quarter is within 10 % (or 20 MB) of the second quarter
 and the queue does not grow.
 
-    python bench/soak.py [--minutes 15] [--rate 278] [--sessions 10]
+    python bench/soak.py [--minutes 15] [--rate 278] [--sessions 20]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from run import (
     body_of,
     domain,
     free_port_on_all,
+    pct,
 )
 
 from peers import SinkFarm
@@ -50,7 +52,13 @@ def metric(port: int, name: str) -> float:
 
 
 async def paced_session(
-    port: int, rate: float, until: float, offset: int, step: int, sent: list[int]
+    port: int,
+    rate: float,
+    until: float,
+    offset: int,
+    step: int,
+    sent: list[int],
+    latencies: list[float],
 ) -> None:
     body = {d: body_of(5_000, f"s@{domain(d)}", d) for d in range(DOMAINS)}
     interval = 1.0 / rate
@@ -61,7 +69,9 @@ async def paced_session(
     ) as smtp:
         while time.monotonic() < until:
             d = n % DOMAINS
+            started = time.perf_counter()
             await smtp.sendmail(SENDER, [f"s{n}@{domain(d)}"], body[d])
+            latencies.append(time.perf_counter() - started)
             sent[0] += 1
             n += step
             next_at += interval
@@ -80,6 +90,7 @@ async def main(args: argparse.Namespace) -> int:
     pw = Postwarden(scratch, dns, sink_port, key)
     samples: list[tuple[float, float, float, float]] = []
     sent = [0]
+    latencies: list[float] = []
     try:
         pid = await pw.start()
         monitor = TreeMonitor(pid, interval=1.0)
@@ -89,7 +100,7 @@ async def main(args: argparse.Namespace) -> int:
         per_session = args.rate / args.sessions
         load = asyncio.gather(
             *(
-                paced_session(pw.port, per_session, until, i, args.sessions, sent)
+                paced_session(pw.port, per_session, until, i, args.sessions, sent, latencies)
                 for i in range(args.sessions)
             )
         )
@@ -128,6 +139,7 @@ async def main(args: argparse.Namespace) -> int:
     print(
         f"soak: rate={sent[0] / duration:.1f} delivered_rate={samples[-1][1] / duration:.1f} "
         f"rss_first_mb={second:.0f} rss_last_mb={last:.0f} queue_last={queue_last:.0f} "
+        f"p50_ms={pct(latencies, 0.5) * 1e3:.1f} p99_ms={pct(latencies, 0.99) * 1e3:.1f} "
         f"flat={'yes' if flat_mem and flat_queue else 'no'}"
     )
     return 0
@@ -137,5 +149,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=15)
     ap.add_argument("--rate", type=float, default=278)
-    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--sessions", type=int, default=20)
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -179,3 +179,19 @@ def subprocess_config(tmp_path: Path, lab: Lab) -> Callable[..., tuple[Path, int
         return path, port
 
     return make
+
+
+async def postwarden_cli(spool_path: str | Path, *args: str) -> tuple[int, str]:
+    """Run ``python -m postwarden.cli ARGS`` against a spool; (exit code, output)."""
+    import asyncio
+    import os
+    import subprocess
+
+    env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(spool_path)}
+    env.pop("POSTWARDEN_CONFIG", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", *args,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()

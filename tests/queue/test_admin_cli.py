@@ -13,18 +13,12 @@ import pytest
 
 from postwarden.appliance import Appliance
 from postwarden.lab import Lab
-from tests.conftest import ApplianceFactory
+from tests.conftest import ApplianceFactory, postwarden_cli
 from tests.mta.test_delivery import has, submit, types, wait_events
 
 
 async def cli(app: Appliance, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "POSTWARDEN_SPOOL__PATH": app.cfg.spool.path}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
+    return await postwarden_cli(app.cfg.spool.path, *args)
 
 
 def rows(text: str) -> list[dict[str, Any]]:

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import queue
 import sqlite3
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ import pytest
 
 from postwarden.queue.admin import QueueAdmin
 from postwarden.queue.spool import Envelope, Spool, shard_path
+from tests.conftest import postwarden_cli
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -225,14 +223,7 @@ async def test_tail_follows_every_shard(sharded: Sharded) -> None:
 
 
 async def cli(root: Path, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(root)}
-    env.pop("POSTWARDEN_CONFIG", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
+    return await postwarden_cli(root, *args)
 
 
 async def test_cli_over_shards(sharded: Sharded) -> None:

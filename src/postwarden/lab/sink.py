@@ -26,9 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from postwarden.mta.wire import fast_getaddr, read_data
+from postwarden.mta.wire import BulkDataSMTP
 from postwarden.tls import self_signed
 
 #: What a sink does at ``RCPT TO`` for a recipient:
@@ -169,7 +169,7 @@ def server_tls_context(names: Iterable[str], ips: Iterable[str]) -> tuple[ssl.SS
     return ctx, cert_pem
 
 
-class _SinkSMTP(SMTP):
+class _SinkSMTP(BulkDataSMTP):
     """aiosmtpd's SMTP, made cheaper per message and registered with its sink while
     connected so that the sink can cut it off.
 
@@ -205,34 +205,6 @@ class _SinkSMTP(SMTP):
             raw.abort()
         else:
             raw.close()
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        fast = fast_getaddr(arg)
-        return fast if fast is not None else super()._getaddr(arg)
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content, error = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
-        if error is not None:
-            await self.push(error)
-            self._set_post_data_state()
-            return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
 
 
 async def _until_cancelled() -> NoReturn:
