@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py $(if $(PROFILE),--profile $(PROFILE),)
+	$(BIN)/python bench/run.py $(if $(PROFILE),--profile $(PROFILE),) $(if $(REPS),--reps $(REPS),)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
