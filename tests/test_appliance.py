@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import tomllib
 import urllib.request
@@ -221,3 +222,23 @@ async def test_workers_share_the_listener_and_a_dead_worker_is_restarted(
         _, metrics = http_get(f"http://{control}/metrics")
         # Counters of the killed worker are kept: the sum covers all 30 messages.
         assert 'postwarden_messages_received_total{source="smtp"} 30.0' in metrics
+
+
+async def test_serve_refuses_to_strand_a_shard_that_holds_mail(
+    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
+) -> None:
+    from postwarden.queue.spool import Envelope, Spool, shard_path
+
+    config, _port = subprocess_config({"server": {"workers": 2}})
+    root = tomllib.loads(config.read_text())["spool"]["path"]
+    shard = Spool(shard_path(root, 2))  # left by an earlier run with three workers
+    await shard.open()
+    await shard.store(Envelope("a@sender.test", ["x@inbox.test"]), b"Subject: s\r\n\r\nx\r\n")
+    await shard.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", "serve", "--config", str(config),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert "shard-2 holds 1 message(s) but only 2 worker(s)" in out.decode()

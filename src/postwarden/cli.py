@@ -71,6 +71,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.server.log_level)
     path = args.config or os.environ.get("POSTWARDEN_CONFIG")
     count = worker_count(cfg)
+    from postwarden.queue.spool import stranded_shards
+
+    stranded = stranded_shards(cfg.spool.path, count)
+    if stranded:
+        # Never leave accepted mail where no worker will deliver it.
+        for shard, n in stranded:
+            print(
+                f"postwarden: spool shard {shard} holds {n} message(s) but only {count} "
+                "worker(s) would run: set server.workers high enough to serve it, let it "
+                "drain, then lower it",
+                file=sys.stderr,
+            )
+        return 2
     if count == 1:
         from postwarden.appliance import serve
 

@@ -152,6 +152,29 @@ def shard_paths(spool_path: str | os.PathLike[str]) -> list[Path]:
     return found + [p for _, p in sorted(extra)]
 
 
+def stranded_shards(spool_path: str | os.PathLike[str], workers: int) -> list[tuple[Path, int]]:
+    """Shards no worker would serve with ``workers`` workers, and the messages they hold.
+
+    Shard k belongs to worker k; with fewer workers than before, the higher shards'
+    mail would wait forever. Only shards that still hold messages are returned.
+    """
+    out = []
+    for path in shard_paths(spool_path):
+        suffix = path.name[len(SHARD_PREFIX) :] if path != Path(spool_path) else "0"
+        if not suffix.isdigit() or int(suffix) < workers:
+            continue
+        db = sqlite3.connect(f"file:{path / 'index.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            count = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        except sqlite3.Error:
+            count = 0
+        finally:
+            db.close()
+        if count:
+            out.append((path, count))
+    return out
+
+
 def domain_of(address: str) -> str:
     """Lower-cased domain part of an address (``""`` when there is none)."""
     return address.rpartition("@")[2].lower().rstrip(".")
