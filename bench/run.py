@@ -327,7 +327,9 @@ async def run_load(port: int, messages: int, size: int) -> tuple[float, list[flo
 
 async def one_run(mta: Any, messages: int, size: int, timeout: float = 900) -> Result:
     pid = await mta.start()
-    monitor = TreeMonitor(pid)
+    # Sampled once a second: a walk of /proc costs a few ms of this process's GIL, which
+    # the timed session shares.
+    monitor = TreeMonitor(pid, interval=1.0)
     monitor.start()
     try:
         t0 = time.perf_counter()
