@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from dataclasses import dataclass
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -87,7 +86,6 @@ class TreeMonitor:
         self.peak_rss = 0
         self.first: Sample | None = None
         self.last: Sample | None = None
-        self.samples: list[tuple[float, Sample]] = []
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> Sample:
@@ -96,7 +94,6 @@ class TreeMonitor:
             self.first = self.first or s
             self.last = s
             self.peak_rss = max(self.peak_rss, s.rss_bytes)
-            self.samples.append((time.monotonic(), s))
         return s
 
     async def _run(self) -> None:

@@ -46,20 +46,25 @@ async def raw_session(
     for chunk in lines:
         writer.write(chunk)
         await writer.drain()
-        reply = b""
-        try:
-            while True:
-                line = await asyncio.wait_for(reader.readline(), read_timeout)
-                if not line:
-                    break
-                reply += line
-                if line[3:4] != b"-":
-                    break
-        except TimeoutError:
-            reply += b"<timeout>"
-        replies.append(reply or b"<closed>")
+        replies.append(await read_reply(reader, read_timeout))
     writer.close()
     return replies
+
+
+async def read_reply(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    """One SMTP reply, its lines joined; ``<timeout>`` / ``<closed>`` marks the end."""
+    reply = b""
+    try:
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                break
+            reply += line
+            if line[3:4] != b"-":
+                break
+    except TimeoutError:
+        reply += b"<timeout>"
+    return reply or b"<closed>"
 
 
 async def test_trusted_client_relays_and_headers_are_added(
@@ -331,12 +336,7 @@ async def test_pipelined_commands_after_data_and_dot_unstuffing(
     reader, writer = await asyncio.open_connection(host, port)
 
     async def reply() -> bytes:
-        out = b""
-        while True:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            out += line
-            if line[3:4] != b"-":
-                return out
+        return await read_reply(reader)
 
     await reply()
     writer.write(b"EHLO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@inbox.test>\r\nDATA\r\n")

@@ -40,7 +40,6 @@ from dkim.canonicalization import CanonicalizationPolicy
 log = logging.getLogger("postwarden.dkim")
 
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
-ALGORITHMS: tuple[Algorithm, ...] = ("rsa-sha256", "ed25519-sha256")
 
 #: Header fields signed when present (lower case). From is oversigned.
 SIGNED_HEADERS: tuple[str, ...] = (
@@ -64,6 +63,8 @@ SIGNED_HEADERS: tuple[str, ...] = (
     "feedback-id",
 )
 OVERSIGNED: frozenset[str] = frozenset({"from"})
+_SIGNED = [h.encode() for h in SIGNED_HEADERS]
+_OVERSIGNED = [h.encode() for h in SIGNED_HEADERS if h in OVERSIGNED]
 
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _FROM_DOMAIN = re.compile(rb"@([A-Za-z0-9.\-\[\]:_]+|[^\s>@]+)\s*>?\s*(?:\([^)]*\))?\s*$")
@@ -188,9 +189,7 @@ def relaxed_body(body: bytes) -> bytes:
     tail = len(body) - len(stripped)
     if tail % 2 or body[len(stripped) :] != b"\r\n" * (tail // 2):
         # A bare CR or LF in the tail (never in mail we accepted): dkimpy's own way.
-        return bytes(
-            CanonicalizationPolicy.from_c_value(b"relaxed/relaxed").canonicalize_body(body)
-        )
+        return bytes(_RELAXED.canonicalize_body(body))
     return stripped + b"\r\n" if stripped else b""
 
 
@@ -207,21 +206,15 @@ def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
     return headers, body
 
 
-def sign_message(message: bytes, key: SigningKey, *, now: int | None = None) -> bytes:
-    """A ``DKIM-Signature:`` header field (CRLF-terminated, folded) for ``message``."""
-    headers, body = split_message(message)
-    digest, fields = _prepare(headers, relaxed_body(body), key, now=now)
-    return _finish(fields, key.sign_digest(digest))
-
-
 def _prepare(
-    headers: list[list[bytes]], canonical_body: bytes, key: SigningKey, *, now: int | None = None
+    headers: list[list[bytes]], body_hash: bytes, key: SigningKey, now: int
 ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The header hash to sign and the signature's tags (``b=`` still empty)."""
+    """The header hash to sign and the signature's tags (``b=`` still empty).
+
+    ``body_hash`` is the base64 SHA-256 of the relaxed body, the same for every key.
+    """
     present = {h[0].lower() for h in headers}
-    include = [h.encode() for h in SIGNED_HEADERS if h.encode() in present]
-    include += [h.encode() for h in SIGNED_HEADERS if h in OVERSIGNED]
-    body_hash = base64.b64encode(hashlib.sha256(canonical_body).digest())
+    include = [h for h in _SIGNED if h in present] + _OVERSIGNED
     domain = key.domain.encode("idna") if not key.domain.isascii() else key.domain.encode()
     fields = [
         (b"v", b"1"),
@@ -229,7 +222,7 @@ def _prepare(
         (b"c", b"relaxed/relaxed"),
         (b"d", domain),
         (b"s", key.selector.encode()),
-        (b"t", str(int(time.time()) if now is None else now).encode()),
+        (b"t", str(now).encode()),
         (b"h", b":".join(include)),
         (b"bh", body_hash),
         (b"b", b""),
@@ -237,8 +230,9 @@ def _prepare(
     unsigned = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len("DKIM-Signature"))
     sig_header = (b"DKIM-Signature", b" " + unsigned)
     hasher = hashlib.sha256()
-    wanted = [h for h in headers if h[0].lower() in present.intersection(include)]
-    canonical = _RELAXED.canonicalize_headers(wanted)
+    # Only the fields that are signed need canonicalizing (select_headers picks from
+    # these exactly as from the whole header).
+    canonical = _RELAXED.canonicalize_headers([h for h in headers if h[0].lower() in _SIGNED])
     dkim.hash_headers(hasher, _RELAXED, canonical, include, sig_header, dict(fields))
     return hasher.digest(), fields
 
@@ -274,9 +268,6 @@ class DkimSigner:
     def domains(self) -> set[str]:
         return set(self._by_domain)
 
-    def keys_for(self, domain: str) -> list[SigningKey]:
-        return list(self._by_domain.get(domain.lower().rstrip("."), ()))
-
     def _plan(
         self, message: bytes, now: int | None = None
     ) -> list[tuple[SigningKey, bytes, list[tuple[bytes, bytes]]]]:  # fmt: skip
@@ -291,9 +282,9 @@ class DkimSigner:
         keys = self._by_domain.get(domain) if domain else None
         if not keys:
             return []
-        canonical_body = relaxed_body(body)
+        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         now = int(time.time()) if now is None else now
-        return [(k, *_prepare(headers, canonical_body, k, now=now)) for k in keys]
+        return [(k, *_prepare(headers, body_hash, k, now)) for k in keys]
 
     def sign(self, message: bytes, now: int | None = None) -> bytes:
         """The DKIM-Signature fields to prepend to ``message`` (empty when no key applies).

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from postwarden.queue.spool import FINAL_STATES, SHARD_PREFIX, shard_paths
+from postwarden.queue.spool import FINAL_STATES, shard_number, shard_paths
 
 _FINAL_PLACEHOLDERS = "(" + ",".join("?" * len(FINAL_STATES)) + ")"
 
@@ -32,10 +32,6 @@ Row = dict[str, Any]
 # ``after`` for :meth:`QueueAdmin.events` and :meth:`QueueAdmin.tail`: an event id
 # applied to every shard (0: from the start), or one per shard number.
 After = int | Mapping[int, int]
-
-
-def _shard_number(root: Path, path: Path) -> int:
-    return 0 if path == root else int(path.name[len(SHARD_PREFIX) :])
 
 
 _TABLES = ("messages", "recipients", "events", "segments")
@@ -77,7 +73,7 @@ class QueueAdmin:
         """Open the shards that appeared since the last call; returns their numbers."""
         new = []
         for path in shard_paths(self.root):
-            k = _shard_number(self.root, path)
+            k = shard_number(self.root, path)
             if k not in self.shards and (db := _connect(path)) is not None:
                 self.shards[k] = db
                 new.append(k)

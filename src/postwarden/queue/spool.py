@@ -152,6 +152,11 @@ def shard_paths(spool_path: str | os.PathLike[str]) -> list[Path]:
     return found + [p for _, p in sorted(extra)]
 
 
+def shard_number(spool_path: str | os.PathLike[str], path: Path) -> int:
+    """The worker number a shard directory from :func:`shard_paths` belongs to."""
+    return 0 if path == Path(spool_path) else int(path.name[len(SHARD_PREFIX) :])
+
+
 def stranded_shards(spool_path: str | os.PathLike[str], workers: int) -> list[tuple[Path, int]]:
     """Shards no worker would serve with ``workers`` workers, and the messages they hold.
 
@@ -160,8 +165,7 @@ def stranded_shards(spool_path: str | os.PathLike[str], workers: int) -> list[tu
     """
     out = []
     for path in shard_paths(spool_path):
-        suffix = path.name[len(SHARD_PREFIX) :] if path != Path(spool_path) else "0"
-        if not suffix.isdigit() or int(suffix) < workers:
+        if shard_number(spool_path, path) < workers:
             continue
         db = sqlite3.connect(f"file:{path / 'index.db'}?mode=ro", uri=True, timeout=30)
         try:
