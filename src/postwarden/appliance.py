@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
+from postwarden.control.plane import ControlPlane
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
-from postwarden.mta.dkim import DkimSigner, load_key
+from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.spool import Envelope, Spool, StoredMessage, shard_path
@@ -41,7 +42,7 @@ from postwarden.tls import self_signed, server_context
 log = logging.getLogger("postwarden")
 
 
-def build_signer(cfg: Config) -> DkimSigner:
+def config_keys(cfg: Config) -> list[SigningKey]:
     """Load every ``[[dkim.keys]]`` entry; a bad key names its config path."""
     keys = []
     for i, k in enumerate(cfg.dkim.keys):
@@ -49,7 +50,12 @@ def build_signer(cfg: Config) -> DkimSigner:
             keys.append(load_key(k.domain, k.selector, k.key_file, k.algorithm))
         except Exception as exc:
             raise ConfigError(f"dkim.keys[{i}].key_file: {exc}") from exc
-    return DkimSigner(keys)
+    return keys
+
+
+def build_signer(cfg: Config, extra: list[SigningKey] | None = None) -> DkimSigner:
+    """The config's keys, then the control plane's (``extra``) on top."""
+    return DkimSigner(config_keys(cfg) + list(extra or ()))
 
 
 def ensure_tls_files(cfg: Config) -> tuple[str, str]:
@@ -81,6 +87,7 @@ class WorkerRole:
     index: int
     count: int
     sockets: tuple[socket.socket, ...]  # the supervisor's listening sockets, shared
+    control_sock: socket.socket | None = None  # the control plane's, shared too
 
 
 def worker_share(cfg: Config, count: int) -> Config:
@@ -130,7 +137,10 @@ class Appliance:
         )
         self.agent = DeliveryAgent(cfg, self.resolver, self.spool.read_body, self.metrics)
         self.scheduler = Scheduler(cfg, self.spool, self.agent, self.metrics)
-        self.signer = build_signer(cfg)
+        self._config_keys = config_keys(cfg)
+        self.signer = DkimSigner(self._config_keys)
+        self.control = ControlPlane(cfg, self.resolver)
+        self.control.on_keys.append(self._keys_changed)
         self.passwords = PasswordStore(cfg.smtp.users)
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
         self.servers: list[asyncio.AbstractServer] = []
@@ -164,7 +174,13 @@ class Appliance:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _keys_changed(self, keys: list[SigningKey]) -> None:
+        self.signer = DkimSigner(self._config_keys + keys)
+        log.info("event=dkim_keys_loaded domains=%s",
+                 ",".join(sorted(self.signer.domains())) or "-")  # fmt: skip
+
     async def start(self) -> None:
+        await self.control.start()
         await self.spool.open()
         if self.spool.recovered_inflight:
             self.metrics.recovered_inflight.inc(self.spool.recovered_inflight)
@@ -179,6 +195,7 @@ class Appliance:
                 server = await loop.create_server(factory, sock=sock, backlog=1024)
                 self.servers.append(server)
                 self.smtp_addresses.append(sock.getsockname()[:2])
+            await self._start_http()
         else:
             for spec in self.cfg.smtp.listen:
                 host, port = parse_hostport(spec, "smtp.listen")
@@ -205,17 +222,34 @@ class Appliance:
 
         from postwarden.control.app import create_app
         from postwarden.control.server import HttpServer
+        from postwarden.metrics import render_multiprocess
+        from postwarden.supervisor import read_status
 
         def health() -> tuple[bool, dict[str, Any]]:
-            return not self.spool.closed, {
+            ok = not self.spool.closed and not self._stopping
+            details: dict[str, Any] = {
                 "inflight": self.scheduler.inflight,
                 "sessions_in": self.ingress.open_sessions,
                 "sessions_out": self.scheduler.sessions,
             }
+            if self.worker is not None:
+                details["worker"] = self.worker.index
+                sup = read_status()
+                details.update(sup)
+                ok = ok and not sup.get("stopping", False)
+            return ok, details
 
-        host, port = parse_hostport(self.cfg.control.listen, "control.listen")
-        app = create_app(lambda: bytes(generate_latest(self.metrics.registry)), health)
-        self._http = HttpServer(app, host, port)
+        def metrics() -> bytes:
+            if self.worker is not None:
+                return render_multiprocess()
+            return bytes(generate_latest(self.metrics.registry))
+
+        app = create_app(metrics, health, self.control)
+        if self.worker is not None and self.worker.control_sock is not None:
+            self._http = HttpServer(app, sock=self.worker.control_sock)
+        else:
+            host, port = parse_hostport(self.cfg.control.listen, "control.listen")
+            self._http = HttpServer(app, host, port)
         self.control_address = await self._http.start()
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
@@ -260,6 +294,7 @@ class Appliance:
         if self._http is not None:
             await self._http.stop()
         await self.spool.close()
+        await self.control.stop()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
@@ -273,7 +308,8 @@ class Appliance:
             return False
         try:
             new = load_config(self.config_path)
-            signer = build_signer(new)
+            keys = config_keys(new)
+            signer = DkimSigner(keys + self.control.signing_keys)
             if self.worker is not None:
                 new = worker_share(new, self.worker.count)
         except ConfigError as exc:
@@ -282,6 +318,7 @@ class Appliance:
         if new.smtp.listen != self.cfg.smtp.listen or new.control.listen != self.cfg.control.listen:
             log.warning("event=reload_partial reason=listen_addresses_need_restart")
         self.cfg = new
+        self._config_keys = keys
         self.signer = signer
         self.ingress.configure(new)
         self.agent.reconfigure(new)

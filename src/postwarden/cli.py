@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config
+from postwarden.control import ControlPlaneError
 
 log = logging.getLogger("postwarden")
 
@@ -45,6 +46,7 @@ def setup_logging(level: str = "info", tag: str = "") -> None:
     root.setLevel(level.upper())
     # aiosmtpd logs every command at INFO; that belongs at debug for an MTA.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -103,7 +105,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     cfg = _load(args)
     setup_logging(cfg.server.log_level, tag=f"worker={args.index}")
     sockets = tuple(socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd)
-    role = WorkerRole(args.index, args.count, sockets)
+    control = socket.socket(fileno=args.control_fd) if args.control_fd is not None else None
+    role = WorkerRole(args.index, args.count, sockets, control)
 
     async def run() -> None:
         app = Appliance(cfg, config_path=args.config or os.environ.get("POSTWARDEN_CONFIG"),
@@ -226,6 +229,47 @@ def cmd_dkim_genkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from postwarden.store.db import current_revision, head_revision, upgrade_sync
+
+    cfg = _load(args)
+    if args.action == "upgrade":
+        upgrade_sync(cfg.database.url)
+    have = run_async(current_revision(cfg.database.url))
+    want = head_revision()
+    print(f"database at {have or 'none'} (this version: {want})")
+    return 0 if have == want else 1
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """Create an operator key (scope ``admin``: tenants and their keys) and print it once."""
+    from postwarden.store.db import create_engine, current_revision, head_revision, sessionmaker
+    from postwarden.store.models import ApiKey, Change
+    from postwarden.store.secrets import new_api_key
+
+    cfg = _load(args)
+
+    async def create() -> str:
+        if await current_revision(cfg.database.url) != head_revision():
+            raise ConfigError("database.url: not migrated: run `postwarden db upgrade` first")
+        engine = create_engine(cfg.database.url)
+        try:
+            async with sessionmaker(engine)() as s:
+                new = new_api_key()
+                s.add(ApiKey(tenant_id=None, prefix=new.prefix, secret_hash=new.secret_hash,
+                             name=args.name, scopes="admin"))  # fmt: skip
+                s.add(Change(kind="api_key", tenant_id=None, ref=new.prefix))
+                await s.commit()
+                return new.plaintext
+        finally:
+            await engine.dispose()
+
+    key = run_async(create())
+    print(key)
+    print("(shown once; only its hash is stored)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postwarden", description="Postwarden email appliance")
     p.add_argument("--config", "-c", help="TOML config file (default: embedded defaults)")
@@ -253,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=int, required=True)
     s.add_argument("--count", type=int, required=True)
     s.add_argument("--fds", required=True, help="listening socket file descriptors")
+    s.add_argument("--control-fd", type=int, help="the control plane's listening socket")
     s.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     s.set_defaults(fn=cmd_worker)
 
@@ -284,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=100)
     s.set_defaults(fn=cmd_events)
 
+    s = sub.add_parser("db", help="the control-plane database")
+    s.add_argument("action", choices=["upgrade", "current"])
+    s.set_defaults(fn=cmd_db)
+
+    s = sub.add_parser("admin", help="operator keys for the API")
+    s.add_argument("action", choices=["create-key"])
+    s.add_argument("--name", default="operator", help="a label for the key")
+    s.set_defaults(fn=cmd_admin)
+
     s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")
     s.add_argument("--domain", required=True)
     s.add_argument("--selector", required=True)
@@ -299,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigError as exc:
         print(f"postwarden: config error: {exc}", file=sys.stderr)
+        return 2
+    except ControlPlaneError as exc:
+        print(f"postwarden: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"postwarden: {exc}", file=sys.stderr)

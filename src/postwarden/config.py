@@ -158,6 +158,7 @@ class DatabaseConfig:
     """Control-plane database (SQLAlchemy URL)."""
 
     url: str = "sqlite+aiosqlite:///./var/postwarden.db"
+    auto_upgrade: bool = False  # apply migrations at start (labs, tests); else `db upgrade`
 
 
 @dataclass
@@ -218,9 +219,24 @@ class QueueConfig:
 
 @dataclass
 class ControlConfig:
-    """Control plane HTTP listener (API, admin, ``/metrics``)."""
+    """Control plane: HTTP listener (API, ``/metrics``) and what the API decides."""
 
     listen: str = "127.0.0.1:8025"
+    # Fernet key for DKIM private keys at rest; empty: read (or create) the key file.
+    encryption_key: str = field(default="", repr=False)
+    encryption_key_file: str = "./var/control.key"
+    require_verified_domains: bool = True
+    return_path_label: str = "pwb"  # bounce subdomain: <label>.<domain>
+    tracking_label: str = "track"  # tracking host: <label>.<domain>
+    bounce_mx_host: str = ""  # MX of the return path; "" = server.hostname
+    tracking_host: str = ""  # CNAME target of the tracking host; "" = server.hostname
+    spf_include: str = ""  # SPF mechanism to ask for; "" = ip4/ip6 of the source addresses
+    rate_limit: float = 50.0  # API requests per second per key (per worker share)
+    rate_burst: int = 100
+    max_batch: int = 1000  # messages per POST /v1/messages/batch
+    max_api_recipients: int = 1000  # to + cc + bcc of one API message
+    idempotency_ttl: float = field(default=86400.0, metadata=_DURATION)
+    cache_poll: float = field(default=1.0, metadata=_DURATION)  # change-feed poll interval
 
 
 @dataclass
@@ -440,10 +456,27 @@ def validate(cfg: Config) -> None:
         "queue.max_inflight": cfg.queue.max_inflight,
         "spool.segment_size": cfg.spool.segment_size,
         "dns.cache_size": cfg.dns.cache_size,
+        "control.rate_limit": cfg.control.rate_limit,
+        "control.rate_burst": cfg.control.rate_burst,
+        "control.max_batch": cfg.control.max_batch,
+        "control.max_api_recipients": cfg.control.max_api_recipients,
+        "control.cache_poll": cfg.control.cache_poll,
     }
     for path, value in positives.items():
         if value <= 0:
             raise ConfigError(f"{path}: must be greater than 0, got {value}")
+    if cfg.control.encryption_key:
+        from cryptography.fernet import Fernet
+
+        try:
+            Fernet(cfg.control.encryption_key)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                "control.encryption_key: expected a Fernet key (32 url-safe base64 bytes)"
+            ) from exc
+    for name in ("return_path_label", "tracking_label"):
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", getattr(cfg.control, name)):
+            raise ConfigError(f"control.{name}: expected one DNS label (a-z, 0-9, -)")
     if not 0 <= cfg.server.workers <= 256:
         raise ConfigError(
             f"server.workers: must be 0 (one per CPU) to 256, got {cfg.server.workers}"

@@ -3,9 +3,11 @@
 See docs/decisions/0004-process-model.md. The supervisor binds every ``smtp.listen``
 address once and hands the sockets to ``postwarden worker`` processes (inherited file
 descriptors): the kernel gives each new connection to whichever worker accepts it
-first. Each worker is a whole appliance with its own spool shard. The supervisor
-serves ``control.listen`` (metrics summed over the workers through prometheus-client's
-multiprocess mode), forwards SIGTERM and SIGHUP, and restarts a worker that dies —
+first. Each worker is a whole appliance with its own spool shard, and serves the
+control plane on the ``control.listen`` socket, bound here once too (docs/decisions/
+0005): metrics are summed over the workers through prometheus-client's multiprocess
+mode, and ``/healthz`` adds what the supervisor writes to its status file. The
+supervisor forwards SIGTERM and SIGHUP, and restarts a worker that dies —
 its shard then recovers exactly as after a crash. If the supervisor itself is killed,
 the kernel kills the workers too (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the
 service is one crash, never orphaned workers.
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -40,20 +43,60 @@ def worker_count(cfg: Config) -> int:
     return cfg.server.workers or os.cpu_count() or 1
 
 
+def bind(spec: str, path: str) -> socket.socket:
+    """A listening socket for ``host:port``, inheritable by workers."""
+    host, port = parse_hostport(spec, path)
+    family = socket.AF_INET
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).version == 6:
+            family = socket.AF_INET6
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
 def bind_listeners(cfg: Config) -> list[socket.socket]:
     """One listening socket per ``smtp.listen`` address, inheritable by workers."""
-    sockets = []
-    for i, spec in enumerate(cfg.smtp.listen):
-        host, port = parse_hostport(spec, f"smtp.listen[{i}]")
-        family = socket.AF_INET
-        with contextlib.suppress(ValueError):
-            if ipaddress.ip_address(host).version == 6:
-                family = socket.AF_INET6
-        sock = socket.create_server((host, port), family=family, backlog=1024)
-        sock.setblocking(False)
-        sock.set_inheritable(True)
-        sockets.append(sock)
-    return sockets
+    return [bind(spec, f"smtp.listen[{i}]") for i, spec in enumerate(cfg.smtp.listen)]
+
+
+STATUS_ENV = "POSTWARDEN_SUPERVISOR_STATUS"
+
+
+def read_status() -> dict[str, Any]:
+    """In a worker: the supervisor's last word on all workers ({} when there is none)."""
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return {}
+
+
+async def prepare_control(cfg: Config) -> None:
+    """Before workers start: apply migrations (``database.auto_upgrade``) or check the
+    database is current, and create the encryption key file; a failure stops here, once,
+    instead of in every worker."""
+    from postwarden.control import ControlPlaneError
+    from postwarden.store.db import current_revision, head_revision, upgrade
+    from postwarden.store.secrets import load_box
+
+    try:
+        load_box(cfg.control.encryption_key, cfg.control.encryption_key_file)
+    except (OSError, ValueError) as exc:
+        raise ControlPlaneError(f"control.encryption_key: {exc}") from exc
+    if cfg.database.auto_upgrade:
+        await upgrade(cfg.database.url)
+    have, want = await current_revision(cfg.database.url), head_revision()
+    if have != want:
+        raise ControlPlaneError(
+            f"database.url: the database is at revision {have or 'none'}, this version"
+            f" needs {want}: run `postwarden db upgrade`"
+        )
 
 
 def die_with_parent(parent: int) -> None:
@@ -78,8 +121,9 @@ class Supervisor:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._watchers: set[asyncio.Task[None]] = set()
-        self._http: Any = None
+        self.control_sock: socket.socket | None = None
         self.metrics_dir = ""
+        self.status_file = ""
 
     async def run(self) -> int:
         from postwarden.appliance import ensure_tls_files
@@ -88,11 +132,15 @@ class Supervisor:
         # here that /metrics adds up.
         self.metrics_dir = tempfile.mkdtemp(prefix="postwarden-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        self.status_file = os.path.join(self.metrics_dir, "supervisor.json")
+        os.environ[STATUS_ENV] = self.status_file
         ensure_tls_files(self.cfg)  # once, before workers race to create it
+        await prepare_control(self.cfg)  # migrations and the key file, once too
         self.sockets = bind_listeners(self.cfg)
+        self.control_sock = bind(self.cfg.control.listen, "control.listen")
+        self._write_status()
         for k in range(self.count):
             await self._spawn(k)
-        await self._start_http()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
@@ -101,7 +149,7 @@ class Supervisor:
             "event=supervisor_started workers=%d smtp=%s control=%s loop=%s",
             self.count,
             ",".join("{}:{}".format(*s.getsockname()[:2]) for s in self.sockets),
-            "{}:{}".format(*self._http.address) if self._http else "-",
+            "{}:{}".format(*self.control_sock.getsockname()[:2]),
             type(loop).__module__.split(".")[0],
         )
         await self._stopped.wait()
@@ -109,15 +157,19 @@ class Supervisor:
 
     async def _spawn(self, index: int) -> None:
         fds = [s.fileno() for s in self.sockets]
+        assert self.control_sock is not None
+        cfd = self.control_sock.fileno()
         argv = [
             sys.executable, "-m", "postwarden.cli", "worker",
             "--index", str(index), "--count", str(self.count),
-            "--fds", ",".join(map(str, fds)), "--parent", str(os.getpid()),
+            "--fds", ",".join(map(str, fds)), "--control-fd", str(cfd),
+            "--parent", str(os.getpid()),
         ]  # fmt: skip
         if self.config_path:
             argv += ["--config", self.config_path]
-        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
+        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=[*fds, cfd])
         self.procs[index] = proc
+        self._write_status()
         task = asyncio.create_task(self._watch(index, proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -127,6 +179,7 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
+        self._write_status()
         if self._stopping:
             return
         self.restarts += 1
@@ -136,22 +189,18 @@ class Supervisor:
         if not self._stopping:
             await self._spawn(index)
 
-    async def _start_http(self) -> None:
-        from postwarden.control.app import create_app
-        from postwarden.control.server import HttpServer
-        from postwarden.metrics import render_multiprocess
-
-        def health() -> tuple[bool, dict[str, Any]]:
-            alive = sum(1 for p in self.procs.values() if p.returncode is None)
-            return not self._stopping and alive == self.count, {
-                "workers": self.count,
-                "workers_alive": alive,
-                "worker_restarts": self.restarts,
-            }
-
-        host, port = parse_hostport(self.cfg.control.listen, "control.listen")
-        self._http = HttpServer(create_app(render_multiprocess, health), host, port)
-        await self._http.start()
+    def _write_status(self) -> None:
+        """What workers add to /healthz: every worker's state, as the supervisor sees it."""
+        alive = sum(1 for p in self.procs.values() if p.returncode is None)
+        data = {"workers": self.count, "workers_alive": alive,
+                "worker_restarts": self.restarts, "stopping": self._stopping}  # fmt: skip
+        tmp = f"{self.status_file}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.status_file)
+        except OSError:
+            log.warning("event=status_write_failed", exc_info=True)
 
     def reload(self) -> None:
         """Check the file, then let every worker reload it (each applies it itself)."""
@@ -171,6 +220,7 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
+        self._write_status()
         log.info("event=stopping workers=%d", self.count)
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -185,10 +235,10 @@ class Supervisor:
                 await proc.wait()
         for task in list(self._watchers):
             task.cancel()
-        if self._http is not None:
-            await self._http.stop()
         for sock in self.sockets:
             sock.close()
+        if self.control_sock is not None:
+            self.control_sock.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("event=stopped")
         self._stopped.set()

@@ -17,7 +17,11 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
         tmp_path / "lab.toml",
         {
             "smtp": {"listen": ["127.0.0.1:0"]},
-            "control": {"listen": "127.0.0.1:0"},
+            "control": {
+                "listen": "127.0.0.1:0",
+                "encryption_key_file": str(tmp_path / "control.key"),
+            },
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'control.db'}"},
             "spool": {"path": str(tmp_path / "spool")},
         },
     )

@@ -1,25 +1,34 @@
-"""The control plane's HTTP application (Starlette): health and metrics for now."""
+"""The control plane's HTTP application (Starlette): the /v1 API, its OpenAPI schema
+and docs page, health and metrics."""
 
 from __future__ import annotations
 
+import html
+import json
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+
+from postwarden.control.errors import ApiError
+from postwarden.control.routing import error_response
 
 
 def create_app(
-    metrics: Callable[[], bytes], health: Callable[[], tuple[bool, dict[str, Any]]]
+    metrics: Callable[[], bytes],
+    health: Callable[[], tuple[bool, dict[str, Any]]],
+    plane: Any = None,
 ) -> Starlette:
     """Routes served on ``control.listen``.
 
     ``metrics`` renders the Prometheus text exposition; ``health`` says whether the
-    appliance is serving, with details. In one process both come from the appliance;
-    with workers, from the supervisor (the sum over workers, and the workers alive).
+    appliance is serving, with details. With a control plane (``plane``), the /v1 API,
+    ``/openapi.json`` and ``/docs`` are served too.
     """
 
     async def metrics_route(_: Request) -> Response:
@@ -31,4 +40,51 @@ def create_app(
             {"status": "ok" if ok else "stopping", **details}, status_code=200 if ok else 503
         )
 
-    return Starlette(routes=[Route("/metrics", metrics_route), Route("/healthz", healthz)])
+    routes = [Route("/metrics", metrics_route), Route("/healthz", healthz)]
+    if plane is not None:
+        from postwarden.control import api as _api  # noqa: F401  (registers the routes)
+        from postwarden.control.api import api
+
+        schema = api.openapi()
+        schema_bytes = json.dumps(schema).encode()
+
+        async def openapi(_: Request) -> Response:
+            return Response(schema_bytes, media_type="application/json")
+
+        async def docs(_: Request) -> HTMLResponse:
+            return HTMLResponse(docs_page(schema))
+
+        routes += [Route("/openapi.json", openapi), Route("/docs", docs)]
+        routes += api.routes(plane)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        err = ApiError(exc.status_code, kind, str(exc.detail))
+        resp = error_response(err, request.headers.get("x-request-id", "")[:64] or "-")
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def docs_page(schema: dict[str, Any]) -> str:
+    """A plain page listing every operation: readable without JavaScript or a CDN."""
+    rows = []
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            scope = "" if "security" not in op else " (key)"
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}"
+                f"</code></td><td>{html.escape(op.get('summary', ''))}{scope}</td></tr>"
+            )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Postwarden API</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:.2em 1em}</style></head>"
+        "<body><h1>Postwarden API</h1><p>Machine-readable schema: "
+        "<a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1). Authenticate with "
+        "<code>Authorization: Bearer &lt;key&gt;</code>.</p><table>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Generator
 from typing import Any
 
@@ -22,16 +23,21 @@ class _QuietServer(uvicorn.Server):
 class HttpServer:
     """The control plane's HTTP listener, inside the appliance's event loop."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
+    ) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
-        )
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            server_header=False,
+        )  # fmt: skip
         self._server = _QuietServer(config)
+        self._sock = sock  # an inherited listening socket (a worker's), else bind host:port
         self._task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> tuple[str, int]:
-        self._task = asyncio.create_task(self._server.serve())
+        socks = [self._sock] if self._sock is not None else None
+        self._task = asyncio.create_task(self._server.serve(sockets=socks))
         while not self._server.started:
             if self._task.done():
                 self._task.result()

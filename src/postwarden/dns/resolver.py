@@ -154,6 +154,18 @@ class Resolver:
             return []
         return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
 
+    async def resolve_rrset(self, name: str, rdtype: str) -> list[str]:
+        """The records of one type at ``name`` in presentation format ([] for NODATA)."""
+        try:
+            answer = await self._query(name, rdtype)
+        except dns.resolver.NXDOMAIN as exc:
+            raise DnsError(f"{name}: no such domain", permanent=True, enhanced="5.1.2") from exc
+        except _Temporary as exc:
+            raise DnsError(str(exc), permanent=False, enhanced="4.4.3") from exc
+        if answer is None:
+            return []
+        return [r.to_text() for r in answer]
+
     # ------------------------------------------------------------------ MX
 
     async def resolve_mx(self, domain: str) -> MxResult:

@@ -66,6 +66,8 @@ def lab_config(config_path: str | None, lab: Lab, var_dir: Path) -> Config:
         "dns": {"nameservers": [lab.nameserver]},
         "delivery": {"mx_port": lab.mx_port},
         "dkim": {"keys": keys},
+        # The lab is for trying things out: bring the control database up to date.
+        "database": {"auto_upgrade": True},
         # Short retries so greylisting visibly resolves within the demo.
         "queue": {"retry_initial": "10s", "retry_max": "60s"},
     }

@@ -129,7 +129,14 @@ def load_key(
     RSA keys must be at least 1024 bits (RFC 8301); 2048 is what ``generate_key``
     makes and what receivers expect today.
     """
-    data = Path(path).read_bytes()
+    return parse_key(domain, selector, Path(path).read_bytes(), algorithm, str(path))
+
+
+def parse_key(
+    domain: str, selector: str, data: bytes, algorithm: Algorithm, where: str = "key"
+) -> SigningKey:
+    """:func:`load_key` for key bytes already read (a file, the control database)."""
+    path = where
     key: object
     if algorithm == "ed25519-sha256" and not data.lstrip().startswith(b"-----"):
         # dkimpy's and OpenDKIM's Ed25519 format: the 32-byte seed in base64.

@@ -1,0 +1,490 @@
+"""The /v1 API: tenants and keys, sending domains, suppressions (messages: messages.py)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from starlette.responses import Response
+
+from postwarden.control import domains as dom
+from postwarden.control.errors import ApiError, invalid, not_found
+from postwarden.control.routing import Api, Call
+from postwarden.control.schemas import (
+    Deleted,
+    DomainCreate,
+    DomainList,
+    DomainOut,
+    ImportResult,
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    Page,
+    SuppressionCreate,
+    SuppressionList,
+    SuppressionOut,
+    SuppressionQuery,
+    TenantCreate,
+    TenantList,
+    TenantOut,
+    TenantUpdate,
+    decode_cursor,
+    encode_cursor,
+)
+from postwarden.dns.records import all_required_ok, verify
+from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
+from postwarden.store.models import ApiKey, Change, DkimKey, Domain, Suppression, Tenant
+from postwarden.store.secrets import new_api_key
+
+api = Api("Postwarden", "1")
+
+REASONS = ("unsubscribe", "hard_bounce", "complaint", "manual")
+
+
+def changed(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
+    session.add(Change(kind=kind, tenant_id=tenant_id, ref=ref))
+
+
+def page_of(rows: list[Any], limit: int) -> str | None:
+    return encode_cursor(rows[-1].id) if len(rows) == limit else None
+
+
+# ---------------------------------------------------------------- tenants (operator)
+
+
+def tenant_out(t: Tenant) -> TenantOut:
+    return TenantOut(id=t.id, name=t.name, created_at=t.created_at, disabled=t.disabled,
+                     settings=t.settings or {})  # fmt: skip
+
+
+@api.op("POST", "/v1/tenants", summary="Create a tenant", scope="admin", body=TenantCreate,
+        response=TenantOut, status=201, errors=(409,))  # fmt: skip
+async def create_tenant(c: Call) -> Any:
+    body: TenantCreate = c.body
+    async with c.ctx.sessions() as s:
+        t = Tenant(name=body.name, settings=body.settings.model_dump())
+        s.add(t)
+        try:
+            await s.flush()
+        except IntegrityError:
+            raise ApiError(409, "conflict", f"a tenant named {body.name!r} exists") from None
+        changed(s, "tenant", t.id)
+        await s.commit()
+    return tenant_out(t)
+
+
+@api.op("GET", "/v1/tenants", summary="List tenants", scope="admin", query=Page,
+        response=TenantList)  # fmt: skip
+async def list_tenants(c: Call) -> Any:
+    after = decode_cursor(c.query.cursor)
+    async with c.ctx.sessions() as s:
+        rows = list(
+            (await s.execute(select(Tenant).where(Tenant.id > after).order_by(Tenant.id)
+                             .limit(c.query.limit))).scalars()
+        )  # fmt: skip
+    return TenantList(data=[tenant_out(t) for t in rows], next_cursor=page_of(rows, c.query.limit))
+
+
+async def _tenant(s: Any, tenant_id: int) -> Tenant:
+    t = await s.get(Tenant, tenant_id)
+    if t is None:
+        raise not_found("tenant")
+    return t
+
+
+@api.op("GET", "/v1/tenants/{tenant_id:int}", summary="Show a tenant", scope="admin",
+        response=TenantOut, errors=(404,))  # fmt: skip
+async def get_tenant(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        return tenant_out(await _tenant(s, c.path["tenant_id"]))
+
+
+@api.op("PATCH", "/v1/tenants/{tenant_id:int}", summary="Disable, enable or configure a tenant",
+        scope="admin", body=TenantUpdate, response=TenantOut, errors=(404,))  # fmt: skip
+async def update_tenant(c: Call) -> Any:
+    body: TenantUpdate = c.body
+    async with c.ctx.sessions() as s:
+        t = await _tenant(s, c.path["tenant_id"])
+        if body.disabled is not None:
+            t.disabled = body.disabled
+        if body.settings is not None:
+            t.settings = body.settings.model_dump()
+        changed(s, "tenant", t.id)
+        await s.commit()
+    c.ctx.auth.invalidate()
+    return tenant_out(t)
+
+
+def key_out(k: ApiKey, cls: type[KeyOut] = KeyOut, **extra: Any) -> Any:
+    return cls(id=k.id, prefix=k.prefix, name=k.name, scopes=k.scopes.split(),
+               tenant_id=k.tenant_id, created_at=k.created_at, revoked_at=k.revoked_at,
+               last_used_at=k.last_used_at, **extra)  # fmt: skip
+
+
+async def _new_key(s: Any, tenant_id: int | None, name: str, scopes: list[str]) -> KeyCreated:
+    new = new_api_key()
+    k = ApiKey(tenant_id=tenant_id, prefix=new.prefix, secret_hash=new.secret_hash, name=name,
+               scopes=" ".join(dict.fromkeys(scopes)))  # fmt: skip
+    s.add(k)
+    await s.flush()
+    changed(s, "api_key", tenant_id, new.prefix)
+    result: KeyCreated = key_out(k, KeyCreated, key=new.plaintext)
+    return result
+
+
+@api.op("POST", "/v1/tenants/{tenant_id:int}/keys", summary="Create a key for a tenant",
+        scope="admin", body=KeyCreate, response=KeyCreated, status=201,
+        errors=(404,))  # fmt: skip
+async def create_tenant_key(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        t = await _tenant(s, c.path["tenant_id"])
+        out = await _new_key(s, t.id, c.body.name, c.body.scopes)
+        await s.commit()
+    return out
+
+
+# ---------------------------------------------------------------- a tenant's keys
+
+
+@api.op("GET", "/v1/keys", summary="List this tenant's keys", scope="manage", query=Page,
+        response=KeyList)  # fmt: skip
+async def list_keys(c: Call) -> Any:
+    after = decode_cursor(c.query.cursor)
+    async with c.ctx.sessions() as s:
+        rows = list((await s.execute(
+            select(ApiKey).where(ApiKey.tenant_id == c.tenant_id, ApiKey.id > after)
+            .order_by(ApiKey.id).limit(c.query.limit))).scalars())  # fmt: skip
+    return KeyList(data=[key_out(k) for k in rows], next_cursor=page_of(rows, c.query.limit))
+
+
+@api.op("POST", "/v1/keys", summary="Create a key", scope="manage", body=KeyCreate,
+        response=KeyCreated, status=201)  # fmt: skip
+async def create_key(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        out = await _new_key(s, c.tenant_id, c.body.name, c.body.scopes)
+        await s.commit()
+    return out
+
+
+@api.op("DELETE", "/v1/keys/{key_id:int}", summary="Revoke a key", scope="manage",
+        response=KeyOut, errors=(404,))  # fmt: skip
+async def revoke_key(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        k = (await s.execute(select(ApiKey).where(
+            ApiKey.id == c.path["key_id"], ApiKey.tenant_id == c.tenant_id))).scalar_one_or_none()  # fmt: skip
+        if k is None:
+            raise not_found("key")
+        if k.revoked_at is None:
+            k.revoked_at = dt.datetime.now(dt.UTC)
+            changed(s, "api_key", c.tenant_id, k.prefix)
+        await s.commit()
+    c.ctx.auth.invalidate()
+    return key_out(k)
+
+
+# ---------------------------------------------------------------- domains
+
+
+async def _domain(s: Any, c: Call) -> Domain:
+    d = (await s.execute(select(Domain).where(
+        Domain.id == c.path["domain_id"], Domain.tenant_id == c.tenant_id))).scalar_one_or_none()  # fmt: skip
+    if d is None:
+        raise not_found("domain")
+    return d
+
+
+def domain_out(cfg: Any, d: Domain, keys: list[DkimKey]) -> DomainOut:
+    signing = dom.signing_generation(keys)
+    return DomainOut(
+        id=d.id, name=d.name, created_at=d.created_at, verified=d.verified_at is not None,
+        verified_at=d.verified_at, checked_at=d.checked_at,
+        return_path=dom.return_path(cfg, d.name),
+        dkim=[{"selector": k.selector, "algorithm": k.algorithm, "generation": k.generation,
+               "state": dom.key_state(k, signing), "verified_at": k.verified_at} for k in keys],
+        records=[r.as_dict() for r in dom.records(cfg, d, keys)],
+    )  # fmt: skip
+
+
+@api.op("POST", "/v1/domains", summary="Add a sending domain (generates its DKIM keys)",
+        scope="manage", body=DomainCreate, response=DomainOut, status=201,
+        errors=(409,))  # fmt: skip
+async def create_domain(c: Call) -> Any:
+    """Creates RSA-2048 and Ed25519 DKIM keys (private keys encrypted at rest) and
+    answers with every DNS record to publish; then call verify."""
+    async with c.ctx.sessions() as s:
+        d = Domain(tenant_id=c.tenant_id, name=c.body.name)
+        s.add(d)
+        try:
+            await s.flush()
+        except IntegrityError:
+            raise ApiError(409, "conflict", f"{c.body.name} is already registered") from None
+        keys = await dom.add_generation(s, d, 1, c.ctx.box)
+        changed(s, "domain", c.tenant_id, d.name)
+        await s.commit()
+    return domain_out(c.ctx.cfg, d, keys)
+
+
+@api.op("GET", "/v1/domains", summary="List sending domains", scope="read", query=Page,
+        response=DomainList)  # fmt: skip
+async def list_domains(c: Call) -> Any:
+    after = decode_cursor(c.query.cursor)
+    async with c.ctx.sessions() as s:
+        rows = list((await s.execute(
+            select(Domain).where(Domain.tenant_id == c.tenant_id, Domain.id > after)
+            .order_by(Domain.id).limit(c.query.limit))).scalars())  # fmt: skip
+        out = [domain_out(c.ctx.cfg, d, await dom.domain_keys(s, d.id)) for d in rows]
+    return DomainList(data=out, next_cursor=page_of(rows, c.query.limit))
+
+
+@api.op("GET", "/v1/domains/{domain_id:int}", summary="Show a domain and its DNS records",
+        scope="read", response=DomainOut, errors=(404,))  # fmt: skip
+async def get_domain(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        d = await _domain(s, c)
+        return domain_out(c.ctx.cfg, d, await dom.domain_keys(s, d.id))
+
+
+@api.op("POST", "/v1/domains/{domain_id:int}/verify",
+        summary="Look up each record in DNS and report ok, missing or mismatch",
+        scope="manage", response=DomainOut, errors=(404,))  # fmt: skip
+async def verify_domain(c: Call) -> Any:
+    """A domain is verified when every required record is ok: the DKIM keys of the
+    newest generation, SPF, and the return path's MX and SPF. DMARC and the tracking
+    CNAME are reported but optional. A DNS failure (timeout, SERVFAIL) is ``error``
+    and changes nothing."""
+    async with c.ctx.sessions() as s:
+        d = await _domain(s, c)
+        keys = await dom.domain_keys(s, d.id)
+        recs = await verify(c.ctx.resolver, dom.records(c.ctx.cfg, d, keys))
+        now = dom.now()
+        status = {r.name: r.status for r in recs if r.purpose == "dkim"}
+        for k in keys:
+            st = status.get(f"{k.selector}._domainkey.{d.name}")
+            if st == "ok" and k.verified_at is None:
+                k.verified_at = now
+        # Required-ness depends on which generation signs, now that keys may be verified.
+        recs_now = dom.records(c.ctx.cfg, d, keys)
+        by_key = {(r.type, r.name, r.value): r for r in recs}
+        for r in recs_now:
+            checked = by_key[(r.type, r.name, r.value)]
+            r.status, r.found, r.detail = checked.status, checked.found, checked.detail
+        errors = any(r.status == "error" for r in recs_now if r.required)
+        if all_required_ok(recs_now):
+            d.verified_at = d.verified_at or now
+        elif not errors:
+            d.verified_at = None
+        d.checked_at = now
+        d.last_check = {"records": [r.as_dict() for r in recs_now]}
+        changed(s, "domain", c.tenant_id, d.name)
+        await s.commit()
+        return domain_out(c.ctx.cfg, d, keys)
+
+
+@api.op("POST", "/v1/domains/{domain_id:int}/dkim/rotate",
+        summary="Start a new DKIM key generation (new selectors)", scope="manage",
+        response=DomainOut, errors=(404, 409))  # fmt: skip
+async def rotate_dkim(c: Call) -> Any:
+    """The new keys sign once their records verify; the old ones stay published (and
+    valid for mail already sent) until removed with DELETE .../dkim/{selector}."""
+    async with c.ctx.sessions() as s:
+        d = await _domain(s, c)
+        keys = await dom.domain_keys(s, d.id)
+        signing = dom.signing_generation(keys)
+        top = max((k.generation for k in keys), default=0)
+        if signing is None or top > signing:
+            raise ApiError(409, "conflict", "a key generation is still waiting for verification")
+        keys += await dom.add_generation(s, d, top + 1, c.ctx.box)
+        changed(s, "domain", c.tenant_id, d.name)
+        await s.commit()
+        return domain_out(c.ctx.cfg, d, keys)
+
+
+@api.op("DELETE", "/v1/domains/{domain_id:int}/dkim/{selector}",
+        summary="Remove a retired DKIM key", scope="manage", response=DomainOut,
+        errors=(404, 409))  # fmt: skip
+async def delete_dkim(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        d = await _domain(s, c)
+        keys = await dom.domain_keys(s, d.id)
+        key = next((k for k in keys if k.selector == c.path["selector"]), None)
+        if key is None:
+            raise not_found("DKIM key")
+        if dom.key_state(key, dom.signing_generation(keys)) != "retired":
+            raise ApiError(409, "conflict", "only a retired key (an older generation) is removed")
+        await s.delete(key)
+        keys.remove(key)
+        changed(s, "domain", c.tenant_id, d.name)
+        await s.commit()
+        return domain_out(c.ctx.cfg, d, keys)
+
+
+@api.op("DELETE", "/v1/domains/{domain_id:int}", summary="Remove a sending domain",
+        scope="manage", response=Deleted, errors=(404,))  # fmt: skip
+async def delete_domain(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        d = await _domain(s, c)
+        await s.execute(delete(DkimKey).where(DkimKey.domain_id == d.id))
+        await s.delete(d)
+        changed(s, "domain", c.tenant_id, d.name)
+        await s.commit()
+    return Deleted(deleted=True)
+
+
+# ---------------------------------------------------------------- suppressions
+
+
+def supp_out(x: Suppression) -> SuppressionOut:
+    return SuppressionOut(address=x.address, reason=x.reason, source=x.source, note=x.note,
+                          created_at=x.created_at, expires_at=x.expires_at)  # fmt: skip
+
+
+async def upsert_suppression(
+    s: Any, tenant_id: int, address: str, reason: str, source: str, note: str,
+    expires_at: dt.datetime | None,
+) -> tuple[Suppression, bool]:  # fmt: skip
+    """Add or replace one suppression; True when it is new. The caller commits."""
+    key = suppression_key(address)
+    row = (await s.execute(select(Suppression).where(
+        Suppression.tenant_id == tenant_id, Suppression.address == key))).scalar_one_or_none()  # fmt: skip
+    created = row is None
+    if row is None:
+        row = Suppression(tenant_id=tenant_id, address=key)
+        s.add(row)
+    row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
+    row.created_at = dt.datetime.now(dt.UTC)
+    changed(s, "suppression", tenant_id, key)
+    return row, created
+
+
+@api.op("POST", "/v1/suppressions", summary="Suppress an address (or replace its entry)",
+        scope="manage", body=SuppressionCreate, response=SuppressionOut, status=201)  # fmt: skip
+async def create_suppression(c: Call) -> Any:
+    b: SuppressionCreate = c.body
+    if b.expires_at is not None and b.expires_at.tzinfo is None:
+        raise invalid("expires_at", "give a time zone (e.g. 2027-01-01T00:00:00Z)")
+    async with c.ctx.sessions() as s:
+        row, _ = await upsert_suppression(
+            s, c.tenant_id, b.address, b.reason, b.source, b.note, b.expires_at
+        )
+        await s.commit()
+    c.ctx.suppressions.note_local_change()
+    return supp_out(row)
+
+
+@api.op("GET", "/v1/suppressions", summary="List or search suppressions", scope="read",
+        query=SuppressionQuery, response=SuppressionList)  # fmt: skip
+async def list_suppressions(c: Call) -> Any:
+    q: SuppressionQuery = c.query
+    after = decode_cursor(q.cursor)
+    stmt = select(Suppression).where(Suppression.tenant_id == c.tenant_id, Suppression.id > after)
+    if q.reason:
+        stmt = stmt.where(Suppression.reason == q.reason)
+    if q.q:
+        stmt = stmt.where(func.instr(Suppression.address, q.q.lower()) > 0)
+    async with c.ctx.sessions() as s:
+        rows = list((await s.execute(stmt.order_by(Suppression.id).limit(q.limit))).scalars())
+    return SuppressionList(data=[supp_out(x) for x in rows], next_cursor=page_of(rows, q.limit))
+
+
+async def _suppression(s: Any, c: Call) -> Suppression:
+    row = (await s.execute(select(Suppression).where(
+        Suppression.tenant_id == c.tenant_id,
+        Suppression.address == suppression_key(c.path["address"])))).scalar_one_or_none()  # fmt: skip
+    if row is None:
+        raise not_found("suppression")
+    return row
+
+
+@api.op("GET", "/v1/suppressions/{address}", summary="Show one address's suppression",
+        scope="read", response=SuppressionOut, errors=(404,))  # fmt: skip
+async def get_suppression(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        return supp_out(await _suppression(s, c))
+
+
+@api.op("DELETE", "/v1/suppressions/{address}", summary="Remove a suppression",
+        scope="manage", response=Deleted, errors=(404,))  # fmt: skip
+async def delete_suppression(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        row = await _suppression(s, c)
+        await s.delete(row)
+        changed(s, "suppression", c.tenant_id, row.address)
+        await s.commit()
+    c.ctx.suppressions.note_local_change()
+    return Deleted(deleted=True)
+
+
+CSV_FIELDS = ("address", "reason", "source", "note", "created_at", "expires_at")
+MAX_IMPORT = 100_000
+
+
+@api.op("POST", "/v1/suppressions/import", summary="Import suppressions from CSV",
+        scope="manage", response=ImportResult, request_media="text/csv",
+        body_limit=32 * 1024 * 1024)  # fmt: skip
+async def import_suppressions(c: Call) -> Any:
+    """CSV with a header row; ``address`` is required, ``reason`` (default manual),
+    ``source``, ``note`` and ``expires_at`` (ISO 8601 with zone) are optional. Bad rows
+    are reported by line and skipped; the good rows are imported together."""
+    try:
+        text = c.raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise invalid("body", "the CSV is not UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    if "address" not in header:
+        raise invalid("body", "the header row must name an address column")
+    unknown = [h for h in header if h not in CSV_FIELDS]
+    if unknown:
+        raise invalid("body", f"unknown column {unknown[0]!r}")
+    good: dict[str, tuple[str, str, str, str, dt.datetime | None]] = {}
+    errors: list[dict[str, Any]] = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if len(good) + len(errors) >= MAX_IMPORT:
+                raise invalid("body", f"more than {MAX_IMPORT} rows; split the file")
+            try:
+                addr = normalize_address((row.get("address") or "").strip())
+                reason = (row.get("reason") or "manual").strip()
+                if reason not in REASONS:
+                    raise ValueError(f"reason must be one of {', '.join(REASONS)}")
+                exp_text = (row.get("expires_at") or "").strip()
+                expires = dt.datetime.fromisoformat(exp_text) if exp_text else None
+                if expires is not None and expires.tzinfo is None:
+                    raise ValueError("expires_at needs a time zone")
+            except (AddressError, ValueError) as exc:
+                errors.append({"line": line, "message": str(exc)})
+                continue
+            good[suppression_key(addr)] = (addr, reason, (row.get("source") or "import")[:100],
+                                           (row.get("note") or "")[:2000], expires)  # fmt: skip
+    except csv.Error as exc:
+        raise invalid("body", f"line {reader.line_num}: {exc}") from None
+    created = updated = 0
+    async with c.ctx.sessions() as s:
+        for addr, reason, source, note, expires in good.values():
+            _, new = await upsert_suppression(s, c.tenant_id, addr, reason, source, note, expires)
+            created += new
+            updated += not new
+        await s.commit()
+    c.ctx.suppressions.note_local_change()
+    return ImportResult(created=created, updated=updated, errors=errors)
+
+
+@api.op("GET", "/v1/suppressions/export", summary="Export all suppressions as CSV",
+        scope="read", response_media="text/csv")  # fmt: skip
+async def export_suppressions(c: Call) -> Any:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\r\n")
+    w.writerow(CSV_FIELDS)
+    async with c.ctx.sessions() as s:
+        result = await s.stream(select(Suppression).where(Suppression.tenant_id == c.tenant_id)
+                                .order_by(Suppression.id))  # fmt: skip
+        async for x in result.scalars():
+            w.writerow([x.address, x.reason, x.source, x.note, x.created_at.isoformat(),
+                        x.expires_at.isoformat() if x.expires_at else ""])  # fmt: skip
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8")

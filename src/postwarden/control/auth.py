@@ -1,0 +1,127 @@
+"""API keys as bearer tokens (and as SMTP passwords): lookup, scopes, rate limits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from postwarden.store.models import ApiKey, Tenant
+from postwarden.store.secrets import hash_key, key_matches, key_prefix
+
+log = logging.getLogger("postwarden.control.auth")
+
+TENANT_SCOPES = ("send", "read", "manage")
+ALL_SCOPES = (*TENANT_SCOPES, "admin")
+# A scope that includes others: managing a tenant's resources includes reading them.
+IMPLIES = {"manage": {"read"}}
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: int
+    prefix: str
+    tenant_id: int | None  # None: an operator (admin) key
+    tenant_name: str | None
+    scopes: frozenset[str]
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes or any(scope in IMPLIES.get(s, ()) for s in self.scopes)
+
+
+class KeyAuthenticator:
+    """Finds the key behind a token; answers are cached briefly (and dropped on any
+    change of keys or tenants: :meth:`invalidate`), last use is written at most once a
+    minute per key."""
+
+    def __init__(
+        self, sessions: Callable[[], AsyncSession], *, ttl: float = 30.0, touch_every: float = 60.0
+    ) -> None:
+        self._sessions = sessions
+        self._ttl = ttl
+        self._touch_every = touch_every
+        self._cache: dict[str, tuple[Principal | None, float]] = {}
+        self._touched: dict[int, float] = {}
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def authenticate(self, token: str) -> Principal | None:
+        prefix = key_prefix(token)
+        if prefix is None:
+            return None
+        digest = hash_key(token)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            principal = hit[0]
+        else:
+            principal = await self._lookup(prefix, token)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (principal, now + self._ttl)
+        if principal is not None and now - self._touched.get(principal.key_id, -1e9) > (
+            self._touch_every
+        ):
+            self._touched[principal.key_id] = now
+            await self._touch(principal.key_id)
+        return principal
+
+    async def _lookup(self, prefix: str, token: str) -> Principal | None:
+        async with self._sessions() as s:
+            row = (
+                await s.execute(
+                    select(ApiKey, Tenant)
+                    .outerjoin(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.prefix == prefix)
+                )
+            ).first()
+        if row is None:
+            return None
+        key, tenant = row
+        if key.revoked_at is not None or not key_matches(token, key.secret_hash):
+            return None
+        if key.tenant_id is not None and (tenant is None or tenant.disabled):
+            return None
+        return Principal(
+            key.id, key.prefix, key.tenant_id, tenant.name if tenant else None,
+            frozenset(key.scopes.split()),
+        )  # fmt: skip
+
+    async def _touch(self, key_id: int) -> None:
+        try:
+            async with self._sessions() as s:
+                await s.execute(
+                    update(ApiKey)
+                    .where(ApiKey.id == key_id)
+                    .values(last_used_at=dt.datetime.now(dt.UTC))
+                )
+                await s.commit()
+        except Exception:  # a busy database must not fail the request
+            log.warning("event=key_touch_failed key=%s", key_id, exc_info=True)
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` requests a second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[Any, tuple[float, float]] = {}
+
+    def take(self, key: Any) -> float:
+        """0 when the request may go; else the seconds until it could."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate

@@ -1,0 +1,154 @@
+"""The control plane inside a process: database, caches kept current from the change
+feed, and the context the API handlers use (docs/decisions/0005)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from postwarden.config import Config
+from postwarden.control import ControlPlaneError
+from postwarden.control.auth import KeyAuthenticator, RateLimiter
+from postwarden.control.domains import signing_generation
+from postwarden.dns.resolver import Resolver
+from postwarden.mta.dkim import DkimKeyError, SigningKey, parse_key
+from postwarden.store.db import create_engine, current_revision, head_revision, sessionmaker, upgrade
+from postwarden.store.models import Change, DkimKey, Domain, IdempotencyKey
+from postwarden.store.secrets import load_box
+from postwarden.store.suppress import SuppressionCache
+
+log = logging.getLogger("postwarden.control")
+
+
+class ControlPlane:
+    def __init__(self, cfg: Config, resolver: Resolver) -> None:
+        self.cfg = cfg
+        self.resolver = resolver
+        self.engine = create_engine(cfg.database.url)
+        self.sessions = sessionmaker(self.engine)
+        try:
+            self.box = load_box(cfg.control.encryption_key, cfg.control.encryption_key_file)
+        except (OSError, ValueError) as exc:
+            raise ControlPlaneError(f"control.encryption_key: {exc}") from exc
+        self.auth = KeyAuthenticator(self.sessions)
+        self.limiter = RateLimiter(cfg.control.rate_limit, cfg.control.rate_burst)
+        self.suppressions = SuppressionCache(self.sessions)
+        self.signing_keys: list[SigningKey] = []
+        # Called with the new key list whenever verified domains or their keys change.
+        self.on_keys: list[Callable[[list[SigningKey]], None]] = []
+        # Set by the appliance: spools a message (None in a control-only process).
+        self.inject: Callable[..., Awaitable[Any]] | None = None
+        self._last_change = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        url = self.cfg.database.url
+        if self.cfg.database.auto_upgrade:
+            await upgrade(url)
+        have, want = await current_revision(url), head_revision()
+        if have != want:
+            raise ControlPlaneError(
+                f"database.url: the database is at revision {have or 'none'}, this version"
+                f" needs {want}: run `postwarden db upgrade`"
+            )
+        async with self.sessions() as s:
+            self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
+        await self.suppressions.load()
+        await self.reload_keys()
+        self.suppressions.wake = self._wake.set
+        self._task = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ DKIM keys
+
+    async def load_signing_keys(self) -> list[SigningKey]:
+        """The keys that sign: the signing generation of every verified domain."""
+        async with self.sessions() as s:
+            rows = (
+                await s.execute(
+                    select(Domain.id, Domain.name, DkimKey)
+                    .join(DkimKey, DkimKey.domain_id == Domain.id)
+                    .where(Domain.verified_at.is_not(None))
+                )
+            ).all()
+        by_domain: dict[int, tuple[str, list[DkimKey]]] = {}
+        for dom_id, name, key in rows:
+            by_domain.setdefault(dom_id, (name, []))[1].append(key)
+        out: list[SigningKey] = []
+        for name, keys in by_domain.values():
+            gen = signing_generation(keys)
+            for k in keys:
+                if k.generation != gen:
+                    continue
+                try:
+                    material = self.box.open(k.private_key)
+                    out.append(parse_key(name, k.selector, material, k.algorithm,  # type: ignore[arg-type]
+                                         f"{name}/{k.selector}"))  # fmt: skip
+                except (ValueError, DkimKeyError) as exc:
+                    log.error("event=dkim_key_unusable domain=%s selector=%s error=%r",
+                              name, k.selector, str(exc))  # fmt: skip
+        return out
+
+    async def reload_keys(self) -> None:
+        self.signing_keys = await self.load_signing_keys()
+        for fn in self.on_keys:
+            fn(self.signing_keys)
+
+    # ------------------------------------------------------------------ change feed
+
+    async def poll_once(self) -> None:
+        async with self.sessions() as s:
+            rows = (
+                await s.execute(
+                    select(Change.id, Change.kind, Change.tenant_id, Change.ref)
+                    .where(Change.id > self._last_change)
+                    .order_by(Change.id)
+                    .limit(20_000)
+                )
+            ).all()
+        if not rows:
+            return
+        self._last_change = rows[-1][0]
+        kinds = {r[1] for r in rows}
+        if kinds & {"api_key", "tenant"}:
+            self.auth.invalidate()
+        if "suppression" in kinds:
+            await self.suppressions.refresh((r[2], r[3]) for r in rows if r[1] == "suppression")
+        if "domain" in kinds:
+            await self.reload_keys()
+
+    async def prune(self) -> None:
+        """Forget change-feed rows older than a day and expired idempotency keys."""
+        now = dt.datetime.now(dt.UTC)
+        async with self.sessions() as s:
+            await s.execute(delete(Change).where(Change.created_at < now - dt.timedelta(days=1)))
+            ttl = dt.timedelta(seconds=self.cfg.control.idempotency_ttl)
+            await s.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < now - ttl))
+            await s.commit()
+
+    async def _poll(self) -> None:
+        n = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.control.cache_poll)
+            self._wake.clear()
+            try:
+                await self.poll_once()
+                n += 1
+                if n % 3600 == 0:
+                    await self.prune()
+            except Exception:
+                log.warning("event=change_feed_failed", exc_info=True)

@@ -1,0 +1,351 @@
+"""Declared API operations: one declaration gives the Starlette route, the checks
+(authentication, scope, rate limit, body and query validation) and the OpenAPI entry,
+so that the published schema cannot drift from what is served."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from postwarden.control.auth import Principal
+from postwarden.control.errors import ApiError, from_validation
+
+log = logging.getLogger("postwarden.control.api")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PATH_PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
+DEFAULT_BODY_LIMIT = 1024 * 1024
+
+
+@dataclass
+class Call:
+    """What a handler gets."""
+
+    request: Request
+    ctx: Any
+    principal: Principal | None
+    body: Any = None
+    query: Any = None
+    path: dict[str, Any] = field(default_factory=dict)
+    raw: bytes = b""
+    request_id: str = ""
+
+    @property
+    def tenant_id(self) -> int:
+        assert self.principal is not None and self.principal.tenant_id is not None
+        return self.principal.tenant_id
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclass
+class Operation:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    scope: str | None
+    tenant: bool  # a tenant's key is needed (False: an operator key for "admin")
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int
+    errors: tuple[int, ...]
+    body_limit: int
+    request_media: str = "application/json"
+    response_media: str = "application/json"
+    description: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # request header name → description
+
+
+class Api:
+    def __init__(self, title: str, version: str) -> None:
+        self.title = title
+        self.version = version
+        self.ops: list[Operation] = []
+
+    def op(
+        self,
+        method: str,
+        path: str,
+        *,
+        summary: str,
+        scope: str | None,
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        response: type[BaseModel] | None = None,
+        status: int = 200,
+        errors: tuple[int, ...] = (),
+        body_limit: int = DEFAULT_BODY_LIMIT,
+        request_media: str = "application/json",
+        response_media: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            self.ops.append(
+                Operation(
+                    method, path, fn, summary, scope, scope != "admin", body, query, response,
+                    status, errors, body_limit, request_media, response_media,
+                    (fn.__doc__ or "").strip(), headers or {},
+                )
+            )  # fmt: skip
+            return fn
+
+        return register
+
+    # ------------------------------------------------------------------ serving
+
+    def routes(self, ctx: Any) -> list[Route]:
+        by_path: dict[str, dict[str, Operation]] = {}
+        for op in self.ops:
+            by_path.setdefault(op.path, {})[op.method] = op
+        routes = []
+        # Fixed paths first: /v1/suppressions/export before /v1/suppressions/{address}.
+        for path, methods in sorted(by_path.items(), key=lambda kv: kv[0].count("{")):
+            routes.append(Route(path, self._endpoint(ctx, methods), methods=list(methods)))
+        return routes
+
+    def _endpoint(
+        self, ctx: Any, methods: dict[str, Operation]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            op = methods[request.method if request.method != "HEAD" else "GET"]
+            rid = request.headers.get("x-request-id", "")
+            if not _REQUEST_ID.match(rid):
+                rid = secrets.token_hex(8)
+            try:
+                result = await self._run(ctx, op, request, rid)
+            except ApiError as exc:
+                return error_response(exc, rid)
+            except Exception:
+                log.exception("event=api_error method=%s path=%s rid=%s", op.method, op.path, rid)
+                return error_response(ApiError(500, "internal", "internal error"), rid)
+            if isinstance(result, Response):
+                result.headers["X-Request-Id"] = rid
+                return result
+            status = op.status
+            if isinstance(result, tuple):
+                status, result = result
+            if status == 204:
+                return Response(status_code=204, headers={"X-Request-Id": rid})
+            if isinstance(result, BaseModel):
+                payload = result.model_dump(mode="json")
+            else:
+                payload = result
+            return JSONResponse(payload, status_code=status, headers={"X-Request-Id": rid})
+
+        return endpoint
+
+    async def _run(self, ctx: Any, op: Operation, request: Request, rid: str) -> Any:
+        principal = None
+        if op.scope is not None:
+            principal = await authenticate(ctx, request)
+            if op.tenant != (principal.tenant_id is not None):
+                raise ApiError(403, "forbidden", "this key cannot use this route"
+                               if op.tenant else "an operator key with the admin scope is needed")  # fmt: skip
+            if not principal.has(op.scope):
+                raise ApiError(403, "forbidden", f"the key lacks the {op.scope!r} scope")
+            wait = ctx.limiter.take(principal.key_id)
+            if wait > 0:
+                raise ApiError(429, "rate_limited", "too many requests for this key",
+                               headers={"Retry-After": str(max(1, round(wait + 0.5)))})  # fmt: skip
+        call = Call(request, ctx, principal, request_id=rid)
+        call.path = dict(request.path_params)
+        if op.query is not None:
+            params: dict[str, Any] = {}
+            for k, v in request.query_params.multi_items():
+                if k in params:
+                    raise ApiError(422, "validation_error", f"{k}: given more than once",
+                                   fields=[{"path": k, "message": "given more than once"}])  # fmt: skip
+                params[k] = v
+            try:
+                call.query = op.query.model_validate(params)
+            except ValidationError as exc:
+                raise from_validation(exc) from None
+        elif request.query_params:
+            name = next(iter(request.query_params))
+            raise ApiError(422, "validation_error", f"{name}: unknown query parameter",
+                           fields=[{"path": name, "message": "unknown query parameter"}])  # fmt: skip
+        if op.body is not None or op.request_media != "application/json":
+            call.raw = await read_body(request, op.body_limit)
+        if op.body is not None:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise ApiError(415, "unsupported_media_type", "send application/json")
+            try:
+                data = json.loads(call.raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            try:
+                call.body = op.body.model_validate(data)
+            except ValidationError as exc:
+                raise from_validation(exc) from None
+        return await op.handler(call)
+
+    # ------------------------------------------------------------------ OpenAPI
+
+    def openapi(self) -> dict[str, Any]:
+        models: list[tuple[type[BaseModel], Any]] = [(ErrorEnvelope, "serialization")]
+        for op in self.ops:
+            if op.body is not None:
+                models.append((op.body, "validation"))
+            if op.response is not None:
+                models.append((op.response, "serialization"))
+        keymap, defs = models_json_schema(
+            list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
+        )
+        schemas = defs.get("$defs", {})
+
+        def ref(model: type[BaseModel], mode: str) -> dict[str, Any]:
+            return keymap[(model, mode)]  # type: ignore[index]
+
+        paths: dict[str, Any] = {}
+        for op in self.ops:
+            oa_path = _PATH_PARAM.sub(lambda m: "{" + m.group(1) + "}", op.path)
+            entry: dict[str, Any] = {
+                "operationId": op.handler.__name__,
+                "summary": op.summary,
+                "parameters": [],
+                "responses": {},
+            }
+            if op.description:
+                entry["description"] = op.description
+            for m in _PATH_PARAM.finditer(op.path):
+                typ = {"int": {"type": "integer", "minimum": 0}}.get(m.group(2) or "", {"type": "string"})
+                entry["parameters"].append(
+                    {"name": m.group(1), "in": "path", "required": True, "schema": typ}
+                )
+            if op.query is not None:
+                qschema = op.query.model_json_schema(ref_template="#/components/schemas/{model}")
+                required = set(qschema.get("required", ()))
+                for name, prop in qschema.get("properties", {}).items():
+                    prop = dict(prop)
+                    desc = prop.pop("description", None)
+                    p: dict[str, Any] = {"name": name, "in": "query", "required": name in required,
+                                         "schema": prop}  # fmt: skip
+                    if desc:
+                        p["description"] = desc
+                    entry["parameters"].append(p)
+            for hname, hdesc in op.headers.items():
+                entry["parameters"].append(
+                    {"name": hname, "in": "header", "required": False, "description": hdesc,
+                     "schema": {"type": "string", "maxLength": 200}}  # fmt: skip
+                )
+            if op.body is not None:
+                entry["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref(op.body, "validation")}},
+                }
+            elif op.request_media != "application/json":
+                entry["requestBody"] = {
+                    "required": True,
+                    "content": {op.request_media: {"schema": {"type": "string"}}},
+                }
+            ok: dict[str, Any] = {"description": "success"}
+            if op.status != 204:
+                if op.response is not None:
+                    ok["content"] = {op.response_media: {"schema": ref(op.response, "serialization")}}
+                else:
+                    ok["content"] = {op.response_media: {"schema": {"type": "string"}}}
+            entry["responses"][str(op.status)] = ok
+            codes = set(op.errors) | {500}
+            if op.scope is not None:
+                codes |= {401, 403, 429}
+            if op.query is not None or op.body is not None:
+                codes |= {422}
+            if op.body is not None:
+                codes |= {400, 413, 415}
+            if op.request_media != "application/json":
+                codes |= {413}
+            for code in sorted(codes):
+                entry["responses"][str(code)] = {
+                    "description": _REASONS.get(code, "error"),
+                    "content": {"application/json": {"schema": ref(ErrorEnvelope, "serialization")}},
+                }
+            if op.scope is not None:
+                entry["security"] = [{"bearer": []}]
+            paths.setdefault(oa_path, {})[op.method.lower()] = entry
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version},
+            "paths": paths,
+            "components": {
+                "schemas": schemas,
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            },
+        }
+
+
+_REASONS = {
+    400: "the body is not JSON",
+    401: "no key, or an unknown or revoked one",
+    403: "the key may not do this",
+    404: "no such resource (for this tenant)",
+    409: "conflicts with an existing resource or an earlier request",
+    413: "the body is too large",
+    415: "wrong content type",
+    422: "a field is invalid; the error names it",
+    429: "rate limited; see Retry-After",
+    500: "internal error",
+}
+
+
+class ErrorDetail(BaseModel):
+    path: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    fields: list[ErrorDetail] | None = None
+    request_id: str
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+def error_response(exc: ApiError, rid: str) -> JSONResponse:
+    return JSONResponse(
+        exc.body(rid), status_code=exc.status, headers={"X-Request-Id": rid, **exc.headers}
+    )
+
+
+async def authenticate(ctx: Any, request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "send Authorization: Bearer <key>",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    principal: Principal | None = await ctx.auth.authenticate(token.strip())
+    if principal is None:
+        raise ApiError(401, "unauthorized", "unknown or revoked key",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    return principal
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,215 @@
+"""Request and response bodies of the API (pydantic), and their validation rules."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
+
+from postwarden.mail.addresses import AddressError, normalize_address
+
+Scope = Literal["send", "read", "manage"]
+Reason = Literal["unsubscribe", "hard_bounce", "complaint", "manual"]
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"
+)
+
+
+def _domain_name(value: str) -> str:
+    v = value.strip().lower().rstrip(".")
+    if not _HOSTNAME.match(v):
+        raise ValueError("not a domain name")
+    return v
+
+
+def _address(value: str) -> str:
+    try:
+        return normalize_address(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+DomainName = Annotated[str, StringConstraints(min_length=3, max_length=253),
+                       AfterValidator(_domain_name)]  # fmt: skip
+Address = Annotated[str, StringConstraints(min_length=3, max_length=320), AfterValidator(_address)]
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(Strict):
+    cursor: Cursor | None = Field(None, description="next_cursor of the previous page")
+    limit: int = Field(100, ge=1, le=1000, description="items per page")
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    from postwarden.control.errors import invalid
+
+    if not cursor:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = int(raw.decode("ascii"))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise invalid("cursor", "not a cursor this API gave") from None
+    if value < 0:
+        raise invalid("cursor", "not a cursor this API gave")
+    return value
+
+
+# ---------------------------------------------------------------- tenants and keys
+
+
+class TenantSettings(Strict):
+    bounce_notifications: bool = False
+
+
+class TenantCreate(Strict):
+    name: Name
+    settings: TenantSettings = Field(default_factory=TenantSettings)
+
+
+class TenantUpdate(Strict):
+    disabled: bool | None = None
+    settings: TenantSettings | None = None
+
+
+class TenantOut(BaseModel):
+    id: int
+    name: str
+    created_at: dt.datetime
+    disabled: bool
+    settings: TenantSettings
+
+
+class TenantList(BaseModel):
+    data: list[TenantOut]
+    next_cursor: str | None
+
+
+class KeyCreate(Strict):
+    name: Annotated[str, StringConstraints(max_length=200)] = ""
+    scopes: list[Scope] = Field(min_length=1, max_length=3)
+
+
+class KeyOut(BaseModel):
+    id: int
+    prefix: str
+    name: str
+    scopes: list[str]
+    tenant_id: int | None
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the secret key; shown this once, stored only hashed")
+
+
+class KeyList(BaseModel):
+    data: list[KeyOut]
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------- domains
+
+
+class DomainCreate(Strict):
+    name: DomainName
+
+
+class RecordOut(BaseModel):
+    purpose: str
+    type: str
+    name: str
+    value: str
+    required: bool
+    status: str
+    found: list[str]
+    detail: str
+
+
+class DkimKeyOut(BaseModel):
+    selector: str
+    algorithm: str
+    generation: int
+    state: Literal["signing", "pending", "retired"]
+    verified_at: dt.datetime | None
+
+
+class DomainOut(BaseModel):
+    id: int
+    name: str
+    created_at: dt.datetime
+    verified: bool
+    verified_at: dt.datetime | None
+    checked_at: dt.datetime | None
+    return_path: str
+    dkim: list[DkimKeyOut]
+    records: list[RecordOut]
+
+
+class DomainList(BaseModel):
+    data: list[DomainOut]
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------- suppressions
+
+
+class SuppressionCreate(Strict):
+    address: Address
+    reason: Reason = "manual"
+    source: Annotated[str, StringConstraints(max_length=100)] = "api"
+    note: Annotated[str, StringConstraints(max_length=2000)] = ""
+    expires_at: dt.datetime | None = None
+
+
+class SuppressionOut(BaseModel):
+    address: str
+    reason: str
+    source: str
+    note: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+
+
+class SuppressionList(BaseModel):
+    data: list[SuppressionOut]
+    next_cursor: str | None
+
+
+class SuppressionQuery(Page):
+    reason: Reason | None = None
+    q: Annotated[str, StringConstraints(max_length=320)] | None = Field(
+        None, description="addresses containing this text"
+    )
+
+
+class ImportResult(BaseModel):
+    created: int
+    updated: int
+    errors: list[dict[str, Any]]
+
+
+class Deleted(BaseModel):
+    deleted: bool

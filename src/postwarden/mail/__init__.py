@@ -1,0 +1,1 @@
+"""Building and checking messages that the appliance writes itself (API injection)."""

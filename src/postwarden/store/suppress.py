@@ -1,0 +1,79 @@
+"""The one suppression check, used by every sending path.
+
+Each process keeps every tenant's suppressions in memory (a dict per tenant) and keeps
+it current from the change feed, so the check is a lookup and never a database round
+trip on the MTA's hot path (docs/decisions/0005).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import select, tuple_
+
+from postwarden.mail.addresses import suppression_key
+from postwarden.store.models import Suppression
+
+
+class SuppressionCache:
+    def __init__(self, sessions: Callable[[], Any]) -> None:
+        self._sessions = sessions
+        self._by_tenant: dict[int, dict[str, tuple[str, float | None]]] = {}
+        self.wake: Callable[[], None] = lambda: None  # set by the change-feed poller
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._by_tenant.values())
+
+    def check(self, tenant_id: int | None, address: str, now: float | None = None) -> str | None:
+        """The reason ``address`` is suppressed for the tenant, or None to send."""
+        if tenant_id is None:
+            return None
+        entries = self._by_tenant.get(tenant_id)
+        if not entries:
+            return None
+        hit = entries.get(suppression_key(address))
+        if hit is None:
+            return None
+        reason, expires = hit
+        if expires is not None and expires <= (time.time() if now is None else now):
+            return None
+        return reason
+
+    def note_local_change(self) -> None:
+        """This process changed suppressions: apply the change feed now, not in a second."""
+        self.wake()
+
+    def _put(self, row: Any) -> None:
+        exp = row.expires_at.timestamp() if row.expires_at is not None else None
+        self._by_tenant.setdefault(row.tenant_id, {})[row.address] = (row.reason, exp)
+
+    async def load(self) -> None:
+        fresh: dict[int, dict[str, tuple[str, float | None]]] = {}
+        self._by_tenant = fresh
+        async with self._sessions() as s:
+            result = await s.stream(
+                select(Suppression.tenant_id, Suppression.address, Suppression.reason,
+                       Suppression.expires_at).execution_options(yield_per=5000)
+            )  # fmt: skip
+            async for row in result:
+                self._put(row)
+
+    async def refresh(self, changes: Iterable[tuple[int, str]]) -> None:
+        """Re-read the given (tenant, address) entries: added, replaced or removed."""
+        pairs = list(dict.fromkeys((t, a) for t, a in changes if t is not None))
+        for i in range(0, len(pairs), 500):
+            chunk = pairs[i : i + 500]
+            async with self._sessions() as s:
+                rows = (
+                    await s.execute(
+                        select(Suppression.tenant_id, Suppression.address, Suppression.reason,
+                               Suppression.expires_at)
+                        .where(tuple_(Suppression.tenant_id, Suppression.address).in_(chunk))
+                    )
+                ).all()  # fmt: skip
+            for t, a in chunk:
+                self._by_tenant.get(t, {}).pop(a, None)
+            for row in rows:
+                self._put(row)
