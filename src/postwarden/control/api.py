@@ -260,7 +260,7 @@ async def verify_domain(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
         keys = await dom.domain_keys(s, d.id)
-        recs = await verify(c.ctx.resolver, dom.records(c.ctx.cfg, d, keys))
+        recs = await verify(c.ctx.fresh_resolver, dom.records(c.ctx.cfg, d, keys))
         now = dom.now()
         status = {r.name: r.status for r in recs if r.purpose == "dkim"}
         for k in keys:

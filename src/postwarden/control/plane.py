@@ -30,6 +30,8 @@ class ControlPlane:
     def __init__(self, cfg: Config, resolver: Resolver) -> None:
         self.cfg = cfg
         self.resolver = resolver
+        # Checking records an operator just published must not see yesterday's answer.
+        self.fresh_resolver = Resolver(cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=0)
         self.engine = create_engine(cfg.database.url)
         self.sessions = sessionmaker(self.engine)
         try:
@@ -64,6 +66,10 @@ class ControlPlane:
         await self.reload_keys()
         self.suppressions.wake = self._wake.set
         self._task = asyncio.create_task(self._poll())
+
+    def wake(self) -> None:
+        """Read the change feed now (this process just wrote to it)."""
+        self._wake.set()
 
     async def stop(self) -> None:
         if self._task is not None:

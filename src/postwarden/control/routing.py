@@ -192,7 +192,10 @@ class Api:
                 call.body = op.body.model_validate(data)
             except ValidationError as exc:
                 raise from_validation(exc) from None
-        return await op.handler(call)
+        result = await op.handler(call)
+        if op.method != "GET":
+            ctx.wake()  # apply what this request changed in this process's caches now
+        return result
 
     # ------------------------------------------------------------------ OpenAPI
 

@@ -101,7 +101,8 @@ class Resolver:
             res = dns.asyncresolver.Resolver()
         res.timeout = timeout
         res.lifetime = timeout
-        res.cache = dns.resolver.LRUCache(cache_size)
+        # cache_size 0: every question goes to the server (checking what was just published).
+        res.cache = dns.resolver.LRUCache(cache_size) if cache_size > 0 else None
         self._res = res
 
     # ------------------------------------------------------------------ primitives

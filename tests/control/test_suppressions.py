@@ -1,0 +1,107 @@
+"""Suppressions: CRUD, search, CSV import and export, expiry, and the in-process check."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import io
+
+from tests.control.conftest import ControlFactory
+
+
+async def test_crud_search_and_the_check(control: ControlFactory) -> None:
+    api = await control()
+    key = await api.tenant("acme")
+    async with api.client(key) as c:
+        r = await c.post("/v1/suppressions", json={"address": "Bob@Example.COM",
+                                                   "reason": "complaint", "note": "fbl"})  # fmt: skip
+        assert r.status_code == 201 and r.json()["address"] == "bob@example.com"
+        for i in range(5):
+            await c.post("/v1/suppressions", json={"address": f"user{i}@example.net"})
+        r = await c.get("/v1/suppressions", params={"q": "example.net", "limit": 3})
+        page = r.json()
+        assert len(page["data"]) == 3 and page["next_cursor"]
+        r = await c.get("/v1/suppressions", params={"q": "example.net", "cursor": page["next_cursor"]})
+        assert len(r.json()["data"]) == 2 and r.json()["next_cursor"] is None
+        r = await c.get("/v1/suppressions", params={"reason": "complaint"})
+        assert [x["address"] for x in r.json()["data"]] == ["bob@example.com"]
+        r = await c.get("/v1/suppressions/BOB@example.com")
+        assert r.status_code == 200 and r.json()["reason"] == "complaint"
+        # Replacing keeps one entry per address.
+        r = await c.post("/v1/suppressions", json={"address": "bob@example.com",
+                                                   "reason": "unsubscribe"})  # fmt: skip
+        assert r.status_code == 201
+        assert len((await c.get("/v1/suppressions", params={"q": "bob"})).json()["data"]) == 1
+        tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
+    await asyncio.sleep(0.1)
+    check = api.app.control.suppressions.check
+    assert check(tid, "BOB@EXAMPLE.COM") == "unsubscribe"
+    assert check(tid, "someone@example.com") is None
+    assert check(tid + 1, "bob@example.com") is None  # another tenant's list
+    async with api.client(key) as c:
+        assert (await c.delete("/v1/suppressions/bob@example.com")).status_code == 200
+        assert (await c.get("/v1/suppressions/bob@example.com")).status_code == 404
+        assert (await c.delete("/v1/suppressions/bob@example.com")).status_code == 404
+    await asyncio.sleep(0.1)
+    assert check(tid, "bob@example.com") is None
+
+
+async def test_expiry(control: ControlFactory) -> None:
+    api = await control()
+    key = await api.tenant("acme")
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    async with api.client(key) as c:
+        r = await c.post("/v1/suppressions", json={"address": "t@example.com",
+                                                   "expires_at": soon.isoformat()})  # fmt: skip
+        assert r.status_code == 201
+        r = await c.post("/v1/suppressions", json={"address": "t@example.com",
+                                                   "expires_at": "2030-01-01T00:00:00"})  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "expires_at"
+        tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
+    await asyncio.sleep(0.1)
+    check = api.app.control.suppressions.check
+    assert check(tid, "t@example.com") == "manual"
+    assert check(tid, "t@example.com", now=soon.timestamp() + 1) is None
+
+
+async def test_csv_import_reports_bad_lines_and_export_round_trips(control: ControlFactory) -> None:
+    api = await control()
+    key = await api.tenant("acme")
+    body = (
+        "address,reason,note,expires_at\r\n"
+        "a@example.com,hard_bounce,550 5.1.1,\r\n"
+        "not-an-address,manual,,\r\n"
+        "b@example.com,spam,,\r\n"
+        "c@example.com,,,2031-01-01T00:00:00+00:00\r\n"
+        "d@example.com,unsubscribe,,tomorrow\r\n"
+    )
+    async with api.client(key) as c:
+        r = await c.post("/v1/suppressions/import", content=body.encode(),
+                         headers={"content-type": "text/csv"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["created"] == 2 and res["updated"] == 0
+        assert [e["line"] for e in res["errors"]] == [3, 4, 6]
+        # Importing again updates instead of duplicating.
+        r = await c.post("/v1/suppressions/import", content=body.encode(),
+                         headers={"content-type": "text/csv"})  # fmt: skip
+        assert r.json()["created"] == 0 and r.json()["updated"] == 2
+        r = await c.post("/v1/suppressions/import", content=b"email\r\nx@example.com\r\n",
+                         headers={"content-type": "text/csv"})  # fmt: skip
+        assert r.status_code == 422
+        r = await c.post("/v1/suppressions/import", content=b"address,colour\r\nx@example.com,red\r\n",
+                         headers={"content-type": "text/csv"})  # fmt: skip
+        assert r.status_code == 422 and "colour" in r.json()["error"]["message"]
+        r = await c.get("/v1/suppressions/export")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [(x["address"], x["reason"]) for x in rows] == [
+        ("a@example.com", "hard_bounce"), ("c@example.com", "manual")]  # fmt: skip
+    assert rows[0]["note"] == "550 5.1.1" and rows[1]["expires_at"].startswith("2031-01-01")
+    # The export imports back into another tenant as it is.
+    other = await api.tenant("other")
+    async with api.client(other) as c:
+        r = await c.post("/v1/suppressions/import", content=r.content,
+                         headers={"content-type": "text/csv"})  # fmt: skip
+        assert r.json() == {"created": 2, "updated": 0, "errors": []}
