@@ -141,8 +141,11 @@ class Appliance:
         self.signer = DkimSigner(self._config_keys)
         self.control = ControlPlane(cfg, self.resolver)
         self.control.on_keys.append(self._keys_changed)
+        self.scheduler.suppressed = self.control.suppressed
         self.passwords = PasswordStore(cfg.smtp.users)
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
+        self.ingress.key_auth = self.control.smtp_login
+        self.ingress.may_send_as = self.control.may_send_as
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
@@ -157,8 +160,21 @@ class Appliance:
         return await self.signer.sign_async(message)
 
     async def accept(self, envelope: Envelope, data: bytes, msg_id: str) -> StoredMessage:
-        """Spool durably; hand the recipients straight to the scheduler when there is room."""
-        n = len(envelope.rcpt_tos)
+        """Spool durably; hand the recipients straight to the scheduler when there is room.
+
+        Suppressed recipients of a tenant's message are stored as dropped (with the
+        reason) and never leased.
+        """
+        if envelope.tenant is not None:
+            drops = dict(envelope.drops)
+            for rcpt in envelope.rcpt_tos:
+                reason = self.control.suppressed(envelope.tenant, rcpt)
+                if reason is not None and rcpt not in drops:
+                    drops[rcpt] = reason
+                    self.metrics.dropped.labels(reason, "acceptance").inc()
+            if drops:
+                envelope = dataclasses.replace(envelope, drops=drops)
+        n = sum(1 for r in envelope.rcpt_tos if r not in envelope.drops)
         lease = self.scheduler.reserve(n)
         try:
             stored = await self.spool.store(envelope, data, lease=lease, msg_id=msg_id)

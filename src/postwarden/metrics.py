@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 REJECT_REASONS = (
     "auth_required", "relay_denied", "auth_without_tls", "auth_failed", "too_many_recipients",
     "too_many_sessions", "too_many_commands", "bare_newline", "bad_sender", "bad_recipient",
-    "local_error",
+    "local_error", "sender_domain",
 )  # fmt: skip
 FAILURE_STAGES = (
     "connect", "dns", "mail", "rcpt", "data", "connection", "local", "smtputf8",
@@ -111,12 +111,22 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.dropped = Counter(
+            "postwarden_recipients_dropped",
+            "Recipients not sent because they are suppressed, by suppression reason and stage.",
+            ["reason", "stage"],
+            registry=r,
+        )
         self.spool_fsyncs = Counter(
             "postwarden_spool_commits", "Durable spool group commits.", registry=r
         )
         # Every label value exists from the start (at 0), so that dashboards and rates
         # see each series before its first event, with one worker or several.
         self.received.labels("smtp")
+        self.received.labels("api")
+        for reason in ("unsubscribe", "hard_bounce", "complaint", "manual"):
+            for stage in ("acceptance", "delivery"):
+                self.dropped.labels(reason, stage)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for reason in FAILURE_STAGES:

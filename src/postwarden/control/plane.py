@@ -42,6 +42,7 @@ class ControlPlane:
         self.limiter = RateLimiter(cfg.control.rate_limit, cfg.control.rate_burst)
         self.suppressions = SuppressionCache(self.sessions)
         self.signing_keys: list[SigningKey] = []
+        self.verified: dict[int, set[str]] = {}  # tenant id -> its verified sending domains
         # Called with the new key list whenever verified domains or their keys change.
         self.on_keys: list[Callable[[list[SigningKey]], None]] = []
         # Set by the appliance: spools a message (None in a control-only process).
@@ -85,14 +86,17 @@ class ControlPlane:
         async with self.sessions() as s:
             rows = (
                 await s.execute(
-                    select(Domain.id, Domain.name, DkimKey)
+                    select(Domain.id, Domain.name, Domain.tenant_id, DkimKey)
                     .join(DkimKey, DkimKey.domain_id == Domain.id)
                     .where(Domain.verified_at.is_not(None))
                 )
             ).all()
         by_domain: dict[int, tuple[str, list[DkimKey]]] = {}
-        for dom_id, name, key in rows:
+        verified: dict[int, set[str]] = {}
+        for dom_id, name, tenant_id, key in rows:
             by_domain.setdefault(dom_id, (name, []))[1].append(key)
+            verified.setdefault(tenant_id, set()).add(name)
+        self.verified = verified
         out: list[SigningKey] = []
         for name, keys in by_domain.values():
             gen = signing_generation(keys)
@@ -112,6 +116,38 @@ class ControlPlane:
         self.signing_keys = await self.load_signing_keys()
         for fn in self.on_keys:
             fn(self.signing_keys)
+
+    # ------------------------------------------------------------------ the MTA's questions
+
+    async def smtp_login(self, login: str, password: str) -> int | None:
+        """SMTP AUTH with an API key: the tenant's id when ``login`` is the key's tenant
+        name and the key has the ``send`` scope."""
+        principal = await self.auth.authenticate(password)
+        if (
+            principal is None
+            or principal.tenant_id is None
+            or principal.tenant_name != login
+            or not principal.has("send")
+        ):
+            return None
+        return principal.tenant_id
+
+    def may_send_as(self, tenant_id: int, domain: str | None) -> bool:
+        """Whether a tenant may send mail From ``domain`` (one of its verified domains,
+        unless ``control.require_verified_domains`` is off)."""
+        if domain is None:
+            return False
+        if not self.cfg.control.require_verified_domains:
+            return True
+        return domain in self.verified.get(tenant_id, ())
+
+    def suppressed(self, tenant: str, address: str) -> str | None:
+        """The one suppression check, for spool tenants (ids as text)."""
+        try:
+            tid = int(tenant)
+        except ValueError:
+            return None
+        return self.suppressions.check(tid, address)
 
     # ------------------------------------------------------------------ change feed
 

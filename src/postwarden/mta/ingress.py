@@ -30,6 +30,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from postwarden.config import Config
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import PasswordStore
+from postwarden.mta.dkim import from_domain, split_message
 from postwarden.mta.wire import BulkDataSMTP
 from postwarden.queue.spool import Envelope as SpoolEnvelope
 from postwarden.queue.spool import StoredMessage, new_message_id
@@ -120,6 +121,26 @@ def received_header(
         lines.append(f"for <{rcpt}>")
     lines[-1] += f"; {date}"
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def header_from_domain(data: bytes) -> str | None:
+    """The domain of the message's one From address; None when there is not exactly one
+    From field (RFC 5322 3.6) or it has no domain: such mail never passes as a tenant's."""
+    try:
+        headers, _ = split_message(data)
+    except Exception:
+        return None
+    if sum(1 for name, _ in headers if name.lower() == b"from") != 1:
+        return None
+    return from_domain(headers)
+
+
+@dataclass(frozen=True)
+class Submitter:
+    """Who authenticated a session (aiosmtpd keeps it as ``session.auth_data``)."""
+
+    login: bytes
+    tenant_id: int | None = None  # set when the password was a tenant's API key
 
 
 @dataclass
@@ -224,10 +245,18 @@ class IngressSMTP(BulkDataSMTP):
         if not isinstance(result, _PendingAuth):
             return result
         ok = await self.ingress.passwords.verify(result.login, result.password)
+        tenant: int | None = None
+        if not ok and self.ingress.key_auth is not None:
+            # A tenant's API key with the send scope: username = the tenant's name.
+            tenant = await self.ingress.key_auth(
+                result.login.decode("utf-8", "replace"), result.password.decode("utf-8", "replace")
+            )
+            ok = tenant is not None
         if ok:
             login = result.login.decode("utf-8", "replace")
-            log.info("event=auth_ok peer=%s user=%s", self._peer_ip, login)
-            return AuthResult(success=True, auth_data=LoginPassword(result.login, b""))
+            log.info("event=auth_ok peer=%s user=%s tenant=%s", self._peer_ip, login,
+                     tenant if tenant is not None else "-")  # fmt: skip
+            return AuthResult(success=True, auth_data=Submitter(result.login, tenant))
         self._auth_failures += 1
         self.ingress.metrics.rejected.labels("auth_failed").inc()
         log.warning("event=auth_failed peer=%s user=%r", self._peer_ip, result.login[:64])
@@ -268,6 +297,10 @@ class IngressHandler:
         self.sessions_by_ip: dict[str, int] = {}
         self.open_sessions = 0
         self.in_transaction = 0
+        # (tenant name, API key) -> tenant id when the key may send; from the control plane.
+        self.key_auth: Callable[[str, str], Awaitable[int | None]] | None = None
+        # (tenant id, From domain) -> whether the tenant may send as that domain.
+        self.may_send_as: Callable[[int, str | None], bool] = lambda _t, _d: True
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -371,11 +404,13 @@ class IngressHandler:
             peer_ip = session.peer[0] if session.peer else ""
             msg_id = new_message_id()
             tls = server._tls_protocol is not None
-            auth = (
-                session.login_data.decode("utf-8", "replace")
-                if session.authenticated and isinstance(session.login_data, bytes)
-                else None
-            )
+            who = session.auth_data if session.authenticated else None
+            auth = who.login.decode("utf-8", "replace") if isinstance(who, Submitter) else None
+            tenant = who.tenant_id if isinstance(who, Submitter) else None
+            if tenant is not None and not self.may_send_as(tenant, header_from_domain(data)):
+                self.metrics.rejected.labels("sender_domain").inc()
+                return ("550 5.7.1 The From domain is not a verified sending domain of this"
+                        " account")  # fmt: skip
             protocol = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
             if not session.extended_smtp:
                 protocol = "SMTP"
@@ -403,6 +438,7 @@ class IngressHandler:
                 client_ip=peer_ip,
                 helo=session.host_name or "",
                 auth=auth,
+                tenant=str(tenant) if tenant is not None else None,
                 smtputf8=bool(envelope.smtp_utf8),
                 body_8bit=body_8bit,
             )

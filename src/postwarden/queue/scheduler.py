@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from postwarden.config import Config
@@ -31,6 +31,7 @@ from postwarden.queue.spool import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
+    DROPPED,
     EXPIRED,
     QUEUED,
     Lease,
@@ -80,6 +81,8 @@ class Scheduler:
         self._flush_task: asyncio.Task[None] | None = None
         self._recording: set[asyncio.Task[None]] = set()
         self._body_bytes = 0
+        # (tenant, address) -> suppression reason or None; set by the appliance.
+        self.suppressed: Callable[[str, str], str | None] = lambda _tenant, _rcpt: None
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -138,7 +141,27 @@ class Scheduler:
                     self.metrics.inflight.set(self.inflight)
                     self._enqueue(leases)
 
+    def _drop_suppressed(self, leases: list[Lease]) -> list[Lease]:
+        """The one suppression check, again just before sending: an address suppressed
+        while its mail waited is dropped, never sent."""
+        keep: list[Lease] = []
+        dropped: list[Outcome] = []
+        for lease in leases:
+            reason = self.suppressed(lease.tenant, lease.rcpt) if lease.tenant else None
+            if reason is None:
+                keep.append(lease)
+                continue
+            dropped.append(Outcome(lease.rcpt_id, lease.msg_id, DROPPED, counted_attempt=False,
+                                   detail={"reason": reason, "stage": "delivery"}))  # fmt: skip
+            self.metrics.dropped.labels(reason, "delivery").inc()
+        if dropped:
+            self._pending.extend(dropped)
+            if self._flush_task is None:
+                self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+        return keep
+
     def _enqueue(self, leases: list[Lease], body: bytes | None = None) -> None:
+        leases = self._drop_suppressed(leases)
         per_job = self.cfg.delivery.max_recipients_per_transaction
         groups: dict[tuple[str, str], list[Lease]] = {}
         for lease in leases:

@@ -41,7 +41,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,9 @@ SCHEMA_VERSION = 2
 # survives a restart.
 QUEUED, ACTIVE, DEFERRED = "queued", "active", "deferred"
 DELIVERED, BOUNCED, EXPIRED, DELETED = "delivered", "bounced", "expired", "deleted"
+DROPPED = "dropped"  # never sent: suppressed (at acceptance or before an attempt)
 PENDING_STATES = (QUEUED, ACTIVE, DEFERRED)
-FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED)
+FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED, DROPPED)
 
 _SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -197,6 +198,12 @@ class Envelope:
     smtputf8: bool = False
     body_8bit: bool = False
     received_at: float = field(default_factory=time.time)
+    # Recipients not to send to, with why (the suppression check's answer): stored as
+    # ``dropped`` with a ``dropped`` event, never leased.
+    drops: Mapping[str, str] = field(default_factory=dict)
+    # What the submitter attached (tags, metadata, source…): rides on the first
+    # ``accepted`` event, for the control plane.
+    meta: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,7 @@ class Lease:
     body_length: int
     smtputf8: bool
     body_8bit: bool
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -485,7 +493,7 @@ class Spool:
                 res: Any
                 try:
                     if op.kind == "store":
-                        res = self._do_store(op, placed[id(op)], committed_events)
+                        res = self._do_store(op, placed[id(op)], committed_events, unlink)
                     elif op.kind == "lease":
                         res = self._do_lease(*op.args)
                     elif op.kind == "record":
@@ -652,14 +660,17 @@ class Spool:
     # ------------------------------------------------------------------ operations
 
     def _do_store(
-        self, op: _Op, where: tuple[int, int, int], events: list[dict[str, Any]]
-    ) -> StoredMessage:
+        self, op: _Op, where: tuple[int, int, int], events: list[dict[str, Any]],
+        unlink: list[int],
+    ) -> StoredMessage:  # fmt: skip
         assert self._db is not None
         db = self._db
         envelope, _data, lease, msg_id = op.args
         seg, offset, length = where
         now = time.time()
         rcpts = list(envelope.rcpt_tos)
+        drops = envelope.drops
+        live = sum(1 for r in rcpts if r not in drops)
         db.execute(
             "INSERT INTO messages(id, segment, body_offset, body_length, mail_from, client_ip,"
             " helo, auth, tenant, smtputf8, body_8bit, received_at, remaining)"
@@ -667,35 +678,45 @@ class Spool:
             (
                 msg_id, seg, offset, length, envelope.mail_from, envelope.client_ip,
                 envelope.helo, envelope.auth, envelope.tenant, int(envelope.smtputf8),
-                int(envelope.body_8bit), envelope.received_at, len(rcpts),
+                int(envelope.body_8bit), envelope.received_at, live,
             ),
         )  # fmt: skip
         db.execute("UPDATE segments SET live = live + 1 WHERE id = ?", (seg,))
         state = ACTIVE if lease else QUEUED
         ids: list[int] = []
         leases: list[Lease] = []
-        for rcpt in rcpts:
+        for i, rcpt in enumerate(rcpts):
             domain = domain_of(rcpt)
+            dropped = drops.get(rcpt)
             cur = db.execute(
                 "INSERT INTO recipients(msg_id, rcpt, domain, state, next_attempt, created_at,"
-                " updated_at) VALUES (?,?,?,?,?,?,?)",
-                (msg_id, rcpt, domain, state, now, envelope.received_at, now),
-            )
+                " updated_at, last_response) VALUES (?,?,?,?,?,?,?,?)",
+                (msg_id, rcpt, domain, DROPPED if dropped else state, now,
+                 envelope.received_at, now, dropped),
+            )  # fmt: skip
             rid = int(cur.lastrowid or 0)
             ids.append(rid)
-            if lease:
+            if lease and not dropped:
                 leases.append(
                     Lease(
                         rid, msg_id, rcpt, domain, 0, envelope.received_at, envelope.mail_from,
                         seg, offset, length, envelope.smtputf8, envelope.body_8bit,
+                        envelope.tenant,
                     )
                 )  # fmt: skip
-            detail = {"size": length, "client_ip": envelope.client_ip}
+            detail: dict[str, Any] = {"size": length, "client_ip": envelope.client_ip}
             if envelope.auth:
                 detail["auth"] = envelope.auth
             if envelope.tenant:
                 detail["tenant"] = envelope.tenant
+            if i == 0 and envelope.meta:
+                detail["meta"] = dict(envelope.meta)
             events.append(self._event(now, "accepted", msg_id, rid, rcpt, detail))
+            if dropped:
+                events.append(self._event(now, DROPPED, msg_id, rid, rcpt,
+                                          {"reason": dropped, "stage": "acceptance"}))  # fmt: skip
+        if live == 0:
+            self._remove_if_done(msg_id, unlink)
         return StoredMessage(msg_id, tuple(ids), tuple(leases))
 
     def _event(
@@ -715,7 +736,7 @@ class Spool:
 
     _LEASE_SQL = (
         "SELECT r.id, r.msg_id, r.rcpt, r.domain, r.attempts, r.created_at, m.mail_from,"
-        " m.segment, m.body_offset, m.body_length, m.smtputf8, m.body_8bit"
+        " m.segment, m.body_offset, m.body_length, m.smtputf8, m.body_8bit, m.tenant"
         " FROM recipients r JOIN messages m ON m.id = r.msg_id"
         " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.next_attempt <= ?"
         " ORDER BY r.next_attempt LIMIT ?"
@@ -732,7 +753,8 @@ class Spool:
         )
         return [
             Lease(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]), bool(r[11])
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                bool(r[11]), r[12],
             )
             for r in rows
         ]
