@@ -1,0 +1,113 @@
+"""SMTP submission as a tenant: AUTH with an API key, the verified-domain rule, and
+suppressed recipients dropped (at acceptance, and before a retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from postwarden.queue.admin import QueueAdmin
+from tests.control.conftest import ControlApi, ControlFactory
+
+
+def events(api: ControlApi, msg_id: str) -> list[dict[str, Any]]:
+    admin = QueueAdmin(api.app.cfg.spool.path)
+    try:
+        return admin.events(msg_id=msg_id, limit=1000)
+    finally:
+        admin.close()
+
+
+async def wait_events(api: ControlApi, msg_id: str, want: list[str], timeout: float = 10) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while True:
+        evs = events(api, msg_id)
+        types = [e["type"] for e in evs]
+        if all(types.count(t) >= want.count(t) for t in want):
+            return evs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; events: {types}")
+        await asyncio.sleep(0.05)
+
+
+async def submit(api: ControlApi, login: str, password: str, sender: str, rcpts: list[str]) -> str:
+    host, port = api.app.smtp_addresses[0]
+    msg = (f"From: Shop <{sender}>\r\nTo: {', '.join(rcpts)}\r\nSubject: order\r\n\r\n"
+           "thanks\r\n").encode()  # fmt: skip
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
+        await smtp.login(login, password)
+        _, resp = await smtp.sendmail(sender, rcpts, msg)
+    return resp.rsplit(" ", 1)[-1]
+
+
+async def test_auth_with_api_key_and_verified_domain_rule(control: ControlFactory) -> None:
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await api.tenant("acme")
+    reader = await api.tenant("other", scopes=("read",))
+    # Wrong tenant name, a key without `send`, a made-up key: all refused.
+    for login, password in (("nobody", key), ("other", reader), ("acme", key[:-2] + "zz")):
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await submit(api, login, password, "a@acme.test", ["u@inbox.test"])
+    # Right credentials, but acme.test is not (yet) a verified domain of acme.
+    with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+        await submit(api, "acme", key, "a@acme.test", ["u@inbox.test"])
+    assert exc.value.code == 550 and "5.7.1" in exc.value.message
+    await api.verified_domain(key, "acme.test")
+    await asyncio.sleep(0.5)
+    msg_id = await submit(api, "acme", key, "a@acme.test", ["u@inbox.test"])
+    evs = await wait_events(api, msg_id, ["accepted", "delivered"])
+    accepted = evs[0]
+    assert accepted["detail"]["auth"] == "acme" and accepted["detail"]["tenant"]
+    got = await api.lab.wait_for_messages(1)
+    assert b"DKIM-Signature:" in got[0].data and b"d=acme.test" in got[0].data
+
+
+async def test_suppressed_recipient_is_dropped_at_acceptance(control: ControlFactory) -> None:
+    api = await control({"control": {"require_verified_domains": False}})
+    api.lab.add_domain("inbox.test")
+    key = await api.tenant("acme")
+    async with api.client(key) as c:
+        r = await c.post("/v1/suppressions", json={"address": "Gone@Inbox.test",
+                                                   "reason": "hard_bounce"})  # fmt: skip
+        assert r.status_code == 201
+    await asyncio.sleep(0.3)
+    msg_id = await submit(api, "acme", key, "a@acme.test", ["ok@inbox.test", "gone@inbox.test"])
+    evs = await wait_events(api, msg_id, ["accepted", "accepted", "dropped", "delivered"])
+    dropped = [e for e in evs if e["type"] == "dropped"]
+    assert [e["rcpt"] for e in dropped] == ["gone@inbox.test"]
+    assert dropped[0]["detail"] == {"reason": "hard_bounce", "stage": "acceptance"}
+    got = await api.lab.wait_for_messages(1)
+    await asyncio.sleep(0.3)
+    assert len(api.lab.messages) == 1 and got[0].rcpt_tos == ["ok@inbox.test"]
+    # Mail from a trusted network without AUTH has no tenant, hence no tenant list.
+    host, port = api.app.smtp_addresses[0]
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
+        await smtp.sendmail("a@relay.test", ["gone@inbox.test"], b"Subject: x\r\n\r\nx\r\n")
+    await api.lab.wait_for_messages(2)
+
+
+async def test_address_suppressed_while_queued_is_dropped_before_retry(
+    control: ControlFactory,
+) -> None:
+    api = await control({"control": {"require_verified_domains": False},
+                         "queue": {"retry_initial": "1s", "retry_max": "1s"}})  # fmt: skip
+    api.lab.add_domain("slow.test", behaviour="tempfail")
+    key = await api.tenant("acme")
+    msg_id = await submit(api, "acme", key, "a@acme.test", ["late@slow.test"])
+    await wait_events(api, msg_id, ["accepted", "deferred"])
+    async with api.client(key) as c:
+        r = await c.post("/v1/suppressions", json={"address": "late@slow.test",
+                                                   "reason": "unsubscribe"})  # fmt: skip
+        assert r.status_code == 201
+    api.lab.set_behaviour("slow.test", "accept")
+    evs = await wait_events(api, msg_id, ["dropped"])
+    assert evs[-1]["type"] == "dropped"
+    assert evs[-1]["detail"] == {"reason": "unsubscribe", "stage": "delivery"}
+    await asyncio.sleep(1.5)
+    assert not api.lab.messages
+    assert [e["type"] for e in events(api, msg_id)].count("deferred") == 1
