@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
+from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
@@ -146,6 +147,8 @@ class Appliance:
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
         self.ingress.key_auth = self.control.smtp_login
         self.ingress.may_send_as = self.control.may_send_as
+        self.control.inject = self.inject
+        self.copier = EventCopier(self.spool_path, self.control.sessions)
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
@@ -188,6 +191,15 @@ class Appliance:
             self.scheduler.wake()
         return stored
 
+    async def inject(self, envelope: Envelope, message: bytes, msg_id: str) -> StoredMessage:
+        """A message built by the API: signed, then spooled like SMTP mail."""
+        signed = await self.sign(message) + message
+        envelope = dataclasses.replace(envelope, body_8bit=not signed.isascii())
+        stored = await self.accept(envelope, signed, msg_id)
+        self.metrics.received.labels("api").inc()
+        self.metrics.recipients_received.inc(len(envelope.rcpt_tos))
+        return stored
+
     # ------------------------------------------------------------------ lifecycle
 
     def _keys_changed(self, keys: list[SigningKey]) -> None:
@@ -201,6 +213,8 @@ class Appliance:
         if self.spool.recovered_inflight:
             self.metrics.recovered_inflight.inc(self.spool.recovered_inflight)
         self.spool.event_listeners.append(self._on_events)
+        self.spool.event_listeners.append(self.copier.notify)
+        self.copier.start()
         self.scheduler.start()
         cert, key = ensure_tls_files(self.cfg)
         tls = server_context(cert, key)
@@ -310,6 +324,7 @@ class Appliance:
         if self._http is not None:
             await self._http.stop()
         await self.spool.close()
+        await self.copier.stop()
         await self.control.stop()
         for server in self.servers:
             with contextlib.suppress(Exception):

@@ -372,7 +372,8 @@ async def create_suppression(c: Call) -> Any:
             s, c.tenant_id, b.address, b.reason, b.source, b.note, b.expires_at
         )
         await s.commit()
-    c.ctx.suppressions.note_local_change()
+    # In force in this process before the answer; in the others within a poll.
+    await c.ctx.suppressions.refresh([(c.tenant_id, row.address)])
     return supp_out(row)
 
 
@@ -415,7 +416,7 @@ async def delete_suppression(c: Call) -> Any:
         await s.delete(row)
         changed(s, "suppression", c.tenant_id, row.address)
         await s.commit()
-    c.ctx.suppressions.note_local_change()
+    await c.ctx.suppressions.refresh([(c.tenant_id, row.address)])
     return Deleted(deleted=True)
 
 
@@ -471,7 +472,7 @@ async def import_suppressions(c: Call) -> Any:
             created += new
             updated += not new
         await s.commit()
-    c.ctx.suppressions.note_local_change()
+    await c.ctx.suppressions.refresh((c.tenant_id, suppression_key(a)) for a, *_ in good.values())
     return ImportResult(created=created, updated=updated, errors=errors)
 
 

@@ -50,6 +50,8 @@ def field_path(loc: Sequence[str | int]) -> str:
     """``("to", 0, "email")`` → ``to[0].email``."""
     out = ""
     for part in loc:
+        if part == "[key]":  # the key itself was refused: the path is the key's
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:

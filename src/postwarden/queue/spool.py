@@ -232,6 +232,7 @@ class StoredMessage:
     msg_id: str
     rcpt_ids: tuple[int, ...]
     leases: tuple[Lease, ...]  # non-empty when stored straight into ``active``
+    drops: Mapping[str, str] = field(default_factory=dict)  # recipients stored as dropped
 
 
 @dataclass(frozen=True)
@@ -709,15 +710,17 @@ class Spool:
                 detail["auth"] = envelope.auth
             if envelope.tenant:
                 detail["tenant"] = envelope.tenant
-            if i == 0 and envelope.meta:
-                detail["meta"] = dict(envelope.meta)
+            if i == 0:
+                detail["mail_from"] = envelope.mail_from
+                if envelope.meta:
+                    detail["meta"] = dict(envelope.meta)
             events.append(self._event(now, "accepted", msg_id, rid, rcpt, detail))
             if dropped:
                 events.append(self._event(now, DROPPED, msg_id, rid, rcpt,
                                           {"reason": dropped, "stage": "acceptance"}))  # fmt: skip
         if live == 0:
             self._remove_if_done(msg_id, unlink)
-        return StoredMessage(msg_id, tuple(ids), tuple(leases))
+        return StoredMessage(msg_id, tuple(ids), tuple(leases), dict(drops))
 
     def _event(
         self, ts: float, kind: str, msg_id: str, rid: int | None, rcpt: str | None,

@@ -205,7 +205,8 @@ class Event(Base):
     message_id: Mapped[str] = mapped_column(String(40))
     recipient_id: Mapped[str | None] = mapped_column(String(64))
     recipient: Mapped[str | None] = mapped_column(String(320))
-    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # The message's tags as ",a,b," so that one portable LIKE finds a tag.
+    tags: Mapped[str] = mapped_column(String(800), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 

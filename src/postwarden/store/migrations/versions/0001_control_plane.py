@@ -42,7 +42,7 @@ def upgrade() -> None:
         sa.Column("message_id", sa.String(length=40), nullable=False),
         sa.Column("recipient_id", sa.String(length=64), nullable=True),
         sa.Column("recipient", sa.String(length=320), nullable=True),
-        sa.Column("tags", sa.JSON(), nullable=False),
+        sa.Column("tags", sa.String(length=800), nullable=False),
         sa.Column("detail", sa.JSON(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_events")),
     )

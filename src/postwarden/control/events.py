@@ -1,0 +1,216 @@
+"""Copies a spool shard's event log into the control database (docs/decisions/0005).
+
+Events flow one way: the spool writes them durably as recipients change state; this
+copier, running beside the spool in the same process, reads them from the shard's
+index (its own read-only SQLite connection, never the writer's) and writes them, with
+the ``messages`` and ``message_recipients`` rows they imply and the shard's cursor, in
+one transaction of the control database. A crash repeats at most the last batch's
+read, never its write: the cursor moves in the same transaction as the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import sqlite3
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from postwarden.store.models import Event, EventCursor, Message, Recipient
+
+log = logging.getLogger("postwarden.control.events")
+
+BATCH = 2000
+# Event type -> the recipient's state after it.
+STATE_AFTER = {
+    "accepted": "queued",
+    "deferred": "deferred",
+    "delivered": "delivered",
+    "bounced": "bounced",
+    "expired": "expired",
+    "dropped": "dropped",
+    "deleted": "deleted",
+    "queued": "queued",
+}
+ATTEMPTS = {"deferred", "delivered", "bounced"}
+
+
+def recipient_id(msg_id: str, rcpt_id: int | None) -> str | None:
+    return f"{msg_id}.{rcpt_id}" if rcpt_id is not None else None
+
+
+def tags_text(tags: list[str]) -> str:
+    return "," + ",".join(tags) + "," if tags else ""
+
+
+def _ts(value: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def insert_ignore(session: AsyncSession, model: Any) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING for the session's database."""
+    name = session.bind.dialect.name if session.bind is not None else "sqlite"
+    mod = postgresql if name == "postgresql" else sqlite
+    return mod.insert(model).on_conflict_do_nothing()
+
+
+class EventCopier:
+    def __init__(self, spool_path: Path, sessions: Any, *, interval: float = 0.5) -> None:
+        self.spool_path = Path(spool_path)
+        self.shard = str(self.spool_path.resolve())
+        self.sessions = sessions
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: sqlite3.Connection | None = None
+        # msg id -> (tenant id, tags text), for the events after "accepted".
+        self._msgs: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
+        self.copied = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-copier")
+
+    def notify(self, _events: list[dict[str, Any]]) -> None:
+        """A spool event listener: new events are committed, copy soon."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self.copy_once()  # what the spool wrote last, before it closed
+        except Exception:
+            log.warning("event=event_copy_failed at=stop", exc_info=True)
+        if self._conn is not None:
+            self._conn.close()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval * 4)
+            await asyncio.sleep(self.interval)  # gather a batch
+            self._wake.clear()
+            try:
+                while await self.copy_once() == BATCH:
+                    pass
+            except Exception:
+                log.warning("event=event_copy_failed", exc_info=True)
+
+    def _read(self, after: int) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            uri = f"file:{self.spool_path / 'index.db'}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        return self._conn.execute(
+            "SELECT id, ts, type, msg_id, rcpt_id, rcpt, detail FROM events WHERE id > ?"
+            " ORDER BY id LIMIT ?",
+            (after, BATCH),
+        ).fetchall()
+
+    async def copy_once(self) -> int:
+        """Copy the next batch; the number of events copied."""
+        async with self.sessions() as s:
+            cur = await s.get(EventCursor, self.shard)
+            after = cur.last_id if cur is not None else 0
+            rows = await asyncio.to_thread(self._read, after)
+            if not rows:
+                return 0
+            await self._write(s, rows)
+            if cur is None:
+                s.add(EventCursor(shard=self.shard, last_id=rows[-1][0]))
+            else:
+                cur.last_id = rows[-1][0]
+            await s.commit()
+        self.copied += len(rows)
+        return len(rows)
+
+    async def _lookup(self, s: AsyncSession, msg_ids: set[str]) -> None:
+        missing = [m for m in msg_ids if m not in self._msgs]
+        for i in range(0, len(missing), 500):
+            got = (
+                await s.execute(
+                    select(Message.id, Message.tenant_id, Message.tags).where(
+                        Message.id.in_(missing[i : i + 500])
+                    )
+                )
+            ).all()
+            for mid, tenant, tags in got:
+                self._remember(mid, tenant, tags_text(tags or []))
+
+    def _remember(self, msg_id: str, tenant: int | None, tags: str) -> None:
+        self._msgs[msg_id] = (tenant, tags)
+        self._msgs.move_to_end(msg_id)
+        while len(self._msgs) > 100_000:
+            self._msgs.popitem(last=False)
+
+    async def _write(self, s: AsyncSession, rows: list[tuple[Any, ...]]) -> None:
+        messages: list[dict[str, Any]] = []
+        recipients: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        updates: dict[str, dict[str, Any]] = {}
+        parsed = []
+        for eid, ts, kind, msg_id, rcpt_id, rcpt, detail_text in rows:
+            detail = json.loads(detail_text or "{}")
+            parsed.append((eid, ts, kind, msg_id, rcpt_id, rcpt, detail))
+            if kind == "accepted" and msg_id not in self._msgs:
+                tenant = int(detail["tenant"]) if detail.get("tenant") else None
+                meta = detail.get("meta") or {}
+                tags = list(meta.get("tags") or [])
+                self._remember(msg_id, tenant, tags_text(tags))
+                if "mail_from" in detail:  # the message's first recipient
+                    messages.append({
+                        "id": msg_id, "tenant_id": tenant, "created_at": _ts(ts),
+                        "mail_from": detail.get("mail_from", ""),
+                        "subject": str(meta.get("subject", ""))[:300],
+                        "source": meta.get("source", "smtp"), "tags": tags,
+                        "meta": meta.get("metadata") or {},
+                    })  # fmt: skip
+        await self._lookup(s, {p[3] for p in parsed if p[3] not in self._msgs})
+        for eid, ts, kind, msg_id, rcpt_id, rcpt, detail in parsed:
+            tenant, tags = self._msgs.get(msg_id, (None, ""))
+            rid = recipient_id(msg_id, rcpt_id)
+            detail.pop("meta", None)
+            events.append({
+                "id": None, "tenant_id": tenant, "ts": _ts(ts), "type": kind,
+                "message_id": msg_id, "recipient_id": rid, "recipient": rcpt, "tags": tags,
+                "detail": detail,
+            })  # fmt: skip
+            if rid is None:
+                continue
+            if kind == "accepted":
+                recipients.append({
+                    "id": rid, "message_id": msg_id, "tenant_id": tenant, "address": rcpt or "",
+                    "state": "queued", "attempts": 0, "last_response": "",
+                    "updated_at": _ts(ts),
+                })  # fmt: skip
+            elif kind in STATE_AFTER:
+                u = updates.setdefault(rid, {"attempts": 0})
+                u["state"] = STATE_AFTER[kind]
+                u["updated_at"] = _ts(ts)
+                u["attempts"] += kind in ATTEMPTS
+                resp = detail.get("response") or detail.get("reason")
+                if resp:
+                    u["last_response"] = str(resp)[:2000]
+        if messages:
+            await s.execute(insert_ignore(s, Message), messages)
+        if recipients:
+            await s.execute(insert_ignore(s, Recipient), recipients)
+        for rid, u in updates.items():
+            n = u.pop("attempts")
+            await s.execute(
+                update(Recipient)
+                .where(Recipient.id == rid)
+                .values(**u, attempts=Recipient.attempts + n)
+            )
+        for ev in events:
+            ev.pop("id")
+        await s.execute(Event.__table__.insert(), events)

@@ -1,0 +1,435 @@
+"""The messages API: injection (one or a batch, idempotent), status, and events."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from postwarden.control.api import api
+from postwarden.control.errors import ApiError, invalid, not_found
+from postwarden.control.routing import Call
+from postwarden.control.schemas import Address, Cursor, decode_cursor, encode_cursor
+from postwarden.mail.build import RESERVED, BuildError, Draft, Mailbox, Part, build, needs_smtputf8
+from postwarden.queue.spool import Envelope, new_message_id
+from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
+
+_NO_BREAKS = re.compile(r"^[^\r\n\x00]*$")
+
+
+def _one_line(value: str) -> str:
+    if not _NO_BREAKS.match(value):
+        raise ValueError("CR, LF and NUL are not allowed")
+    return value
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]
+DisplayName = Annotated[OneLine, StringConstraints(max_length=200)]
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!-9;-~]{1,76}$")]
+HeaderValue = Annotated[OneLine, StringConstraints(max_length=998)]
+Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")]
+MetaKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+MetaValue = Annotated[str, StringConstraints(max_length=1000)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Mailbox_(Strict):
+    email: Address
+    name: DisplayName = ""
+
+
+def _from_text(value: Any) -> Any:
+    return {"email": value} if isinstance(value, str) else value
+
+
+# An address as a string, or {"email", "name"}: both validate as the object, so an
+# error names one path (``to[1].email``) whichever form was sent.
+MailboxIn = Annotated[Mailbox_, BeforeValidator(_from_text, json_schema_input_type=Mailbox_ | Address)]
+
+
+def _box(value: Mailbox_) -> Mailbox:
+    return Mailbox(value.email, value.name)
+
+
+class AttachmentIn(Strict):
+    filename: Annotated[OneLine, StringConstraints(min_length=1, max_length=255)]
+    content_type: Annotated[
+        str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]{0,63}/[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]{0,63}$")
+    ] = "application/octet-stream"
+    content: str = Field(description="the file, base64-encoded")
+    disposition: Literal["attachment", "inline"] = "attachment"
+    content_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@-]{1,100}$")] | None = None
+
+
+class MessageCreate(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: MailboxIn = Field(alias="from")
+    to: list[MailboxIn] = Field(default_factory=list)
+    cc: list[MailboxIn] = Field(default_factory=list)
+    bcc: list[MailboxIn] = Field(default_factory=list)
+    reply_to: MailboxIn | None = None
+    subject: Annotated[OneLine, StringConstraints(max_length=998)] = ""
+    text: str | None = None
+    html: str | None = None
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=50)
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100)
+    tags: list[Tag] = Field(default_factory=list, max_length=10)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=20)
+
+    @model_validator(mode="after")
+    def _complete(self) -> MessageCreate:
+        if self.text is None and self.html is None:
+            raise ValueError("give text, html or both")
+        if not (self.to or self.cc or self.bcc):
+            raise ValueError("give at least one recipient in to, cc or bcc")
+        return self
+
+
+class BatchCreate(Strict):
+    messages: list[MessageCreate] = Field(min_length=1, max_length=10_000)
+
+
+class RecipientAccepted(BaseModel):
+    id: str
+    email: str
+    status: Literal["queued", "dropped"]
+    reason: str | None = None
+
+
+class MessageAccepted(BaseModel):
+    id: str
+    recipients: list[RecipientAccepted]
+
+
+class BatchItem(BaseModel):
+    index: int
+    status: int
+    message: MessageAccepted | None = None
+    error: dict[str, Any] | None = None
+
+
+class BatchAccepted(BaseModel):
+    results: list[BatchItem]
+
+
+class RecipientState(BaseModel):
+    id: str
+    email: str
+    state: str
+    attempts: int
+    last_response: str
+    updated_at: dt.datetime
+
+
+class EventOut(BaseModel):
+    id: int
+    type: str
+    ts: dt.datetime
+    message_id: str
+    recipient_id: str | None
+    recipient: str | None
+    detail: dict[str, Any]
+
+
+class MessageStatus(BaseModel):
+    id: str
+    created_at: dt.datetime
+    mail_from: str
+    subject: str
+    source: str
+    tags: list[str]
+    metadata: dict[str, Any]
+    recipients: list[RecipientState]
+    events: list[EventOut]
+
+
+class EventList(BaseModel):
+    data: list[EventOut]
+    next_cursor: str | None
+
+
+class EventQuery(Strict):
+    type: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,20}$")] | None = None
+    recipient: Annotated[str, StringConstraints(max_length=320)] | None = None
+    message_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,40}$")] | None = None
+    tag: Tag | None = None
+    since: dt.datetime | None = Field(None, description="events at or after (ISO 8601)")
+    until: dt.datetime | None = Field(None, description="events before (ISO 8601)")
+    cursor: Cursor | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+# ---------------------------------------------------------------- injection
+
+
+def _decode(att: AttachmentIn, path: str) -> bytes:
+    try:
+        return base64.b64decode(att.content.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise invalid(path, "not valid base64") from None
+
+
+def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, bytes, str]:
+    """Check a message against the tenant's rules and build it; raises ApiError (422)."""
+    cfg = c.ctx.cfg
+    p = (lambda s: f"{prefix}{s}") if prefix else (lambda s: s)
+    sender = _box(m.from_)
+    domain = sender.email.rpartition("@")[2]
+    if not c.ctx.may_send_as(c.tenant_id, domain):
+        raise invalid(p("from"), f"{domain} is not a verified sending domain of this account")
+    rcpts = [_box(x).email for x in (*m.to, *m.cc, *m.bcc)]
+    if len(rcpts) > cfg.control.max_api_recipients:
+        raise invalid(p("to"), f"more than {cfg.control.max_api_recipients} recipients")
+    for name in m.headers:
+        if name.lower() in RESERVED or name.lower().startswith("x-postwarden-"):
+            raise invalid(p(f"headers.{name}"), "this header is set by the appliance")
+    limit = cfg.smtp.max_message_size
+    parts = []
+    for i, att in enumerate(m.attachments):
+        data = _decode(att, p(f"attachments[{i}].content"))
+        if len(data) > limit:
+            raise invalid(p(f"attachments[{i}].content"), f"larger than {limit} bytes")
+        parts.append(Part(att.filename, att.content_type, data, att.disposition, att.content_id))
+    draft = Draft(
+        sender=sender, to=[_box(x) for x in m.to], cc=[_box(x) for x in m.cc],
+        reply_to=_box(m.reply_to) if m.reply_to else None, subject=m.subject,
+        text=m.text, html=m.html, headers=list(m.headers.items()), attachments=parts,
+    )  # fmt: skip
+    msg_id = new_message_id()
+    try:
+        data = build(draft, message_id=f"<{msg_id}@{cfg.server.hostname}>", date=time.time())
+    except BuildError as exc:
+        raise invalid(p("body"), str(exc)) from None
+    if len(data) > limit:
+        raise invalid(p("body"), f"the message would be {len(data)} bytes; the limit is {limit}")
+    env = Envelope(
+        mail_from=sender.email, rcpt_tos=rcpts, client_ip=c.request.client.host
+        if c.request.client else "", helo="api", auth=c.principal.prefix if c.principal else None,
+        tenant=str(c.tenant_id), smtputf8=needs_smtputf8(draft) or any(
+            not r.isascii() for r in rcpts),
+        meta={"source": "api", "subject": m.subject[:300], "tags": m.tags,
+              "metadata": m.metadata},
+    )  # fmt: skip
+    return env, data, msg_id
+
+
+async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAccepted:
+    if c.ctx.inject is None:
+        raise ApiError(503, "unavailable", "this process does not accept mail (role control)")
+    try:
+        stored = await c.ctx.inject(env, data, msg_id)
+    except Exception as exc:
+        raise ApiError(503, "unavailable", f"the spool refused the message: {exc}") from exc
+    out = []
+    for rcpt, rid in zip(env.rcpt_tos, stored.rcpt_ids, strict=True):
+        reason = stored.drops.get(rcpt)
+        out.append(RecipientAccepted(id=f"{stored.msg_id}.{rid}", email=rcpt,
+                                     status="dropped" if reason else "queued", reason=reason))  # fmt: skip
+    return MessageAccepted(id=stored.msg_id, recipients=out)
+
+
+async def remember_message(c: Call, env: Envelope, msg: MessageAccepted) -> None:
+    """Make GET /v1/messages/{id} answer at once (the event copier would, a moment later)."""
+    meta = env.meta or {}
+    async with c.ctx.sessions() as s:
+        from postwarden.control.events import insert_ignore
+
+        now = dt.datetime.now(dt.UTC)
+        await s.execute(insert_ignore(s, Message), [{
+            "id": msg.id, "tenant_id": c.tenant_id, "created_at": now,
+            "mail_from": env.mail_from, "subject": meta.get("subject", ""), "source": "api",
+            "tags": list(meta.get("tags", [])), "meta": dict(meta.get("metadata", {})),
+        }])  # fmt: skip
+        await s.execute(insert_ignore(s, Recipient), [{
+            "id": r.id, "message_id": msg.id, "tenant_id": c.tenant_id, "address": r.email,
+            "state": r.status, "attempts": 0, "last_response": r.reason or "", "updated_at": now,
+        } for r in msg.recipients])  # fmt: skip
+        await s.commit()
+
+
+async def idempotent(c: Call, run: Any) -> Any:
+    """``Idempotency-Key``: the same key and body give the same answer for
+    ``control.idempotency_ttl``; the same key with another body is a 409."""
+    key = c.request.headers.get("idempotency-key")
+    if key is None:
+        return await run()
+    if not re.fullmatch(r"[\x21-\x7e]{1,200}", key):
+        raise invalid("Idempotency-Key", "1 to 200 printable ASCII characters")
+    digest = hashlib.sha256(c.request.url.path.encode() + b"\0" + c.raw).hexdigest()
+    ttl = dt.timedelta(seconds=c.ctx.cfg.control.idempotency_ttl)
+    now = dt.datetime.now(dt.UTC)
+    async with c.ctx.sessions() as s:
+        row = await s.get(IdempotencyKey, (c.tenant_id, key))
+        if row is not None and row.created_at < now - ttl:
+            await s.delete(row)
+            await s.flush()
+            row = None
+        if row is None:
+            s.add(IdempotencyKey(tenant_id=c.tenant_id, key=key, request_hash=digest,
+                                 status_code=0, response={}, created_at=now))  # fmt: skip
+            try:
+                await s.commit()
+            except IntegrityError:
+                await s.rollback()
+                row = await s.get(IdempotencyKey, (c.tenant_id, key))
+    if row is not None:
+        if row.request_hash != digest:
+            raise ApiError(409, "idempotency_conflict",
+                           "this Idempotency-Key was used with another request body")  # fmt: skip
+        if row.status_code == 0:
+            raise ApiError(409, "idempotency_in_progress",
+                           "a request with this Idempotency-Key is still being processed")  # fmt: skip
+        return row.status_code, row.response
+    try:
+        status, body = await run()
+    except ApiError as exc:
+        if exc.status >= 500:
+            async with c.ctx.sessions() as s:  # let a retry try again
+                row = await s.get(IdempotencyKey, (c.tenant_id, key))
+                if row is not None:
+                    await s.delete(row)
+                    await s.commit()
+            raise
+        status, body = exc.status, exc.body(c.request_id)
+    payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    async with c.ctx.sessions() as s:
+        row = await s.get(IdempotencyKey, (c.tenant_id, key))
+        if row is not None:
+            row.status_code, row.response = status, payload
+            await s.commit()
+    return status, payload
+
+
+IDEMPOTENCY = {"Idempotency-Key": "makes a retried request safe: same key and body, same answer (24 h)"}
+
+
+def _body_limit() -> int:
+    return 64 * 1024 * 1024
+
+
+@api.op("POST", "/v1/messages", summary="Send a message", scope="send", body=MessageCreate,
+        response=MessageAccepted, status=202, errors=(409, 503), body_limit=_body_limit(),
+        headers=IDEMPOTENCY)  # fmt: skip
+async def send_message(c: Call) -> Any:
+    """Answers 202 once the message is in the spool, fsync'd. Suppressed recipients
+    come back with status ``dropped`` and the reason."""
+
+    async def run() -> tuple[int, Any]:
+        env, data, msg_id = prepare(c, c.body)
+        msg = await spool(c, env, data, msg_id)
+        await remember_message(c, env, msg)
+        return 202, msg
+
+    return await idempotent(c, run)
+
+
+@api.op("POST", "/v1/messages/batch", summary="Send up to control.max_batch messages",
+        scope="send", body=BatchCreate, response=BatchAccepted, status=202, errors=(409,),
+        body_limit=_body_limit(), headers=IDEMPOTENCY)  # fmt: skip
+async def send_batch(c: Call) -> Any:
+    """Every message is checked first: one invalid message fails the whole batch with a
+    422 naming it (``messages[3].to[0]``), and nothing is sent. Then each is spooled;
+    the results list each message's id or, rarely, its spool error."""
+    body: BatchCreate = c.body
+    limit = c.ctx.cfg.control.max_batch
+    if len(body.messages) > limit:
+        raise invalid("messages", f"more than {limit} messages in one batch")
+
+    async def run() -> tuple[int, Any]:
+        prepared = [prepare(c, m, f"messages[{i}].") for i, m in enumerate(body.messages)]
+
+        async def one(i: int, env: Envelope, data: bytes, msg_id: str) -> BatchItem:
+            try:
+                msg = await spool(c, env, data, msg_id)
+            except ApiError as exc:
+                return BatchItem(index=i, status=exc.status, error=exc.body(c.request_id)["error"])
+            await remember_message(c, env, msg)
+            return BatchItem(index=i, status=202, message=msg)
+
+        results = await asyncio.gather(*(one(i, *p) for i, p in enumerate(prepared)))
+        return 202, BatchAccepted(results=list(results))
+
+    return await idempotent(c, run)
+
+
+# ---------------------------------------------------------------- status and events
+
+
+def event_out(e: Event) -> EventOut:
+    return EventOut(id=e.id, type=e.type, ts=e.ts, message_id=e.message_id,
+                    recipient_id=e.recipient_id, recipient=e.recipient, detail=e.detail or {})  # fmt: skip
+
+
+@api.op("GET", "/v1/messages/{message_id}", summary="A message's recipients and events",
+        scope="read", response=MessageStatus, errors=(404,))  # fmt: skip
+async def get_message(c: Call) -> Any:
+    mid = c.path["message_id"]
+    async with c.ctx.sessions() as s:
+        m = (await s.execute(select(Message).where(
+            Message.id == mid, Message.tenant_id == c.tenant_id))).scalar_one_or_none()  # fmt: skip
+        if m is None:
+            raise not_found("message")
+        rcpts = (await s.execute(select(Recipient).where(
+            Recipient.message_id == mid, Recipient.tenant_id == c.tenant_id)
+            .order_by(Recipient.id))).scalars().all()  # fmt: skip
+        evs = (await s.execute(select(Event).where(
+            Event.message_id == mid, Event.tenant_id == c.tenant_id)
+            .order_by(Event.id))).scalars().all()  # fmt: skip
+    return MessageStatus(
+        id=m.id, created_at=m.created_at, mail_from=m.mail_from, subject=m.subject,
+        source=m.source, tags=list(m.tags or []), metadata=dict(m.meta or {}),
+        recipients=[RecipientState(id=r.id, email=r.address, state=r.state, attempts=r.attempts,
+                                   last_response=r.last_response, updated_at=r.updated_at)
+                    for r in rcpts],
+        events=[event_out(e) for e in evs],
+    )  # fmt: skip
+
+
+@api.op("GET", "/v1/events", summary="Events, filtered, oldest first", scope="read",
+        query=EventQuery, response=EventList)  # fmt: skip
+async def list_events(c: Call) -> Any:
+    """Cursor pagination: pass ``next_cursor`` back as ``cursor``; polling with the last
+    cursor returns only newer events."""
+    q: EventQuery = c.query
+    stmt = select(Event).where(Event.tenant_id == c.tenant_id, Event.id > decode_cursor(q.cursor))
+    if q.type:
+        stmt = stmt.where(Event.type == q.type)
+    if q.recipient:
+        stmt = stmt.where(Event.recipient == q.recipient)
+    if q.message_id:
+        stmt = stmt.where(Event.message_id == q.message_id)
+    if q.tag:
+        esc = q.tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(Event.tags.like(f"%,{esc},%", escape="\\"))
+    for name, value in (("since", q.since), ("until", q.until)):
+        if value is not None and value.tzinfo is None:
+            raise invalid(name, "give a time zone (e.g. 2027-01-01T00:00:00Z)")
+    if q.since:
+        stmt = stmt.where(Event.ts >= q.since)
+    if q.until:
+        stmt = stmt.where(Event.ts < q.until)
+    async with c.ctx.sessions() as s:
+        rows = list((await s.execute(stmt.order_by(Event.id).limit(q.limit))).scalars())
+    return EventList(data=[event_out(e) for e in rows],
+                     next_cursor=encode_cursor(rows[-1].id) if rows else q.cursor)  # fmt: skip

@@ -1,0 +1,122 @@
+"""Turn a validated API message into RFC 5322 bytes (CRLF, MIME), and nothing else.
+
+Every header value reaching here was checked for CR, LF and NUL by the API's schema:
+Python 3.11's ``email`` package does not refuse them on every path, so header
+injection is stopped before, not here. This module still refuses them (a second
+lock on the door): :class:`BuildError`.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.message import EmailMessage
+
+# Headers the appliance writes itself; an API caller may not set them in `headers`.
+RESERVED = frozenset(
+    h.lower()
+    for h in (
+        "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Date", "Message-ID", "Sender",
+        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Content-Disposition",
+        "Content-ID", "DKIM-Signature", "Received", "Return-Path", "Delivered-To",
+        "Authentication-Results", "ARC-Seal", "ARC-Message-Signature",
+        "ARC-Authentication-Results",
+    )
+)  # fmt: skip
+
+
+class BuildError(ValueError):
+    """The message cannot be written as asked."""
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    email: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Part:
+    filename: str
+    content_type: str
+    data: bytes
+    disposition: str = "attachment"
+    content_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Draft:
+    sender: Mailbox
+    to: Sequence[Mailbox]
+    cc: Sequence[Mailbox] = ()
+    reply_to: Mailbox | None = None
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    headers: Sequence[tuple[str, str]] = ()
+    attachments: Sequence[Part] = field(default_factory=tuple)
+
+
+def _clean(value: str, what: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise BuildError(f"{what}: CR, LF and NUL are not allowed")
+    return value
+
+
+def _address(box: Mailbox) -> Address:
+    local, _, domain = box.email.rpartition("@")
+    return Address(display_name=_clean(box.name, "name"), username=local, domain=domain)
+
+
+def _text(body: str) -> str:
+    # One line ending, whatever the caller sent; the generator writes CRLF.
+    return body.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def needs_smtputf8(draft: Draft) -> bool:
+    boxes = [draft.sender, *draft.to, *draft.cc, *([draft.reply_to] if draft.reply_to else [])]
+    return any(not b.email.isascii() for b in boxes)
+
+
+def build(draft: Draft, *, message_id: str, date: float) -> bytes:
+    utf8 = needs_smtputf8(draft)
+    policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
+    msg = EmailMessage(policy=policy)
+    msg["From"] = _address(draft.sender)
+    if draft.to:
+        msg["To"] = [_address(b) for b in draft.to]
+    if draft.cc:
+        msg["Cc"] = [_address(b) for b in draft.cc]
+    if draft.reply_to:
+        msg["Reply-To"] = _address(draft.reply_to)
+    msg["Subject"] = _clean(draft.subject, "subject")
+    msg["Date"] = email.utils.formatdate(date, localtime=False)
+    msg["Message-ID"] = _clean(message_id, "message id")
+    for name, value in draft.headers:
+        if name.lower() in RESERVED:
+            raise BuildError(f"headers.{name}: set by the appliance")
+        msg[_clean(name, "header name")] = _clean(value, f"headers.{name}")
+    if draft.text is not None:
+        msg.set_content(_text(draft.text))
+        if draft.html is not None:
+            msg.add_alternative(_text(draft.html), subtype="html")
+    elif draft.html is not None:
+        msg.set_content(_text(draft.html), subtype="html")
+    else:
+        raise BuildError("text or html is needed")
+    for part in draft.attachments:
+        maintype, _, subtype = part.content_type.partition("/")
+        msg.add_attachment(
+            part.data, maintype=maintype, subtype=subtype,
+            filename=_clean(part.filename, "filename"), disposition=part.disposition,
+            cid=f"<{part.content_id}>" if part.content_id else None,
+        )  # fmt: skip
+    out = msg.as_bytes()
+    if b"\r\n" not in out or out.replace(b"\r\n", b"").count(b"\n") or out.replace(
+        b"\r\n", b""
+    ).count(b"\r"):
+        raise BuildError("internal: the message has a bare CR or LF")  # never sent so
+    return out
