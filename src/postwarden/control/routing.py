@@ -26,6 +26,7 @@ log = logging.getLogger("postwarden.control.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PATH_PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
 DEFAULT_BODY_LIMIT = 1024 * 1024
+MAX_ID = 2**63 - 1
 
 
 @dataclass
@@ -163,6 +164,10 @@ class Api:
                                headers={"Retry-After": str(max(1, round(wait + 0.5)))})  # fmt: skip
         call = Call(request, ctx, principal, request_id=rid)
         call.path = dict(request.path_params)
+        for name, value in call.path.items():
+            # Ids are 64-bit in every database: a larger number names nothing.
+            if isinstance(value, int) and value > MAX_ID:
+                raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
         if op.query is not None:
             params: dict[str, Any] = {}
             for k, v in request.query_params.multi_items():
@@ -226,7 +231,7 @@ class Api:
             if op.description:
                 entry["description"] = op.description
             for m in _PATH_PARAM.finditer(op.path):
-                typ = {"int": {"type": "integer", "minimum": 0}}.get(m.group(2) or "", {"type": "string"})
+                typ = {"int": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}.get(m.group(2) or "", {"type": "string"})
                 entry["parameters"].append(
                     {"name": m.group(1), "in": "path", "required": True, "schema": typ}
                 )
@@ -271,7 +276,7 @@ class Api:
             if op.body is not None:
                 codes |= {400, 413, 415}
             if op.request_media != "application/json":
-                codes |= {413}
+                codes |= {413, 422}
             for code in sorted(codes):
                 entry["responses"][str(code)] = {
                     "description": _REASONS.get(code, "error"),
