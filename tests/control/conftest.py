@@ -14,6 +14,8 @@ from postwarden.appliance import Appliance
 from postwarden.lab import Lab
 from postwarden.store.models import ApiKey
 from postwarden.store.secrets import new_api_key
+from tests.conftest import deep_merge
+from tests.pg import postgres  # noqa: F401  (the fixture)
 
 
 @dataclass
@@ -69,10 +71,18 @@ async def make_admin_key(app: Appliance) -> str:
 ControlFactory = Callable[..., Awaitable[ControlApi]]
 
 
-@pytest.fixture
-async def control(appliance: Any, lab: Lab) -> AsyncIterator[ControlFactory]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def control(
+    request: pytest.FixtureRequest, appliance: Any, lab: Lab
+) -> AsyncIterator[ControlFactory]:
+    """An appliance with its API; every test using it runs on SQLite and on PostgreSQL."""
+    db: dict[str, Any] = {}
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        db = {"database": {"url": server.new_database()}}
+
     async def make(overrides: dict[str, Any] | None = None) -> ControlApi:
-        app = await appliance(overrides)
+        app = await appliance(deep_merge(db, overrides or {}))
         assert app.control_address is not None
         host, port = app.control_address
         return ControlApi(app, f"http://{host}:{port}", await make_admin_key(app), lab)

@@ -7,7 +7,7 @@ import datetime as dt
 import io
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from starlette.responses import Response
 
@@ -386,7 +386,7 @@ async def list_suppressions(c: Call) -> Any:
     if q.reason:
         stmt = stmt.where(Suppression.reason == q.reason)
     if q.q:
-        stmt = stmt.where(func.instr(Suppression.address, q.q.lower()) > 0)
+        stmt = stmt.where(Suppression.address.contains(q.q.lower(), autoescape=True))
     async with c.ctx.sessions() as s:
         rows = list((await s.execute(stmt.order_by(Suppression.id).limit(q.limit))).scalars())
     return SuppressionList(data=[supp_out(x) for x in rows], next_cursor=page_of(rows, q.limit))
