@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_domains import verify_signatures
 
 
 async def until(c: httpx.AsyncClient, msg_id: str, done: Any, timeout: float = 15) -> dict:  # type: ignore[type-arg]
@@ -86,6 +87,7 @@ async def test_send_and_follow_each_recipient(control: ControlFactory) -> None:
     raw = inbox[0].data
     assert b"hidden@inbox.test" not in raw and b"unsub@" not in raw
     assert b"\nBcc:" not in raw and b"d=acme.test" in raw
+    assert len(await verify_signatures(api, raw)) == 2  # both keys, checked by dkimpy
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == "Your order ünïcode" and parsed["X-Campaign"] == "spring"
     assert parsed["From"].addresses[0].display_name == "Acme News"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import os
 import subprocess
 import sys
@@ -36,6 +37,11 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     assert "signatures verified" in text, text
     assert "dkim=[pass rsa-sha256 d=demo.lab.test; pass ed25519-sha256 d=demo.lab.test]" in text
     assert "received <hello@demo.lab.test> -> someone@inbox.lab.test tls=yes" in text
+    # The control plane's path: tenant, domain verified in the lab DNS, POST /v1/messages.
+    assert "operator key pw_" in text
+    assert "dkim ok, dkim ok, spf ok" in text
+    assert "dkim=[pass rsa-sha256 d=shop.lab.test; pass ed25519-sha256 d=shop.lab.test]" in text
+    assert re.search(r"GET /v1/messages/\w+ -> someone@inbox.lab.test delivered", text), text
     # The run's queue is where the config put it, for `postwarden queue` and `events`.
     env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(tmp_path / "spool")}
     proc = await asyncio.create_subprocess_exec(

@@ -269,3 +269,26 @@ async def test_async_signing_gives_the_same_signatures(keys: list[SigningKey]) -
     # Byte for byte the same: PKCS#1 v1.5 and Ed25519 are deterministic.
     assert sync == async_
     assert verify_all(async_ + MSG, keys) == [True, True]
+
+
+def test_every_signed_header_present_still_verifies(keys: list[SigningKey], tmp_path: Path) -> None:
+    """A long h= list is folded between names, never inside one (a regression: with
+    the MIME headers of API-built mail, a fold split "content-transfer-encoding")."""
+    from postwarden.mta.dkim import SIGNED_HEADERS
+
+    head = b"".join(
+        f"{name.title()}: value-of-{name}@sender.test\r\n".encode()
+        for name in SIGNED_HEADERS
+        if name != "from"
+    )
+    msg = b"From: <news@sender.test>\r\n" + head + b"\r\nbody\r\n"
+    signed = DkimSigner(keys).sign(msg) + msg
+    h_tag = re.search(rb"h=([^;]*);", signed.replace(b"\r\n", b"")).group(1)  # type: ignore[union-attr]
+    names = [n.strip() for n in h_tag.split(b":")]
+    assert all(n in {x.encode() for x in SIGNED_HEADERS} for n in names), names
+    assert verify_all(signed, keys) == [True, True]
+    opendkim = require_binary("opendkim")
+    path = tmp_path / "all.eml"
+    path.write_bytes(signed)
+    text = opendkim_verdict(opendkim, opendkim_conf(tmp_path, keys), path)
+    assert text.count("dkim=pass") == 2, text

@@ -27,6 +27,7 @@ from postwarden.lab import Lab
 from postwarden.mta.dkim import generate_key, load_key
 
 DEMO_DOMAIN = "demo.lab.test"
+API_DOMAIN = "shop.lab.test"  # a sending domain made through the API by the demo
 SELECTORS = {"rsa-sha256": "lab-rsa", "ed25519-sha256": "lab-ed"}
 
 
@@ -144,6 +145,13 @@ async def run_lab(
             f"'From: you@{DEMO_DOMAIN}\\r\\nTo: someone@inbox.lab.test\\r\\n"
             "Subject: hi\\r\\n\\r\\nhello\\r\\n')\""
         )
+        _say(f"  API          http://{ctl}/v1  (schema: http://{ctl}/openapi.json, "
+             f"page: http://{ctl}/docs)")
+        operator = await bootstrap_operator_key(app)
+        if operator:
+            _say(f"  operator key {operator}")
+            _say("               (shown once, stored hashed: keep it; "
+                 "`postwarden admin create-key` makes another)")
         _say("  watch:  .venv/bin/postwarden events --tail    (Ctrl-C stops the appliance)")
         _say("")
 
@@ -183,6 +191,12 @@ async def run_lab(
                 except TimeoutError:
                     _say("demo: FAILED - no DKIM-verified message reached the lab in 30 s")
                     rc = 1
+                if rc == 0:
+                    try:
+                        rc = await asyncio.wait_for(api_demo(app, lab, f"http://{ctl}"), 60)
+                    except Exception as exc:
+                        _say(f"demo: API demo FAILED: {exc!r}")
+                        rc = 1
             if once:
                 await asyncio.sleep(0.5)
             else:
@@ -209,6 +223,91 @@ async def send_demo(host: str, port: int) -> None:
             )
             resp = await smtp.sendmail(f"hello@{DEMO_DOMAIN}", [rcpt], body.encode())
             _say(f"demo: submitted to <{rcpt}>: {resp[1]}")
+
+
+async def bootstrap_operator_key(app: Appliance) -> str | None:
+    """The first operator key, when the database has none: printed once, stored hashed."""
+    from sqlalchemy import select
+
+    from postwarden.store.models import ApiKey, Change
+    from postwarden.store.secrets import new_api_key
+
+    async with app.control.sessions() as s:
+        have = (await s.execute(select(ApiKey.id).where(
+            ApiKey.tenant_id.is_(None), ApiKey.name == "bootstrap"))).first()  # fmt: skip
+        if have is not None:
+            return None
+        new = new_api_key()
+        s.add(ApiKey(tenant_id=None, prefix=new.prefix, secret_hash=new.secret_hash,
+                     name="bootstrap", scopes="admin"))  # fmt: skip
+        s.add(Change(kind="api_key", tenant_id=None, ref=new.prefix))
+        await s.commit()
+        return new.plaintext
+
+
+async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
+    """The control plane's path, as an application would take it: a tenant, its sending
+    domain (records published in the lab DNS, then verified), a message through
+    POST /v1/messages, followed to delivery with GET /v1/messages/{id}."""
+    import httpx
+    from sqlalchemy import update
+
+    from postwarden.store.models import ApiKey
+    from postwarden.store.secrets import new_api_key
+
+    # A short-lived operator key for the demo itself, revoked at the end.
+    op = new_api_key()
+    async with app.control.sessions() as s:
+        row = ApiKey(tenant_id=None, prefix=op.prefix, secret_hash=op.secret_hash,
+                     name="lab demo", scopes="admin")  # fmt: skip
+        s.add(row)
+        await s.commit()
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            adm = {"Authorization": f"Bearer {op.plaintext}"}
+            tenants = (await http.get("/v1/tenants", headers=adm)).json()["data"]
+            tenant = next((t for t in tenants if t["name"] == "demo"), None)
+            if tenant is None:
+                tenant = (await http.post("/v1/tenants", json={"name": "demo"}, headers=adm)).json()
+            r = await http.post(f"/v1/tenants/{tenant['id']}/keys", headers=adm,
+                                json={"name": "lab demo", "scopes": ["send", "read", "manage"]})  # fmt: skip
+            key = {"Authorization": f"Bearer {r.json()['key']}"}
+            doms = (await http.get("/v1/domains", headers=key)).json()["data"]
+            dom = next((d for d in doms if d["name"] == API_DOMAIN), None)
+            if dom is None:
+                r = await http.post("/v1/domains", json={"name": API_DOMAIN}, headers=key)
+                dom = r.json()
+            for rec in dom["records"]:  # the lab is new each run: publish again
+                lab.dns.remove(rec["name"], rec["type"])
+                lab.dns.add(rec["name"], rec["type"], rec["value"])
+            v = (await http.post(f"/v1/domains/{dom['id']}/verify", headers=key)).json()
+            _say(f"demo: API: tenant 'demo', domain {API_DOMAIN}: "
+                 + ", ".join(f"{x['purpose']} {x['status']}" for x in v["records"]))  # fmt: skip
+            await asyncio.sleep(app.cfg.control.cache_poll + 0.2)  # keys reach the signer
+            r = await http.post("/v1/messages", headers=key, json={
+                "from": {"email": f"orders@{API_DOMAIN}", "name": "Lab Shop"},
+                "to": ["someone@inbox.lab.test"], "subject": "Sent through POST /v1/messages",
+                "text": "Injected over HTTP, spooled, signed with the domain's own keys.",
+                "tags": ["demo"]})  # fmt: skip
+            sent = r.json()
+            _say(f"demo: API: POST /v1/messages -> {r.status_code} id={sent.get('id')}")
+            for _ in range(100):
+                m = (await http.get(f"/v1/messages/{sent['id']}", headers=key)).json()
+                states = [x["state"] for x in m.get("recipients", [])]
+                if states and all(x in ("delivered", "bounced", "dropped") for x in states):
+                    _say(f"demo: API: GET /v1/messages/{sent['id']} -> "
+                         + ", ".join(f"{x['email']} {x['state']}" for x in m["recipients"]))  # fmt: skip
+                    return 0 if states == ["delivered"] else 1
+                await asyncio.sleep(0.2)
+            _say("demo: API: FAILED - the message was not delivered in 20 s")
+            return 1
+    finally:
+        async with app.control.sessions() as s:
+            from postwarden.store.models import utcnow
+
+            await s.execute(update(ApiKey).where(ApiKey.prefix == op.prefix)
+                            .values(revoked_at=utcnow()))  # fmt: skip
+            await s.commit()
 
 
 def main() -> None:  # pragma: no cover - convenience
