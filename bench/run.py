@@ -153,6 +153,10 @@ hostname = "postwarden.bench.test"
 listen = ["127.0.0.1:{self.port}"]
 [control]
 listen = "127.0.0.1:{self.control}"
+encryption_key_file = "{self.scratch / "control.key"}"
+[database]
+url = "sqlite+aiosqlite:///{self.scratch / "control.db"}"
+auto_upgrade = true
 [spool]
 path = "{self.spool}"
 [dns]

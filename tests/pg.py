@@ -50,8 +50,9 @@ class PgServer:
         import asyncpg
 
         async def go() -> None:
-            conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user="pw",
-                                         database="postgres")  # fmt: skip
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=self.port, user="pw", database="postgres"
+            )
             try:
                 await conn.execute(sql)
             finally:
@@ -94,14 +95,42 @@ def start_server() -> PgServer:
         pw = pwd.getpwnam(user)
         for p in (root, datadir):
             os.chown(p, pw.pw_uid, pw.pw_gid)
-    _run_as(user, [f"{bindir}/initdb", "-D", str(datadir), "-U", "pw", "--auth=trust",
-                   "-E", "UTF8", "--no-sync"])  # fmt: skip
+    _run_as(
+        user,
+        [
+            f"{bindir}/initdb",
+            "-D",
+            str(datadir),
+            "-U",
+            "pw",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+    )
     from tests.conftest import free_port
 
     port = free_port()
-    argv = [f"{bindir}/postgres", "-D", str(datadir), "-k", str(root), "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-            "-c", "full_page_writes=off", "-c", "max_connections=200"]  # fmt: skip
+    argv = [
+        f"{bindir}/postgres",
+        "-D",
+        str(datadir),
+        "-k",
+        str(root),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=200",
+    ]
     if user:
         argv = [require_binary("runuser"), "-u", user, "--", *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -242,3 +242,82 @@ async def test_serve_refuses_to_strand_a_shard_that_holds_mail(
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert "shard-2 holds 1 message(s) but only 2 worker(s)" in out.decode()
+
+
+async def test_workers_serve_the_api_and_share_its_caches(
+    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
+) -> None:
+    """With two workers, every API request may land on either: a key, a domain or a
+    suppression made through one is in force in both (the change feed)."""
+    import httpx
+
+    lab.add_domain("inbox.test")
+    config, port = subprocess_config(
+        {"server": {"workers": 2}, "control": {"require_verified_domains": False}}
+    )
+    control = tomllib.loads(config.read_text())["control"]["listen"]
+    log = tmp_path / "serve.log"
+    async with serve([], config, port, log):
+        await wait_log(log, r"worker=1 event=started")
+        await wait_log(log, r"worker=0 event=started")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "postwarden.cli",
+            "admin",
+            "create-key",
+            "--config",
+            str(config),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        op = (await proc.communicate())[0].decode().strip()
+        # New connections each time: the kernel hands them to either worker.
+        base = f"http://{control}"
+        async with httpx.AsyncClient(
+            base_url=base,
+            headers={"Authorization": f"Bearer {op}"},
+            limits=httpx.Limits(max_keepalive_connections=0),
+        ) as c:
+            tid = (await c.post("/v1/tenants", json={"name": "acme"})).json()["id"]
+            r = await c.post(f"/v1/tenants/{tid}/keys", json={"scopes": ["send", "manage"]})
+            key = r.json()["key"]
+        async with httpx.AsyncClient(
+            base_url=base,
+            headers={"Authorization": f"Bearer {key}"},
+            limits=httpx.Limits(max_keepalive_connections=0),
+        ) as c:
+            assert (
+                await c.post("/v1/suppressions", json={"address": "no@inbox.test"})
+            ).status_code == 201
+            await asyncio.sleep(1.5)  # one change-feed poll and then some
+            ids = []
+            for i in range(12):
+                r = await c.post(
+                    "/v1/messages",
+                    json={
+                        "from": "a@acme.test",
+                        "to": [f"u{i}@inbox.test", "no@inbox.test"],
+                        "subject": "s",
+                        "text": "t",
+                    },
+                )
+                assert r.status_code == 202, r.text
+                got = {x["email"]: x["status"] for x in r.json()["recipients"]}
+                assert got == {f"u{i}@inbox.test": "queued", "no@inbox.test": "dropped"}
+                ids.append(r.json()["id"])
+            for mid in ids:
+                for _ in range(100):
+                    r = await c.get(f"/v1/messages/{mid}")
+                    if r.status_code == 200 and "delivered" in r.text:
+                        break
+                    await asyncio.sleep(0.1)
+                assert r.status_code == 200 and "delivered" in r.text, r.text
+        await lab.wait_for_messages(12)
+        assert all(m.rcpt_tos != ["no@inbox.test"] for m in lab.messages)
+        # Both workers took API requests: both shards have events.
+        admin = QueueAdmin(tomllib.loads(config.read_text())["spool"]["path"])
+        try:
+            assert {e["shard"] for e in admin.events(limit=1000)} == {0, 1}
+        finally:
+            admin.close()

@@ -62,8 +62,15 @@ class ControlApi:
 async def make_admin_key(app: Appliance) -> str:
     new = new_api_key()
     async with app.control.sessions() as s:
-        s.add(ApiKey(tenant_id=None, prefix=new.prefix, secret_hash=new.secret_hash,
-                     name="test operator", scopes="admin"))  # fmt: skip
+        s.add(
+            ApiKey(
+                tenant_id=None,
+                prefix=new.prefix,
+                secret_hash=new.secret_hash,
+                name="test operator",
+                scopes="admin",
+            )
+        )
         await s.commit()
     return new.plaintext
 

@@ -75,8 +75,11 @@ async def test_validation_errors_name_the_field(control: ControlFactory) -> None
             "/v1/suppressions", content=b"{not json", headers={"content-type": "application/json"}
         )
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json"
-        r = await c.post("/v1/suppressions", content=b"a=b",
-                         headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions",
+            content=b"a=b",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         assert r.status_code == 415
         r = await c.get("/v1/suppressions", params={"cursor": "!!"})
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "cursor"
@@ -87,8 +90,9 @@ async def test_validation_errors_name_the_field(control: ControlFactory) -> None
         r = await c.put("/v1/domains")
         assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
         big = b'{"address": "' + b"a" * (1024 * 1024) + b'@example.com"}'
-        r = await c.post("/v1/suppressions", content=big,
-                         headers={"content-type": "application/json"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions", content=big, headers={"content-type": "application/json"}
+        )
         assert r.status_code == 413
 
 
@@ -132,9 +136,15 @@ async def test_admin_create_key_cli(subprocess_config, tmp_path) -> None:  # typ
 
     async def run(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "postwarden.cli", *args, "--config", str(path),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "postwarden.cli",
+            *args,
+            "--config",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         return proc.returncode or 0, out.decode(), err.decode()
 

@@ -30,8 +30,12 @@ async def test_new_domain_shows_records_and_keeps_keys_encrypted(control: Contro
     assert {x["value"].split(";")[1].strip() for x in dk} == {"k=rsa", "k=ed25519"}
     assert all(x["name"].endswith("._domainkey.acme.test") and x["required"] for x in dk)
     assert by_purpose(d, "spf")[0]["value"] == "v=spf1 ip4:127.0.0.1 ~all"
-    assert by_purpose(d, "dmarc")[0] == {**by_purpose(d, "dmarc")[0], "name": "_dmarc.acme.test",
-                                         "value": "v=DMARC1; p=none", "required": False}  # fmt: skip
+    assert by_purpose(d, "dmarc")[0] == {
+        **by_purpose(d, "dmarc")[0],
+        "name": "_dmarc.acme.test",
+        "value": "v=DMARC1; p=none",
+        "required": False,
+    }
     rp = by_purpose(d, "return_path_mx")[0]
     assert rp["name"] == "pwb.acme.test" and rp["value"] == "10 postwarden.test"
     assert by_purpose(d, "return_path_spf")[0]["value"] == "v=spf1 ip4:127.0.0.1 -all"
@@ -157,7 +161,9 @@ async def test_verified_domain_signs_and_rotation_keeps_old_key_until_removed(
         states = {k["selector"]: k["state"] for k in v["dkim"]}
         assert {states[s] for s in gen1} == {"retired"} and {states[s] for s in gen2} == {"signing"}
         # The retired keys are still published (mail in flight verifies), not required.
-        old = [x for x in v["records"] if x["purpose"] == "dkim" and x["name"].split(".")[0] in gen1]
+        old = [
+            x for x in v["records"] if x["purpose"] == "dkim" and x["name"].split(".")[0] in gen1
+        ]
         assert old and not any(x["required"] for x in old)
         await asyncio.sleep(0.5)
         await send(api, "a@acme.test", "u@inbox.test")

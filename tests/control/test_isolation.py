@@ -21,8 +21,10 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
     async with api.client(key_b) as c:
         r = await c.post("/v1/suppressions", json={"address": "secret-b@inbox.test"})
         assert r.status_code == 201
-        r = await c.post("/v1/messages", json={"from": "x@bravo.test", "to": ["u@inbox.test"],
-                                               "subject": "b's", "text": "b"})  # fmt: skip
+        r = await c.post(
+            "/v1/messages",
+            json={"from": "x@bravo.test", "to": ["u@inbox.test"], "subject": "b's", "text": "b"},
+        )
         assert r.status_code == 202
         msg_b = r.json()["id"]
         key_b_id = (await c.get("/v1/keys")).json()["data"][0]["id"]
@@ -45,8 +47,13 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
             assert r.status_code == 404, (op.method, url, r.status_code, r.text)
             assert "bravo" not in r.text and "secret-b" not in r.text
             checked.append((op.method, op.path))
-        for path in ("/v1/domains", "/v1/keys", "/v1/suppressions", "/v1/events",
-                     "/v1/suppressions/export"):  # fmt: skip
+        for path in (
+            "/v1/domains",
+            "/v1/keys",
+            "/v1/suppressions",
+            "/v1/events",
+            "/v1/suppressions/export",
+        ):
             r = await c.get(path)
             assert r.status_code == 200
             assert "bravo" not in r.text and "secret-b" not in r.text and msg_b not in r.text
@@ -54,8 +61,10 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         assert r.json()["data"] == []
         # A cannot claim B's domain, nor send as it.
         assert (await c.post("/v1/domains", json={"name": "bravo.test"})).status_code == 409
-        r = await c.post("/v1/messages", json={"from": "x@bravo.test", "to": ["u@inbox.test"],
-                                               "subject": "s", "text": "t"})  # fmt: skip
+        r = await c.post(
+            "/v1/messages",
+            json={"from": "x@bravo.test", "to": ["u@inbox.test"], "subject": "s", "text": "t"},
+        )
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "from"
     # Every tenant route with a resource in its path was tried.
     assert len(checked) >= 9, checked

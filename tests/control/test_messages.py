@@ -42,28 +42,47 @@ async def test_send_and_follow_each_recipient(control: ControlFactory) -> None:
     key = await ready_tenant(api)
     pdf = b"%PDF-1.4 fake\x00\xff binary"
     async with api.client(key) as c:
-        await c.post("/v1/suppressions", json={"address": "unsub@inbox.test",
-                                               "reason": "unsubscribe"})  # fmt: skip
-        r = await c.post("/v1/messages", json={
-            "from": {"email": "news@acme.test", "name": "Acme News"},
-            "to": ["ann@inbox.test", {"email": "gone@nouser.test", "name": "Gone"}],
-            "bcc": ["unsub@inbox.test", "hidden@inbox.test"],
-            "subject": "Your order ünïcode",
-            "text": "Hello\nthere", "html": "<p>Hello</p>",
-            "headers": {"X-Campaign": "spring"},
-            "attachments": [{"filename": "bill.pdf", "content_type": "application/pdf",
-                             "content": base64.b64encode(pdf).decode()}],
-            "tags": ["orders"], "metadata": {"order": "42"},
-        })  # fmt: skip
+        await c.post(
+            "/v1/suppressions", json={"address": "unsub@inbox.test", "reason": "unsubscribe"}
+        )
+        r = await c.post(
+            "/v1/messages",
+            json={
+                "from": {"email": "news@acme.test", "name": "Acme News"},
+                "to": ["ann@inbox.test", {"email": "gone@nouser.test", "name": "Gone"}],
+                "bcc": ["unsub@inbox.test", "hidden@inbox.test"],
+                "subject": "Your order ünïcode",
+                "text": "Hello\nthere",
+                "html": "<p>Hello</p>",
+                "headers": {"X-Campaign": "spring"},
+                "attachments": [
+                    {
+                        "filename": "bill.pdf",
+                        "content_type": "application/pdf",
+                        "content": base64.b64encode(pdf).decode(),
+                    }
+                ],
+                "tags": ["orders"],
+                "metadata": {"order": "42"},
+            },
+        )
         assert r.status_code == 202, r.text
         sent = r.json()
         status = {x["email"]: x for x in sent["recipients"]}
-        assert status["unsub@inbox.test"] == {**status["unsub@inbox.test"], "status": "dropped",
-                                              "reason": "unsubscribe"}  # fmt: skip
+        assert status["unsub@inbox.test"] == {
+            **status["unsub@inbox.test"],
+            "status": "dropped",
+            "reason": "unsubscribe",
+        }
         assert status["ann@inbox.test"]["status"] == "queued"
         final = {"delivered", "bounced", "dropped"}
-        m = await until(c, sent["id"], lambda m: len(m["recipients"]) == 4 and all(
-            x["state"] in final for x in m["recipients"]))  # fmt: skip
+        m = await until(
+            c,
+            sent["id"],
+            lambda m: (
+                len(m["recipients"]) == 4 and all(x["state"] in final for x in m["recipients"])
+            ),
+        )
     states = {x["email"]: x for x in m["recipients"]}
     assert states["ann@inbox.test"]["state"] == "delivered"
     assert states["hidden@inbox.test"]["state"] == "delivered"
@@ -82,8 +101,7 @@ async def test_send_and_follow_each_recipient(control: ControlFactory) -> None:
     got = await api.lab.wait_for_messages(1)
     await asyncio.sleep(0.3)
     inbox = [x for x in api.lab.messages if "ann@inbox.test" in x.rcpt_tos]
-    assert len(inbox) == 1 and sorted(inbox[0].rcpt_tos) == ["ann@inbox.test",
-                                                            "hidden@inbox.test"]  # fmt: skip
+    assert len(inbox) == 1 and sorted(inbox[0].rcpt_tos) == ["ann@inbox.test", "hidden@inbox.test"]
     raw = inbox[0].data
     assert b"hidden@inbox.test" not in raw and b"unsub@" not in raw
     assert b"\nBcc:" not in raw and b"d=acme.test" in raw
@@ -106,28 +124,35 @@ async def expect_422(c: httpx.AsyncClient, body: dict[str, Any], path: str) -> N
 
 
 async def test_bad_input_names_the_field_and_sends_nothing(control: ControlFactory) -> None:
-    api = await control({"smtp": {"max_message_size": "20KB"},
-                         "control": {"max_api_recipients": 3}})  # fmt: skip
+    api = await control(
+        {"smtp": {"max_message_size": "20KB"}, "control": {"max_api_recipients": 3}}
+    )
     api.lab.add_domain("inbox.test")
     key = await ready_tenant(api)
     ok = {"from": "a@acme.test", "to": ["u@inbox.test"], "subject": "s", "text": "t"}
     async with api.client(key) as c:
-        await expect_422(c, {**ok, "headers": {"X-Note": "a\r\nBcc: evil@x.test"}},
-                         "headers.X-Note")  # fmt: skip
+        await expect_422(
+            c, {**ok, "headers": {"X-Note": "a\r\nBcc: evil@x.test"}}, "headers.X-Note"
+        )
         await expect_422(c, {**ok, "headers": {"X-Note\r\nBcc": "v"}}, "headers.X-Note\r\nBcc")
         await expect_422(c, {**ok, "headers": {"Bcc": "evil@x.test"}}, "headers.Bcc")
         await expect_422(c, {**ok, "subject": "hi\nBcc: evil@x.test"}, "subject")
-        await expect_422(c, {**ok, "from": {"email": "a@acme.test", "name": "A\r\nBcc: e@x.test"}},
-                         "from.name")  # fmt: skip
+        await expect_422(
+            c, {**ok, "from": {"email": "a@acme.test", "name": "A\r\nBcc: e@x.test"}}, "from.name"
+        )
         await expect_422(c, {**ok, "to": ["u@inbox.test", "not an address"]}, "to[1].email")
         await expect_422(c, {**ok, "to": ["u@inbox.test\r\nRCPT TO:<e@x.test>"]}, "to[0].email")
         await expect_422(c, {**ok, "from": "a@elsewhere.test"}, "from")
         await expect_422(c, {**ok, "to": [f"u{i}@inbox.test" for i in range(4)]}, "to")
-        await expect_422(c, {**ok, "attachments": [{"filename": "a", "content": "%%%"}]},
-                         "attachments[0].content")  # fmt: skip
+        await expect_422(
+            c,
+            {**ok, "attachments": [{"filename": "a", "content": "%%%"}]},
+            "attachments[0].content",
+        )
         big = base64.b64encode(b"x" * 30_000).decode()
-        await expect_422(c, {**ok, "attachments": [{"filename": "a", "content": big}]},
-                         "attachments[0].content")  # fmt: skip
+        await expect_422(
+            c, {**ok, "attachments": [{"filename": "a", "content": big}]}, "attachments[0].content"
+        )
         await expect_422(c, {**ok, "text": "y" * 30_000}, "body")
         await expect_422(c, {k: v for k, v in ok.items() if k != "text"}, "body")
         await expect_422(c, {**ok, "colour": "red"}, "colour")
@@ -145,8 +170,11 @@ async def test_idempotency_key(control: ControlFactory) -> None:
         r1 = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "order-42"})
         r2 = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "order-42"})
         assert r1.status_code == r2.status_code == 202 and r1.json() == r2.json()
-        r3 = await c.post("/v1/messages", json={**body, "subject": "other"},
-                          headers={"Idempotency-Key": "order-42"})  # fmt: skip
+        r3 = await c.post(
+            "/v1/messages",
+            json={**body, "subject": "other"},
+            headers={"Idempotency-Key": "order-42"},
+        )
         assert r3.status_code == 409 and r3.json()["error"]["type"] == "idempotency_conflict"
         # The key is per tenant: another tenant's same key is its own.
         other = await api.tenant("other")
@@ -169,8 +197,9 @@ async def test_batch_all_or_nothing_validation(control: ControlFactory) -> None:
         r = await c.post("/v1/messages/batch", json={"messages": bad})
         assert r.status_code == 422
         assert r.json()["error"]["fields"][0]["path"].startswith("messages[1].to[0]")
-        r = await c.post("/v1/messages/batch",
-                         json={"messages": [{**one, "to": ["u@inbox.test"]}] * 6})  # fmt: skip
+        r = await c.post(
+            "/v1/messages/batch", json={"messages": [{**one, "to": ["u@inbox.test"]}] * 6}
+        )
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "messages"
         good = [{**one, "to": [f"u{i}@inbox.test"]} for i in range(3)]
         r = await c.post("/v1/messages/batch", json={"messages": good})
@@ -179,8 +208,11 @@ async def test_batch_all_or_nothing_validation(control: ControlFactory) -> None:
         assert [x["index"] for x in res] == [0, 1, 2] and {x["status"] for x in res} == {202}
     await api.lab.wait_for_messages(3)
     await asyncio.sleep(0.3)
-    assert sorted(m.rcpt_tos[0] for m in api.lab.messages) == ["u0@inbox.test", "u1@inbox.test",
-                                                               "u2@inbox.test"]  # fmt: skip
+    assert sorted(m.rcpt_tos[0] for m in api.lab.messages) == [
+        "u0@inbox.test",
+        "u1@inbox.test",
+        "u2@inbox.test",
+    ]
 
 
 async def test_events_api_filters_and_pages(control: ControlFactory) -> None:
@@ -190,9 +222,16 @@ async def test_events_api_filters_and_pages(control: ControlFactory) -> None:
     ids = []
     async with api.client(key) as c:
         for i in range(4):
-            r = await c.post("/v1/messages", json={
-                "from": "a@acme.test", "to": [f"u{i}@inbox.test"], "subject": "s", "text": "t",
-                "tags": ["even" if i % 2 == 0 else "odd"]})  # fmt: skip
+            r = await c.post(
+                "/v1/messages",
+                json={
+                    "from": "a@acme.test",
+                    "to": [f"u{i}@inbox.test"],
+                    "subject": "s",
+                    "text": "t",
+                    "tags": ["even" if i % 2 == 0 else "odd"],
+                },
+            )
             ids.append(r.json()["id"])
         for mid in ids:
             await until(c, mid, lambda m: m["recipients"][0]["state"] == "delivered")
@@ -217,6 +256,7 @@ async def test_events_api_filters_and_pages(control: ControlFactory) -> None:
         assert len(seen) == 8 and seen == sorted(seen)
         r = await c.get("/v1/events", params={"since": "2000-01-01T00:00:00"})
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "since"
-        r = await c.get("/v1/events", params={"since": "2000-01-01T00:00:00Z", "until":
-                                              "2000-01-02T00:00:00Z"})  # fmt: skip
+        r = await c.get(
+            "/v1/events", params={"since": "2000-01-01T00:00:00Z", "until": "2000-01-02T00:00:00Z"}
+        )
         assert r.status_code == 200 and r.json()["data"] == []

@@ -11,21 +11,42 @@ from pathlib import Path
 from tests.conftest import VENV_BIN
 from tests.control.conftest import ControlFactory
 
-CHECKS = ",".join((
-    "not_a_server_error", "status_code_conformance", "content_type_conformance",
-    "response_schema_conformance", "response_headers_conformance",
-))  # fmt: skip
+CHECKS = ",".join(
+    (
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+        "response_headers_conformance",
+    )
+)
 
 
 async def schemathesis(base: str, key: str, tmp: Path, *extra: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        str(VENV_BIN / "schemathesis"), "run", f"{base}/openapi.json",
-        "--checks", CHECKS, "-H", f"Authorization: Bearer {key}",
-        "--max-examples", os.environ.get("POSTWARDEN_SCHEMATHESIS_EXAMPLES", "25"),
-        "--seed", "1", "--no-color", "--request-timeout", "20", "--workers", "1",
-        "--generation-database", "none", *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp,
-    )  # fmt: skip
+        str(VENV_BIN / "schemathesis"),
+        "run",
+        f"{base}/openapi.json",
+        "--checks",
+        CHECKS,
+        "-H",
+        f"Authorization: Bearer {key}",
+        "--max-examples",
+        os.environ.get("POSTWARDEN_SCHEMATHESIS_EXAMPLES", "25"),
+        "--seed",
+        "1",
+        "--no-color",
+        "--request-timeout",
+        "20",
+        "--workers",
+        "1",
+        "--generation-database",
+        "none",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 600)
     return proc.returncode or 0, out.decode()
 
@@ -36,9 +57,17 @@ async def test_api_conforms_to_its_schema(control: ControlFactory, tmp_path: Pat
     key = await api.tenant("acme")
     await api.verified_domain(key, "acme.test")
     # Revoking its own key would leave the run with 401s only (revocation has its test).
-    code, out = await schemathesis(api.base, key, tmp_path, "--exclude-path-regex", "^/v1/tenants",
-                                   "--exclude-operation-id", "revoke_key")  # fmt: skip
+    code, out = await schemathesis(
+        api.base,
+        key,
+        tmp_path,
+        "--exclude-path-regex",
+        "^/v1/tenants",
+        "--exclude-operation-id",
+        "revoke_key",
+    )
     assert code == 0, out[-6000:]
-    code, out = await schemathesis(api.base, api.admin_key, tmp_path,
-                                   "--include-path-regex", "^/v1/tenants")  # fmt: skip
+    code, out = await schemathesis(
+        api.base, api.admin_key, tmp_path, "--include-path-regex", "^/v1/tenants"
+    )
     assert code == 0, out[-6000:]

@@ -36,8 +36,9 @@ async def wait_events(api: ControlApi, msg_id: str, want: list[str], timeout: fl
 
 async def submit(api: ControlApi, login: str, password: str, sender: str, rcpts: list[str]) -> str:
     host, port = api.app.smtp_addresses[0]
-    msg = (f"From: Shop <{sender}>\r\nTo: {', '.join(rcpts)}\r\nSubject: order\r\n\r\n"
-           "thanks\r\n").encode()  # fmt: skip
+    msg = (
+        f"From: Shop <{sender}>\r\nTo: {', '.join(rcpts)}\r\nSubject: order\r\n\r\nthanks\r\n"
+    ).encode()
     async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
         await smtp.login(login, password)
         _, resp = await smtp.sendmail(sender, rcpts, msg)
@@ -72,8 +73,9 @@ async def test_suppressed_recipient_is_dropped_at_acceptance(control: ControlFac
     api.lab.add_domain("inbox.test")
     key = await api.tenant("acme")
     async with api.client(key) as c:
-        r = await c.post("/v1/suppressions", json={"address": "Gone@Inbox.test",
-                                                   "reason": "hard_bounce"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions", json={"address": "Gone@Inbox.test", "reason": "hard_bounce"}
+        )
         assert r.status_code == 201
     await asyncio.sleep(0.3)
     msg_id = await submit(api, "acme", key, "a@acme.test", ["ok@inbox.test", "gone@inbox.test"])
@@ -94,15 +96,20 @@ async def test_suppressed_recipient_is_dropped_at_acceptance(control: ControlFac
 async def test_address_suppressed_while_queued_is_dropped_before_retry(
     control: ControlFactory,
 ) -> None:
-    api = await control({"control": {"require_verified_domains": False},
-                         "queue": {"retry_initial": "1s", "retry_max": "1s"}})  # fmt: skip
+    api = await control(
+        {
+            "control": {"require_verified_domains": False},
+            "queue": {"retry_initial": "1s", "retry_max": "1s"},
+        }
+    )
     api.lab.add_domain("slow.test", behaviour="tempfail")
     key = await api.tenant("acme")
     msg_id = await submit(api, "acme", key, "a@acme.test", ["late@slow.test"])
     await wait_events(api, msg_id, ["accepted", "deferred"])
     async with api.client(key) as c:
-        r = await c.post("/v1/suppressions", json={"address": "late@slow.test",
-                                                   "reason": "unsubscribe"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions", json={"address": "late@slow.test", "reason": "unsubscribe"}
+        )
         assert r.status_code == 201
     api.lab.set_behaviour("slow.test", "accept")
     evs = await wait_events(api, msg_id, ["dropped"])

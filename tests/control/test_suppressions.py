@@ -14,23 +14,28 @@ async def test_crud_search_and_the_check(control: ControlFactory) -> None:
     api = await control()
     key = await api.tenant("acme")
     async with api.client(key) as c:
-        r = await c.post("/v1/suppressions", json={"address": "Bob@Example.COM",
-                                                   "reason": "complaint", "note": "fbl"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions",
+            json={"address": "Bob@Example.COM", "reason": "complaint", "note": "fbl"},
+        )
         assert r.status_code == 201 and r.json()["address"] == "bob@example.com"
         for i in range(5):
             await c.post("/v1/suppressions", json={"address": f"user{i}@example.net"})
         r = await c.get("/v1/suppressions", params={"q": "example.net", "limit": 3})
         page = r.json()
         assert len(page["data"]) == 3 and page["next_cursor"]
-        r = await c.get("/v1/suppressions", params={"q": "example.net", "cursor": page["next_cursor"]})
+        r = await c.get(
+            "/v1/suppressions", params={"q": "example.net", "cursor": page["next_cursor"]}
+        )
         assert len(r.json()["data"]) == 2 and r.json()["next_cursor"] is None
         r = await c.get("/v1/suppressions", params={"reason": "complaint"})
         assert [x["address"] for x in r.json()["data"]] == ["bob@example.com"]
         r = await c.get("/v1/suppressions/BOB@example.com")
         assert r.status_code == 200 and r.json()["reason"] == "complaint"
         # Replacing keeps one entry per address.
-        r = await c.post("/v1/suppressions", json={"address": "bob@example.com",
-                                                   "reason": "unsubscribe"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions", json={"address": "bob@example.com", "reason": "unsubscribe"}
+        )
         assert r.status_code == 201
         assert len((await c.get("/v1/suppressions", params={"q": "bob"})).json()["data"]) == 1
         tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
@@ -52,11 +57,14 @@ async def test_expiry(control: ControlFactory) -> None:
     key = await api.tenant("acme")
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     async with api.client(key) as c:
-        r = await c.post("/v1/suppressions", json={"address": "t@example.com",
-                                                   "expires_at": soon.isoformat()})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions", json={"address": "t@example.com", "expires_at": soon.isoformat()}
+        )
         assert r.status_code == 201
-        r = await c.post("/v1/suppressions", json={"address": "t@example.com",
-                                                   "expires_at": "2030-01-01T00:00:00"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions",
+            json={"address": "t@example.com", "expires_at": "2030-01-01T00:00:00"},
+        )
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "expires_at"
         tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
     await asyncio.sleep(0.1)
@@ -77,31 +85,42 @@ async def test_csv_import_reports_bad_lines_and_export_round_trips(control: Cont
         "d@example.com,unsubscribe,,tomorrow\r\n"
     )
     async with api.client(key) as c:
-        r = await c.post("/v1/suppressions/import", content=body.encode(),
-                         headers={"content-type": "text/csv"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions/import", content=body.encode(), headers={"content-type": "text/csv"}
+        )
         assert r.status_code == 200, r.text
         res = r.json()
         assert res["created"] == 2 and res["updated"] == 0
         assert [e["line"] for e in res["errors"]] == [3, 4, 6]
         # Importing again updates instead of duplicating.
-        r = await c.post("/v1/suppressions/import", content=body.encode(),
-                         headers={"content-type": "text/csv"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions/import", content=body.encode(), headers={"content-type": "text/csv"}
+        )
         assert r.json()["created"] == 0 and r.json()["updated"] == 2
-        r = await c.post("/v1/suppressions/import", content=b"email\r\nx@example.com\r\n",
-                         headers={"content-type": "text/csv"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions/import",
+            content=b"email\r\nx@example.com\r\n",
+            headers={"content-type": "text/csv"},
+        )
         assert r.status_code == 422
-        r = await c.post("/v1/suppressions/import", content=b"address,colour\r\nx@example.com,red\r\n",
-                         headers={"content-type": "text/csv"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions/import",
+            content=b"address,colour\r\nx@example.com,red\r\n",
+            headers={"content-type": "text/csv"},
+        )
         assert r.status_code == 422 and "colour" in r.json()["error"]["message"]
         r = await c.get("/v1/suppressions/export")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert [(x["address"], x["reason"]) for x in rows] == [
-        ("a@example.com", "hard_bounce"), ("c@example.com", "manual")]  # fmt: skip
+        ("a@example.com", "hard_bounce"),
+        ("c@example.com", "manual"),
+    ]
     assert rows[0]["note"] == "550 5.1.1" and rows[1]["expires_at"].startswith("2031-01-01")
     # The export imports back into another tenant as it is.
     other = await api.tenant("other")
     async with api.client(other) as c:
-        r = await c.post("/v1/suppressions/import", content=r.content,
-                         headers={"content-type": "text/csv"})  # fmt: skip
+        r = await c.post(
+            "/v1/suppressions/import", content=r.content, headers={"content-type": "text/csv"}
+        )
         assert r.json() == {"created": 2, "updated": 0, "errors": []}

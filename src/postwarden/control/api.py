@@ -16,6 +16,7 @@ from postwarden.control.errors import ApiError, invalid, not_found
 from postwarden.control.routing import Api, Call
 from postwarden.control.schemas import (
     Deleted,
+    DkimKeyOut,
     DomainCreate,
     DomainList,
     DomainOut,
@@ -25,6 +26,7 @@ from postwarden.control.schemas import (
     KeyList,
     KeyOut,
     Page,
+    RecordOut,
     SuppressionCreate,
     SuppressionList,
     SuppressionOut,
@@ -32,6 +34,7 @@ from postwarden.control.schemas import (
     TenantCreate,
     TenantList,
     TenantOut,
+    TenantSettings,
     TenantUpdate,
     decode_cursor,
     encode_cursor,
@@ -58,12 +61,25 @@ def page_of(rows: list[Any], limit: int) -> str | None:
 
 
 def tenant_out(t: Tenant) -> TenantOut:
-    return TenantOut(id=t.id, name=t.name, created_at=t.created_at, disabled=t.disabled,
-                     settings=t.settings or {})  # fmt: skip
+    return TenantOut(
+        id=t.id,
+        name=t.name,
+        created_at=t.created_at,
+        disabled=t.disabled,
+        settings=TenantSettings.model_validate(t.settings or {}),
+    )
 
 
-@api.op("POST", "/v1/tenants", summary="Create a tenant", scope="admin", body=TenantCreate,
-        response=TenantOut, status=201, errors=(409,))  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/tenants",
+    summary="Create a tenant",
+    scope="admin",
+    body=TenantCreate,
+    response=TenantOut,
+    status=201,
+    errors=(409,),
+)
 async def create_tenant(c: Call) -> Any:
     body: TenantCreate = c.body
     async with c.ctx.sessions() as s:
@@ -78,15 +94,19 @@ async def create_tenant(c: Call) -> Any:
     return tenant_out(t)
 
 
-@api.op("GET", "/v1/tenants", summary="List tenants", scope="admin", query=Page,
-        response=TenantList)  # fmt: skip
+@api.op(
+    "GET", "/v1/tenants", summary="List tenants", scope="admin", query=Page, response=TenantList
+)
 async def list_tenants(c: Call) -> Any:
     after = decode_cursor(c.query.cursor)
     async with c.ctx.sessions() as s:
         rows = list(
-            (await s.execute(select(Tenant).where(Tenant.id > after).order_by(Tenant.id)
-                             .limit(c.query.limit))).scalars()
-        )  # fmt: skip
+            (
+                await s.execute(
+                    select(Tenant).where(Tenant.id > after).order_by(Tenant.id).limit(c.query.limit)
+                )
+            ).scalars()
+        )
     return TenantList(data=[tenant_out(t) for t in rows], next_cursor=page_of(rows, c.query.limit))
 
 
@@ -97,15 +117,28 @@ async def _tenant(s: Any, tenant_id: int) -> Tenant:
     return t
 
 
-@api.op("GET", "/v1/tenants/{tenant_id:int}", summary="Show a tenant", scope="admin",
-        response=TenantOut, errors=(404,))  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/tenants/{tenant_id:int}",
+    summary="Show a tenant",
+    scope="admin",
+    response=TenantOut,
+    errors=(404,),
+)
 async def get_tenant(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         return tenant_out(await _tenant(s, c.path["tenant_id"]))
 
 
-@api.op("PATCH", "/v1/tenants/{tenant_id:int}", summary="Disable, enable or configure a tenant",
-        scope="admin", body=TenantUpdate, response=TenantOut, errors=(404,))  # fmt: skip
+@api.op(
+    "PATCH",
+    "/v1/tenants/{tenant_id:int}",
+    summary="Disable, enable or configure a tenant",
+    scope="admin",
+    body=TenantUpdate,
+    response=TenantOut,
+    errors=(404,),
+)
 async def update_tenant(c: Call) -> Any:
     body: TenantUpdate = c.body
     async with c.ctx.sessions() as s:
@@ -121,15 +154,28 @@ async def update_tenant(c: Call) -> Any:
 
 
 def key_out(k: ApiKey, cls: type[KeyOut] = KeyOut, **extra: Any) -> Any:
-    return cls(id=k.id, prefix=k.prefix, name=k.name, scopes=k.scopes.split(),
-               tenant_id=k.tenant_id, created_at=k.created_at, revoked_at=k.revoked_at,
-               last_used_at=k.last_used_at, **extra)  # fmt: skip
+    return cls(
+        id=k.id,
+        prefix=k.prefix,
+        name=k.name,
+        scopes=k.scopes.split(),
+        tenant_id=k.tenant_id,
+        created_at=k.created_at,
+        revoked_at=k.revoked_at,
+        last_used_at=k.last_used_at,
+        **extra,
+    )
 
 
 async def _new_key(s: Any, tenant_id: int | None, name: str, scopes: list[str]) -> KeyCreated:
     new = new_api_key()
-    k = ApiKey(tenant_id=tenant_id, prefix=new.prefix, secret_hash=new.secret_hash, name=name,
-               scopes=" ".join(dict.fromkeys(scopes)))  # fmt: skip
+    k = ApiKey(
+        tenant_id=tenant_id,
+        prefix=new.prefix,
+        secret_hash=new.secret_hash,
+        name=name,
+        scopes=" ".join(dict.fromkeys(scopes)),
+    )
     s.add(k)
     await s.flush()
     changed(s, "api_key", tenant_id, new.prefix)
@@ -137,9 +183,16 @@ async def _new_key(s: Any, tenant_id: int | None, name: str, scopes: list[str]) 
     return result
 
 
-@api.op("POST", "/v1/tenants/{tenant_id:int}/keys", summary="Create a key for a tenant",
-        scope="admin", body=KeyCreate, response=KeyCreated, status=201,
-        errors=(404,))  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/tenants/{tenant_id:int}/keys",
+    summary="Create a key for a tenant",
+    scope="admin",
+    body=KeyCreate,
+    response=KeyCreated,
+    status=201,
+    errors=(404,),
+)
 async def create_tenant_key(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         t = await _tenant(s, c.path["tenant_id"])
@@ -151,19 +204,39 @@ async def create_tenant_key(c: Call) -> Any:
 # ---------------------------------------------------------------- a tenant's keys
 
 
-@api.op("GET", "/v1/keys", summary="List this tenant's keys", scope="manage", query=Page,
-        response=KeyList)  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/keys",
+    summary="List this tenant's keys",
+    scope="manage",
+    query=Page,
+    response=KeyList,
+)
 async def list_keys(c: Call) -> Any:
     after = decode_cursor(c.query.cursor)
     async with c.ctx.sessions() as s:
-        rows = list((await s.execute(
-            select(ApiKey).where(ApiKey.tenant_id == c.tenant_id, ApiKey.id > after)
-            .order_by(ApiKey.id).limit(c.query.limit))).scalars())  # fmt: skip
+        rows = list(
+            (
+                await s.execute(
+                    select(ApiKey)
+                    .where(ApiKey.tenant_id == c.tenant_id, ApiKey.id > after)
+                    .order_by(ApiKey.id)
+                    .limit(c.query.limit)
+                )
+            ).scalars()
+        )
     return KeyList(data=[key_out(k) for k in rows], next_cursor=page_of(rows, c.query.limit))
 
 
-@api.op("POST", "/v1/keys", summary="Create a key", scope="manage", body=KeyCreate,
-        response=KeyCreated, status=201)  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/keys",
+    summary="Create a key",
+    scope="manage",
+    body=KeyCreate,
+    response=KeyCreated,
+    status=201,
+)
 async def create_key(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         out = await _new_key(s, c.tenant_id, c.body.name, c.body.scopes)
@@ -171,12 +244,21 @@ async def create_key(c: Call) -> Any:
     return out
 
 
-@api.op("DELETE", "/v1/keys/{key_id:int}", summary="Revoke a key", scope="manage",
-        response=KeyOut, errors=(404,))  # fmt: skip
+@api.op(
+    "DELETE",
+    "/v1/keys/{key_id:int}",
+    summary="Revoke a key",
+    scope="manage",
+    response=KeyOut,
+    errors=(404,),
+)
 async def revoke_key(c: Call) -> Any:
     async with c.ctx.sessions() as s:
-        k = (await s.execute(select(ApiKey).where(
-            ApiKey.id == c.path["key_id"], ApiKey.tenant_id == c.tenant_id))).scalar_one_or_none()  # fmt: skip
+        k = (
+            await s.execute(
+                select(ApiKey).where(ApiKey.id == c.path["key_id"], ApiKey.tenant_id == c.tenant_id)
+            )
+        ).scalar_one_or_none()
         if k is None:
             raise not_found("key")
         if k.revoked_at is None:
@@ -191,8 +273,11 @@ async def revoke_key(c: Call) -> Any:
 
 
 async def _domain(s: Any, c: Call) -> Domain:
-    d = (await s.execute(select(Domain).where(
-        Domain.id == c.path["domain_id"], Domain.tenant_id == c.tenant_id))).scalar_one_or_none()  # fmt: skip
+    d = (
+        await s.execute(
+            select(Domain).where(Domain.id == c.path["domain_id"], Domain.tenant_id == c.tenant_id)
+        )
+    ).scalar_one_or_none()
     if d is None:
         raise not_found("domain")
     return d
@@ -201,18 +286,39 @@ async def _domain(s: Any, c: Call) -> Domain:
 def domain_out(cfg: Any, d: Domain, keys: list[DkimKey]) -> DomainOut:
     signing = dom.signing_generation(keys)
     return DomainOut(
-        id=d.id, name=d.name, created_at=d.created_at, verified=d.verified_at is not None,
-        verified_at=d.verified_at, checked_at=d.checked_at,
+        id=d.id,
+        name=d.name,
+        created_at=d.created_at,
+        verified=d.verified_at is not None,
+        verified_at=d.verified_at,
+        checked_at=d.checked_at,
         return_path=dom.return_path(cfg, d.name),
-        dkim=[{"selector": k.selector, "algorithm": k.algorithm, "generation": k.generation,
-               "state": dom.key_state(k, signing), "verified_at": k.verified_at} for k in keys],
-        records=[r.as_dict() for r in dom.records(cfg, d, keys)],
-    )  # fmt: skip
+        dkim=[
+            DkimKeyOut.model_validate(
+                {
+                    "selector": k.selector,
+                    "algorithm": k.algorithm,
+                    "generation": k.generation,
+                    "state": dom.key_state(k, signing),
+                    "verified_at": k.verified_at,
+                }
+            )
+            for k in keys
+        ],
+        records=[RecordOut.model_validate(r.as_dict()) for r in dom.records(cfg, d, keys)],
+    )
 
 
-@api.op("POST", "/v1/domains", summary="Add a sending domain (generates its DKIM keys)",
-        scope="manage", body=DomainCreate, response=DomainOut, status=201,
-        errors=(409,))  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/domains",
+    summary="Add a sending domain (generates its DKIM keys)",
+    scope="manage",
+    body=DomainCreate,
+    response=DomainOut,
+    status=201,
+    errors=(409,),
+)
 async def create_domain(c: Call) -> Any:
     """Creates RSA-2048 and Ed25519 DKIM keys (private keys encrypted at rest) and
     answers with every DNS record to publish; then call verify."""
@@ -229,29 +335,53 @@ async def create_domain(c: Call) -> Any:
     return domain_out(c.ctx.cfg, d, keys)
 
 
-@api.op("GET", "/v1/domains", summary="List sending domains", scope="read", query=Page,
-        response=DomainList)  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/domains",
+    summary="List sending domains",
+    scope="read",
+    query=Page,
+    response=DomainList,
+)
 async def list_domains(c: Call) -> Any:
     after = decode_cursor(c.query.cursor)
     async with c.ctx.sessions() as s:
-        rows = list((await s.execute(
-            select(Domain).where(Domain.tenant_id == c.tenant_id, Domain.id > after)
-            .order_by(Domain.id).limit(c.query.limit))).scalars())  # fmt: skip
+        rows = list(
+            (
+                await s.execute(
+                    select(Domain)
+                    .where(Domain.tenant_id == c.tenant_id, Domain.id > after)
+                    .order_by(Domain.id)
+                    .limit(c.query.limit)
+                )
+            ).scalars()
+        )
         out = [domain_out(c.ctx.cfg, d, await dom.domain_keys(s, d.id)) for d in rows]
     return DomainList(data=out, next_cursor=page_of(rows, c.query.limit))
 
 
-@api.op("GET", "/v1/domains/{domain_id:int}", summary="Show a domain and its DNS records",
-        scope="read", response=DomainOut, errors=(404,))  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/domains/{domain_id:int}",
+    summary="Show a domain and its DNS records",
+    scope="read",
+    response=DomainOut,
+    errors=(404,),
+)
 async def get_domain(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
         return domain_out(c.ctx.cfg, d, await dom.domain_keys(s, d.id))
 
 
-@api.op("POST", "/v1/domains/{domain_id:int}/verify",
-        summary="Look up each record in DNS and report ok, missing or mismatch",
-        scope="manage", response=DomainOut, errors=(404,))  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/domains/{domain_id:int}/verify",
+    summary="Look up each record in DNS and report ok, missing or mismatch",
+    scope="manage",
+    response=DomainOut,
+    errors=(404,),
+)
 async def verify_domain(c: Call) -> Any:
     """A domain is verified when every required record is ok: the DKIM keys of the
     newest generation, SPF, and the return path's MX and SPF. DMARC and the tracking
@@ -285,9 +415,14 @@ async def verify_domain(c: Call) -> Any:
         return domain_out(c.ctx.cfg, d, keys)
 
 
-@api.op("POST", "/v1/domains/{domain_id:int}/dkim/rotate",
-        summary="Start a new DKIM key generation (new selectors)", scope="manage",
-        response=DomainOut, errors=(404, 409))  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/domains/{domain_id:int}/dkim/rotate",
+    summary="Start a new DKIM key generation (new selectors)",
+    scope="manage",
+    response=DomainOut,
+    errors=(404, 409),
+)
 async def rotate_dkim(c: Call) -> Any:
     """The new keys sign once their records verify; the old ones stay published (and
     valid for mail already sent) until removed with DELETE .../dkim/{selector}."""
@@ -304,9 +439,14 @@ async def rotate_dkim(c: Call) -> Any:
         return domain_out(c.ctx.cfg, d, keys)
 
 
-@api.op("DELETE", "/v1/domains/{domain_id:int}/dkim/{selector}",
-        summary="Remove a retired DKIM key", scope="manage", response=DomainOut,
-        errors=(404, 409))  # fmt: skip
+@api.op(
+    "DELETE",
+    "/v1/domains/{domain_id:int}/dkim/{selector}",
+    summary="Remove a retired DKIM key",
+    scope="manage",
+    response=DomainOut,
+    errors=(404, 409),
+)
 async def delete_dkim(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
@@ -323,8 +463,14 @@ async def delete_dkim(c: Call) -> Any:
         return domain_out(c.ctx.cfg, d, keys)
 
 
-@api.op("DELETE", "/v1/domains/{domain_id:int}", summary="Remove a sending domain",
-        scope="manage", response=Deleted, errors=(404,))  # fmt: skip
+@api.op(
+    "DELETE",
+    "/v1/domains/{domain_id:int}",
+    summary="Remove a sending domain",
+    scope="manage",
+    response=Deleted,
+    errors=(404,),
+)
 async def delete_domain(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
@@ -339,18 +485,34 @@ async def delete_domain(c: Call) -> Any:
 
 
 def supp_out(x: Suppression) -> SuppressionOut:
-    return SuppressionOut(address=x.address, reason=x.reason, source=x.source, note=x.note,
-                          created_at=x.created_at, expires_at=x.expires_at)  # fmt: skip
+    return SuppressionOut(
+        address=x.address,
+        reason=x.reason,
+        source=x.source,
+        note=x.note,
+        created_at=x.created_at,
+        expires_at=x.expires_at,
+    )
 
 
 async def upsert_suppression(
-    s: Any, tenant_id: int, address: str, reason: str, source: str, note: str,
+    s: Any,
+    tenant_id: int,
+    address: str,
+    reason: str,
+    source: str,
+    note: str,
     expires_at: dt.datetime | None,
-) -> tuple[Suppression, bool]:  # fmt: skip
+) -> tuple[Suppression, bool]:
     """Add or replace one suppression; True when it is new. The caller commits."""
     key = suppression_key(address)
-    row = (await s.execute(select(Suppression).where(
-        Suppression.tenant_id == tenant_id, Suppression.address == key))).scalar_one_or_none()  # fmt: skip
+    row = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == tenant_id, Suppression.address == key
+            )
+        )
+    ).scalar_one_or_none()
     created = row is None
     if row is None:
         row = Suppression(tenant_id=tenant_id, address=key)
@@ -361,8 +523,15 @@ async def upsert_suppression(
     return row, created
 
 
-@api.op("POST", "/v1/suppressions", summary="Suppress an address (or replace its entry)",
-        scope="manage", body=SuppressionCreate, response=SuppressionOut, status=201)  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/suppressions",
+    summary="Suppress an address (or replace its entry)",
+    scope="manage",
+    body=SuppressionCreate,
+    response=SuppressionOut,
+    status=201,
+)
 async def create_suppression(c: Call) -> Any:
     b: SuppressionCreate = c.body
     if b.expires_at is not None and b.expires_at.tzinfo is None:
@@ -377,8 +546,14 @@ async def create_suppression(c: Call) -> Any:
     return supp_out(row)
 
 
-@api.op("GET", "/v1/suppressions", summary="List or search suppressions", scope="read",
-        query=SuppressionQuery, response=SuppressionList)  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/suppressions",
+    summary="List or search suppressions",
+    scope="read",
+    query=SuppressionQuery,
+    response=SuppressionList,
+)
 async def list_suppressions(c: Call) -> Any:
     q: SuppressionQuery = c.query
     after = decode_cursor(q.cursor)
@@ -393,23 +568,40 @@ async def list_suppressions(c: Call) -> Any:
 
 
 async def _suppression(s: Any, c: Call) -> Suppression:
-    row = (await s.execute(select(Suppression).where(
-        Suppression.tenant_id == c.tenant_id,
-        Suppression.address == suppression_key(c.path["address"])))).scalar_one_or_none()  # fmt: skip
+    row = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == c.tenant_id,
+                Suppression.address == suppression_key(c.path["address"]),
+            )
+        )
+    ).scalar_one_or_none()
     if row is None:
         raise not_found("suppression")
     return row
 
 
-@api.op("GET", "/v1/suppressions/{address}", summary="Show one address's suppression",
-        scope="read", response=SuppressionOut, errors=(404,))  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/suppressions/{address}",
+    summary="Show one address's suppression",
+    scope="read",
+    response=SuppressionOut,
+    errors=(404,),
+)
 async def get_suppression(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         return supp_out(await _suppression(s, c))
 
 
-@api.op("DELETE", "/v1/suppressions/{address}", summary="Remove a suppression",
-        scope="manage", response=Deleted, errors=(404,))  # fmt: skip
+@api.op(
+    "DELETE",
+    "/v1/suppressions/{address}",
+    summary="Remove a suppression",
+    scope="manage",
+    response=Deleted,
+    errors=(404,),
+)
 async def delete_suppression(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await _suppression(s, c)
@@ -424,9 +616,15 @@ CSV_FIELDS = ("address", "reason", "source", "note", "created_at", "expires_at")
 MAX_IMPORT = 100_000
 
 
-@api.op("POST", "/v1/suppressions/import", summary="Import suppressions from CSV",
-        scope="manage", response=ImportResult, request_media="text/csv",
-        body_limit=32 * 1024 * 1024)  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/suppressions/import",
+    summary="Import suppressions from CSV",
+    scope="manage",
+    response=ImportResult,
+    request_media="text/csv",
+    body_limit=32 * 1024 * 1024,
+)
 async def import_suppressions(c: Call) -> Any:
     """CSV with a header row; ``address`` is required, ``reason`` (default manual),
     ``source``, ``note`` and ``expires_at`` (ISO 8601 with zone) are optional. Bad rows
@@ -461,8 +659,13 @@ async def import_suppressions(c: Call) -> Any:
             except (AddressError, ValueError) as exc:
                 errors.append({"line": line, "message": str(exc)})
                 continue
-            good[suppression_key(addr)] = (addr, reason, (row.get("source") or "import")[:100],
-                                           (row.get("note") or "")[:2000], expires)  # fmt: skip
+            good[suppression_key(addr)] = (
+                addr,
+                reason,
+                (row.get("source") or "import")[:100],
+                (row.get("note") or "")[:2000],
+                expires,
+            )
     except csv.Error as exc:
         raise invalid("body", f"line {reader.line_num}: {exc}") from None
     created = updated = 0
@@ -476,16 +679,30 @@ async def import_suppressions(c: Call) -> Any:
     return ImportResult(created=created, updated=updated, errors=errors)
 
 
-@api.op("GET", "/v1/suppressions/export", summary="Export all suppressions as CSV",
-        scope="read", response_media="text/csv")  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/suppressions/export",
+    summary="Export all suppressions as CSV",
+    scope="read",
+    response_media="text/csv",
+)
 async def export_suppressions(c: Call) -> Any:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\r\n")
     w.writerow(CSV_FIELDS)
     async with c.ctx.sessions() as s:
-        result = await s.stream(select(Suppression).where(Suppression.tenant_id == c.tenant_id)
-                                .order_by(Suppression.id))  # fmt: skip
+        result = await s.stream(
+            select(Suppression).where(Suppression.tenant_id == c.tenant_id).order_by(Suppression.id)
+        )
         async for x in result.scalars():
-            w.writerow([x.address, x.reason, x.source, x.note, x.created_at.isoformat(),
-                        x.expires_at.isoformat() if x.expires_at else ""])  # fmt: skip
+            w.writerow(
+                [
+                    x.address,
+                    x.reason,
+                    x.source,
+                    x.note,
+                    x.created_at.isoformat(),
+                    x.expires_at.isoformat() if x.expires_at else "",
+                ]
+            )
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8")

@@ -90,9 +90,12 @@ class KeyAuthenticator:
         if key.tenant_id is not None and (tenant is None or tenant.disabled):
             return None
         return Principal(
-            key.id, key.prefix, key.tenant_id, tenant.name if tenant else None,
+            key.id,
+            key.prefix,
+            key.tenant_id,
+            tenant.name if tenant else None,
             frozenset(key.scopes.split()),
-        )  # fmt: skip
+        )
 
     async def _touch(self, key_id: int) -> None:
         try:

@@ -62,10 +62,16 @@ async def add_generation(
 ) -> list[DkimKey]:
     made = await asyncio.to_thread(make_keys, domain.name, generation, box)
     rows = [
-        DkimKey(domain_id=domain.id, selector=m.selector, algorithm=m.algorithm,
-                generation=generation, private_key=m.sealed, public_key=m.public)
+        DkimKey(
+            domain_id=domain.id,
+            selector=m.selector,
+            algorithm=m.algorithm,
+            generation=generation,
+            private_key=m.sealed,
+            public_key=m.public,
+        )
         for m in made
-    ]  # fmt: skip
+    ]
     session.add_all(rows)
     return rows
 
@@ -101,14 +107,16 @@ def return_path(cfg: Config, domain: str) -> str:
 def plan(cfg: Config, domain: Domain, keys: Sequence[DkimKey]) -> DomainPlan:
     return DomainPlan(
         domain=domain.name,
-        dkim=[DkimPublic(k.selector, k.algorithm, k.public_key)
-              for k in sorted(keys, key=lambda k: (k.generation, k.algorithm))],
+        dkim=[
+            DkimPublic(k.selector, k.algorithm, k.public_key)
+            for k in sorted(keys, key=lambda k: (k.generation, k.algorithm))
+        ],
         spf_mechanisms=spf_mechanisms(cfg),
         return_path=return_path(cfg, domain.name),
         bounce_mx=cfg.control.bounce_mx_host or cfg.server.hostname,
         tracking=f"{cfg.control.tracking_label}.{domain.name}",
         tracking_target=cfg.control.tracking_host or cfg.server.hostname,
-    )  # fmt: skip
+    )
 
 
 def records(cfg: Config, domain: Domain, keys: Sequence[DkimKey]) -> list[Record]:
@@ -116,8 +124,10 @@ def records(cfg: Config, domain: Domain, keys: Sequence[DkimKey]) -> list[Record
     signing = signing_generation(keys)
     recs = expected_records(plan(cfg, domain, keys))
     by_sel = {k.selector: k for k in keys}
-    last = {(r.get("type"), r.get("name"), r.get("value")): r
-            for r in domain.last_check.get("records", [])}  # fmt: skip
+    last = {
+        (r.get("type"), r.get("name"), r.get("value")): r
+        for r in domain.last_check.get("records", [])
+    }
     for rec in recs:
         if rec.purpose == "dkim":
             sel = rec.name.split("._domainkey.")[0]

@@ -42,8 +42,9 @@ def not_found(what: str) -> ApiError:
 
 
 def invalid(path: str, message: str) -> ApiError:
-    return ApiError(422, "validation_error", f"{path}: {message}",
-                    fields=[{"path": path, "message": message}])  # fmt: skip
+    return ApiError(
+        422, "validation_error", f"{path}: {message}", fields=[{"path": path, "message": message}]
+    )
 
 
 def field_path(loc: Sequence[str | int]) -> str:
@@ -62,11 +63,13 @@ def field_path(loc: Sequence[str | int]) -> str:
 def from_validation(exc: ValidationError, prefix: Sequence[str | int] = ()) -> ApiError:
     fields = []
     for e in exc.errors(include_url=False):
-        loc = [*prefix, *(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))]
+        loc = [
+            *prefix,
+            *(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))),
+        ]
         msg = str(e["msg"])
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         fields.append({"path": field_path(loc), "message": msg})
     first = fields[0] if fields else {"path": "body", "message": "invalid"}
-    return ApiError(422, "validation_error", f"{first['path']}: {first['message']}",
-                    fields=fields)  # fmt: skip
+    return ApiError(422, "validation_error", f"{first['path']}: {first['message']}", fields=fields)

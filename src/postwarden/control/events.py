@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,6 +29,8 @@ from postwarden.store.models import Event, EventCursor, Message, Recipient
 log = logging.getLogger("postwarden.control.events")
 
 BATCH = 2000
+RECIPIENTS: Table = Recipient.__table__  # type: ignore[assignment]
+EVENTS: Table = Event.__table__  # type: ignore[assignment]
 # Event type -> the recipient's state after it.
 STATE_AFTER = {
     "accepted": "queued",
@@ -149,7 +151,7 @@ class EventCopier:
     def _remember(self, msg_id: str, tenant: int | None, tags: str) -> None:
         self._msgs[msg_id] = (tenant, tags)
         self._msgs.move_to_end(msg_id)
-        while len(self._msgs) > 100_000:
+        while len(self._msgs) > 20_000:
             self._msgs.popitem(last=False)
 
     async def _write(self, s: AsyncSession, rows: list[tuple[Any, ...]]) -> None:
@@ -166,51 +168,83 @@ class EventCopier:
                 meta = detail.get("meta") or {}
                 tags = list(meta.get("tags") or [])
                 self._remember(msg_id, tenant, tags_text(tags))
-                if "mail_from" in detail:  # the message's first recipient
-                    messages.append({
-                        "id": msg_id, "tenant_id": tenant, "created_at": _ts(ts),
-                        "mail_from": detail.get("mail_from", ""),
-                        "subject": str(meta.get("subject", ""))[:300],
-                        "source": meta.get("source", "smtp"), "tags": tags,
-                        "meta": meta.get("metadata") or {},
-                    })  # fmt: skip
+                if "mail_from" in detail and tenant is not None:  # its first recipient
+                    messages.append(
+                        {
+                            "id": msg_id,
+                            "tenant_id": tenant,
+                            "created_at": _ts(ts),
+                            "mail_from": detail.get("mail_from", ""),
+                            "subject": str(meta.get("subject", ""))[:300],
+                            "source": meta.get("source", "smtp"),
+                            "tags": tags,
+                            "meta": meta.get("metadata") or {},
+                        }
+                    )
         await self._lookup(s, {p[3] for p in parsed if p[3] not in self._msgs})
-        for eid, ts, kind, msg_id, rcpt_id, rcpt, detail in parsed:
-            tenant, tags = self._msgs.get(msg_id, (None, ""))
+        new_rcpts: dict[str, dict[str, Any]] = {}
+        for _eid, ts, kind, msg_id, rcpt_id, rcpt, detail in parsed:
+            tenant, tags_csv = self._msgs.get(msg_id, (None, ""))
+            if tenant is None:
+                # Mail without a tenant (a trusted network's relay) is nobody's to see
+                # through the API: its events stay in the spool's log only.
+                continue
             rid = recipient_id(msg_id, rcpt_id)
             detail.pop("meta", None)
-            events.append({
-                "id": None, "tenant_id": tenant, "ts": _ts(ts), "type": kind,
-                "message_id": msg_id, "recipient_id": rid, "recipient": rcpt, "tags": tags,
-                "detail": detail,
-            })  # fmt: skip
+            events.append(
+                {
+                    "tenant_id": tenant,
+                    "ts": _ts(ts),
+                    "type": kind,
+                    "message_id": msg_id,
+                    "recipient_id": rid,
+                    "recipient": rcpt,
+                    "tags": tags_csv,
+                    "detail": detail,
+                }
+            )
             if rid is None:
                 continue
             if kind == "accepted":
-                recipients.append({
-                    "id": rid, "message_id": msg_id, "tenant_id": tenant, "address": rcpt or "",
-                    "state": "queued", "attempts": 0, "last_response": "",
+                new_rcpts[rid] = {
+                    "id": rid,
+                    "message_id": msg_id,
+                    "tenant_id": tenant,
+                    "address": rcpt or "",
+                    "state": "queued",
+                    "attempts": 0,
+                    "last_response": "",
                     "updated_at": _ts(ts),
-                })  # fmt: skip
+                }
             elif kind in STATE_AFTER:
-                u = updates.setdefault(rid, {"attempts": 0})
+                # One UPDATE per recipient and batch (its latest state), all sent as
+                # one executemany; rows inserted just before (here, or by the API at
+                # injection) are updated the same way.
+                u = updates.setdefault(rid, {"rid": rid, "n": 0, "last_response": None})
                 u["state"] = STATE_AFTER[kind]
                 u["updated_at"] = _ts(ts)
-                u["attempts"] += kind in ATTEMPTS
+                u["n"] += kind in ATTEMPTS
                 resp = detail.get("response") or detail.get("reason")
                 if resp:
                     u["last_response"] = str(resp)[:2000]
+        recipients = list(new_rcpts.values())
         if messages:
             await s.execute(insert_ignore(s, Message), messages)
         if recipients:
             await s.execute(insert_ignore(s, Recipient), recipients)
-        for rid, u in updates.items():
-            n = u.pop("attempts")
+        if updates:
             await s.execute(
-                update(Recipient)
-                .where(Recipient.id == rid)
-                .values(**u, attempts=Recipient.attempts + n)
+                update(RECIPIENTS)
+                .where(RECIPIENTS.c.id == bindparam("rid"))
+                .values(
+                    state=bindparam("state"),
+                    updated_at=bindparam("updated_at"),
+                    attempts=RECIPIENTS.c.attempts + bindparam("n"),
+                    last_response=func.coalesce(
+                        bindparam("last_response"), RECIPIENTS.c.last_response
+                    ),
+                ),
+                list(updates.values()),
             )
-        for ev in events:
-            ev.pop("id")
-        await s.execute(Event.__table__.insert(), events)
+        if events:
+            await s.execute(EVENTS.insert(), events)

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -64,7 +64,9 @@ def _from_text(value: Any) -> Any:
 
 # An address as a string, or {"email", "name"}: both validate as the object, so an
 # error names one path (``to[1].email``) whichever form was sent.
-MailboxIn = Annotated[Mailbox_, BeforeValidator(_from_text, json_schema_input_type=Mailbox_ | Address)]
+MailboxIn = Annotated[
+    Mailbox_, BeforeValidator(_from_text, json_schema_input_type=Mailbox_ | Address)
+]
 
 
 def _box(value: Mailbox_) -> Mailbox:
@@ -74,7 +76,10 @@ def _box(value: Mailbox_) -> Mailbox:
 class AttachmentIn(Strict):
     filename: Annotated[OneLine, StringConstraints(min_length=1, max_length=255)]
     content_type: Annotated[
-        str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]{0,63}/[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]{0,63}$")
+        str,
+        StringConstraints(
+            pattern=r"^[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]{0,63}/[a-zA-Z0-9][a-zA-Z0-9!#$&^_.+-]{0,63}$"
+        ),
     ] = "application/octet-stream"
     content: str = Field(description="the file, base64-encoded")
     disposition: Literal["attachment", "inline"] = "attachment"
@@ -212,10 +217,16 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
             raise invalid(p(f"attachments[{i}].content"), f"larger than {limit} bytes")
         parts.append(Part(att.filename, att.content_type, data, att.disposition, att.content_id))
     draft = Draft(
-        sender=sender, to=[_box(x) for x in m.to], cc=[_box(x) for x in m.cc],
-        reply_to=_box(m.reply_to) if m.reply_to else None, subject=m.subject,
-        text=m.text, html=m.html, headers=list(m.headers.items()), attachments=parts,
-    )  # fmt: skip
+        sender=sender,
+        to=[_box(x) for x in m.to],
+        cc=[_box(x) for x in m.cc],
+        reply_to=_box(m.reply_to) if m.reply_to else None,
+        subject=m.subject,
+        text=m.text,
+        html=m.html,
+        headers=list(m.headers.items()),
+        attachments=parts,
+    )
     msg_id = new_message_id()
     try:
         data = build(draft, message_id=f"<{msg_id}@{cfg.server.hostname}>", date=time.time())
@@ -224,13 +235,15 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
     if len(data) > limit:
         raise invalid(p("body"), f"the message would be {len(data)} bytes; the limit is {limit}")
     env = Envelope(
-        mail_from=sender.email, rcpt_tos=rcpts, client_ip=c.request.client.host
-        if c.request.client else "", helo="api", auth=c.principal.prefix if c.principal else None,
-        tenant=str(c.tenant_id), smtputf8=needs_smtputf8(draft) or any(
-            not r.isascii() for r in rcpts),
-        meta={"source": "api", "subject": m.subject[:300], "tags": m.tags,
-              "metadata": m.metadata},
-    )  # fmt: skip
+        mail_from=sender.email,
+        rcpt_tos=rcpts,
+        client_ip=c.request.client.host if c.request.client else "",
+        helo="api",
+        auth=c.principal.prefix if c.principal else None,
+        tenant=str(c.tenant_id),
+        smtputf8=needs_smtputf8(draft) or any(not r.isascii() for r in rcpts),
+        meta={"source": "api", "subject": m.subject[:300], "tags": m.tags, "metadata": m.metadata},
+    )
     return env, data, msg_id
 
 
@@ -244,8 +257,14 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
     out = []
     for rcpt, rid in zip(env.rcpt_tos, stored.rcpt_ids, strict=True):
         reason = stored.drops.get(rcpt)
-        out.append(RecipientAccepted(id=f"{stored.msg_id}.{rid}", email=rcpt,
-                                     status="dropped" if reason else "queued", reason=reason))  # fmt: skip
+        out.append(
+            RecipientAccepted(
+                id=f"{stored.msg_id}.{rid}",
+                email=rcpt,
+                status="dropped" if reason else "queued",
+                reason=reason,
+            )
+        )
     return MessageAccepted(id=stored.msg_id, recipients=out)
 
 
@@ -256,15 +275,37 @@ async def remember_message(c: Call, env: Envelope, msg: MessageAccepted) -> None
         from postwarden.control.events import insert_ignore
 
         now = dt.datetime.now(dt.UTC)
-        await s.execute(insert_ignore(s, Message), [{
-            "id": msg.id, "tenant_id": c.tenant_id, "created_at": now,
-            "mail_from": env.mail_from, "subject": meta.get("subject", ""), "source": "api",
-            "tags": list(meta.get("tags", [])), "meta": dict(meta.get("metadata", {})),
-        }])  # fmt: skip
-        await s.execute(insert_ignore(s, Recipient), [{
-            "id": r.id, "message_id": msg.id, "tenant_id": c.tenant_id, "address": r.email,
-            "state": r.status, "attempts": 0, "last_response": r.reason or "", "updated_at": now,
-        } for r in msg.recipients])  # fmt: skip
+        await s.execute(
+            insert_ignore(s, Message),
+            [
+                {
+                    "id": msg.id,
+                    "tenant_id": c.tenant_id,
+                    "created_at": now,
+                    "mail_from": env.mail_from,
+                    "subject": meta.get("subject", ""),
+                    "source": "api",
+                    "tags": list(meta.get("tags", [])),
+                    "meta": dict(meta.get("metadata", {})),
+                }
+            ],
+        )
+        await s.execute(
+            insert_ignore(s, Recipient),
+            [
+                {
+                    "id": r.id,
+                    "message_id": msg.id,
+                    "tenant_id": c.tenant_id,
+                    "address": r.email,
+                    "state": r.status,
+                    "attempts": 0,
+                    "last_response": r.reason or "",
+                    "updated_at": now,
+                }
+                for r in msg.recipients
+            ],
+        )
         await s.commit()
 
 
@@ -286,8 +327,16 @@ async def idempotent(c: Call, run: Any) -> Any:
             await s.flush()
             row = None
         if row is None:
-            s.add(IdempotencyKey(tenant_id=c.tenant_id, key=key, request_hash=digest,
-                                 status_code=0, response={}, created_at=now))  # fmt: skip
+            s.add(
+                IdempotencyKey(
+                    tenant_id=c.tenant_id,
+                    key=key,
+                    request_hash=digest,
+                    status_code=0,
+                    response={},
+                    created_at=now,
+                )
+            )
             try:
                 await s.commit()
             except IntegrityError:
@@ -295,11 +344,17 @@ async def idempotent(c: Call, run: Any) -> Any:
                 row = await s.get(IdempotencyKey, (c.tenant_id, key))
     if row is not None:
         if row.request_hash != digest:
-            raise ApiError(409, "idempotency_conflict",
-                           "this Idempotency-Key was used with another request body")  # fmt: skip
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                "this Idempotency-Key was used with another request body",
+            )
         if row.status_code == 0:
-            raise ApiError(409, "idempotency_in_progress",
-                           "a request with this Idempotency-Key is still being processed")  # fmt: skip
+            raise ApiError(
+                409,
+                "idempotency_in_progress",
+                "a request with this Idempotency-Key is still being processed",
+            )
         return row.status_code, row.response
     try:
         status, body = await run()
@@ -321,16 +376,27 @@ async def idempotent(c: Call, run: Any) -> Any:
     return status, payload
 
 
-IDEMPOTENCY = {"Idempotency-Key": "makes a retried request safe: same key and body, same answer (24 h)"}
+IDEMPOTENCY = {
+    "Idempotency-Key": "makes a retried request safe: same key and body, same answer (24 h)"
+}
 
 
 def _body_limit() -> int:
     return 64 * 1024 * 1024
 
 
-@api.op("POST", "/v1/messages", summary="Send a message", scope="send", body=MessageCreate,
-        response=MessageAccepted, status=202, errors=(409, 503), body_limit=_body_limit(),
-        headers=IDEMPOTENCY)  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/messages",
+    summary="Send a message",
+    scope="send",
+    body=MessageCreate,
+    response=MessageAccepted,
+    status=202,
+    errors=(409, 503),
+    body_limit=_body_limit(),
+    headers=IDEMPOTENCY,
+)
 async def send_message(c: Call) -> Any:
     """Answers 202 once the message is in the spool, fsync'd. Suppressed recipients
     come back with status ``dropped`` and the reason."""
@@ -344,9 +410,18 @@ async def send_message(c: Call) -> Any:
     return await idempotent(c, run)
 
 
-@api.op("POST", "/v1/messages/batch", summary="Send up to control.max_batch messages",
-        scope="send", body=BatchCreate, response=BatchAccepted, status=202, errors=(409,),
-        body_limit=_body_limit(), headers=IDEMPOTENCY)  # fmt: skip
+@api.op(
+    "POST",
+    "/v1/messages/batch",
+    summary="Send up to control.max_batch messages",
+    scope="send",
+    body=BatchCreate,
+    response=BatchAccepted,
+    status=202,
+    errors=(409,),
+    body_limit=_body_limit(),
+    headers=IDEMPOTENCY,
+)
 async def send_batch(c: Call) -> Any:
     """Every message is checked first: one invalid message fails the whole batch with a
     422 naming it (``messages[3].to[0]``), and nothing is sent. Then each is spooled;
@@ -377,37 +452,88 @@ async def send_batch(c: Call) -> Any:
 
 
 def event_out(e: Event) -> EventOut:
-    return EventOut(id=e.id, type=e.type, ts=e.ts, message_id=e.message_id,
-                    recipient_id=e.recipient_id, recipient=e.recipient, detail=e.detail or {})  # fmt: skip
+    return EventOut(
+        id=e.id,
+        type=e.type,
+        ts=e.ts,
+        message_id=e.message_id,
+        recipient_id=e.recipient_id,
+        recipient=e.recipient,
+        detail=e.detail or {},
+    )
 
 
-@api.op("GET", "/v1/messages/{message_id}", summary="A message's recipients and events",
-        scope="read", response=MessageStatus, errors=(404,))  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/messages/{message_id}",
+    summary="A message's recipients and events",
+    scope="read",
+    response=MessageStatus,
+    errors=(404,),
+)
 async def get_message(c: Call) -> Any:
     mid = c.path["message_id"]
     async with c.ctx.sessions() as s:
-        m = (await s.execute(select(Message).where(
-            Message.id == mid, Message.tenant_id == c.tenant_id))).scalar_one_or_none()  # fmt: skip
+        m = (
+            await s.execute(
+                select(Message).where(Message.id == mid, Message.tenant_id == c.tenant_id)
+            )
+        ).scalar_one_or_none()
         if m is None:
             raise not_found("message")
-        rcpts = (await s.execute(select(Recipient).where(
-            Recipient.message_id == mid, Recipient.tenant_id == c.tenant_id)
-            .order_by(Recipient.id))).scalars().all()  # fmt: skip
-        evs = (await s.execute(select(Event).where(
-            Event.message_id == mid, Event.tenant_id == c.tenant_id)
-            .order_by(Event.id))).scalars().all()  # fmt: skip
+        rcpts = (
+            (
+                await s.execute(
+                    select(Recipient)
+                    .where(Recipient.message_id == mid, Recipient.tenant_id == c.tenant_id)
+                    .order_by(Recipient.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        evs = (
+            (
+                await s.execute(
+                    select(Event)
+                    .where(Event.message_id == mid, Event.tenant_id == c.tenant_id)
+                    .order_by(Event.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
     return MessageStatus(
-        id=m.id, created_at=m.created_at, mail_from=m.mail_from, subject=m.subject,
-        source=m.source, tags=list(m.tags or []), metadata=dict(m.meta or {}),
-        recipients=[RecipientState(id=r.id, email=r.address, state=r.state, attempts=r.attempts,
-                                   last_response=r.last_response, updated_at=r.updated_at)
-                    for r in rcpts],
+        id=m.id,
+        created_at=m.created_at,
+        mail_from=m.mail_from,
+        subject=m.subject,
+        source=m.source,
+        tags=list(m.tags or []),
+        metadata=dict(m.meta or {}),
+        recipients=[
+            RecipientState(
+                id=r.id,
+                email=r.address,
+                state=r.state,
+                attempts=r.attempts,
+                last_response=r.last_response,
+                updated_at=r.updated_at,
+            )
+            for r in rcpts
+        ],
         events=[event_out(e) for e in evs],
-    )  # fmt: skip
+    )
 
 
-@api.op("GET", "/v1/events", summary="Events, filtered, oldest first", scope="read",
-        query=EventQuery, response=EventList)  # fmt: skip
+@api.op(
+    "GET",
+    "/v1/events",
+    summary="Events, filtered, oldest first",
+    scope="read",
+    query=EventQuery,
+    response=EventList,
+)
 async def list_events(c: Call) -> Any:
     """Cursor pagination: pass ``next_cursor`` back as ``cursor``; polling with the last
     cursor returns only newer events."""
@@ -431,5 +557,7 @@ async def list_events(c: Call) -> Any:
         stmt = stmt.where(Event.ts < q.until)
     async with c.ctx.sessions() as s:
         rows = list((await s.execute(stmt.order_by(Event.id).limit(q.limit))).scalars())
-    return EventList(data=[event_out(e) for e in rows],
-                     next_cursor=encode_cursor(rows[-1].id) if rows else q.cursor)  # fmt: skip
+    return EventList(
+        data=[event_out(e) for e in rows],
+        next_cursor=encode_cursor(rows[-1].id) if rows else q.cursor,
+    )

@@ -18,7 +18,13 @@ from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.domains import signing_generation
 from postwarden.dns.resolver import Resolver
 from postwarden.mta.dkim import DkimKeyError, SigningKey, parse_key
-from postwarden.store.db import create_engine, current_revision, head_revision, sessionmaker, upgrade
+from postwarden.store.db import (
+    create_engine,
+    current_revision,
+    head_revision,
+    sessionmaker,
+    upgrade,
+)
 from postwarden.store.models import Change, DkimKey, Domain, IdempotencyKey
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
@@ -105,11 +111,22 @@ class ControlPlane:
                     continue
                 try:
                     material = self.box.open(k.private_key)
-                    out.append(parse_key(name, k.selector, material, k.algorithm,  # type: ignore[arg-type]
-                                         f"{name}/{k.selector}"))  # fmt: skip
+                    out.append(
+                        parse_key(
+                            name,
+                            k.selector,
+                            material,
+                            k.algorithm,  # type: ignore[arg-type]
+                            f"{name}/{k.selector}",
+                        )
+                    )
                 except (ValueError, DkimKeyError) as exc:
-                    log.error("event=dkim_key_unusable domain=%s selector=%s error=%r",
-                              name, k.selector, str(exc))  # fmt: skip
+                    log.error(
+                        "event=dkim_key_unusable domain=%s selector=%s error=%r",
+                        name,
+                        k.selector,
+                        str(exc),
+                    )
         return out
 
     async def reload_keys(self) -> None:

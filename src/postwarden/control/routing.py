@@ -97,11 +97,24 @@ class Api:
         def register(fn: Handler) -> Handler:
             self.ops.append(
                 Operation(
-                    method, path, fn, summary, scope, scope != "admin", body, query, response,
-                    status, errors, body_limit, request_media, response_media,
-                    (fn.__doc__ or "").strip(), headers or {},
+                    method,
+                    path,
+                    fn,
+                    summary,
+                    scope,
+                    scope != "admin",
+                    body,
+                    query,
+                    response,
+                    status,
+                    errors,
+                    body_limit,
+                    request_media,
+                    response_media,
+                    (fn.__doc__ or "").strip(),
+                    headers or {},
                 )
-            )  # fmt: skip
+            )
             return fn
 
         return register
@@ -154,14 +167,23 @@ class Api:
         if op.scope is not None:
             principal = await authenticate(ctx, request)
             if op.tenant != (principal.tenant_id is not None):
-                raise ApiError(403, "forbidden", "this key cannot use this route"
-                               if op.tenant else "an operator key with the admin scope is needed")  # fmt: skip
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    "this key cannot use this route"
+                    if op.tenant
+                    else "an operator key with the admin scope is needed",
+                )
             if not principal.has(op.scope):
                 raise ApiError(403, "forbidden", f"the key lacks the {op.scope!r} scope")
             wait = ctx.limiter.take(principal.key_id)
             if wait > 0:
-                raise ApiError(429, "rate_limited", "too many requests for this key",
-                               headers={"Retry-After": str(max(1, round(wait + 0.5)))})  # fmt: skip
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    "too many requests for this key",
+                    headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+                )
         call = Call(request, ctx, principal, request_id=rid)
         call.path = dict(request.path_params)
         for name, value in call.path.items():
@@ -172,8 +194,12 @@ class Api:
             params: dict[str, Any] = {}
             for k, v in request.query_params.multi_items():
                 if k in params:
-                    raise ApiError(422, "validation_error", f"{k}: given more than once",
-                                   fields=[{"path": k, "message": "given more than once"}])  # fmt: skip
+                    raise ApiError(
+                        422,
+                        "validation_error",
+                        f"{k}: given more than once",
+                        fields=[{"path": k, "message": "given more than once"}],
+                    )
                 params[k] = v
             try:
                 call.query = op.query.model_validate(params)
@@ -181,8 +207,12 @@ class Api:
                 raise from_validation(exc) from None
         elif request.query_params:
             name = next(iter(request.query_params))
-            raise ApiError(422, "validation_error", f"{name}: unknown query parameter",
-                           fields=[{"path": name, "message": "unknown query parameter"}])  # fmt: skip
+            raise ApiError(
+                422,
+                "validation_error",
+                f"{name}: unknown query parameter",
+                fields=[{"path": name, "message": "unknown query parameter"}],
+            )
         if op.body is not None or op.request_media != "application/json":
             call.raw = await read_body(request, op.body_limit)
         if op.body is not None:
@@ -231,7 +261,9 @@ class Api:
             if op.description:
                 entry["description"] = op.description
             for m in _PATH_PARAM.finditer(op.path):
-                typ = {"int": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}.get(m.group(2) or "", {"type": "string"})
+                typ = {"int": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}.get(
+                    m.group(2) or "", {"type": "string"}
+                )
                 entry["parameters"].append(
                     {"name": m.group(1), "in": "path", "required": True, "schema": typ}
                 )
@@ -241,15 +273,24 @@ class Api:
                 for name, prop in qschema.get("properties", {}).items():
                     prop = dict(prop)
                     desc = prop.pop("description", None)
-                    p: dict[str, Any] = {"name": name, "in": "query", "required": name in required,
-                                         "schema": prop}  # fmt: skip
+                    p: dict[str, Any] = {
+                        "name": name,
+                        "in": "query",
+                        "required": name in required,
+                        "schema": prop,
+                    }
                     if desc:
                         p["description"] = desc
                     entry["parameters"].append(p)
             for hname, hdesc in op.headers.items():
                 entry["parameters"].append(
-                    {"name": hname, "in": "header", "required": False, "description": hdesc,
-                     "schema": {"type": "string", "maxLength": 200}}  # fmt: skip
+                    {
+                        "name": hname,
+                        "in": "header",
+                        "required": False,
+                        "description": hdesc,
+                        "schema": {"type": "string", "maxLength": 200},
+                    }
                 )
             if op.body is not None:
                 entry["requestBody"] = {
@@ -264,7 +305,9 @@ class Api:
             ok: dict[str, Any] = {"description": "success"}
             if op.status != 204:
                 if op.response is not None:
-                    ok["content"] = {op.response_media: {"schema": ref(op.response, "serialization")}}
+                    ok["content"] = {
+                        op.response_media: {"schema": ref(op.response, "serialization")}
+                    }
                 else:
                     ok["content"] = {op.response_media: {"schema": {"type": "string"}}}
             entry["responses"][str(op.status)] = ok
@@ -280,7 +323,9 @@ class Api:
             for code in sorted(codes):
                 entry["responses"][str(code)] = {
                     "description": _REASONS.get(code, "error"),
-                    "content": {"application/json": {"schema": ref(ErrorEnvelope, "serialization")}},
+                    "content": {
+                        "application/json": {"schema": ref(ErrorEnvelope, "serialization")}
+                    },
                 }
             if op.scope is not None:
                 entry["security"] = [{"bearer": []}]
@@ -336,12 +381,17 @@ async def authenticate(ctx: Any, request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "send Authorization: Bearer <key>",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise ApiError(
+            401,
+            "unauthorized",
+            "send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     principal: Principal | None = await ctx.auth.authenticate(token.strip())
     if principal is None:
-        raise ApiError(401, "unauthorized", "unknown or revoked key",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise ApiError(
+            401, "unauthorized", "unknown or revoked key", headers={"WWW-Authenticate": "Bearer"}
+        )
     return principal
 
 

@@ -40,8 +40,9 @@ def _address(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-DomainName = Annotated[str, StringConstraints(min_length=3, max_length=253),
-                       AfterValidator(_domain_name)]  # fmt: skip
+DomainName = Annotated[
+    str, StringConstraints(min_length=3, max_length=253), AfterValidator(_domain_name)
+]
 Address = Annotated[str, StringConstraints(min_length=3, max_length=320), AfterValidator(_address)]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")]

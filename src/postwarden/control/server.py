@@ -27,9 +27,14 @@ class HttpServer:
         self, app: Any, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
     ) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
             server_header=False,
-        )  # fmt: skip
+        )
         self._server = _QuietServer(config)
         self._sock = sock  # an inherited listening socket (a worker's), else bind host:port
         self._task: asyncio.Task[None] | None = None

@@ -61,17 +61,17 @@ def spf_txt(mechanisms: Sequence[str], all_: str = "~all") -> str:
 def expected_records(plan: DomainPlan) -> list[Record]:
     d = plan.domain
     recs = [
-        Record("dkim", "TXT", f"{k.selector}._domainkey.{d}", dkim_txt(k), True)
-        for k in plan.dkim
+        Record("dkim", "TXT", f"{k.selector}._domainkey.{d}", dkim_txt(k), True) for k in plan.dkim
     ]
     recs += [
         Record("spf", "TXT", d, spf_txt(plan.spf_mechanisms), True),
         Record("dmarc", "TXT", f"_dmarc.{d}", "v=DMARC1; p=none", False),
         Record("return_path_mx", "MX", plan.return_path, f"10 {plan.bounce_mx}", True),
-        Record("return_path_spf", "TXT", plan.return_path, spf_txt(plan.spf_mechanisms, "-all"),
-               True),
+        Record(
+            "return_path_spf", "TXT", plan.return_path, spf_txt(plan.spf_mechanisms, "-all"), True
+        ),
         Record("tracking", "CNAME", plan.tracking, plan.tracking_target, False),
-    ]  # fmt: skip
+    ]
     return recs
 
 

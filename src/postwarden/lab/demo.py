@@ -145,13 +145,17 @@ async def run_lab(
             f"'From: you@{DEMO_DOMAIN}\\r\\nTo: someone@inbox.lab.test\\r\\n"
             "Subject: hi\\r\\n\\r\\nhello\\r\\n')\""
         )
-        _say(f"  API          http://{ctl}/v1  (schema: http://{ctl}/openapi.json, "
-             f"page: http://{ctl}/docs)")
+        _say(
+            f"  API          http://{ctl}/v1  (schema: http://{ctl}/openapi.json, "
+            f"page: http://{ctl}/docs)"
+        )
         operator = await bootstrap_operator_key(app)
         if operator:
             _say(f"  operator key {operator}")
-            _say("               (shown once, stored hashed: keep it; "
-                 "`postwarden admin create-key` makes another)")
+            _say(
+                "               (shown once, stored hashed: keep it; "
+                "`postwarden admin create-key` makes another)"
+            )
         _say("  watch:  .venv/bin/postwarden events --tail    (Ctrl-C stops the appliance)")
         _say("")
 
@@ -258,8 +262,13 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
     # A short-lived operator key for the demo itself, revoked at the end.
     op = new_api_key()
     async with app.control.sessions() as s:
-        row = ApiKey(tenant_id=None, prefix=op.prefix, secret_hash=op.secret_hash,
-                     name="lab demo", scopes="admin")  # fmt: skip
+        row = ApiKey(
+            tenant_id=None,
+            prefix=op.prefix,
+            secret_hash=op.secret_hash,
+            name="lab demo",
+            scopes="admin",
+        )
         s.add(row)
         await s.commit()
     try:
@@ -269,8 +278,11 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
             tenant = next((t for t in tenants if t["name"] == "demo"), None)
             if tenant is None:
                 tenant = (await http.post("/v1/tenants", json={"name": "demo"}, headers=adm)).json()
-            r = await http.post(f"/v1/tenants/{tenant['id']}/keys", headers=adm,
-                                json={"name": "lab demo", "scopes": ["send", "read", "manage"]})  # fmt: skip
+            r = await http.post(
+                f"/v1/tenants/{tenant['id']}/keys",
+                headers=adm,
+                json={"name": "lab demo", "scopes": ["send", "read", "manage"]},
+            )
             key = {"Authorization": f"Bearer {r.json()['key']}"}
             doms = (await http.get("/v1/domains", headers=key)).json()["data"]
             dom = next((d for d in doms if d["name"] == API_DOMAIN), None)
@@ -281,22 +293,32 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
                 lab.dns.remove(rec["name"], rec["type"])
                 lab.dns.add(rec["name"], rec["type"], rec["value"])
             v = (await http.post(f"/v1/domains/{dom['id']}/verify", headers=key)).json()
-            _say(f"demo: API: tenant 'demo', domain {API_DOMAIN}: "
-                 + ", ".join(f"{x['purpose']} {x['status']}" for x in v["records"]))  # fmt: skip
+            _say(
+                f"demo: API: tenant 'demo', domain {API_DOMAIN}: "
+                + ", ".join(f"{x['purpose']} {x['status']}" for x in v["records"])
+            )
             await asyncio.sleep(app.cfg.control.cache_poll + 0.2)  # keys reach the signer
-            r = await http.post("/v1/messages", headers=key, json={
-                "from": {"email": f"orders@{API_DOMAIN}", "name": "Lab Shop"},
-                "to": ["someone@inbox.lab.test"], "subject": "Sent through POST /v1/messages",
-                "text": "Injected over HTTP, spooled, signed with the domain's own keys.",
-                "tags": ["demo"]})  # fmt: skip
+            r = await http.post(
+                "/v1/messages",
+                headers=key,
+                json={
+                    "from": {"email": f"orders@{API_DOMAIN}", "name": "Lab Shop"},
+                    "to": ["someone@inbox.lab.test"],
+                    "subject": "Sent through POST /v1/messages",
+                    "text": "Injected over HTTP, spooled, signed with the domain's own keys.",
+                    "tags": ["demo"],
+                },
+            )
             sent = r.json()
             _say(f"demo: API: POST /v1/messages -> {r.status_code} id={sent.get('id')}")
             for _ in range(100):
                 m = (await http.get(f"/v1/messages/{sent['id']}", headers=key)).json()
                 states = [x["state"] for x in m.get("recipients", [])]
                 if states and all(x in ("delivered", "bounced", "dropped") for x in states):
-                    _say(f"demo: API: GET /v1/messages/{sent['id']} -> "
-                         + ", ".join(f"{x['email']} {x['state']}" for x in m["recipients"]))  # fmt: skip
+                    _say(
+                        f"demo: API: GET /v1/messages/{sent['id']} -> "
+                        + ", ".join(f"{x['email']} {x['state']}" for x in m["recipients"])
+                    )
                     return 0 if states == ["delivered"] else 1
                 await asyncio.sleep(0.2)
             _say("demo: API: FAILED - the message was not delivered in 20 s")
@@ -305,8 +327,9 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
         async with app.control.sessions() as s:
             from postwarden.store.models import utcnow
 
-            await s.execute(update(ApiKey).where(ApiKey.prefix == op.prefix)
-                            .values(revoked_at=utcnow()))  # fmt: skip
+            await s.execute(
+                update(ApiKey).where(ApiKey.prefix == op.prefix).values(revoked_at=utcnow())
+            )
             await s.commit()
 
 

@@ -19,13 +19,30 @@ from email.message import EmailMessage
 RESERVED = frozenset(
     h.lower()
     for h in (
-        "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Date", "Message-ID", "Sender",
-        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Content-Disposition",
-        "Content-ID", "DKIM-Signature", "Received", "Return-Path", "Delivered-To",
-        "Authentication-Results", "ARC-Seal", "ARC-Message-Signature",
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "Sender",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Content-Disposition",
+        "Content-ID",
+        "DKIM-Signature",
+        "Received",
+        "Return-Path",
+        "Delivered-To",
+        "Authentication-Results",
+        "ARC-Seal",
+        "ARC-Message-Signature",
         "ARC-Authentication-Results",
     )
-)  # fmt: skip
+)
 
 
 class BuildError(ValueError):
@@ -110,13 +127,18 @@ def build(draft: Draft, *, message_id: str, date: float) -> bytes:
     for part in draft.attachments:
         maintype, _, subtype = part.content_type.partition("/")
         msg.add_attachment(
-            part.data, maintype=maintype, subtype=subtype,
-            filename=_clean(part.filename, "filename"), disposition=part.disposition,
+            part.data,
+            maintype=maintype,
+            subtype=subtype,
+            filename=_clean(part.filename, "filename"),
+            disposition=part.disposition,
             cid=f"<{part.content_id}>" if part.content_id else None,
-        )  # fmt: skip
+        )
     out = msg.as_bytes()
-    if b"\r\n" not in out or out.replace(b"\r\n", b"").count(b"\n") or out.replace(
-        b"\r\n", b""
-    ).count(b"\r"):
+    if (
+        b"\r\n" not in out
+        or out.replace(b"\r\n", b"").count(b"\n")
+        or out.replace(b"\r\n", b"").count(b"\r")
+    ):
         raise BuildError("internal: the message has a bare CR or LF")  # never sent so
     return out

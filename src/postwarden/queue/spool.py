@@ -756,8 +756,19 @@ class Spool:
         )
         return [
             Lease(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]),
-                bool(r[11]), r[12],
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                bool(r[10]),
+                bool(r[11]),
+                r[12],
             )
             for r in rows
         ]

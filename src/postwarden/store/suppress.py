@@ -54,9 +54,13 @@ class SuppressionCache:
         self._by_tenant = fresh
         async with self._sessions() as s:
             result = await s.stream(
-                select(Suppression.tenant_id, Suppression.address, Suppression.reason,
-                       Suppression.expires_at).execution_options(yield_per=5000)
-            )  # fmt: skip
+                select(
+                    Suppression.tenant_id,
+                    Suppression.address,
+                    Suppression.reason,
+                    Suppression.expires_at,
+                ).execution_options(yield_per=5000)
+            )
             async for row in result:
                 self._put(row)
 
@@ -68,11 +72,14 @@ class SuppressionCache:
             async with self._sessions() as s:
                 rows = (
                     await s.execute(
-                        select(Suppression.tenant_id, Suppression.address, Suppression.reason,
-                               Suppression.expires_at)
-                        .where(tuple_(Suppression.tenant_id, Suppression.address).in_(chunk))
+                        select(
+                            Suppression.tenant_id,
+                            Suppression.address,
+                            Suppression.reason,
+                            Suppression.expires_at,
+                        ).where(tuple_(Suppression.tenant_id, Suppression.address).in_(chunk))
                     )
-                ).all()  # fmt: skip
+                ).all()
             for t, a in chunk:
                 self._by_tenant.get(t, {}).pop(a, None)
             for row in rows:

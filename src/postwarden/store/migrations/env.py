@@ -43,7 +43,7 @@ def _offline(url: str) -> None:
 
 
 def main() -> Any:
-    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    url = str(config.attributes.get("url") or config.get_main_option("sqlalchemy.url") or "")
     if context.is_offline_mode():
         return _offline(url)
     return asyncio.run(_online(url))
