@@ -321,3 +321,28 @@ async def test_workers_serve_the_api_and_share_its_caches(
             assert {e["shard"] for e in admin.events(limit=1000)} == {0, 1}
         finally:
             admin.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_refuses_a_database_that_is_not_migrated(
+    tmp_path: Path, subprocess_config: Callable[..., tuple[Path, int]], workers: int
+) -> None:
+    empty = tmp_path / "empty.db"
+    config, _ = subprocess_config(
+        {"server": {"workers": workers}, "database": {"url": f"sqlite+aiosqlite:///{empty}"}}
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", "serve", "--config", str(config),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2, out.decode()
+    assert "postwarden db upgrade" in out.decode()
+    # `db upgrade` brings it up to date; `db current` then says so.
+    for action, code in (("current", 1), ("upgrade", 0), ("current", 0)):
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "postwarden.cli", "db", action, "--config", str(config),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        text = (await p.communicate())[0].decode()
+        assert p.returncode == code, (action, text)

@@ -16,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import math
-import os
 import signal
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
@@ -38,7 +35,7 @@ from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.spool import Envelope, Spool, StoredMessage, shard_path
-from postwarden.tls import self_signed, server_context
+from postwarden.tls import ensure_tls_files, server_context
 
 log = logging.getLogger("postwarden")
 
@@ -57,28 +54,6 @@ def config_keys(cfg: Config) -> list[SigningKey]:
 def build_signer(cfg: Config, extra: list[SigningKey] | None = None) -> DkimSigner:
     """The config's keys, then the control plane's (``extra``) on top."""
     return DkimSigner(config_keys(cfg) + list(extra or ()))
-
-
-def ensure_tls_files(cfg: Config) -> tuple[str, str]:
-    """The configured cert/key, or a self-signed pair generated on first start."""
-    if cfg.smtp.tls_cert:
-        return cfg.smtp.tls_cert, cfg.smtp.tls_key
-    tls_dir = Path(cfg.spool.path).resolve().parent / "tls"
-    cert, key = tls_dir / "selfsigned.crt", tls_dir / "selfsigned.key"
-    if cert.exists() and key.exists():
-        return str(cert), str(key)
-    tls_dir.mkdir(parents=True, exist_ok=True)
-    ips = []
-    for spec in cfg.smtp.listen:
-        host, _ = parse_hostport(spec, "smtp.listen")
-        with contextlib.suppress(ValueError):
-            ips.append(str(ipaddress.ip_address(host)))
-    cert_pem, key_pem = self_signed([cfg.server.hostname], ips)
-    with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-        fh.write(key_pem)
-    cert.write_bytes(cert_pem)
-    log.info("event=tls_selfsigned cert=%s", cert)
-    return str(cert), str(key)
 
 
 @dataclass(frozen=True)

@@ -77,26 +77,35 @@ def read_status() -> dict[str, Any]:
         return {}
 
 
-async def prepare_control(cfg: Config) -> None:
+DB_CHECKED_ENV = "POSTWARDEN_DB_CHECKED"
+
+
+async def prepare_control(cfg: Config, config_path: str | None) -> None:
     """Before workers start: apply migrations (``database.auto_upgrade``) or check the
     database is current, and create the encryption key file; a failure stops here, once,
-    instead of in every worker."""
+    instead of in every worker. The database work runs in a child process (``postwarden
+    db``), so that the supervisor never loads SQLAlchemy and Alembic: it stays small."""
     from postwarden.control import ControlPlaneError
-    from postwarden.store.db import current_revision, head_revision, upgrade
     from postwarden.store.secrets import load_box
 
     try:
         load_box(cfg.control.encryption_key, cfg.control.encryption_key_file)
     except (OSError, ValueError) as exc:
         raise ControlPlaneError(f"control.encryption_key: {exc}") from exc
-    if cfg.database.auto_upgrade:
-        await upgrade(cfg.database.url)
-    have, want = await current_revision(cfg.database.url), head_revision()
-    if have != want:
+    action = "upgrade" if cfg.database.auto_upgrade else "current"
+    argv = [sys.executable, "-m", "postwarden.cli", "db", action]
+    if config_path:
+        argv += ["--config", config_path]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
         raise ControlPlaneError(
-            f"database.url: the database is at revision {have or 'none'}, this version"
-            f" needs {want}: run `postwarden db upgrade`"
+            f"database.url: {out.decode(errors='replace').strip()[-500:]}"
+            " — run `postwarden db upgrade`"
         )
+    os.environ[DB_CHECKED_ENV] = "1"  # the workers need not check again
 
 
 def die_with_parent(parent: int) -> None:
@@ -126,7 +135,7 @@ class Supervisor:
         self.status_file = ""
 
     async def run(self) -> int:
-        from postwarden.appliance import ensure_tls_files
+        from postwarden.tls import ensure_tls_files
 
         # Set before any worker starts: each one then keeps its metric values in files
         # here that /metrics adds up.
@@ -135,7 +144,7 @@ class Supervisor:
         self.status_file = os.path.join(self.metrics_dir, "supervisor.json")
         os.environ[STATUS_ENV] = self.status_file
         ensure_tls_files(self.cfg)  # once, before workers race to create it
-        await prepare_control(self.cfg)  # migrations and the key file, once too
+        await prepare_control(self.cfg, self.config_path)  # migrations, key file: once
         self.sockets = bind_listeners(self.cfg)
         self.control_sock = bind(self.cfg.control.listen, "control.listen")
         self._write_status()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
+import logging
+import os
 import ssl
 from collections.abc import Iterable
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from postwarden.config import Config, parse_hostport
 
 
 def self_signed(
@@ -53,3 +59,25 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     ctx.load_cert_chain(cert_file, key_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def ensure_tls_files(cfg: Config) -> tuple[str, str]:
+    """The configured cert/key, or a self-signed pair generated on first start."""
+    if cfg.smtp.tls_cert:
+        return cfg.smtp.tls_cert, cfg.smtp.tls_key
+    tls_dir = Path(cfg.spool.path).resolve().parent / "tls"
+    cert, key = tls_dir / "selfsigned.crt", tls_dir / "selfsigned.key"
+    if cert.exists() and key.exists():
+        return str(cert), str(key)
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    ips = []
+    for spec in cfg.smtp.listen:
+        host, _ = parse_hostport(spec, "smtp.listen")
+        with contextlib.suppress(ValueError):
+            ips.append(str(ipaddress.ip_address(host)))
+    cert_pem, key_pem = self_signed([cfg.server.hostname], ips)
+    with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        fh.write(key_pem)
+    cert.write_bytes(cert_pem)
+    logging.getLogger("postwarden").info("event=tls_selfsigned cert=%s", cert)
+    return str(cert), str(key)

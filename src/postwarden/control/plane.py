@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,14 +60,16 @@ class ControlPlane:
 
     async def start(self) -> None:
         url = self.cfg.database.url
-        if self.cfg.database.auto_upgrade:
-            await upgrade(url)
-        have, want = await current_revision(url), head_revision()
-        if have != want:
-            raise ControlPlaneError(
-                f"database.url: the database is at revision {have or 'none'}, this version"
-                f" needs {want}: run `postwarden db upgrade`"
-            )
+        # A worker's supervisor has checked (or upgraded) the database already.
+        if os.environ.get("POSTWARDEN_DB_CHECKED") != "1":
+            if self.cfg.database.auto_upgrade:
+                await upgrade(url)
+            have, want = await current_revision(url), head_revision()
+            if have != want:
+                raise ControlPlaneError(
+                    f"database.url: the database is at revision {have or 'none'}, this"
+                    f" version needs {want}: run `postwarden db upgrade`"
+                )
         async with self.sessions() as s:
             self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
         await self.suppressions.load()
