@@ -97,9 +97,15 @@ class Appliance:
     """
 
     def __init__(
-        self, cfg: Config, *, config_path: str | None = None, worker: WorkerRole | None = None
+        self,
+        cfg: Config,
+        *,
+        config_path: str | None = None,
+        worker: WorkerRole | None = None,
+        api: bool = True,
     ) -> None:
         self.worker = worker
+        self.api = api  # False with `serve --role mta`: health and metrics only
         cfg = worker_share(cfg, worker.count) if worker else cfg
         self.cfg = cfg
         self.config_path = config_path
@@ -166,8 +172,11 @@ class Appliance:
             self.scheduler.wake()
         return stored
 
-    async def inject(self, envelope: Envelope, message: bytes, msg_id: str) -> StoredMessage:
-        """A message built by the API: signed, then spooled like SMTP mail."""
+    async def inject(
+        self, envelope: Envelope, message: bytes, msg_id: str, _credentials: Any = None
+    ) -> StoredMessage:
+        """A message built by the API: signed, then spooled like SMTP mail (the caller's
+        credentials matter only to a control-only process, which relays over SMTP)."""
         signed = await self.sign(message) + message
         envelope = dataclasses.replace(envelope, body_8bit=not signed.isascii())
         stored = await self.accept(envelope, signed, msg_id)
@@ -249,7 +258,7 @@ class Appliance:
                 return render_multiprocess()
             return bytes(generate_latest(self.metrics.registry))
 
-        app = create_app(metrics, health, self.control)
+        app = create_app(metrics, health, self.control if self.api else None)
         if self.worker is not None and self.worker.control_sock is not None:
             self._http = HttpServer(app, sock=self.worker.control_sock)
         else:
@@ -346,8 +355,13 @@ class Appliance:
         await self._stopped.wait()
 
 
-async def serve(cfg: Config, config_path: str | None = None) -> None:
-    app = Appliance(cfg, config_path=config_path)
+async def serve(cfg: Config, config_path: str | None = None, role: str = "all") -> None:
+    if role == "control":
+        from postwarden.control.standalone import ControlService
+
+        await ControlService(cfg).run()
+        return
+    app = Appliance(cfg, config_path=config_path, api=role != "mta")
     await app.start()
     app.install_signal_handlers()
     await app.wait_stopped()

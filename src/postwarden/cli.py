@@ -72,6 +72,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     setup_logging(cfg.server.log_level)
     path = args.config or os.environ.get("POSTWARDEN_CONFIG")
+    if args.role == "control":
+        # The control plane alone: one process, no spool (scale it by running more).
+        from postwarden.appliance import serve
+
+        run_async(serve(cfg, path, role="control"))
+        return 0
     count = worker_count(cfg)
     from postwarden.queue.spool import stranded_shards
 
@@ -89,9 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if count == 1:
         from postwarden.appliance import serve
 
-        run_async(serve(cfg, path))
+        run_async(serve(cfg, path, role=args.role))
         return 0
-    return int(run_async(Supervisor(cfg, path, count).run()))
+    return int(run_async(Supervisor(cfg, path, count, role=args.role).run()))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -110,7 +116,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         app = Appliance(cfg, config_path=args.config or os.environ.get("POSTWARDEN_CONFIG"),
-                        worker=role)  # fmt: skip
+                        worker=role, api=args.role != "mta")  # fmt: skip
         await app.start()
         app.install_signal_handlers()
         await app.wait_stopped()
@@ -291,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
     s = sub.add_parser("serve", help="run the appliance")
+    s.add_argument(
+        "--role", choices=["all", "mta", "control"], default="all",
+        help="all (default): MTA and API together; mta: no API (health and metrics only);"
+        " control: the API alone, relaying messages to an MTA (control.submit_to)",
+    )  # fmt: skip
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("worker", help=argparse.SUPPRESS)
@@ -298,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, required=True)
     s.add_argument("--fds", required=True, help="listening socket file descriptors")
     s.add_argument("--control-fd", type=int, help="the control plane's listening socket")
+    s.add_argument("--role", choices=["all", "mta"], default="all")
     s.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     s.set_defaults(fn=cmd_worker)
 

@@ -237,6 +237,9 @@ class ControlConfig:
     max_api_recipients: int = 1000  # to + cc + bcc of one API message
     idempotency_ttl: float = field(default=86400.0, metadata=_DURATION)
     cache_poll: float = field(default=1.0, metadata=_DURATION)  # change-feed poll interval
+    # With `serve --role control`: the MTA submission listener API messages go to;
+    # "" = the first of smtp.listen.
+    submit_to: str = ""
 
 
 @dataclass
@@ -423,6 +426,8 @@ def validate(cfg: Config) -> None:
     for i, spec in enumerate(cfg.smtp.listen):
         parse_hostport(spec, f"smtp.listen[{i}]")
     parse_hostport(cfg.control.listen, "control.listen")
+    if cfg.control.submit_to:
+        parse_hostport(cfg.control.submit_to, "control.submit_to")
     for i, net in enumerate(cfg.smtp.trusted_networks):
         try:
             ipaddress.ip_network(net, strict=False)

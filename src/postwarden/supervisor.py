@@ -120,8 +120,9 @@ def die_with_parent(parent: int) -> None:
 class Supervisor:
     """Starts, watches and stops the workers; serves the control plane."""
 
-    def __init__(self, cfg: Config, config_path: str | None, count: int) -> None:
+    def __init__(self, cfg: Config, config_path: str | None, count: int, role: str = "all") -> None:
         self.cfg = cfg
+        self.role = role
         self.config_path = config_path
         self.count = count
         self.sockets: list[socket.socket] = []
@@ -172,7 +173,7 @@ class Supervisor:
             sys.executable, "-m", "postwarden.cli", "worker",
             "--index", str(index), "--count", str(self.count),
             "--fds", ",".join(map(str, fds)), "--control-fd", str(cfd),
-            "--parent", str(os.getpid()),
+            "--parent", str(os.getpid()), "--role", self.role,
         ]  # fmt: skip
         if self.config_path:
             argv += ["--config", self.config_path]

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from postwarden.control.api import api
 from postwarden.control.errors import ApiError, invalid, not_found
+from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Address, Cursor, decode_cursor, encode_cursor
 from postwarden.mail.build import RESERVED, BuildError, Draft, Mailbox, Part, build, needs_smtputf8
@@ -251,7 +252,11 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
     if c.ctx.inject is None:
         raise ApiError(503, "unavailable", "this process does not accept mail (role control)")
     try:
-        stored = await c.ctx.inject(env, data, msg_id)
+        creds = None
+        if c.principal is not None and c.principal.tenant_name is not None:
+            token = c.request.headers.get("authorization", "").partition(" ")[2].strip()
+            creds = Credentials(c.principal.tenant_name, token)
+        stored = await c.ctx.inject(env, data, msg_id, creds)
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the spool refused the message: {exc}") from exc
     out = []

@@ -15,8 +15,10 @@ message is spooled. Either way nothing we relay carries a stray CR or LF.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import ipaddress
+import json
 import logging
 import re
 import ssl
@@ -121,6 +123,38 @@ def received_header(
         lines.append(f"for <{rcpt}>")
     lines[-1] += f"; {date}"
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+META_HEADER = b"x-postwarden-meta"
+_META_LINE = re.compile(rb"(?im)^X-Postwarden-Meta:[ \t]*([^\r\n]*)\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """Remove every ``X-Postwarden-Meta`` field from the header; return the message and
+    the first field's value decoded (base64 JSON object), or None.
+
+    The control plane (``serve --role control``) relays API messages with it, to carry
+    what the API was given (tags, metadata, subject); it never leaves the appliance."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 2]
+    if META_HEADER not in head.lower():
+        return data, None
+    found = _META_LINE.findall(head)
+    head = _META_LINE.sub(b"", head)
+    meta: dict[str, Any] | None = None
+    try:
+        value = json.loads(base64.b64decode(found[0].strip(), validate=True))
+        if isinstance(value, dict):
+            meta = {
+                "source": "api",
+                "subject": str(value.get("subject", ""))[:300],
+                "tags": [str(t)[:64] for t in value.get("tags", [])][:10],
+                "metadata": {str(k)[:64]: str(v)[:1000]
+                             for k, v in dict(value.get("metadata", {})).items()},
+            }  # fmt: skip
+    except (ValueError, TypeError):
+        meta = None
+    return (head if end < 0 else head + data[end + 2 :]), meta
 
 
 def header_from_domain(data: bytes) -> str | None:
@@ -407,6 +441,9 @@ class IngressHandler:
             who = session.auth_data if session.authenticated else None
             auth = who.login.decode("utf-8", "replace") if isinstance(who, Submitter) else None
             tenant = who.tenant_id if isinstance(who, Submitter) else None
+            data, meta = take_meta(data)
+            if tenant is None:
+                meta = None  # only a tenant's own relay may describe its messages
             if tenant is not None and not self.may_send_as(tenant, header_from_domain(data)):
                 self.metrics.rejected.labels("sender_domain").inc()
                 return ("550 5.7.1 The From domain is not a verified sending domain of this"
@@ -441,6 +478,7 @@ class IngressHandler:
                 tenant=str(tenant) if tenant is not None else None,
                 smtputf8=bool(envelope.smtp_utf8),
                 body_8bit=body_8bit,
+                meta=meta,
             )
             try:
                 stored = await self.accept(spool_env, message, msg_id)
@@ -463,6 +501,13 @@ class IngressHandler:
             len(message),
             auth or "-",
         )
+        if meta is not None:
+            # The relay learns each recipient's id, and which were dropped, from the reply.
+            ids = ",".join(
+                f"{rid}" + (f":{stored.drops[r]}" if r in stored.drops else "")
+                for r, rid in zip(envelope.rcpt_tos, stored.rcpt_ids, strict=True)
+            )
+            return f"250 2.0.0 Ok: queued as {stored.msg_id} rcpts={ids}"
         return f"250 2.0.0 Ok: queued as {stored.msg_id}"
 
 

@@ -1,0 +1,83 @@
+"""How a control-only process (``serve --role control``) hands API messages to an MTA.
+
+It submits each message over SMTP to ``control.submit_to`` with the caller's own
+credentials (the tenant's name and the API key of the request: a ``send`` key is also
+an SMTP password), so the MTA attaches the tenant, checks the From domain and the
+suppressions, signs and spools exactly as for any submission; the ``250`` comes only
+after the spool has the message durably. What the API was given (tags, metadata,
+subject) rides in an ``X-Postwarden-Meta`` header that the MTA takes off before
+signing; its reply names each recipient's id and which were dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import ssl
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from postwarden.config import Config, parse_hostport
+from postwarden.queue.spool import Envelope, StoredMessage
+
+_REPLY = re.compile(r"queued as (\S+) rcpts=(\S+)")
+
+
+class RelayError(RuntimeError):
+    """The MTA did not take the message."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    tenant_name: str
+    api_key: str
+
+
+class SmtpRelay:
+    def __init__(self, cfg: Config) -> None:
+        spec = cfg.control.submit_to or cfg.smtp.listen[0]
+        self.host, self.port = parse_hostport(spec, "control.submit_to")
+        self.timeout = cfg.delivery.timeouts.data_term
+
+    async def inject(
+        self, envelope: Envelope, message: bytes, msg_id: str, credentials: Credentials | None
+    ) -> StoredMessage:
+        if credentials is None:
+            raise RelayError("no credentials to submit with")
+        meta = base64.b64encode(json.dumps(dict(envelope.meta or {})).encode()).decode()
+        data = f"X-Postwarden-Meta: {meta}\r\n".encode() + message
+        # Between our own processes: encrypted when the MTA offers STARTTLS, its
+        # (usually self-signed) certificate not checked.
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        options = ["SMTPUTF8"] if envelope.smtputf8 else []
+        try:
+            async with aiosmtplib.SMTP(
+                hostname=self.host,
+                port=self.port,
+                timeout=self.timeout,
+                tls_context=tls,
+                start_tls=None,
+            ) as smtp:
+                await smtp.login(credentials.tenant_name, credentials.api_key)
+                _, reply = await smtp.sendmail(
+                    envelope.mail_from, list(envelope.rcpt_tos), data, mail_options=options
+                )
+        except aiosmtplib.SMTPException as exc:
+            raise RelayError(f"the MTA at {self.host}:{self.port} refused: {exc}") from exc
+        except OSError as exc:
+            raise RelayError(f"the MTA at {self.host}:{self.port} is unreachable: {exc}") from exc
+        m = _REPLY.search(reply)
+        if m is None:
+            raise RelayError(f"unexpected reply from the MTA: {reply!r}")
+        ids: list[int] = []
+        drops: dict[str, str] = {}
+        for rcpt, part in zip(envelope.rcpt_tos, m.group(2).split(","), strict=True):
+            rid, _, reason = part.partition(":")
+            ids.append(int(rid))
+            if reason:
+                drops[rcpt] = reason
+        return StoredMessage(m.group(1), tuple(ids), (), drops)

@@ -1,0 +1,78 @@
+"""``postwarden serve --role control``: the control plane alone, for split deployments.
+
+No SMTP listener, no spool: the API, its database and caches, and message injection
+relayed over SMTP to an MTA (``control.submit_to``; the MTA runs ``--role mta`` on
+the same database). See docs/decisions/0005.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from postwarden.config import Config, parse_hostport
+from postwarden.control.plane import ControlPlane
+from postwarden.control.relay import SmtpRelay
+from postwarden.dns.resolver import Resolver
+
+log = logging.getLogger("postwarden.control")
+
+
+class ControlService:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.resolver = Resolver(
+            cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
+        )
+        self.control = ControlPlane(cfg, self.resolver)
+        self.relay = SmtpRelay(cfg)
+        self.control.inject = self.relay.inject
+        self.registry = CollectorRegistry()
+        self.address: tuple[str, int] | None = None
+        self._http: Any = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        from postwarden.control.app import create_app
+        from postwarden.control.server import HttpServer
+
+        await self.control.start()
+
+        def health() -> tuple[bool, dict[str, Any]]:
+            return not self._stopping, {
+                "role": "control",
+                "submit_to": f"{self.relay.host}:{self.relay.port}",
+            }
+
+        app = create_app(lambda: bytes(generate_latest(self.registry)), health, self.control)
+        host, port = parse_hostport(self.cfg.control.listen, "control.listen")
+        self._http = HttpServer(app, host, port)
+        self.address = await self._http.start()
+        log.info(
+            "event=started role=control control=%s:%s submit_to=%s:%s",
+            *self.address,
+            self.relay.host,
+            self.relay.port,
+        )
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._http is not None:
+            await self._http.stop()
+        await self.control.stop()
+        self._stopped.set()
+        log.info("event=stopped")
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        await self._stopped.wait()

@@ -1,0 +1,145 @@
+"""Split deployment: `serve --role mta` and `serve --role control` on one database.
+The control process takes API messages and relays them to the MTA over SMTP with the
+caller's key; the MTA signs, spools and delivers; the API follows them to delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+
+from postwarden.lab import Lab
+from tests.conftest import free_port, write_toml
+
+
+@contextlib.asynccontextmanager
+async def process(role: str, config: Path, log: Path, health: str) -> AsyncIterator[None]:
+    with log.open("ab") as fh:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "postwarden.cli",
+            "serve",
+            "--role",
+            role,
+            "--config",
+            str(config),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as c:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await c.get(health)).status_code == 200:
+                        break
+                assert proc.returncode is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_control_role_relays_to_the_mta_role(
+    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
+) -> None:
+    lab.add_domain("inbox.test")
+    mta_cfg, smtp_port = subprocess_config({"server": {"workers": 1}})
+    data = tomllib.loads(mta_cfg.read_text())
+    ctl_port = free_port()
+    data["control"]["listen"] = f"127.0.0.1:{ctl_port}"
+    data["control"]["submit_to"] = f"127.0.0.1:{smtp_port}"
+    ctl_cfg = write_toml(tmp_path / "control.toml", data)
+    mta_http = f"http://{tomllib.loads(mta_cfg.read_text())['control']['listen']}"
+    ctl_http = f"http://127.0.0.1:{ctl_port}"
+    async with (
+        process("mta", mta_cfg, tmp_path / "mta.log", f"{mta_http}/healthz"),
+        process("control", ctl_cfg, tmp_path / "control.log", f"{ctl_http}/healthz"),
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "postwarden.cli",
+            "admin",
+            "create-key",
+            "--config",
+            str(ctl_cfg),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        op = (await proc.communicate())[0].decode().strip()
+        async with httpx.AsyncClient(
+            base_url=ctl_http, timeout=30, headers={"Authorization": f"Bearer {op}"}
+        ) as c:
+            tid = (await c.post("/v1/tenants", json={"name": "acme"})).json()["id"]
+            key = (
+                await c.post(f"/v1/tenants/{tid}/keys", json={"scopes": ["send", "read", "manage"]})
+            ).json()["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=ctl_http, timeout=30, headers=auth) as c:
+            d = (await c.post("/v1/domains", json={"name": "acme.test"})).json()
+            for rec in d["records"]:
+                lab.dns.remove(rec["name"], rec["type"])
+                lab.dns.add(rec["name"], rec["type"], rec["value"])
+            assert (await c.post(f"/v1/domains/{d['id']}/verify")).json()["verified"]
+            r = await c.post("/v1/suppressions", json={"address": "no@inbox.test"})
+            assert r.status_code == 201
+            await asyncio.sleep(1.0)  # the MTA's change feed: keys and the suppression
+            r = await c.post(
+                "/v1/messages",
+                json={
+                    "from": "shop@acme.test",
+                    "to": ["ann@inbox.test", "no@inbox.test"],
+                    "subject": "split",
+                    "text": "relayed",
+                    "tags": ["split"],
+                    "metadata": {"k": "v"},
+                },
+            )
+            assert r.status_code == 202, r.text
+            sent = r.json()
+            got = {x["email"]: x for x in sent["recipients"]}
+            assert got["no@inbox.test"]["status"] == "dropped"
+            assert got["no@inbox.test"]["reason"] == "manual"
+            assert got["ann@inbox.test"]["status"] == "queued"
+            for _ in range(150):
+                m = (await c.get(f"/v1/messages/{sent['id']}")).json()
+                states = {x["email"]: x["state"] for x in m.get("recipients", [])}
+                if states.get("ann@inbox.test") == "delivered":
+                    break
+                await asyncio.sleep(0.1)
+            assert states == {"ann@inbox.test": "delivered", "no@inbox.test": "dropped"}, m
+            assert m["tags"] == ["split"] and m["metadata"] == {"k": "v"} and m["source"] == "api"
+            assert {x["id"] for x in m["recipients"]} == {x["id"] for x in sent["recipients"]}
+            # A From outside the tenant's verified domains is refused by the MTA too.
+            r = await c.post(
+                "/v1/messages",
+                json={"from": "x@other.test", "to": ["a@inbox.test"], "subject": "s", "text": "t"},
+            )
+            assert r.status_code == 422
+        msgs = await lab.wait_for_messages(1)
+        assert msgs[0].rcpt_tos == ["ann@inbox.test"]
+        assert b"X-Postwarden-Meta" not in msgs[0].data and b"d=acme.test" in msgs[0].data
+        # The MTA role serves health and metrics, not the API.
+        async with httpx.AsyncClient(base_url=mta_http, headers=auth) as c:
+            assert (await c.get("/v1/domains")).status_code == 404
+            assert (await c.get("/metrics")).status_code == 200
