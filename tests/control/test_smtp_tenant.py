@@ -66,6 +66,18 @@ async def test_auth_with_api_key_and_verified_domain_rule(control: ControlFactor
     assert accepted["detail"]["auth"] == "acme" and accepted["detail"]["tenant"]
     got = await api.lab.wait_for_messages(1)
     assert b"DKIM-Signature:" in got[0].data and b"d=acme.test" in got[0].data
+    # The API follows mail the tenant submitted over SMTP as well.
+    async with api.client(key) as c:
+        for _ in range(100):
+            r = await c.get(f"/v1/messages/{msg_id}")
+            if r.status_code == 200 and r.json()["recipients"][0]["state"] == "delivered":
+                break
+            await asyncio.sleep(0.1)
+        m = r.json()
+        assert m["source"] == "smtp" and m["mail_from"] == "a@acme.test"
+        assert [e["type"] for e in m["events"]] == ["accepted", "delivered"]
+        # …and the key's last use is on record.
+        assert (await c.get("/v1/keys")).json()["data"][0]["last_used_at"] is not None
 
 
 async def test_suppressed_recipient_is_dropped_at_acceptance(control: ControlFactory) -> None:
