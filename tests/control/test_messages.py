@@ -260,3 +260,47 @@ async def test_events_api_filters_and_pages(control: ControlFactory) -> None:
             "/v1/events", params={"since": "2000-01-01T00:00:00Z", "until": "2000-01-02T00:00:00Z"}
         )
         assert r.status_code == 200 and r.json()["data"] == []
+
+
+async def test_idempotency_key_in_progress_and_abandoned(control: ControlFactory) -> None:
+    import datetime as dt
+    import hashlib
+
+    from postwarden.store.models import IdempotencyKey
+
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    body = {"from": "a@acme.test", "to": ["u@inbox.test"], "subject": "s", "text": "t"}
+    async with api.client(key) as c:
+        tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
+        raw = httpx.Request("POST", "http://x/v1/messages", json=body).content
+        digest = hashlib.sha256(b"/v1/messages\0" + raw).hexdigest()
+        now = dt.datetime.now(dt.UTC)
+        async with api.app.control.sessions() as s:
+            # One request still running, one whose process died 11 minutes ago.
+            s.add(
+                IdempotencyKey(
+                    tenant_id=tid,
+                    key="busy",
+                    request_hash=digest,
+                    status_code=0,
+                    response={},
+                    created_at=now,
+                )
+            )
+            s.add(
+                IdempotencyKey(
+                    tenant_id=tid,
+                    key="dead",
+                    request_hash=digest,
+                    status_code=0,
+                    response={},
+                    created_at=now - dt.timedelta(minutes=11),
+                )
+            )
+            await s.commit()
+        r = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "busy"})
+        assert r.status_code == 409 and r.json()["error"]["type"] == "idempotency_in_progress"
+        r = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "dead"})
+        assert r.status_code == 202, r.text

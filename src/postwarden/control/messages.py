@@ -327,7 +327,12 @@ async def idempotent(c: Call, run: Any) -> Any:
     now = dt.datetime.now(dt.UTC)
     async with c.ctx.sessions() as s:
         row = await s.get(IdempotencyKey, (c.tenant_id, key))
-        if row is not None and row.created_at < now - ttl:
+        # An answer past its time, or a request that never finished (its process died
+        # mid-way; nothing takes this long), no longer holds the key.
+        if row is not None and (
+            row.created_at < now - ttl
+            or (row.status_code == 0 and row.created_at < now - STALE_IN_PROGRESS)
+        ):
             await s.delete(row)
             await s.flush()
             row = None
@@ -381,6 +386,7 @@ async def idempotent(c: Call, run: Any) -> Any:
     return status, payload
 
 
+STALE_IN_PROGRESS = dt.timedelta(minutes=10)
 IDEMPOTENCY = {
     "Idempotency-Key": "makes a retried request safe: same key and body, same answer (24 h)"
 }
