@@ -34,7 +34,6 @@ from postwarden.control.schemas import (
     TenantCreate,
     TenantList,
     TenantOut,
-    TenantSettings,
     TenantUpdate,
     decode_cursor,
     encode_cursor,
@@ -57,17 +56,24 @@ def page_of(rows: list[Any], limit: int) -> str | None:
     return encode_cursor(rows[-1].id) if len(rows) == limit else None
 
 
+async def page(s: Any, stmt: Any, model: Any, cursor: str | None, limit: int) -> list[Any]:
+    """One page of ``stmt`` (already filtered by tenant) in id order, after ``cursor``."""
+    stmt = stmt.where(model.id > decode_cursor(cursor)).order_by(model.id).limit(limit)
+    return list((await s.execute(stmt)).scalars())
+
+
+async def one_or_404(s: Any, stmt: Any, what: str) -> Any:
+    row = (await s.execute(stmt)).scalar_one_or_none()
+    if row is None:
+        raise not_found(what)
+    return row
+
+
 # ---------------------------------------------------------------- tenants (operator)
 
 
 def tenant_out(t: Tenant) -> TenantOut:
-    return TenantOut(
-        id=t.id,
-        name=t.name,
-        created_at=t.created_at,
-        disabled=t.disabled,
-        settings=TenantSettings.model_validate(t.settings or {}),
-    )
+    return TenantOut.model_validate(t)
 
 
 @api.op(
@@ -98,15 +104,8 @@ async def create_tenant(c: Call) -> Any:
     "GET", "/v1/tenants", summary="List tenants", scope="admin", query=Page, response=TenantList
 )
 async def list_tenants(c: Call) -> Any:
-    after = decode_cursor(c.query.cursor)
     async with c.ctx.sessions() as s:
-        rows = list(
-            (
-                await s.execute(
-                    select(Tenant).where(Tenant.id > after).order_by(Tenant.id).limit(c.query.limit)
-                )
-            ).scalars()
-        )
+        rows = await page(s, select(Tenant), Tenant, c.query.cursor, c.query.limit)
     return TenantList(data=[tenant_out(t) for t in rows], next_cursor=page_of(rows, c.query.limit))
 
 
@@ -213,18 +212,9 @@ async def create_tenant_key(c: Call) -> Any:
     response=KeyList,
 )
 async def list_keys(c: Call) -> Any:
-    after = decode_cursor(c.query.cursor)
+    stmt = select(ApiKey).where(ApiKey.tenant_id == c.tenant_id)
     async with c.ctx.sessions() as s:
-        rows = list(
-            (
-                await s.execute(
-                    select(ApiKey)
-                    .where(ApiKey.tenant_id == c.tenant_id, ApiKey.id > after)
-                    .order_by(ApiKey.id)
-                    .limit(c.query.limit)
-                )
-            ).scalars()
-        )
+        rows = await page(s, stmt, ApiKey, c.query.cursor, c.query.limit)
     return KeyList(data=[key_out(k) for k in rows], next_cursor=page_of(rows, c.query.limit))
 
 
@@ -254,13 +244,8 @@ async def create_key(c: Call) -> Any:
 )
 async def revoke_key(c: Call) -> Any:
     async with c.ctx.sessions() as s:
-        k = (
-            await s.execute(
-                select(ApiKey).where(ApiKey.id == c.path["key_id"], ApiKey.tenant_id == c.tenant_id)
-            )
-        ).scalar_one_or_none()
-        if k is None:
-            raise not_found("key")
+        stmt = select(ApiKey).where(ApiKey.id == c.path["key_id"], ApiKey.tenant_id == c.tenant_id)
+        k = await one_or_404(s, stmt, "key")
         if k.revoked_at is None:
             k.revoked_at = dt.datetime.now(dt.UTC)
             changed(s, "api_key", c.tenant_id, k.prefix)
@@ -273,13 +258,8 @@ async def revoke_key(c: Call) -> Any:
 
 
 async def _domain(s: Any, c: Call) -> Domain:
-    d = (
-        await s.execute(
-            select(Domain).where(Domain.id == c.path["domain_id"], Domain.tenant_id == c.tenant_id)
-        )
-    ).scalar_one_or_none()
-    if d is None:
-        raise not_found("domain")
+    stmt = select(Domain).where(Domain.id == c.path["domain_id"], Domain.tenant_id == c.tenant_id)
+    d: Domain = await one_or_404(s, stmt, "domain")
     return d
 
 
@@ -344,18 +324,9 @@ async def create_domain(c: Call) -> Any:
     response=DomainList,
 )
 async def list_domains(c: Call) -> Any:
-    after = decode_cursor(c.query.cursor)
+    stmt = select(Domain).where(Domain.tenant_id == c.tenant_id)
     async with c.ctx.sessions() as s:
-        rows = list(
-            (
-                await s.execute(
-                    select(Domain)
-                    .where(Domain.tenant_id == c.tenant_id, Domain.id > after)
-                    .order_by(Domain.id)
-                    .limit(c.query.limit)
-                )
-            ).scalars()
-        )
+        rows = await page(s, stmt, Domain, c.query.cursor, c.query.limit)
         out = [domain_out(c.ctx.cfg, d, await dom.domain_keys(s, d.id)) for d in rows]
     return DomainList(data=out, next_cursor=page_of(rows, c.query.limit))
 
@@ -485,14 +456,7 @@ async def delete_domain(c: Call) -> Any:
 
 
 def supp_out(x: Suppression) -> SuppressionOut:
-    return SuppressionOut(
-        address=x.address,
-        reason=x.reason,
-        source=x.source,
-        note=x.note,
-        created_at=x.created_at,
-        expires_at=x.expires_at,
-    )
+    return SuppressionOut.model_validate(x)
 
 
 async def upsert_suppression(
@@ -568,16 +532,11 @@ async def list_suppressions(c: Call) -> Any:
 
 
 async def _suppression(s: Any, c: Call) -> Suppression:
-    row = (
-        await s.execute(
-            select(Suppression).where(
-                Suppression.tenant_id == c.tenant_id,
-                Suppression.address == suppression_key(c.path["address"]),
-            )
-        )
-    ).scalar_one_or_none()
-    if row is None:
-        raise not_found("suppression")
+    stmt = select(Suppression).where(
+        Suppression.tenant_id == c.tenant_id,
+        Suppression.address == suppression_key(c.path["address"]),
+    )
+    row: Suppression = await one_or_404(s, stmt, "suppression")
     return row
 
 

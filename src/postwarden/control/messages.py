@@ -23,8 +23,8 @@ from pydantic import (
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from postwarden.control.api import api
-from postwarden.control.errors import ApiError, invalid, not_found
+from postwarden.control.api import api, one_or_404
+from postwarden.control.errors import ApiError, invalid
 from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Address, Cursor, decode_cursor, encode_cursor
@@ -149,6 +149,8 @@ class RecipientState(BaseModel):
 
 
 class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     type: str
     ts: dt.datetime
@@ -463,15 +465,7 @@ async def send_batch(c: Call) -> Any:
 
 
 def event_out(e: Event) -> EventOut:
-    return EventOut(
-        id=e.id,
-        type=e.type,
-        ts=e.ts,
-        message_id=e.message_id,
-        recipient_id=e.recipient_id,
-        recipient=e.recipient,
-        detail=e.detail or {},
-    )
+    return EventOut.model_validate(e)
 
 
 @api.op(
@@ -485,35 +479,12 @@ def event_out(e: Event) -> EventOut:
 async def get_message(c: Call) -> Any:
     mid = c.path["message_id"]
     async with c.ctx.sessions() as s:
-        m = (
-            await s.execute(
-                select(Message).where(Message.id == mid, Message.tenant_id == c.tenant_id)
-            )
-        ).scalar_one_or_none()
-        if m is None:
-            raise not_found("message")
-        rcpts = (
-            (
-                await s.execute(
-                    select(Recipient)
-                    .where(Recipient.message_id == mid, Recipient.tenant_id == c.tenant_id)
-                    .order_by(Recipient.id)
-                )
-            )
-            .scalars()
-            .all()
-        )
-        evs = (
-            (
-                await s.execute(
-                    select(Event)
-                    .where(Event.message_id == mid, Event.tenant_id == c.tenant_id)
-                    .order_by(Event.id)
-                )
-            )
-            .scalars()
-            .all()
-        )
+        stmt = select(Message).where(Message.id == mid, Message.tenant_id == c.tenant_id)
+        m = await one_or_404(s, stmt, "message")
+        mine = (Recipient.message_id == mid, Recipient.tenant_id == c.tenant_id)
+        rcpts = (await s.execute(select(Recipient).where(*mine).order_by(Recipient.id))).scalars()
+        mine = (Event.message_id == mid, Event.tenant_id == c.tenant_id)
+        evs = (await s.execute(select(Event).where(*mine).order_by(Event.id))).scalars()
     return MessageStatus(
         id=m.id,
         created_at=m.created_at,

@@ -94,6 +94,8 @@ class TenantUpdate(Strict):
 
 
 class TenantOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     name: str
     created_at: dt.datetime
@@ -186,6 +188,8 @@ class SuppressionCreate(Strict):
 
 
 class SuppressionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     address: str
     reason: str
     source: str

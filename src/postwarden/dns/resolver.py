@@ -145,27 +145,26 @@ class Resolver:
 
     async def resolve_txt(self, name: str) -> list[str]:
         """The text of each TXT record at ``name`` (character-strings joined)."""
-        try:
-            answer = await self._query(name, "TXT")
-        except dns.resolver.NXDOMAIN as exc:
-            raise DnsError(f"{name}: no such domain", permanent=True, enhanced="5.1.2") from exc
-        except _Temporary as exc:
-            raise DnsError(str(exc), permanent=False, enhanced="4.4.3") from exc
+        answer = await self._answer(name, "TXT")
         if answer is None:
             return []
         return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
 
     async def resolve_rrset(self, name: str, rdtype: str) -> list[str]:
         """The records of one type at ``name`` in presentation format ([] for NODATA)."""
+        answer = await self._answer(name, rdtype)
+        if answer is None:
+            return []
+        return [r.to_text() for r in answer]
+
+    async def _answer(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """:meth:`_query` with failures as :class:`DnsError` (NXDOMAIN permanent)."""
         try:
-            answer = await self._query(name, rdtype)
+            return await self._query(name, rdtype)
         except dns.resolver.NXDOMAIN as exc:
             raise DnsError(f"{name}: no such domain", permanent=True, enhanced="5.1.2") from exc
         except _Temporary as exc:
             raise DnsError(str(exc), permanent=False, enhanced="4.4.3") from exc
-        if answer is None:
-            return []
-        return [r.to_text() for r in answer]
 
     # ------------------------------------------------------------------ MX
 
