@@ -250,7 +250,8 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_admin(args: argparse.Namespace) -> int:
     """Create an operator key (scope ``admin``: tenants and their keys) and print it once."""
     from postwarden.store.db import create_engine, current_revision, head_revision, sessionmaker
-    from postwarden.store.models import ApiKey, Change
+    from postwarden.store.feed import record_change
+    from postwarden.store.models import ApiKey
     from postwarden.store.secrets import new_api_key
 
     cfg = _load(args)
@@ -264,7 +265,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
                 new = new_api_key()
                 s.add(ApiKey(tenant_id=None, prefix=new.prefix, secret_hash=new.secret_hash,
                              name=args.name, scopes="admin"))  # fmt: skip
-                s.add(Change(kind="api_key", tenant_id=None, ref=new.prefix))
+                await record_change(s, "api_key", None, new.prefix)
                 await s.commit()
                 return new.plaintext
         finally:

@@ -151,6 +151,10 @@ async def test_verified_domain_signs_and_rotation_keeps_old_key_until_removed(
             "pending"
         }
         assert (await c.post(f"/v1/domains/{d['id']}/dkim/rotate")).status_code == 409
+        # Checking before the new records are out does not unverify a signing domain.
+        v = (await c.post(f"/v1/domains/{d['id']}/verify")).json()
+        assert v["verified"], [x for x in v["records"] if x["required"] and x["status"] != "ok"]
+        assert {k["state"] for k in v["dkim"] if k["generation"] == 1} == {"signing"}
         # Until the new records verify, generation 1 keeps signing.
         await send(api, "a@acme.test", "u@inbox.test")
         msgs = await api.lab.wait_for_messages(3)

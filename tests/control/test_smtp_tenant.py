@@ -130,3 +130,27 @@ async def test_address_suppressed_while_queued_is_dropped_before_retry(
     await asyncio.sleep(1.5)
     assert not api.lab.messages
     assert [e["type"] for e in events(api, msg_id)].count("deferred") == 1
+
+
+async def test_multi_mailbox_from_and_overlong_paths_are_refused(control: ControlFactory) -> None:
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await api.tenant("acme")
+    await api.verified_domain(key, "acme.test")
+    await asyncio.sleep(0.5)
+    host, port = api.app.smtp_addresses[0]
+    async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
+        await smtp.login("acme", key)
+        # A From whose first mailbox is someone else's, the tenant's last: refused.
+        msg = b"From: ceo@victim.test, me@acme.test\r\nSubject: x\r\n\r\nx\r\n"
+        with pytest.raises(aiosmtplib.SMTPDataError) as exc:
+            await smtp.sendmail("me@acme.test", ["u@inbox.test"], msg)
+        assert exc.value.code == 550
+        await smtp.rset()
+        # RFC 5321 4.5.3.1.3: a path is at most 256 octets.
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+            await smtp.sendmail(
+                "me@acme.test", ["u" * 250 + "@inbox.test"], b"Subject: x\r\n\r\nx\r\n"
+            )
+    await asyncio.sleep(0.3)
+    assert not api.lab.messages

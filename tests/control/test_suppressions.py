@@ -124,3 +124,28 @@ async def test_csv_import_reports_bad_lines_and_export_round_trips(control: Cont
             "/v1/suppressions/import", content=r.content, headers={"content-type": "text/csv"}
         )
         assert r.json() == {"created": 2, "updated": 0, "errors": []}
+
+
+def test_one_key_for_every_spelling_of_an_address() -> None:
+    from postwarden.mail.addresses import normalize_address, suppression_key
+
+    same = ["user@xn--bcher-kva.example", "USER@bücher.example", '"user"@BÜCHER.example']
+    keys = {suppression_key(a) for a in same} | {
+        suppression_key(normalize_address(a)) for a in same
+    }
+    assert keys == {"user@bücher.example"}
+    # Quotes that are needed stay.
+    assert suppression_key('"a b"@x.test') == '"a b"@x.test'
+
+
+async def test_suppressed_address_is_found_in_its_other_spellings(control: ControlFactory) -> None:
+    api = await control()
+    key = await api.tenant("acme")
+    async with api.client(key) as c:
+        assert (
+            await c.post("/v1/suppressions", json={"address": "bob@xn--bcher-kva.example"})
+        ).status_code == 201
+        tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
+    check = api.app.control.suppressions.check
+    assert check(tid, '"bob"@b\u00fccher.example') == "manual"
+    assert check(tid, "BOB@xn--bcher-kva.example") == "manual"

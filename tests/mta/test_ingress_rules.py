@@ -110,3 +110,39 @@ async def test_read_data_limits_and_pipelining() -> None:
     assert err is not None and err.startswith("500")
     (_, err), rest = await feed(b"y\r\n" * 600 + b".\r\nNOOP\r\n")
     assert err is not None and err.startswith("552") and rest == b"NOOP\r\n"
+
+
+def test_take_meta_ignores_mentions_and_reads_folded_fields() -> None:
+    import base64
+    import json
+
+    from postwarden.mta.ingress import take_meta
+
+    for msg in (
+        b"Subject: about X-Postwarden-Meta\r\n\r\nbody\r\n",
+        b"X-Postwarden-Meta-Foo: x\r\n\r\nbody\r\n",
+        b"X-Postwarden-Meta : x\r\n\r\nbody\r\n",
+    ):
+        assert take_meta(msg) == (msg, None)
+    value = base64.b64encode(json.dumps({"subject": "s" * 900, "tags": ["a"]}).encode())
+    folded = b"\r\n ".join(value[i : i + 76] for i in range(0, len(value), 76))
+    msg = b"From: a@b.test\r\nX-Postwarden-Meta: " + folded + b"\r\nSubject: x\r\n\r\nbody\r\n"
+    out, meta = take_meta(msg)
+    assert out == b"From: a@b.test\r\nSubject: x\r\n\r\nbody\r\n"
+    assert meta is not None and meta["tags"] == ["a"] and meta["subject"] == "s" * 300
+    # Garbage in the field: removed, and no meta.
+    assert take_meta(b"X-Postwarden-Meta: !!!\r\n\r\nb\r\n") == (b"\r\nb\r\n", None)
+
+
+def test_header_from_domain_needs_exactly_one_mailbox() -> None:
+    from postwarden.mta.ingress import header_from_domain
+
+    def dom(head: bytes) -> str | None:
+        return header_from_domain(head + b"\r\n\r\nbody\r\n")
+
+    assert dom(b"From: Me <me@Acme.Test>") == "acme.test"
+    assert dom(b'From: "Doe, Jane" <me@acme.test>') == "acme.test"
+    assert dom(b"From: ceo@victim.test, me@acme.test") is None
+    assert dom(b"From: me@acme.test\r\nFrom: x@other.test") is None
+    assert dom(b"From: undisclosed-recipients:;") is None
+    assert dom(b"Subject: no from") is None

@@ -40,7 +40,8 @@ from postwarden.control.schemas import (
 )
 from postwarden.dns.records import all_required_ok, verify
 from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
-from postwarden.store.models import ApiKey, Change, DkimKey, Domain, Suppression, Tenant
+from postwarden.store.feed import record_change
+from postwarden.store.models import ApiKey, DkimKey, Domain, Suppression, Tenant
 from postwarden.store.secrets import new_api_key
 
 api = Api("Postwarden", "1")
@@ -48,8 +49,8 @@ api = Api("Postwarden", "1")
 REASONS = ("unsubscribe", "hard_bounce", "complaint", "manual")
 
 
-def changed(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
-    session.add(Change(kind=kind, tenant_id=tenant_id, ref=ref))
+async def changed(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
+    await record_change(session, kind, tenant_id, ref)
 
 
 def page_of(rows: list[Any], limit: int) -> str | None:
@@ -95,7 +96,7 @@ async def create_tenant(c: Call) -> Any:
             await s.flush()
         except IntegrityError:
             raise ApiError(409, "conflict", f"a tenant named {body.name!r} exists") from None
-        changed(s, "tenant", t.id)
+        await changed(s, "tenant", t.id)
         await s.commit()
     return tenant_out(t)
 
@@ -146,7 +147,7 @@ async def update_tenant(c: Call) -> Any:
             t.disabled = body.disabled
         if body.settings is not None:
             t.settings = body.settings.model_dump()
-        changed(s, "tenant", t.id)
+        await changed(s, "tenant", t.id)
         await s.commit()
     c.ctx.auth.invalidate()
     return tenant_out(t)
@@ -177,7 +178,7 @@ async def _new_key(s: Any, tenant_id: int | None, name: str, scopes: list[str]) 
     )
     s.add(k)
     await s.flush()
-    changed(s, "api_key", tenant_id, new.prefix)
+    await changed(s, "api_key", tenant_id, new.prefix)
     result: KeyCreated = key_out(k, KeyCreated, key=new.plaintext)
     return result
 
@@ -248,7 +249,7 @@ async def revoke_key(c: Call) -> Any:
         k = await one_or_404(s, stmt, "key")
         if k.revoked_at is None:
             k.revoked_at = dt.datetime.now(dt.UTC)
-            changed(s, "api_key", c.tenant_id, k.prefix)
+            await changed(s, "api_key", c.tenant_id, k.prefix)
         await s.commit()
     c.ctx.auth.invalidate()
     return key_out(k)
@@ -310,7 +311,7 @@ async def create_domain(c: Call) -> Any:
         except IntegrityError:
             raise ApiError(409, "conflict", f"{c.body.name} is already registered") from None
         keys = await dom.add_generation(s, d, 1, c.ctx.box)
-        changed(s, "domain", c.tenant_id, d.name)
+        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
     return domain_out(c.ctx.cfg, d, keys)
 
@@ -381,7 +382,7 @@ async def verify_domain(c: Call) -> Any:
             d.verified_at = None
         d.checked_at = now
         d.last_check = {"records": [r.as_dict() for r in recs_now]}
-        changed(s, "domain", c.tenant_id, d.name)
+        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
         return domain_out(c.ctx.cfg, d, keys)
 
@@ -405,7 +406,7 @@ async def rotate_dkim(c: Call) -> Any:
         if signing is None or top > signing:
             raise ApiError(409, "conflict", "a key generation is still waiting for verification")
         keys += await dom.add_generation(s, d, top + 1, c.ctx.box)
-        changed(s, "domain", c.tenant_id, d.name)
+        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
         return domain_out(c.ctx.cfg, d, keys)
 
@@ -429,7 +430,7 @@ async def delete_dkim(c: Call) -> Any:
             raise ApiError(409, "conflict", "only a retired key (an older generation) is removed")
         await s.delete(key)
         keys.remove(key)
-        changed(s, "domain", c.tenant_id, d.name)
+        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
         return domain_out(c.ctx.cfg, d, keys)
 
@@ -447,7 +448,7 @@ async def delete_domain(c: Call) -> Any:
         d = await _domain(s, c)
         await s.execute(delete(DkimKey).where(DkimKey.domain_id == d.id))
         await s.delete(d)
-        changed(s, "domain", c.tenant_id, d.name)
+        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
     return Deleted(deleted=True)
 
@@ -483,7 +484,7 @@ async def upsert_suppression(
         s.add(row)
     row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
     row.created_at = dt.datetime.now(dt.UTC)
-    changed(s, "suppression", tenant_id, key)
+    await changed(s, "suppression", tenant_id, key)
     return row, created
 
 
@@ -565,7 +566,7 @@ async def delete_suppression(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await _suppression(s, c)
         await s.delete(row)
-        changed(s, "suppression", c.tenant_id, row.address)
+        await changed(s, "suppression", c.tenant_id, row.address)
         await s.commit()
     await c.ctx.suppressions.refresh([(c.tenant_id, row.address)])
     return Deleted(deleted=True)

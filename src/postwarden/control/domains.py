@@ -132,8 +132,11 @@ def records(cfg: Config, domain: Domain, keys: Sequence[DkimKey]) -> list[Record
         if rec.purpose == "dkim":
             sel = rec.name.split("._domainkey.")[0]
             key = by_sel.get(sel)
-            # A retired key stays published until it is removed; it is not required.
-            rec.required = key is not None and key_state(key, signing) != "retired"
+            # Required: the keys that sign, or the first generation before any signs. A
+            # retired key stays published until removed; a rotation's new keys are checked
+            # (to promote them) but their absence never unverifies a domain that signs.
+            state = key_state(key, signing) if key is not None else "retired"
+            rec.required = state == "signing" or (state == "pending" and signing is None)
         prev = last.get((rec.type, rec.name, rec.value))
         if prev is not None:
             rec.status = prev.get("status", "unchecked")

@@ -24,6 +24,7 @@ from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from postwarden.store.feed import lock_events
 from postwarden.store.models import Event, EventCursor, Message, Recipient
 
 log = logging.getLogger("postwarden.control.events")
@@ -126,12 +127,19 @@ class EventCopier:
             rows = await asyncio.to_thread(self._read, after)
             if not rows:
                 return 0
-            await self._write(s, rows)
-            if cur is None:
-                s.add(EventCursor(shard=self.shard, last_id=rows[-1][0]))
-            else:
-                cur.last_id = rows[-1][0]
-            await s.commit()
+            try:
+                await lock_events(s)  # event ids visible in the order drawn (PostgreSQL)
+                await self._write(s, rows)
+                if cur is None:
+                    s.add(EventCursor(shard=self.shard, last_id=rows[-1][0]))
+                else:
+                    cur.last_id = rows[-1][0]
+                await s.commit()
+            except BaseException:
+                # What _write learnt of these messages was never committed: forget it,
+                # so the retry writes their rows again.
+                self._msgs.clear()
+                raise
         self.copied += len(rows)
         return len(rows)
 
@@ -174,7 +182,7 @@ class EventCopier:
                             "id": msg_id,
                             "tenant_id": tenant,
                             "created_at": _ts(ts),
-                            "mail_from": detail.get("mail_from", ""),
+                            "mail_from": str(detail.get("mail_from", ""))[:320],
                             "subject": str(meta.get("subject", ""))[:300],
                             "source": meta.get("source", "smtp"),
                             "tags": tags,
@@ -198,7 +206,7 @@ class EventCopier:
                     "type": kind,
                     "message_id": msg_id,
                     "recipient_id": rid,
-                    "recipient": rcpt,
+                    "recipient": (rcpt or "")[:320] or None,
                     "tags": tags_csv,
                     "detail": detail,
                 }
@@ -210,7 +218,7 @@ class EventCopier:
                     "id": rid,
                     "message_id": msg_id,
                     "tenant_id": tenant,
-                    "address": rcpt or "",
+                    "address": (rcpt or "")[:320],
                     "state": "queued",
                     "attempts": 0,
                     "last_response": "",

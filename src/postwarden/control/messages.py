@@ -7,6 +7,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import logging
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -32,6 +33,7 @@ from postwarden.mail.build import RESERVED, BuildError, Draft, Mailbox, Part, bu
 from postwarden.queue.spool import Envelope, new_message_id
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
+log = logging.getLogger("postwarden.control.messages")
 _NO_BREAKS = re.compile(r"^[^\r\n\x00]*$")
 
 
@@ -276,7 +278,17 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
 
 
 async def remember_message(c: Call, env: Envelope, msg: MessageAccepted) -> None:
-    """Make GET /v1/messages/{id} answer at once (the event copier would, a moment later)."""
+    """Make GET /v1/messages/{id} answer at once (the event copier would, a moment later).
+
+    The message is spooled already: a failure here is logged, never the request's
+    answer (a 5xx would invite a retry that sends it twice)."""
+    try:
+        await _remember(c, env, msg)
+    except Exception:
+        log.warning("event=remember_failed msg=%s", msg.id, exc_info=True)
+
+
+async def _remember(c: Call, env: Envelope, msg: MessageAccepted) -> None:
     meta = env.meta or {}
     async with c.ctx.sessions() as s:
         from postwarden.control.events import insert_ignore

@@ -183,7 +183,6 @@ class ControlPlane:
             ).all()
         if not rows:
             return
-        self._last_change = rows[-1][0]
         kinds = {r[1] for r in rows}
         if kinds & {"api_key", "tenant"}:
             self.auth.invalidate()
@@ -191,6 +190,8 @@ class ControlPlane:
             await self.suppressions.refresh((r[2], r[3]) for r in rows if r[1] == "suppression")
         if "domain" in kinds:
             await self.reload_keys()
+        # Only once the caches hold them: a failure above reads the same rows again.
+        self._last_change = rows[-1][0]
 
     async def prune(self) -> None:
         """Forget change-feed rows older than a day and expired idempotency keys."""

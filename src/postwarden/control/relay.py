@@ -11,6 +11,7 @@ signing; its reply names each recipient's id and which were dropped.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -23,6 +24,7 @@ from postwarden.config import Config, parse_hostport
 from postwarden.queue.spool import Envelope, StoredMessage
 
 _REPLY = re.compile(r"queued as (\S+) rcpts=(\S+)")
+RELAY_SESSIONS = 16
 
 
 class RelayError(RuntimeError):
@@ -40,14 +42,25 @@ class SmtpRelay:
         spec = cfg.control.submit_to or cfg.smtp.listen[0]
         self.host, self.port = parse_hostport(spec, "control.submit_to")
         self.timeout = cfg.delivery.timeouts.data_term
+        # A batch of 1 000 must not open 1 000 sessions (smtp.max_sessions_per_ip).
+        self._slots = asyncio.Semaphore(RELAY_SESSIONS)
 
     async def inject(
         self, envelope: Envelope, message: bytes, msg_id: str, credentials: Credentials | None
     ) -> StoredMessage:
         if credentials is None:
             raise RelayError("no credentials to submit with")
-        meta = base64.b64encode(json.dumps(dict(envelope.meta or {})).encode()).decode()
-        data = f"X-Postwarden-Meta: {meta}\r\n".encode() + message
+        meta = base64.b64encode(json.dumps(dict(envelope.meta or {})).encode())
+        # Folded at 76: a long subject or much metadata must not make a line longer than
+        # the MTA accepts (smtp.max_line_length).
+        folded = b"\r\n ".join(meta[i : i + 76] for i in range(0, len(meta), 76))
+        data = b"X-Postwarden-Meta: " + folded + b"\r\n" + message
+        async with self._slots:
+            return await self._submit(envelope, data, credentials)
+
+    async def _submit(
+        self, envelope: Envelope, data: bytes, credentials: Credentials
+    ) -> StoredMessage:
         # Between our own processes: encrypted when the MTA offers STARTTLS, its
         # (usually self-signed) certificate not checked.
         tls = ssl.create_default_context()

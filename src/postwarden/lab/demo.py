@@ -233,7 +233,8 @@ async def bootstrap_operator_key(app: Appliance) -> str | None:
     """The first operator key, when the database has none: printed once, stored hashed."""
     from sqlalchemy import select
 
-    from postwarden.store.models import ApiKey, Change
+    from postwarden.store.feed import record_change
+    from postwarden.store.models import ApiKey
     from postwarden.store.secrets import new_api_key
 
     async with app.control.sessions() as s:
@@ -244,7 +245,7 @@ async def bootstrap_operator_key(app: Appliance) -> str | None:
         new = new_api_key()
         s.add(ApiKey(tenant_id=None, prefix=new.prefix, secret_hash=new.secret_hash,
                      name="bootstrap", scopes="admin"))  # fmt: skip
-        s.add(Change(kind="api_key", tenant_id=None, ref=new.prefix))
+        await record_change(s, "api_key", None, new.prefix)
         await s.commit()
         return new.plaintext
 

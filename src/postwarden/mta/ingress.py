@@ -32,7 +32,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from postwarden.config import Config
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import PasswordStore
-from postwarden.mta.dkim import from_domain, split_message
+from postwarden.mta.dkim import split_message
 from postwarden.mta.wire import BulkDataSMTP
 from postwarden.queue.spool import Envelope as SpoolEnvelope
 from postwarden.queue.spool import StoredMessage, new_message_id
@@ -49,6 +49,7 @@ _ENHANCED = {
 }  # fmt: skip
 _HAS_ENHANCED = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _REPLY = re.compile(rb"^(\d{3})([ -])(.*)$", re.DOTALL)
+MAX_PATH = 254  # RFC 5321 4.5.3.1.3: a path is 256 octets with its angle brackets
 _ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"]+@[A-Za-z0-9.\-\[\]:]+$|^[^\s@]+@[^\s@]+$")
 
 MAX_AUTH_FAILURES = 3
@@ -126,7 +127,8 @@ def received_header(
 
 
 META_HEADER = b"x-postwarden-meta"
-_META_LINE = re.compile(rb"(?im)^X-Postwarden-Meta:[ \t]*([^\r\n]*)\r\n(?:[ \t][^\r\n]*\r\n)*")
+# The whole field, folded lines included (the relay folds the base64 value).
+_META_FIELD = re.compile(rb"(?im)^X-Postwarden-Meta:((?:[^\r\n]*\r\n)(?:[ \t][^\r\n]*\r\n)*)")
 
 
 def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
@@ -139,11 +141,13 @@ def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
     head = data if end < 0 else data[: end + 2]
     if META_HEADER not in head.lower():
         return data, None
-    found = _META_LINE.findall(head)
-    head = _META_LINE.sub(b"", head)
+    found = _META_FIELD.findall(head)
+    head = _META_FIELD.sub(b"", head)
+    if not found:  # the words in some other field, not the field itself
+        return data, None
     meta: dict[str, Any] | None = None
     try:
-        value = json.loads(base64.b64decode(found[0].strip(), validate=True))
+        value = json.loads(base64.b64decode(b"".join(found[0].split()), validate=True))
         if isinstance(value, dict):
             meta = {
                 "source": "api",
@@ -152,21 +156,27 @@ def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
                 "metadata": {str(k)[:64]: str(v)[:1000]
                              for k, v in dict(value.get("metadata", {})).items()},
             }  # fmt: skip
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         meta = None
     return (head if end < 0 else head + data[end + 2 :]), meta
 
 
 def header_from_domain(data: bytes) -> str | None:
-    """The domain of the message's one From address; None when there is not exactly one
-    From field (RFC 5322 3.6) or it has no domain: such mail never passes as a tenant's."""
+    """The domain of the message's one From mailbox; None when there is not exactly one
+    From field (RFC 5322 3.6) holding exactly one address with a domain: such mail never
+    passes as a tenant's (``From: ceo@victim, me@tenant`` shows the first)."""
     try:
         headers, _ = split_message(data)
     except Exception:
         return None
-    if sum(1 for name, _ in headers if name.lower() == b"from") != 1:
+    values = [v for name, v in headers if name.lower() == b"from"]
+    if len(values) != 1:
         return None
-    return from_domain(headers)
+    text = re.sub(r"\r\n[ \t]+", " ", values[0].decode("utf-8", "replace"))
+    boxes = [a for _, a in email.utils.getaddresses([text]) if a]
+    if len(boxes) != 1 or "@" not in boxes[0]:
+        return None
+    return boxes[0].rpartition("@")[2].strip().lower().rstrip(".") or None
 
 
 @dataclass(frozen=True)
@@ -401,7 +411,7 @@ class IngressHandler:
             return "530 5.7.0 Authentication required"
         # "<>" is the null reverse-path (RFC 5321 4.5.5: bounces, DSNs); aiosmtpd
         # keeps it as "<>" in the envelope, the spool as "".
-        if address and address != "<>" and not _ADDRESS.match(address):
+        if address and address != "<>" and (len(address) > MAX_PATH or not _ADDRESS.match(address)):
             self.metrics.rejected.labels("bad_sender").inc()
             return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
@@ -415,7 +425,7 @@ class IngressHandler:
         if not self.may_relay(session):
             self.metrics.rejected.labels("relay_denied").inc()
             return "554 5.7.1 Relay access denied"
-        if not _ADDRESS.match(address):
+        if len(address) > MAX_PATH or not _ADDRESS.match(address):
             self.metrics.rejected.labels("bad_recipient").inc()
             return "553 5.1.3 Bad recipient address syntax"
         if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:

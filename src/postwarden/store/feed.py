@@ -1,0 +1,36 @@
+"""Writing to the change feed (``changes``) so that every reader sees every row.
+
+Readers poll ``id > last seen``. On PostgreSQL an id is drawn from its sequence when
+the row is inserted but becomes visible when its transaction commits, so a long
+transaction (a CSV import) could commit an id below one a reader has already passed.
+Writers therefore take a lock that only writers of the feed contend for (SHARE ROW
+EXCLUSIVE conflicts with itself, not with readers) before their first change row:
+feed ids then become visible in the order they were drawn. SQLite has one writer at a
+time anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+
+from postwarden.store.models import Change
+
+_LOCKED = "postwarden_changes_locked"
+
+
+async def record_change(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
+    """Add a change row to the session's transaction (taking the feed lock first)."""
+    bind = session.bind
+    if bind is not None and bind.dialect.name == "postgresql" and not session.info.get(_LOCKED):
+        await session.execute(text("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE"))
+        session.info[_LOCKED] = True
+    session.add(Change(kind=kind, tenant_id=tenant_id, ref=ref))
+
+
+async def lock_events(session: Any) -> None:
+    """The same ordering for the ``events`` table, written by every worker's copier."""
+    bind = session.bind
+    if bind is not None and bind.dialect.name == "postgresql":
+        await session.execute(text("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE"))
