@@ -240,6 +240,7 @@ class ControlConfig:
     # With `serve --role control`: the MTA submission listener API messages go to;
     # "" = the first of smtp.listen.
     submit_to: str = ""
+    submit_ca_file: str = ""  # PEM CA/certificate the MTA's STARTTLS certificate must chain to
 
 
 @dataclass

@@ -68,6 +68,9 @@ async def test_control_role_relays_to_the_mta_role(
     ctl_port = free_port()
     data["control"]["listen"] = f"127.0.0.1:{ctl_port}"
     data["control"]["submit_to"] = f"127.0.0.1:{smtp_port}"
+    # The MTA's self-signed certificate (made when it starts) is what the relay trusts.
+    spool_parent = Path(data["spool"]["path"]).resolve().parent
+    data["control"]["submit_ca_file"] = str(spool_parent / "tls" / "selfsigned.crt")
     ctl_cfg = write_toml(tmp_path / "control.toml", data)
     mta_http = f"http://{tomllib.loads(mta_cfg.read_text())['control']['listen']}"
     ctl_http = f"http://127.0.0.1:{ctl_port}"
@@ -143,3 +146,30 @@ async def test_control_role_relays_to_the_mta_role(
         async with httpx.AsyncClient(base_url=mta_http, headers=auth) as c:
             assert (await c.get("/v1/domains")).status_code == 404
             assert (await c.get("/metrics")).status_code == 200
+
+
+async def test_relay_checks_the_mta_certificate(appliance, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Negative control for submit_ca_file: a certificate the MTA does not have fails
+    the relay before any credentials are sent."""
+    import dataclasses
+
+    import pytest
+
+    from postwarden.control.relay import Credentials, RelayError, SmtpRelay
+    from postwarden.queue.spool import Envelope
+    from postwarden.tls import self_signed
+
+    app = await appliance()
+    host, port = app.smtp_addresses[0]
+    other, _ = self_signed(["elsewhere.test"], [])
+    (tmp_path / "other.crt").write_bytes(other)
+    cfg = dataclasses.replace(
+        app.cfg,
+        control=dataclasses.replace(
+            app.cfg.control, submit_to=f"{host}:{port}", submit_ca_file=str(tmp_path / "other.crt")
+        ),
+    )
+    relay = SmtpRelay(cfg)
+    env = Envelope("a@acme.test", ["u@inbox.test"], meta={})
+    with pytest.raises(RelayError, match=r"(?i)certificate verify failed"):
+        await relay.inject(env, b"Subject: x\r\n\r\nx\r\n", "id", Credentials("acme", "pw_x"))

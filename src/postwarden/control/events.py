@@ -68,7 +68,7 @@ def insert_ignore(session: AsyncSession, model: Any) -> Any:
 class EventCopier:
     def __init__(self, spool_path: Path, sessions: Any, *, interval: float = 0.5) -> None:
         self.spool_path = Path(spool_path)
-        self.shard = str(self.spool_path.resolve())
+        self.shard = ""  # the spool's id (its index's meta table), read on first use
         self.sessions = sessions
         self.interval = interval
         self._wake = asyncio.Event()
@@ -109,20 +109,38 @@ class EventCopier:
             except Exception:
                 log.warning("event=event_copy_failed", exc_info=True)
 
-    def _read(self, after: int) -> list[tuple[Any, ...]]:
+    def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             uri = f"file:{self.spool_path / 'index.db'}?mode=ro"
             self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        return self._conn.execute(
-            "SELECT id, ts, type, msg_id, rcpt_id, rcpt, detail FROM events WHERE id > ?"
-            " ORDER BY id LIMIT ?",
-            (after, BATCH),
-        ).fetchall()
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+            self.shard = f"spool:{row[0]}" if row else str(self.spool_path.resolve())
+        return self._conn
+
+    def _read(self, after: int) -> list[tuple[Any, ...]]:
+        return (
+            self._connect()
+            .execute(
+                "SELECT id, ts, type, msg_id, rcpt_id, rcpt, detail FROM events WHERE id > ?"
+                " ORDER BY id LIMIT ?",
+                (after, BATCH),
+            )
+            .fetchall()
+        )
 
     async def copy_once(self) -> int:
         """Copy the next batch; the number of events copied."""
+        if self._conn is None:
+            await asyncio.to_thread(self._connect)
         async with self.sessions() as s:
             cur = await s.get(EventCursor, self.shard)
+            if cur is None:
+                # A cursor from before spools had ids was kept under the path: adopt it.
+                old = await s.get(EventCursor, str(self.spool_path.resolve()))
+                if old is not None and old.shard != self.shard:
+                    cur = EventCursor(shard=self.shard, last_id=old.last_id)
+                    s.add(cur)
+                    await s.delete(old)
             after = cur.last_id if cur is not None else 0
             rows = await asyncio.to_thread(self._read, after)
             if not rows:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import re
 import ssl
@@ -25,6 +26,15 @@ from postwarden.queue.spool import Envelope, StoredMessage
 
 _REPLY = re.compile(r"queued as (\S+) rcpts=(\S+)")
 RELAY_SESSIONS = 16
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class RelayError(RuntimeError):
@@ -42,6 +52,13 @@ class SmtpRelay:
         spec = cfg.control.submit_to or cfg.smtp.listen[0]
         self.host, self.port = parse_hostport(spec, "control.submit_to")
         self.timeout = cfg.delivery.timeouts.data_term
+        # Tenants' keys travel in AUTH: off this host, only inside TLS, and the MTA's
+        # certificate checked against control.submit_ca_file when one is given.
+        self.require_tls = not _is_loopback(self.host)
+        self.tls = ssl.create_default_context(cafile=cfg.control.submit_ca_file or None)
+        self.tls.check_hostname = False
+        if not cfg.control.submit_ca_file:
+            self.tls.verify_mode = ssl.CERT_NONE
         # A batch of 1 000 must not open 1 000 sessions (smtp.max_sessions_per_ip).
         self._slots = asyncio.Semaphore(RELAY_SESSIONS)
 
@@ -61,19 +78,14 @@ class SmtpRelay:
     async def _submit(
         self, envelope: Envelope, data: bytes, credentials: Credentials
     ) -> StoredMessage:
-        # Between our own processes: encrypted when the MTA offers STARTTLS, its
-        # (usually self-signed) certificate not checked.
-        tls = ssl.create_default_context()
-        tls.check_hostname = False
-        tls.verify_mode = ssl.CERT_NONE
         options = ["SMTPUTF8"] if envelope.smtputf8 else []
         try:
             async with aiosmtplib.SMTP(
                 hostname=self.host,
                 port=self.port,
                 timeout=self.timeout,
-                tls_context=tls,
-                start_tls=None,
+                tls_context=self.tls,
+                start_tls=True if self.require_tls else None,
             ) as smtp:
                 await smtp.login(credentials.tenant_name, credentials.api_key)
                 _, reply = await smtp.sendmail(

@@ -306,6 +306,12 @@ class Spool:
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        # Who this spool is, wherever it is mounted: the control plane's event cursor
+        # is kept per spool id, not per path.
+        db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('spool_id', ?)",
+            (secrets.token_hex(16),),
+        )
         now = time.time()
         # Leases do not survive a restart: whatever was active may or may not have
         # reached its destination, so it is tried again (and counted).
