@@ -277,6 +277,26 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warming(args: argparse.Namespace) -> int:
+    """``warming simulate``: a plan day by day, and when a daily volume becomes sendable."""
+    from postwarden.warming.plans import BUILTIN, simulate
+
+    plan = BUILTIN[args.plan]
+    days, first = simulate(plan, args.volume)
+    print(f"plan {plan.name}: {plan.days} days, then warm (no cap from the plan)")
+    print(f"{'day':>4} {'cap':>9}  sendable ({args.volume}/day)")
+    for d in days:
+        print(f"{d.day:>4} {d.cap if d.cap is not None else '-':>9}  {'yes' if d.sendable else ''}")
+    if first <= plan.days:
+        print(f"{args.volume} messages a day fit from day {first}, if every day before is healthy")
+    else:
+        print(
+            f"{args.volume} messages a day exceed every plan day: sendable from day {first},"
+            " once warm, if every day before is healthy"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postwarden", description="Postwarden email appliance")
     p.add_argument("--config", "-c", help="TOML config file (default: embedded defaults)")
@@ -350,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["create-key"])
     s.add_argument("--name", default="operator", help="a label for the key")
     s.set_defaults(fn=cmd_admin)
+
+    s = sub.add_parser("warming", help="warming plans")
+    s.add_argument("action", choices=["simulate"])
+    s.add_argument("--plan", choices=["conservative", "moderate", "aggressive"], default="moderate")
+    s.add_argument("--volume", type=int, required=True, help="messages a day to reach")
+    s.set_defaults(fn=cmd_warming)
 
     s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")
     s.add_argument("--domain", required=True)
