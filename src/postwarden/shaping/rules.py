@@ -1,0 +1,240 @@
+"""Shaping rules: limits per (source, provider site), from a TOML file.
+
+Pure policy, no I/O beyond reading the file. The shipped defaults
+(``default_rules.toml``) are read first and an operator's file on top of them: a key
+given again wins, a new site or domain adds. A bad file is refused with the line and
+the key (``shaping.toml:12: sites.gmail.connection_limit: must be a positive
+integer``); the caller keeps the rules in force.
+
+* ``[default]``: the limits every (source, site) gets.
+* ``[sites.<name>]``: ``mx_suffixes`` (which MX host names make a destination part of
+  this provider) and limits for it.
+* ``[domains."<domain>"]``: limits for one recipient domain; they win over its site's.
+
+Limits: ``connection_limit`` (concurrent connections), ``max_messages_per_connection``,
+``max_message_rate`` and ``max_connection_rate`` (``"300/min"``, ``"10/s"``,
+``"1000/h"``, ``"50000/day"``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+LIMIT_KEYS = (
+    "connection_limit",
+    "max_messages_per_connection",
+    "max_message_rate",
+    "max_connection_rate",
+)
+_PER = {
+    "s": 1.0,
+    "sec": 1.0,
+    "min": 60.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; the message names file, line and key."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A number of events per ``period`` seconds, as written (``"300/min"``)."""
+
+    count: float
+    period: float
+    text: str
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period
+
+
+def parse_rate(value: object, where: str = "rate") -> Rate:
+    if isinstance(value, str) and (m := _RATE.match(value.lower())) and m.group(2) in _PER:
+        count = float(m.group(1))
+        if count > 0:
+            return Rate(count, _PER[m.group(2)], value.strip())
+    raise RulesError(f'{where}: expected a rate like "300/min", "10/s", "1000/h"; got {value!r}')
+
+
+@dataclass(frozen=True)
+class Limits:
+    connection_limit: int | None = None
+    max_messages_per_connection: int | None = None
+    max_message_rate: Rate | None = None
+    max_connection_rate: Rate | None = None
+
+    def over(self, other: Limits) -> Limits:
+        """These limits, with ``other``'s wherever ``other`` sets one."""
+        return replace(
+            self, **{k: getattr(other, k) for k in LIMIT_KEYS if getattr(other, k) is not None}
+        )
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    mx_suffixes: tuple[str, ...]
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Rules:
+    default: Limits
+    sites: Mapping[str, Site] = field(default_factory=dict)
+    domains: Mapping[str, Limits] = field(default_factory=dict)
+
+    def site_for(self, mx_hosts: Iterable[str]) -> str:
+        """The provider site of a destination, from its MX host names: the first site
+        one of whose suffixes ends an MX host; else the destination's own site, named
+        after its sorted MX hosts (domains sharing MX hosts share it)."""
+        hosts = [h.lower().rstrip(".") for h in mx_hosts]
+        for site in self.sites.values():
+            for h in hosts:
+                if any(h == s or h.endswith("." + s) for s in site.mx_suffixes):
+                    return site.name
+        return "mx:" + ",".join(sorted(set(hosts))) if hosts else "mx:-"
+
+    def limits_for(self, site: str, domain: str | None = None) -> Limits:
+        """The limits in force: default, then the site's, then the domain's."""
+        limits = self.default
+        if site in self.sites:
+            limits = limits.over(self.sites[site].limits)
+        if domain is not None and domain.lower() in self.domains:
+            limits = limits.over(self.domains[domain.lower()])
+        return limits
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _line_of(text: str, table: str, key: str | None) -> int:
+    """Best effort: the line of ``key`` inside ``[table]`` (tomllib gives no positions)."""
+    lines = text.splitlines()
+    if not table:  # a top-level key or table
+        assert key is not None
+        top = re.compile(rf'^\s*\[*\s*(?:"{re.escape(key)}"|{re.escape(key)})\b')
+        return next((i + 1 for i, ln in enumerate(lines) if top.match(ln)), 0)
+    header = re.compile(
+        r"^\s*\[\s*"
+        + r"\s*\.\s*".join(rf'(?:"{re.escape(p)}"|{re.escape(p)})' for p in table.split("\0"))
+        + r"\s*\]\s*(#.*)?$"
+    )
+    start = next((i for i, ln in enumerate(lines) if header.match(ln)), None)
+    if start is None:
+        return 0
+    if key is None:
+        return start + 1
+    key_re = re.compile(rf'^\s*(?:"{re.escape(key)}"|{re.escape(key)})\s*=')
+    for i in range(start + 1, len(lines)):
+        if lines[i].lstrip().startswith("["):
+            break
+        if key_re.match(lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str]) -> Limits:
+    allowed = set(allowed)
+    for key in data:
+        if key not in allowed:
+            err(key, f"{where}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
+    out: dict[str, Any] = {}
+    for key in ("connection_limit", "max_messages_per_connection"):
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                err(key, f"{where}.{key}: must be a positive integer, got {v!r}")
+            out[key] = v
+    for key in ("max_message_rate", "max_connection_rate"):
+        if key in data:
+            try:
+                out[key] = parse_rate(data[key], f"{where}.{key}")
+            except RulesError as exc:
+                err(key, str(exc))
+    return Limits(**out)
+
+
+def parse_rules(text: str, source: str = "shaping.toml", base: Rules | None = None) -> Rules:
+    """Rules from TOML text, on top of ``base`` (the shipped defaults, normally)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(f"{source}: {exc}") from exc
+
+    def fail(table: str, key: str | None, message: str) -> None:
+        raise RulesError(f"{source}:{_line_of(text, table, key)}: {message}")
+
+    for key in data:
+        if key not in ("default", "sites", "domains"):
+            fail("", key, f"{key}: unknown table (known: default, sites, domains)")
+    default = base.default if base else Limits()
+    if "default" in data:
+        default = default.over(
+            _limits(data["default"], "default", lambda k, m: fail("default", k, m), LIMIT_KEYS)
+        )
+    sites = dict(base.sites) if base else {}
+    for name, table in data.get("sites", {}).items():
+        if not isinstance(table, dict):
+            fail("sites", name, f"sites.{name}: must be a table")
+        where = f"sites.{name}"
+
+        def site_err(k: str, m: str, _n: str = name) -> None:
+            fail(f"sites\0{_n}", k, m)
+
+        limits = _limits(table, where, site_err, (*LIMIT_KEYS, "mx_suffixes"))
+        suffixes = table.get("mx_suffixes")
+        prev = sites.get(name)
+        if suffixes is None:
+            if prev is None:
+                site_err("mx_suffixes", f"{where}.mx_suffixes: a new site needs its MX suffixes")
+            suffixes = list(prev.mx_suffixes) if prev else []
+        if not isinstance(suffixes, list) or not all(
+            isinstance(s, str) and s.strip(".") for s in suffixes
+        ):
+            site_err("mx_suffixes", f"{where}.mx_suffixes: must be a list of host name suffixes")
+        merged = prev.limits.over(limits) if prev else limits
+        sites[name] = Site(name, tuple(s.lower().strip(".") for s in suffixes), merged)
+    domains = dict(base.domains) if base else {}
+    for name, table in data.get("domains", {}).items():
+        if not isinstance(table, dict):
+            fail("domains", name, f"domains.{name}: must be a table")
+
+        def dom_err(k: str, m: str, _n: str = name) -> None:
+            fail(f"domains\0{_n}", k, m)
+
+        limits = _limits(table, f'domains."{name}"', dom_err, LIMIT_KEYS)
+        key = name.lower().rstrip(".")
+        domains[key] = domains[key].over(limits) if key in domains else limits
+    return Rules(default, sites, domains)
+
+
+def shipped_rules() -> Rules:
+    text = resources.files("postwarden.shaping").joinpath("default_rules.toml").read_text()
+    return parse_rules(text, "default_rules.toml")
+
+
+def load_rules(path: str | Path | None) -> Rules:
+    """The shipped rules, with the operator's file (if any) on top."""
+    base = shipped_rules()
+    if not path:
+        return base
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError(f"{p}: {exc.strerror or exc}") from exc
+    return parse_rules(text, str(p), base)
