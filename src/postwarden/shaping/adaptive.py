@@ -123,6 +123,9 @@ class Aimd:
     floor: float = 1 / 60  # never below one message a minute
 
 
+DEFAULT_AIMD = Aimd()
+
+
 def _note(state: PairState, now: float, what: str, why: str) -> None:
     state.reason = why
     state.changes.append((now, what, why))
