@@ -277,6 +277,29 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sources(args: argparse.Namespace) -> int:
+    """``sources check``: each source's forward-confirmed reverse DNS and EHLO name."""
+    from postwarden.dns.resolver import Resolver
+    from postwarden.shaping.pools import check_source
+
+    cfg = _load(args)
+    if not cfg.sources:
+        print("no [[sources]] configured: mail leaves from delivery.source_address or the default")
+        return 0
+    resolver = Resolver(cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=0)
+
+    async def run() -> list[Any]:
+        return [await check_source(resolver, src, cfg) for src in cfg.sources]
+
+    results = run_async(run())
+    for r in results:
+        verdict = "ok" if r.ok else f"PROBLEM: {r.problem}"
+        print(
+            f"{r.source:<16} {r.address:<40} ptr={','.join(r.ptr) or '-'} ehlo={r.ehlo} {verdict}"
+        )
+    return 0 if all(r.ok for r in results) else 1
+
+
 def cmd_warming(args: argparse.Namespace) -> int:
     """``warming simulate``: a plan day by day, and when a daily volume becomes sendable."""
     from postwarden.warming.plans import BUILTIN, simulate
@@ -370,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["create-key"])
     s.add_argument("--name", default="operator", help="a label for the key")
     s.set_defaults(fn=cmd_admin)
+
+    s = sub.add_parser("sources", help="source IP addresses")
+    s.add_argument("action", choices=["check"])
+    s.set_defaults(fn=cmd_sources)
 
     s = sub.add_parser("warming", help="warming plans")
     s.add_argument("action", choices=["simulate"])

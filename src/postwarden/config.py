@@ -259,6 +259,31 @@ class DkimConfig:
 
 
 @dataclass
+class SourceConfig:
+    """A local address mail may leave from (issue 7): ``[[sources]]``."""
+
+    name: str
+    address: str
+    ehlo: str = ""  # the EHLO name (and the PTR the address should have); "" = server.hostname
+    state: Literal["active", "warming", "paused"] = "active"
+
+
+@dataclass
+class PoolMember:
+    source: str
+    weight: int = 1
+
+
+@dataclass
+class PoolConfig:
+    """Weighted sources: ``[[pools]]`` with ``[[pools.members]]``."""
+
+    name: str
+    members: list[PoolMember] = field(default_factory=list)
+    overflow: Literal["wait", "spill"] = "wait"
+
+
+@dataclass
 class Config:
     """The whole appliance configuration."""
 
@@ -271,6 +296,8 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    sources: list[SourceConfig] = field(default_factory=list)
+    pools: list[PoolConfig] = field(default_factory=list)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -500,3 +527,24 @@ def validate(cfg: Config) -> None:
     for i, key in enumerate(cfg.dkim.keys):
         if not key.domain or not key.selector:
             raise ConfigError(f"dkim.keys[{i}]: domain and selector are required")
+    names: set[str] = set()
+    for i, src in enumerate(cfg.sources):
+        if not src.name or src.name in names:
+            raise ConfigError(f"sources[{i}].name: must be given and unique, got {src.name!r}")
+        names.add(src.name)
+        try:
+            ipaddress.ip_address(src.address)
+        except ValueError as exc:
+            raise ConfigError(f"sources[{i}].address: {exc}") from exc
+    pool_names: set[str] = set()
+    for i, pool in enumerate(cfg.pools):
+        if not pool.name or pool.name in pool_names:
+            raise ConfigError(f"pools[{i}].name: must be given and unique, got {pool.name!r}")
+        pool_names.add(pool.name)
+        if not pool.members:
+            raise ConfigError(f"pools[{i}].members: a pool needs at least one source")
+        for j, m in enumerate(pool.members):
+            if m.source not in names:
+                raise ConfigError(f"pools[{i}].members[{j}].source: no source named {m.source!r}")
+            if m.weight <= 0:
+                raise ConfigError(f"pools[{i}].members[{j}].weight: must be greater than 0")
