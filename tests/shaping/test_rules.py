@@ -56,7 +56,8 @@ def test_precedence_default_site_domain(tmp_path: Path) -> None:
     )
     rules = load_rules(path)
     d = rules.limits_for("mx:other.test")
-    assert d.connection_limit == 4 and d.max_message_rate is not None  # shipped default rate
+    assert d.connection_limit == 4 and d.max_message_rate is None  # no shipped default rate
+    assert d.max_messages_per_connection == 100  # the shipped default, kept
     g = rules.limits_for("gmail")
     assert g.max_message_rate is not None and g.max_message_rate.text == "100/min"
     assert g.connection_limit == 20  # the shipped gmail value, not replaced
