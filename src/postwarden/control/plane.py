@@ -74,7 +74,6 @@ class ControlPlane:
             self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
         await self.suppressions.load()
         await self.reload_keys()
-        self.suppressions.wake = self._wake.set
         self._task = asyncio.create_task(self._poll())
 
     def wake(self) -> None:

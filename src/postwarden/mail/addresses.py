@@ -56,7 +56,3 @@ def suppression_key(address: str) -> str:
         except UnicodeError:
             pass
     return f"{local}@{domain}".lower()
-
-
-def is_ascii(address: str) -> bool:
-    return address.isascii()

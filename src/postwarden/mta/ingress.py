@@ -126,7 +126,6 @@ def received_header(
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-META_HEADER = b"x-postwarden-meta"
 # The whole field, folded lines included (the relay folds the base64 value).
 _META_FIELD = re.compile(rb"(?im)^X-Postwarden-Meta:((?:[^\r\n]*\r\n)(?:[ \t][^\r\n]*\r\n)*)")
 
@@ -138,13 +137,13 @@ def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
     The control plane (``serve --role control``) relays API messages with it, to carry
     what the API was given (tags, metadata, subject); it never leaves the appliance."""
     end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[: end + 2]
-    if META_HEADER not in head.lower():
+    stop = len(data) if end < 0 else end + 2
+    # Every message passes here: one scan of its header, no copy unless it has the field.
+    if _META_FIELD.search(data, 0, stop) is None:
         return data, None
+    head = data[:stop]
     found = _META_FIELD.findall(head)
     head = _META_FIELD.sub(b"", head)
-    if not found:  # the words in some other field, not the field itself
-        return data, None
     meta: dict[str, Any] | None = None
     try:
         value = json.loads(base64.b64decode(b"".join(found[0].split()), validate=True))

@@ -139,11 +139,13 @@ class Scheduler:
                 if leases:
                     self.inflight += len(leases)
                     self.metrics.inflight.set(self.inflight)
-                    self._enqueue(leases)
+                    # Mail that waited in the queue is checked again before it is sent;
+                    # fresh mail (offer) was checked a moment ago, at acceptance.
+                    self._enqueue(self._drop_suppressed(leases))
 
     def _drop_suppressed(self, leases: list[Lease]) -> list[Lease]:
-        """The one suppression check, again just before sending: an address suppressed
-        while its mail waited is dropped, never sent."""
+        """The one suppression check, again before an attempt from the queue: an address
+        suppressed while its mail waited is dropped, never sent."""
         keep: list[Lease] = []
         dropped: list[Outcome] = []
         for lease in leases:
@@ -161,7 +163,6 @@ class Scheduler:
         return keep
 
     def _enqueue(self, leases: list[Lease], body: bytes | None = None) -> None:
-        leases = self._drop_suppressed(leases)
         per_job = self.cfg.delivery.max_recipients_per_transaction
         groups: dict[tuple[str, str], list[Lease]] = {}
         for lease in leases:

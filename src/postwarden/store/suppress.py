@@ -21,7 +21,6 @@ class SuppressionCache:
     def __init__(self, sessions: Callable[[], Any]) -> None:
         self._sessions = sessions
         self._by_tenant: dict[int, dict[str, tuple[str, float | None]]] = {}
-        self.wake: Callable[[], None] = lambda: None  # set by the change-feed poller
 
     def __len__(self) -> int:
         return sum(len(d) for d in self._by_tenant.values())
@@ -40,10 +39,6 @@ class SuppressionCache:
         if expires is not None and expires <= (time.time() if now is None else now):
             return None
         return reason
-
-    def note_local_change(self) -> None:
-        """This process changed suppressions: apply the change feed now, not in a second."""
-        self.wake()
 
     def _put(self, row: Any) -> None:
         exp = row.expires_at.timestamp() if row.expires_at is not None else None
