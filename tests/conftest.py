@@ -216,8 +216,43 @@ async def postwarden_cli(spool_path: str | Path, *args: str) -> tuple[int, str]:
     env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(spool_path)}
     env.pop("POSTWARDEN_CONFIG", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "postwarden.cli",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode or 0, out.decode()
+
+
+async def tenant_key_via_cli(config: Path, base: str, name: str = "acme") -> str:
+    """``postwarden admin create-key`` against ``config``'s database, then a tenant
+    ``name`` and a key of it with every tenant scope, through the API at ``base``."""
+    import asyncio
+    import subprocess
+
+    import httpx
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "postwarden.cli",
+        "admin",
+        "create-key",
+        "--config",
+        str(config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    op = (await proc.communicate())[0].decode().strip()
+    assert proc.returncode == 0 and op.startswith("pw_"), op
+    async with httpx.AsyncClient(
+        base_url=base, timeout=30, headers={"Authorization": f"Bearer {op}"}
+    ) as c:
+        tid = (await c.post("/v1/tenants", json={"name": name})).json()["id"]
+        r = await c.post(f"/v1/tenants/{tid}/keys", json={"scopes": ["send", "read", "manage"]})
+        key: str = r.json()["key"]
+        return key

@@ -5,58 +5,15 @@ caller's key; the MTA signs, spools and delivers; the API follows them to delive
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from postwarden.lab import Lab
-from tests.conftest import free_port, write_toml
-
-
-@contextlib.asynccontextmanager
-async def process(role: str, config: Path, log: Path, health: str) -> AsyncIterator[None]:
-    with log.open("ab") as fh:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "postwarden.cli",
-            "serve",
-            "--role",
-            role,
-            "--config",
-            str(config),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient() as c:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await c.get(health)).status_code == 200:
-                        break
-                assert proc.returncode is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.1)
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 20)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+from tests.conftest import free_port, tenant_key_via_cli, write_toml
+from tests.queue.test_durability import serve
 
 
 async def test_control_role_relays_to_the_mta_role(
@@ -75,28 +32,10 @@ async def test_control_role_relays_to_the_mta_role(
     mta_http = f"http://{tomllib.loads(mta_cfg.read_text())['control']['listen']}"
     ctl_http = f"http://127.0.0.1:{ctl_port}"
     async with (
-        process("mta", mta_cfg, tmp_path / "mta.log", f"{mta_http}/healthz"),
-        process("control", ctl_cfg, tmp_path / "control.log", f"{ctl_http}/healthz"),
+        serve([], mta_cfg, smtp_port, tmp_path / "mta.log", "--role", "mta"),
+        serve([], ctl_cfg, ctl_port, tmp_path / "control.log", "--role", "control"),
     ):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "postwarden.cli",
-            "admin",
-            "create-key",
-            "--config",
-            str(ctl_cfg),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        op = (await proc.communicate())[0].decode().strip()
-        async with httpx.AsyncClient(
-            base_url=ctl_http, timeout=30, headers={"Authorization": f"Bearer {op}"}
-        ) as c:
-            tid = (await c.post("/v1/tenants", json={"name": "acme"})).json()["id"]
-            key = (
-                await c.post(f"/v1/tenants/{tid}/keys", json={"scopes": ["send", "read", "manage"]})
-            ).json()["key"]
+        key = await tenant_key_via_cli(ctl_cfg, ctl_http)
         auth = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(base_url=ctl_http, timeout=30, headers=auth) as c:
             d = (await c.post("/v1/domains", json={"name": "acme.test"})).json()

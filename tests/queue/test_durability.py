@@ -48,8 +48,10 @@ async def wait_port(port: int, proc: asyncio.subprocess.Process, timeout: float 
 
 @contextlib.asynccontextmanager
 async def serve(
-    argv_prefix: list[str], config: Path, port: int, log: Path
+    argv_prefix: list[str], config: Path, port: int, log: Path, *args: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``postwarden serve [ARGS]`` in a process group of its own, until ``port`` (any
+    TCP port it opens: SMTP, or the control listener) answers; stopped on exit."""
     with log.open("ab") as fh:
         proc = await asyncio.create_subprocess_exec(
             *argv_prefix,
@@ -57,6 +59,7 @@ async def serve(
             "-m",
             "postwarden.cli",
             "serve",
+            *args,
             "--config",
             str(config),
             stdout=fh,
