@@ -307,8 +307,10 @@ class Appliance:
             self._gauge_task.cancel()
         if self._http is not None:
             await self._http.stop()
-        await self.spool.close()
+        # The last events are committed (the scheduler has stopped): copy them and let
+        # go of the copier's read connection before the spool checkpoints its WAL.
         await self.copier.stop()
+        await self.spool.close()
         await self.control.stop()
         for server in self.servers:
             with contextlib.suppress(Exception):
@@ -351,6 +353,24 @@ class Appliance:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop. A signal that comes while the
+        appliance is still starting takes effect as soon as it has started (SIGTERM a
+        clean stop, SIGHUP a reload): a slow start on a loaded machine never ends in a
+        process killed half-way or a reload lost."""
+        loop = asyncio.get_running_loop()
+        stop, reload = asyncio.Event(), asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)  # applied once started
+        await self.start()
+        self.install_signal_handlers()
+        if stop.is_set():
+            await self.stop()
+        elif reload.is_set():
+            self.reload()
+        await self.wait_stopped()
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -361,7 +381,4 @@ async def serve(cfg: Config, config_path: str | None = None, role: str = "all") 
 
         await ControlService(cfg).run()
         return
-    app = Appliance(cfg, config_path=config_path, api=role != "mta")
-    await app.start()
-    app.install_signal_handlers()
-    await app.wait_stopped()
+    await Appliance(cfg, config_path=config_path, api=role != "mta").run()

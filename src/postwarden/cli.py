@@ -117,9 +117,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     async def run() -> None:
         app = Appliance(cfg, config_path=args.config or os.environ.get("POSTWARDEN_CONFIG"),
                         worker=role, api=args.role != "mta")  # fmt: skip
-        await app.start()
-        app.install_signal_handlers()
-        await app.wait_stopped()
+        await app.run()
 
     run_async(run())
     return 0

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import sqlite3
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class EventCopier:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: sqlite3.Connection | None = None
+        # Reads run in threads; one that a cancelled task left running must end before
+        # the connection closes (an open read keeps the spool from checkpointing).
+        self._conn_lock = threading.Lock()
         # msg id -> (tenant id, tags text), for the events after "accepted".
         self._msgs: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
         self.copied = 0
@@ -91,11 +95,17 @@ class EventCopier:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         try:
-            await self.copy_once()  # what the spool wrote last, before it closed
+            while await self.copy_once() == BATCH:  # what the spool wrote last
+                pass
         except Exception:
             log.warning("event=event_copy_failed at=stop", exc_info=True)
-        if self._conn is not None:
-            self._conn.close()
+        await asyncio.to_thread(self._close_conn)
+
+    def _close_conn(self) -> None:
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     async def _run(self) -> None:
         while True:
@@ -110,6 +120,10 @@ class EventCopier:
                 log.warning("event=event_copy_failed", exc_info=True)
 
     def _connect(self) -> sqlite3.Connection:
+        with self._conn_lock:
+            return self._connect_locked()
+
+    def _connect_locked(self) -> sqlite3.Connection:
         if self._conn is None:
             uri = f"file:{self.spool_path / 'index.db'}?mode=ro"
             self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -118,15 +132,16 @@ class EventCopier:
         return self._conn
 
     def _read(self, after: int) -> list[tuple[Any, ...]]:
-        return (
-            self._connect()
-            .execute(
-                "SELECT id, ts, type, msg_id, rcpt_id, rcpt, detail FROM events WHERE id > ?"
-                " ORDER BY id LIMIT ?",
-                (after, BATCH),
+        with self._conn_lock:
+            return (
+                self._connect_locked()
+                .execute(
+                    "SELECT id, ts, type, msg_id, rcpt_id, rcpt, detail FROM events WHERE id > ?"
+                    " ORDER BY id LIMIT ?",
+                    (after, BATCH),
+                )
+                .fetchall()
             )
-            .fetchall()
-        )
 
     async def copy_once(self) -> int:
         """Copy the next batch; the number of events copied."""

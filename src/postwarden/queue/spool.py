@@ -394,7 +394,13 @@ class Spool:
             self._seg_fd = -1
         if self._db is not None:
             try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # A reader just finishing (a copier's, another process's) makes the
+                # checkpoint report busy: try again for up to a second.
+                for _ in range(20):
+                    busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    if not busy or not busy[0]:
+                        break
+                    time.sleep(0.05)
             finally:
                 self._db.close()
                 self._db = None
