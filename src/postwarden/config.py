@@ -19,6 +19,7 @@ import socket
 import tomllib
 import types
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,27 @@ class PoolConfig:
 
 
 @dataclass
+class ShapingConfig:
+    """Traffic shaping and warming (issue 7, docs/shaping.md): ``[shaping]``."""
+
+    rules_file: str = ""  # the operator's rules (TOML) on top of the shipped ones; "" = shipped
+    # The pool of mail that names none and whose tenant has no default; "" = "default"
+    # (a pool of every source, or the implicit source of delivery.source_address).
+    default_pool: str = ""
+    state_file: str = "./var/shaping-state.json"  # warming progress and pauses
+    timezone: str = "UTC"  # when a warming day rolls over (IANA name)
+    health_window: float = field(default=86400.0, metadata=_DURATION)
+    pause_min_volume: int = 500
+    pause_bounce_rate: float = 0.05
+    pause_complaint_rate: float = 0.001
+    pause_delivery_rate: float = 0.90
+
+
+DEFAULT_POOL = "default"
+DEFAULT_SOURCE = "default"
+
+
+@dataclass
 class Config:
     """The whole appliance configuration."""
 
@@ -298,11 +320,36 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     pools: list[PoolConfig] = field(default_factory=list)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
     def ehlo_hostname(self) -> str:
         return self.delivery.ehlo_hostname or self.server.hostname
+
+    def source_map(self) -> dict[str, SourceConfig]:
+        """Every source by name; without ``[[sources]]``, the one implicit source
+        ``default`` (``delivery.source_address``, or the kernel's choice when empty)."""
+        if not self.sources:
+            return {
+                DEFAULT_SOURCE: SourceConfig(
+                    DEFAULT_SOURCE, self.delivery.source_address, self.delivery.ehlo_hostname
+                )
+            }
+        return {s.name: s for s in self.sources}
+
+    def pool_map(self) -> dict[str, PoolConfig]:
+        """Every configured pool by name, plus ``default`` (every source, weight 1)
+        unless a pool of that name is configured."""
+        pools = {p.name: p for p in self.pools}
+        if DEFAULT_POOL not in pools:
+            members = [PoolMember(name) for name in self.source_map()]
+            pools[DEFAULT_POOL] = PoolConfig(DEFAULT_POOL, members)
+        return pools
+
+    @property
+    def default_pool(self) -> str:
+        return self.shaping.default_pool or DEFAULT_POOL
 
 
 # --------------------------------------------------------------------------- loading
@@ -548,3 +595,20 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"pools[{i}].members[{j}].source: no source named {m.source!r}")
             if m.weight <= 0:
                 raise ConfigError(f"pools[{i}].members[{j}].weight: must be greater than 0")
+    sh = cfg.shaping
+    if sh.default_pool and sh.default_pool not in cfg.pool_map():
+        raise ConfigError(f"shaping.default_pool: no pool named {sh.default_pool!r}")
+    try:
+        zoneinfo.ZoneInfo(sh.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(f"shaping.timezone: unknown time zone {sh.timezone!r}") from exc
+    for key in ("pause_bounce_rate", "pause_complaint_rate", "pause_delivery_rate"):
+        if not 0.0 < getattr(sh, key) <= 1.0:
+            raise ConfigError(f"shaping.{key}: must be in (0, 1]")
+    if sh.rules_file:
+        from postwarden.shaping.rules import RulesError, load_rules
+
+        try:
+            load_rules(sh.rules_file)
+        except RulesError as exc:
+            raise ConfigError(f"shaping.rules_file: {exc}") from exc
