@@ -28,13 +28,16 @@ from postwarden.config import Config, ConfigError, load_config, parse_hostport
 from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
 from postwarden.dns.resolver import Resolver
-from postwarden.metrics import Metrics
+from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.spool import Envelope, Spool, StoredMessage, shard_path
+from postwarden.shaping.channel import BrokerClient
+from postwarden.shaping.service import ShapingService
+from postwarden.shaping.shaper import LocalBackend, Shaper
 from postwarden.tls import ensure_tls_files, server_context
 
 log = logging.getLogger("postwarden")
@@ -103,6 +106,7 @@ class Appliance:
         config_path: str | None = None,
         worker: WorkerRole | None = None,
         api: bool = True,
+        shaping: ShapingService | None = None,
     ) -> None:
         self.worker = worker
         self.api = api  # False with `serve --role mta`: health and metrics only
@@ -128,8 +132,13 @@ class Appliance:
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
         self.ingress.key_auth = self.control.smtp_login
         self.ingress.may_send_as = self.control.may_send_as
+        self.ingress.pool_for = self.control.pool_for
         self.control.inject = self.inject
         self.copier = EventCopier(self.spool_path, self.control.sessions)
+        # Traffic shaping: the supervisor's broker for a worker, else this process's own
+        # (``shaping`` given by tests, with their clocks).
+        self.shaping = shaping
+        self.shaper: Shaper | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
@@ -159,7 +168,7 @@ class Appliance:
             if drops:
                 envelope = dataclasses.replace(envelope, drops=drops)
         n = sum(1 for r in envelope.rcpt_tos if r not in envelope.drops)
-        lease = self.scheduler.reserve(n)
+        lease = self.scheduler.reserve(n, getattr(envelope, "lane", 0))
         try:
             stored = await self.spool.store(envelope, data, lease=lease, msg_id=msg_id)
         except BaseException:
@@ -191,7 +200,31 @@ class Appliance:
         log.info("event=dkim_keys_loaded domains=%s",
                  ",".join(sorted(self.signer.domains())) or "-")  # fmt: skip
 
+    async def _start_shaping(self) -> None:
+        backend: Any
+        if self.worker is not None:
+            client = BrokerClient(self.cfg.shaping_socket)
+            await client.connect()
+            backend = client
+        else:
+            own = self.shaping is None
+            if own:
+                self.shaping = ShapingService(self.cfg)
+            assert self.shaping is not None
+            if self.shaping.metrics is None:
+                self.shaping.metrics = ShapingMetrics(self.metrics.registry)
+            if own:
+                await self.shaping.start(serve=True)
+            backend = LocalBackend(self.shaping)
+        self.shaper = Shaper(self.cfg, backend)
+        pool_members = getattr(self.control, "pool_members", None)
+        if pool_members is not None:
+            self.shaper.pool_lookup = pool_members
+        self.scheduler.shaper = self.shaper
+        self.control.shaper = self.shaper  # type: ignore[attr-defined]
+
     async def start(self) -> None:
+        await self._start_shaping()
         await self.control.start()
         await self.spool.open()
         if self.spool.recovered_inflight:
@@ -303,6 +336,10 @@ class Appliance:
         while self.ingress.in_transaction and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
+        if self.shaper is not None:
+            await self.shaper.backend.close()
+        if self.shaping is not None and self.worker is None:
+            await self.shaping.stop()
         if self._gauge_task:
             self._gauge_task.cancel()
         if self._http is not None:
@@ -340,6 +377,11 @@ class Appliance:
         self.ingress.configure(new)
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)
+        self.control.configure_pools(new)
+        if self.shaper is not None:
+            self.shaper.reconfigure(new)
+        if self.shaping is not None and self.worker is None:
+            self.shaping.reload(new)
         log.info(
             "event=reloaded config=%s dkim_domains=%s",
             self.config_path,

@@ -115,8 +115,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     role = WorkerRole(args.index, args.count, sockets, control)
 
     async def run() -> None:
-        app = Appliance(cfg, config_path=args.config or os.environ.get("POSTWARDEN_CONFIG"),
-                        worker=role, api=args.role != "mta")  # fmt: skip
+        app = Appliance(
+            cfg,
+            config_path=args.config or os.environ.get("POSTWARDEN_CONFIG"),
+            worker=role,
+            api=args.role != "mta",
+        )
         await app.run()
 
     run_async(run())
@@ -261,8 +265,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
         try:
             async with sessionmaker(engine)() as s:
                 new = new_api_key()
-                s.add(ApiKey(tenant_id=None, prefix=new.prefix, secret_hash=new.secret_hash,
-                             name=args.name, scopes="admin"))  # fmt: skip
+                s.add(
+                    ApiKey(
+                        tenant_id=None,
+                        prefix=new.prefix,
+                        secret_hash=new.secret_hash,
+                        name=args.name,
+                        scopes="admin",
+                    )
+                )
                 await record_change(s, "api_key", None, new.prefix)
                 await s.commit()
                 return new.plaintext
@@ -298,9 +309,123 @@ def cmd_sources(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _broker_command(args: argparse.Namespace, **req: Any) -> dict[str, Any] | None:
+    """One operator op on the running appliance's shaping broker (``shaping.socket``);
+    prints why and returns None when it cannot be done."""
+    from postwarden.shaping.channel import BrokerClient
+
+    cfg = _load(args)
+
+    async def call() -> dict[str, Any]:
+        client = BrokerClient(cfg.shaping_socket, timeout=10)
+        await client.connect()
+        try:
+            return await client.command(**req)
+        finally:
+            await client.close()
+
+    try:
+        return dict(run_async(call()))
+    except (OSError, ConnectionError) as exc:
+        print(
+            f"postwarden: the appliance is not running here ({cfg.shaping_socket}): {exc}",
+            file=sys.stderr,
+        )
+    except ValueError as exc:
+        print(f"postwarden: {exc}", file=sys.stderr)
+    return None
+
+
+def _print_progress(p: dict[str, Any]) -> None:
+    h = p["health"]
+    line = f"{p['key']:<32} health {h['score']:>5} {h['tier']:<9}"
+    if p.get("warming"):
+        line += (
+            f" plan {p['plan']} day {p['day']}/{p['days']} cap {p['cap']}"
+            f" sent today {p['sent_today']}"
+        )
+        for site, v in p.get("sites", {}).items():
+            line += f" [{site}: {v['sent']}/{v['cap'] if v['cap'] is not None else '-'}]"
+    if p.get("paused"):
+        line += f" PAUSED ({p['paused']})"
+    print(line)
+
+
+def cmd_shaping(args: argparse.Namespace) -> int:
+    """``shaping status``: pairs, actions, sources; ``shaping reload``: the rules file."""
+    if args.action == "reload":
+        out = _broker_command(args, op="reload", config_path=args.config)
+        if out is None:
+            return 1
+        print("rules reloaded")
+        return 0
+    out = _broker_command(args, op="status")
+    if out is None:
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print("sources:")
+    for src in out["sources"]:
+        state = "PAUSED " + src["paused"] if src["paused"] else src["state"]
+        print(
+            f"  {src['name']:<16} {src['address'] or '-':<20} {state:<10}"
+            f" health {src['health']['score']} {src['health']['tier']}"
+        )
+    print("pairs (source, site):")
+    for p in out["pairs"]:
+        extra = f" SUSPENDED {p['suspended_for']:.0f}s" if p["suspended_for"] else ""
+        print(
+            f"  {p['source']:<16} {p['site']:<28} conns {p['connections']}/"
+            f"{p['connection_limit']} rate {p['rate_per_min']}/min"
+            f" (limit {p['limit_per_min']}){extra} {p['reason']}"
+        )
+    if out["actions"]:
+        print("recent actions:")
+        for a in out["actions"]:
+            print(
+                f"  {a['ago']:>8.0f}s ago {a['source']} {a['site']} {a['rule']}: {a['action']}"
+                f" for {a['duration']:.0f}s ({a['answer']})"
+            )
+    if out["warming"]:
+        print("warming and health:")
+        for w in out["warming"]:
+            _print_progress(w)
+    return 0
+
+
 def cmd_warming(args: argparse.Namespace) -> int:
-    """``warming simulate``: a plan day by day, and when a daily volume becomes sendable."""
+    """``warming simulate``: a plan day by day, and when a daily volume becomes sendable;
+    ``warming start|stop|pause|resume|progress|list``: on the running appliance."""
     from postwarden.warming.plans import BUILTIN, simulate
+
+    if args.action != "simulate":
+        if args.action == "list":
+            out = _broker_command(args, op="warming_list")
+            if out is not None:
+                for w in out["warming"]:
+                    _print_progress(w)
+            return 0 if out is not None else 1
+        if not args.name:
+            print("postwarden: give --source NAME or --domain NAME", file=sys.stderr)
+            return 2
+        op = {"start": "warming_start", "stop": "warming_stop"}.get(args.action, args.action)
+        out = _broker_command(
+            args,
+            op=op,
+            target=args.target,
+            name=args.name,
+            plan=args.plan,
+            day=args.day,
+            reason=args.reason,
+        )
+        if out is None:
+            return 1
+        _print_progress(out["progress"])
+        return 0
+    if args.volume is None:
+        print("postwarden: warming simulate needs --volume", file=sys.stderr)
+        return 2
 
     plan = BUILTIN[args.plan]
     days, first = simulate(plan, args.volume)
@@ -340,10 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the appliance")
     s.add_argument(
-        "--role", choices=["all", "mta", "control"], default="all",
+        "--role",
+        choices=["all", "mta", "control"],
+        default="all",
         help="all (default): MTA and API together; mta: no API (health and metrics only);"
         " control: the API alone, relaying messages to an MTA (control.submit_to)",
-    )  # fmt: skip
+    )
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("worker", help=argparse.SUPPRESS)
@@ -397,10 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sources)
 
     s = sub.add_parser("warming", help="warming plans")
-    s.add_argument("action", choices=["simulate"])
+    s.add_argument(
+        "action", choices=["simulate", "start", "stop", "pause", "resume", "progress", "list"]
+    )
     s.add_argument("--plan", choices=["conservative", "moderate", "aggressive"], default="moderate")
-    s.add_argument("--volume", type=int, required=True, help="messages a day to reach")
+    s.add_argument("--volume", type=int, help="simulate: messages a day to reach")
+    who = s.add_mutually_exclusive_group()
+    who.add_argument("--source", dest="source_name", help="a source's name")
+    who.add_argument("--domain", dest="domain_name", help="a sending domain")
+    s.add_argument("--day", type=int, default=1, help="start: the plan day to start on")
+    s.add_argument("--reason", default="paused by an operator", help="pause: why")
     s.set_defaults(fn=cmd_warming)
+
+    s = sub.add_parser("shaping", help="traffic shaping: status, rules reload")
+    s.add_argument("action", choices=["status", "reload"])
+    s.add_argument("--json", action="store_true", help="status: the whole answer as JSON")
+    s.set_defaults(fn=cmd_shaping)
 
     s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")
     s.add_argument("--domain", required=True)
@@ -413,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.fn is cmd_warming:
+        args.target = "domain" if args.domain_name else "source"
+        args.name = args.domain_name or args.source_name
     try:
         return int(args.fn(args))
     except ConfigError as exc:

@@ -267,6 +267,9 @@ class SourceConfig:
     address: str
     ehlo: str = ""  # the EHLO name (and the PTR the address should have); "" = server.hostname
     state: Literal["active", "warming", "paused"] = "active"
+    # With state "warming": the plan the source starts on, unless one was started
+    # through the API or CLI (conservative | moderate | aggressive).
+    warming_plan: Literal["conservative", "moderate", "aggressive"] = "moderate"
 
 
 @dataclass
@@ -292,7 +295,8 @@ class ShapingConfig:
     # The pool of mail that names none and whose tenant has no default; "" = "default"
     # (a pool of every source, or the implicit source of delivery.source_address).
     default_pool: str = ""
-    state_file: str = "./var/shaping-state.json"  # warming progress and pauses
+    state_file: str = ""  # warming progress and pauses; "" = <spool.path>/shaping-state.json
+    socket: str = ""  # the broker's Unix socket (CLI, workers); "" = <spool.path>/shaping.sock
     timezone: str = "UTC"  # when a warming day rolls over (IANA name)
     health_window: float = field(default=86400.0, metadata=_DURATION)
     pause_min_volume: int = 500
@@ -346,6 +350,14 @@ class Config:
             members = [PoolMember(name) for name in self.source_map()]
             pools[DEFAULT_POOL] = PoolConfig(DEFAULT_POOL, members)
         return pools
+
+    @property
+    def shaping_state_file(self) -> str:
+        return self.shaping.state_file or os.path.join(self.spool.path, "shaping-state.json")
+
+    @property
+    def shaping_socket(self) -> str:
+        return self.shaping.socket or os.path.join(self.spool.path, "shaping.sock")
 
     @property
     def default_pool(self) -> str:
@@ -602,9 +614,9 @@ def validate(cfg: Config) -> None:
         zoneinfo.ZoneInfo(sh.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigError(f"shaping.timezone: unknown time zone {sh.timezone!r}") from exc
-    for key in ("pause_bounce_rate", "pause_complaint_rate", "pause_delivery_rate"):
-        if not 0.0 < getattr(sh, key) <= 1.0:
-            raise ConfigError(f"shaping.{key}: must be in (0, 1]")
+    for rate_key in ("pause_bounce_rate", "pause_complaint_rate", "pause_delivery_rate"):
+        if not 0.0 < getattr(sh, rate_key) <= 1.0:
+            raise ConfigError(f"shaping.{rate_key}: must be in (0, 1]")
     if sh.rules_file:
         from postwarden.shaping.rules import RulesError, load_rules
 

@@ -12,18 +12,37 @@ every value in a per-process file, and the supervisor's ``/metrics`` adds them u
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 #: Bounded label values (documented in docs/operations.md).
 REJECT_REASONS = (
-    "auth_required", "relay_denied", "auth_without_tls", "auth_failed", "too_many_recipients",
-    "too_many_sessions", "too_many_commands", "bare_newline", "bad_sender", "bad_recipient",
-    "local_error", "sender_domain",
-)  # fmt: skip
+    "auth_required",
+    "relay_denied",
+    "auth_without_tls",
+    "auth_failed",
+    "too_many_recipients",
+    "too_many_sessions",
+    "too_many_commands",
+    "bare_newline",
+    "bad_sender",
+    "bad_recipient",
+    "local_error",
+    "sender_domain",
+    "pool",
+    "bad_priority",
+)
 FAILURE_STAGES = (
-    "connect", "dns", "mail", "rcpt", "data", "connection", "local", "smtputf8",
-)  # fmt: skip
+    "connect",
+    "dns",
+    "mail",
+    "rcpt",
+    "data",
+    "connection",
+    "local",
+    "smtputf8",
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
@@ -117,6 +136,18 @@ class Metrics:
             ["reason", "stage"],
             registry=r,
         )
+        self.shaping_waits = Counter(
+            "postwarden_shaping_waits",
+            "Recipients held back by the shaping broker (not an attempt), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.shaping_connections = Counter(
+            "postwarden_shaping_connections",
+            "Delivery connections opened, by pool and source.",
+            ["pool", "source"],
+            registry=r,
+        )
         self.spool_fsyncs = Counter(
             "postwarden_spool_commits", "Durable spool group commits.", registry=r
         )
@@ -138,6 +169,93 @@ class Metrics:
             self.queue_depth.labels(state)
         for direction in ("in", "out"):
             self.connections.labels(direction)
+        for reason in WAIT_REASONS:
+            self.shaping_waits.labels(reason)
+
+
+WAIT_REASONS = (
+    "suspended",
+    "warming_cap",
+    "domain_warming_cap",
+    "connection_limit",
+    "connection_rate",
+    "message_rate",
+    "paused",
+    "broker_unavailable",
+    "other",
+)
+
+
+class ShapingMetrics:
+    """What the shaping broker knows, per source, site and warming key (bounded: sites
+    the rules do not name count as "other"). Refreshed from the broker's state."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        pair = ["source", "site"]
+        mode: Literal["mostrecent"] = "mostrecent"  # one process (the broker's) writes these
+        self.rate = Gauge(
+            "postwarden_shaping_rate_per_minute",
+            "Message rate in force.",
+            pair,
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.conns = Gauge(
+            "postwarden_shaping_connections_open",
+            "Connections held.",
+            pair,
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.conn_limit = Gauge(
+            "postwarden_shaping_connection_limit",
+            "Connection limit in force.",
+            pair,
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.suspended = Gauge(
+            "postwarden_shaping_suspended",
+            "1 while the pair is suspended.",
+            pair,
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.actions = Counter(
+            "postwarden_shaping_actions",
+            "Response-rule actions taken.",
+            [*pair, "rule", "action"],
+            registry=r,
+        )
+        key = ["key"]
+        self.day = Gauge(
+            "postwarden_warming_day", "Warming plan day.", key, registry=r, multiprocess_mode=mode
+        )
+        self.cap = Gauge(
+            "postwarden_warming_cap",
+            "Today's warming cap.",
+            key,
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.sent = Gauge(
+            "postwarden_warming_sent_today",
+            "Attempts counted today.",
+            key,
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.paused = Gauge(
+            "postwarden_warming_paused", "1 while paused.", key, registry=r, multiprocess_mode=mode
+        )
+        self.health = Gauge(
+            "postwarden_health_score",
+            "Health score 0-100.",
+            key,
+            registry=r,
+            multiprocess_mode=mode,
+        )
 
 
 def render_multiprocess() -> bytes:

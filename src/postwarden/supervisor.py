@@ -134,6 +134,7 @@ class Supervisor:
         self.control_sock: socket.socket | None = None
         self.metrics_dir = ""
         self.status_file = ""
+        self.shaping: Any = None
 
     async def run(self) -> int:
         from postwarden.tls import ensure_tls_files
@@ -148,6 +149,14 @@ class Supervisor:
         await prepare_control(self.cfg, self.config_path)  # migrations, key file: once
         self.sockets = bind_listeners(self.cfg)
         self.control_sock = bind(self.cfg.control.listen, "control.listen")
+        # The shaping broker of every worker (docs/decisions/0006); imported only now,
+        # so that its metrics are written to the directory set above.
+        from postwarden.metrics import ShapingMetrics
+        from postwarden.shaping.service import ShapingService
+
+        self.shaping = ShapingService(self.cfg)
+        self.shaping.metrics = ShapingMetrics()
+        await self.shaping.start(serve=True)
         self._write_status()
         for k in range(self.count):
             await self._spawn(k)
@@ -218,10 +227,13 @@ class Supervisor:
             log.info("event=reload_skipped reason=no_config_file")
             return
         try:
-            load_config(self.config_path)
+            new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("event=reload_refused error=%r", str(exc))
             return
+        if self.shaping is not None and self.shaping.reload(new) is not None:
+            return
+        self.cfg = new
         for proc in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGHUP)
@@ -245,6 +257,8 @@ class Supervisor:
                 await proc.wait()
         for task in list(self._watchers):
             task.cancel()
+        if self.shaping is not None:
+            await self.shaping.stop()
         for sock in self.sockets:
             sock.close()
         if self.control_sock is not None:

@@ -137,4 +137,6 @@ async def test_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
     stored = await spool.store(Envelope("a@x.test", ["b@y.test"]), b"Subject: u\r\n\r\nu\r\n")
     assert stored.rcpt_ids[0] > 41  # past every id an old event named
     await spool.close()
-    assert _count(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == 2
+    assert _count(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == (
+        spool_mod.SCHEMA_VERSION
+    )

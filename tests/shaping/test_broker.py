@@ -68,6 +68,7 @@ def test_deferrals_slow_the_grants_and_successes_restore_them() -> None:
     b = Broker(RULES, clock=clock)
     for _ in range(3):
         b.report("10.0.0.1", "lab", 451, "4.3.0", "try again")
+        clock.t += 1.0  # one decrease a second at most
     pair = b.pair("10.0.0.1", "lab")
     assert pair.state.rate == 2.0 / 8
     sent = 0

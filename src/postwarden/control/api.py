@@ -5,16 +5,19 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from starlette.responses import Response
 
+from postwarden.config import PoolConfig
 from postwarden.control import domains as dom
 from postwarden.control.errors import ApiError, invalid, not_found
 from postwarden.control.routing import Api, Call
 from postwarden.control.schemas import (
+    POOL_NAME,
     Deleted,
     DkimKeyOut,
     DomainCreate,
@@ -26,6 +29,12 @@ from postwarden.control.schemas import (
     KeyList,
     KeyOut,
     Page,
+    PoolCreate,
+    PoolList,
+    PoolMemberIn,
+    PoolMemberOut,
+    PoolOut,
+    PoolUpdate,
     RecordOut,
     SuppressionCreate,
     SuppressionList,
@@ -41,7 +50,7 @@ from postwarden.control.schemas import (
 from postwarden.dns.records import all_required_ok, verify
 from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
 from postwarden.store.feed import record_change
-from postwarden.store.models import ApiKey, DkimKey, Domain, Suppression, Tenant
+from postwarden.store.models import ApiKey, DkimKey, Domain, Pool, Suppression, Tenant, utcnow
 from postwarden.store.secrets import new_api_key
 
 api = Api("Postwarden", "1")
@@ -77,6 +86,20 @@ def tenant_out(t: Tenant) -> TenantOut:
     return TenantOut.model_validate(t)
 
 
+async def check_tenant_pools(
+    s: Any, c: Call, default_pool: str | None, allowed_pools: list[str] | None
+) -> None:
+    """Each pool a tenant is given must exist (422 naming the field)."""
+    if default_pool is None and not allowed_pools:
+        return
+    names = set(c.ctx.config_pools) | set((await s.execute(select(Pool.name))).scalars())
+    if default_pool is not None and default_pool not in names:
+        raise invalid("default_pool", f"no pool named {default_pool!r}")
+    for i, name in enumerate(allowed_pools or ()):
+        if name not in names:
+            raise invalid(f"allowed_pools[{i}]", f"no pool named {name!r}")
+
+
 @api.op(
     "POST",
     "/v1/tenants",
@@ -90,7 +113,13 @@ def tenant_out(t: Tenant) -> TenantOut:
 async def create_tenant(c: Call) -> Any:
     body: TenantCreate = c.body
     async with c.ctx.sessions() as s:
-        t = Tenant(name=body.name, settings=body.settings.model_dump())
+        await check_tenant_pools(s, c, body.default_pool, body.allowed_pools)
+        t = Tenant(
+            name=body.name,
+            settings=body.settings.model_dump(),
+            default_pool=body.default_pool,
+            allowed_pools=list(dict.fromkeys(body.allowed_pools)),
+        )
         s.add(t)
         try:
             await s.flush()
@@ -98,6 +127,8 @@ async def create_tenant(c: Call) -> Any:
             raise ApiError(409, "conflict", f"a tenant named {body.name!r} exists") from None
         await changed(s, "tenant", t.id)
         await s.commit()
+    if t.default_pool or t.allowed_pools:
+        await c.ctx.reload_pools()
     return tenant_out(t)
 
 
@@ -141,16 +172,203 @@ async def get_tenant(c: Call) -> Any:
 )
 async def update_tenant(c: Call) -> Any:
     body: TenantUpdate = c.body
+    pools_given = "default_pool" in body.model_fields_set or body.allowed_pools is not None
     async with c.ctx.sessions() as s:
         t = await _tenant(s, c.path["tenant_id"])
+        await check_tenant_pools(s, c, body.default_pool, body.allowed_pools)
         if body.disabled is not None:
             t.disabled = body.disabled
         if body.settings is not None:
             t.settings = body.settings.model_dump()
+        if "default_pool" in body.model_fields_set:
+            t.default_pool = body.default_pool
+        if body.allowed_pools is not None:
+            t.allowed_pools = list(dict.fromkeys(body.allowed_pools))
         await changed(s, "tenant", t.id)
         await s.commit()
     c.ctx.auth.invalidate()
+    if pools_given:
+        await c.ctx.reload_pools()
     return tenant_out(t)
+
+
+# ---------------------------------------------------------------- pools (operator)
+
+
+def config_pool_out(p: PoolConfig) -> PoolOut:
+    return PoolOut(
+        name=p.name,
+        origin="config",
+        members=[PoolMemberOut(source=m.source, weight=m.weight) for m in p.members],
+        overflow=p.overflow,
+    )
+
+
+def pool_out(row: Pool) -> PoolOut:
+    return PoolOut(
+        name=row.name,
+        origin="api",
+        members=[PoolMemberOut.model_validate(m) for m in row.members],
+        overflow="spill" if row.overflow == "spill" else "wait",
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def check_members(c: Call, members: list[PoolMemberIn]) -> list[dict[str, Any]]:
+    """Every member a source of the configuration, each once (422 naming it)."""
+    seen: set[str] = set()
+    for i, m in enumerate(members):
+        if m.source not in c.ctx.sources:
+            raise invalid(f"members[{i}].source", f"no source named {m.source!r}")
+        if m.source in seen:
+            raise invalid(f"members[{i}].source", f"source {m.source!r} is listed twice")
+        seen.add(m.source)
+    return [{"source": m.source, "weight": m.weight} for m in members]
+
+
+def refuse_config_pool(c: Call, name: str) -> None:
+    if name in c.ctx.config_pools:
+        raise ApiError(
+            409,
+            "conflict",
+            f"pool {name!r} is defined in the configuration file: change it there"
+            " (pools made through the API take other names)",
+        )
+
+
+async def _pool(s: Any, name: str) -> Pool:
+    if not re.match(POOL_NAME, name):
+        raise not_found("pool")
+    row: Pool = await one_or_404(s, select(Pool).where(Pool.name == name), "pool")
+    return row
+
+
+@api.op(
+    "POST",
+    "/v1/pools",
+    summary="Create a pool of sources",
+    scope="admin",
+    body=PoolCreate,
+    response=PoolOut,
+    status=201,
+    errors=(409,),
+)
+async def create_pool(c: Call) -> Any:
+    """Members are sources of the configuration (``[[sources]]``) with weights; a pool
+    cannot take the name of one in the configuration (``default`` included)."""
+    body: PoolCreate = c.body
+    refuse_config_pool(c, body.name)
+    members = check_members(c, body.members)
+    async with c.ctx.sessions() as s:
+        row = Pool(name=body.name, members=members, overflow=body.overflow)
+        s.add(row)
+        try:
+            await s.flush()
+        except IntegrityError:
+            raise ApiError(409, "conflict", f"a pool named {body.name!r} exists") from None
+        await changed(s, "pool", None, body.name)
+        await s.commit()
+    await c.ctx.reload_pools()
+    return pool_out(row)
+
+
+@api.op(
+    "GET",
+    "/v1/pools",
+    summary="List pools (the configuration's and those made here)",
+    scope="admin",
+    response=PoolList,
+)
+async def list_pools(c: Call) -> Any:
+    config = c.ctx.config_pools
+    async with c.ctx.sessions() as s:
+        rows = list((await s.execute(select(Pool).order_by(Pool.name))).scalars())
+    out = [config_pool_out(p) for p in config.values()]
+    out += [pool_out(r) for r in rows if r.name not in config]
+    return PoolList(data=out, next_cursor=None)
+
+
+@api.op(
+    "GET",
+    "/v1/pools/{name}",
+    summary="Show a pool",
+    scope="admin",
+    response=PoolOut,
+    errors=(404,),
+)
+async def get_pool(c: Call) -> Any:
+    name = c.path["name"]
+    if name in c.ctx.config_pools:
+        return config_pool_out(c.ctx.config_pools[name])
+    async with c.ctx.sessions() as s:
+        return pool_out(await _pool(s, name))
+
+
+@api.op(
+    "PATCH",
+    "/v1/pools/{name}",
+    summary="Change a pool's members or overflow",
+    scope="admin",
+    body=PoolUpdate,
+    response=PoolOut,
+    errors=(404, 409),
+)
+async def update_pool(c: Call) -> Any:
+    """Pools of the configuration are read-only here (409)."""
+    body: PoolUpdate = c.body
+    name = c.path["name"]
+    refuse_config_pool(c, name)
+    members = check_members(c, body.members) if body.members is not None else None
+    async with c.ctx.sessions() as s:
+        row = await _pool(s, name)
+        if members is not None:
+            row.members = members
+        if body.overflow is not None:
+            row.overflow = body.overflow
+        row.updated_at = utcnow()
+        await changed(s, "pool", None, name)
+        await s.commit()
+    await c.ctx.reload_pools()
+    return pool_out(row)
+
+
+@api.op(
+    "DELETE",
+    "/v1/pools/{name}",
+    summary="Remove a pool",
+    scope="admin",
+    response=Deleted,
+    errors=(404, 409),
+)
+async def delete_pool(c: Call) -> Any:
+    """Refused (409) while a tenant has it as its default or allowed pool, and for
+    pools of the configuration."""
+    name = c.path["name"]
+    refuse_config_pool(c, name)
+    async with c.ctx.sessions() as s:
+        row = await _pool(s, name)
+        tenants = (
+            await s.execute(
+                select(Tenant.name, Tenant.default_pool, Tenant.allowed_pools).order_by(Tenant.id)
+            )
+        ).all()
+        users = [t for t, default, allowed in tenants if default == name or name in (allowed or ())]
+        if users:
+            shown = ", ".join(users[:10]) + (
+                f" and {len(users) - 10} more" if len(users) > 10 else ""
+            )
+            raise ApiError(
+                409,
+                "conflict",
+                f"pool {name!r} is the default or an allowed pool of tenant(s) {shown}:"
+                " take it from them first",
+            )
+        await s.delete(row)
+        await changed(s, "pool", None, name)
+        await s.commit()
+    await c.ctx.reload_pools()
+    return Deleted(deleted=True)
 
 
 def key_out(k: ApiKey, cls: type[KeyOut] = KeyOut, **extra: Any) -> Any:

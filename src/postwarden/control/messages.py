@@ -26,11 +26,12 @@ from sqlalchemy.exc import IntegrityError
 
 from postwarden.control.api import api, one_or_404
 from postwarden.control.errors import ApiError, invalid
+from postwarden.control.plane import PoolNotAllowed
 from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
-from postwarden.control.schemas import Address, Cursor, decode_cursor, encode_cursor
+from postwarden.control.schemas import Address, Cursor, PoolName, decode_cursor, encode_cursor
 from postwarden.mail.build import RESERVED, BuildError, Draft, Mailbox, Part, build, needs_smtputf8
-from postwarden.queue.spool import Envelope, new_message_id
+from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, new_message_id
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
@@ -104,6 +105,15 @@ class MessageCreate(Strict):
     attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100)
     tags: list[Tag] = Field(default_factory=list, max_length=10)
     metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=20)
+    pool: PoolName | None = Field(
+        None,
+        description="the IP pool to send from: the account's default pool, one of its allowed"
+        " pools, or (for an account without a default) the appliance's default pool;"
+        " none: the account's default pool",
+    )
+    priority: Literal["high", "bulk"] = Field(
+        "high", description="high: transactional mail, sent first; bulk: campaign mail"
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> MessageCreate:
@@ -214,6 +224,10 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
     for name in m.headers:
         if name.lower() in RESERVED or name.lower().startswith("x-postwarden-"):
             raise invalid(p(f"headers.{name}"), "this header is set by the appliance")
+    try:
+        pool = c.ctx.pool_for(c.tenant_id, m.pool)
+    except PoolNotAllowed as exc:
+        raise invalid(p("pool"), str(exc)) from None
     limit = cfg.smtp.max_message_size
     parts = []
     for i, att in enumerate(m.attachments):
@@ -248,6 +262,8 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
         tenant=str(c.tenant_id),
         smtputf8=needs_smtputf8(draft) or any(not r.isascii() for r in rcpts),
         meta={"source": "api", "subject": m.subject[:300], "tags": m.tags, "metadata": m.metadata},
+        pool=pool,
+        lane=LANE_BULK if m.priority == "bulk" else LANE_HIGH,
     )
     return env, data, msg_id
 

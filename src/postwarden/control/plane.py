@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from postwarden.config import Config
+from postwarden.config import Config, PoolConfig, PoolMember, SourceConfig
 from postwarden.control import ControlPlaneError
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.domains import signing_generation
@@ -26,11 +26,24 @@ from postwarden.store.db import (
     sessionmaker,
     upgrade,
 )
-from postwarden.store.models import Change, DkimKey, Domain, IdempotencyKey
+from postwarden.store.models import Change, DkimKey, Domain, IdempotencyKey, Pool, Tenant
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
 
 log = logging.getLogger("postwarden.control")
+
+
+class PoolNotAllowed(ValueError):
+    """The pool a message names does not exist or is not the sender's to use; the
+    message is one line, fit for an SMTP reply or an API error."""
+
+
+def pool_from_row(row: Pool) -> PoolConfig:
+    return PoolConfig(
+        row.name,
+        [PoolMember(str(m["source"]), int(m["weight"])) for m in row.members],
+        "spill" if row.overflow == "spill" else "wait",
+    )
 
 
 class ControlPlane:
@@ -50,6 +63,17 @@ class ControlPlane:
         self.suppressions = SuppressionCache(self.sessions)
         self.signing_keys: list[SigningKey] = []
         self.verified: dict[int, set[str]] = {}  # tenant id -> its verified sending domains
+        # Every pool by name: the configuration's, and those made through the API (the
+        # configuration's win a name); kept current from the change feed.
+        self.sources: dict[str, SourceConfig] = {}
+        self.pools: dict[str, PoolConfig] = {}
+        self.config_pools: dict[str, PoolConfig] = {}
+        self.api_pools: dict[str, PoolConfig] = {}
+        self.default_pool = cfg.default_pool
+        # tenant id -> (its default pool, the other pools it may name); only tenants
+        # with either.
+        self.tenant_pools: dict[int, tuple[str | None, frozenset[str]]] = {}
+        self.configure_pools(cfg)
         # Called with the new key list whenever verified domains or their keys change.
         self.on_keys: list[Callable[[list[SigningKey]], None]] = []
         # Set by the appliance: spools a message (None in a control-only process).
@@ -74,6 +98,7 @@ class ControlPlane:
             self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
         await self.suppressions.load()
         await self.reload_keys()
+        await self.reload_pools()
         self._task = asyncio.create_task(self._poll())
 
     def wake(self) -> None:
@@ -136,6 +161,79 @@ class ControlPlane:
         for fn in self.on_keys:
             fn(self.signing_keys)
 
+    # ------------------------------------------------------------------ pools
+
+    def configure_pools(self, cfg: Config) -> None:
+        """Take the pools (and default pool) of a (re)loaded configuration."""
+        self.sources = cfg.source_map()
+        self.config_pools = cfg.pool_map()
+        self.default_pool = cfg.default_pool
+        self._merge_pools()
+
+    def _merge_pools(self) -> None:
+        merged = dict(self.config_pools)
+        for name, pool in self.api_pools.items():
+            if name in merged:
+                continue  # the configuration's wins its name
+            members = [m for m in pool.members if m.source in self.sources]
+            if len(members) != len(pool.members):
+                # A source taken out of the configuration since: the pool keeps the rest.
+                log.warning(
+                    "event=pool_source_missing pool=%s sources=%s",
+                    name,
+                    ",".join(m.source for m in pool.members if m.source not in self.sources),
+                )
+                pool = PoolConfig(pool.name, members, pool.overflow)
+            merged[name] = pool
+        self.pools = merged
+
+    async def reload_pools(self) -> None:
+        """Read the pools made through the API and each tenant's pools."""
+        async with self.sessions() as s:
+            rows = list((await s.execute(select(Pool))).scalars())
+            tenants = (
+                await s.execute(select(Tenant.id, Tenant.default_pool, Tenant.allowed_pools))
+            ).all()
+        api_pools = {}
+        for row in rows:
+            try:
+                api_pools[row.name] = pool_from_row(row)
+            except (KeyError, TypeError, ValueError):
+                log.error("event=pool_unusable pool=%s members=%r", row.name, row.members)
+        self.api_pools = api_pools
+        self.tenant_pools = {
+            tid: (default, frozenset(allowed or ()))
+            for tid, default, allowed in tenants
+            if default or allowed
+        }
+        self._merge_pools()
+
+    def pool_for(self, tenant_id: int | None, requested: str | None) -> str | None:
+        """The pool to store with a message that names ``requested`` (None: names none),
+        from ``tenant_id`` (None: a trusted submitter, e.g. a configured SMTP user).
+
+        None means the appliance's default pool (delivery resolves it). Raises
+        PoolNotAllowed when the pool does not exist or is not the tenant's: its default
+        pool, one of its allowed pools, or the appliance's default pool when the tenant
+        has no default of its own. A trusted submitter may name any pool."""
+        default, allowed = (None, frozenset[str]())
+        if tenant_id is not None:
+            default, allowed = self.tenant_pools.get(tenant_id, (None, frozenset()))
+        if requested is None:
+            # A default removed under the tenant (a race with DELETE): the appliance's.
+            return default if default in self.pools else None
+        if requested not in self.pools:
+            raise PoolNotAllowed(f"no pool named {requested[:64]!r}")
+        if tenant_id is None or requested == default or requested in allowed:
+            return requested
+        if default is None and requested == self.default_pool:
+            return requested
+        raise PoolNotAllowed(f"this account may not send from pool {requested!r}")
+
+    def pool_members(self, name: str) -> PoolConfig | None:
+        """A pool by name (its weighted sources and overflow), or None."""
+        return self.pools.get(name)
+
     # ------------------------------------------------------------------ the MTA's questions
 
     async def smtp_login(self, login: str, password: str) -> int | None:
@@ -189,6 +287,8 @@ class ControlPlane:
             await self.suppressions.refresh((r[2], r[3]) for r in rows if r[1] == "suppression")
         if "domain" in kinds:
             await self.reload_keys()
+        if kinds & {"pool", "tenant"}:
+            await self.reload_pools()
         # Only once the caches hold them: a failure above reads the same rows again.
         self._last_change = rows[-1][0]
 

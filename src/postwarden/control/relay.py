@@ -5,8 +5,10 @@ credentials (the tenant's name and the API key of the request: a ``send`` key is
 an SMTP password), so the MTA attaches the tenant, checks the From domain and the
 suppressions, signs and spools exactly as for any submission; the ``250`` comes only
 after the spool has the message durably. What the API was given (tags, metadata,
-subject) rides in an ``X-Postwarden-Meta`` header that the MTA takes off before
-signing; its reply names each recipient's id and which were dropped.
+subject) rides in an ``X-Postwarden-Meta`` header, the pool and priority in
+``X-Postwarden-Pool`` and ``X-Postwarden-Priority``; the MTA takes them off before
+signing (and checks the pool against the tenant's again). Its reply names each
+recipient's id and which were dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from postwarden.config import Config, parse_hostport
-from postwarden.queue.spool import Envelope, StoredMessage
+from postwarden.queue.spool import LANE_BULK, Envelope, StoredMessage
 
 _REPLY = re.compile(r"queued as (\S+) rcpts=(\S+)")
 RELAY_SESSIONS = 16
@@ -71,7 +73,12 @@ class SmtpRelay:
         # Folded at 76: a long subject or much metadata must not make a line longer than
         # the MTA accepts (smtp.max_line_length).
         folded = b"\r\n ".join(meta[i : i + 76] for i in range(0, len(meta), 76))
-        data = b"X-Postwarden-Meta: " + folded + b"\r\n" + message
+        fields = [b"X-Postwarden-Meta: " + folded + b"\r\n"]
+        if envelope.pool is not None:
+            fields.append(b"X-Postwarden-Pool: " + envelope.pool.encode("ascii") + b"\r\n")
+        priority = b"bulk" if envelope.lane == LANE_BULK else b"high"
+        fields.append(b"X-Postwarden-Priority: " + priority + b"\r\n")
+        data = b"".join(fields) + message
         async with self._slots:
             return await self._submit(envelope, data, credentials)
 

@@ -45,6 +45,8 @@ DomainName = Annotated[
 ]
 Address = Annotated[str, StringConstraints(min_length=3, max_length=320), AfterValidator(_address)]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+POOL_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+PoolName = Annotated[str, StringConstraints(pattern=POOL_NAME)]
 Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
 
 
@@ -83,14 +85,28 @@ class TenantSettings(Strict):
     bounce_notifications: bool = False
 
 
+_DEFAULT_POOL = "the pool of its mail that names none; null: the appliance's default pool"
+_ALLOWED_POOLS = "other pools its mail may name (X-Postwarden-Pool, the messages API's pool)"
+
+
 class TenantCreate(Strict):
     name: Name
     settings: TenantSettings = Field(default_factory=TenantSettings)
+    default_pool: PoolName | None = Field(None, description=_DEFAULT_POOL)
+    allowed_pools: list[PoolName] = Field(
+        default_factory=list, max_length=100, description=_ALLOWED_POOLS
+    )
 
 
 class TenantUpdate(Strict):
     disabled: bool | None = None
     settings: TenantSettings | None = None
+    default_pool: PoolName | None = Field(
+        None, description=_DEFAULT_POOL + " (given as null: no default pool any more)"
+    )
+    allowed_pools: list[PoolName] | None = Field(
+        None, max_length=100, description=_ALLOWED_POOLS + " (replaces the list)"
+    )
 
 
 class TenantOut(BaseModel):
@@ -101,11 +117,58 @@ class TenantOut(BaseModel):
     created_at: dt.datetime
     disabled: bool
     settings: TenantSettings
+    default_pool: str | None
+    allowed_pools: list[str]
 
 
 class TenantList(BaseModel):
     data: list[TenantOut]
     next_cursor: str | None
+
+
+# ---------------------------------------------------------------- pools (operator)
+
+
+class PoolMemberIn(Strict):
+    source: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="the name of a source of the configuration ([[sources]])"
+    )
+    weight: int = Field(1, gt=0, le=1_000_000, description="its share of the pool's mail")
+
+
+class PoolCreate(Strict):
+    name: PoolName
+    members: list[PoolMemberIn] = Field(min_length=1, max_length=1000)
+    overflow: Literal["wait", "spill"] = Field(
+        "wait",
+        description="when a source reaches a cap: wait for it, or spill to the pool's others",
+    )
+
+
+class PoolUpdate(Strict):
+    members: list[PoolMemberIn] | None = Field(None, min_length=1, max_length=1000)
+    overflow: Literal["wait", "spill"] | None = None
+
+
+class PoolMemberOut(BaseModel):
+    source: str
+    weight: int
+
+
+class PoolOut(BaseModel):
+    name: str
+    origin: Literal["config", "api"] = Field(
+        description="config: from the configuration file, read-only here; api: made here"
+    )
+    members: list[PoolMemberOut]
+    overflow: Literal["wait", "spill"]
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+
+class PoolList(BaseModel):
+    data: list[PoolOut]
+    next_cursor: str | None = Field(None, description="always null: every pool is in one page")
 
 
 class KeyCreate(Strict):

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -31,7 +31,7 @@ from aiosmtplib.errors import (
     SMTPTimeoutError,
 )
 
-from postwarden.config import Config
+from postwarden.config import Config, SourceConfig
 from postwarden.dns.resolver import DnsError, MxHost, Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta import smtpclient_speedups
@@ -54,6 +54,12 @@ class Job:
     #: The message bytes when they came straight from acceptance; else read from the
     #: spool when the transaction starts.
     body: bytes | None = field(default=None, repr=False)
+    tenant: str = ""
+    lane: int = 0  # 0 transactional, 1 bulk
+
+    @property
+    def sending_domain(self) -> str:
+        return self.mail_from.rpartition("@")[2].lower()
 
     @property
     def smtputf8(self) -> bool:
@@ -75,6 +81,7 @@ class AttemptResult:
     ip: str = ""
     tls: bool = False
     reason: str = "other"  # bounded metric label: rcpt, data, mail, connect, dns, tls, ...
+    source: str = ""  # the source (local address) it left from
 
 
 def format_response(code: int, message: str) -> str:
@@ -106,6 +113,25 @@ class _Connection:
     mx: str
     ip: str
     tls: bool
+    source: str = ""
+
+
+class Gate(Protocol):
+    """The scheduler's say over one session (traffic shaping): which source it leaves
+    from, whether each message may go now, and what the answers were."""
+
+    max_messages: int
+
+    async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
+        """The source to connect from; None: refused (the gate took ``job`` back)."""
+
+    async def admit(self, job: Job) -> str:
+        """Before a transaction: "go", "skip" (the gate took the job back; go on with
+        the next) or "stop" (the gate took it back; end the session)."""
+
+    def answered(self, job: Job, results: list[AttemptResult]) -> None: ...
+
+    async def close(self, sent: int) -> None: ...
 
 
 class DeliveryAgent:
@@ -152,8 +178,12 @@ class DeliveryAgent:
         domain: str,
         next_job: Callable[[bool], Awaitable[Job | None]],
         report: Callable[[list[AttemptResult]], None],
+        gate: Gate | None = None,
     ) -> None:
         """Deliver jobs for ``domain`` over one connection until none are left.
+
+        With a ``gate``, the connection leaves from the source it names and each
+        transaction waits for its word.
 
         ``next_job(first)`` returns the next job (waiting a little for more when
         ``first`` is False) or None; every recipient of every job taken is reported
@@ -173,43 +203,66 @@ class DeliveryAgent:
                 report([AttemptResult(lease, kind, resp, reason="dns") for lease in job.leases])
                 job = await next_job(True)
             return
-        try:
-            conn = await self._connect(domain, mx.hosts)
-        except _ConnectFailed as exc:
-            kind = "permanent" if exc.permanent else "temporary"
-            # Every job waiting for this domain would meet the same hosts: fail them
-            # together rather than trying the dead destination once per message.
-            while job is not None:
-                report(
-                    [
-                        AttemptResult(lease, kind, exc.response, reason="connect")
-                        for lease in job.leases
-                    ]
-                )
-                job = await next_job(True)
-            return
+        source = None
+        if gate is not None:
+            source = await gate.open(mx.hosts, job)
+            if source is None:
+                return
         sent = 0
         try:
-            while job is not None:
-                results, alive = await self._transaction(conn, job)
-                report(results)
-                sent += 1
-                if not alive or sent >= self.cfg.delivery.max_messages_per_connection:
-                    break
-                job = await next_job(False)
-        except asyncio.CancelledError:
-            raise
+            try:
+                conn = await self._connect(domain, mx.hosts, source)
+            except _ConnectFailed as exc:
+                kind = "permanent" if exc.permanent else "temporary"
+                src = source.name if source else ""
+                # Every job waiting for this domain would meet the same hosts: fail them
+                # together rather than trying the dead destination once per message.
+                while job is not None:
+                    results = [
+                        AttemptResult(x, kind, exc.response, reason="connect", source=src)
+                        for x in job.leases
+                    ]
+                    report(results)
+                    if gate is not None:
+                        gate.answered(job, results)
+                    job = await next_job(True)
+                return
+            limit = self.cfg.delivery.max_messages_per_connection
+            if gate is not None and gate.max_messages:
+                limit = min(limit, gate.max_messages)
+            try:
+                while job is not None:
+                    if gate is not None:
+                        verdict = await gate.admit(job)
+                        if verdict == "stop":
+                            break
+                        if verdict == "skip":
+                            job = await next_job(False)
+                            continue
+                    results, alive = await self._transaction(conn, job)
+                    report(results)
+                    if gate is not None:
+                        gate.answered(job, results)
+                    sent += 1
+                    if not alive or sent >= limit:
+                        break
+                    job = await next_job(False)
+            finally:
+                await self._close(conn)
         finally:
-            await self._close(conn)
+            if gate is not None:
+                await gate.close(sent)
 
-    async def _connect(self, domain: str, hosts: tuple[MxHost, ...]) -> _Connection:
+    async def _connect(
+        self, domain: str, hosts: tuple[MxHost, ...], source: SourceConfig | None = None
+    ) -> _Connection:
         policy = self.tls_policy(domain)
         last = "451 4.4.1 no MX host could be reached"
         all_permanent = bool(hosts)
         for host in hosts:
             for ip in host.addresses:
                 try:
-                    return await self._open(ip, host.name, policy)
+                    return await self._open(ip, host.name, policy, source)
                 except _ConnectFailed as exc:
                     last = f"{exc.response} (mx {host.name} [{ip}])"
                     all_permanent = all_permanent and exc.permanent
@@ -224,13 +277,16 @@ class DeliveryAgent:
         # greeting is the failure permanent.
         raise _ConnectFailed(last, permanent=all_permanent)
 
-    async def _open(self, ip: str, mx_name: str, policy: str) -> _Connection:
+    async def _open(
+        self, ip: str, mx_name: str, policy: str, source: SourceConfig | None = None
+    ) -> _Connection:
         t = self.cfg.delivery.timeouts
-        src = self.cfg.delivery.source_address
+        src = source.address if source else self.cfg.delivery.source_address
+        ehlo = (source.ehlo if source else "") or self.cfg.ehlo_hostname
         smtp = aiosmtplib.SMTP(
             hostname=ip,
             port=self.cfg.delivery.mx_port,
-            local_hostname=self.cfg.ehlo_hostname,
+            local_hostname=ehlo,
             source_address=(src, 0) if src else None,
             timeout=t.connect + t.greeting,
             start_tls=False,
@@ -266,10 +322,10 @@ class DeliveryAgent:
                         await self._quiet_close(smtp)
                         if policy == "required":
                             raise _ConnectFailed(f"451 4.7.5 STARTTLS failed: {exc}") from exc
-                        return await self._open(ip, mx_name, policy)
+                        return await self._open(ip, mx_name, policy, source)
             if policy == "required" and not use_tls:
                 raise _ConnectFailed("451 4.7.10 TLS required by policy but not offered")
-            return _Connection(smtp, mx_name, ip, use_tls)
+            return _Connection(smtp, mx_name, ip, use_tls, source.name if source else "")
         except _ConnectFailed:
             await self._quiet_close(smtp)
             raise
@@ -304,7 +360,7 @@ class DeliveryAgent:
         smtp = conn.smtp
 
         def result(lease: Lease, kind: Kind, resp: str, reason: str) -> AttemptResult:
-            return AttemptResult(lease, kind, resp, conn.mx, conn.ip, conn.tls, reason)
+            return AttemptResult(lease, kind, resp, conn.mx, conn.ip, conn.tls, reason, conn.source)
 
         if not smtp.is_connected:
             return [result(x, "not_attempted", "", "connect") for x in job.leases], False

@@ -34,8 +34,8 @@ from postwarden.metrics import Metrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.dkim import split_message
 from postwarden.mta.wire import BulkDataSMTP
+from postwarden.queue.spool import LANE_BULK, LANE_HIGH, StoredMessage, new_message_id
 from postwarden.queue.spool import Envelope as SpoolEnvelope
-from postwarden.queue.spool import StoredMessage, new_message_id
 
 log = logging.getLogger("postwarden.ingress")
 
@@ -53,6 +53,7 @@ MAX_PATH = 254  # RFC 5321 4.5.3.1.3: a path is 256 octets with its angle bracke
 _ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"]+@[A-Za-z0-9.\-\[\]:]+$|^[^\s@]+@[^\s@]+$")
 
 MAX_AUTH_FAILURES = 3
+_LANES = {"high": LANE_HIGH, "bulk": LANE_BULK}  # X-Postwarden-Priority
 
 
 def add_enhanced_code(reply: bytes) -> bytes:
@@ -126,29 +127,29 @@ def received_header(
     return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
-# The whole field, folded lines included (the relay folds the base64 value).
-_META_FIELD = re.compile(rb"(?im)^X-Postwarden-Meta:((?:[^\r\n]*\r\n)(?:[ \t][^\r\n]*\r\n)*)")
+# The fields the appliance reads and takes off (they never leave it): the whole field,
+# folded lines included (the relay folds the base64 value of Meta).
+_CONTROL_FIELD = re.compile(
+    rb"(?im)^X-Postwarden-(Meta|Pool|Priority):((?:[^\r\n]*\r\n)(?:[ \t][^\r\n]*\r\n)*)"
+)
+# What a pool name looks like (the API's rule); anything else names no pool.
+POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
-def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
-    """Remove every ``X-Postwarden-Meta`` field from the header; return the message and
-    the first field's value decoded (base64 JSON object), or None.
+@dataclass(frozen=True)
+class ControlFields:
+    """What the ``X-Postwarden-*`` fields of a message said (the first of each name)."""
 
-    The control plane (``serve --role control``) relays API messages with it, to carry
-    what the API was given (tags, metadata, subject); it never leaves the appliance."""
-    end = data.find(b"\r\n\r\n")
-    stop = len(data) if end < 0 else end + 2
-    # Every message passes here: one scan of its header, no copy unless it has the field.
-    if _META_FIELD.search(data, 0, stop) is None:
-        return data, None
-    head = data[:stop]
-    found = _META_FIELD.findall(head)
-    head = _META_FIELD.sub(b"", head)
-    meta: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None  # Meta, decoded; None when absent or garbage
+    pool: str | None = None  # Pool, unfolded and stripped
+    priority: str | None = None  # Priority, unfolded, stripped, lower-cased
+
+
+def _decode_meta(raw: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(base64.b64decode(b"".join(found[0].split()), validate=True))
+        value = json.loads(base64.b64decode(b"".join(raw.split()), validate=True))
         if isinstance(value, dict):
-            meta = {
+            return {
                 "source": "api",
                 "subject": str(value.get("subject", ""))[:300],
                 "tags": [str(t)[:64] for t in value.get("tags", [])][:10],
@@ -156,8 +157,46 @@ def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
                              for k, v in dict(value.get("metadata", {})).items()},
             }  # fmt: skip
     except (ValueError, TypeError, AttributeError):
-        meta = None
-    return (head if end < 0 else head + data[end + 2 :]), meta
+        pass
+    return None
+
+
+def _text(raw: bytes) -> str:
+    return b" ".join(raw.split()).decode("utf-8", "replace")
+
+
+def take_control_fields(data: bytes) -> tuple[bytes, ControlFields | None]:
+    """Remove every ``X-Postwarden-Meta``, ``-Pool`` and ``-Priority`` field from the
+    header; return the message and what the first field of each name said (None when
+    the message has none of them: the message is then returned as it is, not copied).
+
+    The control plane (``serve --role control``) relays API messages with them;
+    submitters may name a pool and a priority (checked by the caller)."""
+    end = data.find(b"\r\n\r\n")
+    stop = len(data) if end < 0 else end + 2
+    # Every message passes here: one scan of its header, no copy unless it has a field.
+    if _CONTROL_FIELD.search(data, 0, stop) is None:
+        return data, None
+    head = data[:stop]
+    first: dict[bytes, bytes] = {}
+    for m in _CONTROL_FIELD.finditer(head):
+        first.setdefault(m.group(1).lower(), m.group(2))
+    head = _CONTROL_FIELD.sub(b"", head)
+    meta = first.get(b"meta")
+    pool = first.get(b"pool")
+    priority = first.get(b"priority")
+    fields = ControlFields(
+        meta=_decode_meta(meta) if meta is not None else None,
+        pool=_text(pool) if pool is not None else None,
+        priority=_text(priority).lower() if priority is not None else None,
+    )
+    return (head if end < 0 else head + data[end + 2 :]), fields
+
+
+def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """:func:`take_control_fields`, keeping only the decoded ``X-Postwarden-Meta``."""
+    data, fields = take_control_fields(data)
+    return data, fields.meta if fields is not None else None
 
 
 def header_from_domain(data: bytes) -> str | None:
@@ -344,6 +383,11 @@ class IngressHandler:
         self.key_auth: Callable[[str, str], Awaitable[int | None]] | None = None
         # (tenant id, From domain) -> whether the tenant may send as that domain.
         self.may_send_as: Callable[[int, str | None], bool] = lambda _t, _d: True
+        # (tenant id or None, the pool X-Postwarden-Pool names or None) -> the pool to
+        # spool the message with (None: the appliance's default pool); raises ValueError
+        # (its text the reply) when the pool is unknown or not the sender's. From the
+        # control plane; alone, whatever pool is named.
+        self.pool_for: Callable[[int | None, str | None], str | None] = lambda _t, p: p
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -450,13 +494,28 @@ class IngressHandler:
             who = session.auth_data if session.authenticated else None
             auth = who.login.decode("utf-8", "replace") if isinstance(who, Submitter) else None
             tenant = who.tenant_id if isinstance(who, Submitter) else None
-            data, meta = take_meta(data)
-            if tenant is None:
-                meta = None  # only a tenant's own relay may describe its messages
+            data, fields = take_control_fields(data)
+            # Only a tenant's own relay may describe its messages.
+            meta = fields.meta if fields is not None and tenant is not None else None
             if tenant is not None and not self.may_send_as(tenant, header_from_domain(data)):
                 self.metrics.rejected.labels("sender_domain").inc()
                 return ("550 5.7.1 The From domain is not a verified sending domain of this"
                         " account")  # fmt: skip
+            lane, requested = LANE_HIGH, None
+            if fields is not None:
+                if fields.priority is not None:
+                    if fields.priority not in _LANES:
+                        self.metrics.rejected.labels("bad_priority").inc()
+                        return "550 5.6.0 X-Postwarden-Priority must be high or bulk"
+                    lane = _LANES[fields.priority]
+                requested = fields.pool
+            try:
+                if requested is not None and not POOL_NAME.fullmatch(requested):
+                    raise ValueError(f"no pool named {requested[:64]!a}")
+                pool = self.pool_for(tenant, requested)
+            except ValueError as exc:
+                self.metrics.rejected.labels("pool").inc()
+                return f"550 5.7.1 {' '.join(str(exc).split())[:300]}"
             protocol = "ESMTP" + ("S" if tls else "") + ("A" if auth else "")
             if not session.extended_smtp:
                 protocol = "SMTP"
@@ -488,6 +547,8 @@ class IngressHandler:
                 smtputf8=bool(envelope.smtp_utf8),
                 body_8bit=body_8bit,
                 meta=meta,
+                pool=pool,
+                lane=lane,
             )
             try:
                 stored = await self.accept(spool_env, message, msg_id)

@@ -10,6 +10,14 @@
   ``delivery.max_messages_per_connection`` jobs.
 * Results are turned into outcomes with the one retry policy and written back to the
   spool in batches.
+* With traffic shaping (a :class:`~postwarden.shaping.shaper.Shaper`), queues are per
+  (destination domain, pool); each session asks the broker for a source and for
+  message tokens (:class:`_Gate`). What the broker refuses waits without counting an
+  attempt: in memory when the wait is short (the queue is held until then), back in
+  the spool with its next attempt at the broker's time when it is long.
+* Lanes: within a queue, transactional jobs go before bulk ones, and tenants take
+  turns within a lane; bulk mail may hold at most ``BULK_SHARE`` of the in-flight
+  room, so transactional mail always finds room.
 """
 
 from __future__ import annotations
@@ -20,10 +28,18 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from postwarden.shaping.broker import Choice
+from postwarden.shaping.shaper import split_answer
+
+if TYPE_CHECKING:
+    from postwarden.shaping.shaper import Shaper
 from dataclasses import dataclass, field
 
-from postwarden.config import Config
+from postwarden.config import Config, PoolConfig, SourceConfig
+from postwarden.dns.resolver import MxHost
 from postwarden.metrics import Metrics
 from postwarden.mta.delivery import AttemptResult, DeliveryAgent, Job
 from postwarden.queue.retry import RetryPolicy
@@ -43,14 +59,74 @@ log = logging.getLogger("postwarden.scheduler")
 
 #: Bytes of freshly accepted message bodies kept in memory for their first attempt.
 BODY_BUDGET = 64 * 1024 * 1024
+#: The share of ``queue.max_inflight`` bulk mail may hold.
+BULK_SHARE = 0.8
+#: A refusal for at most this long is waited out with the connection open.
+HOLD_CONNECTION = 2.0
+#: ... for at most this long, with the jobs in memory; beyond, they go back to the spool.
+HOLD_MEMORY = 60.0
+
+
+class JobQueue:
+    """Jobs for one destination: the transactional lane first, then bulk; within a
+    lane, tenants take turns (one job each, round robin)."""
+
+    __slots__ = ("lanes", "n")
+
+    def __init__(self) -> None:
+        self.lanes: tuple[dict[str, deque[Job]], dict[str, deque[Job]]] = ({}, {})
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def __iter__(self) -> Iterator[Job]:
+        for lane in self.lanes:
+            for d in lane.values():
+                yield from d
+
+    def append(self, job: Job, left: bool = False) -> None:
+        lane = self.lanes[1 if job.lane else 0]
+        d = lane.get(job.tenant)
+        if d is None:
+            d = lane[job.tenant] = deque()
+        if left:
+            d.appendleft(job)
+        else:
+            d.append(job)
+        self.n += 1
+
+    def popleft(self) -> Job:
+        for lane in self.lanes:
+            if lane:
+                tenant = next(iter(lane))
+                d = lane.pop(tenant)
+                job = d.popleft()
+                if d:
+                    lane[tenant] = d  # to the back of the turn
+                self.n -= 1
+                return job
+        raise IndexError("empty")
+
+    def clear(self) -> None:
+        for lane in self.lanes:
+            lane.clear()
+        self.n = 0
 
 
 @dataclass
 class _DomainQueue:
-    jobs: deque[Job] = field(default_factory=deque)
+    domain: str = ""
+    pool: str = ""
+    jobs: JobQueue = field(default_factory=JobQueue)
     sessions: int = 0
     waiters: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    blocked_until: float = 0.0  # event-loop time: no new session before
+    timer: asyncio.TimerHandle | None = None
 
 
 class Scheduler:
@@ -70,8 +146,10 @@ class Scheduler:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.policy = RetryPolicy.from_config(cfg.queue)
-        self.queues: dict[str, _DomainQueue] = {}
+        self.queues: dict[tuple[str, str], _DomainQueue] = {}
         self.inflight = 0
+        self.bulk_ids: set[int] = set()  # recipients in flight in the bulk lane
+        self.shaper: Shaper | None = None
         self.sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -90,9 +168,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ capacity
 
-    def reserve(self, n: int) -> bool:
+    def bulk_room(self) -> int:
+        return int(self.cfg.queue.max_inflight * BULK_SHARE) - len(self.bulk_ids)
+
+    def reserve(self, n: int, lane: int = 0) -> bool:
         """Claim room for ``n`` recipients coming straight from acceptance."""
         if self._stopping or self.inflight + n > self.cfg.queue.max_inflight:
+            return False
+        if lane and n > self.bulk_room():
             return False
         self.inflight += n
         self.metrics.inflight.set(self.inflight)
@@ -132,7 +215,9 @@ class Scheduler:
             room = self.cfg.queue.max_inflight - self.inflight
             if room > 0:
                 try:
-                    leases = await self.spool.lease_due(time.time(), room)
+                    leases = await self.spool.lease_due(
+                        time.time(), room, bulk_limit=max(0, self.bulk_room())
+                    )
                 except Exception:
                     log.exception("event=lease_failed")
                     continue
@@ -153,8 +238,15 @@ class Scheduler:
             if reason is None:
                 keep.append(lease)
                 continue
-            dropped.append(Outcome(lease.rcpt_id, lease.msg_id, DROPPED, counted_attempt=False,
-                                   detail={"reason": reason, "stage": "delivery"}))  # fmt: skip
+            dropped.append(
+                Outcome(
+                    lease.rcpt_id,
+                    lease.msg_id,
+                    DROPPED,
+                    counted_attempt=False,
+                    detail={"reason": reason, "stage": "delivery"},
+                )
+            )
             self.metrics.dropped.labels(reason, "delivery").inc()
         if dropped:
             self._pending.extend(dropped)
@@ -167,24 +259,43 @@ class Scheduler:
         groups: dict[tuple[str, str], list[Lease]] = {}
         for lease in leases:
             groups.setdefault((lease.msg_id, lease.domain), []).append(lease)
-        touched: set[str] = set()
+        touched: set[tuple[str, str]] = set()
+        shaped = self.shaper is not None
         for (msg_id, domain), group in groups.items():
-            q = self.queues.get(domain)
+            first = group[0]
+            lane = getattr(first, "lane", 0)
+            pool = (getattr(first, "pool", None) or self.cfg.default_pool) if shaped else ""
+            key = (domain, pool)
+            q = self.queues.get(key)
             if q is None:
-                q = self.queues[domain] = _DomainQueue()
+                q = self.queues[key] = _DomainQueue(domain, pool)
+            if lane:
+                self.bulk_ids.update(x.rcpt_id for x in group)
             for i in range(0, len(group), per_job):
                 chunk = group[i : i + per_job]
-                q.jobs.append(Job(msg_id, domain, chunk[0].mail_from, chunk, body=body))
+                q.jobs.append(
+                    Job(
+                        msg_id,
+                        domain,
+                        first.mail_from,
+                        chunk,
+                        body=body,
+                        tenant=first.tenant or "",
+                        lane=lane,
+                    )
+                )
                 if body is not None:
                     self._body_bytes += len(body)
-            touched.add(domain)
-        for domain in touched:
-            q = self.queues[domain]
+            touched.add(key)
+        for key in touched:
+            q = self.queues[key]
             q.changed.set()
-            self._dispatch(domain, q)
+            self._dispatch(key, q)
 
-    def _dispatch(self, domain: str, q: _DomainQueue) -> None:
+    def _dispatch(self, key: tuple[str, str], q: _DomainQueue) -> None:
         d = self.cfg.delivery
+        if q.blocked_until and asyncio.get_running_loop().time() < q.blocked_until:
+            return  # the broker said when; the timer dispatches then
         # Idle sessions waiting for work pick jobs up first; open more connections
         # only for what they cannot absorb.
         while (
@@ -195,11 +306,83 @@ class Scheduler:
         ):
             q.sessions += 1
             self.sessions += 1
-            task = asyncio.create_task(self._session(domain, q), name=f"session:{domain}")
+            task = asyncio.create_task(self._session(key, q), name=f"session:{key[0]}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _session(self, domain: str, q: _DomainQueue) -> None:
+    # ------------------------------------------------------------------ shaping refusals
+
+    def _hold(
+        self, key: tuple[str, str], q: _DomainQueue, jobs: list[Job], retry_at: float, reason: str
+    ) -> None:
+        """Jobs the broker refused until ``retry_at`` (loop time): held in memory, the
+        queue blocked until then, when that is soon; else back to the spool, with
+        every job queued for the destination (they would meet the same refusal)."""
+        loop = asyncio.get_running_loop()
+        wait = retry_at - loop.time()
+        if wait > HOLD_MEMORY or self._stopping:
+            rest = [self._take(q) for _ in range(len(q.jobs))]
+            self._to_spool(jobs + rest, retry_at, reason)
+            return
+        for job in reversed(jobs):
+            q.jobs.append(job, left=True)
+        if wait > 0 and retry_at > q.blocked_until:
+            q.blocked_until = retry_at
+            if q.timer is not None:
+                q.timer.cancel()
+            q.timer = loop.call_at(retry_at, self._unblock, key, q)
+
+    def _unblock(self, key: tuple[str, str], q: _DomainQueue) -> None:
+        q.timer = None
+        q.blocked_until = 0.0
+        if self.queues.get(key) is q and q.jobs:
+            self._dispatch(key, q)
+
+    def _to_spool(self, jobs: list[Job], retry_at: float, reason: str) -> None:
+        """Back to the queue without counting an attempt, due at ``retry_at`` (loop time)."""
+        if not jobs:
+            return
+        when = time.time() + max(0.0, retry_at - asyncio.get_running_loop().time())
+        n = 0
+        for job in jobs:
+            for lease in job.leases:
+                self._pending.append(
+                    Outcome(
+                        lease.rcpt_id,
+                        lease.msg_id,
+                        QUEUED,
+                        next_attempt=when,
+                        counted_attempt=False,
+                    )
+                )
+                n += 1
+        self.metrics.shaping_waits.labels(reason_label(reason)).inc(n)
+        log.info("event=shaping_wait recipients=%d until=%.0f reason=%r", n, when, reason)
+        if self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+
+    def _refused(self, key: tuple[str, str], q: _DomainQueue, job: Job, choice: Choice) -> None:
+        if choice.bounce:
+            jobs = [job] + [self._take(q) for _ in range(len(q.jobs))]
+            resp = f"554 5.7.1 delivery stopped by a shaping rule: {choice.bounce}"[:500]
+            self._report(
+                [
+                    AttemptResult(x, "permanent", resp, reason="shaping")
+                    for j in jobs
+                    for x in j.leases
+                ]
+            )
+        elif choice.defer:
+            jobs = [job] + [self._take(q) for _ in range(min(len(q.jobs), choice.defer - 1))]
+            self._to_spool(jobs, choice.retry_at, choice.reason)
+            if q.jobs:
+                asyncio.get_running_loop().call_soon(self._dispatch, key, q)
+        else:
+            self._hold(key, q, [job], choice.retry_at, choice.reason)
+
+    async def _session(self, key: tuple[str, str], q: _DomainQueue) -> None:
+        domain = key[0]
+
         async def next_job(first: bool) -> Job | None:
             if self._stopping:
                 return None
@@ -222,8 +405,9 @@ class Scheduler:
                 q.waiters -= 1
             return self._take(q) if q.jobs and not self._stopping else None
 
+        gate = _Gate(self, key, q) if self.shaper is not None else None
         try:
-            await self.agent.run_session(domain, next_job, self._report)
+            await self.agent.run_session(domain, next_job, self._report, gate)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -232,9 +416,11 @@ class Scheduler:
             q.sessions -= 1
             self.sessions -= 1
             if q.jobs and not self._stopping:
-                self._dispatch(domain, q)
-            elif not q.jobs and q.sessions == 0 and self.queues.get(domain) is q:
-                del self.queues[domain]
+                self._dispatch(key, q)
+            elif not q.jobs and q.sessions == 0 and self.queues.get(key) is q:
+                if q.timer is not None:
+                    q.timer.cancel()
+                del self.queues[key]
             # A global slot came free: another domain may be waiting for one.
             if self.sessions < self.cfg.delivery.max_connections and not self._stopping:
                 for other, oq in list(self.queues.items()):
@@ -256,7 +442,9 @@ class Scheduler:
         outcomes: list[Outcome] = []
         for r in results:
             lease = r.lease
-            detail = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
+            detail: dict[str, object] = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
+            if r.source:
+                detail["source"] = r.source
             if r.kind == "delivered":
                 outcomes.append(
                     Outcome(lease.rcpt_id, lease.msg_id, DELIVERED, r.response, detail=detail)
@@ -317,6 +505,8 @@ class Scheduler:
         self._flush_task = None
         if not batch:
             return
+        if self.bulk_ids:
+            self.bulk_ids.difference_update(o.rcpt_id for o in batch)
         try:
             await self.spool.record(batch)
         except Exception:
@@ -343,6 +533,8 @@ class Scheduler:
         self._wake.set()
         for q in self.queues.values():
             q.changed.set()
+            if q.timer is not None:
+                q.timer.cancel()
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -363,3 +555,126 @@ class Scheduler:
         self.queues.clear()
         self._pending.extend(leftovers)
         await self.drain_records()
+
+
+def reason_label(reason: str) -> str:
+    """A bounded metric label for a broker's refusal."""
+    for label in (
+        "suspended",
+        "warming cap",
+        "domain warming cap",
+        "connection limit",
+        "connection rate",
+        "message rate",
+        "paused",
+        "broker unavailable",
+    ):
+        if label in reason:
+            return label.replace(" ", "_")
+    return "other"
+
+
+class _Gate:
+    """One session's dealings with the shaping broker (see ``DeliveryAgent.run_session``)."""
+
+    def __init__(self, sched: Scheduler, key: tuple[str, str], q: _DomainQueue) -> None:
+        assert sched.shaper is not None
+        self.sched = sched
+        self.shaper = sched.shaper
+        self.key = key
+        self.q = q
+        self.pool: PoolConfig = self.shaper.pool(key[1])
+        self.domain = key[0]
+        self.site = ""
+        self.source: SourceConfig | None = None
+        self.metered = False
+        self.tokens = 0
+        self.max_messages = 0
+
+    async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
+        self.site = self.shaper.site_for(h.name for h in mx_hosts)
+        d = self.sched.cfg.delivery
+        want = min(1 + len(self.q.jobs), d.max_messages_per_connection)
+        choice, source = await self.shaper.choose(self.pool, self.site, self.domain, want)
+        if not choice.ok or source is None:
+            self.sched._refused(self.key, self.q, job, choice)
+            return None
+        self.source, self.metered = source, choice.metered
+        self.tokens, self.max_messages = choice.tokens, choice.max_messages
+        self.sched.metrics.shaping_connections.labels(self.pool.name, source.name).inc()
+        return source
+
+    async def admit(self, job: Job) -> str:
+        assert self.source is not None
+        by_domain = self.shaper.metered_domain(job.sending_domain)
+        if not self.metered and not by_domain:
+            return "go"
+        if self.tokens > 0 and not by_domain:
+            self.tokens -= 1
+            return "go"
+        loop = asyncio.get_running_loop()
+        while True:
+            want = 1 if by_domain else min(10, 1 + len(self.q.jobs))
+            g = await self.shaper.backend.take(
+                self.source.name,
+                self.site,
+                want,
+                self.domain,
+                job.sending_domain if by_domain else None,
+            )
+            if g.ok:
+                self.tokens += g.tokens - 1
+                return "go"
+            if g.reason.startswith("domain"):
+                self.sched._to_spool([job], g.retry_at, g.reason)
+                return "skip"
+            wait = g.retry_at - loop.time()
+            if wait <= HOLD_CONNECTION and not self.sched._stopping:
+                await asyncio.sleep(max(wait, 0.005))
+                continue
+            self.sched._hold(self.key, self.q, [job], g.retry_at, g.reason)
+            return "stop"
+
+    def answered(self, job: Job, results: list[AttemptResult]) -> None:
+        if self.source is None or not results:
+            return
+        delivered = bounced = deferred = 0
+        worst: AttemptResult | None = None
+        for r in results:
+            if r.kind == "delivered":
+                delivered += 1
+            elif r.kind == "permanent":
+                bounced += 1
+                worst = worst or r
+            elif r.kind == "temporary":
+                deferred += 1
+                worst = worst or r
+        code, enhanced, text = split_answer((worst or results[0]).response)
+        # One recipient's deferral (greylisting, a full mailbox) says nothing about the
+        # pace the provider wants; a refused connection, sender or message does.
+        # Errors of our own or of the network (no SMTP answer: 4.4.x, dns, local) are
+        # no answer at all.
+        adaptive = worst is None or (
+            (worst.reason != "rcpt" or code == 421)
+            and worst.reason not in ("dns", "local", "connection")
+            and not enhanced.startswith("4.4.")
+        )
+        self.shaper.backend.report_outcome(
+            source=self.source.name,
+            site=self.site,
+            domain=self.domain,
+            sending_domain=job.sending_domain,
+            code=code,
+            enhanced=enhanced,
+            text=text[:300],
+            delivered=delivered,
+            bounced=bounced,
+            deferred=deferred,
+            adaptive=adaptive,
+        )
+
+    async def close(self, sent: int) -> None:
+        if self.source is not None:
+            await self.shaper.backend.release(
+                self.pool.name, self.source.name, self.site, self.domain, sent, max(0, self.tokens)
+            )

@@ -31,6 +31,7 @@ when no live message refers to it any more.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -49,7 +50,14 @@ from typing import Any
 log = logging.getLogger("postwarden.spool")
 
 RECORD_MAGIC = b"PWS1"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# Lanes: what kind of mail a message is, for fair leasing (:meth:`Spool.lease_due`).
+# The high lane (transactional: API and SMTP mail, or priority=high) is always leased
+# first; the bulk lane (campaigns) gets the room left, shared fairly across tenants.
+LANE_HIGH = 0
+LANE_BULK = 1
+LANES = (LANE_HIGH, LANE_BULK)
 
 # Recipient states. ``active`` means leased to the scheduler (in memory); it never
 # survives a restart.
@@ -79,7 +87,9 @@ CREATE TABLE IF NOT EXISTS messages (
     smtputf8 INTEGER NOT NULL DEFAULT 0,
     body_8bit INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL,
-    remaining INTEGER NOT NULL
+    remaining INTEGER NOT NULL,
+    pool TEXT,
+    lane INTEGER NOT NULL DEFAULT 0
 );
 {recipients}CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -94,8 +104,9 @@ CREATE INDEX IF NOT EXISTS events_msg ON events(msg_id);
 """
 
 
-_RECIPIENTS_DDL = """
-CREATE TABLE IF NOT EXISTS recipients (
+# The recipients table of schema 2 (the target of the 1 → 2 upgrade), frozen.
+_RECIPIENTS_V2_TABLE = """
+CREATE TABLE recipients (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     msg_id TEXT NOT NULL,
     rcpt TEXT NOT NULL,
@@ -107,12 +118,56 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_response TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
-);
+)"""
+_RECIPIENTS_V2_COLUMNS = (
+    "id, msg_id, rcpt, domain, state, held, attempts, next_attempt, last_response,"
+    " created_at, updated_at"
+)
+
+# Schema 3 adds lane and tenant ('' for none) at the end, copied from the message so
+# that leasing is index-driven. One partial index per lane, so that a recipient costs
+# one "due" index entry as before: ``recipients_due_high`` serves the high lane in
+# next_attempt order, ``recipients_due_bulk`` the bulk lane tenant by tenant. SQLite
+# uses a partial index only for a query whose WHERE contains the index's condition
+# word for word, lane included as a literal (``lane = ?`` would not do): the lease
+# queries below spell them out.
+_RECIPIENTS_INDEXES = """
 CREATE INDEX IF NOT EXISTS recipients_msg ON recipients(msg_id);
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
-    WHERE state IN ('queued', 'deferred') AND held = 0;
 CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state);
+CREATE INDEX IF NOT EXISTS recipients_due_high ON recipients(next_attempt)
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND lane = 0;
+CREATE INDEX IF NOT EXISTS recipients_due_bulk ON recipients(tenant, next_attempt)
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND lane = 1;
 """
+# Indexes of older schemas that nothing uses any more (dropped by the upgrade).
+_OBSOLETE_INDEXES = ("recipients_due",)
+# The columns schema 3 added (the upgrade from 2 adds them, in this order).
+_V3_COLUMNS = (
+    ("messages", "pool", "TEXT"),
+    ("messages", "lane", "INTEGER NOT NULL DEFAULT 0"),
+    ("recipients", "lane", "INTEGER NOT NULL DEFAULT 0"),
+    ("recipients", "tenant", "TEXT NOT NULL DEFAULT ''"),
+)
+
+_RECIPIENTS_DDL = (
+    """
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_response TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    lane INTEGER NOT NULL DEFAULT 0,
+    tenant TEXT NOT NULL DEFAULT ''
+);"""
+    + _RECIPIENTS_INDEXES
+)
 _SCHEMA = _SCHEMA_TEMPLATE.replace("{recipients}", _RECIPIENTS_DDL)
 
 
@@ -204,6 +259,10 @@ class Envelope:
     # What the submitter attached (tags, metadata, source…): rides on the first
     # ``accepted`` event, for the control plane.
     meta: Mapping[str, Any] | None = None
+    # The IP pool the message should leave from (None: the appliance's default pool).
+    pool: str | None = None
+    # LANE_HIGH (transactional) or LANE_BULK (campaigns): see Spool.lease_due.
+    lane: int = LANE_HIGH
 
 
 @dataclass(frozen=True)
@@ -223,6 +282,8 @@ class Lease:
     smtputf8: bool
     body_8bit: bool
     tenant: str | None = None
+    pool: str | None = None
+    lane: int = LANE_HIGH
 
 
 @dataclass(frozen=True)
@@ -282,6 +343,8 @@ class Spool:
         self._read_fds: dict[int, int] = {}
         self._read_lock = threading.Lock()
         self.recovered_inflight = 0
+        # The tenant bulk leasing moved past last (writer thread only).
+        self._bulk_after: str | None = None
         self.closed = True
         # Observers of committed events (metrics, logs); called on the event loop.
         self.event_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
@@ -300,8 +363,8 @@ class Spool:
         self.segment_dir.mkdir(parents=True, exist_ok=True)
         self._db = self._connect()
         db = self._db
+        self._upgrade(db)  # first: the schema's indexes name columns older schemas lack
         db.executescript(_SCHEMA)
-        self._upgrade(db)
         db.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -337,34 +400,80 @@ class Spool:
         self._new_segment()
 
     @staticmethod
-    def _upgrade(db: sqlite3.Connection) -> None:
-        """Schema 1 → 2: recipient ids become AUTOINCREMENT — never reused after their
-        message left the spool, so an event's rcpt_id names one recipient for good —
-        numbered past every id an event has ever named."""
-        sql = db.execute(
+    def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+        return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+    @classmethod
+    def _upgrade(cls, db: sqlite3.Connection) -> None:
+        """Bring a spool of an older schema to the current one, in one transaction
+        (SQLite DDL is transactional: a crash leaves the old schema whole).
+
+        1 → 2: recipient ids become AUTOINCREMENT — never reused after their message
+        left the spool, so an event's rcpt_id names one recipient for good — numbered
+        past every id an event has ever named.
+
+        2 → 3: messages get ``pool`` (NULL: the default pool) and ``lane`` (0: high);
+        recipients get ``lane`` and ``tenant`` copied from their message ('' for none)
+        for index-driven fair leasing.
+        """
+        row = db.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'recipients'"
-        ).fetchone()[0]
-        if re.search(r"PRIMARY\s+KEY\s+AUTOINCREMENT", sql, re.IGNORECASE):
+        ).fetchone()
+        if row is None:
+            return  # a new spool
+        v1 = not re.search(r"PRIMARY\s+KEY\s+AUTOINCREMENT", row[0], re.IGNORECASE)
+        columns = {t: cls._columns(db, t) for t in ("messages", "recipients")}
+        missing = [
+            (table, column, ddl)
+            for table, column, ddl in _V3_COLUMNS
+            # 1 → 2 rebuilds recipients with the columns of schema 2
+            if column not in columns[table] or (v1 and table == "recipients")
+        ]
+        if not v1 and not missing:
             return
-        log.warning("event=spool_upgrade from=1 to=2 what=recipient_ids")
-        # One transaction (SQLite DDL is transactional): a crash leaves schema 1 whole.
+        found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        log.warning("event=spool_upgrade from=%s to=%d", found[0] if found else "?", SCHEMA_VERSION)
         db.execute("BEGIN IMMEDIATE")
-        db.execute("ALTER TABLE recipients RENAME TO recipients_v1")
-        for index in ("recipients_msg", "recipients_due", "recipients_state"):
-            db.execute(f"DROP INDEX IF EXISTS {index}")
-        for statement in _RECIPIENTS_DDL.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        db.execute("INSERT INTO recipients SELECT * FROM recipients_v1")
-        db.execute("DROP TABLE recipients_v1")
-        high = db.execute(
-            "SELECT MAX(x) FROM (SELECT MAX(id) AS x FROM recipients"
-            " UNION ALL SELECT MAX(rcpt_id) FROM events)"
-        ).fetchone()[0]
-        db.execute("DELETE FROM sqlite_sequence WHERE name = 'recipients'")
-        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('recipients', ?)", (high or 0,))
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-        db.execute("COMMIT")
+        try:
+            if v1:
+                db.execute("ALTER TABLE recipients RENAME TO recipients_v1")
+                db.execute(_RECIPIENTS_V2_TABLE)
+                db.execute(
+                    f"INSERT INTO recipients({_RECIPIENTS_V2_COLUMNS})"  # noqa: S608
+                    f" SELECT {_RECIPIENTS_V2_COLUMNS} FROM recipients_v1"
+                )
+                db.execute("DROP TABLE recipients_v1")  # and its indexes
+                high = db.execute(
+                    "SELECT MAX(x) FROM (SELECT MAX(id) AS x FROM recipients"
+                    " UNION ALL SELECT MAX(rcpt_id) FROM events)"
+                ).fetchone()[0]
+                db.execute("DELETE FROM sqlite_sequence WHERE name = 'recipients'")
+                db.execute(
+                    "INSERT INTO sqlite_sequence(name, seq) VALUES ('recipients', ?)", (high or 0,)
+                )
+            for table, column, ddl in missing:
+                # A constant default: SQLite adds the column without rewriting rows.
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+            if any(m[:2] == ("recipients", "tenant") for m in missing):
+                db.execute(
+                    "UPDATE recipients SET tenant = (SELECT m.tenant FROM messages m"
+                    " WHERE m.id = recipients.msg_id) WHERE msg_id IN (SELECT id FROM messages"
+                    " WHERE tenant IS NOT NULL AND tenant != '')"
+                )
+            for index in _OBSOLETE_INDEXES:
+                db.execute(f"DROP INDEX IF EXISTS {index}")
+            for statement in _RECIPIENTS_INDEXES.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -415,13 +524,26 @@ class Spool:
         With ``lease=True`` the recipients go straight to ``active`` and come back as
         leases, so the scheduler can start delivery without another round trip.
         """
+        if envelope.lane not in LANES:
+            raise ValueError(f"unknown lane {envelope.lane!r} (expected one of {LANES})")
         return await self._submit("store", envelope, data, lease, msg_id or new_message_id())
 
-    async def lease_due(self, now: float, limit: int) -> list[Lease]:
-        """Mark up to ``limit`` due, unheld recipients ``active`` and return them."""
+    async def lease_due(
+        self, now: float, limit: int, *, bulk_limit: int | None = None
+    ) -> list[Lease]:
+        """Mark up to ``limit`` due, unheld recipients ``active`` and return them.
+
+        The high lane comes first, in next_attempt order. The bulk lane gets the room
+        left (at most ``bulk_limit`` recipients when given), shared across the tenants
+        that have due bulk mail: each gets an equal share (rounded up), and the share
+        of a tenant that has less is handed on to those that have more, so a tenant
+        with a huge campaign cannot starve one with a small one. Within a tenant,
+        next_attempt order. When there are more such tenants than room, successive
+        calls take them in turn.
+        """
         if limit <= 0:
             return []
-        return await self._submit("lease", now, limit)
+        return await self._submit("lease", now, limit, bulk_limit)
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Apply outcomes (state + event), removing messages whose last recipient is done."""
@@ -626,6 +748,8 @@ class Spool:
                     "smtputf8": envelope.smtputf8,
                     "body_8bit": envelope.body_8bit,
                     "received_at": envelope.received_at,
+                    "pool": envelope.pool,
+                    "lane": envelope.lane,
                 },
                 separators=(",", ":"),
             ).encode()
@@ -686,16 +810,18 @@ class Spool:
         live = sum(1 for r in rcpts if r not in drops)
         db.execute(
             "INSERT INTO messages(id, segment, body_offset, body_length, mail_from, client_ip,"
-            " helo, auth, tenant, smtputf8, body_8bit, received_at, remaining)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " helo, auth, tenant, smtputf8, body_8bit, received_at, remaining, pool, lane)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 msg_id, seg, offset, length, envelope.mail_from, envelope.client_ip,
                 envelope.helo, envelope.auth, envelope.tenant, int(envelope.smtputf8),
-                int(envelope.body_8bit), envelope.received_at, live,
+                int(envelope.body_8bit), envelope.received_at, live, envelope.pool,
+                envelope.lane,
             ),
         )  # fmt: skip
         db.execute("UPDATE segments SET live = live + 1 WHERE id = ?", (seg,))
         state = ACTIVE if lease else QUEUED
+        lane, tenant = envelope.lane, envelope.tenant or ""
         ids: list[int] = []
         leases: list[Lease] = []
         for i, rcpt in enumerate(rcpts):
@@ -703,9 +829,9 @@ class Spool:
             dropped = drops.get(rcpt)
             cur = db.execute(
                 "INSERT INTO recipients(msg_id, rcpt, domain, state, next_attempt, created_at,"
-                " updated_at, last_response) VALUES (?,?,?,?,?,?,?,?)",
+                " updated_at, last_response, lane, tenant) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (msg_id, rcpt, domain, DROPPED if dropped else state, now,
-                 envelope.received_at, now, dropped),
+                 envelope.received_at, now, dropped, lane, tenant),
             )  # fmt: skip
             rid = int(cur.lastrowid or 0)
             ids.append(rid)
@@ -714,7 +840,7 @@ class Spool:
                     Lease(
                         rid, msg_id, rcpt, domain, 0, envelope.received_at, envelope.mail_from,
                         seg, offset, length, envelope.smtputf8, envelope.body_8bit,
-                        envelope.tenant,
+                        envelope.tenant, envelope.pool, lane,
                     )
                 )  # fmt: skip
             detail: dict[str, Any] = {"size": length, "client_ip": envelope.client_ip}
@@ -749,41 +875,113 @@ class Spool:
             "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
         }  # fmt: skip
 
-    _LEASE_SQL = (
+    # Each query below names the partial index it must use (INDEXED BY: without
+    # statistics the planner would rather take recipients_state and sort; with it, a
+    # query the index cannot serve fails instead of scanning) and spells out the
+    # index's condition (see _RECIPIENTS_INDEXES), lane included.
+    _LEASE_COLUMNS = (
         "SELECT r.id, r.msg_id, r.rcpt, r.domain, r.attempts, r.created_at, m.mail_from,"
-        " m.segment, m.body_offset, m.body_length, m.smtputf8, m.body_8bit, m.tenant"
-        " FROM recipients r JOIN messages m ON m.id = r.msg_id"
-        " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.next_attempt <= ?"
-        " ORDER BY r.next_attempt LIMIT ?"
+        " m.segment, m.body_offset, m.body_length, m.smtputf8, m.body_8bit, m.tenant, m.pool,"
+        " r.lane"
+    )
+    # The high lane, in next_attempt order.
+    _LEASE_HIGH_SQL = (
+        _LEASE_COLUMNS + " FROM recipients r INDEXED BY recipients_due_high"
+        " JOIN messages m ON m.id = r.msg_id"
+        " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.lane = 0"
+        " AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?"
+    )
+    # One tenant's bulk mail, in next_attempt order.
+    _LEASE_BULK_SQL = (
+        _LEASE_COLUMNS + " FROM recipients r INDEXED BY recipients_due_bulk"
+        " JOIN messages m ON m.id = r.msg_id"
+        " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.lane = 1"
+        " AND r.tenant = ? AND r.next_attempt <= ? ORDER BY r.next_attempt LIMIT ?"
+    )
+    # The tenants with due bulk mail, in order, by a loose index scan of
+    # recipients_due_bulk: one seek per tenant to the next tenant with pending bulk
+    # mail (due or not: a next_attempt filter inside the step would walk every index
+    # entry of a tenant whose mail is all deferred), then one seek to see whether it
+    # has due mail. O(tenants · log n), however much mail each tenant has.
+    _DUE_BULK_TENANTS_SQL = (
+        "WITH RECURSIVE t(tenant) AS ("
+        " SELECT MIN(tenant) FROM recipients INDEXED BY recipients_due_bulk"
+        " WHERE state IN ('queued', 'deferred') AND held = 0 AND lane = 1"
+        " UNION ALL"
+        " SELECT (SELECT MIN(r.tenant) FROM recipients r INDEXED BY recipients_due_bulk"
+        " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.lane = 1"
+        " AND r.tenant > t.tenant) FROM t WHERE t.tenant IS NOT NULL"
+        ") SELECT t.tenant FROM t WHERE t.tenant IS NOT NULL AND EXISTS (SELECT 1"
+        " FROM recipients r INDEXED BY recipients_due_bulk"
+        " WHERE r.state IN ('queued', 'deferred') AND r.held = 0 AND r.lane = 1"
+        " AND r.tenant = t.tenant AND r.next_attempt <= ?)"
     )
 
-    def _do_lease(self, now: float, limit: int) -> list[Lease]:
+    def _do_lease(self, now: float, limit: int, bulk_limit: int | None = None) -> list[Lease]:
         assert self._db is not None
-        rows = self._db.execute(self._LEASE_SQL, (now, limit)).fetchall()
-        if not rows:
-            return []
-        self._db.executemany(
-            "UPDATE recipients SET state = 'active', updated_at = ? WHERE id = ?",
-            [(now, r[0]) for r in rows],
-        )
+        db = self._db
+        rows = self._take(db.execute(self._LEASE_HIGH_SQL, (now, limit)), now)
+        room = limit - len(rows)
+        if bulk_limit is not None:
+            room = min(room, bulk_limit)
+        if room > 0:
+            rows += self._lease_bulk(now, room)
         return [
             Lease(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                r[9],
-                bool(r[10]),
-                bool(r[11]),
-                r[12],
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                bool(r[11]), r[12], r[13], r[14],
             )
             for r in rows
-        ]
+        ]  # fmt: skip
+
+    def _lease_bulk(self, now: float, room: int) -> list[Any]:
+        """Up to ``room`` due bulk recipients, shared fairly across tenants."""
+        assert self._db is not None
+        db = self._db
+        tenants = [r[0] for r in db.execute(self._DUE_BULK_TENANTS_SQL, (now,))]
+        if not tenants:
+            return []
+        # Round robin across calls, so that rounding up the shares (or having fewer
+        # recipients than tenants) does not favour the same tenants every time: start
+        # after the tenant the last call moved past. (Python orders str by code point,
+        # SQLite TEXT by UTF-8 bytes: the same order.)
+        after = self._bulk_after
+        if after is not None:
+            k = bisect.bisect_right(tenants, after)
+            tenants = tenants[k:] + tenants[:k]
+        if len(tenants) > room:
+            # One recipient each for the first ``room`` tenants; the others come first
+            # next time.
+            tenants = tenants[:room]
+            self._bulk_after = tenants[-1]
+        else:
+            self._bulk_after = tenants[0]
+        rows: list[Any] = []
+        while room > 0 and tenants:
+            share = -(-room // len(tenants))  # ceil
+            more = []
+            for tenant in tenants:
+                want = min(share, room)
+                if want <= 0:
+                    break
+                got = self._take(db.execute(self._LEASE_BULK_SQL, (tenant, now, want)), now)
+                rows += got
+                room -= len(got)
+                if len(got) == want:  # may have more: in the next round's share
+                    more.append(tenant)
+            tenants = more
+        return rows
+
+    def _take(self, cursor: sqlite3.Cursor, now: float) -> list[Any]:
+        """Fetch the cursor's recipient rows and mark them ``active`` (leased)."""
+        assert self._db is not None
+        rows = cursor.fetchall()
+        if rows:
+            self._db.executemany(
+                "UPDATE recipients SET state = 'active', updated_at = ? WHERE id = ?",
+                [(now, r[0]) for r in rows],
+            )
+        return rows
 
     def _do_record(
         self, outcomes: Iterable[Outcome], events: list[dict[str, Any]], unlink: list[int]

@@ -108,6 +108,7 @@ class PairState:
     connections: int = 0
     suspended_until: float = 0.0
     lowered_until: float = 0.0
+    last_decrease: float = -1e18
     reason: str = ""
     changes: list[tuple[float, str, str]] = field(default_factory=list)  # (time, what, why)
 
@@ -121,6 +122,7 @@ class Aimd:
     decrease: float = 0.5  # multiply on a deferral
     increase: float = 0.1  # add this share of the limit per success window
     floor: float = 1 / 60  # never below one message a minute
+    hold: float = 1.0  # seconds between two decreases
 
 
 DEFAULT_AIMD = Aimd()
@@ -129,6 +131,7 @@ DEFAULT_AIMD = Aimd()
 def _note(state: PairState, now: float, what: str, why: str) -> None:
     state.reason = why
     state.changes.append((now, what, why))
+    del state.changes[:-50]
 
 
 def on_answer(
@@ -141,8 +144,11 @@ def on_answer(
     text: str,
     rules: Sequence[ResponseRule] = SHIPPED_RULES,
     aimd: Aimd = Aimd(),
+    adaptive: bool = True,
 ) -> ResponseRule | None:
-    """Apply one delivery answer; returns the response rule that fired, if one did."""
+    """Apply one delivery answer; returns the response rule that fired, if one did.
+    ``adaptive=False``: a deferral that says nothing about the pace (one recipient's
+    greylisting or full mailbox) leaves the rate alone; rules still apply."""
     expire(state, now)
     hit = first_match(rules, site, code, enhanced, text)
     why = f"{code} {enhanced} {text}".strip()[:200]
@@ -161,7 +167,10 @@ def on_answer(
         else:  # bounce: the caller bounces what is queued for the pair
             _note(state, now, "bounce queued", f"{hit.name}: {why}")
         return hit
-    if 400 <= code < 500:  # a deferral: back off multiplicatively
+    # A deferral: back off multiplicatively, once a second at most (a burst of
+    # answers to connections open at once is one signal, as TCP halves once per RTT).
+    if adaptive and 400 <= code < 500 and now - state.last_decrease >= aimd.hold:
+        state.last_decrease = now
         state.rate = max(aimd.floor, state.rate * aimd.decrease)
         _note(state, now, f"rate {state.rate * 60:.1f}/min", f"deferral: {why}")
     return None

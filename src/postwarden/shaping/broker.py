@@ -10,14 +10,16 @@ supervisor serves it to workers over a socket.
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postwarden.shaping.adaptive import (
     DEFAULT_AIMD,
-    SHIPPED_RULES,
     Aimd,
     PairState,
     ResponseRule,
@@ -26,6 +28,12 @@ from postwarden.shaping.adaptive import (
     on_success_window,
 )
 from postwarden.shaping.rules import Limits, Rules
+
+if TYPE_CHECKING:
+    from postwarden.config import SourceConfig
+    from postwarden.warming.book import WarmingBook
+
+log = logging.getLogger("postwarden.shaping")
 
 UNLIMITED_RATE = 1_000_000.0  # messages/s when the rules set none
 SUCCESS_WINDOW = 10.0  # seconds of successes before AIMD adds back
@@ -37,6 +45,29 @@ class Grant:
     tokens: int = 0
     reason: str = ""
     retry_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The answer to :meth:`Broker.choose`: a source and a connection slot, or why not.
+
+    ``metered``: take message tokens (:meth:`Broker.take_messages`) before each
+    transaction — the pair has a rate, or the source is warming; ``tokens`` are
+    granted already. On a refusal, ``retry_at`` says when to come back; ``defer``
+    says how many messages wait until then (a warming source's share, overflow
+    "wait"), else every message queued for the destination waits; ``bounce`` is set
+    while a bounce rule is in force.
+    """
+
+    ok: bool
+    source: str = ""
+    tokens: int = 0
+    metered: bool = False
+    max_messages: int = 0
+    reason: str = ""
+    retry_at: float = 0.0
+    defer: int = 0
+    bounce: str = ""
 
 
 @dataclass
@@ -74,6 +105,8 @@ class Pair:
     slots: dict[Any, int] = field(default_factory=dict)
     last_success_window: float = 0.0
     successes: int = 0
+    bounce_until: float = 0.0
+    bounce_reason: str = ""
 
     @property
     def in_use(self) -> int:
@@ -84,23 +117,55 @@ class Broker:
     def __init__(
         self,
         rules: Rules,
-        response_rules: Sequence[ResponseRule] = SHIPPED_RULES,
+        response_rules: Sequence[ResponseRule] | None = None,
         *,
         aimd: Aimd = DEFAULT_AIMD,
         clock: Callable[[], float] = time.monotonic,
+        sources: Mapping[str, SourceConfig] | None = None,
+        book: WarmingBook | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.rules = rules
-        self.response_rules = response_rules
+        self.response_rules = rules.responses if response_rules is None else response_rules
         self.aimd = aimd
         self.clock = clock
+        self.sources: Mapping[str, SourceConfig] = sources or {}
+        self.book = book
+        self.rng = rng or random.Random()
         self.pairs: dict[tuple[str, str, str | None], Pair] = {}
+        # Per (pool, source): messages sent, connections open, messages per connection
+        # (a running mean): the weighted choice gives each source its share of messages.
+        self.sent: dict[tuple[str, str], float] = {}
+        self.open: dict[tuple[str, str], int] = {}
+        self.per_conn: dict[str, float] = {}
+        self.actions: list[dict[str, Any]] = []  # recent rule actions, newest last
+        self.action_count = 0  # ever taken
 
-    def reconfigure(self, rules: Rules, response_rules: Sequence[ResponseRule]) -> None:
-        """New rules: pairs are rebuilt from them as they are next used (slots kept)."""
-        self.rules, self.response_rules = rules, response_rules
+    def reconfigure(
+        self,
+        rules: Rules,
+        response_rules: Sequence[ResponseRule] | None = None,
+        sources: Mapping[str, SourceConfig] | None = None,
+    ) -> None:
+        """New rules: pairs are rebuilt from them (slots, suspensions and lowered rates
+        kept: what a provider said still holds)."""
+        self.rules = rules
+        self.response_rules = rules.responses if response_rules is None else response_rules
+        if sources is not None:
+            self.sources = sources
         for key, old in list(self.pairs.items()):
             new = self._make(*key)
             new.slots = old.slots
+            new.bounce_until, new.bounce_reason = old.bounce_until, old.bounce_reason
+            st, o = new.state, old.state
+            st.suspended_until, st.lowered_until, st.reason = (
+                o.suspended_until,
+                o.lowered_until,
+                o.reason,
+            )
+            st.rate = min(o.rate, st.limit_rate)
+            st.connections = min(o.connections, st.limit_connections)
+            st.changes = o.changes
             self.pairs[key] = new
 
     # ------------------------------------------------------------------ pairs
@@ -189,6 +254,205 @@ class Broker:
             return Grant(False, reason="message rate", retry_at=now + bucket.wait())
         return Grant(True, tokens=n)
 
+    # ------------------------------------------------------------------ sources
+
+    def _wall_to_clock(self, wall_at: float) -> float:
+        assert self.book is not None
+        return self.clock() + max(0.0, wall_at - self.book.wall())
+
+    def _metered(self, p: Pair, warming: bool) -> bool:
+        return warming or p.limits.max_message_rate is not None or p.state.rate < p.state.limit_rate
+
+    def choose(
+        self,
+        holder: Any,
+        pool: str,
+        members: Sequence[tuple[str, int]],
+        overflow: str,
+        site: str,
+        domain: str | None = None,
+        want: int = 1,
+    ) -> Choice:
+        """A source of the pool for a connection to ``site`` (and a slot on it).
+
+        Sources paused (by config or warming), suspended for the site, or under a
+        bounce rule are passed over. The one chosen is the one furthest behind its
+        weighted share of the pool's messages. A warming source at today's cap is
+        passed over with overflow "spill"; with "wait" its share waits (``defer``).
+        """
+        now = self.clock()
+        book = self.book
+        cands: list[tuple[str, int, Pair]] = []
+        retry = math.inf
+        why: list[str] = []
+        bounce = ""
+        for name, weight in members:
+            src = self.sources.get(name)
+            if src is None:
+                why.append(f"{name}: no such source")
+                continue
+            if src.state == "paused":
+                why.append(f"{name}: paused in the configuration")
+                continue
+            paused = book.is_paused(f"source:{name}") if book else ""
+            if paused:
+                why.append(f"{name}: paused ({paused})")
+                continue
+            p = self.pair(name, site, domain)
+            expire(p.state, now)
+            if now < p.bounce_until:
+                bounce = bounce or p.bounce_reason
+                continue
+            if now < p.state.suspended_until:
+                retry = min(retry, p.state.suspended_until)
+                why.append(f"{name}: suspended ({p.state.reason})")
+                continue
+            cands.append((name, weight, p))
+        if not cands:
+            if bounce and not why:
+                return Choice(False, reason=f"bounce rule: {bounce}", bounce=bounce)
+            return Choice(
+                False,
+                reason="; ".join(why) or "no source",
+                retry_at=retry if retry < math.inf else now + 300.0,
+            )
+        room = {
+            name: (book.remaining(f"source:{name}", site) if book else None)
+            for name, _w, _p in cands
+        }
+        if overflow == "spill":
+            full = [c for c in cands if room[c[0]] == 0]
+            cands = [c for c in cands if room[c[0]] != 0]
+            if not cands:
+                assert book is not None
+                nxt = min(book.next_day_at(f"source:{n}") for n, _w, _p in full)
+                return Choice(
+                    False,
+                    reason="warming cap reached on every source of the pool",
+                    retry_at=self._wall_to_clock(nxt),
+                )
+        est = self.per_conn.get(pool, 1.0)
+
+        def behind(c: tuple[str, int, Pair]) -> tuple[float, float]:
+            k = (pool, c[0])
+            return ((self.sent.get(k, 0.0) + self.open.get(k, 0) * est) / c[1], self.rng.random())
+
+        cands.sort(key=behind)
+        first = cands[0][0]
+        if room[first] == 0:  # overflow "wait": this source's share waits for its next day
+            assert book is not None
+            self.sent[(pool, first)] = self.sent.get((pool, first), 0.0) + want
+            return Choice(
+                False,
+                reason=f"warming cap reached: {first}",
+                defer=want,
+                retry_at=self._wall_to_clock(book.next_day_at(f"source:{first}")),
+            )
+        soonest = math.inf
+        for name, _w, p in cands:
+            if room[name] == 0:
+                continue
+            if p.in_use >= min(p.state.connections, p.state.limit_connections):
+                soonest = min(soonest, now + 1.0)
+                continue
+            if p.connects is not None and p.connects.take(now, 1) < 1:
+                soonest = min(soonest, now + p.connects.wait())
+                continue
+            p.slots[holder] = p.slots.get(holder, 0) + 1
+            self.open[(pool, name)] = self.open.get((pool, name), 0) + 1
+            metered = self._metered(p, room[name] is not None)
+            tokens = self._tokens(p, name, site, want, room[name], now) if metered else 0
+            return Choice(True, name, tokens, metered, p.limits.max_messages_per_connection or 0)
+        return Choice(False, reason="connection limit", retry_at=soonest)
+
+    def _tokens(
+        self, p: Pair, source: str, site: str, want: int, room: int | None, now: float
+    ) -> int:
+        bucket = p.messages
+        if bucket.rate != p.state.rate:  # AIMD moved the rate
+            bucket.refill(now)
+            bucket.rate = p.state.rate
+            bucket.burst = max(1.0, p.state.rate)
+            bucket.tokens = min(bucket.tokens, bucket.burst)
+        if room is not None:
+            want = min(want, room)
+        n = bucket.take(now, want)
+        if n and room is not None and self.book is not None:
+            self.book.charge(f"source:{source}", n, site)
+        return n
+
+    def release(
+        self,
+        holder: Any,
+        pool: str,
+        source: str,
+        site: str,
+        domain: str | None = None,
+        sent: int = 0,
+        unused: int = 0,
+    ) -> None:
+        """A connection ended after ``sent`` messages; ``unused`` tokens come back."""
+        self.release_connection(holder, source, site, domain)
+        k = (pool, source)
+        self.open[k] = max(0, self.open.get(k, 0) - 1)
+        self.sent[k] = self.sent.get(k, 0.0) + sent
+        self.per_conn[pool] = 0.9 * self.per_conn.get(pool, 1.0) + 0.1 * max(1, sent)
+        if unused and self.book is not None:
+            self.book.refund(f"source:{source}", unused, site)
+
+    def take(
+        self,
+        holder: Any,
+        source: str,
+        site: str,
+        want: int,
+        domain: str | None = None,
+        sending_domain: str | None = None,
+    ) -> Grant:
+        """Message tokens for a connection: the pair's rate, the source's and the
+        sending domain's warming caps (a domain at its cap: ``reason`` starts with
+        "domain")."""
+        now = self.clock()
+        p = self.pair(source, site, domain)
+        expire(p.state, now)
+        if now < p.state.suspended_until:
+            return Grant(
+                False, reason=f"suspended: {p.state.reason}", retry_at=p.state.suspended_until
+            )
+        book = self.book
+        room = book.remaining(f"source:{source}", site) if book else None
+        if room == 0:
+            assert book is not None
+            return Grant(
+                False,
+                reason=f"warming cap reached: {source}",
+                retry_at=self._wall_to_clock(book.next_day_at(f"source:{source}")),
+            )
+        if sending_domain and book is not None:
+            dkey = f"domain:{sending_domain.lower()}"
+            droom = book.remaining(dkey, site)
+            if droom == 0:
+                return Grant(
+                    False,
+                    reason=f"domain warming cap reached: {sending_domain}",
+                    retry_at=self._wall_to_clock(book.next_day_at(dkey)),
+                )
+            if droom is not None:
+                want = min(want, droom)
+        n = self._tokens(p, source, site, want, room, now)
+        if n < 1:
+            return Grant(False, reason="message rate", retry_at=now + p.messages.wait())
+        if sending_domain and book is not None:
+            book.charge(f"domain:{sending_domain.lower()}", n, site)
+        return Grant(True, tokens=n)
+
+    def warming_domains(self) -> list[str]:
+        """Sending domains whose mail takes tokens (warming or paused)."""
+        if self.book is None:
+            return []
+        keys = [*self.book.trackers, *self.book.paused]
+        return sorted({k.split(":", 1)[1] for k in keys if k.startswith("domain:")})
+
     def drop_holder(self, holder: Any) -> None:
         """A worker went away: its slots are free again."""
         for p in self.pairs.values():
@@ -204,10 +468,27 @@ class Broker:
         enhanced: str = "",
         text: str = "",
         domain: str | None = None,
+        *,
+        sending_domain: str | None = None,
+        delivered: int = 0,
+        bounced: int = 0,
+        deferred: int = 0,
+        adaptive: bool = True,
     ) -> ResponseRule | None:
-        """One delivery answer for the pair: rules, AIMD and recovery applied."""
+        """One delivery answer for the pair: rules, AIMD and recovery applied; the
+        recipients' outcomes counted for the source's and the sending domain's health."""
         now = self.clock()
         p = self.pair(source, site, domain)
+        if self.book is not None and (delivered or bounced or deferred):
+            keys = [f"source:{source}"]
+            if sending_domain:
+                keys.append(f"domain:{sending_domain.lower()}")
+            for key in keys:
+                self.book.outcome(key, "attempted", delivered + bounced + deferred)
+                self.book.outcome(key, "delivered", delivered)
+                self.book.outcome(key, "bounced", bounced)
+                self.book.outcome(key, "deferred", deferred)
+        before = p.state.rate
         hit = on_answer(
             p.state,
             now=now,
@@ -217,12 +498,46 @@ class Broker:
             text=text,
             rules=self.response_rules,
             aimd=self.aimd,
+            adaptive=adaptive,
         )
-        if 200 <= code < 300 and hit is None:
+        if hit is not None:
+            if hit.action == "bounce":
+                p.bounce_until = max(p.bounce_until, now + hit.duration)
+                p.bounce_reason = f"{code} {enhanced} {text}".strip()[:200]
+            self.actions.append(
+                {
+                    "at": now,
+                    "source": source,
+                    "site": p.site,
+                    "rule": hit.name,
+                    "action": hit.action,
+                    "duration": hit.duration,
+                    "answer": f"{code} {enhanced} {text}".strip()[:200],
+                }
+            )
+            del self.actions[:-100]
+            self.action_count += 1
+            log.warning(
+                "event=shaping_action source=%s site=%s rule=%s action=%s for=%.0fs",
+                source,
+                p.site,
+                hit.name,
+                hit.action,
+                hit.duration,
+            )
+        elif 200 <= code < 300:
             p.successes += 1
             if now - p.last_success_window >= SUCCESS_WINDOW:
                 on_success_window(p.state, now=now, aimd=self.aimd)
                 p.last_success_window = now
+        if p.state.rate != before:
+            log.info(
+                "event=shaping_rate source=%s site=%s rate_per_min=%.1f reason=%r",
+                source,
+                p.site,
+                p.state.rate * 60,
+                p.state.reason,
+            )
         return hit
 
     def status(self) -> list[dict[str, Any]]:
@@ -238,8 +553,13 @@ class Broker:
                     "limit_per_min": round(p.state.limit_rate * 60, 2),
                     "connections": p.in_use,
                     "connection_limit": p.state.connections,
-                    "suspended_for": max(0.0, p.state.suspended_until - now),
+                    "suspended_for": round(max(0.0, p.state.suspended_until - now), 1),
+                    "bouncing_for": round(max(0.0, p.bounce_until - now), 1),
                     "reason": p.state.reason,
+                    "changes": [
+                        {"ago": round(now - t, 1), "what": what, "why": why}
+                        for t, what, why in p.state.changes[-10:]
+                    ],
                 }
             )
         return out

@@ -14,41 +14,79 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
-from postwarden.shaping.broker import Broker, Grant
+from postwarden.shaping.broker import Broker, Choice, Grant
 
 log = logging.getLogger("postwarden.shaping")
 MAX_LINE = 64 * 1024
 
 
+def short_path(path: str) -> str:
+    """A Unix socket path the kernel takes (at most 107 bytes): long ones go through
+    their directory's ``/proc/self/fd`` entry (the directory stays open)."""
+    if len(os.fsencode(path)) < 100:
+        return path
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+
+
 class BrokerServer:
-    def __init__(self, broker: Broker, path: str) -> None:
+    """Serves a broker; ``commands`` answers the operator's ops (status, warming…)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        path: str,
+        commands: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self.broker = broker
         self.path = path
+        self.commands = commands
         self._server: asyncio.AbstractServer | None = None
         self.holders = 0
 
+    def _prepare(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
+        self._prepare()
+        old = os.umask(0o077)  # the owner only: these ops pause and resume sending
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, short_path(self.path), limit=MAX_LINE
+            )
+        finally:
+            os.umask(old)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         holder = object()
         self.holders += 1
         try:
             while line := await reader.readline():
+                answer: dict[str, Any] | None
                 try:
                     req = json.loads(line)
-                    answer = self._handle(holder, req)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.warning("event=broker_bad_request error=%r", str(exc))
-                    answer = {"id": None, "ok": False, "reason": f"bad request: {exc}"}
+                except ValueError as exc:
+                    req, answer = {}, {"id": None, "ok": False, "reason": f"bad request: {exc}"}
+                else:
+                    try:
+                        answer = self._handle(holder, req)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.warning("event=broker_bad_request error=%r", str(exc))
+                        answer = {"id": req.get("id"), "ok": False, "reason": f"{exc}"}
                 if answer is not None:
                     writer.write(json.dumps(answer).encode() + b"\n")
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
@@ -62,12 +100,75 @@ class BrokerServer:
         op = req["op"]
         b = self.broker
         src, site, dom = req.get("source", ""), req.get("site", ""), req.get("domain")
+        if op == "reports":
+            for r in req["items"]:
+                b.report(
+                    r["source"],
+                    r["site"],
+                    int(r["code"]),
+                    r.get("enhanced", ""),
+                    r.get("text", ""),
+                    r.get("domain"),
+                    sending_domain=r.get("sending_domain"),
+                    delivered=int(r.get("delivered", 0)),
+                    bounced=int(r.get("bounced", 0)),
+                    deferred=int(r.get("deferred", 0)),
+                    adaptive=bool(r.get("adaptive", True)),
+                )
+            return None
         if op == "report":
             b.report(src, site, int(req["code"]), req.get("enhanced", ""), req.get("text", ""), dom)
             return None
         if op == "release":
-            b.release_connection(holder, src, site, dom)
+            if "pool" in req:
+                b.release(
+                    holder,
+                    req["pool"],
+                    src,
+                    site,
+                    dom,
+                    int(req.get("sent", 0)),
+                    int(req.get("unused", 0)),
+                )
+            else:
+                b.release_connection(holder, src, site, dom)
             return {"id": req["id"], "ok": True}
+        if op == "choose":
+            c = b.choose(
+                holder,
+                req["pool"],
+                [(str(n), int(w)) for n, w in req["members"]],
+                req.get("overflow", "wait"),
+                site,
+                dom,
+                int(req.get("want", 1)),
+            )
+            return {
+                "id": req["id"],
+                "ok": c.ok,
+                "source": c.source,
+                "tokens": c.tokens,
+                "metered": c.metered,
+                "max_messages": c.max_messages,
+                "reason": c.reason,
+                "retry_in": max(0.0, c.retry_at - b.clock()) if c.retry_at else 0.0,
+                "defer": c.defer,
+                "bounce": c.bounce,
+                "warming_domains": b.warming_domains(),
+            }
+        if op == "take_for":
+            g = b.take(holder, src, site, int(req["want"]), dom, req.get("sending_domain"))
+            return {
+                "id": req["id"],
+                "ok": g.ok,
+                "tokens": g.tokens,
+                "reason": g.reason,
+                "retry_in": max(0.0, g.retry_at - b.clock()) if g.retry_at else 0.0,
+            }
+        if op == "command":
+            if self.commands is None:
+                raise ValueError("no commands here")
+            return {"id": req["id"], "ok": True, **self.commands(req["args"])}
         if op == "acquire":
             g = b.acquire_connection(holder, src, site, dom)
         elif op == "take":
@@ -98,9 +199,17 @@ class BrokerClient:
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
 
+        self._reports: list[dict[str, Any]] = []
+
     async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_LINE)
+        self._reader, self._writer = await asyncio.open_unix_connection(
+            short_path(self.path), limit=MAX_LINE
+        )
         self._task = asyncio.create_task(self._read())
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -186,3 +295,88 @@ class BrokerClient:
     async def status(self) -> list[dict[str, Any]]:
         pairs: list[dict[str, Any]] = (await self._call(op="status"))["pairs"]
         return pairs
+
+    # ------------------------------------------------------------ the worker's ops
+
+    async def choose(
+        self,
+        pool: str,
+        members: list[tuple[str, int]],
+        overflow: str,
+        site: str,
+        domain: str | None,
+        want: int,
+    ) -> tuple[Choice, list[str]]:
+        loop = asyncio.get_running_loop()
+        try:
+            a = await self._call(
+                op="choose",
+                pool=pool,
+                members=members,
+                overflow=overflow,
+                site=site,
+                domain=domain,
+                want=want,
+            )
+        except (TimeoutError, ConnectionError) as exc:
+            return Choice(
+                False, reason=f"broker unavailable: {exc!r}", retry_at=loop.time() + 1
+            ), []
+        retry = loop.time() + a["retry_in"] if a.get("retry_in") else 0.0
+        c = Choice(
+            a["ok"],
+            a.get("source", ""),
+            a.get("tokens", 0),
+            a.get("metered", False),
+            a.get("max_messages", 0),
+            a.get("reason", ""),
+            retry,
+            a.get("defer", 0),
+            a.get("bounce", ""),
+        )
+        return c, list(a.get("warming_domains", []))
+
+    async def take(
+        self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
+    ) -> Grant:
+        return await self._grant(
+            op="take_for",
+            source=source,
+            site=site,
+            want=want,
+            domain=domain,
+            sending_domain=sending_domain,
+        )
+
+    async def release(
+        self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
+    ) -> None:
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await self._call(
+                op="release",
+                pool=pool,
+                source=source,
+                site=site,
+                domain=domain,
+                sent=sent,
+                unused=unused,
+            )
+
+    def report_outcome(self, **item: Any) -> None:
+        """Answers travel in batches: one line per event-loop turn, not one per answer."""
+        if not self._reports:
+            asyncio.get_running_loop().call_soon(self._flush_reports)
+        self._reports.append(item)
+
+    def _flush_reports(self) -> None:
+        items, self._reports = self._reports, []
+        if items:
+            with contextlib.suppress(ConnectionError):
+                self._send({"op": "reports", "items": items})
+
+    async def command(self, **args: Any) -> dict[str, Any]:
+        """An operator's op (status, warming, reload): the broker's answer."""
+        a = await self._call(op="command", args=args)
+        if not a.get("ok"):
+            raise ValueError(a.get("reason") or "refused")
+        return a

@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from postwarden.shaping.adaptive import ACTIONS, SHIPPED_RULES, ResponseRule, rule
+
 LIMIT_KEYS = (
     "connection_limit",
     "max_messages_per_connection",
@@ -96,6 +98,8 @@ class Rules:
     default: Limits
     sites: Mapping[str, Site] = field(default_factory=dict)
     domains: Mapping[str, Limits] = field(default_factory=dict)
+    # Response rules, first match wins: the operator's, then the shipped ones.
+    responses: tuple[ResponseRule, ...] = SHIPPED_RULES
 
     def site_for(self, mx_hosts: Iterable[str]) -> str:
         """The provider site of a destination, from its MX host names: the first site
@@ -179,8 +183,8 @@ def parse_rules(text: str, source: str = "shaping.toml", base: Rules | None = No
         raise RulesError(f"{source}:{_line_of(text, table, key)}: {message}")
 
     for key in data:
-        if key not in ("default", "sites", "domains"):
-            fail("", key, f"{key}: unknown table (known: default, sites, domains)")
+        if key not in ("default", "sites", "domains", "responses"):
+            fail("", key, f"{key}: unknown table (known: default, sites, domains, responses)")
     default = base.default if base else Limits()
     if "default" in data:
         default = default.over(
@@ -219,7 +223,75 @@ def parse_rules(text: str, source: str = "shaping.toml", base: Rules | None = No
         limits = _limits(table, f'domains."{name}"', dom_err, LIMIT_KEYS)
         key = name.lower().rstrip(".")
         domains[key] = domains[key].over(limits) if key in domains else limits
-    return Rules(default, sites, domains)
+    responses = list(base.responses) if base else list(SHIPPED_RULES)
+    given = data.get("responses", [])
+    if not isinstance(given, list):
+        fail("", "responses", "responses: must be an array of tables ([[responses]])")
+    mine: list[ResponseRule] = []
+    headers = [
+        n + 1
+        for n, ln in enumerate(text.splitlines())
+        if re.match(r"^\s*\[\[\s*responses\s*\]\]", ln)
+    ]
+    for i, table in enumerate(given):
+
+        def resp_err(m: str, _i: int = i) -> None:
+            line = headers[_i] if _i < len(headers) else _line_of(text, "", "responses")
+            raise RulesError(f"{source}:{line}: {m}")
+
+        r = _response(table, i, resp_err)
+        responses = [x for x in responses if x.name != r.name]
+        mine.append(r)
+    return Rules(default, sites, domains, (*mine, *responses))
+
+
+_RESPONSE_KEYS = ("name", "action", "duration", "code", "enhanced", "text", "sites", "factor")
+
+
+def _response(table: Any, i: int, fail: Any) -> ResponseRule:
+    from postwarden.config import ConfigError, parse_duration
+
+    where = f"responses[{i}]"
+    if not isinstance(table, dict):
+        fail(f"{where}: must be a table")
+    for key in table:
+        if key not in _RESPONSE_KEYS:
+            fail(f"{where}.{key}: unknown key (known: {', '.join(_RESPONSE_KEYS)})")
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        fail(f"{where}.name: a rule needs a name")
+    if table.get("action") not in ACTIONS:
+        fail(f"{where}.action: one of {', '.join(ACTIONS)}, got {table.get('action')!r}")
+    try:
+        duration = parse_duration(table.get("duration"), f"{where}.duration")
+    except ConfigError as exc:
+        fail(str(exc))
+    code = table.get("code")
+    if code is not None and (
+        isinstance(code, bool) or not isinstance(code, int) or not 200 <= code <= 599
+    ):
+        fail(f"{where}.code: an SMTP reply code, got {code!r}")
+    for key in ("enhanced", "text"):
+        if key in table and not isinstance(table[key], str):
+            fail(f"{where}.{key}: must be a string")
+    sites = table.get("sites", [])
+    if not isinstance(sites, list) or not all(isinstance(x, str) for x in sites):
+        fail(f"{where}.sites: must be a list of site names")
+    factor = table.get("factor", 0.5)
+    try:
+        return rule(
+            name,
+            table["action"],
+            duration,
+            code=code,
+            enhanced=table.get("enhanced"),
+            text=table.get("text"),
+            sites=sites,
+            factor=float(factor),
+        )
+    except (ValueError, re.error) as exc:
+        fail(f"{where}: {exc}")
+        raise  # unreachable: fail raises
 
 
 def shipped_rules() -> Rules:

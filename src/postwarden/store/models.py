@@ -83,6 +83,25 @@ class Tenant(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The pool of its mail that names none (None: the appliance's default pool), and
+    # the other pools its mail may name (issue 7).
+    default_pool: Mapped[str | None] = mapped_column(String(64), default=None)
+    allowed_pools: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class Pool(Base):
+    """A pool made through the API: weighted sources (``[[sources]]`` of the config).
+    Pools of the config are not stored here; a stored pool never takes their names."""
+
+    __tablename__ = "pools"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # [{"source": name, "weight": n > 0}, ...]
+    members: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    overflow: Mapped[str] = mapped_column(String(5), default="wait")  # wait | spill
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class ApiKey(Base):
@@ -155,7 +174,7 @@ class Change(Base):
     __tablename__ = "changes"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))  # suppression | domain | api_key | tenant
+    kind: Mapped[str] = mapped_column(String(20))  # suppression|domain|api_key|tenant|pool
     tenant_id: Mapped[int | None] = mapped_column(BigInteger)
     ref: Mapped[str] = mapped_column(String(320), default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,174 @@
+"""A worker's side of shaping: which provider site a destination belongs to, which
+source a connection leaves from, and the broker's word on connections and messages.
+
+The broker is the supervisor's (over its socket, :class:`BrokerClient`) or this
+process's own (:class:`LocalBackend`); both answer the same calls, with times on
+this process's event-loop clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from postwarden.config import Config, PoolConfig, SourceConfig
+from postwarden.shaping.broker import Choice, Grant
+from postwarden.shaping.rules import Rules, RulesError, load_rules
+
+log = logging.getLogger("postwarden.shaping")
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def split_answer(response: str) -> tuple[int, str, str]:
+    """``"421 4.7.28 text"`` → ``(421, "4.7.28", "text")``."""
+    code_s, _, rest = response.partition(" ")
+    try:
+        code = int(code_s)
+    except ValueError:
+        return 0, "", response
+    m = _ENHANCED.match(rest)
+    if m:
+        return code, m.group(0), rest[m.end() :].strip()
+    return code, "", rest.strip()
+
+
+class Backend(Protocol):
+    async def choose(
+        self,
+        pool: str,
+        members: list[tuple[str, int]],
+        overflow: str,
+        site: str,
+        domain: str | None,
+        want: int,
+    ) -> tuple[Choice, list[str]]: ...
+
+    async def take(
+        self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
+    ) -> Grant: ...
+
+    async def release(
+        self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
+    ) -> None: ...
+
+    def report_outcome(self, **item: Any) -> None: ...
+
+    async def command(self, **args: Any) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The broker of this very process (a single-process appliance, tests)."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.broker = service.broker
+
+    def _at(self, retry_at: float) -> float:
+        if not retry_at:
+            return 0.0
+        return asyncio.get_running_loop().time() + max(0.0, retry_at - self.broker.clock())
+
+    async def choose(
+        self,
+        pool: str,
+        members: list[tuple[str, int]],
+        overflow: str,
+        site: str,
+        domain: str | None,
+        want: int,
+    ) -> tuple[Choice, list[str]]:
+        c = self.broker.choose(self, pool, members, overflow, site, domain, want)
+        c = Choice(
+            c.ok,
+            c.source,
+            c.tokens,
+            c.metered,
+            c.max_messages,
+            c.reason,
+            self._at(c.retry_at),
+            c.defer,
+            c.bounce,
+        )
+        return c, self.broker.warming_domains()
+
+    async def take(
+        self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
+    ) -> Grant:
+        g = self.broker.take(self, source, site, want, domain, sending_domain)
+        return Grant(g.ok, g.tokens, g.reason, self._at(g.retry_at))
+
+    async def release(
+        self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
+    ) -> None:
+        self.broker.release(self, pool, source, site, domain, sent, unused)
+
+    def report_outcome(self, **item: Any) -> None:
+        self.broker.report(
+            item["source"],
+            item["site"],
+            item["code"],
+            item.get("enhanced", ""),
+            item.get("text", ""),
+            item.get("domain"),
+            sending_domain=item.get("sending_domain"),
+            delivered=item.get("delivered", 0),
+            bounced=item.get("bounced", 0),
+            deferred=item.get("deferred", 0),
+            adaptive=item.get("adaptive", True),
+        )
+
+    async def command(self, **args: Any) -> dict[str, Any]:
+        return dict(self.service.command(args))
+
+    async def close(self) -> None:
+        self.broker.drop_holder(self)
+
+
+class Shaper:
+    def __init__(self, cfg: Config, backend: Backend) -> None:
+        self.backend = backend
+        self.pool_lookup: Callable[[str], PoolConfig | None] = lambda _name: None
+        self.warming_domains: set[str] = set()
+        self.reconfigure(cfg)
+
+    def reconfigure(self, cfg: Config) -> None:
+        try:
+            self.rules: Rules = load_rules(cfg.shaping.rules_file)
+        except RulesError as exc:  # the supervisor refuses such a file; keep what we had
+            log.error("event=shaping_rules_refused error=%r", str(exc))
+            if not hasattr(self, "rules"):
+                raise
+        self.cfg = cfg
+        self.sources: dict[str, SourceConfig] = cfg.source_map()
+        self.pools: dict[str, PoolConfig] = cfg.pool_map()
+
+    def site_for(self, mx_hosts: Iterable[str]) -> str:
+        return self.rules.site_for(mx_hosts)
+
+    def pool(self, name: str | None) -> PoolConfig:
+        """The pool by name (config, then the control plane's), else the default."""
+        name = name or self.cfg.default_pool
+        pool = self.pools.get(name) or self.pool_lookup(name)
+        if pool is None:
+            log.warning("event=unknown_pool pool=%s using=%s", name, self.cfg.default_pool)
+            pool = self.pools[self.cfg.default_pool]
+        return pool
+
+    async def choose(
+        self, pool: PoolConfig, site: str, domain: str | None, want: int
+    ) -> tuple[Choice, SourceConfig | None]:
+        members = [(m.source, m.weight) for m in pool.members]
+        choice, warming = await self.backend.choose(
+            pool.name, members, pool.overflow, site, domain, want
+        )
+        self.warming_domains = set(warming)
+        return choice, self.sources.get(choice.source) if choice.ok else None
+
+    def metered_domain(self, sending_domain: str) -> bool:
+        return bool(self.warming_domains) and sending_domain.lower() in self.warming_domains

@@ -1,0 +1,178 @@
+"""Shaping end to end: a real appliance delivers to a recording MX on loopback, from
+source addresses 127.0.2.x, with the lab's DNS; what the MX saw is the evidence."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from postwarden.lab import Lab
+from tests.conftest import ApplianceFactory
+from tests.shaping.recsink import RecordingSink
+
+SRC_A, SRC_B = "127.0.2.1", "127.0.2.2"
+
+
+@pytest.fixture
+async def sink(lab: Lab) -> AsyncIterator[RecordingSink]:
+    s = RecordingSink("127.0.3.1", "127.0.3.2")
+    await s.start()
+    lab.dns.add("mx1.gm.test", "A", s.host)
+    lab.dns.add("mx.other.test", "A", s.hosts[1])
+    for d in ("gm-one.test", "gm-two.test"):
+        lab.dns.add(d, "MX", "10 mx1.gm.test.")
+    lab.dns.add("elsewhere.test", "MX", "10 mx.other.test.")
+    yield s
+    await s.stop()
+
+
+def shaping_config(tmp_path: Path, sink: RecordingSink, rules: str, **extra: Any) -> dict[str, Any]:
+    path = tmp_path / "shaping.toml"
+    path.write_text('[sites.gmail]\nmx_suffixes = ["gm.test"]\n' + rules, encoding="utf-8")
+    cfg: dict[str, Any] = {
+        "delivery": {"mx_port": sink.port, "max_connections_per_domain": 20},
+        "sources": [
+            {"name": "a", "address": SRC_A, "ehlo": "a.out.test"},
+            {"name": "b", "address": SRC_B, "ehlo": "b.out.test"},
+        ],
+        "pools": [
+            {
+                "name": "main",
+                "members": [{"source": "a", "weight": 3}, {"source": "b", "weight": 1}],
+            }
+        ],
+        "shaping": {"rules_file": str(path), "default_pool": "main"},
+    }
+    for k, v in extra.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+async def send(
+    port: int, rcpts: list[str], sessions: int = 8, sender: str = "a@sender.test"
+) -> None:
+    it = iter(rcpts)
+
+    async def one() -> None:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:
+            for r in it:
+                await smtp.sendmail(sender, [r], f"Subject: s\r\nTo: {r}\r\n\r\nx\r\n".encode())
+
+    await asyncio.gather(*(one() for _ in range(sessions)))
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_pool_weights_decide_the_source_and_ehlo(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    # A backlog (the MX was down while the mail came in), as a busy sender has: every
+    # connection then carries its full 4 messages, and the weights decide the split.
+    # (Connections are not what limits here: each source could open every one.)
+    cfg = shaping_config(tmp_path, sink, "max_messages_per_connection = 4\nconnection_limit = 64\n")
+    app = await appliance(cfg)
+    port = app.smtp_addresses[0][1]
+    n = 600
+    mx_port = sink.port
+    await sink.stop()
+    await send(port, [f"r{i}@gm-{'one' if i % 2 else 'two'}.test" for i in range(n)])
+    sink.rec.conns.clear()
+    await sink.start(mx_port)
+    await until(lambda: sum(sink.rec.by_peer().values()) >= n, 60, "all delivered")
+    got = sink.rec.by_peer()
+    assert set(got) == {SRC_A, SRC_B}
+    share_a = got[SRC_A] / n
+    assert 0.68 <= share_a <= 0.82, got  # weights 3:1
+    helos = {(m.peer, m.helo) for m in sink.rec.messages}
+    assert helos == {(SRC_A, "a.out.test"), (SRC_B, "b.out.test")}
+    assert max(len(m.rcpts) for m in sink.rec.messages) == 1
+
+
+async def test_site_limits_hold_under_load(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    # One source, so every connection is the same (source, site) pair: 3 connections
+    # and 3000 messages a minute at most, whichever of the site's domains they are for.
+    rules = 'connection_limit = 3\nmax_message_rate = "3000/min"\n'
+    cfg = shaping_config(tmp_path, sink, rules)
+    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}]}]
+    app = await appliance(cfg)
+    port = app.smtp_addresses[0][1]
+    n = 2000
+    started = time.time()
+    await send(port, [f"r{i}@gm-{'one' if i % 2 else 'two'}.test" for i in range(n)], sessions=10)
+    await until(lambda: len(sink.rec.messages) >= n, 120, "all delivered")
+    took = sink.rec.messages[-1].at - started
+    assert sink.rec.max_concurrent() <= 3
+    # Rate: in every window, at most the rate's worth plus the one-second burst (50).
+    times = sorted(m.at for m in sink.rec.messages)
+    rate = 3000 / 60
+    for width in (1.0, 5.0, 20.0):
+        j = 0
+        for i, t in enumerate(times):
+            while times[j] < t - width:
+                j += 1
+            assert i - j + 1 <= rate * width + 50 + 1, (width, i - j + 1)
+    assert took >= (n - 50) / rate * 0.95  # it was the limit that paced it
+    status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
+    pair = next(p for p in status["pairs"] if p["site"] == "gmail")
+    assert pair["limit_per_min"] == 3000 and pair["connection_limit"] == 3
+
+
+async def test_421_storm_suspends_only_that_pair_and_recovers(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    rules = (
+        '[[responses]]\nname = "lab-421"\naction = "suspend"\nduration = "3s"\n'
+        'code = 421\nenhanced = "4.7.28"\nsites = ["gmail"]\n'
+    )
+    cfg = shaping_config(tmp_path, sink, rules)
+    app = await appliance(cfg)
+    port = app.smtp_addresses[0][1]
+    storm = True
+    sink.rec.answer = lambda peer, local: (
+        "421 4.7.28 Our system has detected an unusual rate"
+        if storm and peer == SRC_A and local == sink.host
+        else None
+    )
+    await send(
+        port, [f"s{i}@gm-one.test" for i in range(40)] + [f"o{i}@elsewhere.test" for i in range(20)]
+    )
+    await until(lambda: len(sink.rec.messages) >= 60, 60, "all delivered despite the storm")
+    status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
+    pairs = {(p["source"], p["site"]): p for p in status["pairs"]}
+    assert pairs[("a", "gmail")]["suspended_for"] > 0
+    assert pairs[("a", "gmail")]["reason"].startswith("lab-421")
+    assert pairs.get(("b", "gmail"), {"suspended_for": 0})["suspended_for"] == 0
+    other = [p for (src, site), p in pairs.items() if site != "gmail"]
+    assert all(p["suspended_for"] == 0 for p in other)
+    assert any(a["rule"] == "lab-421" for a in status["actions"])
+    gm = [m for m in sink.rec.messages if m.rcpts[0].endswith("gm-one.test")]
+    assert all(m.peer == SRC_B for m in gm)  # nothing reached gmail from a
+    assert any(m.peer == SRC_A for m in sink.rec.messages if m.rcpts[0].endswith("elsewhere.test"))
+    # Nothing bounced: every recipient was delivered.
+    assert sorted(r for m in sink.rec.messages for r in m.rcpts) == sorted(
+        [f"s{i}@gm-one.test" for i in range(40)] + [f"o{i}@elsewhere.test" for i in range(20)]
+    )
+    # The storm ends; the suspension expires by itself and a sends to gmail again.
+    storm = False
+    await asyncio.sleep(3.2)
+    before = len(sink.rec.messages)
+    await send(port, [f"t{i}@gm-one.test" for i in range(80)])
+    await until(lambda: len(sink.rec.messages) >= before + 80, 60, "after the storm")
+    assert any(m.peer == SRC_A for m in sink.rec.messages[before:])
+    status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
+    a_gm = next(p for p in status["pairs"] if (p["source"], p["site"]) == ("a", "gmail"))
+    assert a_gm["suspended_for"] == 0
