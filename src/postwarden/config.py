@@ -303,6 +303,9 @@ class ShapingConfig:
     pause_bounce_rate: float = 0.05
     pause_complaint_rate: float = 0.001
     pause_delivery_rate: float = 0.90
+    # How soon mail held by a paused source or domain is tried again (a resume takes
+    # effect within this time).
+    pause_recheck: float = field(default=60.0, metadata=_DURATION)
 
 
 DEFAULT_POOL = "default"

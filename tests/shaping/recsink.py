@@ -114,6 +114,10 @@ class RecordingSink:
                 super().connection_lost(error)
 
         loop = asyncio.get_running_loop()
+        if port == 0 and len(self.hosts) > 1:  # one port on every address
+            from tests.conftest import free_port
+
+            port = free_port(self.host)
         self.server = await loop.create_server(
             lambda: Proto(handler, hostname="mx.rec.test", ident="rec"), self.hosts, port
         )

@@ -176,3 +176,93 @@ async def test_421_storm_suspends_only_that_pair_and_recovers(
     status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
     a_gm = next(p for p in status["pairs"] if (p["source"], p["site"]) == ("a", "gmail"))
     assert a_gm["suspended_for"] == 0
+
+
+def near_midnight(seconds_before: float) -> Callable[[], float]:
+    """A wall clock that reads ``seconds_before`` seconds before a UTC midnight now,
+    and runs on from there."""
+    import datetime as dt
+
+    now = time.time()
+    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    midnight = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC).timestamp()
+    offset = midnight - seconds_before - now
+    return lambda: time.time() + offset
+
+
+async def shaped(
+    tmp_path: Path,
+    lab: Lab,
+    appliance: ApplianceFactory,
+    cfg: dict[str, Any],
+    wall: Callable[[], float] = time.time,
+) -> Any:
+    from postwarden.config import load_config
+    from postwarden.shaping.service import ShapingService
+    from tests.conftest import base_overrides, deep_merge
+
+    config = load_config(None, environ={}, overrides=deep_merge(base_overrides(tmp_path, lab), cfg))
+    svc = ShapingService(config, wall=wall)
+    return await appliance(cfg, shaping=svc), svc
+
+
+async def test_warming_source_stops_at_its_cap_and_resumes_the_next_day(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    cfg = shaping_config(tmp_path, sink, "")
+    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}], "overflow": "wait"}]
+    app, svc = await shaped(tmp_path, lab, appliance, cfg, near_midnight(8.0))
+    svc.command(
+        {
+            "op": "warming_start",
+            "target": "source",
+            "name": "a",
+            "plan": {"name": "tiny", "days": [5, 10, 20]},
+        }
+    )
+    port = app.smtp_addresses[0][1]
+    await send(port, [f"w{i}@gm-one.test" for i in range(8)], sessions=2)
+    await until(lambda: len(sink.rec.messages) >= 5, 5, "the day's cap")
+    await asyncio.sleep(1.0)
+    assert len(sink.rec.messages) == 5  # the cap holds: the rest waits
+    p = svc.book.progress("source:a")
+    assert (p["day"], p["cap"], p["sent_today"], p["remaining"]) == (1, 5, 5, 0)
+    # Midnight passes (on the test's clock): day 2, cap 10, and the waiting three go.
+    await until(lambda: len(sink.rec.messages) >= 8, 20, "the next day")
+    p = svc.book.progress("source:a")
+    assert (p["day"], p["cap"], p["sent_today"]) == (2, 10, 3)
+    assert p["history"][-1]["sent"] == 5 and p["history"][-1]["healthy"]
+    assert sorted(r for m in sink.rec.messages for r in m.rcpts) == sorted(
+        f"w{i}@gm-one.test" for i in range(8)
+    )  # none bounced, none twice
+
+
+async def test_bounce_storm_pauses_a_warming_source_until_resumed(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    cfg = shaping_config(tmp_path, sink, "")
+    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}]}]
+    cfg["shaping"].update(pause_min_volume=20, pause_recheck="0.5s")
+    app, svc = await shaped(tmp_path, lab, appliance, cfg)
+    svc.command({"op": "warming_start", "target": "source", "name": "a", "plan": "moderate"})
+    sink.rec.rcpt_answer = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("bad") else None
+    port = app.smtp_addresses[0][1]
+    await send(port, [f"good{i}@gm-one.test" for i in range(10)], sessions=1)
+    await until(lambda: len(sink.rec.messages) >= 10, 10, "good mail")
+    await send(port, [f"bad{i}@gm-one.test" for i in range(12)], sessions=2)
+    await until(lambda: bool(svc.book.is_paused("source:a")), 10, "the auto-pause")
+    assert svc.book.is_paused("source:a").startswith("auto: bounce rate")
+    await asyncio.sleep(0.5)
+    before = len(sink.rec.messages)
+    await send(port, [f"later{i}@gm-one.test" for i in range(5)], sessions=1)
+    await asyncio.sleep(2.0)  # several rechecks: the pause is sticky
+    assert len(sink.rec.messages) == before
+    assert svc.book.is_paused("source:a")
+    # An operator resumes it (the API, as a client would); the mail that waited goes.
+    out = await app.shaper.backend.command(op="resume", target="source", name="a")  # type: ignore[union-attr]
+    assert not out["progress"]["paused"]
+    await until(lambda: len(sink.rec.messages) >= before + 5, 10, "mail after the resume")
+    assert {r for m in sink.rec.messages[before:] for r in m.rcpts} == {
+        f"later{i}@gm-one.test" for i in range(5)
+    }
+    assert not svc.book.is_paused("source:a")  # the window starts afresh after a resume

@@ -138,6 +138,7 @@ class Broker:
         self.sent: dict[tuple[str, str], float] = {}
         self.open: dict[tuple[str, str], int] = {}
         self.per_conn: dict[str, float] = {}
+        self.pause_recheck = 60.0  # seconds: when mail held by a pause asks again
         self.actions: list[dict[str, Any]] = []  # recent rule actions, newest last
         self.action_count = 0  # ever taken
 
@@ -293,10 +294,12 @@ class Broker:
                 continue
             if src.state == "paused":
                 why.append(f"{name}: paused in the configuration")
+                retry = min(retry, now + self.pause_recheck)
                 continue
             paused = book.is_paused(f"source:{name}") if book else ""
             if paused:
                 why.append(f"{name}: paused ({paused})")
+                retry = min(retry, now + self.pause_recheck)
                 continue
             p = self.pair(name, site, domain)
             expire(p.state, now)
@@ -421,6 +424,8 @@ class Broker:
             )
         book = self.book
         room = book.remaining(f"source:{source}", site) if book else None
+        if room == 0 and book is not None and book.is_paused(f"source:{source}"):
+            return Grant(False, reason=f"paused: {source}", retry_at=now + self.pause_recheck)
         if room == 0:
             assert book is not None
             return Grant(
@@ -431,6 +436,12 @@ class Broker:
         if sending_domain and book is not None:
             dkey = f"domain:{sending_domain.lower()}"
             droom = book.remaining(dkey, site)
+            if droom == 0 and book.is_paused(dkey):
+                return Grant(
+                    False,
+                    reason=f"domain paused: {sending_domain}",
+                    retry_at=now + self.pause_recheck,
+                )
             if droom == 0:
                 return Grant(
                     False,

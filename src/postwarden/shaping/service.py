@@ -60,6 +60,7 @@ class ShapingService:
             sources=cfg.source_map(),
             book=self.book,
         )
+        self.broker.pause_recheck = cfg.shaping.pause_recheck
         self._autostart()
         self.server: BrokerServer | None = None
         self._saver: asyncio.Task[None] | None = None
@@ -142,6 +143,7 @@ class ShapingService:
             return str(exc)
         self.cfg = cfg
         self.broker.reconfigure(rules, sources=cfg.source_map())
+        self.broker.pause_recheck = cfg.shaping.pause_recheck
         self._autostart()
         log.info("event=shaping_reloaded rules=%s", cfg.shaping.rules_file or "<shipped>")
         return None
