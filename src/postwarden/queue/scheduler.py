@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -149,6 +150,8 @@ class Scheduler:
         self.queues: dict[tuple[str, str], _DomainQueue] = {}
         self.inflight = 0
         self.bulk_ids: set[int] = set()  # recipients in flight in the bulk lane
+        # Destination domain -> its site's retry schedule, when the rules override it.
+        self.retry_policies: dict[str, RetryPolicy] = {}
         self.shaper: Shaper | None = None
         self.sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -421,6 +424,7 @@ class Scheduler:
                 if q.timer is not None:
                     q.timer.cancel()
                 del self.queues[key]
+                self.retry_policies.pop(domain, None)
             # A global slot came free: another domain may be waiting for one.
             if self.sessions < self.cfg.delivery.max_connections and not self._stopping:
                 for other, oq in list(self.queues.items()):
@@ -457,7 +461,8 @@ class Scheduler:
                 )
                 self.metrics.bounced.labels(r.reason).inc()
             elif r.kind == "temporary":
-                state, when = self.policy.after_temporary_failure(
+                policy = self.retry_policies.get(lease.domain, self.policy)
+                state, when = policy.after_temporary_failure(
                     lease.attempts + 1, lease.created_at, now, self.rng
                 )
                 if state == EXPIRED:
@@ -593,6 +598,17 @@ class _Gate:
 
     async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
         self.site = self.shaper.site_for(h.name for h in mx_hosts)
+        retry = self.shaper.rules.limits_for(self.site, self.domain).retry
+        if retry:
+            self.sched.retry_policies[self.domain] = dataclasses.replace(
+                self.sched.policy,
+                **{
+                    {"retry_initial": "initial", "retry_factor": "factor", "retry_max": "maximum"}[
+                        k
+                    ]: v
+                    for k, v in retry.items()
+                },
+            )
         d = self.sched.cfg.delivery
         want = min(1 + len(self.q.jobs), d.max_messages_per_connection)
         choice, source = await self.shaper.choose(self.pool, self.site, self.domain, want)

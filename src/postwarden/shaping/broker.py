@@ -356,7 +356,7 @@ class Broker:
             if room[name] == 0:
                 continue
             if p.in_use >= min(p.state.connections, p.state.limit_connections):
-                soonest = min(soonest, now + 1.0)
+                soonest = min(soonest, now + 0.25)
                 continue
             if p.connects is not None and p.connects.take(now, 1) < 1:
                 soonest = min(soonest, now + p.connects.wait())
@@ -494,11 +494,14 @@ class Broker:
             keys = [f"source:{source}"]
             if sending_domain:
                 keys.append(f"domain:{sending_domain.lower()}")
+            counts = {
+                "attempted": delivered + bounced + deferred,
+                "delivered": delivered,
+                "bounced": bounced,
+                "deferred": deferred,
+            }
             for key in keys:
-                self.book.outcome(key, "attempted", delivered + bounced + deferred)
-                self.book.outcome(key, "delivered", delivered)
-                self.book.outcome(key, "bounced", bounced)
-                self.book.outcome(key, "deferred", deferred)
+                self.book.outcomes(key, counts)
         before = p.state.rate
         hit = on_answer(
             p.state,

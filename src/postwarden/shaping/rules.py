@@ -33,7 +33,11 @@ LIMIT_KEYS = (
     "max_messages_per_connection",
     "max_message_rate",
     "max_connection_rate",
+    "retry_initial",
+    "retry_factor",
+    "retry_max",
 )
+RETRY_KEYS = ("retry_initial", "retry_factor", "retry_max")
 _PER = {
     "s": 1.0,
     "sec": 1.0,
@@ -78,6 +82,14 @@ class Limits:
     max_messages_per_connection: int | None = None
     max_message_rate: Rate | None = None
     max_connection_rate: Rate | None = None
+    # Retry schedule overrides (seconds, factor): queue.retry_* for this site or domain.
+    retry_initial: float | None = None
+    retry_factor: float | None = None
+    retry_max: float | None = None
+
+    @property
+    def retry(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in RETRY_KEYS if getattr(self, k) is not None}
 
     def over(self, other: Limits) -> Limits:
         """These limits, with ``other``'s wherever ``other`` sets one."""
@@ -169,6 +181,21 @@ def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str
                 out[key] = parse_rate(data[key], f"{where}.{key}")
             except RulesError as exc:
                 err(key, str(exc))
+    for key in ("retry_initial", "retry_max"):
+        if key in data:
+            from postwarden.config import ConfigError, parse_duration
+
+            try:
+                out[key] = parse_duration(data[key], f"{where}.{key}")
+            except ConfigError as exc:
+                err(key, str(exc))
+            if out.get(key) == 0:
+                err(key, f"{where}.{key}: must be greater than 0")
+    if "retry_factor" in data:
+        v = data["retry_factor"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 1:
+            err("retry_factor", f"{where}.retry_factor: must be a number >= 1, got {v!r}")
+        out["retry_factor"] = float(v)
     return Limits(**out)
 
 

@@ -162,19 +162,27 @@ class WarmingBook:
     # ------------------------------------------------------------------ health
 
     def outcome(self, key: str, kind: str, n: int = 1) -> str | None:
-        """Count an outcome; returns the pause reason when this pauses ``key``."""
-        if not n:
+        """Count one kind of outcome; see :meth:`outcomes`."""
+        return self.outcomes(key, {kind: n})
+
+    def outcomes(self, key: str, counts: dict[str, int]) -> str | None:
+        """Count a report's outcomes (all of them before the window is judged);
+        returns the pause reason when this pauses ``key``."""
+        counts = {k: n for k, n in counts.items() if n}
+        if not counts:
             return None
         now = self.wall()
         w = self.windows.get(key)
         if w is None:
             w = self.windows[key] = Window(self.thresholds.window)
-        w.add(now, kind, n)
+        for kind, n in counts.items():
+            w.add(now, kind, n)
         t = self.trackers.get(key)
         if t is None:
             return None
-        counts = self.today.setdefault(key, dict.fromkeys(KINDS, 0))
-        counts[kind] += n
+        today = self.today.setdefault(key, dict.fromkeys(KINDS, 0))
+        for kind, n in counts.items():
+            today[kind] += n
         self.dirty = True
         if t.paused:
             return None
