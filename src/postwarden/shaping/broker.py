@@ -164,8 +164,12 @@ class Broker:
                 o.lowered_until,
                 o.reason,
             )
-            st.rate = min(o.rate, st.limit_rate)
-            st.connections = min(o.connections, st.limit_connections)
+            # What answers lowered stays lowered (within the new limits); the rest
+            # takes the new limits.
+            if o.rate < o.limit_rate:
+                st.rate = min(o.rate, st.limit_rate)
+            if o.connections < o.limit_connections:
+                st.connections = min(o.connections, st.limit_connections)
             st.changes = o.changes
             self.pairs[key] = new
 
