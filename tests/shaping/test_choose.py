@@ -95,3 +95,20 @@ def test_bounce_rule_and_a_reload_that_keeps_what_answers_did() -> None:
     assert b.pair("b", "lab").state.rate == lowered
     assert b.pair("a", "lab").state.connections == 7  # not lowered: the new limit
     assert not b.choose("w", "p", [("a", 1)], "wait", "lab").ok  # the bounce rule holds
+
+
+def test_a_warming_sending_domain_is_capped_whatever_the_source() -> None:
+    b, _clock, book = broker()
+    book.start("domain:news.example", plan_from({"name": "t", "days": [3, 6]}))
+    assert b.warming_domains() == ["news.example"]
+    got = 0
+    for src in ("a", "b", "a", "b", "a"):
+        g = b.take("w", src, "lab", 1, sending_domain="News.Example")
+        got += g.tokens
+        if not g.ok:
+            assert g.reason == "domain warming cap reached: News.Example"
+    assert got == 3
+    assert b.take("w", "a", "lab", 1, sending_domain="other.example").ok  # not warming
+    book.pause("domain:news.example", "complaints")
+    g = b.take("w", "a", "lab", 1, sending_domain="news.example")
+    assert not g.ok and g.reason.startswith("domain paused")

@@ -128,6 +128,7 @@ class _DomainQueue:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     blocked_until: float = 0.0  # event-loop time: no new session before
     timer: asyncio.TimerHandle | None = None
+    site: str = ""  # the provider site, once a session has resolved it
 
 
 class Scheduler:
@@ -150,6 +151,9 @@ class Scheduler:
         self.queues: dict[tuple[str, str], _DomainQueue] = {}
         self.inflight = 0
         self.bulk_ids: set[int] = set()  # recipients in flight in the bulk lane
+        # Site -> queues waiting for a connection slot there: a slot freed in this
+        # process goes to them at once; idle connections there stop idling.
+        self.slot_waiters: dict[str, set[tuple[str, str]]] = {}
         # Destination domain -> its site's retry schedule, when the rules override it.
         self.retry_policies: dict[str, RetryPolicy] = {}
         self.shaper: Shaper | None = None
@@ -329,6 +333,8 @@ class Scheduler:
             return
         for job in reversed(jobs):
             q.jobs.append(job, left=True)
+            if job.body is not None:  # taken once already: counted again when retaken
+                self._body_bytes += len(job.body)
         if wait > 0 and retry_at > q.blocked_until:
             q.blocked_until = retry_at
             if q.timer is not None:
@@ -382,6 +388,22 @@ class Scheduler:
                 asyncio.get_running_loop().call_soon(self._dispatch, key, q)
         else:
             self._hold(key, q, [job], choice.retry_at, choice.reason)
+            if choice.reason == "connection limit" and q.site:
+                self.slot_waiters.setdefault(q.site, set()).add(key)
+                for other in self.queues.values():  # idle sessions there: give way
+                    if other.site == q.site and other.waiters:
+                        other.changed.set()
+
+    def slot_freed(self, site: str) -> None:
+        """A connection to ``site`` ended here: queues waiting for a slot try now."""
+        for key in self.slot_waiters.pop(site, ()):
+            q = self.queues.get(key)
+            if q is not None and q.jobs:
+                if q.timer is not None:
+                    q.timer.cancel()
+                    q.timer = None
+                q.blocked_until = 0.0
+                self._dispatch(key, q)
 
     async def _session(self, key: tuple[str, str], q: _DomainQueue) -> None:
         domain = key[0]
@@ -398,6 +420,8 @@ class Scheduler:
             try:
                 deadline = time.monotonic() + self.cfg.delivery.timeouts.idle
                 while not q.jobs and not self._stopping:
+                    if q.site and self.slot_waiters.get(q.site):
+                        return None  # another destination of the site needs the slot
                     q.changed.clear()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -597,7 +621,7 @@ class _Gate:
         self.max_messages = 0
 
     async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
-        self.site = self.shaper.site_for(h.name for h in mx_hosts)
+        self.site = self.q.site = self.shaper.site_for(h.name for h in mx_hosts)
         retry = self.shaper.rules.limits_for(self.site, self.domain).retry
         if retry:
             self.sched.retry_policies[self.domain] = dataclasses.replace(
@@ -694,3 +718,5 @@ class _Gate:
             await self.shaper.backend.release(
                 self.pool.name, self.source.name, self.site, self.domain, sent, max(0, self.tokens)
             )
+            if self.sched.slot_waiters.get(self.site):
+                self.sched.slot_freed(self.site)
