@@ -42,6 +42,10 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     assert "dkim ok, dkim ok, spf ok" in text
     assert "dkim=[pass rsa-sha256 d=shop.lab.test; pass ed25519-sha256 d=shop.lab.test]" in text
     assert re.search(r"GET /v1/messages/\w+ -> someone@inbox.lab.test delivered", text), text
+    # The shaping broker saw the deliveries: the lab MX hosts' site, the default source.
+    assert re.search(
+        r"shaping: source default -> site mx:mx\d\.lab\.test: \d+/32 connections", text
+    ), text
     # The run's queue is where the config put it, for `postwarden queue` and `events`.
     env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(tmp_path / "spool")}
     proc = await asyncio.create_subprocess_exec(

@@ -201,6 +201,14 @@ async def run_lab(
                     except Exception as exc:
                         _say(f"demo: API demo FAILED: {exc!r}")
                         rc = 1
+                if rc == 0 and app.shaper is not None:
+                    status = await app.shaper.backend.command(op="status")
+                    for p in status["pairs"]:
+                        _say(
+                            f"demo: shaping: source {p['source']} -> site {p['site']}: "
+                            f"{p['connections']}/{p['connection_limit']} connections, "
+                            f"rate {p['rate_per_min']:g}/min  (`postwarden shaping status`)"
+                        )
             if once:
                 await asyncio.sleep(0.5)
             else:
