@@ -375,10 +375,14 @@ def cmd_shaping(args: argparse.Namespace) -> int:
     print("pairs (source, site):")
     for p in out["pairs"]:
         extra = f" SUSPENDED {p['suspended_for']:.0f}s" if p["suspended_for"] else ""
+        rate = (
+            f"rate {p['rate_per_min']}/min (limit {p['limit_per_min']})"
+            if p["rate_limited"]
+            else "no rate limit"
+        )
         print(
             f"  {p['source']:<16} {p['site']:<28} conns {p['connections']}/"
-            f"{p['connection_limit']} rate {p['rate_per_min']}/min"
-            f" (limit {p['limit_per_min']}){extra} {p['reason']}"
+            f"{p['connection_limit']} {rate}{extra} {p['reason']}"
         )
     if out["actions"]:
         print("recent actions:")

@@ -207,7 +207,12 @@ async def run_lab(
                         _say(
                             f"demo: shaping: source {p['source']} -> site {p['site']}: "
                             f"{p['connections']}/{p['connection_limit']} connections, "
-                            f"rate {p['rate_per_min']:g}/min  (`postwarden shaping status`)"
+                            + (
+                                f"rate {p['rate_per_min']:g}/min"
+                                if p["rate_limited"]
+                                else "no rate limit"
+                            )
+                            + "  (`postwarden shaping status`)"
                         )
             if once:
                 await asyncio.sleep(0.5)

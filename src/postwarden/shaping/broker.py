@@ -567,6 +567,8 @@ class Broker:
                 {
                     "source": p.source,
                     "site": p.site,
+                    # False: no rate from the rules and none the answers imposed
+                    "rate_limited": self._metered(p, False),
                     "rate_per_min": round(p.state.rate * 60, 2),
                     "limit_per_min": round(p.state.limit_rate * 60, 2),
                     "connections": p.in_use,
