@@ -44,7 +44,8 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     assert re.search(r"GET /v1/messages/\w+ -> someone@inbox.lab.test delivered", text), text
     # The shaping broker saw the deliveries: the lab MX hosts' site, the default source.
     assert re.search(
-        r"shaping: source default -> site mx:mx\d\.lab\.test: \d+/32 connections, no rate limit", text
+        r"shaping: source default -> site mx:mx\d\.lab\.test: \d+/32 connections, no rate limit",
+        text,
     ), text
     # The run's queue is where the config put it, for `postwarden queue` and `events`.
     env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(tmp_path / "spool")}
