@@ -228,27 +228,39 @@ async def postwarden_cli(spool_path: str | Path, *args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
-async def tenant_key_via_cli(config: Path, base: str, name: str = "acme") -> str:
-    """``postwarden admin create-key`` against ``config``'s database, then a tenant
-    ``name`` and a key of it with every tenant scope, through the API at ``base``."""
+async def config_cli(config: Path, *args: str) -> tuple[int, str]:
+    """``python -m postwarden.cli ARGS --config CONFIG``: (exit code, stdout + stderr)."""
     import asyncio
     import subprocess
 
-    import httpx
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", *args, "--config", str(config),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def operator_key_via_cli(config: Path) -> str:
+    """``postwarden admin create-key`` against ``config``'s database."""
+    import asyncio
+    import subprocess
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "postwarden.cli",
-        "admin",
-        "create-key",
-        "--config",
-        str(config),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+        sys.executable, "-m", "postwarden.cli", "admin", "create-key", "--config", str(config),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     op = (await proc.communicate())[0].decode().strip()
     assert proc.returncode == 0 and op.startswith("pw_"), op
+    return op
+
+
+async def tenant_key_via_cli(config: Path, base: str, name: str = "acme") -> str:
+    """An operator key (:func:`operator_key_via_cli`), then a tenant ``name`` and a key
+    of it with every tenant scope, through the API at ``base``."""
+    import httpx
+
+    op = await operator_key_via_cli(config)
     async with httpx.AsyncClient(
         base_url=base, timeout=30, headers={"Authorization": f"Bearer {op}"}
     ) as c:

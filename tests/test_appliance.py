@@ -82,6 +82,13 @@ async def test_serve_uses_uvloop_serves_metrics_and_reloads_on_sighup(
     async with serve([], config, port, log) as proc:
         text = await wait_log(log, r"event=started .* loop=(\w+)")
         assert re.search(r"event=started .* loop=uvloop", text)
+        # Both workers up before the SIGHUP below: one still importing would die of it
+        # (and be restarted) instead of reloading.
+        await wait_log(
+            log,
+            r"worker=0 event=started(?s:.*)worker=1 event=started|"
+            r"worker=1 event=started(?s:.*)worker=0 event=started",
+        )
 
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:
             await smtp.sendmail("a@sender.test", ["r@inbox.test"], b"Subject: m\r\n\r\nx\r\n")

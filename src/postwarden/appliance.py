@@ -168,7 +168,7 @@ class Appliance:
             if drops:
                 envelope = dataclasses.replace(envelope, drops=drops)
         n = sum(1 for r in envelope.rcpt_tos if r not in envelope.drops)
-        lease = self.scheduler.reserve(n, getattr(envelope, "lane", 0))
+        lease = self.scheduler.reserve(n, envelope.lane)
         try:
             stored = await self.spool.store(envelope, data, lease=lease, msg_id=msg_id)
         except BaseException:
@@ -216,12 +216,8 @@ class Appliance:
             if own:
                 await self.shaping.start(serve=True)
             backend = LocalBackend(self.shaping)
-        self.shaper = Shaper(self.cfg, backend)
-        pool_members = getattr(self.control, "pool_members", None)
-        if pool_members is not None:
-            self.shaper.pool_lookup = pool_members
-        self.scheduler.shaper = self.shaper
-        self.control.shaper = self.shaper  # type: ignore[attr-defined]
+        self.shaper = Shaper(self.cfg, backend, self.control.pool_members)
+        self.scheduler.shaper = self.control.shaper = self.shaper
 
     async def start(self) -> None:
         await self._start_shaping()

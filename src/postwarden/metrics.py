@@ -16,6 +16,8 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from postwarden.shaping.broker import REFUSALS
+
 #: Bounded label values (documented in docs/operations.md).
 REJECT_REASONS = (
     "auth_required",
@@ -173,17 +175,7 @@ class Metrics:
             self.shaping_waits.labels(reason)
 
 
-WAIT_REASONS = (
-    "suspended",
-    "warming_cap",
-    "domain_warming_cap",
-    "connection_limit",
-    "connection_rate",
-    "message_rate",
-    "paused",
-    "broker_unavailable",
-    "other",
-)
+WAIT_REASONS = REFUSALS
 
 
 class ShapingMetrics:

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from postwarden.queue.spool import (
+    _RECIPIENTS_V2_COLUMNS,
+    _RECIPIENTS_V2_TABLE,
     DELIVERED,
     LANE_BULK,
     LANE_HIGH,
@@ -227,20 +229,6 @@ CREATE TABLE messages (
     received_at REAL NOT NULL,
     remaining INTEGER NOT NULL
 )"""
-_V2_RECIPIENTS = """
-CREATE TABLE recipients (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    msg_id TEXT NOT NULL,
-    rcpt TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_response TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-)"""
 _V2_INDEXES = """
 CREATE INDEX recipients_msg ON recipients(msg_id);
 CREATE INDEX recipients_due ON recipients(next_attempt)
@@ -251,15 +239,11 @@ _V2_MESSAGE_COLUMNS = (
     "id, segment, body_offset, body_length, mail_from, client_ip, helo, auth, tenant,"
     " smtputf8, body_8bit, received_at, remaining"
 )
-_V2_RECIPIENT_COLUMNS = (
-    "id, msg_id, rcpt, domain, state, held, attempts, next_attempt, last_response,"
-    " created_at, updated_at"
-)
 
 
 def _downgrade(spool_path: Path, version: int) -> None:
     """Rewrite a closed spool's tables with the DDL of schema ``version`` (1 or 2)."""
-    recipients = _V2_RECIPIENTS
+    recipients = _RECIPIENTS_V2_TABLE
     if version == 1:
         recipients = recipients.replace("PRIMARY KEY AUTOINCREMENT", "PRIMARY KEY")
     db = sqlite3.connect(spool_path / "index.db", isolation_level=None)
@@ -267,7 +251,7 @@ def _downgrade(spool_path: Path, version: int) -> None:
         db.execute("BEGIN")
         for table, ddl, columns in (
             ("messages", _V2_MESSAGES, _V2_MESSAGE_COLUMNS),
-            ("recipients", recipients, _V2_RECIPIENT_COLUMNS),
+            ("recipients", recipients, _RECIPIENTS_V2_COLUMNS),
         ):
             db.execute(f"ALTER TABLE {table} RENAME TO {table}_v3")
             db.execute(ddl)

@@ -3,7 +3,8 @@ the grants, and a holder that goes away frees its slots (a driven clock)."""
 
 from __future__ import annotations
 
-from postwarden.shaping.broker import Broker
+from postwarden.config import SourceConfig
+from postwarden.shaping.broker import Broker, Choice
 from postwarden.shaping.rules import parse_rules, shipped_rules
 
 RULES = parse_rules(
@@ -15,6 +16,14 @@ RULES = parse_rules(
 )
 
 
+SOURCES = {ip: SourceConfig(ip, ip) for ip in ("10.0.0.1", "10.0.0.2")}
+
+
+def connect(b: Broker, holder: str, source: str, site: str, domain: str | None = None) -> Choice:
+    """A connection slot from ``source`` alone (a pool of one)."""
+    return b.choose(holder, "p", [(source, 1)], "wait", site, domain)
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 1000.0
@@ -24,16 +33,16 @@ class Clock:
 
 
 def test_connection_limit_holds_across_holders() -> None:
-    b = Broker(RULES, clock=Clock())
-    grants = [b.acquire_connection(w, "10.0.0.1", "lab") for w in ("w0", "w1", "w0", "w1")]
+    b = Broker(RULES, clock=Clock(), sources=SOURCES)
+    grants = [connect(b, w, "10.0.0.1", "lab") for w in ("w0", "w1", "w0", "w1")]
     assert [g.ok for g in grants] == [True, True, True, False]
-    assert grants[3].reason == "connection limit"
-    b.release_connection("w1", "10.0.0.1", "lab")
-    assert b.acquire_connection("w1", "10.0.0.1", "lab").ok
+    assert (grants[3].reason, grants[3].kind) == ("connection limit", "connection_limit")
+    b.release("w1", "p", "10.0.0.1", "lab")
+    assert connect(b, "w1", "10.0.0.1", "lab").ok
     # Another source has its own budget; a domain with its own limit its own pair.
-    assert b.acquire_connection("w0", "10.0.0.2", "lab").ok
-    assert b.acquire_connection("w0", "10.0.0.1", "lab", "tiny.test").ok
-    assert not b.acquire_connection("w1", "10.0.0.1", "lab", "tiny.test").ok
+    assert connect(b, "w0", "10.0.0.2", "lab").ok
+    assert connect(b, "w0", "10.0.0.1", "lab", "tiny.test").ok
+    assert not connect(b, "w1", "10.0.0.1", "lab", "tiny.test").ok
     # A worker that dies gives its slots back.
     b.drop_holder("w0")
     assert sum(p.in_use for p in b.pairs.values()) == 1  # w1's one lab slot
@@ -44,7 +53,7 @@ def test_message_rate_holds_over_a_minute() -> None:
     b = Broker(RULES, clock=clock)
     sent = 0
     for _ in range(600):  # a greedy worker asking 10 times a second for a minute
-        g = b.take_messages("w0", "10.0.0.1", "lab", 50)
+        g = b.take("w0", "10.0.0.1", "lab", 50)
         sent += g.tokens
         clock.t += 0.1
     assert 118 <= sent <= 122  # 120/min, plus at most the one-second burst
@@ -52,15 +61,16 @@ def test_message_rate_holds_over_a_minute() -> None:
 
 def test_421_storm_suspends_only_that_pair_and_recovers() -> None:
     clock = Clock()
-    b = Broker(RULES, clock=clock)
+    b = Broker(RULES, clock=clock, sources=SOURCES)
     for _ in range(5):
         b.report("10.0.0.1", "gmail", 421, "4.7.28", "rate limited")
-    g = b.acquire_connection("w0", "10.0.0.1", "gmail")
-    assert not g.ok and g.reason.startswith("suspended") and g.retry_at == clock.t + 1800
-    assert b.acquire_connection("w0", "10.0.0.2", "gmail").ok  # another source
-    assert b.acquire_connection("w0", "10.0.0.1", "lab").ok  # another site
+    g = connect(b, "w0", "10.0.0.1", "gmail")
+    assert not g.ok and g.kind == "suspended" and g.retry_at == clock.t + 1800
+    assert "10.0.0.1: suspended (gmail-rate-limited" in g.reason
+    assert connect(b, "w0", "10.0.0.2", "gmail").ok  # another source
+    assert connect(b, "w0", "10.0.0.1", "lab").ok  # another site
     clock.t += 1800
-    assert b.acquire_connection("w0", "10.0.0.1", "gmail").ok
+    assert connect(b, "w0", "10.0.0.1", "gmail").ok
 
 
 def test_deferrals_slow_the_grants_and_successes_restore_them() -> None:
@@ -73,7 +83,7 @@ def test_deferrals_slow_the_grants_and_successes_restore_them() -> None:
     assert pair.state.rate == 2.0 / 8
     sent = 0
     for _ in range(600):
-        sent += b.take_messages("w0", "10.0.0.1", "lab", 50).tokens
+        sent += b.take("w0", "10.0.0.1", "lab", 50).tokens
         clock.t += 0.1
     assert sent <= 16  # 15/min now
     for _ in range(200):  # successes for a while: the rate climbs back to the limit

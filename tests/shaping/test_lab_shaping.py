@@ -32,26 +32,25 @@ async def sink(lab: Lab) -> AsyncIterator[RecordingSink]:
     await s.stop()
 
 
-def shaping_config(tmp_path: Path, sink: RecordingSink, rules: str, **extra: Any) -> dict[str, Any]:
+def shaping_config(
+    tmp_path: Path,
+    sink: RecordingSink,
+    rules: str,
+    members: tuple[tuple[str, int], ...] = (("a", 3), ("b", 1)),
+) -> dict[str, Any]:
+    """Sources a and b, the pool "main" of ``members`` (name, weight), the sink's MX
+    hosts as the site "gmail" with ``rules`` (TOML lines of that site) on top."""
     path = tmp_path / "shaping.toml"
     path.write_text('[sites.gmail]\nmx_suffixes = ["gm.test"]\n' + rules, encoding="utf-8")
-    cfg: dict[str, Any] = {
+    return {
         "delivery": {"mx_port": sink.port, "max_connections_per_domain": 20},
         "sources": [
             {"name": "a", "address": SRC_A, "ehlo": "a.out.test"},
             {"name": "b", "address": SRC_B, "ehlo": "b.out.test"},
         ],
-        "pools": [
-            {
-                "name": "main",
-                "members": [{"source": "a", "weight": 3}, {"source": "b", "weight": 1}],
-            }
-        ],
+        "pools": [{"name": "main", "members": [{"source": n, "weight": w} for n, w in members]}],
         "shaping": {"rules_file": str(path), "default_pool": "main"},
     }
-    for k, v in extra.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    return cfg
 
 
 async def send(
@@ -107,8 +106,7 @@ async def test_site_limits_hold_under_load(
     # One source, so every connection is the same (source, site) pair: 3 connections
     # and 6000 messages a minute at most, whichever of the site's domains they are for.
     rules = 'connection_limit = 3\nmax_message_rate = "6000/min"\n'
-    cfg = shaping_config(tmp_path, sink, rules)
-    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}]}]
+    cfg = shaping_config(tmp_path, sink, rules, members=(("a", 1),))
     app = await appliance(cfg)
     port = app.smtp_addresses[0][1]
     n = 2000
@@ -211,8 +209,7 @@ async def shaped(
 async def test_warming_source_stops_at_its_cap_and_resumes_the_next_day(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
-    cfg = shaping_config(tmp_path, sink, "")
-    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}], "overflow": "wait"}]
+    cfg = shaping_config(tmp_path, sink, "", members=(("a", 1),))  # overflow "wait"
     app, svc = await shaped(tmp_path, lab, appliance, cfg, near_midnight(8.0))
     svc.command(
         {
@@ -242,8 +239,7 @@ async def test_warming_source_stops_at_its_cap_and_resumes_the_next_day(
 async def test_bounce_storm_pauses_a_warming_source_until_resumed(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
-    cfg = shaping_config(tmp_path, sink, "")
-    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}]}]
+    cfg = shaping_config(tmp_path, sink, "", members=(("a", 1),))
     cfg["shaping"].update(pause_min_volume=20, pause_recheck="0.5s")
     app, svc = await shaped(tmp_path, lab, appliance, cfg)
     svc.command({"op": "warming_start", "target": "source", "name": "a", "plan": "moderate"})
@@ -277,8 +273,7 @@ async def test_transactional_mail_and_small_tenants_are_not_starved_by_a_campaig
 
     # One connection at 20 messages a second: the campaign alone needs 20 s.
     rules = 'connection_limit = 1\nmax_message_rate = "1200/min"\n'
-    cfg = shaping_config(tmp_path, sink, rules)
-    cfg["pools"] = [{"name": "main", "members": [{"source": "a"}]}]
+    cfg = shaping_config(tmp_path, sink, rules, members=(("a", 1),))
     app = await appliance(cfg)
 
     async def accept(tenant: str, lane: int, rcpt: str) -> None:

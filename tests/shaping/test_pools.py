@@ -3,13 +3,11 @@ reverse DNS check, against the lab DNS server."""
 
 from __future__ import annotations
 
-import random
-from collections import Counter
-
 from postwarden.config import load_config
 from postwarden.dns.resolver import Resolver
 from postwarden.lab import Lab
-from postwarden.shaping.pools import check_source, choose_source
+from postwarden.shaping.pools import check_source
+from tests.conftest import config_cli
 
 CFG = load_config(
     None,
@@ -36,17 +34,6 @@ CFG = load_config(
 SOURCES = {s.name: s for s in CFG.sources}
 
 
-def test_weights_are_followed_and_paused_sources_skipped() -> None:
-    rng = random.Random(7)
-    picks = Counter(choose_source(CFG.pools[0], SOURCES, rng).name for _ in range(8000))  # type: ignore[union-attr]
-    assert set(picks) == {"a", "b"}  # c is paused
-    assert 2.8 < picks["a"] / picks["b"] < 3.2
-    # A source the broker refuses (at its cap, suspended): the others take over.
-    only_b = {choose_source(CFG.pools[0], SOURCES, rng, lambda n: n != "a").name for _ in range(50)}  # type: ignore[union-attr]
-    assert only_b == {"b"}
-    assert choose_source(CFG.pools[0], SOURCES, rng, lambda n: False) is None
-
-
 async def test_forward_confirmed_reverse_dns(lab: Lab) -> None:
     lab.dns.add("1.3.0.127.in-addr.arpa", "PTR", "out1.lab.test.")
     lab.dns.add("out1.lab.test", "A", "127.0.3.1")
@@ -62,8 +49,6 @@ async def test_forward_confirmed_reverse_dns(lab: Lab) -> None:
 
 
 async def test_sources_check_command(lab: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
-    import sys
 
     from tests.conftest import write_toml
 
@@ -80,19 +65,8 @@ async def test_sources_check_command(lab: Lab, tmp_path) -> None:  # type: ignor
             ],
         },
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "postwarden.cli",
-        "sources",
-        "check",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out = (await proc.communicate())[0].decode()
-    assert proc.returncode == 1, out
+    code, out = await config_cli(config, "sources", "check")
+    assert code == 1, out
     lines = out.splitlines()
     assert lines[0].startswith("a ") and lines[0].endswith(" ok")
     assert lines[1].startswith("b ") and "PROBLEM: no PTR record" in lines[1]

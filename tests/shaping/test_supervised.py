@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from postwarden.lab import Lab
+from tests.conftest import config_cli, operator_key_via_cli
 from tests.queue.test_durability import serve
 from tests.shaping.recsink import RecordingSink
 from tests.shaping.test_lab_shaping import SRC_A, send, until
@@ -23,21 +23,6 @@ RULES = (
     '[sites.gmail]\nmx_suffixes = ["gm.test"]\nconnection_limit = 2\n'
     'max_message_rate = "3000/min"\n'
 )
-
-
-async def cli(config: Path, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "postwarden.cli",
-        *args,
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
 
 
 @pytest.mark.timeout(300)
@@ -77,30 +62,22 @@ async def test_two_workers_share_the_limits_cli_and_api_reach_the_broker(
                 assert i - j + 1 <= 50 * 5 + 50 + 20, i - j + 1
             assert {m.peer for m in sink.rec.messages} == {SRC_A}
 
-            code, out = await cli(config, "shaping", "status")
+            code, out = await config_cli(config, "shaping", "status")
             assert code == 0, out
             assert re.search(r"a +gmail +conns [0-2]/2 rate 3000.0/min \(limit 3000.0\)", out), out
-            code, out = await cli(
+            code, out = await config_cli(
                 config, "warming", "start", "--source", "a", "--plan", "conservative"
             )
             assert code == 0 and "plan conservative day 1/21 cap 50" in out, out
-            code, out = await cli(config, "warming", "pause", "--source", "a", "--reason", "test")
+            code, out = await config_cli(
+                config, "warming", "pause", "--source", "a", "--reason", "test"
+            )
             assert code == 0 and "PAUSED (test)" in out, out
-            code, out = await cli(config, "warming", "progress", "--source", "nope")
+            code, out = await config_cli(config, "warming", "progress", "--source", "nope")
             assert code == 1 and "no source named 'nope'" in out, out
 
             # The API, with an operator key.
-            p = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "postwarden.cli",
-                "admin",
-                "create-key",
-                "--config",
-                str(config),
-                stdout=asyncio.subprocess.PIPE,
-            )
-            op = (await p.communicate())[0].decode().strip()
+            op = await operator_key_via_cli(config)
             async with httpx.AsyncClient(
                 base_url=f"http://{control}", headers={"Authorization": f"Bearer {op}"}
             ) as c:

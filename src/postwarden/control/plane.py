@@ -9,7 +9,7 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
 
@@ -29,6 +29,9 @@ from postwarden.store.db import (
 from postwarden.store.models import Change, DkimKey, Domain, IdempotencyKey, Pool, Tenant
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
+
+if TYPE_CHECKING:
+    from postwarden.shaping.shaper import Shaper
 
 log = logging.getLogger("postwarden.control")
 
@@ -78,6 +81,9 @@ class ControlPlane:
         self.on_keys: list[Callable[[list[SigningKey]], None]] = []
         # Set by the appliance: spools a message (None in a control-only process).
         self.inject: Callable[..., Awaitable[Any]] | None = None
+        # Set by the appliance: the worker's traffic shaping (None in a control-only
+        # process); the shaping API routes speak to the broker through it.
+        self.shaper: Shaper | None = None
         self._last_change = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -40,7 +40,7 @@ class PauseBody(BaseModel):
 
 
 async def _command(c: Call, **args: Any) -> dict[str, Any]:
-    shaper = getattr(c.ctx, "shaper", None)
+    shaper = c.ctx.shaper
     if shaper is None:
         raise ApiError(
             503, "unavailable", "traffic shaping runs with the MTA (serve --role all|mta)"

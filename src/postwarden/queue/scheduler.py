@@ -32,7 +32,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from postwarden.shaping.broker import Choice
+from postwarden.shaping.adaptive import speaks_of_pace
+from postwarden.shaping.broker import Choice, Grant
 from postwarden.shaping.shaper import split_answer
 
 if TYPE_CHECKING:
@@ -270,8 +271,8 @@ class Scheduler:
         shaped = self.shaper is not None
         for (msg_id, domain), group in groups.items():
             first = group[0]
-            lane = getattr(first, "lane", 0)
-            pool = (getattr(first, "pool", None) or self.cfg.default_pool) if shaped else ""
+            lane = first.lane
+            pool = (first.pool or self.cfg.default_pool) if shaped else ""
             key = (domain, pool)
             q = self.queues.get(key)
             if q is None:
@@ -320,16 +321,17 @@ class Scheduler:
     # ------------------------------------------------------------------ shaping refusals
 
     def _hold(
-        self, key: tuple[str, str], q: _DomainQueue, jobs: list[Job], retry_at: float, reason: str
+        self, key: tuple[str, str], q: _DomainQueue, jobs: list[Job], no: Grant | Choice
     ) -> None:
-        """Jobs the broker refused until ``retry_at`` (loop time): held in memory, the
-        queue blocked until then, when that is soon; else back to the spool, with
+        """Jobs the broker refused until ``no.retry_at`` (loop time): held in memory,
+        the queue blocked until then, when that is soon; else back to the spool, with
         every job queued for the destination (they would meet the same refusal)."""
         loop = asyncio.get_running_loop()
+        retry_at = no.retry_at
         wait = retry_at - loop.time()
         if wait > HOLD_MEMORY or self._stopping:
             rest = [self._take(q) for _ in range(len(q.jobs))]
-            self._to_spool(jobs + rest, retry_at, reason)
+            self._to_spool(jobs + rest, no)
             return
         for job in reversed(jobs):
             q.jobs.append(job, left=True)
@@ -347,11 +349,11 @@ class Scheduler:
         if self.queues.get(key) is q and q.jobs:
             self._dispatch(key, q)
 
-    def _to_spool(self, jobs: list[Job], retry_at: float, reason: str) -> None:
-        """Back to the queue without counting an attempt, due at ``retry_at`` (loop time)."""
+    def _to_spool(self, jobs: list[Job], no: Grant | Choice) -> None:
+        """Back to the queue without counting an attempt, due when the broker said."""
         if not jobs:
             return
-        when = time.time() + max(0.0, retry_at - asyncio.get_running_loop().time())
+        when = time.time() + max(0.0, no.retry_at - asyncio.get_running_loop().time())
         n = 0
         for job in jobs:
             for lease in job.leases:
@@ -365,8 +367,8 @@ class Scheduler:
                     )
                 )
                 n += 1
-        self.metrics.shaping_waits.labels(reason_label(reason)).inc(n)
-        log.info("event=shaping_wait recipients=%d until=%.0f reason=%r", n, when, reason)
+        self.metrics.shaping_waits.labels(no.kind).inc(n)
+        log.info("event=shaping_wait recipients=%d until=%.0f reason=%r", n, when, no.reason)
         if self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
@@ -383,12 +385,12 @@ class Scheduler:
             )
         elif choice.defer:
             jobs = [job] + [self._take(q) for _ in range(min(len(q.jobs), choice.defer - 1))]
-            self._to_spool(jobs, choice.retry_at, choice.reason)
+            self._to_spool(jobs, choice)
             if q.jobs:
                 asyncio.get_running_loop().call_soon(self._dispatch, key, q)
         else:
-            self._hold(key, q, [job], choice.retry_at, choice.reason)
-            if choice.reason == "connection limit" and q.site:
+            self._hold(key, q, [job], choice)
+            if choice.kind == "connection_limit" and q.site:
                 self.slot_waiters.setdefault(q.site, set()).add(key)
                 for other in self.queues.values():  # idle sessions there: give way
                     if other.site == q.site and other.waiters:
@@ -586,23 +588,6 @@ class Scheduler:
         await self.drain_records()
 
 
-def reason_label(reason: str) -> str:
-    """A bounded metric label for a broker's refusal."""
-    for label in (
-        "suspended",
-        "warming cap",
-        "domain warming cap",
-        "connection limit",
-        "connection rate",
-        "message rate",
-        "paused",
-        "broker unavailable",
-    ):
-        if label in reason:
-            return label.replace(" ", "_")
-    return "other"
-
-
 class _Gate:
     """One session's dealings with the shaping broker (see ``DeliveryAgent.run_session``)."""
 
@@ -624,15 +609,7 @@ class _Gate:
         self.site = self.q.site = self.shaper.site_for(h.name for h in mx_hosts)
         retry = self.shaper.rules.limits_for(self.site, self.domain).retry
         if retry:
-            self.sched.retry_policies[self.domain] = dataclasses.replace(
-                self.sched.policy,
-                **{
-                    {"retry_initial": "initial", "retry_factor": "factor", "retry_max": "maximum"}[
-                        k
-                    ]: v
-                    for k, v in retry.items()
-                },
-            )
+            self.sched.retry_policies[self.domain] = dataclasses.replace(self.sched.policy, **retry)
         d = self.sched.cfg.delivery
         want = min(1 + len(self.q.jobs), d.max_messages_per_connection)
         choice, source = await self.shaper.choose(self.pool, self.site, self.domain, want)
@@ -646,7 +623,7 @@ class _Gate:
 
     async def admit(self, job: Job) -> str:
         assert self.source is not None
-        by_domain = self.shaper.metered_domain(job.sending_domain)
+        by_domain = self.shaper.metered_domain(job)
         if not self.metered and not by_domain:
             return "go"
         if self.tokens > 0 and not by_domain:
@@ -665,14 +642,14 @@ class _Gate:
             if g.ok:
                 self.tokens += g.tokens - 1
                 return "go"
-            if g.reason.startswith("domain"):
-                self.sched._to_spool([job], g.retry_at, g.reason)
+            if g.kind in ("domain_warming_cap", "domain_paused"):  # this sender's mail only
+                self.sched._to_spool([job], g)
                 return "skip"
             wait = g.retry_at - loop.time()
             if wait <= HOLD_CONNECTION and not self.sched._stopping:
                 await asyncio.sleep(max(wait, 0.005))
                 continue
-            self.sched._hold(self.key, self.q, [job], g.retry_at, g.reason)
+            self.sched._hold(self.key, self.q, [job], g)
             return "stop"
 
     def answered(self, job: Job, results: list[AttemptResult]) -> None:
@@ -690,15 +667,7 @@ class _Gate:
                 deferred += 1
                 worst = worst or r
         code, enhanced, text = split_answer((worst or results[0]).response)
-        # One recipient's deferral (greylisting, a full mailbox) says nothing about the
-        # pace the provider wants; a refused connection, sender or message does.
-        # Errors of our own or of the network (no SMTP answer: 4.4.x, dns, local) are
-        # no answer at all.
-        adaptive = worst is None or (
-            (worst.reason != "rcpt" or code == 421)
-            and worst.reason not in ("dns", "local", "connection")
-            and not enhanced.startswith("4.4.")
-        )
+        adaptive = worst is None or speaks_of_pace(worst.reason, code, enhanced)
         self.shaper.backend.report_outcome(
             source=self.source.name,
             site=self.site,

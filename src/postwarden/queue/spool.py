@@ -149,23 +149,11 @@ _V3_COLUMNS = (
     ("recipients", "tenant", "TEXT NOT NULL DEFAULT ''"),
 )
 
+# Schema 3's table: schema 2's with the columns schema 3 added.
 _RECIPIENTS_DDL = (
-    """
-CREATE TABLE IF NOT EXISTS recipients (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    msg_id TEXT NOT NULL,
-    rcpt TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_response TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    lane INTEGER NOT NULL DEFAULT 0,
-    tenant TEXT NOT NULL DEFAULT ''
-);"""
+    _RECIPIENTS_V2_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS").removesuffix("\n)")
+    + "".join(f",\n    {col} {decl}" for table, col, decl in _V3_COLUMNS if table == "recipients")
+    + "\n);"
     + _RECIPIENTS_INDEXES
 )
 _SCHEMA = _SCHEMA_TEMPLATE.replace("{recipients}", _RECIPIENTS_DDL)

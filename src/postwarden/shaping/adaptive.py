@@ -176,6 +176,16 @@ def on_answer(
     return None
 
 
+def speaks_of_pace(stage: str, code: int, enhanced: str) -> bool:
+    """Whether an answer should move the rate (AIMD): a refused greeting, sender or
+    message does, and a 421 anywhere; one recipient's deferral (greylisting, a full
+    mailbox) does not, nor does an error that is no answer at all (the network's or
+    ours: 4.4.x, and the dns, local and connection stages)."""
+    if stage == "rcpt":
+        return code == 421
+    return stage not in ("dns", "local", "connection") and not enhanced.startswith("4.4.")
+
+
 def on_success_window(state: PairState, *, now: float, aimd: Aimd = Aimd()) -> None:
     """A window of successful deliveries: recover additively, up to the rules' limit
     (not while a rule's lowering is in force)."""

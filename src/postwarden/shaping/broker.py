@@ -39,19 +39,36 @@ UNLIMITED_RATE = 1_000_000.0  # messages/s when the rules set none
 SUCCESS_WINDOW = 10.0  # seconds of successes before AIMD adds back
 
 
+#: What a refusal is, for the scheduler and the metric ``postwarden_shaping_waits``
+#: (``reason`` says it for people).
+REFUSALS = (
+    "suspended",
+    "connection_limit",
+    "connection_rate",
+    "message_rate",
+    "warming_cap",
+    "paused",
+    "domain_warming_cap",
+    "domain_paused",
+    "no_source",
+    "broker_unavailable",
+)
+
+
 @dataclass(frozen=True)
 class Grant:
     ok: bool
     tokens: int = 0
     reason: str = ""
     retry_at: float = 0.0
+    kind: str = ""  # on a refusal, one of REFUSALS
 
 
 @dataclass(frozen=True)
 class Choice:
     """The answer to :meth:`Broker.choose`: a source and a connection slot, or why not.
 
-    ``metered``: take message tokens (:meth:`Broker.take_messages`) before each
+    ``metered``: take message tokens (:meth:`Broker.take`) before each
     transaction — the pair has a rate, or the source is warming; ``tokens`` are
     granted already. On a refusal, ``retry_at`` says when to come back; ``defer``
     says how many messages wait until then (a warming source's share, overflow
@@ -68,6 +85,7 @@ class Choice:
     retry_at: float = 0.0
     defer: int = 0
     bounce: str = ""
+    kind: str = ""  # on a refusal, one of REFUSALS (or "bounce")
 
 
 @dataclass
@@ -80,8 +98,11 @@ class Bucket:
     stamp: float
 
     def refill(self, now: float) -> None:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        # ``now`` may be older than the stamp (read before the bucket was made): no
+        # time has passed then, and none is taken back.
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
 
     def take(self, now: float, want: int) -> int:
         self.refill(now)
@@ -210,22 +231,21 @@ class Broker:
 
     # ------------------------------------------------------------------ leases
 
-    def acquire_connection(
-        self, holder: Any, source: str, site: str, domain: str | None = None
-    ) -> Grant:
-        now = self.clock()
-        p = self.pair(source, site, domain)
-        expire(p.state, now)
-        if now < p.state.suspended_until:
-            return Grant(
-                False, reason=f"suspended: {p.state.reason}", retry_at=p.state.suspended_until
-            )
+    def _slot(self, p: Pair, holder: Any, now: float) -> Grant:
+        """A connection slot on the pair, within its connection limit and rate."""
         if p.in_use >= min(p.state.connections, p.state.limit_connections):
-            return Grant(False, reason="connection limit", retry_at=now + 1.0)
+            return Grant(
+                False, reason="connection limit", retry_at=now + 0.25, kind="connection_limit"
+            )
         if p.connects is not None and p.connects.take(now, 1) < 1:
-            return Grant(False, reason="connection rate", retry_at=now + p.connects.wait())
+            return Grant(
+                False,
+                reason="connection rate",
+                retry_at=now + p.connects.wait(),
+                kind="connection_rate",
+            )
         p.slots[holder] = p.slots.get(holder, 0) + 1
-        return Grant(True, tokens=1)
+        return Grant(True)
 
     def release_connection(
         self, holder: Any, source: str, site: str, domain: str | None = None
@@ -236,28 +256,6 @@ class Broker:
             p.slots[holder] = n
         else:
             p.slots.pop(holder, None)
-
-    def take_messages(
-        self, holder: Any, source: str, site: str, want: int, domain: str | None = None
-    ) -> Grant:
-        """Up to ``want`` message tokens (at least one, or a time to come back)."""
-        now = self.clock()
-        p = self.pair(source, site, domain)
-        expire(p.state, now)
-        if now < p.state.suspended_until:
-            return Grant(
-                False, reason=f"suspended: {p.state.reason}", retry_at=p.state.suspended_until
-            )
-        bucket = p.messages
-        if bucket.rate != p.state.rate:  # AIMD moved the rate
-            bucket.refill(now)
-            bucket.rate = p.state.rate
-            bucket.burst = max(1.0, p.state.rate)
-            bucket.tokens = min(bucket.tokens, bucket.burst)
-        n = bucket.take(now, want)
-        if n < 1:
-            return Grant(False, reason="message rate", retry_at=now + bucket.wait())
-        return Grant(True, tokens=n)
 
     # ------------------------------------------------------------------ sources
 
@@ -290,6 +288,7 @@ class Broker:
         cands: list[tuple[str, int, Pair]] = []
         retry = math.inf
         why: list[str] = []
+        kinds: set[str] = set()
         bounce = ""
         for name, weight in members:
             src = self.sources.get(name)
@@ -298,11 +297,13 @@ class Broker:
                 continue
             if src.state == "paused":
                 why.append(f"{name}: paused in the configuration")
+                kinds.add("paused")
                 retry = min(retry, now + self.pause_recheck)
                 continue
             paused = book.is_paused(f"source:{name}") if book else ""
             if paused:
                 why.append(f"{name}: paused ({paused})")
+                kinds.add("paused")
                 retry = min(retry, now + self.pause_recheck)
                 continue
             p = self.pair(name, site, domain)
@@ -313,15 +314,16 @@ class Broker:
             if now < p.state.suspended_until:
                 retry = min(retry, p.state.suspended_until)
                 why.append(f"{name}: suspended ({p.state.reason})")
+                kinds.add("suspended")
                 continue
             cands.append((name, weight, p))
         if not cands:
             if bounce and not why:
-                return Choice(False, reason=f"bounce rule: {bounce}", bounce=bounce)
+                return Choice(False, reason=f"bounce rule: {bounce}", bounce=bounce, kind="bounce")
+            reason = "; ".join(why) or "no source"
+            kind = next((k for k in ("suspended", "paused") if k in kinds), "no_source")
             return Choice(
-                False,
-                reason="; ".join(why) or "no source",
-                retry_at=retry if retry < math.inf else now + 300.0,
+                False, reason=reason, kind=kind, retry_at=retry if retry < math.inf else now + 300.0
             )
         room = {
             name: (book.remaining(f"source:{name}", site) if book else None)
@@ -337,6 +339,7 @@ class Broker:
                     False,
                     reason="warming cap reached on every source of the pool",
                     retry_at=self._wall_to_clock(nxt),
+                    kind="warming_cap",
                 )
         est = self.per_conn.get(pool, 1.0)
 
@@ -352,25 +355,25 @@ class Broker:
             return Choice(
                 False,
                 reason=f"warming cap reached: {first}",
+                kind="warming_cap",
                 defer=want,
                 retry_at=self._wall_to_clock(book.next_day_at(f"source:{first}")),
             )
-        soonest = math.inf
+        refused: Grant | None = None
         for name, _w, p in cands:
             if room[name] == 0:
                 continue
-            if p.in_use >= min(p.state.connections, p.state.limit_connections):
-                soonest = min(soonest, now + 0.25)
+            slot = self._slot(p, holder, now)
+            if not slot.ok:
+                if refused is None or slot.retry_at < refused.retry_at:
+                    refused = slot
                 continue
-            if p.connects is not None and p.connects.take(now, 1) < 1:
-                soonest = min(soonest, now + p.connects.wait())
-                continue
-            p.slots[holder] = p.slots.get(holder, 0) + 1
             self.open[(pool, name)] = self.open.get((pool, name), 0) + 1
             metered = self._metered(p, room[name] is not None)
             tokens = self._tokens(p, name, site, want, room[name], now) if metered else 0
             return Choice(True, name, tokens, metered, p.limits.max_messages_per_connection or 0)
-        return Choice(False, reason="connection limit", retry_at=soonest)
+        assert refused is not None
+        return Choice(False, reason=refused.reason, retry_at=refused.retry_at, kind=refused.kind)
 
     def _tokens(
         self, p: Pair, source: str, site: str, want: int, room: int | None, now: float
@@ -424,18 +427,24 @@ class Broker:
         expire(p.state, now)
         if now < p.state.suspended_until:
             return Grant(
-                False, reason=f"suspended: {p.state.reason}", retry_at=p.state.suspended_until
+                False,
+                reason=f"suspended: {p.state.reason}",
+                retry_at=p.state.suspended_until,
+                kind="suspended",
             )
         book = self.book
         room = book.remaining(f"source:{source}", site) if book else None
         if room == 0 and book is not None and book.is_paused(f"source:{source}"):
-            return Grant(False, reason=f"paused: {source}", retry_at=now + self.pause_recheck)
+            return Grant(
+                False, reason=f"paused: {source}", retry_at=now + self.pause_recheck, kind="paused"
+            )
         if room == 0:
             assert book is not None
             return Grant(
                 False,
                 reason=f"warming cap reached: {source}",
                 retry_at=self._wall_to_clock(book.next_day_at(f"source:{source}")),
+                kind="warming_cap",
             )
         if sending_domain and book is not None:
             dkey = f"domain:{sending_domain.lower()}"
@@ -445,18 +454,22 @@ class Broker:
                     False,
                     reason=f"domain paused: {sending_domain}",
                     retry_at=now + self.pause_recheck,
+                    kind="domain_paused",
                 )
             if droom == 0:
                 return Grant(
                     False,
                     reason=f"domain warming cap reached: {sending_domain}",
                     retry_at=self._wall_to_clock(book.next_day_at(dkey)),
+                    kind="domain_warming_cap",
                 )
             if droom is not None:
                 want = min(want, droom)
         n = self._tokens(p, source, site, want, room, now)
         if n < 1:
-            return Grant(False, reason="message rate", retry_at=now + p.messages.wait())
+            return Grant(
+                False, reason="message rate", retry_at=now + p.messages.wait(), kind="message_rate"
+            )
         if sending_domain and book is not None:
             book.charge(f"domain:{sending_domain.lower()}", n, site)
         return Grant(True, tokens=n)

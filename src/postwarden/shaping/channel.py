@@ -2,8 +2,8 @@
 
 Newline-delimited JSON, one connection per worker; the connection is the holder, so
 a worker that dies (its socket closes) gives back every slot it held. Requests carry
-an ``id`` and get one answer with the same id; ``report`` carries none and gets none
-(answers are fire-and-forget). Times cross as "seconds from now", never as clock
+an ``id`` and get one answer with the same id; ``reports`` (delivery answers, batched)
+carries none and gets none. Times cross as "seconds from now", never as clock
 readings.
 """
 
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from postwarden.shaping.broker import Broker, Choice, Grant
+
+T = TypeVar("T", Grant, Choice)
 
 log = logging.getLogger("postwarden.shaping")
 MAX_LINE = 64 * 1024
@@ -99,96 +102,71 @@ class BrokerServer:
     def _handle(self, holder: object, req: dict[str, Any]) -> dict[str, Any] | None:
         op = req["op"]
         b = self.broker
-        src, site, dom = req.get("source", ""), req.get("site", ""), req.get("domain")
-        if op == "reports":
-            for r in req["items"]:
-                b.report(
-                    r["source"],
-                    r["site"],
-                    int(r["code"]),
-                    r.get("enhanced", ""),
-                    r.get("text", ""),
-                    r.get("domain"),
-                    sending_domain=r.get("sending_domain"),
-                    delivered=int(r.get("delivered", 0)),
-                    bounced=int(r.get("bounced", 0)),
-                    deferred=int(r.get("deferred", 0)),
-                    adaptive=bool(r.get("adaptive", True)),
-                )
+        if op == "reports":  # fire-and-forget: no answer
+            for item in req["items"]:
+                b.report(**item)
             return None
-        if op == "report":
-            b.report(src, site, int(req["code"]), req.get("enhanced", ""), req.get("text", ""), dom)
-            return None
-        if op == "release":
-            if "pool" in req:
-                b.release(
-                    holder,
-                    req["pool"],
-                    src,
-                    site,
-                    dom,
-                    int(req.get("sent", 0)),
-                    int(req.get("unused", 0)),
-                )
-            else:
-                b.release_connection(holder, src, site, dom)
-            return {"id": req["id"], "ok": True}
+        answer: dict[str, Any]
         if op == "choose":
+            members = [(str(n), int(w)) for n, w in req["members"]]
             c = b.choose(
                 holder,
                 req["pool"],
-                [(str(n), int(w)) for n, w in req["members"]],
-                req.get("overflow", "wait"),
-                site,
-                dom,
-                int(req.get("want", 1)),
+                members,
+                req["overflow"],
+                req["site"],
+                req["domain"],
+                int(req["want"]),
             )
-            return {
-                "id": req["id"],
-                "ok": c.ok,
-                "source": c.source,
-                "tokens": c.tokens,
-                "metered": c.metered,
-                "max_messages": c.max_messages,
-                "reason": c.reason,
-                "retry_in": max(0.0, c.retry_at - b.clock()) if c.retry_at else 0.0,
-                "defer": c.defer,
-                "bounce": c.bounce,
-                "warming_domains": b.warming_domains(),
-            }
-        if op == "take_for":
-            g = b.take(holder, src, site, int(req["want"]), dom, req.get("sending_domain"))
-            return {
-                "id": req["id"],
-                "ok": g.ok,
-                "tokens": g.tokens,
-                "reason": g.reason,
-                "retry_in": max(0.0, g.retry_at - b.clock()) if g.retry_at else 0.0,
-            }
-        if op == "command":
+            answer = {**_fields(c, b.clock()), "warming_domains": b.warming_domains()}
+        elif op == "take":
+            g = b.take(
+                holder,
+                req["source"],
+                req["site"],
+                int(req["want"]),
+                req["domain"],
+                req["sending_domain"],
+            )
+            answer = _fields(g, b.clock())
+        elif op == "release":
+            b.release(
+                holder,
+                req["pool"],
+                req["source"],
+                req["site"],
+                req["domain"],
+                int(req["sent"]),
+                int(req["unused"]),
+            )
+            answer = {"ok": True}
+        elif op == "command":
             if self.commands is None:
                 raise ValueError("no commands here")
-            return {"id": req["id"], "ok": True, **self.commands(req["args"])}
-        if op == "acquire":
-            g = b.acquire_connection(holder, src, site, dom)
-        elif op == "take":
-            g = b.take_messages(holder, src, site, int(req["want"]), dom)
-        elif op == "status":
-            return {"id": req["id"], "ok": True, "pairs": b.status()}
+            answer = {"ok": True, **self.commands(req["args"])}
         else:
             raise ValueError(f"unknown op {op!r}")
-        return {
-            "id": req["id"],
-            "ok": g.ok,
-            "tokens": g.tokens,
-            "reason": g.reason,
-            "retry_in": max(0.0, g.retry_at - b.clock()) if g.retry_at else 0.0,
-        }
+        return {"id": req["id"], **answer}
+
+
+def _fields(answer: Grant | Choice, now: float) -> dict[str, Any]:
+    """A grant or choice on the wire: its fields, the time as seconds from now."""
+    out = dataclasses.asdict(answer)
+    at = out.pop("retry_at")
+    out["retry_in"] = max(0.0, at - now) if at else 0.0
+    return out
+
+
+def _unfields(cls: type[T], a: dict[str, Any], now: float) -> T:
+    """The other way, ``retry_at`` on this process's clock ``now``."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"retry_at"}
+    retry = now + a["retry_in"] if a.get("retry_in") else 0.0
+    return cls(**{k: v for k, v in a.items() if k in names}, retry_at=retry)
 
 
 class BrokerClient:
-    """A worker's end. Methods mirror :class:`Broker`'s; grants carry ``retry_at`` on
-    this process's monotonic clock."""
+    """A worker's end (the :class:`~postwarden.shaping.shaper.Backend` calls); grants
+    carry ``retry_at`` on this process's event-loop clock."""
 
     def __init__(self, path: str, *, timeout: float = 2.0) -> None:
         self.path = path
@@ -206,10 +184,6 @@ class BrokerClient:
             short_path(self.path), limit=MAX_LINE
         )
         self._task = asyncio.create_task(self._read())
-
-    @property
-    def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -239,6 +213,7 @@ class BrokerClient:
         self._writer.write(json.dumps(req).encode() + b"\n")
 
     async def _call(self, **req: Any) -> dict[str, Any]:
+        self._flush_reports()  # the broker sees the answers before the next question
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -248,55 +223,20 @@ class BrokerClient:
         finally:
             self._pending.pop(rid, None)
 
-    async def _grant(self, **req: Any) -> Grant:
+    async def _answer(self, cls: type[T], **req: Any) -> tuple[T, dict[str, Any]]:
         loop = asyncio.get_running_loop()
         try:
             a = await self._call(**req)
         except (TimeoutError, ConnectionError) as exc:
             # No answer is a no: never exceed a limit because the broker is slow.
-            return Grant(False, reason=f"broker unavailable: {exc!r}", retry_at=loop.time() + 1)
-        retry = loop.time() + a["retry_in"] if a.get("retry_in") else 0.0
-        return Grant(a["ok"], a.get("tokens", 0), a.get("reason", ""), retry)
-
-    async def acquire_connection(self, source: str, site: str, domain: str | None = None) -> Grant:
-        return await self._grant(op="acquire", source=source, site=site, domain=domain)
-
-    async def release_connection(self, source: str, site: str, domain: str | None = None) -> None:
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            await self._call(op="release", source=source, site=site, domain=domain)
-
-    async def take_messages(
-        self, source: str, site: str, want: int, domain: str | None = None
-    ) -> Grant:
-        return await self._grant(op="take", source=source, site=site, want=want, domain=domain)
-
-    def report(
-        self,
-        source: str,
-        site: str,
-        code: int,
-        enhanced: str = "",
-        text: str = "",
-        domain: str | None = None,
-    ) -> None:
-        with contextlib.suppress(ConnectionError):
-            self._send(
-                {
-                    "op": "report",
-                    "source": source,
-                    "site": site,
-                    "code": code,
-                    "enhanced": enhanced,
-                    "text": text[:500],
-                    "domain": domain,
-                }
+            refusal = cls(
+                False,
+                reason=f"broker unavailable: {exc!r}",
+                retry_at=loop.time() + 1,
+                kind="broker_unavailable",
             )
-
-    async def status(self) -> list[dict[str, Any]]:
-        pairs: list[dict[str, Any]] = (await self._call(op="status"))["pairs"]
-        return pairs
-
-    # ------------------------------------------------------------ the worker's ops
+            return refusal, {}
+        return _unfields(cls, a, loop.time()), a
 
     async def choose(
         self,
@@ -307,46 +247,30 @@ class BrokerClient:
         domain: str | None,
         want: int,
     ) -> tuple[Choice, list[str]]:
-        loop = asyncio.get_running_loop()
-        try:
-            a = await self._call(
-                op="choose",
-                pool=pool,
-                members=members,
-                overflow=overflow,
-                site=site,
-                domain=domain,
-                want=want,
-            )
-        except (TimeoutError, ConnectionError) as exc:
-            return Choice(
-                False, reason=f"broker unavailable: {exc!r}", retry_at=loop.time() + 1
-            ), []
-        retry = loop.time() + a["retry_in"] if a.get("retry_in") else 0.0
-        c = Choice(
-            a["ok"],
-            a.get("source", ""),
-            a.get("tokens", 0),
-            a.get("metered", False),
-            a.get("max_messages", 0),
-            a.get("reason", ""),
-            retry,
-            a.get("defer", 0),
-            a.get("bounce", ""),
-        )
+        req = {
+            "pool": pool,
+            "members": members,
+            "overflow": overflow,
+            "site": site,
+            "domain": domain,
+            "want": want,
+        }
+        c, a = await self._answer(Choice, op="choose", **req)
         return c, list(a.get("warming_domains", []))
 
     async def take(
         self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
     ) -> Grant:
-        return await self._grant(
-            op="take_for",
+        g, _ = await self._answer(
+            Grant,
+            op="take",
             source=source,
             site=site,
             want=want,
             domain=domain,
             sending_domain=sending_domain,
         )
+        return g
 
     async def release(
         self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int

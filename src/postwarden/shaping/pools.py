@@ -1,43 +1,17 @@
-"""Sources and pools: which local address a message leaves from.
+"""Sources: is a source address fit to send from (``postwarden sources check``)?
 
-Pure policy, except :func:`check_source`, which asks the resolver. A pool is weighted
-sources; :func:`choose_source` picks one by weight among those that may send now
-(not paused, not refused by the broker for this site); with ``overflow = "spill"`` a
-source at its cap gives way to the others, with ``"wait"`` the mail waits for it.
+Which source of a pool a connection leaves from is the shaping broker's choice
+(:meth:`postwarden.shaping.broker.Broker.choose`).
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import dns.reversename
 
-from postwarden.config import Config, PoolConfig, SourceConfig
+from postwarden.config import Config, SourceConfig
 from postwarden.dns.resolver import DnsError, Resolver
-
-
-def choose_source(
-    pool: PoolConfig,
-    sources: Mapping[str, SourceConfig],
-    rng: random.Random,
-    available: Callable[[str], bool] = lambda _name: True,
-) -> SourceConfig | None:
-    """A source of ``pool`` by weight, among those not paused and ``available``; None
-    when none may send now (the mail waits)."""
-    members = [
-        m for m in pool.members if sources[m.source].state != "paused" and available(m.source)
-    ]
-    if not members:
-        return None
-    total = sum(m.weight for m in members)
-    pick = rng.uniform(0, total)
-    for m in members:
-        pick -= m.weight
-        if pick <= 0:
-            return sources[m.source]
-    return sources[members[-1].source]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ LIMIT_KEYS = (
     "retry_factor",
     "retry_max",
 )
-RETRY_KEYS = ("retry_initial", "retry_factor", "retry_max")
+RETRY_KEYS = {"retry_initial": "initial", "retry_factor": "factor", "retry_max": "maximum"}
 _PER = {
     "s": 1.0,
     "sec": 1.0,
@@ -89,7 +89,8 @@ class Limits:
 
     @property
     def retry(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in RETRY_KEYS if getattr(self, k) is not None}
+        """The overrides as :class:`~postwarden.queue.retry.RetryPolicy` fields."""
+        return {f: v for k, f in RETRY_KEYS.items() if (v := getattr(self, k)) is not None}
 
     def over(self, other: Limits) -> Limits:
         """These limits, with ``other``'s wherever ``other`` sets one."""

@@ -9,12 +9,14 @@ this process's event-loop clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from postwarden.config import Config, PoolConfig, SourceConfig
+from postwarden.mta.delivery import Job
 from postwarden.shaping.broker import Choice, Grant
 from postwarden.shaping.rules import Rules, RulesError, load_rules
 
@@ -84,24 +86,13 @@ class LocalBackend:
         want: int,
     ) -> tuple[Choice, list[str]]:
         c = self.broker.choose(self, pool, members, overflow, site, domain, want)
-        c = Choice(
-            c.ok,
-            c.source,
-            c.tokens,
-            c.metered,
-            c.max_messages,
-            c.reason,
-            self._at(c.retry_at),
-            c.defer,
-            c.bounce,
-        )
-        return c, self.broker.warming_domains()
+        return dataclasses.replace(c, retry_at=self._at(c.retry_at)), self.broker.warming_domains()
 
     async def take(
         self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
     ) -> Grant:
         g = self.broker.take(self, source, site, want, domain, sending_domain)
-        return Grant(g.ok, g.tokens, g.reason, self._at(g.retry_at))
+        return dataclasses.replace(g, retry_at=self._at(g.retry_at))
 
     async def release(
         self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
@@ -109,19 +100,7 @@ class LocalBackend:
         self.broker.release(self, pool, source, site, domain, sent, unused)
 
     def report_outcome(self, **item: Any) -> None:
-        self.broker.report(
-            item["source"],
-            item["site"],
-            item["code"],
-            item.get("enhanced", ""),
-            item.get("text", ""),
-            item.get("domain"),
-            sending_domain=item.get("sending_domain"),
-            delivered=item.get("delivered", 0),
-            bounced=item.get("bounced", 0),
-            deferred=item.get("deferred", 0),
-            adaptive=item.get("adaptive", True),
-        )
+        self.broker.report(**item)
 
     async def command(self, **args: Any) -> dict[str, Any]:
         return dict(self.service.command(args))
@@ -131,9 +110,13 @@ class LocalBackend:
 
 
 class Shaper:
-    def __init__(self, cfg: Config, backend: Backend) -> None:
+    """``pools``: a pool by name (the control plane's, which holds the config's too)."""
+
+    def __init__(
+        self, cfg: Config, backend: Backend, pools: Callable[[str], PoolConfig | None]
+    ) -> None:
         self.backend = backend
-        self.pool_lookup: Callable[[str], PoolConfig | None] = lambda _name: None
+        self.pools = pools
         self.warming_domains: set[str] = set()
         self.reconfigure(cfg)
 
@@ -146,18 +129,17 @@ class Shaper:
                 raise
         self.cfg = cfg
         self.sources: dict[str, SourceConfig] = cfg.source_map()
-        self.pools: dict[str, PoolConfig] = cfg.pool_map()
 
     def site_for(self, mx_hosts: Iterable[str]) -> str:
         return self.rules.site_for(mx_hosts)
 
     def pool(self, name: str | None) -> PoolConfig:
-        """The pool by name (config, then the control plane's), else the default."""
-        name = name or self.cfg.default_pool
-        pool = self.pools.get(name) or self.pool_lookup(name)
+        """The pool by name, else (deleted since the mail was queued) the default."""
+        default = self.cfg.default_pool
+        pool = self.pools(name or default)
         if pool is None:
-            log.warning("event=unknown_pool pool=%s using=%s", name, self.cfg.default_pool)
-            pool = self.pools[self.cfg.default_pool]
+            log.warning("event=unknown_pool pool=%s using=%s", name, default)
+            pool = self.pools(default) or self.cfg.pool_map()[default]
         return pool
 
     async def choose(
@@ -170,5 +152,7 @@ class Shaper:
         self.warming_domains = set(warming)
         return choice, self.sources.get(choice.source) if choice.ok else None
 
-    def metered_domain(self, sending_domain: str) -> bool:
-        return bool(self.warming_domains) and sending_domain.lower() in self.warming_domains
+    def metered_domain(self, job: Job) -> bool:
+        """Whether the job takes its sending domain's warming tokens (its domain is
+        looked at only while some domain is warming: this runs per transaction)."""
+        return bool(self.warming_domains) and job.sending_domain in self.warming_domains
