@@ -225,6 +225,36 @@ def cmd_events(args: argparse.Namespace) -> int:
         admin.close()
 
 
+def cmd_bounces(args: argparse.Namespace) -> int:
+    from postwarden.bounces.classify import PatternsError, default_classifier
+    from postwarden.bounces.parse import Parser
+
+    cfg = _load(args)
+    if args.action == "parse":
+        try:
+            parser = Parser(default_classifier(cfg.bounces.patterns_file))
+        except PatternsError as exc:
+            print(f"postwarden: bounces.patterns_file: {exc}", file=sys.stderr)
+            return 2
+        if not args.files:
+            print("postwarden: bounces parse: give one or more files (- for stdin)", file=sys.stderr)
+            return 2
+        for name in args.files:
+            if name == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(name, "rb") as fp:
+                    data = fp.read()
+            report = parser.parse_bytes(data)
+            for finding in report.findings:
+                out = finding.as_json()
+                if len(args.files) > 1:
+                    out["file"] = name
+                print(json.dumps(out, ensure_ascii=False))
+        return 0
+    return 2
+
+
 def cmd_dkim_genkey(args: argparse.Namespace) -> int:
     from postwarden.mta.dkim import generate_key, load_key
 
@@ -544,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["status", "reload"])
     s.add_argument("--json", action="store_true", help="status: the whole answer as JSON")
     s.set_defaults(fn=cmd_shaping)
+
+    s = sub.add_parser("bounces", help="bounce and complaint reports: parse, unparsed")
+    s.add_argument("action", choices=["parse"])
+    s.add_argument("files", nargs="*", help="parse: message files (- for stdin)")
+    s.set_defaults(fn=cmd_bounces)
 
     s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")
     s.add_argument("--domain", required=True)

@@ -308,6 +308,40 @@ class ShapingConfig:
     pause_recheck: float = field(default=60.0, metadata=_DURATION)
 
 
+@dataclass
+class InboundConfig:
+    """The bounce and feedback-loop MX (mta.inbound, issue 8): ``[inbound]``.
+
+    It accepts mail only for ``<control.return_path_label>.<sending domain>`` of every
+    registered sending domain and for ``domains``; everything else is refused."""
+
+    # [] = no inbound MX (bounces then come only from SMTP answers during delivery);
+    # in production the MX of the return-path domains, e.g. ["0.0.0.0:25"].
+    listen: list[str] = field(default_factory=list)
+    # More domains accepted, e.g. the one of the address given to feedback loops.
+    domains: list[str] = field(default_factory=list)
+    max_message_size: int = field(default=10 * 1024 * 1024, metadata=_SIZE)
+    max_recipients: int = 50
+    max_sessions_per_ip: int = 20
+    idle_timeout: float = field(default=60.0, metadata=_DURATION)
+    path: str = ""  # where accepted reports wait to be parsed; "" = <spool.path>/inbound
+    keep_unparsed: float = field(default=30 * 86400.0, metadata=_DURATION)
+
+
+@dataclass
+class BouncesConfig:
+    """Return paths, the classifier and what bounces do (bounces/, issue 8): ``[bounces]``."""
+
+    verp: bool = True  # a signed per-recipient return path on the sending domain
+    # HMAC key of return-path tokens; "" = derived from the control encryption key.
+    token_key: str = field(default="", repr=False)
+    patterns_file: str = ""  # the operator's classifier patterns (TOML) before the shipped ones
+    # This many soft bounces of one address within the window suppress it for the TTL.
+    soft_bounce_limit: int = 3
+    soft_bounce_window: float = field(default=7 * 86400.0, metadata=_DURATION)
+    soft_bounce_ttl: float = field(default=14 * 86400.0, metadata=_DURATION)
+
+
 DEFAULT_POOL = "default"
 DEFAULT_SOURCE = "default"
 
@@ -328,6 +362,8 @@ class Config:
     sources: list[SourceConfig] = field(default_factory=list)
     pools: list[PoolConfig] = field(default_factory=list)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     @property
@@ -361,6 +397,10 @@ class Config:
     @property
     def shaping_socket(self) -> str:
         return self.shaping.socket or os.path.join(self.spool.path, "shaping.sock")
+
+    @property
+    def inbound_path(self) -> str:
+        return self.inbound.path or os.path.join(self.spool.path, "inbound")
 
     @property
     def default_pool(self) -> str:
@@ -516,6 +556,8 @@ def validate(cfg: Config) -> None:
     for i, spec in enumerate(cfg.smtp.listen):
         parse_hostport(spec, f"smtp.listen[{i}]")
     parse_hostport(cfg.control.listen, "control.listen")
+    for i, spec in enumerate(cfg.inbound.listen):
+        parse_hostport(spec, f"inbound.listen[{i}]")
     if cfg.control.submit_to:
         parse_hostport(cfg.control.submit_to, "control.submit_to")
     for i, net in enumerate(cfg.smtp.trusted_networks):
@@ -556,6 +598,12 @@ def validate(cfg: Config) -> None:
         "control.max_batch": cfg.control.max_batch,
         "control.max_api_recipients": cfg.control.max_api_recipients,
         "control.cache_poll": cfg.control.cache_poll,
+        "inbound.max_message_size": cfg.inbound.max_message_size,
+        "inbound.max_recipients": cfg.inbound.max_recipients,
+        "inbound.max_sessions_per_ip": cfg.inbound.max_sessions_per_ip,
+        "bounces.soft_bounce_limit": cfg.bounces.soft_bounce_limit,
+        "bounces.soft_bounce_window": cfg.bounces.soft_bounce_window,
+        "bounces.soft_bounce_ttl": cfg.bounces.soft_bounce_ttl,
     }
     for path, value in positives.items():
         if value <= 0:

@@ -1,0 +1,281 @@
+"""One classifier for every failure: SMTP answers during delivery and the status and
+diagnostic text of bounce messages (docs/bounces.md).
+
+It decides in this order:
+
+1. an enhanced status code (RFC 3463) precise enough to name the cause (``5.1.1``,
+   ``5.2.2``, ``5.7.26`` ...): ``[[codes]]`` of the patterns file; except that a
+   *strong* text rule (``strong = true``: a blocklist's name, DMARC, "user unknown")
+   overrules the code, because servers answer 5.1.1 or 5.7.1 to nearly anything;
+2. the diagnostic text against the other ``[[texts]]`` regular expressions, in file
+   order (the operator's file first, then the shipped one), for the many answers
+   whose code is vague (``5.7.1``, ``5.0.0``, ``550`` alone);
+3. the basic reply code (``[[replies]]``);
+4. ``other``.
+
+Then the SMTP stage: a refusal at MAIL FROM or at the greeting concerns the sender,
+and an address-like refusal at the end of DATA comes from a content filter; neither
+says the recipient's address is bad (``policy_blocked``).
+
+A category is *hard* only when it says the address itself cannot receive mail
+(:data:`HARD`) and the failure was permanent. A policy, reputation or content block is
+soft even with a 5xx code: suppressing its address would throw away a good address.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+CATEGORIES = (
+    "user_unknown",
+    "mailbox_full",
+    "mailbox_disabled",
+    "domain_not_found",
+    "no_mx",
+    "null_mx",
+    "policy_blocked",
+    "spam_content",
+    "authentication_failed",
+    "rate_limited",
+    "message_too_big",
+    "relay_denied",
+    "expired",
+    "network",
+    "timeout",
+    "other",
+)
+#: The address itself is undeliverable: a permanent failure of these suppresses it.
+HARD = frozenset({"user_unknown", "domain_not_found", "no_mx", "null_mx"})
+#: Reports that are not failures (neither hard nor soft).
+NOT_FAILURES = ("complaint", "auto_reply", "delivered")
+
+# An enhanced status code standing alone (not part of an IP address or version).
+STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")
+# A reply code and the enhanced code after it: "550 5.1.1", "550-5.1.1", "550 #5.1.1".
+REPLY_STATUS_RE = re.compile(r"(?<![\d.])([245]\d\d)[ -]#?([245]\.\d{1,3}\.\d{1,3})(?![\d]|\.\d)")
+# A reply code at the start of a line or after "said:" and the like.
+REPLY_RE = re.compile(r"(?:^|[\s:(\[\"'=])([245][0-5]\d)(?:[ -](?=\D)|$)", re.M)
+
+
+# Where in the SMTP dialogue the failure happened, as bounce texts tell it.
+_STAGES = (
+    ("data", r"(after|in reply to|response to|during|rejected (at|after)|at) (the )?(end of )?"
+             r"(data|message|body|dot)\b|after end of data|<<< ?[45]\d\d.{0,200}\n?>>> ?data|"
+             r">>> ?data\s*\n<<<|data command|end of data|after (the )?message (was )?sent"),
+    ("mail", r"(after|in reply to|response to|to) (the )?mail from|>>> ?mail from|"
+             r"mail from command|sender address rejected|sender was rejected"),
+    ("rcpt", r"(after|in reply to|response to|to) (the )?rcpt( to)?|>>> ?rcpt to|rcpt to command|"
+             r"rcpt to response|recipient address rejected"),
+    ("connect", r"after (the )?initial connection|(in reply to|after) (the )?(ehlo|helo)|"
+                r"my name was rejected|greeting"),
+)
+_STAGE_RES = [(name, re.compile(rx, re.I)) for name, rx in _STAGES]
+
+
+def find_stage(text: str) -> str | None:
+    """The SMTP stage a bounce text names ("after RCPT TO", "in reply to end of DATA
+    command", a transcript's last ">>> COMMAND")."""
+    last = None
+    for m in re.finditer(r">>> ?(MAIL FROM|RCPT TO|DATA|EHLO|HELO)", text, re.I):
+        last = m.group(1).upper()
+    if last:
+        return {"MAIL FROM": "mail", "RCPT TO": "rcpt", "DATA": "data"}.get(last, "connect")
+    for name, rx in _STAGE_RES:
+        if rx.search(text):
+            return name
+    return None
+
+
+class PatternsError(ValueError):
+    """A patterns file is malformed; the message names the file, entry and key."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    category: str
+    hard: bool
+    status: str | None  # the enhanced code given, found in the text, or implied
+    reply_code: int | None
+
+
+@dataclass(frozen=True)
+class _TextRule:
+    category: str
+    regex: re.Pattern[str]
+    strong: bool = False
+
+
+def find_status(text: str) -> str | None:
+    """The enhanced status code in a diagnostic text, preferring one right after a
+    reply code ("550 5.1.1 ...") over any other."""
+    m = REPLY_STATUS_RE.search(text)
+    if m:
+        return m.group(2)
+    m = STATUS_RE.search(text)
+    return m.group(0) if m else None
+
+
+def find_reply_code(text: str) -> int | None:
+    m = REPLY_STATUS_RE.search(text)
+    if m:
+        return int(m.group(1))
+    m = REPLY_RE.search(text)
+    return int(m.group(1)) if m else None
+
+
+def _load(data: dict[str, Any], where: str) -> tuple[dict[str, str], list[_TextRule], dict[int, str]]:
+    codes: dict[str, str] = {}
+    texts: list[_TextRule] = []
+    replies: dict[int, str] = {}
+    unknown = set(data) - {"codes", "texts", "replies"}
+    if unknown:
+        raise PatternsError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    for kind in ("codes", "texts", "replies"):
+        for i, entry in enumerate(data.get(kind, [])):
+            path = f"{where}: {kind}[{i}]"
+            if not isinstance(entry, dict):
+                raise PatternsError(f"{path}: expected a table")
+            cat = entry.get("category")
+            if cat not in CATEGORIES:
+                raise PatternsError(f"{path}.category: unknown category {cat!r}")
+            key = "patterns" if kind == "texts" else "codes"
+            extra = set(entry) - {"category", key, "strong"}
+            if extra:
+                raise PatternsError(f"{path}: unknown key {sorted(extra)[0]!r}")
+            values = entry.get(key)
+            if not isinstance(values, list):
+                raise PatternsError(f"{path}.{key}: expected a list")
+            for j, v in enumerate(values):
+                if kind == "texts":
+                    try:
+                        rx = re.compile(str(v), re.I)
+                        texts.append(_TextRule(cat, rx, bool(entry.get("strong", False))))
+                    except re.error as exc:
+                        raise PatternsError(f"{path}.patterns[{j}]: {exc}") from exc
+                elif kind == "codes":
+                    if not isinstance(v, str) or not STATUS_RE.fullmatch(v):
+                        raise PatternsError(f"{path}.codes[{j}]: not a status code: {v!r}")
+                    codes.setdefault(v, cat)
+                else:
+                    if not isinstance(v, int) or not 200 <= v <= 599:
+                        raise PatternsError(f"{path}.codes[{j}]: not a reply code: {v!r}")
+                    replies.setdefault(v, cat)
+    return codes, texts, replies
+
+
+class Classifier:
+    def __init__(self, patterns_file: str | Path | None = None) -> None:
+        self.codes: dict[str, str] = {}
+        self.texts: list[_TextRule] = []
+        self.replies: dict[int, str] = {}
+        sources: list[tuple[dict[str, Any], str]] = []
+        if patterns_file:
+            path = Path(patterns_file)
+            try:
+                sources.append((tomllib.loads(path.read_text()), str(path)))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise PatternsError(f"{path}: {exc}") from exc
+        shipped = resources.files(__package__).joinpath("patterns.toml").read_text()
+        sources.append((tomllib.loads(shipped), "patterns.toml"))
+        for data, where in sources:  # the operator's first: its entries win
+            codes, texts, replies = _load(data, where)
+            for k, v in codes.items():
+                self.codes.setdefault(k, v)
+            self.texts += texts
+            for r, v in replies.items():
+                self.replies.setdefault(r, v)
+
+    def category_of_text(self, text: str, *, strong: bool | None = None) -> str | None:
+        """The first rule matching ``text``: among strong rules only, weak ones only, or
+        all (``strong=None``)."""
+        for rule in self.texts:
+            if strong is not None and rule.strong != strong:
+                continue
+            if rule.regex.search(text):
+                return rule.category
+        return None
+
+    def classify(
+        self,
+        status: str | None = None,
+        reply_code: int | None = None,
+        text: str = "",
+        *,
+        permanent: bool | None = None,
+        stage: str | None = None,
+    ) -> Verdict:
+        """Judge one failure. ``status`` and ``reply_code`` are found in ``text`` when
+        not given; ``permanent`` says whether the failure was final when neither code
+        tells (a bounce message that gave up); ``stage`` is the SMTP command answered
+        (``mail``, ``rcpt``, ``data``, ``connect``), found in the text when not given.
+
+        An answer about the address at MAIL FROM concerns the sender, and one at the
+        end of DATA comes from a content filter: neither says the recipient's address
+        is bad, so neither is hard."""
+        if status is None:
+            status = find_status(text)
+        if reply_code is None:
+            reply_code = find_reply_code(text)
+        category = self.category_of_text(text, strong=True) if text else None
+        if category is None and status:
+            category = self.codes.get(status)
+        if category is None and text:
+            category = self.category_of_text(text, strong=False)
+        if category is None and reply_code is not None:
+            category = self.replies.get(reply_code)
+        if category is None:
+            category = "other"
+        if stage is None:
+            stage = find_stage(text)
+        if stage == "mail" and category in _ADDRESS_CATEGORIES | {"other"}:
+            category = "policy_blocked"
+        elif stage == "data" and category in _ADDRESS_CATEGORIES:
+            category = "policy_blocked"
+        elif stage == "connect" and category in _ADDRESS_CATEGORIES | {"other"}:
+            category = "policy_blocked"
+        if status is not None:
+            final = status[0] == "5"
+        elif reply_code is not None:
+            final = reply_code >= 500
+        else:
+            final = permanent if permanent is not None else True
+        if status is None:
+            status = implied_status(category, final)
+        return Verdict(category, category in HARD and final, status, reply_code)
+
+
+_ADDRESS_CATEGORIES = frozenset({"user_unknown", "mailbox_disabled", "domain_not_found"})
+
+# The code a failure stands for when its report gave none.
+_IMPLIED = {
+    "user_unknown": "1.1",
+    "mailbox_full": "2.2",
+    "mailbox_disabled": "2.1",
+    "domain_not_found": "1.2",
+    "no_mx": "1.2",
+    "null_mx": "1.10",
+    "message_too_big": "3.4",
+    "relay_denied": "7.1",
+    "authentication_failed": "7.26",
+    "rate_limited": "7.28",
+    "expired": "4.7",
+    "network": "4.0",
+    "timeout": "4.2",
+    "policy_blocked": "7.1",
+    "spam_content": "7.1",
+}
+
+
+def implied_status(category: str, final: bool) -> str:
+    return f"{5 if final else 4}.{_IMPLIED.get(category, '0.0')}"
+
+
+@functools.cache
+def default_classifier(patterns_file: str = "") -> Classifier:
+    return Classifier(patterns_file or None)

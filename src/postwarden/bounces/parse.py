@@ -1,0 +1,784 @@
+"""Bounce, complaint and auto-reply messages into per-recipient findings.
+
+What comes back to a return path is read in this order (docs/bounces.md):
+
+1. an RFC 5965 feedback report (ARF) or a provider's JSON notification: complaints;
+2. an RFC 3464 delivery status notification: its per-recipient fields, with the
+   human-readable part as the diagnostic where the fields carry none;
+3. an auto-reply (RFC 3834 ``Auto-Submitted: auto-replied`` and the common vacation
+   markers): not a bounce;
+4. the non-standard bounces MTAs still send (qmail, Exim, old Postfix and Sendmail,
+   Exchange, Domino, webmail providers ...): the addresses the text reports, each with
+   the lines that follow it as its diagnostic.
+
+Every failure is judged by the one classifier (:mod:`postwarden.bounces.classify`).
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.utils
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from email.header import decode_header, make_header
+from email.message import Message
+from email.policy import compat32
+from typing import Any
+
+from postwarden.bounces.classify import (
+    Classifier,
+    default_classifier,
+    find_reply_code,
+    find_status,
+)
+
+Kind = str  # bounce | delayed | complaint | auto_reply | delivered
+
+
+@dataclass
+class Finding:
+    """One recipient reported in a message."""
+
+    recipient: str | None
+    status: str | None
+    action: str | None
+    reason: str
+    hard: bool | None
+    remote_mta: str | None = None
+    diagnostic: str = ""
+    kind: Kind = "bounce"
+    reply_code: int | None = None
+    feedback_type: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("kind", "reply_code", "feedback_type"):
+            if d[k] is None:
+                d.pop(k)
+        return d
+
+
+@dataclass
+class Report:
+    """What one message says."""
+
+    kind: str  # dsn | arf | auto_reply | text | json | none
+    findings: list[Finding] = field(default_factory=list)
+    #: Headers of the message the report is about (attached, inlined or as text).
+    original: Message | None = None
+    #: Every text of the report where a return-path token may appear (headers of the
+    #: original, its Return-Path, the body).
+    raw_text: str = ""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+ADDR_RE = re.compile(
+    r"(?<![\w.+\-=/%!#$&'*?^`{|}~])"
+    r"([\w.+\-=/%!#$&'*?^`{|}~]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+"
+    r"[A-Za-z]{2,24})(?![\w\-]|\.[A-Za-z0-9])",
+)
+SYSTEM_LOCAL = re.compile(
+    r"^(mailer-daemon|postmaster|mail-daemon|maildaemon|mailerdaemon|daemon|root|noreply|"
+    r"no-reply|bounce|bounces|double-bounce|nobody|abuse|mdaemon)$",
+    re.I,
+)
+
+# Where the copy of the original message starts in a bounce's text.
+ORIGINAL_MARKERS = re.compile(
+    r"^[ \t>]*(?:"
+    r"-+ ?(?:This is a copy of|Below this line is a copy|The header of the original|"
+    r"Original message|Original Message|Returned message|Message text follows|"
+    r"Undelivered message headers|Unsent message below|The original message|"
+    r"Headers of the original|original message headers|Forwarded message|"
+    r"Copy of the original)"
+    r"|--- ?Original message follows"
+    r"|------ ?original message"
+    r"|Original message follows"
+    r"|Original message headers:"
+    r"|The original message was received"  # sendmail's: the text after still helps
+    r"|\*\*\* Original message"
+    r"|Below this line is a copy of the message"
+    r"|Your message reads \(in part\)"
+    r"|-+ ?Original-Message"
+    r"|Message headers follow"
+    r"|Content-Type: *(?:message/rfc822|text/rfc822-headers|message/global)"
+    r"|[-=*_ ]*(?:the |your )?(?:original|returned|undelivered|unsent|rejected) message"
+    r"(?: headers)?(?: text)?(?: follows| below| is attached| was)?[-=*_ :.]*$"
+    r")",
+    re.I | re.M,
+)
+PERMANENT_RE = re.compile(
+    r"permanent(ly)?\b|fatal error|has been rejected|could not be delivered|"
+    r"couldn.t be delivered|failed permanently|undeliverable|delivery failed|"
+    r"not be delivered|I.ve given up|giving up",
+    re.I,
+)
+DELAYED_RE = re.compile(
+    r"temporar(y|ily) (error|failure|problem)|has been delayed|delivery (is )?delayed|"
+    r"still (trying|being retried|undelivered)|will (continue|keep) (trying|to try)|"
+    r"will be retried|not yet been delivered|will retry|Warning: message|"
+    r"delivery attempts will continue|this is (a|only a) warning|not a bounce",
+    re.I,
+)
+BOUNCE_FROM = re.compile(
+    r"mailer-daemon|mail-daemon|post_?master|mail delivery|delivery (status|subsystem)|"
+    r"mail administrator|maildelivery|mdaemon|mailerdaemon|mail system|"
+    r"undeliverable|bounce|daemon@|notification|returned mail|nobody@",
+    re.I,
+)
+BOUNCE_SUBJECT = re.compile(
+    r"undeliver|undelivered|delivery (status|failure|failed|notification|problem|report)|"
+    r"failure notice|returned mail|returned to sender|mail delivery|could not be delivered|"
+    r"non[- ]?remis|nicht zustellbar|unzustellbar|error sending|delivery error|"
+    r"failed delivery|mail system error|permanent error|message not delivered|"
+    r"no se puede entregar|non recapitabile|bounce|rejected|warning: could not send|"
+    r"delayed mail|delivery delayed|delivery has failed|mail failure|unable to deliver|"
+    r"message status|nondeliverable|not delivered|mail error|de entrega|kann nicht",
+    re.I,
+)
+AUTO_REPLY_SUBJECT = re.compile(
+    r"^\s*(auto(matic)?[ -]?(reply|response|antwort|answer|respuesta|risposta)|"
+    r"auto:|autoreply|out of (the )?office|abwesenheit|absence|absent|vacation|"
+    r"on vacation|away from|r[ée]ponse automatique|i am (currently )?(away|out)|"
+    r"respuesta autom|risposta automatica|automatisch|office closed|out of town|"
+    r"\[?auto|away until|ooo\b)",
+    re.I,
+)
+
+
+def _decode_header(value: str | None) -> str:
+    if not value:
+        return ""
+    try:
+        return str(make_header(decode_header(value)))
+    except (UnicodeError, LookupError, ValueError, email.errors.HeaderParseError):
+        return str(value)
+
+
+def _part_text(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        p = part.get_payload()
+        return p if isinstance(p, str) else ""
+    charset = part.get_content_charset() or "utf-8"
+    for cs in (charset, "utf-8", "latin-1"):
+        try:
+            return payload.decode(cs)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return payload.decode("latin-1")
+
+
+TAG_RE = re.compile(r"<(script|style)[^>]*>.*?</\1>|<[^>]+>", re.S | re.I)
+
+
+def _html_text(html: str) -> str:
+    import html as html_mod
+
+    text = re.sub(r"<br\s*/?>|</p>|</div>|</tr>|</li>", "\n", html, flags=re.I)
+    return html_mod.unescape(TAG_RE.sub(" ", text))
+
+
+def addresses(text: str) -> list[tuple[str, int]]:
+    return [(m.group(1), m.start(1)) for m in ADDR_RE.finditer(text)]
+
+
+def clean_addr(a: str | None) -> str | None:
+    if not a:
+        return None
+    a = a.strip()
+    if ";" in a:
+        a = a.split(";", 1)[1]
+    a = a.strip().strip("<>").strip().strip('"').strip("'").strip()
+    m = ADDR_RE.search(a)
+    if m:
+        return m.group(1).strip(".")
+    return a or None
+
+
+def _walk(msg: Message) -> Iterator[tuple[Message, bool]]:
+    """Every part, and whether it lies inside an attached message."""
+
+    def rec(part: Message, inside: bool) -> Iterator[tuple[Message, bool]]:
+        yield part, inside
+        ctype = part.get_content_type()
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            for sub in payload:
+                if isinstance(sub, Message):
+                    yield from rec(
+                        sub,
+                        inside or ctype in ("message/rfc822", "message/global", "message/partial"),
+                    )
+
+    yield from rec(msg, False)
+
+
+# ------------------------------------------------------------------------------- parser
+
+
+class Parser:
+    def __init__(self, classifier: Classifier | None = None) -> None:
+        self.classifier = classifier or default_classifier()
+
+    def parse_bytes(self, data: bytes) -> Report:
+        msg = email.message_from_bytes(data, policy=compat32)
+        report = self.parse(msg)
+        if not report.raw_text:
+            report.raw_text = data.decode("utf-8", "replace")
+        return report
+
+    def parse(self, msg: Message) -> Report:
+        original = self._original(msg)
+        for step in (self._arf, self._json, self._dsn, self._auto_reply, self._text):
+            report = step(msg, original)
+            if report is not None:
+                report.original = report.original or original
+                return report
+        return Report("none", original=original)
+
+    # ------------------------------------------------------------------ the original
+
+    def _original(self, msg: Message) -> Message | None:
+        for part, _inside in _walk(msg):
+            ctype = part.get_content_type()
+            if ctype in ("message/rfc822", "message/global", "message/rfc822-headers"):
+                payload = part.get_payload()
+                if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+                    return payload[0]
+            if ctype in ("text/rfc822-headers", "text/rfc822", "message/rfc822-headers"):
+                return email.message_from_string(_part_text(part), policy=compat32)
+        body = self._body_text(msg, cut=False)
+        m = ORIGINAL_MARKERS.search(body)
+        if m:
+            rest = body[m.end() :].split("\n", 1)[-1].lstrip("\n")
+            # Inlined: "Received: ...\nFrom: ...\n" with or without indentation.
+            rest = re.sub(r"^[ \t]+(?=[A-Za-z-]+:)", "", rest, flags=re.M)
+            orig = email.message_from_string(rest, policy=compat32)
+            if len(orig.keys()) >= 2:
+                return orig
+        return None
+
+    # ------------------------------------------------------------------ texts
+
+    def _body_text(self, msg: Message, *, cut: bool = True) -> str:
+        """The human-readable text of the report itself (not of the original)."""
+        texts: list[str] = []
+        html: list[str] = []
+        for part, inside in _walk(msg):
+            if inside or part.is_multipart():
+                continue
+            ctype = part.get_content_type()
+            if part.get_content_maintype() == "multipart":
+                # Broken MIME (a boundary that never occurs): the whole body as text.
+                texts.append(_part_text(part))
+            elif ctype == "text/plain" or ctype == "text/enriched":
+                texts.append(_part_text(part))
+            elif ctype == "text/html":
+                html.append(_html_text(_part_text(part)))
+            elif part.get_content_maintype() == "message":
+                continue
+            elif ctype == "text/delivery-status" or ctype.startswith("text/"):
+                texts.append(_part_text(part))
+        text = "\n".join(texts) if texts else "\n".join(html)
+        if cut:
+            m = ORIGINAL_MARKERS.search(text)
+            if m and m.start() > 0:
+                text = text[: m.start()]
+        return text
+
+    # ------------------------------------------------------------------ ARF
+
+    def _arf(self, msg: Message, original: Message | None) -> Report | None:
+        fields: list[tuple[str, str]] | None = None
+        for part, inside in _walk(msg):
+            if inside:
+                continue
+            if part.get_content_type() == "message/feedback-report":
+                fields = _fields_of(part)
+                break
+        if fields is None:
+            return self._complaint_without_report(msg, original)
+        get = _getter(fields)
+        ftype = (get("feedback-type") or "abuse").strip().lower()
+        rcpts = [clean_addr(v) for k, v in fields if k == "original-rcpt-to"]
+        rcpts += [clean_addr(v) for k, v in fields if k == "removal-recipient"]
+        found = [r for r in rcpts if r]
+        if not found and original is not None:
+            found = [clean_addr(a) or "" for _n, a in email.utils.getaddresses(original.get_all("to", []))]
+            found = [a for a in found if a]
+        if not found:
+            found = [None]  # type: ignore[list-item]
+        seen: set[str | None] = set()
+        out = []
+        for r in found:
+            key = r.lower() if r else None
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(
+                Finding(r, None, None, "complaint", None, kind="complaint", feedback_type=ftype,
+                        diagnostic=_decode_header(get("user-agent")) or "")
+            )
+        return Report("arf", out)
+
+    def _complaint_without_report(self, msg: Message, original: Message | None) -> Report | None:
+        """Feedback loops that attach the message without an ARF part (Microsoft's
+        JMRP, older providers): a complaint subject or the providers' own header."""
+        if original is None:
+            return None
+        subject = _decode_header(msg.get("subject"))
+        hm = original.get("x-hmxmroriginalrecipient")
+        if not hm and not re.search(r"complaint about message|abuse report|spam report|"
+                                    r"feedback report|scomp|fbl", subject, re.I):
+            return None
+        who = clean_addr(hm) if hm else None
+        if who is None:
+            tos = [clean_addr(a) for _n, a in email.utils.getaddresses(original.get_all("to", []))]
+            who = next((a for a in tos if a), None)
+        return Report("arf", [Finding(who, None, None, "complaint", None, kind="complaint",
+                                      feedback_type="abuse", diagnostic=subject)])
+
+    # ------------------------------------------------------------------ JSON (SES)
+
+    def _json(self, msg: Message, original: Message | None) -> Report | None:
+        if msg.is_multipart():
+            return None
+        text = _part_text(msg)
+        if "notificationType" not in text and "eventType" not in text:
+            return None
+        start = text.find("{")
+        try:
+            data, _end = json.JSONDecoder().raw_decode(text[start:]) if start >= 0 else (None, 0)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        if isinstance(data.get("Message"), str):  # an SNS envelope
+            try:
+                data = json.loads(data["Message"])
+            except ValueError:
+                return None
+        ntype = str(data.get("notificationType") or data.get("eventType") or "").lower()
+        out: list[Finding] = []
+        if ntype == "complaint":
+            for r in (data.get("complaint") or {}).get("complainedRecipients", []):
+                out.append(
+                    Finding(clean_addr(r.get("emailAddress")), None, None, "complaint", None,
+                            kind="complaint",
+                            feedback_type=(data["complaint"].get("complaintFeedbackType") or "abuse"))
+                )
+        elif ntype == "bounce":
+            b = data.get("bounce") or {}
+            permanent = str(b.get("bounceType", "")).lower() == "permanent"
+            for r in b.get("bouncedRecipients", []):
+                diag = str(r.get("diagnosticCode") or "")
+                status = r.get("status") or find_status(diag)
+                v = self.classifier.classify(status, None, diag, permanent=permanent)
+                out.append(
+                    Finding(clean_addr(r.get("emailAddress")), v.status,
+                            r.get("action") or "failed", v.category, v.hard,
+                            remote_mta=b.get("remoteMtaIp") or b.get("reportingMTA"),
+                            diagnostic=diag, reply_code=v.reply_code)
+                )
+        elif ntype == "delivery":
+            d = data.get("delivery") or {}
+            for r in d.get("recipients", []):
+                out.append(Finding(clean_addr(r), "2.0.0", "delivered", "delivered", None,
+                                   kind="delivered", diagnostic=str(d.get("smtpResponse", ""))))
+        else:
+            return None
+        return Report("json", out)
+
+    # ------------------------------------------------------------------ DSN
+
+    def _dsn(self, msg: Message, original: Message | None) -> Report | None:
+        blocks: list[list[tuple[str, str]]] = []
+        for part, inside in _walk(msg):
+            if inside:
+                continue
+            ctype = part.get_content_type()
+            if ctype in (
+                "message/delivery-status",
+                "message/global-delivery-status",
+                "text/delivery-status",
+            ):
+                blocks = _dsn_blocks(part)
+                if blocks:
+                    break
+        if not blocks:
+            # Fields pasted into a plain text body (some gateways do that).
+            text = self._body_text(msg, cut=False)
+            if re.search(r"^\s*Final-Recipient:", text, re.M | re.I) and re.search(
+                r"^\s*(Status|Action):", text, re.M | re.I
+            ):
+                blocks = _dsn_blocks_from_text(text)
+        per_rcpt = [b for b in blocks if any(k in ("final-recipient", "original-recipient") for k, _ in b)]
+        if not per_rcpt:
+            return None
+        human = self._body_text(msg)
+        per_msg = blocks[0] if blocks and blocks[0] not in per_rcpt else []
+        msg_get = _getter(per_msg)
+        reporting = msg_get("reporting-mta")
+        out: list[Finding] = []
+        for b in per_rcpt:
+            get = _getter(b)
+            rcpt = clean_addr(get("final-recipient")) or clean_addr(get("original-recipient"))
+            if rcpt and "@" not in rcpt:
+                rcpt = clean_addr(get("original-recipient")) or rcpt
+            action = (get("action") or "").strip().lower().split()[0] if get("action") else None
+            status_field = find_status(get("status") or "")
+            diag = _diag_text(get("diagnostic-code") or "")
+            if not diag.strip() or not re.search(r"[A-Za-z]{3}", diag):
+                diag = (diag + " " + _block_for(human, rcpt)).strip()
+            remote = clean_remote(get("remote-mta")) or None
+            out.append(self._judge(rcpt, status_field, action, diag, remote or reporting and None))
+            out[-1].remote_mta = remote
+        return Report("dsn", out)
+
+    def _judge(
+        self,
+        rcpt: str | None,
+        status_field: str | None,
+        action: str | None,
+        diag: str,
+        remote: str | None,
+    ) -> Finding:
+        diag_status = find_status(diag)
+        status = status_field
+        if diag_status and (
+            status is None
+            or (status.endswith(".0.0") and diag_status[0] == status[0])
+            or (status_field and diag_status[0] == status_field[0] and _vaguer(status, diag_status))
+        ):
+            status = diag_status
+        if action is None and status:
+            action = {"5": "failed", "4": "delayed", "2": "delivered"}[status[0]]
+        if action in ("delivered", "relayed", "expanded") or (status and status[0] == "2"):
+            return Finding(rcpt, status, action or "delivered", "delivered", None, remote, diag,
+                           kind="delivered")
+        permanent = action == "failed" if action else None
+        v = self.classifier.classify(status, None, diag, permanent=permanent)
+        category = v.category
+        final_status = v.status
+        if action == "failed" and final_status and final_status[0] == "4":
+            # Gave up after temporary failures: the message expired.
+            if category in ("network", "timeout", "other"):
+                category = "expired"
+        hard = v.hard
+        if action == "delayed":
+            hard = False
+        return Finding(rcpt, final_status, action, category, hard, remote, diag.strip()[:1000],
+                       kind="delayed" if action == "delayed" else "bounce", reply_code=v.reply_code)
+
+    # ------------------------------------------------------------------ auto-replies
+
+    def _auto_reply(self, msg: Message, original: Message | None) -> Report | None:
+        auto = (msg.get("auto-submitted") or "").strip().lower()
+        subject = _decode_header(msg.get("subject"))
+        sender = _decode_header(msg.get("from"))
+        flagged = (
+            auto.startswith("auto-replied")
+            or msg.get("x-autoreply") is not None
+            or msg.get("x-autorespond") is not None
+            or (msg.get("precedence") or "").strip().lower() == "auto_reply"
+            or (msg.get("x-auto-response-suppress") is None and AUTO_REPLY_SUBJECT.search(subject) is not None)
+        )
+        if not flagged or BOUNCE_FROM.search(sender) or BOUNCE_SUBJECT.search(subject):
+            return None
+        addrs = email.utils.getaddresses([msg.get("from", "")])
+        who = clean_addr(addrs[0][1]) if addrs else None
+        return Report("auto_reply", [Finding(who, None, None, "auto_reply", None, kind="auto_reply",
+                                             diagnostic=subject)])
+
+    # ------------------------------------------------------------------ free text
+
+    def _text(self, msg: Message, original: Message | None) -> Report | None:
+        subject = _decode_header(msg.get("subject"))
+        sender = _decode_header(msg.get("from"))
+        text = self._body_text(msg)
+        looks = (
+            BOUNCE_FROM.search(sender)
+            or BOUNCE_SUBJECT.search(subject)
+            or (msg.get("return-path") or "").strip() == "<>"
+            or msg.get("x-failed-recipients")
+            or re.search(r"could not be delivered|undeliverable|delivery.{0,20}failed|"
+                         r"unable to deliver|permanent error|following address|"
+                         r"invalid (user|recipient|address)|error message|"
+                         r"(?<![\d.])[45]\d\d[ -][45]\.\d{1,3}\.\d{1,3}", text, re.I)
+        )
+        if not looks:
+            return None
+        exclude = _sender_side(msg, original)
+        failed = [clean_addr(a) for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))]
+        rcpts = _candidates(text, exclude)
+        if failed and any(failed):
+            known = {r.lower(): p for r, p in rcpts}
+            rcpts = [(a, known.get(a.lower(), -1)) for a in failed if a]
+        if not rcpts and original is not None:
+            tos = [clean_addr(a) for _n, a in email.utils.getaddresses(original.get_all("to", []))]
+            tos = [a for a in tos if a and a.lower() not in exclude]
+            if len(tos) == 1:
+                rcpts = [(tos[0], -1)]
+        if not rcpts:
+            return Report("text", [])
+        permanent: bool | None = None
+        if DELAYED_RE.search(text) and not PERMANENT_RE.search(text):
+            permanent = False
+        elif PERMANENT_RE.search(text):
+            permanent = True
+        out: list[Finding] = []
+        positions = sorted(p for _a, p in rcpts if p >= 0)
+        for addr, pos in rcpts:
+            block = _block_at(text, pos, positions) if pos >= 0 else ""
+            diag = block if _has_reason(block) else (block + "\n" + _error_lines(text)).strip()
+            if not diag:
+                diag = text
+            action = "delayed" if permanent is False else "failed"
+            f = self._judge(addr, None, action if permanent is not None else None, _squash(diag), None)
+            if permanent is None and f.status and f.status[0] == "4" and f.action == "delayed":
+                f.action, f.kind = "failed", "bounce"
+            out.append(f)
+        return Report("text", out)
+
+
+# ----------------------------------------------------------------------------- fields
+
+
+def _fields_of(part: Message) -> list[tuple[str, str]]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        out: list[tuple[str, str]] = []
+        for sub in payload:
+            if isinstance(sub, Message):
+                out += [(k.lower(), _unfold(v)) for k, v in sub.items()]
+        return out
+    return [kv for block in _dsn_blocks_from_text(_part_text(part)) for kv in block]
+
+
+def _unfold(v: str) -> str:
+    return re.sub(r"\r?\n[ \t]+", " ", str(v)).strip()
+
+
+def _dsn_blocks(part: Message) -> list[list[tuple[str, str]]]:
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload:
+        blocks = [
+            [(k.lower(), _unfold(v)) for k, v in sub.items()]
+            for sub in payload
+            if isinstance(sub, Message)
+        ]
+        blocks = [b for b in blocks if b]
+        # A parser that met no blank line between blocks leaves them in one: split it.
+        split: list[list[tuple[str, str]]] = []
+        for b in blocks:
+            split += _split_recipients(b)
+        if split:
+            return split
+    return _dsn_blocks_from_text(_part_text(part))
+
+
+def _split_recipients(block: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    out: list[list[tuple[str, str]]] = [[]]
+    seen_rcpt = False
+    for k, v in block:
+        starts = k in ("final-recipient", "original-recipient")
+        if starts and seen_rcpt and any(
+            kk == k or (kk == "final-recipient" and k == "original-recipient") for kk, _ in out[-1]
+        ):
+            out.append([])
+        if k == "final-recipient" and not seen_rcpt and out[-1] and any(
+            kk in ("reporting-mta", "arrival-date", "received-from-mta") for kk, _ in out[-1]
+        ) and not any(kk == "original-recipient" for kk, _ in out[-1]):
+            out.append([])
+        seen_rcpt = seen_rcpt or starts
+        out[-1].append((k, v))
+    return [b for b in out if b]
+
+
+FIELD_RE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*)$")
+
+
+def _dsn_blocks_from_text(text: str) -> list[list[tuple[str, str]]]:
+    blocks: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+                current = []
+            continue
+        if line[0] in " \t" and current:
+            k, v = current[-1]
+            current[-1] = (k, (v + " " + line.strip()).strip())
+            continue
+        m = FIELD_RE.match(line.strip())
+        if m:
+            current.append((m.group(1).lower(), m.group(2).strip()))
+    if current:
+        blocks.append(current)
+    out: list[list[tuple[str, str]]] = []
+    for b in blocks:
+        out += _split_recipients(b)
+    return out
+
+
+def _getter(fields: list[tuple[str, str]]) -> Any:
+    def get(name: str) -> str | None:
+        for k, v in fields:
+            if k == name and v:
+                return v
+        return None
+
+    return get
+
+
+def _diag_text(value: str) -> str:
+    v = value.strip()
+    m = re.match(r"^(smtp|x-[\w.-]+|x400|unix|mail|local)\s*;\s*", v, re.I)
+    if m:
+        v = v[m.end() :]
+    return v
+
+
+def clean_remote(value: str | None) -> str | None:
+    if not value:
+        return None
+    v = value.split(";", 1)[-1].strip()
+    return v or None
+
+
+def _vaguer(a: str, b: str) -> bool:
+    """Whether code ``a`` says less than ``b`` (same class): a zero subject or detail."""
+    _c, s1, d1 = a.split(".")
+    _c2, s2, d2 = b.split(".")
+    return (d1 == "0" and d2 != "0" and s1 in ("0", s2)) or (s1 == "0" and s2 != "0")
+
+
+# ------------------------------------------------------------------------------ free text
+
+
+def _sender_side(msg: Message, original: Message | None) -> set[str]:
+    """Addresses that are the sender's side of the exchange, never the failed recipient."""
+    out: set[str] = set()
+    heads = [msg.get_all(h, []) for h in ("to", "cc", "from", "reply-to", "return-path", "sender",
+                                         "delivered-to", "errors-to")]
+    if original is not None:
+        heads += [original.get_all(h, []) for h in ("from", "reply-to", "return-path", "sender",
+                                                    "errors-to")]
+    for values in heads:
+        for _n, a in email.utils.getaddresses([str(v) for v in values]):
+            c = clean_addr(a)
+            if c:
+                out.add(c.lower())
+    for _n, a in email.utils.getaddresses([msg.get("from", "")]):
+        c = clean_addr(a)
+        if c:
+            out.add(c.lower())
+    return out
+
+
+ANCHORED_RE = re.compile(
+    r"^[ \t>*\-]*(?:(?:RCPT\s+TO|To|Recipient(?:\s+address)?|Address|Failed\s+recipient|"
+    r"Original\s+recipient|Final\s+recipient|Empfänger|Destinataire|Addressee)\s*:?\s*)?"
+    r"[\"']?<?(?:mailto:)?([^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+?)>?[\"']?\s*(?::|\.\.\.|\s|,|;|\(|$)",
+    re.M | re.I,
+)
+
+
+def _candidates(text: str, exclude: set[str]) -> list[tuple[str, int]]:
+    """The addresses a bounce's text reports as failed, with where each is."""
+
+    def ok(a: str) -> bool:
+        lo = a.lower()
+        if lo in exclude:
+            return False
+        local = lo.split("@")[0]
+        return not (SYSTEM_LOCAL.match(local) and len(all_addrs) > 1)
+
+    all_addrs = addresses(text)
+    anchored: list[tuple[str, int]] = []
+    for m in ANCHORED_RE.finditer(text):
+        c = clean_addr(m.group(1))
+        if c and "@" in c and ADDR_RE.fullmatch(c) and ok(c):
+            anchored.append((c, m.start(1)))
+    pool = anchored or [(a, p) for a, p in all_addrs if ok(a)]
+    if not anchored:
+        # Prefer addresses after words that name a recipient.
+        near = [
+            (a, p)
+            for a, p in pool
+            if re.search(r"(recipient|rcpt|to|address|user|mailbox|for|delivery to|deliver to)\W{0,6}$",
+                         text[max(0, p - 40) : p], re.I)
+        ]
+        if near:
+            pool = near
+    seen: dict[str, int] = {}
+    for a, p in pool:
+        seen.setdefault(a.lower().strip("."), p)
+    # Keep the spelling from the text.
+    out: list[tuple[str, int]] = []
+    for a, p in pool:
+        if seen.get(a.lower().strip(".")) == p:
+            out.append((a.strip("."), p))
+    return out
+
+
+def _block_at(text: str, pos: int, positions: list[int]) -> str:
+    start = text.rfind("\n", 0, pos) + 1
+    later = [p for p in positions if p > pos]
+    end = len(text)
+    if later:
+        end = text.rfind("\n", 0, later[0]) + 1 or later[0]
+        if end <= start:
+            end = later[0]
+    block = text[start:end]
+    # A block ends at a blank line followed by unrelated prose, unless it has no reason yet.
+    parts = re.split(r"\n\s*\n", block)
+    kept = parts[0]
+    for p in parts[1:]:
+        if _has_reason(kept):
+            break
+        kept += "\n" + p
+    return kept
+
+
+def _block_for(text: str, rcpt: str | None) -> str:
+    if not rcpt or not text:
+        return _error_lines(text)
+    idx = text.lower().find(rcpt.lower())
+    if idx < 0:
+        return _error_lines(text)
+    others = [p for a, p in addresses(text) if a.lower() != rcpt.lower() and p > idx]
+    block = _block_at(text, idx, others[:1])
+    return block if _has_reason(block) else (block + "\n" + _error_lines(text)).strip()
+
+
+REASON_HINT = re.compile(r"(?<![\d.])[245]\d\d(?![\d.])|[245]\.\d{1,3}\.\d{1,3}|"
+                         r"unknown|not exist|no such|full|quota|reject|denied|refused|block|"
+                         r"spam|invalid|disabled|timed out|expired|unreachable|too (big|large)|"
+                         r"relay|policy|not found", re.I)
+
+
+def _has_reason(block: str) -> bool:
+    return bool(REASON_HINT.search(block))
+
+
+def _error_lines(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if REASON_HINT.search(ln)]
+    return "\n".join(lines[:12])
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[ \t]*\n[ \t]*", "\n", text).strip()
+
+
+# ------------------------------------------------------------------------------- entry
+
+
+def parse_message(data: bytes, classifier: Classifier | None = None) -> Report:
+    return Parser(classifier).parse_bytes(data)
