@@ -65,27 +65,31 @@ REPLY_RE = re.compile(r"(?:^|[\s:(\[\"'=])([245][0-5]\d)(?:[ -](?=\D)|$)", re.M)
 
 # Where in the SMTP dialogue the failure happened, as bounce texts tell it.
 _STAGES = (
-    ("data", r"(after|in reply to|response to|during|rejected (at|after)|at) (the )?(end of )?"
-             r"(data|message|body|dot)\b|after end of data|<<< ?[45]\d\d.{0,200}\n?>>> ?data|"
-             r">>> ?data\s*\n<<<|data command|end of data|after (the )?message (was )?sent"),
-    ("mail", r"(after|in reply to|response to|to) (the )?mail from|>>> ?mail from|"
-             r"mail from command|sender address rejected|sender was rejected"),
-    ("rcpt", r"(after|in reply to|response to|to) (the )?rcpt( to)?|>>> ?rcpt to|rcpt to command|"
-             r"rcpt to response|recipient address rejected"),
-    ("connect", r"after (the )?initial connection|(in reply to|after) (the )?(ehlo|helo)|"
-                r"my name was rejected|greeting"),
+    ("data", r"\b(after|in reply to|response to|rejected after|did not like our) (the )?(final )?"
+             r"(end of )?(data|message body|dot)\b|\bend of data\b|\bdata command\b"),
+    ("mail", r"\b(after|in reply to|response to|did not like our) (the )?mail from\b|"
+             r"\bmail from command|\bsender address rejected|\bsender (was )?rejected"),
+    ("rcpt", r"\b(after|in reply to|response to|did not like our) (the )?rcpt( to)?\b|"
+             r"\brcpt to (command|response)|\brecipient address rejected"),
+    ("connect", r"\bafter (the )?initial connection|\b(in reply to|after) (the )?(ehlo|helo)\b|"
+                r"\bmy name was rejected|\bgreeting\b"),
+)
+_TRANSCRIPT_RE = re.compile(
+    r">>> ?(MAIL\s+FROM|RCPT\s+TO|DATA|EHLO|HELO)[^\n]*\n(?:[^\n]*\n)?<<< ?[45]\d\d", re.I
 )
 _STAGE_RES = [(name, re.compile(rx, re.I)) for name, rx in _STAGES]
 
 
-def find_stage(text: str) -> str | None:
+def find_stage(text: str, *, transcript_only: bool = False) -> str | None:
     """The SMTP stage a bounce text names ("after RCPT TO", "in reply to end of DATA
     command", a transcript's last ">>> COMMAND")."""
-    last = None
-    for m in re.finditer(r">>> ?(MAIL FROM|RCPT TO|DATA|EHLO|HELO)", text, re.I):
-        last = m.group(1).upper()
-    if last:
-        return {"MAIL FROM": "mail", "RCPT TO": "rcpt", "DATA": "data"}.get(last, "connect")
+    # A transcript: the command right before the first failing answer.
+    m = _TRANSCRIPT_RE.search(text)
+    if m:
+        cmd = re.sub(r"\s+", " ", m.group(1).upper())
+        return {"MAIL FROM": "mail", "RCPT TO": "rcpt", "DATA": "data"}.get(cmd, "connect")
+    if transcript_only:
+        return None
     for name, rx in _STAGE_RES:
         if rx.search(text):
             return name

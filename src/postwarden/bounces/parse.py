@@ -16,6 +16,7 @@ Every failure is judged by the one classifier (:mod:`postwarden.bounces.classify
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.message
 import email.utils
@@ -32,6 +33,7 @@ from postwarden.bounces.classify import (
     Classifier,
     default_classifier,
     find_reply_code,
+    find_stage,
     find_status,
 )
 
@@ -99,7 +101,6 @@ ORIGINAL_MARKERS = re.compile(
     r"|------ ?original message"
     r"|Original message follows"
     r"|Original message headers:"
-    r"|The original message was received"  # sendmail's: the text after still helps
     r"|\*\*\* Original message"
     r"|Below this line is a copy of the message"
     r"|Your message reads \(in part\)"
@@ -232,14 +233,23 @@ class Parser:
             report.raw_text = data.decode("utf-8", "replace")
         return report
 
-    def parse(self, msg: Message) -> Report:
+    def parse(self, msg: Message, depth: int = 0) -> Report:
         original = self._original(msg)
         for step in (self._arf, self._json, self._dsn, self._auto_reply, self._text):
             report = step(msg, original)
             if report is not None:
                 report.original = report.original or original
-                return report
-        return Report("none", original=original)
+                if report.findings or depth > 0:
+                    return report
+                break
+        else:
+            report = Report("none", original=original)
+        if depth == 0 and original is not None:
+            # A bounce forwarded as an attachment (by a list manager or a gateway).
+            inner = self.parse(original, depth + 1)
+            if inner.findings:
+                return inner
+        return report
 
     # ------------------------------------------------------------------ the original
 
@@ -352,12 +362,17 @@ class Parser:
         if "notificationType" not in text and "eventType" not in text:
             return None
         start = text.find("{")
+        data: Any = None
         try:
-            data, _end = json.JSONDecoder().raw_decode(text[start:]) if start >= 0 else (None, 0)
+            if start >= 0:
+                data, _end = json.JSONDecoder().raw_decode(text[start:])
         except ValueError:
-            return None
+            data = None
         if not isinstance(data, dict):
-            return None
+            # A notification cut short: its type and addresses are still readable.
+            data = _json_salvage(text)
+            if data is None:
+                return None
         if isinstance(data.get("Message"), str):  # an SNS envelope
             try:
                 data = json.loads(data["Message"])
@@ -407,9 +422,7 @@ class Parser:
                 "message/global-delivery-status",
                 "text/delivery-status",
             ):
-                blocks = _dsn_blocks(part)
-                if blocks:
-                    break
+                blocks += _dsn_blocks(part)
         if not blocks:
             # Fields pasted into a plain text body (some gateways do that).
             text = self._body_text(msg, cut=False)
@@ -421,9 +434,6 @@ class Parser:
         if not per_rcpt:
             return None
         human = self._body_text(msg)
-        per_msg = blocks[0] if blocks and blocks[0] not in per_rcpt else []
-        msg_get = _getter(per_msg)
-        reporting = msg_get("reporting-mta")
         out: list[Finding] = []
         for b in per_rcpt:
             get = _getter(b)
@@ -436,8 +446,13 @@ class Parser:
             if not diag.strip() or not re.search(r"[A-Za-z]{3}", diag):
                 diag = (diag + " " + _block_for(human, rcpt)).strip()
             remote = clean_remote(get("remote-mta")) or None
-            out.append(self._judge(rcpt, status_field, action, diag, remote or reporting and None))
-            out[-1].remote_mta = remote
+            context = _block_for(human, rcpt) if len(per_rcpt) > 1 else human
+            found = self._judge(rcpt, status_field, action, diag, remote, context)
+            out.append(found)
+            orig = clean_addr(get("original-recipient"))
+            if orig and rcpt and orig.lower() != rcpt.lower() and "@" in orig:
+                # Forwarded or rewritten: the address the sender used is reported too.
+                out.append(dataclasses.replace(found, recipient=orig))
         return Report("dsn", out)
 
     def _judge(
@@ -447,6 +462,7 @@ class Parser:
         action: str | None,
         diag: str,
         remote: str | None,
+        context: str = "",
     ) -> Finding:
         diag_status = find_status(diag)
         status = status_field
@@ -462,7 +478,8 @@ class Parser:
             return Finding(rcpt, status, action or "delivered", "delivered", None, remote, diag,
                            kind="delivered")
         permanent = action == "failed" if action else None
-        v = self.classifier.classify(status, None, diag, permanent=permanent)
+        stage = find_stage(diag) or (find_stage(context, transcript_only=True) if context else None)
+        v = self.classifier.classify(status, None, diag, permanent=permanent, stage=stage)
         category = v.category
         final_status = v.status
         if action == "failed" and final_status and final_status[0] == "4":
@@ -513,9 +530,9 @@ class Parser:
         )
         if not looks:
             return None
-        exclude = _sender_side(msg, original)
+        exclude, weak = _sender_side(msg, original)
         failed = [clean_addr(a) for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))]
-        rcpts = _candidates(text, exclude)
+        rcpts = _candidates(text, exclude | weak) or _candidates(text, exclude)
         if failed and any(failed):
             known = {r.lower(): p for r, p in rcpts}
             rcpts = [(a, known.get(a.lower(), -1)) for a in failed if a]
@@ -544,6 +561,35 @@ class Parser:
                 f.action, f.kind = "failed", "bounce"
             out.append(f)
         return Report("text", out)
+
+
+def _json_salvage(text: str) -> dict[str, Any] | None:
+    m = re.search(r'"notificationType"\s*:\s*"(\w+)"', text)
+    if not m:
+        return None
+    kind = m.group(1)
+    addrs = re.findall(r'"emailAddress"\s*:\s*"([^"]+)"', text)
+    if kind.lower() == "complaint":
+        ft = re.search(r'"complaintFeedbackType"\s*:\s*"([^"]+)"', text)
+        return {
+            "notificationType": kind,
+            "complaint": {
+                "complainedRecipients": [{"emailAddress": a} for a in addrs],
+                "complaintFeedbackType": ft.group(1) if ft else "abuse",
+            },
+        }
+    if kind.lower() == "bounce":
+        bt = re.search(r'"bounceType"\s*:\s*"([^"]+)"', text)
+        diags = re.findall(r'"diagnosticCode"\s*:\s*"((?:[^"\\]|\\.)*)"', text)
+        rcpts = [
+            {"emailAddress": a, "diagnosticCode": diags[i] if i < len(diags) else ""}
+            for i, a in enumerate(addrs)
+        ]
+        return {
+            "notificationType": kind,
+            "bounce": {"bounceType": bt.group(1) if bt else "", "bouncedRecipients": rcpts},
+        }
+    return None
 
 
 # ----------------------------------------------------------------------------- fields
@@ -587,9 +633,7 @@ def _split_recipients(block: list[tuple[str, str]]) -> list[list[tuple[str, str]
     seen_rcpt = False
     for k, v in block:
         starts = k in ("final-recipient", "original-recipient")
-        if starts and seen_rcpt and any(
-            kk == k or (kk == "final-recipient" and k == "original-recipient") for kk, _ in out[-1]
-        ):
+        if starts and seen_rcpt and any(kk == k for kk, _ in out[-1]):
             out.append([])
         if k == "final-recipient" and not seen_rcpt and out[-1] and any(
             kk in ("reporting-mta", "arrival-date", "received-from-mta") for kk, _ in out[-1]
@@ -662,24 +706,26 @@ def _vaguer(a: str, b: str) -> bool:
 # ------------------------------------------------------------------------------ free text
 
 
-def _sender_side(msg: Message, original: Message | None) -> set[str]:
-    """Addresses that are the sender's side of the exchange, never the failed recipient."""
-    out: set[str] = set()
-    heads = [msg.get_all(h, []) for h in ("to", "cc", "from", "reply-to", "return-path", "sender",
-                                         "delivered-to", "errors-to")]
+def _sender_side(msg: Message, original: Message | None) -> tuple[set[str], set[str]]:
+    """Addresses of the sender's side of the exchange: those the bounce itself went to
+    or came from (never the failed recipient), and those of the original's sender
+    (rarely the recipient: a message sent to oneself)."""
+
+    def collect(m: Message, names: tuple[str, ...]) -> set[str]:
+        out: set[str] = set()
+        for h in names:
+            for _n, a in email.utils.getaddresses([str(v) for v in m.get_all(h, [])]):
+                c = clean_addr(a)
+                if c:
+                    out.add(c.lower())
+        return out
+
+    strong = collect(msg, ("to", "cc", "from", "reply-to", "return-path", "sender",
+                           "delivered-to", "errors-to"))
+    weak = set()
     if original is not None:
-        heads += [original.get_all(h, []) for h in ("from", "reply-to", "return-path", "sender",
-                                                    "errors-to")]
-    for values in heads:
-        for _n, a in email.utils.getaddresses([str(v) for v in values]):
-            c = clean_addr(a)
-            if c:
-                out.add(c.lower())
-    for _n, a in email.utils.getaddresses([msg.get("from", "")]):
-        c = clean_addr(a)
-        if c:
-            out.add(c.lower())
-    return out
+        weak = collect(original, ("from", "reply-to", "return-path", "sender", "errors-to"))
+    return strong, weak
 
 
 ANCHORED_RE = re.compile(
