@@ -478,13 +478,26 @@ class Parser:
             return Finding(rcpt, status, action or "delivered", "delivered", None, remote, diag,
                            kind="delivered")
         permanent = action == "failed" if action else None
-        stage = find_stage(diag) or (find_stage(context, transcript_only=True) if context else None)
+        stage = find_stage(diag)
+        if stage is None and context:
+            stage = find_stage(context, transcript_only=True)
+            # Pipelining MTAs (Sendmail) print refused recipients after ">>> DATA": a
+            # transcript's DATA counts only when no precise code and no RCPT error says
+            # otherwise.
+            if stage == "data" and (
+                (status_field and not status_field.endswith(".0"))
+                or re.search(r"\b503\b|precede data|no valid recipients", context, re.I)
+            ):
+                stage = None
         v = self.classifier.classify(status, None, diag, permanent=permanent, stage=stage)
         category = v.category
         final_status = v.status
-        if action == "failed" and final_status and final_status[0] == "4":
+        if action in ("failed", "delayed") and category == "timeout":
+            # Given up (or still tried) after the destination could not be reached.
+            category = "expired"
+        elif action == "failed" and final_status and final_status[0] == "4":
             # Gave up after temporary failures: the message expired.
-            if category in ("network", "timeout", "other"):
+            if category == "other":
                 category = "expired"
         hard = v.hard
         if action == "delayed":
