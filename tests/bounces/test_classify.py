@@ -1,0 +1,102 @@
+"""The one classifier: SMTP answers seen during delivery and bounce diagnostics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postwarden.bounces.classify import (
+    Classifier,
+    PatternsError,
+    default_classifier,
+    find_stage,
+    find_status,
+)
+
+CASES = [
+    # answer, stage, category, hard
+    ("550-5.1.1 The email account that you tried to reach does not exist.", "rcpt", "user_unknown", True),
+    ("550 5.1.1 <a@b.example>: Recipient address rejected: User unknown in virtual mailbox table", "rcpt", "user_unknown", True),
+    ("550 Requested action not taken: mailbox unavailable", "rcpt", "user_unknown", True),
+    ("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", "rcpt", "user_unknown", True),
+    ("556 5.1.10 Recipient address a@null.example has null MX", "rcpt", "null_mx", True),
+    ("550 5.1.2 Host unknown (Name server: example.invalid: host not found)", "rcpt", "domain_not_found", True),
+    ("452-4.2.2 The email account that you tried to reach is over quota.", "rcpt", "mailbox_full", False),
+    ("552 5.2.2 Mailbox full", "data", "mailbox_full", False),
+    ("550-5.2.1 The email account that you tried to reach is disabled.", "rcpt", "mailbox_disabled", False),
+    ("550 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "rcpt", "policy_blocked", False),
+    ("554 5.7.1 <a@b.example>: Relay access denied", "rcpt", "relay_denied", False),
+    ("550-5.7.26 This mail is unauthenticated, which poses a security risk to the sender and Gmail users", "data", "authentication_failed", False),
+    ("550 5.7.1 This message was not accepted due to domain owner DMARC policy", "data", "authentication_failed", False),
+    ("421-4.7.28 Our system has detected an unusual rate of unsolicited mail", "data", "rate_limited", False),
+    ("421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints", "mail", "policy_blocked", False),
+    ("552 5.3.4 Message size exceeds fixed limit", "data", "message_too_big", False),
+    ("554 5.7.1 Message rejected: spam content detected", "data", "spam_content", False),
+    ("550 5.7.1 Message contains a virus", "data", "spam_content", False),
+    # A 5xx policy answer is soft: the address is good.
+    ("554 5.7.1 Your access to this mail system has been rejected due to the sending MTA's poor reputation", "rcpt", "policy_blocked", False),
+    # An address-like answer at MAIL FROM is about the sender, not the recipient.
+    ("553 5.1.8 <s@sender.example>... Domain of sender address does not exist", "mail", "policy_blocked", False),
+    # ... and at the end of DATA it comes from a content filter.
+    ("550 5.7.1 User unknown", "data", "policy_blocked", False),
+]
+
+
+@pytest.mark.parametrize(("answer", "stage", "category", "hard"), CASES)
+def test_answers(answer: str, stage: str, category: str, hard: bool) -> None:
+    v = default_classifier().classify(text=answer, stage=stage)
+    assert (v.category, v.hard) == (category, hard), answer
+
+
+def test_codes_found_and_implied() -> None:
+    c = default_classifier()
+    assert find_status("host said: 550 5.1.1 <x@y>... User unknown") == "5.1.1"
+    assert find_status("remote host 192.0.2.32 said: 550 no (#5.5.0)") == "5.5.0"
+    assert find_status("connect to 192.0.2.5.25 failed") is None  # an address, not a code
+    v = c.classify(text="550 Unknown user")
+    assert (v.status, v.reply_code, v.category, v.hard) == ("5.1.1", 550, "user_unknown", True)
+    # A temporary failure is never hard, whatever its text.
+    assert c.classify(text="450 4.1.1 user unknown (try later)").hard is False
+    # No code anywhere: the caller says whether the failure was final.
+    assert c.classify(text="mailbox is full", permanent=False).status == "4.2.2"
+
+
+def test_stage_from_texts() -> None:
+    assert find_stage("(in reply to RCPT TO command)") == "rcpt"
+    assert find_stage("(in reply to end of DATA command)") == "data"
+    assert find_stage("SMTP error from remote mail server after MAIL FROM:<a@b> SIZE=10:") == "mail"
+    assert find_stage(">>> RCPT To:<a@b>\n<<< 550 5.1.1 unknown\n>>> DATA\n<<< 503 no rcpt") == "rcpt"
+    assert find_stage("Your message could not be delivered") is None
+
+
+def test_operator_patterns_come_first(tmp_path: Path) -> None:
+    f = tmp_path / "patterns.toml"
+    f.write_text(
+        '[[texts]]\ncategory = "mailbox_full"\npatterns = ["frobnicated"]\n\n'
+        '[[codes]]\ncategory = "policy_blocked"\ncodes = ["5.1.1"]\n'
+    )
+    c = Classifier(f)
+    assert c.classify(text="550 5.7.0 your mail was frobnicated").category == "mailbox_full"
+    assert c.classify(text="550 5.1.1 go away").category == "policy_blocked"
+    # The shipped rules still apply after the operator's.
+    assert c.classify(text="552 5.3.4 message too big").category == "message_too_big"
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[[texts]]\ncategory = "nope"\npatterns = ["x"]\n', "texts[0].category"),
+        ('[[texts]]\ncategory = "other"\npatterns = ["("]\n', "texts[0].patterns[0]"),
+        ('[[codes]]\ncategory = "other"\ncodes = ["5.1"]\n', "codes[0].codes[0]"),
+        ('[[texts]]\ncategory = "other"\npattern = ["x"]\n', "texts[0]: unknown key"),
+        ("[[texts]\n", "line 1"),
+    ],
+)
+def test_bad_patterns_file(tmp_path: Path, text: str, where: str) -> None:
+    f = tmp_path / "patterns.toml"
+    f.write_text(text)
+    with pytest.raises(PatternsError) as exc:
+        Classifier(f)
+    assert str(exc.value).startswith(f"{f}: ")
+    assert where in str(exc.value)
