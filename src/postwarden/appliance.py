@@ -1,6 +1,7 @@
 """Wires the stages together and runs them on one event loop.
 
 ingress (SMTP) ─▶ spool (fsync) ─▶ scheduler ─▶ delivery ─▶ events (spool index)
+inbound MX (``inbound.listen``) ─▶ inbox (fsync; shared by all workers)
 
 Shutdown (SIGTERM/SIGINT): stop accepting connections, let transactions that are
 spooling finish, let delivery sessions finish the transaction they are in (up to
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from postwarden.bounces.inbox import Inbox
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
 from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
@@ -32,6 +34,7 @@ from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
+from postwarden.mta.inbound import InboundHandler, make_inbound_factory
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.spool import Envelope, Spool, StoredMessage, shard_path
@@ -67,6 +70,9 @@ class WorkerRole:
     count: int
     sockets: tuple[socket.socket, ...]  # the supervisor's listening sockets, shared
     control_sock: socket.socket | None = None  # the control plane's, shared too
+    # The inbound MX's listening sockets; when empty, those the supervisor passed in
+    # the environment (supervisor.inherited_inbound_sockets).
+    inbound_sockets: tuple[socket.socket, ...] = ()
 
 
 def worker_share(cfg: Config, count: int) -> Config:
@@ -134,6 +140,23 @@ class Appliance:
         self.ingress.may_send_as = self.control.may_send_as
         self.ingress.pool_for = self.control.pool_for
         self.control.inject = self.inject
+        # The inbound MX (bounces, complaints): only with inbound.listen (a worker: with
+        # the sockets the supervisor bound for it); its inbox is shared by every worker.
+        self.inbox: Inbox | None = None
+        self.inbound: InboundHandler | None = None
+        self._inbound_socks: tuple[socket.socket, ...] = ()
+        if worker is not None:
+            from postwarden.supervisor import inherited_inbound_sockets
+
+            self._inbound_socks = worker.inbound_sockets or inherited_inbound_sockets()
+        enabled = bool(self._inbound_socks) if worker is not None else bool(cfg.inbound.listen)
+        if enabled:
+            self.inbox = Inbox(cfg.inbound_path)
+            self.inbound = InboundHandler(
+                cfg, self.metrics, self.inbox, self.control.accepts_inbound
+            )
+        self.inbound_servers: list[asyncio.AbstractServer] = []
+        self.inbound_addresses: list[tuple[str, int]] = []
         self.copier = EventCopier(self.spool_path, self.control.sessions)
         # Traffic shaping: the supervisor's broker for a worker, else this process's own
         # (``shaping`` given by tests, with their clocks).
@@ -238,6 +261,7 @@ class Appliance:
                 server = await loop.create_server(factory, sock=sock, backlog=1024)
                 self.servers.append(server)
                 self.smtp_addresses.append(sock.getsockname()[:2])
+            await self._start_inbound(tls)
             await self._start_http()
         else:
             for spec in self.cfg.smtp.listen:
@@ -248,17 +272,39 @@ class Appliance:
                 self.servers.append(server)
                 for sock in server.sockets:
                     self.smtp_addresses.append(sock.getsockname()[:2])
+            await self._start_inbound(tls)
             await self._start_http()
         self._gauge_task = asyncio.create_task(self._update_gauges())
         log.info(
-            "event=started worker=%s smtp=%s control=%s spool=%s config=%s loop=%s",
+            "event=started worker=%s smtp=%s inbound=%s control=%s spool=%s config=%s loop=%s",
             f"{self.worker.index}/{self.worker.count}" if self.worker else "-",
             ",".join(f"{h}:{p}" for h, p in self.smtp_addresses),
+            ",".join(f"{h}:{p}" for h, p in self.inbound_addresses) or "-",
             "{}:{}".format(*self.control_address) if self.control_address else "-",
             self.spool_path,
             self.cfg.source,
             type(loop).__module__.split(".")[0],
         )
+
+    async def _start_inbound(self, tls: Any) -> None:
+        """The inbound MX on ``inbound.listen`` (a worker: on the supervisor's sockets),
+        with the submission listeners' TLS certificate."""
+        if self.inbound is None:
+            return
+        loop = asyncio.get_running_loop()
+        factory = make_inbound_factory(self.inbound, tls)
+        if self.worker is not None:
+            for sock in self._inbound_socks:
+                server = await loop.create_server(factory, sock=sock, backlog=1024)
+                self.inbound_servers.append(server)
+                self.inbound_addresses.append(sock.getsockname()[:2])
+            return
+        for spec in self.cfg.inbound.listen:
+            host, port = parse_hostport(spec, "inbound.listen")
+            server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
+            self.inbound_servers.append(server)
+            for sock in server.sockets:
+                self.inbound_addresses.append(sock.getsockname()[:2])
 
     async def _start_http(self) -> None:
         from prometheus_client import generate_latest
@@ -275,6 +321,8 @@ class Appliance:
                 "sessions_in": self.ingress.open_sessions,
                 "sessions_out": self.scheduler.sessions,
             }
+            if self.inbound is not None:
+                details["sessions_inbound"] = self.inbound.open_sessions
             if self.worker is not None:
                 details["worker"] = self.worker.index
                 sup = read_status()
@@ -306,16 +354,35 @@ class Appliance:
             held = db.execute("SELECT COUNT(*) FROM recipients WHERE held = 1").fetchone()[0]
             return {**{r[0]: r[1] for r in rows}, "held": held}
 
+        last_prune = 0.0
         while True:
             try:
                 counts = await self.spool.run(count)
                 for state in ("queued", "deferred", "active", "held"):
                     self.metrics.queue_depth.labels(state).set(counts.get(state, 0))
+                if self.inbox is not None:
+                    last_prune = await self._inbox_gauges(self.inbox, last_prune)
             except Exception:
                 if self.spool.closed:
                     return
                 log.exception("event=gauge_update_failed")
             await asyncio.sleep(5)
+
+    async def _inbox_gauges(self, inbox: Inbox, last_prune: float) -> float:
+        """Inbox counts for the gauges; hourly (worker 0 only: the inbox is shared),
+        unparsed reports older than ``inbound.keep_unparsed`` go."""
+        now = time.monotonic()
+        if (self.worker is None or self.worker.index == 0) and now - last_prune >= 3600:
+            pruned = await asyncio.to_thread(inbox.prune_unparsed, self.cfg.inbound.keep_unparsed)
+            if pruned:
+                log.info("event=inbound_unparsed_pruned count=%d", pruned)
+            last_prune = now
+        pending, unparsed = await asyncio.to_thread(
+            lambda: (inbox.pending(), inbox.unparsed_count())
+        )
+        self.metrics.inbound_pending.set(pending)
+        self.metrics.inbound_unparsed.set(unparsed)
+        return last_prune
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call twice."""
@@ -324,12 +391,15 @@ class Appliance:
             return
         self._stopping = True
         log.info("event=stopping")
-        for server in self.servers:
+        for server in self.servers + self.inbound_servers:
             server.close()
         grace = self.cfg.server.shutdown_grace
         deadline = time.monotonic() + grace
-        # Transactions already past DATA finish spooling (and get their 250).
-        while self.ingress.in_transaction and time.monotonic() < deadline:  # noqa: ASYNC110
+        # Transactions already past DATA finish spooling (and get their 250); reports
+        # the inbound MX is storing too.
+        while (  # noqa: ASYNC110
+            self.ingress.in_transaction or (self.inbound and self.inbound.in_transaction)
+        ) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         if self.shaper is not None:
@@ -345,7 +415,7 @@ class Appliance:
         await self.copier.stop()
         await self.spool.close()
         await self.control.stop()
-        for server in self.servers:
+        for server in self.servers + self.inbound_servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         self._stopped.set()
@@ -365,7 +435,12 @@ class Appliance:
         except ConfigError as exc:
             log.error("event=reload_refused error=%r", str(exc))
             return False
-        if new.smtp.listen != self.cfg.smtp.listen or new.control.listen != self.cfg.control.listen:
+        if (
+            new.smtp.listen != self.cfg.smtp.listen
+            or new.control.listen != self.cfg.control.listen
+            or new.inbound.listen != self.cfg.inbound.listen
+            or new.inbound_path != self.cfg.inbound_path
+        ):
             log.warning("event=reload_partial reason=listen_addresses_need_restart")
         self.cfg = new
         self._config_keys = keys
@@ -374,6 +449,9 @@ class Appliance:
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)
         self.control.configure_pools(new)
+        self.control.configure_inbound(new)
+        if self.inbound is not None:
+            self.inbound.configure(new)
         if self.shaper is not None:
             self.shaper.reconfigure(new)
         if self.shaping is not None and self.worker is None:

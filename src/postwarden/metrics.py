@@ -35,6 +35,17 @@ REJECT_REASONS = (
     "pool",
     "bad_priority",
 )
+#: Why the inbound MX (mta.inbound) refused a command.
+INBOUND_REFUSALS = (
+    "relay_denied",
+    "bad_recipient",
+    "too_many_recipients",
+    "too_large",
+    "too_many_sessions",
+    "too_many_commands",
+    "auth",
+    "local_error",
+)
 FAILURE_STAGES = (
     "connect",
     "dns",
@@ -153,6 +164,36 @@ class Metrics:
         self.spool_fsyncs = Counter(
             "postwarden_spool_commits", "Durable spool group commits.", registry=r
         )
+        self.inbound_accepted = Counter(
+            "postwarden_inbound_accepted",
+            "Reports (bounces, complaints) the inbound MX accepted and stored.",
+            registry=r,
+        )
+        self.inbound_refused = Counter(
+            "postwarden_inbound_refused",
+            "SMTP commands the inbound MX refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.inbound_sessions = Gauge(
+            "postwarden_inbound_sessions_open",
+            "Open sessions on the inbound MX.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        # The inbox is shared by the workers: each sees the same count.
+        self.inbound_pending = Gauge(
+            "postwarden_inbound_pending",
+            "Reports in the inbox waiting to be processed (or being processed).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.inbound_unparsed = Gauge(
+            "postwarden_inbound_unparsed",
+            "Reports kept in the inbox because they could not be parsed.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # Every label value exists from the start (at 0), so that dashboards and rates
         # see each series before its first event, with one worker or several.
         self.received.labels("smtp")
@@ -162,6 +203,8 @@ class Metrics:
                 self.dropped.labels(reason, stage)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for reason in INBOUND_REFUSALS:
+            self.inbound_refused.labels(reason)
         for reason in FAILURE_STAGES:
             self.deferred.labels(reason)
             self.bounced.labels(reason)

@@ -3,9 +3,11 @@
 See docs/decisions/0004-process-model.md. The supervisor binds every ``smtp.listen``
 address once and hands the sockets to ``postwarden worker`` processes (inherited file
 descriptors): the kernel gives each new connection to whichever worker accepts it
-first. Each worker is a whole appliance with its own spool shard, and serves the
-control plane on the ``control.listen`` socket, bound here once too (docs/decisions/
-0005): metrics are summed over the workers through prometheus-client's multiprocess
+first. The inbound MX's (``inbound.listen``) are handed over the same way, their
+descriptors named in the worker's environment (``POSTWARDEN_INBOUND_FDS``). Each
+worker is a whole appliance with its own spool shard, and serves the control plane
+on the ``control.listen`` socket, bound here once too (docs/decisions/0005): metrics
+are summed over the workers through prometheus-client's multiprocess
 mode, and ``/healthz`` adds what the supervisor writes to its status file. The
 supervisor forwards SIGTERM and SIGHUP, and restarts a worker that dies —
 its shard then recovers exactly as after a crash. If the supervisor itself is killed,
@@ -59,6 +61,20 @@ def bind(spec: str, path: str) -> socket.socket:
 def bind_listeners(cfg: Config) -> list[socket.socket]:
     """One listening socket per ``smtp.listen`` address, inheritable by workers."""
     return [bind(spec, f"smtp.listen[{i}]") for i, spec in enumerate(cfg.smtp.listen)]
+
+
+def bind_inbound(cfg: Config) -> list[socket.socket]:
+    """One listening socket per ``inbound.listen`` address, inheritable by workers."""
+    return [bind(spec, f"inbound.listen[{i}]") for i, spec in enumerate(cfg.inbound.listen)]
+
+
+INBOUND_FDS_ENV = "POSTWARDEN_INBOUND_FDS"
+
+
+def inherited_inbound_sockets() -> tuple[socket.socket, ...]:
+    """In a worker: the inbound MX's listening sockets the supervisor passed."""
+    fds = os.environ.get(INBOUND_FDS_ENV, "")
+    return tuple(socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip())
 
 
 STATUS_ENV = "POSTWARDEN_SUPERVISOR_STATUS"
@@ -126,6 +142,7 @@ class Supervisor:
         self.config_path = config_path
         self.count = count
         self.sockets: list[socket.socket] = []
+        self.inbound_sockets: list[socket.socket] = []
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
         self._stopping = False
@@ -148,6 +165,7 @@ class Supervisor:
         ensure_tls_files(self.cfg)  # once, before workers race to create it
         await prepare_control(self.cfg, self.config_path)  # migrations, key file: once
         self.sockets = bind_listeners(self.cfg)
+        self.inbound_sockets = bind_inbound(self.cfg)
         self.control_sock = bind(self.cfg.control.listen, "control.listen")
         # The shaping broker of every worker (docs/decisions/0006); imported only now,
         # so that its metrics are written to the directory set above.
@@ -165,9 +183,10 @@ class Supervisor:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info(
-            "event=supervisor_started workers=%d smtp=%s control=%s loop=%s",
+            "event=supervisor_started workers=%d smtp=%s inbound=%s control=%s loop=%s",
             self.count,
             ",".join("{}:{}".format(*s.getsockname()[:2]) for s in self.sockets),
+            ",".join("{}:{}".format(*s.getsockname()[:2]) for s in self.inbound_sockets) or "-",
             "{}:{}".format(*self.control_sock.getsockname()[:2]),
             type(loop).__module__.split(".")[0],
         )
@@ -186,7 +205,9 @@ class Supervisor:
         ]  # fmt: skip
         if self.config_path:
             argv += ["--config", self.config_path]
-        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=[*fds, cfd])
+        inbound = [s.fileno() for s in self.inbound_sockets]
+        env = {**os.environ, INBOUND_FDS_ENV: ",".join(map(str, inbound))}
+        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=[*fds, *inbound, cfd], env=env)
         self.procs[index] = proc
         self._write_status()
         task = asyncio.create_task(self._watch(index, proc))
@@ -259,7 +280,7 @@ class Supervisor:
             task.cancel()
         if self.shaping is not None:
             await self.shaping.stop()
-        for sock in self.sockets:
+        for sock in self.sockets + self.inbound_sockets:
             sock.close()
         if self.control_sock is not None:
             self.control_sock.close()

@@ -41,6 +41,10 @@ class PoolNotAllowed(ValueError):
     message is one line, fit for an SMTP reply or an API error."""
 
 
+def _domain_key(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
 def pool_from_row(row: Pool) -> PoolConfig:
     return PoolConfig(
         row.name,
@@ -77,6 +81,13 @@ class ControlPlane:
         # with either.
         self.tenant_pools: dict[int, tuple[str | None, frozenset[str]]] = {}
         self.configure_pools(cfg)
+        # Where the inbound MX accepts mail: <control.return_path_label>.<d> for every
+        # registered sending domain d (any tenant, verified or not), and inbound.domains.
+        self.sending_domains: frozenset[str] = frozenset()
+        self.return_path_domains: frozenset[str] = frozenset()
+        self.inbound_domains: frozenset[str] = frozenset()
+        self.return_path_label = ""
+        self.configure_inbound(cfg)
         # Called with the new key list whenever verified domains or their keys change.
         self.on_keys: list[Callable[[list[SigningKey]], None]] = []
         # Set by the appliance: spools a message (None in a control-only process).
@@ -104,6 +115,7 @@ class ControlPlane:
             self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
         await self.suppressions.load()
         await self.reload_keys()
+        await self.reload_return_paths()
         await self.reload_pools()
         self._task = asyncio.create_task(self._poll())
 
@@ -240,6 +252,31 @@ class ControlPlane:
         """A pool by name (its weighted sources and overflow), or None."""
         return self.pools.get(name)
 
+    # ------------------------------------------------------------------ inbound domains
+
+    def configure_inbound(self, cfg: Config) -> None:
+        """Take ``inbound.domains`` and the return-path label of a (re)loaded configuration."""
+        self.return_path_label = cfg.control.return_path_label.lower()
+        self.inbound_domains = frozenset(_domain_key(d) for d in cfg.inbound.domains)
+        self.return_path_domains = frozenset(
+            f"{self.return_path_label}.{d}" for d in self.sending_domains
+        )
+
+    async def reload_return_paths(self) -> None:
+        """Read every registered sending domain (the inbound MX's return paths)."""
+        async with self.sessions() as s:
+            names = (await s.execute(select(Domain.name))).scalars().all()
+        self.sending_domains = frozenset(_domain_key(n) for n in names)
+        self.return_path_domains = frozenset(
+            f"{self.return_path_label}.{d}" for d in self.sending_domains
+        )
+
+    def accepts_inbound(self, domain: str) -> bool:
+        """Whether the inbound MX takes mail for ``domain``: a registered sending domain's
+        return-path domain, or one of ``inbound.domains`` (case and a final dot ignored)."""
+        d = _domain_key(domain)
+        return d in self.return_path_domains or d in self.inbound_domains
+
     # ------------------------------------------------------------------ the MTA's questions
 
     async def smtp_login(self, login: str, password: str) -> int | None:
@@ -293,6 +330,7 @@ class ControlPlane:
             await self.suppressions.refresh((r[2], r[3]) for r in rows if r[1] == "suppression")
         if "domain" in kinds:
             await self.reload_keys()
+            await self.reload_return_paths()
         if kinds & {"pool", "tenant"}:
             await self.reload_pools()
         # Only once the caches hold them: a failure above reads the same rows again.

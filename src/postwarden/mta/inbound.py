@@ -1,0 +1,305 @@
+"""The inbound MX (aiosmtpd): bounces and feedback-loop reports, stored before ``250``.
+
+It is the MX of the return-path domains (``<control.return_path_label>.<sending
+domain>``) and of ``inbound.domains``, listening on ``inbound.listen``. It takes mail
+for those domains only — any local part, ``postmaster`` included, and the bare
+``postmaster`` of RFC 5321 4.5.1 — from anyone, and refuses every other recipient with
+``550 5.7.1 relay access denied``, whoever connects (loopback and
+``smtp.trusted_networks`` included): it never relays. Any reverse-path is fine
+(bounces come from ``<>``); AUTH is not offered; STARTTLS is, with the submission
+listeners' certificate, never required.
+
+What it accepts goes into the :class:`~postwarden.bounces.inbox.Inbox` (fsync'd)
+before the ``250``; a failure to store answers ``451 4.3.0`` and keeps nothing. Then
+:attr:`InboundHandler.on_delivered` is called, so that whoever processes the inbox
+can wake up. The message is stored exactly as received (no headers added; bare CR or
+LF left as they are: it is read, never relayed).
+
+Limits (``[inbound]``): ``max_message_size`` (advertised as SIZE; a larger
+``SIZE=`` or more data is refused with ``552 5.3.4`` and nothing is stored),
+``max_recipients`` (``452 4.5.3`` beyond), ``max_sessions_per_ip``, ``idle_timeout``;
+``smtp.max_line_length`` and ``smtp.max_commands_per_session`` as for submission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiosmtpd.smtp import Envelope, Session
+
+from postwarden.bounces.inbox import Inbox
+from postwarden.config import Config
+from postwarden.metrics import Metrics
+from postwarden.mta.ingress import MAX_PATH, add_enhanced_code
+from postwarden.mta.wire import BulkDataSMTP
+
+log = logging.getLogger("postwarden.inbound")
+
+#: (domain) -> whether the inbound MX takes mail for it (the control plane's cache).
+AcceptsFn = Callable[[str], bool]
+
+
+class InboundSMTP(BulkDataSMTP):
+    """aiosmtpd's SMTP with the inbound MX's session rules: enhanced status codes,
+    sessions per client IP, commands per session, no AUTH."""
+
+    def __init__(self, handler: InboundHandler, **kwargs: Any) -> None:
+        # aiosmtpd reads the limit while building its StreamReader in __init__.
+        self.line_length_limit = handler.cfg.smtp.max_line_length + 1
+        super().__init__(handler, **kwargs)
+        self.inbound = handler
+        self._in_ehlo = False
+        self._in_rcpt = False
+        self._commands = 0
+        self._over_limit = False
+        self._peer_ip = ""
+        self._smtp_methods = {
+            name: self._counted(method) for name, method in self._smtp_methods.items()
+        }
+
+    def _counted(self, method: Callable[[str], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def wrapper(arg: str) -> None:
+            self._commands += 1
+            if self._commands > self.inbound.cfg.smtp.max_commands_per_session:
+                self.inbound.refused("too_many_commands")
+                await self.push("421 4.7.0 Too many commands in this session, closing")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            await method(arg)
+
+        return wrapper
+
+    # -- connection accounting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return  # STARTTLS re-entry, same session
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = peer[0] if peer else ""
+        self._over_limit = not self.inbound.session_opened(self._peer_ip)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._peer_ip:
+            self.inbound.session_closed(self._peer_ip)
+            self._peer_ip = ""
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._over_limit:
+            self.inbound.refused("too_many_sessions")
+            await self.push("421 4.7.0 Too many sessions from your address, try later")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    # -- replies
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        if not self._in_ehlo:
+            if raw.startswith(b"552"):
+                # aiosmtpd's own size refusals (MAIL SIZE=, too much DATA): nothing stored.
+                self.inbound.refused("too_large")
+            elif self._in_rcpt and raw.startswith(b"553"):
+                # aiosmtpd could not parse the path at all: as the handler's syntax refusal.
+                self.inbound.refused("bad_recipient")
+                raw = b"501 5.1.3 Bad recipient address syntax"
+            raw = add_enhanced_code(raw)
+        await super().push(raw)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._in_rcpt = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._in_rcpt = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        self.inbound.refused("auth")
+        await self.push("502 5.5.1 Authentication not available on this service")
+
+
+OnDelivered = Callable[[], None]
+
+
+class InboundHandler:
+    """Decides RCPT and DATA for the inbound MX; stores what it accepts in ``inbox``."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: Metrics,
+        inbox: Inbox,
+        accepts: AcceptsFn,
+        on_delivered: OnDelivered | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.inbox = inbox
+        self.accepts = accepts
+        # Called (on the event loop) after each report is stored; plain and optional.
+        self.on_delivered = on_delivered
+        self.sessions_by_ip: dict[str, int] = {}
+        self.open_sessions = 0
+        self.in_transaction = 0
+        self.configure(cfg)
+
+    def configure(self, cfg: Config) -> None:
+        """Apply a (re)loaded configuration: limits take effect for new sessions."""
+        self.cfg = cfg
+
+    def refused(self, reason: str) -> None:
+        self.metrics.inbound_refused.labels(reason).inc()
+
+    # -- sessions
+
+    def session_opened(self, ip: str) -> bool:
+        n = self.sessions_by_ip.get(ip, 0) + 1
+        self.sessions_by_ip[ip] = n
+        self.open_sessions += 1
+        self.metrics.inbound_sessions.inc()
+        return n <= self.cfg.inbound.max_sessions_per_ip
+
+    def session_closed(self, ip: str) -> None:
+        n = self.sessions_by_ip.get(ip, 0) - 1
+        if n <= 0:
+            self.sessions_by_ip.pop(ip, None)
+        else:
+            self.sessions_by_ip[ip] = n
+        self.open_sessions -= 1
+        self.metrics.inbound_sessions.dec()
+
+    # -- the rule
+
+    def local(self, address: str) -> bool | None:
+        """Whether the inbound MX takes mail for ``address``; None when it is no address."""
+        if len(address) > MAX_PATH:
+            return None
+        local, at, domain = address.rpartition("@")
+        if not at:
+            # RFC 5321 4.5.1: "RCPT TO:<Postmaster>" without a domain is accepted.
+            return True if address.lower() == "postmaster" else None
+        if not local or not domain or any(c.isspace() for c in domain):
+            return None
+        return self.accepts(domain)
+
+    # -- hooks
+
+    async def handle_EHLO(
+        self, server: InboundSMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        out = []
+        for line in responses:
+            if line.startswith("250-AUTH"):
+                continue  # never offered here
+            if line == "250 HELP":
+                out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+                continue
+            out.append(line)
+        return out
+
+    async def handle_MAIL(
+        self, server: InboundSMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:  # fmt: skip
+        # Any reverse-path: bounces come from "<>", reports from anywhere.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: InboundSMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        ok = self.local(address)
+        if ok is None:
+            self.refused("bad_recipient")
+            return "501 5.1.3 Bad recipient address syntax"
+        if not ok:
+            self.refused("relay_denied")
+            peer = session.peer[0] if session.peer else ""
+            log.info("event=inbound_relay_denied peer=%s rcpt=%r", peer, address[:MAX_PATH])
+            return f"550 5.7.1 <{address}>: relay access denied"
+        if len(envelope.rcpt_tos) >= self.cfg.inbound.max_recipients:
+            self.refused("too_many_recipients")
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: InboundSMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        data = envelope.original_content or b""
+        peer = session.peer[0] if session.peer else ""
+        mail_from = envelope.mail_from or ""
+        self.in_transaction += 1
+        try:
+            item_id = await asyncio.to_thread(
+                self.inbox.deliver,
+                "" if mail_from == "<>" else mail_from,
+                list(envelope.rcpt_tos),
+                data,
+                peer,
+                session.host_name or "",
+            )
+        except Exception:
+            log.exception("event=inbound_store_failed peer=%s", peer)
+            self.refused("local_error")
+            return "451 4.3.0 Temporary local problem, try again later"
+        finally:
+            self.in_transaction -= 1
+        self.metrics.inbound_accepted.inc()
+        log.info(
+            "event=inbound_accepted id=%s peer=%s from=%r rcpts=%d size=%d ms=%.1f",
+            item_id, peer, mail_from, len(envelope.rcpt_tos), len(data),
+            (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        if self.on_delivered is not None:
+            try:
+                self.on_delivered()
+            except Exception:
+                log.exception("event=inbound_notify_failed id=%s", item_id)
+        return f"250 2.0.0 Ok: queued as {item_id}"
+
+
+def make_inbound_factory(
+    handler: InboundHandler, tls_context: ssl.SSLContext | None
+) -> Callable[[], InboundSMTP]:
+    """A protocol factory for ``loop.create_server`` with the handler's limits."""
+
+    def factory() -> InboundSMTP:
+        # Per connection, so that a reload of the limits applies to every new session.
+        cfg = handler.cfg
+        return InboundSMTP(
+            handler,
+            data_size_limit=cfg.inbound.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=cfg.server.hostname,
+            ident="Postwarden ESMTP",
+            tls_context=tls_context,
+            require_starttls=False,
+            timeout=cfg.inbound.idle_timeout,
+            auth_required=False,
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+
+    return factory
