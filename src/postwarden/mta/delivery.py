@@ -44,7 +44,12 @@ Kind = Literal["delivered", "temporary", "permanent", "not_attempted"]
 
 @dataclass
 class Job:
-    """One message for one destination domain: a single SMTP transaction."""
+    """One message for one destination domain: a single SMTP transaction.
+
+    ``mail_from`` is the envelope sender on the wire; with a VERP return path (one job
+    per recipient) it is the signed return path and ``sender`` the message's own
+    envelope sender, whose domain stays the :attr:`sending_domain`.
+    """
 
     msg_id: str
     domain: str
@@ -56,10 +61,11 @@ class Job:
     body: bytes | None = field(default=None, repr=False)
     tenant: str = ""
     lane: int = 0  # 0 transactional, 1 bulk
+    sender: str = ""  # the message's envelope sender when mail_from is a return path
 
     @property
     def sending_domain(self) -> str:
-        return self.mail_from.rpartition("@")[2].lower()
+        return (self.sender or self.mail_from).rpartition("@")[2].lower()
 
     @property
     def smtputf8(self) -> bool:
