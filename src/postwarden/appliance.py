@@ -25,11 +25,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from postwarden.bounces.classify import Classifier, PatternsError, default_classifier
 from postwarden.bounces.inbox import Inbox
+from postwarden.bounces.parse import Parser
+from postwarden.bounces.processor import BounceProcessor
+from postwarden.bounces.verp import ReturnPaths
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
 from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
 from postwarden.dns.resolver import Resolver
+from postwarden.mail.addresses import suppression_key
 from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
@@ -157,7 +162,28 @@ class Appliance:
             )
         self.inbound_servers: list[asyncio.AbstractServer] = []
         self.inbound_addresses: list[tuple[str, int]] = []
-        self.copier = EventCopier(self.spool_path, self.control.sessions)
+        self.copier = EventCopier(self.spool_path, self.control.sessions, bounces=cfg.bounces)
+        self.copier.on_suppressed = self._bounce_suppressed
+        self.copier.metrics = self.metrics
+        # Signed per-recipient return paths (VERP), read back by the bounce processor.
+        self.return_paths = ReturnPaths.from_config(cfg)
+        self.scheduler.return_path = lambda lease: self.return_paths.for_lease(
+            lease, self.control.verified
+        )
+        self.bounces: BounceProcessor | None = None
+        if self.inbox is not None:
+            self.bounces = BounceProcessor(
+                cfg,
+                self.inbox,
+                self.control.sessions,
+                self.return_paths,
+                parser=Parser(default_classifier(cfg.bounces.patterns_file)),
+                metrics=self.metrics,
+                feedback_to_broker=self._broker_feedback,
+                on_suppressed=self._bounce_suppressed,
+            )
+            assert self.inbound is not None
+            self.inbound.on_delivered = self.bounces.wake
         # Traffic shaping: the supervisor's broker for a worker, else this process's own
         # (``shaping`` given by tests, with their clocks).
         self.shaping = shaping
@@ -169,6 +195,22 @@ class Appliance:
         self._gauge_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ bounces
+
+    def _bounce_suppressed(self, pairs: list[tuple[int, str]]) -> None:
+        """Suppressions written by bounces: in this process's cache at once (the others
+        load them from the change feed)."""
+        keys = [(t, suppression_key(a)) for t, a in pairs]
+        task = asyncio.get_running_loop().create_task(self.control.suppressions.refresh(keys))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _broker_feedback(self, **args: Any) -> Any:
+        if self.shaper is None:
+            return None
+        return await self.shaper.backend.command(**args)
 
     # ------------------------------------------------------------------ stages
 
@@ -252,6 +294,9 @@ class Appliance:
         self.spool.event_listeners.append(self.copier.notify)
         self.copier.start()
         self.scheduler.start()
+        if self.bounces is not None:
+            self.bounces.start()
+            self.bounces.wake()  # what waited in the inbox while nobody ran
         cert, key = ensure_tls_files(self.cfg)
         tls = server_context(cert, key)
         loop = asyncio.get_running_loop()
@@ -430,9 +475,11 @@ class Appliance:
             new = load_config(self.config_path)
             keys = config_keys(new)
             signer = DkimSigner(keys + self.control.signing_keys)
+            return_paths = ReturnPaths.from_config(new)
+            parser = Parser(Classifier(new.bounces.patterns_file or None))
             if self.worker is not None:
                 new = worker_share(new, self.worker.count)
-        except ConfigError as exc:
+        except (ConfigError, PatternsError, OSError, ValueError) as exc:
             log.error("event=reload_refused error=%r", str(exc))
             return False
         if (
@@ -445,6 +492,11 @@ class Appliance:
         self.cfg = new
         self._config_keys = keys
         self.signer = signer
+        self.return_paths = return_paths
+        self.copier.bounces = new.bounces
+        if self.bounces is not None:
+            self.bounces.cfg, self.bounces.parser = new, parser
+            self.bounces.return_paths = return_paths
         self.ingress.configure(new)
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)

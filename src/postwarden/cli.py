@@ -237,7 +237,9 @@ def cmd_bounces(args: argparse.Namespace) -> int:
             print(f"postwarden: bounces.patterns_file: {exc}", file=sys.stderr)
             return 2
         if not args.files:
-            print("postwarden: bounces parse: give one or more files (- for stdin)", file=sys.stderr)
+            print(
+                "postwarden: bounces parse: give one or more files (- for stdin)", file=sys.stderr
+            )
             return 2
         for name in args.files:
             if name == "-":

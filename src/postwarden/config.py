@@ -617,6 +617,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 "control.encryption_key: expected a Fernet key (32 url-safe base64 bytes)"
             ) from exc
+    if cfg.bounces.patterns_file:
+        from postwarden.bounces.classify import Classifier, PatternsError
+
+        try:
+            Classifier(cfg.bounces.patterns_file)
+        except PatternsError as exc:
+            raise ConfigError(f"bounces.patterns_file: {exc}") from exc
+    if cfg.bounces.token_key and len(cfg.bounces.token_key) < 16:
+        raise ConfigError("bounces.token_key: at least 16 characters (a secret)")
     for name in ("return_path_label", "tracking_label"):
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", getattr(cfg.control, name)):
             raise ConfigError(f"control.{name}: expected one DNS label (a-z, 0-9, -)")

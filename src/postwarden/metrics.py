@@ -194,17 +194,49 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.inbound_reports = Counter(
+            "postwarden_bounce_reports",
+            "Reports from the inbox processed, by what they were: bounce, complaint, "
+            "auto_reply, delayed, delivered, unparsed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.return_path_tokens = Counter(
+            "postwarden_return_path_tokens",
+            "Return-path tokens read from reports: valid, or forged (a bad signature).",
+            ["verdict"],
+            registry=r,
+        )
+        self.bounce_categories = Counter(
+            "postwarden_bounce_categories",
+            "Permanent failures by classifier category and hard/soft, during delivery "
+            "(stage=sync) or from reports (stage=async).",
+            ["category", "hard", "stage"],
+            registry=r,
+        )
+        self.bounce_suppressions = Counter(
+            "postwarden_bounce_suppressions",
+            "Suppressions written because of bounces and complaints, by reason.",
+            ["reason"],
+            registry=r,
+        )
         # Every label value exists from the start (at 0), so that dashboards and rates
         # see each series before its first event, with one worker or several.
         self.received.labels("smtp")
         self.received.labels("api")
-        for reason in ("unsubscribe", "hard_bounce", "complaint", "manual"):
+        for reason in ("unsubscribe", "hard_bounce", "soft_bounce", "complaint", "manual"):
             for stage in ("acceptance", "delivery"):
                 self.dropped.labels(reason, stage)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for reason in INBOUND_REFUSALS:
             self.inbound_refused.labels(reason)
+        for outcome in ("bounce", "complaint", "auto_reply", "delayed", "delivered", "unparsed"):
+            self.inbound_reports.labels(outcome)
+        for verdict in ("valid", "forged"):
+            self.return_path_tokens.labels(verdict)
+        for reason in ("hard_bounce", "soft_bounce", "complaint"):
+            self.bounce_suppressions.labels(reason)
         for reason in FAILURE_STAGES:
             self.deferred.labels(reason)
             self.bounced.labels(reason)

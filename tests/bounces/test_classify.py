@@ -16,28 +16,93 @@ from postwarden.bounces.classify import (
 
 CASES = [
     # answer, stage, category, hard
-    ("550-5.1.1 The email account that you tried to reach does not exist.", "rcpt", "user_unknown", True),
-    ("550 5.1.1 <a@b.example>: Recipient address rejected: User unknown in virtual mailbox table", "rcpt", "user_unknown", True),
+    (
+        "550-5.1.1 The email account that you tried to reach does not exist.",
+        "rcpt",
+        "user_unknown",
+        True,
+    ),
+    (
+        "550 5.1.1 <a@b.example>: Recipient address rejected: User unknown in virtual mailbox table",
+        "rcpt",
+        "user_unknown",
+        True,
+    ),
     ("550 Requested action not taken: mailbox unavailable", "rcpt", "user_unknown", True),
-    ("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", "rcpt", "user_unknown", True),
+    (
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+        "rcpt",
+        "user_unknown",
+        True,
+    ),
     ("556 5.1.10 Recipient address a@null.example has null MX", "rcpt", "null_mx", True),
-    ("550 5.1.2 Host unknown (Name server: example.invalid: host not found)", "rcpt", "domain_not_found", True),
-    ("452-4.2.2 The email account that you tried to reach is over quota.", "rcpt", "mailbox_full", False),
+    (
+        "550 5.1.2 Host unknown (Name server: example.invalid: host not found)",
+        "rcpt",
+        "domain_not_found",
+        True,
+    ),
+    (
+        "452-4.2.2 The email account that you tried to reach is over quota.",
+        "rcpt",
+        "mailbox_full",
+        False,
+    ),
     ("552 5.2.2 Mailbox full", "data", "mailbox_full", False),
-    ("550-5.2.1 The email account that you tried to reach is disabled.", "rcpt", "mailbox_disabled", False),
-    ("550 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "rcpt", "policy_blocked", False),
+    (
+        "550-5.2.1 The email account that you tried to reach is disabled.",
+        "rcpt",
+        "mailbox_disabled",
+        False,
+    ),
+    (
+        "550 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+        "rcpt",
+        "policy_blocked",
+        False,
+    ),
     ("554 5.7.1 <a@b.example>: Relay access denied", "rcpt", "relay_denied", False),
-    ("550-5.7.26 This mail is unauthenticated, which poses a security risk to the sender and Gmail users", "data", "authentication_failed", False),
-    ("550 5.7.1 This message was not accepted due to domain owner DMARC policy", "data", "authentication_failed", False),
-    ("421-4.7.28 Our system has detected an unusual rate of unsolicited mail", "data", "rate_limited", False),
-    ("421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints", "mail", "policy_blocked", False),
+    (
+        "550-5.7.26 This mail is unauthenticated, which poses a security risk to the sender and Gmail users",
+        "data",
+        "authentication_failed",
+        False,
+    ),
+    (
+        "550 5.7.1 This message was not accepted due to domain owner DMARC policy",
+        "data",
+        "authentication_failed",
+        False,
+    ),
+    (
+        "421-4.7.28 Our system has detected an unusual rate of unsolicited mail",
+        "data",
+        "rate_limited",
+        False,
+    ),
+    (
+        "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+        "mail",
+        "policy_blocked",
+        False,
+    ),
     ("552 5.3.4 Message size exceeds fixed limit", "data", "message_too_big", False),
     ("554 5.7.1 Message rejected: spam content detected", "data", "spam_content", False),
     ("550 5.7.1 Message contains a virus", "data", "spam_content", False),
     # A 5xx policy answer is soft: the address is good.
-    ("554 5.7.1 Your access to this mail system has been rejected due to the sending MTA's poor reputation", "rcpt", "policy_blocked", False),
+    (
+        "554 5.7.1 Your access to this mail system has been rejected due to the sending MTA's poor reputation",
+        "rcpt",
+        "policy_blocked",
+        False,
+    ),
     # An address-like answer at MAIL FROM is about the sender, not the recipient.
-    ("553 5.1.8 <s@sender.example>... Domain of sender address does not exist", "mail", "policy_blocked", False),
+    (
+        "553 5.1.8 <s@sender.example>... Domain of sender address does not exist",
+        "mail",
+        "policy_blocked",
+        False,
+    ),
     # ... and at the end of DATA it comes from a content filter.
     ("550 5.7.1 User unknown", "data", "policy_blocked", False),
 ]
@@ -66,7 +131,9 @@ def test_stage_from_texts() -> None:
     assert find_stage("(in reply to RCPT TO command)") == "rcpt"
     assert find_stage("(in reply to end of DATA command)") == "data"
     assert find_stage("SMTP error from remote mail server after MAIL FROM:<a@b> SIZE=10:") == "mail"
-    assert find_stage(">>> RCPT To:<a@b>\n<<< 550 5.1.1 unknown\n>>> DATA\n<<< 503 no rcpt") == "rcpt"
+    assert (
+        find_stage(">>> RCPT To:<a@b>\n<<< 550 5.1.1 unknown\n>>> DATA\n<<< 503 no rcpt") == "rcpt"
+    )
     assert find_stage("Your message could not be delivered") is None
 
 

@@ -45,9 +45,23 @@ def test_corpus_scores(tmp_path: Path) -> None:
     (tmp_path / "out.json").write_text(json.dumps(out))
     (tmp_path / "replay.py").write_text(REPLAY)
     run = subprocess.run(
-        [sys.executable, str(SCORER), "--jobs", "4", "--misses", "0", str(CORPUS), "--",
-         sys.executable, str(tmp_path / "replay.py"), str(tmp_path / "out.json")],
-        capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            str(SCORER),
+            "--jobs",
+            "4",
+            "--misses",
+            "0",
+            str(CORPUS),
+            "--",
+            sys.executable,
+            str(tmp_path / "replay.py"),
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     last = run.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
@@ -77,16 +91,28 @@ def test_cli_contract(name: str) -> None:
     path = CORPUS / "eml" / name
     run = subprocess.run(
         [str(VENV_BIN / "postwarden"), "bounces", "parse", str(path)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert lines
     expected = [
-        json.loads(r) for r in (CORPUS / "expected.jsonl").read_text().splitlines()
+        json.loads(r)
+        for r in (CORPUS / "expected.jsonl").read_text().splitlines()
         if json.loads(r)["file"] == f"eml/{name}"
     ]
     for obj in lines:
-        assert {"recipient", "status", "action", "reason", "hard", "remote_mta", "diagnostic"} <= set(obj)
+        assert {
+            "recipient",
+            "status",
+            "action",
+            "reason",
+            "hard",
+            "remote_mta",
+            "diagnostic",
+        } <= set(obj)
     want = {(r["recipient"] or "").lower() for r in expected}
     assert want <= {(o["recipient"] or "").lower() for o in lines}
 
@@ -95,6 +121,9 @@ def test_not_a_bounce_prints_nothing() -> None:
     path = CORPUS / "eml" / "sisimai" / "is-not-bounce-01.eml"
     run = subprocess.run(
         [str(VENV_BIN / "postwarden"), "bounces", "parse", str(path)],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert run.stdout == ""

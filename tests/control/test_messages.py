@@ -97,11 +97,14 @@ async def test_send_and_follow_each_recipient(control: ControlFactory) -> None:
     assert [e["id"] for e in m["events"]] == sorted(e["id"] for e in m["events"])
     bounced = next(e for e in m["events"] if e["type"] == "bounced")
     assert bounced["detail"]["response"].startswith("550")
-    # What arrived: one copy per accepting domain; Bcc nowhere in the headers; signed.
+    # What arrived: one copy per recipient (each with its own signed return path on the
+    # verified domain, VERP); Bcc nowhere in the headers; signed.
     got = await api.lab.wait_for_messages(1)
     await asyncio.sleep(0.3)
-    inbox = [x for x in api.lab.messages if "ann@inbox.test" in x.rcpt_tos]
-    assert len(inbox) == 1 and sorted(inbox[0].rcpt_tos) == ["ann@inbox.test", "hidden@inbox.test"]
+    copies = [x for x in api.lab.messages if x.rcpt_tos[0].endswith("@inbox.test")]
+    assert sorted(r for x in copies for r in x.rcpt_tos) == ["ann@inbox.test", "hidden@inbox.test"]
+    assert all(len(x.rcpt_tos) == 1 and x.mail_from.endswith("@pwb.acme.test") for x in copies)
+    inbox = [x for x in copies if "ann@inbox.test" in x.rcpt_tos]
     raw = inbox[0].data
     assert b"hidden@inbox.test" not in raw and b"unsub@" not in raw
     assert b"\nBcc:" not in raw and b"d=acme.test" in raw

@@ -65,14 +65,26 @@ REPLY_RE = re.compile(r"(?:^|[\s:(\[\"'=])([245][0-5]\d)(?:[ -](?=\D)|$)", re.M)
 
 # Where in the SMTP dialogue the failure happened, as bounce texts tell it.
 _STAGES = (
-    ("data", r"\b(after|in reply to|response to|rejected after|did not like our) (the )?(final )?"
-             r"(end of )?(data|message body|dot)\b|\bend of data\b|\bdata command\b"),
-    ("mail", r"\b(after|in reply to|response to|did not like our) (the )?mail from\b|"
-             r"\bmail from command|\bsender address rejected|\bsender (was )?rejected"),
-    ("rcpt", r"\b(after|in reply to|response to|did not like our) (the )?rcpt( to)?\b|"
-             r"\brcpt to (command|response)|\brecipient address rejected"),
-    ("connect", r"\bafter (the )?initial connection|\b(in reply to|after) (the )?(ehlo|helo)\b|"
-                r"\bmy name was rejected|\bgreeting\b"),
+    (
+        "data",
+        r"\b(after|in reply to|response to|rejected after|did not like our) (the )?(final )?"
+        r"(end of )?(data|message body|dot)\b|\bend of data\b|\bdata command\b",
+    ),
+    (
+        "mail",
+        r"\b(after|in reply to|response to|did not like our) (the )?mail from\b|"
+        r"\bmail from command|\bsender address rejected|\bsender (was )?rejected",
+    ),
+    (
+        "rcpt",
+        r"\b(after|in reply to|response to|did not like our) (the )?rcpt( to)?\b|"
+        r"\brcpt to (command|response)|\brecipient address rejected",
+    ),
+    (
+        "connect",
+        r"\bafter (the )?initial connection|\b(in reply to|after) (the )?(ehlo|helo)\b|"
+        r"\bmy name was rejected|\bgreeting\b",
+    ),
 )
 _TRANSCRIPT_RE = re.compile(
     r">>> ?(MAIL\s+FROM|RCPT\s+TO|DATA|EHLO|HELO)[^\n]*\n(?:[^\n]*\n)?<<< ?[45]\d\d", re.I
@@ -133,7 +145,9 @@ def find_reply_code(text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _load(data: dict[str, Any], where: str) -> tuple[dict[str, str], list[_TextRule], dict[int, str]]:
+def _load(
+    data: dict[str, Any], where: str
+) -> tuple[dict[str, str], list[_TextRule], dict[int, str]]:
     codes: dict[str, str] = {}
     texts: list[_TextRule] = []
     replies: dict[int, str] = {}

@@ -32,7 +32,6 @@ from typing import Any
 from postwarden.bounces.classify import (
     Classifier,
     default_classifier,
-    find_reply_code,
     find_stage,
     find_status,
 )
@@ -319,7 +318,10 @@ class Parser:
         rcpts += [clean_addr(v) for k, v in fields if k == "removal-recipient"]
         found = [r for r in rcpts if r]
         if not found and original is not None:
-            found = [clean_addr(a) or "" for _n, a in email.utils.getaddresses(original.get_all("to", []))]
+            found = [
+                clean_addr(a) or ""
+                for _n, a in email.utils.getaddresses(original.get_all("to", []))
+            ]
             found = [a for a in found if a]
         if not found:
             found = [None]  # type: ignore[list-item]
@@ -331,8 +333,16 @@ class Parser:
                 continue
             seen.add(key)
             out.append(
-                Finding(r, None, None, "complaint", None, kind="complaint", feedback_type=ftype,
-                        diagnostic=_decode_header(get("user-agent")) or "")
+                Finding(
+                    r,
+                    None,
+                    None,
+                    "complaint",
+                    None,
+                    kind="complaint",
+                    feedback_type=ftype,
+                    diagnostic=_decode_header(get("user-agent")) or "",
+                )
             )
         return Report("arf", out)
 
@@ -343,15 +353,32 @@ class Parser:
             return None
         subject = _decode_header(msg.get("subject"))
         hm = original.get("x-hmxmroriginalrecipient")
-        if not hm and not re.search(r"complaint about message|abuse report|spam report|"
-                                    r"feedback report|scomp|fbl", subject, re.I):
+        if not hm and not re.search(
+            r"complaint about message|abuse report|spam report|"
+            r"feedback report|scomp|fbl",
+            subject,
+            re.I,
+        ):
             return None
         who = clean_addr(hm) if hm else None
         if who is None:
             tos = [clean_addr(a) for _n, a in email.utils.getaddresses(original.get_all("to", []))]
             who = next((a for a in tos if a), None)
-        return Report("arf", [Finding(who, None, None, "complaint", None, kind="complaint",
-                                      feedback_type="abuse", diagnostic=subject)])
+        return Report(
+            "arf",
+            [
+                Finding(
+                    who,
+                    None,
+                    None,
+                    "complaint",
+                    None,
+                    kind="complaint",
+                    feedback_type="abuse",
+                    diagnostic=subject,
+                )
+            ],
+        )
 
     # ------------------------------------------------------------------ JSON (SES)
 
@@ -383,9 +410,15 @@ class Parser:
         if ntype == "complaint":
             for r in (data.get("complaint") or {}).get("complainedRecipients", []):
                 out.append(
-                    Finding(clean_addr(r.get("emailAddress")), None, None, "complaint", None,
-                            kind="complaint",
-                            feedback_type=(data["complaint"].get("complaintFeedbackType") or "abuse"))
+                    Finding(
+                        clean_addr(r.get("emailAddress")),
+                        None,
+                        None,
+                        "complaint",
+                        None,
+                        kind="complaint",
+                        feedback_type=(data["complaint"].get("complaintFeedbackType") or "abuse"),
+                    )
                 )
         elif ntype == "bounce":
             b = data.get("bounce") or {}
@@ -395,16 +428,31 @@ class Parser:
                 status = r.get("status") or find_status(diag)
                 v = self.classifier.classify(status, None, diag, permanent=permanent)
                 out.append(
-                    Finding(clean_addr(r.get("emailAddress")), v.status,
-                            r.get("action") or "failed", v.category, v.hard,
-                            remote_mta=b.get("remoteMtaIp") or b.get("reportingMTA"),
-                            diagnostic=diag, reply_code=v.reply_code)
+                    Finding(
+                        clean_addr(r.get("emailAddress")),
+                        v.status,
+                        r.get("action") or "failed",
+                        v.category,
+                        v.hard,
+                        remote_mta=b.get("remoteMtaIp") or b.get("reportingMTA"),
+                        diagnostic=diag,
+                        reply_code=v.reply_code,
+                    )
                 )
         elif ntype == "delivery":
             d = data.get("delivery") or {}
             for r in d.get("recipients", []):
-                out.append(Finding(clean_addr(r), "2.0.0", "delivered", "delivered", None,
-                                   kind="delivered", diagnostic=str(d.get("smtpResponse", ""))))
+                out.append(
+                    Finding(
+                        clean_addr(r),
+                        "2.0.0",
+                        "delivered",
+                        "delivered",
+                        None,
+                        kind="delivered",
+                        diagnostic=str(d.get("smtpResponse", "")),
+                    )
+                )
         else:
             return None
         return Report("json", out)
@@ -430,7 +478,9 @@ class Parser:
                 r"^\s*(Status|Action):", text, re.M | re.I
             ):
                 blocks = _dsn_blocks_from_text(text)
-        per_rcpt = [b for b in blocks if any(k in ("final-recipient", "original-recipient") for k, _ in b)]
+        per_rcpt = [
+            b for b in blocks if any(k in ("final-recipient", "original-recipient") for k, _ in b)
+        ]
         if not per_rcpt:
             return None
         human = self._body_text(msg)
@@ -475,8 +525,16 @@ class Parser:
         if action is None and status:
             action = {"5": "failed", "4": "delayed", "2": "delivered"}[status[0]]
         if action in ("delivered", "relayed", "expanded") or (status and status[0] == "2"):
-            return Finding(rcpt, status, action or "delivered", "delivered", None, remote, diag,
-                           kind="delivered")
+            return Finding(
+                rcpt,
+                status,
+                action or "delivered",
+                "delivered",
+                None,
+                remote,
+                diag,
+                kind="delivered",
+            )
         permanent = action == "failed" if action else None
         stage = find_stage(diag)
         if stage is None and context:
@@ -502,8 +560,17 @@ class Parser:
         hard = v.hard
         if action == "delayed":
             hard = False
-        return Finding(rcpt, final_status, action, category, hard, remote, diag.strip()[:1000],
-                       kind="delayed" if action == "delayed" else "bounce", reply_code=v.reply_code)
+        return Finding(
+            rcpt,
+            final_status,
+            action,
+            category,
+            hard,
+            remote,
+            diag.strip()[:1000],
+            kind="delayed" if action == "delayed" else "bounce",
+            reply_code=v.reply_code,
+        )
 
     # ------------------------------------------------------------------ auto-replies
 
@@ -516,14 +583,19 @@ class Parser:
             or msg.get("x-autoreply") is not None
             or msg.get("x-autorespond") is not None
             or (msg.get("precedence") or "").strip().lower() == "auto_reply"
-            or (msg.get("x-auto-response-suppress") is None and AUTO_REPLY_SUBJECT.search(subject) is not None)
+            or (
+                msg.get("x-auto-response-suppress") is None
+                and AUTO_REPLY_SUBJECT.search(subject) is not None
+            )
         )
         if not flagged or BOUNCE_FROM.search(sender) or BOUNCE_SUBJECT.search(subject):
             return None
         addrs = email.utils.getaddresses([msg.get("from", "")])
         who = clean_addr(addrs[0][1]) if addrs else None
-        return Report("auto_reply", [Finding(who, None, None, "auto_reply", None, kind="auto_reply",
-                                             diagnostic=subject)])
+        return Report(
+            "auto_reply",
+            [Finding(who, None, None, "auto_reply", None, kind="auto_reply", diagnostic=subject)],
+        )
 
     # ------------------------------------------------------------------ free text
 
@@ -536,22 +608,32 @@ class Parser:
             or BOUNCE_SUBJECT.search(subject)
             or (msg.get("return-path") or "").strip() == "<>"
             or msg.get("x-failed-recipients")
-            or re.search(r"could not be delivered|undeliverable|delivery.{0,20}failed|"
-                         r"unable to deliver|permanent error|following address|"
-                         r"invalid (user|recipient|address)|error message|"
-                         r"(?<![\d.])[45]\d\d[ -][45]\.\d{1,3}\.\d{1,3}", text, re.I)
+            or re.search(
+                r"could not be delivered|undeliverable|delivery.{0,20}failed|"
+                r"unable to deliver|permanent error|following address|"
+                r"invalid (user|recipient|address)|error message|"
+                r"(?<![\d.])[45]\d\d[ -][45]\.\d{1,3}\.\d{1,3}",
+                text,
+                re.I,
+            )
         )
         if not looks:
             return None
         exclude, weak = _sender_side(msg, original)
-        failed = [clean_addr(a) for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))]
+        failed = [
+            clean_addr(a)
+            for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))
+        ]
         rcpts = _candidates(text, exclude | weak) or _candidates(text, exclude)
         if failed and any(failed):
             known = {r.lower(): p for r, p in rcpts}
             rcpts = [(a, known.get(a.lower(), -1)) for a in failed if a]
         if not rcpts and original is not None:
-            tos = [clean_addr(a) for _n, a in email.utils.getaddresses(original.get_all("to", []))]
-            tos = [a for a in tos if a and a.lower() not in exclude]
+            tos = [
+                a
+                for _n, raw in email.utils.getaddresses(original.get_all("to", []))
+                if (a := clean_addr(raw)) and a.lower() not in exclude
+            ]
             if len(tos) == 1:
                 rcpts = [(tos[0], -1)]
         if not rcpts:
@@ -569,7 +651,9 @@ class Parser:
             if not diag:
                 diag = text
             action = "delayed" if permanent is False else "failed"
-            f = self._judge(addr, None, action if permanent is not None else None, _squash(diag), None)
+            f = self._judge(
+                addr, None, action if permanent is not None else None, _squash(diag), None
+            )
             if permanent is None and f.status and f.status[0] == "4" and f.action == "delayed":
                 f.action, f.kind = "failed", "bounce"
             out.append(f)
@@ -648,9 +732,15 @@ def _split_recipients(block: list[tuple[str, str]]) -> list[list[tuple[str, str]
         starts = k in ("final-recipient", "original-recipient")
         if starts and seen_rcpt and any(kk == k for kk, _ in out[-1]):
             out.append([])
-        if k == "final-recipient" and not seen_rcpt and out[-1] and any(
-            kk in ("reporting-mta", "arrival-date", "received-from-mta") for kk, _ in out[-1]
-        ) and not any(kk == "original-recipient" for kk, _ in out[-1]):
+        if (
+            k == "final-recipient"
+            and not seen_rcpt
+            and out[-1]
+            and any(
+                kk in ("reporting-mta", "arrival-date", "received-from-mta") for kk, _ in out[-1]
+            )
+            and not any(kk == "original-recipient" for kk, _ in out[-1])
+        ):
             out.append([])
         seen_rcpt = seen_rcpt or starts
         out[-1].append((k, v))
@@ -733,8 +823,9 @@ def _sender_side(msg: Message, original: Message | None) -> tuple[set[str], set[
                     out.add(c.lower())
         return out
 
-    strong = collect(msg, ("to", "cc", "from", "reply-to", "return-path", "sender",
-                           "delivered-to", "errors-to"))
+    strong = collect(
+        msg, ("to", "cc", "from", "reply-to", "return-path", "sender", "delivered-to", "errors-to")
+    )
     weak = set()
     if original is not None:
         weak = collect(original, ("from", "reply-to", "return-path", "sender", "errors-to"))
@@ -771,8 +862,11 @@ def _candidates(text: str, exclude: set[str]) -> list[tuple[str, int]]:
         near = [
             (a, p)
             for a, p in pool
-            if re.search(r"(recipient|rcpt|to|address|user|mailbox|for|delivery to|deliver to)\W{0,6}$",
-                         text[max(0, p - 40) : p], re.I)
+            if re.search(
+                r"(recipient|rcpt|to|address|user|mailbox|for|delivery to|deliver to)\W{0,6}$",
+                text[max(0, p - 40) : p],
+                re.I,
+            )
         ]
         if near:
             pool = near
@@ -817,10 +911,13 @@ def _block_for(text: str, rcpt: str | None) -> str:
     return block if _has_reason(block) else (block + "\n" + _error_lines(text)).strip()
 
 
-REASON_HINT = re.compile(r"(?<![\d.])[245]\d\d(?![\d.])|[245]\.\d{1,3}\.\d{1,3}|"
-                         r"unknown|not exist|no such|full|quota|reject|denied|refused|block|"
-                         r"spam|invalid|disabled|timed out|expired|unreachable|too (big|large)|"
-                         r"relay|policy|not found", re.I)
+REASON_HINT = re.compile(
+    r"(?<![\d.])[245]\d\d(?![\d.])|[245]\.\d{1,3}\.\d{1,3}|"
+    r"unknown|not exist|no such|full|quota|reject|denied|refused|block|"
+    r"spam|invalid|disabled|timed out|expired|unreachable|too (big|large)|"
+    r"relay|policy|not found",
+    re.I,
+)
 
 
 def _has_reason(block: str) -> bool:

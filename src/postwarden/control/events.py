@@ -18,6 +18,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from postwarden.bounces import feedback
+from postwarden.config import BouncesConfig
 from postwarden.store.feed import lock_events
 from postwarden.store.models import Event, EventCursor, Message, Recipient
 
@@ -67,8 +70,20 @@ def insert_ignore(session: AsyncSession, model: Any) -> Any:
 
 
 class EventCopier:
-    def __init__(self, spool_path: Path, sessions: Any, *, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        spool_path: Path,
+        sessions: Any,
+        *,
+        interval: float = 0.5,
+        bounces: BouncesConfig | None = None,
+    ) -> None:
         self.spool_path = Path(spool_path)
+        # Failures feed suppressions here, in the transaction that copies their events.
+        self.bounces = bounces or BouncesConfig()
+        #: Called with (tenant id, address) of each suppression the copy wrote.
+        self.on_suppressed: Callable[[list[tuple[int, str]]], Any] | None = None
+        self.metrics: Any = None
         self.shard = ""  # the spool's id (its index's meta table), read on first use
         self.sessions = sessions
         self.interval = interval
@@ -81,6 +96,7 @@ class EventCopier:
         # msg id -> (tenant id, tags text), for the events after "accepted".
         self._msgs: OrderedDict[str, tuple[int | None, str]] = OrderedDict()
         self.copied = 0
+        self.suppressed: list[tuple[int, str]] = []
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-copier")
@@ -174,6 +190,8 @@ class EventCopier:
                 self._msgs.clear()
                 raise
         self.copied += len(rows)
+        if self.suppressed and self.on_suppressed is not None:
+            self.on_suppressed(self.suppressed)
         return len(rows)
 
     async def _lookup(self, s: AsyncSession, msg_ids: set[str]) -> None:
@@ -289,3 +307,36 @@ class EventCopier:
             )
         if events:
             await s.execute(EVENTS.insert(), events)
+        await self._feedback(s, events)
+
+    async def _feedback(self, s: AsyncSession, events: list[dict[str, Any]]) -> None:
+        """Failures during delivery into suppressions (bounces.feedback)."""
+        done: list[tuple[int, str]] = []
+        for e in events:
+            if e["type"] not in ("bounced", "expired") or not e["recipient"]:
+                continue
+            d = e["detail"]
+            category = d.get("category") or ("expired" if e["type"] == "expired" else None)
+            out = await feedback.apply(
+                s,
+                self.bounces,
+                tenant_id=e["tenant_id"],
+                address=e["recipient"],
+                kind="failure",
+                hard=bool(d.get("hard")),
+                category=category,
+                note=str(d.get("response") or d.get("reason") or "")[:500],
+                now=e["ts"],
+            )
+            if out.suppressed:
+                done.append((e["tenant_id"], e["recipient"]))
+                if self.metrics is not None:
+                    self.metrics.bounce_suppressions.labels(out.suppressed).inc()
+                log.info(
+                    "event=suppressed reason=%s tenant=%s msg=%s category=%s",
+                    out.suppressed,
+                    e["tenant_id"],
+                    e["message_id"],
+                    category,
+                )
+        self.suppressed = done

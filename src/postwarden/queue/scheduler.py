@@ -5,6 +5,8 @@
   memory follows what is in flight, not the size of the queue.
 * They are grouped by destination domain; a message's recipients at one domain form
   one job (one SMTP transaction), split at ``delivery.max_recipients_per_transaction``.
+  Mail that leaves with a VERP return path (the :attr:`Scheduler.return_path` hook,
+  ``bounces/verp.py``) has one envelope sender per recipient, so one job per recipient.
 * Each domain gets up to ``delivery.max_connections_per_domain`` sessions, all
   domains together up to ``delivery.max_connections``; a session carries up to
   ``delivery.max_messages_per_connection`` jobs.
@@ -32,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from postwarden.bounces.classify import default_classifier
 from postwarden.shaping.adaptive import speaks_of_pace
 from postwarden.shaping.broker import Choice, Grant
 from postwarden.shaping.shaper import split_answer
@@ -119,6 +122,10 @@ class JobQueue:
         self.n = 0
 
 
+# AttemptResult.reason -> the SMTP stage the classifier weighs.
+_STAGE = {"mail": "mail", "rcpt": "rcpt", "data": "data", "connect": "connect"}
+
+
 @dataclass
 class _DomainQueue:
     domain: str = ""
@@ -149,6 +156,7 @@ class Scheduler:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.policy = RetryPolicy.from_config(cfg.queue)
+        self.classifier = default_classifier(cfg.bounces.patterns_file)
         self.queues: dict[tuple[str, str], _DomainQueue] = {}
         self.inflight = 0
         self.bulk_ids: set[int] = set()  # recipients in flight in the bulk lane
@@ -169,10 +177,15 @@ class Scheduler:
         self._body_bytes = 0
         # (tenant, address) -> suppression reason or None; set by the appliance.
         self.suppressed: Callable[[str, str], str | None] = lambda _tenant, _rcpt: None
+        # A recipient's VERP return path (bounces/verp.py), or None to keep the
+        # message's sender; set by the appliance. None (the default): no VERP, and
+        # today's grouping at no extra cost.
+        self.return_path: Callable[[Lease], str | None] | None = None
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.policy = RetryPolicy.from_config(cfg.queue)
+        self.classifier = default_classifier(cfg.bounces.patterns_file)
 
     # ------------------------------------------------------------------ capacity
 
@@ -269,6 +282,7 @@ class Scheduler:
             groups.setdefault((lease.msg_id, lease.domain), []).append(lease)
         touched: set[tuple[str, str]] = set()
         shaped = self.shaper is not None
+        verp = self.return_path
         for (msg_id, domain), group in groups.items():
             first = group[0]
             lane = first.lane
@@ -279,6 +293,13 @@ class Scheduler:
                 q = self.queues[key] = _DomainQueue(domain, pool)
             if lane:
                 self.bulk_ids.update(x.rcpt_id for x in group)
+            if verp is not None and (path := verp(first)) is not None:
+                # A return path per recipient: a transaction per recipient. (The
+                # recipients of a group share message, tenant and sender, hence the
+                # decision.)
+                self._enqueue_verp(q, group, path, verp, body)
+                touched.add(key)
+                continue
             for i in range(0, len(group), per_job):
                 chunk = group[i : i + per_job]
                 q.jobs.append(
@@ -299,6 +320,35 @@ class Scheduler:
             q = self.queues[key]
             q.changed.set()
             self._dispatch(key, q)
+
+    def _enqueue_verp(
+        self,
+        q: _DomainQueue,
+        group: list[Lease],
+        path: str,
+        verp: Callable[[Lease], str | None],
+        body: bytes | None,
+    ) -> None:
+        """One job per recipient, each with its own return path as ``mail_from``; the
+        message's sender rides along as ``Job.sender`` (its sending domain)."""
+        first = group[0]
+        tenant = first.tenant or ""
+        for i, lease in enumerate(group):
+            mail_from = path if i == 0 else (verp(lease) or first.mail_from)
+            q.jobs.append(
+                Job(
+                    lease.msg_id,
+                    lease.domain,
+                    mail_from,
+                    [lease],
+                    body=body,
+                    tenant=tenant,
+                    lane=first.lane,
+                    sender=first.mail_from,
+                )
+            )
+            if body is not None:
+                self._body_bytes += len(body)
 
     def _dispatch(self, key: tuple[str, str], q: _DomainQueue) -> None:
         d = self.cfg.delivery
@@ -482,16 +532,22 @@ class Scheduler:
                 self.metrics.delivered.inc()
                 self.metrics.delivery_latency.observe(max(0.0, now - lease.created_at))
             elif r.kind == "permanent":
+                # The one classifier judges the answer (bounces.classify); the event
+                # carries its verdict, which feeds suppressions (bounces.feedback).
+                v = self.classifier.classify(text=r.response, stage=_STAGE.get(r.reason))
+                detail.update(category=v.category, hard=v.hard, status=v.status)
                 outcomes.append(
                     Outcome(lease.rcpt_id, lease.msg_id, BOUNCED, r.response, detail=detail)
                 )
                 self.metrics.bounced.labels(r.reason).inc()
+                self.metrics.bounce_categories.labels(v.category, str(v.hard).lower(), "sync").inc()
             elif r.kind == "temporary":
                 policy = self.retry_policies.get(lease.domain, self.policy)
                 state, when = policy.after_temporary_failure(
                     lease.attempts + 1, lease.created_at, now, self.rng
                 )
                 if state == EXPIRED:
+                    detail.update(category="expired", hard=False)
                     outcomes.append(
                         Outcome(lease.rcpt_id, lease.msg_id, EXPIRED, r.response, detail=detail)
                     )

@@ -207,6 +207,19 @@ class ShapingService:
             if err is not None:
                 raise CommandError(err)
             return {"reloaded": True}
+        if op == "feedback":
+            # Bounces and complaints that came back after delivery (bounces.processor):
+            # counted for the health of the source and sending domain that sent it.
+            counts = {k: int(args.get(k) or 0) for k in ("bounced", "complained") if args.get(k)}
+            keys = []
+            if args.get("source"):
+                keys.append(f"source:{args['source']}")
+            if args.get("sending_domain"):
+                keys.append(f"domain:{str(args['sending_domain']).lower()}")
+            for key in keys:
+                if counts:
+                    self.book.outcomes(key, counts)
+            return {"counted": bool(keys and counts)}
         if op == "warming_list":
             return {"warming": [self.book.progress(k) for k in self.book.keys()]}
         key = self._key(args)

@@ -1,0 +1,135 @@
+"""What a failure or a complaint does to a tenant's suppressions (docs/bounces.md).
+
+* A hard failure (the address cannot receive mail) suppresses the address at once
+  (``hard_bounce``).
+* A soft failure that says something about the address (a full or disabled mailbox,
+  mail that expired) counts; ``bounces.soft_bounce_limit`` of them within
+  ``bounces.soft_bounce_window`` suppress it for ``bounces.soft_bounce_ttl``
+  (``soft_bounce``). Failures that judge the *sender* (policy, reputation, content,
+  authentication, rate, size, relaying) never count: suppressing their addresses would
+  throw good addresses away.
+* A complaint suppresses at once (``complaint``).
+
+The suppression is written in the caller's transaction, with the change-feed row that
+makes every process's cache load it; an address already suppressed for another reason
+(an unsubscribe, an operator's entry) keeps that entry, except that a hard bounce or a
+complaint replaces a soft bounce's expiring one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from postwarden.config import BouncesConfig
+from postwarden.mail.addresses import suppression_key
+from postwarden.store.feed import record_change
+from postwarden.store.models import Event, Suppression
+
+#: Soft failures that say something about the address itself.
+SOFT_ADDRESS = frozenset(
+    {
+        "mailbox_full",
+        "mailbox_disabled",
+        "expired",
+        "domain_not_found",
+        "no_mx",
+        "network",
+        "timeout",
+    }
+)
+#: Suppression reasons a stronger one replaces.
+_REPLACEABLE = frozenset({"soft_bounce"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`apply` did: the suppression reason written, if any."""
+
+    suppressed: str | None = None
+    soft_count: int = 0
+
+
+def counts_as_soft(category: str | None) -> bool:
+    return category in SOFT_ADDRESS
+
+
+async def _suppress(
+    s: Any,
+    tenant_id: int,
+    address: str,
+    reason: str,
+    note: str,
+    expires_at: dt.datetime | None,
+    now: dt.datetime,
+) -> bool:
+    key = suppression_key(address)
+    row = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == tenant_id, Suppression.address == key
+            )
+        )
+    ).scalar_one_or_none()
+    if row is not None:
+        live = row.expires_at is None or row.expires_at > now
+        if live and not (row.reason in _REPLACEABLE and reason != "soft_bounce"):
+            return False
+    else:
+        row = Suppression(tenant_id=tenant_id, address=key)
+        s.add(row)
+    row.reason, row.source, row.note, row.expires_at = reason, "bounces", note[:2000], expires_at
+    row.created_at = now
+    await record_change(s, "suppression", tenant_id, key)
+    return True
+
+
+async def apply(
+    s: Any,
+    cfg: BouncesConfig,
+    *,
+    tenant_id: int,
+    address: str,
+    kind: str,  # "failure" | "complaint"
+    hard: bool | None,
+    category: str | None,
+    note: str = "",
+    now: dt.datetime | None = None,
+) -> Outcome:
+    """Feed one failure or complaint of ``address`` into the tenant's suppressions.
+
+    For a soft failure the count includes this one when its event is already in the
+    session (the caller adds the event first)."""
+    now = now or dt.datetime.now(dt.UTC)
+    if kind == "complaint":
+        done = await _suppress(s, tenant_id, address, "complaint", note, None, now)
+        return Outcome("complaint" if done else None)
+    if hard:
+        done = await _suppress(s, tenant_id, address, "hard_bounce", note, None, now)
+        return Outcome("hard_bounce" if done else None)
+    if not counts_as_soft(category):
+        return Outcome()
+    since = now - dt.timedelta(seconds=cfg.soft_bounce_window)
+    await s.flush()
+    rows = (
+        await s.execute(
+            select(Event.detail).where(
+                Event.tenant_id == tenant_id,
+                Event.recipient == address,
+                Event.type.in_(("bounced", "expired")),
+                Event.ts >= since,
+            )
+        )
+    ).scalars()
+    count = sum(
+        1 for d in rows if not (d or {}).get("hard") and counts_as_soft((d or {}).get("category"))
+    )
+    if count >= cfg.soft_bounce_limit:
+        expires = now + dt.timedelta(seconds=cfg.soft_bounce_ttl)
+        note = f"{count} soft bounces within {int(cfg.soft_bounce_window)} s; last: {note}"
+        done = await _suppress(s, tenant_id, address, "soft_bounce", note, expires, now)
+        return Outcome("soft_bounce" if done else None, count)
+    return Outcome(None, count)
