@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
@@ -254,7 +255,44 @@ def cmd_bounces(args: argparse.Namespace) -> int:
                     out["file"] = name
                 print(json.dumps(out, ensure_ascii=False))
         return 0
-    return 2
+    from postwarden.bounces.inbox import Inbox
+
+    if not os.path.isdir(cfg.inbound_path):
+        print(f"postwarden: no inbox at {cfg.inbound_path} (inbound.listen off?)", file=sys.stderr)
+        return 1
+    inbox = Inbox(cfg.inbound_path, create=False)
+    if args.action == "unparsed":
+        items = inbox.list_unparsed()
+        if args.json:
+            print(json.dumps([dataclasses.asdict(i) for i in items], indent=2))
+            return 0
+        for i in items:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.received_at))
+            to = ",".join(i.rcpt_tos)[:60]
+            print(f"{i.id}  {when}  from=<{i.mail_from}> to={to} size={i.size}  {i.reason}")
+        print(f"{len(items)} unparsed report(s) in {cfg.inbound_path}")
+        return 0
+    if not args.files:
+        print(
+            f"postwarden: bounces {args.action}: give report ids (or 'all' to retry)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.action == "show":
+        for rid in args.files:
+            item = inbox.read(rid)
+            if item is None:
+                print(f"postwarden: no report {rid}", file=sys.stderr)
+                return 1
+            sys.stdout.buffer.write(item.data)
+        return 0
+    # retry: back to the queue of reports to process
+    ids = [i.id for i in inbox.list_unparsed()] if args.files == ["all"] else args.files
+    missing = [rid for rid in ids if not inbox.requeue(rid)]
+    print(f"{len(ids) - len(missing)} report(s) queued again")
+    for rid in missing:
+        print(f"postwarden: no unparsed report {rid}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def cmd_dkim_genkey(args: argparse.Namespace) -> int:
@@ -578,8 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_shaping)
 
     s = sub.add_parser("bounces", help="bounce and complaint reports: parse, unparsed")
-    s.add_argument("action", choices=["parse"])
-    s.add_argument("files", nargs="*", help="parse: message files (- for stdin)")
+    s.add_argument("action", choices=["parse", "unparsed", "show", "retry"])
+    s.add_argument(
+        "files", nargs="*", help="parse: message files (- for stdin); show, retry: report ids"
+    )
+    s.add_argument("--json", action="store_true", help="unparsed: the list as JSON")
     s.set_defaults(fn=cmd_bounces)
 
     s = sub.add_parser("dkim-genkey", help="generate a DKIM private key and print its TXT")

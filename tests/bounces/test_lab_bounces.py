@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
 
 from postwarden.bounces.verp import ReturnPaths
-from tests.conftest import free_port
+from tests.conftest import config_cli, free_port
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_messages import ready_tenant
 
@@ -102,7 +103,9 @@ async def send_report(port: int, rcpt: str, data: bytes) -> None:
 
 
 @pytest.mark.timeout(120)
-async def test_sync_dsn_and_arf_end_with_events_and_suppressions(control: ControlFactory) -> None:
+async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
+    control: ControlFactory, tmp_path: Path
+) -> None:
     port = free_port()
     api = await control({"inbound": {"listen": [f"127.0.0.1:{port}"]}})
     api.lab.add_domain("inbox.test")
@@ -176,6 +179,22 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(control: Contro
     assert api.app.inbox is not None and api.app.inbox.unparsed_count() == unparsed + 1
     assert api.app.metrics.return_path_tokens.labels("forged")._value.get() > before
     assert await suppression(api, key, "ann@inbox.test", wait=0.5) is None
+
+    # The operator sees it, reads it, and can queue it again.
+    cfg_file = tmp_path / "postwarden.toml"
+    cfg_file.write_text(f'[inbound]\npath = "{api.app.cfg.inbound_path}"\n')
+    rc, out = await config_cli(cfg_file, "bounces", "unparsed")
+    assert rc == 0 and "forged return-path token" in out, out
+    rid = out.split()[0]
+    rc, out = await config_cli(cfg_file, "bounces", "show", rid)
+    assert rc == 0 and "Undelivered Mail Returned to Sender" in out
+    rc, out = await config_cli(cfg_file, "bounces", "retry", rid)
+    assert rc == 0 and "1 report(s) queued again" in out
+    for _ in range(100):  # processed again: still forged, so unparsed again
+        if api.app.inbox.unparsed_count() == unparsed + 1 and api.app.inbox.pending() == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert [i.id for i in api.app.inbox.list_unparsed()][-1] == rid
 
     # No relay: the inbound MX refuses any other domain, whoever asks.
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:

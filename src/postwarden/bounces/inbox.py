@@ -335,6 +335,18 @@ class Inbox:
             return _item(header, data, path)
         return None
 
+    def requeue(self, item_id: str) -> bool:
+        """Put an unparsed item back in ``new/`` to be processed again (after the
+        classifier's patterns or the parser improved); False if it is not there."""
+        if not valid_id(item_id):
+            return False
+        try:
+            os.rename(self.unparsed_dir / item_id, self.new / item_id)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.new)
+        return True
+
     def prune_unparsed(self, older_than: float, now: float | None = None) -> int:
         """Remove unparsed items kept longer than ``older_than`` seconds; returns how many."""
         now = time.time() if now is None else now
