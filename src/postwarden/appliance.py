@@ -27,6 +27,7 @@ from typing import Any
 
 from postwarden.bounces.classify import Classifier, PatternsError, default_classifier
 from postwarden.bounces.inbox import Inbox
+from postwarden.bounces.notify import Failed, build_dsn, header_block
 from postwarden.bounces.parse import Parser
 from postwarden.bounces.processor import BounceProcessor
 from postwarden.bounces.verp import ReturnPaths
@@ -37,12 +38,19 @@ from postwarden.dns.resolver import Resolver
 from postwarden.mail.addresses import suppression_key
 from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
-from postwarden.mta.delivery import DeliveryAgent
+from postwarden.mta.delivery import AttemptResult, DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.inbound import InboundHandler, make_inbound_factory
 from postwarden.mta.ingress import IngressHandler, make_server_factory
 from postwarden.queue.scheduler import Scheduler
-from postwarden.queue.spool import Envelope, Spool, StoredMessage, shard_path
+from postwarden.queue.spool import (
+    Envelope,
+    Lease,
+    Spool,
+    StoredMessage,
+    new_message_id,
+    shard_path,
+)
 from postwarden.shaping.channel import BrokerClient
 from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import LocalBackend, Shaper
@@ -167,6 +175,7 @@ class Appliance:
         self.copier.metrics = self.metrics
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
         self.return_paths = ReturnPaths.from_config(cfg)
+        self.scheduler.failed = self._notify_failed
         self.scheduler.return_path = lambda lease: self.return_paths.for_lease(
             lease, self.control.verified
         )
@@ -206,6 +215,60 @@ class Appliance:
         task = asyncio.get_running_loop().create_task(self.control.suppressions.refresh(keys))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
+
+    def _notify_failed(self, finals: list[tuple[Lease, AttemptResult, bool]]) -> None:
+        """Recipients that failed for good: a DSN to the envelope sender of each
+        message, for tenants that want one (settings.bounce_notifications); never for
+        mail from the null sender (a DSN never answers a DSN)."""
+        by_msg: dict[str, list[tuple[Lease, AttemptResult, bool]]] = {}
+        for lease, result, expired in finals:
+            if not lease.mail_from or lease.mail_from == "<>" or not lease.tenant:
+                continue
+            try:
+                tenant = int(lease.tenant)
+            except ValueError:
+                continue
+            if tenant in self.control.notify_tenants:
+                by_msg.setdefault(lease.msg_id, []).append((lease, result, expired))
+        for items in by_msg.values():
+            task = asyncio.get_running_loop().create_task(self._send_dsn(items))
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+    async def _send_dsn(self, items: list[tuple[Lease, AttemptResult, bool]]) -> None:
+        first = items[0][0]
+        try:
+            body = await asyncio.to_thread(self.spool.read_body, first)
+            headers = header_block(body)
+        except OSError:
+            headers = b""
+        failed = [
+            Failed(
+                recipient=lease.rcpt,
+                status=_status_of(result.response, expired),
+                diagnostic=result.response,
+                remote_mta=result.mx,
+                expired=expired,
+                last_attempt=time.time(),
+            )
+            for lease, result, expired in items
+        ]
+        dsn = build_dsn(
+            reporting_mta=self.cfg.ehlo_hostname,
+            sender=first.mail_from,
+            recipients=failed,
+            original_headers=headers,
+            arrival=first.created_at,
+            queue_id=first.msg_id,
+        )
+        envelope = Envelope(mail_from="", rcpt_tos=[first.mail_from], meta={"source": "dsn"})
+        try:
+            stored = await self.accept(envelope, dsn, new_message_id())
+        except Exception:
+            log.error("event=dsn_failed msg=%s", first.msg_id, exc_info=True)
+            return
+        log.info("event=dsn_queued msg=%s dsn=%s to=%s", first.msg_id, stored.msg_id,
+                 first.mail_from)  # fmt: skip
 
     async def _broker_feedback(self, **args: Any) -> Any:
         if self.shaper is None:
@@ -550,3 +613,13 @@ async def serve(cfg: Config, config_path: str | None = None, role: str = "all") 
         await ControlService(cfg).run()
         return
     await Appliance(cfg, config_path=config_path, api=role != "mta").run()
+
+
+def _status_of(response: str, expired: bool) -> str:
+    """The RFC 3463 code a DSN reports for a final answer (4.4.7 for an expiry)."""
+    from postwarden.bounces.classify import find_status
+
+    code = find_status(response)
+    if expired:
+        return "4.4.7" if code is None or code[0] != "4" else code
+    return code or "5.0.0"

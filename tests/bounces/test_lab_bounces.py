@@ -61,18 +61,22 @@ def postfix_dsn(rcpt: str, return_path: str, original: bytes) -> bytes:
 def arf_report(return_path: str, original: bytes) -> bytes:
     """An RFC 5965 abuse report as a mailbox provider's feedback loop sends one."""
     return (
-        "From: staff@fbl.inbox.test\r\nTo: fbl@pwb.acme.test\r\n"
-        "Subject: FW: your message\r\nMIME-Version: 1.0\r\n"
-        f"Date: {formatdate()}\r\n"
-        'Content-Type: multipart/report; report-type=feedback-report;\r\n\tboundary="F1"\r\n'
-        "\r\n--F1\r\nContent-Type: text/plain\r\n\r\n"
-        "This is an email abuse report for an email message received from IP 127.0.2.1\r\n"
-        "\r\n--F1\r\nContent-Type: message/feedback-report\r\n\r\n"
-        "Feedback-Type: abuse\r\nUser-Agent: InboxFBL/1.0\r\nVersion: 1\r\n"
-        f"Original-Mail-From: <{return_path}>\r\n"
-        "Source-IP: 127.0.2.1\r\nReported-Domain: acme.test\r\n"
-        "\r\n--F1\r\nContent-Type: message/rfc822\r\nContent-Disposition: inline\r\n\r\n"
-    ).encode() + original + b"\r\n--F1--\r\n"
+        (
+            "From: staff@fbl.inbox.test\r\nTo: fbl@pwb.acme.test\r\n"
+            "Subject: FW: your message\r\nMIME-Version: 1.0\r\n"
+            f"Date: {formatdate()}\r\n"
+            'Content-Type: multipart/report; report-type=feedback-report;\r\n\tboundary="F1"\r\n'
+            "\r\n--F1\r\nContent-Type: text/plain\r\n\r\n"
+            "This is an email abuse report for an email message received from IP 127.0.2.1\r\n"
+            "\r\n--F1\r\nContent-Type: message/feedback-report\r\n\r\n"
+            "Feedback-Type: abuse\r\nUser-Agent: InboxFBL/1.0\r\nVersion: 1\r\n"
+            f"Original-Mail-From: <{return_path}>\r\n"
+            "Source-IP: 127.0.2.1\r\nReported-Domain: acme.test\r\n"
+            "\r\n--F1\r\nContent-Type: message/rfc822\r\nContent-Disposition: inline\r\n\r\n"
+        ).encode()
+        + original
+        + b"\r\n--F1--\r\n"
+    )
 
 
 async def settled(api: ControlApi, key: str, msg_id: str, n: int) -> dict[str, Any]:
@@ -137,7 +141,9 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
 
     # 2. Accepted, then a DSN to the return path.
     later = copies["later@inbox.test"]
-    await send_report(port, later.mail_from, postfix_dsn("later@inbox.test", later.mail_from, later.data))
+    await send_report(
+        port, later.mail_from, postfix_dsn("later@inbox.test", later.mail_from, later.data)
+    )
     got = await suppression(api, key, "later@inbox.test")
     assert got is not None and got["reason"] == "hard_bounce" and got["source"] == "bounces"
 
@@ -161,7 +167,11 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
     assert sync[0]["response"].startswith("550 5.1.1")
     late = [d for t, r, d in events if t == "bounced" and r == "later@inbox.test"]
     assert len(late) == 1 and late[0]["async"] is True
-    assert (late[0]["category"], late[0]["hard"], late[0]["status"]) == ("user_unknown", True, "5.1.1")
+    assert (late[0]["category"], late[0]["hard"], late[0]["status"]) == (
+        "user_unknown",
+        True,
+        "5.1.1",
+    )
     assert late[0]["remote_mta"] == "store.inbox.test"
     complaint = [d for t, r, d in events if t == "complained" and r == "fbl@inbox.test"]
     assert len(complaint) == 1 and complaint[0]["feedback_type"] == "abuse"
@@ -208,8 +218,12 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
     async with api.client(key) as c:
         r = await c.post(
             "/v1/messages",
-            json={"from": "news@acme.test", "to": ["later@inbox.test", "fbl@inbox.test"],
-                  "subject": "again", "text": "x"},
+            json={
+                "from": "news@acme.test",
+                "to": ["later@inbox.test", "fbl@inbox.test"],
+                "subject": "again",
+                "text": "x",
+            },
         )
         assert r.status_code in (200, 201, 202), r.text
     again = await settled(api, key, r.json()["id"], 2)
@@ -220,3 +234,43 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
     }, states
     await asyncio.sleep(0.5)
     assert len(api.lab.messages) == n
+
+
+async def test_dsn_to_the_sender_when_the_tenant_wants_one(control: ControlFactory) -> None:
+    """settings.bounce_notifications: an RFC 3464 DSN from the null sender reaches the
+    application's envelope sender, and says what happened to whom."""
+    from postwarden.bounces.parse import Parser
+
+    api = await control()
+    api.lab.add_domain("nouser.test", behaviour="reject")
+    key = await ready_tenant(api)
+    api.lab.add_domain("acme.test")  # where the sender's own mail (the DSN) goes
+    async with api.client(api.admin_key) as c:
+        tenants = (await c.get("/v1/tenants")).json()["data"]
+        tid = next(t["id"] for t in tenants if t["name"] == "acme")
+        r = await c.patch(f"/v1/tenants/{tid}", json={"settings": {"bounce_notifications": True}})
+        assert r.status_code == 200, r.text
+    await asyncio.sleep(1.5)  # the change feed's poll
+    async with api.client(key) as c:
+        r = await c.post(
+            "/v1/messages",
+            json={"from": "app@acme.test", "to": ["gone@nouser.test"], "subject": "Receipt",
+                  "text": "x"},
+        )  # fmt: skip
+        assert r.status_code in (200, 201, 202), r.text
+        msg_id = r.json()["id"]
+    dsn = None
+    for _ in range(150):
+        dsn = next((x for x in api.lab.messages if x.rcpt_tos == ["app@acme.test"]), None)
+        if dsn is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert dsn is not None and dsn.mail_from == ""
+    report = Parser().parse_bytes(dsn.data)
+    assert report.kind == "dsn"
+    [f] = report.findings
+    assert (f.recipient, f.status, f.action, f.reason, f.hard) == (
+        "gone@nouser.test", "5.1.1", "failed", "user_unknown", True,
+    )  # fmt: skip
+    assert b"Subject: Receipt" in dsn.data  # the original headers ride along
+    assert msg_id.encode() in dsn.data

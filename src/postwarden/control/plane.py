@@ -70,6 +70,7 @@ class ControlPlane:
         self.suppressions = SuppressionCache(self.sessions)
         self.signing_keys: list[SigningKey] = []
         self.verified: dict[int, set[str]] = {}  # tenant id -> its verified sending domains
+        self.notify_tenants: set[int] = set()  # tenants with settings.bounce_notifications
         # Every pool by name: the configuration's, and those made through the API (the
         # configuration's win a name); kept current from the change feed.
         self.sources: dict[str, SourceConfig] = {}
@@ -210,7 +211,9 @@ class ControlPlane:
         async with self.sessions() as s:
             rows = list((await s.execute(select(Pool))).scalars())
             tenants = (
-                await s.execute(select(Tenant.id, Tenant.default_pool, Tenant.allowed_pools))
+                await s.execute(
+                    select(Tenant.id, Tenant.default_pool, Tenant.allowed_pools, Tenant.settings)
+                )
             ).all()
         api_pools = {}
         for row in rows:
@@ -221,8 +224,14 @@ class ControlPlane:
         self.api_pools = api_pools
         self.tenant_pools = {
             tid: (default, frozenset(allowed or ()))
-            for tid, default, allowed in tenants
+            for tid, default, allowed, _settings in tenants
             if default or allowed
+        }
+        # Tenants that want a DSN for their applications' failed mail (bounces.notify).
+        self.notify_tenants = {
+            tid
+            for tid, *_pools, settings in tenants
+            if (settings or {}).get("bounce_notifications")
         }
         self._merge_pools()
 

@@ -181,6 +181,9 @@ class Scheduler:
         # message's sender; set by the appliance. None (the default): no VERP, and
         # today's grouping at no extra cost.
         self.return_path: Callable[[Lease], str | None] | None = None
+        # Called with the leases that failed for good (bounced or expired) and their
+        # answers, after the outcomes are recorded; set by the appliance (bounces.notify).
+        self.failed: Callable[[list[tuple[Lease, AttemptResult, bool]]], None] | None = None
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -520,6 +523,7 @@ class Scheduler:
     def _report(self, results: list[AttemptResult]) -> None:
         now = time.time()
         outcomes: list[Outcome] = []
+        finals: list[tuple[Lease, AttemptResult, bool]] = []
         for r in results:
             lease = r.lease
             detail: dict[str, object] = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
@@ -532,6 +536,7 @@ class Scheduler:
                 self.metrics.delivered.inc()
                 self.metrics.delivery_latency.observe(max(0.0, now - lease.created_at))
             elif r.kind == "permanent":
+                finals.append((lease, r, False))
                 # The one classifier judges the answer (bounces.classify); the event
                 # carries its verdict, which feeds suppressions (bounces.feedback).
                 v = self.classifier.classify(text=r.response, stage=_STAGE.get(r.reason))
@@ -547,6 +552,7 @@ class Scheduler:
                     lease.attempts + 1, lease.created_at, now, self.rng
                 )
                 if state == EXPIRED:
+                    finals.append((lease, r, True))
                     detail.update(category="expired", hard=False)
                     outcomes.append(
                         Outcome(lease.rcpt_id, lease.msg_id, EXPIRED, r.response, detail=detail)
@@ -582,6 +588,8 @@ class Scheduler:
                     r.response,
                 )
         self._pending.extend(outcomes)
+        if finals and self.failed is not None:
+            self.failed(finals)
         if self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
