@@ -19,7 +19,7 @@ from pydantic import (
 from postwarden.mail.addresses import AddressError, normalize_address
 
 Scope = Literal["send", "read", "manage"]
-Reason = Literal["unsubscribe", "hard_bounce", "complaint", "manual"]
+Reason = Literal["unsubscribe", "hard_bounce", "soft_bounce", "complaint", "manual"]
 
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]$"

@@ -160,7 +160,8 @@ class Suppression(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     address: Mapped[str] = mapped_column(String(320))
-    reason: Mapped[str] = mapped_column(String(20))  # unsubscribe|hard_bounce|complaint|manual
+    # unsubscribe | hard_bounce | soft_bounce | complaint | manual
+    reason: Mapped[str] = mapped_column(String(20))
     source: Mapped[str] = mapped_column(String(100), default="")
     note: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
