@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import Table, and_, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -296,7 +296,18 @@ class EventCopier:
                 update(RECIPIENTS)
                 .where(RECIPIENTS.c.id == bindparam("rid"))
                 .values(
-                    state=bindparam("state"),
+                    # A bounce report (bounces.processor) can be written before the
+                    # copy of the delivery it is about: "delivered" never undoes it.
+                    state=case(
+                        (
+                            and_(
+                                RECIPIENTS.c.state == "bounced",
+                                bindparam("state") == "delivered",
+                            ),
+                            RECIPIENTS.c.state,
+                        ),
+                        else_=bindparam("state"),
+                    ),
                     updated_at=bindparam("updated_at"),
                     attempts=RECIPIENTS.c.attempts + bindparam("n"),
                     last_response=func.coalesce(
