@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from bench.peers import PrivatePostfix
+
 from tests.conftest import free_port
 from tests.control.conftest import ControlFactory
 from tests.control.test_messages import ready_tenant
