@@ -42,6 +42,15 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     assert "dkim ok, dkim ok, spf ok" in text
     assert "dkim=[pass rsa-sha256 d=shop.lab.test; pass ed25519-sha256 d=shop.lab.test]" in text
     assert re.search(r"GET /v1/messages/\w+ -> someone@inbox.lab.test delivered", text), text
+    # Bounces both ways: during delivery, and by a DSN to the return path later.
+    assert re.search(
+        r"gone@nouser.lab.test refused during delivery: .* -> user_unknown, hard=True, "
+        r"suppressed: hard_bounce", text
+    ), text
+    assert re.search(
+        r"moved@inbox.lab.test accepted, then a DSN to b-\w+-\w+-\w+@pwb.shop.lab.test -> "
+        r"suppressed: hard_bounce", text
+    ), text
     # The shaping broker saw the deliveries: the lab MX hosts' site, the default source.
     assert re.search(
         r"shaping: source default -> site mx:mx\d\.lab\.test: \d+/32 connections, no rate limit",

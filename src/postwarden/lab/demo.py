@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,12 @@ def lab_config(config_path: str | None, lab: Lab, var_dir: Path) -> Config:
         # Short retries so greylisting visibly resolves within the demo.
         "queue": {"retry_initial": "10s", "retry_max": "60s"},
     }
-    return load_config(config_path, overrides=overrides)
+    cfg = load_config(config_path, overrides=overrides)
+    if not cfg.inbound.listen:
+        # The inbound MX, so that the demo can return a bounce to a return path.
+        overrides["inbound"] = {"listen": ["127.0.0.1:0"]}
+        cfg = load_config(config_path, overrides=overrides)
+    return cfg
 
 
 def publish_keys(lab: Lab, cfg: Config) -> None:
@@ -133,6 +139,9 @@ async def run_lab(
         _say(f"  submission   {smtp_host}:{smtp_port}  (trusted: {trusted})")
         _say(f"  metrics      http://{ctl}/metrics")
         _say(f"  lab DNS      {lab.nameserver}   lab MX hosts port {lab.mx_port}")
+        if app.inbound_addresses:
+            ib_host, ib_port = app.inbound_addresses[0]
+            _say(f"  inbound MX   {ib_host}:{ib_port}  (bounces and complaints to pwb.<domain>)")
         _say(f"  DKIM         {DEMO_DOMAIN}: selectors {', '.join(SELECTORS.values())}")
         _say("  send one:")
         _say(
@@ -317,7 +326,7 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
                 headers=key,
                 json={
                     "from": {"email": f"orders@{API_DOMAIN}", "name": "Lab Shop"},
-                    "to": ["someone@inbox.lab.test"],
+                    "to": ["someone@inbox.lab.test", BOUNCE_NOW, BOUNCE_LATER],
                     "subject": "Sent through POST /v1/messages",
                     "text": "Injected over HTTP, spooled, signed with the domain's own keys.",
                     "tags": ["demo"],
@@ -333,7 +342,10 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
                         f"demo: API: GET /v1/messages/{sent['id']} -> "
                         + ", ".join(f"{x['email']} {x['state']}" for x in m["recipients"])
                     )
-                    return 0 if states == ["delivered"] else 1
+                    by = {x["email"]: x["state"] for x in m["recipients"]}
+                    if by.get("someone@inbox.lab.test") != "delivered":
+                        return 1
+                    return await bounce_demo(app, lab, http, key, sent["id"])
                 await asyncio.sleep(0.2)
             _say("demo: API: FAILED - the message was not delivered in 20 s")
             return 1
@@ -345,6 +357,64 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
                 update(ApiKey).where(ApiKey.prefix == op.prefix).values(revoked_at=utcnow())
             )
             await s.commit()
+
+
+BOUNCE_NOW = "gone@nouser.lab.test"  # refused during delivery: 550 5.1.1
+BOUNCE_LATER = "moved@inbox.lab.test"  # accepted, then a DSN to its return path
+
+
+async def bounce_demo(app: Appliance, lab: Lab, http: Any, key: dict[str, str], msg_id: str) -> int:
+    """Bounces both ways: one refused during delivery, one reported later by a DSN sent
+    to its signed return path on the inbound MX; both end suppressed. The suppressions
+    are removed at the end, so that the next run shows the same."""
+    import aiosmtplib
+
+    from postwarden.bounces.notify import Failed, build_dsn
+
+    async def suppression(address: str) -> dict[str, Any] | None:
+        for _ in range(100):
+            r = await http.get(f"/v1/suppressions/{address}", headers=key)
+            if r.status_code == 200:
+                return dict(r.json())
+            await asyncio.sleep(0.1)
+        return None
+
+    try:
+        events = (await http.get(f"/v1/events?message_id={msg_id}", headers=key)).json()["data"]
+        now = next((e for e in events if e["type"] == "bounced"), None)
+        if now is None:
+            _say("demo: bounces: FAILED - no bounce during delivery")
+            return 1
+        d = now["detail"]
+        sup = await suppression(BOUNCE_NOW)
+        _say(
+            f"demo: bounces: {BOUNCE_NOW} refused during delivery: {d['response'][:40]!r} -> "
+            f"{d['category']}, hard={d['hard']}, suppressed: {sup and sup['reason']}"
+        )
+        copy = next((x for x in lab.messages if x.rcpt_tos == [BOUNCE_LATER]), None)
+        if copy is None or not app.inbound_addresses:
+            _say("demo: bounces: FAILED - no copy at the lab MX, or no inbound MX")
+            return 1
+        dsn = build_dsn(
+            reporting_mta="mx1.lab.test",
+            sender=copy.mail_from,
+            recipients=[Failed(BOUNCE_LATER, "5.1.6", "550 5.1.6 mailbox has moved", "store.lab")],
+            original_headers=copy.data.split(b"\r\n\r\n", 1)[0] + b"\r\n",
+            arrival=time.time(),
+            queue_id="LAB1",
+        )
+        host, port = app.inbound_addresses[0]
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
+            await smtp.sendmail("", [copy.mail_from], dsn)
+        sup = await suppression(BOUNCE_LATER)
+        _say(
+            f"demo: bounces: {BOUNCE_LATER} accepted, then a DSN to {copy.mail_from} -> "
+            f"suppressed: {sup and sup['reason']}"
+        )
+        return 0 if sup is not None else 1
+    finally:
+        for address in (BOUNCE_NOW, BOUNCE_LATER):
+            await http.delete(f"/v1/suppressions/{address}", headers=key)
 
 
 def main() -> None:  # pragma: no cover - convenience
