@@ -45,11 +45,13 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     # Bounces both ways: during delivery, and by a DSN to the return path later.
     assert re.search(
         r"gone@nouser.lab.test refused during delivery: .* -> user_unknown, hard=True, "
-        r"suppressed: hard_bounce", text
+        r"suppressed: hard_bounce",
+        text,
     ), text
     assert re.search(
         r"moved@inbox.lab.test accepted, then a DSN to b-\w+-\w+-\w+@pwb.shop.lab.test -> "
-        r"suppressed: hard_bounce", text
+        r"suppressed: hard_bounce",
+        text,
     ), text
     # The shaping broker saw the deliveries: the lab MX hosts' site, the default source.
     assert re.search(
