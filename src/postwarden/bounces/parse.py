@@ -234,21 +234,33 @@ class Parser:
 
     def parse(self, msg: Message, depth: int = 0) -> Report:
         original = self._original(msg)
-        for step in (self._arf, self._json, self._dsn, self._auto_reply, self._text):
-            report = step(msg, original)
-            if report is not None:
-                report.original = report.original or original
-                if report.findings or depth > 0:
-                    return report
-                break
-        else:
-            report = Report("none", original=original)
-        if depth == 0 and original is not None:
-            # A bounce forwarded as an attachment (by a list manager or a gateway).
+        nested = depth == 0 and original is not None and _looks_like_report(original)
+        report = Report("none", original=original)
+        if not nested or self._dsn_part(msg):
+            for step in (self._arf, self._json, self._dsn, self._auto_reply, self._text):
+                got = step(msg, original)
+                if got is not None:
+                    got.original = got.original or original
+                    report = got
+                    break
+        if depth == 0 and original is not None and (nested or not report.findings):
+            # A report attached to this one: a bounce forwarded by a list manager or
+            # wrapped by a gateway, or the bounce of a bounce. What both say counts.
             inner = self.parse(original, depth + 1)
-            if inner.findings:
-                return inner
+            seen = {(f.recipient or "").lower() for f in report.findings}
+            extra = [f for f in inner.findings if (f.recipient or "").lower() not in seen]
+            if extra:
+                if not report.findings:
+                    return inner
+                report.findings += extra
         return report
+
+    @staticmethod
+    def _dsn_part(msg: Message) -> bool:
+        return any(
+            not inside and part.get_content_type().endswith("delivery-status")
+            for part, inside in _walk(msg)
+        )
 
     # ------------------------------------------------------------------ the original
 
@@ -484,12 +496,20 @@ class Parser:
         if not per_rcpt:
             return None
         human = self._body_text(msg)
+        failed = [
+            clean_addr(a)
+            for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))
+        ]
         out: list[Finding] = []
         for b in per_rcpt:
             get = _getter(b)
             rcpt = clean_addr(get("final-recipient")) or clean_addr(get("original-recipient"))
-            if rcpt and "@" not in rcpt:
-                rcpt = clean_addr(get("original-recipient")) or rcpt
+            if not _is_address(rcpt):
+                # A file, a pipe, a host without a domain: the address the sender used.
+                rcpt = next(
+                    (a for a in (clean_addr(get("original-recipient")), *failed) if _is_address(a)),
+                    rcpt,
+                )
             action = (get("action") or "").strip().lower().split()[0] if get("action") else None
             status_field = find_status(get("status") or "")
             diag = _diag_text(get("diagnostic-code") or "")
@@ -583,10 +603,7 @@ class Parser:
             or msg.get("x-autoreply") is not None
             or msg.get("x-autorespond") is not None
             or (msg.get("precedence") or "").strip().lower() == "auto_reply"
-            or (
-                msg.get("x-auto-response-suppress") is None
-                and AUTO_REPLY_SUBJECT.search(subject) is not None
-            )
+            or AUTO_REPLY_SUBJECT.search(subject) is not None
         )
         if not flagged or BOUNCE_FROM.search(sender) or BOUNCE_SUBJECT.search(subject):
             return None
@@ -645,6 +662,12 @@ class Parser:
             permanent = True
         out: list[Finding] = []
         positions = sorted(p for _a, p in rcpts if p >= 0)
+        # "a@x (expanded from: b@y)": the address the sender used is reported too.
+        expanded = {}
+        for addr, pos in rcpts:
+            m = _EXPANDED_RE.match(text, pos + len(addr)) if pos >= 0 else None
+            if m and m.group(1).lower() != addr.lower():
+                expanded[addr] = m.group(1)
         for addr, pos in rcpts:
             block = _block_at(text, pos, positions) if pos >= 0 else ""
             diag = block if _has_reason(block) else (block + "\n" + _error_lines(text)).strip()
@@ -657,7 +680,25 @@ class Parser:
             if permanent is None and f.status and f.status[0] == "4" and f.action == "delayed":
                 f.action, f.kind = "failed", "bounce"
             out.append(f)
+            if addr in expanded:
+                out.append(dataclasses.replace(f, recipient=expanded[addr]))
         return Report("text", out)
+
+
+def _is_address(a: str | None) -> bool:
+    return bool(a) and ADDR_RE.fullmatch(a or "") is not None
+
+
+def _looks_like_report(msg: Message) -> bool:
+    """Whether an attached message is itself a bounce or a report (not the original)."""
+    if msg.get_content_type() == "multipart/report":
+        return True
+    sender = _decode_header(msg.get("from"))
+    subject = _decode_header(msg.get("subject"))
+    return bool(
+        re.search(r"mailer-daemon|mail delivery (system|subsystem)|postmaster@", sender, re.I)
+        and BOUNCE_SUBJECT.search(subject)
+    )
 
 
 def _json_salvage(text: str) -> dict[str, Any] | None:
@@ -832,8 +873,11 @@ def _sender_side(msg: Message, original: Message | None) -> tuple[set[str], set[
     return strong, weak
 
 
+_EXPANDED_RE = re.compile(r">?\s*\(expanded from:?\s*<?([^\s<>()]+@[^\s<>()]+?)>?\)", re.I)
+
 ANCHORED_RE = re.compile(
-    r"^[ \t>*\-]*(?:(?:RCPT\s+TO|To|Recipient(?:\s+address)?|Address|Failed\s+recipient|"
+    r"^[ \t>*\-]*(?:[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}[ ])?)?"
+    r"(?:(?:RCPT\s+TO|To|Recipient(?:\s+address)?|Address|Failed\s+recipient|"
     r"Original\s+recipient|Final\s+recipient|Empfänger|Destinataire|Addressee)\s*:?\s*)?"
     r"[\"']?<?(?:mailto:)?([^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+?)>?[\"']?\s*(?::|\.\.\.|\s|,|;|\(|$)",
     re.M | re.I,
@@ -852,6 +896,11 @@ def _candidates(text: str, exclude: set[str]) -> list[tuple[str, int]]:
 
     all_addrs = addresses(text)
     anchored: list[tuple[str, int]] = []
+    # Exchange's X.400 form: "c=US;a= ;p=Org;o=Site;dda:SMTP=user@example.com;"
+    for m in re.finditer(r"\bSMTP[:=]([^\s;<>\"]+@[^\s;<>\"]+)", text):
+        c = clean_addr(m.group(1))
+        if c and ADDR_RE.fullmatch(c) and ok(c):
+            anchored.append((c, m.start(1)))
     for m in ANCHORED_RE.finditer(text):
         c = clean_addr(m.group(1))
         if c and "@" in c and ADDR_RE.fullmatch(c) and ok(c):
