@@ -120,7 +120,8 @@ def test_codes_found_and_implied() -> None:
     assert find_status("remote host 192.0.2.32 said: 550 no (#5.5.0)") == "5.5.0"
     assert find_status("connect to 192.0.2.5.25 failed") is None  # an address, not a code
     v = c.classify(text="550 Unknown user")
-    assert (v.status, v.reply_code, v.category, v.hard) == ("5.1.1", 550, "user_unknown", True)
+    # The code is what the server said (5.0.0 for a bare 550), never made up.
+    assert (v.status, v.reply_code, v.category, v.hard) == ("5.0.0", 550, "user_unknown", True)
     # A temporary failure is never hard, whatever its text.
     assert c.classify(text="450 4.1.1 user unknown (try later)").hard is False
     # No code anywhere: the caller says whether the failure was final.

@@ -58,7 +58,9 @@ NOT_FAILURES = ("complaint", "auto_reply", "delivered")
 # An enhanced status code standing alone (not part of an IP address or version).
 STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")
 # A reply code and the enhanced code after it: "550 5.1.1", "550-5.1.1", "550 #5.1.1".
-REPLY_STATUS_RE = re.compile(r"(?<![\d.])([245]\d\d)[ -]#?([245]\.\d{1,3}\.\d{1,3})(?![\d]|\.\d)")
+REPLY_STATUS_RE = re.compile(
+    r"(?<![\d.])([245]\d\d)[ -]['\"#]?([245]\.\d{1,3}\.\d{1,3})(?![\d]|\.\d)"
+)
 # A reply code at the start of a line or after "said:" and the like.
 REPLY_RE = re.compile(r"(?:^|[\s:(\[\"'=])([245][0-5]\d)(?:[ -](?=\D)|$)", re.M)
 
@@ -263,8 +265,14 @@ class Classifier:
             final = reply_code >= 500
         else:
             final = permanent if permanent is not None else True
+        if not final and category in ("domain_not_found", "no_mx"):
+            category = "network"
         if status is None:
-            status = implied_status(category, final)
+            status = (
+                f"{reply_code // 100}.0.0"
+                if reply_code is not None
+                else implied_status(category, final)
+            )
         return Verdict(category, category in HARD and final, status, reply_code)
 
 

@@ -538,9 +538,9 @@ class Parser:
         status = status_field
         if diag_status and (
             status is None
-            or (status.endswith(".0.0") and diag_status[0] == status[0])
-            or (status_field and diag_status[0] == status_field[0] and _vaguer(status, diag_status))
+            or (diag_status[0] == status[0] and not diag_status.endswith(".0.0"))
         ):
+            # The remote server's own code says more than the reporting MTA's summary.
             status = diag_status
         if action is None and status:
             action = {"5": "failed", "4": "delayed", "2": "delivered"}[status[0]]
