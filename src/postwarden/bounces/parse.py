@@ -674,11 +674,8 @@ class Parser:
             if not diag:
                 diag = text
             action = "delayed" if permanent is False else "failed"
-            f = self._judge(
-                addr, None, action if permanent is not None else None, _squash(diag), None
-            )
-            if permanent is None and f.status and f.status[0] == "4" and f.action == "delayed":
-                f.action, f.kind = "failed", "bounce"
+            # A bounce message is final unless it says it is a warning.
+            f = self._judge(addr, None, action, _squash(diag), None)
             out.append(f)
             if addr in expanded:
                 out.append(dataclasses.replace(f, recipient=expanded[addr]))
