@@ -537,8 +537,7 @@ class Parser:
         diag_status = find_status(diag)
         status = status_field
         if diag_status and (
-            status is None
-            or (diag_status[0] == status[0] and not diag_status.endswith(".0.0"))
+            status is None or (diag_status[0] == status[0] and not diag_status.endswith(".0.0"))
         ):
             # The remote server's own code says more than the reporting MTA's summary.
             status = diag_status
