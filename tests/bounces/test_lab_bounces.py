@@ -176,6 +176,14 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
     complaint = [d for t, r, d in events if t == "complained" and r == "fbl@inbox.test"]
     assert len(complaint) == 1 and complaint[0]["feedback_type"] == "abuse"
 
+    # Both reports counted for the warming health of the source and sending domain that
+    # sent the message (the broker's health windows, as deliveries are).
+    shaping = api.app.shaping
+    assert shaping is not None
+    for health_key in ("domain:acme.test", "source:default"):
+        totals = shaping.book.windows[health_key].totals(shaping.book.wall())
+        assert totals["bounced"] >= 2 and totals["complained"] == 1, (health_key, totals)
+
     # A report with a forged token is believed for nothing and kept for inspection.
     before = api.app.metrics.return_path_tokens.labels("forged")._value.get()
     forged = later.mail_from.replace(later.mail_from.split("-")[3][:10], "aaaaaaaaaa")
