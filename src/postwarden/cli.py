@@ -248,8 +248,7 @@ def cmd_bounces(args: argparse.Namespace) -> int:
             else:
                 with open(name, "rb") as fp:
                     data = fp.read()
-            report = parser.parse_bytes(data)
-            for finding in report.findings:
+            for finding in parser.parse_file(data):
                 out = finding.as_json()
                 if len(args.files) > 1:
                     out["file"] = name

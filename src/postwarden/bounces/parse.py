@@ -225,6 +225,10 @@ class Parser:
     def __init__(self, classifier: Classifier | None = None) -> None:
         self.classifier = classifier or default_classifier()
 
+    def parse_file(self, data: bytes) -> list[Finding]:
+        """Every finding of a file: one message, or an mbox of several."""
+        return [f for msg in split_mbox(data) for f in self.parse_bytes(msg).findings]
+
     def parse_bytes(self, data: bytes) -> Report:
         msg = email.message_from_bytes(data, policy=compat32)
         report = self.parse(msg)
@@ -983,3 +987,23 @@ def _squash(text: str) -> str:
 
 def parse_message(data: bytes, classifier: Classifier | None = None) -> Report:
     return Parser(classifier).parse_bytes(data)
+
+
+_MBOX_FROM = re.compile(rb"^From \S+ +\w{3} \w{3} +\d+ \d\d:\d\d(:\d\d)? .*\d{4}\s*$", re.M)
+
+
+def split_mbox(data: bytes) -> list[bytes]:
+    """The messages of an mbox file (``From `` lines between them); a plain message is
+    one. Saved mailboxes of bounces come this way."""
+    if not data.startswith(b"From "):
+        return [data]
+    starts = [m.start() for m in _MBOX_FROM.finditer(data)]
+    if not starts or starts[0] != 0:
+        return [data]
+    out = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(data)
+        chunk = data[start:end]
+        chunk = chunk.split(b"\n", 1)[1] if b"\n" in chunk else b""
+        out.append(re.sub(rb"(?m)^>(>*From )", rb"\1", chunk))
+    return out
