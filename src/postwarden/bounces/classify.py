@@ -70,7 +70,8 @@ _STAGES = (
     (
         "data",
         r"\b(after|in reply to|response to|rejected after|did not like our) (the )?(final )?"
-        r"(end of )?(data|message body|dot)\b|\bend of data\b|\bdata command\b",
+        r"(end of )?(data|message body|dot)\b|\bend of data\b|\bdata command\b|"
+        r"\bsmtp command\W{0,20}\n?\s*data\b",
     ),
     (
         "mail",

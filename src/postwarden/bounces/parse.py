@@ -22,6 +22,7 @@ import email.message
 import email.utils
 import json
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from email.header import decode_header, make_header
@@ -224,6 +225,8 @@ def _walk(msg: Message) -> Iterator[tuple[Message, bool]]:
 class Parser:
     def __init__(self, classifier: Classifier | None = None) -> None:
         self.classifier = classifier or default_classifier()
+        # Per call (a parser may serve several threads): the report's origin.
+        self._local = threading.local()
 
     def parse_file(self, data: bytes) -> list[Finding]:
         """Every finding of a file: one message, or an mbox of several."""
@@ -237,6 +240,7 @@ class Parser:
         return report
 
     def parse(self, msg: Message, depth: int = 0) -> Report:
+        self._local.gateway = _filter_gateway(msg)
         original = self._original(msg)
         nested = depth == 0 and original is not None and _looks_like_report(original)
         report = Report("none", original=original)
@@ -560,6 +564,9 @@ class Parser:
             )
         permanent = action == "failed" if action else None
         stage = find_stage(diag)
+        if stage is None and getattr(self._local, "gateway", False):
+            # A content-filtering gateway's report: it refused what it had read.
+            stage = "data"
         if stage is None and context:
             stage = find_stage(context, transcript_only=True)
             # Pipelining MTAs (Sendmail) print refused recipients after ">>> DATA": a
@@ -683,6 +690,19 @@ class Parser:
             if addr in expanded:
                 out.append(dataclasses.replace(f, recipient=expanded[addr]))
         return Report("text", out)
+
+
+# Content-filtering gateways that write their own delivery reports, by the header
+# fields they add: McAfee (NAI) Email Gateway, SurfControl, m-FILTER, MailFoundry.
+_GATEWAY_RE = re.compile(
+    r"^(x-nai-header:|x-sef-|x-mailer: *(surfcontrol|m-filter)|received:.*\(mailfoundry\))",
+    re.I | re.M,
+)
+
+
+def _filter_gateway(msg: Message) -> bool:
+    heads = "\n".join(f"{k}: {v}" for k, v in msg.items())
+    return _GATEWAY_RE.search(heads) is not None
 
 
 def _is_address(a: str | None) -> bool:
