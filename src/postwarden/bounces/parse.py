@@ -981,7 +981,7 @@ def _block_for(text: str, rcpt: str | None) -> str:
 
 
 REASON_HINT = re.compile(
-    r"(?<![\d.])[245]\d\d(?![\d.])|[245]\.\d{1,3}\.\d{1,3}|"
+    r"(?<![\d.])[245]\d\d(?![\d.])|(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?!\d|\.\d)|"
     r"unknown|not exist|no such|full|quota|reject|denied|refused|block|"
     r"spam|invalid|disabled|timed out|expired|unreachable|too (big|large)|"
     r"relay|policy|not found",
