@@ -130,22 +130,34 @@ class _TextRule:
     strong: bool = False
 
 
+def _first(rx: re.Pattern[str], text: str, group: int) -> str | None:
+    """The first match's group, a failure (4xx/5xx) before a success: in a transcript
+    ("250 2.1.5 Ok ... 451 4.3.0 Error") the failure is what counts."""
+    found = None
+    for m in rx.finditer(text):
+        value = m.group(group)
+        if value[0] in "45":
+            return value
+        found = found or value
+    return found
+
+
 def find_status(text: str) -> str | None:
     """The enhanced status code in a diagnostic text, preferring one right after a
-    reply code ("550 5.1.1 ...") over any other."""
-    m = REPLY_STATUS_RE.search(text)
-    if m:
-        return m.group(2)
-    m = STATUS_RE.search(text)
-    return m.group(0) if m else None
+    reply code ("550 5.1.1 ...") over any other, and a failure over a success."""
+    return _prefer_failure(_first(REPLY_STATUS_RE, text, 2), _first(STATUS_RE, text, 0))
 
 
 def find_reply_code(text: str) -> int | None:
-    m = REPLY_STATUS_RE.search(text)
-    if m:
-        return int(m.group(1))
-    m = REPLY_RE.search(text)
-    return int(m.group(1)) if m else None
+    code = _prefer_failure(_first(REPLY_STATUS_RE, text, 1), _first(REPLY_RE, text, 1))
+    return int(code) if code else None
+
+
+def _prefer_failure(a: str | None, b: str | None) -> str | None:
+    for v in (a, b):
+        if v and v[0] in "45":
+            return v
+    return a or b
 
 
 def _load(
