@@ -959,6 +959,16 @@ def _block_at(text: str, pos: int, positions: list[int]) -> str:
         if end <= start:
             end = later[0]
     block = text[start:end]
+    lines = block.split("\n")
+    if re.search(r"^\W*[245]\d\d[ -]", lines[0]):
+        # "554 <a@b>... Remote protocol error": the line says it all; what follows
+        # belongs to it only when indented (a wrapped line).
+        kept_lines = [lines[0]]
+        for ln in lines[1:]:
+            if not ln[:1].isspace() or not ln.strip():
+                break
+            kept_lines.append(ln)
+        return "\n".join(kept_lines)
     # A block ends at a blank line followed by unrelated prose, unless it has no reason yet.
     parts = re.split(r"\n\s*\n", block)
     kept = parts[0]
