@@ -639,6 +639,7 @@ class Parser:
                 r"could not be delivered|undeliverable|delivery.{0,20}failed|"
                 r"unable to deliver|permanent error|following address|"
                 r"invalid (user|recipient|address)|error message|"
+                r"not (a )?member of (this|the) (mailing )?list|"
                 r"(?<![\d.])[45]\d\d[ -][45]\.\d{1,3}\.\d{1,3}",
                 text,
                 re.I,
