@@ -324,15 +324,19 @@ class Inbox:
         """An item by id, wherever it is (unparsed, waiting or claimed); None if gone."""
         if not valid_id(item_id):
             return None
-        candidates = [self.unparsed_dir / item_id, self.new / item_id]
-        with contextlib.suppress(FileNotFoundError):
-            candidates += [self.cur / n for n in os.listdir(self.cur) if n.startswith(item_id)]
-        for path in candidates:
-            try:
-                header, data = _read(path)
-            except FileNotFoundError:
-                continue
-            return _item(header, data, path)
+        # An item moves new/ -> cur/ -> unparsed/ (or away) while we look: look again
+        # when it slipped between two places.
+        for _ in range(5):
+            candidates = [self.unparsed_dir / item_id, self.new / item_id]
+            with contextlib.suppress(FileNotFoundError):
+                candidates += [self.cur / n for n in os.listdir(self.cur) if n.startswith(item_id)]
+            candidates.append(self.unparsed_dir / item_id)
+            for path in candidates:
+                try:
+                    header, data = _read(path)
+                except FileNotFoundError:
+                    continue
+                return _item(header, data, path)
         return None
 
     def requeue(self, item_id: str) -> bool:
