@@ -137,3 +137,18 @@ def test_an_mbox_of_bounces_gives_each_message() -> None:
     )
     got = [f.recipient for f in Parser().parse_file(mbox)]
     assert got == ["kijitora@example.ne.jp", "kijitora@example.co.jp"]
+
+
+def test_damaged_reports_never_break_the_parser() -> None:
+    """Bytes flipped at random and reports cut short: findings or none, never an
+    exception (the processor would keep retrying such a report)."""
+    import random
+
+    rnd = random.Random(8)
+    parser = Parser()
+    for path in sorted(CORPUS.glob("eml/*/*.eml")):
+        data = bytearray(path.read_bytes())
+        for _ in range(30):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        for cut in (len(data), len(data) // 2):
+            parser.parse_file(bytes(data[:cut]))

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from email.header import decode_header, make_header
 from email.message import Message
-from email.policy import compat32
+from email.policy import Compat32
 from typing import Any
 
 from postwarden.bounces.classify import (
@@ -38,6 +38,18 @@ from postwarden.bounces.classify import (
 )
 
 Kind = str  # bounce | delayed | complaint | auto_reply | delivered
+
+
+class _Compat32Text(Compat32):
+    """compat32, except that a header with undecodable bytes reads as text too (not
+    as a Header object): bounces quote whatever they were sent."""
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        got = super().header_fetch_parse(name, value)
+        return got if isinstance(got, str) else str(got)
+
+
+_POLICY = _Compat32Text()
 
 
 @dataclass
@@ -233,7 +245,7 @@ class Parser:
         return [f for msg in split_mbox(data) for f in self.parse_bytes(msg).findings]
 
     def parse_bytes(self, data: bytes) -> Report:
-        msg = email.message_from_bytes(data, policy=compat32)
+        msg = email.message_from_bytes(data, policy=_POLICY)
         report = self.parse(msg)
         if not report.raw_text:
             report.raw_text = data.decode("utf-8", "replace")
@@ -280,14 +292,14 @@ class Parser:
                 if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                     return payload[0]
             if ctype in ("text/rfc822-headers", "text/rfc822", "message/rfc822-headers"):
-                return email.message_from_string(_part_text(part), policy=compat32)
+                return email.message_from_string(_part_text(part), policy=_POLICY)
         body = self._body_text(msg, cut=False)
         m = ORIGINAL_MARKERS.search(body)
         if m:
             rest = body[m.end() :].split("\n", 1)[-1].lstrip("\n")
             # Inlined: "Received: ...\nFrom: ...\n" with or without indentation.
             rest = re.sub(r"^[ \t]+(?=[A-Za-z-]+:)", "", rest, flags=re.M)
-            orig = email.message_from_string(rest, policy=compat32)
+            orig = email.message_from_string(rest, policy=_POLICY)
             if len(orig.keys()) >= 2:
                 return orig
         return None

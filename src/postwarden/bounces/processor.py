@@ -144,7 +144,14 @@ class BounceProcessor:
 
     async def handle(self, item: Item) -> str:
         """Process one claimed report; returns what it was (a metric label)."""
-        report = await asyncio.to_thread(self.parser.parse_bytes, item.data)
+        try:
+            report = await asyncio.to_thread(self.parser.parse_bytes, item.data)
+        except Exception as exc:
+            # Kept for an operator, never retried for ever (a database error, below,
+            # leaves the report claimed, to be tried again).
+            log.error("event=bounce_parse_failed report=%s error=%r", item.id, exc, exc_info=True)
+            await asyncio.to_thread(self.inbox.unparsed, item, f"parser error: {exc!r}"[:300])
+            return "unparsed"
         token, forged = self._token(item, report)
         kind = report.kind
         if kind == "auto_reply" or (
