@@ -168,3 +168,13 @@ def test_bad_patterns_file(tmp_path: Path, text: str, where: str) -> None:
         Classifier(f)
     assert str(exc.value).startswith(f"{f}: ")
     assert where in str(exc.value)
+
+
+def test_an_edited_patterns_file_is_read_again(tmp_path: Path) -> None:
+    """A reload (SIGHUP) builds the classifier again: the file's new rules apply."""
+    f = tmp_path / "patterns.toml"
+    f.write_text('[[texts]]\ncategory = "mailbox_full"\npatterns = ["frobnicated"]\n')
+    assert default_classifier(str(f)).classify(text="550 frobnicated").category == "mailbox_full"
+    f.write_text('[[texts]]\ncategory = "rate_limited"\npatterns = ["frobnicated"]\n')
+    assert default_classifier(str(f)).classify(text="550 frobnicated").category == "rate_limited"
+    assert default_classifier() is default_classifier()  # the shipped rules, built once

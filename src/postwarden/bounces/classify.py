@@ -316,5 +316,11 @@ def implied_status(category: str, final: bool) -> str:
 
 
 @functools.cache
+def _shipped() -> Classifier:
+    return Classifier(None)
+
+
 def default_classifier(patterns_file: str = "") -> Classifier:
-    return Classifier(patterns_file or None)
+    """The shipped rules (built once), or with an operator's file read afresh, so that
+    a reload picks up the file's new contents."""
+    return Classifier(patterns_file) if patterns_file else _shipped()
