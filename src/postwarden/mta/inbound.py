@@ -27,7 +27,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session
@@ -35,8 +35,7 @@ from aiosmtpd.smtp import Envelope, Session
 from postwarden.bounces.inbox import Inbox
 from postwarden.config import Config
 from postwarden.metrics import Metrics
-from postwarden.mta.ingress import MAX_PATH, add_enhanced_code
-from postwarden.mta.wire import BulkDataSMTP
+from postwarden.mta.ingress import MAX_PATH, GuardedSMTP, SessionGuard, server_factory
 
 log = logging.getLogger("postwarden.inbound")
 
@@ -44,84 +43,26 @@ log = logging.getLogger("postwarden.inbound")
 AcceptsFn = Callable[[str], bool]
 
 
-class InboundSMTP(BulkDataSMTP):
-    """aiosmtpd's SMTP with the inbound MX's session rules: enhanced status codes,
-    sessions per client IP, commands per session, no AUTH."""
+class InboundSMTP(GuardedSMTP):
+    """The inbound MX's SMTP: the shared session rules (ingress.GuardedSMTP), and no
+    AUTH."""
 
     def __init__(self, handler: InboundHandler, **kwargs: Any) -> None:
-        # aiosmtpd reads the limit while building its StreamReader in __init__.
-        self.line_length_limit = handler.cfg.smtp.max_line_length + 1
         super().__init__(handler, **kwargs)
         self.inbound = handler
-        self._in_ehlo = False
         self._in_rcpt = False
-        self._commands = 0
-        self._over_limit = False
-        self._peer_ip = ""
-        self._smtp_methods = {
-            name: self._counted(method) for name, method in self._smtp_methods.items()
-        }
-
-    def _counted(self, method: Callable[[str], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        async def wrapper(arg: str) -> None:
-            self._commands += 1
-            if self._commands > self.inbound.cfg.smtp.max_commands_per_session:
-                self.inbound.refused("too_many_commands")
-                await self.push("421 4.7.0 Too many commands in this session, closing")
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            await method(arg)
-
-        return wrapper
-
-    # -- connection accounting
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
-        super().connection_made(transport)
-        if not first:
-            return  # STARTTLS re-entry, same session
-        peer = transport.get_extra_info("peername")
-        self._peer_ip = peer[0] if peer else ""
-        self._over_limit = not self.inbound.session_opened(self._peer_ip)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._peer_ip:
-            self.inbound.session_closed(self._peer_ip)
-            self._peer_ip = ""
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
-        if self._over_limit:
-            self.inbound.refused("too_many_sessions")
-            await self.push("421 4.7.0 Too many sessions from your address, try later")
-            if self.transport is not None:
-                self.transport.close()
-            return
-        await super()._handle_client()
 
     # -- replies
 
-    async def push(self, status: str | bytes) -> None:
-        raw = status.encode("utf-8") if isinstance(status, str) else status
-        if not self._in_ehlo:
-            if raw.startswith(b"552"):
-                # aiosmtpd's own size refusals (MAIL SIZE=, too much DATA): nothing stored.
-                self.inbound.refused("too_large")
-            elif self._in_rcpt and raw.startswith(b"553"):
-                # aiosmtpd could not parse the path at all: as the handler's syntax refusal.
-                self.inbound.refused("bad_recipient")
-                raw = b"501 5.1.3 Bad recipient address syntax"
-            raw = add_enhanced_code(raw)
-        await super().push(raw)
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self._in_ehlo = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._in_ehlo = False
+    def rewrite(self, raw: bytes) -> bytes:
+        if raw.startswith(b"552"):
+            # aiosmtpd's own size refusals (MAIL SIZE=, too much DATA): nothing stored.
+            self.inbound.refused("too_large")
+        elif self._in_rcpt and raw.startswith(b"553"):
+            # aiosmtpd could not parse the path at all: as the handler's syntax refusal.
+            self.inbound.refused("bad_recipient")
+            raw = b"501 5.1.3 Bad recipient address syntax"
+        return super().rewrite(raw)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self._in_rcpt = True
@@ -138,7 +79,7 @@ class InboundSMTP(BulkDataSMTP):
 OnDelivered = Callable[[], None]
 
 
-class InboundHandler:
+class InboundHandler(SessionGuard):
     """Decides RCPT and DATA for the inbound MX; stores what it accepts in ``inbox``."""
 
     def __init__(
@@ -154,8 +95,7 @@ class InboundHandler:
         self.accepts = accepts
         # Called (on the event loop) after each report is stored; plain and optional.
         self.on_delivered = on_delivered
-        self.sessions_by_ip: dict[str, int] = {}
-        self.open_sessions = 0
+        super().__init__()
         self.in_transaction = 0
         self.configure(cfg)
 
@@ -166,23 +106,11 @@ class InboundHandler:
     def refused(self, reason: str) -> None:
         self.metrics.inbound_refused.labels(reason).inc()
 
-    # -- sessions
+    def max_sessions_per_ip(self) -> int:
+        return self.cfg.inbound.max_sessions_per_ip
 
-    def session_opened(self, ip: str) -> bool:
-        n = self.sessions_by_ip.get(ip, 0) + 1
-        self.sessions_by_ip[ip] = n
-        self.open_sessions += 1
-        self.metrics.inbound_sessions.inc()
-        return n <= self.cfg.inbound.max_sessions_per_ip
-
-    def session_closed(self, ip: str) -> None:
-        n = self.sessions_by_ip.get(ip, 0) - 1
-        if n <= 0:
-            self.sessions_by_ip.pop(ip, None)
-        else:
-            self.sessions_by_ip[ip] = n
-        self.open_sessions -= 1
-        self.metrics.inbound_sessions.dec()
+    def sessions_changed(self, delta: int) -> None:
+        self.metrics.inbound_sessions.inc(delta)
 
     # -- the rule
 
@@ -281,25 +209,10 @@ class InboundHandler:
 
 def make_inbound_factory(
     handler: InboundHandler, tls_context: ssl.SSLContext | None
-) -> Callable[[], InboundSMTP]:
-    """A protocol factory for ``loop.create_server`` with the handler's limits."""
+) -> Callable[[], GuardedSMTP]:
+    """The inbound MX's protocol factory."""
 
-    def factory() -> InboundSMTP:
-        # Per connection, so that a reload of the limits applies to every new session.
-        cfg = handler.cfg
-        return InboundSMTP(
-            handler,
-            data_size_limit=cfg.inbound.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=cfg.server.hostname,
-            ident="Postwarden ESMTP",
-            tls_context=tls_context,
-            require_starttls=False,
-            timeout=cfg.inbound.idle_timeout,
-            auth_required=False,
-            auth_require_tls=False,
-            loop=asyncio.get_running_loop(),
-        )
+    def limits() -> tuple[int, float]:
+        return handler.cfg.inbound.max_message_size, handler.cfg.inbound.idle_timeout
 
-    return factory
+    return server_factory(InboundSMTP, handler, tls_context, limits)

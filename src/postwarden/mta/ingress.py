@@ -234,17 +234,55 @@ class _PendingAuth:
     password: bytes
 
 
-class IngressSMTP(BulkDataSMTP):
-    """aiosmtpd's SMTP with Postwarden's session rules."""
+class SessionGuard:
+    """What a listener's handler keeps of its sessions: how many are open, in all and
+    per client IP (submission and the inbound MX each have one)."""
 
-    def __init__(self, handler: IngressHandler, **kwargs: Any) -> None:
+    cfg: Config
+
+    def __init__(self) -> None:
+        self.sessions_by_ip: dict[str, int] = {}
+        self.open_sessions = 0
+
+    def max_sessions_per_ip(self) -> int:
+        raise NotImplementedError
+
+    def sessions_changed(self, delta: int) -> None:
+        """The open-sessions gauge of this listener."""
+
+    def refused(self, reason: str) -> None:
+        """Count a refusal of this listener, by reason."""
+        raise NotImplementedError
+
+    def session_opened(self, ip: str) -> bool:
+        """Count a new session; False when its IP is over the limit."""
+        n = self.sessions_by_ip.get(ip, 0) + 1
+        self.sessions_by_ip[ip] = n
+        self.open_sessions += 1
+        self.sessions_changed(1)
+        return n <= self.max_sessions_per_ip()
+
+    def session_closed(self, ip: str) -> None:
+        n = self.sessions_by_ip.get(ip, 0) - 1
+        if n <= 0:
+            self.sessions_by_ip.pop(ip, None)
+        else:
+            self.sessions_by_ip[ip] = n
+        self.open_sessions -= 1
+        self.sessions_changed(-1)
+
+
+class GuardedSMTP(BulkDataSMTP):
+    """aiosmtpd's SMTP with the session rules every Postwarden listener keeps: enhanced
+    status codes on replies, sessions per client IP, commands per session."""
+
+    def __init__(self, handler: SessionGuard, **kwargs: Any) -> None:
         # aiosmtpd reads the limit while building its StreamReader in __init__.
         self.line_length_limit = handler.cfg.smtp.max_line_length + 1
         super().__init__(handler, **kwargs)
-        self.ingress = handler
+        self.guard = handler
         self._in_ehlo = False
         self._commands = 0
-        self._auth_failures = 0
         self._over_limit = False
         self._peer_ip = ""
         self._smtp_methods = {
@@ -254,8 +292,8 @@ class IngressSMTP(BulkDataSMTP):
     def _counted(self, method: Callable[[str], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
         async def wrapper(arg: str) -> None:
             self._commands += 1
-            if self._commands > self.ingress.cfg.smtp.max_commands_per_session:
-                self.ingress.metrics.rejected.labels("too_many_commands").inc()
+            if self._commands > self.guard.cfg.smtp.max_commands_per_session:
+                self.guard.refused("too_many_commands")
                 await self.push("421 4.7.0 Too many commands in this session, closing")
                 if self.transport is not None:
                     self.transport.close()
@@ -273,17 +311,17 @@ class IngressSMTP(BulkDataSMTP):
             return  # STARTTLS re-entry, same session
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if peer else ""
-        self._over_limit = not self.ingress.session_opened(self._peer_ip)
+        self._over_limit = not self.guard.session_opened(self._peer_ip)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._peer_ip:
-            self.ingress.session_closed(self._peer_ip)
+            self.guard.session_closed(self._peer_ip)
             self._peer_ip = ""
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
         if self._over_limit:
-            self.ingress.metrics.rejected.labels("too_many_sessions").inc()
+            self.guard.refused("too_many_sessions")
             await self.push("421 4.7.0 Too many sessions from your address, try later")
             if self.transport is not None:
                 self.transport.close()
@@ -292,10 +330,14 @@ class IngressSMTP(BulkDataSMTP):
 
     # -- replies
 
+    def rewrite(self, raw: bytes) -> bytes:
+        """A reply as it goes out (not EHLO's): with an enhanced status code."""
+        return add_enhanced_code(raw)
+
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8") if isinstance(status, str) else status
         if not self._in_ehlo:
-            raw = add_enhanced_code(raw)
+            raw = self.rewrite(raw)
         await super().push(raw)
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -304,6 +346,46 @@ class IngressSMTP(BulkDataSMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+
+
+def server_factory(
+    cls: Callable[..., GuardedSMTP],
+    handler: SessionGuard,
+    tls_context: ssl.SSLContext | None,
+    limits: Callable[[], tuple[int, float]],
+) -> Callable[[], GuardedSMTP]:
+    """A protocol factory for ``loop.create_server``. ``limits()`` gives the message
+    size limit and idle timeout, read per connection, so that a reload (SIGHUP)
+    applies to every new session."""
+
+    def factory() -> GuardedSMTP:
+        size_limit, idle_timeout = limits()
+        return cls(
+            handler,
+            data_size_limit=size_limit,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=handler.cfg.server.hostname,
+            ident="Postwarden ESMTP",
+            tls_context=tls_context,
+            require_starttls=False,
+            timeout=idle_timeout,
+            auth_required=False,
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+
+    return factory
+
+
+class IngressSMTP(GuardedSMTP):
+    """The submission listener's SMTP: the shared session rules, and AUTH only over TLS
+    or from trusted networks."""
+
+    def __init__(self, handler: IngressHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.ingress = handler
+        self._auth_failures = 0
 
     # -- AUTH only over TLS or from trusted networks, verified off the loop
 
@@ -361,7 +443,7 @@ class IngressSMTP(BulkDataSMTP):
 AcceptFn = Callable[[SpoolEnvelope, bytes, str], Awaitable[StoredMessage]]
 
 
-class IngressHandler:
+class IngressHandler(SessionGuard):
     """Decides MAIL, RCPT and DATA for the submission listeners."""
 
     def __init__(
@@ -376,8 +458,7 @@ class IngressHandler:
         self.passwords = passwords
         self.accept = accept
         self.sign = sign
-        self.sessions_by_ip: dict[str, int] = {}
-        self.open_sessions = 0
+        super().__init__()
         self.in_transaction = 0
         # (tenant name, API key) -> tenant id when the key may send; from the control plane.
         self.key_auth: Callable[[str, str], Awaitable[int | None]] | None = None
@@ -398,21 +479,14 @@ class IngressHandler:
 
     # -- sessions
 
-    def session_opened(self, ip: str) -> bool:
-        n = self.sessions_by_ip.get(ip, 0) + 1
-        self.sessions_by_ip[ip] = n
-        self.open_sessions += 1
-        self.metrics.connections.labels("in").inc()
-        return n <= self.cfg.smtp.max_sessions_per_ip
+    def max_sessions_per_ip(self) -> int:
+        return self.cfg.smtp.max_sessions_per_ip
 
-    def session_closed(self, ip: str) -> None:
-        n = self.sessions_by_ip.get(ip, 0) - 1
-        if n <= 0:
-            self.sessions_by_ip.pop(ip, None)
-        else:
-            self.sessions_by_ip[ip] = n
-        self.open_sessions -= 1
-        self.metrics.connections.labels("in").dec()
+    def sessions_changed(self, delta: int) -> None:
+        self.metrics.connections.labels("in").inc(delta)
+
+    def refused(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
 
     def is_trusted(self, ip: str) -> bool:
         try:
@@ -583,26 +657,10 @@ class IngressHandler:
 
 def make_server_factory(
     handler: IngressHandler, tls_context: ssl.SSLContext | None
-) -> Callable[[], IngressSMTP]:
-    """A protocol factory for ``loop.create_server`` with the handler's limits."""
+) -> Callable[[], GuardedSMTP]:
+    """The submission listeners' protocol factory."""
 
-    def factory() -> IngressSMTP:
-        # Read the handler's config per connection so that a reload (SIGHUP) of the
-        # size limit and idle timeout applies to every new session.
-        cfg = handler.cfg.smtp
-        return IngressSMTP(
-            handler,
-            data_size_limit=cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=handler.cfg.server.hostname,
-            ident="Postwarden ESMTP",
-            tls_context=tls_context,
-            require_starttls=False,
-            timeout=cfg.idle_timeout,
-            auth_required=False,
-            auth_require_tls=False,
-            loop=asyncio.get_running_loop(),
-        )
+    def limits() -> tuple[int, float]:
+        return handler.cfg.smtp.max_message_size, handler.cfg.smtp.idle_timeout
 
-    return factory
+    return server_factory(IngressSMTP, handler, tls_context, limits)
