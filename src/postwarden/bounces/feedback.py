@@ -25,9 +25,8 @@ from typing import Any
 from sqlalchemy import select
 
 from postwarden.config import BouncesConfig
-from postwarden.mail.addresses import suppression_key
-from postwarden.store.feed import record_change
 from postwarden.store.models import Event, Suppression
+from postwarden.store.suppress import upsert_suppression
 
 #: Soft failures that say something about the address itself.
 SOFT_ADDRESS = frozenset(
@@ -66,25 +65,20 @@ async def _suppress(
     expires_at: dt.datetime | None,
     now: dt.datetime,
 ) -> bool:
-    key = suppression_key(address)
-    row = (
-        await s.execute(
-            select(Suppression).where(
-                Suppression.tenant_id == tenant_id, Suppression.address == key
-            )
-        )
-    ).scalar_one_or_none()
-    if row is not None:
-        live = row.expires_at is None or row.expires_at > now
-        if live and not (row.reason in _REPLACEABLE and reason != "soft_bounce"):
-            return False
-    else:
-        row = Suppression(tenant_id=tenant_id, address=key)
-        s.add(row)
-    row.reason, row.source, row.note, row.expires_at = reason, "bounces", note[:2000], expires_at
-    row.created_at = now
-    await record_change(s, "suppression", tenant_id, key)
-    return True
+    """Whether the entry was written: a live one of another reason stays (but a soft
+    bounce's gives way to a hard bounce or a complaint)."""
+
+    def keep(row: Suppression) -> bool:
+        expires = row.expires_at
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=dt.UTC)
+        live = expires is None or expires > now
+        return live and not (row.reason in _REPLACEABLE and reason != "soft_bounce")
+
+    _row, how = await upsert_suppression(
+        s, tenant_id, address, reason, "bounces", note[:2000], expires_at, keep=keep
+    )
+    return how != "kept"
 
 
 async def apply(

@@ -52,6 +52,7 @@ from postwarden.mail.addresses import AddressError, normalize_address, suppressi
 from postwarden.store.feed import record_change
 from postwarden.store.models import ApiKey, DkimKey, Domain, Pool, Suppression, Tenant, utcnow
 from postwarden.store.secrets import new_api_key
+from postwarden.store.suppress import upsert_suppression
 
 api = Api("Postwarden", "1")
 
@@ -678,34 +679,6 @@ def supp_out(x: Suppression) -> SuppressionOut:
     return SuppressionOut.model_validate(x)
 
 
-async def upsert_suppression(
-    s: Any,
-    tenant_id: int,
-    address: str,
-    reason: str,
-    source: str,
-    note: str,
-    expires_at: dt.datetime | None,
-) -> tuple[Suppression, bool]:
-    """Add or replace one suppression; True when it is new. The caller commits."""
-    key = suppression_key(address)
-    row = (
-        await s.execute(
-            select(Suppression).where(
-                Suppression.tenant_id == tenant_id, Suppression.address == key
-            )
-        )
-    ).scalar_one_or_none()
-    created = row is None
-    if row is None:
-        row = Suppression(tenant_id=tenant_id, address=key)
-        s.add(row)
-    row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
-    row.created_at = dt.datetime.now(dt.UTC)
-    await changed(s, "suppression", tenant_id, key)
-    return row, created
-
-
 @api.op(
     "POST",
     "/v1/suppressions",
@@ -720,7 +693,7 @@ async def create_suppression(c: Call) -> Any:
     if b.expires_at is not None and b.expires_at.tzinfo is None:
         raise invalid("expires_at", "give a time zone (e.g. 2027-01-01T00:00:00Z)")
     async with c.ctx.sessions() as s:
-        row, _ = await upsert_suppression(
+        row, _how = await upsert_suppression(
             s, c.tenant_id, b.address, b.reason, b.source, b.note, b.expires_at
         )
         await s.commit()
@@ -849,7 +822,8 @@ async def import_suppressions(c: Call) -> Any:
     created = updated = 0
     async with c.ctx.sessions() as s:
         for addr, reason, source, note, expires in good.values():
-            _, new = await upsert_suppression(s, c.tenant_id, addr, reason, source, note, expires)
+            _, how = await upsert_suppression(s, c.tenant_id, addr, reason, source, note, expires)
+            new = how == "created"
             created += new
             updated += not new
         await s.commit()

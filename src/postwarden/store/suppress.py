@@ -7,14 +7,52 @@ trip on the MTA's hot path (docs/decisions/0005).
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select, tuple_
 
 from postwarden.mail.addresses import suppression_key
+from postwarden.store.feed import record_change
 from postwarden.store.models import Suppression
+
+Upserted = Literal["created", "replaced", "kept"]
+
+
+async def upsert_suppression(
+    s: Any,
+    tenant_id: int,
+    address: str,
+    reason: str,
+    source: str,
+    note: str,
+    expires_at: dt.datetime | None,
+    *,
+    keep: Callable[[Suppression], bool] | None = None,
+) -> tuple[Suppression, Upserted]:
+    """Add or replace one suppression, with the change-feed row that makes every
+    process's cache load it; the caller commits. An existing entry for which ``keep``
+    is true stays as it is (``"kept"``)."""
+    key = suppression_key(address)
+    row = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == tenant_id, Suppression.address == key
+            )
+        )
+    ).scalar_one_or_none()
+    if row is not None and keep is not None and keep(row):
+        return row, "kept"
+    how: Upserted = "created" if row is None else "replaced"
+    if row is None:
+        row = Suppression(tenant_id=tenant_id, address=key)
+        s.add(row)
+    row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
+    row.created_at = dt.datetime.now(dt.UTC)
+    await record_change(s, "suppression", tenant_id, key)
+    return row, how
 
 
 class SuppressionCache:
