@@ -76,6 +76,18 @@ def test_corpus_scores(tmp_path: Path) -> None:
     assert "not-a-bounce messages with output: 0/2" in run.stdout
 
 
+def cli_parse(path: Path) -> str:
+    """What ``postwarden bounces parse FILE`` prints."""
+    run = subprocess.run(
+        [str(VENV_BIN / "postwarden"), "bounces", "parse", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return run.stdout
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -87,15 +99,7 @@ def test_corpus_scores(tmp_path: Path) -> None:
 )
 def test_cli_contract(name: str) -> None:
     """One JSON object per line with the keys the scorer and operators rely on."""
-    path = CORPUS / "eml" / name
-    run = subprocess.run(
-        [str(VENV_BIN / "postwarden"), "bounces", "parse", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    lines = [json.loads(line) for line in cli_parse(CORPUS / "eml" / name).splitlines()]
     assert lines
     expected = [
         json.loads(r)
@@ -117,15 +121,7 @@ def test_cli_contract(name: str) -> None:
 
 
 def test_not_a_bounce_prints_nothing() -> None:
-    path = CORPUS / "eml" / "sisimai" / "is-not-bounce-01.eml"
-    run = subprocess.run(
-        [str(VENV_BIN / "postwarden"), "bounces", "parse", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert run.stdout == ""
+    assert cli_parse(CORPUS / "eml" / "sisimai" / "is-not-bounce-01.eml") == ""
 
 
 def test_an_mbox_of_bounces_gives_each_message() -> None:

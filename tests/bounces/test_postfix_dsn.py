@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from bench.peers import PrivatePostfix
 
+from tests.bounces.test_lab_bounces import suppression
 from tests.conftest import free_port
 from tests.control.conftest import ControlFactory
 from tests.control.test_messages import ready_tenant
@@ -63,13 +64,7 @@ async def test_a_postfix_dsn_comes_back_and_suppresses(
             )  # fmt: skip
             assert r.status_code in (200, 201, 202), r.text
             msg_id = r.json()["id"]
-            got = None
-            for _ in range(300):
-                s = await c.get("/v1/suppressions/gone@relay.test")
-                if s.status_code == 200:
-                    got = s.json()
-                    break
-                await asyncio.sleep(0.1)
+            got = await suppression(api, key, "gone@relay.test", wait=30)
             assert got is not None, postfix.maillog_text()[-3000:]
             assert got["reason"] == "hard_bounce" and got["source"] == "bounces"
             for _ in range(100):  # the copy of the delivery to Postfix may come after
