@@ -25,7 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from postwarden.bounces.classify import Classifier, PatternsError, default_classifier
+from postwarden.bounces.classify import (
+    Classifier,
+    PatternsError,
+    default_classifier,
+    find_status,
+)
 from postwarden.bounces.inbox import Inbox
 from postwarden.bounces.notify import Failed, build_dsn, header_block
 from postwarden.bounces.parse import Parser
@@ -617,8 +622,6 @@ async def serve(cfg: Config, config_path: str | None = None, role: str = "all") 
 
 def _status_of(response: str, expired: bool) -> str:
     """The RFC 3463 code a DSN reports for a final answer (4.4.7 for an expiry)."""
-    from postwarden.bounces.classify import find_status
-
     code = find_status(response)
     if expired:
         return "4.4.7" if code is None or code[0] != "4" else code

@@ -52,8 +52,6 @@ CATEGORIES = (
 )
 #: The address itself is undeliverable: a permanent failure of these suppresses it.
 HARD = frozenset({"user_unknown", "domain_not_found", "no_mx", "null_mx"})
-#: Reports that are not failures (neither hard nor soft).
-NOT_FAILURES = ("complaint", "auto_reply", "delivered")
 
 # An enhanced status code standing alone (not part of an IP address or version).
 STATUS_RE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d]|\.\d)")

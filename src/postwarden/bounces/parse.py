@@ -22,7 +22,6 @@ import email.message
 import email.utils
 import json
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from email.header import decode_header, make_header
@@ -237,8 +236,6 @@ def _walk(msg: Message) -> Iterator[tuple[Message, bool]]:
 class Parser:
     def __init__(self, classifier: Classifier | None = None) -> None:
         self.classifier = classifier or default_classifier()
-        # Per call (a parser may serve several threads): the report's origin.
-        self._local = threading.local()
 
     def parse_file(self, data: bytes) -> list[Finding]:
         """Every finding of a file: one message, or an mbox of several."""
@@ -252,7 +249,6 @@ class Parser:
         return report
 
     def parse(self, msg: Message, depth: int = 0) -> Report:
-        self._local.gateway = _filter_gateway(msg)
         original = self._original(msg)
         nested = depth == 0 and original is not None and _looks_like_report(original)
         report = Report("none", original=original)
@@ -537,7 +533,9 @@ class Parser:
                 diag = (diag + " " + _block_for(human, rcpt)).strip()
             remote = clean_remote(get("remote-mta")) or None
             context = _block_for(human, rcpt) if len(per_rcpt) > 1 else human
-            found = self._judge(rcpt, status_field, action, diag, remote, context)
+            found = self._judge(
+                rcpt, status_field, action, diag, remote, context, gateway=_filter_gateway(msg)
+            )
             out.append(found)
             orig = clean_addr(get("original-recipient"))
             if orig and rcpt and orig.lower() != rcpt.lower() and "@" in orig:
@@ -553,7 +551,12 @@ class Parser:
         diag: str,
         remote: str | None,
         context: str = "",
+        *,
+        gateway: bool = False,
     ) -> Finding:
+        """One recipient's finding. ``context`` is the human-readable text around it
+        (a transcript may tell the SMTP stage); ``gateway``: the report was written by
+        a content-filtering gateway, which refuses what it has read."""
         diag_status = find_status(diag)
         status = status_field
         if diag_status and (
@@ -576,8 +579,7 @@ class Parser:
             )
         permanent = action == "failed" if action else None
         stage = find_stage(diag)
-        if stage is None and getattr(self._local, "gateway", False):
-            # A content-filtering gateway's report: it refused what it had read.
+        if stage is None and gateway:
             stage = "data"
         if stage is None and context:
             stage = find_stage(context, transcript_only=True)
@@ -659,6 +661,7 @@ class Parser:
         )
         if not looks:
             return None
+        gateway = _filter_gateway(msg)
         exclude, weak = _sender_side(msg, original)
         failed = [
             clean_addr(a)
@@ -698,7 +701,7 @@ class Parser:
                 diag = text
             action = "delayed" if permanent is False else "failed"
             # A bounce message is final unless it says it is a warning.
-            f = self._judge(addr, None, action, _squash(diag), None)
+            f = self._judge(addr, None, action, _squash(diag), None, gateway=gateway)
             out.append(f)
             if addr in expanded:
                 out.append(dataclasses.replace(f, recipient=expanded[addr]))
@@ -873,16 +876,6 @@ def clean_remote(value: str | None) -> str | None:
     return v or None
 
 
-def _vaguer(a: str, b: str) -> bool:
-    """Whether code ``a`` says less than ``b`` (same class): a zero subject or detail."""
-    _c, s1, d1 = a.split(".")
-    _c2, s2, d2 = b.split(".")
-    return (d1 == "0" and d2 != "0" and s1 in ("0", s2)) or (s1 == "0" and s2 != "0")
-
-
-# ------------------------------------------------------------------------------ free text
-
-
 def _sender_side(msg: Message, original: Message | None) -> tuple[set[str], set[str]]:
     """Addresses of the sender's side of the exchange: those the bounce itself went to
     or came from (never the failed recipient), and those of the original's sender
@@ -1026,10 +1019,6 @@ def _squash(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------- entry
-
-
-def parse_message(data: bytes, classifier: Classifier | None = None) -> Report:
-    return Parser(classifier).parse_bytes(data)
 
 
 _MBOX_FROM = re.compile(rb"^From \S+ +\w{3} \w{3} +\d+ \d\d:\d\d(:\d\d)? .*\d{4}\s*$", re.M)
