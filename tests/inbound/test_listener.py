@@ -283,12 +283,18 @@ async def test_the_appliance_answers_on_its_inbound_port(
         errors, _ = await smtp.sendmail("", ["x@fbl.test"], DSN)
     assert errors == {}
     assert Path(app.cfg.inbound_path) == tmp_path / "spool" / "inbound"
-    assert Inbox(app.cfg.inbound_path).pending() == 1
+    # Stored; the bounce processor then finds nothing of ours in it and keeps it aside.
+    inbox = Inbox(app.cfg.inbound_path)
+    for _ in range(100):
+        if inbox.unparsed_count() == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert (inbox.pending(), inbox.unparsed_count()) == (0, 1)
     # The gauges see it (what the appliance's gauge loop runs every 5 s).
     assert app.inbox is not None
     await app._inbox_gauges(app.inbox, 0.0)
-    assert app.metrics.inbound_pending._value.get() == 1
-    assert app.metrics.inbound_unparsed._value.get() == 0
+    assert app.metrics.inbound_pending._value.get() == 0
+    assert app.metrics.inbound_unparsed._value.get() == 1
 
 
 async def test_the_workers_of_serve_share_the_inbound_listener_and_inbox(

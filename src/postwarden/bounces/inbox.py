@@ -366,8 +366,13 @@ class Inbox:
     # ------------------------------------------------------------------ counts
 
     def pending(self) -> int:
-        """Items waiting or being processed (``new/`` and ``cur/``)."""
-        return _count(self.new) + _count(self.cur)
+        """Items waiting or being processed (``new/`` and ``cur/``): distinct ids, so
+        that an item claimed while we count is counted once."""
+        ids: set[str] = set()
+        for path in (self.new, self.cur):  # in the order items move
+            with contextlib.suppress(FileNotFoundError):
+                ids.update(name.split("+", 1)[0] for name in os.listdir(path))
+        return len(ids)
 
     def unparsed_count(self) -> int:
         return _count(self.unparsed_dir)
