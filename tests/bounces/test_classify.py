@@ -103,8 +103,15 @@ CASES = [
         "policy_blocked",
         False,
     ),
-    # ... and at the end of DATA it comes from a content filter.
+    # ... and at the end of DATA it comes from a content filter,
     ("550 5.7.1 User unknown", "data", "policy_blocked", False),
+    # ... except where a provider refuses unknown users only there (Yahoo, AOL).
+    (
+        "554 delivery error: dd This user doesn't have a yahoo.com account (a@yahoo.com) [0]",
+        "data",
+        "user_unknown",
+        True,
+    ),
 ]
 
 
@@ -149,6 +156,20 @@ def test_operator_patterns_come_first(tmp_path: Path) -> None:
     assert c.classify(text="550 5.1.1 go away").category == "policy_blocked"
     # The shipped rules still apply after the operator's.
     assert c.classify(text="552 5.3.4 message too big").category == "message_too_big"
+
+
+def test_an_operator_rule_can_hold_at_any_stage(tmp_path: Path) -> None:
+    f = tmp_path / "patterns.toml"
+    f.write_text(
+        '[[texts]]\ncategory = "user_unknown"\nany_stage = true\n'
+        'patterns = ["no such customer here"]\n'
+    )
+    answer = "554 no such customer here"
+    assert Classifier(f).classify(text=answer, stage="data").hard
+    # Without the flag the end of DATA makes it a filter's refusal.
+    f.write_text('[[texts]]\ncategory = "user_unknown"\npatterns = ["no such customer here"]\n')
+    v = Classifier(f).classify(text=answer, stage="data")
+    assert (v.category, v.hard) == ("policy_blocked", False)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ SCORER = Path(__file__).parent.parent / "corpus" / "score_bounces.py"
 # The figures this corpus gives today, a little below, so that a change that makes the
 # parser worse fails here. Raise them as the parser improves; the held-out figures are
 # in docs/bounces.md.
-FLOOR = {"recall": 0.98, "status": 0.95, "hard": 0.93, "reason": 0.885}
+FLOOR = {"recall": 0.98, "status": 0.95, "hard": 0.95, "reason": 0.89}
 
 REPLAY = """
 import json, os, sys

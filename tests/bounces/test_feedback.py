@@ -90,6 +90,18 @@ async def test_soft_bounces_suppress_for_a_while_after_the_limit(sessions: Any) 
     assert (await suppressions(sessions))[(1, "full@example.com")] == ("hard_bounce", None)
 
 
+async def test_an_unconfirmed_user_unknown_counts_as_soft(sessions: Any) -> None:
+    # A relayed "550 User unknown" with no code and no stage is soft but about the
+    # address: enough of them suppress it for a while.
+    async with sessions() as s:
+        for i in range(3):
+            at = NOW + dt.timedelta(hours=i)
+            out = await fail(s, "maybe@example.com", "user_unknown", False, at)
+        await s.commit()
+    assert out == feedback.Outcome("soft_bounce", 3)
+    assert (await suppressions(sessions))[(1, "maybe@example.com")][0] == "soft_bounce"
+
+
 async def test_failures_that_judge_the_sender_never_count(sessions: Any) -> None:
     async with sessions() as s:
         for i in range(5):

@@ -126,6 +126,7 @@ class _TextRule:
     category: str
     regex: re.Pattern[str]
     strong: bool = False
+    any_stage: bool = False
 
 
 def _first(rx: re.Pattern[str], text: str, group: int) -> str | None:
@@ -176,7 +177,7 @@ def _load(
             if cat not in CATEGORIES:
                 raise PatternsError(f"{path}.category: unknown category {cat!r}")
             key = "patterns" if kind == "texts" else "codes"
-            extra = set(entry) - {"category", key, "strong"}
+            extra = set(entry) - {"category", key, "strong", "any_stage"}
             if extra:
                 raise PatternsError(f"{path}: unknown key {sorted(extra)[0]!r}")
             values = entry.get(key)
@@ -186,7 +187,14 @@ def _load(
                 if kind == "texts":
                     try:
                         rx = re.compile(str(v), re.I)
-                        texts.append(_TextRule(cat, rx, bool(entry.get("strong", False))))
+                        texts.append(
+                            _TextRule(
+                                cat,
+                                rx,
+                                bool(entry.get("strong", False)),
+                                bool(entry.get("any_stage", False)),
+                            )
+                        )
                     except re.error as exc:
                         raise PatternsError(f"{path}.patterns[{j}]: {exc}") from exc
                 elif kind == "codes":
@@ -222,14 +230,14 @@ class Classifier:
             for r, v in replies.items():
                 self.replies.setdefault(r, v)
 
-    def category_of_text(self, text: str, *, strong: bool | None = None) -> str | None:
+    def rule_of_text(self, text: str, *, strong: bool | None = None) -> _TextRule | None:
         """The first rule matching ``text``: among strong rules only, weak ones only, or
         all (``strong=None``)."""
         for rule in self.texts:
             if strong is not None and rule.strong != strong:
                 continue
             if rule.regex.search(text):
-                return rule.category
+                return rule
         return None
 
     def classify(
@@ -253,17 +261,21 @@ class Classifier:
             status = find_status(text)
         if reply_code is None:
             reply_code = find_reply_code(text)
-        category = self.category_of_text(text, strong=True) if text else None
+        rule = self.rule_of_text(text, strong=True) if text else None
+        category = rule.category if rule else None
         if category is None and status:
             category = self.codes.get(status)
         if category is None and text:
-            category = self.category_of_text(text, strong=False)
+            rule = self.rule_of_text(text, strong=False)
+            category = rule.category if rule else None
         if category is None and reply_code is not None:
             category = self.replies.get(reply_code)
         if category is None:
             category = "other"
         if stage is None:
             stage = find_stage(text)
+        if rule is not None and rule.any_stage and rule.category == category:
+            stage = None  # an answer that names the address, whatever the command
         if stage == "mail" and category in _ADDRESS_CATEGORIES | {"other"}:
             category = "policy_blocked"
         elif stage == "data" and category in _ADDRESS_CATEGORIES:

@@ -604,6 +604,19 @@ class Parser:
         hard = v.hard
         if action == "delayed":
             hard = False
+        elif (
+            hard
+            and category == "user_unknown"
+            and stage is None
+            and v.reply_code is not None
+            and (not status or status.endswith(".0.0"))
+            and find_stage(context) != "rcpt"
+        ):
+            # A remote server's bare "550 user unknown" relayed without an enhanced code
+            # and without the command it answered: at the end of DATA that is a content
+            # filter's answer. Counted as a soft bounce of the address (the soft limit
+            # still suppresses it) instead of suppressing it at once.
+            hard = False
         return Finding(
             rcpt,
             final_status,
@@ -1000,7 +1013,7 @@ REASON_HINT = re.compile(
     r"(?<![\d.])[245]\d\d(?![\d.])|(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?!\d|\.\d)|"
     r"unknown|not exist|no such|full|quota|reject|denied|refused|block|"
     r"spam|invalid|disabled|timed out|expired|unreachable|too (big|large)|"
-    r"relay|policy|not found",
+    r"relay|policy|not found|doesn.t have|does not have",
     re.I,
 )
 
