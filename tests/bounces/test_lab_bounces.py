@@ -282,3 +282,49 @@ async def test_dsn_to_the_sender_when_the_tenant_wants_one(control: ControlFacto
     )  # fmt: skip
     assert b"Subject: Receipt" in dsn.data  # the original headers ride along
     assert msg_id.encode() in dsn.data
+
+
+async def test_a_report_without_a_token_counts_only_for_a_one_recipient_message(
+    control: ControlFactory,
+) -> None:
+    """A feedback loop that strips the return path leaves only our Message-ID (or, for
+    mail submitted over SMTP, our Received line). That names the message, not whose copy
+    it was: every recipient holds such a copy and sees
+    the others, so only a message with a single recipient is believed."""
+    port = free_port()
+    api = await control({"inbound": {"listen": [f"127.0.0.1:{port}"]}})
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    ids = {}
+    async with api.client(key) as c:
+        for name, to in (("solo", ["solo@inbox.test"]), ("pair", ["a@inbox.test", "b@inbox.test"])):
+            r = await c.post(
+                "/v1/messages",
+                json={"from": "news@acme.test", "to": to, "subject": name, "text": "x"},
+            )
+            assert r.status_code in (200, 201, 202), r.text
+            ids[name] = r.json()["id"]
+    await settled(api, key, ids["solo"], 1)
+    await settled(api, key, ids["pair"], 2)
+    copies = {x.rcpt_tos[0]: x.data for x in api.lab.messages}
+    for name, data in copies.items():  # no return path in what a feedback loop passes on
+        assert b"b-" + ids["solo"].encode() not in data, name
+        assert b"b-" + ids["pair"].encode() not in data, name
+
+    await send_report(port, "fbl@pwb.acme.test", arf_report("", copies["solo@inbox.test"]))
+    got = await suppression(api, key, "solo@inbox.test")
+    assert got is not None and got["reason"] == "complaint"
+
+    # b's copy cannot complain for a (nor for b): it is set aside with the reason.
+    assert api.app.inbox is not None
+    unparsed = api.app.inbox.unparsed_count()
+    await send_report(port, "fbl@pwb.acme.test", arf_report("", copies["b@inbox.test"]))
+    for _ in range(100):
+        if api.app.inbox.unparsed_count() == unparsed + 1:
+            break
+        await asyncio.sleep(0.1)
+    assert api.app.inbox.unparsed_count() == unparsed + 1
+    [why] = [i.reason for i in api.app.inbox.list_unparsed() if ids["pair"] in (i.reason or "")]
+    assert "2 recipients" in why
+    for addr in ("a@inbox.test", "b@inbox.test"):
+        assert await suppression(api, key, addr, wait=0.3) is None

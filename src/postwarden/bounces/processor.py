@@ -14,8 +14,11 @@ sending domain that sent the message (the shaping broker), and removes the repor
 Whose mail: first the VERP token of the address the report was sent to (or of a
 return path quoted in it, as ARF reports and bounces that quote the original do); a
 forged or altered token counts and is believed for nothing. Without a valid token, the
-``Received`` line Postwarden wrote (``by <host> (Postwarden) ... id <message id>``) in
-the quoted original, with the recipient the report names.
+``Received`` line Postwarden wrote (``by <host> (Postwarden) ... id <message id>``) or
+the ``Message-ID`` it gave mail built by the HTTP API (``<message id@host>``) in the
+quoted original, with the recipient the report names, but only for a message with a
+single recipient: every recipient of a message holds a copy with that line and sees the
+others' addresses, so a report without a token cannot show whose copy it is about.
 
 A report nothing could be made of (no findings, no message of ours) is kept in the
 inbox's ``unparsed/`` with the reason, counted, and listed by ``postwarden bounces
@@ -49,6 +52,7 @@ from postwarden.store.models import Event, Message, Recipient
 log = logging.getLogger("postwarden.bounces")
 
 _OUR_RECEIVED = re.compile(r"\(Postwarden\)[^;]{0,300}?\bid ([0-9a-f]{22})\b", re.I | re.S)
+_OUR_MESSAGE_ID = re.compile(r"^message-id:[ \t]*<([0-9a-f]{22})@", re.I | re.M)
 _TOKEN_LIKE = re.compile(r"b-[0-9a-f]{1,32}-[0-9a-z]{1,13}-[a-z2-7]{10}@[a-z0-9.\-]+", re.I)
 
 
@@ -174,13 +178,8 @@ class BounceProcessor:
             await asyncio.to_thread(self.inbox.unparsed, item, "forged return-path token")
             return "unparsed"
         async with self.sessions() as s:
-            targets = await self._targets(s, report, findings, token)
+            targets, reason = await self._targets(s, report, findings, token)
             if not targets:
-                reason = "no message of ours: " + (
-                    "no valid return-path token and no Postwarden Received line"
-                    if token is None
-                    else f"token {token.recipient_id} names no known recipient"
-                )
                 await s.rollback()
                 await asyncio.to_thread(self.inbox.unparsed, item, reason)
                 return "unparsed"
@@ -225,7 +224,8 @@ class BounceProcessor:
 
     async def _targets(
         self, s: Any, report: Report, findings: list[Finding], token: Token | None
-    ) -> list[tuple[Target, Finding]]:
+    ) -> tuple[list[tuple[Target, Finding]], str]:
+        """Whose mail the findings are about, or why none could be found."""
         if token is not None:
             if self.metrics is not None:
                 self.metrics.return_path_tokens.labels("valid").inc()
@@ -237,18 +237,19 @@ class BounceProcessor:
                 )
             ).first()
             if row is None or row.tenant_id is None:
-                return []
+                return [], f"no message of ours: token {token.recipient_id} names no recipient"
             target = Target(
                 row.tenant_id, row.message_id, token.recipient_id, row.address, token.domain
             )
-            return [(target, _finding_for(findings, row.address))]
-        # No token: our Received line in the quoted original names the message.
+            return [(target, _finding_for(findings, row.address))], ""
+        # No token: our Received line or Message-ID in the quoted original names the
+        # message.
         text = report.raw_text
         if report.original is not None:
             text = str(report.original) + "\n" + text
-        m = _OUR_RECEIVED.search(text)
+        m = _OUR_RECEIVED.search(text) or _OUR_MESSAGE_ID.search(text)
         if m is None:
-            return []
+            return [], "no message of ours: no valid return-path token, Received line or Message-ID"
         msg_id = m.group(1)
         msg = (
             await s.execute(
@@ -256,22 +257,26 @@ class BounceProcessor:
             )
         ).first()
         if msg is None or msg.tenant_id is None:
-            return []
+            return [], f"no message of ours: message {msg_id} is unknown here"
         rows = (
             await s.execute(
                 select(Recipient.id, Recipient.address).where(Recipient.message_id == msg_id)
             )
         ).all()
-        by_addr = {r.address.lower(): r.id for r in rows}
-        out = []
+        if len(rows) != 1:
+            # Each recipient's copy has this Received line and names the others: without
+            # a token the report cannot show whose copy it is about.
+            return [], f"no return-path token, and message {msg_id} has {len(rows)} recipients"
+        only = rows[0]
         sending = (msg.mail_from or "").rpartition("@")[2].lower()
-        for f in findings:
-            addr = (f.recipient or "").lower()
-            if addr in by_addr:
-                out.append((Target(msg.tenant_id, msg_id, by_addr[addr], addr, sending), f))
-            elif f.recipient is None and len(rows) == 1:  # a redacted complaint
-                out.append((Target(msg.tenant_id, msg_id, rows[0].id, rows[0].address, sending), f))
-        return out
+        target = Target(msg.tenant_id, msg_id, only.id, only.address.lower(), sending)
+        out = [
+            (target, f)
+            for f in findings
+            # the recipient, or a redacted complaint's
+            if (f.recipient or "").lower() == target.address or f.recipient is None
+        ]
+        return out, "" if out else f"the report names no recipient of message {msg_id}"
 
     async def _seen(self, s: Any, target: Target, report_id: str) -> bool:
         """Whether this report's event for this recipient is already written."""
