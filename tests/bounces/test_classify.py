@@ -112,6 +112,19 @@ CASES = [
         "user_unknown",
         True,
     ),
+    # Answers from providers' published error lists.
+    (
+        "450-4.2.1 The user you are trying to contact is receiving mail too quickly.",
+        "rcpt",
+        "rate_limited",
+        False,
+    ),
+    ("550 5.4.5 Daily user sending quota exceeded.", "mail", "rate_limited", False),
+    ("552 5.2.0 Message size exceeds allowable limit", "data", "message_too_big", False),
+    ("550 Mail content denied.", "data", "spam_content", False),
+    ("554 Message not allowed - Headers are not RFC compliant[291]", "data", "spam_content", False),
+    ("550 5.7.1 [CS01] Message rejected due to local policy.", "data", "policy_blocked", False),
+    ("550 Rejected by header based Anti-Spoofing policy", "data", "authentication_failed", False),
 ]
 
 
