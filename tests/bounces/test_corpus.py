@@ -148,3 +148,18 @@ def test_damaged_reports_never_break_the_parser() -> None:
             data[rnd.randrange(len(data))] = rnd.randrange(256)
         for cut in (len(data), len(data) // 2):
             parser.parse_file(bytes(data[:cut]))
+
+
+def test_line_endings_do_not_change_a_finding() -> None:
+    """Reports come off the wire with CRLF; the corpus files mostly have LF."""
+    parser = Parser()
+
+    def findings(data: bytes) -> list[tuple[object, ...]]:
+        return [
+            (f.recipient, f.status, f.reason, f.hard, f.diagnostic)
+            for f in parser.parse_bytes(data).findings
+        ]
+
+    for path in sorted(CORPUS.glob("eml/*/*.eml")):
+        lf = re.sub(rb"\r+\n", b"\n", path.read_bytes())
+        assert findings(lf.replace(b"\n", b"\r\n")) == findings(lf), path.name

@@ -172,17 +172,26 @@ def _decode_header(value: str | None) -> str:
 
 
 def _part_text(part: Message) -> str:
+    """A part's text, decoded, with LF line endings (base64 and quoted-printable parts
+    carry their own CRLF)."""
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         p = part.get_payload()
-        return p if isinstance(p, str) else ""
-    charset = part.get_content_charset() or "utf-8"
-    for cs in (charset, "utf-8", "latin-1"):
-        try:
-            return payload.decode(cs)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    return payload.decode("latin-1")
+        text = p if isinstance(p, str) else ""
+    else:
+        charset = part.get_content_charset() or "utf-8"
+        for cs in (charset, "utf-8", "latin-1"):
+            try:
+                text = payload.decode(cs)
+                break
+            except (LookupError, UnicodeDecodeError):
+                continue
+        else:
+            text = payload.decode("latin-1")
+    return _EOL_RE.sub("\n", text)
+
+
+_EOL_RE = re.compile(r"\r+\n?")
 
 
 TAG_RE = re.compile(r"<(script|style)[^>]*>.*?</\1>|<[^>]+>", re.S | re.I)
@@ -242,6 +251,9 @@ class Parser:
         return [f for msg in split_mbox(data) for f in self.parse_bytes(msg).findings]
 
     def parse_bytes(self, data: bytes) -> Report:
+        # Mail comes off the wire with CRLF, files mostly with LF: one line ending, so
+        # that no "\r" is left in the texts the patterns read.
+        data = data.replace(b"\r\n", b"\n")
         msg = email.message_from_bytes(data, policy=_POLICY)
         report = self.parse(msg)
         if not report.raw_text:
