@@ -163,3 +163,23 @@ def test_line_endings_do_not_change_a_finding() -> None:
     for path in sorted(CORPUS.glob("eml/*/*.eml")):
         lf = re.sub(rb"\r+\n", b"\n", path.read_bytes())
         assert findings(lf.replace(b"\n", b"\r\n")) == findings(lf), path.name
+
+
+@pytest.mark.parametrize(
+    "name", ["flufl/flufl-simple_15.eml", "flufl/flufl-bounce_02.eml", "sisimai/lhost-qmail-01.eml"]
+)
+def test_a_bounce_forwarded_as_an_attachment_says_the_same(name: str) -> None:
+    """A help desk forwards the bounce it got: the attached bounce's addressee is the
+    mail's sender, not a recipient; what the attached bounce says counts."""
+    raw = re.sub(rb"\r+\n", b"\n", (CORPUS / "eml" / name).read_bytes())
+    wrapped = (
+        b"From: postmaster@helpdesk.example\nTo: sender@app.example\n"
+        b"Subject: Fwd: Undeliverable mail\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="ZZ"\n\n'
+        b"--ZZ\nContent-Type: text/plain\n\nThe bounce we got, attached.\n\n"
+        b"--ZZ\nContent-Type: message/rfc822\n\n" + raw + b"\n--ZZ--\n"
+    )
+    parser = Parser()
+    direct = [(f.recipient, f.reason, f.hard) for f in parser.parse_bytes(raw).findings]
+    assert direct
+    assert [(f.recipient, f.reason, f.hard) for f in parser.parse_bytes(wrapped).findings] == direct

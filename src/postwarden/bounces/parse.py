@@ -85,6 +85,9 @@ class Report:
     #: Every text of the report where a return-path token may appear (headers of the
     #: original, its Return-Path, the body).
     raw_text: str = ""
+    #: The recipient is only the attached message's addressee: nothing in the report's
+    #: own text named one.
+    guessed: bool = False
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -271,6 +274,13 @@ class Parser:
                     got.original = got.original or original
                     report = got
                     break
+        if depth == 0 and original is not None and report.guessed:
+            # Nothing in the text named a recipient, and the attached message is itself
+            # a bounce (forwarded as an attachment): its addressee is the sender of the
+            # mail, so what the attached bounce says is the answer.
+            inner = self.parse(original, depth + 1)
+            if inner.findings:
+                return inner
         if depth == 0 and original is not None and (nested or not report.findings):
             # A report attached to this one: a bounce forwarded by a list manager or
             # wrapped by a gateway, or the bounce of a bounce. What both say counts.
@@ -696,7 +706,9 @@ class Parser:
         if failed and any(failed):
             known = {r.lower(): p for r, p in rcpts}
             rcpts = [(a, known.get(a.lower(), -1)) for a in failed if a]
+        guessed = False
         if not rcpts and original is not None:
+            guessed = True
             tos = [
                 a
                 for _n, raw in email.utils.getaddresses(original.get_all("to", []))
@@ -730,7 +742,7 @@ class Parser:
             out.append(f)
             if addr in expanded:
                 out.append(dataclasses.replace(f, recipient=expanded[addr]))
-        return Report("text", out)
+        return Report("text", out, guessed=guessed)
 
 
 # Content-filtering gateways that write their own delivery reports, by the header
