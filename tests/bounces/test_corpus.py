@@ -183,3 +183,42 @@ def test_a_bounce_forwarded_as_an_attachment_says_the_same(name: str) -> None:
     direct = [(f.recipient, f.reason, f.hard) for f in parser.parse_bytes(raw).findings]
     assert direct
     assert [(f.recipient, f.reason, f.hard) for f in parser.parse_bytes(wrapped).findings] == direct
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "flufl/flufl-dsn_01.eml",
+        "flufl/flufl-dsn_03.eml",
+        "flufl/flufl-simple_38.eml",
+        "sisimai/lhost-exim-60.eml",
+        "sisimai/lhost-opensmtpd-10.eml",
+    ],
+)
+def test_an_html_only_explanation_reads_like_the_text_one(name: str) -> None:
+    """Exchange and others explain a failure in HTML only, beside the report's fields:
+    the HTML is read as its text would be (the reason is often only there)."""
+    import email
+    import email.policy
+    import html
+
+    raw = (CORPUS / "eml" / name).read_bytes()
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    human = msg.get_payload()[0]
+    assert human.get_content_type() == "text/plain"
+    text = human.get_payload(decode=True).decode("utf-8", "replace")
+    paragraphs = "".join(
+        "<p>" + "<br>\n".join(html.escape(ln) for ln in block.splitlines()) + "</p>\n"
+        for block in re.split(r"\n\s*\n", text)
+    )
+    del human["Content-Transfer-Encoding"]
+    human.set_type("text/html")
+    human.set_payload(f"<html><body>{paragraphs}</body></html>".encode(), "utf-8")
+    parser = Parser()
+
+    def verdicts(data: bytes) -> list[tuple[object, ...]]:
+        return [(f.recipient, f.reason, f.hard) for f in parser.parse_bytes(data).findings]
+
+    direct = verdicts(raw)
+    assert direct
+    assert verdicts(msg.as_bytes()) == direct

@@ -200,11 +200,26 @@ _EOL_RE = re.compile(r"\r+\n?")
 TAG_RE = re.compile(r"<(script|style)[^>]*>.*?</\1>|<[^>]+>", re.S | re.I)
 
 
+_PRE_RE = re.compile(r"(<pre\b[^>]*>.*?</pre>)", re.S | re.I)
+_LINE_END_RE = re.compile(r"<br\s*/?>|</(div|tr|li|h[1-6]|table|blockquote|pre)>", re.I)
+
+
 def _html_text(html: str) -> str:
+    """The text a reader sees: whitespace collapsed as a browser does (except in
+    ``<pre>``), a line per ``<br>``/block, a blank line per paragraph."""
     import html as html_mod
 
-    text = re.sub(r"<br\s*/?>|</p>|</div>|</tr>|</li>", "\n", html, flags=re.I)
-    return html_mod.unescape(TAG_RE.sub(" ", text))
+    out = []
+    for i, chunk in enumerate(_PRE_RE.split(html)):
+        if i % 2 == 0:
+            chunk = re.sub(r"\s+", " ", chunk)
+        chunk = re.sub(r"</p\s*>", "\n\n", chunk, flags=re.I)
+        chunk = _LINE_END_RE.sub("\n", chunk)
+        chunk = re.sub(r"</t[dh]\s*>", " ", chunk, flags=re.I)
+        out.append(TAG_RE.sub("", chunk))
+    text = html_mod.unescape("".join(out)).replace("\xa0", " ")
+    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 def addresses(text: str) -> list[tuple[str, int]]:
@@ -224,6 +239,9 @@ def clean_addr(a: str | None) -> str | None:
     return a or None
 
 
+_ATTACHED = ("message/rfc822", "message/global", "message/partial")
+
+
 def _walk(msg: Message) -> Iterator[tuple[Message, bool]]:
     """Every part, and whether it lies inside an attached message."""
 
@@ -236,7 +254,7 @@ def _walk(msg: Message) -> Iterator[tuple[Message, bool]]:
                 if isinstance(sub, Message):
                     yield from rec(
                         sub,
-                        inside or ctype in ("message/rfc822", "message/global", "message/partial"),
+                        inside or ctype in _ATTACHED,
                     )
 
     yield from rec(msg, False)
@@ -328,6 +346,17 @@ class Parser:
         """The human-readable text of the report itself (not of the original)."""
         texts: list[str] = []
         html: list[str] = []
+        # Text parts that are not the field blocks of a report part (delivery-status,
+        # disposition-notification, feedback-report).
+        human = 0
+        fields = {
+            id(block)
+            for part, _inside in _walk(msg)
+            if part.get_content_maintype() == "message"
+            and part.get_content_type() not in _ATTACHED
+            and isinstance(part.get_payload(), list)
+            for block in part.get_payload()
+        }
         for part, inside in _walk(msg):
             if inside or part.is_multipart():
                 continue
@@ -335,15 +364,20 @@ class Parser:
             if part.get_content_maintype() == "multipart":
                 # Broken MIME (a boundary that never occurs): the whole body as text.
                 texts.append(_part_text(part))
+                human += 1
             elif ctype == "text/plain" or ctype == "text/enriched":
                 texts.append(_part_text(part))
+                human += id(part) not in fields
             elif ctype == "text/html":
                 html.append(_html_text(_part_text(part)))
             elif part.get_content_maintype() == "message":
                 continue
             elif ctype == "text/delivery-status" or ctype.startswith("text/"):
                 texts.append(_part_text(part))
-        text = "\n".join(texts) if texts else "\n".join(html)
+        if not human and html:
+            # An HTML-only report (Exchange and others): what it shows, then any fields.
+            texts = html + texts
+        text = "\n".join(texts)
         if cut:
             m = ORIGINAL_MARKERS.search(text)
             if m and m.start() > 0:
