@@ -20,6 +20,7 @@ import dataclasses
 import email
 import email.message
 import email.utils
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -97,6 +98,12 @@ ADDR_RE = re.compile(
     r"([\w.+\-=/%!#$&'*?^`{|}~]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+"
     r"[A-Za-z]{2,24})(?![\w\-]|\.[A-Za-z0-9])",
 )
+# Limits on what one report may cost to read: the recipients of one report (a list
+# exploder's bounce rarely names more), and the characters of its text searched.
+MAX_RECIPIENTS = 200
+MAX_TEXT = 500_000
+MAX_DIAGNOSTIC = 4000
+
 SYSTEM_LOCAL = re.compile(
     r"^(mailer-daemon|postmaster|mail-daemon|maildaemon|mailerdaemon|daemon|root|noreply|"
     r"no-reply|bounce|bounces|double-bounce|nobody|abuse|mdaemon)$",
@@ -105,7 +112,7 @@ SYSTEM_LOCAL = re.compile(
 
 # Where the copy of the original message starts in a bounce's text.
 ORIGINAL_MARKERS = re.compile(
-    r"^[ \t>]*(?:"
+    r"^[ \t>]*+(?:"
     r"-+ ?(?:This is a copy of|Below this line is a copy|The header of the original|"
     r"Original message|Original Message|Returned message|Message text follows|"
     r"Undelivered message headers|Unsent message below|The original message|"
@@ -197,10 +204,40 @@ def _part_text(part: Message) -> str:
 _EOL_RE = re.compile(r"\r+\n?")
 
 
-TAG_RE = re.compile(r"<(script|style)[^>]*>.*?</\1>|<[^>]+>", re.S | re.I)
+# A tag: never across another "<", so that text full of "<" stays linear to scan.
+TAG_RE = re.compile(r"<[^<>]*>")
+_HIDDEN_RE = re.compile(r"<(script|style)\b", re.I)
 
 
-_PRE_RE = re.compile(r"(<pre\b[^>]*>.*?</pre>)", re.S | re.I)
+def _drop_hidden(html: str) -> str:
+    """``html`` without its script and style elements (a linear scan: an opening tag
+    without its end drops the rest)."""
+    out = []
+    pos = 0
+    lower = html.lower()
+    while (m := _HIDDEN_RE.search(html, pos)) is not None:
+        out.append(html[pos : m.start()])
+        end = lower.find(f"</{m.group(1).lower()}", m.end())
+        if end < 0:
+            return "".join(out)
+        close = html.find(">", end)
+        pos = len(html) if close < 0 else close + 1
+    out.append(html[pos:])
+    return "".join(out)
+
+
+def _split_pre(html: str) -> list[tuple[bool, str]]:
+    """``html`` cut into (inside ``<pre>``, chunk) by a linear scan."""
+    out = []
+    pos = 0
+    lower = html.lower()
+    while (start := lower.find("<pre", pos)) >= 0 and (end := lower.find("</pre", start)) >= 0:
+        out += [(False, html[pos:start]), (True, html[start:end])]
+        pos = end
+    out.append((False, html[pos:]))
+    return out
+
+
 _LINE_END_RE = re.compile(r"<br\s*/?>|</(div|tr|li|h[1-6]|table|blockquote|pre)>", re.I)
 
 
@@ -210,8 +247,8 @@ def _html_text(html: str) -> str:
     import html as html_mod
 
     out = []
-    for i, chunk in enumerate(_PRE_RE.split(html)):
-        if i % 2 == 0:
+    for pre, chunk in _split_pre(_drop_hidden(html)):
+        if not pre:
             chunk = re.sub(r"\s+", " ", chunk)
         chunk = re.sub(r"</p\s*>", "\n\n", chunk, flags=re.I)
         chunk = _LINE_END_RE.sub("\n", chunk)
@@ -222,8 +259,11 @@ def _html_text(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def addresses(text: str) -> list[tuple[str, int]]:
-    return [(m.group(1), m.start(1)) for m in ADDR_RE.finditer(text)]
+@functools.lru_cache(maxsize=8)
+def addresses(text: str) -> tuple[tuple[str, int], ...]:
+    """Every address in ``text`` with its position (kept for the few texts of the
+    report being read: each recipient's block looks them up again)."""
+    return tuple((m.group(1), m.start(1)) for m in ADDR_RE.finditer(text))
 
 
 def clean_addr(a: str | None) -> str | None:
@@ -377,7 +417,7 @@ class Parser:
         if not human and html:
             # An HTML-only report (Exchange and others): what it shows, then any fields.
             texts = html + texts
-        text = "\n".join(texts)
+        text = "\n".join(texts)[:MAX_TEXT]
         if cut:
             m = ORIGINAL_MARKERS.search(text)
             if m and m.start() > 0:
@@ -564,7 +604,7 @@ class Parser:
                 blocks = _dsn_blocks_from_text(text)
         per_rcpt = [
             b for b in blocks if any(k in ("final-recipient", "original-recipient") for k, _ in b)
-        ]
+        ][:MAX_RECIPIENTS]
         if not per_rcpt:
             return None
         human = self._body_text(msg)
@@ -613,6 +653,7 @@ class Parser:
         """One recipient's finding. ``context`` is the human-readable text around it
         (a transcript may tell the SMTP stage); ``gateway``: the report was written by
         a content-filtering gateway, which refuses what it has read."""
+        diag = diag[:MAX_DIAGNOSTIC]
         diag_status = find_status(diag)
         status = status_field
         if diag_status and (
@@ -737,9 +778,12 @@ class Parser:
             for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))
         ]
         rcpts = _candidates(text, exclude | weak) or _candidates(text, exclude)
+        # Each recipient's block ends where the next address starts, counted over all.
+        positions = sorted(p for _a, p in rcpts)
+        rcpts = rcpts[:MAX_RECIPIENTS]
         if failed and any(failed):
             known = {r.lower(): p for r, p in rcpts}
-            rcpts = [(a, known.get(a.lower(), -1)) for a in failed if a]
+            rcpts = [(a, known.get(a.lower(), -1)) for a in failed if a][:MAX_RECIPIENTS]
         guessed = False
         if not rcpts and original is not None:
             guessed = True
@@ -758,7 +802,6 @@ class Parser:
         elif PERMANENT_RE.search(text):
             permanent = True
         out: list[Finding] = []
-        positions = sorted(p for _a, p in rcpts if p >= 0)
         # "a@x (expanded from: b@y)": the address the sender used is reported too.
         expanded = {}
         for addr, pos in rcpts:
@@ -970,13 +1013,13 @@ def _sender_side(msg: Message, original: Message | None) -> tuple[set[str], set[
     return strong, weak
 
 
-_EXPANDED_RE = re.compile(r">?\s*\(expanded from:?\s*<?([^\s<>()]+@[^\s<>()]+?)>?\)", re.I)
+_EXPANDED_RE = re.compile(r">?\s*\(expanded from:?\s*<?([^\s<>()@]+@[^\s<>()]+?)>?\)", re.I)
 
 ANCHORED_RE = re.compile(
-    r"^[ \t>*\-]*(?:[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}[ ])?)?"
+    r"^[ \t>*\-]*+(?:[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}[ ])?)?"
     r"(?:(?:RCPT\s+TO|To|Recipient(?:\s+address)?|Address|Failed\s+recipient|"
     r"Original\s+recipient|Final\s+recipient|Empfänger|Destinataire|Addressee)\s*:?\s*)?"
-    r"[\"']?<?(?:mailto:)?([^\s<>\"'(),;:]+@[^\s<>\"'(),;:]+?)>?[\"']?\s*(?::|\.\.\.|\s|,|;|\(|$)",
+    r"[\"']?<?(?:mailto:)?([^\s<>\"'(),;:@]+@[^\s<>\"'(),;:]+?)>?[\"']?\s*(?::|\.\.\.|\s|,|;|\(|$)",
     re.M | re.I,
 )
 
@@ -1080,6 +1123,7 @@ def _has_reason(block: str) -> bool:
     return bool(REASON_HINT.search(block))
 
 
+@functools.lru_cache(maxsize=8)
 def _error_lines(text: str) -> str:
     lines = [ln for ln in text.splitlines() if REASON_HINT.search(ln)]
     return "\n".join(lines[:12])
