@@ -197,7 +197,7 @@ class Metrics:
         self.inbound_reports = Counter(
             "postwarden_bounce_reports",
             "Reports from the inbox processed, by what they were: bounce, complaint, "
-            "auto_reply, delayed, delivered, unparsed.",
+            "feedback (ARF that is no complaint), auto_reply, delayed, delivered, unparsed.",
             ["outcome"],
             registry=r,
         )
@@ -231,7 +231,15 @@ class Metrics:
             self.rejected.labels(reason)
         for reason in INBOUND_REFUSALS:
             self.inbound_refused.labels(reason)
-        for outcome in ("bounce", "complaint", "auto_reply", "delayed", "delivered", "unparsed"):
+        for outcome in (
+            "bounce",
+            "complaint",
+            "feedback",
+            "auto_reply",
+            "delayed",
+            "delivered",
+            "unparsed",
+        ):
             self.inbound_reports.labels(outcome)
         for verdict in ("valid", "forged"):
             self.return_path_tokens.labels(verdict)

@@ -328,3 +328,65 @@ async def test_a_report_without_a_token_counts_only_for_a_one_recipient_message(
     assert "2 recipients" in why
     for addr in ("a@inbox.test", "b@inbox.test"):
         assert await suppression(api, key, addr, wait=0.3) is None
+
+
+async def test_reports_that_must_change_nothing(control: ControlFactory) -> None:
+    """A not-spam ARF is no complaint; a forged return path poisons the whole report,
+    even with a good token quoted inside; a quoted original whose headers do not decode
+    is still read, not retried for ever."""
+    port = free_port()
+    api = await control({"inbound": {"listen": [f"127.0.0.1:{port}"]}})
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    async with api.client(key) as c:
+        r = await c.post(
+            "/v1/messages",
+            json={"from": "news@acme.test", "to": ["kept@inbox.test"], "subject": "s", "text": "x"},
+        )
+        assert r.status_code in (200, 201, 202), r.text
+        msg_id = r.json()["id"]
+    await settled(api, key, msg_id, 1)
+    [copy] = [x for x in api.lab.messages if x.rcpt_tos == ["kept@inbox.test"]]
+    inbox = api.app.inbox
+    assert inbox is not None
+    reports = api.app.metrics.inbound_reports
+
+    async def processed(outcome: str, before: float) -> None:
+        for _ in range(100):
+            if reports.labels(outcome)._value.get() > before and inbox.pending() == 0:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no {outcome} report processed")
+
+    # 1. Feedback that is not a complaint.
+    before = reports.labels("feedback")._value.get()
+    not_spam = arf_report(copy.mail_from, copy.data).replace(
+        b"Feedback-Type: abuse", b"Feedback-Type: not-spam"
+    )
+    await send_report(port, "fbl@pwb.acme.test", not_spam)
+    await processed("feedback", before)
+
+    # 2. Sent to a forged return path, quoting the good one: believed for nothing.
+    before = reports.labels("unparsed")._value.get()
+    forged = copy.mail_from.replace(copy.mail_from.split("-")[3][:10], "aaaaaaaaaa")
+    await send_report(port, forged, arf_report(copy.mail_from, copy.data))
+    await processed("unparsed", before)
+    assert "forged" in inbox.list_unparsed()[-1].reason
+
+    # 3. A quoted original with a charset no codec knows: read all the same.
+    before = reports.labels("complaint")._value.get()
+    odd = (
+        b"From: news@acme.test\r\nTo: kept@inbox.test\r\n"
+        b"Content-Type: text/plain; charset=\xff\r\nContent-Transfer-Encoding: base64\r\n"
+        b"\r\n!!!!\xff\r\n"
+    )
+    await send_report(port, "fbl@pwb.acme.test", arf_report(copy.mail_from, odd))
+    await processed("complaint", before)
+
+    async with api.client(key) as c:
+        m = (await c.get(f"/v1/messages/{msg_id}")).json()
+    assert [e["detail"]["feedback_type"] for e in m["events"] if e["type"] == "complained"] == [
+        "abuse"
+    ]
+    got = await suppression(api, key, "kept@inbox.test")
+    assert got is not None and got["reason"] == "complaint"

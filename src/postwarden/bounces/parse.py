@@ -541,7 +541,9 @@ class Parser:
                         "complaint",
                         None,
                         kind="complaint",
-                        feedback_type=(data["complaint"].get("complaintFeedbackType") or "abuse"),
+                        feedback_type=str(
+                            data["complaint"].get("complaintFeedbackType") or "abuse"
+                        ),
                     )
                 )
         elif ntype == "bounce":

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from postwarden.bounces import feedback
 from postwarden.bounces.inbox import Inbox, Item
@@ -79,7 +80,7 @@ class BounceProcessor:
         metrics: Any = None,
         feedback_to_broker: Callable[..., Awaitable[Any]] | None = None,
         on_suppressed: Callable[[list[tuple[int, str]]], Any] | None = None,
-        batch: int = 50,
+        batch: int = 8,  # up to inbound.max_message_size each, held at once
         stale_after: float = 300.0,
     ) -> None:
         self.cfg = cfg
@@ -156,6 +157,18 @@ class BounceProcessor:
             log.error("event=bounce_parse_failed report=%s error=%r", item.id, exc, exc_info=True)
             await asyncio.to_thread(self.inbox.unparsed, item, f"parser error: {exc!r}"[:300])
             return "unparsed"
+        try:
+            return await self._handle_parsed(item, report)
+        except (DBAPIError, OSError):
+            raise  # left claimed: recover() gives it back to the queue later
+        except Exception as exc:
+            # A report that breaks the processing itself would fail the same way every
+            # time: kept for an operator, like one the parser fails on.
+            log.error("event=bounce_failed report=%s error=%r", item.id, exc, exc_info=True)
+            await asyncio.to_thread(self.inbox.unparsed, item, f"processing error: {exc!r}"[:300])
+            return "unparsed"
+
+    async def _handle_parsed(self, item: Item, report: Report) -> str:
         token, forged = self._token(item, report)
         kind = report.kind
         if kind == "auto_reply" or (
@@ -163,10 +176,20 @@ class BounceProcessor:
         ):
             await asyncio.to_thread(self.inbox.done, item)
             return "auto_reply"
-        findings = [f for f in report.findings if f.kind in ("bounce", "complaint")]
-        if report.findings and not findings:  # delay warnings, delivery reports
+        findings = [
+            f
+            for f in report.findings
+            if f.kind == "bounce" or (f.kind == "complaint" and _is_complaint(f))
+        ]
+        if report.findings and not findings:
+            # Delay warnings, delivery reports, feedback that is no complaint (ARF
+            # not-spam, auth-failure reports).
             await asyncio.to_thread(self.inbox.done, item)
-            return "delayed" if any(f.kind == "delayed" for f in report.findings) else "delivered"
+            if any(f.kind == "delayed" for f in report.findings):
+                return "delayed"
+            if any(f.kind == "complaint" for f in report.findings):
+                return "feedback"
+            return "delivered"
         if not findings:
             await asyncio.to_thread(
                 self.inbox.unparsed, item, "no bounce, complaint or auto-reply found"
@@ -205,6 +228,12 @@ class BounceProcessor:
     def _token(self, item: Item, report: Report) -> tuple[Token | None, bool]:
         """The first valid return-path token: the report's envelope recipients, then
         any address of ours quoted in it (ARF's Original-Mail-From, a quoted Return-Path)."""
+        for rcpt in item.rcpt_tos:
+            # A report sent to a return path whose token we did not sign is believed for
+            # nothing, not even a token quoted in it.
+            if self.return_paths.verify(rcpt)[0] is Verdict.FORGED:
+                self._forged(item, rcpt)
+                return None, True
         candidates = list(item.rcpt_tos)
         if report.original is not None:
             for h in ("return-path", "original-mail-from", "errors-to"):
@@ -217,10 +246,13 @@ class BounceProcessor:
                 return token, False
             if verdict is Verdict.FORGED and not forged:
                 forged = True
-                log.warning("event=forged_token report=%s address=%r", item.id, c[:200])
-                if self.metrics is not None:
-                    self.metrics.return_path_tokens.labels("forged").inc()
+                self._forged(item, c)
         return None, forged
+
+    def _forged(self, item: Item, address: str) -> None:
+        log.warning("event=forged_token report=%s address=%r", item.id, address[:200])
+        if self.metrics is not None:
+            self.metrics.return_path_tokens.labels("forged").inc()
 
     async def _targets(
         self, s: Any, report: Report, findings: list[Finding], token: Token | None
@@ -246,7 +278,7 @@ class BounceProcessor:
         # message.
         text = report.raw_text
         if report.original is not None:
-            text = str(report.original) + "\n" + text
+            text = _headers_text(report.original) + "\n" + text
         m = _OUR_RECEIVED.search(text) or _OUR_MESSAGE_ID.search(text)
         if m is None:
             return [], "no message of ours: no valid return-path token, Received line or Message-ID"
@@ -269,13 +301,9 @@ class BounceProcessor:
             return [], f"no return-path token, and message {msg_id} has {len(rows)} recipients"
         only = rows[0]
         sending = (msg.mail_from or "").rpartition("@")[2].lower()
-        target = Target(msg.tenant_id, msg_id, only.id, only.address.lower(), sending)
-        out = [
-            (target, f)
-            for f in findings
-            # the recipient, or a redacted complaint's
-            if (f.recipient or "").lower() == target.address or f.recipient is None
-        ]
+        target = Target(msg.tenant_id, msg_id, only.id, only.address, sending)
+        # The report must name the recipient: a message id alone proves nothing.
+        out = [(target, f) for f in findings if (f.recipient or "").lower() == only.address.lower()]
         return out, "" if out else f"the report names no recipient of message {msg_id}"
 
     async def _seen(self, s: Any, target: Target, report_id: str) -> bool:
@@ -398,6 +426,24 @@ class BounceProcessor:
             )
         except Exception:
             log.warning("event=health_feedback_failed msg=%s", target.message_id, exc_info=True)
+
+
+#: ARF feedback types that are complaints (RFC 5965); "not-spam" and RFC 6591's
+#: "auth-failure" are not.
+_COMPLAINT_TYPES = frozenset({"abuse", "fraud", "virus", "other"})
+
+
+def _is_complaint(f: Finding) -> bool:
+    return (f.feedback_type or "abuse").lower() in _COMPLAINT_TYPES
+
+
+def _headers_text(msg: Any) -> str:
+    """The quoted original's header fields as text, even when they do not decode (a
+    charset Python does not know must not stop the report)."""
+    try:
+        return str(msg)
+    except Exception:
+        return "\n".join(f"{k}: {v}" for k, v in msg.raw_items())
 
 
 def _finding_for(findings: list[Finding], address: str) -> Finding:
