@@ -222,3 +222,52 @@ def test_an_html_only_explanation_reads_like_the_text_one(name: str) -> None:
     direct = verdicts(raw)
     assert direct
     assert verdicts(msg.as_bytes()) == direct
+
+
+def _rewrapped(raw: bytes, width: int) -> bytes:
+    """``raw`` with the lines of its human-readable text wrapped at ``width`` columns and
+    indented on continuation, as Postfix and Sendmail wrap theirs."""
+    import email
+    import email.policy
+    import textwrap
+
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    part = msg
+    while part.is_multipart():
+        part = part.get_payload()[0]
+    assert part.get_content_type() == "text/plain"
+    charset = part.get_content_charset() or "utf-8"
+    text = part.get_payload(decode=True).decode(charset, "replace")
+    lines = []
+    for line in text.split("\n"):
+        indent = re.match(r"\s*", line).group(0)  # type: ignore[union-attr]
+        lines += textwrap.wrap(
+            line, width, subsequent_indent=indent + "    ", break_long_words=False,
+            break_on_hyphens=False,
+        ) or [""]  # fmt: skip
+    del part["Content-Transfer-Encoding"]
+    part.set_payload("\n".join(lines).encode(), "utf-8")
+    return msg.as_bytes()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sisimai/lhost-exim-01.eml",
+        "sisimai/lhost-exim-51.eml",
+        "sisimai/lhost-postfix-30.eml",
+        "sisimai/lhost-domino-01.eml",
+        "sisimai/lhost-sendmail-19.eml",
+        "flufl/flufl-qmail_05.eml",
+    ],
+)
+def test_where_an_mta_wraps_its_lines_does_not_matter(name: str) -> None:
+    raw = (CORPUS / "eml" / name).read_bytes()
+    parser = Parser()
+
+    def verdicts(data: bytes) -> list[tuple[object, ...]]:
+        return [(f.recipient, f.reason, f.hard) for f in parser.parse_bytes(data).findings]
+
+    direct = verdicts(raw)
+    assert direct
+    assert verdicts(_rewrapped(raw, 60)) == direct

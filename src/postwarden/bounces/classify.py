@@ -90,7 +90,9 @@ _STAGES = (
 _TRANSCRIPT_RE = re.compile(
     r">>> ?(MAIL\s+FROM|RCPT\s+TO|DATA|EHLO|HELO)[^\n]*\n(?:[^\n]*\n)?<<< ?[45]\d\d", re.I
 )
-_STAGE_RES = [(name, re.compile(rx, re.I)) for name, rx in _STAGES]
+# A space in these patterns matches any run of white space: MTAs wrap their lines
+# anywhere ("in reply to\n    RCPT TO command").
+_STAGE_RES = [(name, re.compile(rx.replace(" ", r"\s+"), re.I)) for name, rx in _STAGES]
 
 
 def find_stage(text: str, *, transcript_only: bool = False) -> str | None:
@@ -261,12 +263,14 @@ class Classifier:
             status = find_status(text)
         if reply_code is None:
             reply_code = find_reply_code(text)
-        rule = self.rule_of_text(text, strong=True) if text else None
+        # Rules read the text with its line breaks as spaces: MTAs wrap anywhere.
+        flat = _SPACES_RE.sub(" ", text)
+        rule = self.rule_of_text(flat, strong=True) if text else None
         category = rule.category if rule else None
         if category is None and status:
             category = self.codes.get(status)
         if category is None and text:
-            rule = self.rule_of_text(text, strong=False)
+            rule = self.rule_of_text(flat, strong=False)
             category = rule.category if rule else None
         if category is None and reply_code is not None:
             category = self.replies.get(reply_code)
@@ -299,6 +303,7 @@ class Classifier:
         return Verdict(category, category in HARD and final, status, reply_code)
 
 
+_SPACES_RE = re.compile(r"\s+")
 _ADDRESS_CATEGORIES = frozenset({"user_unknown", "mailbox_disabled", "domain_not_found"})
 
 # The code a failure stands for when its report gave none.

@@ -1026,6 +1026,13 @@ ANCHORED_RE = re.compile(
 )
 
 
+_ID_FIELD_RE = re.compile(
+    r"\b(message-id|references|in-reply-to|content-id|resent-message-id)\s*:"
+    r"\s*(?:<[^<>\s]{1,250}>\s*)*+<?$",
+    re.I,
+)
+
+
 def _candidates(text: str, exclude: set[str]) -> list[tuple[str, int]]:
     """The addresses a bounce's text reports as failed, with where each is."""
 
@@ -1048,6 +1055,8 @@ def _candidates(text: str, exclude: set[str]) -> list[tuple[str, int]]:
         if c and "@" in c and ADDR_RE.fullmatch(c) and ok(c):
             anchored.append((c, m.start(1)))
     pool = anchored or [(a, p) for a, p in all_addrs if ok(a)]
+    # A message id is no address, even folded onto a line of its own.
+    pool = [(a, p) for a, p in pool if not _ID_FIELD_RE.search(text[max(0, p - 80) : p])]
     if not anchored:
         # Prefer addresses after words that name a recipient.
         near = [
@@ -1127,8 +1136,19 @@ def _has_reason(block: str) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _error_lines(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if REASON_HINT.search(ln)]
-    return "\n".join(lines[:12])
+    """The lines that give a reason with their neighbours in the paragraph (a wrapped
+    answer starts lines before its code: "SMTP error ... after MAIL\n FROM:<...>:\n
+    550 ..."), at most 12 lines."""
+    keep: list[str] = []
+    for para in re.split(r"\n[ \t]*\n", text):
+        lines = para.strip("\n").splitlines()
+        hits = [i for i, ln in enumerate(lines) if REASON_HINT.search(ln)]
+        if hits:
+            # From up to three lines before the first reason to the line after the last.
+            keep += lines[max(0, hits[0] - 3) : hits[-1] + 2]
+        if len(keep) >= 12:
+            break
+    return "\n".join(keep[:12])
 
 
 def _squash(text: str) -> str:
