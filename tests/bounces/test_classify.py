@@ -125,6 +125,7 @@ CASES = [
     ("554 Message not allowed - Headers are not RFC compliant[291]", "data", "spam_content", False),
     ("550 5.7.1 [CS01] Message rejected due to local policy.", "data", "policy_blocked", False),
     ("550 Rejected by header based Anti-Spoofing policy", "data", "authentication_failed", False),
+    ("552 Mailbox size exceeds the allowable quota", "rcpt", "mailbox_full", False),
 ]
 
 
@@ -156,6 +157,15 @@ def test_stage_from_texts() -> None:
         find_stage(">>> RCPT To:<a@b>\n<<< 550 5.1.1 unknown\n>>> DATA\n<<< 503 no rcpt") == "rcpt"
     )
     assert find_stage("Your message could not be delivered") is None
+    # Wrapped anywhere; qmail's own words.
+    assert find_stage("(in reply to\n    RCPT TO command)") == "rcpt"
+    assert (
+        find_stage("Remote host said: 550 no such user\ngiving up; does not like recipient.")
+        == "rcpt"
+    )
+    assert find_stage("Connected to 192.0.2.1 but my name was rejected.") == "connect"
+    assert find_stage("Connected to 192.0.2.1 but sender was rejected.") == "mail"
+    assert find_stage("I connected but it failed after I sent the message.") == "data"
 
 
 def test_operator_patterns_come_first(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ BODIES = {
     "open tags": (b"text/html", b"<script" * 150_000),
     "angle brackets": (b"text/html", b"<" * 1_000_000),
     "unclosed pre": (b"text/html", b"<pre>" * 200_000),
+    "a transcript without line ends": (b"text/plain", b">>> DATA" * 60_000),
 }
 
 RUN = """

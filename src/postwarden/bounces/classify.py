@@ -69,6 +69,7 @@ _STAGES = (
         "data",
         r"\b(after|in reply to|response to|rejected after|did not like our) (the )?(final )?"
         r"(end of )?(data|message body|dot)\b|\bend of data\b|\bdata command\b|"
+        r"\bfailed after i sent the message\b|"
         r"\bsmtp command\W{0,20}\n?\s*data\b",
     ),
     (
@@ -79,7 +80,8 @@ _STAGES = (
     (
         "rcpt",
         r"\b(after|in reply to|response to|did not like our) (the )?rcpt( to)?\b|"
-        r"\brcpt to (command|response)|\brecipient address rejected",
+        r"\brcpt to (command|response)|\brecipient address rejected|"
+        r"\bdoes not like recipient\b",
     ),
     (
         "connect",
@@ -88,7 +90,8 @@ _STAGES = (
     ),
 )
 _TRANSCRIPT_RE = re.compile(
-    r">>> ?(MAIL\s+FROM|RCPT\s+TO|DATA|EHLO|HELO)[^\n]*\n(?:[^\n]*\n)?<<< ?[45]\d\d", re.I
+    r">>> ?(MAIL\s+FROM|RCPT\s+TO|DATA|EHLO|HELO)[^\n]{0,1000}\n(?:[^\n]{0,1000}\n)?<<< ?[45]\d\d",
+    re.I,
 )
 # A space in these patterns matches any run of white space: MTAs wrap their lines
 # anywhere ("in reply to\n    RCPT TO command").
@@ -121,6 +124,8 @@ class Verdict:
     hard: bool
     status: str | None  # the enhanced code given, found in the text, or implied
     reply_code: int | None
+    #: The text rule that decided names the address whatever the command (any_stage).
+    any_stage: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,7 +305,8 @@ class Classifier:
                 if reply_code is not None
                 else implied_status(category, final)
             )
-        return Verdict(category, category in HARD and final, status, reply_code)
+        any_stage = rule is not None and rule.any_stage and rule.category == category
+        return Verdict(category, category in HARD and final, status, reply_code, any_stage)
 
 
 _SPACES_RE = re.compile(r"\s+")

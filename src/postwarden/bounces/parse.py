@@ -207,6 +207,9 @@ _EOL_RE = re.compile(r"\r+\n?")
 # A tag: never across another "<", so that text full of "<" stays linear to scan.
 TAG_RE = re.compile(r"<[^<>]*>")
 _HIDDEN_RE = re.compile(r"<(script|style)\b", re.I)
+_HIDDEN_END = {t: re.compile(f"</{t}", re.I) for t in ("script", "style")}
+_PRE_START = re.compile(r"<pre\b", re.I)
+_PRE_END = re.compile(r"</pre", re.I)
 
 
 def _drop_hidden(html: str) -> str:
@@ -214,13 +217,12 @@ def _drop_hidden(html: str) -> str:
     without its end drops the rest)."""
     out = []
     pos = 0
-    lower = html.lower()
     while (m := _HIDDEN_RE.search(html, pos)) is not None:
         out.append(html[pos : m.start()])
-        end = lower.find(f"</{m.group(1).lower()}", m.end())
-        if end < 0:
+        end = _HIDDEN_END[m.group(1).lower()].search(html, m.end())
+        if end is None:
             return "".join(out)
-        close = html.find(">", end)
+        close = html.find(">", end.start())
         pos = len(html) if close < 0 else close + 1
     out.append(html[pos:])
     return "".join(out)
@@ -230,10 +232,9 @@ def _split_pre(html: str) -> list[tuple[bool, str]]:
     """``html`` cut into (inside ``<pre>``, chunk) by a linear scan."""
     out = []
     pos = 0
-    lower = html.lower()
-    while (start := lower.find("<pre", pos)) >= 0 and (end := lower.find("</pre", start)) >= 0:
-        out += [(False, html[pos:start]), (True, html[start:end])]
-        pos = end
+    while (start := _PRE_START.search(html, pos)) and (end := _PRE_END.search(html, start.end())):
+        out += [(False, html[pos : start.start()]), (True, html[start.start() : end.start()])]
+        pos = end.start()
     out.append((False, html[pos:]))
     return out
 
@@ -334,10 +335,11 @@ class Parser:
                     break
         if depth == 0 and original is not None and report.guessed:
             # Nothing in the text named a recipient, and the attached message is itself
-            # a bounce (forwarded as an attachment): its addressee is the sender of the
-            # mail, so what the attached bounce says is the answer.
+            # a bounce or a report (forwarded as an attachment): its addressee is the
+            # sender of the mail, so what the attached one says is the answer. An
+            # attached original that merely reads like one (our own mail) is not.
             inner = self.parse(original, depth + 1)
-            if inner.findings:
+            if inner.findings and (inner.kind in ("dsn", "arf", "json") or _bounce_like(original)):
                 return inner
         if depth == 0 and original is not None and (nested or not report.findings):
             # A report attached to this one: a bounce forwarded by a list manager or
@@ -706,6 +708,7 @@ class Parser:
         elif (
             hard
             and category == "user_unknown"
+            and not v.any_stage
             and stage is None
             and v.reply_code is not None
             and (not status or status.endswith(".0.0"))
@@ -839,6 +842,18 @@ def _filter_gateway(msg: Message) -> bool:
 
 def _is_address(a: str | None) -> bool:
     return bool(a) and ADDR_RE.fullmatch(a or "") is not None
+
+
+def _bounce_like(msg: Message) -> bool:
+    """Whether an attached message may itself be a bounce (a forwarded one), by looser
+    signs than :func:`_looks_like_report`: used only when the wrapper names nobody."""
+    if msg.get_content_type() == "multipart/report" or msg.get("x-failed-recipients"):
+        return True
+    if (msg.get("return-path") or "").strip() == "<>":
+        return True
+    sender = _decode_header(msg.get("from"))
+    subject = _decode_header(msg.get("subject"))
+    return bool(BOUNCE_FROM.search(sender) or BOUNCE_SUBJECT.search(subject))
 
 
 def _looks_like_report(msg: Message) -> bool:
@@ -1027,8 +1042,8 @@ ANCHORED_RE = re.compile(
 
 
 _ID_FIELD_RE = re.compile(
-    r"\b(message-id|references|in-reply-to|content-id|resent-message-id)\s*:"
-    r"\s*(?:<[^<>\s]{1,250}>\s*)*+<?$",
+    r"\b(message-id|references|in-reply-to|content-id|resent-message-id)[ \t]*:"
+    r"[ \t]*(?:\n[ \t]+)?(?:<[^<>\s]{1,250}>[ \t]*(?:\n[ \t]+)?)*+<?$",
     re.I,
 )
 
@@ -1134,21 +1149,35 @@ def _has_reason(block: str) -> bool:
     return bool(REASON_HINT.search(block))
 
 
+# A line with an SMTP reply or an enhanced status code: the remote answer itself.
+ANSWER_HINT = re.compile(r"(?<![\d.])[45]\d\d(?![\d.])|(?<![\d.])[45]\.\d{1,3}\.\d{1,3}(?!\d|\.\d)")
+
+
 @functools.lru_cache(maxsize=8)
 def _error_lines(text: str) -> str:
-    """The lines that give a reason with their neighbours in the paragraph (a wrapped
-    answer starts lines before its code: "SMTP error ... after MAIL\n FROM:<...>:\n
-    550 ..."), at most 12 lines."""
+    """The lines that give a reason, each with the indented lines around it that wrap
+    the same answer (it may start before its code: "  SMTP error ... after MAIL\n
+    FROM:<...>:\n    550 ..."), at most 12 lines. Lines with the remote answer (a reply
+    or status code) when there are any: boilerplate about policies and viruses is no
+    reason."""
+    hint = ANSWER_HINT if ANSWER_HINT.search(text) else REASON_HINT
     keep: list[str] = []
     for para in re.split(r"\n[ \t]*\n", text):
         lines = para.strip("\n").splitlines()
-        hits = [i for i, ln in enumerate(lines) if REASON_HINT.search(ln)]
-        if hits:
-            # From up to three lines before the first reason to the line after the last.
-            keep += lines[max(0, hits[0] - 3) : hits[-1] + 2]
-        if len(keep) >= 12:
-            break
-    return "\n".join(keep[:12])
+        taken = -1
+        for i, line in enumerate(lines):
+            if not hint.search(line):
+                continue
+            first = i
+            while first > max(i - 2, taken + 1) and lines[first - 1][:1].isspace():
+                first -= 1  # the indented lines this wrapped answer starts on
+            last = i + 1 if i + 1 < len(lines) and lines[i + 1][:1].isspace() else i
+            for j in range(max(first, taken + 1), last + 1):
+                keep.append(lines[j])
+                taken = j
+            if len(keep) >= 12:
+                return "\n".join(keep[:12])
+    return "\n".join(keep)
 
 
 def _squash(text: str) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
 from postwarden.bounces import feedback
 from postwarden.bounces.inbox import Inbox, Item
@@ -159,7 +159,7 @@ class BounceProcessor:
             return "unparsed"
         try:
             return await self._handle_parsed(item, report)
-        except (DBAPIError, OSError):
+        except (SQLAlchemyError, OSError):
             raise  # left claimed: recover() gives it back to the queue later
         except Exception as exc:
             # A report that breaks the processing itself would fail the same way every
