@@ -242,18 +242,27 @@ def cmd_bounces(args: argparse.Namespace) -> int:
                 "postwarden: bounces parse: give one or more files (- for stdin)", file=sys.stderr
             )
             return 2
+        rc = 0
         for name in args.files:
-            if name == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(name, "rb") as fp:
-                    data = fp.read()
-            for finding in parser.parse_file(data):
+            try:
+                if name == "-":
+                    data = sys.stdin.buffer.read()
+                else:
+                    with open(name, "rb") as fp:
+                        data = fp.read()
+                findings = parser.parse_file(data)
+            except (OSError, RecursionError) as exc:
+                # Unreadable, or nested too deep to read (the processor keeps such a
+                # report as unparsed).
+                print(f"postwarden: bounces parse: {name}: {exc}", file=sys.stderr)
+                rc = 1
+                continue
+            for finding in findings:
                 out = finding.as_json()
                 if len(args.files) > 1:
                     out["file"] = name
                 print(json.dumps(out, ensure_ascii=False))
-        return 0
+        return rc
     from postwarden.bounces.inbox import Inbox
 
     if not os.path.isdir(cfg.inbound_path):

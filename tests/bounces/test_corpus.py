@@ -271,3 +271,19 @@ def test_where_an_mta_wraps_its_lines_does_not_matter(name: str) -> None:
     direct = verdicts(raw)
     assert direct
     assert verdicts(_rewrapped(raw, 60)) == direct
+
+
+def test_a_file_it_cannot_read_is_named_and_the_others_still_parsed(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.eml"
+    deep.write_bytes(b"Content-Type: message/rfc822\r\n\r\n" * 20_000 + b"x")
+    good = CORPUS / "eml" / "sisimai" / "lhost-qmail-01.eml"
+    run = subprocess.run(
+        [str(VENV_BIN / "postwarden"), "bounces", "parse", str(deep), str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "deep.eml" in run.stderr and "Traceback" not in run.stderr
+    [line] = run.stdout.splitlines()
+    assert json.loads(line)["recipient"] == "kijitora@example.ne.jp"
