@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import queue
-import random
 import re
 import secrets
 import sqlite3
@@ -163,14 +162,13 @@ class SpoolError(RuntimeError):
     """The spool could not do what was asked (closed, corrupt record, I/O error)."""
 
 
-# Queue ids need uniqueness, not secrecy (they are not tokens): a generator seeded
-# from the OS once per process is enough, and a system call per message is not.
-_ids = random.Random(secrets.randbits(64))
-
-
 def new_message_id() -> str:
-    """A sortable, unique queue id: 12 hex digits of milliseconds + 10 random hex digits."""
-    return f"{int(time.time() * 1000):012x}{_ids.getrandbits(40):010x}"
+    """A sortable, unique queue id: 12 hex digits of milliseconds + 10 random hex digits.
+
+    The random part comes from the OS (under a microsecond): ids travel in the
+    Message-ID of every message, and a bounce without a return-path token is matched
+    by its id, so the ids of other messages must not be predictable from those seen."""
+    return f"{int(time.time() * 1000):012x}{secrets.randbits(40):010x}"
 
 
 SHARD_PREFIX = "shard-"
