@@ -283,7 +283,8 @@ class Classifier:
             category = "other"
         if stage is None:
             stage = find_stage(text)
-        if rule is not None and rule.any_stage and rule.category == category:
+        any_stage = rule is not None and rule.any_stage and rule.category == category
+        if any_stage:
             stage = None  # an answer that names the address, whatever the command
         if stage == "mail" and category in _ADDRESS_CATEGORIES | {"other"}:
             category = "policy_blocked"
@@ -305,7 +306,6 @@ class Classifier:
                 if reply_code is not None
                 else implied_status(category, final)
             )
-        any_stage = rule is not None and rule.any_stage and rule.category == category
         return Verdict(category, category in HARD and final, status, reply_code, any_stage)
 
 

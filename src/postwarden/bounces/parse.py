@@ -324,7 +324,7 @@ class Parser:
 
     def parse(self, msg: Message, depth: int = 0) -> Report:
         original = self._original(msg)
-        nested = depth == 0 and original is not None and _looks_like_report(original)
+        nested = depth == 0 and original is not None and _bounce_like(original, strict=True)
         report = Report("none", original=original)
         if not nested or self._dsn_part(msg):
             for step in (self._arf, self._json, self._dsn, self._auto_reply, self._text):
@@ -333,18 +333,19 @@ class Parser:
                     got.original = got.original or original
                     report = got
                     break
-        if depth == 0 and original is not None and report.guessed:
+        if depth > 0 or original is None or not (report.guessed or nested or not report.findings):
+            return report
+        inner = self.parse(original, depth + 1)
+        if report.guessed and inner.findings:
             # Nothing in the text named a recipient, and the attached message is itself
             # a bounce or a report (forwarded as an attachment): its addressee is the
             # sender of the mail, so what the attached one says is the answer. An
             # attached original that merely reads like one (our own mail) is not.
-            inner = self.parse(original, depth + 1)
-            if inner.findings and (inner.kind in ("dsn", "arf", "json") or _bounce_like(original)):
+            if inner.kind in ("dsn", "arf", "json") or _bounce_like(original, strict=False):
                 return inner
-        if depth == 0 and original is not None and (nested or not report.findings):
+        if nested or not report.findings:
             # A report attached to this one: a bounce forwarded by a list manager or
             # wrapped by a gateway, or the bounce of a bounce. What both say counts.
-            inner = self.parse(original, depth + 1)
             seen = {(f.recipient or "").lower() for f in report.findings}
             extra = [f for f in inner.findings if (f.recipient or "").lower() not in seen]
             if extra:
@@ -616,6 +617,7 @@ class Parser:
             clean_addr(a)
             for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))
         ]
+        gateway = _filter_gateway(msg)
         out: list[Finding] = []
         for b in per_rcpt:
             get = _getter(b)
@@ -629,13 +631,13 @@ class Parser:
             action = (get("action") or "").strip().lower().split()[0] if get("action") else None
             status_field = find_status(get("status") or "")
             diag = _diag_text(get("diagnostic-code") or "")
-            if not diag.strip() or not re.search(r"[A-Za-z]{3}", diag):
-                diag = (diag + " " + _block_for(human, rcpt)).strip()
+            bare = not re.search(r"[A-Za-z]{3}", diag)  # no words: the text says them
+            block = _block_for(human, rcpt) if bare or len(per_rcpt) > 1 else human
+            if bare:
+                diag = (diag + " " + block).strip()
             remote = clean_remote(get("remote-mta")) or None
-            context = _block_for(human, rcpt) if len(per_rcpt) > 1 else human
-            found = self._judge(
-                rcpt, status_field, action, diag, remote, context, gateway=_filter_gateway(msg)
-            )
+            context = block if len(per_rcpt) > 1 else human
+            found = self._judge(rcpt, status_field, action, diag, remote, context, gateway=gateway)
             out.append(found)
             orig = clean_addr(get("original-recipient"))
             if orig and rcpt and orig.lower() != rcpt.lower() and "@" in orig:
@@ -844,27 +846,25 @@ def _is_address(a: str | None) -> bool:
     return bool(a) and ADDR_RE.fullmatch(a or "") is not None
 
 
-def _bounce_like(msg: Message) -> bool:
-    """Whether an attached message may itself be a bounce (a forwarded one), by looser
-    signs than :func:`_looks_like_report`: used only when the wrapper names nobody."""
-    if msg.get_content_type() == "multipart/report" or msg.get("x-failed-recipients"):
-        return True
-    if (msg.get("return-path") or "").strip() == "<>":
-        return True
-    sender = _decode_header(msg.get("from"))
-    subject = _decode_header(msg.get("subject"))
-    return bool(BOUNCE_FROM.search(sender) or BOUNCE_SUBJECT.search(subject))
+_DAEMON_RE = re.compile(r"mailer-daemon|mail delivery (system|subsystem)|postmaster@", re.I)
 
 
-def _looks_like_report(msg: Message) -> bool:
-    """Whether an attached message is itself a bounce or a report (not the original)."""
+def _bounce_like(msg: Message, *, strict: bool) -> bool:
+    """Whether an attached message is itself a bounce or a report, not the original.
+    ``strict``: a report, or from a mailer daemon with a bounce's subject (always read
+    beside the wrapper); else any sign of one (a bounce header, a bounce-like sender or
+    subject), used only when the wrapper names nobody."""
     if msg.get_content_type() == "multipart/report":
         return True
     sender = _decode_header(msg.get("from"))
     subject = _decode_header(msg.get("subject"))
+    if strict:
+        return bool(_DAEMON_RE.search(sender) and BOUNCE_SUBJECT.search(subject))
     return bool(
-        re.search(r"mailer-daemon|mail delivery (system|subsystem)|postmaster@", sender, re.I)
-        and BOUNCE_SUBJECT.search(subject)
+        msg.get("x-failed-recipients")
+        or (msg.get("return-path") or "").strip() == "<>"
+        or BOUNCE_FROM.search(sender)
+        or BOUNCE_SUBJECT.search(subject)
     )
 
 

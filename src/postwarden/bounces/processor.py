@@ -149,23 +149,18 @@ class BounceProcessor:
 
     async def handle(self, item: Item) -> str:
         """Process one claimed report; returns what it was (a metric label)."""
+        step = "parser"
         try:
             report = await asyncio.to_thread(self.parser.parse_bytes, item.data)
-        except Exception as exc:
-            # Kept for an operator, never retried for ever (a database error, below,
-            # leaves the report claimed, to be tried again).
-            log.error("event=bounce_parse_failed report=%s error=%r", item.id, exc, exc_info=True)
-            await asyncio.to_thread(self.inbox.unparsed, item, f"parser error: {exc!r}"[:300])
-            return "unparsed"
-        try:
+            step = "processing"
             return await self._handle_parsed(item, report)
         except (SQLAlchemyError, OSError):
             raise  # left claimed: recover() gives it back to the queue later
         except Exception as exc:
-            # A report that breaks the processing itself would fail the same way every
-            # time: kept for an operator, like one the parser fails on.
+            # A report that breaks the parser or the processing would fail the same way
+            # every time: kept for an operator, never retried for ever.
             log.error("event=bounce_failed report=%s error=%r", item.id, exc, exc_info=True)
-            await asyncio.to_thread(self.inbox.unparsed, item, f"processing error: {exc!r}"[:300])
+            await asyncio.to_thread(self.inbox.unparsed, item, f"{step} error: {exc!r}"[:300])
             return "unparsed"
 
     async def _handle_parsed(self, item: Item, report: Report) -> str:
@@ -228,31 +223,27 @@ class BounceProcessor:
     def _token(self, item: Item, report: Report) -> tuple[Token | None, bool]:
         """The first valid return-path token: the report's envelope recipients, then
         any address of ours quoted in it (ARF's Original-Mail-From, a quoted Return-Path)."""
-        for rcpt in item.rcpt_tos:
-            # A report sent to a return path whose token we did not sign is believed for
-            # nothing, not even a token quoted in it.
-            if self.return_paths.verify(rcpt)[0] is Verdict.FORGED:
-                self._forged(item, rcpt)
-                return None, True
         candidates = list(item.rcpt_tos)
+        envelope = len(candidates)
         if report.original is not None:
             for h in ("return-path", "original-mail-from", "errors-to"):
                 candidates += [str(v) for v in report.original.get_all(h, [])]
         candidates += _TOKEN_LIKE.findall(report.raw_text[:500_000])
         forged = False
-        for c in candidates:
+        for i, c in enumerate(candidates):
             verdict, token = self.return_paths.verify(c)
             if verdict is Verdict.VALID and token is not None:
                 return token, False
             if verdict is Verdict.FORGED and not forged:
                 forged = True
-                self._forged(item, c)
+                log.warning("event=forged_token report=%s address=%r", item.id, c[:200])
+                if self.metrics is not None:
+                    self.metrics.return_path_tokens.labels("forged").inc()
+            if forged and i < envelope:
+                # Sent to a return path whose token we did not sign: believed for
+                # nothing, not even a token quoted in it.
+                return None, True
         return None, forged
-
-    def _forged(self, item: Item, address: str) -> None:
-        log.warning("event=forged_token report=%s address=%r", item.id, address[:200])
-        if self.metrics is not None:
-            self.metrics.return_path_tokens.labels("forged").inc()
 
     async def _targets(
         self, s: Any, report: Report, findings: list[Finding], token: Token | None
