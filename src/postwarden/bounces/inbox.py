@@ -324,10 +324,10 @@ class Inbox:
         """An item by id, wherever it is (unparsed, waiting or claimed); None if gone."""
         if not valid_id(item_id):
             return None
-        # An item moves new/ -> cur/ -> unparsed/ (or away) while we look: look again
-        # when it slipped between two places.
+        # An item moves new/ -> cur/ -> unparsed/ (or away) while we look: look in that
+        # order, and again when it slipped between two places.
         for _ in range(5):
-            candidates = [self.unparsed_dir / item_id, self.new / item_id]
+            candidates = [self.new / item_id]
             with contextlib.suppress(FileNotFoundError):
                 candidates += [self.cur / n for n in os.listdir(self.cur) if n.startswith(item_id)]
             candidates.append(self.unparsed_dir / item_id)
