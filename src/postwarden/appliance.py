@@ -41,6 +41,7 @@ from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
 from postwarden.dns.resolver import Resolver
 from postwarden.mail.addresses import suppression_key
+from postwarden.mail.cleanup import Cleanup, Origin, Rejected
 from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import AttemptResult, DeliveryAgent
@@ -153,9 +154,9 @@ class Appliance:
         self.control.on_keys.append(self._keys_changed)
         self.scheduler.suppressed = self.control.suppressed
         self.passwords = PasswordStore(cfg.smtp.users)
-        self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
+        self.cleanup = Cleanup(cfg.server.hostname, cfg.smtp.hop_limit)
+        self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.submit)
         self.ingress.key_auth = self.control.smtp_login
-        self.ingress.may_send_as = self.control.may_send_as
         self.ingress.pool_for = self.control.pool_for
         self.control.inject = self.inject
         # The inbound MX (bounces, complaints): only with inbound.listen (a worker: with
@@ -268,7 +269,7 @@ class Appliance:
         )
         envelope = Envelope(mail_from="", rcpt_tos=[first.mail_from], meta={"source": "dsn"})
         try:
-            stored = await self.accept(envelope, dsn, new_message_id())
+            stored = await self.submit(envelope, dsn, new_message_id(), Origin("local"))
         except Exception:
             log.error("event=dsn_failed msg=%s", first.msg_id, exc_info=True)
             return
@@ -282,8 +283,25 @@ class Appliance:
 
     # ------------------------------------------------------------------ stages
 
-    async def sign(self, message: bytes) -> bytes:
-        return await self.signer.sign_async(message)
+    async def submit(
+        self, envelope: Envelope, data: bytes, msg_id: str, origin: Origin
+    ) -> StoredMessage:
+        """The one way into the spool, for every path (SMTP, the API, our own DSNs):
+        the cleanup stage, the tenant's sending domains, DKIM by the signing domain
+        cleanup decided, then the spool. Raises :class:`Rejected` with the answer."""
+        rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+        cleaned = self.cleanup.clean(data, msg_id=msg_id, origin=origin, rcpt=rcpt)
+        if envelope.tenant is not None:
+            tenant = int(envelope.tenant)
+            if not all(self.control.may_send_as(tenant, d) for d in cleaned.domains or (None,)):
+                raise Rejected(
+                    550, "5.7.1", "The From domain is not a verified sending domain of this"
+                    " account", field="from", reason="sender_domain",
+                )  # fmt: skip
+        signatures = await self.signer.sign_fields_async(
+            cleaned.headers, cleaned.body, cleaned.signing_domain
+        )
+        return await self.accept(envelope, signatures + cleaned.message, msg_id)
 
     async def accept(self, envelope: Envelope, data: bytes, msg_id: str) -> StoredMessage:
         """Spool durably; hand the recipients straight to the scheduler when there is room.
@@ -317,11 +335,12 @@ class Appliance:
     async def inject(
         self, envelope: Envelope, message: bytes, msg_id: str, _credentials: Any = None
     ) -> StoredMessage:
-        """A message built by the API: signed, then spooled like SMTP mail (the caller's
-        credentials matter only to a control-only process, which relays over SMTP)."""
-        signed = await self.sign(message) + message
-        envelope = dataclasses.replace(envelope, body_8bit=not signed.isascii())
-        stored = await self.accept(envelope, signed, msg_id)
+        """A message built by the API: through :meth:`submit` like SMTP mail (the
+        caller's credentials matter only to a control-only process, which relays over
+        SMTP)."""
+        envelope = dataclasses.replace(envelope, body_8bit=not message.isascii())
+        origin = Origin("HTTP", envelope.client_ip, "api")
+        stored = await self.submit(envelope, message, msg_id, origin)
         self.metrics.received.labels("api").inc()
         self.metrics.recipients_received.inc(len(envelope.rcpt_tos))
         return stored
@@ -565,6 +584,7 @@ class Appliance:
         if self.bounces is not None:
             self.bounces.cfg, self.bounces.parser = new, parser
             self.bounces.return_paths = return_paths
+        self.cleanup = Cleanup(new.server.hostname, new.smtp.hop_limit)
         self.ingress.configure(new)
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)

@@ -132,7 +132,10 @@ class SmtpConfig:
     """Submission listeners (mta.ingress)."""
 
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1:2525"])
-    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Clients that may relay without AUTH (as Postfix's mynetworks_style = host): the
+    # host itself only. Trusted mail has no tenant: it may use any From and is signed
+    # by whatever key that domain has.
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     max_message_size: int = field(default=25 * 1024 * 1024, metadata=_SIZE)
     max_recipients: int = 1000
     max_line_length: int = 1000
@@ -142,6 +145,11 @@ class SmtpConfig:
     tls_cert: str = ""
     tls_key: str = ""
     bare_newlines: Literal["reject", "normalize"] = "reject"
+    # More Received fields than this is a mail loop (554 5.4.6); Postfix's hopcount_limit.
+    hop_limit: int = 50
+    # RCPT TO:<x@[192.0.2.1]>: refused unless allowed (delivery still never connects to
+    # private ranges that delivery.allowed_private_networks does not name).
+    allow_address_literals: bool = False
     users: list[SmtpUser] = field(default_factory=list)
 
 
@@ -585,6 +593,7 @@ def validate(cfg: Config) -> None:
         "smtp.max_line_length": cfg.smtp.max_line_length,
         "smtp.max_sessions_per_ip": cfg.smtp.max_sessions_per_ip,
         "smtp.max_commands_per_session": cfg.smtp.max_commands_per_session,
+        "smtp.hop_limit": cfg.smtp.hop_limit,
         "smtp.max_message_size": cfg.smtp.max_message_size,
         "delivery.max_connections": cfg.delivery.max_connections,
         "delivery.max_connections_per_domain": cfg.delivery.max_connections_per_domain,

@@ -34,6 +34,10 @@ REJECT_REASONS = (
     "sender_domain",
     "pool",
     "bad_priority",
+    "address_literal",
+    "nul",
+    "bad_from",
+    "hops",
 )
 #: Why the inbound MX (mta.inbound) refused a command.
 INBOUND_REFUSALS = (

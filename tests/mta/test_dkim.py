@@ -73,7 +73,7 @@ def sig_tags(header: bytes) -> dict[str, str]:
 
 def test_both_algorithms_sign_and_dkimpy_verifies(keys: list[SigningKey]) -> None:
     signer = DkimSigner(keys)
-    sigs = signer.sign(MSG)
+    sigs = signer.sign(MSG, "sender.test")
     headers = re.findall(rb"(?ms)^DKIM-Signature:.*?\r\n(?=\S|\Z)", sigs)
     assert len(headers) == 2
     tags = [sig_tags(h) for h in headers]
@@ -84,6 +84,9 @@ def test_both_algorithms_sign_and_dkimpy_verifies(keys: list[SigningKey]) -> Non
         for name in ("from", "to", "subject", "date", "message-id"):
             assert name in signed
         assert signed.count("from") == 2  # oversigned
+        for name in ("subject", "to", "date", "message-id", "reply-to", "cc", "list-unsubscribe"):
+            # once more than present: an added (or first) one breaks the signature
+            assert signed.count(name) == MSG.lower().count(f"\n{name}:".encode()) + 1, name
         assert "x-not-signed" not in signed
     # Lines stay short (folded) and end with CRLF.
     assert all(len(line) <= 78 for line in sigs.split(b"\r\n"))
@@ -92,26 +95,33 @@ def test_both_algorithms_sign_and_dkimpy_verifies(keys: list[SigningKey]) -> Non
 
 
 def test_tampering_breaks_the_signatures(keys: list[SigningKey]) -> None:
-    signed = DkimSigner(keys).sign(MSG) + MSG
+    signed = DkimSigner(keys).sign(MSG, "sender.test") + MSG
     assert verify_all(signed.replace(b"line three", b"line 3"), keys) == [False, False]
-    # An added From header is caught because From is oversigned.
+    # An added From, Subject, To, Reply-To or List-Unsubscribe is caught: oversigned.
     head, body = signed.split(b"\r\n\r\n", 1)
-    extra_from = head + b"\r\nFrom: attacker@evil.test\r\n\r\n" + body
-    assert verify_all(extra_from, keys) == [False, False]
+    for extra in (
+        b"From: attacker@evil.test",
+        b"Subject: urgent: wire money",
+        b"To: victim@inbox.test",
+        b"Reply-To: attacker@evil.test",
+        b"List-Unsubscribe: <https://evil.test/u>",
+    ):
+        assert verify_all(head + b"\r\n" + extra + b"\r\n\r\n" + body, keys) == [False, False]
     # Relaxed canonicalization survives re-folding and whitespace changes in headers.
     refolded = signed.replace(b"Hello   with  spaces\r\n\tand", b"Hello with spaces and")
     assert verify_all(refolded, keys) == [True, True]
 
 
-def test_only_the_from_domain_keys_sign(keys: list[SigningKey]) -> None:
+def test_only_the_signing_domains_keys_sign(keys: list[SigningKey]) -> None:
+    """The signer reads no From: cleanup decides the domain and hands it over."""
     signer = DkimSigner(keys)
     assert signer.domains() == {"sender.test"}
-    other = MSG.replace(b"news@Sender.test", b"news@elsewhere.test")
-    assert signer.sign(other) == b""
-    assert signer.sign(b"Subject: no from\r\n\r\nbody\r\n") == b""
-    assert DkimSigner([]).sign(MSG) == b""
-    # Unparsable header: delivered unsigned rather than refused after acceptance.
-    assert signer.sign(b"From: a@sender.test\r\n\x01bad header\r\n\r\nbody\r\n") == b""
+    assert signer.sign(MSG, "elsewhere.test") == b""
+    assert signer.sign(MSG, None) == b""
+    assert DkimSigner([]).sign(MSG, "sender.test") == b""
+    # Unparsable header: no signature rather than an exception.
+    bad = b"From: a@sender.test\r\n\x01bad header\r\n\r\nbody\r\n"
+    assert signer.sign(bad, "sender.test") == b""
 
 
 def test_rsa_signature_matches_dkimpys_own_rsa(keys: list[SigningKey]) -> None:
@@ -143,7 +153,7 @@ def test_ed25519_seed_in_base64_as_dkimpy_writes_it(tmp_path: Path) -> None:
     theirs = dkim.sign(MSG, b"ed1", b"sender.test", raw.read_bytes().strip(),
                        signature_algorithm=b"ed25519-sha256")  # fmt: skip
     assert verify_all(theirs + MSG, [key]) == [True]
-    assert verify_all(DkimSigner([same]).sign(MSG) + MSG, [key]) == [True]
+    assert verify_all(DkimSigner([same]).sign(MSG, "sender.test") + MSG, [key]) == [True]
 
 
 def test_load_key_checks_algorithm_and_config_names_the_path(tmp_path: Path) -> None:
@@ -194,12 +204,14 @@ def test_opendkim_verifies_rsa_and_ed25519(keys: list[SigningKey], tmp_path: Pat
     opendkim = require_binary("opendkim")
     conf = opendkim_conf(tmp_path, keys)
     msg = tmp_path / "msg.eml"
-    msg.write_bytes(DkimSigner(keys).sign(MSG) + MSG)
+    msg.write_bytes(DkimSigner(keys).sign(MSG, "sender.test") + MSG)
     text = opendkim_verdict(opendkim, conf, msg)
     assert re.search(r"dkim=pass [^;]*header\.a=rsa-sha256 header\.s=rsa1", text), text
     assert re.search(r"dkim=pass [^;]*header\.a=ed25519-sha256 header\.s=ed1", text), text
     # Negative control: the same verifier fails a tampered copy.
-    msg.write_bytes((DkimSigner(keys).sign(MSG) + MSG).replace(b"line three", b"line 3"))
+    msg.write_bytes(
+        (DkimSigner(keys).sign(MSG, "sender.test") + MSG).replace(b"line three", b"line 3")
+    )
     text = opendkim_verdict(opendkim, conf, msg)
     assert "dkim=fail" in text and "dkim=pass" not in text, text
 
@@ -231,7 +243,7 @@ async def test_mail_dkim_verifies_rsa_through_the_lab_dns(
     script = tmp_path / "verify.pl"
     script.write_text(MAIL_DKIM_SCRIPT)
     msg = tmp_path / "msg.eml"
-    msg.write_bytes(DkimSigner(keys).sign(MSG) + MSG)
+    msg.write_bytes(DkimSigner(keys).sign(MSG, "sender.test") + MSG)
     host, port = lab.nameserver.rsplit(":", 1)
 
     async def run(path: Path) -> str:
@@ -265,7 +277,10 @@ def test_relaxed_body_matches_dkimpy(seed: int) -> None:
 async def test_async_signing_gives_the_same_signatures(keys: list[SigningKey]) -> None:
     signer = DkimSigner(keys)
     now = 1_795_000_000
-    sync, async_ = signer.sign(MSG, now=now), await signer.sign_async(MSG, now=now)
+    sync, async_ = (
+        signer.sign(MSG, "sender.test", now=now),
+        await signer.sign_async(MSG, "sender.test", now=now),
+    )
     # Byte for byte the same: PKCS#1 v1.5 and Ed25519 are deterministic.
     assert sync == async_
     assert verify_all(async_ + MSG, keys) == [True, True]
@@ -282,7 +297,7 @@ def test_every_signed_header_present_still_verifies(keys: list[SigningKey], tmp_
         if name != "from"
     )
     msg = b"From: <news@sender.test>\r\n" + head + b"\r\nbody\r\n"
-    signed = DkimSigner(keys).sign(msg) + msg
+    signed = DkimSigner(keys).sign(msg, "sender.test") + msg
     h_tag = re.search(rb"h=([^;]*);", signed.replace(b"\r\n", b"")).group(1)  # type: ignore[union-attr]
     names = [n.strip() for n in h_tag.split(b":")]
     assert all(n in {x.encode() for x in SIGNED_HEADERS} for n in names), names

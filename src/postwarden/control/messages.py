@@ -30,7 +30,16 @@ from postwarden.control.plane import PoolNotAllowed
 from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Address, Cursor, PoolName, decode_cursor, encode_cursor
-from postwarden.mail.build import RESERVED, BuildError, Draft, Mailbox, Part, build, needs_smtputf8
+from postwarden.mail.build import (
+    BuildError,
+    Draft,
+    Mailbox,
+    Part,
+    build,
+    is_reserved,
+    needs_smtputf8,
+)
+from postwarden.mail.cleanup import Rejected
 from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, new_message_id
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
@@ -45,6 +54,15 @@ def _one_line(value: str) -> str:
 
 
 OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL is not allowed in mail")
+    return value
+
+
+BodyText = Annotated[str, AfterValidator(_no_nul)]
 DisplayName = Annotated[OneLine, StringConstraints(max_length=200)]
 HeaderName = Annotated[str, StringConstraints(pattern=r"^[!-9;-~]{1,76}$")]
 HeaderValue = Annotated[OneLine, StringConstraints(max_length=998)]
@@ -99,8 +117,8 @@ class MessageCreate(Strict):
     bcc: list[MailboxIn] = Field(default_factory=list)
     reply_to: MailboxIn | None = None
     subject: Annotated[OneLine, StringConstraints(max_length=998)] = ""
-    text: str | None = None
-    html: str | None = None
+    text: BodyText | None = None
+    html: BodyText | None = None
     headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=50)
     attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100)
     tags: list[Tag] = Field(default_factory=list, max_length=10)
@@ -222,7 +240,7 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
     if len(rcpts) > cfg.control.max_api_recipients:
         raise invalid(p("to"), f"more than {cfg.control.max_api_recipients} recipients")
     for name in m.headers:
-        if name.lower() in RESERVED or name.lower().startswith("x-postwarden-"):
+        if is_reserved(name) or name.lower().startswith("x-postwarden-"):
             raise invalid(p(f"headers.{name}"), "this header is set by the appliance")
     try:
         pool = c.ctx.pool_for(c.tenant_id, m.pool)
@@ -277,6 +295,8 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
             token = c.request.headers.get("authorization", "").partition(" ")[2].strip()
             creds = Credentials(c.principal.tenant_name, token)
         stored = await c.ctx.inject(env, data, msg_id, creds)
+    except Rejected as exc:  # the cleanup stage's verdict: the message, not the spool
+        raise invalid(exc.field, exc.text) from None
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the spool refused the message: {exc}") from exc
     out = []

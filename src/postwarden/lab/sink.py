@@ -182,6 +182,7 @@ class _SinkSMTP(BulkDataSMTP):
     # The stream reader's buffer limit; command lines are still held to RFC 5321's
     # sizes by aiosmtpd's own check.
     line_length_limit = 64 * 1024
+    max_line_octets = 64 * 1024
 
     def __init__(self, sink: Sink, handler: _SinkHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)

@@ -45,6 +45,14 @@ RESERVED = frozenset(
 )
 
 
+def is_reserved(name: str) -> bool:
+    """Whether a header is the appliance's to write: :data:`RESERVED`, and every
+    ``Resent-*`` field (RFC 5322 3.6.6: they record a re-sending, which only an MTA
+    that re-sends may add)."""
+    lower = name.lower()
+    return lower in RESERVED or lower.startswith("resent-")
+
+
 class BuildError(ValueError):
     """The message cannot be written as asked."""
 
@@ -113,7 +121,7 @@ def build(draft: Draft, *, message_id: str, date: float) -> bytes:
     msg["Date"] = email.utils.formatdate(date, localtime=False)
     msg["Message-ID"] = _clean(message_id, "message id")
     for name, value in draft.headers:
-        if name.lower() in RESERVED:
+        if is_reserved(name):
             raise BuildError(f"headers.{name}: set by the appliance")
         msg[_clean(name, "header name")] = _clean(value, f"headers.{name}")
     if draft.text is not None:

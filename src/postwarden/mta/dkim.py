@@ -10,10 +10,12 @@ OpenSSL well under 1 ms, and it releases the GIL, so :meth:`DkimSigner.sign_asyn
 runs it in a thread beside the event loop. PKCS#1 v1.5 is deterministic, so a test
 compares our RSA signature byte for byte with dkimpy's own.
 
-A message is signed once, by every key configured for the domain of its From
-address (RSA and Ed25519 together when both exist), relaxed/relaxed, over the
-headers in :data:`SIGNED_HEADERS` that the message has, with From signed once more
-than it occurs so that no second From can be added without breaking the signature.
+A message is signed once, by every key configured for its signing domain (RSA and
+Ed25519 together when both exist), relaxed/relaxed, over the headers in
+:data:`SIGNED_HEADERS` that the message has. The signing domain is not read here: the
+cleanup stage (``mail/cleanup.py``) parses From once and decides it, and hands the
+signer the parsed header fields with it. The fields in :data:`OVERSIGNED` are signed
+once more than they occur, so that none can be added without breaking the signature.
 """
 
 from __future__ import annotations
@@ -62,12 +64,24 @@ SIGNED_HEADERS: tuple[str, ...] = (
     "list-unsubscribe-post",
     "feedback-id",
 )
-OVERSIGNED: frozenset[str] = frozenset({"from"})
+#: Signed once more than they occur (RFC 6376 8.15): what a reader sees and replies to.
+OVERSIGNED: frozenset[str] = frozenset(
+    {
+        "from",
+        "subject",
+        "to",
+        "cc",
+        "date",
+        "reply-to",
+        "message-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+    }
+)
 _SIGNED = [h.encode() for h in SIGNED_HEADERS]
-_OVERSIGNED = [h.encode() for h in SIGNED_HEADERS if h in OVERSIGNED]
+_OVERSIGNED = frozenset(h.encode() for h in OVERSIGNED)
 
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-_FROM_DOMAIN = re.compile(rb"@([A-Za-z0-9.\-\[\]:_]+|[^\s>@]+)\s*>?\s*(?:\([^)]*\))?\s*$")
 
 
 class DkimKeyError(ValueError):
@@ -163,18 +177,6 @@ def parse_key(
     return SigningKey(domain.lower().rstrip("."), selector, algorithm, key)
 
 
-def from_domain(headers: list[list[bytes]]) -> str | None:
-    """The domain of the (first) From address, lower case; None if there is none."""
-    for name, value in headers:
-        if name.lower() == b"from":
-            unfolded = re.sub(rb"\r\n[ \t]+", b" ", value).strip()
-            m = _FROM_DOMAIN.search(unfolded)
-            if m:
-                return m.group(1).decode("utf-8", "replace").strip("[]").lower().rstrip(".")
-            return None
-    return None
-
-
 _WSP_RUN = re.compile(rb"[ \t]+")
 _WSP_EOL = re.compile(rb"[ \t]+\r\n")
 
@@ -220,8 +222,17 @@ def _prepare(
 
     ``body_hash`` is the base64 SHA-256 of the relaxed body, the same for every key.
     """
-    present = {h[0].lower() for h in headers}
-    include = [h for h in _SIGNED if h in present] + _OVERSIGNED
+    count: dict[bytes, int] = {}
+    for name, _ in headers:
+        lower = name.lower()
+        count[lower] = count.get(lower, 0) + 1
+    # A field present is signed (its last instance); an oversigned one once per instance
+    # and once more, which also signs its absence.
+    include = [
+        h
+        for h in _SIGNED
+        for _ in range(count.get(h, 0) if h in _OVERSIGNED else min(count.get(h, 0), 1))
+    ] + [h for h in _SIGNED if h in _OVERSIGNED]
     domain = key.domain.encode("idna") if not key.domain.isascii() else key.domain.encode()
     fields = [
         (b"v", b"1"),
@@ -279,16 +290,8 @@ class DkimSigner:
         return set(self._by_domain)
 
     def _plan(
-        self, message: bytes, now: int | None = None
+        self, headers: list[list[bytes]], body: bytes, domain: str | None, now: int | None
     ) -> list[tuple[SigningKey, bytes, list[tuple[bytes, bytes]]]]:  # fmt: skip
-        if not self._by_domain:
-            return []
-        try:
-            headers, body = split_message(message)
-        except dkim.DKIMException as exc:
-            log.warning("event=dkim_unparsable error=%r", str(exc))
-            return []
-        domain = from_domain(headers)
         keys = self._by_domain.get(domain) if domain else None
         if not keys:
             return []
@@ -296,17 +299,19 @@ class DkimSigner:
         now = int(time.time()) if now is None else now
         return [(k, *_prepare(headers, body_hash, k, now)) for k in keys]
 
-    def sign(self, message: bytes, now: int | None = None) -> bytes:
-        """The DKIM-Signature fields to prepend to ``message`` (empty when no key applies).
+    def sign_fields(
+        self, headers: list[list[bytes]], body: bytes, domain: str | None, now: int | None = None
+    ) -> bytes:
+        """The DKIM-Signature fields to prepend to a message of these header fields and
+        body, by the keys of ``domain`` (empty when it has none)."""
+        plan = self._plan(headers, body, domain, now)
+        return b"".join(_finish(f, k.sign_digest(d)) for k, d, f in plan)
 
-        A message whose header cannot be parsed goes out unsigned rather than being
-        refused after acceptance; the event is logged.
-        """
-        return b"".join(_finish(f, k.sign_digest(d)) for k, d, f in self._plan(message, now))
-
-    async def sign_async(self, message: bytes, now: int | None = None) -> bytes:
-        """:meth:`sign` with the RSA operations in a thread beside the event loop."""
-        plan = self._plan(message, now)
+    async def sign_fields_async(
+        self, headers: list[list[bytes]], body: bytes, domain: str | None, now: int | None = None
+    ) -> bytes:
+        """:meth:`sign_fields` with the RSA operations in a thread beside the event loop."""
+        plan = self._plan(headers, body, domain, now)
         if not plan:
             return b""
         loop = asyncio.get_running_loop()
@@ -318,3 +323,22 @@ class DkimSigner:
                 signature = key.sign_digest(digest)
             out.append(_finish(fields, signature))
         return b"".join(out)
+
+    def sign(self, message: bytes, domain: str | None, now: int | None = None) -> bytes:
+        """:meth:`sign_fields` for a whole message (tools and tests; the appliance signs
+        what cleanup parsed). A header that cannot be parsed gives no signature."""
+        try:
+            headers, body = split_message(message)
+        except dkim.DKIMException as exc:
+            log.warning("event=dkim_unparsable error=%r", str(exc))
+            return b""
+        return self.sign_fields(headers, body, domain, now)
+
+    async def sign_async(self, message: bytes, domain: str | None, now: int | None = None) -> bytes:
+        """:meth:`sign` with the RSA operations in a thread beside the event loop."""
+        try:
+            headers, body = split_message(message)
+        except dkim.DKIMException as exc:
+            log.warning("event=dkim_unparsable error=%r", str(exc))
+            return b""
+        return await self.sign_fields_async(headers, body, domain, now)

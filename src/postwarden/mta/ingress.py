@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import ipaddress
 import json
 import logging
@@ -30,9 +29,9 @@ from typing import Any
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from postwarden.config import Config
+from postwarden.mail.cleanup import Origin, Rejected
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import PasswordStore
-from postwarden.mta.dkim import split_message
 from postwarden.mta.wire import BulkDataSMTP
 from postwarden.queue.spool import LANE_BULK, LANE_HIGH, StoredMessage, new_message_id
 from postwarden.queue.spool import Envelope as SpoolEnvelope
@@ -82,49 +81,6 @@ _BARE = re.compile(rb"\r\n|\r|\n")
 def normalize_newlines(data: bytes) -> bytes:
     """Turn every bare CR and bare LF into CRLF."""
     return _BARE.sub(b"\r\n", data)
-
-
-_HEADER_NAME = re.compile(rb"(?im)^(message-id|date)[ \t]*:")
-
-
-def finalize_headers(
-    data: bytes, *, received: bytes, msg_id: str, hostname: str, now: float | None = None
-) -> bytes:
-    """Prepend ``Received``; add ``Message-ID`` and ``Date`` when the message lacks them."""
-    end = data.find(b"\r\n\r\n")
-    if data.startswith(b"\r\n"):
-        head = b""
-    else:
-        head = data if end < 0 else data[: end + 2]
-    present = {m.group(1).lower() for m in _HEADER_NAME.finditer(head)}
-    extra = [received]
-    if b"message-id" not in present:
-        extra.append(f"Message-ID: <{msg_id}@{hostname}>\r\n".encode())
-    if b"date" not in present:
-        date = email.utils.formatdate(now, localtime=True)
-        extra.append(f"Date: {date}\r\n".encode())
-    if end < 0 and not data.startswith(b"\r\n") and data:
-        # Headers only, no body separator: keep it a well-formed message.
-        if not data.endswith(b"\r\n"):
-            data += b"\r\n"
-    return b"".join(extra) + data
-
-
-def received_header(
-    *, helo: str, client_ip: str, hostname: str, protocol: str, msg_id: str, rcpt: str | None,
-    now: float | None = None, tls: str | None = None,
-) -> bytes:  # fmt: skip
-    """An RFC 5321 section 4.4 trace header, folded with CRLF + tab."""
-    date = email.utils.formatdate(now, localtime=True)
-    helo_clean = re.sub(r"[^A-Za-z0-9.\-\[\]:_]", "", helo)[:200] or "unknown"
-    lines = [f"Received: from {helo_clean} ([{client_ip}])", f"by {hostname} (Postwarden)"]
-    if tls:
-        lines.append(f"({tls})")
-    lines.append(f"with {protocol} id {msg_id}")
-    if rcpt:
-        lines.append(f"for <{rcpt}>")
-    lines[-1] += f"; {date}"
-    return ("\r\n\t".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
 # The fields the appliance reads and takes off (they never leave it): the whole field,
@@ -199,24 +155,6 @@ def take_meta(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
     return data, fields.meta if fields is not None else None
 
 
-def header_from_domain(data: bytes) -> str | None:
-    """The domain of the message's one From mailbox; None when there is not exactly one
-    From field (RFC 5322 3.6) holding exactly one address with a domain: such mail never
-    passes as a tenant's (``From: ceo@victim, me@tenant`` shows the first)."""
-    try:
-        headers, _ = split_message(data)
-    except Exception:
-        return None
-    values = [v for name, v in headers if name.lower() == b"from"]
-    if len(values) != 1:
-        return None
-    text = re.sub(r"\r\n[ \t]+", " ", values[0].decode("utf-8", "replace"))
-    boxes = [a for _, a in email.utils.getaddresses([text]) if a]
-    if len(boxes) != 1 or "@" not in boxes[0]:
-        return None
-    return boxes[0].rpartition("@")[2].strip().lower().rstrip(".") or None
-
-
 @dataclass(frozen=True)
 class Submitter:
     """Who authenticated a session (aiosmtpd keeps it as ``session.auth_data``)."""
@@ -279,6 +217,7 @@ class GuardedSMTP(BulkDataSMTP):
     def __init__(self, handler: SessionGuard, **kwargs: Any) -> None:
         # aiosmtpd reads the limit while building its StreamReader in __init__.
         self.line_length_limit = handler.cfg.smtp.max_line_length + 1
+        self.max_line_octets = handler.cfg.smtp.max_line_length
         super().__init__(handler, **kwargs)
         self.guard = handler
         self._in_ehlo = False
@@ -440,7 +379,9 @@ class IngressSMTP(GuardedSMTP):
         return await self._verify(await super().auth_LOGIN(_, args))
 
 
-AcceptFn = Callable[[SpoolEnvelope, bytes, str], Awaitable[StoredMessage]]
+# (envelope, message as received, queue id, origin) -> the stored message; raises
+# mail.cleanup.Rejected (its reply is the answer) when the message cannot pass cleanup.
+SubmitFn = Callable[[SpoolEnvelope, bytes, str, Origin], Awaitable[StoredMessage]]
 
 
 class IngressHandler(SessionGuard):
@@ -451,19 +392,15 @@ class IngressHandler(SessionGuard):
         cfg: Config,
         metrics: Metrics,
         passwords: PasswordStore,
-        accept: AcceptFn,
-        sign: Callable[[bytes], Awaitable[bytes]] | None = None,
+        submit: SubmitFn,
     ) -> None:
         self.metrics = metrics
         self.passwords = passwords
-        self.accept = accept
-        self.sign = sign
+        self.submit = submit
         super().__init__()
         self.in_transaction = 0
         # (tenant name, API key) -> tenant id when the key may send; from the control plane.
         self.key_auth: Callable[[str, str], Awaitable[int | None]] | None = None
-        # (tenant id, From domain) -> whether the tenant may send as that domain.
-        self.may_send_as: Callable[[int, str | None], bool] = lambda _t, _d: True
         # (tenant id or None, the pool X-Postwarden-Pool names or None) -> the pool to
         # spool the message with (None: the appliance's default pool); raises ValueError
         # (its text the reply) when the pool is unknown or not the sender's. From the
@@ -545,6 +482,10 @@ class IngressHandler(SessionGuard):
         if len(address) > MAX_PATH or not _ADDRESS.match(address):
             self.metrics.rejected.labels("bad_recipient").inc()
             return "553 5.1.3 Bad recipient address syntax"
+        if address.rpartition("@")[2].startswith("[") and not self.cfg.smtp.allow_address_literals:
+            # x@[127.0.0.1] names a host, not a domain: a way to make us connect inward.
+            self.metrics.rejected.labels("address_literal").inc()
+            return "550 5.7.1 Address literals are not accepted here"
         if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:
             self.metrics.rejected.labels("too_many_recipients").inc()
             return "452 4.5.3 Too many recipients"
@@ -571,10 +512,6 @@ class IngressHandler(SessionGuard):
             data, fields = take_control_fields(data)
             # Only a tenant's own relay may describe its messages.
             meta = fields.meta if fields is not None and tenant is not None else None
-            if tenant is not None and not self.may_send_as(tenant, header_from_domain(data)):
-                self.metrics.rejected.labels("sender_domain").inc()
-                return ("550 5.7.1 The From domain is not a verified sending domain of this"
-                        " account")  # fmt: skip
             lane, requested = LANE_HIGH, None
             if fields is not None:
                 if fields.priority is not None:
@@ -598,17 +535,8 @@ class IngressHandler(SessionGuard):
                 cipher = session.ssl.get("cipher")
                 if cipher:
                     tls_info = f"using {cipher[1]} with cipher {cipher[0]}"
-            rcpt_for = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-            received = received_header(
-                helo=session.host_name or "", client_ip=peer_ip, hostname=self.cfg.server.hostname,
-                protocol=protocol, msg_id=msg_id, rcpt=rcpt_for, tls=tls_info,
-            )  # fmt: skip
-            message = finalize_headers(
-                data, received=received, msg_id=msg_id, hostname=self.cfg.server.hostname
-            )
-            if self.sign is not None:
-                message = await self.sign(message) + message
-            body_8bit = not message.isascii() or "BODY=8BITMIME" in (
+            origin = Origin(protocol, peer_ip, session.host_name or "", tls_info)
+            body_8bit = not data.isascii() or "BODY=8BITMIME" in (
                 o.upper() for o in envelope.mail_options
             )
             spool_env = SpoolEnvelope(
@@ -625,7 +553,10 @@ class IngressHandler(SessionGuard):
                 lane=lane,
             )
             try:
-                stored = await self.accept(spool_env, message, msg_id)
+                stored = await self.submit(spool_env, data, msg_id, origin)
+            except Rejected as exc:
+                self.metrics.rejected.labels(exc.reason).inc()
+                return exc.reply
             except Exception:
                 log.exception("event=spool_failed peer=%s", peer_ip)
                 self.metrics.rejected.labels("local_error").inc()
@@ -642,7 +573,7 @@ class IngressHandler(SessionGuard):
             peer_ip,
             envelope.mail_from,
             len(envelope.rcpt_tos),
-            len(message),
+            len(data),
             auth or "-",
         )
         if meta is not None:

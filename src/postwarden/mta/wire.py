@@ -42,6 +42,8 @@ async def read_data(
     reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
 ) -> tuple[bytes, str | None]:
     """Read DATA up to ``<CRLF>.<CRLF>``; returns (content, error reply or None).
+    ``line_limit`` is the longest line in octets, its CRLF included (RFC 5321
+    4.5.3.1.6: 1000).
 
     The CRLF that ended the DATA command starts the search buffer, so an empty
     message (a lone ``.``) ends like any other. Bytes after the terminator (pipelined
@@ -82,6 +84,10 @@ class BulkDataSMTP(SMTP):
     pipelined bytes back into, aiosmtpd's own line loop runs instead.
     """
 
+    #: The longest DATA line in octets, CRLF included (aiosmtpd's own
+    #: ``line_length_limit`` lets one more through and also bounds command lines).
+    max_line_octets = 1000
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         fast = fast_getaddr(arg)
         return fast if fast is not None else super()._getaddr(arg)
@@ -103,7 +109,7 @@ class BulkDataSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             content, error = await read_data(
-                self._reader, self.data_size_limit, self.line_length_limit
+                self._reader, self.data_size_limit, self.max_line_octets
             )
         except (ConnectionError, asyncio.IncompleteReadError):
             if self.transport is not None:
