@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,71 @@ _SCHEMA = _SCHEMA_TEMPLATE.replace("{recipients}", _RECIPIENTS_DDL)
 
 class SpoolError(RuntimeError):
     """The spool could not do what was asked (closed, corrupt record, I/O error)."""
+
+
+class SpoolFull(SpoolError):
+    """No room left for the spool (a segment write or the index hit a full disk or a
+    quota). Temporary: the spool tries again with the next message, and takes mail as
+    soon as space returns."""
+
+
+# The errno values that mean "no room": the filesystem is full, or the user's quota is.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# SQLite's answer when a write hits a full disk (primary code; extended codes keep it
+# in the low byte). Growing the WAL index (-shm) on a full disk fails as SHMSIZE.
+_SQLITE_NO_SPACE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE})
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether an error from a segment write or the index means "the disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and (code in _SQLITE_NO_SPACE or code & 0xFF == sqlite3.SQLITE_FULL)
+    return False
+
+
+def spool_error(what: str, exc: BaseException) -> SpoolError:
+    """The spool's error for a failed write: :class:`SpoolFull` when there is no space."""
+    cls = SpoolFull if is_no_space(exc) else SpoolError
+    return cls(f"{what}: {exc}")
+
+
+# At most this many buffers in one writev (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1000
+
+
+def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write every chunk at the file's end: one ``writev`` per ``_IOV_MAX`` buffers,
+    carrying on after a short count (a filesystem may write part of a request when it
+    runs out of room; the next call then reports why)."""
+    pending: Sequence[bytes | memoryview] = chunks
+    while pending:
+        part = pending[:_IOV_MAX]
+        want = sum(len(c) for c in part)
+        done = os.writev(fd, part)
+        if done == want:
+            pending = pending[_IOV_MAX:]
+            continue
+        if done == 0:  # a regular file does not do that; never spin on it
+            raise OSError(errno.ENOSPC, "segment write made no progress")
+        i = 0
+        while done >= len(part[i]):
+            done -= len(part[i])
+            i += 1
+        pending = [memoryview(part[i])[done:], *part[i + 1 :], *pending[_IOV_MAX:]]
+
+
+class _ReadFd:
+    """A cached read-only segment fd, closed only when no reader is using it."""
+
+    __slots__ = ("dropped", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.dropped = False
 
 
 def new_message_id() -> str:
@@ -326,7 +393,10 @@ class Spool:
         self._seg_id = 0
         self._seg_fd = -1
         self._seg_pos = 0
-        self._read_fds: dict[int, int] = {}
+        # segment -> its read fd; a reader holds it (``users``) while it preads, so that
+        # evicting or unlinking never closes an fd under a reader (the number could be
+        # reused by another open, and the read would return another file's bytes).
+        self._read_fds: dict[int, _ReadFd] = {}
         self._read_lock = threading.Lock()
         self.recovered_inflight = 0
         # The tenant bulk leasing moved past last (writer thread only).
@@ -479,9 +549,8 @@ class Spool:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         with self._read_lock:
-            for fd in self._read_fds.values():
-                os.close(fd)
-            self._read_fds.clear()
+            for seg in list(self._read_fds):
+                self._drop_read_fd_locked(seg)
 
     def _close_sync(self) -> None:
         if self._seg_fd >= 0:
@@ -545,19 +614,32 @@ class Spool:
         return self.read_location(lease.segment, lease.body_offset, lease.body_length)
 
     def read_location(self, segment: int, offset: int, length: int) -> bytes:
-        with self._read_lock:
-            fd = self._read_fds.get(segment)
-            if fd is None:
-                fd = os.open(self.segment_dir / f"{segment:012d}.seg", os.O_RDONLY)
-                if len(self._read_fds) >= 64:
-                    old_seg, old_fd = next(iter(self._read_fds.items()))
-                    del self._read_fds[old_seg]
-                    os.close(old_fd)
-                self._read_fds[segment] = fd
-        data = os.pread(fd, length, offset)
+        with self.segment_fd(segment) as fd:
+            data = os.pread(fd, length, offset)
         if len(data) != length:
             raise SpoolError(f"segment {segment}: short read at {offset} ({len(data)}/{length})")
         return data
+
+    @contextlib.contextmanager
+    def segment_fd(self, segment: int) -> Iterator[int]:
+        """A read-only fd of a segment, open until the block ends (cached across reads;
+        any thread). Evicting it from the cache or unlinking the segment meanwhile
+        closes it only when the block is done."""
+        with self._read_lock:
+            handle = self._read_fds.get(segment)
+            if handle is None:
+                handle = _ReadFd(os.open(self.segment_dir / f"{segment:012d}.seg", os.O_RDONLY))
+                if len(self._read_fds) >= 64:
+                    self._drop_read_fd_locked(next(iter(self._read_fds)))
+                self._read_fds[segment] = handle
+            handle.users += 1
+        try:
+            yield handle.fd
+        finally:
+            with self._read_lock:
+                handle.users -= 1
+                if handle.dropped and handle.users == 0:
+                    os.close(handle.fd)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -597,11 +679,16 @@ class Spool:
         try:
             if stores:
                 placed = self._append_bodies(stores)
-        except BaseException as exc:  # an I/O error fails the stores, not the others
-            log.exception("event=spool_write_failed")
+        except Exception as exc:  # an I/O error fails the stores, not the others
+            if is_no_space(exc):  # expected while the disk is full: no traceback each time
+                log.warning("event=spool_full stage=segment messages=%d error=%r",
+                            len(stores), str(exc))  # fmt: skip
+            else:
+                log.exception("event=spool_write_failed messages=%d", len(stores))
             for op in stores:
-                results.append((op, None, SpoolError(f"spool write failed: {exc}")))
+                results.append((op, None, spool_error("spool write failed", exc)))
             batch = [op for op in batch if op.kind != "store"]
+            stores = []
         db = self._db
         try:
             db.execute(
@@ -630,21 +717,26 @@ class Spool:
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
                     log.exception("event=spool_op_failed kind=%s", op.kind)
-                    results.append((op, None, exc))
+                    results.append((op, None, spool_error("spool index", exc)
+                                    if is_no_space(exc) else exc))  # fmt: skip
             db.execute("COMMIT")
             if stores:
                 self.stats["fsyncs"] += 1
             for seg in unlink:
                 self._unlink_segment(seg)
-        except BaseException as exc:
-            log.exception("event=spool_commit_failed")
+        except Exception as exc:
+            if is_no_space(exc):
+                log.warning("event=spool_full stage=index error=%r", str(exc))
+            else:
+                log.exception("event=spool_commit_failed")
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            results = [
-                (op, None, SpoolError(f"spool commit failed: {exc}")) for op, _, _ in results
-            ]
+            # The stores' records stay in the segment, never indexed (and _seg_pos is
+            # past them): nothing refers to them, and restart drops them with the file.
+            failed = spool_error("spool commit failed", exc)
+            results = [(op, None, failed if err is None else err) for op, _, err in results]
             committed_events = []
         self.stats["batches"] += 1
         self.stats["stored"] += len(stores)
@@ -685,10 +777,26 @@ class Spool:
 
     # ------------------------------------------------------------------ segments
 
-    def _new_segment(self) -> None:
-        if self._seg_fd >= 0:
-            os.close(self._seg_fd)
-            assert self._db is not None
+    def _writing(self, seg: int) -> bool:
+        """Whether ``seg`` is the segment open for appending (never to be unlinked)."""
+        return seg == self._seg_id and self._seg_fd >= 0
+
+    def _seal_segment(self) -> None:
+        """Stop appending to the current segment; unlink it if no message lives in it.
+
+        After a failed write its tail is unknown (part of a batch may be there): the
+        records before it stay readable at their offsets, and the next batch starts
+        in a new segment. A failure to mark it sealed in the index does no harm: only
+        the open segment is ever kept empty, and a restart seals every old one."""
+        if self._seg_fd < 0:
+            return
+        fd, self._seg_fd = self._seg_fd, -1
+        try:
+            os.close(fd)
+        except OSError:
+            log.warning("event=segment_close_failed segment=%d", self._seg_id, exc_info=True)
+        assert self._db is not None
+        try:
             self._db.execute("UPDATE segments SET sealed = 1 WHERE id = ?", (self._seg_id,))
             row = self._db.execute(
                 "SELECT live FROM segments WHERE id = ?", (self._seg_id,)
@@ -696,26 +804,40 @@ class Spool:
             if row is not None and row[0] <= 0:
                 self._db.execute("DELETE FROM segments WHERE id = ?", (self._seg_id,))
                 self._unlink_segment(self._seg_id)
+        except sqlite3.Error as exc:
+            log.warning("event=segment_seal_failed segment=%d error=%r", self._seg_id, str(exc))
+
+    def _new_segment(self) -> None:
+        self._seal_segment()
+        assert self._db is not None
         self._seg_id += 1
         seg_path = self.segment_dir / f"{self._seg_id:012d}.seg"
-        self._seg_fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._seg_pos = os.fstat(self._seg_fd).st_size
-        if self.fsync:
-            # The directory entry must be durable too, or a power loss could lose
-            # the whole file behind already-acknowledged messages.
-            dfd = os.open(self.segment_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        assert self._db is not None
-        self._db.execute(
-            "INSERT OR IGNORE INTO segments(id, live, sealed) VALUES (?, 0, 0)", (self._seg_id,)
-        )
+        fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if self.fsync:
+                # The directory entry must be durable too, or a power loss could lose
+                # the whole file behind already-acknowledged messages.
+                dfd = os.open(self.segment_dir, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            self._db.execute(
+                "INSERT OR IGNORE INTO segments(id, live, sealed) VALUES (?, 0, 0)", (self._seg_id,)
+            )
+        except BaseException:
+            os.close(fd)
+            seg_path.unlink(missing_ok=True)
+            raise
+        self._seg_fd = fd
+        self._seg_pos = os.fstat(fd).st_size
 
     def _append_bodies(self, stores: list[_Op]) -> dict[int, tuple[int, int, int]]:
-        """Write the batch's records to the segment and fdatasync once; return locations."""
-        if self._seg_pos >= self.segment_size:
+        """Write the batch's records to the segment and fdatasync once; return locations.
+
+        On any error the segment is sealed (its tail is unknown) and the error raised:
+        none of the batch is indexed, and the next batch opens a new segment."""
+        if self._seg_fd < 0 or self._seg_pos >= self.segment_size:
             self._new_segment()
         placed: dict[int, tuple[int, int, int]] = {}
         chunks: list[bytes] = []
@@ -744,15 +866,15 @@ class Spool:
             chunks += (prefix, header, data)
             pos = body_offset + len(data)
             placed[id(op)] = (self._seg_id, body_offset, len(data))
-        os.writev(self._seg_fd, chunks) if len(chunks) < 1000 else self._write_all(chunks)
+        try:
+            write_all(self._seg_fd, chunks)
+            if self.fsync:
+                os.fdatasync(self._seg_fd)
+        except BaseException:
+            self._seal_segment()
+            raise
         self._seg_pos = pos
-        if self.fsync:
-            os.fdatasync(self._seg_fd)
         return placed
-
-    def _write_all(self, chunks: list[bytes]) -> None:
-        for i in range(0, len(chunks), 999):
-            os.writev(self._seg_fd, chunks[i : i + 999])
 
     def _unlink_segment(self, seg: int) -> None:
         try:
@@ -760,9 +882,15 @@ class Spool:
         except FileNotFoundError:
             pass
         with self._read_lock:
-            fd = self._read_fds.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
+            self._drop_read_fd_locked(seg)
+
+    def _drop_read_fd_locked(self, seg: int) -> None:
+        """Forget a segment's read fd; close it now, or when its last reader is done."""
+        handle = self._read_fds.pop(seg, None)
+        if handle is not None:
+            handle.dropped = True
+            if handle.users == 0:
+                os.close(handle.fd)
 
     def _remove_dead_segments(self) -> None:
         assert self._db is not None
@@ -1025,7 +1153,7 @@ class Spool:
         db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
         db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
         db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
-        if seg != self._seg_id:
+        if not self._writing(seg):
             r = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
             if r is not None and r[0] <= 0:
                 db.execute("DELETE FROM segments WHERE id = ?", (seg,))
