@@ -31,7 +31,7 @@ from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Address, Cursor, PoolName, decode_cursor, encode_cursor
 from postwarden.mail.build import RESERVED, BuildError, Draft, Mailbox, Part, build, needs_smtputf8
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, new_message_id
+from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, SpoolFull, new_message_id
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
@@ -277,6 +277,11 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
             token = c.request.headers.get("authorization", "").partition(" ")[2].strip()
             creds = Credentials(c.principal.tenant_name, token)
         stored = await c.ctx.inject(env, data, msg_id, creds)
+    except SpoolFull as exc:
+        raise ApiError(
+            503, "insufficient_storage", "the spool is out of disk space; try again later",
+            headers={"Retry-After": "60"},
+        ) from exc  # fmt: skip
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the spool refused the message: {exc}") from exc
     out = []

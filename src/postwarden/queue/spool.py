@@ -565,6 +565,9 @@ class Spool:
                     if not busy or not busy[0]:
                         break
                     time.sleep(0.05)
+            except sqlite3.Error as exc:
+                # A full disk, say: the WAL stays, and the next open replays it.
+                log.warning("event=spool_checkpoint_failed error=%r", str(exc))
             finally:
                 self._db.close()
                 self._db = None
