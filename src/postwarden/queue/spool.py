@@ -288,6 +288,85 @@ def stranded_shards(spool_path: str | os.PathLike[str], workers: int) -> list[tu
     return out
 
 
+# ---------------------------------------------------------------- state changes
+# The SQL of every state change a message or recipient goes through outside delivery
+# lives here, as plain functions over a connection to a shard's index, inside the
+# caller's transaction: the spool's writer thread calls them, and so does
+# :class:`postwarden.queue.admin.QueueAdmin` (the ``queue`` commands) with its own
+# connection while the appliance runs. Only the running spool unlinks segment files.
+
+
+def insert_event(
+    db: sqlite3.Connection, ts: float, kind: str, msg_id: str, rid: int | None,
+    rcpt: str | None, detail: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Append an event to the log; returns it as the event listeners see it."""
+    payload = json.dumps(detail, separators=(",", ":"), default=str)
+    cur = db.execute(
+        "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail) VALUES (?,?,?,?,?,?)",
+        (ts, kind, msg_id, rid, rcpt, payload),
+    )
+    return {
+        "id": cur.lastrowid, "ts": ts, "type": kind, "msg_id": msg_id,
+        "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
+    }  # fmt: skip
+
+
+def settle_message(db: sqlite3.Connection, msg_id: str, finished: int) -> int | None:
+    """``finished`` more recipients of a message are done; when none is left pending,
+    its rows go and its segment's live count drops. Returns that segment's id when no
+    message lives in it any more (its file can go, unless it is being written)."""
+    if finished:
+        db.execute("UPDATE messages SET remaining = remaining - ? WHERE id = ?", (finished, msg_id))
+    row = db.execute("SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    if row is None or row[0] > 0:
+        return None
+    seg = int(row[1])
+    db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
+    db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+    db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
+    left = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
+    return seg if left is not None and left[0] <= 0 else None
+
+
+# Operator actions: which waiting recipients each touches, the change, its event.
+OPERATOR_ACTIONS: dict[str, tuple[str, str, str]] = {
+    "hold": ("held = 0", "held = 1", "held"),
+    "release": ("held = 1", "held = 0", "released"),
+    "flush": ("held = 0", "next_attempt = :now", "flushed"),
+    "delete": ("1", "state = 'deleted'", "deleted"),
+}
+
+
+def operator_action(
+    db: sqlite3.Connection, action: str, msg_id: str | None, now: float
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Apply an operator action (:data:`OPERATOR_ACTIONS`) to the waiting recipients
+    (``queued``, ``deferred``; never one being delivered) of one message, or of all
+    when ``msg_id`` is None; one event each. Runs in the caller's transaction.
+
+    Returns the events and the segments left with no live message (by deletes)."""
+    which, change, kind = OPERATOR_ACTIONS[action]
+    # Only constant fragments (OPERATOR_ACTIONS) are concatenated; values are bound.
+    sql = (
+        "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
+        f" AND {which}" + (" AND msg_id = :msg" if msg_id is not None else "")
+    )
+    rows = db.execute(sql, {"msg": msg_id}).fetchall()
+    events: list[dict[str, Any]] = []
+    deleted: dict[str, int] = {}
+    for rid, mid, rcpt in rows:
+        db.execute(
+            f"UPDATE recipients SET {change}, updated_at = :now WHERE id = :id",  # noqa: S608
+            {"now": now, "id": rid},
+        )
+        events.append(insert_event(db, now, kind, mid, rid, rcpt, {"by": "operator"}))
+        if action == "delete":
+            deleted[mid] = deleted.get(mid, 0) + 1
+    emptied = [seg for mid, n in deleted.items() if (seg := settle_message(db, mid, n)) is not None]
+    return events, emptied
+
+
 def domain_of(address: str) -> str:
     """Lower-cased domain part of an address (``""`` when there is none)."""
     return address.rpartition("@")[2].lower().rstrip(".")
@@ -381,6 +460,9 @@ class Spool:
         segment_size: int = 64 * 1024 * 1024,
         fsync: bool = True,
         max_batch: int = 1024,
+        event_retention: float = 0.0,
+        upkeep_interval: float = 10.0,
+        prune_batch: int = 2000,
     ) -> None:
         self.path = Path(path)
         self.segment_dir = self.path / "segments"
@@ -404,7 +486,19 @@ class Spool:
         self.closed = True
         # Observers of committed events (metrics, logs); called on the event loop.
         self.event_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
-        self.stats = {"batches": 0, "stored": 0, "fsyncs": 0}
+        self.stats = {
+            "batches": 0, "stored": 0, "fsyncs": 0,
+            "upkeeps": 0, "events_pruned": 0, "segments_reclaimed": 0,
+        }  # fmt: skip
+        # Upkeep (writer thread, between batches): empty segments go; events older than
+        # ``event_retention`` (0: kept for ever) that the event copier has copied go,
+        # ``prune_batch`` at a time so that a backlog never holds the writer for long.
+        self.event_retention = event_retention
+        self.upkeep_interval = upkeep_interval
+        self.prune_batch = prune_batch
+        # The highest event id the control plane has durably copied (see mark_copied);
+        # None until the copier says: nothing is pruned before that.
+        self.copied_through: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -608,6 +702,19 @@ class Spool:
         if outcomes:
             await self._submit("record", list(outcomes))
 
+    async def act(self, action: str, msg_id: str | None = None) -> int:
+        """An operator action (:data:`OPERATOR_ACTIONS`) on one message or all (None);
+        the number of recipients changed."""
+        if action not in OPERATOR_ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        return int(await self._submit("act", action, msg_id))
+
+    def mark_copied(self, last_id: int) -> None:
+        """The event copier has committed every event up to ``last_id`` elsewhere: those
+        may be pruned once older than ``event_retention``. Any thread."""
+        if self.copied_through is None or last_id > self.copied_through:
+            self.copied_through = last_id
+
     async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``fn(db)`` in the writer thread inside a transaction; returns its result."""
         return await self._submit("call", fn)
@@ -656,8 +763,16 @@ class Spool:
 
     def _writer(self) -> None:
         stop = False
+        next_upkeep = time.monotonic() + self.upkeep_interval
         while not stop:
-            op = self._ops.get()
+            wait = next_upkeep - time.monotonic()
+            if wait <= 0:
+                next_upkeep = time.monotonic() + self._upkeep()
+                continue
+            try:
+                op = self._ops.get(timeout=wait)
+            except queue.Empty:
+                continue
             if op is None:
                 break
             batch = [op]
@@ -712,6 +827,8 @@ class Spool:
                         res = None
                     elif op.kind == "call":
                         res = op.args[0](db)
+                    elif op.kind == "act":
+                        res = self._do_act(op.args[0], op.args[1], committed_events, unlink)
                     else:  # pragma: no cover
                         raise SpoolError(f"unknown op {op.kind}")
                     db.execute("RELEASE op")
@@ -982,15 +1099,25 @@ class Spool:
         detail: dict[str, Any],
     ) -> dict[str, Any]:  # fmt: skip
         assert self._db is not None
-        payload = json.dumps(detail, separators=(",", ":"), default=str)
-        cur = self._db.execute(
-            "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail) VALUES (?,?,?,?,?,?)",
-            (ts, kind, msg_id, rid, rcpt, payload),
-        )
-        return {
-            "id": cur.lastrowid, "ts": ts, "type": kind, "msg_id": msg_id,
-            "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
-        }  # fmt: skip
+        return insert_event(self._db, ts, kind, msg_id, rid, rcpt, detail)
+
+    def _do_act(
+        self, action: str, msg_id: str | None, events: list[dict[str, Any]], unlink: list[int]
+    ) -> int:
+        assert self._db is not None
+        done, emptied = operator_action(self._db, action, msg_id, time.time())
+        events += done
+        self._reclaim(emptied, unlink)
+        return len(done)
+
+    def _reclaim(self, emptied: Iterable[int], unlink: list[int]) -> None:
+        """Segments with no live message: their rows go now (in the caller's
+        transaction), their files once it commits; never the one being written."""
+        assert self._db is not None
+        for seg in emptied:
+            if not self._writing(seg):
+                self._db.execute("DELETE FROM segments WHERE id = ?", (seg,))
+                unlink.append(seg)
 
     # Each query below names the partial index it must use (INDEXED BY: without
     # statistics the planner would rather take recipients_state and sort; with it, a
@@ -1141,23 +1268,63 @@ class Spool:
                                 row[0] if row else None, detail)
                 )  # fmt: skip
         for msg_id, n in finished.items():
-            db.execute("UPDATE messages SET remaining = remaining - ? WHERE id = ?", (n, msg_id))
-            self._remove_if_done(msg_id, unlink)
+            self._remove_if_done(msg_id, unlink, n)
 
-    def _remove_if_done(self, msg_id: str, unlink: list[int]) -> None:
+    def _remove_if_done(self, msg_id: str, unlink: list[int], finished: int = 0) -> None:
         assert self._db is not None
+        seg = settle_message(self._db, msg_id, finished)
+        if seg is not None:
+            self._reclaim([seg], unlink)
+
+    # ------------------------------------------------------------------ upkeep
+
+    def _upkeep(self) -> float:
+        """One round of upkeep; returns the seconds until the next (sooner while a
+        backlog of events to prune remains)."""
         db = self._db
-        row = db.execute(
-            "SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)
-        ).fetchone()
-        if row is None or row[0] > 0:
-            return
-        seg = row[1]
-        db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
-        db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
-        db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
-        if not self._writing(seg):
-            r = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
-            if r is not None and r[0] <= 0:
-                db.execute("DELETE FROM segments WHERE id = ?", (seg,))
-                unlink.append(seg)
+        assert db is not None
+        unlink: list[int] = []
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Segments emptied behind the writer's back (the queue commands) or
+                # whose removal failed before.
+                dead = [r[0] for r in db.execute("SELECT id FROM segments WHERE live <= 0")]
+                self._reclaim(dead, unlink)
+                pruned = self._prune_events(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            log.warning("event=spool_upkeep_failed error=%r", str(exc))
+            return self.upkeep_interval
+        for seg in unlink:
+            self._unlink_segment(seg)
+        if unlink:
+            log.info("event=spool_segments_reclaimed count=%d", len(unlink))
+        self.stats["upkeeps"] += 1
+        self.stats["segments_reclaimed"] += len(unlink)
+        self.stats["events_pruned"] += pruned
+        if pruned:
+            log.debug("event=spool_events_pruned count=%d", pruned)
+        return 0.05 if pruned >= self.prune_batch else self.upkeep_interval
+
+    def _prune_events(self, db: sqlite3.Connection) -> int:
+        """Delete up to ``prune_batch`` events that are copied and old enough."""
+        copied = self.copied_through
+        if self.event_retention <= 0 or copied is None:
+            return 0
+        newest = db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+        if newest is None:
+            return 0
+        # The newest event always stays: event ids are rowids, and an empty table
+        # would hand out ids the copier has already moved past.
+        upto = min(copied, int(newest) - 1)
+        cur = db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? AND ts < ?"
+            " ORDER BY id LIMIT ?)",
+            (upto, time.time() - self.event_retention, self.prune_batch),
+        )
+        return max(cur.rowcount, 0)
