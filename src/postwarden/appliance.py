@@ -141,7 +141,11 @@ class Appliance:
         self.metrics = Metrics()
         self.spool_path = shard_path(cfg.spool.path, worker.index if worker else 0)
         self.spool = Spool(
-            self.spool_path, segment_size=cfg.spool.segment_size, fsync=cfg.spool.fsync
+            self.spool_path,
+            segment_size=cfg.spool.segment_size,
+            fsync=cfg.spool.fsync,
+            event_retention=cfg.spool.event_retention,
+            upkeep_interval=cfg.spool.upkeep_interval,
         )
         self.resolver = Resolver(
             cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
@@ -179,6 +183,8 @@ class Appliance:
         self.copier = EventCopier(self.spool_path, self.control.sessions, bounces=cfg.bounces)
         self.copier.on_suppressed = self._bounce_suppressed
         self.copier.metrics = self.metrics
+        # What the control plane holds, the spool may prune (spool.event_retention).
+        self.copier.on_copied = self.spool.mark_copied
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
         self.return_paths = ReturnPaths.from_config(cfg)
         self.scheduler.failed = self._notify_failed

@@ -160,6 +160,10 @@ class SpoolConfig:
     path: str = "./var/spool"
     segment_size: int = field(default=64 * 1024 * 1024, metadata=_SIZE)
     fsync: bool = True
+    # Events the control plane has copied go from the spool's log after this (0: never).
+    event_retention: float = field(default=3 * 86400.0, metadata=_DURATION)
+    # How often the spool reclaims empty segments and prunes copied events.
+    upkeep_interval: float = field(default=10.0, metadata=_DURATION)
 
 
 @dataclass
@@ -601,6 +605,7 @@ def validate(cfg: Config) -> None:
         "delivery.max_recipients_per_transaction": cfg.delivery.max_recipients_per_transaction,
         "queue.max_inflight": cfg.queue.max_inflight,
         "spool.segment_size": cfg.spool.segment_size,
+        "spool.upkeep_interval": cfg.spool.upkeep_interval,
         "dns.cache_size": cfg.dns.cache_size,
         "control.rate_limit": cfg.control.rate_limit,
         "control.rate_burst": cfg.control.rate_burst,

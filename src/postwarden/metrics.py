@@ -31,6 +31,7 @@ REJECT_REASONS = (
     "bad_sender",
     "bad_recipient",
     "local_error",
+    "insufficient_storage",
     "sender_domain",
     "pool",
     "bad_priority",
@@ -49,6 +50,7 @@ INBOUND_REFUSALS = (
     "too_many_commands",
     "auth",
     "local_error",
+    "insufficient_storage",
 )
 FAILURE_STAGES = (
     "connect",

@@ -84,6 +84,9 @@ class EventCopier:
         #: Called with (tenant id, address) of each suppression the copy wrote.
         self.on_suppressed: Callable[[list[tuple[int, str]]], Any] | None = None
         self.metrics: Any = None
+        #: Called with the id up to which the shard's events are committed in the
+        #: control database (the spool may prune those).
+        self.on_copied: Callable[[int], None] | None = None
         self.shard = ""  # the spool's id (its index's meta table), read on first use
         self.sessions = sessions
         self.interval = interval
@@ -173,6 +176,8 @@ class EventCopier:
                     s.add(cur)
                     await s.delete(old)
             after = cur.last_id if cur is not None else 0
+            if after and self.on_copied is not None:
+                self.on_copied(after)  # committed in an earlier run
             rows = await asyncio.to_thread(self._read, after)
             if not rows:
                 return 0
@@ -190,6 +195,8 @@ class EventCopier:
                 self._msgs.clear()
                 raise
         self.copied += len(rows)
+        if self.on_copied is not None:
+            self.on_copied(rows[-1][0])
         if self.suppressed and self.on_suppressed is not None:
             self.on_suppressed(self.suppressed)
         return len(rows)

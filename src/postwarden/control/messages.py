@@ -40,7 +40,7 @@ from postwarden.mail.build import (
     needs_smtputf8,
 )
 from postwarden.mail.cleanup import Rejected
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, new_message_id
+from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, SpoolFull, new_message_id
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
@@ -297,6 +297,11 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
         stored = await c.ctx.inject(env, data, msg_id, creds)
     except Rejected as exc:  # the cleanup stage's verdict: the message, not the spool
         raise invalid(exc.field, exc.text) from None
+    except SpoolFull as exc:
+        raise ApiError(
+            503, "insufficient_storage", "the spool is out of disk space; try again later",
+            headers={"Retry-After": "60"},
+        ) from exc  # fmt: skip
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the spool refused the message: {exc}") from exc
     out = []

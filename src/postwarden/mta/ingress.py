@@ -33,7 +33,7 @@ from postwarden.mail.cleanup import Origin, Rejected
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.wire import BulkDataSMTP
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH, StoredMessage, new_message_id
+from postwarden.queue.spool import LANE_BULK, LANE_HIGH, SpoolFull, StoredMessage, new_message_id
 from postwarden.queue.spool import Envelope as SpoolEnvelope
 
 log = logging.getLogger("postwarden.ingress")
@@ -557,6 +557,11 @@ class IngressHandler(SessionGuard):
             except Rejected as exc:
                 self.metrics.rejected.labels(exc.reason).inc()
                 return exc.reply
+            except SpoolFull:
+                # The disk is full: nothing of this message was kept; the client retries.
+                log.warning("event=spool_full peer=%s", peer_ip)
+                self.metrics.rejected.labels("insufficient_storage").inc()
+                return "452 4.3.1 Insufficient system storage"
             except Exception:
                 log.exception("event=spool_failed peer=%s", peer_ip)
                 self.metrics.rejected.labels("local_error").inc()

@@ -24,9 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from postwarden.queue.spool import FINAL_STATES, shard_number, shard_paths
-
-_FINAL_PLACEHOLDERS = "(" + ",".join("?" * len(FINAL_STATES)) + ")"
+from postwarden.queue.spool import operator_action, shard_number, shard_paths
 
 Row = dict[str, Any]
 # ``after`` for :meth:`QueueAdmin.events` and :meth:`QueueAdmin.tail`: an event id
@@ -214,96 +212,39 @@ class QueueAdmin:
                 time.sleep(poll)
 
     # -- actions
+    #
+    # The state changes are the spool's own (postwarden.queue.spool.operator_action),
+    # run here on this process's connection in one transaction per shard. A delete
+    # that empties a segment leaves its file to the running appliance, which unlinks
+    # it at its next upkeep (or at its next start).
 
-    def _where(self, msg_id: str | None) -> tuple[str, builtins.list[Any]]:
+    def _act(self, action: str, msg_id: str | None) -> int:
         if msg_id in (None, "ALL"):
-            return "", []
-        return " AND msg_id = ?", [msg_id]
-
-    def _act(self, sql: str, args: builtins.list[Any], event: str, msg_id: str | None) -> int:
-        if msg_id in (None, "ALL"):
-            return sum(self._act_in(db, sql, args, event, None) for db in self.shards.values())
+            return sum(self._act_in(db, action, None) for db in self.shards.values())
         found = self._shard_of(msg_id)
         if found is None:
             return 0
-        return self._act_in(self.shards[found[0]], sql, args, event, msg_id)
+        return self._act_in(self.shards[found[0]], action, msg_id)
 
-    def _act_in(
-        self,
-        db: sqlite3.Connection,
-        sql: str,
-        args: builtins.list[Any],
-        event: str,
-        msg_id: str | None,
-    ) -> int:
-        where, wargs = self._where(msg_id)
-        now = time.time()
+    @staticmethod
+    def _act_in(db: sqlite3.Connection, action: str, msg_id: str | None) -> int:
         db.execute("BEGIN IMMEDIATE")
         try:
-            ids = [
-                tuple(r)
-                # Only constant fragments are concatenated; every value is bound.
-                for r in db.execute(
-                    "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
-                    + sql
-                    + where,
-                    args + wargs,
-                )
-            ]
-            for rid, mid, rcpt in ids:
-                self._apply(db, event, rid, now)
-                db.execute(
-                    "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail)"
-                    " VALUES (?,?,?,?,?,?)",
-                    (now, event, mid, rid, rcpt, json.dumps({"by": "operator"})),
-                )
-            if event == "deleted":
-                self._remove_finished(db, {mid for _, mid, _ in ids})
+            events, _emptied = operator_action(db, action, msg_id, time.time())
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return len(ids)
-
-    @staticmethod
-    def _apply(db: sqlite3.Connection, event: str, rid: int, now: float) -> None:
-        if event == "held":
-            db.execute("UPDATE recipients SET held=1, updated_at=? WHERE id=?", (now, rid))
-        elif event == "released":
-            db.execute("UPDATE recipients SET held=0, updated_at=? WHERE id=?", (now, rid))
-        elif event == "flushed":
-            db.execute(
-                "UPDATE recipients SET next_attempt=?, updated_at=? WHERE id=?", (now, now, rid)
-            )
-        elif event == "deleted":
-            db.execute("UPDATE recipients SET state='deleted', updated_at=? WHERE id=?", (now, rid))
-
-    @staticmethod
-    def _remove_finished(db: sqlite3.Connection, msg_ids: set[str]) -> None:
-        for mid in msg_ids:
-            n = db.execute(
-                "SELECT COUNT(*) FROM recipients WHERE msg_id=? AND state NOT IN "  # noqa: S608
-                + _FINAL_PLACEHOLDERS,
-                (mid, *FINAL_STATES),
-            ).fetchone()[0]
-            db.execute("UPDATE messages SET remaining=? WHERE id=?", (n, mid))
-            if n == 0:
-                seg = db.execute("SELECT segment FROM messages WHERE id=?", (mid,)).fetchone()
-                db.execute("DELETE FROM recipients WHERE msg_id=?", (mid,))
-                db.execute("DELETE FROM messages WHERE id=?", (mid,))
-                if seg is not None:
-                    # The appliance's writer removes the file when it next sees the
-                    # segment empty (at rotation or restart).
-                    db.execute("UPDATE segments SET live = live - 1 WHERE id=?", (seg[0],))
+        return len(events)
 
     def hold(self, msg_id: str | None) -> int:
-        return self._act(" AND held = 0", [], "held", msg_id)
+        return self._act("hold", msg_id)
 
     def release(self, msg_id: str | None) -> int:
-        return self._act(" AND held = 1", [], "released", msg_id)
+        return self._act("release", msg_id)
 
     def flush(self, msg_id: str | None = None) -> int:
-        return self._act(" AND held = 0", [], "flushed", msg_id)
+        return self._act("flush", msg_id)
 
     def delete(self, msg_id: str | None) -> int:
-        return self._act("", [], "deleted", msg_id)
+        return self._act("delete", msg_id)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,7 +43,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,71 @@ class SpoolError(RuntimeError):
     """The spool could not do what was asked (closed, corrupt record, I/O error)."""
 
 
+class SpoolFull(SpoolError):
+    """No room left for the spool (a segment write or the index hit a full disk or a
+    quota). Temporary: the spool tries again with the next message, and takes mail as
+    soon as space returns."""
+
+
+# The errno values that mean "no room": the filesystem is full, or the user's quota is.
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# SQLite's answer when a write hits a full disk (primary code; extended codes keep it
+# in the low byte). Growing the WAL index (-shm) on a full disk fails as SHMSIZE.
+_SQLITE_NO_SPACE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE})
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether an error from a segment write or the index means "the disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and (code in _SQLITE_NO_SPACE or code & 0xFF == sqlite3.SQLITE_FULL)
+    return False
+
+
+def spool_error(what: str, exc: BaseException) -> SpoolError:
+    """The spool's error for a failed write: :class:`SpoolFull` when there is no space."""
+    cls = SpoolFull if is_no_space(exc) else SpoolError
+    return cls(f"{what}: {exc}")
+
+
+# At most this many buffers in one writev (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1000
+
+
+def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write every chunk at the file's end: one ``writev`` per ``_IOV_MAX`` buffers,
+    carrying on after a short count (a filesystem may write part of a request when it
+    runs out of room; the next call then reports why)."""
+    pending: Sequence[bytes | memoryview] = chunks
+    while pending:
+        part = pending[:_IOV_MAX]
+        want = sum(len(c) for c in part)
+        done = os.writev(fd, part)
+        if done == want:
+            pending = pending[_IOV_MAX:]
+            continue
+        if done == 0:  # a regular file does not do that; never spin on it
+            raise OSError(errno.ENOSPC, "segment write made no progress")
+        i = 0
+        while done >= len(part[i]):
+            done -= len(part[i])
+            i += 1
+        pending = [memoryview(part[i])[done:], *part[i + 1 :], *pending[_IOV_MAX:]]
+
+
+class _ReadFd:
+    """A cached read-only segment fd, closed only when no reader is using it."""
+
+    __slots__ = ("dropped", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.dropped = False
+
+
 def new_message_id() -> str:
     """A sortable, unique queue id: 12 hex digits of milliseconds + 10 random hex digits.
 
@@ -219,6 +286,85 @@ def stranded_shards(spool_path: str | os.PathLike[str], workers: int) -> list[tu
         if count:
             out.append((path, count))
     return out
+
+
+# ---------------------------------------------------------------- state changes
+# The SQL of every state change a message or recipient goes through outside delivery
+# lives here, as plain functions over a connection to a shard's index, inside the
+# caller's transaction: the spool's writer thread calls them, and so does
+# :class:`postwarden.queue.admin.QueueAdmin` (the ``queue`` commands) with its own
+# connection while the appliance runs. Only the running spool unlinks segment files.
+
+
+def insert_event(
+    db: sqlite3.Connection, ts: float, kind: str, msg_id: str, rid: int | None,
+    rcpt: str | None, detail: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Append an event to the log; returns it as the event listeners see it."""
+    payload = json.dumps(detail, separators=(",", ":"), default=str)
+    cur = db.execute(
+        "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail) VALUES (?,?,?,?,?,?)",
+        (ts, kind, msg_id, rid, rcpt, payload),
+    )
+    return {
+        "id": cur.lastrowid, "ts": ts, "type": kind, "msg_id": msg_id,
+        "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
+    }  # fmt: skip
+
+
+def settle_message(db: sqlite3.Connection, msg_id: str, finished: int) -> int | None:
+    """``finished`` more recipients of a message are done; when none is left pending,
+    its rows go and its segment's live count drops. Returns that segment's id when no
+    message lives in it any more (its file can go, unless it is being written)."""
+    if finished:
+        db.execute("UPDATE messages SET remaining = remaining - ? WHERE id = ?", (finished, msg_id))
+    row = db.execute("SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    if row is None or row[0] > 0:
+        return None
+    seg = int(row[1])
+    db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
+    db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+    db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
+    left = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
+    return seg if left is not None and left[0] <= 0 else None
+
+
+# Operator actions: which waiting recipients each touches, the change, its event.
+OPERATOR_ACTIONS: dict[str, tuple[str, str, str]] = {
+    "hold": ("held = 0", "held = 1", "held"),
+    "release": ("held = 1", "held = 0", "released"),
+    "flush": ("held = 0", "next_attempt = :now", "flushed"),
+    "delete": ("1", "state = 'deleted'", "deleted"),
+}
+
+
+def operator_action(
+    db: sqlite3.Connection, action: str, msg_id: str | None, now: float
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Apply an operator action (:data:`OPERATOR_ACTIONS`) to the waiting recipients
+    (``queued``, ``deferred``; never one being delivered) of one message, or of all
+    when ``msg_id`` is None; one event each. Runs in the caller's transaction.
+
+    Returns the events and the segments left with no live message (by deletes)."""
+    which, change, kind = OPERATOR_ACTIONS[action]
+    # Only constant fragments (OPERATOR_ACTIONS) are concatenated; values are bound.
+    sql = (
+        "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
+        f" AND {which}" + (" AND msg_id = :msg" if msg_id is not None else "")
+    )
+    rows = db.execute(sql, {"msg": msg_id}).fetchall()
+    events: list[dict[str, Any]] = []
+    deleted: dict[str, int] = {}
+    for rid, mid, rcpt in rows:
+        db.execute(
+            f"UPDATE recipients SET {change}, updated_at = :now WHERE id = :id",  # noqa: S608
+            {"now": now, "id": rid},
+        )
+        events.append(insert_event(db, now, kind, mid, rid, rcpt, {"by": "operator"}))
+        if action == "delete":
+            deleted[mid] = deleted.get(mid, 0) + 1
+    emptied = [seg for mid, n in deleted.items() if (seg := settle_message(db, mid, n)) is not None]
+    return events, emptied
 
 
 def domain_of(address: str) -> str:
@@ -314,6 +460,9 @@ class Spool:
         segment_size: int = 64 * 1024 * 1024,
         fsync: bool = True,
         max_batch: int = 1024,
+        event_retention: float = 0.0,
+        upkeep_interval: float = 10.0,
+        prune_batch: int = 2000,
     ) -> None:
         self.path = Path(path)
         self.segment_dir = self.path / "segments"
@@ -326,7 +475,10 @@ class Spool:
         self._seg_id = 0
         self._seg_fd = -1
         self._seg_pos = 0
-        self._read_fds: dict[int, int] = {}
+        # segment -> its read fd; a reader holds it (``users``) while it preads, so that
+        # evicting or unlinking never closes an fd under a reader (the number could be
+        # reused by another open, and the read would return another file's bytes).
+        self._read_fds: dict[int, _ReadFd] = {}
         self._read_lock = threading.Lock()
         self.recovered_inflight = 0
         # The tenant bulk leasing moved past last (writer thread only).
@@ -334,7 +486,19 @@ class Spool:
         self.closed = True
         # Observers of committed events (metrics, logs); called on the event loop.
         self.event_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
-        self.stats = {"batches": 0, "stored": 0, "fsyncs": 0}
+        self.stats = {
+            "batches": 0, "stored": 0, "fsyncs": 0,
+            "upkeeps": 0, "events_pruned": 0, "segments_reclaimed": 0,
+        }  # fmt: skip
+        # Upkeep (writer thread, between batches): empty segments go; events older than
+        # ``event_retention`` (0: kept for ever) that the event copier has copied go,
+        # ``prune_batch`` at a time so that a backlog never holds the writer for long.
+        self.event_retention = event_retention
+        self.upkeep_interval = upkeep_interval
+        self.prune_batch = prune_batch
+        # The highest event id the control plane has durably copied (see mark_copied);
+        # None until the copier says: nothing is pruned before that.
+        self.copied_through: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -479,9 +643,8 @@ class Spool:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         with self._read_lock:
-            for fd in self._read_fds.values():
-                os.close(fd)
-            self._read_fds.clear()
+            for seg in list(self._read_fds):
+                self._drop_read_fd_locked(seg)
 
     def _close_sync(self) -> None:
         if self._seg_fd >= 0:
@@ -496,6 +659,9 @@ class Spool:
                     if not busy or not busy[0]:
                         break
                     time.sleep(0.05)
+            except sqlite3.Error as exc:
+                # A full disk, say: the WAL stays, and the next open replays it.
+                log.warning("event=spool_checkpoint_failed error=%r", str(exc))
             finally:
                 self._db.close()
                 self._db = None
@@ -536,6 +702,19 @@ class Spool:
         if outcomes:
             await self._submit("record", list(outcomes))
 
+    async def act(self, action: str, msg_id: str | None = None) -> int:
+        """An operator action (:data:`OPERATOR_ACTIONS`) on one message or all (None);
+        the number of recipients changed."""
+        if action not in OPERATOR_ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        return int(await self._submit("act", action, msg_id))
+
+    def mark_copied(self, last_id: int) -> None:
+        """The event copier has committed every event up to ``last_id`` elsewhere: those
+        may be pruned once older than ``event_retention``. Any thread."""
+        if self.copied_through is None or last_id > self.copied_through:
+            self.copied_through = last_id
+
     async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run ``fn(db)`` in the writer thread inside a transaction; returns its result."""
         return await self._submit("call", fn)
@@ -545,19 +724,32 @@ class Spool:
         return self.read_location(lease.segment, lease.body_offset, lease.body_length)
 
     def read_location(self, segment: int, offset: int, length: int) -> bytes:
-        with self._read_lock:
-            fd = self._read_fds.get(segment)
-            if fd is None:
-                fd = os.open(self.segment_dir / f"{segment:012d}.seg", os.O_RDONLY)
-                if len(self._read_fds) >= 64:
-                    old_seg, old_fd = next(iter(self._read_fds.items()))
-                    del self._read_fds[old_seg]
-                    os.close(old_fd)
-                self._read_fds[segment] = fd
-        data = os.pread(fd, length, offset)
+        with self.segment_fd(segment) as fd:
+            data = os.pread(fd, length, offset)
         if len(data) != length:
             raise SpoolError(f"segment {segment}: short read at {offset} ({len(data)}/{length})")
         return data
+
+    @contextlib.contextmanager
+    def segment_fd(self, segment: int) -> Iterator[int]:
+        """A read-only fd of a segment, open until the block ends (cached across reads;
+        any thread). Evicting it from the cache or unlinking the segment meanwhile
+        closes it only when the block is done."""
+        with self._read_lock:
+            handle = self._read_fds.get(segment)
+            if handle is None:
+                handle = _ReadFd(os.open(self.segment_dir / f"{segment:012d}.seg", os.O_RDONLY))
+                if len(self._read_fds) >= 64:
+                    self._drop_read_fd_locked(next(iter(self._read_fds)))
+                self._read_fds[segment] = handle
+            handle.users += 1
+        try:
+            yield handle.fd
+        finally:
+            with self._read_lock:
+                handle.users -= 1
+                if handle.dropped and handle.users == 0:
+                    os.close(handle.fd)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -571,8 +763,16 @@ class Spool:
 
     def _writer(self) -> None:
         stop = False
+        next_upkeep = time.monotonic() + self.upkeep_interval
         while not stop:
-            op = self._ops.get()
+            wait = next_upkeep - time.monotonic()
+            if wait <= 0:
+                next_upkeep = time.monotonic() + self._upkeep()
+                continue
+            try:
+                op = self._ops.get(timeout=wait)
+            except queue.Empty:
+                continue
             if op is None:
                 break
             batch = [op]
@@ -597,11 +797,16 @@ class Spool:
         try:
             if stores:
                 placed = self._append_bodies(stores)
-        except BaseException as exc:  # an I/O error fails the stores, not the others
-            log.exception("event=spool_write_failed")
+        except Exception as exc:  # an I/O error fails the stores, not the others
+            if is_no_space(exc):  # expected while the disk is full: no traceback each time
+                log.warning("event=spool_full stage=segment messages=%d error=%r",
+                            len(stores), str(exc))  # fmt: skip
+            else:
+                log.exception("event=spool_write_failed messages=%d", len(stores))
             for op in stores:
-                results.append((op, None, SpoolError(f"spool write failed: {exc}")))
+                results.append((op, None, spool_error("spool write failed", exc)))
             batch = [op for op in batch if op.kind != "store"]
+            stores = []
         db = self._db
         try:
             db.execute(
@@ -622,6 +827,8 @@ class Spool:
                         res = None
                     elif op.kind == "call":
                         res = op.args[0](db)
+                    elif op.kind == "act":
+                        res = self._do_act(op.args[0], op.args[1], committed_events, unlink)
                     else:  # pragma: no cover
                         raise SpoolError(f"unknown op {op.kind}")
                     db.execute("RELEASE op")
@@ -630,21 +837,26 @@ class Spool:
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
                     log.exception("event=spool_op_failed kind=%s", op.kind)
-                    results.append((op, None, exc))
+                    results.append((op, None, spool_error("spool index", exc)
+                                    if is_no_space(exc) else exc))  # fmt: skip
             db.execute("COMMIT")
             if stores:
                 self.stats["fsyncs"] += 1
             for seg in unlink:
                 self._unlink_segment(seg)
-        except BaseException as exc:
-            log.exception("event=spool_commit_failed")
+        except Exception as exc:
+            if is_no_space(exc):
+                log.warning("event=spool_full stage=index error=%r", str(exc))
+            else:
+                log.exception("event=spool_commit_failed")
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            results = [
-                (op, None, SpoolError(f"spool commit failed: {exc}")) for op, _, _ in results
-            ]
+            # The stores' records stay in the segment, never indexed (and _seg_pos is
+            # past them): nothing refers to them, and restart drops them with the file.
+            failed = spool_error("spool commit failed", exc)
+            results = [(op, None, failed if err is None else err) for op, _, err in results]
             committed_events = []
         self.stats["batches"] += 1
         self.stats["stored"] += len(stores)
@@ -685,10 +897,26 @@ class Spool:
 
     # ------------------------------------------------------------------ segments
 
-    def _new_segment(self) -> None:
-        if self._seg_fd >= 0:
-            os.close(self._seg_fd)
-            assert self._db is not None
+    def _writing(self, seg: int) -> bool:
+        """Whether ``seg`` is the segment open for appending (never to be unlinked)."""
+        return seg == self._seg_id and self._seg_fd >= 0
+
+    def _seal_segment(self) -> None:
+        """Stop appending to the current segment; unlink it if no message lives in it.
+
+        After a failed write its tail is unknown (part of a batch may be there): the
+        records before it stay readable at their offsets, and the next batch starts
+        in a new segment. A failure to mark it sealed in the index does no harm: only
+        the open segment is ever kept empty, and a restart seals every old one."""
+        if self._seg_fd < 0:
+            return
+        fd, self._seg_fd = self._seg_fd, -1
+        try:
+            os.close(fd)
+        except OSError:
+            log.warning("event=segment_close_failed segment=%d", self._seg_id, exc_info=True)
+        assert self._db is not None
+        try:
             self._db.execute("UPDATE segments SET sealed = 1 WHERE id = ?", (self._seg_id,))
             row = self._db.execute(
                 "SELECT live FROM segments WHERE id = ?", (self._seg_id,)
@@ -696,26 +924,40 @@ class Spool:
             if row is not None and row[0] <= 0:
                 self._db.execute("DELETE FROM segments WHERE id = ?", (self._seg_id,))
                 self._unlink_segment(self._seg_id)
+        except sqlite3.Error as exc:
+            log.warning("event=segment_seal_failed segment=%d error=%r", self._seg_id, str(exc))
+
+    def _new_segment(self) -> None:
+        self._seal_segment()
+        assert self._db is not None
         self._seg_id += 1
         seg_path = self.segment_dir / f"{self._seg_id:012d}.seg"
-        self._seg_fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._seg_pos = os.fstat(self._seg_fd).st_size
-        if self.fsync:
-            # The directory entry must be durable too, or a power loss could lose
-            # the whole file behind already-acknowledged messages.
-            dfd = os.open(self.segment_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        assert self._db is not None
-        self._db.execute(
-            "INSERT OR IGNORE INTO segments(id, live, sealed) VALUES (?, 0, 0)", (self._seg_id,)
-        )
+        fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if self.fsync:
+                # The directory entry must be durable too, or a power loss could lose
+                # the whole file behind already-acknowledged messages.
+                dfd = os.open(self.segment_dir, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            self._db.execute(
+                "INSERT OR IGNORE INTO segments(id, live, sealed) VALUES (?, 0, 0)", (self._seg_id,)
+            )
+        except BaseException:
+            os.close(fd)
+            seg_path.unlink(missing_ok=True)
+            raise
+        self._seg_fd = fd
+        self._seg_pos = os.fstat(fd).st_size
 
     def _append_bodies(self, stores: list[_Op]) -> dict[int, tuple[int, int, int]]:
-        """Write the batch's records to the segment and fdatasync once; return locations."""
-        if self._seg_pos >= self.segment_size:
+        """Write the batch's records to the segment and fdatasync once; return locations.
+
+        On any error the segment is sealed (its tail is unknown) and the error raised:
+        none of the batch is indexed, and the next batch opens a new segment."""
+        if self._seg_fd < 0 or self._seg_pos >= self.segment_size:
             self._new_segment()
         placed: dict[int, tuple[int, int, int]] = {}
         chunks: list[bytes] = []
@@ -744,15 +986,15 @@ class Spool:
             chunks += (prefix, header, data)
             pos = body_offset + len(data)
             placed[id(op)] = (self._seg_id, body_offset, len(data))
-        os.writev(self._seg_fd, chunks) if len(chunks) < 1000 else self._write_all(chunks)
+        try:
+            write_all(self._seg_fd, chunks)
+            if self.fsync:
+                os.fdatasync(self._seg_fd)
+        except BaseException:
+            self._seal_segment()
+            raise
         self._seg_pos = pos
-        if self.fsync:
-            os.fdatasync(self._seg_fd)
         return placed
-
-    def _write_all(self, chunks: list[bytes]) -> None:
-        for i in range(0, len(chunks), 999):
-            os.writev(self._seg_fd, chunks[i : i + 999])
 
     def _unlink_segment(self, seg: int) -> None:
         try:
@@ -760,9 +1002,15 @@ class Spool:
         except FileNotFoundError:
             pass
         with self._read_lock:
-            fd = self._read_fds.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
+            self._drop_read_fd_locked(seg)
+
+    def _drop_read_fd_locked(self, seg: int) -> None:
+        """Forget a segment's read fd; close it now, or when its last reader is done."""
+        handle = self._read_fds.pop(seg, None)
+        if handle is not None:
+            handle.dropped = True
+            if handle.users == 0:
+                os.close(handle.fd)
 
     def _remove_dead_segments(self) -> None:
         assert self._db is not None
@@ -851,15 +1099,25 @@ class Spool:
         detail: dict[str, Any],
     ) -> dict[str, Any]:  # fmt: skip
         assert self._db is not None
-        payload = json.dumps(detail, separators=(",", ":"), default=str)
-        cur = self._db.execute(
-            "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail) VALUES (?,?,?,?,?,?)",
-            (ts, kind, msg_id, rid, rcpt, payload),
-        )
-        return {
-            "id": cur.lastrowid, "ts": ts, "type": kind, "msg_id": msg_id,
-            "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
-        }  # fmt: skip
+        return insert_event(self._db, ts, kind, msg_id, rid, rcpt, detail)
+
+    def _do_act(
+        self, action: str, msg_id: str | None, events: list[dict[str, Any]], unlink: list[int]
+    ) -> int:
+        assert self._db is not None
+        done, emptied = operator_action(self._db, action, msg_id, time.time())
+        events += done
+        self._reclaim(emptied, unlink)
+        return len(done)
+
+    def _reclaim(self, emptied: Iterable[int], unlink: list[int]) -> None:
+        """Segments with no live message: their rows go now (in the caller's
+        transaction), their files once it commits; never the one being written."""
+        assert self._db is not None
+        for seg in emptied:
+            if not self._writing(seg):
+                self._db.execute("DELETE FROM segments WHERE id = ?", (seg,))
+                unlink.append(seg)
 
     # Each query below names the partial index it must use (INDEXED BY: without
     # statistics the planner would rather take recipients_state and sort; with it, a
@@ -1010,23 +1268,63 @@ class Spool:
                                 row[0] if row else None, detail)
                 )  # fmt: skip
         for msg_id, n in finished.items():
-            db.execute("UPDATE messages SET remaining = remaining - ? WHERE id = ?", (n, msg_id))
-            self._remove_if_done(msg_id, unlink)
+            self._remove_if_done(msg_id, unlink, n)
 
-    def _remove_if_done(self, msg_id: str, unlink: list[int]) -> None:
+    def _remove_if_done(self, msg_id: str, unlink: list[int], finished: int = 0) -> None:
         assert self._db is not None
+        seg = settle_message(self._db, msg_id, finished)
+        if seg is not None:
+            self._reclaim([seg], unlink)
+
+    # ------------------------------------------------------------------ upkeep
+
+    def _upkeep(self) -> float:
+        """One round of upkeep; returns the seconds until the next (sooner while a
+        backlog of events to prune remains)."""
         db = self._db
-        row = db.execute(
-            "SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)
-        ).fetchone()
-        if row is None or row[0] > 0:
-            return
-        seg = row[1]
-        db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
-        db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
-        db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
-        if seg != self._seg_id:
-            r = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
-            if r is not None and r[0] <= 0:
-                db.execute("DELETE FROM segments WHERE id = ?", (seg,))
-                unlink.append(seg)
+        assert db is not None
+        unlink: list[int] = []
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Segments emptied behind the writer's back (the queue commands) or
+                # whose removal failed before.
+                dead = [r[0] for r in db.execute("SELECT id FROM segments WHERE live <= 0")]
+                self._reclaim(dead, unlink)
+                pruned = self._prune_events(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            log.warning("event=spool_upkeep_failed error=%r", str(exc))
+            return self.upkeep_interval
+        for seg in unlink:
+            self._unlink_segment(seg)
+        if unlink:
+            log.info("event=spool_segments_reclaimed count=%d", len(unlink))
+        self.stats["upkeeps"] += 1
+        self.stats["segments_reclaimed"] += len(unlink)
+        self.stats["events_pruned"] += pruned
+        if pruned:
+            log.debug("event=spool_events_pruned count=%d", pruned)
+        return 0.05 if pruned >= self.prune_batch else self.upkeep_interval
+
+    def _prune_events(self, db: sqlite3.Connection) -> int:
+        """Delete up to ``prune_batch`` events that are copied and old enough."""
+        copied = self.copied_through
+        if self.event_retention <= 0 or copied is None:
+            return 0
+        newest = db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+        if newest is None:
+            return 0
+        # The newest event always stays: event ids are rowids, and an empty table
+        # would hand out ids the copier has already moved past.
+        upto = min(copied, int(newest) - 1)
+        cur = db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? AND ts < ?"
+            " ORDER BY id LIMIT ?)",
+            (upto, time.time() - self.event_retention, self.prune_batch),
+        )
+        return max(cur.rowcount, 0)
