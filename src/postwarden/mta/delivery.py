@@ -161,6 +161,7 @@ class _Connection:
     ip: str
     tls: bool
     source: str = ""
+    used: bool = False  # a transaction was begun on it
 
 
 class Gate(Protocol):
@@ -430,7 +431,15 @@ class DeliveryAgent:
             return AttemptResult(lease, kind, resp, conn.mx, conn.ip, conn.tls, reason, conn.source)
 
         if not smtp.is_connected:
-            return [result(x, "not_attempted", "", "connect") for x in job.leases], False
+            if conn.used:
+                # The peer closed a connection it had served (an idle timeout): the
+                # job goes back untouched and a fresh session takes it.
+                return [result(x, "not_attempted", "", "connect") for x in job.leases], False
+            # Closed before its first transaction (after EHLO, say): a failed attempt
+            # like any other, or such a host is reconnected to in a tight loop.
+            resp = "451 4.4.2 connection closed by the MX host before the transaction"
+            return [result(x, "temporary", resp, "connection") for x in job.leases], False
+        conn.used = True
         try:
             body = job.body
             if body is None:

@@ -70,6 +70,8 @@ BULK_SHARE = 0.8
 HOLD_CONNECTION = 2.0
 #: ... for at most this long, with the jobs in memory; beyond, they go back to the spool.
 HOLD_MEMORY = 60.0
+#: The answer recorded for a recipient that expired without a counted attempt.
+EXPIRED_UNTRIED = "451 4.4.7 expired in the queue before an attempt (queue.max_age)"
 
 
 class JobQueue:
@@ -406,20 +408,32 @@ class Scheduler:
         """Back to the queue without counting an attempt, due when the broker said."""
         if not jobs:
             return
-        when = time.time() + max(0.0, no.retry_at - asyncio.get_running_loop().time())
+        now = time.time()
+        when = now + max(0.0, no.retry_at - asyncio.get_running_loop().time())
         n = 0
+        expired: list[AttemptResult] = []
         for job in jobs:
             for lease in job.leases:
+                policy = self.policy_for(lease)
+                if policy.expired(lease.created_at, now):
+                    # Waiting for a limit does not stop the clock: expiry counts from
+                    # acceptance.
+                    resp = f"451 4.7.0 held by traffic shaping: {no.reason}"[:500]
+                    expired.append(AttemptResult(lease, "temporary", resp, reason="shaping"))
+                    continue
                 self._pending.append(
                     Outcome(
                         lease.rcpt_id,
                         lease.msg_id,
                         QUEUED,
-                        next_attempt=when,
+                        # Back at expiry at the latest, to expire then if still held.
+                        next_attempt=min(when, lease.created_at + policy.max_age),
                         counted_attempt=False,
                     )
                 )
                 n += 1
+        if expired:
+            self._report(expired)
         self.metrics.shaping_waits.labels(no.kind).inc(n)
         log.info("event=shaping_wait recipients=%d until=%.0f reason=%r", n, when, no.reason)
         if self._flush_task is None:
@@ -520,12 +534,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
 
+    def policy_for(self, lease: Lease) -> RetryPolicy:
+        return self.retry_policies.get(lease.domain, self.policy)
+
     def _report(self, results: list[AttemptResult]) -> None:
         now = time.time()
         outcomes: list[Outcome] = []
         finals: list[tuple[Lease, AttemptResult, bool]] = []
         for r in results:
             lease = r.lease
+            if r.kind == "not_attempted" and self.policy_for(lease).expired(lease.created_at, now):
+                # Expiry counts from acceptance, attempts or none.
+                r = dataclasses.replace(r, kind="temporary", response=EXPIRED_UNTRIED)
             detail: dict[str, object] = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
             if r.source:
                 detail["source"] = r.source
@@ -547,7 +567,7 @@ class Scheduler:
                 self.metrics.bounced.labels(r.reason).inc()
                 self.metrics.bounce_categories.labels(v.category, str(v.hard).lower(), "sync").inc()
             elif r.kind == "temporary":
-                policy = self.retry_policies.get(lease.domain, self.policy)
+                policy = self.policy_for(lease)
                 state, when = policy.after_temporary_failure(
                     lease.attempts + 1, lease.created_at, now, self.rng
                 )
