@@ -105,6 +105,18 @@ class Metrics:
             "Recipients found leased at startup after a crash (each may be delivered twice).",
             registry=r,
         )
+        self.record_failures = Counter(
+            "postwarden_scheduler_record_failures",
+            "Failed writes of delivery outcomes to the spool (each retried).",
+            registry=r,
+        )
+        self.session_leftovers = Counter(
+            "postwarden_scheduler_session_leftovers",
+            "Recipients a delivery session ended without reporting (requeued by the "
+            "scheduler), by how it ended.",
+            ["ending"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "postwarden_queue_recipients",
             "Recipients in the spool by state.",

@@ -37,7 +37,7 @@ from postwarden.dns.resolver import DnsError, MxHost, Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta import smtpclient_speedups
 from postwarden.mta.destinations import allowed_hosts, parse_networks
-from postwarden.queue.spool import Lease
+from postwarden.queue.spool import Lease, SpoolError
 
 log = logging.getLogger("postwarden.delivery")
 
@@ -444,7 +444,7 @@ class DeliveryAgent:
             body = job.body
             if body is None:
                 body = await asyncio.to_thread(self.read_body, job.leases[0])
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             log.error("event=spool_read_failed msg=%s error=%r", job.msg_id, exc)
             resp = "451 4.3.0 local error reading the spool"
             return [result(x, "temporary", resp, "local") for x in job.leases], True
