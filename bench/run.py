@@ -163,6 +163,7 @@ path = "{self.spool}"
 nameservers = ["{self.dns.nameserver}"]
 [delivery]
 mx_port = {self.sink_port}
+allowed_private_networks = ["127.0.0.0/8"]
 [[dkim.keys]]
 domain = "sender.bench.test"
 selector = "bench"

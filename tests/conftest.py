@@ -105,6 +105,8 @@ def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
         "dns": {"nameservers": [lab.nameserver], "timeout": "1s"},
         "delivery": {
             "mx_port": lab.mx_port,
+            # The lab's MX hosts and the tests' peers are on loopback.
+            "allowed_private_networks": ["127.0.0.0/8"],
             "timeouts": {
                 "connect": "2s",
                 "greeting": "3s",

@@ -361,7 +361,7 @@ class Appliance:
     async def _start_shaping(self) -> None:
         backend: Any
         if self.worker is not None:
-            client = BrokerClient(self.cfg.shaping_socket)
+            client = BrokerClient(self.cfg.shaping_socket, metrics=self.metrics)
             await client.connect()
             backend = client
         else:

@@ -215,6 +215,9 @@ class DeliveryConfig:
         default_factory=dict
     )
     timeouts: DeliveryTimeouts = field(default_factory=DeliveryTimeouts)
+    # CIDRs of non-global addresses (loopback, private, link-local...) delivery may
+    # connect to; empty: only globally routable unicast addresses.
+    allowed_private_networks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -587,6 +590,11 @@ def validate(cfg: Config) -> None:
                 f"smtp.users[{i}].password_hash: expected a hash from "
                 "`postwarden hash-password` (scrypt$...), never a plain password"
             )
+    for i, net in enumerate(cfg.delivery.allowed_private_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"delivery.allowed_private_networks[{i}]: {exc}") from exc
     if cfg.delivery.source_address:
         try:
             ipaddress.ip_address(cfg.delivery.source_address)

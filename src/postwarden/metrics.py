@@ -61,6 +61,8 @@ FAILURE_STAGES = (
     "connection",
     "local",
     "smtputf8",
+    "private",  # a destination on an address delivery may not connect to
+    "shaping",
 )
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -109,6 +111,36 @@ class Metrics:
         self.recovered_inflight = Counter(
             "postwarden_spool_recovered_inflight",
             "Recipients found leased at startup after a crash (each may be delivered twice).",
+            registry=r,
+        )
+        self.record_failures = Counter(
+            "postwarden_scheduler_record_failures",
+            "Failed writes of delivery outcomes to the spool (each retried).",
+            registry=r,
+        )
+        self.session_leftovers = Counter(
+            "postwarden_scheduler_session_leftovers",
+            "Recipients a delivery session ended without reporting (requeued by the "
+            "scheduler), by how it ended.",
+            ["ending"],
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "postwarden_shaping_broker_connected",
+            "Workers connected to the shaping broker (1 per worker; less: some run on "
+            "local limits).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.broker_reconnects = Counter(
+            "postwarden_shaping_broker_reconnects",
+            "Connections to the shaping broker made again after one was lost.",
+            registry=r,
+        )
+        self.broker_fallback = Counter(
+            "postwarden_shaping_broker_fallback",
+            "Shaping calls answered by a worker's local limits while the broker was away.",
+            ["op"],
             registry=r,
         )
         self.queue_depth = Gauge(
@@ -262,6 +294,10 @@ class Metrics:
             self.connections.labels(direction)
         for reason in WAIT_REASONS:
             self.shaping_waits.labels(reason)
+        for ending in ("completed", "failed", "cancelled"):
+            self.session_leftovers.labels(ending)
+        for op in ("choose", "take"):
+            self.broker_fallback.labels(op)
 
 
 WAIT_REASONS = REFUSALS

@@ -57,6 +57,10 @@ def lab_dkim_keys(var_dir: Path) -> list[dict[str, str]]:
     return out
 
 
+#: What the lab lets delivery connect to: its sinks (127.0.1.x) and test peers on loopback.
+LAB_NETWORKS = ["127.0.0.0/8"]
+
+
 def lab_config(config_path: str | None, lab: Lab, var_dir: Path) -> Config:
     """The user's config (or defaults) with the resolver and MX port aimed at the lab.
 
@@ -66,7 +70,8 @@ def lab_config(config_path: str | None, lab: Lab, var_dir: Path) -> Config:
     keys = lab_dkim_keys(var_dir)
     overrides: dict[str, Any] = {
         "dns": {"nameservers": [lab.nameserver]},
-        "delivery": {"mx_port": lab.mx_port},
+        # The lab's MX hosts live on loopback, which delivery refuses unless allowed.
+        "delivery": {"mx_port": lab.mx_port, "allowed_private_networks": LAB_NETWORKS},
         "dkim": {"keys": keys},
         # The lab is for trying things out: bring the control database up to date.
         "database": {"auto_upgrade": True},

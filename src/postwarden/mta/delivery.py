@@ -17,6 +17,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -35,7 +36,8 @@ from postwarden.config import Config, SourceConfig
 from postwarden.dns.resolver import DnsError, MxHost, Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta import smtpclient_speedups
-from postwarden.queue.spool import Lease
+from postwarden.mta.destinations import allowed_hosts, parse_networks
+from postwarden.queue.spool import Lease, SpoolError
 
 log = logging.getLogger("postwarden.delivery")
 
@@ -106,6 +108,45 @@ def kind_of(code: int) -> Kind:
     return "temporary"  # anything unexpected is retried, never lost
 
 
+class ExpiringSet:
+    """Keys remembered for ``ttl`` seconds, at most ``max_entries`` of them (the oldest
+    forgotten first): a memory of recent failures that cannot grow without bound
+    however many distinct addresses fail."""
+
+    def __init__(self, ttl: float, max_entries: int) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        # key -> expiry; one ttl for all, so insertion order is expiry order.
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, key: str, now: float) -> None:
+        self._until.pop(key, None)
+        self._until[key] = now + self.ttl
+        while self._until and (
+            len(self._until) > self.max_entries or next(iter(self._until.values())) <= now
+        ):
+            self._until.popitem(last=False)
+
+    def __contains__(self, item: tuple[str, float]) -> bool:
+        """``(key, now) in s``: whether ``key`` was added less than ``ttl`` ago."""
+        key, now = item
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[key]
+            return False
+        return True
+
+
+#: How long, and for how many addresses, a failed STARTTLS is remembered.
+TLS_BROKEN_TTL = 3600.0
+TLS_BROKEN_MAX = 4096
+
+
 class _ConnectFailed(Exception):
     def __init__(self, response: str, permanent: bool = False) -> None:
         super().__init__(response)
@@ -120,6 +161,7 @@ class _Connection:
     ip: str
     tls: bool
     source: str = ""
+    used: bool = False  # a transaction was begun on it
 
 
 class Gate(Protocol):
@@ -155,14 +197,16 @@ class DeliveryAgent:
         self.read_body = read_body
         self.metrics = metrics
         self._tls_ctx = self._make_tls_context(verify=cfg.delivery.tls_verify)
+        self._allowed_private = parse_networks(cfg.delivery.allowed_private_networks)
         # Addresses whose STARTTLS handshake failed recently: opportunistic TLS
         # falls back to plain text there instead of failing every time.
-        self._tls_broken: dict[str, float] = {}
+        self._tls_broken = ExpiringSet(TLS_BROKEN_TTL, TLS_BROKEN_MAX)
         smtpclient_speedups.install()
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self._tls_ctx = self._make_tls_context(verify=cfg.delivery.tls_verify)
+        self._allowed_private = parse_networks(cfg.delivery.allowed_private_networks)
 
     @staticmethod
     def _make_tls_context(verify: bool) -> ssl.SSLContext:
@@ -209,15 +253,34 @@ class DeliveryAgent:
                 report([AttemptResult(lease, kind, resp, reason="dns") for lease in job.leases])
                 job = await next_job(True)
             return
+        # Decided here, where addresses are chosen, so that MX answers and address
+        # literals alike never make the appliance connect inward.
+        hosts, refused = allowed_hosts(mx.hosts, self._allowed_private)
+        if refused:
+            log.warning(
+                "event=private_destination_refused domain=%s addresses=%s usable=%d",
+                domain,
+                ",".join(refused),
+                sum(len(h.addresses) for h in hosts),
+            )
+        if not hosts:
+            resp = (
+                f"550 5.7.1 refusing to connect to a private address {(refused or ['-'])[0]} "
+                "(delivery.allowed_private_networks)"
+            )
+            while job is not None:
+                report([AttemptResult(x, "permanent", resp, reason="private") for x in job.leases])
+                job = await next_job(True)
+            return
         source = None
         if gate is not None:
-            source = await gate.open(mx.hosts, job)
+            source = await gate.open(hosts, job)
             if source is None:
                 return
         sent = 0
         try:
             try:
-                conn = await self._connect(domain, mx.hosts, source)
+                conn = await self._connect(domain, hosts, source)
             except _ConnectFailed as exc:
                 kind = "permanent" if exc.permanent else "temporary"
                 src = source.name if source else ""
@@ -316,14 +379,13 @@ class DeliveryAgent:
                 await smtp.helo(timeout=t.ehlo)
             use_tls = False
             if policy != "disabled" and smtp.supports_extension("starttls"):
-                broken_until = self._tls_broken.get(ip, 0.0)
-                if policy == "required" or broken_until < time.monotonic():
+                if policy == "required" or (ip, time.monotonic()) not in self._tls_broken:
                     try:
                         await smtp.starttls(tls_context=self._tls_ctx, timeout=t.ehlo)
                         await smtp.ehlo(timeout=t.ehlo)
                         use_tls = True
                     except (SMTPException, ssl.SSLError, OSError) as exc:
-                        self._tls_broken[ip] = time.monotonic() + 3600
+                        self._tls_broken.add(ip, time.monotonic())
                         log.info("event=starttls_failed mx=%s ip=%s error=%r", mx_name, ip, exc)
                         await self._quiet_close(smtp)
                         if policy == "required":
@@ -369,12 +431,20 @@ class DeliveryAgent:
             return AttemptResult(lease, kind, resp, conn.mx, conn.ip, conn.tls, reason, conn.source)
 
         if not smtp.is_connected:
-            return [result(x, "not_attempted", "", "connect") for x in job.leases], False
+            if conn.used:
+                # The peer closed a connection it had served (an idle timeout): the
+                # job goes back untouched and a fresh session takes it.
+                return [result(x, "not_attempted", "", "connect") for x in job.leases], False
+            # Closed before its first transaction (after EHLO, say): a failed attempt
+            # like any other, or such a host is reconnected to in a tight loop.
+            resp = "451 4.4.2 connection closed by the MX host before the transaction"
+            return [result(x, "temporary", resp, "connection") for x in job.leases], False
+        conn.used = True
         try:
             body = job.body
             if body is None:
                 body = await asyncio.to_thread(self.read_body, job.leases[0])
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             log.error("event=spool_read_failed msg=%s error=%r", job.msg_id, exc)
             resp = "451 4.3.0 local error reading the spool"
             return [result(x, "temporary", resp, "local") for x in job.leases], True

@@ -42,6 +42,12 @@ class RetryPolicy:
             base *= 1.0 + self.jitter * (2.0 * r - 1.0)
         return max(base, 0.0)
 
+    def expired(self, created_at: float, now: float) -> bool:
+        """Whether a recipient accepted at ``created_at`` is past ``max_age``: counted
+        from acceptance, whatever the number of attempts (none, for mail that only
+        ever waited for a shaping limit or met closed connections)."""
+        return now >= created_at + self.max_age
+
     def after_temporary_failure(
         self, attempts: int, created_at: float, now: float, rng: random.Random | None = None
     ) -> tuple[str, float]:
@@ -52,6 +58,6 @@ class RetryPolicy:
         past the expiry time, so the last try happens right at ``max_age``.
         """
         expires_at = created_at + self.max_age
-        if now >= expires_at:
+        if self.expired(created_at, now):
             return "expired", 0.0
         return "deferred", min(now + self.delay(attempts, rng), expires_at)

@@ -70,6 +70,13 @@ BULK_SHARE = 0.8
 HOLD_CONNECTION = 2.0
 #: ... for at most this long, with the jobs in memory; beyond, they go back to the spool.
 HOLD_MEMORY = 60.0
+#: Failed spool writes of outcomes are retried after this long, doubling up to the max.
+RECORD_RETRY_FIRST = 0.05
+RECORD_RETRY_MAX = 5.0
+#: ... and given up after this many failures once the scheduler is stopping.
+RECORD_RETRIES_AT_STOP = 3
+#: The answer recorded for a recipient that expired without a counted attempt.
+EXPIRED_UNTRIED = "451 4.4.7 expired in the queue before an attempt (queue.max_age)"
 
 
 class JobQueue:
@@ -406,20 +413,32 @@ class Scheduler:
         """Back to the queue without counting an attempt, due when the broker said."""
         if not jobs:
             return
-        when = time.time() + max(0.0, no.retry_at - asyncio.get_running_loop().time())
+        now = time.time()
+        when = now + max(0.0, no.retry_at - asyncio.get_running_loop().time())
         n = 0
+        expired: list[AttemptResult] = []
         for job in jobs:
             for lease in job.leases:
+                policy = self.policy_for(lease)
+                if policy.expired(lease.created_at, now):
+                    # Waiting for a limit does not stop the clock: expiry counts from
+                    # acceptance.
+                    resp = f"451 4.7.0 held by traffic shaping: {no.reason}"[:500]
+                    expired.append(AttemptResult(lease, "temporary", resp, reason="shaping"))
+                    continue
                 self._pending.append(
                     Outcome(
                         lease.rcpt_id,
                         lease.msg_id,
                         QUEUED,
-                        next_attempt=when,
+                        # Back at expiry at the latest, to expire then if still held.
+                        next_attempt=min(when, lease.created_at + policy.max_age),
                         counted_attempt=False,
                     )
                 )
                 n += 1
+        if expired:
+            self._report(expired)
         self.metrics.shaping_waits.labels(no.kind).inc(n)
         log.info("event=shaping_wait recipients=%d until=%.0f reason=%r", n, when, no.reason)
         if self._flush_task is None:
@@ -487,14 +506,38 @@ class Scheduler:
                 q.waiters -= 1
             return self._take(q) if q.jobs and not self._stopping else None
 
-        gate = _Gate(self, key, q) if self.shaper is not None else None
+        # Every recipient this session took is reported exactly once: by the agent,
+        # handed back by the gate, or, when the session ends any other way, here.
+        outstanding: dict[int, Lease] = {}
+
+        def settle(job: Job) -> None:
+            for lease in job.leases:
+                outstanding.pop(lease.rcpt_id, None)
+
+        def report(results: list[AttemptResult]) -> None:
+            self._report(results)
+            for r in results:
+                outstanding.pop(r.lease.rcpt_id, None)
+
+        async def tracked_next_job(first: bool) -> Job | None:
+            job = await next_job(first)
+            if job is not None:
+                outstanding.update((x.rcpt_id, x) for x in job.leases)
+            return job
+
+        gate = _Gate(self, key, q, settle) if self.shaper is not None else None
+        ending = "completed"
         try:
-            await self.agent.run_session(domain, next_job, self._report, gate)
+            await self.agent.run_session(domain, tracked_next_job, report, gate)
         except asyncio.CancelledError:
+            ending = "cancelled"
             raise
         except Exception:
+            ending = "failed"
             log.exception("event=session_failed domain=%s", domain)
         finally:
+            if outstanding:
+                self._report_leftovers(domain, list(outstanding.values()), ending)
             q.sessions -= 1
             self.sessions -= 1
             if q.jobs and not self._stopping:
@@ -512,6 +555,27 @@ class Scheduler:
                     if self.sessions >= self.cfg.delivery.max_connections:
                         break
 
+    def _report_leftovers(self, domain: str, leases: list[Lease], ending: str) -> None:
+        """Recipients a session took and never reported: back to the queue untouched
+        when it was cancelled (shutdown), else a failed attempt (backed off like any
+        temporary failure, so a fault that recurs cannot spin)."""
+        self.metrics.session_leftovers.labels(ending).inc(len(leases))
+        log.error(
+            "event=session_leftovers domain=%s recipients=%d ending=%s",
+            domain,
+            len(leases),
+            ending,
+        )
+        if ending == "cancelled":
+            results = [AttemptResult(x, "not_attempted", "", reason="local") for x in leases]
+        else:
+            resp = "451 4.3.0 local error during delivery"
+            results = [AttemptResult(x, "temporary", resp, reason="local") for x in leases]
+        try:
+            self._report(results)
+        except Exception:
+            log.exception("event=leftovers_report_failed domain=%s", domain)
+
     def _take(self, q: _DomainQueue) -> Job:
         job = q.jobs.popleft()
         if job.body is not None:
@@ -520,12 +584,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
 
+    def policy_for(self, lease: Lease) -> RetryPolicy:
+        return self.retry_policies.get(lease.domain, self.policy)
+
     def _report(self, results: list[AttemptResult]) -> None:
         now = time.time()
         outcomes: list[Outcome] = []
         finals: list[tuple[Lease, AttemptResult, bool]] = []
         for r in results:
             lease = r.lease
+            if r.kind == "not_attempted" and self.policy_for(lease).expired(lease.created_at, now):
+                # Expiry counts from acceptance, attempts or none.
+                r = dataclasses.replace(r, kind="temporary", response=EXPIRED_UNTRIED)
             detail: dict[str, object] = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
             if r.source:
                 detail["source"] = r.source
@@ -547,7 +617,7 @@ class Scheduler:
                 self.metrics.bounced.labels(r.reason).inc()
                 self.metrics.bounce_categories.labels(v.category, str(v.hard).lower(), "sync").inc()
             elif r.kind == "temporary":
-                policy = self.retry_policies.get(lease.domain, self.policy)
+                policy = self.policy_for(lease)
                 state, when = policy.after_temporary_failure(
                     lease.attempts + 1, lease.created_at, now, self.rng
                 )
@@ -602,23 +672,41 @@ class Scheduler:
             return
         if self.bulk_ids:
             self.bulk_ids.difference_update(o.rcpt_id for o in batch)
+        task = asyncio.current_task()
+        if task is not None:  # drain_records waits for batches still being retried
+            self._recording.add(task)
+        delay = RECORD_RETRY_FIRST
+        failures = 0
         try:
-            await self.spool.record(batch)
-        except Exception:
-            # The recipients stay "active" in the index and are retried after the
-            # next restart; never dropped.
-            log.exception("event=record_failed count=%d", len(batch))
+            while True:
+                try:
+                    await self.spool.record(batch)
+                    break
+                except Exception:
+                    failures += 1
+                    self.metrics.record_failures.inc()
+                    log.exception("event=record_failed count=%d failures=%d", len(batch), failures)
+                    if self._stopping and failures >= RECORD_RETRIES_AT_STOP:
+                        # Give up only at shutdown: the recipients stay "active" in the
+                        # index and are recovered at the next start; never dropped.
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECORD_RETRY_MAX)
         finally:
+            if task is not None:
+                self._recording.discard(task)
             self.release(len(batch))
             if any(o.state == QUEUED for o in batch):
                 self.wake()
 
     async def drain_records(self) -> None:
-        while self._flush_task is not None or self._pending:
+        while self._flush_task is not None or self._pending or self._recording:
             if self._flush_task is not None:
                 await self._flush_task
             elif self._pending:
                 self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+            else:
+                await asyncio.wait(set(self._recording))
 
     # ------------------------------------------------------------------ shutdown
 
@@ -655,9 +743,17 @@ class Scheduler:
 class _Gate:
     """One session's dealings with the shaping broker (see ``DeliveryAgent.run_session``)."""
 
-    def __init__(self, sched: Scheduler, key: tuple[str, str], q: _DomainQueue) -> None:
+    def __init__(
+        self,
+        sched: Scheduler,
+        key: tuple[str, str],
+        q: _DomainQueue,
+        settle: Callable[[Job], None] = lambda _job: None,
+    ) -> None:
         assert sched.shaper is not None
         self.sched = sched
+        # Called with each job handed back (to the queue or the spool) instead of run.
+        self.settle = settle
         self.shaper = sched.shaper
         self.key = key
         self.q = q
@@ -679,6 +775,7 @@ class _Gate:
         choice, source = await self.shaper.choose(self.pool, self.site, self.domain, want)
         if not choice.ok or source is None:
             self.sched._refused(self.key, self.q, job, choice)
+            self.settle(job)
             return None
         self.source, self.metered = source, choice.metered
         self.tokens, self.max_messages = choice.tokens, choice.max_messages
@@ -708,12 +805,14 @@ class _Gate:
                 return "go"
             if g.kind in ("domain_warming_cap", "domain_paused"):  # this sender's mail only
                 self.sched._to_spool([job], g)
+                self.settle(job)
                 return "skip"
             wait = g.retry_at - loop.time()
             if wait <= HOLD_CONNECTION and not self.sched._stopping:
                 await asyncio.sleep(max(wait, 0.005))
                 continue
             self.sched._hold(self.key, self.q, [job], g)
+            self.settle(job)
             return "stop"
 
     def answered(self, job: Job, results: list[AttemptResult]) -> None:

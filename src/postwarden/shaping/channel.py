@@ -16,15 +16,24 @@ import itertools
 import json
 import logging
 import os
+import random
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postwarden.shaping.broker import Broker, Choice, Grant
+from postwarden.shaping.fallback import LocalLimits
+
+if TYPE_CHECKING:
+    from postwarden.metrics import Metrics
 
 T = TypeVar("T", Grant, Choice)
 
 log = logging.getLogger("postwarden.shaping")
 MAX_LINE = 64 * 1024
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def short_path(path: str) -> str:
@@ -164,60 +173,136 @@ def _unfields(cls: type[T], a: dict[str, Any], now: float) -> T:
     return cls(**{k: v for k, v in a.items() if k in names}, retry_at=retry)
 
 
+class BrokerUnavailable(ConnectionError):
+    """The broker cannot be asked now (not connected, connection lost, reconnecting)."""
+
+
+#: Reconnection attempts start this far apart and double up to the max (with jitter).
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 5.0
+
+
 class BrokerClient:
     """A worker's end (the :class:`~postwarden.shaping.shaper.Backend` calls); grants
-    carry ``retry_at`` on this process's event-loop clock."""
+    carry ``retry_at`` on this process's event-loop clock.
 
-    def __init__(self, path: str, *, timeout: float = 2.0) -> None:
+    When the connection drops, the client reconnects with backoff and meanwhile
+    answers ``choose`` and ``take`` from :class:`LocalLimits` (conservative, never
+    unlimited); ``command`` raises :class:`BrokerUnavailable` at once. A broker that
+    is connected but does not answer in time still means no.
+    """
+
+    def __init__(self, path: str, *, timeout: float = 2.0, metrics: Metrics | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.metrics = metrics
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closed = False
+        #: Bumped at each (re)connection: slots granted on an older connection were
+        #: dropped by the broker with it and are not released there.
+        self._epoch = 0
+        #: (source, site) -> the epoch of each slot held (0: a local one).
+        self._held: dict[tuple[str, str], list[int]] = {}
+        self.local = LocalLimits()
+        #: The source the broker last chose per (pool, site), and per pool.
+        self._chosen: dict[tuple[str, str], str] = {}
+        self._warming: list[str] = []
 
         self._reports: list[dict[str, Any]] = []
 
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def _outage(self) -> bool:
+        """Lost and reconnecting (a closed client answers no, as before)."""
+        return self._writer is None and not self._closed
+
     async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(
-            short_path(self.path), limit=MAX_LINE
-        )
-        self._task = asyncio.create_task(self._read())
+        self._closed = False
+        await self._open()
+
+    async def _open(self) -> None:
+        reader, writer = await asyncio.open_unix_connection(short_path(self.path), limit=MAX_LINE)
+        self._reader, self._writer = reader, writer
+        self._epoch += 1
+        self._task = asyncio.create_task(self._read(reader, writer))
+        if self.metrics is not None:
+            self.metrics.broker_connected.set(1)
 
     async def close(self) -> None:
+        self._closed = True
+        for task in (self._reconnect_task, self._task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._writer is not None:
             self._writer.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._writer = None
 
-    async def _read(self) -> None:
-        assert self._reader is not None
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await self._reader.readline():
+            while line := await reader.readline():
                 msg = json.loads(line)
                 fut = self._pending.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
+        except (OSError, ValueError) as exc:
+            log.warning("event=broker_read_failed error=%r", str(exc))
         finally:
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(ConnectionError("the broker went away"))
+                    fut.set_exception(BrokerUnavailable("the broker went away"))
             self._pending.clear()
+            if self._writer is writer:
+                self._writer = None
+                writer.close()
+                if not self._closed:
+                    self._lost()
+
+    def _lost(self) -> None:
+        log.warning("event=broker_disconnected path=%s fallback=local_limits", self.path)
+        if self.metrics is not None:
+            self.metrics.broker_connected.set(0)
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = RECONNECT_FIRST
+        attempts = 0
+        while not self._closed:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            attempts += 1
+            try:
+                await self._open()
+            except OSError as exc:
+                if attempts == 1 or attempts % 10 == 0:
+                    log.warning("event=broker_reconnect_failed attempts=%d error=%r", attempts, exc)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            if self.metrics is not None:
+                self.metrics.broker_reconnects.inc()
+            log.warning("event=broker_reconnected attempts=%d", attempts)
+            return
 
     def _send(self, req: dict[str, Any]) -> None:
         if self._writer is None:
-            raise ConnectionError("not connected to the broker")
+            raise BrokerUnavailable("the shaping broker is unavailable (not connected)")
         self._writer.write(json.dumps(req).encode() + b"\n")
 
     async def _call(self, **req: Any) -> dict[str, Any]:
         self._flush_reports()  # the broker sees the answers before the next question
         rid = next(self._ids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
         self._send({"id": rid, **req})
+        self._pending[rid] = fut
         try:
             return await asyncio.wait_for(fut, self.timeout)
         finally:
@@ -238,6 +323,10 @@ class BrokerClient:
             return refusal, {}
         return _unfields(cls, a, loop.time()), a
 
+    def _fallback(self, op: str) -> None:
+        if self.metrics is not None:
+            self.metrics.broker_fallback.labels(op).inc()
+
     async def choose(
         self,
         pool: str,
@@ -255,12 +344,35 @@ class BrokerClient:
             "domain": domain,
             "want": want,
         }
+        if self._outage:
+            self._fallback("choose")
+            chosen = [self._chosen.get((pool, site)), self._chosen.get((pool, ""))]
+            order = [x for x in chosen if x] + [n for n, w in members if w > 0]
+            c = self.local.choose(list(dict.fromkeys(order)), site, want, loop_time())
+            if c.ok:
+                self._held.setdefault((c.source, site), []).append(0)
+            return c, list(self._warming)
         c, a = await self._answer(Choice, op="choose", **req)
+        if c.ok:
+            self._held.setdefault((c.source, site), []).append(self._epoch)
+            self._chosen[(pool, site)] = self._chosen[(pool, "")] = c.source
+        if "warming_domains" in a:
+            self._warming = list(a["warming_domains"])
         return c, list(a.get("warming_domains", []))
 
     async def take(
         self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
     ) -> Grant:
+        if self._outage:
+            self._fallback("take")
+            if sending_domain is not None:  # a warming domain's caps live in the broker
+                return Grant(
+                    False,
+                    reason="broker unavailable: a warming domain waits for it",
+                    retry_at=loop_time() + 1.0,
+                    kind="broker_unavailable",
+                )
+            return self.local.take(source, site, want, loop_time())
         g, _ = await self._answer(
             Grant,
             op="take",
@@ -275,6 +387,15 @@ class BrokerClient:
     async def release(
         self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
     ) -> None:
+        held = self._held.get((source, site))
+        epoch = held.pop(0) if held else self._epoch
+        if held is not None and not held:
+            del self._held[(source, site)]
+        if epoch == 0:
+            self.local.release(source, site)
+            return
+        if epoch != self._epoch:
+            return  # granted on a connection since lost: the broker dropped it then
         with contextlib.suppress(TimeoutError, ConnectionError):
             await self._call(
                 op="release",
@@ -299,7 +420,8 @@ class BrokerClient:
                 self._send({"op": "reports", "items": items})
 
     async def command(self, **args: Any) -> dict[str, Any]:
-        """An operator's op (status, warming, reload): the broker's answer."""
+        """An operator's op (status, warming, reload): the broker's answer; raises
+        :class:`BrokerUnavailable` at once while there is no connection."""
         a = await self._call(op="command", args=args)
         if not a.get("ok"):
             raise ValueError(a.get("reason") or "refused")
