@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from postwarden.control.auth import Principal
-from postwarden.control.errors import ApiError, from_validation
+from postwarden.control.errors import ApiError, field_path, from_validation
 
 log = logging.getLogger("postwarden.control.api")
 
@@ -27,6 +27,16 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PATH_PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
 DEFAULT_BODY_LIMIT = 1024 * 1024
 MAX_ID = 2**63 - 1
+# Deeper JSON than any request schema has (the deepest is about 5): refused before
+# it costs a recursion per level in the parser and the validator.
+MAX_JSON_DEPTH = 32
+# A string no database column can hold (PostgreSQL refuses NUL in text) and no
+# encoder can write (a lone surrogate): refused in every body, query and path value.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE_MESSAGE = "NUL and lone surrogates (\\u0000, \\ud800-\\udfff) are not allowed"
+# In the raw body, the only ways to spell one (raw NUL bytes are not JSON, and raw
+# surrogates are not UTF-8): only a body with such an escape is walked.
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 @dataclass
@@ -187,6 +197,8 @@ class Api:
         call = Call(request, ctx, principal, request_id=rid)
         call.path = dict(request.path_params)
         for name, value in call.path.items():
+            if isinstance(value, str) and _UNSTORABLE.search(value):
+                raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
             # Ids are 64-bit in every database: a larger number names nothing.
             if isinstance(value, int) and value > MAX_ID:
                 raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
@@ -201,6 +213,13 @@ class Api:
                         fields=[{"path": k, "message": "given more than once"}],
                     )
                 params[k] = v
+                if _UNSTORABLE.search(v):
+                    raise ApiError(
+                        422,
+                        "validation_error",
+                        f"{k}: {UNSTORABLE_MESSAGE}",
+                        fields=[{"path": k, "message": UNSTORABLE_MESSAGE}],
+                    )
             try:
                 call.query = op.query.model_validate(params)
             except ValidationError as exc:
@@ -219,14 +238,13 @@ class Api:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 raise ApiError(415, "unsupported_media_type", "send application/json")
-            try:
-                data = json.loads(call.raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            data = parse_json(call.raw)
             try:
                 call.body = op.body.model_validate(data)
             except ValidationError as exc:
                 raise from_validation(exc) from None
+            except RecursionError:
+                raise _too_deep() from None
         result = await op.handler(call)
         if op.method != "GET":
             ctx.wake()  # apply what this request changed in this process's caches now
@@ -375,6 +393,83 @@ def error_response(exc: ApiError, rid: str) -> JSONResponse:
     return JSONResponse(
         exc.body(rid), status_code=exc.status, headers={"X-Request-Id": rid, **exc.headers}
     )
+
+
+def _too_deep() -> ApiError:
+    msg = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    return ApiError(
+        422, "validation_error", f"body: {msg}", fields=[{"path": "body", "message": msg}]
+    )
+
+
+def _depth_ok(raw: bytes) -> bool:
+    """Whether the brackets of ``raw`` nest at most MAX_JSON_DEPTH deep. Brackets inside
+    strings count too, so a body that passes really is shallow; one that fails is
+    parsed anyway and its real depth decides. Two byte scans in C for a flat body."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return True
+    depth = 0
+    for m in _BRACKETS.finditer(raw):
+        depth += 1 if m.group() in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return False
+    return True
+
+
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _deepest(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (walking at most limit levels)."""
+    if limit < 0:
+        return True
+    if isinstance(value, dict):
+        return any(_deepest(v, limit - 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_deepest(v, limit - 1) for v in value)
+    return False
+
+
+def _unstorable_path(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    if isinstance(value, str):
+        return loc if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _UNSTORABLE.search(k):
+                return (*loc, k)
+            found = _unstorable_path(v, (*loc, k))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unstorable_path(v, (*loc, i))
+            if found is not None:
+                return found
+    return None
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, or ApiError: 400 when it is not JSON, 422 naming the
+    path when it nests too deep or holds a string that cannot be stored."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+    if not _depth_ok(raw) and _deepest(data, MAX_JSON_DEPTH):
+        raise _too_deep()
+    if _UNSTORABLE_ESCAPE.search(raw):
+        loc = _unstorable_path(data)
+        if loc is not None:
+            path = field_path(loc) if loc else "body"
+            raise ApiError(
+                422,
+                "validation_error",
+                f"{path}: {UNSTORABLE_MESSAGE}",
+                fields=[{"path": path, "message": UNSTORABLE_MESSAGE}],
+            )
+    return data
 
 
 async def authenticate(ctx: Any, request: Request) -> Principal:
