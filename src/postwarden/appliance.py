@@ -111,6 +111,9 @@ def worker_share(cfg: Config, count: int) -> Config:
             max_connections_per_domain=share(d.max_connections_per_domain),
         ),
         queue=dataclasses.replace(q, max_inflight=share(q.max_inflight)),
+        control=dataclasses.replace(
+            cfg.control, max_body_memory=share(cfg.control.max_body_memory)
+        ),
     )
 
 

@@ -422,9 +422,17 @@ IDEMPOTENCY = {
 }
 
 
-# JSON with base64 attachments is about 4/3 of the message; the built message is then
-# held to smtp.max_message_size.
-API_BODY_LIMIT = 64 * 1024 * 1024
+# JSON slack: the fields around the content (addresses, headers, JSON syntax).
+API_BODY_SLACK = 256 * 1024
+
+
+def api_body_limit(ctx: Any) -> int:
+    """The largest body that can still become a message: smtp.max_message_size after
+    base64's 4/3 expansion (attachments travel base64 in the JSON), plus the fields
+    around it. A larger body is refused (413) before it is read; the built message is
+    then held to smtp.max_message_size. A batch is held to the same total."""
+    size: int = ctx.cfg.smtp.max_message_size
+    return -(-size // 3) * 4 + API_BODY_SLACK
 
 
 @api.op(
@@ -436,7 +444,7 @@ API_BODY_LIMIT = 64 * 1024 * 1024
     response=MessageAccepted,
     status=202,
     errors=(409, 503),
-    body_limit=API_BODY_LIMIT,
+    body_limit=api_body_limit,
     headers=IDEMPOTENCY,
 )
 async def send_message(c: Call) -> Any:
@@ -461,7 +469,7 @@ async def send_message(c: Call) -> Any:
     response=BatchAccepted,
     status=202,
     errors=(409,),
-    body_limit=API_BODY_LIMIT,
+    body_limit=api_body_limit,
     headers=IDEMPOTENCY,
 )
 async def send_batch(c: Call) -> Any:

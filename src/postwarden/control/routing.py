@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from postwarden.control.auth import Principal
+from postwarden.control.bodies import BodyBudget
 from postwarden.control.errors import ApiError, field_path, from_validation
 
 log = logging.getLogger("postwarden.control.api")
@@ -51,6 +52,7 @@ class Call:
     path: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""
     request_id: str = ""
+    reserved: int = 0  # bytes of the body budget this request holds
 
     @property
     def tenant_id(self) -> int:
@@ -59,6 +61,8 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[Any]]
+# A route's body limit in bytes, or a function of the context (the configuration).
+BodyLimit = int | Callable[[Any], int]
 
 
 @dataclass
@@ -74,7 +78,7 @@ class Operation:
     response: type[BaseModel] | None
     status: int
     errors: tuple[int, ...]
-    body_limit: int
+    body_limit: BodyLimit
     request_media: str = "application/json"
     response_media: str = "application/json"
     description: str = ""
@@ -99,7 +103,7 @@ class Api:
         response: type[BaseModel] | None = None,
         status: int = 200,
         errors: tuple[int, ...] = (),
-        body_limit: int = DEFAULT_BODY_LIMIT,
+        body_limit: BodyLimit = DEFAULT_BODY_LIMIT,
         request_media: str = "application/json",
         response_media: str = "application/json",
         headers: dict[str, str] | None = None,
@@ -149,13 +153,17 @@ class Api:
             rid = request.headers.get("x-request-id", "")
             if not _REQUEST_ID.match(rid):
                 rid = secrets.token_hex(8)
+            call = Call(request, ctx, None, request_id=rid)
             try:
-                result = await self._run(ctx, op, request, rid)
+                result = await self._run(ctx, op, call)
             except ApiError as exc:
                 return error_response(exc, rid)
             except Exception:
                 log.exception("event=api_error method=%s path=%s rid=%s", op.method, op.path, rid)
                 return error_response(ApiError(500, "internal", "internal error"), rid)
+            finally:
+                if call.reserved:
+                    await ctx.body_budget.release(call.reserved)
             if isinstance(result, Response):
                 result.headers["X-Request-Id"] = rid
                 return result
@@ -172,7 +180,8 @@ class Api:
 
         return endpoint
 
-    async def _run(self, ctx: Any, op: Operation, request: Request, rid: str) -> Any:
+    async def _run(self, ctx: Any, op: Operation, call: Call) -> Any:
+        request = call.request
         principal = None
         if op.scope is not None:
             principal = await authenticate(ctx, request)
@@ -194,7 +203,7 @@ class Api:
                     "too many requests for this key",
                     headers={"Retry-After": str(max(1, round(wait + 0.5)))},
                 )
-        call = Call(request, ctx, principal, request_id=rid)
+        call.principal = principal
         call.path = dict(request.path_params)
         for name, value in call.path.items():
             if isinstance(value, str) and _UNSTORABLE.search(value):
@@ -233,7 +242,8 @@ class Api:
                 fields=[{"path": name, "message": "unknown query parameter"}],
             )
         if op.body is not None or op.request_media != "application/json":
-            call.raw = await read_body(request, op.body_limit)
+            limit = op.body_limit(ctx) if callable(op.body_limit) else op.body_limit
+            call.raw = await read_body(call, limit, getattr(ctx, "body_budget", None))
         if op.body is not None:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -490,15 +500,47 @@ async def authenticate(ctx: Any, request: Request) -> Principal:
     return principal
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(call: Call, limit: int, budget: BodyBudget | None) -> bytes:
+    """The body, at most ``limit`` bytes (413 as soon as it is known to be larger:
+    from Content-Length before reading, else when the stream passes it), its size held
+    in ``budget`` until the request ends (503 when there is no room for it)."""
+    request = call.request
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+    size_known = declared is not None and declared.isdigit()
+    if size_known and int(declared or 0) > limit:
+        raise _too_large(limit)
+
+    async def hold(n: int) -> None:
+        if budget is None or n <= 0:
+            return
+        if not await budget.reserve(n, call.reserved):
+            log.warning("event=api_body_refused reason=busy bytes=%d", n)
+            raise ApiError(
+                503,
+                "busy",
+                "too many large requests at once; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        call.reserved += n
+
+    if size_known:
+        await hold(int(declared or 0))
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+            raise _too_large(limit)
+        if size > call.reserved:  # chunked, or more than declared
+            await hold(size - call.reserved)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "too_large",
+        f"the body is larger than {limit} bytes",
+        fields=[{"path": "body", "message": f"larger than {limit} bytes"}],
+    )
