@@ -208,7 +208,9 @@ class Appliance:
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None  # with metrics.listen
         self._http: Any = None
+        self._metrics_http: Any = None
         self._gauge_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -425,10 +427,10 @@ class Appliance:
     async def _start_http(self) -> None:
         from prometheus_client import generate_latest
 
-        from postwarden.control.app import create_app
+        from postwarden.control.app import create_app, metrics_app
         from postwarden.control.server import HttpServer
         from postwarden.metrics import render_multiprocess
-        from postwarden.supervisor import read_status
+        from postwarden.supervisor import inherited_metrics_socket, metrics_token, read_status
 
         def health() -> tuple[bool, dict[str, Any]]:
             ok = not self.spool.closed and not self._stopping
@@ -451,13 +453,30 @@ class Appliance:
                 return render_multiprocess()
             return bytes(generate_latest(self.metrics.registry))
 
-        app = create_app(metrics, health, self.control if self.api else None)
+        token = metrics_token(self.cfg)
+        separate = bool(self.cfg.metrics.listen)
+        app = create_app(
+            metrics,
+            health,
+            self.control if self.api else None,
+            metrics_token=token,
+            serve_metrics=not separate,
+        )
         if self.worker is not None and self.worker.control_sock is not None:
             self._http = HttpServer(app, sock=self.worker.control_sock)
         else:
             host, port = parse_hostport(self.cfg.control.listen, "control.listen")
             self._http = HttpServer(app, host, port)
         self.control_address = await self._http.start()
+        if separate:
+            # A worker serves the supervisor's socket (every worker renders the sum).
+            sock = inherited_metrics_socket() if self.worker is not None else None
+            if sock is not None:
+                self._metrics_http = HttpServer(metrics_app(metrics, token), sock=sock)
+            else:
+                host, port = parse_hostport(self.cfg.metrics.listen, "metrics.listen")
+                self._metrics_http = HttpServer(metrics_app(metrics, token), host, port)
+            self.metrics_address = await self._metrics_http.start()
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
@@ -526,6 +545,8 @@ class Appliance:
             self._gauge_task.cancel()
         if self._http is not None:
             await self._http.stop()
+        if self._metrics_http is not None:
+            await self._metrics_http.stop()
         # The last events are committed (the scheduler has stopped): copy them and let
         # go of the copier's read connection before the spool checkpoints its WAL.
         await self.copier.stop()
