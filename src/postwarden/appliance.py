@@ -59,6 +59,7 @@ from postwarden.queue.spool import (
 from postwarden.shaping.channel import BrokerClient
 from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import LocalBackend, Shaper
+from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
 
 log = logging.getLogger("postwarden")
@@ -115,6 +116,12 @@ def worker_share(cfg: Config, count: int) -> Config:
             cfg.control, max_body_memory=share(cfg.control.max_body_memory)
         ),
     )
+
+
+def prunes_control_database(worker: WorkerRole | None) -> bool:
+    """One pruner per appliance (store.retention): the workers share the control
+    database, so worker 0 prunes, or the process alone."""
+    return worker is None or worker.index == 0
 
 
 class Appliance:
@@ -211,6 +218,7 @@ class Appliance:
         self.metrics_address: tuple[str, int] | None = None  # with metrics.listen
         self._http: Any = None
         self._metrics_http: Any = None
+        self.pruner: Pruner | None = None  # control-database retention (store.retention)
         self._gauge_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -366,6 +374,13 @@ class Appliance:
         self.spool.event_listeners.append(self._on_events)
         self.spool.event_listeners.append(self.copier.notify)
         self.copier.start()
+        if prunes_control_database(self.worker):
+            self.pruner = Pruner(
+                self.cfg.database,
+                self.control.sessions,
+                on_pruned=lambda table, n: self.metrics.control_pruned.labels(table).inc(n),
+            )
+            self.pruner.start()
         self.scheduler.start()
         if self.bounces is not None:
             self.bounces.start()
@@ -547,6 +562,8 @@ class Appliance:
             await self._http.stop()
         if self._metrics_http is not None:
             await self._metrics_http.stop()
+        if self.pruner is not None:
+            await self.pruner.stop()
         # The last events are committed (the scheduler has stopped): copy them and let
         # go of the copier's read connection before the spool checkpoints its WAL.
         await self.copier.stop()
@@ -586,6 +603,8 @@ class Appliance:
         self.signer = signer
         self.return_paths = return_paths
         self.copier.bounces = new.bounces
+        if self.pruner is not None:
+            self.pruner.cfg = new.database
         if self.bounces is not None:
             self.bounces.cfg, self.bounces.parser = new, parser
             self.bounces.return_paths = return_paths

@@ -225,6 +225,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.control_pruned = Counter(
+            "postwarden_control_pruned_rows",
+            "Rows deleted from the control database by retention, by table.",
+            ["table"],
+            registry=r,
+        )
         # Every label value exists from the start (at 0), so that dashboards and rates
         # see each series before its first event, with one worker or several.
         self.received.labels("smtp")
@@ -261,6 +267,8 @@ class Metrics:
             self.connections.labels(direction)
         for reason in WAIT_REASONS:
             self.shaping_waits.labels(reason)
+        for table in ("events", "messages", "message_recipients"):
+            self.control_pruned.labels(table)
 
 
 WAIT_REASONS = REFUSALS
