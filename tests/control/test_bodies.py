@@ -62,6 +62,9 @@ async def tenant(api: ControlApi) -> str:
     api.lab.add_domain("inbox.test")
     key = await api.tenant("acme")
     await api.verified_domain(key, "acme.test")
+    # The process's cache of verified domains follows the change feed.
+    while not any("acme.test" in d for d in api.app.control.verified.values()):
+        await asyncio.sleep(0.01)
     return key
 
 
