@@ -60,6 +60,7 @@ from postwarden.queue.spool import (
 from postwarden.shaping.channel import BrokerClient
 from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import LocalBackend, Shaper
+from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
 
 log = logging.getLogger("postwarden")
@@ -112,7 +113,16 @@ def worker_share(cfg: Config, count: int) -> Config:
             max_connections_per_domain=share(d.max_connections_per_domain),
         ),
         queue=dataclasses.replace(q, max_inflight=share(q.max_inflight)),
+        control=dataclasses.replace(
+            cfg.control, max_body_memory=share(cfg.control.max_body_memory)
+        ),
     )
+
+
+def prunes_control_database(worker: WorkerRole | None) -> bool:
+    """One pruner per appliance (store.retention): the workers share the control
+    database, so worker 0 prunes, or the process alone."""
+    return worker is None or worker.index == 0
 
 
 class Appliance:
@@ -212,7 +222,10 @@ class Appliance:
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None  # with metrics.listen
         self._http: Any = None
+        self._metrics_http: Any = None
+        self.pruner: Pruner | None = None  # control-database retention (store.retention)
         self._gauge_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -386,6 +399,13 @@ class Appliance:
         self.spool.event_listeners.append(self._on_events)
         self.spool.event_listeners.append(self.copier.notify)
         self.copier.start()
+        if prunes_control_database(self.worker):
+            self.pruner = Pruner(
+                self.cfg.database,
+                self.control.sessions,
+                on_pruned=lambda table, n: self.metrics.control_pruned.labels(table).inc(n),
+            )
+            self.pruner.start()
         self.scheduler.start()
         if self.bounces is not None:
             self.bounces.start()
@@ -447,10 +467,10 @@ class Appliance:
     async def _start_http(self) -> None:
         from prometheus_client import generate_latest
 
-        from postwarden.control.app import create_app
+        from postwarden.control.app import create_app, metrics_app
         from postwarden.control.server import HttpServer
         from postwarden.metrics import render_multiprocess
-        from postwarden.supervisor import read_status
+        from postwarden.supervisor import inherited_metrics_socket, metrics_token, read_status
 
         def health() -> tuple[bool, dict[str, Any]]:
             ok = not self.spool.closed and not self._stopping
@@ -473,13 +493,30 @@ class Appliance:
                 return render_multiprocess()
             return bytes(generate_latest(self.metrics.registry))
 
-        app = create_app(metrics, health, self.control if self.api else None)
+        token = metrics_token(self.cfg)
+        separate = bool(self.cfg.metrics.listen)
+        app = create_app(
+            metrics,
+            health,
+            self.control if self.api else None,
+            metrics_token=token,
+            serve_metrics=not separate,
+        )
         if self.worker is not None and self.worker.control_sock is not None:
             self._http = HttpServer(app, sock=self.worker.control_sock)
         else:
             host, port = parse_hostport(self.cfg.control.listen, "control.listen")
             self._http = HttpServer(app, host, port)
         self.control_address = await self._http.start()
+        if separate:
+            # A worker serves the supervisor's socket (every worker renders the sum).
+            sock = inherited_metrics_socket() if self.worker is not None else None
+            if sock is not None:
+                self._metrics_http = HttpServer(metrics_app(metrics, token), sock=sock)
+            else:
+                host, port = parse_hostport(self.cfg.metrics.listen, "metrics.listen")
+                self._metrics_http = HttpServer(metrics_app(metrics, token), host, port)
+            self.metrics_address = await self._metrics_http.start()
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
@@ -548,6 +585,10 @@ class Appliance:
             self._gauge_task.cancel()
         if self._http is not None:
             await self._http.stop()
+        if self._metrics_http is not None:
+            await self._metrics_http.stop()
+        if self.pruner is not None:
+            await self.pruner.stop()
         # The last events are committed (the scheduler has stopped): copy them and let
         # go of the copier's read connection before the spool checkpoints its WAL.
         await self.copier.stop()
@@ -587,6 +628,8 @@ class Appliance:
         self.signer = signer
         self.return_paths = return_paths
         self.copier.bounces = new.bounces
+        if self.pruner is not None:
+            self.pruner.cfg = new.database
         if self.bounces is not None:
             self.bounces.cfg, self.bounces.parser = new, parser
             self.bounces.return_paths = return_paths

@@ -172,6 +172,12 @@ class DatabaseConfig:
 
     url: str = "sqlite+aiosqlite:///./var/postwarden.db"
     auto_upgrade: bool = False  # apply migrations at start (labs, tests); else `db upgrade`
+    # How long the control database keeps events, and messages with their recipients
+    # (by creation time); 0 = for ever. Suppressions have their own expiry.
+    event_retention: float = field(default=90 * 86400.0, metadata=_DURATION)
+    message_retention: float = field(default=90 * 86400.0, metadata=_DURATION)
+    prune_batch: int = 5000  # rows per DELETE statement while pruning
+    prune_interval: float = field(default=3600.0, metadata=_DURATION)  # between prune runs
 
 
 @dataclass
@@ -257,6 +263,24 @@ class ControlConfig:
     # "" = the first of smtp.listen.
     submit_to: str = ""
     submit_ca_file: str = ""  # PEM CA/certificate the MTA's STARTTLS certificate must chain to
+    # Bytes of API request bodies held at once, appliance-wide (each worker its share):
+    # a request that would pass it waits briefly, then gets 503 with Retry-After.
+    max_body_memory: int = field(default=256 * 1024 * 1024, metadata=_SIZE)
+
+
+@dataclass
+class MetricsConfig:
+    """Who may read ``/metrics`` and what its labels may show."""
+
+    # "host:port" of a listener for /metrics alone; "" = served on control.listen.
+    listen: str = ""
+    # When set, /metrics needs ``Authorization: Bearer <token>``: the token in a file
+    # (one line), or only its SHA-256 in hex (the token stays with Prometheus).
+    bearer_token_file: str = ""
+    bearer_token_sha256: str = ""
+    # Tenant and sending-domain names in label values (warming keys domain:<d>);
+    # false: those series are summed under domain:- .
+    tenant_labels: bool = False
 
 
 @dataclass
@@ -373,6 +397,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     pools: list[PoolConfig] = field(default_factory=list)
@@ -575,6 +600,16 @@ def validate(cfg: Config) -> None:
         parse_hostport(spec, f"inbound.listen[{i}]")
     if cfg.control.submit_to:
         parse_hostport(cfg.control.submit_to, "control.submit_to")
+    if cfg.metrics.listen:
+        parse_hostport(cfg.metrics.listen, "metrics.listen")
+    if cfg.metrics.bearer_token_sha256 and not re.fullmatch(
+        r"[0-9a-f]{64}", cfg.metrics.bearer_token_sha256.lower()
+    ):
+        raise ConfigError("metrics.bearer_token_sha256: expected 64 hex digits (SHA-256)")
+    if cfg.metrics.bearer_token_file and cfg.metrics.bearer_token_sha256:
+        raise ConfigError(
+            "metrics.bearer_token_file: give bearer_token_file or bearer_token_sha256, not both"
+        )
     for i, net in enumerate(cfg.smtp.trusted_networks):
         try:
             ipaddress.ip_network(net, strict=False)
@@ -620,6 +655,9 @@ def validate(cfg: Config) -> None:
         "control.max_batch": cfg.control.max_batch,
         "control.max_api_recipients": cfg.control.max_api_recipients,
         "control.cache_poll": cfg.control.cache_poll,
+        "control.max_body_memory": cfg.control.max_body_memory,
+        "database.prune_batch": cfg.database.prune_batch,
+        "database.prune_interval": cfg.database.prune_interval,
         "inbound.max_message_size": cfg.inbound.max_message_size,
         "inbound.max_recipients": cfg.inbound.max_recipients,
         "inbound.max_sessions_per_ip": cfg.inbound.max_sessions_per_ip,

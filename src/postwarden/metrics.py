@@ -11,12 +11,17 @@ every value in a per-process file, and the supervisor's ``/metrics`` adds them u
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from postwarden.shaping.broker import REFUSALS
+
+if TYPE_CHECKING:
+    from postwarden.config import MetricsConfig
 
 #: Bounded label values (documented in docs/operations.md).
 REJECT_REASONS = (
@@ -258,6 +263,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.control_pruned = Counter(
+            "postwarden_control_pruned_rows",
+            "Rows deleted from the control database by retention, by table.",
+            ["table"],
+            registry=r,
+        )
         # Every label value exists from the start (at 0), so that dashboards and rates
         # see each series before its first event, with one worker or several.
         self.received.labels("smtp")
@@ -298,6 +309,8 @@ class Metrics:
             self.session_leftovers.labels(ending)
         for op in ("choose", "take"):
             self.broker_fallback.labels(op)
+        for table in ("events", "messages", "message_recipients"):
+            self.control_pruned.labels(table)
 
 
 WAIT_REASONS = REFUSALS
@@ -382,3 +395,35 @@ def render_multiprocess() -> bytes:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
     return bytes(generate_latest(registry))
+
+
+def token_digest(cfg: MetricsConfig) -> bytes | None:
+    """The SHA-256 of the token /metrics needs (metrics.bearer_token_file or
+    metrics.bearer_token_sha256), or None when it needs none. OSError/ValueError when
+    the file cannot be read or is empty."""
+    if cfg.bearer_token_sha256:
+        return bytes.fromhex(cfg.bearer_token_sha256)
+    if cfg.bearer_token_file:
+        with open(cfg.bearer_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"{cfg.bearer_token_file} is empty")
+        return hashlib.sha256(token.encode()).digest()
+    return None
+
+
+def token_matches(digest: bytes, authorization: str) -> bool:
+    """Whether an Authorization header carries the token: the digests compared in
+    constant time (the digest's length never depends on the token presented)."""
+    scheme, _, token = authorization.partition(" ")
+    given = hashlib.sha256(token.strip().encode()).digest()
+    return hmac.compare_digest(given, digest) and scheme.lower() == "bearer"
+
+
+def tenant_key(key: str, tenant_labels: bool) -> str | None:
+    """A warming key as a label value: ``domain:<sending domain>`` names a tenant's
+    domain, kept only when the operator opts in (metrics.tenant_labels); None drops
+    the series. Source keys name the appliance's own IPs and stay."""
+    if key.startswith("domain:") and not tenant_labels:
+        return None
+    return key

@@ -77,6 +77,27 @@ def inherited_inbound_sockets() -> tuple[socket.socket, ...]:
     return tuple(socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd.strip())
 
 
+METRICS_FD_ENV = "POSTWARDEN_METRICS_FD"
+
+
+def inherited_metrics_socket() -> socket.socket | None:
+    """In a worker: the metrics.listen socket the supervisor bound, if any. Every
+    worker serves it; each answer is the sum over all workers (multiprocess mode)."""
+    fd = os.environ.get(METRICS_FD_ENV, "").strip()
+    return socket.socket(fileno=int(fd)) if fd else None
+
+
+def metrics_token(cfg: Config) -> bytes | None:
+    """The SHA-256 /metrics needs (metrics.bearer_token_*); ConfigError naming the key
+    when its file cannot be read."""
+    from postwarden.metrics import token_digest
+
+    try:
+        return token_digest(cfg.metrics)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"metrics.bearer_token_file: {exc}") from exc
+
+
 STATUS_ENV = "POSTWARDEN_SUPERVISOR_STATUS"
 
 
@@ -149,6 +170,7 @@ class Supervisor:
         self._stopped = asyncio.Event()
         self._watchers: set[asyncio.Task[None]] = set()
         self.control_sock: socket.socket | None = None
+        self.metrics_sock: socket.socket | None = None  # metrics.listen, when given
         self.metrics_dir = ""
         self.status_file = ""
         self.shaping: Any = None
@@ -167,6 +189,9 @@ class Supervisor:
         self.sockets = bind_listeners(self.cfg)
         self.inbound_sockets = bind_inbound(self.cfg)
         self.control_sock = bind(self.cfg.control.listen, "control.listen")
+        if self.cfg.metrics.listen:
+            metrics_token(self.cfg)  # an unreadable token file stops here, once
+            self.metrics_sock = bind(self.cfg.metrics.listen, "metrics.listen")
         # The shaping broker of every worker (docs/decisions/0006); imported only now,
         # so that its metrics are written to the directory set above.
         from postwarden.metrics import ShapingMetrics
@@ -207,7 +232,13 @@ class Supervisor:
             argv += ["--config", self.config_path]
         inbound = [s.fileno() for s in self.inbound_sockets]
         env = {**os.environ, INBOUND_FDS_ENV: ",".join(map(str, inbound))}
-        proc = await asyncio.create_subprocess_exec(*argv, pass_fds=[*fds, *inbound, cfd], env=env)
+        extra = []
+        if self.metrics_sock is not None:
+            extra.append(self.metrics_sock.fileno())
+            env[METRICS_FD_ENV] = str(self.metrics_sock.fileno())
+        proc = await asyncio.create_subprocess_exec(
+            *argv, pass_fds=[*fds, *inbound, cfd, *extra], env=env
+        )
         self.procs[index] = proc
         self._write_status()
         task = asyncio.create_task(self._watch(index, proc))
@@ -284,6 +315,8 @@ class Supervisor:
             sock.close()
         if self.control_sock is not None:
             self.control_sock.close()
+        if self.metrics_sock is not None:
+            self.metrics_sock.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("event=stopped")
         self._stopped.set()

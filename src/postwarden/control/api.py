@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from postwarden.config import PoolConfig
 from postwarden.control import domains as dom
+from postwarden.control.csvfile import SafeWriter, unescape_cell
 from postwarden.control.errors import ApiError, invalid, not_found
 from postwarden.control.routing import Api, Call
 from postwarden.control.schemas import (
@@ -46,6 +47,7 @@ from postwarden.control.schemas import (
     TenantUpdate,
     decode_cursor,
     encode_cursor,
+    parse_timestamp,
 )
 from postwarden.dns.records import all_required_ok, verify
 from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
@@ -690,8 +692,6 @@ def supp_out(x: Suppression) -> SuppressionOut:
 )
 async def create_suppression(c: Call) -> Any:
     b: SuppressionCreate = c.body
-    if b.expires_at is not None and b.expires_at.tzinfo is None:
-        raise invalid("expires_at", "give a time zone (e.g. 2027-01-01T00:00:00Z)")
     async with c.ctx.sessions() as s:
         row, _how = await upsert_suppression(
             s, c.tenant_id, b.address, b.reason, b.source, b.note, b.expires_at
@@ -798,15 +798,22 @@ async def import_suppressions(c: Call) -> Any:
             line = reader.line_num
             if len(good) + len(errors) >= MAX_IMPORT:
                 raise invalid("body", f"more than {MAX_IMPORT} rows; split the file")
+            # What the export escaped (csvfile) comes back as it was.
+            row = {k: unescape_cell(v) if isinstance(v, str) else v for k, v in row.items()}
             try:
+                for col, value in row.items():
+                    # A NUL no database column takes (PostgreSQL refuses it in text).
+                    if isinstance(value, str) and "\x00" in value:
+                        raise ValueError(f"{col}: NUL is not allowed")
                 addr = normalize_address((row.get("address") or "").strip())
                 reason = (row.get("reason") or "manual").strip()
                 if reason not in REASONS:
                     raise ValueError(f"reason must be one of {', '.join(REASONS)}")
                 exp_text = (row.get("expires_at") or "").strip()
-                expires = dt.datetime.fromisoformat(exp_text) if exp_text else None
-                if expires is not None and expires.tzinfo is None:
-                    raise ValueError("expires_at needs a time zone")
+                try:
+                    expires = parse_timestamp(exp_text) if exp_text else None
+                except ValueError as exc:
+                    raise ValueError(f"expires_at: {exc}") from None
             except (AddressError, ValueError) as exc:
                 errors.append({"line": line, "message": str(exc)})
                 continue
@@ -840,7 +847,7 @@ async def import_suppressions(c: Call) -> Any:
 )
 async def export_suppressions(c: Call) -> Any:
     out = io.StringIO()
-    w = csv.writer(out, lineterminator="\r\n")
+    w = SafeWriter(out)
     w.writerow(CSV_FIELDS)
     async with c.ctx.sessions() as s:
         result = await s.stream(

@@ -17,22 +17,47 @@ from starlette.routing import Route
 
 from postwarden.control.errors import ApiError
 from postwarden.control.routing import error_response
+from postwarden.metrics import token_matches
+
+
+def metrics_route(metrics: Callable[[], bytes], token: bytes | None) -> Route:
+    """``/metrics``; with ``token`` (the SHA-256 of metrics' bearer token), only for a
+    request that presents it."""
+
+    async def serve(request: Request) -> Response:
+        if token is not None and not token_matches(token, request.headers.get("authorization", "")):
+            err = ApiError(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <metrics token>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            return error_response(err, "-")
+        return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", serve)
+
+
+def metrics_app(metrics: Callable[[], bytes], token: bytes | None) -> Starlette:
+    """What ``metrics.listen`` serves: ``/metrics`` alone."""
+    return Starlette(routes=[metrics_route(metrics, token)])
 
 
 def create_app(
     metrics: Callable[[], bytes],
     health: Callable[[], tuple[bool, dict[str, Any]]],
     plane: Any = None,
+    *,
+    metrics_token: bytes | None = None,
+    serve_metrics: bool = True,
 ) -> Starlette:
     """Routes served on ``control.listen``.
 
-    ``metrics`` renders the Prometheus text exposition; ``health`` says whether the
+    ``metrics`` renders the Prometheus text exposition (served here unless
+    ``serve_metrics`` is off: metrics.listen serves it); ``health`` says whether the
     appliance is serving, with details. With a control plane (``plane``), the /v1 API,
     ``/openapi.json`` and ``/docs`` are served too.
     """
-
-    async def metrics_route(_: Request) -> Response:
-        return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_: Request) -> JSONResponse:
         ok, details = health()
@@ -40,7 +65,9 @@ def create_app(
             {"status": "ok" if ok else "stopping", **details}, status_code=200 if ok else 503
         )
 
-    routes = [Route("/metrics", metrics_route), Route("/healthz", healthz)]
+    routes = [Route("/healthz", healthz)]
+    if serve_metrics:
+        routes.append(metrics_route(metrics, metrics_token))
     if plane is not None:
         from postwarden.control import api as _api  # noqa: F401  (registers the routes)
         from postwarden.control import messages as _messages  # noqa: F401

@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, select
 from postwarden.config import Config, PoolConfig, PoolMember, SourceConfig
 from postwarden.control import ControlPlaneError
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
+from postwarden.control.bodies import BodyBudget
 from postwarden.control.domains import signing_generation
 from postwarden.dns.resolver import Resolver
 from postwarden.mta.dkim import DkimKeyError, SigningKey, parse_key
@@ -67,6 +68,8 @@ class ControlPlane:
             raise ControlPlaneError(f"control.encryption_key: {exc}") from exc
         self.auth = KeyAuthenticator(self.sessions)
         self.limiter = RateLimiter(cfg.control.rate_limit, cfg.control.rate_burst)
+        # Bytes of request bodies this process holds at once (its share of the budget).
+        self.body_budget = BodyBudget(cfg.control.max_body_memory)
         self.suppressions = SuppressionCache(self.sessions)
         self.signing_keys: list[SigningKey] = []
         self.verified: dict[int, set[str]] = {}  # tenant id -> its verified sending domains

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from postwarden.control.auth import Principal
-from postwarden.control.errors import ApiError, from_validation
+from postwarden.control.bodies import BodyBudget
+from postwarden.control.errors import ApiError, field_path, from_validation
 
 log = logging.getLogger("postwarden.control.api")
 
@@ -27,6 +28,16 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PATH_PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
 DEFAULT_BODY_LIMIT = 1024 * 1024
 MAX_ID = 2**63 - 1
+# Deeper JSON than any request schema has (the deepest is about 5): refused before
+# it costs a recursion per level in the parser and the validator.
+MAX_JSON_DEPTH = 32
+# A string no database column can hold (PostgreSQL refuses NUL in text) and no
+# encoder can write (a lone surrogate): refused in every body, query and path value.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE_MESSAGE = "NUL and lone surrogates (\\u0000, \\ud800-\\udfff) are not allowed"
+# In the raw body, the only ways to spell one (raw NUL bytes are not JSON, and raw
+# surrogates are not UTF-8): only a body with such an escape is walked.
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 @dataclass
@@ -41,6 +52,7 @@ class Call:
     path: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""
     request_id: str = ""
+    reserved: int = 0  # bytes of the body budget this request holds
 
     @property
     def tenant_id(self) -> int:
@@ -52,6 +64,8 @@ class Call:
 
 
 Handler = Callable[[Call], Awaitable[Any]]
+# A route's body limit in bytes, or a function of the context (the configuration).
+BodyLimit = int | Callable[[Any], int]
 
 
 @dataclass
@@ -67,7 +81,7 @@ class Operation:
     response: type[BaseModel] | None
     status: int
     errors: tuple[int, ...]
-    body_limit: int
+    body_limit: BodyLimit
     request_media: str = "application/json"
     response_media: str = "application/json"
     description: str = ""
@@ -92,7 +106,7 @@ class Api:
         response: type[BaseModel] | None = None,
         status: int = 200,
         errors: tuple[int, ...] = (),
-        body_limit: int = DEFAULT_BODY_LIMIT,
+        body_limit: BodyLimit = DEFAULT_BODY_LIMIT,
         request_media: str = "application/json",
         response_media: str = "application/json",
         headers: dict[str, str] | None = None,
@@ -142,13 +156,17 @@ class Api:
             rid = request.headers.get("x-request-id", "")
             if not _REQUEST_ID.match(rid):
                 rid = secrets.token_hex(8)
+            call = Call(request, ctx, None, request_id=rid)
             try:
-                result = await self._run(ctx, op, request, rid)
+                result = await self._run(ctx, op, call)
             except ApiError as exc:
                 return error_response(exc, rid)
             except Exception:
                 log.exception("event=api_error method=%s path=%s rid=%s", op.method, op.path, rid)
                 return error_response(ApiError(500, "internal", "internal error"), rid)
+            finally:
+                if call.reserved:
+                    await ctx.body_budget.release(call.reserved)
             if isinstance(result, Response):
                 result.headers["X-Request-Id"] = rid
                 return result
@@ -165,7 +183,8 @@ class Api:
 
         return endpoint
 
-    async def _run(self, ctx: Any, op: Operation, request: Request, rid: str) -> Any:
+    async def _run(self, ctx: Any, op: Operation, call: Call) -> Any:
+        request = call.request
         principal = None
         if op.scope is not None:
             principal = await authenticate(ctx, request)
@@ -187,9 +206,11 @@ class Api:
                     "too many requests for this key",
                     headers={"Retry-After": str(max(1, round(wait + 0.5)))},
                 )
-        call = Call(request, ctx, principal, request_id=rid)
+        call.principal = principal
         call.path = dict(request.path_params)
         for name, value in call.path.items():
+            if isinstance(value, str) and _UNSTORABLE.search(value):
+                raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
             # Ids are 64-bit in every database: a larger number names nothing.
             if isinstance(value, int) and value > MAX_ID:
                 raise ApiError(404, "not_found", f"no such {name.removesuffix('_id')}")
@@ -204,6 +225,13 @@ class Api:
                         fields=[{"path": k, "message": "given more than once"}],
                     )
                 params[k] = v
+                if _UNSTORABLE.search(v):
+                    raise ApiError(
+                        422,
+                        "validation_error",
+                        f"{k}: {UNSTORABLE_MESSAGE}",
+                        fields=[{"path": k, "message": UNSTORABLE_MESSAGE}],
+                    )
             try:
                 call.query = op.query.model_validate(params)
             except ValidationError as exc:
@@ -217,19 +245,19 @@ class Api:
                 fields=[{"path": name, "message": "unknown query parameter"}],
             )
         if op.body is not None or op.request_media != "application/json":
-            call.raw = await read_body(request, op.body_limit)
+            limit = op.body_limit(ctx) if callable(op.body_limit) else op.body_limit
+            call.raw = await read_body(call, limit, getattr(ctx, "body_budget", None))
         if op.body is not None:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 raise ApiError(415, "unsupported_media_type", "send application/json")
-            try:
-                data = json.loads(call.raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            data = parse_json(call.raw)
             try:
                 call.body = op.body.model_validate(data)
             except ValidationError as exc:
                 raise from_validation(exc) from None
+            except RecursionError:
+                raise _too_deep() from None
         result = await op.handler(call)
         if op.method != "GET":
             ctx.wake()  # apply what this request changed in this process's caches now
@@ -380,6 +408,83 @@ def error_response(exc: ApiError, rid: str) -> JSONResponse:
     )
 
 
+def _too_deep() -> ApiError:
+    msg = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    return ApiError(
+        422, "validation_error", f"body: {msg}", fields=[{"path": "body", "message": msg}]
+    )
+
+
+def _depth_ok(raw: bytes) -> bool:
+    """Whether the brackets of ``raw`` nest at most MAX_JSON_DEPTH deep. Brackets inside
+    strings count too, so a body that passes really is shallow; one that fails is
+    parsed anyway and its real depth decides. Two byte scans in C for a flat body."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return True
+    depth = 0
+    for m in _BRACKETS.finditer(raw):
+        depth += 1 if m.group() in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return False
+    return True
+
+
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _deepest(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (walking at most limit levels)."""
+    if limit < 0:
+        return True
+    if isinstance(value, dict):
+        return any(_deepest(v, limit - 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_deepest(v, limit - 1) for v in value)
+    return False
+
+
+def _unstorable_path(value: Any, loc: tuple[str | int, ...] = ()) -> tuple[str | int, ...] | None:
+    if isinstance(value, str):
+        return loc if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if _UNSTORABLE.search(k):
+                return (*loc, k)
+            found = _unstorable_path(v, (*loc, k))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unstorable_path(v, (*loc, i))
+            if found is not None:
+                return found
+    return None
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, or ApiError: 400 when it is not JSON, 422 naming the
+    path when it nests too deep or holds a string that cannot be stored."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+    if not _depth_ok(raw) and _deepest(data, MAX_JSON_DEPTH):
+        raise _too_deep()
+    if _UNSTORABLE_ESCAPE.search(raw):
+        loc = _unstorable_path(data)
+        if loc is not None:
+            path = field_path(loc) if loc else "body"
+            raise ApiError(
+                422,
+                "validation_error",
+                f"{path}: {UNSTORABLE_MESSAGE}",
+                fields=[{"path": path, "message": UNSTORABLE_MESSAGE}],
+            )
+    return data
+
+
 async def authenticate(ctx: Any, request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -398,15 +503,47 @@ async def authenticate(ctx: Any, request: Request) -> Principal:
     return principal
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(call: Call, limit: int, budget: BodyBudget | None) -> bytes:
+    """The body, at most ``limit`` bytes (413 as soon as it is known to be larger:
+    from Content-Length before reading, else when the stream passes it), its size held
+    in ``budget`` until the request ends (503 when there is no room for it)."""
+    request = call.request
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+    size_known = declared is not None and declared.isdigit()
+    if size_known and int(declared or 0) > limit:
+        raise _too_large(limit)
+
+    async def hold(n: int) -> None:
+        if budget is None or n <= 0:
+            return
+        if not await budget.reserve(n, call.reserved):
+            log.warning("event=api_body_refused reason=busy bytes=%d", n)
+            raise ApiError(
+                503,
+                "busy",
+                "too many large requests at once; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        call.reserved += n
+
+    if size_known:
+        await hold(int(declared or 0))
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+            raise _too_large(limit)
+        if size > call.reserved:  # chunked, or more than declared
+            await hold(size - call.reserved)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "too_large",
+        f"the body is larger than {limit} bytes",
+        fields=[{"path": "body", "message": f"larger than {limit} bytes"}],
+    )

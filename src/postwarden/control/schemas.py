@@ -48,6 +48,43 @@ Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 POOL_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 PoolName = Annotated[str, StringConstraints(pattern=POOL_NAME)]
 Cursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")]
+MAX_ID = 2**63 - 1  # ids are 64-bit in every database
+
+# What may not be inside one line of a header (subject, display names, header values,
+# file names): every control character but TAB (C0, DEL and C1, U+0085 NEL among
+# them), the Unicode line and paragraph separators (str.splitlines and the email
+# package break lines there) and lone surrogates (no UTF-8 for them).
+_NOT_ONE_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(value: str) -> str:
+    bad = _NOT_ONE_LINE.search(value)
+    if bad is not None:
+        raise ValueError(
+            f"character U+{ord(bad.group()):04X} at {bad.start()}: control characters,"
+            " line breaks and line or paragraph separators are not allowed"
+        )
+    return value
+
+
+def utc(value: dt.datetime) -> dt.datetime:
+    """An aware datetime in UTC; ValueError (its message fit for the field) when it has
+    no zone or falls outside years 1-9999 once in UTC (0001-01-01T00:00+14:00 does)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("give a time zone (e.g. 2027-01-01T00:00:00Z)")
+    try:
+        return value.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("out of range once in UTC (years 1 to 9999)") from None
+
+
+def parse_timestamp(text: str) -> dt.datetime:
+    """ISO 8601 text with a zone → UTC datetime (the CSV import's rule, as the API's)."""
+    return utc(dt.datetime.fromisoformat(text))
+
+
+#: Every time the API takes: ISO 8601 with a zone, representable in UTC.
+Timestamp = Annotated[dt.datetime, AfterValidator(utc)]
 
 
 class Strict(BaseModel):
@@ -73,7 +110,7 @@ def decode_cursor(cursor: str | None) -> int:
         value = int(raw.decode("ascii"))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise invalid("cursor", "not a cursor this API gave") from None
-    if value < 0:
+    if not 0 <= value <= MAX_ID:
         raise invalid("cursor", "not a cursor this API gave")
     return value
 
@@ -247,7 +284,7 @@ class SuppressionCreate(Strict):
     reason: Reason = "manual"
     source: Annotated[str, StringConstraints(max_length=100)] = "api"
     note: Annotated[str, StringConstraints(max_length=2000)] = ""
-    expires_at: dt.datetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class SuppressionOut(BaseModel):

@@ -34,12 +34,15 @@ class ControlService:
         self.registry = CollectorRegistry()
         self.address: tuple[str, int] | None = None
         self._http: Any = None
+        self._metrics_http: Any = None
+        self.metrics_address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
 
     async def start(self) -> None:
-        from postwarden.control.app import create_app
+        from postwarden.control.app import create_app, metrics_app
         from postwarden.control.server import HttpServer
+        from postwarden.supervisor import metrics_token
 
         await self.control.start()
 
@@ -49,10 +52,21 @@ class ControlService:
                 "submit_to": f"{self.relay.host}:{self.relay.port}",
             }
 
-        app = create_app(lambda: bytes(generate_latest(self.registry)), health, self.control)
+        def metrics() -> bytes:
+            return bytes(generate_latest(self.registry))
+
+        token = metrics_token(self.cfg)
+        separate = bool(self.cfg.metrics.listen)
+        app = create_app(
+            metrics, health, self.control, metrics_token=token, serve_metrics=not separate
+        )
         host, port = parse_hostport(self.cfg.control.listen, "control.listen")
         self._http = HttpServer(app, host, port)
         self.address = await self._http.start()
+        if separate:
+            host, port = parse_hostport(self.cfg.metrics.listen, "metrics.listen")
+            self._metrics_http = HttpServer(metrics_app(metrics, token), host, port)
+            self.metrics_address = await self._metrics_http.start()
         log.info(
             "event=started role=control control=%s:%s submit_to=%s:%s",
             *self.address,
@@ -66,6 +80,8 @@ class ControlService:
         self._stopping = True
         if self._http is not None:
             await self._http.stop()
+        if self._metrics_http is not None:
+            await self._metrics_http.stop()
         await self.control.stop()
         self._stopped.set()
         log.info("event=stopped")

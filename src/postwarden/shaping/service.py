@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from postwarden.config import Config
-from postwarden.metrics import ShapingMetrics
+from postwarden.metrics import ShapingMetrics, tenant_key
 from postwarden.shaping.broker import Broker
 from postwarden.shaping.channel import BrokerServer
 from postwarden.shaping.rules import RulesError, load_rules
@@ -125,6 +125,8 @@ class ShapingService:
             m.actions.labels(a["source"], site, a["rule"], a["action"]).inc()
         self._actions_seen = self.broker.action_count
         for key in self.book.keys():
+            if tenant_key(key, self.cfg.metrics.tenant_labels) is None:
+                continue  # a sending domain: a tenant's name (metrics.tenant_labels)
             pr = self.book.progress(key)
             m.health.labels(key).set(pr["health"]["score"])
             m.paused.labels(key).set(1 if pr["paused"] else 0)

@@ -185,7 +185,8 @@ class Message(Base):
     """What the control plane knows of a message, from the spool's events."""
 
     __tablename__ = "messages"
-    __table_args__ = (Index(None, "tenant_id", "created_at"),)
+    # created_at alone: retention prunes by it (store.retention).
+    __table_args__ = (Index(None, "tenant_id", "created_at"), Index(None, "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[int | None] = mapped_column(BigInteger)
@@ -216,6 +217,7 @@ class Event(Base):
         Index(None, "tenant_id", "id"),
         Index(None, "message_id"),
         Index(None, "tenant_id", "recipient"),
+        Index(None, "ts"),  # retention prunes by it (store.retention)
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
