@@ -155,6 +155,7 @@ class Appliance:
         self.passwords = PasswordStore(cfg.smtp.users)
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.accept, self.sign)
         self.ingress.key_auth = self.control.smtp_login
+        self.ingress.key_valid = self.control.key_valid
         self.ingress.may_send_as = self.control.may_send_as
         self.ingress.pool_for = self.control.pool_for
         self.control.inject = self.inject
@@ -339,6 +340,11 @@ class Appliance:
             client = BrokerClient(self.cfg.shaping_socket)
             await client.connect()
             backend = client
+            # Sessions per IP and AUTH lockouts: the supervisor's tables, for the
+            # whole appliance (mta.guard).
+            self.ingress.shared = client
+            if self.inbound is not None:
+                self.inbound.shared = client
         else:
             own = self.shaping is None
             if own:

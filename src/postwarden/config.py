@@ -143,6 +143,11 @@ class SmtpConfig:
     tls_key: str = ""
     bare_newlines: Literal["reject", "normalize"] = "reject"
     users: list[SmtpUser] = field(default_factory=list)
+    # AUTH lockout per client address, across sessions and workers (mta.guard);
+    # 0 failures turns it off.
+    auth_lockout_failures: int = 10
+    auth_lockout_window: float = field(default=600.0, metadata=_DURATION)
+    auth_lockout_time: float = field(default=900.0, metadata=_DURATION)
 
 
 @dataclass
@@ -586,6 +591,8 @@ def validate(cfg: Config) -> None:
         "smtp.max_sessions_per_ip": cfg.smtp.max_sessions_per_ip,
         "smtp.max_commands_per_session": cfg.smtp.max_commands_per_session,
         "smtp.max_message_size": cfg.smtp.max_message_size,
+        "smtp.auth_lockout_window": cfg.smtp.auth_lockout_window,
+        "smtp.auth_lockout_time": cfg.smtp.auth_lockout_time,
         "delivery.max_connections": cfg.delivery.max_connections,
         "delivery.max_connections_per_domain": cfg.delivery.max_connections_per_domain,
         "delivery.max_messages_per_connection": cfg.delivery.max_messages_per_connection,
@@ -635,6 +642,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.delivery.mx_port <= 65535:
         raise ConfigError(f"delivery.mx_port: not a TCP port: {cfg.delivery.mx_port}")
+    if cfg.smtp.auth_lockout_failures < 0:
+        raise ConfigError(
+            "smtp.auth_lockout_failures: must be 0 (off) or more, got"
+            f" {cfg.smtp.auth_lockout_failures}"
+        )
     if cfg.smtp.max_line_length < 80:
         raise ConfigError("smtp.max_line_length: must be at least 80")
     if cfg.queue.retry_factor < 1.0:
