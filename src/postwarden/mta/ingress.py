@@ -314,7 +314,7 @@ class SessionGuard:
                 "session_open", slot=slot.id, listener=self.listener, ip=slot.ip,
                 limit=self.max_sessions_per_ip(),
             )  # fmt: skip
-        except (ConnectionError, TimeoutError, OSError) as exc:
+        except (ConnectionError, TimeoutError, OSError, RuntimeError) as exc:
             self._fell_back("sessions", exc)
             return slot.local_ok
         self._back()
@@ -341,7 +341,7 @@ class SessionGuard:
             return
         slot.held = False
         # A broker gone meanwhile has given back every slot of this worker already.
-        with contextlib.suppress(ConnectionError, OSError):
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             self.shared.guard_notify("session_close", slot=slot.id)
 
     # -- AUTH lockout per client IP
@@ -354,7 +354,7 @@ class SessionGuard:
         if self.shared is not None:
             try:
                 answer = await self.shared.guard_call("auth_check", ip=ip)
-            except (ConnectionError, TimeoutError, OSError) as exc:
+            except (ConnectionError, TimeoutError, OSError, RuntimeError) as exc:
                 self._fell_back("auth", exc)
             else:
                 self._back()
@@ -374,7 +374,7 @@ class SessionGuard:
                     "auth_failed", ip=ip, failures=rule.failures, window=rule.window,
                     lockout=rule.lockout,
                 )  # fmt: skip
-            except (ConnectionError, TimeoutError, OSError) as exc:
+            except (ConnectionError, TimeoutError, OSError, RuntimeError) as exc:
                 self._fell_back("auth", exc)
             else:
                 self._back()
@@ -412,6 +412,7 @@ class GuardedSMTP(BulkDataSMTP):
         self._in_ehlo = False
         self._commands = 0
         self._slot: SessionSlot | None = None
+        self._started = False  # past the slot check: aiosmtpd's loop handles EOF
         self._peer_ip = ""
         self._smtp_methods = {
             name: self._counted(method) for name, method in self._smtp_methods.items()
@@ -447,8 +448,19 @@ class GuardedSMTP(BulkDataSMTP):
             self._slot = None
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        keep = super().eof_received()
+        if not self._started:
+            # The client went before its greeting (before our handler even ran, or
+            # while it waited for a slot): aiosmtpd closes the connection only from
+            # its command loop, so a half-open one would keep its slot for ever.
+            return False
+        return keep
+
     async def _handle_client(self) -> None:
-        if self._slot is not None and not await self.guard.admit(self._slot):
+        admitted = self._slot is None or await self.guard.admit(self._slot)
+        self._started = True
+        if not admitted:
             self.guard.refused("too_many_sessions")
             await self.push("421 4.7.0 Too many sessions from your address, try later")
             if self.transport is not None:
