@@ -171,6 +171,7 @@ class Appliance:
         self.cleanup = Cleanup(cfg.server.hostname, cfg.smtp.hop_limit)
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.submit)
         self.ingress.key_auth = self.control.smtp_login
+        self.ingress.key_valid = self.control.key_valid
         self.ingress.pool_for = self.control.pool_for
         self.control.inject = self.inject
         # The inbound MX (bounces, complaints): only with inbound.listen (a worker: with
@@ -377,6 +378,11 @@ class Appliance:
             client = BrokerClient(self.cfg.shaping_socket, metrics=self.metrics)
             await client.connect()
             backend = client
+            # Sessions per IP and AUTH lockouts: the supervisor's tables, for the
+            # whole appliance (mta.guard).
+            self.ingress.shared = client
+            if self.inbound is not None:
+                self.inbound.shared = client
         else:
             own = self.shaping is None
             if own:

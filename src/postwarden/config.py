@@ -151,6 +151,11 @@ class SmtpConfig:
     # private ranges that delivery.allowed_private_networks does not name).
     allow_address_literals: bool = False
     users: list[SmtpUser] = field(default_factory=list)
+    # AUTH lockout per client address, across sessions and workers (mta.guard);
+    # 0 failures turns it off.
+    auth_lockout_failures: int = 10
+    auth_lockout_window: float = field(default=600.0, metadata=_DURATION)
+    auth_lockout_time: float = field(default=900.0, metadata=_DURATION)
 
 
 @dataclass
@@ -642,6 +647,8 @@ def validate(cfg: Config) -> None:
         "smtp.max_commands_per_session": cfg.smtp.max_commands_per_session,
         "smtp.hop_limit": cfg.smtp.hop_limit,
         "smtp.max_message_size": cfg.smtp.max_message_size,
+        "smtp.auth_lockout_window": cfg.smtp.auth_lockout_window,
+        "smtp.auth_lockout_time": cfg.smtp.auth_lockout_time,
         "delivery.max_connections": cfg.delivery.max_connections,
         "delivery.max_connections_per_domain": cfg.delivery.max_connections_per_domain,
         "delivery.max_messages_per_connection": cfg.delivery.max_messages_per_connection,
@@ -695,6 +702,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.delivery.mx_port <= 65535:
         raise ConfigError(f"delivery.mx_port: not a TCP port: {cfg.delivery.mx_port}")
+    if cfg.smtp.auth_lockout_failures < 0:
+        raise ConfigError(
+            "smtp.auth_lockout_failures: must be 0 (off) or more, got"
+            f" {cfg.smtp.auth_lockout_failures}"
+        )
     if cfg.smtp.max_line_length < 80:
         raise ConfigError("smtp.max_line_length: must be at least 80")
     if cfg.queue.retry_factor < 1.0:

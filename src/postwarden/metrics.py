@@ -44,6 +44,8 @@ REJECT_REASONS = (
     "nul",
     "bad_from",
     "hops",
+    "auth_locked",
+    "credentials_revoked",
 )
 #: Why the inbound MX (mta.inbound) refused a command.
 INBOUND_REFUSALS = (
@@ -93,6 +95,18 @@ class Metrics:
             "postwarden_smtp_rejected",
             "SMTP commands refused by the ingress, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.auth_lockouts = Counter(
+            "postwarden_auth_lockouts",
+            "Client addresses locked out of AUTH after repeated failures (lockouts begun).",
+            registry=r,
+        )
+        self.guard_local = Counter(
+            "postwarden_session_guard_local",
+            "Session-limit and AUTH-lockout decisions taken by a worker alone (the broker"
+            " did not answer).",
+            ["check"],
             registry=r,
         )
         self.delivered = Counter(
@@ -278,6 +292,8 @@ class Metrics:
                 self.dropped.labels(reason, stage)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for check in ("sessions", "auth"):
+            self.guard_local.labels(check)
         for reason in INBOUND_REFUSALS:
             self.inbound_refused.labels(reason)
         for outcome in (

@@ -19,6 +19,7 @@ from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
 from postwarden.control.domains import signing_generation
 from postwarden.dns.resolver import Resolver
+from postwarden.mta.auth import KeyLogin
 from postwarden.mta.dkim import DkimKeyError, SigningKey, parse_key
 from postwarden.store.db import (
     create_engine,
@@ -27,7 +28,15 @@ from postwarden.store.db import (
     sessionmaker,
     upgrade,
 )
-from postwarden.store.models import Change, DkimKey, Domain, IdempotencyKey, Pool, Tenant
+from postwarden.store.models import (
+    ApiKey,
+    Change,
+    DkimKey,
+    Domain,
+    IdempotencyKey,
+    Pool,
+    Tenant,
+)
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
 
@@ -71,6 +80,11 @@ class ControlPlane:
         # Bytes of request bodies this process holds at once (its share of the budget).
         self.body_budget = BodyBudget(cfg.control.max_body_memory)
         self.suppressions = SuppressionCache(self.sessions)
+        # What SMTP sessions that logged in with a key check at every MAIL, kept from
+        # the change feed: keys revoked or deleted, and tenants disabled or deleted,
+        # since this process started (a key revoked before could not have logged in).
+        self.revoked_keys: set[str] = set()  # key prefixes
+        self.disabled_tenants: set[int] = set()
         self.signing_keys: list[SigningKey] = []
         self.verified: dict[int, set[str]] = {}  # tenant id -> its verified sending domains
         self.notify_tenants: set[int] = set()  # tenants with settings.bounce_notifications
@@ -291,9 +305,9 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ the MTA's questions
 
-    async def smtp_login(self, login: str, password: str) -> int | None:
-        """SMTP AUTH with an API key: the tenant's id when ``login`` is the key's tenant
-        name and the key has the ``send`` scope."""
+    async def smtp_login(self, login: str, password: str) -> KeyLogin | None:
+        """SMTP AUTH with an API key: the tenant and key when ``login`` is the key's
+        tenant name and the key has the ``send`` scope."""
         principal = await self.auth.authenticate(password)
         if (
             principal is None
@@ -302,7 +316,39 @@ class ControlPlane:
             or not principal.has("send")
         ):
             return None
-        return principal.tenant_id
+        return KeyLogin(principal.tenant_id, principal.prefix)
+
+    def key_valid(self, prefix: str, tenant_id: int) -> bool:
+        """Whether a key that logged in may still send: not revoked, its tenant not
+        disabled since (two set lookups: asked at every MAIL)."""
+        return prefix not in self.revoked_keys and tenant_id not in self.disabled_tenants
+
+    async def reload_revocations(self, rows: list[Any]) -> None:
+        """Bring :attr:`revoked_keys` and :attr:`disabled_tenants` up to date with the
+        keys and tenants that change-feed ``rows`` name."""
+        prefixes = sorted({r[3] for r in rows if r[1] == "api_key" and r[3]})
+        tenants = sorted({r[2] for r in rows if r[1] == "tenant" and r[2] is not None})
+        keys: dict[str, Any] = {}
+        states: dict[int, bool] = {}
+        async with self.sessions() as s:
+            for i in range(0, len(prefixes), 500):
+                chunk = prefixes[i : i + 500]
+                stmt = select(ApiKey.prefix, ApiKey.revoked_at).where(ApiKey.prefix.in_(chunk))
+                keys.update((p, at) for p, at in (await s.execute(stmt)).all())
+            for i in range(0, len(tenants), 500):
+                ids = tenants[i : i + 500]
+                stmt2 = select(Tenant.id, Tenant.disabled).where(Tenant.id.in_(ids))
+                states.update((t, bool(d)) for t, d in (await s.execute(stmt2)).all())
+        for p in prefixes:
+            if p not in keys or keys[p] is not None:
+                self.revoked_keys.add(p)
+            else:
+                self.revoked_keys.discard(p)
+        for t in tenants:
+            if states.get(t, True):
+                self.disabled_tenants.add(t)
+            else:
+                self.disabled_tenants.discard(t)
 
     def may_send_as(self, tenant_id: int, domain: str | None) -> bool:
         """Whether a tenant may send mail From ``domain`` (one of its verified domains,
@@ -338,6 +384,7 @@ class ControlPlane:
         kinds = {r[1] for r in rows}
         if kinds & {"api_key", "tenant"}:
             self.auth.invalidate()
+            await self.reload_revocations(rows)
         if "suppression" in kinds:
             await self.suppressions.refresh((r[2], r[3]) for r in rows if r[1] == "suppression")
         if "domain" in kinds:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from postwarden.config import SmtpUser
 
@@ -81,3 +82,11 @@ class PasswordStore:
 
 
 _DUMMY = hash_password(secrets.token_hex(8))
+
+
+class KeyLogin(NamedTuple):
+    """An SMTP login with a tenant's API key: whose it is, and which key (its prefix,
+    checked again at every MAIL against the keys revoked since)."""
+
+    tenant_id: int
+    key_prefix: str

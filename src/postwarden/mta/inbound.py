@@ -82,6 +82,8 @@ OnDelivered = Callable[[], None]
 class InboundHandler(SessionGuard):
     """Decides RCPT and DATA for the inbound MX; stores what it accepts in ``inbox``."""
 
+    listener = "inbound"  # its own sessions-per-IP limit in the shared tables
+
     def __init__(
         self,
         cfg: Config,

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
+import itertools
 import json
 import logging
 import re
@@ -26,12 +28,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from postwarden.config import Config
 from postwarden.mail.cleanup import Origin, Rejected
 from postwarden.metrics import Metrics
-from postwarden.mta.auth import PasswordStore
+from postwarden.mta.auth import KeyLogin, PasswordStore
+from postwarden.mta.guard import AuthLockout, GuardChannel, lockout_rule
 from postwarden.mta.wire import BulkDataSMTP
 from postwarden.queue.spool import LANE_BULK, LANE_HIGH, SpoolFull, StoredMessage, new_message_id
 from postwarden.queue.spool import Envelope as SpoolEnvelope
@@ -161,26 +164,55 @@ class Submitter:
 
     login: bytes
     tenant_id: int | None = None  # set when the password was a tenant's API key
+    key_prefix: str | None = None  # that key, checked again at every MAIL
 
 
-@dataclass
-class _PendingAuth:
-    """Credentials parsed by aiosmtpd, verified asynchronously by IngressSMTP."""
+def _hand_back(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
+    """aiosmtpd's ``authenticator``: it is called synchronously, and the check is not
+    (a slow password hash off the loop, a key lookup), so it only hands the parsed
+    credentials back to :meth:`IngressSMTP.smtp_AUTH`, which decides."""
+    return AuthResult(success=False, handled=False, auth_data=auth_data)
 
-    mechanism: str
-    login: bytes
-    password: bytes
+
+# One sequence per process: both listeners share the worker's broker connection.
+_SLOT_IDS = itertools.count(1)
+
+
+class SessionSlot:
+    """One session as the guard counts it: whether this process's own count allows it,
+    and the appliance-wide slot asked of the broker (``pending``) and whether it is held."""
+
+    __slots__ = ("held", "id", "ip", "local_ok", "pending")
+
+    def __init__(self, ip: str, local_ok: bool) -> None:
+        self.ip = ip
+        self.id = next(_SLOT_IDS)
+        self.local_ok = local_ok
+        self.held = False
+        self.pending: asyncio.Future[bool] | None = None
 
 
 class SessionGuard:
     """What a listener's handler keeps of its sessions: how many are open, in all and
-    per client IP (submission and the inbound MX each have one)."""
+    per client IP (submission and the inbound MX each have one), and failed AUTHs per
+    client IP.
+
+    With ``shared`` (a worker: the supervisor's broker) the appliance-wide tables
+    decide (mta.guard); this process's own count and lockouts decide only while the
+    broker cannot be reached."""
 
     cfg: Config
+    metrics: Metrics
+    listener = "smtp"  # the name of this listener's limit in the shared tables
 
     def __init__(self) -> None:
         self.sessions_by_ip: dict[str, int] = {}
         self.open_sessions = 0
+        self.shared: GuardChannel | None = None
+        self.auth_lockouts = AuthLockout()
+        self._alone = False  # deciding locally because the broker did not answer
 
     def max_sessions_per_ip(self) -> int:
         raise NotImplementedError
@@ -192,15 +224,43 @@ class SessionGuard:
         """Count a refusal of this listener, by reason."""
         raise NotImplementedError
 
-    def session_opened(self, ip: str) -> bool:
-        """Count a new session; False when its IP is over the limit."""
+    # -- sessions per client IP
+
+    def session_opened(self, ip: str) -> SessionSlot:
+        """Count a new session (at connect); :meth:`admit` says whether it may go on.
+        The appliance-wide slot is asked for at once: one round trip per connection."""
         n = self.sessions_by_ip.get(ip, 0) + 1
         self.sessions_by_ip[ip] = n
         self.open_sessions += 1
         self.sessions_changed(1)
-        return n <= self.max_sessions_per_ip()
+        slot = SessionSlot(ip, n <= self.max_sessions_per_ip())
+        if self.shared is not None:
+            slot.pending = asyncio.ensure_future(self._open_shared(self.shared, slot))
+        return slot
 
-    def session_closed(self, ip: str) -> None:
+    async def admit(self, slot: SessionSlot) -> bool:
+        """Whether the session may be greeted (False: its IP is over the limit)."""
+        if slot.pending is None:
+            return slot.local_ok
+        # Shielded: when the client goes while we wait, the answer still arrives and
+        # session_closed gives the slot back.
+        return await asyncio.shield(slot.pending)
+
+    async def _open_shared(self, shared: GuardChannel, slot: SessionSlot) -> bool:
+        try:
+            answer = await shared.guard_call(
+                "session_open", slot=slot.id, listener=self.listener, ip=slot.ip,
+                limit=self.max_sessions_per_ip(),
+            )  # fmt: skip
+        except (ConnectionError, TimeoutError, OSError, RuntimeError) as exc:
+            self._fell_back("sessions", exc)
+            return slot.local_ok
+        self._back()
+        slot.held = bool(answer.get("ok"))
+        return slot.held
+
+    def session_closed(self, slot: SessionSlot) -> None:
+        ip = slot.ip
         n = self.sessions_by_ip.get(ip, 0) - 1
         if n <= 0:
             self.sessions_by_ip.pop(ip, None)
@@ -208,6 +268,74 @@ class SessionGuard:
             self.sessions_by_ip[ip] = n
         self.open_sessions -= 1
         self.sessions_changed(-1)
+        if slot.pending is not None:
+            if slot.pending.done():
+                self._release(slot)
+            else:
+                slot.pending.add_done_callback(lambda _: self._release(slot))
+
+    def _release(self, slot: SessionSlot) -> None:
+        if not slot.held or self.shared is None:
+            return
+        slot.held = False
+        # A broker gone meanwhile has given back every slot of this worker already.
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            self.shared.guard_notify("session_close", slot=slot.id)
+
+    # -- AUTH lockout per client IP
+
+    async def auth_locked(self, ip: str) -> float:
+        """Seconds ``ip`` stays locked out of AUTH (0: it may try)."""
+        rule = lockout_rule(self.cfg)
+        if rule is None:
+            return 0.0
+        if self.shared is not None:
+            try:
+                answer = await self.shared.guard_call("auth_check", ip=ip)
+            except (ConnectionError, TimeoutError, OSError, RuntimeError) as exc:
+                self._fell_back("auth", exc)
+            else:
+                self._back()
+                return float(answer.get("locked_for") or 0.0)
+        return self.auth_lockouts.locked_for(ip)
+
+    async def auth_failed(self, ip: str) -> float:
+        """Count a failed AUTH of ``ip``; the seconds it is now locked out (0: not)."""
+        rule = lockout_rule(self.cfg)
+        if rule is None:
+            return 0.0
+        # Always counted here too, so that a broker outage starts from what we saw.
+        left, new = self.auth_lockouts.failed(ip, rule)
+        if self.shared is not None:
+            try:
+                answer = await self.shared.guard_call(
+                    "auth_failed", ip=ip, failures=rule.failures, window=rule.window,
+                    lockout=rule.lockout,
+                )  # fmt: skip
+            except (ConnectionError, TimeoutError, OSError, RuntimeError) as exc:
+                self._fell_back("auth", exc)
+            else:
+                self._back()
+                left, new = float(answer.get("locked_for") or 0.0), bool(answer.get("new"))
+        if new:
+            self.metrics.auth_lockouts.inc()
+            log.warning("event=auth_lockout peer=%s failures=%d window=%.0fs lockout=%.0fs",
+                        ip, rule.failures, rule.window, rule.lockout)  # fmt: skip
+        return left
+
+    # -- the broker's absence
+
+    def _fell_back(self, check: str, exc: BaseException) -> None:
+        self.metrics.guard_local.labels(check).inc()
+        if not self._alone:
+            self._alone = True
+            log.warning("event=guard_local reason=%r listener=%s", str(exc) or repr(exc),
+                        self.listener)  # fmt: skip
+
+    def _back(self) -> None:
+        if self._alone:
+            self._alone = False
+            log.info("event=guard_shared listener=%s", self.listener)
 
 
 class GuardedSMTP(BulkDataSMTP):
@@ -222,7 +350,8 @@ class GuardedSMTP(BulkDataSMTP):
         self.guard = handler
         self._in_ehlo = False
         self._commands = 0
-        self._over_limit = False
+        self._slot: SessionSlot | None = None
+        self._started = False  # past the slot check: aiosmtpd's loop handles EOF
         self._peer_ip = ""
         self._smtp_methods = {
             name: self._counted(method) for name, method in self._smtp_methods.items()
@@ -250,16 +379,27 @@ class GuardedSMTP(BulkDataSMTP):
             return  # STARTTLS re-entry, same session
         peer = transport.get_extra_info("peername")
         self._peer_ip = peer[0] if peer else ""
-        self._over_limit = not self.guard.session_opened(self._peer_ip)
+        self._slot = self.guard.session_opened(self._peer_ip)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._peer_ip:
-            self.guard.session_closed(self._peer_ip)
-            self._peer_ip = ""
+        if self._slot is not None:
+            self.guard.session_closed(self._slot)
+            self._slot = None
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        keep = super().eof_received()
+        if not self._started:
+            # The client went before its greeting (before our handler even ran, or
+            # while it waited for a slot): aiosmtpd closes the connection only from
+            # its command loop, so a half-open one would keep its slot for ever.
+            return False
+        return keep
+
     async def _handle_client(self) -> None:
-        if self._over_limit:
+        admitted = self._slot is None or await self.guard.admit(self._slot)
+        self._started = True
+        if not admitted:
             self.guard.refused("too_many_sessions")
             await self.push("421 4.7.0 Too many sessions from your address, try later")
             if self.transport is not None:
@@ -318,65 +458,104 @@ def server_factory(
 
 
 class IngressSMTP(GuardedSMTP):
-    """The submission listener's SMTP: the shared session rules, and AUTH only over TLS
-    or from trusted networks."""
+    """The submission listener's SMTP: the shared session rules; AUTH only over TLS or
+    from trusted networks, checked off the loop, with a lockout per client IP."""
 
     def __init__(self, handler: IngressHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(handler, authenticator=_hand_back, **kwargs)
         self.ingress = handler
         self._auth_failures = 0
 
-    # -- AUTH only over TLS or from trusted networks, verified off the loop
+    async def _close_locked(self) -> None:
+        self.ingress.refused("auth_locked")
+        await self.push("421 4.7.0 Too many failed authentications from your address, try later")
+        if self.transport is not None:
+            self.transport.close()
 
+    # AUTH as aiosmtpd's smtp_AUTH does it, but deciding here: its own path sets the
+    # deprecated Session.login_data on every success (a warning per login).
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
-        if not self._tls_protocol and not self.ingress.is_trusted(self._peer_ip):
+        trusted = self.ingress.is_trusted(self._peer_ip)
+        if not self._tls_protocol and not trusted:
             self.ingress.metrics.rejected.labels("auth_without_tls").inc()
             await self.push(
                 "538 5.7.11 Encryption required for requested authentication "
                 "mechanism: use STARTTLS"
             )
             return
-        await super().smtp_AUTH(arg)
-
-    def _authenticate(self, mechanism: str, auth_data: Any) -> Any:
-        # aiosmtpd calls this synchronously; hand the credentials back to our async
-        # auth_* wrappers so a slow password hash never blocks the event loop.
-        assert isinstance(auth_data, LoginPassword)
-        return _PendingAuth(mechanism, auth_data.login, auth_data.password)
-
-    async def _verify(self, result: Any) -> AuthResult:
-        if not isinstance(result, _PendingAuth):
-            return result
-        ok = await self.ingress.passwords.verify(result.login, result.password)
-        tenant: int | None = None
-        if not ok and self.ingress.key_auth is not None:
-            # A tenant's API key with the send scope: username = the tenant's name.
-            tenant = await self.ingress.key_auth(
-                result.login.decode("utf-8", "replace"), result.password.decode("utf-8", "replace")
-            )
-            ok = tenant is not None
-        if ok:
-            login = result.login.decode("utf-8", "replace")
-            log.info("event=auth_ok peer=%s user=%s tenant=%s", self._peer_ip, login,
-                     tenant if tenant is not None else "-")  # fmt: skip
-            return AuthResult(success=True, auth_data=Submitter(result.login, tenant))
+        if await self.check_helo_needed("EHLO"):
+            return
+        session = self.session
+        if session is None:
+            return
+        if not session.extended_smtp:
+            await self.push("500 Error: command 'AUTH' not recognized")
+            return
+        if session.authenticated:
+            await self.push("503 Already authenticated")
+            return
+        args = (arg or "").split()
+        if not args:
+            await self.push("501 Not enough value")
+            return
+        if len(args) > 2:
+            await self.push("501 Too many values")
+            return
+        mechanism = args[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        # A locked-out address is refused before it sends a password: nothing checked.
+        # Trusted networks may relay without AUTH anyway and are never locked out.
+        if not trusted and await self.ingress.auth_locked(self._peer_ip) > 0:
+            await self._close_locked()
+            return
+        parse = self.auth_PLAIN if mechanism == "PLAIN" else self.auth_LOGIN
+        result = await parse(self, args)
+        credentials = result.auth_data
+        if not isinstance(credentials, LoginPassword):
+            return  # aborted or undecodable: aiosmtpd has answered
+        who = await self._verify(credentials)
+        if who is not None:
+            session.authenticated = True
+            session.auth_data = who  # type: ignore[assignment]  # aiosmtpd infers None
+            await self.push("235 2.7.0 Authentication successful")
+            return
         self._auth_failures += 1
         self.ingress.metrics.rejected.labels("auth_failed").inc()
-        log.warning("event=auth_failed peer=%s user=%r", self._peer_ip, result.login[:64])
+        log.warning("event=auth_failed peer=%s user=%r", self._peer_ip, credentials.login[:64])
+        if not trusted and await self.ingress.auth_failed(self._peer_ip) > 0:
+            await self._close_locked()
+            return
         # Slow down guessing; after a few failures the session ends.
         await asyncio.sleep(min(0.5 * self._auth_failures, 2.0))
         if self._auth_failures >= MAX_AUTH_FAILURES:
             await self.push("421 4.7.0 Too many authentication failures, closing")
             if self.transport is not None:
                 self.transport.close()
-            return AuthResult(success=False, handled=True)
-        return AuthResult(success=False, handled=False)
+            return
+        await self.push("535 5.7.8 Authentication credentials invalid")
 
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._verify(await super().auth_PLAIN(_, args))
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._verify(await super().auth_LOGIN(_, args))
+    async def _verify(self, credentials: LoginPassword) -> Submitter | None:
+        """Who ``credentials`` are: a configured user or a tenant's API key; None."""
+        login, password = credentials.login, credentials.password
+        ok = await self.ingress.passwords.verify(login, password)
+        key: KeyLogin | None = None
+        if not ok and self.ingress.key_auth is not None:
+            # A tenant's API key with the send scope: username = the tenant's name.
+            key = await self.ingress.key_auth(
+                login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
+            )
+            ok = key is not None
+        if not ok:
+            return None
+        log.info("event=auth_ok peer=%s user=%s tenant=%s", self._peer_ip,
+                 login.decode("utf-8", "replace"),
+                 key.tenant_id if key is not None else "-")  # fmt: skip
+        if key is None:
+            return Submitter(login)
+        return Submitter(login, key.tenant_id, key.key_prefix)
 
 
 # (envelope, message as received, queue id, origin) -> the stored message; raises
@@ -399,8 +578,12 @@ class IngressHandler(SessionGuard):
         self.submit = submit
         super().__init__()
         self.in_transaction = 0
-        # (tenant name, API key) -> tenant id when the key may send; from the control plane.
-        self.key_auth: Callable[[str, str], Awaitable[int | None]] | None = None
+        # (tenant name, API key) -> the tenant and key when the key may send; from the
+        # control plane.
+        self.key_auth: Callable[[str, str], Awaitable[KeyLogin | None]] | None = None
+        # (key prefix, tenant id) -> whether a key that logged in may still send (not
+        # revoked, tenant not disabled since): in memory, asked at every MAIL.
+        self.key_valid: Callable[[str, int], bool] = lambda _k, _t: True
         # (tenant id or None, the pool X-Postwarden-Pool names or None) -> the pool to
         # spool the message with (None: the appliance's default pool); raises ValueError
         # (its text the reply) when the pool is unknown or not the sender's. From the
@@ -460,6 +643,17 @@ class IngressHandler(SessionGuard):
         self, server: IngressSMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:  # fmt: skip
+        who = session.auth_data if session.authenticated else None
+        if isinstance(who, Submitter) and who.key_prefix is not None and who.tenant_id is not None:
+            if not self.key_valid(who.key_prefix, who.tenant_id):
+                # Revoked (or its tenant disabled) since this session logged in.
+                session.authenticated = False
+                session.auth_data = None
+                self.metrics.rejected.labels("credentials_revoked").inc()
+                log.warning("event=auth_revoked peer=%s tenant=%s key=%s",
+                            session.peer[0] if session.peer else "", who.tenant_id,
+                            who.key_prefix)  # fmt: skip
+                return "530 5.7.0 Authentication credentials invalid"
         if not self.may_relay(session):
             self.metrics.rejected.labels("auth_required").inc()
             return "530 5.7.0 Authentication required"

@@ -20,6 +20,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from postwarden.mta.guard import GUARD_OPS, GuardTables
 from postwarden.shaping.broker import Broker, Choice, Grant
 from postwarden.shaping.fallback import LocalLimits
 
@@ -46,17 +47,20 @@ def short_path(path: str) -> str:
 
 
 class BrokerServer:
-    """Serves a broker; ``commands`` answers the operator's ops (status, warming…)."""
+    """Serves a broker; ``commands`` answers the operator's ops (status, warming…);
+    ``guard`` holds the appliance's SMTP session slots and AUTH lockouts (mta.guard)."""
 
     def __init__(
         self,
         broker: Broker,
         path: str,
         commands: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        guard: GuardTables | None = None,
     ) -> None:
         self.broker = broker
         self.path = path
         self.commands = commands
+        self.guard = guard if guard is not None else GuardTables()
         self._server: asyncio.AbstractServer | None = None
         self.holders = 0
 
@@ -106,11 +110,15 @@ class BrokerServer:
         finally:
             self.holders -= 1
             self.broker.drop_holder(holder)
+            self.guard.drop_holder(holder)
             writer.close()
 
     def _handle(self, holder: object, req: dict[str, Any]) -> dict[str, Any] | None:
         op = req["op"]
         b = self.broker
+        if op in GUARD_OPS:
+            guarded = self.guard.handle(holder, req)
+            return None if guarded is None else {"id": req["id"], **guarded}
         if op == "reports":  # fire-and-forget: no answer
             for item in req["items"]:
                 b.report(**item)
@@ -418,6 +426,16 @@ class BrokerClient:
         if items:
             with contextlib.suppress(ConnectionError):
                 self._send({"op": "reports", "items": items})
+
+    async def guard_call(self, op: str, **args: Any) -> dict[str, Any]:
+        """A session-guard op (mta.guard): the answer; ConnectionError or TimeoutError
+        when the broker cannot give one (the caller then decides locally)."""
+        return await self._call(op=op, **args)
+
+    def guard_notify(self, op: str, **args: Any) -> None:
+        """A session-guard op that has no answer (``session_close``); ConnectionError
+        when it cannot be sent."""
+        self._send({"op": op, **args})
 
     async def command(self, **args: Any) -> dict[str, Any]:
         """An operator's op (status, warming, reload): the broker's answer; raises
