@@ -19,7 +19,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Session
 
 
-def test_asyncio_stream_reader_keeps_a_bytearray_buffer() -> None:
+async def test_asyncio_stream_reader_keeps_a_bytearray_buffer() -> None:
     # wire.read_data puts pipelined bytes back at the front of it.
     assert isinstance(asyncio.StreamReader()._buffer, bytearray)  # type: ignore[attr-defined]
 
