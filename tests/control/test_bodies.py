@@ -11,6 +11,7 @@ from typing import Any
 
 from postwarden.control.messages import api_body_limit
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_messages import ready_tenant
 
 MAX_MESSAGE = 60_000
 
@@ -60,12 +61,7 @@ def json_body(size: int) -> bytes:
 
 async def tenant(api: ControlApi) -> str:
     api.lab.add_domain("inbox.test")
-    key = await api.tenant("acme")
-    await api.verified_domain(key, "acme.test")
-    # The process's cache of verified domains follows the change feed.
-    while not any("acme.test" in d for d in api.app.control.verified.values()):
-        await asyncio.sleep(0.01)
-    return key
+    return await ready_tenant(api)
 
 
 async def test_oversize_bodies_get_413_before_they_are_read(control: ControlFactory) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from postwarden.lab.demo import dkim_verdicts
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_messages import ready_tenant
 
 # The database plays no part here: SQLite only.
 pytestmark = pytest.mark.parametrize("control", ["sqlite"], indirect=True)
@@ -26,15 +27,8 @@ HIDING = [
 async def acme(control: ControlFactory) -> tuple[ControlApi, str]:
     api = await control()
     api.lab.add_domain("inbox.test")
-    key = await api.tenant("acme")
-    await api.verified_domain(key, "acme.test")
-    other = await api.tenant("victim")
-    await api.verified_domain(other, "victim.test")
-    for _ in range(100):  # the verified domains reach the SMTP side's cache
-        if api.app.control.may_send_as(1, "acme.test"):
-            break
-        await api.app.control.poll_once()
-    return api, key
+    await ready_tenant(api, "victim", "victim.test")
+    return api, await ready_tenant(api)
 
 
 async def smtp_send(api: ControlApi, key: str, message: bytes) -> aiosmtplib.SMTPResponse:

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_messages import ready_tenant
 
 EXAMPLES = int(os.environ.get("POSTWARDEN_HYPOTHESIS_EXAMPLES", "60"))
 FAST = {"control": {"rate_limit": 100000, "rate_burst": 100000}}
@@ -36,12 +37,7 @@ def paths(r: httpx.Response) -> list[str]:
 
 async def sender(api: ControlApi) -> str:
     api.lab.add_domain("inbox.test")
-    key = await api.tenant("acme")
-    await api.verified_domain(key, "acme.test")
-    # The process's cache of verified domains follows the change feed.
-    while not any("acme.test" in d for d in api.app.control.verified.values()):
-        await asyncio.sleep(0.01)
-    return key
+    return await ready_tenant(api)
 
 
 def message(**over: Any) -> dict[str, Any]:

@@ -29,9 +29,12 @@ async def until(c: httpx.AsyncClient, msg_id: str, done: Any, timeout: float = 1
 
 
 async def ready_tenant(api: ControlApi, name: str = "acme", domain: str = "acme.test") -> str:
+    """A tenant's key, once the appliance's cache of verified domains has its domain."""
     key = await api.tenant(name)
     await api.verified_domain(key, domain)
-    await asyncio.sleep(0.3)
+    # The process's cache of verified domains follows the change feed.
+    while not any(domain in d for d in api.app.control.verified.values()):
+        await asyncio.sleep(0.01)
     return key
 
 

@@ -27,9 +27,13 @@ def no_verify() -> ssl.SSLContext:
 async def login(app: Appliance, user: str, password: str, source: str = "127.0.0.1") -> int:
     """One session: STARTTLS, AUTH PLAIN; the AUTH reply code."""
     host, port = app.smtp_addresses[0]
+    return await auth_plain(host, port, user, password, source)
+
+
+async def auth_plain(host: str, port: int, user: str, password: str, source: str) -> int:
     smtp = aiosmtplib.SMTP(
         hostname=host, port=port, start_tls=False, tls_context=no_verify(),
-        source_address=(source, 0),
+        source_address=(source, 0), timeout=30,
     )  # fmt: skip
     await smtp.connect()
     try:

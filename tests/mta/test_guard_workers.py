@@ -5,7 +5,6 @@ takes each connection."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
 import signal
@@ -15,12 +14,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
 
 from postwarden.lab import Lab
 from postwarden.mta.auth import hash_password
 from tests.conftest import free_port
+from tests.mta.test_auth_guard import auth_plain
 from tests.queue.test_durability import serve
 from tests.test_appliance import http_get, wait_log
 
@@ -77,20 +76,6 @@ def no_verify() -> ssl.SSLContext:
     return ctx
 
 
-async def auth(port: int, user: str, password: str) -> int:
-    smtp = aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=port, start_tls=False, tls_context=no_verify(), timeout=30
-    )
-    await smtp.connect()
-    try:
-        await smtp.starttls()
-        await smtp.ehlo()
-        blob = base64.b64encode(f"\0{user}\0{password}".encode())
-        return (await smtp.execute_command(b"AUTH", b"PLAIN", blob)).code
-    finally:
-        smtp.close()
-
-
 @pytest.mark.timeout(300)
 async def test_two_workers_keep_one_session_limit_and_one_auth_lockout(
     tmp_path: Path, lab: Lab, subprocess_config: Any
@@ -135,7 +120,10 @@ async def test_two_workers_keep_one_session_limit_and_one_auth_lockout(
             os.kill(stopped, signal.SIGSTOP)
             try:
                 got += await asyncio.gather(
-                    *(auth(port, "app1", f"wrong{i}") for i in range(failures // 2))
+                    *(
+                        auth_plain("127.0.0.1", port, "app1", f"wrong{i}", "127.0.0.1")
+                        for i in range(failures // 2)
+                    )
                 )
             finally:
                 os.kill(stopped, signal.SIGCONT)
@@ -143,7 +131,7 @@ async def test_two_workers_keep_one_session_limit_and_one_auth_lockout(
         for stopped in (workers[1], workers[0]):
             os.kill(stopped, signal.SIGSTOP)
             try:
-                assert await auth(port, "app1", "right") == 421
+                assert await auth_plain("127.0.0.1", port, "app1", "right", "127.0.0.1") == 421
             finally:
                 os.kill(stopped, signal.SIGCONT)
         text = log.read_text()
