@@ -29,6 +29,10 @@ import pytest
 from postwarden.lab import Lab
 from tests.peers import require_binary
 
+# Timing-sensitive (rates, group commit): run alone, after the parallel part of
+# `make test`.
+pytestmark = pytest.mark.serial
+
 PY = sys.executable
 
 

@@ -19,6 +19,10 @@ from tests.queue.test_durability import serve
 from tests.shaping.recsink import RecordingSink
 from tests.shaping.test_lab_shaping import SRC_A, send, until
 
+# Timing-sensitive (rates, group commit): run alone, after the parallel part of
+# `make test`.
+pytestmark = pytest.mark.serial
+
 RULES = (
     '[sites.gmail]\nmx_suffixes = ["gm.test"]\nconnection_limit = 2\n'
     'max_message_rate = "3000/min"\n'
