@@ -52,12 +52,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import dkim
+import dns.exception
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 from dkim.util import parse_tag_value
 
 if TYPE_CHECKING:
+    from starlette.routing import Route
+
     from postwarden.lab.dnsserver import DNSServer
     from postwarden.lab.sink import ReceivedMessage
 
@@ -75,6 +78,7 @@ class _KeyedMaildir(mailbox.Maildir):
     """
 
     def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)  # Maildir makes the leaf only
         super().__init__(path, factory=None, create=True)
         self._lock = threading.Lock()
         self._next_key: str | None = None
@@ -90,7 +94,7 @@ class _KeyedMaildir(mailbox.Maildir):
     def _create_tmp(self) -> IO[bytes]:
         if self._next_key is None:
             raise mailbox.Error("lab maildir: add messages with add_as")
-        path = os.path.join(self._path, "tmp", self._next_key)  # type: ignore[attr-defined]
+        path = os.path.join(self._path, "tmp", self._next_key)
         return open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600))
 
 
@@ -163,9 +167,7 @@ def verify_dkim(message: bytes, keys: dict[str, bytes]) -> list[DkimVerdict]:
         ok = False
         if record is not None:
             try:
-                ok = bool(
-                    dkim.DKIM(message).verify(idx=i, dnsfunc=lambda *_a, _r=record, **_k: _r)
-                )
+                ok = bool(dkim.DKIM(message).verify(idx=i, dnsfunc=lambda *_a, _r=record, **_k: _r))
             except dkim.DKIMException:
                 ok = False
         verdicts.append(DkimVerdict("pass" if ok else "fail", algorithm, domain, selector))
@@ -182,7 +184,7 @@ def lab_keys(dns_server: DNSServer, message: bytes) -> dict[str, bytes]:
         name = f"{selector}._domainkey.{domain}".lower().rstrip(".")
         try:
             texts = dns_server.records(name, "TXT")
-        except Exception:  # a name dnspython refuses: no key
+        except dns.exception.DNSException:  # a name dnspython refuses: no key
             continue
         if texts:
             rdata: Any = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, texts[0])
@@ -568,3 +570,79 @@ def body_text(message: email.message.Message) -> str:
     if part.get_content_subtype() == "html":
         return html_to_text(content)
     return content.replace("\r\n", "\n")
+
+
+# -- HTTP: what the lab serves on the control listener -------------------------------
+
+#: Most messages one ``GET /lab/messages`` lists.
+MAX_LIST = 1000
+
+
+def inbox_routes(inbox: LabInbox) -> list[Route]:
+    """``GET /lab/messages`` (``?to=ADDRESS|DOMAIN&limit=N``, newest first),
+    ``GET /lab/messages/{id}`` (JSON with the raw message) and
+    ``GET /lab/messages/{id}/raw`` (``message/rfc822``, exactly as received).
+
+    Read-only, without a key, and only to loopback clients: the lab's control
+    listener is on loopback by default, and the inbox holds whatever anyone sent.
+    """
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from postwarden.control.errors import ApiError, invalid, not_found
+    from postwarden.control.routing import error_response
+
+    def rid(request: Request) -> str:
+        return request.headers.get("x-request-id", "")[:64] or "-"
+
+    def refused(request: Request) -> Response | None:
+        if _loopback(request.client.host if request.client else ""):
+            return None
+        err = ApiError(403, "forbidden", "the lab inbox is served to loopback clients only")
+        return error_response(err, rid(request))
+
+    async def list_messages(request: Request) -> Response:
+        if (no := refused(request)) is not None:
+            return no
+        to = request.query_params.get("to") or None
+        text = request.query_params.get("limit", "100")
+        if not text.isdigit() or not 1 <= int(text) <= MAX_LIST:
+            return error_response(
+                invalid("limit", f"must be an integer from 1 to {MAX_LIST}"), rid(request)
+            )
+        found = await asyncio.to_thread(inbox.list, to, int(text))
+        return JSONResponse({"data": [m.summary() for m in found]})
+
+    async def one(request: Request, raw: bool) -> Response:
+        if (no := refused(request)) is not None:
+            return no
+        msg_id = request.path_params["id"]
+        try:
+            if raw:
+                data = await asyncio.to_thread(inbox.raw, msg_id)
+                return Response(data, media_type="message/rfc822")
+            return JSONResponse(await asyncio.to_thread(inbox.detail, msg_id))
+        except KeyError:
+            return error_response(not_found(f"lab message {msg_id}"), rid(request))
+
+    async def get_message(request: Request) -> Response:
+        return await one(request, raw=False)
+
+    async def get_raw(request: Request) -> Response:
+        return await one(request, raw=True)
+
+    return [
+        Route("/lab/messages", list_messages, methods=["GET"]),
+        Route("/lab/messages/{id}", get_message, methods=["GET"]),
+        Route("/lab/messages/{id}/raw", get_raw, methods=["GET"]),
+    ]
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
