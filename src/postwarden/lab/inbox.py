@@ -290,6 +290,7 @@ class LabInbox:
         self.path = Path(path)
         self.dns = dns
         self._maildir: _KeyedMaildir | None = None
+        self._opening = threading.Lock()
         self._last_us = 0
 
     # -- delivery (the sinks) -------------------------------------------------------
@@ -315,8 +316,9 @@ class LabInbox:
 
     def _write(self, msg: ReceivedMessage, keys: dict[str, bytes], msg_id: str) -> None:
         verdicts = verify_dkim(msg.data, keys)
-        if self._maildir is None:
-            self._maildir = _KeyedMaildir(self.path)
+        with self._opening:
+            if self._maildir is None:
+                self._maildir = _KeyedMaildir(self.path)
         self._maildir.add_as(msg_id, _trace_block(msg, verdicts, msg_id) + msg.data)
 
     # -- reading --------------------------------------------------------------------
