@@ -13,6 +13,7 @@ import json
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import dkim
@@ -194,6 +195,18 @@ async def test_lab_without_state_dir_writes_nothing(tmp_path: Path) -> None:
         assert reply.endswith("queued as mx1.lab.test-1")
 
 
+async def test_a_message_that_cannot_be_stored_is_not_accepted(tmp_path: Path) -> None:
+    """A real MX answers 250 only once the message is safe: a lab that cannot write its
+    maildir answers 451, so the sender keeps the message and retries."""
+    (tmp_path / "labstate").mkdir()
+    (tmp_path / "labstate" / "maildir").write_text("not a directory")
+    async with Lab(state_dir=tmp_path / "labstate") as lab:
+        lab.add_domain("inbox.test")
+        with pytest.raises(aiosmtplib.SMTPDataError) as err:
+            await to_sink(lab, ["a@inbox.test"], message("a@inbox.test", "x"))
+        assert err.value.code == 451 and lab.messages == []
+
+
 async def test_html_only_message_is_rendered_as_text(lab: Lab) -> None:
     lab.add_domain("inbox.test")
     data = (
@@ -347,7 +360,7 @@ async def test_postwarden_lab_keeps_and_serves_what_it_receives(tmp_path: Path) 
                     b"From: you@demo.lab.test\r\nTo: someone@inbox.lab.test\r\n"
                     b"Subject: kept\r\n\r\nhello\r\n",
                 )
-            listed: list[dict[str, object]] = []
+            listed: list[dict[str, Any]] = []
             for _ in range(600):
                 r = await http.get("/lab/messages", params={"to": "someone@inbox.lab.test"})
                 listed = r.json()["data"]
@@ -355,7 +368,7 @@ async def test_postwarden_lab_keeps_and_serves_what_it_receives(tmp_path: Path) 
                     break
                 await asyncio.sleep(0.05)
         assert [m["subject"] for m in listed] == ["kept"]
-        assert [d["result"] for d in listed[0]["dkim"]] == ["pass", "pass"]  # type: ignore[union-attr]
+        assert [d["result"] for d in listed[0]["dkim"]] == ["pass", "pass"]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
