@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postwarden.bounces.classify import (
     Classifier,
@@ -62,6 +62,9 @@ from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import LocalBackend, Shaper
 from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
+
+if TYPE_CHECKING:
+    from starlette.routing import Route
 
 log = logging.getLogger("postwarden")
 
@@ -142,8 +145,11 @@ class Appliance:
         worker: WorkerRole | None = None,
         api: bool = True,
         shaping: ShapingService | None = None,
+        extra_routes: list[Route] | None = None,
     ) -> None:
         self.worker = worker
+        #: More routes for the control listener (the lab's inbox under ``postwarden lab``).
+        self.extra_routes = list(extra_routes or ())
         self.api = api  # False with `serve --role mta`: health and metrics only
         cfg = worker_share(cfg, worker.count) if worker else cfg
         self.cfg = cfg
@@ -507,6 +513,7 @@ class Appliance:
             self.control if self.api else None,
             metrics_token=token,
             serve_metrics=not separate,
+            extra_routes=self.extra_routes,
         )
         if self.worker is not None and self.worker.control_sock is not None:
             self._http = HttpServer(app, sock=self.worker.control_sock)

@@ -129,12 +129,57 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    if args.action == "inbox" or args.id or args.to or args.raw or args.json:
+        return cmd_lab_inbox(args)
     from postwarden.lab.demo import run_lab
 
     setup_logging("info")
     return int(
         run_async(run_lab(args.config, var_dir=args.var, demo=not args.no_demo, once=args.once))
     )
+
+
+def cmd_lab_inbox(args: argparse.Namespace) -> int:
+    """``postwarden lab inbox``: what the lab's MX hosts received (in ``--var``)."""
+    from postwarden.lab import inbox_path
+    from postwarden.lab.inbox import LabInbox
+
+    if args.action != "inbox":
+        print("error: ID, --to, --raw and --json go with `postwarden lab inbox`", file=sys.stderr)
+        return 2
+    if args.limit < 1:
+        print("error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    inbox = LabInbox(inbox_path(args.var))
+    if args.id is None:
+        if args.raw:
+            print("error: --raw needs a message ID", file=sys.stderr)
+            return 2
+        found = inbox.list(args.to, args.limit) if inbox.exists else []
+        if args.json:
+            print(json.dumps([m.summary() for m in found], indent=2, ensure_ascii=False))
+        elif not found:
+            print(f"no messages in {inbox.path}" + (f" for {args.to}" if args.to else ""))
+        for m in [] if args.json else found:
+            dkim = ",".join(v.result for v in m.dkim) or "none"
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.received_at))
+            print(
+                f"{m.id}  {when}  {m.sink_name}  tls={'yes' if m.tls else 'no'}  dkim={dkim}  "
+                f"<{m.mail_from}> -> {', '.join(m.rcpt_tos)}  {m.subject!r}"
+            )
+        return 0
+    try:
+        if args.raw:
+            sys.stdout.buffer.write(inbox.raw(args.id))
+            sys.stdout.flush()
+        elif args.json:
+            print(json.dumps(inbox.detail(args.id), indent=2, ensure_ascii=False))
+        else:
+            print(inbox.render(args.id), end="")
+    except KeyError:
+        print(f"error: no message {args.id} in {inbox.path}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -564,8 +609,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     s.set_defaults(fn=cmd_worker)
 
-    s = sub.add_parser("lab", help="run the appliance against the built-in simulated internet")
-    s.add_argument("--var", default="./var/lab", help="state directory for the lab run")
+    s = sub.add_parser(
+        "lab",
+        help="run the appliance against the built-in simulated internet; "
+        "`lab inbox [ID]` shows what its MX hosts received",
+    )
+    s.add_argument(
+        "action",
+        nargs="?",
+        choices=["run", "inbox"],
+        default="run",
+        help="run (default): the lab and the appliance; inbox: list the messages the "
+        "lab received, or show one",
+    )
+    s.add_argument("id", nargs="?", help="with inbox: the message to show")
+    s.add_argument(
+        "--var", default="./var/lab", help="state directory for the lab run (and its inbox)"
+    )
+    s.add_argument("--to", help="with inbox: only messages for this address (or domain)")
+    s.add_argument("--limit", type=int, default=50, help="with inbox: list at most this many")
+    s.add_argument("--raw", action="store_true", help="with inbox ID: the message as received")
+    s.add_argument("--json", action="store_true", help="with inbox: JSON")
     s.add_argument("--no-demo", action="store_true", help="do not send the demo messages")
     s.add_argument("--once", action="store_true", help="exit after the demo")
     s.set_defaults(fn=cmd_lab)

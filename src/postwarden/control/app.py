@@ -50,13 +50,15 @@ def create_app(
     *,
     metrics_token: bytes | None = None,
     serve_metrics: bool = True,
+    extra_routes: list[Route] | None = None,
 ) -> Starlette:
     """Routes served on ``control.listen``.
 
     ``metrics`` renders the Prometheus text exposition (served here unless
     ``serve_metrics`` is off: metrics.listen serves it); ``health`` says whether the
     appliance is serving, with details. With a control plane (``plane``), the /v1 API,
-    ``/openapi.json`` and ``/docs`` are served too.
+    ``/openapi.json`` and ``/docs`` are served too. ``extra_routes`` are added as they
+    are (the lab's inbox, under ``postwarden lab``).
     """
 
     async def healthz(_: Request) -> JSONResponse:
@@ -85,6 +87,7 @@ def create_app(
 
         routes += [Route("/openapi.json", openapi), Route("/docs", docs)]
         routes += api.routes(plane)
+    routes += extra_routes or []
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

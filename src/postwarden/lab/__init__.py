@@ -12,14 +12,19 @@ shared TCP port) that behave per recipient domain like providers' inbound MXes d
         await lab.wait_for_messages(1)
         lab.messages[0].rcpt_tos
 
-Nothing leaves the machine and nothing is written to disk.
+Nothing leaves the machine. Nothing is written to disk either, unless the lab is given
+a state directory: ``Lab(state_dir=path)`` keeps every accepted message, with the
+sink's verdicts (DKIM, TLS, which MX), in the maildir ``path/maildir``
+(:class:`~postwarden.lab.inbox.LabInbox`, ``lab.inbox``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 
 from postwarden.lab.dnsserver import FAULTS, DNSServer
+from postwarden.lab.inbox import LabInbox
 from postwarden.lab.sink import (
     BEHAVIOURS,
     ReceivedMessage,
@@ -33,6 +38,7 @@ __all__ = [
     "FAULTS",
     "DNSServer",
     "Lab",
+    "LabInbox",
     "ReceivedMessage",
     "Sink",
     "SinkState",
@@ -44,6 +50,11 @@ DNS_HOST = "127.0.1.53"
 DEMO_SENDER_DOMAIN = "demo.lab.test"
 
 
+def inbox_path(state_dir: str | Path) -> Path:
+    """Where a lab with ``state_dir`` keeps the messages it received."""
+    return Path(state_dir) / "maildir"
+
+
 class Lab:
     """The DNS server and the sink MX hosts, started and stopped together.
 
@@ -51,13 +62,26 @@ class Lab:
     sinks on one port free on all their addresses) and stops it all on exit, freeing
     the ports. The sinks' names ``mx1.lab.test`` … resolve to their addresses from the
     start. Records and behaviours may be changed at any time.
+
+    With ``state_dir``, every accepted message is also stored, DKIM verified against
+    the lab DNS, in the maildir ``state_dir/maildir`` (:attr:`inbox`) before the sink
+    answers ``250``; a lab started again on the same directory keeps the earlier ones.
     """
 
     def __init__(
-        self, *, sink_hosts: tuple[str, ...] = SINK_HOSTS, dns_host: str = DNS_HOST
+        self,
+        *,
+        sink_hosts: tuple[str, ...] = SINK_HOSTS,
+        dns_host: str = DNS_HOST,
+        state_dir: str | Path | None = None,
     ) -> None:
         self.dns = DNSServer(dns_host)
         self.state = SinkState()
+        #: The maildir of received messages (only with ``state_dir``).
+        self.inbox: LabInbox | None = None
+        if state_dir is not None:
+            self.inbox = LabInbox(inbox_path(state_dir), dns=self.dns)
+            self.state.inbox = self.inbox
         names = [f"mx{i}.{ZONE}" for i in range(1, len(sink_hosts) + 1)]
         tls_context, self.cert_pem = server_tls_context([*names, f"*.{ZONE}"], sink_hosts)
         #: The sink MX hosts, in order: ``sinks[0]`` is ``mx1.lab.test`` on ``127.0.1.1``.

@@ -25,6 +25,7 @@ from postwarden.appliance import Appliance
 from postwarden.config import Config, load_config
 from postwarden.dns.resolver import DnsError, Resolver
 from postwarden.lab import Lab
+from postwarden.lab.inbox import inbox_routes
 from postwarden.mta.dkim import generate_key, load_key
 
 DEMO_DOMAIN = "demo.lab.test"
@@ -124,11 +125,12 @@ async def run_lab(
 ) -> int:
     var = Path(var_dir)
     var.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
-    async with Lab() as lab:
+    async with Lab(state_dir=var) as lab:  # keeps what it receives in var/maildir
         lab.populate_demo()
         cfg = lab_config(config_path, lab, var)
         publish_keys(lab, cfg)
-        app = Appliance(cfg, config_path=config_path)
+        assert lab.inbox is not None
+        app = Appliance(cfg, config_path=config_path, extra_routes=inbox_routes(lab.inbox))
         await app.start()
         app.install_signal_handlers()
         resolver = Resolver([lab.nameserver], timeout=2)
@@ -144,6 +146,7 @@ async def run_lab(
         _say(f"  submission   {smtp_host}:{smtp_port}  (trusted: {trusted})")
         _say(f"  metrics      http://{ctl}/metrics")
         _say(f"  lab DNS      {lab.nameserver}   lab MX hosts port {lab.mx_port}")
+        _say(f"  lab inbox    http://{ctl}/lab/messages  (postwarden lab inbox --var {var})")
         if app.inbound_addresses:
             ib_host, ib_port = app.inbound_addresses[0]
             _say(f"  inbound MX   {ib_host}:{ib_port}  (bounces and complaints to pwb.<domain>)")

@@ -5,8 +5,11 @@ sinks share. What a sink answers to ``RCPT TO`` depends on the recipient's domai
 (or the full address), looked up in the :class:`SinkState` all sinks share; see
 :data:`BEHAVIOURS`. Unknown domains accept. Every message a sink accepts with ``250``
 at the end of DATA is appended to :attr:`SinkState.messages`, with only the accepted
-recipients; nothing is written to disk and nothing is logged per message, so the
-sinks keep up with the benchmark.
+recipients; nothing is logged per message, so the sinks keep up with the benchmark.
+Nothing is written to disk either, unless the state has an inbox
+(:attr:`SinkState.inbox`, a lab with a state directory): then each message is verified
+(DKIM, against the lab's DNS) and stored in its maildir before the ``250``, see
+:mod:`postwarden.lab.inbox`.
 
 The sinks advertise 8BITMIME, SMTPUTF8, a 256 MiB SIZE and (unless :attr:`Sink.tls`
 is off) STARTTLS with a self-signed certificate; they never advertise AUTH. DATA is
@@ -18,18 +21,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import ssl
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from postwarden.mta.wire import BulkDataSMTP
 from postwarden.tls import self_signed
+
+if TYPE_CHECKING:
+    from postwarden.lab.inbox import LabInbox
+
+log = logging.getLogger("postwarden.lab")
 
 #: What a sink does at ``RCPT TO`` for a recipient:
 #:
@@ -78,6 +87,11 @@ class ReceivedMessage:
     helo: str
     #: ``time.time()`` at acceptance.
     received_at: float
+    #: The TLS protocol version and cipher, when under STARTTLS and kept in an inbox.
+    tls_version: str = ""
+    tls_cipher: str = ""
+    #: Its id in the lab inbox (``""`` when the lab keeps no inbox).
+    id: str = ""
 
 
 class SinkState:
@@ -89,6 +103,8 @@ class SinkState:
         self.behaviours: dict[str, str] = {}
         self.slow_delay = 3.0
         self.messages: list[ReceivedMessage] = []
+        #: Where accepted messages are also stored (a lab with a state directory).
+        self.inbox: LabInbox | None = None
         self._greylisted: set[tuple[str, str]] = set()
         self._arrived = asyncio.Event()
 
@@ -268,20 +284,35 @@ class _SinkHandler:
             await _until_cancelled()
         mail_from = envelope.mail_from or ""
         peer: Any = session.peer
-        state.record(
-            ReceivedMessage(
-                data=envelope.original_content or b"",
-                mail_from="" if mail_from == "<>" else mail_from,
-                rcpt_tos=list(envelope.rcpt_tos),
-                peer=str(peer[0]) if isinstance(peer, tuple) else str(peer),
-                sink_address=self.sink.host,
-                sink_name=self.sink.name,
-                tls=session.ssl is not None,
-                helo=session.host_name or "",
-                received_at=time.time(),
-            )
+        message = ReceivedMessage(
+            data=envelope.original_content or b"",
+            mail_from="" if mail_from == "<>" else mail_from,
+            rcpt_tos=list(envelope.rcpt_tos),
+            peer=str(peer[0]) if isinstance(peer, tuple) else str(peer),
+            sink_address=self.sink.host,
+            sink_name=self.sink.name,
+            tls=session.ssl is not None,
+            helo=session.host_name or "",
+            received_at=time.time(),
         )
+        if state.inbox is not None:
+            return await self._store(state.inbox, session, message)
+        state.record(message)
         return f"250 2.0.0 Ok: queued as {self.sink.name}-{len(state.messages)}"
+
+    async def _store(self, inbox: LabInbox, session: Session, message: ReceivedMessage) -> str:
+        """Keep the message in the inbox before accepting it, as a real MX would."""
+        if session.ssl is not None:
+            cipher = session.ssl.get("cipher")
+            if isinstance(cipher, tuple) and len(cipher) >= 2:
+                message = replace(message, tls_version=str(cipher[1]), tls_cipher=str(cipher[0]))
+        try:
+            message = await inbox.deliver(message)
+        except Exception as exc:  # a full disk, a bug: the sender retries, nothing is lost
+            log.error("event=lab_store_failed sink=%s error=%r", self.sink.name, exc)
+            return "451 4.3.0 Could not store the message, try again later"
+        self.state.record(message)
+        return f"250 2.0.0 Ok: queued as {message.id}"
 
 
 @dataclass(eq=False)
