@@ -16,12 +16,24 @@ import hmac
 import os
 from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from postwarden.shaping.broker import REFUSALS
 
 if TYPE_CHECKING:
     from postwarden.config import MetricsConfig
+
+# No ``<counter>_created`` series (one more per counter and label set, holding the
+# process's start time): as most exporters, and as the supervisor's summed exposition
+# already is. prometheus-client reads this switch when it collects, for every registry.
+disable_created_metrics()
 
 #: Bounded label values (documented in docs/operations.md).
 REJECT_REASONS = (

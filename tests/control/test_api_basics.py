@@ -128,7 +128,18 @@ async def test_tenant_can_be_disabled(control: ControlFactory) -> None:
         r = await c.patch(f"/v1/tenants/{tid}", json={"disabled": True})
         assert r.status_code == 200 and r.json()["disabled"] is True
     async with api.client(key) as c:
-        assert (await c.get("/v1/domains")).status_code == 401
+        # The key is real: its tenant may not act (403 saying so), not "unknown" (401).
+        r = await c.get("/v1/domains")
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert err["type"] == "tenant_disabled"
+        assert err["message"] == "tenant 'acme' is disabled; its keys may not act"
+        assert "www-authenticate" not in r.headers
+    async with api.client(api.admin_key) as c:
+        r = await c.patch(f"/v1/tenants/{tid}", json={"disabled": False})
+        assert r.status_code == 200
+    async with api.client(key) as c:
+        assert (await c.get("/v1/domains")).status_code == 200
 
 
 async def test_admin_create_key_cli(subprocess_config, tmp_path) -> None:  # type: ignore[no-untyped-def]

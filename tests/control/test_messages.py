@@ -155,11 +155,15 @@ async def test_bad_input_names_the_field_and_sends_nothing(control: ControlFacto
             {**ok, "attachments": [{"filename": "a", "content": "%%%"}]},
             "attachments[0].content",
         )
+        # Too large for smtp.max_message_size: 413 (issue 16), as docs/api.md says.
         big = base64.b64encode(b"x" * 30_000).decode()
-        await expect_422(
-            c, {**ok, "attachments": [{"filename": "a", "content": big}]}, "attachments[0].content"
+        r = await c.post(
+            "/v1/messages", json={**ok, "attachments": [{"filename": "a", "content": big}]}
         )
-        await expect_422(c, {**ok, "text": "y" * 30_000}, "body")
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["fields"][0]["path"] == "attachments[0].content"
+        r = await c.post("/v1/messages", json={**ok, "text": "y" * 30_000})
+        assert r.status_code == 413 and r.json()["error"]["fields"][0]["path"] == "body", r.text
         await expect_422(c, {k: v for k, v in ok.items() if k != "text"}, "body")
         await expect_422(c, {**ok, "colour": "red"}, "colour")
         await expect_422(c, {**ok, "tags": ["bad tag"]}, "tags[0]")

@@ -102,3 +102,20 @@ async def test_workers_serve_the_separate_listener(
             assert (await get(url)).status_code == 401
         assert (await get(f"http://{control}/metrics", TOKEN)).status_code == 404
         assert (await get(f"http://{control}/healthz")).status_code == 200
+
+
+async def test_no_created_series(appliance: Any) -> None:
+    """Issue 16, item 8c: no ``_created`` series (one more per counter and label set,
+    as most exporters leave out); the counters themselves are there. The separate
+    listener (metrics.listen) answers with a request id too."""
+    app = await appliance({"metrics": {"listen": "127.0.0.1:0"}})
+    r = await get("http://{}:{}/metrics".format(*app.metrics_address))
+    assert r.status_code == 200 and len(r.headers["x-request-id"]) == 16
+    lines = r.text.splitlines()
+    created = [x for x in lines if "_created" in x]
+    assert not created, created[:5]
+    assert "# TYPE postwarden_recipients_received_total counter" in lines
+    assert "postwarden_recipients_received_total 0.0" in lines
+    assert any(x.startswith("postwarden_acceptance_seconds_count") for x in lines)
+    r = await get("http://{}:{}/nowhere".format(*app.metrics_address))
+    assert r.status_code == 404 and r.json()["error"]["request_id"] == r.headers["x-request-id"]

@@ -6,7 +6,9 @@ import asyncio
 import csv
 import datetime as dt
 import io
+from typing import get_args
 
+from postwarden.control.csvfile import unescape_cell
 from tests.control.conftest import ControlFactory
 
 
@@ -204,3 +206,111 @@ def test_escape_is_undone_exactly() -> None:
         assert not out or out[0] not in FORMULA_START
 
     check()
+
+
+async def test_export_imports_back_for_every_reason_and_column(control: ControlFactory) -> None:
+    """Issue 16, item 2: entries of every reason, those only the appliance writes
+    (hard_bounce, soft_bounce with its expiry, complaint: written by bounces.feedback as
+    for a real bounce) included, export, are deleted, import back from the export and
+    export again byte for byte the same: reason, source (an empty one too), note,
+    created_at and expires_at."""
+    from postwarden.bounces import feedback
+    from postwarden.config import BouncesConfig
+    from postwarden.control.api import CSV_FIELDS
+    from postwarden.control.schemas import Reason
+    from postwarden.store.models import Event
+
+    api = await control()
+    key = await api.tenant("acme")
+    async with api.client(key) as c:
+        tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
+        for addr, body in {
+            "unsub@example.com": {"reason": "unsubscribe", "source": "list-unsubscribe"},
+            "manual@example.com": {"note": '=formula, "quoted"\nsecond line', "source": ""},
+            "gone@example.com": {"expires_at": "2001-02-03T04:05:06.789+02:00"},
+            "üser@bücher.example": {"reason": "complaint", "note": "by hand"},
+        }.items():
+            r = await c.post("/v1/suppressions", json={"address": addr, **body})
+            assert r.status_code == 201, r.text
+    # What bounces write, through the code that writes it when they come back.
+    now = dt.datetime.now(dt.UTC)
+    cfg = BouncesConfig(soft_bounce_limit=1)
+    async with api.app.control.sessions() as s:
+        out = await feedback.apply(
+            s, cfg, tenant_id=tid, address="hard@example.org", kind="failure", hard=True,
+            category="user_unknown", note="550 5.1.1 no such user", now=now,
+        )  # fmt: skip
+        assert out.suppressed == "hard_bounce"
+        out = await feedback.apply(
+            s, cfg, tenant_id=tid, address="fbl@example.org", kind="complaint", hard=None,
+            category=None, note="abuse report", now=now,
+        )  # fmt: skip
+        assert out.suppressed == "complaint"
+        s.add(
+            Event(
+                tenant_id=tid, ts=now, type="bounced", message_id="m1",
+                recipient="full@example.org", detail={"hard": False, "category": "mailbox_full"},
+            )
+        )  # fmt: skip
+        out = await feedback.apply(
+            s, cfg, tenant_id=tid, address="full@example.org", kind="failure", hard=False,
+            category="mailbox_full", note="452 4.2.2 mailbox full", now=now,
+        )  # fmt: skip
+        assert out.suppressed == "soft_bounce"
+        await s.commit()
+    async with api.client(key) as c:
+        first = await c.get("/v1/suppressions/export")
+        assert first.status_code == 200
+        rows = list(csv.DictReader(io.StringIO(first.text)))
+        assert {r["reason"] for r in rows} == set(get_args(Reason))
+        soft = next(r for r in rows if r["reason"] == "soft_bounce")
+        assert soft["source"] == "bounces" and soft["expires_at"]
+        assert tuple(rows[0]) == CSV_FIELDS
+        for row in rows:
+            address = unescape_cell(row["address"])
+            r = await c.delete(f"/v1/suppressions/{address}")
+            assert r.status_code == 200, (address, r.text)
+        assert (await c.get("/v1/suppressions")).json()["data"] == []
+        r = await c.post(
+            "/v1/suppressions/import", content=first.content, headers={"content-type": "text/csv"}
+        )
+        assert r.json() == {"created": len(rows), "updated": 0, "errors": []}, r.text
+        again = await c.get("/v1/suppressions/export")
+        # Importing over the entries that are there changes none of them either.
+        r = await c.post(
+            "/v1/suppressions/import", content=first.content, headers={"content-type": "text/csv"}
+        )
+        assert r.json() == {"created": 0, "updated": len(rows), "errors": []}, r.text
+        third = await c.get("/v1/suppressions/export")
+    assert again.text == first.text
+    assert third.text == first.text
+    # …and the import is in force: the check sees the soft bounce with its expiry.
+    check = api.app.control.suppressions.check
+    assert check(tid, "full@example.org") == "soft_bounce"
+    assert check(tid, "gone@example.com") is None  # expired in 2001, as exported
+
+
+async def test_import_refuses_what_it_would_have_to_cut(control: ControlFactory) -> None:
+    api = await control()
+    key = await api.tenant("acme")
+    body = (
+        "address,source,note,created_at\r\n"
+        f"a@example.com,{'s' * 101},,\r\n"
+        f"b@example.com,,{'n' * 2001},\r\n"
+        "c@example.com,,,yesterday\r\n"
+        "d@example.com,,,2020-01-01T00:00:00Z\r\n"
+    )
+    async with api.client(key) as c:
+        r = await c.post(
+            "/v1/suppressions/import", content=body.encode(), headers={"content-type": "text/csv"}
+        )
+        assert r.status_code == 200, r.text
+        res = r.json()
+        assert res["created"] == 1
+        assert [(e["line"], e["message"].split(":")[0]) for e in res["errors"]] == [
+            (2, "source"),
+            (3, "note"),
+            (4, "created_at"),
+        ]
+        d = (await c.get("/v1/suppressions/d@example.com")).json()
+    assert d["created_at"].startswith("2020-01-01T00:00:00") and d["source"] == ""

@@ -6,7 +6,7 @@ import csv
 import datetime as dt
 import io
 import re
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +36,7 @@ from postwarden.control.schemas import (
     PoolMemberOut,
     PoolOut,
     PoolUpdate,
+    Reason,
     RecordOut,
     SuppressionCreate,
     SuppressionList,
@@ -58,7 +59,9 @@ from postwarden.store.suppress import upsert_suppression
 
 api = Api("Postwarden", "1")
 
-REASONS = ("unsubscribe", "hard_bounce", "complaint", "manual")
+#: Every reason a suppression can have, the appliance's own (hard_bounce, soft_bounce,
+#: complaint) included: what the export writes, the import takes back.
+REASONS: tuple[str, ...] = get_args(Reason)
 
 
 async def changed(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
@@ -764,6 +767,16 @@ async def delete_suppression(c: Call) -> Any:
 
 
 CSV_FIELDS = ("address", "reason", "source", "note", "created_at", "expires_at")
+
+
+def _csv_time(row: dict[str, Any], column: str) -> dt.datetime | None:
+    text = (row.get(column) or "").strip()
+    try:
+        return parse_timestamp(text) if text else None
+    except ValueError as exc:
+        raise ValueError(f"{column}: {exc}") from None
+
+
 MAX_IMPORT = 100_000
 
 
@@ -778,8 +791,10 @@ MAX_IMPORT = 100_000
 )
 async def import_suppressions(c: Call) -> Any:
     """CSV with a header row; ``address`` is required, ``reason`` (default manual),
-    ``source``, ``note`` and ``expires_at`` (ISO 8601 with zone) are optional. Bad rows
-    are reported by line and skipped; the good rows are imported together."""
+    ``source`` (default import), ``note``, ``created_at`` (default now) and
+    ``expires_at`` (ISO 8601 with zone) are optional: the export's columns, so that an
+    export imports back as it was. Bad rows are reported by line and skipped; the good
+    rows are imported together."""
     try:
         text = c.raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -791,7 +806,8 @@ async def import_suppressions(c: Call) -> Any:
     unknown = [h for h in header if h not in CSV_FIELDS]
     if unknown:
         raise invalid("body", f"unknown column {unknown[0]!r}")
-    good: dict[str, tuple[str, str, str, str, dt.datetime | None]] = {}
+    good: dict[str, tuple[str, str, str, str, dt.datetime | None, dt.datetime | None]] = {}
+    has_source = "source" in header
     errors: list[dict[str, Any]] = []
     try:
         for row in reader:
@@ -809,27 +825,30 @@ async def import_suppressions(c: Call) -> Any:
                 reason = (row.get("reason") or "manual").strip()
                 if reason not in REASONS:
                     raise ValueError(f"reason must be one of {', '.join(REASONS)}")
-                exp_text = (row.get("expires_at") or "").strip()
-                try:
-                    expires = parse_timestamp(exp_text) if exp_text else None
-                except ValueError as exc:
-                    raise ValueError(f"expires_at: {exc}") from None
+                expires = _csv_time(row, "expires_at")
+                created_at = _csv_time(row, "created_at")
+                # A column that is there is taken as it is (an export's empty source
+                # stays empty); too long is refused, never cut.
+                source = (row.get("source") or "") if has_source else "import"
+                note = row.get("note") or ""
+                if len(source) > 100:
+                    raise ValueError("source: longer than 100 characters")
+                if len(note) > 2000:
+                    raise ValueError("note: longer than 2000 characters")
             except (AddressError, ValueError) as exc:
                 errors.append({"line": line, "message": str(exc)})
                 continue
-            good[suppression_key(addr)] = (
-                addr,
-                reason,
-                (row.get("source") or "import")[:100],
-                (row.get("note") or "")[:2000],
-                expires,
-            )
+            good[suppression_key(addr)] = (addr, reason, source, note, expires, created_at)
     except csv.Error as exc:
         raise invalid("body", f"line {reader.line_num}: {exc}") from None
     created = updated = 0
     async with c.ctx.sessions() as s:
-        for addr, reason, source, note, expires in good.values():
-            _, how = await upsert_suppression(s, c.tenant_id, addr, reason, source, note, expires)
+        for addr, reason, source, note, expires, created_at in good.values():
+            entry, how = await upsert_suppression(
+                s, c.tenant_id, addr, reason, source, note, expires
+            )
+            if created_at is not None:
+                entry.created_at = created_at
             new = how == "created"
             created += new
             updated += not new

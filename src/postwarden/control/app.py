@@ -11,12 +11,18 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from postwarden.control.errors import ApiError
-from postwarden.control.routing import error_response
+from postwarden.control.routing import (
+    KEY_EXTENSION,
+    RequestIdMiddleware,
+    error_response,
+    request_id,
+)
 from postwarden.metrics import token_matches
 
 
@@ -32,7 +38,7 @@ def metrics_route(metrics: Callable[[], bytes], token: bytes | None) -> Route:
                 "send Authorization: Bearer <metrics token>",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-            return error_response(err, "-")
+            return error_response(err, request_id(request))
         return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return Route("/metrics", serve)
@@ -40,7 +46,11 @@ def metrics_route(metrics: Callable[[], bytes], token: bytes | None) -> Route:
 
 def metrics_app(metrics: Callable[[], bytes], token: bytes | None) -> Starlette:
     """What ``metrics.listen`` serves: ``/metrics`` alone."""
-    return Starlette(routes=[metrics_route(metrics, token)])
+    return Starlette(
+        routes=[metrics_route(metrics, token)],
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(RequestIdMiddleware)],
+    )
 
 
 def create_app(
@@ -89,16 +99,23 @@ def create_app(
         routes += api.routes(plane)
     routes += extra_routes or []
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        err = ApiError(exc.status_code, kind, str(exc.detail))
-        resp = error_response(err, request.headers.get("x-request-id", "")[:64] or "-")
-        if exc.headers:
-            resp.headers.update(exc.headers)
-        return resp
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(RequestIdMiddleware)],
+    )
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (no route: 404; a route without the method: 405) in the
+    API's envelope, with the request's id."""
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    err = ApiError(exc.status_code, kind, str(exc.detail))
+    resp = error_response(err, request_id(request))
+    if exc.headers:
+        resp.headers.update(exc.headers)
+    return resp
 
 
 def docs_page(schema: dict[str, Any]) -> str:
@@ -106,17 +123,18 @@ def docs_page(schema: dict[str, Any]) -> str:
     rows = []
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
-            scope = "" if "security" not in op else " (key)"
+            key = op.get(KEY_EXTENSION, "no key")
             rows.append(
                 f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}"
-                f"</code></td><td>{html.escape(op.get('summary', ''))}{scope}</td></tr>"
+                f"</code></td><td>{html.escape(op.get('summary', ''))}</td>"
+                f"<td>{html.escape(key)}</td></tr>"
             )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Postwarden API</title>"
         "<style>body{font-family:sans-serif;margin:2em}td{padding:.2em 1em}</style></head>"
         "<body><h1>Postwarden API</h1><p>Machine-readable schema: "
         "<a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1). Authenticate with "
-        "<code>Authorization: Bearer &lt;key&gt;</code>.</p><table>"
-        + "".join(rows)
-        + "</table></body></html>"
+        "<code>Authorization: Bearer &lt;key&gt;</code>: a tenant key with the scope"
+        " named, or an operator key.</p><table><tr><th>method</th><th>path</th>"
+        "<th>what</th><th>key</th></tr>" + "".join(rows) + "</table></body></html>"
     )

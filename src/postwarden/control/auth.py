@@ -35,6 +35,17 @@ class Principal:
         return scope in self.scopes or any(scope in IMPLIES.get(s, ()) for s in self.scopes)
 
 
+@dataclass(frozen=True)
+class TenantDisabled:
+    """A real, unrevoked key whose tenant is disabled: it may not act (403, not 401)."""
+
+    key_id: int
+    tenant_name: str
+
+
+Found = Principal | TenantDisabled | None
+
+
 class KeyAuthenticator:
     """Finds the key behind a token; answers are cached briefly (and dropped on any
     change of keys or tenants: :meth:`invalidate`), last use is written at most once a
@@ -46,13 +57,20 @@ class KeyAuthenticator:
         self._sessions = sessions
         self._ttl = ttl
         self._touch_every = touch_every
-        self._cache: dict[str, tuple[Principal | None, float]] = {}
+        self._cache: dict[str, tuple[Found, float]] = {}
         self._touched: dict[int, float] = {}
 
     def invalidate(self) -> None:
         self._cache.clear()
 
     async def authenticate(self, token: str) -> Principal | None:
+        """The key's principal, or None: unknown, revoked, or of a disabled tenant."""
+        found = await self.resolve(token)
+        return found if isinstance(found, Principal) else None
+
+    async def resolve(self, token: str) -> Found:
+        """As :meth:`authenticate`, but a key of a disabled tenant comes back as
+        :class:`TenantDisabled`, so that the API can say so."""
         prefix = key_prefix(token)
         if prefix is None:
             return None
@@ -60,20 +78,20 @@ class KeyAuthenticator:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
-            principal = hit[0]
+            found = hit[0]
         else:
-            principal = await self._lookup(prefix, token)
+            found = await self._lookup(prefix, token)
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[digest] = (principal, now + self._ttl)
-        if principal is not None and now - self._touched.get(principal.key_id, -1e9) > (
+            self._cache[digest] = (found, now + self._ttl)
+        if isinstance(found, Principal) and now - self._touched.get(found.key_id, -1e9) > (
             self._touch_every
         ):
-            self._touched[principal.key_id] = now
-            await self._touch(principal.key_id)
-        return principal
+            self._touched[found.key_id] = now
+            await self._touch(found.key_id)
+        return found
 
-    async def _lookup(self, prefix: str, token: str) -> Principal | None:
+    async def _lookup(self, prefix: str, token: str) -> Found:
         async with self._sessions() as s:
             row = (
                 await s.execute(
@@ -87,8 +105,10 @@ class KeyAuthenticator:
         key, tenant = row
         if key.revoked_at is not None or not key_matches(token, key.secret_hash):
             return None
-        if key.tenant_id is not None and (tenant is None or tenant.disabled):
+        if key.tenant_id is not None and tenant is None:
             return None
+        if tenant is not None and tenant.disabled:
+            return TenantDisabled(key.id, tenant.name)
         return Principal(
             key.id,
             key.prefix,

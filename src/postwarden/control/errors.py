@@ -11,6 +11,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+# What pydantic puts before the text of a ValueError or AssertionError raised by a
+# validator: noise to the client, who reads the field path and the reason.
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
 
 class ApiError(Exception):
     def __init__(
@@ -60,6 +64,14 @@ def field_path(loc: Sequence[str | int]) -> str:
     return out or "body"
 
 
+def clean_message(msg: str) -> str:
+    """A validator's message without pydantic's ``Value error, `` prefix."""
+    for prefix in _PYDANTIC_PREFIXES:
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
 def from_validation(exc: ValidationError, prefix: Sequence[str | int] = ()) -> ApiError:
     fields = []
     for e in exc.errors(include_url=False):
@@ -67,9 +79,15 @@ def from_validation(exc: ValidationError, prefix: Sequence[str | int] = ()) -> A
             *prefix,
             *(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))),
         ]
-        msg = str(e["msg"])
+        msg = clean_message(str(e["msg"]))
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] in ("literal_error", "enum") and "expected" in e.get("ctx", {}):
+            # A typo in a filter or a field with a fixed set of values: say what was
+            # given and every value allowed.
+            given = repr(e.get("input"))
+            given = given if len(given) <= 80 else given[:77] + "..."
+            msg = f"{given} is not one of {e['ctx']['expected']}"
         fields.append({"path": field_path(loc), "message": msg})
     first = fields[0] if fields else {"path": "body", "message": "invalid"}
     return ApiError(422, "validation_error", f"{first['path']}: {first['message']}", fields=fields)

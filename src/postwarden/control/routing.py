@@ -14,16 +14,20 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from postwarden.control.auth import Principal
+from postwarden.control.auth import IMPLIES, Principal, TenantDisabled
 from postwarden.control.bodies import BodyBudget
 from postwarden.control.errors import ApiError, field_path, from_validation
 
 log = logging.getLogger("postwarden.control.api")
 
+#: The OpenAPI operation's extension naming the key it needs (key_requirement).
+KEY_EXTENSION = "x-postwarden-key"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PATH_PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
 DEFAULT_BODY_LIMIT = 1024 * 1024
@@ -38,6 +42,48 @@ UNSTORABLE_MESSAGE = "NUL and lone surrogates (\\u0000, \\ud800-\\udfff) are not
 # In the raw body, the only ways to spell one (raw NUL bytes are not JSON, and raw
 # surrogates are not UTF-8): only a body with such an escape is walked.
 _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+_SCOPE_KEY = "postwarden.request_id"
+
+
+def scope_request_id(scope: Scope) -> str:
+    """The request's id, the same for every part that answers it: the client's
+    ``X-Request-Id`` when it is 1-64 of ``A-Za-z0-9._-``, else one made here (once)."""
+    rid: str | None = scope.get(_SCOPE_KEY)
+    if rid is None:
+        given = Headers(scope=scope).get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        scope[_SCOPE_KEY] = rid
+    return rid
+
+
+def request_id(request: Request) -> str:
+    return scope_request_id(request.scope)
+
+
+class RequestIdMiddleware:
+    """Gives every answer an ``X-Request-Id`` header (the id :func:`request_id` gives
+    the handlers for their error bodies): the API's routes, Starlette's own 404 and
+    405, /metrics and /healthz alike."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = scope_request_id(scope)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if "x-request-id" not in headers:
+                    headers["X-Request-Id"] = rid
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 @dataclass
@@ -59,7 +105,9 @@ class Call:
         # A real check, not an assert: ``python -O`` strips asserts, and a tenant route
         # reached without a tenant key must never fall through to tenant_id None.
         if self.principal is None or self.principal.tenant_id is None:
-            raise ApiError(403, "forbidden", "this route needs a tenant's key")
+            raise ApiError(
+                403, "forbidden", "this route needs a tenant key; this is an operator key"
+            )
         return self.principal.tenant_id
 
 
@@ -153,9 +201,7 @@ class Api:
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             op = methods[request.method if request.method != "HEAD" else "GET"]
-            rid = request.headers.get("x-request-id", "")
-            if not _REQUEST_ID.match(rid):
-                rid = secrets.token_hex(8)
+            rid = request_id(request)
             call = Call(request, ctx, None, request_id=rid)
             try:
                 result = await self._run(ctx, op, call)
@@ -188,16 +234,9 @@ class Api:
         principal = None
         if op.scope is not None:
             principal = await authenticate(ctx, request)
-            if op.tenant != (principal.tenant_id is not None):
-                raise ApiError(
-                    403,
-                    "forbidden",
-                    "this key cannot use this route"
-                    if op.tenant
-                    else "an operator key with the admin scope is needed",
-                )
-            if not principal.has(op.scope):
-                raise ApiError(403, "forbidden", f"the key lacks the {op.scope!r} scope")
+            refusal = key_refusal(op, principal)
+            if refusal is not None:
+                raise ApiError(403, "forbidden", refusal)
             wait = ctx.limiter.take(principal.key_id)
             if wait > 0:
                 raise ApiError(
@@ -289,8 +328,12 @@ class Api:
                 "parameters": [],
                 "responses": {},
             }
-            if op.description:
-                entry["description"] = op.description
+            # The key it needs, for readers and tools alike (the /docs page shows it).
+            needs = key_requirement(op)
+            entry[KEY_EXTENSION] = needs
+            entry["description"] = f"Key: {needs}." + (
+                f"\n\n{op.description}" if op.description else ""
+            )
             for m in _PATH_PARAM.finditer(op.path):
                 typ = {"int": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}.get(
                     m.group(2) or "", {"type": "string"}
@@ -495,12 +538,57 @@ async def authenticate(ctx: Any, request: Request) -> Principal:
             "send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal: Principal | None = await ctx.auth.authenticate(token.strip())
-    if principal is None:
+    found = await ctx.auth.resolve(token.strip())
+    if isinstance(found, TenantDisabled):
+        # The key is real: its tenant may not act. Saying so spares the operator a
+        # hunt for a revoked key that is not.
+        raise ApiError(
+            403,
+            "tenant_disabled",
+            f"tenant {found.tenant_name!r} is disabled; its keys may not act",
+        )
+    if found is None:
         raise ApiError(
             401, "unauthorized", "unknown or revoked key", headers={"WWW-Authenticate": "Bearer"}
         )
-    return principal
+    return found
+
+
+def key_requirement(op: Operation) -> str:
+    """The key an operation needs, in words: ``tenant key, scope send``,
+    ``operator key (admin)`` or ``no key`` (the docs page and the OpenAPI entry)."""
+    if op.scope is None:
+        return "no key"
+    if not op.tenant:
+        return "operator key (admin)"
+    return f"tenant key, scope {op.scope}"
+
+
+def _scopes_text(principal: Principal) -> str:
+    return ", ".join(repr(s) for s in sorted(principal.scopes)) or "none"
+
+
+def key_refusal(op: Operation, principal: Principal) -> str | None:
+    """Why ``principal`` may not use ``op`` (the 403's message, naming what is needed
+    and what the key is), or None when it may."""
+    assert op.scope is not None
+    if op.tenant and principal.tenant_id is None:
+        return (
+            f"this route needs a tenant key with the {op.scope!r} scope; this is an operator key"
+            " (operator keys manage tenants and their keys, nothing inside a tenant)"
+        )
+    if not op.tenant and principal.tenant_id is not None:
+        return (
+            "this route needs an operator key (scope 'admin'); this is a key of tenant"
+            f" {principal.tenant_name!r}"
+        )
+    if not principal.has(op.scope):
+        implied = "".join(f" or {k!r}" for k, v in IMPLIES.items() if op.scope in v)
+        return (
+            f"this route needs the {op.scope!r} scope{implied}; this key has"
+            f" {_scopes_text(principal)}"
+        )
+    return None
 
 
 async def read_body(call: Call, limit: int, budget: BodyBudget | None) -> bytes:
