@@ -244,8 +244,8 @@ def cmd_events(args: argparse.Namespace) -> int:
             for ev in admin.history(msg_id=args.msg):
                 show(ev)
         return 0
-    except BrokenPipeError:  # `postwarden events | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `postwarden events | head`: quiet, as cat would be
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         admin.close()
