@@ -208,31 +208,32 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_time(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def cmd_queue(args: argparse.Namespace) -> int:
     from postwarden.queue.admin import QueueAdmin
+    from postwarden.queue.spool import PENDING_STATES
 
     cfg = _load(args)
     admin = QueueAdmin(cfg.spool.path)
     try:
         if args.action == "list":
-            rows = admin.list(args.state, args.limit)
+            rows = admin.list(args.state, args.limit, every=args.all)
             if args.json:
                 print(json.dumps(rows, indent=1))
                 return 0
-            print(json.dumps(admin.summary()))
+            counts = admin.summary()
+            messages, held = counts.pop("messages"), counts.pop("held")
+            order = [*PENDING_STATES, *sorted(set(counts) - set(PENDING_STATES))]
+            by_state = ", ".join(f"{st} {counts.get(st, 0)}" for st in order)
+            print(f"{messages} message(s) in the queue; recipients: {by_state}, held {held}")
             for r in rows:
                 print(
-                    f"{r['msg_id']}  {r['state']:<9}{' HELD' if r['held'] else ''}"
-                    f"  tries={r['attempts']}  next={_fmt_time(r['next_attempt'])}"
-                    f"  from=<{r['mail_from']}> to=<{r['rcpt']}>"
-                    f"  {r['last_response'] or ''}"
+                    f"{r['msg_id']}  {r['state']:<9} to=<{r['rcpt']}> from=<{r['mail_from']}>"
+                    f" tries={r['attempts']}  {r['why']}"
                 )
+            if len(rows) >= args.limit:
+                print(f"(the first {args.limit}: --limit N for more)")
+            elif not rows and not (args.all or args.state):
+                print("nothing waiting (--all: the finished recipients still in the queue too)")
             return 0
         if args.action == "show":
             info = admin.show(args.id)
@@ -253,19 +254,43 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    """Events as lines for people (or JSON lines): the newest, every one (``--all``),
+    and with ``--tail`` the last few, then new ones as they come."""
     from postwarden.queue.admin import QueueAdmin
+    from postwarden.queue.describe import event_json, event_line
+
+    def show(ev: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event_json(ev), default=str), flush=True)
+        else:
+            print(event_line(ev), flush=True)
 
     cfg = _load(args)
     admin = QueueAdmin(cfg.spool.path)
     try:
+        count = args.count if args.count is not None else (10 if args.tail else 100)
+        if count < 0:
+            print("postwarden: events: -n/--limit must be 0 or more", file=sys.stderr)
+            return 2
+        cursors: dict[int, int] | int
+        if args.all:
+            cursors = 0
+        else:
+            backlog, cursors = admin.recent(count, msg_id=args.msg)
+            for ev in backlog:
+                show(ev)
         if args.tail:
             try:
-                for ev in admin.tail(after=0 if args.all else None):
-                    print(json.dumps(ev, default=str), flush=True)
+                for ev in admin.tail(after=cursors, msg_id=args.msg):
+                    show(ev)
             except KeyboardInterrupt:
                 return 0
-        for ev in admin.events(msg_id=args.msg, limit=args.limit):
-            print(json.dumps(ev, default=str))
+        elif args.all:
+            for ev in admin.history(msg_id=args.msg):
+                show(ev)
+        return 0
+    except BrokenPipeError:  # `postwarden events | head`: quiet, as cat would be
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         admin.close()
@@ -584,9 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
+    hidden: set[str] = set()
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return _add(name, parents=[common], **kw)
+        # help=SUPPRESS: a command that works but is not listed (`worker`, which the
+        # supervisor runs). argparse would list it as "==SUPPRESS==", so it is given
+        # no help entry, and the {a,b,...} list names only the others.
+        if kw.get("help") is argparse.SUPPRESS:
+            del kw["help"]
+            hidden.add(name)
+        parser = _add(name, parents=[common], **kw)
+        sub.metavar = "{" + ",".join(n for n in sub.choices if n not in hidden) + "}"
+        return parser
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
@@ -641,19 +675,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stdin", action="store_true", help="read the password from stdin")
     s.set_defaults(fn=cmd_hash_password)
 
-    s = sub.add_parser("queue", help="inspect and act on the queue")
+    s = sub.add_parser("queue", help="what is waiting, and why; act on the queue")
     s.add_argument("action", choices=["list", "show", "flush", "hold", "release", "delete"])
     s.add_argument("id", nargs="?", help="message id (or ALL for hold/release/delete)")
-    s.add_argument("--state", help="list only this state (queued, deferred, active, held)")
-    s.add_argument("--limit", type=int, default=100)
-    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--state",
+        help="list only this state (queued, deferred, active, held, or a finished one:"
+        " delivered, bounced, expired, dropped, deleted)",
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="list: the finished recipients still in the queue too (delivered, bounced...)",
+    )
+    s.add_argument("--limit", type=int, default=100, help="list: at most this many (100)")
+    s.add_argument("--json", action="store_true", help="list: JSON, each row with its `why`")
     s.set_defaults(fn=cmd_queue)
 
-    s = sub.add_parser("events", help="print recipient events")
-    s.add_argument("--tail", action="store_true", help="follow new events")
-    s.add_argument("--all", action="store_true", help="with --tail, start from the first")
-    s.add_argument("--msg", help="only this message")
-    s.add_argument("--limit", type=int, default=100)
+    s = sub.add_parser("events", help="recipient events: recent ones, or follow them")
+    s.add_argument(
+        "--tail", action="store_true", help="print the last few events, then follow new ones"
+    )
+    s.add_argument(
+        "-n",
+        "--lines",
+        "--limit",
+        dest="count",
+        type=int,
+        metavar="N",
+        help="how many recent events (default 100; with --tail, 10)",
+    )
+    s.add_argument("--all", action="store_true", help="from the first event (ignores -n)")
+    s.add_argument("--msg", metavar="ID", help="only this message's events")
+    s.add_argument(
+        "--json", action="store_true", help="one JSON object a line (ISO 8601 `time` added)"
+    )
     s.set_defaults(fn=cmd_events)
 
     s = sub.add_parser("db", help="the control-plane database")

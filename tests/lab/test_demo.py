@@ -61,7 +61,7 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     # The run's queue is where the config put it, for `postwarden queue` and `events`.
     env = {**os.environ, "POSTWARDEN_SPOOL__PATH": str(tmp_path / "spool")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", "events", "--limit", "100",
+        sys.executable, "-m", "postwarden.cli", "events", "--limit", "100", "--json",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 30)

@@ -234,7 +234,7 @@ async def test_cli_over_shards(sharded: Sharded) -> None:
         "a@one.test", "b@one.test", "d@two.test", "e@two.test", "c@zero.test",
     ]  # fmt: skip
     rc, out = await cli(root, "queue", "list")
-    assert rc == 0 and '"queued": 5' in out and '"messages": 3' in out
+    assert rc == 0 and "3 message(s) in the queue; recipients: queued 5," in out
 
     rc, out = await cli(root, "queue", "show", sharded.ids["s2"])
     assert rc == 0 and json.loads(out)["shard"] == 2
@@ -244,11 +244,11 @@ async def test_cli_over_shards(sharded: Sharded) -> None:
     rc, out = await cli(root, "queue", "delete", sharded.ids["s0"])
     assert rc == 0 and "delete: 1 recipient(s)" in out
 
-    rc, out = await cli(root, "events")
+    rc, out = await cli(root, "events", "--json")
     evs = [json.loads(line) for line in out.splitlines()]
     assert [e["type"] for e in evs] == ["accepted"] * 5 + ["held"] * 5 + ["deleted"]
     assert [e["ts"] for e in evs] == sorted(e["ts"] for e in evs)
-    rc, out = await cli(root, "events", "--msg", sharded.ids["s0"])
+    rc, out = await cli(root, "events", "--msg", sharded.ids["s0"], "--json")
     assert [json.loads(line)["type"] for line in out.splitlines()] == [
         "accepted", "held", "deleted",
     ]  # fmt: skip

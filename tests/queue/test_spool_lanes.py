@@ -1,4 +1,5 @@
-"""Lanes, pools and fair leasing in the spool (schema 3), and the upgrade to it."""
+"""Lanes, pools and fair leasing in the spool (schema 3), and the upgrades to the current
+schema."""
 
 from __future__ import annotations
 
@@ -242,7 +243,15 @@ _V2_MESSAGE_COLUMNS = (
 
 
 def _downgrade(spool_path: Path, version: int) -> None:
-    """Rewrite a closed spool's tables with the DDL of schema ``version`` (1 or 2)."""
+    """Rewrite a closed spool's tables with the DDL of schema ``version`` (1, 2 or 3)."""
+    if version == 3:  # schema 4 only added recipients.wait_reason
+        db = sqlite3.connect(spool_path / "index.db", isolation_level=None)
+        try:
+            db.execute("ALTER TABLE recipients DROP COLUMN wait_reason")
+            db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+        finally:
+            db.close()
+        return
     recipients = _RECIPIENTS_V2_TABLE
     if version == 1:
         recipients = recipients.replace("PRIMARY KEY AUTOINCREMENT", "PRIMARY KEY")
@@ -291,12 +300,14 @@ async def _old_spool(tmp_path: Path, version: int) -> dict[str, Any]:
     )
     await spool.close()
     _downgrade(tmp_path, version)
-    assert "lane" not in _columns(tmp_path, "recipients")
-    assert "pool" not in _columns(tmp_path, "messages")
+    assert "wait_reason" not in _columns(tmp_path, "recipients")
+    if version < 3:
+        assert "lane" not in _columns(tmp_path, "recipients")
+        assert "pool" not in _columns(tmp_path, "messages")
     return {"m1": m1, "m2": m2, "m3": m3, "now": now}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 async def test_old_spool_is_upgraded_in_place(tmp_path: Path, version: int) -> None:
     old = await _old_spool(tmp_path, version)
     m1, m2, m3 = old["m1"], old["m2"], old["m3"]
@@ -305,6 +316,8 @@ async def test_old_spool_is_upgraded_in_place(tmp_path: Path, version: int) -> N
     assert _query(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
         (str(SCHEMA_VERSION),)
     ]
+    # Schema 4: nobody waits for traffic shaping yet.
+    assert _query(tmp_path, "SELECT DISTINCT wait_reason FROM recipients") == [(None,)]
     # Every row kept, with its id; lane 0, the message's tenant (or ''), no pool.
     assert _query(tmp_path, "SELECT id, rcpt, state, lane, tenant FROM recipients ORDER BY id") == [
         (m1.rcpt_ids[0], "a@y.test", "delivered", 0, "t1"),
@@ -325,7 +338,21 @@ async def test_old_spool_is_upgraded_in_place(tmp_path: Path, version: int) -> N
     assert {spool.read_body(x) for x in leases} == {
         b"Subject: 1\r\n\r\n1\r\n", b"Subject: 2\r\n\r\n2\r\n", b"Subject: 3\r\n\r\n3\r\n",
     }  # fmt: skip
+    # A shaping wait is recorded on the upgraded table, and the next outcome clears it.
+    wait = "message_rate: message rate"
+    await spool.record(
+        [Outcome(x.rcpt_id, x.msg_id, "queued", counted_attempt=False, wait_reason=wait)
+         for x in leases]
+    )  # fmt: skip
+    assert _query(tmp_path, "SELECT COUNT(*) FROM recipients WHERE wait_reason IS NOT NULL") == [
+        (3,)
+    ]
+    leases = await spool.lease_due(time.time() + 1, 10)
+    assert len(leases) == 3
     await spool.record([Outcome(x.rcpt_id, x.msg_id, DELIVERED, "250 ok") for x in leases])
+    assert _query(tmp_path, "SELECT COUNT(*) FROM recipients WHERE wait_reason IS NOT NULL") == [
+        (0,)
+    ]
     [later] = await spool.lease_due(old["now"] + 7200, 10)
     assert (later.rcpt, later.attempts, later.tenant) == ("b@y.test", 1, "t1")
     await spool.record([Outcome(later.rcpt_id, later.msg_id, DELIVERED, "250 ok")])

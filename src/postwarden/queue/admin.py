@@ -24,7 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from postwarden.queue.spool import operator_action, shard_number, shard_paths
+from postwarden.queue import describe
+from postwarden.queue.spool import PENDING_STATES, operator_action, shard_number, shard_paths
 
 Row = dict[str, Any]
 # ``after`` for :meth:`QueueAdmin.events` and :meth:`QueueAdmin.tail`: an event id
@@ -63,6 +64,7 @@ class QueueAdmin:
         self.root = Path(spool_path)
         # shard number -> connection, in shard order (worker 0 first)
         self.shards: dict[int, sqlite3.Connection] = {}
+        self._wait_column: dict[int, bool] = {}
         self._open_new_shards()
         if not self.shards:
             raise FileNotFoundError(f"no spool index at {self.root / 'index.db'}")
@@ -74,6 +76,10 @@ class QueueAdmin:
             k = shard_number(self.root, path)
             if k not in self.shards and (db := _connect(path)) is not None:
                 self.shards[k] = db
+                # A shard of schema 3 (its appliance not restarted since an upgrade of
+                # the software) has no wait_reason yet: read and act without it.
+                columns = {r[1] for r in db.execute("PRAGMA table_info(recipients)")}
+                self._wait_column[k] = "wait_reason" in columns
                 new.append(k)
         return new
 
@@ -81,22 +87,40 @@ class QueueAdmin:
         for db in self.shards.values():
             db.close()
 
-    def list(self, state: str | None = None, limit: int = 100) -> builtins.list[Row]:
-        sql = (
-            "SELECT r.msg_id, r.id AS rcpt_id, r.rcpt, r.state, r.held, r.attempts,"
-            " r.next_attempt, r.last_response, m.mail_from, m.received_at"
-            " FROM recipients r JOIN messages m ON m.id = r.msg_id"
-        )
+    def list(
+        self, state: str | None = None, limit: int = 100, *, every: bool = False
+    ) -> builtins.list[Row]:
+        """Recipients in the queue, oldest message first: those that wait (``queued``,
+        ``deferred``, ``active``; held ones included), or ``every`` one still in the
+        index (the finished recipients of messages with others pending too), or
+        those in ``state`` (``held``: the held ones). Each row says ``why`` in words
+        (:func:`postwarden.queue.describe.why`)."""
+        where = ""
         args: builtins.list[Any] = []
         if state == "held":
-            sql += " WHERE r.held = 1"
+            where = " WHERE r.held = 1"
         elif state:
-            sql += " WHERE r.state = ?"
+            where = " WHERE r.state = ?"
             args.append(state)
-        sql += " ORDER BY m.received_at, r.id LIMIT ?"
+        elif not every:
+            where = f" WHERE r.state IN ({','.join('?' * len(PENDING_STATES))})"
+            args += PENDING_STATES
         args.append(limit)
-        per_shard = [[dict(r) for r in db.execute(sql, args)] for db in self.shards.values()]
-        return _merge(per_shard, "received_at", "rcpt_id", limit=limit)
+        per_shard = []
+        for k, db in self.shards.items():
+            wait = "r.wait_reason" if self._wait_column[k] else "NULL"
+            sql = (
+                "SELECT r.msg_id, r.id AS rcpt_id, r.rcpt, r.state, r.held, r.attempts,"  # noqa: S608
+                f" r.next_attempt, r.last_response, {wait} AS wait_reason, m.mail_from,"
+                " m.received_at FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                f"{where} ORDER BY m.received_at, r.id LIMIT ?"
+            )
+            per_shard.append([dict(r) for r in db.execute(sql, args)])
+        rows = _merge(per_shard, "received_at", "rcpt_id", limit=limit)
+        now = time.time()
+        for r in rows:
+            r["why"] = describe.why(r, now)
+        return rows
 
     def summary(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -121,14 +145,18 @@ class QueueAdmin:
         found = self._shard_of(msg_id)
         rcpts: builtins.list[Row] = []
         if found is not None:
+            wait = "wait_reason" if self._wait_column[found[0]] else "NULL AS wait_reason"
             rcpts = [
                 dict(r)
                 for r in self.shards[found[0]].execute(
-                    "SELECT id, rcpt, state, held, attempts, next_attempt, last_response"
-                    " FROM recipients WHERE msg_id = ? ORDER BY id",
+                    "SELECT id, rcpt, state, held, attempts, next_attempt, last_response,"  # noqa: S608
+                    f" {wait} FROM recipients WHERE msg_id = ? ORDER BY id",
                     (msg_id,),
                 )
             ]
+            now = time.time()
+            for r in rcpts:
+                r["why"] = describe.why(r, now)
         events = self.events(msg_id=msg_id, limit=10_000)
         if found is None and not events:
             return None
@@ -151,14 +179,19 @@ class QueueAdmin:
         return {k: after.get(k, 0) for k in self.shards}
 
     def _shard_events(
-        self, k: int, after: int, msg_id: str | None, limit: int
+        self, k: int, after: int, msg_id: str | None, limit: int, *, upto: int | None = None
     ) -> builtins.list[Row]:
+        """Events of shard ``k`` past ``after``: the first ``limit``, or with ``upto``,
+        the last ``limit`` up to that id (oldest first either way)."""
         sql = "SELECT * FROM events WHERE id > ?"
         args: builtins.list[Any] = [after]
+        if upto is not None:
+            sql += " AND id <= ?"
+            args.append(upto)
         if msg_id:
             sql += " AND msg_id = ?"
             args.append(msg_id)
-        sql += " ORDER BY id LIMIT ?"
+        sql += " ORDER BY id DESC LIMIT ?" if upto is not None else " ORDER BY id LIMIT ?"
         args.append(limit)
         out = []
         for r in self.shards[k].execute(sql, args):
@@ -166,6 +199,8 @@ class QueueAdmin:
             d["detail"] = json.loads(d["detail"] or "{}")
             d["shard"] = k
             out.append(d)
+        if upto is not None:
+            out.reverse()
         return out
 
     def events(
@@ -183,6 +218,19 @@ class QueueAdmin:
         # so a cursor per shard never skips an event.
         return _merge(per_shard, "ts", limit=limit)
 
+    def recent(
+        self, limit: int = 100, *, msg_id: str | None = None
+    ) -> tuple[builtins.list[Row], dict[int, int]]:
+        """The newest ``limit`` events of every shard (of one message), oldest first,
+        and the per-shard cursors they were read up to: following from those
+        (:meth:`tail` ``after=``) misses nothing and repeats nothing."""
+        cursors = self.last_event_ids()
+        per_shard = [
+            self._shard_events(k, 0, msg_id, max(limit, 0), upto=c) for k, c in cursors.items()
+        ]
+        merged = builtins.list(heapq.merge(*per_shard, key=lambda r: r["ts"]))
+        return merged[max(len(merged) - limit, 0) :], cursors
+
     def last_event_ids(self) -> dict[int, int]:
         """The newest event id of each shard (0 when it has none)."""
         return {
@@ -194,19 +242,33 @@ class QueueAdmin:
         """The highest event id in any shard (see :meth:`last_event_ids` for cursors)."""
         return max(self.last_event_ids().values())
 
-    def tail(self, poll: float = 0.5, after: After | None = None) -> Iterator[Row]:
-        """Follow the event log of every shard: from now (``after=None``), from the
-        start (``after=0``) or from per-shard cursors. Shards that appear later are
-        followed from their first event."""
-        return self._follow(self._cursors(after), poll)
+    def tail(
+        self, poll: float = 0.5, after: After | None = None, *, msg_id: str | None = None
+    ) -> Iterator[Row]:
+        """Follow the event log of every shard (of one message): from now
+        (``after=None``), from the start (``after=0``) or from per-shard cursors
+        (:meth:`recent` returns some). Shards that appear later are followed from
+        their first event."""
+        return self._follow(self._cursors(after), poll, msg_id)
 
-    def _follow(self, cursors: dict[int, int], poll: float) -> Iterator[Row]:
+    def history(self, msg_id: str | None = None) -> Iterator[Row]:
+        """Every event of every shard (of one message), from the first, read a page
+        at a time; ends at the newest."""
+        return self._follow(self._cursors(0), None, msg_id)
+
+    def _follow(
+        self, cursors: dict[int, int], poll: float | None, msg_id: str | None
+    ) -> Iterator[Row]:
+        """Page through the log from ``cursors``: at its end, wait ``poll`` seconds
+        for more (or stop, when ``poll`` is None)."""
         while True:
-            batch = self.events(after=cursors, limit=1000)
+            batch = self.events(msg_id=msg_id, after=cursors, limit=1000)
             for ev in batch:
                 cursors[ev["shard"]] = ev["id"]
                 yield ev
             if not batch:
+                if poll is None:
+                    return
                 for k in self._open_new_shards():
                     cursors[k] = 0
                 time.sleep(poll)
@@ -220,17 +282,19 @@ class QueueAdmin:
 
     def _act(self, action: str, msg_id: str | None) -> int:
         if msg_id in (None, "ALL"):
-            return sum(self._act_in(db, action, None) for db in self.shards.values())
+            return sum(self._act_in(k, action, None) for k in self.shards)
         found = self._shard_of(msg_id)
         if found is None:
             return 0
-        return self._act_in(self.shards[found[0]], action, msg_id)
+        return self._act_in(found[0], action, msg_id)
 
-    @staticmethod
-    def _act_in(db: sqlite3.Connection, action: str, msg_id: str | None) -> int:
+    def _act_in(self, k: int, action: str, msg_id: str | None) -> int:
+        db = self.shards[k]
         db.execute("BEGIN IMMEDIATE")
         try:
-            events, _emptied = operator_action(db, action, msg_id, time.time())
+            events, _emptied = operator_action(
+                db, action, msg_id, time.time(), wait_column=self._wait_column[k]
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

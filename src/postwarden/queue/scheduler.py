@@ -417,6 +417,8 @@ class Scheduler:
         when = now + max(0.0, no.retry_at - asyncio.get_running_loop().time())
         n = 0
         expired: list[AttemptResult] = []
+        # Kept with the recipient (for `postwarden queue list`) until its next outcome.
+        why = f"{no.kind or 'shaping'}: {no.reason}"
         for job in jobs:
             for lease in job.leases:
                 policy = self.policy_for(lease)
@@ -434,6 +436,7 @@ class Scheduler:
                         # Back at expiry at the latest, to expire then if still held.
                         next_attempt=min(when, lease.created_at + policy.max_age),
                         counted_attempt=False,
+                        wait_reason=why,
                     )
                 )
                 n += 1

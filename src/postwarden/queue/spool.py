@@ -51,7 +51,7 @@ from typing import Any
 log = logging.getLogger("postwarden.spool")
 
 RECORD_MAGIC = b"PWS1"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Lanes: what kind of mail a message is, for fair leasing (:meth:`Spool.lease_due`).
 # The high lane (transactional: API and SMTP mail, or priority=high) is always leased
@@ -150,10 +150,20 @@ _V3_COLUMNS = (
     ("recipients", "tenant", "TEXT NOT NULL DEFAULT ''"),
 )
 
-# Schema 3's table: schema 2's with the columns schema 3 added.
+# The columns schema 4 added: why a recipient waits for traffic shaping (its last
+# attempt was put off by the shaping broker: ``"<kind>: <reason>"``, kind one of
+# postwarden.shaping.broker.REFUSALS), NULL otherwise. Set with the outcome that puts
+# it back to the queue, cleared by the next outcome or operator action.
+_V4_COLUMNS = (("recipients", "wait_reason", "TEXT"),)
+# Every column added since schema 2, in the order the upgrades add them.
+_ADDED_COLUMNS = _V3_COLUMNS + _V4_COLUMNS
+
+# The current table: schema 2's with the columns added since.
 _RECIPIENTS_DDL = (
     _RECIPIENTS_V2_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS").removesuffix("\n)")
-    + "".join(f",\n    {col} {decl}" for table, col, decl in _V3_COLUMNS if table == "recipients")
+    + "".join(
+        f",\n    {col} {decl}" for table, col, decl in _ADDED_COLUMNS if table == "recipients"
+    )
     + "\n);"
     + _RECIPIENTS_INDEXES
 )
@@ -336,17 +346,25 @@ OPERATOR_ACTIONS: dict[str, tuple[str, str, str]] = {
     "flush": ("held = 0", "next_attempt = :now", "flushed"),
     "delete": ("1", "state = 'deleted'", "deleted"),
 }
+# The actions that end a wait for traffic shaping (``wait_reason``): the recipient is
+# due now, or gone. Hold and release leave the schedule, and so its reason, as it was.
+_ENDS_WAIT = ("flush", "delete")
 
 
 def operator_action(
-    db: sqlite3.Connection, action: str, msg_id: str | None, now: float
-) -> tuple[list[dict[str, Any]], list[int]]:
+    db: sqlite3.Connection, action: str, msg_id: str | None, now: float,
+    *, wait_column: bool = True,
+) -> tuple[list[dict[str, Any]], list[int]]:  # fmt: skip
     """Apply an operator action (:data:`OPERATOR_ACTIONS`) to the waiting recipients
     (``queued``, ``deferred``; never one being delivered) of one message, or of all
     when ``msg_id`` is None; one event each. Runs in the caller's transaction.
+    ``wait_column=False``: the index is of a schema before 4 (no ``wait_reason``; a
+    running appliance of an older version upgrades it at its next start).
 
     Returns the events and the segments left with no live message (by deletes)."""
     which, change, kind = OPERATOR_ACTIONS[action]
+    if wait_column and action in _ENDS_WAIT:
+        change += ", wait_reason = NULL"
     # Only constant fragments (OPERATOR_ACTIONS) are concatenated; values are bound.
     sql = (
         "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
@@ -440,6 +458,9 @@ class Outcome:
     counted_attempt: bool = True
     event: str | None = None  # event type; defaults to the state
     detail: dict[str, Any] | None = None
+    # Why a recipient put back to ``queued`` waits until ``next_attempt``: traffic
+    # shaping's refusal (``"<kind>: <reason>"``); stored as ``wait_reason``.
+    wait_reason: str | None = None
 
 
 @dataclass
@@ -529,7 +550,7 @@ class Spool:
         # Leases do not survive a restart: whatever was active may or may not have
         # reached its destination, so it is tried again (and counted).
         cur = db.execute(
-            "UPDATE recipients SET state = ?, updated_at = ? WHERE state = ?",
+            "UPDATE recipients SET state = ?, updated_at = ?, wait_reason = NULL WHERE state = ?",
             (QUEUED, now, ACTIVE),
         )
         self.recovered_inflight = cur.rowcount
@@ -565,6 +586,8 @@ class Spool:
         2 → 3: messages get ``pool`` (NULL: the default pool) and ``lane`` (0: high);
         recipients get ``lane`` and ``tenant`` copied from their message ('' for none)
         for index-driven fair leasing.
+
+        3 → 4: recipients get ``wait_reason`` (NULL: not waiting for traffic shaping).
         """
         row = db.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'recipients'"
@@ -575,7 +598,7 @@ class Spool:
         columns = {t: cls._columns(db, t) for t in ("messages", "recipients")}
         missing = [
             (table, column, ddl)
-            for table, column, ddl in _V3_COLUMNS
+            for table, column, ddl in _ADDED_COLUMNS
             # 1 → 2 rebuilds recipients with the columns of schema 2
             if column not in columns[table] or (v1 and table == "recipients")
         ]
@@ -1240,8 +1263,8 @@ class Spool:
                 # racing a delivery must not be counted twice.
                 cur = db.execute(
                     "UPDATE recipients SET state = ?, last_response = ?, updated_at = ?,"
-                    " attempts = attempts + ? WHERE id = ? AND state IN ('queued','active',"
-                    "'deferred')",
+                    " attempts = attempts + ?, wait_reason = NULL WHERE id = ? AND state IN"
+                    " ('queued','active','deferred')",
                     (o.state, o.response, now, int(o.counted_attempt), o.rcpt_id),
                 )
                 if cur.rowcount:
@@ -1249,10 +1272,10 @@ class Spool:
             else:
                 cur = db.execute(
                     "UPDATE recipients SET state = ?, last_response = ?, next_attempt = ?,"
-                    " updated_at = ?, attempts = attempts + ? WHERE id = ? AND state IN"
-                    " ('queued','active','deferred')",
+                    " updated_at = ?, attempts = attempts + ?, wait_reason = ? WHERE id = ?"
+                    " AND state IN ('queued','active','deferred')",
                     (o.state, o.response or None, o.next_attempt or now, now,
-                     int(o.counted_attempt), o.rcpt_id),
+                     int(o.counted_attempt), o.wait_reason, o.rcpt_id),
                 )  # fmt: skip
             if cur.rowcount and (o.event or o.counted_attempt or o.state != QUEUED):
                 detail = dict(o.detail or {})
