@@ -29,6 +29,7 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "postwarden.cli", "lab",
         "--config", str(config), "--var", str(tmp_path / "var"), "--once",
+        "--dns", "127.0.1.53:0",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 60)

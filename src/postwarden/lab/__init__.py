@@ -47,16 +47,20 @@ DEMO_SENDER_DOMAIN = "demo.lab.test"
 class Lab:
     """The DNS server and the sink MX hosts, started and stopped together.
 
-    ``async with Lab() as lab`` starts everything (DNS on a random free port, the
-    sinks on one port free on all their addresses) and stops it all on exit, freeing
-    the ports. The sinks' names ``mx1.lab.test`` … resolve to their addresses from the
+    ``async with Lab() as lab`` starts everything (DNS on a random free port unless
+    ``dns_port`` names one, the sinks on one port free on all their addresses) and
+    stops it all on exit, freeing the ports. The sinks' names ``mx1.lab.test`` … resolve to their addresses from the
     start. Records and behaviours may be changed at any time.
     """
 
     def __init__(
-        self, *, sink_hosts: tuple[str, ...] = SINK_HOSTS, dns_host: str = DNS_HOST
+        self,
+        *,
+        sink_hosts: tuple[str, ...] = SINK_HOSTS,
+        dns_host: str = DNS_HOST,
+        dns_port: int = 0,
     ) -> None:
-        self.dns = DNSServer(dns_host)
+        self.dns = DNSServer(dns_host, port=dns_port)
         self.state = SinkState()
         names = [f"mx{i}.{ZONE}" for i in range(1, len(sink_hosts) + 1)]
         tls_context, self.cert_pem = server_tls_context([*names, f"*.{ZONE}"], sink_hosts)

@@ -65,15 +65,27 @@ def txt_rdata(value: str | bytes) -> dns.rdata.Rdata:
     return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks)
 
 
+def _rdata(rdtype: RdataType, value: str | bytes) -> dns.rdata.Rdata:
+    if rdtype == dns.rdatatype.TXT:
+        return txt_rdata(value)
+    text = value.decode() if isinstance(value, bytes) else value
+    return dns.rdata.from_text(
+        dns.rdataclass.IN, rdtype, text, origin=dns.name.root, relativize=False
+    )
+
+
 class DNSServer:
-    """An authoritative DNS server on ``host`` (UDP and TCP on one random free port).
+    """An authoritative DNS server on ``host``: UDP and TCP on one port, a random free
+    one unless ``port`` names it (``postwarden lab`` does, so that ``dig`` finds it).
 
     Records and faults may be changed at any time, also while serving; every query
     sees the table as it is when the query arrives.
     """
 
-    def __init__(self, host: str = "127.0.1.53", *, negative_ttl: int = 5) -> None:
+    def __init__(self, host: str = "127.0.1.53", *, port: int = 0, negative_ttl: int = 5) -> None:
         self.host = host
+        #: The port asked for (0: any free one); :attr:`port` is the one in use.
+        self.want_port = port
         self.port = 0
         self.negative_ttl = negative_ttl
         #: Queries received (UDP and TCP, including ones answered with a fault).
@@ -103,13 +115,7 @@ class DNSServer:
         already present (same data) only updates its TTL.
         """
         rdtype = dns.rdatatype.from_text(rtype.upper())
-        if rdtype == dns.rdatatype.TXT:
-            rdata = txt_rdata(value)
-        else:
-            text = value.decode() if isinstance(value, bytes) else value
-            rdata = dns.rdata.from_text(
-                dns.rdataclass.IN, rdtype, text, origin=dns.name.root, relativize=False
-            )
+        rdata = _rdata(rdtype, value)
         rows = self._records.setdefault(_name(name), {}).setdefault(rdtype, [])
         rows[:] = [(r, t) for r, t in rows if r != rdata]
         rows.append((rdata, ttl))
@@ -125,6 +131,21 @@ class DNSServer:
             types.pop(dns.rdatatype.from_text(rtype.upper()), None)
             if not types:
                 del self._records[key]
+
+    def discard(self, name: str, rtype: str, value: str | bytes) -> None:
+        """Remove one record (as given to :meth:`add`); absent records are ignored."""
+        rdtype = dns.rdatatype.from_text(rtype.upper())
+        rdata = _rdata(rdtype, value)
+        key = _name(name)
+        types = self._records.get(key)
+        rows = types.get(rdtype) if types is not None else None
+        if types is None or rows is None:
+            return
+        rows[:] = [(r, t) for r, t in rows if r != rdata]
+        if not rows:
+            del types[rdtype]
+        if not types:
+            del self._records[key]
 
     def records(self, name: str, rtype: str) -> list[str]:
         """The records of ``rtype`` at ``name`` in presentation format (for tests)."""
@@ -228,9 +249,13 @@ class DNSServer:
     async def start(self, attempts: int = 50) -> None:
         """Bind UDP on a random free port of :attr:`host` and TCP on the same port.
 
-        Retries with another port when the TCP bind of that port fails.
+        Retries with another port when the TCP bind of that port fails. With a fixed
+        port, one try: :class:`OSError` saying which address is taken.
         """
         loop = asyncio.get_running_loop()
+        if self.want_port:
+            await self._start_fixed(loop)
+            return
         last: OSError | None = None
         for _ in range(attempts):
             udp, _proto = await loop.create_datagram_endpoint(
@@ -246,6 +271,21 @@ class DNSServer:
             self._udp, self._tcp, self.port = udp, tcp, port
             return
         raise OSError(f"lab DNS: no port free for both UDP and TCP on {self.host}") from last
+
+    async def _start_fixed(self, loop: asyncio.AbstractEventLoop) -> None:
+        where = f"{self.host}:{self.want_port}"
+        try:
+            udp, _proto = await loop.create_datagram_endpoint(
+                lambda: _UDPProtocol(self), local_addr=(self.host, self.want_port)
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"lab DNS: cannot listen on {where} (UDP): {exc}") from exc
+        try:
+            tcp = await asyncio.start_server(self._serve_tcp, self.host, self.want_port)
+        except OSError as exc:
+            udp.close()
+            raise OSError(exc.errno, f"lab DNS: cannot listen on {where} (TCP): {exc}") from exc
+        self._udp, self._tcp, self.port = udp, tcp, self.want_port
 
     async def stop(self) -> None:
         """Stop serving and free the port; open TCP connections are closed."""
