@@ -49,8 +49,9 @@ class Lab:
 
     ``async with Lab() as lab`` starts everything (DNS on a random free port unless
     ``dns_port`` names one, the sinks on one port free on all their addresses) and
-    stops it all on exit, freeing the ports. The sinks' names ``mx1.lab.test`` … resolve to their addresses from the
-    start. Records and behaviours may be changed at any time.
+    stops it all on exit, freeing the ports. The sinks' names ``mx1.lab.test`` …
+    resolve to their addresses from the start. Records and behaviours may be changed
+    at any time.
     """
 
     def __init__(

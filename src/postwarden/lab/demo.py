@@ -365,9 +365,18 @@ async def api_demo(app: Appliance, lab: Lab, publisher: DomainPublisher, base: s
                 + ", ".join(f"{x['purpose']} {x['status']}" for x in v["records"])
             )
             # The verified domain and its keys reach the signer through the change feed.
-            async with asyncio.timeout(10):
-                while not any(API_DOMAIN in d for d in app.control.verified.values()):
-                    await asyncio.sleep(0.05)
+            signs = asyncio.Event()
+
+            def keys_loaded(_keys: object) -> None:
+                if any(API_DOMAIN in d for d in app.control.verified.values()):
+                    signs.set()
+
+            app.control.on_keys.append(keys_loaded)
+            try:
+                keys_loaded(None)
+                await asyncio.wait_for(signs.wait(), 10)
+            finally:
+                app.control.on_keys.remove(keys_loaded)
             r = await http.post(
                 "/v1/messages",
                 headers=key,

@@ -8,6 +8,11 @@ the whole namespace, so the resolver under test never needs the internet):
   has none of the asked type → ``NOERROR`` with an empty answer (NODATA);
 * any other name → ``NXDOMAIN``.
 
+With :attr:`DNSServer.refresh` set (``postwarden lab`` sets it to re-read the control
+database), a query for a name the table does not hold waits for one refresh first, as
+a database-backed server (PowerDNS's SQL backends) would see a row committed a moment
+ago; concurrent misses share a refresh.
+
 Negative answers carry a root ``SOA`` in the authority section whose minimum is
 :attr:`DNSServer.negative_ttl` (short, so tests that add records later are not stuck
 behind a cached ``NXDOMAIN``). Faults can be injected per name: ``"servfail"``,
@@ -26,6 +31,7 @@ import contextlib
 import logging
 import struct
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Literal, cast
 
 import dns.exception
@@ -99,6 +105,11 @@ class DNSServer:
         self._tcp: asyncio.Server | None = None
         self._tcp_clients: set[asyncio.StreamWriter] = set()
         self._tcp_tasks: set[asyncio.Task[None]] = set()
+        #: Called (and awaited) before answering a name the table does not hold.
+        self.refresh: Callable[[], Awaitable[None]] | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._refreshes = 0  # refreshes started so far
+        self._udp_tasks: set[asyncio.Task[None]] = set()
 
     # -- the table ------------------------------------------------------------------
 
@@ -214,6 +225,34 @@ class DNSServer:
             response.authority.append(soa)
         return response
 
+    def _needs_refresh(self, wire: bytes) -> bool:
+        if self.refresh is None:
+            return False
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:
+            return False
+        return bool(query.question) and query.question[0].name not in self._records
+
+    async def _refreshed(self) -> None:
+        """Run :attr:`refresh` once after this call began (or join one that did)."""
+        asked = self._refreshes
+        async with self._refresh_lock:
+            # Refreshes run under the lock: one that started after this query arrived
+            # (counted above ``asked``) has finished, and saw what this one would.
+            if self._refreshes > asked or self.refresh is None:
+                return
+            self._refreshes += 1
+            try:
+                await self.refresh()
+            except Exception:
+                log.warning("lab DNS: refresh failed", exc_info=True)
+
+    async def _handle_async(self, wire: bytes, transport: str) -> bytes | None:
+        if self._needs_refresh(wire):
+            await self._refreshed()
+        return self._handle(wire, transport)
+
     def _handle(self, wire: bytes, transport: str) -> bytes | None:
         try:
             query = dns.message.from_wire(wire)
@@ -292,6 +331,8 @@ class DNSServer:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+        for udp_task in list(self._udp_tasks):
+            udp_task.cancel()
         if self._tcp is not None:
             self._tcp.close()
             for writer in list(self._tcp_clients):
@@ -314,7 +355,7 @@ class DNSServer:
                 head = await reader.readexactly(2)
                 (length,) = struct.unpack("!H", head)
                 wire = await reader.readexactly(length)
-                reply = self._handle(wire, "tcp")
+                reply = await self._handle_async(wire, "tcp")
                 if reply is not None:
                     writer.write(struct.pack("!H", len(reply)) + reply)
                     await writer.drain()
@@ -338,6 +379,16 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        reply = self.server._handle(data, "udp")
-        if reply is not None and self.transport is not None:
+        if self.server._needs_refresh(data):
+            task = asyncio.get_running_loop().create_task(self._answer_later(data, addr))
+            self.server._udp_tasks.add(task)
+            task.add_done_callback(self.server._udp_tasks.discard)
+            return
+        self._send(self.server._handle(data, "udp"), addr)
+
+    async def _answer_later(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self._send(await self.server._handle_async(data, "udp"), addr)
+
+    def _send(self, reply: bytes | None, addr: tuple[str | object, ...]) -> None:
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)

@@ -7,9 +7,11 @@ change feed (``changes`` rows of kind ``domain``) and keeps in the lab DNS, for 
 registered sending domain, exactly the records ``GET /v1/domains/{id}`` lists (DKIM
 keys, SPF, DMARC, the return path's MX and SPF, the tracking CNAME), and an MX (and A)
 so that mail to the domain lands in the lab as it does for ``demo.lab.test``. It says
-so on one line each time a domain's records change. ``/verify`` then really queries
-the lab DNS, and ``control.require_verified_domains`` stays on. Only the lab publishes
-DNS; a production appliance never does (docs/decisions/0010).
+so on one line each time a domain's records change. The lab DNS also asks it to
+re-read the database before answering a name it does not hold, so a ``/verify`` right
+after ``POST /v1/domains`` finds the records. ``/verify`` really queries the lab DNS,
+and ``control.require_verified_domains`` stays on. Only the lab publishes DNS; a
+production appliance never does (docs/decisions/0010).
 """
 
 from __future__ import annotations
@@ -85,15 +87,18 @@ class DomainPublisher:
         self._last_change = 0
         self._wake = asyncio.Event()
         self._synced = asyncio.Condition()
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         async with self.sessions() as s:
             self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
         await self.sync()
+        self.lab.dns.refresh = self.sync
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        self.lab.dns.refresh = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -132,6 +137,10 @@ class DomainPublisher:
 
     async def sync(self) -> None:
         """Publish what changed since the last sync; unpublish removed domains."""
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         async with self.sessions() as s:
             domains = list((await s.execute(select(Domain).order_by(Domain.id))).scalars())
             keys: dict[int, list[DkimKey]] = {}
