@@ -109,11 +109,19 @@ class DomainPublisher:
         """Read the change feed now (a domain may have changed)."""
         self._wake.set()
 
+    async def wait_until(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float = 10,  # noqa: ASYNC109
+    ) -> None:
+        """Return once ``predicate()`` holds, checked after each sync."""
+        async with asyncio.timeout(timeout), self._synced:
+            await self._synced.wait_for(predicate)
+
     async def wait_published(self, name: str, timeout: float = 10) -> Published:  # noqa: ASYNC109
         """The records published for domain ``name``, once they are."""
-        async with asyncio.timeout(timeout), self._synced:
-            await self._synced.wait_for(lambda: name in self.published)
-            return self.published[name]
+        await self.wait_until(lambda: name in self.published, timeout)
+        return self.published[name]
 
     async def _run(self) -> None:
         while True:
