@@ -131,12 +131,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     if args.action == "inbox" or args.id or args.to or args.raw or args.json:
         return cmd_lab_inbox(args)
-    from postwarden.lab.demo import run_lab
+    from postwarden.lab.demo import parse_dns, run_lab
 
+    try:
+        parse_dns(args.dns)
+    except ValueError as exc:
+        print(f"postwarden: {exc}", file=sys.stderr)
+        return 2
     setup_logging("info")
-    return int(
-        run_async(run_lab(args.config, var_dir=args.var, demo=not args.no_demo, once=args.once))
+    # httpx logs every request at INFO: the demo's own API calls would interleave
+    # with what it prints.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run = run_lab(
+        args.config, var_dir=args.var, demo=not args.no_demo, once=args.once, dns=args.dns
     )
+    try:
+        return int(run_async(run))
+    except OSError as exc:
+        if "lab DNS" not in str(exc):
+            raise
+        print(f"postwarden: {exc}; choose another with --dns HOST:PORT", file=sys.stderr)
+        return 1
 
 
 def cmd_lab_inbox(args: argparse.Namespace) -> int:
@@ -666,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="with inbox: JSON")
     s.add_argument("--no-demo", action="store_true", help="do not send the demo messages")
     s.add_argument("--once", action="store_true", help="exit after the demo")
+    s.add_argument(
+        "--dns",
+        default="127.0.0.1:10053",
+        metavar="HOST:PORT",
+        help="where the lab DNS listens (UDP and TCP; default 127.0.0.1:10053)",
+    )
     s.set_defaults(fn=cmd_lab)
 
     s = sub.add_parser("check-config", help="validate the configuration and keys")

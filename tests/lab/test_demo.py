@@ -26,11 +26,14 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
             "spool": {"path": str(tmp_path / "spool")},
         },
     )
-    proc = await asyncio.create_subprocess_exec(
+    lab_args = [
         sys.executable, "-m", "postwarden.cli", "lab",
         "--config", str(config), "--var", str(tmp_path / "var"), "--once",
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        "--dns", "127.0.1.53:0",
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *lab_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()
     assert proc.returncode == 0, text
@@ -42,12 +45,22 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     assert "dkim ok, dkim ok, spf ok" in text
     assert "dkim=[pass rsa-sha256 d=shop.lab.test; pass ed25519-sha256 d=shop.lab.test]" in text
     assert re.search(r"GET /v1/messages/\w+ -> someone@inbox.lab.test delivered", text), text
-    # Bounces both ways: during delivery, and by a DSN to the return path later.
+    # The API domain's records were published by the lab itself, and said so.
     assert re.search(
-        r"gone@nouser.lab.test refused during delivery: .* -> user_unknown, hard=True, "
+        r"lab: published DNS for shop\.lab\.test \(DKIM s=pw1-\w+-ed, s=pw1-\w+-rsa; SPF; "
+        r"DMARC; return path pwb\.shop\.lab\.test MX\+SPF; tracking CNAME\) - verify with "
+        r"POST /v1/domains/1/verify",
+        text,
+    ), text
+    # Bounces both ways: during delivery (the remote reply whole), and by a DSN later.
+    assert re.search(
+        r"gone@nouser.lab.test refused during delivery: '550 5.1.1 <gone@nouser.lab.test>: "
+        r"Recipient address rejected: User unknown' -> user_unknown, hard=True, "
         r"suppressed: hard_bounce",
         text,
     ), text
+    # The demo's own API calls are not logged between its lines.
+    assert "HTTP Request:" not in text, text
     assert re.search(
         r"moved@inbox.lab.test accepted, then a DSN to b-\w+-\w+-\w+@pwb.shop.lab.test -> "
         r"suppressed: hard_bounce",
@@ -66,3 +79,15 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0 and '"type": "delivered"' in out.decode()
+
+    # A second run: same database. The operator key is not shown again, but how to get
+    # one is; the domain made through the API in the first run is published at start.
+    proc = await asyncio.create_subprocess_exec(*lab_args, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT)  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "operator key pw_" not in text, text
+    assert "make a new one: .venv/bin/postwarden admin create-key" in text, text
+    start = text.index("lab: published DNS for shop.lab.test")
+    assert start < text.index("demo: submitted to"), text

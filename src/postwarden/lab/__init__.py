@@ -58,10 +58,11 @@ def inbox_path(state_dir: str | Path) -> Path:
 class Lab:
     """The DNS server and the sink MX hosts, started and stopped together.
 
-    ``async with Lab() as lab`` starts everything (DNS on a random free port, the
-    sinks on one port free on all their addresses) and stops it all on exit, freeing
-    the ports. The sinks' names ``mx1.lab.test`` … resolve to their addresses from the
-    start. Records and behaviours may be changed at any time.
+    ``async with Lab() as lab`` starts everything (DNS on a random free port unless
+    ``dns_port`` names one, the sinks on one port free on all their addresses) and
+    stops it all on exit, freeing the ports. The sinks' names ``mx1.lab.test`` …
+    resolve to their addresses from the start. Records and behaviours may be changed
+    at any time.
 
     With ``state_dir``, every accepted message is also stored, DKIM verified against
     the lab DNS, in the maildir ``state_dir/maildir`` (:attr:`inbox`) before the sink
@@ -73,9 +74,10 @@ class Lab:
         *,
         sink_hosts: tuple[str, ...] = SINK_HOSTS,
         dns_host: str = DNS_HOST,
+        dns_port: int = 0,
         state_dir: str | Path | None = None,
     ) -> None:
-        self.dns = DNSServer(dns_host)
+        self.dns = DNSServer(dns_host, port=dns_port)
         self.state = SinkState()
         #: The maildir of received messages (only with ``state_dir``).
         self.inbox: LabInbox | None = None

@@ -1,10 +1,12 @@
 """``postwarden lab`` / ``make run``: the appliance delivering into the simulated internet.
 
-Starts the lab (an authoritative DNS server and sink MX hosts on 127.0.1.x), points
-the appliance's resolver and MX port at it, signs as ``demo.lab.test`` with generated
-DKIM keys published in the lab DNS, sends demo messages through the submission
-port, and prints every message the lab's MX hosts receive with its DKIM verdict.
-Nothing leaves the machine.
+Starts the lab (an authoritative DNS server on a fixed port, 127.0.0.1:10053 unless
+``--dns`` says otherwise, and sink MX hosts on 127.0.1.x), points the appliance's
+resolver and MX port at it, signs as ``demo.lab.test`` with generated DKIM keys
+published in the lab DNS, publishes the records of every sending domain made through
+the API there too (:mod:`postwarden.lab.publish`), sends demo messages through the
+submission port, and prints every message the lab's MX hosts receive with its DKIM
+verdict. Nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ from postwarden.config import Config, load_config
 from postwarden.dns.resolver import DnsError, Resolver
 from postwarden.lab import Lab
 from postwarden.lab.inbox import inbox_routes
+from postwarden.lab.publish import DomainPublisher
 from postwarden.mta.dkim import generate_key, load_key
 
 DEMO_DOMAIN = "demo.lab.test"
 API_DOMAIN = "shop.lab.test"  # a sending domain made through the API by the demo
 SELECTORS = {"rsa-sha256": "lab-rsa", "ed25519-sha256": "lab-ed"}
+#: Where ``postwarden lab`` serves its DNS: fixed, so that ``dig @127.0.0.1 -p 10053``
+#: finds it run after run (tests' labs take random free ports instead).
+DEFAULT_DNS = "127.0.0.1:10053"
 
 
 def _say(text: str) -> None:
@@ -120,12 +126,28 @@ async def dkim_verdicts(message: bytes, resolver: Resolver) -> list[str]:
     return verdicts
 
 
+def parse_dns(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:10053"`` → ``("127.0.0.1", 10053)`` (port 0: any free one); ValueError
+    saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--dns: expected host:port (e.g. {DEFAULT_DNS}), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
 async def run_lab(
-    config_path: str | None, *, var_dir: str = "./var/lab", demo: bool = True, once: bool = False
+    config_path: str | None,
+    *,
+    var_dir: str = "./var/lab",
+    demo: bool = True,
+    once: bool = False,
+    dns: str = DEFAULT_DNS,
 ) -> int:
     var = Path(var_dir)
     var.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before serving
-    async with Lab(state_dir=var) as lab:  # keeps what it receives in var/maildir
+    dns_host, dns_port = parse_dns(dns)
+    # Keeps what it receives in var/maildir.
+    async with Lab(dns_host=dns_host, dns_port=dns_port, state_dir=var) as lab:
         lab.populate_demo()
         cfg = lab_config(config_path, lab, var)
         publish_keys(lab, cfg)
@@ -145,7 +167,10 @@ async def run_lab(
         trusted = ", ".join(cfg.smtp.trusted_networks)
         _say(f"  submission   {smtp_host}:{smtp_port}  (trusted: {trusted})")
         _say(f"  metrics      http://{ctl}/metrics")
-        _say(f"  lab DNS      {lab.nameserver}   lab MX hosts port {lab.mx_port}")
+        _say(
+            f"  lab DNS      {lab.nameserver}  (dig @{lab.dns.host} -p {lab.dns.port} "
+            f"{DEMO_DOMAIN} TXT)   lab MX hosts port {lab.mx_port}"
+        )
         _say(f"  lab inbox    http://{ctl}/lab/messages  (postwarden lab inbox --var {var})")
         if app.inbound_addresses:
             ib_host, ib_port = app.inbound_addresses[0]
@@ -171,10 +196,24 @@ async def run_lab(
             _say(f"  operator key {operator}")
             _say(
                 "               (shown once, stored hashed: keep it; "
-                "`postwarden admin create-key` makes another)"
+                "`.venv/bin/postwarden admin create-key` makes another)"
             )
+        else:
+            _say(
+                "  operator key shown on the first run only (stored hashed); "
+                "make a new one: .venv/bin/postwarden admin create-key"
+            )
+        _say(
+            "  your domain  POST /v1/domains: the lab publishes its DNS records, then "
+            "/verify finds them (README: Your own domain, step by step)"
+        )
         _say("  watch:  .venv/bin/postwarden events --tail    (Ctrl-C stops the appliance)")
         _say("")
+        # Sending domains made through the API (or in an earlier run) get their records
+        # in the lab DNS; the control plane's reload after a domain change wakes it.
+        publisher = DomainPublisher(lab, app.cfg, app.control.sessions, say=_say)
+        app.control.on_keys.append(publisher.wake)
+        await publisher.start()
 
         seen = 0
         delivered_ok = asyncio.Event()
@@ -214,7 +253,9 @@ async def run_lab(
                     rc = 1
                 if rc == 0:
                     try:
-                        rc = await asyncio.wait_for(api_demo(app, lab, f"http://{ctl}"), 60)
+                        rc = await asyncio.wait_for(
+                            api_demo(app, lab, publisher, f"http://{ctl}"), 60
+                        )
                     except Exception as exc:
                         _say(f"demo: API demo FAILED: {exc!r}")
                         rc = 1
@@ -239,6 +280,7 @@ async def run_lab(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            await publisher.stop()
             await app.stop()
     return rc
 
@@ -280,10 +322,10 @@ async def bootstrap_operator_key(app: Appliance) -> str | None:
         return new.plaintext
 
 
-async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
+async def api_demo(app: Appliance, lab: Lab, publisher: DomainPublisher, base: str) -> int:
     """The control plane's path, as an application would take it: a tenant, its sending
-    domain (records published in the lab DNS, then verified), a message through
-    POST /v1/messages, followed to delivery with GET /v1/messages/{id}."""
+    domain (records published in the lab DNS by ``publisher``, then verified), a message
+    through POST /v1/messages, followed to delivery with GET /v1/messages/{id}."""
     import httpx
     from sqlalchemy import update
 
@@ -320,15 +362,25 @@ async def api_demo(app: Appliance, lab: Lab, base: str) -> int:
             if dom is None:
                 r = await http.post("/v1/domains", json={"name": API_DOMAIN}, headers=key)
                 dom = r.json()
-            for rec in dom["records"]:  # the lab is new each run: publish again
-                lab.dns.remove(rec["name"], rec["type"])
-                lab.dns.add(rec["name"], rec["type"], rec["value"])
+            await publisher.wait_published(API_DOMAIN)  # the lab follows the change feed
             v = (await http.post(f"/v1/domains/{dom['id']}/verify", headers=key)).json()
             _say(
                 f"demo: API: tenant 'demo', domain {API_DOMAIN}: "
                 + ", ".join(f"{x['purpose']} {x['status']}" for x in v["records"])
             )
-            await asyncio.sleep(app.cfg.control.cache_poll + 0.2)  # keys reach the signer
+            # The verified domain and its keys reach the signer through the change feed.
+            signs = asyncio.Event()
+
+            def keys_loaded(_keys: object) -> None:
+                if any(API_DOMAIN in d for d in app.control.verified.values()):
+                    signs.set()
+
+            app.control.on_keys.append(keys_loaded)
+            try:
+                keys_loaded(None)
+                await asyncio.wait_for(signs.wait(), 10)
+            finally:
+                app.control.on_keys.remove(keys_loaded)
             r = await http.post(
                 "/v1/messages",
                 headers=key,
@@ -396,7 +448,7 @@ async def bounce_demo(app: Appliance, lab: Lab, http: Any, key: dict[str, str], 
         d = now["detail"]
         sup = await suppression(BOUNCE_NOW)
         _say(
-            f"demo: bounces: {BOUNCE_NOW} refused during delivery: {d['response'][:40]!r} -> "
+            f"demo: bounces: {BOUNCE_NOW} refused during delivery: {d['response']!r} -> "
             f"{d['category']}, hard={d['hard']}, suppressed: {sup and sup['reason']}"
         )
         copy = next((x for x in lab.messages if x.rcpt_tos == [BOUNCE_LATER]), None)

@@ -8,6 +8,11 @@ the whole namespace, so the resolver under test never needs the internet):
   has none of the asked type → ``NOERROR`` with an empty answer (NODATA);
 * any other name → ``NXDOMAIN``.
 
+With :attr:`DNSServer.refresh` set (``postwarden lab`` sets it to re-read the control
+database), a query for a name the table does not hold waits for one refresh first, as
+a database-backed server (PowerDNS's SQL backends) would see a row committed a moment
+ago; concurrent misses share a refresh.
+
 Negative answers carry a root ``SOA`` in the authority section whose minimum is
 :attr:`DNSServer.negative_ttl` (short, so tests that add records later are not stuck
 behind a cached ``NXDOMAIN``). Faults can be injected per name: ``"servfail"``,
@@ -26,6 +31,7 @@ import contextlib
 import logging
 import struct
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Literal, cast
 
 import dns.exception
@@ -65,15 +71,27 @@ def txt_rdata(value: str | bytes) -> dns.rdata.Rdata:
     return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks)
 
 
+def _rdata(rdtype: RdataType, value: str | bytes) -> dns.rdata.Rdata:
+    if rdtype == dns.rdatatype.TXT:
+        return txt_rdata(value)
+    text = value.decode() if isinstance(value, bytes) else value
+    return dns.rdata.from_text(
+        dns.rdataclass.IN, rdtype, text, origin=dns.name.root, relativize=False
+    )
+
+
 class DNSServer:
-    """An authoritative DNS server on ``host`` (UDP and TCP on one random free port).
+    """An authoritative DNS server on ``host``: UDP and TCP on one port, a random free
+    one unless ``port`` names it (``postwarden lab`` does, so that ``dig`` finds it).
 
     Records and faults may be changed at any time, also while serving; every query
     sees the table as it is when the query arrives.
     """
 
-    def __init__(self, host: str = "127.0.1.53", *, negative_ttl: int = 5) -> None:
+    def __init__(self, host: str = "127.0.1.53", *, port: int = 0, negative_ttl: int = 5) -> None:
         self.host = host
+        #: The port asked for (0: any free one); :attr:`port` is the one in use.
+        self.want_port = port
         self.port = 0
         self.negative_ttl = negative_ttl
         #: Queries received (UDP and TCP, including ones answered with a fault).
@@ -87,6 +105,11 @@ class DNSServer:
         self._tcp: asyncio.Server | None = None
         self._tcp_clients: set[asyncio.StreamWriter] = set()
         self._tcp_tasks: set[asyncio.Task[None]] = set()
+        #: Called (and awaited) before answering a name the table does not hold.
+        self.refresh: Callable[[], Awaitable[None]] | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._refreshes = 0  # refreshes started so far
+        self._udp_tasks: set[asyncio.Task[None]] = set()
 
     # -- the table ------------------------------------------------------------------
 
@@ -103,13 +126,7 @@ class DNSServer:
         already present (same data) only updates its TTL.
         """
         rdtype = dns.rdatatype.from_text(rtype.upper())
-        if rdtype == dns.rdatatype.TXT:
-            rdata = txt_rdata(value)
-        else:
-            text = value.decode() if isinstance(value, bytes) else value
-            rdata = dns.rdata.from_text(
-                dns.rdataclass.IN, rdtype, text, origin=dns.name.root, relativize=False
-            )
+        rdata = _rdata(rdtype, value)
         rows = self._records.setdefault(_name(name), {}).setdefault(rdtype, [])
         rows[:] = [(r, t) for r, t in rows if r != rdata]
         rows.append((rdata, ttl))
@@ -125,6 +142,21 @@ class DNSServer:
             types.pop(dns.rdatatype.from_text(rtype.upper()), None)
             if not types:
                 del self._records[key]
+
+    def discard(self, name: str, rtype: str, value: str | bytes) -> None:
+        """Remove one record (as given to :meth:`add`); absent records are ignored."""
+        rdtype = dns.rdatatype.from_text(rtype.upper())
+        rdata = _rdata(rdtype, value)
+        key = _name(name)
+        types = self._records.get(key)
+        rows = types.get(rdtype) if types is not None else None
+        if types is None or rows is None:
+            return
+        rows[:] = [(r, t) for r, t in rows if r != rdata]
+        if not rows:
+            del types[rdtype]
+        if not types:
+            del self._records[key]
 
     def records(self, name: str, rtype: str) -> list[str]:
         """The records of ``rtype`` at ``name`` in presentation format (for tests)."""
@@ -193,6 +225,34 @@ class DNSServer:
             response.authority.append(soa)
         return response
 
+    def _needs_refresh(self, wire: bytes) -> bool:
+        if self.refresh is None:
+            return False
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:
+            return False
+        return bool(query.question) and query.question[0].name not in self._records
+
+    async def _refreshed(self) -> None:
+        """Run :attr:`refresh` once after this call began (or join one that did)."""
+        asked = self._refreshes
+        async with self._refresh_lock:
+            # Refreshes run under the lock: one that started after this query arrived
+            # (counted above ``asked``) has finished, and saw what this one would.
+            if self._refreshes > asked or self.refresh is None:
+                return
+            self._refreshes += 1
+            try:
+                await self.refresh()
+            except Exception:
+                log.warning("lab DNS: refresh failed", exc_info=True)
+
+    async def _handle_async(self, wire: bytes, transport: str) -> bytes | None:
+        if self._needs_refresh(wire):
+            await self._refreshed()
+        return self._handle(wire, transport)
+
     def _handle(self, wire: bytes, transport: str) -> bytes | None:
         try:
             query = dns.message.from_wire(wire)
@@ -228,9 +288,13 @@ class DNSServer:
     async def start(self, attempts: int = 50) -> None:
         """Bind UDP on a random free port of :attr:`host` and TCP on the same port.
 
-        Retries with another port when the TCP bind of that port fails.
+        Retries with another port when the TCP bind of that port fails. With a fixed
+        port, one try: :class:`OSError` saying which address is taken.
         """
         loop = asyncio.get_running_loop()
+        if self.want_port:
+            await self._start_fixed(loop)
+            return
         last: OSError | None = None
         for _ in range(attempts):
             udp, _proto = await loop.create_datagram_endpoint(
@@ -247,11 +311,28 @@ class DNSServer:
             return
         raise OSError(f"lab DNS: no port free for both UDP and TCP on {self.host}") from last
 
+    async def _start_fixed(self, loop: asyncio.AbstractEventLoop) -> None:
+        where = f"{self.host}:{self.want_port}"
+        try:
+            udp, _proto = await loop.create_datagram_endpoint(
+                lambda: _UDPProtocol(self), local_addr=(self.host, self.want_port)
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"lab DNS: cannot listen on {where} (UDP): {exc}") from exc
+        try:
+            tcp = await asyncio.start_server(self._serve_tcp, self.host, self.want_port)
+        except OSError as exc:
+            udp.close()
+            raise OSError(exc.errno, f"lab DNS: cannot listen on {where} (TCP): {exc}") from exc
+        self._udp, self._tcp, self.port = udp, tcp, self.want_port
+
     async def stop(self) -> None:
         """Stop serving and free the port; open TCP connections are closed."""
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+        for udp_task in list(self._udp_tasks):
+            udp_task.cancel()
         if self._tcp is not None:
             self._tcp.close()
             for writer in list(self._tcp_clients):
@@ -274,7 +355,7 @@ class DNSServer:
                 head = await reader.readexactly(2)
                 (length,) = struct.unpack("!H", head)
                 wire = await reader.readexactly(length)
-                reply = self._handle(wire, "tcp")
+                reply = await self._handle_async(wire, "tcp")
                 if reply is not None:
                     writer.write(struct.pack("!H", len(reply)) + reply)
                     await writer.drain()
@@ -298,6 +379,16 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        reply = self.server._handle(data, "udp")
-        if reply is not None and self.transport is not None:
+        if self.server._needs_refresh(data):
+            task = asyncio.get_running_loop().create_task(self._answer_later(data, addr))
+            self.server._udp_tasks.add(task)
+            task.add_done_callback(self.server._udp_tasks.discard)
+            return
+        self._send(self.server._handle(data, "udp"), addr)
+
+    async def _answer_later(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self._send(await self.server._handle_async(data, "udp"), addr)
+
+    def _send(self, reply: bytes | None, addr: tuple[str | object, ...]) -> None:
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
