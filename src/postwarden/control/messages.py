@@ -488,6 +488,7 @@ def api_body_limit(ctx: Any) -> int:
     errors=(409, 503),
     body_limit=api_body_limit,
     headers=IDEMPOTENCY,
+    sync=False,  # spools mail; changes no cache
 )
 async def send_message(c: Call) -> Any:
     """Answers 202 once the message is in the spool, fsync'd. Suppressed recipients
@@ -513,6 +514,7 @@ async def send_message(c: Call) -> Any:
     errors=(409,),
     body_limit=api_body_limit,
     headers=IDEMPOTENCY,
+    sync=False,  # spools mail; changes no cache
 )
 async def send_batch(c: Call) -> Any:
     """Every message is checked first: one invalid message fails the whole batch with a

@@ -116,6 +116,12 @@ class ControlPlane:
         self._last_change = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One reader of the change feed at a time: the poller, or a request that waits
+        # for what it changed to be in force (:meth:`sync`).
+        self._sync_lock = asyncio.Lock()
+        # DkimKey id -> its parsed key: a key row never changes, and parsing an RSA key
+        # costs tens of milliseconds, so only keys not seen before are parsed.
+        self._parsed_keys: dict[int, SigningKey] = {}
 
     async def start(self) -> None:
         url = self.cfg.database.url
@@ -138,8 +144,16 @@ class ControlPlane:
         self._task = asyncio.create_task(self._poll())
 
     def wake(self) -> None:
-        """Read the change feed now (this process just wrote to it)."""
+        """Read the change feed soon (this process just wrote to it)."""
         self._wake.set()
+
+    async def sync(self) -> None:
+        """Read the change feed now and wait until this process's caches hold it: an
+        API answer to a change (a domain verified, a suppression added, a tenant
+        disabled) is then already in force here. Other processes follow within
+        ``control.cache_poll``."""
+        async with self._sync_lock:
+            await self.poll_once()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -165,32 +179,42 @@ class ControlPlane:
         for dom_id, name, tenant_id, key in rows:
             by_domain.setdefault(dom_id, (name, []))[1].append(key)
             verified.setdefault(tenant_id, set()).add(name)
-        self.verified = verified
-        out: list[SigningKey] = []
+        signing: list[tuple[str, DkimKey]] = []
         for name, keys in by_domain.values():
             gen = signing_generation(keys)
-            for k in keys:
-                if k.generation != gen:
-                    continue
-                try:
-                    material = self.box.open(k.private_key)
-                    out.append(
-                        parse_key(
-                            name,
-                            k.selector,
-                            material,
-                            k.algorithm,  # type: ignore[arg-type]
-                            f"{name}/{k.selector}",
-                        )
-                    )
-                except (ValueError, DkimKeyError) as exc:
-                    log.error(
-                        "event=dkim_key_unusable domain=%s selector=%s error=%r",
-                        name,
-                        k.selector,
-                        str(exc),
-                    )
-        return out
+            signing += [(name, k) for k in keys if k.generation == gen]
+        new = [(name, k) for name, k in signing if k.id not in self._parsed_keys]
+        if new:
+            # Off the event loop: a database of many domains must not stall SMTP
+            # sessions and deliveries while its new keys are read.
+            parsed = await asyncio.to_thread(lambda: [self._parse(n, k) for n, k in new])
+            for (_, k), key in zip(new, parsed, strict=True):
+                if key is not None:
+                    self._parsed_keys[k.id] = key
+        self._parsed_keys = {
+            k.id: self._parsed_keys[k.id] for _, k in signing if k.id in self._parsed_keys
+        }
+        self.verified = verified
+        return [self._parsed_keys[k.id] for _, k in signing if k.id in self._parsed_keys]
+
+    def _parse(self, name: str, k: DkimKey) -> SigningKey | None:
+        try:
+            material = self.box.open(k.private_key)
+            return parse_key(
+                name,
+                k.selector,
+                material,
+                k.algorithm,  # type: ignore[arg-type]
+                f"{name}/{k.selector}",
+            )
+        except (ValueError, DkimKeyError) as exc:
+            log.error(
+                "event=dkim_key_unusable domain=%s selector=%s error=%r",
+                name,
+                k.selector,
+                str(exc),
+            )
+            return None
 
     async def reload_keys(self) -> None:
         self.signing_keys = await self.load_signing_keys()
@@ -411,7 +435,7 @@ class ControlPlane:
                 await asyncio.wait_for(self._wake.wait(), self.cfg.control.cache_poll)
             self._wake.clear()
             try:
-                await self.poll_once()
+                await self.sync()
                 n += 1
                 if n % 3600 == 0:
                     await self.prune()

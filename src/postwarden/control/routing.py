@@ -134,6 +134,9 @@ class Operation:
     response_media: str = "application/json"
     description: str = ""
     headers: dict[str, str] = field(default_factory=dict)  # request header name → description
+    # A change the answer waits to see in force in this process's caches (see
+    # apply_changes); False for routes that change nothing the caches hold.
+    sync: bool = True
 
 
 class Api:
@@ -158,6 +161,7 @@ class Api:
         request_media: str = "application/json",
         response_media: str = "application/json",
         headers: dict[str, str] | None = None,
+        sync: bool = True,
     ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             self.ops.append(
@@ -178,6 +182,7 @@ class Api:
                     response_media,
                     (fn.__doc__ or "").strip(),
                     headers or {},
+                    sync,
                 )
             )
             return fn
@@ -299,7 +304,7 @@ class Api:
                 raise _too_deep() from None
         result = await op.handler(call)
         if op.method != "GET":
-            ctx.wake()  # apply what this request changed in this process's caches now
+            await apply_changes(ctx, op)
         return result
 
     # ------------------------------------------------------------------ OpenAPI
@@ -526,6 +531,21 @@ def parse_json(raw: bytes) -> Any:
                 fields=[{"path": path, "message": UNSTORABLE_MESSAGE}],
             )
     return data
+
+
+async def apply_changes(ctx: Any, op: Operation) -> None:
+    """After a change: wait until this process's caches hold it (a domain verified is
+    one mail may come From in the next request), or, for routes that change nothing
+    they hold, only wake the change-feed reader. A failure to read the feed does not
+    fail the change, which is committed: the reader tries again."""
+    if not op.sync:
+        ctx.wake()
+        return
+    try:
+        await ctx.sync()
+    except Exception:
+        log.warning("event=change_feed_sync_failed path=%s", op.path, exc_info=True)
+        ctx.wake()
 
 
 async def authenticate(ctx: Any, request: Request) -> Principal:
