@@ -1,8 +1,9 @@
 """README's "Your own domain, step by step": exactly its commands, against `postwarden lab`.
 
 The walkthrough uses the lab's fixed default ports (control 8025, submission 2525, lab
-DNS 10053), so this test cannot run next to another copy of itself or a `make run`:
-it is ``serial`` and says which port is taken when one is.
+DNS 10053), so this test cannot run next to a `make run`; it says which port is taken
+when one is. No other test binds those ports (the others take free ephemeral ones), so
+it runs in the parallel part of `make test`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import httpx
 import pytest
 
 from tests.peers import require_binary
-
-pytestmark = pytest.mark.serial
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 PORTS = [(8025, "control.listen"), (2525, "smtp.listen"), (10053, "the lab DNS")]
