@@ -148,7 +148,16 @@ async def test_every_answer_carries_a_request_id(control: ControlFactory) -> Non
     # A made id is made once: the body's and the header's are the same, and new each time.
     async with api.client() as c:
         a, b = await c.get("/v1/nowhere"), await c.get("/v1/nowhere")
-    assert a.headers["x-request-id"] != b.headers["x-request-id"]
+        assert a.headers["x-request-id"] != b.headers["x-request-id"]
+        # Starlette's own 404 and 405 say what is wrong, not only "Not Found".
+        assert a.json()["error"]["message"] == (
+            "nothing at /v1/nowhere: /docs lists the paths and the form of their parameters"
+        )
+        r = await c.put("/v1/domains")
+        assert (
+            r.json()["error"]["message"]
+            == "/v1/domains does not take PUT; it takes GET, HEAD, POST"
+        )
 
 
 async def test_validator_messages_have_no_pydantic_prefix(control: ControlFactory) -> None:

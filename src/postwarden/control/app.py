@@ -111,7 +111,17 @@ async def http_error(request: Request, exc: Exception) -> Response:
     API's envelope, with the request's id."""
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    err = ApiError(exc.status_code, kind, str(exc.detail))
+    path = request.url.path[:200]
+    if exc.status_code == 404:
+        message = f"nothing at {path}: /docs lists the paths and the form of their parameters"
+    elif exc.status_code == 405:
+        allowed = ", ".join(sorted(filter(None, (exc.headers or {}).get("Allow", "").split(", "))))
+        message = f"{path} does not take {request.method}" + (
+            f"; it takes {allowed}" if allowed else ""
+        )
+    else:
+        message = str(exc.detail)
+    err = ApiError(exc.status_code, kind, message)
     resp = error_response(err, request_id(request))
     if exc.headers:
         resp.headers.update(exc.headers)
