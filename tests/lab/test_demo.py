@@ -12,9 +12,10 @@ from pathlib import Path
 from tests.conftest import write_toml
 
 
-async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
-    # Port 0 everywhere so the test never collides with a `make run` on this machine.
-    config = write_toml(
+def lab_toml(tmp_path: Path) -> Path:
+    """A config for `postwarden lab` with port 0 everywhere (so it never collides with a
+    `make run` on this machine) and its state under ``tmp_path``."""
+    return write_toml(
         tmp_path / "lab.toml",
         {
             "smtp": {"listen": ["127.0.0.1:0"]},
@@ -26,6 +27,10 @@ async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
             "spool": {"path": str(tmp_path / "spool")},
         },
     )
+
+
+async def test_lab_demo_delivers_dkim_verified_mail(tmp_path: Path) -> None:
+    config = lab_toml(tmp_path)
     lab_args = [
         sys.executable, "-m", "postwarden.cli", "lab",
         "--config", str(config), "--var", str(tmp_path / "var"), "--once",

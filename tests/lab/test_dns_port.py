@@ -14,7 +14,7 @@ import pytest
 
 from postwarden.lab import Lab
 from postwarden.lab.dnsserver import DNSServer
-from tests.conftest import write_toml
+from tests.lab.test_demo import lab_toml
 
 
 def free_udp_tcp_port(host: str) -> int:
@@ -61,18 +61,7 @@ async def test_discard_removes_one_record() -> None:
 
 
 async def lab_cli(tmp_path: Path, *args: str) -> tuple[int, str]:
-    config = write_toml(
-        tmp_path / "lab.toml",
-        {
-            "smtp": {"listen": ["127.0.0.1:0"]},
-            "control": {
-                "listen": "127.0.0.1:0",
-                "encryption_key_file": str(tmp_path / "control.key"),
-            },
-            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'control.db'}"},
-            "spool": {"path": str(tmp_path / "spool")},
-        },
-    )
+    config = lab_toml(tmp_path)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "postwarden.cli", "lab", "--config", str(config),
         "--var", str(tmp_path / "var"), "--once", "--no-demo", *args,
