@@ -30,13 +30,14 @@ def broker(**kw: object) -> tuple[Broker, Clock, WarmingBook]:
 
 
 def test_messages_follow_the_weights() -> None:
-    b, _clock, _book = broker()
+    b, clock, _book = broker()
     members = [("a", 3), ("b", 1)]
     for _ in range(400):
         c = b.choose("w", "p", members, "wait", "lab")
         assert c.ok
         b.release("w", "p", c.source, "lab", sent=5)
-    assert b.sent[("p", "a")] == 3 * b.sent[("p", "b")]
+    sent = b.balancer.sent
+    assert sent("p", "lab", "a", clock.t) == 3 * sent("p", "lab", "b", clock.t)
 
 
 def test_paused_and_suspended_sources_are_passed_over() -> None:

@@ -27,6 +27,7 @@ from postwarden.shaping.adaptive import (
     on_answer,
     on_success_window,
 )
+from postwarden.shaping.pools import Balancer
 from postwarden.shaping.rules import Limits, Rules
 
 if TYPE_CHECKING:
@@ -154,11 +155,9 @@ class Broker:
         self.book = book
         self.rng = rng or random.Random()
         self.pairs: dict[tuple[str, str, str | None], Pair] = {}
-        # Per (pool, source): messages sent, connections open, messages per connection
-        # (a running mean): the weighted choice gives each source its share of messages.
-        self.sent: dict[tuple[str, str], float] = {}
-        self.open: dict[tuple[str, str], int] = {}
-        self.per_conn: dict[str, float] = {}
+        # Per (pool, site, source), decaying: messages sent, connections open; the
+        # weighted choice gives each source its share of the pool's mail to a site.
+        self.balancer = Balancer()
         self.pause_recheck = 60.0  # seconds: when mail held by a pause asks again
         self.actions: list[dict[str, Any]] = []  # recent rule actions, newest last
         self.action_count = 0  # ever taken
@@ -341,17 +340,16 @@ class Broker:
                     retry_at=self._wall_to_clock(nxt),
                     kind="warming_cap",
                 )
-        est = self.per_conn.get(pool, 1.0)
+        bal = self.balancer
 
         def behind(c: tuple[str, int, Pair]) -> tuple[float, float]:
-            k = (pool, c[0])
-            return ((self.sent.get(k, 0.0) + self.open.get(k, 0) * est) / c[1], self.rng.random())
+            return (bal.behind(pool, site, c[0], c[1], now), self.rng.random())
 
         cands.sort(key=behind)
         first = cands[0][0]
         if room[first] == 0:  # overflow "wait": this source's share waits for its next day
             assert book is not None
-            self.sent[(pool, first)] = self.sent.get((pool, first), 0.0) + want
+            self.balancer.add(pool, site, first, want, now)
             return Choice(
                 False,
                 reason=f"warming cap reached: {first}",
@@ -368,7 +366,7 @@ class Broker:
                 if refused is None or slot.retry_at < refused.retry_at:
                     refused = slot
                 continue
-            self.open[(pool, name)] = self.open.get((pool, name), 0) + 1
+            self.balancer.opened(pool, site, name, now)
             metered = self._metered(p, room[name] is not None)
             tokens = self._tokens(p, name, site, want, room[name], now) if metered else 0
             return Choice(True, name, tokens, metered, p.limits.max_messages_per_connection or 0)
@@ -403,10 +401,7 @@ class Broker:
     ) -> None:
         """A connection ended after ``sent`` messages; ``unused`` tokens come back."""
         self.release_connection(holder, source, site, domain)
-        k = (pool, source)
-        self.open[k] = max(0, self.open.get(k, 0) - 1)
-        self.sent[k] = self.sent.get(k, 0.0) + sent
-        self.per_conn[pool] = 0.9 * self.per_conn.get(pool, 1.0) + 0.1 * max(1, sent)
+        self.balancer.closed(pool, site, source, sent, self.clock())
         if unused and self.book is not None:
             self.book.refund(f"source:{source}", unused, site)
 
