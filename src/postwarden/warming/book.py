@@ -186,7 +186,7 @@ class WarmingBook:
         self.dirty = True
         if t.paused:
             return None
-        why = pause_reason(w.totals(now), self.thresholds)
+        why = pause_reason(w.totals(now), self.thresholds, t.plan.cap(t.day))
         if why is not None:
             t.pause(f"auto: {why}")
             self._note(key, f"paused: {why}")

@@ -16,10 +16,21 @@ Tiers: excellent ≥ 90, good ≥ 70, fair ≥ 50, poor ≥ 30, critical below.
 Auto-pause: over the window, once at least ``min_volume`` messages were attempted, a
 bounce rate above 5 %, a complaint rate above 0.1 % or a delivery rate below 90 %
 pauses the source or domain. A pause is sticky: only an operator resumes it.
+
+A warming sender's early days hold far fewer than ``min_volume`` attempts (50 on day
+1 of the conservative plan), and that is when list problems show. So for a sender on
+a plan the minimum is scaled to the day's cap: ``min_volume_share`` (40 %) of it, at
+least ``min_volume_floor`` (20), never more than ``min_volume``. Below ``min_volume``
+a rate over its limit pauses only when the counts make it plain: a one-sided
+binomial test, the chance of seeing that many bounces (complaints, undelivered) if
+the true rate were at the limit, under ``small_count_alpha`` (1 %). So 12 bounces of
+40 pause on day 1; 3 of 40 (7.5 %, as likely as not from a clean list's noise) do
+not.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -33,6 +44,11 @@ class Thresholds:
     pause_delivery_rate: float = 0.90
     min_volume: int = 500
     window: float = 86400.0  # seconds
+    # A warming sender's minimum: this share of the day's cap, at least the floor
+    # (never above min_volume); below min_volume, the binomial test's level.
+    min_volume_share: float = 0.4
+    min_volume_floor: int = 20
+    small_count_alpha: float = 0.01
     engagement_good: float = 0.10
 
 
@@ -109,17 +125,63 @@ def tier(value: float) -> str:
     return "critical"
 
 
-def pause_reason(t: dict[str, int], th: Thresholds = Thresholds()) -> str | None:
-    """Why the window says pause, or None (too little volume says nothing)."""
-    if t["attempted"] < th.min_volume:
+def min_volume(th: Thresholds, cap: int | None = None) -> int:
+    """Attempts in the window before the auto-pause judges: ``th.min_volume``, or for
+    a sender on a warming day with ``cap``, that cap's share (at least the floor)."""
+    if cap is None:
+        return th.min_volume
+    return min(th.min_volume, max(th.min_volume_floor, math.ceil(th.min_volume_share * cap)))
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how likely ``k`` or more of ``n`` are, at
+    rate ``p``."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lp, lq, ln = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    total = sum(
+        math.exp(ln - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
+        for i in range(k, n + 1)
+    )
+    return min(1.0, total)
+
+
+def pause_reason(
+    t: dict[str, int], th: Thresholds = Thresholds(), cap: int | None = None
+) -> str | None:
+    """Why the window says pause, or None (too little volume says nothing). ``cap``:
+    the sender's warming cap today (None when not warming), which scales the minimum
+    volume (:func:`min_volume`); under ``th.min_volume`` a rate over its limit must
+    also pass a one-sided binomial test (:func:`binomial_tail`)."""
+    att = t["attempted"]
+    if att < min_volume(th, cap):
         return None
+    small = att < th.min_volume
     r = rates(t)
-    if r["bounce"] is not None and r["bounce"] > th.pause_bounce_rate:
-        return f"bounce rate {r['bounce']:.1%} above {th.pause_bounce_rate:.1%}"
-    if r["complaint"] is not None and r["complaint"] > th.pause_complaint_rate:
-        return f"complaint rate {r['complaint']:.2%} above {th.pause_complaint_rate:.2%}"
-    if r["delivery"] is not None and r["delivery"] < th.pause_delivery_rate:
-        return f"delivery rate {r['delivery']:.1%} below {th.pause_delivery_rate:.1%}"
+
+    def plain(share: float, limit: float, n: int) -> bool:
+        """Not the noise of small counts: a rate at the limit seldom gives as many."""
+        return not small or binomial_tail(round(share * n), n, limit) <= th.small_count_alpha
+
+    b, c, d = r["bounce"], r["complaint"], r["delivery"]
+    if b is not None and b > th.pause_bounce_rate and plain(b, th.pause_bounce_rate, att):
+        return f"bounce rate {b:.1%} above {th.pause_bounce_rate:.1%}"
+    if (
+        c is not None
+        and c > th.pause_complaint_rate
+        and plain(c, th.pause_complaint_rate, t["delivered"])
+    ):
+        return f"complaint rate {c:.2%} above {th.pause_complaint_rate:.2%}"
+    if (
+        d is not None
+        and d < th.pause_delivery_rate
+        and plain(1 - d, 1 - th.pause_delivery_rate, att)
+    ):
+        return f"delivery rate {d:.1%} below {th.pause_delivery_rate:.1%}"
     return None
 
 
