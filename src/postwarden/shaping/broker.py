@@ -591,3 +591,98 @@ class Broker:
                 }
             )
         return out
+
+    # ------------------------------------------------------------------ restarts
+
+    def snapshot(self, wall_now: float | None = None) -> dict[str, Any]:
+        """What the answers did to each pair and still holds — suspensions, bounce
+        rules, lowered rates and connections — for the state file: ``{"pairs":
+        [...]}``, times as wall-clock seconds (the broker's clock is monotonic).
+        Pairs with nothing in force are left out."""
+        now = self.clock()
+        wall = self._wall() if wall_now is None else wall_now
+
+        def at(t: float) -> float | None:
+            return round(wall + (t - now), 3) if t > now else None
+
+        out = []
+        for (source, site, domain), p in self.pairs.items():
+            st = p.state
+            item: dict[str, Any] = {"source": source, "site": site, "domain": domain}
+            if at(st.suspended_until) is not None:
+                item["suspended_until"] = at(st.suspended_until)
+            if at(st.lowered_until) is not None:
+                item["lowered_until"] = at(st.lowered_until)
+                if st.connections < st.limit_connections:
+                    item["connections"] = st.connections
+            if st.rate < st.limit_rate:
+                item["rate"] = st.rate
+            if at(p.bounce_until) is not None:
+                item["bounce_until"] = at(p.bounce_until)
+                item["bounce_reason"] = p.bounce_reason
+            if len(item) > 3:
+                item["reason"] = st.reason
+                out.append(item)
+        return {"pairs": out}
+
+    def restore(self, data: Mapping[str, Any], wall_now: float | None = None) -> int:
+        """Put back what :meth:`snapshot` saved (the whole state file may be passed:
+        only ``"pairs"`` is read; a file without it restores nothing). What has
+        expired meanwhile is dropped; rates and connections stay within the rules in
+        force now. Returns how many pairs got something back; raises ValueError
+        naming the entry and field of a bad one."""
+        now = self.clock()
+        wall = self._wall() if wall_now is None else wall_now
+        items = data.get("pairs", [])
+        if not isinstance(items, list):
+            raise ValueError("pairs: must be a list")
+        restored = 0
+        for i, item in enumerate(items):
+            where = f"pairs[{i}]"
+            if not isinstance(item, Mapping):
+                raise ValueError(f"{where}: must be a table")
+
+            def num(name: str, item: Mapping[str, Any] = item, where: str = where) -> float:
+                v = item.get(name)
+                if v is None:
+                    return 0.0
+                if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                    raise ValueError(f"{where}.{name}: must be a non-negative number, got {v!r}")
+                return float(v)
+
+            def clock_at(name: str) -> float:
+                t = num(name)
+                return now + (t - wall) if t > wall else 0.0  # passed: expired
+
+            for name in ("source", "site"):
+                if not isinstance(item.get(name), str) or not item[name]:
+                    raise ValueError(f"{where}.{name}: must be a non-empty string")
+            domain = item.get("domain")
+            if domain is not None and not isinstance(domain, str):
+                raise ValueError(f"{where}.domain: must be a string or null")
+            suspended, lowered, bounce = (
+                clock_at("suspended_until"),
+                clock_at("lowered_until"),
+                clock_at("bounce_until"),
+            )
+            rate, conns = num("rate"), int(num("connections"))
+            p = self.pair(item["source"], item["site"], domain)
+            st = p.state
+            rate = min(rate, st.limit_rate) if rate > 0 else st.limit_rate
+            if not (suspended or lowered or bounce or rate < st.limit_rate):
+                continue  # all of it ran its time while the broker was down
+            st.suspended_until = max(st.suspended_until, suspended)
+            st.lowered_until = max(st.lowered_until, lowered)
+            st.rate = min(st.rate, rate)
+            if lowered and conns > 0:
+                st.connections = min(st.connections, conns, st.limit_connections)
+            if bounce:
+                p.bounce_until = max(p.bounce_until, bounce)
+                p.bounce_reason = str(item.get("bounce_reason") or "")[:200]
+            st.reason = str(item.get("reason") or "")[:200]
+            st.changes.append((now, "restored", f"after a restart: {st.reason}"))
+            restored += 1
+        return restored
+
+    def _wall(self) -> float:
+        return self.book.wall() if self.book is not None else time.time()

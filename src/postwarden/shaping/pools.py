@@ -146,5 +146,5 @@ class Balancer:
             if not c.open and self._decayed(c, now) < _FORGET:
                 del self.counts[k]
         live = {(p, s) for p, s, _src in self.counts}
-        for k in [k for k in self.per_conn if k not in live]:
-            del self.per_conn[k]
+        for ps in [ps for ps in self.per_conn if ps not in live]:
+            del self.per_conn[ps]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from postwarden.config import Config
@@ -25,7 +28,7 @@ from postwarden.warming.health import Thresholds
 from postwarden.warming.plans import PlanError
 
 log = logging.getLogger("postwarden.shaping")
-SAVE_EVERY = 2.0  # seconds between saves of a changed warming book
+SAVE_EVERY = 2.0  # seconds between saves of a changed warming book or pair state
 
 
 def thresholds_of(cfg: Config) -> Thresholds:
@@ -61,6 +64,8 @@ class ShapingService:
             book=self.book,
         )
         self.broker.pause_recheck = cfg.shaping.pause_recheck
+        self._restore_pairs()
+        self._saved_pairs = self._pairs_now()
         self._autostart()
         self.server: BrokerServer | None = None
         self._saver: asyncio.Task[None] | None = None
@@ -94,17 +99,61 @@ class ShapingService:
                 await self._saver
         self.save()
 
-    def save(self) -> None:
+    def _restore_pairs(self) -> None:
+        """Suspensions, bounce rules and lowered rates saved before a restart (decision
+        0006): in force again before the first connection is chosen. A state file
+        written before they were saved has none: nothing to restore."""
+        path = Path(self.cfg.shaping_state_file)
+        if not path.exists():
+            return
         try:
-            self.book.save(self.cfg.shaping_state_file)
+            n = self.broker.restore(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            # As for the warming book: never send to a suspended pair because the
+            # state is unreadable; refuse to start instead.
+            raise PlanError(f"{path}: unreadable shaping state: {exc}") from exc
+        if n:
+            log.info("event=shaping_restored pairs=%d path=%s", n, path)
+
+    def _pairs_now(self) -> list[dict[str, Any]]:
+        """The pairs' state as saved (whole seconds, so clock drift is no change)."""
+        pairs: list[dict[str, Any]] = self.broker.snapshot()["pairs"]
+        return [
+            {k: round(v) if k.endswith("_until") else v for k, v in item.items()} for item in pairs
+        ]
+
+    def save(self) -> None:
+        """The warming book and the pairs' state, in one file."""
+        self._write(self._state())
+
+    def _state(self) -> dict[str, Any]:
+        # Taken in the event loop (the broker's and the book's thread).
+        data = {**self.book.to_json(), **self.broker.snapshot()}
+        self.book.dirty = False
+        return data
+
+    def _write(self, data: dict[str, Any]) -> None:
+        """Atomically: write, fsync, rename."""
+        path = Path(self.cfg.shaping_state_file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         except OSError:
-            log.exception("event=warming_save_failed path=%s", self.cfg.shaping_state_file)
+            self.book.dirty = True  # try again at the next turn
+            log.exception("event=warming_save_failed path=%s", path)
 
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(SAVE_EVERY)
-            if self.book.dirty:
-                await asyncio.to_thread(self.save)
+            pairs = self._pairs_now()
+            if self.book.dirty or pairs != self._saved_pairs:
+                self._saved_pairs = pairs
+                await asyncio.to_thread(self._write, self._state())
             if self.metrics is not None:
                 try:
                     self.update_metrics(self.metrics)

@@ -1,0 +1,114 @@
+"""Suspensions, bounce rules and backoff survive a restart (issue 17, item 8; decision
+0006): the broker's snapshot in wall-clock time, restored by a new broker whose
+monotonic clock starts elsewhere; what expired meanwhile is dropped (driven clocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from postwarden.config import load_config
+from postwarden.shaping.adaptive import rule
+from postwarden.shaping.broker import Broker
+from postwarden.shaping.service import ShapingService
+from postwarden.warming.book import WarmingBook
+from postwarden.warming.plans import PlanError
+from tests.shaping.test_choose import RULES, SOURCES, Clock
+
+WALL = 1_772_442_000.0
+BOUNCE = rule("lab-block", "bounce", 600, text="blocked", sites=["lab"])
+
+
+def broker(t: float) -> tuple[Broker, Clock]:
+    clock = Clock()
+    clock.t = t
+    rules = (BOUNCE, *RULES.responses)
+    return Broker(RULES, rules, clock=clock, sources=SOURCES), clock
+
+
+def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
+    b, _clock = broker(1000.0)
+    b.report("a", "gmail", 421, "4.7.28", "slow down")  # suspend 30 min
+    b.report("b", "gmail", 421, "4.7.0", "unusual rate of mail")  # rate x 0.5 for 1 h
+    b.report("c", "lab", 554, "5.7.1", "blocked")  # bounce rule, 10 min
+    b.report("a", "lab", 451, "4.3.0", "busy")  # AIMD: a's rate at lab halves
+    b.report("c", "gmail", 250, "2.0.0", "ok")  # nothing in force: not saved
+    snap = b.snapshot(wall_now=WALL)
+    pairs = {(p["source"], p["site"]): p for p in snap["pairs"]}
+    assert set(pairs) == {("a", "gmail"), ("b", "gmail"), ("c", "lab"), ("a", "lab")}
+    assert pairs[("a", "gmail")]["suspended_until"] == WALL + 1800
+    assert pairs[("a", "gmail")]["reason"].startswith("gmail-rate-limited")
+    assert pairs[("b", "gmail")]["lowered_until"] == WALL + 3600
+    assert pairs[("c", "lab")]["bounce_until"] == WALL + 600
+    lab_limit = b.pair("a", "lab").state.limit_rate
+    assert pairs[("a", "lab")]["rate"] == lab_limit / 2
+    json.dumps(snap)  # it goes to the state file as it is
+
+    # Restarted 20 minutes later (wall), on a monotonic clock that reads 50.
+    b2, clock2 = broker(50.0)
+    assert b2.restore(json.loads(json.dumps(snap)), wall_now=WALL + 1200) == 3
+    a_gm = b2.pair("a", "gmail").state
+    assert a_gm.suspended_until == 50.0 + 600 and a_gm.reason.startswith("gmail-rate-limited")
+    c = b2.choose("w", "p", [("a", 1)], "wait", "gmail")
+    assert not c.ok and c.kind == "suspended" and c.retry_at == 50.0 + 600
+    b_gm = b2.pair("b", "gmail").state
+    assert b_gm.lowered_until == 50.0 + 2400 and b_gm.rate == b_gm.limit_rate / 2
+    assert b2.pair("a", "lab").state.rate == lab_limit / 2  # backoff kept
+    # The bounce rule's 10 minutes passed while down: dropped, c sends at lab again.
+    assert b2.pair("c", "lab").bounce_until == 0.0
+    assert b2.choose("w", "p", [("c", 1)], "wait", "lab").ok
+    # The suspension ends on the new clock, at its wall-clock time.
+    clock2.t = 50.0 + 600
+    assert b2.choose("w", "p", [("a", 1)], "wait", "gmail").ok
+    left = b2.snapshot(wall_now=WALL + 1800)["pairs"]
+    assert {(p["source"], p["site"]) for p in left} == {("b", "gmail"), ("a", "lab")}
+
+
+def test_restore_reads_old_files_and_names_a_bad_entry() -> None:
+    b, _clock = broker(0.0)
+    assert b.restore({"version": 1, "trackers": {}}, wall_now=WALL) == 0  # before pairs
+    assert b.pairs == {}
+    with pytest.raises(ValueError, match=r"pairs\[1\]\.suspended_until: must be a non-negative"):
+        b.restore(
+            {"pairs": [{"source": "a", "site": "gmail"}, {"source": "a", "site": "x",
+                        "suspended_until": "soon"}]},
+            wall_now=WALL,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"pairs\[0\]\.site: must be a non-empty string"):
+        b.restore({"pairs": [{"source": "a"}]}, wall_now=WALL)
+
+
+def test_the_service_saves_pairs_with_the_warming_book(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        environ={},
+        overrides={
+            "spool": {"path": str(tmp_path / "spool")},
+            "sources": [{"name": "a", "address": "127.0.0.1"}],
+        },
+    )
+    wall = [WALL]
+    svc = ShapingService(cfg, wall=lambda: wall[0])
+    svc.book.pause("source:a", "by hand")
+    svc.broker.report("a", "yahoo", 421, "4.7.0", "[TS03] messages deferred")  # 4 h
+    svc.save()
+    data = json.loads(Path(cfg.shaping_state_file).read_text())
+    assert data["paused"] == {"source:a": "by hand"}
+    assert data["pairs"][0]["suspended_until"] == WALL + 4 * 3600
+    wall[0] += 3600  # an hour down
+    again = ShapingService(cfg, wall=lambda: wall[0])
+    pair = next(p for p in again.broker.status() if p["site"] == "yahoo")
+    assert 3 * 3600 - 5 < pair["suspended_for"] <= 3 * 3600
+    assert again.book.is_paused("source:a") == "by hand"
+    # A file written before pairs were saved loads as it did.
+    old = WarmingBook("UTC", wall=lambda: wall[0])
+    old.pause("source:a", "old file")
+    old.save(cfg.shaping_state_file)
+    third = ShapingService(cfg, wall=lambda: wall[0])
+    assert third.broker.pairs == {} and third.book.is_paused("source:a") == "old file"
+    # A damaged pairs entry refuses to start, naming it (never send into a suspension).
+    Path(cfg.shaping_state_file).write_text(json.dumps({**data, "pairs": [{"source": 1}]}))
+    with pytest.raises(PlanError, match=r"pairs\[0\]\.source"):
+        ShapingService(cfg, wall=lambda: wall[0])
