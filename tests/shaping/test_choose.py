@@ -66,10 +66,11 @@ def test_warming_cap_wait_defers_its_share_spill_gives_it_away() -> None:
         c = b.choose("w", "p", members, "wait", "lab", want=5)
     assert c.metered and c.tokens == 2  # the day's cap, granted up front
     b.release("w", "p", "c", "lab", sent=2)
-    # Capped: with "wait", c's share waits for its next day (5 messages deferred) ...
+    # Capped: with "wait", c's share waits for its next day: its weight's part of the
+    # 10 queued (5), not what a connection would carry ...
     seen = set()
     for _ in range(6):
-        c = b.choose("w", "p", members, "wait", "lab", want=5)
+        c = b.choose("w", "p", members, "wait", "lab", want=5, queued=10)
         if c.ok:
             seen.add(c.source)
             b.release("w", "p", c.source, "lab", sent=5)

@@ -60,3 +60,13 @@ def test_window_rolls() -> None:
     assert w.totals(9000)["attempted"] == 0
     with pytest.raises(ValueError):
         w.add(0, "opened")
+
+
+def test_a_pause_never_stands_next_to_a_good_health() -> None:
+    # Delivery at 85 %: past its limit (the pause's reason) -> at most "fair", though
+    # bounces and complaints are clean (the weights alone would say 85, "good").
+    t = counts(1000, 850)
+    assert pause_reason(t) is not None
+    assert score(t) <= 65.0 and tier(score(t)) == "fair"
+    # Throttling (deferred by answers about pace) is not in "attempted": no effect.
+    assert score({**counts(100, 100), "throttled": 900}) == 100.0

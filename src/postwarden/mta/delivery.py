@@ -64,6 +64,9 @@ class Job:
     tenant: str = ""
     lane: int = 0  # 0 transactional, 1 bulk
     sender: str = ""  # the message's envelope sender when mail_from is a return path
+    #: The shaping refusal it was last counted as held for (the wait metric counts a
+    #: job once per reason, not once per retry).
+    held: str = ""
 
     @property
     def sending_domain(self) -> str:
@@ -148,10 +151,14 @@ TLS_BROKEN_MAX = 4096
 
 
 class _ConnectFailed(Exception):
-    def __init__(self, response: str, permanent: bool = False) -> None:
+    """``answer``: the response is the MX host's own (greeting, EHLO), not a network
+    or local (TLS) failure."""
+
+    def __init__(self, response: str, permanent: bool = False, answer: bool = False) -> None:
         super().__init__(response)
         self.response = response
         self.permanent = permanent
+        self.answer = answer
 
 
 @dataclass
@@ -177,9 +184,25 @@ class Gate(Protocol):
         """Before a transaction: "go", "skip" (the gate took the job back; go on with
         the next) or "stop" (the gate took it back; end the session)."""
 
+    async def refused(
+        self, job: Job, results: list[AttemptResult], room: int, answer: bool
+    ) -> bool:
+        """The connection was refused as a whole (``results``: ``job``'s, as they would
+        be reported; ``answer``: the host's own, not a network or TLS failure): one
+        event, told once. True: the gate took ``job`` back (end the session); False:
+        report the results (without :meth:`answered`)."""
+
     def answered(self, job: Job, results: list[AttemptResult]) -> None: ...
 
     async def close(self, sent: int) -> None: ...
+
+
+def _whole_connection(results: list[AttemptResult], alive: bool) -> bool:
+    """Whether a transaction's answer speaks for the whole connection: MAIL refused
+    for every recipient with a 421 ("closing the channel") or the connection gone."""
+    if not results or any(r.reason != "mail" or r.kind != "temporary" for r in results):
+        return False
+    return not alive or results[0].response.startswith("421")
 
 
 class DeliveryAgent:
@@ -278,27 +301,33 @@ class DeliveryAgent:
             if source is None:
                 return
         sent = 0
+        limit = self.cfg.delivery.max_messages_per_connection
+        if gate is not None and gate.max_messages:
+            limit = min(limit, gate.max_messages)
         try:
             try:
                 conn = await self._connect(domain, hosts, source)
             except _ConnectFailed as exc:
                 kind = "permanent" if exc.permanent else "temporary"
                 src = source.name if source else ""
+                results = [
+                    AttemptResult(x, kind, exc.response, reason="connect", source=src)
+                    for x in job.leases
+                ]
+                # One refused connection is one event for the source, told once.
+                if gate is not None and await gate.refused(job, results, limit, exc.answer):
+                    return
                 # Every job waiting for this domain would meet the same hosts: fail them
                 # together rather than trying the dead destination once per message.
                 while job is not None:
-                    results = [
-                        AttemptResult(x, kind, exc.response, reason="connect", source=src)
-                        for x in job.leases
-                    ]
-                    report(results)
-                    if gate is not None:
-                        gate.answered(job, results)
+                    report(
+                        [
+                            AttemptResult(x, kind, exc.response, reason="connect", source=src)
+                            for x in job.leases
+                        ]
+                    )
                     job = await next_job(True)
                 return
-            limit = self.cfg.delivery.max_messages_per_connection
-            if gate is not None and gate.max_messages:
-                limit = min(limit, gate.max_messages)
             try:
                 while job is not None:
                     if gate is not None:
@@ -309,6 +338,11 @@ class DeliveryAgent:
                             job = await next_job(False)
                             continue
                     results, alive = await self._transaction(conn, job)
+                    if gate is not None and _whole_connection(results, alive):
+                        if await gate.refused(job, results, limit - sent, True):
+                            break
+                        report(results)
+                        break
                     report(results)
                     if gate is not None:
                         gate.answered(job, results)
@@ -328,6 +362,7 @@ class DeliveryAgent:
         policy = self.tls_policy(domain)
         last = "451 4.4.1 no MX host could be reached"
         all_permanent = bool(hosts)
+        answer = False
         for host in hosts:
             for ip in host.addresses:
                 try:
@@ -335,6 +370,7 @@ class DeliveryAgent:
                 except _ConnectFailed as exc:
                     last = f"{exc.response} (mx {host.name} [{ip}])"
                     all_permanent = all_permanent and exc.permanent
+                    answer = exc.answer
                     log.info(
                         "event=connect_failed domain=%s mx=%s ip=%s response=%r",
                         domain,
@@ -344,7 +380,7 @@ class DeliveryAgent:
                     )
         # RFC 5321 5.1: try every address; only when each refused permanently at the
         # greeting is the failure permanent.
-        raise _ConnectFailed(last, permanent=all_permanent)
+        raise _ConnectFailed(last, permanent=all_permanent, answer=answer)
 
     async def _open(
         self, ip: str, mx_name: str, policy: str, source: SourceConfig | None = None
@@ -366,7 +402,7 @@ class DeliveryAgent:
         except SMTPConnectError as exc:
             if isinstance(exc, SMTPResponseException):
                 resp = format_response(exc.code, exc.message)
-                raise _ConnectFailed(resp, permanent=exc.code >= 500) from exc
+                raise _ConnectFailed(resp, permanent=exc.code >= 500, answer=True) from exc
             raise _ConnectFailed(f"451 4.4.1 connection failed: {exc}") from exc
         except (SMTPException, OSError) as exc:
             raise _ConnectFailed(f"451 4.4.1 connection failed: {exc}") from exc
@@ -400,7 +436,7 @@ class DeliveryAgent:
         except SMTPResponseException as exc:
             await self._quiet_close(smtp)
             raise _ConnectFailed(
-                format_response(exc.code, exc.message), permanent=exc.code >= 500
+                format_response(exc.code, exc.message), permanent=exc.code >= 500, answer=True
             ) from exc
         except (SMTPException, OSError) as exc:
             await self._quiet_close(smtp)

@@ -70,6 +70,8 @@ BULK_SHARE = 0.8
 HOLD_CONNECTION = 2.0
 #: ... for at most this long, with the jobs in memory; beyond, they go back to the spool.
 HOLD_MEMORY = 60.0
+#: Refusals of the chosen source alone (another source of the pool may take its mail).
+SOURCE_REFUSALS = frozenset({"suspended", "warming_cap", "paused"})
 #: Failed spool writes of outcomes are retried after this long, doubling up to the max.
 RECORD_RETRY_FIRST = 0.05
 RECORD_RETRY_MAX = 5.0
@@ -385,7 +387,8 @@ class Scheduler:
     ) -> None:
         """Jobs the broker refused until ``no.retry_at`` (loop time): held in memory,
         the queue blocked until then, when that is soon; else back to the spool, with
-        every job queued for the destination (they would meet the same refusal)."""
+        every job queued for the destination (they would meet the same refusal: only
+        refusals no source of the pool can get past come here)."""
         loop = asyncio.get_running_loop()
         retry_at = no.retry_at
         wait = retry_at - loop.time()
@@ -402,6 +405,24 @@ class Scheduler:
             if q.timer is not None:
                 q.timer.cancel()
             q.timer = loop.call_at(retry_at, self._unblock, key, q)
+            # The whole queue waits: each job counted once per reason, however many
+            # times it meets the same refusal.
+            kind = no.kind or "shaping"
+            n = 0
+            for job in q.jobs:
+                if job.held != kind:
+                    job.held = kind
+                    n += len(job.leases)
+            if n:
+                self.metrics.shaping_waits.labels(kind).inc(n)
+
+    def _requeue(self, q: _DomainQueue, job: Job) -> None:
+        """A job handed back untouched: first in its queue again (the next session's
+        source takes it)."""
+        q.jobs.append(job, left=True)
+        if job.body is not None:
+            self._body_bytes += len(job.body)
+        q.changed.set()
 
     def _unblock(self, key: tuple[str, str], q: _DomainQueue) -> None:
         q.timer = None
@@ -770,12 +791,20 @@ class _Gate:
 
     async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
         self.site = self.q.site = self.shaper.site_for(h.name for h in mx_hosts)
-        retry = self.shaper.rules.limits_for(self.site, self.domain).retry
-        if retry:
-            self.sched.retry_policies[self.domain] = dataclasses.replace(self.sched.policy, **retry)
-        d = self.sched.cfg.delivery
-        want = min(1 + len(self.q.jobs), d.max_messages_per_connection)
-        choice, source = await self.shaper.choose(self.pool, self.site, self.domain, want)
+        limits = self.shaper.rules.limits_for(self.site, self.domain)
+        if limits.retry:
+            self.sched.retry_policies[self.domain] = dataclasses.replace(
+                self.sched.policy, **limits.retry
+            )
+        # Tokens for what one connection may carry here (the site's own limit, not
+        # only the delivery default): never the rest of a warming cap.
+        cap = self.sched.cfg.delivery.max_messages_per_connection
+        if limits.max_messages_per_connection:
+            cap = min(cap, limits.max_messages_per_connection)
+        queued = 1 + len(self.q.jobs)
+        choice, source = await self.shaper.choose(
+            self.pool, self.site, self.domain, min(queued, cap), queued
+        )
         if not choice.ok or source is None:
             self.sched._refused(self.key, self.q, job, choice)
             self.settle(job)
@@ -814,14 +843,63 @@ class _Gate:
             if wait <= HOLD_CONNECTION and not self.sched._stopping:
                 await asyncio.sleep(max(wait, 0.005))
                 continue
-            self.sched._hold(self.key, self.q, [job], g)
+            if g.kind in SOURCE_REFUSALS and not self.sched._stopping:
+                # This source's own refusal: the job goes first in the queue again
+                # and the next connection's source (another of the pool, or the
+                # broker's word that none can) takes it; the queue is not held.
+                self.sched._requeue(self.q, job)
+            else:
+                self.sched._hold(self.key, self.q, [job], g)
             self.settle(job)
             return "stop"
+
+    async def refused(
+        self, job: Job, results: list[AttemptResult], room: int, answer: bool
+    ) -> bool:
+        """The connection was refused as a whole (at connect, greeting, EHLO, or a
+        MAIL answer ending it): one event for the (source, site), reported once. The
+        host's answer (``answer``) about pace hands the job back without counting an attempt: to the
+        queue when the broker now refuses this source (another source takes it), else
+        with what the connection would have carried (``room`` jobs) to the spool, due
+        at the retry schedule's time. True: the gate took the job back."""
+        if self.source is None or not results:
+            return False
+        r = results[0]
+        code, enhanced, text = split_answer(r.response)
+        pace = answer and r.kind == "temporary" and speaks_of_pace(r.reason, code, enhanced)
+        self.shaper.backend.report_outcome(
+            source=self.source.name,
+            site=self.site,
+            domain=self.domain,
+            sending_domain=job.sending_domain,
+            code=code,
+            enhanced=enhanced,
+            text=text[:300],
+            bounced=int(r.kind == "permanent"),
+            deferred=int(r.kind == "temporary" and not pace),
+            throttled=len(job.leases) if pace else 0,
+            adaptive=pace,
+        )
+        if not pace or self.sched._stopping:
+            return False
+        no = await self.shaper.backend.refusal(self.source.name, self.site, self.domain)
+        if not no.ok:
+            self.sched._requeue(self.q, job)
+            self.settle(job)
+            return True
+        jobs = [job] + [self.sched._take(self.q) for _ in range(min(len(self.q.jobs), room - 1))]
+        lease = job.leases[0]
+        delay = self.sched.policy_for(lease).delay(lease.attempts + 1, self.sched.rng)
+        loop = asyncio.get_running_loop()
+        wait = Grant(False, reason=r.response, retry_at=loop.time() + delay, kind="throttled")
+        self.sched._to_spool(jobs, wait)
+        self.settle(job)
+        return True
 
     def answered(self, job: Job, results: list[AttemptResult]) -> None:
         if self.source is None or not results:
             return
-        delivered = bounced = deferred = 0
+        delivered = bounced = deferred = throttled = 0
         worst: AttemptResult | None = None
         for r in results:
             if r.kind == "delivered":
@@ -830,7 +908,12 @@ class _Gate:
                 bounced += 1
                 worst = worst or r
             elif r.kind == "temporary":
-                deferred += 1
+                # A deferral about pace is the provider's throttling, not a failure.
+                c, e, _t = split_answer(r.response)
+                if speaks_of_pace(r.reason, c, e):
+                    throttled += 1
+                else:
+                    deferred += 1
                 worst = worst or r
         code, enhanced, text = split_answer((worst or results[0]).response)
         adaptive = worst is None or speaks_of_pace(worst.reason, code, enhanced)
@@ -845,6 +928,7 @@ class _Gate:
             delivered=delivered,
             bounced=bounced,
             deferred=deferred,
+            throttled=throttled,
             adaptive=adaptive,
         )
 

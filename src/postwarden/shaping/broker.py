@@ -53,6 +53,7 @@ REFUSALS = (
     "domain_paused",
     "no_source",
     "broker_unavailable",
+    "throttled",  # a refused connection's pace answer, no rule holding the source
 )
 
 
@@ -274,13 +275,16 @@ class Broker:
         site: str,
         domain: str | None = None,
         want: int = 1,
+        queued: int = 0,
     ) -> Choice:
         """A source of the pool for a connection to ``site`` (and a slot on it).
 
         Sources paused (by config or warming), suspended for the site, or under a
         bounce rule are passed over. The one chosen is the one furthest behind its
         weighted share of the pool's messages. A warming source at today's cap is
-        passed over with overflow "spill"; with "wait" its share waits (``defer``).
+        passed over with overflow "spill"; with "wait" its share waits (``defer``):
+        its weight's part of the ``queued`` messages (those queued for the
+        destination, ``want`` when not given), the others carrying the rest.
         """
         now = self.clock()
         book = self.book
@@ -349,12 +353,14 @@ class Broker:
         first = cands[0][0]
         if room[first] == 0:  # overflow "wait": this source's share waits for its next day
             assert book is not None
-            self.balancer.add(pool, site, first, want, now)
+            total = sum(max(0, w) for _n, w, _p in cands) or 1
+            share = max(1, math.ceil(max(queued, want) * max(0, cands[0][1]) / total))
+            self.balancer.add(pool, site, first, share, now)
             return Choice(
                 False,
                 reason=f"warming cap reached: {first}",
                 kind="warming_cap",
-                defer=want,
+                defer=share,
                 retry_at=self._wall_to_clock(book.next_day_at(f"source:{first}")),
             )
         refused: Grant | None = None
@@ -469,6 +475,43 @@ class Broker:
             book.charge(f"domain:{sending_domain.lower()}", n, site)
         return Grant(True, tokens=n)
 
+    def refusal(self, source: str, site: str, domain: str | None = None) -> Grant:
+        """Whether the source is refused for the site now, for longer than a message's
+        wait: paused, suspended there, under a bounce rule, or at today's cap (not a
+        rate or a slot, which come back within moments). ``ok`` when it is not: what
+        a connection refused from it carried may then go from it again."""
+        now = self.clock()
+        src = self.sources.get(source)
+        book = self.book
+        paused = "paused in the configuration" if src is not None and src.state == "paused" else ""
+        paused = paused or (book.is_paused(f"source:{source}") if book else "")
+        if paused:
+            return Grant(
+                False,
+                reason=f"paused: {source} ({paused})",
+                retry_at=now + self.pause_recheck,
+                kind="paused",
+            )
+        p = self.pair(source, site, domain)
+        expire(p.state, now)
+        if now < p.state.suspended_until:
+            return Grant(
+                False,
+                reason=f"suspended: {p.state.reason}",
+                retry_at=p.state.suspended_until,
+                kind="suspended",
+            )
+        if now < p.bounce_until:
+            return Grant(False, reason=f"bounce rule: {p.bounce_reason}", kind="bounce")
+        if book is not None and book.remaining(f"source:{source}", site) == 0:
+            return Grant(
+                False,
+                reason=f"warming cap reached: {source}",
+                retry_at=self._wall_to_clock(book.next_day_at(f"source:{source}")),
+                kind="warming_cap",
+            )
+        return Grant(True)
+
     def warming_domains(self) -> list[str]:
         """Sending domains whose mail takes tokens (warming or paused)."""
         if self.book is None:
@@ -496,13 +539,20 @@ class Broker:
         delivered: int = 0,
         bounced: int = 0,
         deferred: int = 0,
+        throttled: int = 0,
         adaptive: bool = True,
     ) -> ResponseRule | None:
         """One delivery answer for the pair: rules, AIMD and recovery applied; the
-        recipients' outcomes counted for the source's and the sending domain's health."""
+        recipients' outcomes counted for the source's and the sending domain's health.
+
+        ``throttled``: recipients deferred by an answer about pace (a refused
+        connection or greeting, a 421): counted on their own, never as attempted and
+        failed (a provider slowing a sender down says nothing of its list). A rule
+        already holding the pair (the same rule, still in force) is not taken again
+        as a new action."""
         now = self.clock()
         p = self.pair(source, site, domain)
-        if self.book is not None and (delivered or bounced or deferred):
+        if self.book is not None and (delivered or bounced or deferred or throttled):
             keys = [f"source:{source}"]
             if sending_domain:
                 keys.append(f"domain:{sending_domain.lower()}")
@@ -511,6 +561,7 @@ class Broker:
                 "delivered": delivered,
                 "bounced": bounced,
                 "deferred": deferred,
+                "throttled": throttled,
             }
             for key in keys:
                 self.book.outcomes(key, counts)
@@ -526,7 +577,12 @@ class Broker:
             aimd=self.aimd,
             adaptive=adaptive,
         )
-        if hit is not None:
+        if hit is not None and self._holding(source, p.site, hit.name, now):
+            # Answers to connections already under way when the rule fired (a burst
+            # of refused greetings): one event, logged once.
+            if hit.action == "bounce":
+                p.bounce_until = max(p.bounce_until, now + hit.duration)
+        elif hit is not None:
             if hit.action == "bounce":
                 p.bounce_until = max(p.bounce_until, now + hit.duration)
                 p.bounce_reason = f"{code} {enhanced} {text}".strip()[:200]
@@ -565,6 +621,13 @@ class Broker:
                 p.state.reason,
             )
         return hit
+
+    def _holding(self, source: str, site: str, rule: str, now: float) -> bool:
+        """Whether ``rule`` already acts on the pair (an action of it still in force)."""
+        for a in reversed(self.actions):
+            if a["source"] == source and a["site"] == site and a["rule"] == rule:
+                return bool(a["at"] + a["duration"] > now)
+        return False
 
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()

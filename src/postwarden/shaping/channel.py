@@ -134,6 +134,7 @@ class BrokerServer:
                 req["site"],
                 req["domain"],
                 int(req["want"]),
+                queued=int(req.get("queued") or 0),
             )
             answer = {**_fields(c, b.clock()), "warming_domains": b.warming_domains()}
         elif op == "take":
@@ -146,6 +147,8 @@ class BrokerServer:
                 req["sending_domain"],
             )
             answer = _fields(g, b.clock())
+        elif op == "refusal":
+            answer = _fields(b.refusal(req["source"], req["site"], req["domain"]), b.clock())
         elif op == "release":
             b.release(
                 holder,
@@ -343,6 +346,7 @@ class BrokerClient:
         site: str,
         domain: str | None,
         want: int,
+        queued: int = 0,
     ) -> tuple[Choice, list[str]]:
         req = {
             "pool": pool,
@@ -351,6 +355,7 @@ class BrokerClient:
             "site": site,
             "domain": domain,
             "want": want,
+            "queued": queued,
         }
         if self._outage:
             self._fallback("choose")
@@ -391,6 +396,17 @@ class BrokerClient:
             sending_domain=sending_domain,
         )
         return g
+
+    async def refusal(self, source: str, site: str, domain: str | None) -> Grant:
+        """The broker's word on the source (after the reports sent before); while it
+        cannot be asked, not refused (the caller then backs off on its own)."""
+        if self._outage:
+            return Grant(True)
+        try:
+            a = await self._call(op="refusal", source=source, site=site, domain=domain)
+        except (TimeoutError, ConnectionError):
+            return Grant(True)
+        return _unfields(Grant, a, asyncio.get_running_loop().time())
 
     async def release(
         self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int

@@ -47,11 +47,17 @@ class Backend(Protocol):
         site: str,
         domain: str | None,
         want: int,
+        queued: int = 0,
     ) -> tuple[Choice, list[str]]: ...
 
     async def take(
         self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
     ) -> Grant: ...
+
+    async def refusal(self, source: str, site: str, domain: str | None) -> Grant:
+        """Whether the broker now refuses ``source`` at ``site`` for more than a
+        message's wait (suspended, paused, capped); the reports sent before count."""
+        ...
 
     async def release(
         self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
@@ -84,14 +90,19 @@ class LocalBackend:
         site: str,
         domain: str | None,
         want: int,
+        queued: int = 0,
     ) -> tuple[Choice, list[str]]:
-        c = self.broker.choose(self, pool, members, overflow, site, domain, want)
+        c = self.broker.choose(self, pool, members, overflow, site, domain, want, queued=queued)
         return dataclasses.replace(c, retry_at=self._at(c.retry_at)), self.broker.warming_domains()
 
     async def take(
         self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
     ) -> Grant:
         g = self.broker.take(self, source, site, want, domain, sending_domain)
+        return dataclasses.replace(g, retry_at=self._at(g.retry_at))
+
+    async def refusal(self, source: str, site: str, domain: str | None) -> Grant:
+        g = self.broker.refusal(source, site, domain)
         return dataclasses.replace(g, retry_at=self._at(g.retry_at))
 
     async def release(
@@ -143,11 +154,13 @@ class Shaper:
         return pool
 
     async def choose(
-        self, pool: PoolConfig, site: str, domain: str | None, want: int
+        self, pool: PoolConfig, site: str, domain: str | None, want: int, queued: int = 0
     ) -> tuple[Choice, SourceConfig | None]:
+        """A source and up to ``want`` tokens; ``queued``: the messages waiting for
+        the destination (a capped source's share of them waits with overflow "wait")."""
         members = [(m.source, m.weight) for m in pool.members]
         choice, warming = await self.backend.choose(
-            pool.name, members, pool.overflow, site, domain, want
+            pool.name, members, pool.overflow, site, domain, want, queued
         )
         self.warming_domains = set(warming)
         return choice, self.sources.get(choice.source) if choice.ok else None

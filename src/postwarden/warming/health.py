@@ -11,7 +11,9 @@ engagement 15 %. Each part is 100 at its best and falls linearly to 0 at its lim
   ``engagement_good`` (10 %) or more → 100, none → 0; unknown → 100 (no penalty
   before tracking exists).
 
-Tiers: excellent ≥ 90, good ≥ 70, fair ≥ 50, poor ≥ 30, critical below.
+Tiers: excellent ≥ 90, good ≥ 70, fair ≥ 50, poor ≥ 30, critical below. A window
+past any pause threshold scores at most 65 ("fair"): the score and the pause read
+the same figures and never disagree.
 
 Auto-pause: over the window, once at least ``min_volume`` messages were attempted, a
 bounce rate above 5 %, a complaint rate above 0.1 % or a delivery rate below 90 %
@@ -34,7 +36,22 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-KINDS = ("attempted", "delivered", "bounced", "deferred", "complained", "engaged")
+#: ``throttled``: deferred by an answer about pace (a refused connection or greeting,
+#: a 421); counted on its own, never in ``attempted``: a provider slowing a sender
+#: down says nothing of its list, and neither the score nor the pause weighs it.
+KINDS = (
+    "attempted",
+    "delivered",
+    "bounced",
+    "deferred",
+    "complained",
+    "engaged",
+    "throttled",
+)
+
+#: The highest score of a window past a pause threshold (bounces, complaints,
+#: delivery): "fair" at best, so a pause never stands next to a good health.
+PAST_LIMIT_SCORE = 65.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +132,10 @@ def score(t: dict[str, int], th: Thresholds = Thresholds()) -> float:
         if r["engagement"] is None
         else min(100.0, 100.0 * r["engagement"] / th.engagement_good)
     )
-    return round(0.35 * bounce + 0.35 * complaint + 0.15 * delivery + 0.15 * engagement, 1)
+    value = 0.35 * bounce + 0.35 * complaint + 0.15 * delivery + 0.15 * engagement
+    if not healthy_day(t, th):  # the figures the pause reads: past a limit is not good
+        value = min(value, PAST_LIMIT_SCORE)
+    return round(value, 1)
 
 
 def tier(value: float) -> str:
