@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from postwarden.bounces.classify import default_classifier
-from postwarden.shaping.adaptive import speaks_of_pace
+from postwarden.shaping.adaptive import no_answer, speaks_of_pace
 from postwarden.shaping.broker import Choice, Grant
 from postwarden.shaping.shaper import split_answer
 
@@ -876,7 +876,8 @@ class _Gate:
             enhanced=enhanced,
             text=text[:300],
             bounced=int(r.kind == "permanent"),
-            deferred=int(r.kind == "temporary" and not pace),
+            # A host that gave no answer (down, unreachable) says nothing of the sender.
+            deferred=int(r.kind == "temporary" and not pace and answer),
             throttled=len(job.leases) if pace else 0,
             adaptive=pace,
         )
@@ -908,11 +909,13 @@ class _Gate:
                 bounced += 1
                 worst = worst or r
             elif r.kind == "temporary":
-                # A deferral about pace is the provider's throttling, not a failure.
+                # A deferral about pace is the provider's throttling, not a failure;
+                # no answer at all (the network's, DNS, ours) says nothing of the
+                # sender: neither counts against its health.
                 c, e, _t = split_answer(r.response)
                 if speaks_of_pace(r.reason, c, e):
                     throttled += 1
-                else:
+                elif not no_answer(r.reason, e):
                     deferred += 1
                 worst = worst or r
         code, enhanced, text = split_answer((worst or results[0]).response)

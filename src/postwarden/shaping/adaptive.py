@@ -186,6 +186,13 @@ def speaks_of_pace(stage: str, code: int, enhanced: str) -> bool:
     return stage not in ("dns", "local", "connection") and not enhanced.startswith("4.4.")
 
 
+def no_answer(stage: str, enhanced: str) -> bool:
+    """Whether a failure is no answer from the receiving host at all (DNS, the
+    network, ours: the dns, local and connection stages, or 4.4.x), which says nothing
+    of the sender's pace or list."""
+    return stage in ("dns", "local", "connection") or enhanced.startswith("4.4.")
+
+
 def on_success_window(state: PairState, *, now: float, aimd: Aimd = Aimd()) -> None:
     """A window of successful deliveries: recover additively, up to the rules' limit
     (not while a rule's lowering is in force)."""
