@@ -77,6 +77,19 @@ def test_precedence_default_site_domain(tmp_path: Path) -> None:
         ('[domains."a.test"]\nmx_suffixes = ["x"]\n', 2, "unknown key"),
         ("[limits]\nx = 1\n", 1, "limits: unknown table"),
         ("[default\n", None, "shaping.toml"),
+        ("[default]\nbackoff_rate = 1.5\n", 2, "default.backoff_rate: must be a number between"),
+        ("[sites.gmail]\n\nbackoff_rate = 0\n", 3, "sites.gmail.backoff_rate"),
+        ('[default]\nbackoff_rate = "half"\n', 2, "default.backoff_rate"),
+        (
+            '[sites.yahoo]\nbackoff_retry_interval = "soon"\n',
+            2,
+            "sites.yahoo.backoff_retry_interval: expected a duration",
+        ),
+        (
+            '[domains."a.test"]\nbackoff_to_normal_after = 0\n',
+            2,
+            'domains."a.test".backoff_to_normal_after: must be greater than 0',
+        ),
     ],
 )
 def test_a_bad_file_names_line_and_key(text: str, line: int | None, words: str) -> None:
@@ -86,3 +99,21 @@ def test_a_bad_file_names_line_and_key(text: str, line: int | None, words: str) 
     assert words in msg, msg
     if line is not None:
         assert msg.startswith(f"shaping.toml:{line}: "), msg
+
+
+def test_backoff_settings_per_site_and_domain() -> None:
+    rules = parse_rules(
+        '[default]\nbackoff_retry_interval = "20s"\n'
+        '[sites.yahoo]\nbackoff_rate = 0.25\nbackoff_to_normal_after = "5m"\n'
+        '[domains."aol.test"]\nbackoff_retry_interval = 60\n',
+        "shaping.toml",
+        shipped_rules(),
+    )
+    assert shipped_rules().limits_for("mx:a.test").backoff == {}  # the built-in defaults
+    assert rules.limits_for("mx:a.test").backoff == {"retry_interval": 20.0}
+    assert rules.limits_for("yahoo").backoff == {
+        "decrease": 0.25,
+        "retry_interval": 20.0,
+        "to_normal_after": 300.0,
+    }
+    assert rules.limits_for("yahoo", "aol.test").backoff["retry_interval"] == 60.0

@@ -7,14 +7,20 @@ Pure policy, no I/O; time is passed in (tests drive a clock).
   ``lower_connections`` by a factor, or ``bounce`` what is queued for it. The shipped
   rules cover the large providers' known throttling answers; operators add theirs.
 * **Between actions the rate follows the answers** (AIMD, as TCP finds a path's
-  capacity): each deferral multiplies the pair's rate by ``decrease`` (0.5), each
-  success window adds ``increase`` of the rules' limit back, never above the limit or
-  below ``floor``. The appliance so finds a provider's pace without an operator.
+  capacity): a deferral that speaks of pace puts the pair in **backoff** and
+  multiplies its rate by ``decrease`` (0.5; a pair without a rate starts from the
+  rate it was observed to deliver at); in backoff new connections are paced too, and
+  the rate never falls below one message per ``retry_interval`` (the probe). Each
+  ``window`` without push-back that sees a delivery multiplies the rate by
+  ``recover`` (2), never above the limit; ``to_normal_after`` without push-back ends
+  the backoff and gives the full rate back. The appliance so finds a provider's pace
+  without an operator, and recovers within a minute once it stops pushing back.
 * Every action and rate change carries its reason and expires by itself.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -98,11 +104,20 @@ def first_match(
     return None
 
 
+#: The rate of a pair the rules give none (messages/s): no limit in practice.
+UNLIMITED = 1_000_000.0
+#: Seconds over which a pair's delivery rate is observed (a sliding window).
+OBSERVE_WINDOW = 10.0
+
+
 @dataclass
 class PairState:
-    """What the answers have done to one (source, site) pair."""
+    """What the answers have done to one (source, site) pair.
 
-    limit_rate: float  # messages/s allowed by the rules
+    Every field is a plain number (or the list of changes), so that the state
+    serializes as it is."""
+
+    limit_rate: float  # messages/s allowed by the rules (UNLIMITED: none)
     limit_connections: int
     rate: float = 0.0  # in force now (AIMD); 0 means "start at the limit"
     connections: int = 0
@@ -111,18 +126,40 @@ class PairState:
     last_decrease: float = -1e18
     reason: str = ""
     changes: list[tuple[float, str, str]] = field(default_factory=list)  # (time, what, why)
+    # Backoff (a deferral that spoke of pace): since when (0: not in backoff), the
+    # latest push-back, the latest increase, the latest new connection.
+    backoff_since: float = 0.0
+    pushback_at: float = 0.0
+    last_increase: float = 0.0
+    last_connect: float = 0.0
+    # Deliveries seen: this window's count (from seen_start), the window before's.
+    seen_start: float = 0.0
+    seen_count: float = 0.0
+    seen_prev: float = 0.0
 
     def __post_init__(self) -> None:
         self.rate = self.rate or self.limit_rate
         self.connections = self.connections or self.limit_connections
 
+    @property
+    def rated(self) -> bool:
+        """Whether the rules give the pair a message rate."""
+        return self.limit_rate < UNLIMITED
+
 
 @dataclass(frozen=True)
 class Aimd:
-    decrease: float = 0.5  # multiply on a deferral
-    increase: float = 0.1  # add this share of the limit per success window
-    floor: float = 1 / 60  # never below one message a minute
+    decrease: float = 0.5  # multiply on a deferral (rules: backoff_rate)
+    recover: float = 2.0  # multiply per window without push-back that saw a delivery
+    window: float = 5.0  # seconds without push-back (and since the last increase)
+    retry_interval: float = 10.0  # in backoff: one probe (message, connection) this often
+    to_normal_after: float = 30.0  # seconds without push-back: backoff ends, full rate
     hold: float = 1.0  # seconds between two decreases
+
+    @property
+    def floor(self) -> float:
+        """The lowest rate: one message per retry interval."""
+        return 1.0 / self.retry_interval
 
 
 DEFAULT_AIMD = Aimd()
@@ -143,7 +180,7 @@ def on_answer(
     enhanced: str,
     text: str,
     rules: Sequence[ResponseRule] = SHIPPED_RULES,
-    aimd: Aimd = Aimd(),
+    aimd: Aimd = DEFAULT_AIMD,
     adaptive: bool = True,
 ) -> ResponseRule | None:
     """Apply one delivery answer; returns the response rule that fired, if one did.
@@ -167,13 +204,30 @@ def on_answer(
         else:  # bounce: the caller bounces what is queued for the pair
             _note(state, now, "bounce queued", f"{hit.name}: {why}")
         return hit
-    # A deferral: back off multiplicatively, once a second at most (a burst of
-    # answers to connections open at once is one signal, as TCP halves once per RTT).
-    if adaptive and 400 <= code < 500 and now - state.last_decrease >= aimd.hold:
-        state.last_decrease = now
-        state.rate = max(aimd.floor, state.rate * aimd.decrease)
-        _note(state, now, f"rate {state.rate * 60:.1f}/min", f"deferral: {why}")
+    if adaptive and 400 <= code < 500:
+        pushback(state, now=now, why=f"deferral: {why}", aimd=aimd)
     return None
+
+
+def pushback(state: PairState, *, now: float, why: str, aimd: Aimd = DEFAULT_AIMD) -> None:
+    """A deferral that speaks of pace: the pair is in backoff (its connections paced)
+    and its rate multiplied by ``decrease`` — once per ``hold`` at most (a burst of
+    answers to connections open at once is one signal, as TCP halves once per RTT).
+    A pair without a rate starts from the rate it was observed to deliver at."""
+    recover(state, now, aimd)
+    state.pushback_at = now
+    entering = not state.backoff_since
+    if entering:
+        state.backoff_since = now
+    if now - state.last_decrease < aimd.hold:
+        return
+    state.last_decrease = now
+    base = state.rate
+    if entering and not state.rated:
+        base = min(base, observed_rate(state, now))
+    state.rate = max(aimd.floor, base * aimd.decrease)
+    what = f"rate {state.rate * 60:.1f}/min"
+    _note(state, now, f"backoff, {what}" if entering else what, why)
 
 
 def speaks_of_pace(stage: str, code: int, enhanced: str) -> bool:
@@ -193,14 +247,74 @@ def no_answer(stage: str, enhanced: str) -> bool:
     return stage in ("dns", "local", "connection") or enhanced.startswith("4.4.")
 
 
-def on_success_window(state: PairState, *, now: float, aimd: Aimd = Aimd()) -> None:
-    """A window of successful deliveries: recover additively, up to the rules' limit
-    (not while a rule's lowering is in force)."""
+def in_backoff(state: PairState) -> bool:
+    return bool(state.backoff_since)
+
+
+def normal_at(state: PairState, aimd: Aimd = DEFAULT_AIMD) -> float:
+    """When the backoff ends by itself if no push-back comes (inf: not in backoff)."""
+    return state.pushback_at + aimd.to_normal_after if state.backoff_since else math.inf
+
+
+def recover(state: PairState, now: float, aimd: Aimd = DEFAULT_AIMD) -> None:
+    """End a backoff that has seen no push-back for ``to_normal_after``: the full rate
+    back (unless a rule's lowering is in force), connections no longer paced."""
+    if not state.backoff_since or now < state.pushback_at + aimd.to_normal_after:
+        return
+    state.backoff_since = 0.0
+    if now >= state.lowered_until and state.rate < state.limit_rate:
+        state.rate = state.limit_rate
+        state.last_increase = now
+    what = f"rate {state.rate * 60:.1f}/min" if state.rated else "no rate limit"
+    _note(state, now, f"normal, {what}", f"no push-back for {aimd.to_normal_after:.0f}s")
+
+
+def connect_at(state: PairState, now: float, aimd: Aimd = DEFAULT_AIMD) -> float:
+    """When the pair may open its next connection: in backoff, new connections are
+    paced at the rate in force (one per retry interval at the floor); else now."""
+    recover(state, now, aimd)
+    if not state.backoff_since:
+        return now
+    return max(now, state.last_connect + 1.0 / max(state.rate, aimd.floor))
+
+
+def observe(state: PairState, now: float, n: float = 1.0) -> None:
+    """``n`` messages delivered on the pair."""
+    _roll(state, now)
+    state.seen_count += n
+
+
+def observed_rate(state: PairState, now: float) -> float:
+    """Messages/s delivered over the last ``OBSERVE_WINDOW`` (a sliding estimate)."""
+    _roll(state, now)
+    frac = min(1.0, max(0.0, (now - state.seen_start) / OBSERVE_WINDOW))
+    return (state.seen_prev * (1.0 - frac) + state.seen_count) / OBSERVE_WINDOW
+
+
+def _roll(state: PairState, now: float) -> None:
+    if now - state.seen_start < OBSERVE_WINDOW:
+        return
+    k = int((now - state.seen_start) // OBSERVE_WINDOW)
+    state.seen_prev = state.seen_count if k == 1 else 0.0
+    state.seen_count = 0.0
+    state.seen_start += k * OBSERVE_WINDOW
+
+
+def on_success(state: PairState, *, now: float, aimd: Aimd = DEFAULT_AIMD) -> None:
+    """A delivery: counted (the observed rate), and once a ``window`` has passed
+    without push-back and since the last increase, the rate multiplied by
+    ``recover``, up to the rules' limit (not while a rule's lowering is in force)."""
     expire(state, now)
+    recover(state, now, aimd)
+    observe(state, now)
     if now < state.lowered_until or state.rate >= state.limit_rate:
         return
-    state.rate = min(state.limit_rate, state.rate + aimd.increase * state.limit_rate)
-    _note(state, now, f"rate {state.rate * 60:.1f}/min", "deliveries succeed")
+    if now - max(state.pushback_at, state.last_increase, state.last_decrease) < aimd.window:
+        return
+    state.rate = min(state.limit_rate, state.rate * aimd.recover)
+    state.last_increase = now
+    what = f"rate {state.rate * 60:.1f}/min" if state.rate < UNLIMITED else "no rate limit"
+    _note(state, now, what, "deliveries succeed")
 
 
 def expire(state: PairState, now: float) -> None:

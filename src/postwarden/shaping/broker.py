@@ -10,6 +10,8 @@ supervisor serves it to workers over a socket.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import random
@@ -20,12 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 from postwarden.shaping.adaptive import (
     DEFAULT_AIMD,
+    UNLIMITED,
     Aimd,
     PairState,
     ResponseRule,
+    connect_at,
     expire,
+    in_backoff,
+    normal_at,
+    observed_rate,
     on_answer,
-    on_success_window,
+    on_success,
+    recover,
 )
 from postwarden.shaping.pools import Balancer
 from postwarden.shaping.rules import Limits, Rules
@@ -36,8 +44,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("postwarden.shaping")
 
-UNLIMITED_RATE = 1_000_000.0  # messages/s when the rules set none
-SUCCESS_WINDOW = 10.0  # seconds of successes before AIMD adds back
+UNLIMITED_RATE = UNLIMITED  # messages/s when the rules set none
+SUCCESS_WINDOW = DEFAULT_AIMD.window  # seconds without push-back before AIMD adds back
+
+
+@functools.lru_cache(maxsize=256)
+def pair_aimd(base: Aimd, limits: Limits) -> Aimd:
+    """The AIMD settings of a pair: ``base`` with the rules' backoff keys on top."""
+    given = limits.backoff
+    return dataclasses.replace(base, **given) if given else base
 
 
 #: What a refusal is, for the scheduler and the metric ``postwarden_shaping_waits``
@@ -118,6 +133,17 @@ class Bucket:
 
 
 @dataclass
+class _Paced(Bucket):
+    """A pair's message bucket: its wait ends by ``ready_at`` at the latest (when a
+    backoff ends and the full rate is back), so a refusal's ``retry_at`` is honest."""
+
+    ready_at: float = math.inf
+
+    def wait(self) -> float:
+        return min(super().wait(), max(0.0, self.ready_at - self.stamp))
+
+
+@dataclass
 class Pair:
     source: str
     site: str
@@ -192,6 +218,18 @@ class Broker:
             if o.connections < o.limit_connections:
                 st.connections = min(o.connections, st.limit_connections)
             st.changes = o.changes
+            # A backoff in force stays (with its pacing), and so does what was seen.
+            for f in (
+                "backoff_since",
+                "pushback_at",
+                "last_increase",
+                "last_decrease",
+                "last_connect",
+                "seen_start",
+                "seen_count",
+                "seen_prev",
+            ):
+                setattr(st, f, getattr(o, f))
             self.pairs[key] = new
 
     # ------------------------------------------------------------------ pairs
@@ -206,7 +244,7 @@ class Broker:
         rate = limits.max_message_rate.per_second if limits.max_message_rate else UNLIMITED_RATE
         conns = limits.connection_limit or 1_000_000
         now = self.clock()
-        state = PairState(limit_rate=rate, limit_connections=conns)
+        state = PairState(limit_rate=rate, limit_connections=conns, seen_start=now)
         burst = max(1.0, rate)  # a second's worth
         connects = None
         if limits.max_connection_rate is not None:
@@ -217,7 +255,7 @@ class Broker:
             site if domain is None else f"{site}/{domain}",
             limits,
             state,
-            Bucket(rate, burst, burst, now),
+            _Paced(rate, burst, burst, now),
             connects,
             last_success_window=now,
         )
@@ -231,11 +269,24 @@ class Broker:
 
     # ------------------------------------------------------------------ leases
 
+    def _aimd(self, p: Pair) -> Aimd:
+        return pair_aimd(self.aimd, p.limits)
+
     def _slot(self, p: Pair, holder: Any, now: float) -> Grant:
-        """A connection slot on the pair, within its connection limit and rate."""
+        """A connection slot on the pair, within its connection limit and rate, and
+        paced while the pair is in backoff (one per retry interval at the floor)."""
         if p.in_use >= min(p.state.connections, p.state.limit_connections):
             return Grant(
                 False, reason="connection limit", retry_at=now + 0.25, kind="connection_limit"
+            )
+        aimd = self._aimd(p)
+        at = connect_at(p.state, now, aimd)
+        if at > now:
+            return Grant(
+                False,
+                reason=f"connection pacing in backoff ({p.state.reason})"[:300],
+                retry_at=min(at, normal_at(p.state, aimd)),
+                kind="connection_rate",
             )
         if p.connects is not None and p.connects.take(now, 1) < 1:
             return Grant(
@@ -245,6 +296,7 @@ class Broker:
                 kind="connection_rate",
             )
         p.slots[holder] = p.slots.get(holder, 0) + 1
+        p.state.last_connect = now
         return Grant(True)
 
     def release_connection(
@@ -264,7 +316,12 @@ class Broker:
         return self.clock() + max(0.0, wall_at - self.book.wall())
 
     def _metered(self, p: Pair, warming: bool) -> bool:
-        return warming or p.limits.max_message_rate is not None or p.state.rate < p.state.limit_rate
+        return (
+            warming
+            or p.limits.max_message_rate is not None
+            or p.state.rate < p.state.limit_rate
+            or in_backoff(p.state)
+        )
 
     def choose(
         self,
@@ -382,12 +439,18 @@ class Broker:
     def _tokens(
         self, p: Pair, source: str, site: str, want: int, room: int | None, now: float
     ) -> int:
+        aimd = self._aimd(p)
+        recover(p.state, now, aimd)
         bucket = p.messages
         if bucket.rate != p.state.rate:  # AIMD moved the rate
             bucket.refill(now)
+            if p.state.rate > bucket.rate:  # up: the next message need not wait
+                bucket.tokens = max(bucket.tokens, 1.0)
             bucket.rate = p.state.rate
             bucket.burst = max(1.0, p.state.rate)
             bucket.tokens = min(bucket.tokens, bucket.burst)
+        if isinstance(bucket, _Paced):
+            bucket.ready_at = normal_at(p.state, aimd)
         if room is not None:
             want = min(want, room)
         n = bucket.take(now, want)
@@ -566,6 +629,7 @@ class Broker:
             for key in keys:
                 self.book.outcomes(key, counts)
         before = p.state.rate
+        aimd = self._aimd(p)
         hit = on_answer(
             p.state,
             now=now,
@@ -574,7 +638,7 @@ class Broker:
             enhanced=enhanced,
             text=text,
             rules=self.response_rules,
-            aimd=self.aimd,
+            aimd=aimd,
             adaptive=adaptive,
         )
         if hit is not None and self._holding(source, p.site, hit.name, now):
@@ -608,10 +672,10 @@ class Broker:
                 hit.duration,
             )
         elif 200 <= code < 300:
+            # Counted for the observed rate; the rate climbs back once a window has
+            # passed without push-back.
             p.successes += 1
-            if now - p.last_success_window >= SUCCESS_WINDOW:
-                on_success_window(p.state, now=now, aimd=self.aimd)
-                p.last_success_window = now
+            on_success(p.state, now=now, aimd=aimd)
         if p.state.rate != before:
             log.info(
                 "event=shaping_rate source=%s site=%s rate_per_min=%.1f reason=%r",
@@ -634,6 +698,9 @@ class Broker:
         out = []
         for p in self.pairs.values():
             expire(p.state, now)
+            aimd = self._aimd(p)
+            recover(p.state, now, aimd)
+            backoff = in_backoff(p.state)
             out.append(
                 {
                     "source": p.source,
@@ -646,6 +713,13 @@ class Broker:
                     "connection_limit": p.state.connections,
                     "suspended_for": round(max(0.0, p.state.suspended_until - now), 1),
                     "bouncing_for": round(max(0.0, p.bounce_until - now), 1),
+                    # In backoff (a deferral spoke of pace): connections paced, and
+                    # the full rate back after this many seconds without push-back.
+                    "backoff": backoff,
+                    "backoff_normal_in": (
+                        round(max(0.0, normal_at(p.state, aimd) - now), 1) if backoff else 0.0
+                    ),
+                    "observed_per_min": round(observed_rate(p.state, now) * 60, 2),
                     "reason": p.state.reason,
                     "changes": [
                         {"ago": round(now - t, 1), "what": what, "why": why}

@@ -13,7 +13,10 @@ integer``); the caller keeps the rules in force.
 
 Limits: ``connection_limit`` (concurrent connections), ``max_messages_per_connection``,
 ``max_message_rate`` and ``max_connection_rate`` (``"300/min"``, ``"10/s"``,
-``"1000/h"``, ``"50000/day"``).
+``"1000/h"``, ``"50000/day"``). Backoff (what a deferral that speaks of pace does,
+``shaping.adaptive``): ``backoff_rate`` (the factor a push-back multiplies the rate
+by), ``backoff_retry_interval`` (how often a pair in backoff may probe),
+``backoff_to_normal_after`` (how long without push-back before the full rate is back).
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ LIMIT_KEYS = (
     "retry_initial",
     "retry_factor",
     "retry_max",
+    "backoff_rate",
+    "backoff_retry_interval",
+    "backoff_to_normal_after",
 )
+#: The backoff keys as :class:`~postwarden.shaping.adaptive.Aimd` fields.
+BACKOFF_KEYS = {
+    "backoff_rate": "decrease",
+    "backoff_retry_interval": "retry_interval",
+    "backoff_to_normal_after": "to_normal_after",
+}
 RETRY_KEYS = {"retry_initial": "initial", "retry_factor": "factor", "retry_max": "maximum"}
 _PER = {
     "s": 1.0,
@@ -86,11 +98,21 @@ class Limits:
     retry_initial: float | None = None
     retry_factor: float | None = None
     retry_max: float | None = None
+    # Backoff (None: the built-in defaults, shaping.adaptive.Aimd).
+    backoff_rate: float | None = None
+    backoff_retry_interval: float | None = None  # seconds
+    backoff_to_normal_after: float | None = None  # seconds
 
     @property
     def retry(self) -> dict[str, float]:
         """The overrides as :class:`~postwarden.queue.retry.RetryPolicy` fields."""
         return {f: v for k, f in RETRY_KEYS.items() if (v := getattr(self, k)) is not None}
+
+    @property
+    def backoff(self) -> dict[str, float]:
+        """The backoff settings given, as :class:`~postwarden.shaping.adaptive.Aimd`
+        fields."""
+        return {f: v for k, f in BACKOFF_KEYS.items() if (v := getattr(self, k)) is not None}
 
     def over(self, other: Limits) -> Limits:
         """These limits, with ``other``'s wherever ``other`` sets one."""
@@ -182,7 +204,7 @@ def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str
                 out[key] = parse_rate(data[key], f"{where}.{key}")
             except RulesError as exc:
                 err(key, str(exc))
-    for key in ("retry_initial", "retry_max"):
+    for key in ("retry_initial", "retry_max", "backoff_retry_interval", "backoff_to_normal_after"):
         if key in data:
             from postwarden.config import ConfigError, parse_duration
 
@@ -197,6 +219,15 @@ def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str
         if isinstance(v, bool) or not isinstance(v, int | float) or v < 1:
             err("retry_factor", f"{where}.retry_factor: must be a number >= 1, got {v!r}")
         out["retry_factor"] = float(v)
+    if "backoff_rate" in data:
+        v = data["backoff_rate"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
+            err(
+                "backoff_rate",
+                f"{where}.backoff_rate: must be a number between 0 and 1 (the factor a"
+                f" push-back multiplies the rate by), got {v!r}",
+            )
+        out["backoff_rate"] = float(v)
     return Limits(**out)
 
 

@@ -1,0 +1,116 @@
+"""Backoff end to end (issue 17, items 4 and 5): a real appliance delivers to a
+recording MX on loopback that pushes back with 421; what the MX saw is the evidence.
+
+* A site the rules give no rate, answering 421 to every MAIL, gets a probe now and
+  then, not thousands of connection attempts.
+* Once a provider stops pushing back, the full rate is back within a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postwarden.lab import Lab
+from tests.conftest import ApplianceFactory
+from tests.shaping.recsink import RecordingSink
+from tests.shaping.test_lab_shaping import send, shaping_config, until
+
+# Rates measured from the MX's timestamps: run alone, after the parallel part.
+pytestmark = pytest.mark.serial
+
+REFUSE = "421 4.7.0 Try again later, closing connection"
+
+
+@pytest.fixture
+async def sink(lab: Lab) -> AsyncIterator[RecordingSink]:
+    s = RecordingSink("127.0.3.5", "127.0.3.6")
+    await s.start()
+    lab.dns.add("mx1.gm.test", "A", s.host)  # the site "gmail" of shaping_config
+    lab.dns.add("gm-pace.test", "MX", "10 mx1.gm.test.")
+    lab.dns.add("mx.unrated.test", "A", s.hosts[1])  # a site of its own, no rate
+    lab.dns.add("unrated.test", "MX", "10 mx.unrated.test.")
+    yield s
+    await s.stop()
+
+
+async def pair_status(app: Any, site: str) -> dict[str, Any]:
+    status = await app.shaper.backend.command(op="status")
+    return next((p for p in status["pairs"] if p["site"] == site), {})
+
+
+async def until_status(
+    app: Any, site: str, cond: Callable[[dict[str, Any]], bool], timeout: float, what: str
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        p = await pair_status(app, site)
+        if p and cond(p):
+            return p
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {p}")
+        await asyncio.sleep(0.05)
+
+
+async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    cfg = shaping_config(tmp_path, sink, "", members=(("a", 1),))
+    app = await appliance(cfg)
+    refusing = True
+    sink.rec.answer = lambda _peer, _local: REFUSE if refusing else None
+    # Retries come back within a second (the tests' queue schedule): unpaced, 30
+    # messages would make hundreds of attempts in the time below.
+    await send(app.smtp_addresses[0][1], [f"r{i}@unrated.test" for i in range(30)])
+    await until(lambda: bool(sink.rec.conns), 10, "a first attempt")
+    first = sink.rec.conns[0].opened
+    span = 25.0
+    await until(lambda: time.time() >= first + span, span + 5, "the refusals' span")
+    attempts = sum(1 for c in sink.rec.conns if c.opened < first + span)
+    assert attempts <= 40, attempts
+    p = await pair_status(app, "mx:mx.unrated.test")
+    assert p["backoff"] and p["rate_limited"] and p["rate_per_min"] <= 6.0, p
+    # The site takes mail again: a probe finds out within its retry interval.
+    refusing = False
+    await until(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
+
+
+@pytest.mark.timeout(180)
+async def test_full_rate_is_back_within_a_minute_after_push_back_stops(
+    tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
+) -> None:
+    limit = 5.0  # messages/s
+    cfg = shaping_config(tmp_path, sink, 'max_message_rate = "300/min"\n', members=(("a", 1),))
+    app = await appliance(cfg)
+    pushing = True
+    sink.rec.answer = lambda _peer, _local: REFUSE if pushing else None
+    await send(app.smtp_addresses[0][1], [f"r{i}@gm-pace.test" for i in range(250)])
+    # Push-back until the rate in force is a sixteenth of the limit or less.
+    await until_status(
+        app, "gmail", lambda p: p["rate_per_min"] <= limit * 60 / 16, 60, "the backoff"
+    )
+    pushing = False
+    stopped = time.time()
+
+    def recovered() -> bool:
+        # Some 5 s window after the push-back stopped carried 90 % of the limit.
+        times = [m.at for m in sink.rec.messages if m.at >= stopped]
+        j = 0
+        for i, t in enumerate(times):
+            while times[j] < t - 5.0:
+                j += 1
+            if i - j + 1 >= 0.9 * limit * 5:
+                return True
+        return False
+
+    await until(recovered, 90, "the full rate")
+    times = [m.at for m in sink.rec.messages if m.at >= stopped]
+    took = times[-1] - stopped
+    assert took <= 60, took
+    p = await pair_status(app, "gmail")
+    assert p["rate_per_min"] == limit * 60, p
