@@ -33,7 +33,7 @@ def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
     b.report("a", "gmail", 421, "4.7.28", "slow down")  # suspend 30 min
     b.report("b", "gmail", 421, "4.7.0", "unusual rate of mail")  # rate x 0.5 for 1 h
     b.report("c", "lab", 554, "5.7.1", "blocked")  # bounce rule, 10 min
-    b.report("a", "lab", 451, "4.3.0", "busy")  # AIMD: a's rate at lab halves
+    b.report("a", "lab", 451, "4.3.0", "busy")  # backoff: a's rate at lab drops
     b.report("c", "gmail", 250, "2.0.0", "ok")  # nothing in force: not saved
     snap = b.snapshot(wall_now=WALL)
     pairs = {(p["source"], p["site"]): p for p in snap["pairs"]}
@@ -43,19 +43,22 @@ def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
     assert pairs[("b", "gmail")]["lowered_until"] == WALL + 3600
     assert pairs[("c", "lab")]["bounce_until"] == WALL + 600
     lab_limit = b.pair("a", "lab").state.limit_rate
-    assert pairs[("a", "lab")]["rate"] == lab_limit / 2
+    assert pairs[("a", "lab")]["rate"] == b.pair("a", "lab").state.rate < lab_limit
+    assert pairs[("a", "lab")]["pushback_at"] == WALL  # backoff, in wall time
     json.dumps(snap)  # it goes to the state file as it is
 
     # Restarted 20 minutes later (wall), on a monotonic clock that reads 50.
     b2, clock2 = broker(50.0)
-    assert b2.restore(json.loads(json.dumps(snap)), wall_now=WALL + 1200) == 3
+    assert b2.restore(json.loads(json.dumps(snap)), wall_now=WALL + 1200) == 2
     a_gm = b2.pair("a", "gmail").state
     assert a_gm.suspended_until == 50.0 + 600 and a_gm.reason.startswith("gmail-rate-limited")
     c = b2.choose("w", "p", [("a", 1)], "wait", "gmail")
     assert not c.ok and c.kind == "suspended" and c.retry_at == 50.0 + 600
     b_gm = b2.pair("b", "gmail").state
     assert b_gm.lowered_until == 50.0 + 2400 and b_gm.rate == b_gm.limit_rate / 2
-    assert b2.pair("a", "lab").state.rate == lab_limit / 2  # backoff kept
+    # a's backoff at lab ended (30 s without push-back) while it was down: full rate.
+    assert b2.pair("a", "lab").state.rate == lab_limit
+    assert not b2.pair("a", "lab").state.backoff_since
     # The bounce rule's 10 minutes passed while down: dropped, c sends at lab again.
     assert b2.pair("c", "lab").bounce_until == 0.0
     assert b2.choose("w", "p", [("c", 1)], "wait", "lab").ok
@@ -63,7 +66,28 @@ def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
     clock2.t = 50.0 + 600
     assert b2.choose("w", "p", [("a", 1)], "wait", "gmail").ok
     left = b2.snapshot(wall_now=WALL + 1800)["pairs"]
-    assert {(p["source"], p["site"]) for p in left} == {("b", "gmail"), ("a", "lab")}
+    assert {(p["source"], p["site"]) for p in left} == {("b", "gmail")}
+
+
+def test_a_backoff_survives_a_short_restart_and_ends_when_it_would_have() -> None:
+    b, _clock = broker(1000.0)
+    b.report("a", "lab", 451, "4.3.0", "busy")  # backoff, from the rate observed (none)
+    lab = b.pair("a", "lab").state
+    slow = lab.rate
+    assert lab.backoff_since and slow < lab.limit_rate
+    snap = json.loads(json.dumps(b.snapshot(wall_now=WALL)))
+    # Back 10 s later (wall) on a clock reading 50: 20 s of the 30 s backoff are left.
+    b2, clock2 = broker(50.0)
+    assert b2.restore(snap, wall_now=WALL + 10) == 1
+    st = b2.pair("a", "lab").state
+    assert st.rate == slow and st.backoff_since
+    assert st.pushback_at == 50.0 - 10
+    snap2 = b2.snapshot(wall_now=WALL + 10)["pairs"]
+    assert snap2[0]["pushback_at"] == WALL and snap2[0]["backoff_since"] == WALL
+    # Without more push-back the backoff ends 30 s after the last one, on the new clock.
+    clock2.t = 50.0 + 20
+    b2.report("a", "lab", 250, "2.0.0", "ok")
+    assert b2.pair("a", "lab").state.rate == st.limit_rate and not st.backoff_since
 
 
 def test_restore_reads_old_files_and_names_a_bad_entry() -> None:

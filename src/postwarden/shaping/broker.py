@@ -754,6 +754,9 @@ class Broker:
                     item["connections"] = st.connections
             if st.rate < st.limit_rate:
                 item["rate"] = st.rate
+            if st.backoff_since:  # past times, on the wall clock too
+                item["backoff_since"] = round(wall + (st.backoff_since - now), 3)
+                item["pushback_at"] = round(wall + (st.pushback_at - now), 3)
             if at(p.bounce_until) is not None:
                 item["bounce_until"] = at(p.bounce_until)
                 item["bounce_reason"] = p.bounce_reason
@@ -803,9 +806,16 @@ class Broker:
                 clock_at("bounce_until"),
             )
             rate, conns = num("rate"), int(num("connections"))
+            backoff, pushback = num("backoff_since"), num("pushback_at")
             p = self.pair(item["source"], item["site"], domain)
             st = p.state
             rate = min(rate, st.limit_rate) if rate > 0 else st.limit_rate
+            if backoff and pushback + self._aimd(p).to_normal_after > wall:
+                # Still in backoff: it ends when it would have, had nobody restarted.
+                st.backoff_since = now + (backoff - wall)
+                st.pushback_at = max(st.pushback_at, now + (pushback - wall))
+            elif backoff and not lowered:
+                rate = st.limit_rate  # the backoff ran out while the broker was down
             if not (suspended or lowered or bounce or rate < st.limit_rate):
                 continue  # all of it ran its time while the broker was down
             st.suspended_until = max(st.suspended_until, suspended)
