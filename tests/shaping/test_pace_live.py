@@ -21,9 +21,6 @@ from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
 from tests.shaping.test_lab_shaping import send, shaping_config, until
 
-# Rates measured from the MX's timestamps: run alone, after the parallel part.
-pytestmark = pytest.mark.serial
-
 REFUSE = "421 4.7.0 Try again later, closing connection"
 
 
@@ -65,14 +62,18 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     refusing = True
     sink.rec.answer = lambda _peer, _local: REFUSE if refusing else None
     # Retries come back within a second (the tests' queue schedule): unpaced, 30
-    # messages would make hundreds of attempts in the time below.
+    # messages made some 90 attempts in the time below (554 in 25 s). A busy machine
+    # only makes fewer: this bound needs no quiet machine, so it runs in parallel.
     await send(app.smtp_addresses[0][1], [f"r{i}@unrated.test" for i in range(30)])
     await until(lambda: bool(sink.rec.conns), 10, "a first attempt")
     first = sink.rec.conns[0].opened
-    span = 25.0
+    span = 12.0
     await until(lambda: time.time() >= first + span, span + 5, "the refusals' span")
-    attempts = sum(1 for c in sink.rec.conns if c.opened < first + span)
-    assert attempts <= 40, attempts
+    opened = [c.opened - first for c in sink.rec.conns if c.opened < first + span]
+    # The connections opened before the first refusal was heard, then a probe now
+    # and then: at most a few tens a minute.
+    later = [t for t in opened if t >= 2.0]
+    assert len(opened) <= 40 and len(later) <= 5, opened
     p = await pair_status(app, "mx:mx.unrated.test")
     assert p["backoff"] and p["rate_limited"] and p["rate_per_min"] <= 6.0, p
     # The site takes mail again: a probe finds out within its retry interval.
@@ -80,12 +81,17 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     await until(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
 
 
+# Rates measured from the MX's timestamps: run alone, after the parallel part.
+@pytest.mark.serial
 @pytest.mark.timeout(180)
-async def test_full_rate_is_back_within_a_minute_after_push_back_stops(
+async def test_full_rate_is_back_soon_after_push_back_stops(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
+    """With backoff_to_normal_after at 8 s, to keep the test short: the defaults' 30 s
+    (full rate within a minute) are checked on a driven clock in test_backoff."""
     limit = 5.0  # messages/s
-    cfg = shaping_config(tmp_path, sink, 'max_message_rate = "300/min"\n', members=(("a", 1),))
+    rules = 'max_message_rate = "300/min"\nbackoff_to_normal_after = "8s"\n'
+    cfg = shaping_config(tmp_path, sink, rules, members=(("a", 1),))
     app = await appliance(cfg)
     pushing = True
     sink.rec.answer = lambda _peer, _local: REFUSE if pushing else None
@@ -108,9 +114,9 @@ async def test_full_rate_is_back_within_a_minute_after_push_back_stops(
                 return True
         return False
 
-    await until(recovered, 90, "the full rate")
+    await until(recovered, 60, "the full rate")
     times = [m.at for m in sink.rec.messages if m.at >= stopped]
     took = times[-1] - stopped
-    assert took <= 60, took
+    assert took <= 8 + 5 + 5, took  # the backoff's end, a window at full rate, slack
     p = await pair_status(app, "gmail")
     assert p["rate_per_min"] == limit * 60, p
