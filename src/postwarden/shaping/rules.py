@@ -39,6 +39,7 @@ LIMIT_KEYS = (
     "retry_initial",
     "retry_factor",
     "retry_max",
+    "bounce_after",
     "backoff_rate",
     "backoff_retry_interval",
     "backoff_to_normal_after",
@@ -49,7 +50,12 @@ BACKOFF_KEYS = {
     "backoff_retry_interval": "retry_interval",
     "backoff_to_normal_after": "to_normal_after",
 }
-RETRY_KEYS = {"retry_initial": "initial", "retry_factor": "factor", "retry_max": "maximum"}
+RETRY_KEYS = {
+    "retry_initial": "initial",
+    "retry_factor": "factor",
+    "retry_max": "maximum",
+    "bounce_after": "max_age",
+}
 _PER = {
     "s": 1.0,
     "sec": 1.0,
@@ -98,6 +104,8 @@ class Limits:
     retry_initial: float | None = None
     retry_factor: float | None = None
     retry_max: float | None = None
+    # How long a recipient may stay deferred here before it bounces (queue.max_age).
+    bounce_after: float | None = None
     # Backoff (None: the built-in defaults, shaping.adaptive.Aimd).
     backoff_rate: float | None = None
     backoff_retry_interval: float | None = None  # seconds
@@ -204,7 +212,14 @@ def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str
                 out[key] = parse_rate(data[key], f"{where}.{key}")
             except RulesError as exc:
                 err(key, str(exc))
-    for key in ("retry_initial", "retry_max", "backoff_retry_interval", "backoff_to_normal_after"):
+    durations = (
+        "retry_initial",
+        "retry_max",
+        "bounce_after",
+        "backoff_retry_interval",
+        "backoff_to_normal_after",
+    )
+    for key in durations:
         if key in data:
             from postwarden.config import ConfigError, parse_duration
 
