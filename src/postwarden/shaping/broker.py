@@ -185,6 +185,8 @@ class Broker:
         # Per (pool, site, source), decaying: messages sent, connections open; the
         # weighted choice gives each source its share of the pool's mail to a site.
         self.balancer = Balancer()
+        # Provider budgets (rules: provider_max_message_rate), by the pairs' site label.
+        self.providers: dict[str, Bucket] = {}
         self.pause_recheck = 60.0  # seconds: when mail held by a pause asks again
         self.actions: list[dict[str, Any]] = []  # recent rule actions, newest last
         self.action_count = 0  # ever taken
@@ -295,9 +297,35 @@ class Broker:
                 retry_at=now + p.connects.wait(),
                 kind="connection_rate",
             )
+        cap = p.limits.provider_connection_limit
+        if cap is not None and self._provider_in_use(p.site) >= cap:
+            return Grant(
+                False,
+                reason=f"provider connection limit ({cap}, every source)",
+                retry_at=now + 0.25,
+                kind="connection_limit",
+            )
         p.slots[holder] = p.slots.get(holder, 0) + 1
         p.state.last_connect = now
         return Grant(True)
+
+    def _provider_in_use(self, site: str) -> int:
+        """Connections open to a site from every source (counted when asked: only
+        sites with a provider limit ask, and a worker's death frees its slots without
+        a count to keep right)."""
+        return sum(q.in_use for q in self.pairs.values() if q.site == site)
+
+    def _provider_bucket(self, p: Pair, now: float) -> Bucket | None:
+        """The site's message budget across every source, when the rules give one."""
+        rate = p.limits.provider_max_message_rate
+        if rate is None:
+            self.providers.pop(p.site, None)
+            return None
+        b = self.providers.get(p.site)
+        if b is None or b.rate != rate.per_second:
+            r = rate.per_second
+            b = self.providers[p.site] = Bucket(r, max(1.0, r), max(1.0, r), now)
+        return b
 
     def release_connection(
         self, holder: Any, source: str, site: str, domain: str | None = None
@@ -319,6 +347,7 @@ class Broker:
         return (
             warming
             or p.limits.max_message_rate is not None
+            or p.limits.provider_max_message_rate is not None
             or p.state.rate < p.state.limit_rate
             or in_backoff(p.state)
         )
@@ -454,6 +483,11 @@ class Broker:
         if room is not None:
             want = min(want, room)
         n = bucket.take(now, want)
+        provider = self._provider_bucket(p, now)
+        if n and provider is not None:
+            got = provider.take(now, n)
+            bucket.tokens += n - got  # the pair's own, not used after all
+            n = got
         if n and room is not None and self.book is not None:
             self.book.charge(f"source:{source}", n, site)
         return n
@@ -531,9 +565,9 @@ class Broker:
                 want = min(want, droom)
         n = self._tokens(p, source, site, want, room, now)
         if n < 1:
-            return Grant(
-                False, reason="message rate", retry_at=now + p.messages.wait(), kind="message_rate"
-            )
+            provider = self.providers.get(p.site)
+            wait = max(p.messages.wait(), provider.wait() if provider is not None else 0.0)
+            return Grant(False, reason="message rate", retry_at=now + wait, kind="message_rate")
         if sending_domain and book is not None:
             book.charge(f"domain:{sending_domain.lower()}", n, site)
         return Grant(True, tokens=n)

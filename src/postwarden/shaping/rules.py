@@ -36,6 +36,8 @@ LIMIT_KEYS = (
     "max_messages_per_connection",
     "max_message_rate",
     "max_connection_rate",
+    "provider_connection_limit",
+    "provider_max_message_rate",
     "retry_initial",
     "retry_factor",
     "retry_max",
@@ -100,6 +102,10 @@ class Limits:
     max_messages_per_connection: int | None = None
     max_message_rate: Rate | None = None
     max_connection_rate: Rate | None = None
+    # The site's budget across every source (of every pool and worker): what a
+    # provider allows the sender as a whole, where the limits above are per source.
+    provider_connection_limit: int | None = None
+    provider_max_message_rate: Rate | None = None
     # Retry schedule overrides (seconds, factor): queue.retry_* for this site or domain.
     retry_initial: float | None = None
     retry_factor: float | None = None
@@ -200,13 +206,13 @@ def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str
         if key not in allowed:
             err(key, f"{where}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
     out: dict[str, Any] = {}
-    for key in ("connection_limit", "max_messages_per_connection"):
+    for key in ("connection_limit", "max_messages_per_connection", "provider_connection_limit"):
         if key in data:
             v = data[key]
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 err(key, f"{where}.{key}: must be a positive integer, got {v!r}")
             out[key] = v
-    for key in ("max_message_rate", "max_connection_rate"):
+    for key in ("max_message_rate", "max_connection_rate", "provider_max_message_rate"):
         if key in data:
             try:
                 out[key] = parse_rate(data[key], f"{where}.{key}")
