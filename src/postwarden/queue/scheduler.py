@@ -298,7 +298,10 @@ class Scheduler:
         for (msg_id, domain), group in groups.items():
             first = group[0]
             lane = first.lane
-            pool = (first.pool or self.cfg.default_pool) if shaped else ""
+            # "" (shaped): no pool named and no route by domain or sender; the
+            # default pool, unless a route by site says otherwise when a connection
+            # opens (_Gate.open).
+            pool = (first.pool or self._route(domain, first.mail_from)) if shaped else ""
             key = (domain, pool)
             q = self.queues.get(key)
             if q is None:
@@ -332,6 +335,13 @@ class Scheduler:
             q = self.queues[key]
             q.changed.set()
             self._dispatch(key, q)
+
+    def _route(self, domain: str, mail_from: str) -> str:
+        assert self.shaper is not None
+        rules = self.shaper.rules
+        if not rules.routes:
+            return ""
+        return rules.route(domain, mail_from.rpartition("@")[2]) or ""
 
     def _enqueue_verp(
         self,
@@ -791,7 +801,12 @@ class _Gate:
 
     async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
         self.site = self.q.site = self.shaper.site_for(h.name for h in mx_hosts)
-        limits = self.shaper.rules.limits_for(self.site, self.domain)
+        rules = self.shaper.rules
+        if not self.key[1] and rules.routes:  # no pool yet: a route by site may give one
+            routed = rules.route(self.domain, job.sending_domain, self.site)
+            if routed is not None:
+                self.pool = self.shaper.pool(routed)
+        limits = rules.limits_for(self.site, self.domain)
         if limits.retry:
             self.sched.retry_policies[self.domain] = dataclasses.replace(
                 self.sched.policy, **limits.retry

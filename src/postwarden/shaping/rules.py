@@ -136,6 +136,27 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Route:
+    """A routing rule (``[[routes]]``): mail that names no pool of its own leaves from
+    ``pool`` when it is for one of ``domains`` (recipient domains) or from one of
+    ``senders`` (sending domains), or, decided when a connection opens, for a provider
+    site of ``sites``. Criteria given together must all match; the first route that
+    matches wins."""
+
+    pool: str
+    domains: frozenset[str] = frozenset()
+    senders: frozenset[str] = frozenset()
+    sites: frozenset[str] = frozenset()
+
+    def matches(self, domain: str, sender: str, site: str | None) -> bool:
+        return (
+            (not self.domains or domain in self.domains)
+            and (not self.senders or sender in self.senders)
+            and (not self.sites or (site is not None and site in self.sites))
+        )
+
+
+@dataclass(frozen=True)
 class Site:
     name: str
     mx_suffixes: tuple[str, ...]
@@ -149,6 +170,17 @@ class Rules:
     domains: Mapping[str, Limits] = field(default_factory=dict)
     # Response rules, first match wins: the operator's, then the shipped ones.
     responses: tuple[ResponseRule, ...] = SHIPPED_RULES
+    routes: tuple[Route, ...] = ()
+
+    def route(self, domain: str, sender: str, site: str | None = None) -> str | None:
+        """The pool a route gives mail for ``domain`` from ``sender`` (a sending
+        domain): routes by domain and sender when ``site`` is None (the mail is being
+        queued), routes by site when it is given (a connection opens)."""
+        domain, sender = domain.lower(), sender.lower()
+        for r in self.routes:
+            if bool(r.sites) == (site is not None) and r.matches(domain, sender, site):
+                return r.pool
+        return None
 
     def site_for(self, mx_hosts: Iterable[str]) -> str:
         """The provider site of a destination, from its MX host names: the first site
@@ -263,8 +295,12 @@ def parse_rules(text: str, source: str = "shaping.toml", base: Rules | None = No
         raise RulesError(f"{source}:{_line_of(text, table, key)}: {message}")
 
     for key in data:
-        if key not in ("default", "sites", "domains", "responses"):
-            fail("", key, f"{key}: unknown table (known: default, sites, domains, responses)")
+        if key not in ("default", "sites", "domains", "responses", "routes"):
+            fail(
+                "",
+                key,
+                f"{key}: unknown table (known: default, sites, domains, responses, routes)",
+            )
     default = base.default if base else Limits()
     if "default" in data:
         default = default.over(
@@ -322,7 +358,49 @@ def parse_rules(text: str, source: str = "shaping.toml", base: Rules | None = No
         r = _response(table, i, resp_err)
         responses = [x for x in responses if x.name != r.name]
         mine.append(r)
-    return Rules(default, sites, domains, (*mine, *responses))
+    routes = list(base.routes) if base else []
+    given_routes = data.get("routes", [])
+    if not isinstance(given_routes, list):
+        fail("", "routes", "routes: must be an array of tables ([[routes]])")
+    route_lines = [
+        n + 1 for n, ln in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*routes\s*\]\]", ln)
+    ]
+    for i, table in enumerate(given_routes):
+
+        def route_err(m: str, _i: int = i) -> None:
+            line = route_lines[_i] if _i < len(route_lines) else _line_of(text, "", "routes")
+            raise RulesError(f"{source}:{line}: {m}")
+
+        routes.append(_route(table, i, route_err))
+    return Rules(default, sites, domains, (*mine, *responses), tuple(routes))
+
+
+_ROUTE_KEYS = ("pool", "domains", "senders", "sites")
+
+
+def _route(table: Any, i: int, fail: Any) -> Route:
+    where = f"routes[{i}]"
+    if not isinstance(table, dict):
+        fail(f"{where}: must be a table")
+    for key in table:
+        if key not in _ROUTE_KEYS:
+            fail(f"{where}.{key}: unknown key (known: {', '.join(_ROUTE_KEYS)})")
+    pool = table.get("pool")
+    if not isinstance(pool, str) or not pool:
+        fail(f"{where}.pool: a route needs the name of a pool")
+    lists: dict[str, frozenset[str]] = {}
+    for key in ("domains", "senders", "sites"):
+        v = table.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            fail(f"{where}.{key}: must be a list of names, got {v!r}")
+        lists[key] = frozenset(x.lower().rstrip(".") for x in v)
+    if not any(lists.values()):
+        fail(f"{where}: give domains, senders or sites")
+    if lists["sites"] and (lists["domains"] or lists["senders"]):
+        # The site is known only once a connection opens, the others when mail is
+        # queued: a route decides at one of the two.
+        fail(f"{where}: sites cannot be combined with domains or senders")
+    return Route(pool, lists["domains"], lists["senders"], lists["sites"])
 
 
 _RESPONSE_KEYS = ("name", "action", "duration", "code", "enhanced", "text", "sites", "factor")
