@@ -880,16 +880,11 @@ class _Gate:
         if self.source is None or not results:
             return False
         r = results[0]
-        code, enhanced, text = split_answer(r.response)
+        code, enhanced, _text = split_answer(r.response)
         pace = answer and r.kind == "temporary" and speaks_of_pace(r.reason, code, enhanced)
-        self.shaper.backend.report_outcome(
-            source=self.source.name,
-            site=self.site,
-            domain=self.domain,
-            sending_domain=job.sending_domain,
-            code=code,
-            enhanced=enhanced,
-            text=text[:300],
+        self._report_answer(
+            job,
+            r.response,
             bounced=int(r.kind == "permanent"),
             # A host that gave no answer (down, unreachable) says nothing of the sender.
             deferred=int(r.kind == "temporary" and not pace and answer),
@@ -933,8 +928,23 @@ class _Gate:
                 elif not no_answer(r.reason, e):
                     deferred += 1
                 worst = worst or r
-        code, enhanced, text = split_answer((worst or results[0]).response)
+        response = (worst or results[0]).response
+        code, enhanced, _text = split_answer(response)
         adaptive = worst is None or speaks_of_pace(worst.reason, code, enhanced)
+        self._report_answer(
+            job,
+            response,
+            delivered=delivered,
+            bounced=bounced,
+            deferred=deferred,
+            throttled=throttled,
+            adaptive=adaptive,
+        )
+
+    def _report_answer(self, job: Job, response: str, **counts: int) -> None:
+        """One answer for the (source, site) pair, with the recipients' outcomes."""
+        assert self.source is not None
+        code, enhanced, text = split_answer(response)
         self.shaper.backend.report_outcome(
             source=self.source.name,
             site=self.site,
@@ -943,11 +953,7 @@ class _Gate:
             code=code,
             enhanced=enhanced,
             text=text[:300],
-            delivered=delivered,
-            bounced=bounced,
-            deferred=deferred,
-            throttled=throttled,
-            adaptive=adaptive,
+            **counts,
         )
 
     async def close(self, sent: int) -> None:

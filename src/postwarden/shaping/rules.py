@@ -378,13 +378,18 @@ def parse_rules(text: str, source: str = "shaping.toml", base: Rules | None = No
 _ROUTE_KEYS = ("pool", "domains", "senders", "sites")
 
 
-def _route(table: Any, i: int, fail: Any) -> Route:
-    where = f"routes[{i}]"
+def _table(table: Any, where: str, known: tuple[str, ...], fail: Any) -> None:
+    """An array-of-tables entry: a table, of ``known`` keys only."""
     if not isinstance(table, dict):
         fail(f"{where}: must be a table")
     for key in table:
-        if key not in _ROUTE_KEYS:
-            fail(f"{where}.{key}: unknown key (known: {', '.join(_ROUTE_KEYS)})")
+        if key not in known:
+            fail(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+
+
+def _route(table: Any, i: int, fail: Any) -> Route:
+    where = f"routes[{i}]"
+    _table(table, where, _ROUTE_KEYS, fail)
     pool = table.get("pool")
     if not isinstance(pool, str) or not pool:
         fail(f"{where}.pool: a route needs the name of a pool")
@@ -410,11 +415,7 @@ def _response(table: Any, i: int, fail: Any) -> ResponseRule:
     from postwarden.config import ConfigError, parse_duration
 
     where = f"responses[{i}]"
-    if not isinstance(table, dict):
-        fail(f"{where}: must be a table")
-    for key in table:
-        if key not in _RESPONSE_KEYS:
-            fail(f"{where}.{key}: unknown key (known: {', '.join(_RESPONSE_KEYS)})")
+    _table(table, where, _RESPONSE_KEYS, fail)
     name = table.get("name")
     if not isinstance(name, str) or not name:
         fail(f"{where}.name: a rule needs a name")
