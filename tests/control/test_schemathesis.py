@@ -32,7 +32,7 @@ async def schemathesis(base: str, key: str, tmp: Path, *extra: str) -> tuple[int
         "-H",
         f"Authorization: Bearer {key}",
         "--max-examples",
-        os.environ.get("POSTWARDEN_SCHEMATHESIS_EXAMPLES", "25"),
+        os.environ.get("POSTWARDEN_SCHEMATHESIS_EXAMPLES", "20"),
         "--seed",
         "1",
         "--no-color",
