@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import random
 import shutil
 import socket
 import sys
@@ -33,10 +34,32 @@ SENDER_DOMAIN = "sender.test"
 VENV_BIN = Path(sys.executable).parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free now for a server a test starts later (a subprocess's listener).
+
+    Taken below the kernel's ephemeral range: a port from that range (what binding to
+    port 0 gives) may meanwhile become the source port of one of the thousands of
+    connections the suite opens, and the server then fails with EADDRINUSE."""
+    low, _high = _ephemeral_range()
+    top = max(2048, low - 1)
+    bottom = max(1024, top - 12000)
+    for _ in range(200):
+        port = random.randint(bottom, top)
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port between {bottom} and {top} on {host}")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
