@@ -522,14 +522,8 @@ class Broker:
         "domain")."""
         now = self.clock()
         p = self.pair(source, site, domain)
-        expire(p.state, now)
-        if now < p.state.suspended_until:
-            return Grant(
-                False,
-                reason=f"suspended: {p.state.reason}",
-                retry_at=p.state.suspended_until,
-                kind="suspended",
-            )
+        if (no := self._suspension(p, now)) is not None:
+            return no
         book = self.book
         room = book.remaining(f"source:{source}", site) if book else None
         if room == 0 and book is not None and book.is_paused(f"source:{source}"):
@@ -590,14 +584,8 @@ class Broker:
                 kind="paused",
             )
         p = self.pair(source, site, domain)
-        expire(p.state, now)
-        if now < p.state.suspended_until:
-            return Grant(
-                False,
-                reason=f"suspended: {p.state.reason}",
-                retry_at=p.state.suspended_until,
-                kind="suspended",
-            )
+        if (no := self._suspension(p, now)) is not None:
+            return no
         if now < p.bounce_until:
             return Grant(False, reason=f"bounce rule: {p.bounce_reason}", kind="bounce")
         if book is not None and book.remaining(f"source:{source}", site) == 0:
@@ -608,6 +596,19 @@ class Broker:
                 kind="warming_cap",
             )
         return Grant(True)
+
+    @staticmethod
+    def _suspension(p: Pair, now: float) -> Grant | None:
+        """The refusal of a pair suspended now (a suspension run out ends here)."""
+        expire(p.state, now)
+        if now < p.state.suspended_until:
+            return Grant(
+                False,
+                reason=f"suspended: {p.state.reason}",
+                retry_at=p.state.suspended_until,
+                kind="suspended",
+            )
+        return None
 
     def warming_domains(self) -> list[str]:
         """Sending domains whose mail takes tokens (warming or paused)."""
