@@ -381,7 +381,11 @@ class Appliance:
     async def _start_shaping(self) -> None:
         backend: Any
         if self.worker is not None:
-            client = BrokerClient(self.cfg.shaping_socket, metrics=self.metrics)
+            client = BrokerClient(
+                self.cfg.shaping_socket,
+                metrics=self.metrics,
+                on_notice=self.scheduler.broker_notice,
+            )
             await client.connect()
             backend = client
             # Sessions per IP and AUTH lockouts: the supervisor's tables, for the
@@ -398,7 +402,7 @@ class Appliance:
                 self.shaping.metrics = ShapingMetrics(self.metrics.registry)
             if own:
                 await self.shaping.start(serve=True)
-            backend = LocalBackend(self.shaping)
+            backend = LocalBackend(self.shaping, on_notice=self.scheduler.broker_notice)
         self.shaper = Shaper(self.cfg, backend, self.control.pool_members)
         self.scheduler.shaper = self.control.shaper = self.shaper
 

@@ -224,6 +224,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.shaping_yields = Counter(
+            "postwarden_shaping_yields",
+            "Delivery connections ended early to give their slot to a request waiting"
+            " for one (in this or another worker): idle, or bulk before transactional.",
+            ["reason"],
+            registry=r,
+        )
         self.shaping_connections = Counter(
             "postwarden_shaping_connections",
             "Delivery connections opened, by pool and source.",
@@ -335,6 +342,8 @@ class Metrics:
             self.shaping_waits.labels(reason)
         for ending in ("completed", "failed", "cancelled"):
             self.session_leftovers.labels(ending)
+        for why in ("idle", "bulk"):
+            self.shaping_yields.labels(why)
         for op in ("choose", "take"):
             self.broker_fallback.labels(op)
         for table in ("events", "messages", "message_recipients"):

@@ -32,7 +32,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from postwarden.bounces.classify import default_classifier
 from postwarden.shaping.adaptive import no_answer, speaks_of_pace
@@ -70,6 +70,9 @@ BULK_SHARE = 0.8
 HOLD_CONNECTION = 2.0
 #: ... for at most this long, with the jobs in memory; beyond, they go back to the spool.
 HOLD_MEMORY = 60.0
+#: Seconds a broker's notice that a slot is wanted holds here without a word again
+# (the broker repeats it twice a second while the request waits; shaping.wants).
+WANT_HEARD = 1.5
 #: Refusals of the chosen source alone (another source of the pool may take its mail).
 SOURCE_REFUSALS = frozenset({"suspended", "warming_cap", "paused"})
 #: Failed spool writes of outcomes are retried after this long, doubling up to the max.
@@ -172,6 +175,9 @@ class Scheduler:
         # Site -> queues waiting for a connection slot there: a slot freed in this
         # process goes to them at once; idle connections there stop idling.
         self.slot_waiters: dict[str, set[tuple[str, str]]] = {}
+        # Site -> what the broker says is wanted there (shaping.wants): the sources
+        # wanted by transactional requests, by any, and until when (loop time).
+        self.site_wants: dict[str, tuple[frozenset[str], frozenset[str], float]] = {}
         # Destination domain -> its site's retry schedule, when the rules override it.
         self.retry_policies: dict[str, RetryPolicy] = {}
         self.shaper: Shaper | None = None
@@ -503,7 +509,8 @@ class Scheduler:
                         other.changed.set()
 
     def slot_freed(self, site: str) -> None:
-        """A connection to ``site`` ended here: queues waiting for a slot try now."""
+        """A connection to ``site`` ended (here, or in another worker: the broker's
+        notice): queues waiting for a slot there try now."""
         for key in self.slot_waiters.pop(site, ()):
             q = self.queues.get(key)
             if q is not None and q.jobs:
@@ -513,13 +520,59 @@ class Scheduler:
                 q.blocked_until = 0.0
                 self._dispatch(key, q)
 
+    def broker_notice(self, msg: dict[str, Any]) -> None:
+        """The broker's word (shaping.wants): a slot at a site is wanted, by a request
+        of this or another worker (idle connections there give way; bulk ones too,
+        when transactional mail waits), or one was freed (who waits here asks now)."""
+        site = str(msg.get("site") or "")
+        if msg.get("push") == "freed":
+            self.slot_freed(site)
+            return
+        if msg.get("push") != "wanted":
+            return
+        every = frozenset(msg.get("any") or ())
+        if not every:
+            self.site_wants.pop(site, None)
+            return
+        until = asyncio.get_running_loop().time() + WANT_HEARD
+        self.site_wants[site] = (frozenset(msg.get("high") or ()), every, until)
+        for q in self.queues.values():
+            if q.site == site and q.waiters:
+                q.changed.set()
+
+    def _wanted(self, site: str, source: str, high: bool) -> bool:
+        """Whether a request waits for a slot at ``site`` from ``source`` (``high``:
+        a transactional one)."""
+        w = self.site_wants.get(site)
+        if w is None:
+            return False
+        if w[2] < asyncio.get_running_loop().time():
+            del self.site_wants[site]
+            return False
+        return source in (w[0] if high else w[1])
+
     async def _session(self, key: tuple[str, str], q: _DomainQueue) -> None:
         domain = key[0]
+        gate: _Gate | None = None
+
+        def gives_way(idle: bool) -> bool:
+            """Whether this connection's slot goes to a request waiting for it: when
+            idle, to any; else, before a bulk message, to a transactional one."""
+            if gate is None or gate.source is None or not q.site or not self.site_wants:
+                return False
+            if not idle and q.jobs.lanes[0]:
+                return False  # transactional mail of its own comes next
+            if not self._wanted(q.site, gate.source.name, high=not idle):
+                return False
+            self.metrics.shaping_yields.labels("idle" if idle else "bulk").inc()
+            return True
 
         async def next_job(first: bool) -> Job | None:
             if self._stopping:
                 return None
             if q.jobs:
+                if not first and gives_way(idle=False):
+                    return None
                 return self._take(q)
             if first:
                 return None
@@ -530,6 +583,8 @@ class Scheduler:
                 while not q.jobs and not self._stopping:
                     if q.site and self.slot_waiters.get(q.site):
                         return None  # another destination of the site needs the slot
+                    if gives_way(idle=True):
+                        return None  # a request (here or in another worker) does
                     q.changed.clear()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -559,7 +614,8 @@ class Scheduler:
                 outstanding.update((x.rcpt_id, x) for x in job.leases)
             return job
 
-        gate = _Gate(self, key, q, settle) if self.shaper is not None else None
+        if self.shaper is not None:
+            gate = _Gate(self, key, q, settle)
         ending = "completed"
         try:
             await self.agent.run_session(domain, tracked_next_job, report, gate)
@@ -818,7 +874,7 @@ class _Gate:
             cap = min(cap, limits.max_messages_per_connection)
         queued = 1 + len(self.q.jobs)
         choice, source = await self.shaper.choose(
-            self.pool, self.site, self.domain, min(queued, cap), queued
+            self.pool, self.site, self.domain, min(queued, cap), queued, 1 if job.lane else 0
         )
         if not choice.ok or source is None:
             self.sched._refused(self.key, self.q, job, choice)
@@ -846,6 +902,7 @@ class _Gate:
                 want,
                 self.domain,
                 job.sending_domain if by_domain else None,
+                1 if job.lane else 0,
             )
             if g.ok:
                 self.tokens += g.tokens - 1

@@ -37,6 +37,7 @@ from postwarden.shaping.adaptive import (
 )
 from postwarden.shaping.pools import Balancer
 from postwarden.shaping.rules import Limits, Rules
+from postwarden.shaping.wants import BULK, HIGH, Wants
 
 if TYPE_CHECKING:
     from postwarden.config import SourceConfig
@@ -156,6 +157,8 @@ class Pair:
     successes: int = 0
     bounce_until: float = 0.0
     bounce_reason: str = ""
+    # A transactional connection waits for tokens until then: bulk ones wait too.
+    high_wait_until: float = 0.0
 
     @property
     def in_use(self) -> int:
@@ -190,6 +193,8 @@ class Broker:
         self.pause_recheck = 60.0  # seconds: when mail held by a pause asks again
         self.actions: list[dict[str, Any]] = []  # recent rule actions, newest last
         self.action_count = 0  # ever taken
+        # Who waits for a slot at a site, and the notices for holders (shaping.wants).
+        self.wants = Wants()
 
     def reconfigure(
         self,
@@ -362,6 +367,7 @@ class Broker:
         domain: str | None = None,
         want: int = 1,
         queued: int = 0,
+        lane: int = HIGH,
     ) -> Choice:
         """A source of the pool for a connection to ``site`` (and a slot on it).
 
@@ -371,6 +377,11 @@ class Broker:
         passed over with overflow "spill"; with "wait" its share waits (``defer``):
         its weight's part of the ``queued`` messages (those queued for the
         destination, ``want`` when not given), the others carrying the rest.
+
+        ``lane``: the connection's first message's (``HIGH``, transactional, or
+        ``BULK``). A bulk request passes over a source a transactional request waits
+        for; who waits for a slot is told to the holders of connections to the site
+        (``shaping.wants``).
         """
         now = self.clock()
         book = self.book
@@ -450,20 +461,62 @@ class Broker:
                 retry_at=self._wall_to_clock(book.next_day_at(f"source:{first}")),
             )
         refused: Grant | None = None
-        for name, _w, p in cands:
+        busy: list[str] = []  # sources passed over for want of a free slot
+        lead = math.inf  # the first busy source's place: the others may not pass it far
+        wants = self.wants
+        for name, w, p in cands:
             if room[name] == 0:
                 continue
-            slot = self._slot(p, holder, now)
+            if busy and not bal.within(pool, site, name, w, lead, now):
+                slot = Grant(
+                    False,
+                    reason=f"{name} is at its share; {busy[0]} has no free slot",
+                    retry_at=now + 0.25,
+                    kind="connection_limit",
+                )
+            elif wants.blocks(site, name, lane, now):
+                slot = Grant(
+                    False,
+                    reason=f"transactional mail waits for a connection from {name}",
+                    retry_at=now + 0.25,
+                    kind="connection_limit",
+                )
+            else:
+                slot = self._slot(p, holder, now)
             if not slot.ok:
                 if refused is None or slot.retry_at < refused.retry_at:
                     refused = slot
+                if slot.kind == "connection_limit":
+                    if not busy:
+                        lead = bal.behind(pool, site, name, w, now)
+                    busy.append(name)
                 continue
             self.balancer.opened(pool, site, name, now)
             metered = self._metered(p, room[name] is not None)
-            tokens = self._tokens(p, name, site, want, room[name], now) if metered else 0
+            tokens = 0
+            if metered and not (lane != HIGH and now < p.high_wait_until):
+                tokens = self._tokens(p, name, site, want, room[name], now)
+            wants.granted(holder, site, lane)
+            if busy:  # the sources before it in the order: their idle connections give way
+                wants.want(holder, site, BULK, busy, now)
+            if busy or site in wants.by_site or wants.told:
+                wants.tell(site, lambda: self._holders_at(site), now)
             return Choice(True, name, tokens, metered, p.limits.max_messages_per_connection or 0)
         assert refused is not None
+        if busy and refused.kind == "connection_limit":
+            wants.want(holder, site, lane, busy, now)
+            wants.tell(site, lambda: self._holders_at(site), now)
         return Choice(False, reason=refused.reason, retry_at=refused.retry_at, kind=refused.kind)
+
+    def _holders_at(self, site: str) -> list[Any]:
+        """Who holds connections to ``site`` (any source, any domain of it)."""
+        prefix = site + "/"
+        return [
+            h
+            for p in self.pairs.values()
+            if p.slots and (p.site == site or p.site.startswith(prefix))
+            for h in p.slots
+        ]
 
     def _tokens(
         self, p: Pair, source: str, site: str, want: int, room: int | None, now: float
@@ -504,6 +557,8 @@ class Broker:
     ) -> None:
         """A connection ended after ``sent`` messages; ``unused`` tokens come back."""
         self.release_connection(holder, source, site, domain)
+        if site in self.wants.by_site:
+            self.wants.freed(site, self.clock())
         self.balancer.closed(pool, site, source, sent, self.clock())
         if unused and self.book is not None:
             self.book.refund(f"source:{source}", unused, site)
@@ -516,14 +571,23 @@ class Broker:
         want: int,
         domain: str | None = None,
         sending_domain: str | None = None,
+        lane: int = HIGH,
     ) -> Grant:
         """Message tokens for a connection: the pair's rate, the source's and the
         sending domain's warming caps (a domain at its cap: ``reason`` starts with
-        "domain")."""
+        "domain"). While a transactional (``lane`` HIGH) connection waits for the
+        pair's tokens, bulk ones wait behind it."""
         now = self.clock()
         p = self.pair(source, site, domain)
         if (no := self._suspension(p, now)) is not None:
             return no
+        if lane != HIGH and now < p.high_wait_until:
+            return Grant(
+                False,
+                reason="message rate (transactional mail first)",
+                retry_at=p.high_wait_until,
+                kind="message_rate",
+            )
         book = self.book
         room = book.remaining(f"source:{source}", site) if book else None
         if room == 0 and book is not None and book.is_paused(f"source:{source}"):
@@ -561,6 +625,8 @@ class Broker:
         if n < 1:
             provider = self.providers.get(p.site)
             wait = max(p.messages.wait(), provider.wait() if provider is not None else 0.0)
+            if lane == HIGH:
+                p.high_wait_until = max(p.high_wait_until, now + wait + 0.05)
             return Grant(False, reason="message rate", retry_at=now + wait, kind="message_rate")
         if sending_domain and book is not None:
             book.charge(f"domain:{sending_domain.lower()}", n, site)
@@ -618,9 +684,10 @@ class Broker:
         return sorted({k.split(":", 1)[1] for k in keys if k.startswith("domain:")})
 
     def drop_holder(self, holder: Any) -> None:
-        """A worker went away: its slots are free again."""
+        """A worker went away: its slots are free again, its wants gone."""
         for p in self.pairs.values():
             p.slots.pop(holder, None)
+        self.wants.drop(holder)
 
     # ------------------------------------------------------------------ answers
 

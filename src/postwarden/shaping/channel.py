@@ -3,8 +3,9 @@
 Newline-delimited JSON, one connection per worker; the connection is the holder, so
 a worker that dies (its socket closes) gives back every slot it held. Requests carry
 an ``id`` and get one answer with the same id; ``reports`` (delivery answers, batched)
-carries none and gets none. Times cross as "seconds from now", never as clock
-readings.
+carries none and gets none. The broker also sends notices of its own, with ``push``
+and no ``id`` (``shaping.wants``: a slot wanted or freed at a site). Times cross as
+"seconds from now", never as clock readings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from postwarden.mta.guard import GUARD_OPS, GuardTables
 from postwarden.shaping.broker import Broker, Choice, Grant
 from postwarden.shaping.fallback import LocalLimits
+from postwarden.shaping.wants import deliver
 
 if TYPE_CHECKING:
     from postwarden.metrics import Metrics
@@ -44,6 +46,20 @@ def short_path(path: str) -> str:
         return path
     fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
     return f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+
+
+class _Holder:
+    """One worker's connection: the broker's holder of its slots, and where the
+    broker's notices for that worker go."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def push(self, msg: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(json.dumps(msg).encode() + b"\n")
 
 
 class BrokerServer:
@@ -88,7 +104,7 @@ class BrokerServer:
                 os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        holder = object()
+        holder = _Holder(writer)
         self.holders += 1
         try:
             while line := await reader.readline():
@@ -105,6 +121,8 @@ class BrokerServer:
                         answer = {"id": req.get("id"), "ok": False, "reason": f"{exc}"}
                 if answer is not None:
                     writer.write(json.dumps(answer).encode() + b"\n")
+                if self.broker.wants.outbox:
+                    deliver(self.broker.wants.take_outbox())
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
@@ -135,6 +153,7 @@ class BrokerServer:
                 req["domain"],
                 int(req["want"]),
                 queued=int(req.get("queued") or 0),
+                lane=int(req.get("lane") or 0),
             )
             answer = {**_fields(c, b.clock()), "warming_domains": b.warming_domains()}
         elif op == "take":
@@ -145,6 +164,7 @@ class BrokerServer:
                 int(req["want"]),
                 req["domain"],
                 req["sending_domain"],
+                lane=int(req.get("lane") or 0),
             )
             answer = _fields(g, b.clock())
         elif op == "refusal":
@@ -203,8 +223,17 @@ class BrokerClient:
     is connected but does not answer in time still means no.
     """
 
-    def __init__(self, path: str, *, timeout: float = 2.0, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        timeout: float = 2.0,
+        metrics: Metrics | None = None,
+        on_notice: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.path = path
+        #: Called with each notice the broker sends this worker (``shaping.wants``).
+        self.on_notice = on_notice
         self.timeout = timeout
         self.metrics = metrics
         self._reader: asyncio.StreamReader | None = None
@@ -262,6 +291,13 @@ class BrokerClient:
         try:
             while line := await reader.readline():
                 msg = json.loads(line)
+                if "push" in msg:
+                    if self.on_notice is not None:
+                        try:
+                            self.on_notice(msg)
+                        except Exception:  # a notice is advice: never lose the channel
+                            log.exception("event=broker_notice_failed notice=%r", msg)
+                    continue
                 fut = self._pending.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -347,6 +383,7 @@ class BrokerClient:
         domain: str | None,
         want: int,
         queued: int = 0,
+        lane: int = 0,
     ) -> tuple[Choice, list[str]]:
         req = {
             "pool": pool,
@@ -356,6 +393,7 @@ class BrokerClient:
             "domain": domain,
             "want": want,
             "queued": queued,
+            "lane": lane,
         }
         if self._outage:
             self._fallback("choose")
@@ -374,7 +412,13 @@ class BrokerClient:
         return c, list(a.get("warming_domains", []))
 
     async def take(
-        self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
+        self,
+        source: str,
+        site: str,
+        want: int,
+        domain: str | None,
+        sending_domain: str | None,
+        lane: int = 0,
     ) -> Grant:
         if self._outage:
             self._fallback("take")
@@ -394,6 +438,7 @@ class BrokerClient:
             want=want,
             domain=domain,
             sending_domain=sending_domain,
+            lane=lane,
         )
         return g
 

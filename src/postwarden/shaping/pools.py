@@ -67,7 +67,10 @@ async def check_source(resolver: Resolver, src: SourceConfig, cfg: Config) -> So
 #: Seconds after which a message counts half as much in a source's share (2 minutes:
 #: the last few minutes of mail to a site decide; what was sent an hour ago does not).
 HALF_LIFE = 120.0
-_FORGET = 1e-3  # a decayed count below this, with no connection open, is dropped
+_FORGET = 1e-3
+#: How far (relative) a source may run ahead of its weighted share while a source
+#: behind it waits for a free slot.
+TOLERANCE = 0.05  # a decayed count below this, with no connection open, is dropped
 
 
 @dataclass
@@ -121,6 +124,19 @@ class Balancer:
             return 0.0
         est = self.per_conn.get((pool, site), 1.0)
         return (self._decayed(c, now) + c.open * est) / max(weight, 1)
+
+    def within(
+        self, pool: str, site: str, source: str, weight: int, lead: float, now: float
+    ) -> bool:
+        """Whether ``source`` may open one more connection while a source behind it
+        (its :meth:`behind` is ``lead``) waits for a slot: only while it is not ahead
+        of that one by more than ``TOLERANCE`` (and a connection's worth, so that an
+        empty count does not stall), which keeps the pool's weights when connection
+        limits bind."""
+        est = self.per_conn.get((pool, site), 1.0)
+        return self.behind(pool, site, source, weight, now) <= lead * (1 + TOLERANCE) + est / max(
+            weight, 1
+        )
 
     def add(self, pool: str, site: str, source: str, n: float, now: float) -> None:
         """Count ``n`` messages for ``source`` (sent, or its share kept waiting)."""

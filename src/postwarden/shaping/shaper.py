@@ -19,6 +19,7 @@ from postwarden.config import Config, PoolConfig, SourceConfig
 from postwarden.mta.delivery import Job
 from postwarden.shaping.broker import Choice, Grant
 from postwarden.shaping.rules import Rules, RulesError, load_rules
+from postwarden.shaping.wants import deliver
 
 log = logging.getLogger("postwarden.shaping")
 
@@ -48,10 +49,17 @@ class Backend(Protocol):
         domain: str | None,
         want: int,
         queued: int = 0,
+        lane: int = 0,
     ) -> tuple[Choice, list[str]]: ...
 
     async def take(
-        self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
+        self,
+        source: str,
+        site: str,
+        want: int,
+        domain: str | None,
+        sending_domain: str | None,
+        lane: int = 0,
     ) -> Grant: ...
 
     async def refusal(self, source: str, site: str, domain: str | None) -> Grant:
@@ -71,11 +79,25 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The broker of this very process (a single-process appliance, tests)."""
+    """The broker of this very process (a single-process appliance, tests).
 
-    def __init__(self, service: Any) -> None:
+    ``on_notice``: called (soon after, never inside a broker call) with the broker's
+    notices for this process (``shaping.wants``: a slot wanted or freed at a site)."""
+
+    def __init__(
+        self, service: Any, on_notice: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
         self.service = service
         self.broker = service.broker
+        self.on_notice = on_notice
+
+    def push(self, msg: dict[str, Any]) -> None:
+        if self.on_notice is not None:
+            asyncio.get_running_loop().call_soon(self.on_notice, msg)
+
+    def _notify(self) -> None:
+        if self.broker.wants.outbox:
+            deliver(self.broker.wants.take_outbox())
 
     def _at(self, retry_at: float) -> float:
         if not retry_at:
@@ -91,14 +113,24 @@ class LocalBackend:
         domain: str | None,
         want: int,
         queued: int = 0,
+        lane: int = 0,
     ) -> tuple[Choice, list[str]]:
-        c = self.broker.choose(self, pool, members, overflow, site, domain, want, queued=queued)
+        c = self.broker.choose(
+            self, pool, members, overflow, site, domain, want, queued=queued, lane=lane
+        )
+        self._notify()
         return dataclasses.replace(c, retry_at=self._at(c.retry_at)), self.broker.warming_domains()
 
     async def take(
-        self, source: str, site: str, want: int, domain: str | None, sending_domain: str | None
+        self,
+        source: str,
+        site: str,
+        want: int,
+        domain: str | None,
+        sending_domain: str | None,
+        lane: int = 0,
     ) -> Grant:
-        g = self.broker.take(self, source, site, want, domain, sending_domain)
+        g = self.broker.take(self, source, site, want, domain, sending_domain, lane=lane)
         return dataclasses.replace(g, retry_at=self._at(g.retry_at))
 
     async def refusal(self, source: str, site: str, domain: str | None) -> Grant:
@@ -109,6 +141,7 @@ class LocalBackend:
         self, pool: str, source: str, site: str, domain: str | None, sent: int, unused: int
     ) -> None:
         self.broker.release(self, pool, source, site, domain, sent, unused)
+        self._notify()
 
     def report_outcome(self, **item: Any) -> None:
         self.broker.report(**item)
@@ -154,13 +187,20 @@ class Shaper:
         return pool
 
     async def choose(
-        self, pool: PoolConfig, site: str, domain: str | None, want: int, queued: int = 0
+        self,
+        pool: PoolConfig,
+        site: str,
+        domain: str | None,
+        want: int,
+        queued: int = 0,
+        lane: int = 0,
     ) -> tuple[Choice, SourceConfig | None]:
         """A source and up to ``want`` tokens; ``queued``: the messages waiting for
-        the destination (a capped source's share of them waits with overflow "wait")."""
+        the destination (a capped source's share of them waits with overflow "wait");
+        ``lane``: the first message's (0 transactional, 1 bulk)."""
         members = [(m.source, m.weight) for m in pool.members]
         choice, warming = await self.backend.choose(
-            pool.name, members, pool.overflow, site, domain, want, queued
+            pool.name, members, pool.overflow, site, domain, want, queued, lane
         )
         self.warming_domains = set(warming)
         return choice, self.sources.get(choice.source) if choice.ok else None
