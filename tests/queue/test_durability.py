@@ -145,17 +145,22 @@ async def test_each_250_follows_the_fsyncs_covering_its_message(
     ids: list[str] = []
     async with serve(prefix, config, port, tmp_path / "serve.log"):
 
-        async def one(i: int) -> str:
+        async def one(i: int, together: asyncio.Barrier | None = None) -> str:
             async with aiosmtplib.SMTP(
                 hostname="127.0.0.1", port=port, start_tls=False, timeout=30
             ) as smtp:
                 body = f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
-                _, resp = await smtp.sendmail("a@sender.test", [f"r{i}@inbox.test"], body)
+                await smtp.mail("a@sender.test")
+                await smtp.rcpt(f"r{i}@inbox.test")
+                if together is not None:  # every session's DATA at the same moment
+                    await together.wait()
+                resp = (await smtp.data(body)).message
                 return resp.rsplit(" ", 1)[-1]
 
         for i in range(3):  # one at a time
             ids.append(await one(i))
-        ids += await asyncio.gather(*(one(i) for i in range(3, 13)))  # sharing fsyncs
+        together = asyncio.Barrier(10)
+        ids += await asyncio.gather(*(one(i, together) for i in range(3, 13)))  # sharing fsyncs
         await lab.wait_for_messages(13, timeout=30)
     calls = parse_trace(trace.read_text(errors="replace"))
     assert calls, "strace recorded nothing"
