@@ -48,7 +48,7 @@ from postwarden.mta.delivery import AttemptResult, DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.inbound import InboundHandler, make_inbound_factory
 from postwarden.mta.ingress import IngressHandler, make_server_factory
-from postwarden.queue.scheduler import Scheduler
+from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN, Scheduler
 from postwarden.queue.spool import (
     Envelope,
     Lease,
@@ -324,6 +324,18 @@ class Appliance:
                     550, "5.7.1", "The From domain is not a verified sending domain of this"
                     " account", field="from", reason="sender_domain",
                 )  # fmt: skip
+        if (
+            not self.control.db.started
+            and cleaned.signing_domain
+            and cleaned.signing_domain not in self.signer.domains()
+        ):
+            # Started while the control database was down: its DKIM keys are not
+            # loaded, and this domain may have some. Mail signed by the keys of the
+            # config goes on; this waits for the database (the client retries).
+            raise Rejected(
+                451, "4.3.0", "Temporary local problem, try again later",
+                field="from", reason="control_unavailable",
+            )  # fmt: skip
         signatures = await self.signer.sign_fields_async(
             cleaned.headers, cleaned.body, cleaned.signing_domain
         )
@@ -339,6 +351,11 @@ class Appliance:
             drops = dict(envelope.drops)
             for rcpt in envelope.rcpt_tos:
                 reason = self.control.suppressed(envelope.tenant, rcpt)
+                if reason == SUPPRESSIONS_UNKNOWN:
+                    raise Rejected(
+                        451, "4.3.0", "Temporary local problem, try again later",
+                        field="to", reason="control_unavailable",
+                    )  # fmt: skip
                 if reason is not None and rcpt not in drops:
                     drops[rcpt] = reason
                     self.metrics.dropped.labels(reason, "acceptance").inc()
@@ -491,6 +508,7 @@ class Appliance:
         def health() -> tuple[bool, dict[str, Any]]:
             ok = not self.spool.closed and not self._stopping
             details: dict[str, Any] = {
+                "database": self.control.db.snapshot(),
                 "inflight": self.scheduler.inflight,
                 "sessions_in": self.ingress.open_sessions,
                 "sessions_out": self.scheduler.sessions,

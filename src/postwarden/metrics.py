@@ -58,6 +58,8 @@ REJECT_REASONS = (
     "hops",
     "auth_locked",
     "credentials_revoked",
+    "auth_unavailable",
+    "control_unavailable",
 )
 #: Why the inbound MX (mta.inbound) refused a command.
 INBOUND_REFUSALS = (

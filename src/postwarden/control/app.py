@@ -71,13 +71,32 @@ def create_app(
     are (the lab's inbox, under ``postwarden lab``).
     """
 
-    async def healthz(_: Request) -> JSONResponse:
+    def state() -> tuple[str, dict[str, Any]]:
         ok, details = health()
+        if not ok:
+            return "stopping", details
+        db = details.get("database") or {}
+        if db.get("state") == "down" or db.get("control_plane") == "starting":
+            down = ["database"] if db.get("state") == "down" else []
+            return "degraded", {**details, "down": down or ["control_plane"]}
+        return "ok", details
+
+    async def healthz(_: Request) -> JSONResponse:
+        """Liveness: 200 while the process serves (``ok``, or ``degraded`` with what
+        is down: mail still flows without the database); 503 when it is stopping."""
+        status, details = state()
+        code = 503 if status == "stopping" else 200
+        return JSONResponse({"status": status, **details}, status_code=code)
+
+    async def readyz(_: Request) -> JSONResponse:
+        """Readiness, for a load balancer in front of the API: 200 only when the
+        API can answer (the database up, the control plane started)."""
+        status, details = state()
         return JSONResponse(
-            {"status": "ok" if ok else "stopping", **details}, status_code=200 if ok else 503
+            {"status": status, **details}, status_code=200 if status == "ok" else 503
         )
 
-    routes = [Route("/healthz", healthz)]
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz)]
     if serve_metrics:
         routes.append(metrics_route(metrics, metrics_token))
     if plane is not None:

@@ -12,10 +12,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.models import ApiKey, Tenant
 from postwarden.store.secrets import hash_key, key_matches, key_prefix
 
 log = logging.getLogger("postwarden.control.auth")
+_limited = LogLimiter(log)
 
 TENANT_SCOPES = ("send", "read", "manage")
 ALL_SCOPES = (*TENANT_SCOPES, "admin")
@@ -80,7 +82,14 @@ class KeyAuthenticator:
         if hit is not None and hit[1] > now:
             found = hit[0]
         else:
-            found = await self._lookup(prefix, token)
+            try:
+                found = await self._lookup(prefix, token)
+            except Exception as exc:
+                # The database is down: a key seen before keeps its last answer (its
+                # revocation, if any, is read from the change feed when it is back).
+                if hit is None or not is_unavailable(exc):
+                    raise
+                return hit[0]
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[digest] = (found, now + self._ttl)
@@ -126,8 +135,8 @@ class KeyAuthenticator:
                     .values(last_used_at=dt.datetime.now(dt.UTC))
                 )
                 await s.commit()
-        except Exception:  # a busy database must not fail the request
-            log.warning("event=key_touch_failed key=%s", key_id, exc_info=True)
+        except Exception as exc:  # a busy database must not fail the request
+            _limited(logging.WARNING, "key_touch", "event=key_touch_failed key=%s", key_id, exc=exc)
 
 
 class RateLimiter:

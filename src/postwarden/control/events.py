@@ -28,10 +28,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from postwarden.bounces import feedback
 from postwarden.config import BouncesConfig
+from postwarden.store.availability import LogLimiter
 from postwarden.store.feed import lock_events
 from postwarden.store.models import Event, EventCursor, Message, Recipient
 
 log = logging.getLogger("postwarden.control.events")
+_limited = LogLimiter(log)
 
 BATCH = 2000
 RECIPIENTS: Table = Recipient.__table__  # type: ignore[assignment]
@@ -127,16 +129,23 @@ class EventCopier:
                 self._conn = None
 
     async def _run(self) -> None:
+        failing = 0  # copies failed in a row: the next waits longer (up to 5 s)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval * 4)
             await asyncio.sleep(self.interval)  # gather a batch
+            if failing:
+                await asyncio.sleep(min(5.0, 0.25 * 2**failing))
             self._wake.clear()
             try:
                 while await self.copy_once() == BATCH:
                     pass
-            except Exception:
-                log.warning("event=event_copy_failed", exc_info=True)
+                failing = 0
+            except Exception as exc:
+                # The events wait in the spool's log (never pruned before they are
+                # copied) and are copied when the database is back.
+                failing = min(failing + 1, 10)
+                _limited(logging.WARNING, "event_copy", "event=event_copy_failed", exc=exc)
 
     def _connect(self) -> sqlite3.Connection:
         with self._conn_lock:

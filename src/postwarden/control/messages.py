@@ -49,9 +49,11 @@ from postwarden.mail.build import (
 )
 from postwarden.mail.cleanup import Rejected
 from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, SpoolFull, new_message_id
+from postwarden.store.availability import LogLimiter
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
+_limited = LogLimiter(log)
 
 OneLine = Annotated[str, AfterValidator(one_line)]
 DisplayName = Annotated[OneLine, StringConstraints(max_length=200)]
@@ -313,6 +315,11 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
             creds = Credentials(c.principal.tenant_name, token)
         stored = await c.ctx.inject(env, data, msg_id, creds)
     except Rejected as exc:  # the cleanup stage's verdict: the message, not the spool
+        if exc.code < 500:  # a temporary refusal (the control database is down)
+            raise ApiError(
+                503, "unavailable", "the message cannot be accepted now; try again shortly",
+                headers={"Retry-After": "5"},
+            ) from None  # fmt: skip
         raise invalid(exc.field, exc.text) from None
     except SpoolFull as exc:
         raise ApiError(
@@ -342,8 +349,8 @@ async def remember_message(c: Call, env: Envelope, msg: MessageAccepted) -> None
     answer (a 5xx would invite a retry that sends it twice)."""
     try:
         await _remember(c, env, msg)
-    except Exception:
-        log.warning("event=remember_failed msg=%s", msg.id, exc_info=True)
+    except Exception as exc:
+        _limited(logging.WARNING, "remember", "event=remember_failed msg=%s", msg.id, exc=exc)
 
 
 async def _remember(c: Call, env: Envelope, msg: MessageAccepted) -> None:

@@ -19,8 +19,10 @@ from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
 from postwarden.control.domains import signing_generation
 from postwarden.dns.resolver import Resolver
-from postwarden.mta.auth import KeyLogin
+from postwarden.mta.auth import AuthUnavailable, KeyLogin
 from postwarden.mta.dkim import DkimKeyError, SigningKey, parse_key
+from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN
+from postwarden.store.availability import DbHealth, LogLimiter, is_unavailable, short_error
 from postwarden.store.db import (
     create_engine,
     current_revision,
@@ -44,6 +46,10 @@ if TYPE_CHECKING:
     from postwarden.shaping.shaper import Shaper
 
 log = logging.getLogger("postwarden.control")
+_limited = LogLimiter(log)
+#: Seconds before the database is asked again after it failed; doubling up to the max.
+RETRY_FIRST = 0.5
+RETRY_MAX = 5.0
 
 
 class PoolNotAllowed(ValueError):
@@ -75,6 +81,8 @@ class ControlPlane:
             self.box = load_box(cfg.control.encryption_key, cfg.control.encryption_key_file)
         except (OSError, ValueError) as exc:
             raise ControlPlaneError(f"control.encryption_key: {exc}") from exc
+        # Whether the database answers (issue 18): the API, SMTP AUTH and /healthz ask.
+        self.db = DbHealth(log=log)
         self.auth = KeyAuthenticator(self.sessions)
         self.limiter = RateLimiter(cfg.control.rate_limit, cfg.control.rate_burst)
         # Bytes of request bodies this process holds at once (its share of the budget).
@@ -124,6 +132,43 @@ class ControlPlane:
         self._parsed_keys: dict[int, SigningKey] = {}
 
     async def start(self) -> None:
+        """Load the caches and follow the change feed. With the database down, return
+        at once and keep trying in the background (the MTA side goes on without it:
+        :attr:`db` says ``control_plane: starting`` until then); a database at the wrong
+        revision still stops the start."""
+        try:
+            await self._start()
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            self.db.down(exc)
+            log.error(
+                "event=control_plane_waiting reason=database_unavailable error=%r"
+                " note='the API answers 503 and SMTP AUTH 454 until the database is back'",
+                short_error(exc),
+            )
+            self._task = asyncio.create_task(self._start_later(), name="control-start")
+
+    async def _start_later(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._start()
+                return
+            except ControlPlaneError as exc:  # reachable, but not at this version's revision
+                self.db.error = str(exc)
+                _limited(logging.ERROR, "start_refused", "event=control_plane_not_started %s",
+                         str(exc))  # fmt: skip
+            except Exception as exc:
+                if is_unavailable(exc):
+                    self.db.down(exc)
+                else:
+                    _limited(logging.ERROR, "start_failed", "event=control_plane_start_failed",
+                             exc=exc)  # fmt: skip
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _start(self) -> None:
         url = self.cfg.database.url
         # A worker's supervisor has checked (or upgraded) the database already.
         if os.environ.get("POSTWARDEN_DB_CHECKED") != "1":
@@ -141,6 +186,8 @@ class ControlPlane:
         await self.reload_keys()
         await self.reload_return_paths()
         await self.reload_pools()
+        self.db.started = True
+        self.db.recovered()
         self._task = asyncio.create_task(self._poll())
 
     def wake(self) -> None:
@@ -331,8 +378,15 @@ class ControlPlane:
 
     async def smtp_login(self, login: str, password: str) -> KeyLogin | None:
         """SMTP AUTH with an API key: the tenant and key when ``login`` is the key's
-        tenant name and the key has the ``send`` scope."""
-        principal = await self.auth.authenticate(password)
+        tenant name and the key has the ``send`` scope. Raises :class:`AuthUnavailable`
+        when the database cannot say (and the key is not cached)."""
+        try:
+            principal = await self.auth.authenticate(password)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            self.db.down(exc)
+            raise AuthUnavailable(short_error(exc)) from exc
         if (
             principal is None
             or principal.tenant_id is None
@@ -384,11 +438,15 @@ class ControlPlane:
         return domain in self.verified.get(tenant_id, ())
 
     def suppressed(self, tenant: str, address: str) -> str | None:
-        """The one suppression check, for spool tenants (ids as text)."""
+        """The one suppression check, for spool tenants (ids as text);
+        ``SUPPRESSIONS_UNKNOWN`` while the list has not been read (started with the
+        database down): the caller holds the mail."""
         try:
             tid = int(tenant)
         except ValueError:
             return None
+        if not self.db.started:
+            return SUPPRESSIONS_UNKNOWN
         return self.suppressions.check(tid, address)
 
     # ------------------------------------------------------------------ change feed
@@ -429,15 +487,24 @@ class ControlPlane:
             await s.commit()
 
     async def _poll(self) -> None:
+        """Read the change feed every ``control.cache_poll`` (or when woken); while
+        the database is down, ask it again after 0.5 s, doubling up to 5 s, and say
+        it is back the first time it answers."""
         n = 0
+        wait = self.cfg.control.cache_poll
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.control.cache_poll)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             try:
                 await self.sync()
+                self.db.recovered()
+                wait = self.cfg.control.cache_poll
                 n += 1
                 if n % 3600 == 0:
                     await self.prune()
-            except Exception:
-                log.warning("event=change_feed_failed", exc_info=True)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    self.db.down(exc)
+                    wait = RETRY_FIRST if self.db.failures <= 1 else min(wait * 2, RETRY_MAX)
+                _limited(logging.WARNING, "change_feed", "event=change_feed_failed", exc=exc)

@@ -23,8 +23,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from postwarden.control.auth import IMPLIES, Principal, TenantDisabled
 from postwarden.control.bodies import BodyBudget
 from postwarden.control.errors import ApiError, field_path, from_validation
+from postwarden.store.availability import LogLimiter, is_unavailable
 
 log = logging.getLogger("postwarden.control.api")
+#: Failures while the database is down come by the thousand: one line per kind and
+#: interval, with a count, the traceback once (issue 18).
+limited = LogLimiter(log)
+#: Seconds a client is asked to wait when the database is unavailable.
+RETRY_AFTER_UNAVAILABLE = 5
+
+
+def database_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "database_unavailable",
+        "the control database is unavailable; the request was not carried out: try again shortly",
+        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE)},
+    )
+
 
 #: The OpenAPI operation's extension naming the key it needs (key_requirement).
 KEY_EXTENSION = "x-postwarden-key"
@@ -212,8 +228,18 @@ class Api:
                 result = await self._run(ctx, op, call)
             except ApiError as exc:
                 return error_response(exc, rid)
-            except Exception:
-                log.exception("event=api_error method=%s path=%s rid=%s", op.method, op.path, rid)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    db = getattr(ctx, "db", None)
+                    if db is not None:
+                        db.down(exc)
+                    limited(logging.WARNING, "api_unavailable",
+                            "event=api_database_unavailable method=%s path=%s rid=%s",
+                            op.method, op.path, rid, exc=exc)  # fmt: skip
+                    return error_response(database_unavailable(), rid)
+                limited(logging.ERROR, f"api_error {op.method} {op.path} {type(exc).__name__}",
+                        "event=api_error method=%s path=%s rid=%s",
+                        op.method, op.path, rid, exc=exc)  # fmt: skip
                 return error_response(ApiError(500, "internal", "internal error"), rid)
             finally:
                 if call.reserved:
@@ -543,8 +569,9 @@ async def apply_changes(ctx: Any, op: Operation) -> None:
         return
     try:
         await ctx.sync()
-    except Exception:
-        log.warning("event=change_feed_sync_failed path=%s", op.path, exc_info=True)
+    except Exception as exc:
+        limited(logging.WARNING, "change_feed_sync", "event=change_feed_sync_failed path=%s",
+                op.path, exc=exc)  # fmt: skip
         ctx.wake()
 
 

@@ -49,6 +49,7 @@ class ControlService:
         def health() -> tuple[bool, dict[str, Any]]:
             return not self._stopping, {
                 "role": "control",
+                "database": self.control.db.snapshot(),
                 "submit_to": f"{self.relay.host}:{self.relay.port}",
             }
 

@@ -90,3 +90,8 @@ class KeyLogin(NamedTuple):
 
     tenant_id: int
     key_prefix: str
+
+
+class AuthUnavailable(Exception):
+    """The credentials cannot be checked now (the control database is down): a
+    temporary failure (``454 4.7.0``), not a wrong password."""

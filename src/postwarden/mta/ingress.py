@@ -33,7 +33,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 from postwarden.config import Config
 from postwarden.mail.cleanup import Origin, Rejected
 from postwarden.metrics import Metrics
-from postwarden.mta.auth import KeyLogin, PasswordStore
+from postwarden.mta.auth import AuthUnavailable, KeyLogin, PasswordStore
 from postwarden.mta.guard import AuthLockout, GuardChannel, lockout_rule
 from postwarden.mta.wire import BulkDataSMTP
 from postwarden.queue.spool import LANE_BULK, LANE_HIGH, SpoolFull, StoredMessage, new_message_id
@@ -516,7 +516,13 @@ class IngressSMTP(GuardedSMTP):
         credentials = result.auth_data
         if not isinstance(credentials, LoginPassword):
             return  # aborted or undecodable: aiosmtpd has answered
-        who = await self._verify(credentials)
+        try:
+            who = await self._verify(credentials)
+        except AuthUnavailable:
+            # Not the client's fault and not a failed guess: nothing counted.
+            self.ingress.metrics.rejected.labels("auth_unavailable").inc()
+            await self.push("454 4.7.0 Temporary authentication failure, try again later")
+            return
         if who is not None:
             session.authenticated = True
             session.auth_data = who  # type: ignore[assignment]  # aiosmtpd infers None

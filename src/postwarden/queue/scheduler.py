@@ -73,6 +73,11 @@ HOLD_MEMORY = 60.0
 #: Seconds a broker's notice that a slot is wanted holds here without a word again
 # (the broker repeats it twice a second while the request waits; shaping.wants).
 WANT_HEARD = 1.5
+#: What the suppression check answers when it cannot know (the control database has
+#: not been read since start): the recipient waits, never sent, never dropped.
+SUPPRESSIONS_UNKNOWN = "suppressions_unknown"
+#: Seconds such a recipient waits before it is asked about again.
+SUPPRESSIONS_RECHECK = 15.0
 #: Refusals of the chosen source alone (another source of the pool may take its mail).
 SOURCE_REFUSALS = frozenset({"suspended", "warming_cap", "paused"})
 #: Failed spool writes of outcomes are retried after this long, doubling up to the max.
@@ -272,10 +277,14 @@ class Scheduler:
         suppressed while its mail waited is dropped, never sent."""
         keep: list[Lease] = []
         dropped: list[Outcome] = []
+        unknown: list[Lease] = []
         for lease in leases:
             reason = self.suppressed(lease.tenant, lease.rcpt) if lease.tenant else None
             if reason is None:
                 keep.append(lease)
+                continue
+            if reason == SUPPRESSIONS_UNKNOWN:
+                unknown.append(lease)
                 continue
             dropped.append(
                 Outcome(
@@ -287,6 +296,23 @@ class Scheduler:
                 )
             )
             self.metrics.dropped.labels(reason, "delivery").inc()
+        if unknown:
+            # Started while the control database was down: whether these addresses
+            # are suppressed cannot be known yet. They wait (no attempt counted;
+            # in flight until their outcome is written, as a drop is).
+            now = time.time()
+            why = "control database unavailable: the suppression list is not loaded yet"
+            for lease in unknown:
+                dropped.append(
+                    Outcome(
+                        lease.rcpt_id,
+                        lease.msg_id,
+                        QUEUED,
+                        next_attempt=now + SUPPRESSIONS_RECHECK,
+                        counted_attempt=False,
+                        wait_reason=why,
+                    )
+                )
         if dropped:
             self._pending.extend(dropped)
             if self._flush_task is None:

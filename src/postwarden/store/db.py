@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: Seconds to open a connection to PostgreSQL, or to wait for one from the pool.
+CONNECT_TIMEOUT = 5.0
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -27,6 +29,13 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     path = _sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if make_url(url).get_backend_name() == "postgresql":
+        # A pooled connection is checked before use (a database restarted since
+        # leaves closed ones behind), and a database that does not answer is given
+        # up on within seconds, not the driver's minute.
+        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", CONNECT_TIMEOUT)
+        kwargs.setdefault("pool_timeout", CONNECT_TIMEOUT)
     engine = create_async_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
 
