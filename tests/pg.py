@@ -42,6 +42,33 @@ class PgServer:
     datadir: Path
     proc: subprocess.Popen[bytes]
     counter: int = 0
+    argv: tuple[str, ...] = ()  # how it was started: :meth:`restart` starts it again
+
+    user: str | None = None  # whom it runs as (initdb refuses root)
+
+    def stop(self) -> None:
+        """A fast shutdown (``pg_ctl stop -m fast``: sessions are ended), as an
+        operator's restart or a crash of the database host looks to its clients."""
+        pg_ctl = str(Path(self.argv[self.argv.index("-D") - 1]).with_name("pg_ctl"))
+        _run_as(self.user, [pg_ctl, "stop", "-D", str(self.datadir), "-m", "fast", "-w"])
+        self.proc.wait(30)
+
+    def restart(self) -> None:
+        """Start it again on the same port and data, and wait until it answers."""
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self._sql("SELECT 1")
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"postgres did not start: {err[-2000:]}") from None
+                time.sleep(0.1)
 
     def url(self, db: str) -> str:
         return f"postgresql+asyncpg://pw@127.0.0.1:{self.port}/{db}"
@@ -134,17 +161,8 @@ def start_server() -> PgServer:
     if user:
         argv = [require_binary("runuser"), "-u", user, "--", *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = PgServer(port, datadir, proc)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            server._sql("SELECT 1")
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"postgres did not start: {err[-2000:]}") from None
-            time.sleep(0.1)
+    server = PgServer(port, datadir, proc, argv=tuple(argv), user=user)
+    server.wait_ready()
     server._sql("CREATE DATABASE pw_template")
     upgrade_sync(server.url("pw_template"))
     return server

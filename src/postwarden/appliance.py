@@ -180,6 +180,7 @@ class Appliance:
         self.ingress.key_valid = self.control.key_valid
         self.ingress.pool_for = self.control.pool_for
         self.control.inject = self.inject
+        self.control.spool_root = str(cfg.spool.path)
         # The inbound MX (bounces, complaints): only with inbound.listen (a worker: with
         # the sockets the supervisor bound for it); its inbox is shared by every worker.
         self.inbox: Inbox | None = None

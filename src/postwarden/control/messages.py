@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -48,8 +50,15 @@ from postwarden.mail.build import (
     needs_smtputf8,
 )
 from postwarden.mail.cleanup import Rejected
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, SpoolFull, new_message_id
-from postwarden.store.availability import LogLimiter
+from postwarden.queue.spool import (
+    LANE_BULK,
+    LANE_HIGH,
+    Envelope,
+    SpoolFull,
+    find_idempotent,
+    new_message_id,
+)
+from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
@@ -328,18 +337,8 @@ async def spool(c: Call, env: Envelope, data: bytes, msg_id: str) -> MessageAcce
         ) from exc  # fmt: skip
     except Exception as exc:
         raise ApiError(503, "unavailable", f"the spool refused the message: {exc}") from exc
-    out = []
-    for rcpt, rid in zip(env.rcpt_tos, stored.rcpt_ids, strict=True):
-        reason = stored.drops.get(rcpt)
-        out.append(
-            RecipientAccepted(
-                id=f"{stored.msg_id}.{rid}",
-                email=rcpt,
-                status="dropped" if reason else "queued",
-                reason=reason,
-            )
-        )
-    return MessageAccepted(id=stored.msg_id, recipients=out)
+    rows = zip(env.rcpt_tos, stored.rcpt_ids, strict=True)
+    return accepted(stored.msg_id, [(r, rid, stored.drops.get(r)) for r, rid in rows])
 
 
 async def remember_message(c: Call, env: Envelope, msg: MessageAccepted) -> None:
@@ -393,44 +392,103 @@ async def _remember(c: Call, env: Envelope, msg: MessageAccepted) -> None:
         await s.commit()
 
 
+#: A retried request is carried out once per process at a time (the database row
+#: guards across processes; while the database is down, this lock alone does).
+_KEY_LOCKS: dict[tuple[int, str], asyncio.Lock] = {}
+
+#: What a retry finds in the spool: part (a batch's index) -> the answer then.
+Found = dict[int, "MessageAccepted"]
+
+
+def accepted(msg_id: str, rows: list[tuple[str, int, str | None]]) -> MessageAccepted:
+    """The 202 answer for a message: its recipients (address, id, drop reason)."""
+    return MessageAccepted(
+        id=msg_id,
+        recipients=[
+            RecipientAccepted(
+                id=f"{msg_id}.{rid}",
+                email=rcpt,
+                status="dropped" if reason else "queued",
+                reason=reason,
+            )
+            for rcpt, rid, reason in rows
+        ],
+    )
+
+
+def keyed(c: Call, env: Envelope, part: int) -> Envelope:
+    """The envelope with the request's Idempotency-Key, for the spool to keep."""
+    if c.idempotency is None:
+        return env
+    key, digest = c.idempotency
+    return dataclasses.replace(env, idempotency=(key, digest, part))
+
+
 async def idempotent(c: Call, run: Any) -> Any:
     """``Idempotency-Key``: the same key and body give the same answer for
-    ``control.idempotency_ttl``; the same key with another body is a 409."""
+    ``control.idempotency_ttl``; the same key with another body is a 409.
+
+    The spool keeps each message's key in the transaction that accepts it, so a
+    retry after any failure (the database down before, during or after, a crash, a
+    lost answer) finds what was accepted and answers as the first time: ``run`` is
+    called with what the spool holds (part -> answer) and sends only the rest."""
     key = c.request.headers.get("idempotency-key")
     if key is None:
-        return await run()
+        return await run({})
     if not re.fullmatch(r"[\x21-\x7e]{1,200}", key):
         raise invalid("Idempotency-Key", "1 to 200 printable ASCII characters")
     digest = hashlib.sha256(c.request.url.path.encode() + b"\0" + c.raw).hexdigest()
+    c.idempotency = (key, digest)
+    lock_key = (c.tenant_id, key)
+    lock = _KEY_LOCKS.setdefault(lock_key, asyncio.Lock())
+    try:
+        async with lock:
+            return await _idempotent(c, key, digest, run)
+    finally:
+        if not lock.locked() and _KEY_LOCKS.get(lock_key) is lock:
+            del _KEY_LOCKS[lock_key]
+
+
+async def _idempotent(c: Call, key: str, digest: str, run: Any) -> Any:
     ttl = dt.timedelta(seconds=c.ctx.cfg.control.idempotency_ttl)
     now = dt.datetime.now(dt.UTC)
-    async with c.ctx.sessions() as s:
-        row = await s.get(IdempotencyKey, (c.tenant_id, key))
-        # An answer past its time, or a request that never finished (its process died
-        # mid-way; nothing takes this long), no longer holds the key.
-        if row is not None and (
-            row.created_at < now - ttl
-            or (row.status_code == 0 and row.created_at < now - STALE_IN_PROGRESS)
-        ):
-            await s.delete(row)
-            await s.flush()
-            row = None
-        if row is None:
-            s.add(
-                IdempotencyKey(
-                    tenant_id=c.tenant_id,
-                    key=key,
-                    request_hash=digest,
-                    status_code=0,
-                    response={},
-                    created_at=now,
+    row: IdempotencyKey | None = None
+    ours = False  # this request holds the key's row (in progress)
+    try:
+        async with c.ctx.sessions() as s:
+            row = await s.get(IdempotencyKey, (c.tenant_id, key))
+            # An answer past its time, or a request that never finished (its process
+            # died mid-way; nothing takes this long), no longer holds the key.
+            if row is not None and (
+                row.created_at < now - ttl
+                or (row.status_code == 0 and row.created_at < now - STALE_IN_PROGRESS)
+            ):
+                await s.delete(row)
+                await s.flush()
+                row = None
+            if row is None:
+                s.add(
+                    IdempotencyKey(
+                        tenant_id=c.tenant_id,
+                        key=key,
+                        request_hash=digest,
+                        status_code=0,
+                        response={},
+                        created_at=now,
+                    )
                 )
-            )
-            try:
-                await s.commit()
-            except IntegrityError:
-                await s.rollback()
-                row = await s.get(IdempotencyKey, (c.tenant_id, key))
+                try:
+                    await s.commit()
+                    ours = True
+                except IntegrityError:
+                    await s.rollback()
+                    row = await s.get(IdempotencyKey, (c.tenant_id, key))
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        # The database is down: the spool alone says what was accepted.
+        c.ctx.db.down(exc)
+        row = None
     if row is not None:
         if row.request_hash != digest:
             raise ApiError(
@@ -438,34 +496,71 @@ async def idempotent(c: Call, run: Any) -> Any:
                 "idempotency_conflict",
                 "this Idempotency-Key was used with another request body",
             )
-        if row.status_code == 0:
-            raise ApiError(
-                409,
-                "idempotency_in_progress",
-                "a request with this Idempotency-Key is still being processed",
-            )
-        return row.status_code, row.response
+        if row.status_code != 0:
+            return row.status_code, row.response
+    found = await _in_spool(c, key, digest)
+    if row is not None and not found:  # another request with this key, under way
+        raise ApiError(
+            409,
+            "idempotency_in_progress",
+            "a request with this Idempotency-Key is still being processed",
+            headers={"Retry-After": "1"},
+        )
     try:
-        status, body = await run()
+        status, body = await run(found)
     except ApiError as exc:
         if exc.status >= 500:
-            async with c.ctx.sessions() as s:  # let a retry try again
-                row = await s.get(IdempotencyKey, (c.tenant_id, key))
-                if row is not None:
-                    await s.delete(row)
-                    await s.commit()
+            if ours:  # let a retry try again
+                with contextlib.suppress(Exception):
+                    async with c.ctx.sessions() as s:
+                        gone = await s.get(IdempotencyKey, (c.tenant_id, key))
+                        if gone is not None:
+                            await s.delete(gone)
+                            await s.commit()
             raise
         status, body = exc.status, exc.body(c.request_id)
     payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
-    async with c.ctx.sessions() as s:
-        row = await s.get(IdempotencyKey, (c.tenant_id, key))
-        if row is not None:
-            row.status_code, row.response = status, payload
+    try:
+        async with c.ctx.sessions() as s:
+            done = await s.get(IdempotencyKey, (c.tenant_id, key))
+            if done is None:
+                s.add(
+                    IdempotencyKey(
+                        tenant_id=c.tenant_id,
+                        key=key,
+                        request_hash=digest,
+                        status_code=status,
+                        response=payload,
+                        created_at=now,
+                    )
+                )
+            else:
+                done.status_code, done.response = status, payload
             await s.commit()
+    except Exception as exc:
+        # The answer stands (the mail is in the spool): a retry finds it there.
+        _limited(logging.WARNING, "idempotency_record", "event=idempotency_record_failed",
+                 exc=exc)  # fmt: skip
     return status, payload
 
 
-STALE_IN_PROGRESS = dt.timedelta(minutes=10)
+async def _in_spool(c: Call, key: str, digest: str) -> Found:
+    """What the spool accepted under ``key`` for this tenant (part -> answer); a 409
+    when it was accepted for another body."""
+    root = c.ctx.spool_root
+    if root is None:
+        return {}
+    rows = await asyncio.to_thread(find_idempotent, root, str(c.tenant_id), key)
+    if any(h != digest for _part, h, _m, _a in rows):
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with another request body",
+        )
+    return {part: accepted(msg_id, [tuple(r) for r in answer]) for part, _h, msg_id, answer in rows}
+
+
+STALE_IN_PROGRESS = dt.timedelta(minutes=2)
 IDEMPOTENCY = {
     "Idempotency-Key": "makes a retried request safe: same key and body, same answer (24 h)"
 }
@@ -501,8 +596,11 @@ async def send_message(c: Call) -> Any:
     """Answers 202 once the message is in the spool, fsync'd. Suppressed recipients
     come back with status ``dropped`` and the reason."""
 
-    async def run() -> tuple[int, Any]:
+    async def run(found: Found) -> tuple[int, Any]:
+        if 0 in found:  # accepted before, under this key: the same answer
+            return 202, found[0]
         env, data, msg_id = prepare(c, c.body)
+        env = keyed(c, env, 0)
         msg = await spool(c, env, data, msg_id)
         await remember_message(c, env, msg)
         return 202, msg
@@ -532,10 +630,13 @@ async def send_batch(c: Call) -> Any:
     if len(body.messages) > limit:
         raise invalid("messages", f"more than {limit} messages in one batch")
 
-    async def run() -> tuple[int, Any]:
+    async def run(found: Found) -> tuple[int, Any]:
         prepared = [prepare(c, m, f"messages[{i}].") for i, m in enumerate(body.messages)]
 
         async def one(i: int, env: Envelope, data: bytes, msg_id: str) -> BatchItem:
+            if i in found:  # accepted before, under this key
+                return BatchItem(index=i, status=202, message=found[i])
+            env = keyed(c, env, i)
             try:
                 msg = await spool(c, env, data, msg_id)
             except ApiError as exc:

@@ -118,6 +118,10 @@ class ControlPlane:
         self.on_keys: list[Callable[[list[SigningKey]], None]] = []
         # Set by the appliance: spools a message (None in a control-only process).
         self.inject: Callable[..., Awaitable[Any]] | None = None
+        # The spool this process writes to (its root, every worker's shard under it):
+        # where a retried idempotent request finds what was accepted (None: this
+        # process relays to an MTA elsewhere).
+        self.spool_root: str | None = None
         # Set by the appliance: the worker's traffic shaping (None in a control-only
         # process); the shaping API routes speak to the broker through it.
         self.shaper: Shaper | None = None

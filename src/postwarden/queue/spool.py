@@ -52,6 +52,9 @@ log = logging.getLogger("postwarden.spool")
 
 RECORD_MAGIC = b"PWS1"
 SCHEMA_VERSION = 4
+#: Seconds the spool keeps what it accepted under an API Idempotency-Key (longer than
+#: any ``control.idempotency_ttl`` should be; a retry later than that is a new request).
+IDEMPOTENCY_KEEP = 7 * 86400.0
 
 # Lanes: what kind of mail a message is, for fair leasing (:meth:`Spool.lease_due`).
 # The high lane (transactional: API and SMTP mail, or priority=high) is always leased
@@ -102,6 +105,16 @@ CREATE TABLE IF NOT EXISTS messages (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_msg ON events(msg_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    request_hash TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key, part)
+);
 """
 
 
@@ -413,6 +426,10 @@ class Envelope:
     pool: str | None = None
     # LANE_HIGH (transactional) or LANE_BULK (campaigns): see Spool.lease_due.
     lane: int = LANE_HIGH
+    # The API's Idempotency-Key this message was sent under: (key, the request's
+    # hash, its index in a batch). Kept in the same transaction as the message, so
+    # that a retry after any failure finds what was accepted (:func:`find_idempotent`).
+    idempotency: tuple[str, str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -1113,6 +1130,14 @@ class Spool:
             if dropped:
                 events.append(self._event(now, DROPPED, msg_id, rid, rcpt,
                                           {"reason": dropped, "stage": "acceptance"}))  # fmt: skip
+        if envelope.idempotency is not None:
+            key, request_hash, part = envelope.idempotency
+            answer = [[r, rid, drops.get(r)] for r, rid in zip(rcpts, ids, strict=True)]
+            db.execute(
+                "INSERT OR REPLACE INTO idempotency(tenant, key, part, request_hash, msg_id,"
+                " answer, created_at) VALUES (?,?,?,?,?,?,?)",
+                (envelope.tenant or "", key, part, request_hash, msg_id, json.dumps(answer), now),
+            )
         if live == 0:
             self._remove_if_done(msg_id, unlink)
         return StoredMessage(msg_id, tuple(ids), tuple(leases), dict(drops))
@@ -1316,6 +1341,7 @@ class Spool:
                 dead = [r[0] for r in db.execute("SELECT id FROM segments WHERE live <= 0")]
                 self._reclaim(dead, unlink)
                 pruned = self._prune_events(db)
+                self._prune_idempotency(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -1334,6 +1360,14 @@ class Spool:
             log.debug("event=spool_events_pruned count=%d", pruned)
         return 0.05 if pruned >= self.prune_batch else self.upkeep_interval
 
+    def _prune_idempotency(self, db: sqlite3.Connection) -> int:
+        cur = db.execute(
+            "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency"
+            " WHERE created_at < ? LIMIT ?)",
+            (time.time() - IDEMPOTENCY_KEEP, self.prune_batch),
+        )
+        return max(cur.rowcount, 0)
+
     def _prune_events(self, db: sqlite3.Connection) -> int:
         """Delete up to ``prune_batch`` events that are copied and old enough."""
         copied = self.copied_through
@@ -1351,3 +1385,32 @@ class Spool:
             (upto, time.time() - self.event_retention, self.prune_batch),
         )
         return max(cur.rowcount, 0)
+
+
+def find_idempotent(spool_path: str | os.PathLike[str], tenant: str, key: str) -> list[Any]:
+    """What every shard under ``spool_path`` accepted under ``key`` for ``tenant``:
+    rows ``(part, request_hash, msg_id, [[rcpt, rcpt_id, drop reason or None], …])``,
+    by part. Read-only, any thread; a shard that cannot be read is skipped (its
+    worker has not started yet)."""
+    out: list[Any] = []
+    root = Path(spool_path)
+    for shard in shard_paths(root) or [root]:
+        db_file = shard / "index.db"
+        if not db_file.exists():
+            continue
+        try:
+            conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=5.0)
+        except sqlite3.Error:
+            continue
+        try:
+            rows = conn.execute(
+                "SELECT part, request_hash, msg_id, answer FROM idempotency"
+                " WHERE tenant = ? AND key = ? AND created_at > ?",
+                (tenant, key, time.time() - IDEMPOTENCY_KEEP),
+            ).fetchall()
+        except sqlite3.OperationalError:
+            rows = []  # a spool from before this table: nothing was kept there
+        finally:
+            conn.close()
+        out += [(int(p), h, m, json.loads(a)) for p, h, m, a in rows]
+    return sorted(out, key=lambda r: r[0])
