@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from postwarden.lab import Lab
+from postwarden.queue.admin import QueueAdmin
 from tests.control.conftest import ControlApi, make_admin_key
 from tests.pg import PgServer, start_server, stop_server
 
@@ -252,3 +253,47 @@ async def test_the_appliance_starts_while_postgres_is_down(
     await aiosmtplib.send(msg, hostname=smtp_host, port=smtp_port, start_tls=False,
                           sender="a@shop.test", recipients=["u@inbox.test"])  # fmt: skip
     await lab.wait_for_messages(1, timeout=30)
+
+
+@pytest.mark.timeout(120)
+async def test_tenant_mail_waits_until_the_suppressions_are_read(
+    own_postgres: PgServer, appliance: Any, lab: Lab
+) -> None:
+    """Started with the database down, the appliance cannot know whom a tenant
+    suppressed: its queued mail waits (never sent, never dropped) until it can."""
+    lab.add_domain("later.test", behaviour="tempfail")
+    cfg = {"database": {"url": own_postgres.new_database()}}
+    first = await appliance(cfg)
+    assert first.control_address is not None
+    host, port = first.control_address
+    api = ControlApi(first, f"http://{host}:{port}", await make_admin_key(first), lab)
+    key = await api.tenant("acme")
+    await api.verified_domain(key, "acme.test")
+    async with api.client(key) as c:
+        body = {"from": "shop@acme.test", "to": ["a@later.test", "b@later.test"], "text": "x"}
+        r = await c.post("/v1/messages", json={**body, "subject": "s"})
+        assert r.status_code == 202, r.text
+        r = await c.post("/v1/suppressions", json={"address": "b@later.test"})
+        assert r.status_code in (200, 201), r.text
+    await first.stop()  # the mail waits in the spool (the MX said 451)
+    await asyncio.to_thread(own_postgres.stop)
+    lab.set_behaviour("later.test", "accept")
+    second = await appliance(cfg)
+
+    def waiting() -> list[dict[str, Any]]:
+        admin = QueueAdmin(second.cfg.spool.path)
+        try:
+            return admin.list(limit=100)
+        finally:
+            admin.close()
+
+    await until(
+        lambda: len([r for r in waiting() if "suppression list" in (r["wait_reason"] or "")]) == 2,
+        30,
+        "the tenant's mail held",
+    )
+    assert not lab.messages  # nothing sent while whom to skip is unknown
+    await asyncio.to_thread(own_postgres.restart)
+    await lab.wait_for_messages(1, timeout=60)
+    await until(lambda: not waiting(), 30, "an empty queue")
+    assert [m.rcpt_tos for m in lab.messages] == [["a@later.test"]]  # b stayed suppressed

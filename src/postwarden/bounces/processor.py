@@ -47,10 +47,12 @@ from postwarden.bounces.inbox import Inbox, Item
 from postwarden.bounces.parse import Finding, Parser, Report
 from postwarden.bounces.verp import ReturnPaths, Token, Verdict
 from postwarden.config import Config
+from postwarden.store.availability import LogLimiter
 from postwarden.store.feed import lock_events
 from postwarden.store.models import Event, Message, Recipient
 
 log = logging.getLogger("postwarden.bounces")
+_limited = LogLimiter(log)
 
 _OUR_RECEIVED = re.compile(r"\(Postwarden\)[^;]{0,300}?\bid ([0-9a-f]{22})\b", re.I | re.S)
 _OUR_MESSAGE_ID = re.compile(r"^message-id:[ \t]*<([0-9a-f]{22})@", re.I | re.M)
@@ -124,8 +126,8 @@ class BounceProcessor:
                     await asyncio.to_thread(self.inbox.recover, self.stale_after)
                 while await self.run_once() == self.batch:
                     pass
-            except Exception:
-                log.warning("event=bounce_processing_failed", exc_info=True)
+            except Exception as exc:
+                _limited(logging.WARNING, "processing", "event=bounce_processing_failed", exc=exc)
 
     async def run_once(self) -> int:
         """Claim and handle one batch; the number of reports claimed."""
@@ -135,7 +137,8 @@ class BounceProcessor:
                 outcome = await self.handle(item)
             except Exception as exc:
                 # Left in cur/: recover() gives it back to the queue later.
-                log.warning("event=bounce_failed report=%s error=%r", item.id, exc, exc_info=True)
+                _limited(logging.WARNING, "report", "event=bounce_failed report=%s", item.id,
+                         exc=exc)  # fmt: skip
                 continue
             self.processed += 1
             self._count(outcome)

@@ -77,7 +77,7 @@ WANT_HEARD = 1.5
 #: not been read since start): the recipient waits, never sent, never dropped.
 SUPPRESSIONS_UNKNOWN = "suppressions_unknown"
 #: Seconds such a recipient waits before it is asked about again.
-SUPPRESSIONS_RECHECK = 15.0
+SUPPRESSIONS_RECHECK = 5.0
 #: Refusals of the chosen source alone (another source of the pool may take its mail).
 SOURCE_REFUSALS = frozenset({"suspended", "warming_cap", "paused"})
 #: Failed spool writes of outcomes are retried after this long, doubling up to the max.

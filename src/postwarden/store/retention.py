@@ -21,9 +21,11 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from postwarden.config import DatabaseConfig
+from postwarden.store.availability import LogLimiter
 from postwarden.store.models import Event, Message, Recipient
 
 log = logging.getLogger("postwarden.store.retention")
+_limited = LogLimiter(log)
 
 PAUSE = 0.05  # seconds between batches: others' transactions get their turn
 
@@ -65,8 +67,8 @@ class Pruner:
         while True:
             try:
                 await self.run_once()
-            except Exception:
-                log.warning("event=prune_failed", exc_info=True)
+            except Exception as exc:
+                _limited(logging.WARNING, "prune", "event=prune_failed", exc=exc)
             await asyncio.sleep(self.cfg.prune_interval)
 
     async def run_once(self) -> dict[str, int]:
