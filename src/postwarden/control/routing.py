@@ -418,7 +418,7 @@ class Api:
                 else:
                     ok["content"] = {op.response_media: {"schema": {"type": "string"}}}
             entry["responses"][str(op.status)] = ok
-            codes = set(op.errors) | {500}
+            codes = set(op.errors) | {500, 503}  # 503: the database is down
             if op.scope is not None:
                 codes |= {401, 403, 429}
             if op.query is not None or op.body is not None:
@@ -459,6 +459,7 @@ _REASONS = {
     422: "a field is invalid; the error names it",
     429: "rate limited; see Retry-After",
     500: "internal error",
+    503: "unavailable for now (the control database is down); see Retry-After",
 }
 
 
