@@ -12,10 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postwarden.config import Config, ConfigError, load_config
 from postwarden.control import ControlPlaneError
+
+if TYPE_CHECKING:
+    from postwarden.store.check import DbCheck
 
 log = logging.getLogger("postwarden")
 
@@ -424,7 +427,7 @@ def cmd_dkim_genkey(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db_exit(check: Any) -> int:
+def _db_exit(check: DbCheck) -> int:
     """0: ok; 2: the database is down (it may come back: a start need not stop);
     1: anything else (a setting or the schema needs a person)."""
     from postwarden.store.check import TRANSIENT
@@ -432,7 +435,7 @@ def _db_exit(check: Any) -> int:
     return 0 if check.ok else 2 if check.kind in TRANSIENT else 1
 
 
-def _db_say(check: Any) -> int:
+def _db_say(check: DbCheck) -> int:
     print(check.line, file=sys.stdout if check.ok else sys.stderr)
     return _db_exit(check)
 
@@ -478,9 +481,19 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.action == "upgrade":
         if not (before.ok or before.kind in ("unmigrated", "behind")):
             return _db_say(before)
-        target = args.revision or "head"
-        if before.ok and target in ("head", known[-1]):
-            return _db_say(before)
+        target = known[-1] if args.revision in (None, "head") else args.revision
+        if target not in known:
+            print(
+                f"postwarden: db upgrade: no revision {target!r} in this version"
+                f" ({', '.join(known)})",
+                file=sys.stderr,
+            )
+            return 1
+        if known.index(target) <= (known.index(before.revision) if before.revision else -1):
+            if before.ok:
+                return _db_say(before)
+            print(f"database at {before.revision}, at or above {target}: nothing to upgrade")
+            return 0
         from postwarden.store.db import upgrade_sync
 
         try:
@@ -494,7 +507,7 @@ def cmd_db(args: argparse.Namespace) -> int:
             return 1
         after = run_async(check_database(url))
         print(f"database upgraded: {before.revision or 'none'} -> {after.revision or 'none'}")
-        if target != "head" and after.kind == "behind":
+        if target != known[-1] and after.kind == "behind":
             return 0  # as asked: an older revision than this version's newest
         return _db_say(after)
     # downgrade

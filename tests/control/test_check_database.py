@@ -328,6 +328,8 @@ async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -
     assert code == 1 and "is above the database's revision 0002" in out
     code, out = await cli(path, "db", "downgrade", "nope")
     assert code == 1 and "no revision 'nope'" in out
+    code, out = await cli(path, "db", "upgrade", "nope")
+    assert code == 1 and "no revision 'nope'" in out
     code, out = await cli(path, "db", "downgrade", "base")  # every table: not by accident
     assert code == 1 and "--drop-all" in out
     assert await current_revision(url) == "0002"
