@@ -402,7 +402,13 @@ async def test_serve_on_an_unmigrated_database_exits_with_one_clear_line(
             "dns": {"nameservers": ["127.0.0.1:1"]},
         },
     )
-    code, out = await config_cli(path, "serve")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", "serve", "--config", str(path),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # its metrics directory: here
+    )  # fmt: skip
+    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    code = proc.returncode
     check = await check_database(url)
     assert check.kind == "unmigrated"
     assert code != 0 and "Traceback" not in out and SECRET not in out, out
