@@ -121,7 +121,12 @@ async def prepare_control(cfg: Config, config_path: str | None) -> None:
     """Before workers start: apply migrations (``database.auto_upgrade``) or check the
     database is current, and create the encryption key file; a failure stops here, once,
     instead of in every worker. The database work runs in a child process (``postwarden
-    db``), so that the supervisor never loads SQLAlchemy and Alembic: it stays small."""
+    db``), so that the supervisor never loads SQLAlchemy and Alembic: it stays small.
+
+    ``db``'s exit code says what to do: 0, the database is ready (the workers need not
+    check again); 2, it is down (unreachable): the start goes on, and the workers' control
+    planes check it when it comes; 1, it needs a person (wrong URL or password, schema
+    out of date): :class:`ControlPlaneError` with the one line ``db`` printed."""
     from postwarden.control import ControlPlaneError
     from postwarden.store.secrets import load_box
 
@@ -137,12 +142,16 @@ async def prepare_control(cfg: Config, config_path: str | None) -> None:
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise ControlPlaneError(
-            f"database.url: {out.decode(errors='replace').strip()[-500:]}"
-            " — run `postwarden db upgrade`"
-        )
-    os.environ[DB_CHECKED_ENV] = "1"  # the workers need not check again
+    if proc.returncode == 0:
+        os.environ[DB_CHECKED_ENV] = "1"  # the workers need not check again
+        return
+    # `db` ends with its verdict on one line (anything before it is a warning at most).
+    lines = [ln.strip() for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+    line = lines[-1] if lines else f"`postwarden db {action}` exited with {proc.returncode}"
+    if proc.returncode == 2:
+        log.warning("event=database_unavailable at=start action=%s error=%r", action, line)
+        return
+    raise ControlPlaneError(line)
 
 
 def die_with_parent(parent: int) -> None:

@@ -162,6 +162,6 @@ async def test_admin_create_key_cli(subprocess_config, tmp_path) -> None:  # typ
     from postwarden.store.db import head_revision
 
     code, out, _ = await run("db", "current")
-    assert code == 0 and f"at {head_revision()}" in out  # the test database comes migrated
+    assert code == 0 and f"at revision {head_revision()}" in out  # the test database comes migrated
     code, out, err = await run("admin", "create-key", "--name", "ops")
     assert code == 0 and out.startswith("pw_") and "shown once" in err

@@ -1,6 +1,7 @@
 """The control database's migrations on SQLite and PostgreSQL: 0001 → 0002 (pools)
 keeps every row (a rebuilt ``tenants`` table would cascade into keys and domains),
-gives old tenants no pools, and goes back down and up again."""
+gives old tenants no pools, and goes back down and up again; every migration's
+downgrade undoes its upgrade, down to an empty database and up again."""
 
 from __future__ import annotations
 
@@ -12,35 +13,17 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import func, select
 
+from postwarden.store.check import shipped_revisions
 from postwarden.store.db import (
-    alembic_config,
     create_engine,
     current_revision,
+    downgrade_sync,
     head_revision,
     sessionmaker,
     upgrade,
     upgrade_sync,
 )
 from postwarden.store.models import ApiKey, Domain, Pool, Tenant, UTCDateTime
-
-
-def downgrade_sync(url: str, revision: str) -> None:
-    """Alembic's downgrade in a thread of its own (its env runs an event loop)."""
-    from alembic import command
-
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            command.downgrade(alembic_config(url), revision)
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -176,3 +159,99 @@ async def test_upgrade_from_0001_keeps_rows_and_goes_down_and_up(database_url: s
     await upgrade(url)
     assert await current_revision(url) == "0003"
     assert await counts() == (3, 2, 1)
+
+
+def schema(url: str) -> dict[str, Any]:
+    """Every table's columns, primary key, foreign keys and indexes, as plain values."""
+    import asyncio
+
+    async def read() -> dict[str, Any]:
+        def inspect(c: Any) -> dict[str, Any]:
+            insp = sa.inspect(c)
+            out: dict[str, Any] = {}
+            for t in sorted(insp.get_table_names()):
+                out[t] = {
+                    "columns": [
+                        (col["name"], str(col["type"]), col["nullable"])
+                        for col in insp.get_columns(t)
+                    ],
+                    "pk": insp.get_pk_constraint(t)["constrained_columns"],
+                    "fks": sorted(
+                        (tuple(fk["constrained_columns"]), fk["referred_table"])
+                        for fk in insp.get_foreign_keys(t)
+                    ),
+                    "indexes": sorted(
+                        (ix["name"], tuple(ix["column_names"]), bool(ix["unique"]))
+                        for ix in insp.get_indexes(t)
+                    ),
+                }
+            return out
+
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                result: dict[str, Any] = await conn.run_sync(inspect)
+                return result
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def in_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` off the test's event loop (``schema`` runs a loop of its own)."""
+    out: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A database with nothing in it (not even Alembic's table)."""
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        server.counter += 1
+        name = f"empty_{server.counter}"
+        server._sql(f'CREATE DATABASE "{name}"')
+        url: str = server.url(name)
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+
+
+async def test_every_migration_goes_down_and_up_again(empty_database: str) -> None:
+    """base → head → base → head, one step at a time: every downgrade() undoes its
+    upgrade() exactly (the schema after each step down is the one before its step up),
+    and the schema at head after the round trip is the schema of a first upgrade."""
+    url = empty_database
+    revisions = [rev for rev, _doc in shipped_revisions()]
+    assert revisions[-1] == head_revision()
+    upgrade_sync(url, revisions[0])
+    before: dict[str, dict[str, Any]] = {}
+    for rev in revisions[1:]:
+        before[rev] = in_thread(schema, url)
+        upgrade_sync(url, rev)
+    at_head = in_thread(schema, url)
+    assert "pools" in at_head and "ix_events_ts" in str(at_head["events"]["indexes"])
+    for rev in reversed(revisions[1:]):
+        downgrade_sync(url, "-1")
+        assert in_thread(schema, url) == before[rev], f"downgrade of {rev}"
+        upgrade_sync(url, rev)  # and up again over what its downgrade left
+        downgrade_sync(url, "-1")
+    downgrade_sync(url, "base")
+    assert await current_revision(url) is None
+    assert set(in_thread(schema, url)) == {"alembic_version"}  # every table gone
+    await upgrade(url)
+    assert await current_revision(url) == head_revision()
+    assert in_thread(schema, url) == at_head

@@ -64,6 +64,25 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+def _in_thread(name: str, fn: Any) -> None:
+    """Run ``fn`` in a thread of its own and re-raise what it raised. The migration
+    environment runs its own event loop (asyncio.run): this works whether or not the
+    caller is inside a loop."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=run, name=name)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
 def upgrade_sync(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations up to ``revision`` (blocking)."""
     from alembic import command
@@ -71,21 +90,14 @@ def upgrade_sync(url: str, revision: str = "head") -> None:
     path = _sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    # The migration environment runs its own event loop (asyncio.run): give it a thread
-    # of its own, so that this works whether or not the caller is inside a loop.
-    errors: list[BaseException] = []
+    _in_thread("db-upgrade", lambda: command.upgrade(alembic_config(url), revision))
 
-    def run() -> None:
-        try:
-            command.upgrade(alembic_config(url), revision)
-        except BaseException as exc:  # re-raised in the caller
-            errors.append(exc)
 
-    t = threading.Thread(target=run, name="db-upgrade")
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
+def downgrade_sync(url: str, revision: str) -> None:
+    """Undo the migrations above ``revision`` (an id, ``-1``, ``base``; blocking)."""
+    from alembic import command
+
+    _in_thread("db-downgrade", lambda: command.downgrade(alembic_config(url), revision))
 
 
 async def upgrade(url: str, revision: str = "head") -> None:
