@@ -297,3 +297,26 @@ async def test_tenant_mail_waits_until_the_suppressions_are_read(
     await lab.wait_for_messages(1, timeout=60)
     await until(lambda: not waiting(), 30, "an empty queue")
     assert [m.rcpt_tos for m in lab.messages] == [["a@later.test"]]  # b stayed suppressed
+
+
+async def test_a_database_from_a_newer_version_stops_the_start(
+    tmp_path: Any, appliance: Any
+) -> None:
+    """Not a state to wait out: the start stops, saying what to do (never an upgrade
+    attempt on a revision this version does not know)."""
+    import sqlite3
+
+    from postwarden.control import ControlPlaneError
+    from postwarden.store.db import upgrade
+
+    path = tmp_path / "newer.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await upgrade(url)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE alembic_version SET version_num = 'f00d'")
+    db.commit()
+    db.close()
+    with pytest.raises(ControlPlaneError) as exc:
+        await appliance({"database": {"url": url, "auto_upgrade": True}})
+    assert "revision f00d, which this version" in str(exc.value)
+    assert "postwarden db downgrade" in str(exc.value)

@@ -23,6 +23,7 @@ from postwarden.mta.auth import AuthUnavailable, KeyLogin
 from postwarden.mta.dkim import DkimKeyError, SigningKey, parse_key
 from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN
 from postwarden.store.availability import DbHealth, LogLimiter, is_unavailable, short_error
+from postwarden.store.check import shipped_revisions
 from postwarden.store.db import (
     create_engine,
     current_revision,
@@ -176,9 +177,17 @@ class ControlPlane:
         url = self.cfg.database.url
         # A worker's supervisor has checked (or upgraded) the database already.
         if os.environ.get("POSTWARDEN_DB_CHECKED") != "1":
-            if self.cfg.database.auto_upgrade:
-                await upgrade(url)
             have, want = await current_revision(url), head_revision()
+            if have is not None and have not in {rev for rev, _doc in shipped_revisions()}:
+                raise ControlPlaneError(
+                    f"database.url: the database is at revision {have}, which this"
+                    f" version (newest {want}) does not know: it was upgraded by a newer"
+                    " Postwarden; install that version, or downgrade the database with"
+                    f" it (`postwarden db downgrade {want}`)"
+                )
+            if have != want and self.cfg.database.auto_upgrade:
+                await upgrade(url)
+                have = await current_revision(url)
             if have != want:
                 raise ControlPlaneError(
                     f"database.url: the database is at revision {have or 'none'}, this"
