@@ -320,3 +320,34 @@ async def test_a_database_from_a_newer_version_stops_the_start(
         await appliance({"database": {"url": url, "auto_upgrade": True}})
     assert "revision f00d, which this version" in str(exc.value)
     assert "postwarden db downgrade" in str(exc.value)
+
+
+@pytest.mark.timeout(120)
+async def test_serve_with_two_workers_starts_without_its_database(
+    tmp_path: Any, subprocess_config: Any
+) -> None:
+    from tests.conftest import free_port
+    from tests.queue.test_durability import serve
+
+    # Nothing listens there: the database is down, not misconfigured.
+    url = f"postgresql+asyncpg://pw@127.0.0.1:{free_port()}/postwarden"
+    config, port = subprocess_config(
+        {"server": {"workers": 2}, "database": {"url": url, "auto_upgrade": False}}
+    )
+    import tomllib
+
+    control = tomllib.loads(config.read_text())["control"]["listen"]
+    async with serve([], config, port, tmp_path / "serve.log"):
+        async with httpx.AsyncClient(base_url=f"http://{control}", timeout=10) as c:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    r = await c.get("/healthz")
+                    if r.status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "no /healthz"
+                await asyncio.sleep(0.1)
+            assert r.json()["status"] == "degraded", r.json()
+            assert r.json()["database"]["control_plane"] == "starting"
+    log = (tmp_path / "serve.log").read_text()
+    assert "event=database_unavailable" in log and "Traceback" not in log, log[-2000:]

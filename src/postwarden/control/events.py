@@ -118,8 +118,9 @@ class EventCopier:
         try:
             while await self.copy_once() == BATCH:  # what the spool wrote last
                 pass
-        except Exception:
-            log.warning("event=event_copy_failed at=stop", exc_info=True)
+        except Exception as exc:
+            _limited(logging.WARNING, "event_copy_stop", "event=event_copy_failed at=stop",
+                     exc=exc)  # fmt: skip
         await asyncio.to_thread(self._close_conn)
 
     def _close_conn(self) -> None:

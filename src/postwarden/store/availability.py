@@ -129,7 +129,8 @@ class DbHealth:
 
 class LogLimiter:
     """At most one line per ``kind`` every ``interval`` seconds, saying how many were
-    held back since; the first of each kind carries its traceback, later ones not."""
+    held back since; the first of each kind carries its traceback (not for an
+    unreachable database: a known state), later ones the error in one line."""
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
         self.logger = logger
@@ -151,7 +152,8 @@ class LogLimiter:
         if held:
             msg += " repeated=%d"
             args = (*args, held)
-        trace = exc is not None and kind not in self._traced
+        # An unreachable database is a known state: its one-line error says it all.
+        trace = exc is not None and kind not in self._traced and not is_unavailable(exc)
         if trace:
             self._traced.add(kind)
         elif exc is not None:
