@@ -233,6 +233,23 @@ class KeyList(BaseModel):
     next_cursor: str | None
 
 
+class OperatorKeyCreate(Strict):
+    name: Annotated[str, StringConstraints(max_length=200)] = "operator"
+
+
+class OperatorKeyOut(KeyOut):
+    current: bool = Field(description="whether this is the key the request was made with")
+
+
+class OperatorKeyCreated(OperatorKeyOut):
+    key: str = Field(description="the secret key; shown this once, stored only hashed")
+
+
+class OperatorKeyList(BaseModel):
+    data: list[OperatorKeyOut]
+    next_cursor: str | None
+
+
 # ---------------------------------------------------------------- domains
 
 
@@ -318,3 +335,4 @@ class ImportResult(BaseModel):
 
 class Deleted(BaseModel):
     deleted: bool
+
