@@ -200,6 +200,11 @@ class Message(Base):
 
 class Recipient(Base):
     __tablename__ = "message_recipients"
+    # Listing messages by a recipient's state or address (control.message_list).
+    __table_args__ = (
+        Index(None, "tenant_id", "state", "message_id"),
+        Index(None, "tenant_id", "address", "message_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # <message id>.<n>
     message_id: Mapped[str] = mapped_column(String(40), index=True)
