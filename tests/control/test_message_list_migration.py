@@ -1,6 +1,7 @@
 """The message list's indexes (migration ``*_message_list_indexes``) on SQLite and
-PostgreSQL: made by the upgrade, removed by its downgrade without touching a row, made
-again by the next upgrade."""
+PostgreSQL: made by the upgrade (one replacing the index on messages' tenant and
+time), undone by its downgrade without touching a row, made again by the next
+upgrade."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from postwarden.store.models import Recipient
 from tests.control.test_migrations import database_url, downgrade_sync  # noqa: F401
 
 NAMES = {
+    "ix_messages_tenant_id_created_at_id",
     "ix_message_recipients_tenant_id_state_message_id",
     "ix_message_recipients_tenant_id_address_message_id",
 }
+BEFORE = {"ix_messages_tenant_id_created_at"}  # what the first replaces
 
 
 def revisions() -> tuple[str, str]:
@@ -39,10 +42,14 @@ async def indexes_and_rows(url: str) -> tuple[set[str], int]:
     try:
         async with engine.connect() as conn:
             names = await conn.run_sync(
-                lambda c: {ix["name"] for ix in sa.inspect(c).get_indexes("message_recipients")}
+                lambda c: {
+                    ix["name"]
+                    for t in ("messages", "message_recipients")
+                    for ix in sa.inspect(c).get_indexes(t)
+                }
             )
             n = (await conn.execute(select(func.count()).select_from(Recipient))).scalar_one()
-        return names & NAMES, n
+        return names & (NAMES | BEFORE), n
     finally:
         await engine.dispose()
 
@@ -68,6 +75,6 @@ async def test_indexes_come_and_go_with_the_migration(database_url: str) -> None
     assert await indexes_and_rows(url) == (NAMES, 1)
     downgrade_sync(url, down)
     assert await current_revision(url) == down
-    assert await indexes_and_rows(url) == (set(), 1)
+    assert await indexes_and_rows(url) == (BEFORE, 1)
     await upgrade(url, rev)
     assert await indexes_and_rows(url) == (NAMES, 1)

@@ -10,7 +10,7 @@ import binascii
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Text, and_, cast, exists, func, or_, select
+from sqlalchemy import Text, and_, cast, func, literal, or_, select
 
 from postwarden.control.api import api
 from postwarden.control.errors import invalid, not_found
@@ -179,12 +179,16 @@ async def walk(
     whole table and sorts it even when the newest hundred messages hold the page."""
     conds = column_filters(q, Message)
     if rcpt:
-        # Tenant and message id too: one seek in the same index, no row read.
-        conds.append(
-            exists().where(
-                Recipient.tenant_id == tenant_id, Recipient.message_id == Message.id, *rcpt
-            )
+        # One seek a message in the recipients' index (tenant and message id too: no row
+        # read). A subquery with LIMIT, not EXISTS: PostgreSQL would turn EXISTS into a
+        # join and may hash every matching recipient of the tenant for one window.
+        probe = (
+            select(literal(1))
+            .where(Recipient.tenant_id == tenant_id, Recipient.message_id == Message.id, *rcpt)
+            .limit(1)
+            .scalar_subquery()
         )
+        conds.append(probe.is_not(None))
     found: list[str] = []
     size = WINDOW_FIRST
     while len(found) < q.limit:

@@ -185,8 +185,9 @@ class Message(Base):
     """What the control plane knows of a message, from the spool's events."""
 
     __tablename__ = "messages"
-    # created_at alone: retention prunes by it (store.retention).
-    __table_args__ = (Index(None, "tenant_id", "created_at"), Index(None, "created_at"))
+    # A tenant's list, newest first (control.message_list); created_at alone:
+    # retention prunes by it (store.retention).
+    __table_args__ = (Index(None, "tenant_id", "created_at", "id"), Index(None, "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[int | None] = mapped_column(BigInteger)

@@ -1,8 +1,10 @@
-"""indexes for listing messages by recipient state and by recipient (issue 18, item 5)
+"""indexes for listing messages (issue 18, item 5)
 
-GET /v1/messages?status= and ?recipient= look the matching recipients up by
-(tenant, state) and (tenant, address); both carry the message id, so that the
-lookup reads the index alone.
+GET /v1/messages lists a tenant's messages by (created_at, id), newest first: the
+index on (tenant_id, created_at) takes the id as well, so that a page, and the edge
+of each window the list walks, is read from the index in its order. ?status= and
+?recipient= look the matching recipients up by (tenant, state) and (tenant,
+address); both carry the message id, so that the lookup reads the index alone.
 
 Revision ID: 0004
 Revises: 0003
@@ -20,6 +22,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_index(
+        op.f("ix_messages_tenant_id_created_at_id"), "messages", ["tenant_id", "created_at", "id"]
+    )
+    op.drop_index(op.f("ix_messages_tenant_id_created_at"), table_name="messages")
     op.create_index(
         op.f("ix_message_recipients_tenant_id_state_message_id"),
         "message_recipients",
@@ -41,3 +47,7 @@ def downgrade() -> None:
         op.f("ix_message_recipients_tenant_id_state_message_id"),
         table_name="message_recipients",
     )
+    op.create_index(
+        op.f("ix_messages_tenant_id_created_at"), "messages", ["tenant_id", "created_at"]
+    )
+    op.drop_index(op.f("ix_messages_tenant_id_created_at_id"), table_name="messages")
