@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import shutil
 import statistics
 import tempfile
 import time
@@ -142,6 +143,7 @@ async def main(args: argparse.Namespace) -> None:
         ms, found = await timed(sessions, tenant, params, args.runs)
         print(f"{name:<34} {ms:>10.1f} {found:>6}")
     await engine.dispose()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
