@@ -101,6 +101,7 @@ def create_app(
         routes.append(metrics_route(metrics, metrics_token))
     if plane is not None:
         from postwarden.control import api as _api  # noqa: F401  (registers the routes)
+        from postwarden.control import message_list as _message_list  # noqa: F401
         from postwarden.control import messages as _messages  # noqa: F401
         from postwarden.control import shaping_api as _shaping  # noqa: F401
         from postwarden.control.api import api

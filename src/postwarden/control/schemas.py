@@ -233,6 +233,23 @@ class KeyList(BaseModel):
     next_cursor: str | None
 
 
+class OperatorKeyCreate(Strict):
+    name: Annotated[str, StringConstraints(max_length=200)] = "operator"
+
+
+class OperatorKeyOut(KeyOut):
+    current: bool = Field(description="whether this is the key the request was made with")
+
+
+class OperatorKeyCreated(OperatorKeyOut):
+    key: str = Field(description="the secret key; shown this once, stored only hashed")
+
+
+class OperatorKeyList(BaseModel):
+    data: list[OperatorKeyOut]
+    next_cursor: str | None
+
+
 # ---------------------------------------------------------------- domains
 
 
@@ -318,3 +335,58 @@ class ImportResult(BaseModel):
 
 class Deleted(BaseModel):
     deleted: bool
+
+
+# ---------------------------------------------------------------- message lists
+
+#: Every state a message's recipient can be in (the event copier's states).
+RecipientStateName = Literal[
+    "queued", "deferred", "delivered", "bounced", "expired", "dropped", "deleted"
+]
+MessageCursor = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,120}$")]
+_TAG = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$"  # as a message's tags (messages.Tag)
+
+
+class MessageQuery(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    status: RecipientStateName | None = Field(
+        None, description="messages with at least one recipient in this state"
+    )
+    since: Timestamp | None = Field(None, description="messages accepted at or after (ISO 8601)")
+    until: Timestamp | None = Field(None, description="messages accepted before (ISO 8601)")
+    recipient: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = Field(
+        None, description="messages with this recipient (the address as it was sent to)"
+    )
+    tag: Annotated[str, StringConstraints(pattern=_TAG)] | None = Field(
+        None, description="messages with this tag"
+    )
+    from_: Annotated[str, StringConstraints(min_length=1, max_length=320)] | None = Field(
+        None, alias="from", description="messages with this envelope sender (MAIL FROM)"
+    )
+    domain: DomainName | None = Field(
+        None, description="messages whose envelope sender is at this domain"
+    )
+    source: Literal["api", "smtp"] | None = Field(None, description="how the message came in")
+    cursor: MessageCursor | None = Field(None, description="next_cursor of the previous page")
+    limit: int = Field(100, ge=1, le=1000, description="items per page")
+
+
+class MessageSummary(BaseModel):
+    id: str
+    tenant_id: int
+    created_at: dt.datetime
+    mail_from: str
+    subject: str
+    source: str
+    tags: list[str]
+    metadata: dict[str, Any]
+    recipients: int = Field(description="how many recipients the message has")
+    states: dict[str, int] = Field(
+        description="how many of its recipients are in each state (states with none left out)"
+    )
+
+
+class MessageList(BaseModel):
+    data: list[MessageSummary]
+    next_cursor: str | None

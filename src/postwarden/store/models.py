@@ -185,8 +185,9 @@ class Message(Base):
     """What the control plane knows of a message, from the spool's events."""
 
     __tablename__ = "messages"
-    # created_at alone: retention prunes by it (store.retention).
-    __table_args__ = (Index(None, "tenant_id", "created_at"), Index(None, "created_at"))
+    # A tenant's list, newest first (control.message_list); created_at alone:
+    # retention prunes by it (store.retention).
+    __table_args__ = (Index(None, "tenant_id", "created_at", "id"), Index(None, "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[int | None] = mapped_column(BigInteger)
@@ -200,6 +201,11 @@ class Message(Base):
 
 class Recipient(Base):
     __tablename__ = "message_recipients"
+    # Listing messages by a recipient's state or address (control.message_list).
+    __table_args__ = (
+        Index(None, "tenant_id", "state", "message_id"),
+        Index(None, "tenant_id", "address", "message_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # <message id>.<n>
     message_id: Mapped[str] = mapped_column(String(40), index=True)
