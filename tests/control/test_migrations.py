@@ -65,7 +65,7 @@ DOMAINS_0001 = sa.table(
 
 async def test_upgrade_from_0001_keeps_rows_and_goes_down_and_up(database_url: str) -> None:
     url = database_url
-    assert head_revision() == "0004"
+    head = head_revision()
     if await current_revision(url) != "0001":
         downgrade_sync(url, "0001")  # the PostgreSQL fixture's databases come at head
     assert await current_revision(url) == "0001"
@@ -116,7 +116,7 @@ async def test_upgrade_from_0001_keeps_rows_and_goes_down_and_up(database_url: s
             await engine.dispose()
 
     await upgrade(url)
-    assert await current_revision(url) == "0004"
+    assert await current_revision(url) == head
     assert await counts() == (2, 2, 1)
     engine = create_engine(url)
     try:
@@ -157,7 +157,7 @@ async def test_upgrade_from_0001_keeps_rows_and_goes_down_and_up(database_url: s
     assert await current_revision(url) == "0001"
     assert await counts() == (3, 2, 1)
     await upgrade(url)
-    assert await current_revision(url) == "0004"
+    assert await current_revision(url) == head
     assert await counts() == (3, 2, 1)
 
 

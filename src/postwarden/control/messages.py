@@ -59,6 +59,7 @@ from postwarden.queue.spool import (
     new_message_id,
 )
 from postwarden.store.availability import LogLimiter, is_unavailable
+from postwarden.store.event_query import events_query
 from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
@@ -709,22 +710,22 @@ async def list_events(c: Call) -> Any:
     """Cursor pagination: pass ``next_cursor`` back as ``cursor``; polling with the last
     cursor returns only newer events."""
     q: EventQuery = c.query
-    stmt = select(Event).where(Event.tenant_id == c.tenant_id, Event.id > decode_cursor(q.cursor))
-    if q.type:
-        stmt = stmt.where(Event.type == q.type)
-    if q.recipient:
-        stmt = stmt.where(Event.recipient == q.recipient)
-    if q.message_id:
-        stmt = stmt.where(Event.message_id == q.message_id)
-    if q.tag:
-        esc = q.tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        stmt = stmt.where(Event.tags.like(f"%,{esc},%", escape="\\"))
-    if q.since:
-        stmt = stmt.where(Event.ts >= q.since)
-    if q.until:
-        stmt = stmt.where(Event.ts < q.until)
+    tenant_id = c.tenant_id
+    after = decode_cursor(q.cursor)
     async with c.ctx.sessions() as s:
-        rows = list((await s.execute(stmt.order_by(Event.id).limit(q.limit))).scalars())
+        stmt = events_query(
+            s.bind.dialect.name,
+            tenant_id,
+            after=after,
+            type=q.type,
+            recipient=q.recipient,
+            message_id=q.message_id,
+            tag=q.tag,
+            since=q.since,
+            until=q.until,
+            limit=q.limit,
+        )
+        rows = list((await s.execute(stmt)).scalars())
     return EventList(
         data=[event_out(e) for e in rows],
         next_cursor=encode_cursor(rows[-1].id) if rows else q.cursor,

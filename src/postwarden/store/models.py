@@ -222,7 +222,10 @@ class Event(Base):
     __table_args__ = (
         Index(None, "tenant_id", "id"),
         Index(None, "message_id"),
-        Index(None, "tenant_id", "recipient"),
+        # The event list's filters walk in id order (store.event_query, migration 0005;
+        # on PostgreSQL, triggers keep the event_hours and event_tags rollups too).
+        Index(None, "tenant_id", "type", "id"),
+        Index(None, "tenant_id", "recipient", "id"),
         Index(None, "ts"),  # retention prunes by it (store.retention)
     )
 
