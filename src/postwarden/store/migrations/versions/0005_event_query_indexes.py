@@ -12,7 +12,10 @@ instead of ``(tenant_id, recipient)``. On PostgreSQL, two tables kept by trigger
 * ``event_tags``: one row per tag of an event, for ``tag`` (a LIKE on the ``,a,b,``
   text matches anywhere and uses no index).
 
-Both are filled from the events already there. See docs/performance.md.
+Both are filled from the events already there, and derived: events are never updated;
+every writer of events takes lock_events (store.feed), so an hour's row cannot be
+pruned by a delete while an insert adds to it; a data-only restore (pg_restore
+--data-only) needs --disable-triggers. See docs/performance.md.
 
 Revision ID: 0005
 Revises: 0004
