@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak clean venv
+.PHONY: run test lint bench bench-soak bench-events clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ clean:
 ## An hour-shaped load scaled down: 15 minutes at 1M messages/hour through Postwarden.
 bench-soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(if $(MINUTES),--minutes $(MINUTES),)
+
+## GET /v1/events over 1M events of one tenant, on a private PostgreSQL (not in `bench`).
+bench-events: $(STAMP)
+	$(BIN)/python bench/events_query.py
