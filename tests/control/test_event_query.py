@@ -175,7 +175,7 @@ async def check_answers(url: str) -> int:
                             stmt = events_query(
                                 dialect, tenant, after=after, limit=limit, **f.__dict__
                             )
-                            got = [e.id for e in (await s.execute(stmt)).scalars()]
+                            got = [e.id for e in (await s.execute(stmt)).all()]
                             want = [i for i in want_all if i > after][:limit]
                             assert got == want, (f, tenant, after, limit)
                             filled += bool(want)
@@ -184,7 +184,7 @@ async def check_answers(url: str) -> int:
                     after = 0
                     while True:
                         stmt = events_query(dialect, tenant, after=after, limit=5, **f.__dict__)
-                        page = [e.id for e in (await s.execute(stmt)).scalars()]
+                        page = [e.id for e in (await s.execute(stmt)).all()]
                         if not page:
                             break
                         seen += page

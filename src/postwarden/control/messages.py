@@ -725,8 +725,8 @@ async def list_events(c: Call) -> Any:
             until=q.until,
             limit=q.limit,
         )
-        rows = list((await s.execute(stmt)).scalars())
+        rows = (await s.execute(stmt)).all()
     return EventList(
-        data=[event_out(e) for e in rows],
+        data=[EventOut.model_validate(r) for r in rows],
         next_cursor=encode_cursor(rows[-1].id) if rows else q.cursor,
     )

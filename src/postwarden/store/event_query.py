@@ -26,10 +26,22 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Select, Text, column, func, select, table, true
-from sqlalchemy.orm import aliased
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Select,
+    Table,
+    Text,
+    column,
+    func,
+    select,
+    table,
+    true,
+)
 
 from postwarden.store.models import Event
+
+EVENTS: Table = Event.__table__  # type: ignore[assignment]
 
 # Migration 0005's rollups (PostgreSQL only; written by its triggers, never by the app).
 EVENT_HOURS = table(
@@ -71,8 +83,9 @@ def events_query(
     limit: int = 100,
 ) -> Select[Any]:
     """The first ``limit`` of the tenant's events with an id above ``after`` that pass
-    every filter given, in id order (``.scalars()`` gives :class:`Event` rows).
-    ``dialect`` is the database's (``postgresql`` uses the rollups)."""
+    every filter given, in id order: rows of the ``events`` columns (plain rows, not
+    :class:`Event` objects: a page of 1000 loads in about half the time). ``dialect``
+    is the database's (``postgresql`` uses the rollups)."""
     where: list[Any] = [Event.tenant_id == tenant_id, Event.id > after]
     if type:
         where.append(Event.type == type)
@@ -87,7 +100,7 @@ def events_query(
     if dialect != "postgresql":
         if tag:
             where.append(Event.tags.like(tag_pattern(tag), escape="\\"))
-        return select(Event).where(*where).order_by(Event.id).limit(limit)
+        return select(*EVENTS.c).where(*where).order_by(Event.id).limit(limit)
 
     def id_range(col: Any) -> list[Any]:
         """``col`` (an event id) within the hours of ``since`` and ``until``; NULL, and
@@ -107,11 +120,11 @@ def events_query(
         return out
 
     if not tag:
-        return select(Event).where(*where, *id_range(Event.id)).order_by(Event.id).limit(limit)
+        return select(*EVENTS.c).where(*where, *id_range(Event.id)).order_by(Event.id).limit(limit)
     # LIMIT 1 (an id names one event) keeps the subquery a subquery: fetched per tag row.
-    one = select(Event).where(Event.id == EVENT_TAGS.c.event_id, *where).limit(1).lateral()
+    one = select(*EVENTS.c).where(Event.id == EVENT_TAGS.c.event_id, *where).limit(1).lateral()
     return (
-        select(aliased(Event, one))
+        select(*one.c)
         .select_from(EVENT_TAGS)
         .join(one, true())
         .where(
