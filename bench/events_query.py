@@ -14,7 +14,7 @@ One run:
   tags per message; two seed addresses on 2 % of the mail; ids in the order events are
   copied (times a little out of order across shards, late ones);
 * every documented filter alone, with a cursor (middle, deep, at the end: polling) and
-  with ``limit`` up to 1000, and the combinations docs/api.md shows (plus two that it
+  with ``limit`` up to 1000, and the combinations docs/api.md shows (plus three that it
   does not, shown but not judged), each run ``--warmup`` times untimed then ``--reps``
   times, three ways at once: ``sql`` is the statement the endpoint runs, as the driver
   sees it (run, rows fetched and decoded); ``handler`` is ``list_events`` itself (the
