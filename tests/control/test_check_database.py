@@ -294,13 +294,16 @@ async def bare_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -> None:
     url, path, head = bare_url, config(tmp_path, bare_url), head_revision()
-    assert head == "0003"  # the steps below name the revisions this version ships
+    assert head == "0005"  # the steps below name the revisions this version ships
     code, out = await cli(path, "db", "history")
     lines = out.splitlines()
-    assert code == 0 and lines[1:4] == [
+    assert code == 0 and lines[1:6] == [
         "  0001  control plane: tenants, keys, domains, suppressions, messages, events",
         "  0002  pools made through the API; a tenant's default and allowed pools (issue 7)",
-        "  0003  indexes on the time columns that retention prunes by (issue 15, item 20) (newest)",
+        "  0003  indexes on the time columns that retention prunes by (issue 15, item 20)",
+        "  0004  indexes for listing messages (issue 18, item 5)",
+        "  0005  indexes for the event filters; PostgreSQL's hour and tag rollups (issue 18,"
+        " item 6) (newest)",
     ]
     assert "run `postwarden db upgrade`" in lines[-1]
 
@@ -314,15 +317,17 @@ async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -
     code, out = await cli(path, "db", "upgrade")
     assert code == 0, out
     assert out.splitlines() == [
-        "database upgraded: 0002 -> 0003",
-        f"database ok: {redact(url)} at revision 0003",
+        "database upgraded: 0002 -> 0005",
+        f"database ok: {redact(url)} at revision 0005",
     ]
     assert SECRET not in out
 
     code, out = await cli(path, "db", "downgrade")
     assert code == 1 and "needs a REVISION" in out
     code, out = await cli(path, "db", "downgrade", "-1")
-    assert code == 0 and out.startswith("database downgraded: 0003 -> 0002"), out
+    assert code == 0 and out.startswith("database downgraded: 0005 -> 0004"), out
+    code, out = await cli(path, "db", "downgrade", "0002")
+    assert code == 0 and out.startswith("database downgraded: 0004 -> 0002"), out
     assert await current_revision(url) == "0002"
     code, out = await cli(path, "db", "downgrade", "0003")
     assert code == 1 and "is above the database's revision 0002" in out
@@ -337,7 +342,7 @@ async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -
     assert code == 0 and out.startswith("database downgraded: 0002 -> none"), out
     assert await current_revision(url) is None
     code, out = await cli(path, "db", "upgrade")
-    assert code == 0 and out.splitlines()[-1] == f"database ok: {redact(url)} at revision 0003"
+    assert code == 0 and out.splitlines()[-1] == f"database ok: {redact(url)} at revision 0005"
 
 
 # ------------------------------------------------------------------ at start
