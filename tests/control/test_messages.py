@@ -314,3 +314,31 @@ async def test_idempotency_key_in_progress_and_abandoned(control: ControlFactory
         assert r.status_code == 409 and r.json()["error"]["type"] == "idempotency_in_progress"
         r = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "dead"})
         assert r.status_code == 202, r.text
+
+
+async def test_identical_idempotent_requests_at_once_send_one_message(
+    control: ControlFactory,
+) -> None:
+    """Five at once, one process: one is carried out, the others answer as it did
+    (or say it is still in progress); never a second message."""
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    body = {"from": "a@acme.test", "to": ["u@inbox.test"], "subject": "once", "text": "t"}
+    async with api.client(key) as c:
+        rs = await asyncio.gather(
+            *(
+                c.post("/v1/messages", json=body, headers={"Idempotency-Key": "burst"})
+                for _ in range(5)
+            )
+        )
+    ok = [r.json() for r in rs if r.status_code == 202]
+    assert ok and all(o == ok[0] for o in ok), [r.text for r in rs]
+    assert all(
+        r.status_code == 202 or r.json()["error"]["type"] == "idempotency_in_progress" for r in rs
+    )
+    await api.lab.wait_for_messages(1)
+    async with api.client(key) as c:  # the message's recipient is in its final answer
+        r = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "burst"})
+        assert r.status_code == 202 and r.json() == ok[0]
+    assert len([m for m in api.lab.messages if m.rcpt_tos == ["u@inbox.test"]]) == 1

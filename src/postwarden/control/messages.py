@@ -395,7 +395,7 @@ async def _remember(c: Call, env: Envelope, msg: MessageAccepted) -> None:
 
 #: A retried request is carried out once per process at a time (the database row
 #: guards across processes; while the database is down, this lock alone does).
-_KEY_LOCKS: dict[tuple[int, str], asyncio.Lock] = {}
+_KEY_LOCKS: dict[tuple[int, str], tuple[asyncio.Lock, int]] = {}  # lock, requests using it
 
 #: What a retry finds in the spool: part (a batch's index) -> the answer then.
 Found = dict[int, "MessageAccepted"]
@@ -441,12 +441,18 @@ async def idempotent(c: Call, run: Any) -> Any:
     digest = hashlib.sha256(c.request.url.path.encode() + b"\0" + c.raw).hexdigest()
     c.idempotency = (key, digest)
     lock_key = (c.tenant_id, key)
-    lock = _KEY_LOCKS.setdefault(lock_key, asyncio.Lock())
+    # Forgotten when the last request using it is done (not when it is merely
+    # released: a waiter woken for it has not taken it yet).
+    lock, users = _KEY_LOCKS.get(lock_key) or (asyncio.Lock(), 0)
+    _KEY_LOCKS[lock_key] = (lock, users + 1)
     try:
         async with lock:
             return await _idempotent(c, key, digest, run)
     finally:
-        if not lock.locked() and _KEY_LOCKS.get(lock_key) is lock:
+        lock, users = _KEY_LOCKS[lock_key]
+        if users > 1:
+            _KEY_LOCKS[lock_key] = (lock, users - 1)
+        else:
             del _KEY_LOCKS[lock_key]
 
 
