@@ -18,7 +18,7 @@ One run:
   does not, shown but not judged), each run ``--warmup`` times untimed then ``--reps``
   times, three ways at once: ``sql`` is the statement the endpoint runs, as the driver
   sees it (run, rows fetched and decoded); ``handler`` is ``list_events`` itself (the
-  query, the rows as objects, the response model); ``api`` is ``GET /v1/events``
+  query, the rows, the page's JSON); ``api`` is ``GET /v1/events``
   through the ASGI app in this process (key check, validation, query, JSON). ``server``
   is PostgreSQL's own execution time of that statement (EXPLAIN ANALYZE, median of 5).
 
@@ -502,8 +502,9 @@ async def measure(args: argparse.Namespace, url: str, hist: History, scratch: Pa
                     t2 = time.perf_counter()
                     if r.status_code != 200:
                         raise SystemExit(f"bench: {case.name}: {r.status_code} {r.text[:300]}")
-                    found = len(page.data)
-                    if [e["id"] for e in r.json()["data"]] != [e.id for e in page.data]:
+                    data = json.loads(page.body)["data"]
+                    found = len(data)
+                    if [e["id"] for e in r.json()["data"]] != [e["id"] for e in data]:
                         raise SystemExit(f"bench: {case.name}: the API and the handler disagree")
                     if rep >= args.warmup:
                         times["sql"].append(sql_s * 1000)

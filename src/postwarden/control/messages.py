@@ -12,6 +12,9 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Sequence
+from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses
+from operator import itemgetter
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,8 +26,9 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.exc import IntegrityError
+from starlette.responses import Response
 
 from postwarden.control.api import api, one_or_404
 from postwarden.control.errors import ApiError, invalid
@@ -730,9 +734,41 @@ async def list_events(c: Call) -> Any:
             since=q.since,
             until=q.until,
             limit=q.limit,
+            detail_text=True,
         )
-        rows = (await s.execute(stmt)).all()
-    return EventList(
-        data=[EventOut.model_validate(r) for r in rows],
-        next_cursor=encode_cursor(rows[-1].id) if rows else q.cursor,
-    )
+        # Core, not the ORM's execute: plain rows, a page of 1000 in a third less time
+        rows = (await (await s.connection()).execute(stmt)).all()
+    cursor = encode_cursor(rows[-1].id) if rows else q.cursor
+    return Response(render_events(rows, cursor), media_type="application/json")
+
+
+_RENDERED = ("id", "type", "ts", "message_id", "recipient_id", "recipient", "detail")
+
+
+def _text(v: str | None) -> str:
+    return "null" if v is None else encode_basestring(v)
+
+
+def render_events(rows: Sequence[Row[Any]], next_cursor: str | None) -> bytes:
+    """An :class:`EventList` as JSON, from rows whose ``detail`` is its stored JSON text.
+
+    The same document pydantic writes (tests/control/test_event_render.py), at about a
+    quarter of the cost for a page of 1000: no decoding of each detail only to encode
+    it again, no model per row, no row attribute lookups (bench/events_query.py)."""
+    if not rows:
+        return f'{{"data":[],"next_cursor":{_text(next_cursor)}}}'.encode()
+    fields = rows[0]._fields
+    get = itemgetter(*(fields.index(name) for name in _RENDERED))
+    out = []
+    for id_, type_, ts, message_id, recipient_id, recipient, detail in map(get, rows):
+        iso = ts.astimezone(dt.UTC).isoformat()
+        if iso.endswith("+00:00"):
+            iso = iso[:-6] + "Z"
+        if not detail or detail == "null":
+            detail = "{}"
+        out.append(
+            f'{{"id":{int(id_)},"type":{_text(type_)},"ts":"{iso}",'
+            f'"message_id":{_text(message_id)},"recipient_id":{_text(recipient_id)},'
+            f'"recipient":{_text(recipient)},"detail":{detail}}}'
+        )
+    return f'{{"data":[{",".join(out)}],"next_cursor":{_text(next_cursor)}}}'.encode()

@@ -255,10 +255,12 @@ class Api:
             if status == 204:
                 return Response(status_code=204, headers={"X-Request-Id": rid})
             if isinstance(result, BaseModel):
-                payload = result.model_dump(mode="json")
-            else:
-                payload = result
-            return JSONResponse(payload, status_code=status, headers={"X-Request-Id": rid})
+                # pydantic's own encoder: a 1000-event page renders in about a quarter of
+                # the time model_dump + json.dumps takes (bench/events_query.py)
+                return Response(result.model_dump_json(), status_code=status,
+                                media_type="application/json",
+                                headers={"X-Request-Id": rid})  # fmt: skip
+            return JSONResponse(result, status_code=status, headers={"X-Request-Id": rid})
 
         return endpoint
 

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Select,
     Table,
     Text,
+    cast,
     column,
     func,
     select,
@@ -81,11 +82,16 @@ def events_query(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int = 100,
+    detail_text: bool = False,
 ) -> Select[Any]:
     """The first ``limit`` of the tenant's events with an id above ``after`` that pass
     every filter given, in id order: rows of the ``events`` columns (plain rows, not
     :class:`Event` objects: a page of 1000 loads in about half the time). ``dialect``
-    is the database's (``postgresql`` uses the rollups)."""
+    is the database's (``postgresql`` uses the rollups). ``detail_text``: the detail
+    column as its stored JSON text, not decoded (for a renderer that passes it on)."""
+    cols: list[Any] = [
+        cast(c, Text).label("detail") if detail_text and c.name == "detail" else c for c in EVENTS.c
+    ]
     where: list[Any] = [Event.tenant_id == tenant_id, Event.id > after]
     if type:
         where.append(Event.type == type)
@@ -100,7 +106,7 @@ def events_query(
     if dialect != "postgresql":
         if tag:
             where.append(Event.tags.like(tag_pattern(tag), escape="\\"))
-        return select(*EVENTS.c).where(*where).order_by(Event.id).limit(limit)
+        return select(*cols).where(*where).order_by(Event.id).limit(limit)
 
     def id_range(col: Any) -> list[Any]:
         """``col`` (an event id) within the hours of ``since`` and ``until``; NULL, and
@@ -120,9 +126,9 @@ def events_query(
         return out
 
     if not tag:
-        return select(*EVENTS.c).where(*where, *id_range(Event.id)).order_by(Event.id).limit(limit)
+        return select(*cols).where(*where, *id_range(Event.id)).order_by(Event.id).limit(limit)
     # LIMIT 1 (an id names one event) keeps the subquery a subquery: fetched per tag row.
-    one = select(*EVENTS.c).where(Event.id == EVENT_TAGS.c.event_id, *where).limit(1).lateral()
+    one = select(*cols).where(Event.id == EVENT_TAGS.c.event_id, *where).limit(1).lateral()
     return (
         select(*one.c)
         .select_from(EVENT_TAGS)
