@@ -70,7 +70,7 @@ async def insert_events(s: AsyncSession, events: list[dict[str, Any]]) -> None:
     reused): the rollups' statement triggers (migration 0005) fire once per statement,
     and a plain executemany is one statement per row there (bench/copier.py). SQLite's
     executemany is one prepared statement run per row, its fastest way."""
-    if s.bind.dialect.name == "postgresql":
+    if s.get_bind().dialect.name == "postgresql":
         await s.execute(EVENTS.insert().returning(EVENTS.c.id), events)
     else:
         await s.execute(EVENTS.insert(), events)
