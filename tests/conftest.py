@@ -11,13 +11,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import io
+import logging
 import random
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -253,30 +257,47 @@ async def postwarden_cli(spool_path: str | Path, *args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
-async def config_cli(config: Path, *args: str) -> tuple[int, str]:
-    """``python -m postwarden.cli ARGS --config CONFIG``: (exit code, stdout + stderr)."""
-    import asyncio
-    import subprocess
+_CLI_LOCK = threading.Lock()
 
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", *args, "--config", str(config),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
+
+def cli_here(*argv: str) -> tuple[int, str, str]:
+    """``postwarden ARGV`` through the CLI's ``main`` in this process (a subprocess costs
+    a second of imports per call): exit code, stdout, stderr. One call at a time (the
+    output is caught by redirecting ``sys.stdout``); the root logger is put back as it
+    was. For a command that must run as its own process (signals, a crash, a module
+    hidden from a fresh interpreter), start one."""
+    from postwarden.cli import main
+
+    # stdout has a buffer: commands that print a stored message write bytes to it
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline=""), io.StringIO()
+    root = logging.getLogger()
+    with _CLI_LOCK:
+        handlers, level = root.handlers[:], root.level
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(list(argv))
+                except SystemExit as exc:  # argparse's own refusals, --help
+                    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    out.flush()
+    return code, out.buffer.getvalue().decode("utf-8", "replace"), err.getvalue()
+
+
+async def config_cli(config: Path, *args: str) -> tuple[int, str]:
+    """``postwarden ARGS --config CONFIG`` (:func:`cli_here`, in a thread): exit code and
+    stdout then stderr."""
+    code, out, err = await asyncio.to_thread(cli_here, *args, "--config", str(config))
+    return code, out + err
 
 
 async def operator_key_via_cli(config: Path) -> str:
     """``postwarden admin create-key`` against ``config``'s database."""
-    import asyncio
-    import subprocess
-
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", "admin", "create-key", "--config", str(config),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    op = (await proc.communicate())[0].decode().strip()
-    assert proc.returncode == 0 and op.startswith("pw_"), op
+    code, out, _ = await asyncio.to_thread(cli_here, "admin", "create-key", "--config", str(config))
+    op = out.strip()
+    assert code == 0 and op.startswith("pw_"), op
     return op
 
 

@@ -12,14 +12,11 @@ that needs a person, and starts on one that is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,13 +25,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from postwarden.cli import main
 from postwarden.config import load_config
 from postwarden.control import ControlPlaneError
 from postwarden.store.check import DbCheck, check_database, redact
 from postwarden.store.db import create_engine, current_revision, head_revision, upgrade_sync
 from postwarden.supervisor import DB_CHECKED_ENV, prepare_control
-from tests.conftest import free_port, write_toml
+from tests.conftest import cli_here, free_port, write_toml
 from tests.pg import PgServer
 
 SECRET = "Sekr1t-pa55"  # in every PostgreSQL URL here: it must never be printed
@@ -51,26 +47,12 @@ def config(tmp_path: Path, url: str, **more: Any) -> Path:
     )
 
 
-_CLI_LOCK = threading.Lock()
-
-
-def cli_here(path: Path, *args: str) -> tuple[int, str]:
-    """The CLI's ``main`` in this process (a subprocess costs a second of imports per
-    call): exit code and what it printed, stdout and stderr together."""
-    out = io.StringIO()
-    with _CLI_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            code = main([*args, "--config", str(path)])
-        except SystemExit as exc:  # argparse's own refusals
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue()
-
-
 async def cli(path: Path, *args: str, hide: str | None = None) -> tuple[int, str]:
     """The CLI against ``path``; ``hide``: a module made not installed for it (as
     ``importlib.util.find_spec`` sees one that is absent)."""
     if hide is None:
-        return await asyncio.to_thread(cli_here, path, *args)
+        code, out, err = await asyncio.to_thread(cli_here, *args, "--config", str(path))
+        return code, out + err
     code = (
         f"import sys; sys.modules[{hide!r}] = None; from postwarden.cli import main;"
         " sys.exit(main())"

@@ -81,9 +81,17 @@ async def test_workers_serve_the_separate_listener(
     )
     control = tomllib.loads(config.read_text())["control"]["listen"]
     async with serve([], config, port, tmp_path / "serve.log"):
-        code, out = await config_cli(
-            config, "warming", "start", "--domain", "secret-tenant.test", "--plan", "conservative"
-        )
+        # The port answers before the supervisor's broker listens: retried until it does.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            code, out = await config_cli(
+                config, "warming", "start", "--domain", "secret-tenant.test", "--plan",
+                "conservative",
+            )  # fmt: skip
+            if code == 0 or "is not running here" not in out:
+                break
+            assert asyncio.get_running_loop().time() < deadline, out
+            await asyncio.sleep(0.1)
         assert code == 0, out
         code, out = await config_cli(
             config, "warming", "start", "--source", "default", "--plan", "conservative"

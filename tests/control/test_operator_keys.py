@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
 from postwarden.store.secrets import key_prefix
-from tests.conftest import base_overrides, deep_merge, write_toml
+from tests.conftest import base_overrides, cli_here, deep_merge, write_toml
 from tests.control.conftest import ControlApi, ControlFactory
 
 
@@ -144,12 +143,7 @@ async def test_operator_lists_and_revokes_a_tenants_keys(control: ControlFactory
 
 
 async def cli(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postwarden.cli", "admin", *args, "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await asyncio.to_thread(cli_here, "admin", *args, "--config", str(config))
 
 
 async def until_refused(api: ControlApi, key: str) -> None:
