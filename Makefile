@@ -19,11 +19,13 @@ run: $(STAMP)
 	$(BIN)/postwarden lab
 
 ## Run the whole test suite: most of it in parallel (the tests mostly wait on sockets),
-## then the timing-sensitive ones alone (exit 5 there only means none were selected).
-TEST_WORKERS ?= 3
+## then the timing-sensitive ones (marked serial) on their own, two at a time (exit 5
+## there only means none were selected).
+TEST_WORKERS ?= 4
+SERIAL_WORKERS ?= 2
 test: $(STAMP)
-	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)
-	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial" $(PYTEST_ARGS)
+	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -n $(SERIAL_WORKERS) --dist worksteal -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

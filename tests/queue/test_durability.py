@@ -29,8 +29,8 @@ import pytest
 from postwarden.lab import Lab
 from tests.peers import require_binary
 
-# Timing-sensitive (rates, group commit): run alone, after the parallel part of
-# `make test`.
+# Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
+# two at a time.
 pytestmark = pytest.mark.serial
 
 PY = sys.executable

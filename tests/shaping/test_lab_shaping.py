@@ -16,8 +16,8 @@ from postwarden.lab import Lab
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
 
-# Timing-sensitive (rates, group commit): run alone, after the parallel part of
-# `make test`.
+# Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
+# two at a time.
 pytestmark = pytest.mark.serial
 
 SRC_A, SRC_B = "127.0.2.1", "127.0.2.2"

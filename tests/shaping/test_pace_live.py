@@ -82,7 +82,7 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     await until(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
 
 
-# Rates measured from the MX's timestamps: run alone, after the parallel part.
+# Rates measured from the MX's timestamps: run after the parallel part, two at a time.
 @pytest.mark.serial
 @pytest.mark.timeout(180)
 async def test_full_rate_is_back_soon_after_push_back_stops(

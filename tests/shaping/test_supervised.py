@@ -18,8 +18,8 @@ from tests.queue.test_durability import serve
 from tests.shaping.recsink import RecordingSink
 from tests.shaping.test_lab_shaping import SRC_A, send, until
 
-# Timing-sensitive (rates, group commit): run alone, after the parallel part of
-# `make test`.
+# Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
+# two at a time.
 pytestmark = pytest.mark.serial
 
 RULES = (
