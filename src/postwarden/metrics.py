@@ -25,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from postwarden.shaping.broker import REFUSALS
+from postwarden.values import REFUSALS
 
 if TYPE_CHECKING:
     from postwarden.config import MetricsConfig

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from postwarden.config import Config
-    from postwarden.queue.spool import Lease
+    from postwarden.values import Lease
 
 #: Domain separation: the HMAC key is HMAC-SHA256(material, KEY_LABEL).
 KEY_LABEL = b"postwarden return-path v1"

@@ -19,8 +19,8 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -37,62 +37,9 @@ from postwarden.dns.resolver import DnsError, MxHost, Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta import smtpclient_speedups
 from postwarden.mta.destinations import allowed_hosts, parse_networks
-from postwarden.queue.spool import Lease, SpoolError
+from postwarden.values import AttemptResult, Job, Kind, Lease, SpoolError
 
 log = logging.getLogger("postwarden.delivery")
-
-Kind = Literal["delivered", "temporary", "permanent", "not_attempted"]
-
-
-@dataclass
-class Job:
-    """One message for one destination domain: a single SMTP transaction.
-
-    ``mail_from`` is the envelope sender on the wire; with a VERP return path (one job
-    per recipient) it is the signed return path and ``sender`` the message's own
-    envelope sender, whose domain stays the :attr:`sending_domain`.
-    """
-
-    msg_id: str
-    domain: str
-    mail_from: str
-    leases: list[Lease]
-    queued_at: float = field(default_factory=time.monotonic)
-    #: The message bytes when they came straight from acceptance; else read from the
-    #: spool when the transaction starts.
-    body: bytes | None = field(default=None, repr=False)
-    tenant: str = ""
-    lane: int = 0  # 0 transactional, 1 bulk
-    sender: str = ""  # the message's envelope sender when mail_from is a return path
-    #: The shaping refusal it was last counted as held for (the wait metric counts a
-    #: job once per reason, not once per retry).
-    held: str = ""
-
-    @property
-    def sending_domain(self) -> str:
-        return (self.sender or self.mail_from).rpartition("@")[2].lower()
-
-    @property
-    def smtputf8(self) -> bool:
-        return self.leases[0].smtputf8
-
-    @property
-    def body_8bit(self) -> bool:
-        return self.leases[0].body_8bit
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    """What happened to one recipient in one attempt."""
-
-    lease: Lease
-    kind: Kind
-    response: str
-    mx: str = ""
-    ip: str = ""
-    tls: bool = False
-    reason: str = "other"  # bounded metric label: rcpt, data, mail, connect, dns, tls, ...
-    source: str = ""  # the source (local address) it left from
 
 
 def format_response(code: int, message: str) -> str:

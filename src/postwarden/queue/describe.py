@@ -26,7 +26,7 @@ from postwarden.queue.spool import (
 # A remote answer longer than this is cut, at a word boundary, with an ellipsis.
 MAX_ANSWER = 300
 
-# The shaping broker's refusals (postwarden.shaping.broker.REFUSALS) in words.
+# The shaping broker's refusals (postwarden.values.REFUSALS) in words.
 SHAPING_WAITS = {
     "connection_limit": "throttled (connection limit)",
     "connection_rate": "throttled (connection rate limit)",

@@ -32,33 +32,34 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from postwarden.bounces.classify import default_classifier
-from postwarden.shaping.adaptive import no_answer, speaks_of_pace
-from postwarden.shaping.broker import Choice, Grant
-from postwarden.shaping.shaper import split_answer
-
-if TYPE_CHECKING:
-    from postwarden.shaping.shaper import Shaper
-from dataclasses import dataclass, field
-
 from postwarden.config import Config, PoolConfig, SourceConfig
 from postwarden.dns.resolver import MxHost
 from postwarden.metrics import Metrics
-from postwarden.mta.delivery import AttemptResult, DeliveryAgent, Job
+from postwarden.mta.delivery import DeliveryAgent
 from postwarden.queue.retry import RetryPolicy
-from postwarden.queue.spool import (
+from postwarden.queue.spool import Spool
+from postwarden.shaping.adaptive import no_answer, speaks_of_pace
+from postwarden.shaping.broker import Choice, Grant
+from postwarden.shaping.shaper import split_answer
+from postwarden.values import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
     DROPPED,
     EXPIRED,
     QUEUED,
+    AttemptResult,
+    Job,
     Lease,
     Outcome,
-    Spool,
 )
+
+if TYPE_CHECKING:
+    from postwarden.shaping.shaper import Shaper
 
 log = logging.getLogger("postwarden.scheduler")
 

@@ -43,10 +43,35 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from postwarden.values import (
+    ACTIVE,
+    DEFERRED,
+    DROPPED,
+    FINAL_STATES,
+    LANES,
+    QUEUED,
+    Envelope,
+    Lease,
+    Outcome,
+    SpoolError,
+    SpoolFull,
+    StoredMessage,
+    domain_of,
+)
+
+# Named here too for the spool's callers (their values live in postwarden.values).
+from postwarden.values import BOUNCED as BOUNCED
+from postwarden.values import DELETED as DELETED
+from postwarden.values import DELIVERED as DELIVERED
+from postwarden.values import EXPIRED as EXPIRED
+from postwarden.values import LANE_BULK as LANE_BULK
+from postwarden.values import LANE_HIGH as LANE_HIGH
+from postwarden.values import PENDING_STATES as PENDING_STATES
 
 log = logging.getLogger("postwarden.spool")
 
@@ -55,21 +80,6 @@ SCHEMA_VERSION = 4
 #: Seconds the spool keeps what it accepted under an API Idempotency-Key (longer than
 #: any ``control.idempotency_ttl`` should be; a retry later than that is a new request).
 IDEMPOTENCY_KEEP = 7 * 86400.0
-
-# Lanes: what kind of mail a message is, for fair leasing (:meth:`Spool.lease_due`).
-# The high lane (transactional: API and SMTP mail, or priority=high) is always leased
-# first; the bulk lane (campaigns) gets the room left, shared fairly across tenants.
-LANE_HIGH = 0
-LANE_BULK = 1
-LANES = (LANE_HIGH, LANE_BULK)
-
-# Recipient states. ``active`` means leased to the scheduler (in memory); it never
-# survives a restart.
-QUEUED, ACTIVE, DEFERRED = "queued", "active", "deferred"
-DELIVERED, BOUNCED, EXPIRED, DELETED = "delivered", "bounced", "expired", "deleted"
-DROPPED = "dropped"  # never sent: suppressed (at acceptance or before an attempt)
-PENDING_STATES = (QUEUED, ACTIVE, DEFERRED)
-FINAL_STATES = (DELIVERED, BOUNCED, EXPIRED, DELETED, DROPPED)
 
 _SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -165,7 +175,7 @@ _V3_COLUMNS = (
 
 # The columns schema 4 added: why a recipient waits for traffic shaping (its last
 # attempt was put off by the shaping broker: ``"<kind>: <reason>"``, kind one of
-# postwarden.shaping.broker.REFUSALS), NULL otherwise. Set with the outcome that puts
+# postwarden.values.REFUSALS), NULL otherwise. Set with the outcome that puts
 # it back to the queue, cleared by the next outcome or operator action.
 _V4_COLUMNS = (("recipients", "wait_reason", "TEXT"),)
 # Every column added since schema 2, in the order the upgrades add them.
@@ -181,16 +191,6 @@ _RECIPIENTS_DDL = (
     + _RECIPIENTS_INDEXES
 )
 _SCHEMA = _SCHEMA_TEMPLATE.replace("{recipients}", _RECIPIENTS_DDL)
-
-
-class SpoolError(RuntimeError):
-    """The spool could not do what was asked (closed, corrupt record, I/O error)."""
-
-
-class SpoolFull(SpoolError):
-    """No room left for the spool (a segment write or the index hit a full disk or a
-    quota). Temporary: the spool tries again with the next message, and takes mail as
-    soon as space returns."""
 
 
 # The errno values that mean "no room": the filesystem is full, or the user's quota is.
@@ -396,88 +396,6 @@ def operator_action(
             deleted[mid] = deleted.get(mid, 0) + 1
     emptied = [seg for mid, n in deleted.items() if (seg := settle_message(db, mid, n)) is not None]
     return events, emptied
-
-
-def domain_of(address: str) -> str:
-    """Lower-cased domain part of an address (``""`` when there is none)."""
-    return address.rpartition("@")[2].lower().rstrip(".")
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What travels with a message besides its bytes."""
-
-    mail_from: str
-    rcpt_tos: Sequence[str]
-    client_ip: str = ""
-    helo: str = ""
-    auth: str | None = None
-    tenant: str | None = None
-    smtputf8: bool = False
-    body_8bit: bool = False
-    received_at: float = field(default_factory=time.time)
-    # Recipients not to send to, with why (the suppression check's answer): stored as
-    # ``dropped`` with a ``dropped`` event, never leased.
-    drops: Mapping[str, str] = field(default_factory=dict)
-    # What the submitter attached (tags, metadata, source…): rides on the first
-    # ``accepted`` event, for the control plane.
-    meta: Mapping[str, Any] | None = None
-    # The IP pool the message should leave from (None: the appliance's default pool).
-    pool: str | None = None
-    # LANE_HIGH (transactional) or LANE_BULK (campaigns): see Spool.lease_due.
-    lane: int = LANE_HIGH
-    # The API's Idempotency-Key this message was sent under: (key, the request's
-    # hash, its index in a batch). Kept in the same transaction as the message, so
-    # that a retry after any failure finds what was accepted (:func:`find_idempotent`).
-    idempotency: tuple[str, str, int] | None = None
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A recipient handed to the scheduler for a delivery attempt."""
-
-    rcpt_id: int
-    msg_id: str
-    rcpt: str
-    domain: str
-    attempts: int
-    created_at: float
-    mail_from: str
-    segment: int
-    body_offset: int
-    body_length: int
-    smtputf8: bool
-    body_8bit: bool
-    tenant: str | None = None
-    pool: str | None = None
-    lane: int = LANE_HIGH
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """The answer to :meth:`Spool.store`: durable when returned."""
-
-    msg_id: str
-    rcpt_ids: tuple[int, ...]
-    leases: tuple[Lease, ...]  # non-empty when stored straight into ``active``
-    drops: Mapping[str, str] = field(default_factory=dict)  # recipients stored as dropped
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A recipient's new state after a delivery attempt (or an operator action)."""
-
-    rcpt_id: int
-    msg_id: str
-    state: str  # delivered | deferred | bounced | expired | queued (not attempted)
-    response: str = ""
-    next_attempt: float = 0.0
-    counted_attempt: bool = True
-    event: str | None = None  # event type; defaults to the state
-    detail: dict[str, Any] | None = None
-    # Why a recipient put back to ``queued`` waits until ``next_attempt``: traffic
-    # shaping's refusal (``"<kind>: <reason>"``); stored as ``wait_reason``.
-    wait_reason: str | None = None
 
 
 @dataclass

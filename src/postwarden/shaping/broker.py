@@ -56,30 +56,13 @@ def pair_aimd(base: Aimd, limits: Limits) -> Aimd:
     return dataclasses.replace(base, **given) if given else base
 
 
-#: What a refusal is, for the scheduler and the metric ``postwarden_shaping_waits``
-#: (``reason`` says it for people).
-REFUSALS = (
-    "suspended",
-    "connection_limit",
-    "connection_rate",
-    "message_rate",
-    "warming_cap",
-    "paused",
-    "domain_warming_cap",
-    "domain_paused",
-    "no_source",
-    "broker_unavailable",
-    "throttled",  # a refused connection's pace answer, no rule holding the source
-)
-
-
 @dataclass(frozen=True)
 class Grant:
     ok: bool
     tokens: int = 0
     reason: str = ""
     retry_at: float = 0.0
-    kind: str = ""  # on a refusal, one of REFUSALS
+    kind: str = ""  # on a refusal, one of values.REFUSALS
 
 
 @dataclass(frozen=True)
@@ -103,7 +86,7 @@ class Choice:
     retry_at: float = 0.0
     defer: int = 0
     bounce: str = ""
-    kind: str = ""  # on a refusal, one of REFUSALS (or "bounce")
+    kind: str = ""  # on a refusal, one of values.REFUSALS (or "bounce")
 
 
 @dataclass

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from postwarden.config import Config, PoolConfig, SourceConfig
-from postwarden.mta.delivery import Job
 from postwarden.shaping.broker import Choice, Grant
 from postwarden.shaping.rules import Rules, RulesError, load_rules
 from postwarden.shaping.wants import deliver
+from postwarden.values import Job
 
 log = logging.getLogger("postwarden.shaping")
 
