@@ -695,7 +695,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_sources(args: argparse.Namespace) -> int:
     """``sources check``: each source's forward-confirmed reverse DNS and EHLO name."""
     from postwarden.dns.resolver import Resolver
-    from postwarden.shaping.pools import check_source
+    from postwarden.dns.sources import check_source
 
     cfg = _load(args)
     if not cfg.sources:

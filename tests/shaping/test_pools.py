@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from postwarden.config import load_config
 from postwarden.dns.resolver import Resolver
+from postwarden.dns.sources import check_source
 from postwarden.lab import Lab
-from postwarden.shaping.pools import check_source
 from tests.conftest import config_cli
 
 CFG = load_config(
