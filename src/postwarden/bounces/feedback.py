@@ -130,3 +130,46 @@ async def apply(
         done = await _suppress(s, tenant_id, address, "soft_bounce", note, expires, now)
         return Outcome("soft_bounce" if done else None, count)
     return Outcome(None, count)
+
+
+@dataclass(frozen=True)
+class Suppressed:
+    """A suppression written for a delivery failure (:func:`apply_failures`)."""
+
+    tenant_id: int
+    address: str
+    reason: str
+    message_id: str
+    category: str | None
+
+
+async def apply_failures(
+    s: Any, cfg: BouncesConfig, events: list[dict[str, Any]]
+) -> list[Suppressed]:
+    """The delivery failures among ``events`` (rows of ``events`` being written in this
+    session: ``bounced`` or ``expired`` with a recipient) into their tenants'
+    suppressions, through :func:`apply`; the suppressions written."""
+    done: list[Suppressed] = []
+    for e in events:
+        if e["type"] not in ("bounced", "expired") or not e["recipient"]:
+            continue
+        d = e["detail"]
+        category = d.get("category") or ("expired" if e["type"] == "expired" else None)
+        out = await apply(
+            s,
+            cfg,
+            tenant_id=e["tenant_id"],
+            address=e["recipient"],
+            kind="failure",
+            hard=bool(d.get("hard")),
+            category=category,
+            note=str(d.get("response") or d.get("reason") or "")[:500],
+            now=e["ts"],
+        )
+        if out.suppressed:
+            done.append(
+                Suppressed(
+                    e["tenant_id"], e["recipient"], out.suppressed, e["message_id"], category
+                )
+            )
+    return done

@@ -350,33 +350,17 @@ class EventCopier:
         await self._feedback(s, events)
 
     async def _feedback(self, s: AsyncSession, events: list[dict[str, Any]]) -> None:
-        """Failures during delivery into suppressions (bounces.feedback)."""
-        done: list[tuple[int, str]] = []
-        for e in events:
-            if e["type"] not in ("bounced", "expired") or not e["recipient"]:
-                continue
-            d = e["detail"]
-            category = d.get("category") or ("expired" if e["type"] == "expired" else None)
-            out = await feedback.apply(
-                s,
-                self.bounces,
-                tenant_id=e["tenant_id"],
-                address=e["recipient"],
-                kind="failure",
-                hard=bool(d.get("hard")),
-                category=category,
-                note=str(d.get("response") or d.get("reason") or "")[:500],
-                now=e["ts"],
+        """Failures during delivery into suppressions, in the copy's transaction: the
+        bounce policy is bounces.feedback's; this counts and logs what it wrote."""
+        written = await feedback.apply_failures(s, self.bounces, events)
+        for w in written:
+            if self.metrics is not None:
+                self.metrics.bounce_suppressions.labels(w.reason).inc()
+            log.info(
+                "event=suppressed reason=%s tenant=%s msg=%s category=%s",
+                w.reason,
+                w.tenant_id,
+                w.message_id,
+                w.category,
             )
-            if out.suppressed:
-                done.append((e["tenant_id"], e["recipient"]))
-                if self.metrics is not None:
-                    self.metrics.bounce_suppressions.labels(out.suppressed).inc()
-                log.info(
-                    "event=suppressed reason=%s tenant=%s msg=%s category=%s",
-                    out.suppressed,
-                    e["tenant_id"],
-                    e["message_id"],
-                    category,
-                )
-        self.suppressed = done
+        self.suppressed = [(w.tenant_id, w.address) for w in written]
