@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
+from postwarden.queue.schema import _RECIPIENTS_V2_COLUMNS, _RECIPIENTS_V2_TABLE
 from postwarden.queue.spool import (
-    _RECIPIENTS_V2_COLUMNS,
-    _RECIPIENTS_V2_TABLE,
     DELIVERED,
     LANE_BULK,
     LANE_HIGH,

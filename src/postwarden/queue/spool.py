@@ -33,21 +33,32 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import errno
 import json
 import logging
 import os
 import queue
-import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from postwarden.queue.records import OPERATOR_ACTIONS, insert_event, operator_action, settle_message
+from postwarden.queue.schema import SCHEMA, SCHEMA_VERSION, upgrade
+from postwarden.queue.segments import Segments, is_no_space, spool_error
+from postwarden.queue.shards import IDEMPOTENCY_KEEP
+
+# Named here too for the spool's callers (they live in postwarden.values and the
+# queue modules above).
+from postwarden.queue.shards import SHARD_PREFIX as SHARD_PREFIX
+from postwarden.queue.shards import find_idempotent as find_idempotent
+from postwarden.queue.shards import shard_number as shard_number
+from postwarden.queue.shards import shard_path as shard_path
+from postwarden.queue.shards import shard_paths as shard_paths
+from postwarden.queue.shards import stranded_shards as stranded_shards
 from postwarden.values import (
     ACTIVE,
     DEFERRED,
@@ -59,12 +70,9 @@ from postwarden.values import (
     Lease,
     Outcome,
     SpoolError,
-    SpoolFull,
     StoredMessage,
     domain_of,
 )
-
-# Named here too for the spool's callers (their values live in postwarden.values).
 from postwarden.values import BOUNCED as BOUNCED
 from postwarden.values import DELETED as DELETED
 from postwarden.values import DELIVERED as DELIVERED
@@ -72,184 +80,9 @@ from postwarden.values import EXPIRED as EXPIRED
 from postwarden.values import LANE_BULK as LANE_BULK
 from postwarden.values import LANE_HIGH as LANE_HIGH
 from postwarden.values import PENDING_STATES as PENDING_STATES
+from postwarden.values import SpoolFull as SpoolFull
 
 log = logging.getLogger("postwarden.spool")
-
-RECORD_MAGIC = b"PWS1"
-SCHEMA_VERSION = 4
-#: Seconds the spool keeps what it accepted under an API Idempotency-Key (longer than
-#: any ``control.idempotency_ttl`` should be; a retry later than that is a new request).
-IDEMPOTENCY_KEEP = 7 * 86400.0
-
-_SCHEMA_TEMPLATE = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS segments (
-    id INTEGER PRIMARY KEY,
-    live INTEGER NOT NULL DEFAULT 0,
-    sealed INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,
-    segment INTEGER NOT NULL,
-    body_offset INTEGER NOT NULL,
-    body_length INTEGER NOT NULL,
-    mail_from TEXT NOT NULL,
-    client_ip TEXT NOT NULL DEFAULT '',
-    helo TEXT NOT NULL DEFAULT '',
-    auth TEXT,
-    tenant TEXT,
-    smtputf8 INTEGER NOT NULL DEFAULT 0,
-    body_8bit INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL,
-    remaining INTEGER NOT NULL,
-    pool TEXT,
-    lane INTEGER NOT NULL DEFAULT 0
-);
-{recipients}CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    type TEXT NOT NULL,
-    msg_id TEXT NOT NULL,
-    rcpt_id INTEGER,
-    rcpt TEXT,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS events_msg ON events(msg_id);
-CREATE TABLE IF NOT EXISTS idempotency (
-    tenant TEXT NOT NULL,
-    key TEXT NOT NULL,
-    part INTEGER NOT NULL,
-    request_hash TEXT NOT NULL,
-    msg_id TEXT NOT NULL,
-    answer TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (tenant, key, part)
-);
-"""
-
-
-# The recipients table of schema 2 (the target of the 1 → 2 upgrade), frozen.
-_RECIPIENTS_V2_TABLE = """
-CREATE TABLE recipients (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    msg_id TEXT NOT NULL,
-    rcpt TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_response TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-)"""
-_RECIPIENTS_V2_COLUMNS = (
-    "id, msg_id, rcpt, domain, state, held, attempts, next_attempt, last_response,"
-    " created_at, updated_at"
-)
-
-# Schema 3 adds lane and tenant ('' for none) at the end, copied from the message so
-# that leasing is index-driven. One partial index per lane, so that a recipient costs
-# one "due" index entry as before: ``recipients_due_high`` serves the high lane in
-# next_attempt order, ``recipients_due_bulk`` the bulk lane tenant by tenant. SQLite
-# uses a partial index only for a query whose WHERE contains the index's condition
-# word for word, lane included as a literal (``lane = ?`` would not do): the lease
-# queries below spell them out.
-_RECIPIENTS_INDEXES = """
-CREATE INDEX IF NOT EXISTS recipients_msg ON recipients(msg_id);
-CREATE INDEX IF NOT EXISTS recipients_state ON recipients(state);
-CREATE INDEX IF NOT EXISTS recipients_due_high ON recipients(next_attempt)
-    WHERE state IN ('queued', 'deferred') AND held = 0 AND lane = 0;
-CREATE INDEX IF NOT EXISTS recipients_due_bulk ON recipients(tenant, next_attempt)
-    WHERE state IN ('queued', 'deferred') AND held = 0 AND lane = 1;
-"""
-# Indexes of older schemas that nothing uses any more (dropped by the upgrade).
-_OBSOLETE_INDEXES = ("recipients_due",)
-# The columns schema 3 added (the upgrade from 2 adds them, in this order).
-_V3_COLUMNS = (
-    ("messages", "pool", "TEXT"),
-    ("messages", "lane", "INTEGER NOT NULL DEFAULT 0"),
-    ("recipients", "lane", "INTEGER NOT NULL DEFAULT 0"),
-    ("recipients", "tenant", "TEXT NOT NULL DEFAULT ''"),
-)
-
-# The columns schema 4 added: why a recipient waits for traffic shaping (its last
-# attempt was put off by the shaping broker: ``"<kind>: <reason>"``, kind one of
-# postwarden.values.REFUSALS), NULL otherwise. Set with the outcome that puts
-# it back to the queue, cleared by the next outcome or operator action.
-_V4_COLUMNS = (("recipients", "wait_reason", "TEXT"),)
-# Every column added since schema 2, in the order the upgrades add them.
-_ADDED_COLUMNS = _V3_COLUMNS + _V4_COLUMNS
-
-# The current table: schema 2's with the columns added since.
-_RECIPIENTS_DDL = (
-    _RECIPIENTS_V2_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS").removesuffix("\n)")
-    + "".join(
-        f",\n    {col} {decl}" for table, col, decl in _ADDED_COLUMNS if table == "recipients"
-    )
-    + "\n);"
-    + _RECIPIENTS_INDEXES
-)
-_SCHEMA = _SCHEMA_TEMPLATE.replace("{recipients}", _RECIPIENTS_DDL)
-
-
-# The errno values that mean "no room": the filesystem is full, or the user's quota is.
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-# SQLite's answer when a write hits a full disk (primary code; extended codes keep it
-# in the low byte). Growing the WAL index (-shm) on a full disk fails as SHMSIZE.
-_SQLITE_NO_SPACE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE})
-
-
-def is_no_space(exc: BaseException) -> bool:
-    """Whether an error from a segment write or the index means "the disk is full"."""
-    if isinstance(exc, OSError):
-        return exc.errno in _NO_SPACE_ERRNOS
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        return code is not None and (code in _SQLITE_NO_SPACE or code & 0xFF == sqlite3.SQLITE_FULL)
-    return False
-
-
-def spool_error(what: str, exc: BaseException) -> SpoolError:
-    """The spool's error for a failed write: :class:`SpoolFull` when there is no space."""
-    cls = SpoolFull if is_no_space(exc) else SpoolError
-    return cls(f"{what}: {exc}")
-
-
-# At most this many buffers in one writev (Linux's IOV_MAX is 1024).
-_IOV_MAX = 1000
-
-
-def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
-    """Write every chunk at the file's end: one ``writev`` per ``_IOV_MAX`` buffers,
-    carrying on after a short count (a filesystem may write part of a request when it
-    runs out of room; the next call then reports why)."""
-    pending: Sequence[bytes | memoryview] = chunks
-    while pending:
-        part = pending[:_IOV_MAX]
-        want = sum(len(c) for c in part)
-        done = os.writev(fd, part)
-        if done == want:
-            pending = pending[_IOV_MAX:]
-            continue
-        if done == 0:  # a regular file does not do that; never spin on it
-            raise OSError(errno.ENOSPC, "segment write made no progress")
-        i = 0
-        while done >= len(part[i]):
-            done -= len(part[i])
-            i += 1
-        pending = [memoryview(part[i])[done:], *part[i + 1 :], *pending[_IOV_MAX:]]
-
-
-class _ReadFd:
-    """A cached read-only segment fd, closed only when no reader is using it."""
-
-    __slots__ = ("dropped", "fd", "users")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.users = 0
-        self.dropped = False
 
 
 def new_message_id() -> str:
@@ -259,143 +92,6 @@ def new_message_id() -> str:
     Message-ID of every message, and a bounce without a return-path token is matched
     by its id, so the ids of other messages must not be predictable from those seen."""
     return f"{int(time.time() * 1000):012x}{secrets.randbits(40):010x}"
-
-
-SHARD_PREFIX = "shard-"
-
-
-def shard_path(spool_path: str | os.PathLike[str], index: int) -> Path:
-    """The spool directory of worker ``index``: the spool path itself for worker 0 (so a
-    single-process appliance keeps the plain layout), ``<path>/shard-<k>`` otherwise."""
-    root = Path(spool_path)
-    return root if index == 0 else root / f"{SHARD_PREFIX}{index}"
-
-
-def shard_paths(spool_path: str | os.PathLike[str]) -> list[Path]:
-    """Every spool shard that exists under ``spool_path`` (worker 0's first)."""
-    root = Path(spool_path)
-    found = [root] if (root / "index.db").exists() else []
-    extra = []
-    if root.is_dir():
-        for p in root.iterdir():
-            suffix = p.name[len(SHARD_PREFIX) :]
-            if p.name.startswith(SHARD_PREFIX) and suffix.isdigit() and (p / "index.db").exists():
-                extra.append((int(suffix), p))
-    return found + [p for _, p in sorted(extra)]
-
-
-def shard_number(spool_path: str | os.PathLike[str], path: Path) -> int:
-    """The worker number a shard directory from :func:`shard_paths` belongs to."""
-    return 0 if path == Path(spool_path) else int(path.name[len(SHARD_PREFIX) :])
-
-
-def stranded_shards(spool_path: str | os.PathLike[str], workers: int) -> list[tuple[Path, int]]:
-    """Shards no worker would serve with ``workers`` workers, and the messages they hold.
-
-    Shard k belongs to worker k; with fewer workers than before, the higher shards'
-    mail would wait forever. Only shards that still hold messages are returned.
-    """
-    out = []
-    for path in shard_paths(spool_path):
-        if shard_number(spool_path, path) < workers:
-            continue
-        db = sqlite3.connect(f"file:{path / 'index.db'}?mode=ro", uri=True, timeout=30)
-        try:
-            count = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-        except sqlite3.Error:
-            count = 0
-        finally:
-            db.close()
-        if count:
-            out.append((path, count))
-    return out
-
-
-# ---------------------------------------------------------------- state changes
-# The SQL of every state change a message or recipient goes through outside delivery
-# lives here, as plain functions over a connection to a shard's index, inside the
-# caller's transaction: the spool's writer thread calls them, and so does
-# :class:`postwarden.queue.admin.QueueAdmin` (the ``queue`` commands) with its own
-# connection while the appliance runs. Only the running spool unlinks segment files.
-
-
-def insert_event(
-    db: sqlite3.Connection, ts: float, kind: str, msg_id: str, rid: int | None,
-    rcpt: str | None, detail: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    """Append an event to the log; returns it as the event listeners see it."""
-    payload = json.dumps(detail, separators=(",", ":"), default=str)
-    cur = db.execute(
-        "INSERT INTO events(ts, type, msg_id, rcpt_id, rcpt, detail) VALUES (?,?,?,?,?,?)",
-        (ts, kind, msg_id, rid, rcpt, payload),
-    )
-    return {
-        "id": cur.lastrowid, "ts": ts, "type": kind, "msg_id": msg_id,
-        "rcpt_id": rid, "rcpt": rcpt, "detail": detail,
-    }  # fmt: skip
-
-
-def settle_message(db: sqlite3.Connection, msg_id: str, finished: int) -> int | None:
-    """``finished`` more recipients of a message are done; when none is left pending,
-    its rows go and its segment's live count drops. Returns that segment's id when no
-    message lives in it any more (its file can go, unless it is being written)."""
-    if finished:
-        db.execute("UPDATE messages SET remaining = remaining - ? WHERE id = ?", (finished, msg_id))
-    row = db.execute("SELECT remaining, segment FROM messages WHERE id = ?", (msg_id,)).fetchone()
-    if row is None or row[0] > 0:
-        return None
-    seg = int(row[1])
-    db.execute("DELETE FROM recipients WHERE msg_id = ?", (msg_id,))
-    db.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
-    db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", (seg,))
-    left = db.execute("SELECT live FROM segments WHERE id = ?", (seg,)).fetchone()
-    return seg if left is not None and left[0] <= 0 else None
-
-
-# Operator actions: which waiting recipients each touches, the change, its event.
-OPERATOR_ACTIONS: dict[str, tuple[str, str, str]] = {
-    "hold": ("held = 0", "held = 1", "held"),
-    "release": ("held = 1", "held = 0", "released"),
-    "flush": ("held = 0", "next_attempt = :now", "flushed"),
-    "delete": ("1", "state = 'deleted'", "deleted"),
-}
-# The actions that end a wait for traffic shaping (``wait_reason``): the recipient is
-# due now, or gone. Hold and release leave the schedule, and so its reason, as it was.
-_ENDS_WAIT = ("flush", "delete")
-
-
-def operator_action(
-    db: sqlite3.Connection, action: str, msg_id: str | None, now: float,
-    *, wait_column: bool = True,
-) -> tuple[list[dict[str, Any]], list[int]]:  # fmt: skip
-    """Apply an operator action (:data:`OPERATOR_ACTIONS`) to the waiting recipients
-    (``queued``, ``deferred``; never one being delivered) of one message, or of all
-    when ``msg_id`` is None; one event each. Runs in the caller's transaction.
-    ``wait_column=False``: the index is of a schema before 4 (no ``wait_reason``; a
-    running appliance of an older version upgrades it at its next start).
-
-    Returns the events and the segments left with no live message (by deletes)."""
-    which, change, kind = OPERATOR_ACTIONS[action]
-    if wait_column and action in _ENDS_WAIT:
-        change += ", wait_reason = NULL"
-    # Only constant fragments (OPERATOR_ACTIONS) are concatenated; values are bound.
-    sql = (
-        "SELECT id, msg_id, rcpt FROM recipients WHERE state IN ('queued','deferred')"  # noqa: S608
-        f" AND {which}" + (" AND msg_id = :msg" if msg_id is not None else "")
-    )
-    rows = db.execute(sql, {"msg": msg_id}).fetchall()
-    events: list[dict[str, Any]] = []
-    deleted: dict[str, int] = {}
-    for rid, mid, rcpt in rows:
-        db.execute(
-            f"UPDATE recipients SET {change}, updated_at = :now WHERE id = :id",  # noqa: S608
-            {"now": now, "id": rid},
-        )
-        events.append(insert_event(db, now, kind, mid, rid, rcpt, {"by": "operator"}))
-        if action == "delete":
-            deleted[mid] = deleted.get(mid, 0) + 1
-    emptied = [seg for mid, n in deleted.items() if (seg := settle_message(db, mid, n)) is not None]
-    return events, emptied
 
 
 @dataclass
@@ -428,14 +124,7 @@ class Spool:
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
-        self._seg_id = 0
-        self._seg_fd = -1
-        self._seg_pos = 0
-        # segment -> its read fd; a reader holds it (``users``) while it preads, so that
-        # evicting or unlinking never closes an fd under a reader (the number could be
-        # reused by another open, and the read would return another file's bytes).
-        self._read_fds: dict[int, _ReadFd] = {}
-        self._read_lock = threading.Lock()
+        self.segments = Segments(self.segment_dir, size=segment_size, fsync=fsync)
         self.recovered_inflight = 0
         # The tenant bulk leasing moved past last (writer thread only).
         self._bulk_after: str | None = None
@@ -469,8 +158,8 @@ class Spool:
         self.segment_dir.mkdir(parents=True, exist_ok=True)
         self._db = self._connect()
         db = self._db
-        self._upgrade(db)  # first: the schema's indexes name columns older schemas lack
-        db.executescript(_SCHEMA)
+        upgrade(db)  # first: the schema's indexes name columns older schemas lack
+        db.executescript(SCHEMA)
         db.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
@@ -496,92 +185,7 @@ class Spool:
                 (str(self.recovered_inflight), self.recovered_inflight),
             )
             log.warning("event=spool_recovered inflight=%d", self.recovered_inflight)
-        # Every segment left from before the restart is sealed: its tail may be torn.
-        db.execute("UPDATE segments SET sealed = 1")
-        db.commit()
-        self._remove_dead_segments()
-        row = db.execute("SELECT COALESCE(MAX(id), 0) FROM segments").fetchone()
-        on_disk = [int(p.stem) for p in self.segment_dir.glob("*.seg") if p.stem.isdigit()]
-        self._seg_id = max([row[0], *on_disk])
-        self._new_segment()
-
-    @staticmethod
-    def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-        return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-
-    @classmethod
-    def _upgrade(cls, db: sqlite3.Connection) -> None:
-        """Bring a spool of an older schema to the current one, in one transaction
-        (SQLite DDL is transactional: a crash leaves the old schema whole).
-
-        1 → 2: recipient ids become AUTOINCREMENT — never reused after their message
-        left the spool, so an event's rcpt_id names one recipient for good — numbered
-        past every id an event has ever named.
-
-        2 → 3: messages get ``pool`` (NULL: the default pool) and ``lane`` (0: high);
-        recipients get ``lane`` and ``tenant`` copied from their message ('' for none)
-        for index-driven fair leasing.
-
-        3 → 4: recipients get ``wait_reason`` (NULL: not waiting for traffic shaping).
-        """
-        row = db.execute(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'recipients'"
-        ).fetchone()
-        if row is None:
-            return  # a new spool
-        v1 = not re.search(r"PRIMARY\s+KEY\s+AUTOINCREMENT", row[0], re.IGNORECASE)
-        columns = {t: cls._columns(db, t) for t in ("messages", "recipients")}
-        missing = [
-            (table, column, ddl)
-            for table, column, ddl in _ADDED_COLUMNS
-            # 1 → 2 rebuilds recipients with the columns of schema 2
-            if column not in columns[table] or (v1 and table == "recipients")
-        ]
-        if not v1 and not missing:
-            return
-        found = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        log.warning("event=spool_upgrade from=%s to=%d", found[0] if found else "?", SCHEMA_VERSION)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if v1:
-                db.execute("ALTER TABLE recipients RENAME TO recipients_v1")
-                db.execute(_RECIPIENTS_V2_TABLE)
-                db.execute(
-                    f"INSERT INTO recipients({_RECIPIENTS_V2_COLUMNS})"  # noqa: S608
-                    f" SELECT {_RECIPIENTS_V2_COLUMNS} FROM recipients_v1"
-                )
-                db.execute("DROP TABLE recipients_v1")  # and its indexes
-                high = db.execute(
-                    "SELECT MAX(x) FROM (SELECT MAX(id) AS x FROM recipients"
-                    " UNION ALL SELECT MAX(rcpt_id) FROM events)"
-                ).fetchone()[0]
-                db.execute("DELETE FROM sqlite_sequence WHERE name = 'recipients'")
-                db.execute(
-                    "INSERT INTO sqlite_sequence(name, seq) VALUES ('recipients', ?)", (high or 0,)
-                )
-            for table, column, ddl in missing:
-                # A constant default: SQLite adds the column without rewriting rows.
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
-            if any(m[:2] == ("recipients", "tenant") for m in missing):
-                db.execute(
-                    "UPDATE recipients SET tenant = (SELECT m.tenant FROM messages m"
-                    " WHERE m.id = recipients.msg_id) WHERE msg_id IN (SELECT id FROM messages"
-                    " WHERE tenant IS NOT NULL AND tenant != '')"
-                )
-            for index in _OBSOLETE_INDEXES:
-                db.execute(f"DROP INDEX IF EXISTS {index}")
-            for statement in _RECIPIENTS_INDEXES.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self.segments.open(db)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -600,14 +204,10 @@ class Spool:
         self._ops.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        with self._read_lock:
-            for seg in list(self._read_fds):
-                self._drop_read_fd_locked(seg)
+        self.segments.drop_read_fds()
 
     def _close_sync(self) -> None:
-        if self._seg_fd >= 0:
-            os.close(self._seg_fd)
-            self._seg_fd = -1
+        self.segments.close()
         if self._db is not None:
             try:
                 # A reader just finishing (a copier's, another process's) makes the
@@ -682,32 +282,14 @@ class Spool:
         return self.read_location(lease.segment, lease.body_offset, lease.body_length)
 
     def read_location(self, segment: int, offset: int, length: int) -> bytes:
-        with self.segment_fd(segment) as fd:
-            data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise SpoolError(f"segment {segment}: short read at {offset} ({len(data)}/{length})")
-        return data
+        return self.segments.read(segment, offset, length)
 
-    @contextlib.contextmanager
-    def segment_fd(self, segment: int) -> Iterator[int]:
-        """A read-only fd of a segment, open until the block ends (cached across reads;
-        any thread). Evicting it from the cache or unlinking the segment meanwhile
-        closes it only when the block is done."""
-        with self._read_lock:
-            handle = self._read_fds.get(segment)
-            if handle is None:
-                handle = _ReadFd(os.open(self.segment_dir / f"{segment:012d}.seg", os.O_RDONLY))
-                if len(self._read_fds) >= 64:
-                    self._drop_read_fd_locked(next(iter(self._read_fds)))
-                self._read_fds[segment] = handle
-            handle.users += 1
-        try:
-            yield handle.fd
-        finally:
-            with self._read_lock:
-                handle.users -= 1
-                if handle.dropped and handle.users == 0:
-                    os.close(handle.fd)
+    def segment_fd(self, segment: int) -> contextlib.AbstractContextManager[int]:
+        """A read-only fd of a segment (:meth:`Segments.fd`)."""
+        return self.segments.fd(segment)
+
+    def _unlink_segment(self, seg: int) -> None:
+        self.segments.unlink(seg)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -751,10 +333,11 @@ class Spool:
         results: list[tuple[_Op, Any, BaseException | None]] = []
         committed_events: list[dict[str, Any]] = []
         stores = [op for op in batch if op.kind == "store"]
-        placed: dict[int, tuple[int, int, int]] = {}
+        placed: dict[Hashable, tuple[int, int, int]] = {}
         try:
             if stores:
-                placed = self._append_bodies(stores)
+                records = [(id(op), op.args[0], op.args[1], op.args[3]) for op in stores]
+                placed = self.segments.append(records)
         except Exception as exc:  # an I/O error fails the stores, not the others
             if is_no_space(exc):  # expected while the disk is full: no traceback each time
                 log.warning("event=spool_full stage=segment messages=%d error=%r",
@@ -811,7 +394,7 @@ class Spool:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            # The stores' records stay in the segment, never indexed (and _seg_pos is
+            # The stores' records stay in the segment, never indexed (and the segment's end is
             # past them): nothing refers to them, and restart drops them with the file.
             failed = spool_error("spool commit failed", exc)
             results = [(op, None, failed if err is None else err) for op, _, err in results]
@@ -852,139 +435,6 @@ class Spool:
             except RuntimeError:  # loop closed: nobody waits any more
                 pass
             first = False
-
-    # ------------------------------------------------------------------ segments
-
-    def _writing(self, seg: int) -> bool:
-        """Whether ``seg`` is the segment open for appending (never to be unlinked)."""
-        return seg == self._seg_id and self._seg_fd >= 0
-
-    def _seal_segment(self) -> None:
-        """Stop appending to the current segment; unlink it if no message lives in it.
-
-        After a failed write its tail is unknown (part of a batch may be there): the
-        records before it stay readable at their offsets, and the next batch starts
-        in a new segment. A failure to mark it sealed in the index does no harm: only
-        the open segment is ever kept empty, and a restart seals every old one."""
-        if self._seg_fd < 0:
-            return
-        fd, self._seg_fd = self._seg_fd, -1
-        try:
-            os.close(fd)
-        except OSError:
-            log.warning("event=segment_close_failed segment=%d", self._seg_id, exc_info=True)
-        assert self._db is not None
-        try:
-            self._db.execute("UPDATE segments SET sealed = 1 WHERE id = ?", (self._seg_id,))
-            row = self._db.execute(
-                "SELECT live FROM segments WHERE id = ?", (self._seg_id,)
-            ).fetchone()
-            if row is not None and row[0] <= 0:
-                self._db.execute("DELETE FROM segments WHERE id = ?", (self._seg_id,))
-                self._unlink_segment(self._seg_id)
-        except sqlite3.Error as exc:
-            log.warning("event=segment_seal_failed segment=%d error=%r", self._seg_id, str(exc))
-
-    def _new_segment(self) -> None:
-        self._seal_segment()
-        assert self._db is not None
-        self._seg_id += 1
-        seg_path = self.segment_dir / f"{self._seg_id:012d}.seg"
-        fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            if self.fsync:
-                # The directory entry must be durable too, or a power loss could lose
-                # the whole file behind already-acknowledged messages.
-                dfd = os.open(self.segment_dir, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            self._db.execute(
-                "INSERT OR IGNORE INTO segments(id, live, sealed) VALUES (?, 0, 0)", (self._seg_id,)
-            )
-        except BaseException:
-            os.close(fd)
-            seg_path.unlink(missing_ok=True)
-            raise
-        self._seg_fd = fd
-        self._seg_pos = os.fstat(fd).st_size
-
-    def _append_bodies(self, stores: list[_Op]) -> dict[int, tuple[int, int, int]]:
-        """Write the batch's records to the segment and fdatasync once; return locations.
-
-        On any error the segment is sealed (its tail is unknown) and the error raised:
-        none of the batch is indexed, and the next batch opens a new segment."""
-        if self._seg_fd < 0 or self._seg_pos >= self.segment_size:
-            self._new_segment()
-        placed: dict[int, tuple[int, int, int]] = {}
-        chunks: list[bytes] = []
-        pos = self._seg_pos
-        for op in stores:
-            envelope, data, _lease, msg_id = op.args
-            header = json.dumps(
-                {
-                    "id": msg_id,
-                    "mail_from": envelope.mail_from,
-                    "rcpt_tos": list(envelope.rcpt_tos),
-                    "client_ip": envelope.client_ip,
-                    "helo": envelope.helo,
-                    "auth": envelope.auth,
-                    "tenant": envelope.tenant,
-                    "smtputf8": envelope.smtputf8,
-                    "body_8bit": envelope.body_8bit,
-                    "received_at": envelope.received_at,
-                    "pool": envelope.pool,
-                    "lane": envelope.lane,
-                },
-                separators=(",", ":"),
-            ).encode()
-            prefix = RECORD_MAGIC + len(header).to_bytes(4, "big") + len(data).to_bytes(8, "big")
-            body_offset = pos + len(prefix) + len(header)
-            chunks += (prefix, header, data)
-            pos = body_offset + len(data)
-            placed[id(op)] = (self._seg_id, body_offset, len(data))
-        try:
-            write_all(self._seg_fd, chunks)
-            if self.fsync:
-                os.fdatasync(self._seg_fd)
-        except BaseException:
-            self._seal_segment()
-            raise
-        self._seg_pos = pos
-        return placed
-
-    def _unlink_segment(self, seg: int) -> None:
-        try:
-            (self.segment_dir / f"{seg:012d}.seg").unlink()
-        except FileNotFoundError:
-            pass
-        with self._read_lock:
-            self._drop_read_fd_locked(seg)
-
-    def _drop_read_fd_locked(self, seg: int) -> None:
-        """Forget a segment's read fd; close it now, or when its last reader is done."""
-        handle = self._read_fds.pop(seg, None)
-        if handle is not None:
-            handle.dropped = True
-            if handle.users == 0:
-                os.close(handle.fd)
-
-    def _remove_dead_segments(self) -> None:
-        assert self._db is not None
-        dead = [
-            r[0] for r in self._db.execute("SELECT id FROM segments WHERE live <= 0 AND sealed = 1")
-        ]
-        live = {r[0] for r in self._db.execute("SELECT id FROM segments WHERE live > 0")}
-        for seg in dead:
-            self._unlink_segment(seg)
-        self._db.execute("DELETE FROM segments WHERE live <= 0 AND sealed = 1")
-        # Files not in the table at all hold only records that were never indexed
-        # (a crash between the segment fsync and the index commit): nothing was
-        # acknowledged from them.
-        for p in self.segment_dir.glob("*.seg"):
-            if p.stem.isdigit() and int(p.stem) not in live:
-                p.unlink()
 
     # ------------------------------------------------------------------ operations
 
@@ -1081,7 +531,7 @@ class Spool:
         transaction), their files once it commits; never the one being written."""
         assert self._db is not None
         for seg in emptied:
-            if not self._writing(seg):
+            if not self.segments.writing(seg):
                 self._db.execute("DELETE FROM segments WHERE id = ?", (seg,))
                 unlink.append(seg)
 
@@ -1303,32 +753,3 @@ class Spool:
             (upto, time.time() - self.event_retention, self.prune_batch),
         )
         return max(cur.rowcount, 0)
-
-
-def find_idempotent(spool_path: str | os.PathLike[str], tenant: str, key: str) -> list[Any]:
-    """What every shard under ``spool_path`` accepted under ``key`` for ``tenant``:
-    rows ``(part, request_hash, msg_id, [[rcpt, rcpt_id, drop reason or None], …])``,
-    by part. Read-only, any thread; a shard that cannot be read is skipped (its
-    worker has not started yet)."""
-    out: list[Any] = []
-    root = Path(spool_path)
-    for shard in shard_paths(root) or [root]:
-        db_file = shard / "index.db"
-        if not db_file.exists():
-            continue
-        try:
-            conn = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=5.0)
-        except sqlite3.Error:
-            continue
-        try:
-            rows = conn.execute(
-                "SELECT part, request_hash, msg_id, answer FROM idempotency"
-                " WHERE tenant = ? AND key = ? AND created_at > ?",
-                (tenant, key, time.time() - IDEMPOTENCY_KEEP),
-            ).fetchall()
-        except sqlite3.OperationalError:
-            rows = []  # a spool from before this table: nothing was kept there
-        finally:
-            conn.close()
-        out += [(int(p), h, m, json.loads(a)) for p, h, m, a in rows]
-    return sorted(out, key=lambda r: r[0])
