@@ -29,10 +29,9 @@ from postwarden.bounces.classify import (
     Classifier,
     PatternsError,
     default_classifier,
-    find_status,
 )
 from postwarden.bounces.inbox import Inbox
-from postwarden.bounces.notify import Failed, build_dsn, header_block
+from postwarden.bounces.notices import FailureNotices
 from postwarden.bounces.parse import Parser
 from postwarden.bounces.processor import BounceProcessor
 from postwarden.bounces.verp import ReturnPaths
@@ -44,14 +43,14 @@ from postwarden.mail.addresses import suppression_key
 from postwarden.mail.cleanup import Cleanup, Origin, Rejected
 from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
-from postwarden.mta.delivery import AttemptResult, DeliveryAgent
+from postwarden.mta.delivery import DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.inbound import InboundHandler, make_inbound_factory
 from postwarden.mta.ingress import IngressHandler, make_server_factory
+from postwarden.queue.gauges import keep_gauges
 from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN, Scheduler
 from postwarden.queue.spool import (
     Envelope,
-    Lease,
     Spool,
     StoredMessage,
     new_message_id,
@@ -205,7 +204,14 @@ class Appliance:
         self.copier.on_copied = self.spool.mark_copied
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
         self.return_paths = ReturnPaths.from_config(cfg)
-        self.scheduler.failed = self._notify_failed
+        # DSNs to senders whose tenants want them, through acceptance like any mail.
+        self.notices = FailureNotices(
+            cfg.ehlo_hostname,
+            wants_notices=lambda tenant: tenant in self.control.notify_tenants,
+            read_body=self.spool.read_body,
+            submit=lambda env, data: self.submit(env, data, new_message_id(), Origin("local")),
+        )
+        self.scheduler.failed = self.notices.failed
         self.scheduler.return_path = lambda lease: self.return_paths.for_lease(
             lease, self.control.verified
         )
@@ -248,60 +254,6 @@ class Appliance:
         task = asyncio.get_running_loop().create_task(self.control.suppressions.refresh(keys))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
-
-    def _notify_failed(self, finals: list[tuple[Lease, AttemptResult, bool]]) -> None:
-        """Recipients that failed for good: a DSN to the envelope sender of each
-        message, for tenants that want one (settings.bounce_notifications); never for
-        mail from the null sender (a DSN never answers a DSN)."""
-        by_msg: dict[str, list[tuple[Lease, AttemptResult, bool]]] = {}
-        for lease, result, expired in finals:
-            if not lease.mail_from or lease.mail_from == "<>" or not lease.tenant:
-                continue
-            try:
-                tenant = int(lease.tenant)
-            except ValueError:
-                continue
-            if tenant in self.control.notify_tenants:
-                by_msg.setdefault(lease.msg_id, []).append((lease, result, expired))
-        for items in by_msg.values():
-            task = asyncio.get_running_loop().create_task(self._send_dsn(items))
-            self._bg.add(task)
-            task.add_done_callback(self._bg.discard)
-
-    async def _send_dsn(self, items: list[tuple[Lease, AttemptResult, bool]]) -> None:
-        first = items[0][0]
-        try:
-            body = await asyncio.to_thread(self.spool.read_body, first)
-            headers = header_block(body)
-        except OSError:
-            headers = b""
-        failed = [
-            Failed(
-                recipient=lease.rcpt,
-                status=_status_of(result.response, expired),
-                diagnostic=result.response,
-                remote_mta=result.mx,
-                expired=expired,
-                last_attempt=time.time(),
-            )
-            for lease, result, expired in items
-        ]
-        dsn = build_dsn(
-            reporting_mta=self.cfg.ehlo_hostname,
-            sender=first.mail_from,
-            recipients=failed,
-            original_headers=headers,
-            arrival=first.created_at,
-            queue_id=first.msg_id,
-        )
-        envelope = Envelope(mail_from="", rcpt_tos=[first.mail_from], meta={"source": "dsn"})
-        try:
-            stored = await self.submit(envelope, dsn, new_message_id(), Origin("local"))
-        except Exception:
-            log.error("event=dsn_failed msg=%s", first.msg_id, exc_info=True)
-            return
-        log.info("event=dsn_queued msg=%s dsn=%s to=%s", first.msg_id, stored.msg_id,
-                 first.mail_from)  # fmt: skip
 
     async def _broker_feedback(self, **args: Any) -> Any:
         if self.shaper is None:
@@ -466,7 +418,16 @@ class Appliance:
                     self.smtp_addresses.append(sock.getsockname()[:2])
             await self._start_inbound(tls)
             await self._start_http()
-        self._gauge_task = asyncio.create_task(self._update_gauges())
+        self._gauge_task = asyncio.create_task(
+            keep_gauges(
+                self.spool,
+                self.metrics,
+                self.inbox,
+                # the inbox is shared: worker 0 prunes it
+                prune_inbox=self.worker is None or self.worker.index == 0,
+                keep_unparsed=self.cfg.inbound.keep_unparsed,
+            )
+        )
         log.info(
             "event=started worker=%s smtp=%s inbound=%s control=%s spool=%s config=%s loop=%s",
             f"{self.worker.index}/{self.worker.count}" if self.worker else "-",
@@ -558,42 +519,6 @@ class Appliance:
         for ev in events:
             if ev["type"] != "accepted":
                 log.debug("event=%s msg=%s rcpt_id=%s", ev["type"], ev["msg_id"], ev["rcpt_id"])
-
-    async def _update_gauges(self) -> None:
-        def count(db: Any) -> dict[str, int]:
-            rows = db.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall()
-            held = db.execute("SELECT COUNT(*) FROM recipients WHERE held = 1").fetchone()[0]
-            return {**{r[0]: r[1] for r in rows}, "held": held}
-
-        last_prune = 0.0
-        while True:
-            try:
-                counts = await self.spool.run(count)
-                for state in ("queued", "deferred", "active", "held"):
-                    self.metrics.queue_depth.labels(state).set(counts.get(state, 0))
-                if self.inbox is not None:
-                    last_prune = await self._inbox_gauges(self.inbox, last_prune)
-            except Exception:
-                if self.spool.closed:
-                    return
-                log.exception("event=gauge_update_failed")
-            await asyncio.sleep(5)
-
-    async def _inbox_gauges(self, inbox: Inbox, last_prune: float) -> float:
-        """Inbox counts for the gauges; hourly (worker 0 only: the inbox is shared),
-        unparsed reports older than ``inbound.keep_unparsed`` go."""
-        now = time.monotonic()
-        if (self.worker is None or self.worker.index == 0) and now - last_prune >= 3600:
-            pruned = await asyncio.to_thread(inbox.prune_unparsed, self.cfg.inbound.keep_unparsed)
-            if pruned:
-                log.info("event=inbound_unparsed_pruned count=%d", pruned)
-            last_prune = now
-        pending, unparsed = await asyncio.to_thread(
-            lambda: (inbox.pending(), inbox.unparsed_count())
-        )
-        self.metrics.inbound_pending.set(pending)
-        self.metrics.inbound_unparsed.set(unparsed)
-        return last_prune
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call twice."""
@@ -723,11 +648,3 @@ async def serve(cfg: Config, config_path: str | None = None, role: str = "all") 
         await ControlService(cfg).run()
         return
     await Appliance(cfg, config_path=config_path, api=role != "mta").run()
-
-
-def _status_of(response: str, expired: bool) -> str:
-    """The RFC 3463 code a DSN reports for a final answer (4.4.7 for an expiry)."""
-    code = find_status(response)
-    if expired:
-        return "4.4.7" if code is None or code[0] != "4" else code
-    return code or "5.0.0"

@@ -19,6 +19,7 @@ import pytest
 from postwarden.bounces import inbox as inbox_mod
 from postwarden.bounces.inbox import Inbox
 from postwarden.lab import Lab
+from postwarden.queue.gauges import update_gauges
 from postwarden.store.feed import record_change
 from postwarden.store.models import Domain
 from tests.conftest import ApplianceFactory, free_port
@@ -292,7 +293,7 @@ async def test_the_appliance_answers_on_its_inbound_port(
     assert (inbox.pending(), inbox.unparsed_count()) == (0, 1)
     # The gauges see it (what the appliance's gauge loop runs every 5 s).
     assert app.inbox is not None
-    await app._inbox_gauges(app.inbox, 0.0)
+    await update_gauges(app.spool, app.metrics, app.inbox)
     assert app.metrics.inbound_pending._value.get() == 0
     assert app.metrics.inbound_unparsed._value.get() == 1
 
