@@ -166,12 +166,28 @@ class Appliance:
             cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
         )
         self.agent = DeliveryAgent(cfg, self.resolver, self.spool.read_body, self.metrics)
-        self.scheduler = Scheduler(cfg, self.spool, self.agent, self.metrics)
         self._config_keys = config_keys(cfg)
         self.signer = DkimSigner(self._config_keys)
         self.control = ControlPlane(cfg, self.resolver)
         self.control.on_keys.append(self._keys_changed)
-        self.scheduler.suppressed = self.control.suppressed
+        # Signed per-recipient return paths (VERP), read back by the bounce processor.
+        self.return_paths = ReturnPaths.from_config(cfg)
+        # DSNs to senders whose tenants want them, through acceptance like any mail.
+        self.notices = FailureNotices(
+            cfg.ehlo_hostname,
+            wants_notices=lambda tenant: tenant in self.control.notify_tenants,
+            read_body=self.spool.read_body,
+            submit=lambda env, data: self.submit(env, data, new_message_id(), Origin("local")),
+        )
+        self.scheduler = Scheduler(
+            cfg,
+            self.spool,
+            self.agent,
+            self.metrics,
+            suppressed=self.control.suppressed,
+            return_path=lambda lease: self.return_paths.for_lease(lease, self.control.verified),
+            failed=self.notices.failed,
+        )
         self.passwords = PasswordStore(cfg.smtp.users)
         self.cleanup = Cleanup(cfg.server.hostname, cfg.smtp.hop_limit)
         self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.submit)
@@ -197,23 +213,14 @@ class Appliance:
             )
         self.inbound_servers: list[asyncio.AbstractServer] = []
         self.inbound_addresses: list[tuple[str, int]] = []
-        self.copier = EventCopier(self.spool_path, self.control.sessions, bounces=cfg.bounces)
-        self.copier.on_suppressed = self._bounce_suppressed
-        self.copier.metrics = self.metrics
-        # What the control plane holds, the spool may prune (spool.event_retention).
-        self.copier.on_copied = self.spool.mark_copied
-        # Signed per-recipient return paths (VERP), read back by the bounce processor.
-        self.return_paths = ReturnPaths.from_config(cfg)
-        # DSNs to senders whose tenants want them, through acceptance like any mail.
-        self.notices = FailureNotices(
-            cfg.ehlo_hostname,
-            wants_notices=lambda tenant: tenant in self.control.notify_tenants,
-            read_body=self.spool.read_body,
-            submit=lambda env, data: self.submit(env, data, new_message_id(), Origin("local")),
-        )
-        self.scheduler.failed = self.notices.failed
-        self.scheduler.return_path = lambda lease: self.return_paths.for_lease(
-            lease, self.control.verified
+        self.copier = EventCopier(
+            self.spool_path,
+            self.control.sessions,
+            bounces=cfg.bounces,
+            metrics=self.metrics,
+            on_suppressed=self._bounce_suppressed,
+            # What the control plane holds, the spool may prune (spool.event_retention).
+            on_copied=self.spool.mark_copied,
         )
         self.bounces: BounceProcessor | None = None
         if self.inbox is not None:

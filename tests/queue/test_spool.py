@@ -121,9 +121,9 @@ async def test_recipient_ids_are_never_reused(tmp_path: Path) -> None:
 async def test_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
     import sqlite3
 
-    from postwarden.queue import spool as spool_mod
+    from postwarden.queue import schema as spool_mod
 
-    old_schema = spool_mod._SCHEMA.replace("PRIMARY KEY AUTOINCREMENT", "PRIMARY KEY")
+    old_schema = spool_mod.SCHEMA.replace("PRIMARY KEY AUTOINCREMENT", "PRIMARY KEY")
     db = sqlite3.connect(tmp_path / "index.db")
     db.executescript(old_schema)
     db.execute("INSERT INTO meta VALUES ('schema_version', '1')")

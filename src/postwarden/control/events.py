@@ -91,16 +91,19 @@ class EventCopier:
         *,
         interval: float = 0.5,
         bounces: BouncesConfig | None = None,
+        metrics: Any = None,
+        on_suppressed: Callable[[list[tuple[int, str]]], Any] | None = None,
+        on_copied: Callable[[int], None] | None = None,
     ) -> None:
         self.spool_path = Path(spool_path)
         # Failures feed suppressions here, in the transaction that copies their events.
         self.bounces = bounces or BouncesConfig()
         #: Called with (tenant id, address) of each suppression the copy wrote.
-        self.on_suppressed: Callable[[list[tuple[int, str]]], Any] | None = None
-        self.metrics: Any = None
+        self.on_suppressed = on_suppressed
+        self.metrics = metrics
         #: Called with the id up to which the shard's events are committed in the
         #: control database (the spool may prune those).
-        self.on_copied: Callable[[int], None] | None = None
+        self.on_copied = on_copied
         self.shard = ""  # the spool's id (its index's meta table), read on first use
         self.sessions = sessions
         self.interval = interval

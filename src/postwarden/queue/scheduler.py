@@ -167,6 +167,10 @@ class Scheduler:
         agent: DeliveryAgent,
         metrics: Metrics,
         rng: random.Random | None = None,
+        *,
+        suppressed: Callable[[str, str], str | None] | None = None,
+        return_path: Callable[[Lease], str | None] | None = None,
+        failed: Callable[[list[tuple[Lease, AttemptResult, bool]]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -196,15 +200,17 @@ class Scheduler:
         self._flush_task: asyncio.Task[None] | None = None
         self._recording: set[asyncio.Task[None]] = set()
         self._body_bytes = 0
-        # (tenant, address) -> suppression reason or None; set by the appliance.
-        self.suppressed: Callable[[str, str], str | None] = lambda _tenant, _rcpt: None
+        # (tenant, address) -> suppression reason or None (the control plane's cache).
+        self.suppressed: Callable[[str, str], str | None] = suppressed or (
+            lambda _tenant, _rcpt: None
+        )
         # A recipient's VERP return path (bounces/verp.py), or None to keep the
-        # message's sender; set by the appliance. None (the default): no VERP, and
-        # today's grouping at no extra cost.
-        self.return_path: Callable[[Lease], str | None] | None = None
+        # message's sender. None (the default): no VERP, and today's grouping at no
+        # extra cost.
+        self.return_path = return_path
         # Called with the leases that failed for good (bounced or expired) and their
-        # answers, after the outcomes are recorded; set by the appliance (bounces.notify).
-        self.failed: Callable[[list[tuple[Lease, AttemptResult, bool]]], None] | None = None
+        # answers, after the outcomes are recorded (bounces.notices).
+        self.failed = failed
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
