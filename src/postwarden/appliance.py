@@ -45,8 +45,9 @@ from postwarden.metrics import Metrics, ShapingMetrics
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
-from postwarden.mta.inbound import InboundHandler, make_inbound_factory
-from postwarden.mta.ingress import IngressHandler, make_server_factory
+from postwarden.mta.inbound import InboundHandler
+from postwarden.mta.ingress import IngressHandler
+from postwarden.mta.protocol import server_factory
 from postwarden.queue.gauges import keep_gauges
 from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN, Scheduler
 from postwarden.queue.spool import (
@@ -406,7 +407,7 @@ class Appliance:
         cert, key = ensure_tls_files(self.cfg)
         tls = server_context(cert, key)
         loop = asyncio.get_running_loop()
-        factory = make_server_factory(self.ingress, tls)
+        factory = server_factory(self.ingress, tls)
         if self.worker is not None:
             for sock in self.worker.sockets:
                 server = await loop.create_server(factory, sock=sock, backlog=1024)
@@ -452,7 +453,7 @@ class Appliance:
         if self.inbound is None:
             return
         loop = asyncio.get_running_loop()
-        factory = make_inbound_factory(self.inbound, tls)
+        factory = server_factory(self.inbound, tls)
         if self.worker is not None:
             for sock in self._inbound_socks:
                 server = await loop.create_server(factory, sock=sock, backlog=1024)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from postwarden.mta.wire import BulkDataSMTP
+from postwarden.mta.protocol import PostwardenSMTP
 from postwarden.tls import self_signed
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ BEHAVIOURS: tuple[str, ...] = (
 
 DATA_SIZE_LIMIT = 256 * 1024 * 1024
 SESSION_TIMEOUT = 60.0
+# The longest DATA line and the stream reader's buffer limit of a sink session.
+_LINE_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,45 +187,6 @@ def server_tls_context(names: Iterable[str], ips: Iterable[str]) -> tuple[ssl.SS
     return ctx, cert_pem
 
 
-class _SinkSMTP(BulkDataSMTP):
-    """aiosmtpd's SMTP, made cheaper per message and registered with its sink while
-    connected so that the sink can cut it off.
-
-    DATA is read in bulk (one search for ``<CRLF>.<CRLF>`` per received chunk instead
-    of a coroutine round per line) and plain ``<local@domain>`` paths skip the email
-    package's header parser. Replies and semantics stay aiosmtpd's, except that DATA
-    lines are not held to 1000 octets.
-    """
-
-    # The stream reader's buffer limit; command lines are still held to RFC 5321's
-    # sizes by aiosmtpd's own check.
-    line_length_limit = 64 * 1024
-    max_line_octets = 64 * 1024
-
-    def __init__(self, sink: Sink, handler: _SinkHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.sink = sink
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.sink._sessions.add(self)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.sink._sessions.discard(self)
-        super().connection_lost(error)
-
-    def hang_up(self, *, abort: bool) -> None:
-        """Close the TCP connection under any TLS layer: ``abort`` drops it at once,
-        otherwise pending replies are flushed first."""
-        raw = self._original_transport or self.transport
-        if raw is None:
-            return
-        if abort and isinstance(raw, asyncio.WriteTransport):
-            raw.abort()
-        else:
-            raw.close()
-
-
 async def _until_cancelled() -> NoReturn:
     """Park the session task; closing the connection cancels it."""
     await asyncio.get_running_loop().create_future()
@@ -250,7 +213,7 @@ class _SinkHandler:
 
     async def handle_RCPT(
         self,
-        server: _SinkSMTP,
+        server: PostwardenSMTP,
         session: Session,
         envelope: Envelope,
         address: str,
@@ -275,7 +238,9 @@ class _SinkHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: _SinkSMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(
+        self, server: PostwardenSMTP, session: Session, envelope: Envelope
+    ) -> str:
         state = self.state
         if state.behaviours and any(
             state.behaviour_for(r) == "drop_data" for r in envelope.rcpt_tos
@@ -341,13 +306,19 @@ class Sink:
     data_size_limit: int = DATA_SIZE_LIMIT
     _server: asyncio.Server | None = field(default=None, repr=False)
     _serving_tls: bool = field(default=True, repr=False)
-    _sessions: set[_SinkSMTP] = field(default_factory=set, repr=False)
+    _sessions: set[PostwardenSMTP] = field(default_factory=set, repr=False)
 
-    def _protocol(self) -> _SinkSMTP:
+    def _protocol(self) -> PostwardenSMTP:
         self.connections += 1
-        return _SinkSMTP(
-            self,
+        # aiosmtpd's SMTP with the bulk DATA and path speedups (no session rules),
+        # in _sessions while connected so that the sink can cut it off. DATA lines are
+        # not held to 1000 octets; the stream reader's limit still holds command lines
+        # to RFC 5321's sizes through aiosmtpd's own check.
+        return PostwardenSMTP(
             _SinkHandler(self),
+            max_line_octets=_LINE_LIMIT,
+            line_length_limit=_LINE_LIMIT,
+            registry=self._sessions,
             hostname=self.name,
             tls_context=self.tls_context if self._serving_tls else None,
             require_starttls=False,

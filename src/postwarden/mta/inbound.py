@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session
 
 from postwarden.bounces.inbox import Inbox
 from postwarden.config import Config
 from postwarden.metrics import Metrics
-from postwarden.mta.ingress import MAX_PATH, GuardedSMTP, SessionGuard, server_factory
+from postwarden.mta.protocol import MAX_PATH, PostwardenSMTP, ehlo_lines, take_recipient
+from postwarden.mta.sessions import SessionGuard
 
 log = logging.getLogger("postwarden.inbound")
 
@@ -43,44 +42,13 @@ log = logging.getLogger("postwarden.inbound")
 AcceptsFn = Callable[[str], bool]
 
 
-class InboundSMTP(GuardedSMTP):
-    """The inbound MX's SMTP: the shared session rules (ingress.GuardedSMTP), and no
-    AUTH."""
-
-    def __init__(self, handler: InboundHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.inbound = handler
-        self._in_rcpt = False
-
-    # -- replies
-
-    def rewrite(self, raw: bytes) -> bytes:
-        if raw.startswith(b"552"):
-            # aiosmtpd's own size refusals (MAIL SIZE=, too much DATA): nothing stored.
-            self.inbound.refused("too_large")
-        elif self._in_rcpt and raw.startswith(b"553"):
-            # aiosmtpd could not parse the path at all: as the handler's syntax refusal.
-            self.inbound.refused("bad_recipient")
-            raw = b"501 5.1.3 Bad recipient address syntax"
-        return super().rewrite(raw)
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        self._in_rcpt = True
-        try:
-            await super().smtp_RCPT(arg)
-        finally:
-            self._in_rcpt = False
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        self.inbound.refused("auth")
-        await self.push("502 5.5.1 Authentication not available on this service")
-
-
 OnDelivered = Callable[[], None]
 
 
 class InboundHandler(SessionGuard):
-    """Decides RCPT and DATA for the inbound MX; stores what it accepts in ``inbox``."""
+    """Decides RCPT and DATA for the inbound MX; stores what it accepts in ``inbox``.
+    It is also the listener's guard (mta.protocol): the session rules of submission,
+    its own limits, and no AUTH."""
 
     listener = "inbound"  # its own sessions-per-IP limit in the shared tables
 
@@ -108,11 +76,31 @@ class InboundHandler(SessionGuard):
     def refused(self, reason: str) -> None:
         self.metrics.inbound_refused.labels(reason).inc()
 
+    def limits(self) -> tuple[int, float]:
+        return self.cfg.inbound.max_message_size, self.cfg.inbound.idle_timeout
+
     def max_sessions_per_ip(self) -> int:
         return self.cfg.inbound.max_sessions_per_ip
 
     def sessions_changed(self, delta: int) -> None:
         self.metrics.inbound_sessions.inc(delta)
+
+    # -- the protocol's replies and AUTH
+
+    def rewrite_reply(self, raw: bytes, command: str | None) -> bytes:
+        """A reply as it goes out, before its enhanced code is added."""
+        if raw.startswith(b"552"):
+            # aiosmtpd's own size refusals (MAIL SIZE=, too much DATA): nothing stored.
+            self.refused("too_large")
+        elif command == "RCPT" and raw.startswith(b"553"):
+            # aiosmtpd could not parse the path at all: as the handler's syntax refusal.
+            self.refused("bad_recipient")
+            return b"501 5.1.3 Bad recipient address syntax"
+        return raw
+
+    async def auth_command(self, server: PostwardenSMTP, arg: str) -> None:
+        self.refused("auth")
+        await server.push("502 5.5.1 Authentication not available on this service")
 
     # -- the rule
 
@@ -131,22 +119,14 @@ class InboundHandler(SessionGuard):
     # -- hooks
 
     async def handle_EHLO(
-        self, server: InboundSMTP, session: Session, envelope: Envelope, hostname: str,
+        self, server: PostwardenSMTP, session: Session, envelope: Envelope, hostname: str,
         responses: list[str],
     ) -> list[str]:  # fmt: skip
         session.host_name = hostname
-        out = []
-        for line in responses:
-            if line.startswith("250-AUTH"):
-                continue  # never offered here
-            if line == "250 HELP":
-                out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
-                continue
-            out.append(line)
-        return out
+        return ehlo_lines(responses, offer_auth=False)  # AUTH is never offered here
 
     async def handle_MAIL(
-        self, server: InboundSMTP, session: Session, envelope: Envelope, address: str,
+        self, server: PostwardenSMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:  # fmt: skip
         # Any reverse-path: bounces come from "<>", reports from anywhere.
@@ -155,7 +135,7 @@ class InboundHandler(SessionGuard):
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(
-        self, server: InboundSMTP, session: Session, envelope: Envelope, address: str,
+        self, server: PostwardenSMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:  # fmt: skip
         ok = self.local(address)
@@ -167,14 +147,13 @@ class InboundHandler(SessionGuard):
             peer = session.peer[0] if session.peer else ""
             log.info("event=inbound_relay_denied peer=%s rcpt=%r", peer, address[:MAX_PATH])
             return f"550 5.7.1 <{address}>: relay access denied"
-        if len(envelope.rcpt_tos) >= self.cfg.inbound.max_recipients:
-            self.refused("too_many_recipients")
-            return "452 4.5.3 Too many recipients"
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return take_recipient(
+            self, envelope, address, rcpt_options, self.cfg.inbound.max_recipients
+        )
 
-    async def handle_DATA(self, server: InboundSMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(
+        self, server: PostwardenSMTP, session: Session, envelope: Envelope
+    ) -> str:
         started = time.perf_counter()
         data = envelope.original_content or b""
         peer = session.peer[0] if session.peer else ""
@@ -207,14 +186,3 @@ class InboundHandler(SessionGuard):
             except Exception:
                 log.exception("event=inbound_notify_failed id=%s", item_id)
         return f"250 2.0.0 Ok: queued as {item_id}"
-
-
-def make_inbound_factory(
-    handler: InboundHandler, tls_context: ssl.SSLContext | None
-) -> Callable[[], GuardedSMTP]:
-    """The inbound MX's protocol factory."""
-
-    def limits() -> tuple[int, float]:
-        return handler.cfg.inbound.max_message_size, handler.cfg.inbound.idle_timeout
-
-    return server_factory(InboundSMTP, handler, tls_context, limits)

@@ -1,4 +1,5 @@
-"""SMTP wire-level helpers shared by the submission listener and the lab's sinks.
+"""SMTP wire-level speedups, used by :class:`~postwarden.mta.protocol.PostwardenSMTP`
+(every listener, the lab's sinks included).
 
 aiosmtpd reads DATA one line at a time (a coroutine round, a check and a debug log
 call per line) and parses every MAIL/RCPT path with the ``email`` package's header
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-
-from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 _TERMINATOR = b"\r\n.\r\n"
 _READ_CHUNK = 256 * 1024
@@ -32,10 +31,6 @@ def fast_getaddr(arg: str) -> tuple[str, str] | None:
     if m is None:
         return None
     return m.group(1) or "<>", m.group(2)
-
-
-_TERMINATOR = b"\r\n.\r\n"
-_READ_CHUNK = 256 * 1024
 
 
 async def read_data(
@@ -74,52 +69,3 @@ async def read_data(
     if data.startswith(b".") or b"\r\n." in data:
         data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n")[2:]
     return data, None
-
-
-class BulkDataSMTP(SMTP):
-    """aiosmtpd's SMTP with DATA read by :func:`read_data` and plain paths parsed by
-    :func:`fast_getaddr`; replies and semantics stay aiosmtpd's.
-
-    Where the stream reader's buffer is not the ``bytearray`` :func:`read_data` puts
-    pipelined bytes back into, aiosmtpd's own line loop runs instead.
-    """
-
-    #: The longest DATA line in octets, CRLF included (aiosmtpd's own
-    #: ``line_length_limit`` lets one more through and also bounds command lines).
-    max_line_octets = 1000
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        fast = fast_getaddr(arg)
-        return fast if fast is not None else super()._getaddr(arg)
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        if not isinstance(getattr(self._reader, "_buffer", None), bytearray):
-            await super().smtp_DATA(arg)
-            return
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        try:
-            content, error = await read_data(
-                self._reader, self.data_size_limit, self.max_line_octets
-            )
-        except (ConnectionError, asyncio.IncompleteReadError):
-            if self.transport is not None:
-                self.transport.close()
-            return
-        if error is not None:
-            await self.push(error)
-            self._set_post_data_state()
-            return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
