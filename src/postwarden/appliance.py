@@ -169,7 +169,9 @@ class Appliance:
         self.agent = DeliveryAgent(cfg, self.resolver, self.spool.read_body, self.metrics)
         self._config_keys = config_keys(cfg)
         self.signer = DkimSigner(self._config_keys)
-        self.control = ControlPlane(cfg, self.resolver)
+        self.control = ControlPlane(
+            cfg, self.resolver, inject=self.inject, spool_root=str(cfg.spool.path)
+        )
         self.control.on_keys.append(self._keys_changed)
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
         self.return_paths = ReturnPaths.from_config(cfg)
@@ -191,12 +193,15 @@ class Appliance:
         )
         self.passwords = PasswordStore(cfg.smtp.users)
         self.cleanup = Cleanup(cfg.server.hostname, cfg.smtp.hop_limit)
-        self.ingress = IngressHandler(cfg, self.metrics, self.passwords, self.submit)
-        self.ingress.key_auth = self.control.smtp_login
-        self.ingress.key_valid = self.control.key_valid
-        self.ingress.pool_for = self.control.pool_for
-        self.control.inject = self.inject
-        self.control.spool_root = str(cfg.spool.path)
+        self.ingress = IngressHandler(
+            cfg,
+            self.metrics,
+            self.passwords,
+            self.submit,
+            key_auth=self.control.smtp_login,
+            key_valid=self.control.key_valid,
+            pool_for=self.control.pool_for,
+        )
         # The inbound MX (bounces, complaints): only with inbound.listen (a worker: with
         # the sockets the supervisor bound for it); its inbox is shared by every worker.
         self.inbox: Inbox | None = None
@@ -207,10 +212,25 @@ class Appliance:
 
             self._inbound_socks = worker.inbound_sockets or inherited_inbound_sockets()
         enabled = bool(self._inbound_socks) if worker is not None else bool(cfg.inbound.listen)
+        self.bounces: BounceProcessor | None = None
         if enabled:
             self.inbox = Inbox(cfg.inbound_path)
+            self.bounces = BounceProcessor(
+                cfg,
+                self.inbox,
+                self.control.sessions,
+                self.return_paths,
+                parser=Parser(default_classifier(cfg.bounces.patterns_file)),
+                metrics=self.metrics,
+                feedback_to_broker=self._broker_feedback,
+                on_suppressed=self._bounce_suppressed,
+            )
             self.inbound = InboundHandler(
-                cfg, self.metrics, self.inbox, self.control.accepts_inbound
+                cfg,
+                self.metrics,
+                self.inbox,
+                self.control.accepts_inbound,
+                on_delivered=self.bounces.wake,
             )
         self.inbound_servers: list[asyncio.AbstractServer] = []
         self.inbound_addresses: list[tuple[str, int]] = []
@@ -223,20 +243,6 @@ class Appliance:
             # What the control plane holds, the spool may prune (spool.event_retention).
             on_copied=self.spool.mark_copied,
         )
-        self.bounces: BounceProcessor | None = None
-        if self.inbox is not None:
-            self.bounces = BounceProcessor(
-                cfg,
-                self.inbox,
-                self.control.sessions,
-                self.return_paths,
-                parser=Parser(default_classifier(cfg.bounces.patterns_file)),
-                metrics=self.metrics,
-                feedback_to_broker=self._broker_feedback,
-                on_suppressed=self._bounce_suppressed,
-            )
-            assert self.inbound is not None
-            self.inbound.on_delivered = self.bounces.wake
         # Traffic shaping: the supervisor's broker for a worker, else this process's own
         # (``shaping`` given by tests, with their clocks).
         self.shaping = shaping
@@ -596,12 +602,11 @@ class Appliance:
         self._config_keys = keys
         self.signer = signer
         self.return_paths = return_paths
-        self.copier.bounces = new.bounces
+        self.copier.reconfigure(new.bounces)
         if self.pruner is not None:
-            self.pruner.cfg = new.database
+            self.pruner.reconfigure(new.database)
         if self.bounces is not None:
-            self.bounces.cfg, self.bounces.parser = new, parser
-            self.bounces.return_paths = return_paths
+            self.bounces.reconfigure(new, parser, return_paths)
         self.cleanup = Cleanup(new.server.hostname, new.smtp.hop_limit)
         self.ingress.configure(new)
         self.agent.reconfigure(new)

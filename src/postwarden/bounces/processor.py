@@ -101,6 +101,10 @@ class BounceProcessor:
 
     # ------------------------------------------------------------------ loop
 
+    def reconfigure(self, cfg: Config, parser: Parser, return_paths: ReturnPaths) -> None:
+        """A reloaded configuration, its bounce patterns and return-path keys."""
+        self.cfg, self.parser, self.return_paths = cfg, parser, return_paths
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bounce-processor")
 

@@ -118,6 +118,10 @@ class EventCopier:
         self.copied = 0
         self.suppressed: list[tuple[int, str]] = []
 
+    def reconfigure(self, bounces: BouncesConfig) -> None:
+        """A reloaded configuration's bounce settings, for the next copy."""
+        self.bounces = bounces
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-copier")
 

@@ -71,7 +71,14 @@ def pool_from_row(row: Pool) -> PoolConfig:
 
 
 class ControlPlane:
-    def __init__(self, cfg: Config, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        resolver: Resolver,
+        *,
+        inject: Callable[..., Awaitable[Any]] | None = None,
+        spool_root: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.resolver = resolver
         # Checking records an operator just published must not see yesterday's answer.
@@ -117,12 +124,12 @@ class ControlPlane:
         self.configure_inbound(cfg)
         # Called with the new key list whenever verified domains or their keys change.
         self.on_keys: list[Callable[[list[SigningKey]], None]] = []
-        # Set by the appliance: spools a message (None in a control-only process).
-        self.inject: Callable[..., Awaitable[Any]] | None = None
+        # Spools a message (the appliance's; None in a control-only process).
+        self.inject = inject
         # The spool this process writes to (its root, every worker's shard under it):
         # where a retried idempotent request finds what was accepted (None: this
         # process relays to an MTA elsewhere).
-        self.spool_root: str | None = None
+        self.spool_root = spool_root
         # Set by the appliance: the worker's traffic shaping (None in a control-only
         # process); the shaping API routes speak to the broker through it.
         self.shaper: Shaper | None = None

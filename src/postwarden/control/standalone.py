@@ -28,9 +28,8 @@ class ControlService:
         self.resolver = Resolver(
             cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
         )
-        self.control = ControlPlane(cfg, self.resolver)
         self.relay = SmtpRelay(cfg)
-        self.control.inject = self.relay.inject
+        self.control = ControlPlane(cfg, self.resolver, inject=self.relay.inject)
         self.registry = CollectorRegistry()
         self.address: tuple[str, int] | None = None
         self._http: Any = None

@@ -155,6 +155,10 @@ class IngressHandler(SessionGuard):
         metrics: Metrics,
         passwords: PasswordStore,
         submit: SubmitFn,
+        *,
+        key_auth: Callable[[str, str], Awaitable[KeyLogin | None]] | None = None,
+        key_valid: Callable[[str, int], bool] | None = None,
+        pool_for: Callable[[int | None, str | None], str | None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.passwords = passwords
@@ -162,16 +166,18 @@ class IngressHandler(SessionGuard):
         super().__init__()
         self.in_transaction = 0
         # (tenant name, API key) -> the tenant and key when the key may send; from the
-        # control plane.
-        self.key_auth: Callable[[str, str], Awaitable[KeyLogin | None]] | None = None
+        # control plane (None: no API-key logins).
+        self.key_auth = key_auth
         # (key prefix, tenant id) -> whether a key that logged in may still send (not
         # revoked, tenant not disabled since): in memory, asked at every MAIL.
-        self.key_valid: Callable[[str, int], bool] = lambda _k, _t: True
+        self.key_valid: Callable[[str, int], bool] = key_valid or (lambda _k, _t: True)
         # (tenant id or None, the pool X-Postwarden-Pool names or None) -> the pool to
         # spool the message with (None: the appliance's default pool); raises ValueError
         # (its text the reply) when the pool is unknown or not the sender's. From the
         # control plane; alone, whatever pool is named.
-        self.pool_for: Callable[[int | None, str | None], str | None] = lambda _t, p: p
+        self.pool_for: Callable[[int | None, str | None], str | None] = pool_for or (
+            lambda _t, p: p
+        )
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:

@@ -54,6 +54,10 @@ class Pruner:
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
 
+    def reconfigure(self, cfg: DatabaseConfig) -> None:
+        """A reloaded configuration's retention, for the next pruning."""
+        self.cfg = cfg
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="control-retention")
 
