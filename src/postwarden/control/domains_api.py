@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 
 from postwarden.control import domains as dom
-from postwarden.control.api import api, changed, one_or_404, page, page_of
+from postwarden.control.api import api, one_or_404, page, page_of
 from postwarden.control.errors import ApiError, not_found
 from postwarden.control.routing import Call
 from postwarden.control.schemas import (
@@ -21,7 +20,6 @@ from postwarden.control.schemas import (
     Page,
     RecordOut,
 )
-from postwarden.dns.records import all_required_ok, verify
 from postwarden.store.models import DkimKey, Domain
 
 
@@ -71,14 +69,10 @@ async def create_domain(c: Call) -> Any:
     """Creates RSA-2048 and Ed25519 DKIM keys (private keys encrypted at rest) and
     answers with every DNS record to publish; then call verify."""
     async with c.ctx.sessions() as s:
-        d = Domain(tenant_id=c.tenant_id, name=c.body.name)
-        s.add(d)
         try:
-            await s.flush()
-        except IntegrityError:
+            d, keys = await dom.create(s, c.tenant_id, c.body.name, c.ctx.box)
+        except dom.DomainExists:
             raise ApiError(409, "conflict", f"{c.body.name} is already registered") from None
-        keys = await dom.add_generation(s, d, 1, c.ctx.box)
-        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
     return domain_out(c.ctx.cfg, d, keys)
 
@@ -128,28 +122,7 @@ async def verify_domain(c: Call) -> Any:
     and changes nothing."""
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
-        keys = await dom.domain_keys(s, d.id)
-        recs = await verify(c.ctx.fresh_resolver, dom.records(c.ctx.cfg, d, keys))
-        now = dom.now()
-        status = {r.name: r.status for r in recs if r.purpose == "dkim"}
-        for k in keys:
-            st = status.get(f"{k.selector}._domainkey.{d.name}")
-            if st == "ok" and k.verified_at is None:
-                k.verified_at = now
-        # Required-ness depends on which generation signs, now that keys may be verified.
-        recs_now = dom.records(c.ctx.cfg, d, keys)
-        by_key = {(r.type, r.name, r.value): r for r in recs}
-        for r in recs_now:
-            checked = by_key[(r.type, r.name, r.value)]
-            r.status, r.found, r.detail = checked.status, checked.found, checked.detail
-        errors = any(r.status == "error" for r in recs_now if r.required)
-        if all_required_ok(recs_now):
-            d.verified_at = d.verified_at or now
-        elif not errors:
-            d.verified_at = None
-        d.checked_at = now
-        d.last_check = {"records": [r.as_dict() for r in recs_now]}
-        await changed(s, "domain", c.tenant_id, d.name)
+        keys = await dom.check(s, c.ctx.cfg, c.ctx.fresh_resolver, d)
         await s.commit()
         return domain_out(c.ctx.cfg, d, keys)
 
@@ -167,13 +140,10 @@ async def rotate_dkim(c: Call) -> Any:
     valid for mail already sent) until removed with DELETE .../dkim/{selector}."""
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
-        keys = await dom.domain_keys(s, d.id)
-        signing = dom.signing_generation(keys)
-        top = max((k.generation for k in keys), default=0)
-        if signing is None or top > signing:
-            raise ApiError(409, "conflict", "a key generation is still waiting for verification")
-        keys += await dom.add_generation(s, d, top + 1, c.ctx.box)
-        await changed(s, "domain", c.tenant_id, d.name)
+        try:
+            keys = await dom.rotate(s, d, c.ctx.box)
+        except dom.RotationPending as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
         await s.commit()
         return domain_out(c.ctx.cfg, d, keys)
 
@@ -189,15 +159,12 @@ async def rotate_dkim(c: Call) -> Any:
 async def delete_dkim(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         d = await _domain(s, c)
-        keys = await dom.domain_keys(s, d.id)
-        key = next((k for k in keys if k.selector == c.path["selector"]), None)
-        if key is None:
+        try:
+            keys = await dom.remove_key(s, d, c.path["selector"])
+        except dom.KeyNotRetired as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        if keys is None:
             raise not_found("DKIM key")
-        if dom.key_state(key, dom.signing_generation(keys)) != "retired":
-            raise ApiError(409, "conflict", "only a retired key (an older generation) is removed")
-        await s.delete(key)
-        keys.remove(key)
-        await changed(s, "domain", c.tenant_id, d.name)
         await s.commit()
         return domain_out(c.ctx.cfg, d, keys)
 
@@ -212,9 +179,6 @@ async def delete_dkim(c: Call) -> Any:
 )
 async def delete_domain(c: Call) -> Any:
     async with c.ctx.sessions() as s:
-        d = await _domain(s, c)
-        await s.execute(delete(DkimKey).where(DkimKey.domain_id == d.id))
-        await s.delete(d)
-        await changed(s, "domain", c.tenant_id, d.name)
+        await dom.remove(s, await _domain(s, c))
         await s.commit()
     return Deleted(deleted=True)
