@@ -75,6 +75,17 @@ async def _pool(s: Any, name: str) -> Pool:
     return row
 
 
+async def pool_users(s: Any, name: str) -> list[str]:
+    """The tenants (by name, in id order) that have the pool as their default or
+    among their allowed pools."""
+    tenants = (
+        await s.execute(
+            select(Tenant.name, Tenant.default_pool, Tenant.allowed_pools).order_by(Tenant.id)
+        )
+    ).all()
+    return [t for t, default, allowed in tenants if default == name or name in (allowed or ())]
+
+
 @api.op(
     "POST",
     "/v1/pools",
@@ -179,12 +190,7 @@ async def delete_pool(c: Call) -> Any:
     refuse_config_pool(c, name)
     async with c.ctx.sessions() as s:
         row = await _pool(s, name)
-        tenants = (
-            await s.execute(
-                select(Tenant.name, Tenant.default_pool, Tenant.allowed_pools).order_by(Tenant.id)
-            )
-        ).all()
-        users = [t for t, default, allowed in tenants if default == name or name in (allowed or ())]
+        users = await pool_users(s, name)
         if users:
             shown = ", ".join(users[:10]) + (
                 f" and {len(users) - 10} more" if len(users) > 10 else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+from collections.abc import Iterable
 from typing import Any, get_args
 
 from sqlalchemy import select
@@ -134,24 +135,16 @@ def _csv_time(row: dict[str, Any], column: str) -> dt.datetime | None:
 
 MAX_IMPORT = 100_000
 
+#: One good row of an import: address, reason, source, note, expires_at, created_at.
+ImportRow = tuple[str, str, str, str, dt.datetime | None, dt.datetime | None]
 
-@api.op(
-    "POST",
-    "/v1/suppressions/import",
-    summary="Import suppressions from CSV",
-    scope="manage",
-    response=ImportResult,
-    request_media="text/csv",
-    body_limit=32 * 1024 * 1024,
-)
-async def import_suppressions(c: Call) -> Any:
-    """CSV with a header row; ``address`` is required, ``reason`` (default manual),
-    ``source`` (default import), ``note``, ``created_at`` (default now) and
-    ``expires_at`` (ISO 8601 with zone) are optional: the export's columns, so that an
-    export imports back as it was. Bad rows are reported by line and skipped; the good
-    rows are imported together."""
+
+def read_import(raw: bytes) -> tuple[dict[str, ImportRow], list[dict[str, Any]]]:
+    """The good rows of an import by suppression key (a later row for an address
+    wins) and the bad rows' errors by line; 422 (``body``) when the file as a whole
+    cannot be taken."""
     try:
-        text = c.raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise invalid("body", "the CSV is not UTF-8") from None
     reader = csv.DictReader(io.StringIO(text))
@@ -196,17 +189,43 @@ async def import_suppressions(c: Call) -> Any:
             good[suppression_key(addr)] = (addr, reason, source, note, expires, created_at)
     except csv.Error as exc:
         raise invalid("body", f"line {reader.line_num}: {exc}") from None
+    return good, errors
+
+
+async def store_import(session: Any, tenant_id: int, rows: Iterable[ImportRow]) -> tuple[int, int]:
+    """Create or replace each row's entry in ``session``'s transaction (the caller
+    commits): how many were created and how many updated."""
     created = updated = 0
+    for addr, reason, source, note, expires, created_at in rows:
+        entry, how = await upsert_suppression(
+            session, tenant_id, addr, reason, source, note, expires
+        )
+        if created_at is not None:
+            entry.created_at = created_at
+        new = how == "created"
+        created += new
+        updated += not new
+    return created, updated
+
+
+@api.op(
+    "POST",
+    "/v1/suppressions/import",
+    summary="Import suppressions from CSV",
+    scope="manage",
+    response=ImportResult,
+    request_media="text/csv",
+    body_limit=32 * 1024 * 1024,
+)
+async def import_suppressions(c: Call) -> Any:
+    """CSV with a header row; ``address`` is required, ``reason`` (default manual),
+    ``source`` (default import), ``note``, ``created_at`` (default now) and
+    ``expires_at`` (ISO 8601 with zone) are optional: the export's columns, so that an
+    export imports back as it was. Bad rows are reported by line and skipped; the good
+    rows are imported together."""
+    good, errors = read_import(c.raw)
     async with c.ctx.sessions() as s:
-        for addr, reason, source, note, expires, created_at in good.values():
-            entry, how = await upsert_suppression(
-                s, c.tenant_id, addr, reason, source, note, expires
-            )
-            if created_at is not None:
-                entry.created_at = created_at
-            new = how == "created"
-            created += new
-            updated += not new
+        created, updated = await store_import(s, c.tenant_id, good.values())
         await s.commit()
     await c.ctx.suppressions.refresh((c.tenant_id, suppression_key(a)) for a, *_ in good.values())
     return ImportResult(created=created, updated=updated, errors=errors)
