@@ -216,8 +216,8 @@ async def test_export_imports_back_for_every_reason_and_column(control: ControlF
     created_at and expires_at."""
     from postwarden.bounces import feedback
     from postwarden.config import BouncesConfig
-    from postwarden.control.api import CSV_FIELDS
     from postwarden.control.schemas import Reason
+    from postwarden.control.suppressions import CSV_FIELDS
     from postwarden.store.models import Event
 
     api = await control()

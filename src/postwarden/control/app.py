@@ -100,11 +100,20 @@ def create_app(
     if serve_metrics:
         routes.append(metrics_route(metrics, metrics_token))
     if plane is not None:
-        from postwarden.control import api as _api  # noqa: F401  (registers the routes)
-        from postwarden.control import message_list as _message_list  # noqa: F401
-        from postwarden.control import messages as _messages  # noqa: F401
-        from postwarden.control import shaping_api as _shaping  # noqa: F401
         from postwarden.control.api import api
+
+        # Each resource module declares its operations on ``api`` when imported; this
+        # order is the order of the route table, /openapi.json and /docs.
+        # isort: off
+        from postwarden.control import tenants  # noqa: F401
+        from postwarden.control import pools  # noqa: F401
+        from postwarden.control import keys  # noqa: F401
+        from postwarden.control import domains_api  # noqa: F401
+        from postwarden.control import suppressions  # noqa: F401
+        from postwarden.control import message_list  # noqa: F401
+        from postwarden.control import messages  # noqa: F401
+        from postwarden.control import shaping_api  # noqa: F401
+        # isort: on
 
         schema = api.openapi()
         schema_bytes = json.dumps(schema).encode()

@@ -1,4 +1,7 @@
-"""Sending domains: DKIM key generation and rotation, the records to publish, checks."""
+"""Sending domains: DKIM key generation and rotation, the records to publish, checks.
+
+The functions that change a domain work in the caller's session, record the change
+for the feed and leave the commit to the caller (domains_api.py, the HTTP side)."""
 
 from __future__ import annotations
 
@@ -12,16 +15,38 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postwarden.config import Config
-from postwarden.dns.records import DkimPublic, DomainPlan, Record, expected_records
+from postwarden.dns.records import (
+    DkimPublic,
+    DomainPlan,
+    Record,
+    all_required_ok,
+    expected_records,
+    verify,
+)
+from postwarden.dns.resolver import Resolver
 from postwarden.mta.dkim import SigningKey, generate_key, parse_key
+from postwarden.store.feed import record_change
 from postwarden.store.models import DkimKey, Domain
 from postwarden.store.secrets import SecretBox
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+
+
+class DomainExists(Exception):
+    """The name is registered already (by this tenant or another)."""
+
+
+class RotationPending(Exception):
+    """A key generation is still waiting for verification."""
+
+
+class KeyNotRetired(Exception):
+    """The DKIM key signs, or will once verified: only a retired one is removed."""
 
 
 @dataclass(frozen=True)
@@ -154,3 +179,87 @@ async def domain_keys(session: AsyncSession, domain_id: int) -> list[DkimKey]:
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+async def create(
+    session: AsyncSession, tenant_id: int, name: str, box: SecretBox
+) -> tuple[Domain, list[DkimKey]]:
+    """A new domain of ``tenant_id`` with its first generation of DKIM keys;
+    :class:`DomainExists` when the name is taken."""
+    domain = Domain(tenant_id=tenant_id, name=name)
+    session.add(domain)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise DomainExists(name) from None
+    keys = await add_generation(session, domain, 1, box)
+    await record_change(session, "domain", tenant_id, domain.name)
+    return domain, keys
+
+
+async def check(
+    session: AsyncSession, cfg: Config, resolver: Resolver, domain: Domain
+) -> list[DkimKey]:
+    """Look each record up in DNS and keep the results on ``domain`` (its keys, which
+    this returns, are verified as their records are found). The domain is verified
+    when every required record is ok and unverified when one is not, unless a lookup
+    failed (``error``): that changes nothing."""
+    keys = await domain_keys(session, domain.id)
+    recs = await verify(resolver, records(cfg, domain, keys))
+    at = now()
+    status = {r.name: r.status for r in recs if r.purpose == "dkim"}
+    for k in keys:
+        st = status.get(f"{k.selector}._domainkey.{domain.name}")
+        if st == "ok" and k.verified_at is None:
+            k.verified_at = at
+    # Required-ness depends on which generation signs, now that keys may be verified.
+    recs_now = records(cfg, domain, keys)
+    by_key = {(r.type, r.name, r.value): r for r in recs}
+    for r in recs_now:
+        checked = by_key[(r.type, r.name, r.value)]
+        r.status, r.found, r.detail = checked.status, checked.found, checked.detail
+    errors = any(r.status == "error" for r in recs_now if r.required)
+    if all_required_ok(recs_now):
+        domain.verified_at = domain.verified_at or at
+    elif not errors:
+        domain.verified_at = None
+    domain.checked_at = at
+    domain.last_check = {"records": [r.as_dict() for r in recs_now]}
+    await record_change(session, "domain", domain.tenant_id, domain.name)
+    return keys
+
+
+async def rotate(session: AsyncSession, domain: Domain, box: SecretBox) -> list[DkimKey]:
+    """Add the next generation of keys; :class:`RotationPending` while the newest one
+    does not sign yet. Returns every key of the domain."""
+    keys = await domain_keys(session, domain.id)
+    signing = signing_generation(keys)
+    top = max((k.generation for k in keys), default=0)
+    if signing is None or top > signing:
+        raise RotationPending("a key generation is still waiting for verification")
+    keys += await add_generation(session, domain, top + 1, box)
+    await record_change(session, "domain", domain.tenant_id, domain.name)
+    return keys
+
+
+async def remove_key(session: AsyncSession, domain: Domain, selector: str) -> list[DkimKey] | None:
+    """Remove the retired key ``selector``: the keys left, None when the domain has no
+    such key, :class:`KeyNotRetired` when it is not retired."""
+    keys = await domain_keys(session, domain.id)
+    key = next((k for k in keys if k.selector == selector), None)
+    if key is None:
+        return None
+    if key_state(key, signing_generation(keys)) != "retired":
+        raise KeyNotRetired("only a retired key (an older generation) is removed")
+    await session.delete(key)
+    keys.remove(key)
+    await record_change(session, "domain", domain.tenant_id, domain.name)
+    return keys
+
+
+async def remove(session: AsyncSession, domain: Domain) -> None:
+    """Remove the domain and its DKIM keys."""
+    tenant_id, name = domain.tenant_id, domain.name
+    await session.execute(delete(DkimKey).where(DkimKey.domain_id == domain.id))
+    await session.delete(domain)
+    await record_change(session, "domain", tenant_id, name)
