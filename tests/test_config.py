@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from postwarden.config import ConfigError, env_overrides, load_config, parse_duration, parse_size
+from postwarden.config import (
+    ConfigError,
+    env_overrides,
+    load_config,
+    parse_duration,
+    parse_size,
+)
+from postwarden.lab import Lab
+from postwarden.supervisor import Supervisor, check_files
+from tests.conftest import ApplianceFactory, base_overrides, cli_here, deep_merge, write_toml
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -114,3 +128,100 @@ def test_missing_and_malformed_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[smtp\n"), environ={})
+
+
+# --------------------------------------------------------- pydantic values, files it names
+
+BAD_RULES = "[sites.gmail]\nmx_suffixes = []\nconnection_limit = 0\n"
+BAD_PATTERNS = '[[texts]]\ncategory = "nope"\npatterns = ["x"]\n'
+
+
+def test_loading_reads_no_rules_or_patterns_file(tmp_path: Path) -> None:
+    """The files are read by who uses them; check-config, serve and reload check them."""
+    cfg = load_config(
+        None,
+        environ={},
+        overrides={
+            "shaping": {"rules_file": str(tmp_path / "none.toml")},
+            "bounces": {"patterns_file": str(tmp_path / "none.toml")},
+        },
+    )
+    with pytest.raises(ConfigError, match=r"^bounces\.patterns_file: "):
+        check_files(cfg)
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [("shaping.rules_file", BAD_RULES), ("bounces.patterns_file", BAD_PATTERNS)],
+)
+def test_check_config_and_the_supervisor_refuse_a_bad_file(
+    tmp_path: Path, key: str, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = tmp_path / "file.toml"
+    bad.write_text(text)
+    section, name = key.split(".")
+    config = write(tmp_path, f'[{section}]\n{name} = "{bad}"\n[smtp]\nmax_recipients = 7\n')
+    code, out, err = cli_here("check-config", "--no-database", "--config", str(config))
+    assert code == 2 and out == "", (out, err)
+    assert err.startswith(f"postwarden: config error: {key}: {bad}"), err
+
+    # The supervisor checks a file before its workers reload it: refused, config kept.
+    running = load_config(None, environ={})
+    sup = Supervisor(running, str(config), 2)
+    with caplog.at_level(logging.ERROR, logger="postwarden"):
+        sup.reload()
+    assert sup.cfg is running
+    assert re.search(f"event=reload_refused error=.{re.escape(f'{key}: {bad}')}", caplog.text)
+
+    bad.unlink()  # an empty file: nothing but the shipped rules
+    bad.write_text("")
+    code, out, err = cli_here("check-config", "--no-database", "--config", str(config))
+    assert (code, out) == (0, f"config ok: {config} (database not checked)\n"), err
+    sup.reload()
+    assert sup.cfg.smtp.max_recipients == 7
+
+
+async def test_serve_refuses_a_bad_patterns_file_at_start(tmp_path: Path) -> None:
+    bad = tmp_path / "patterns.toml"
+    bad.write_text(BAD_PATTERNS)
+    config = write(tmp_path, f'[bounces]\npatterns_file = "{bad}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTWARDEN_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postwarden.cli", "serve", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2
+    assert err.decode().startswith(f"postwarden: config error: bounces.patterns_file: {bad}")
+
+
+async def test_the_appliance_refuses_a_reload_with_a_bad_file(
+    tmp_path: Path, lab: Lab, appliance: ApplianceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One process (no supervisor): a bad rules or patterns file refuses the whole
+    reload, as a bad key does; the running config stays."""
+    rules, patterns = tmp_path / "rules.toml", tmp_path / "patterns.toml"
+    rules.write_text("")
+    patterns.write_text("")
+    files = {
+        "shaping": {"rules_file": str(rules)},
+        "bounces": {"patterns_file": str(patterns)},
+    }
+    config = write_toml(tmp_path / "pw.toml", deep_merge(base_overrides(tmp_path, lab), files))
+    app = await appliance(files, config_path=str(config))
+    for key, path, text in (
+        ("shaping.rules_file", rules, BAD_RULES),
+        ("bounces.patterns_file", patterns, BAD_PATTERNS),
+    ):
+        path.write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="postwarden"):
+            assert app.reload() is False
+        assert re.search(f"event=reload_refused error=.{re.escape(f'{key}: {path}')}", caplog.text)
+        path.write_text("")
+    assert app.reload() is True

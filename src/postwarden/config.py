@@ -684,13 +684,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 "control.encryption_key: expected a Fernet key (32 url-safe base64 bytes)"
             ) from exc
-    if cfg.bounces.patterns_file:
-        from postwarden.bounces.classify import Classifier, PatternsError
-
-        try:
-            Classifier(cfg.bounces.patterns_file)
-        except PatternsError as exc:
-            raise ConfigError(f"bounces.patterns_file: {exc}") from exc
     if cfg.bounces.token_key and len(cfg.bounces.token_key) < 16:
         raise ConfigError("bounces.token_key: at least 16 characters (a secret)")
     for name in ("return_path_label", "tracking_label"):
@@ -749,10 +742,3 @@ def validate(cfg: Config) -> None:
     for rate_key in ("pause_bounce_rate", "pause_complaint_rate", "pause_delivery_rate"):
         if not 0.0 < getattr(sh, rate_key) <= 1.0:
             raise ConfigError(f"shaping.{rate_key}: must be in (0, 1]")
-    if sh.rules_file:
-        from postwarden.shaping.rules import RulesError, load_rules
-
-        try:
-            load_rules(sh.rules_file)
-        except RulesError as exc:
-            raise ConfigError(f"shaping.rules_file: {exc}") from exc
