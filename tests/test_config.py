@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from postwarden.config import (
     ConfigError,
+    SourceConfig,
     env_overrides,
     load_config,
     parse_duration,
@@ -134,6 +137,47 @@ def test_missing_and_malformed_file(tmp_path: Path) -> None:
 
 BAD_RULES = "[sites.gmail]\nmx_suffixes = []\nconnection_limit = 0\n"
 BAD_PATTERNS = '[[texts]]\ncategory = "nope"\npatterns = ["x"]\n'
+
+
+def test_config_imports_nothing_else_from_postwarden() -> None:
+    code = (
+        "import sys, postwarden.config; print(sorted(m for m in sys.modules if 'postwarden' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['postwarden',", "'postwarden.config']"]
+
+
+def test_values_are_frozen_and_every_copy_is_validated() -> None:
+    cfg = load_config(None, environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.control.rate_limit = 1.0  # type: ignore[misc]
+    smaller = dataclasses.replace(cfg.smtp, max_recipients=5)
+    assert smaller.max_recipients == 5 and cfg.smtp.max_recipients == 1000
+    with pytest.raises(ValueError, match="greater than 0"):
+        dataclasses.replace(cfg.smtp, max_recipients=0)
+    assert SourceConfig("a", "10.0.0.1").state == "active"  # positional, as dataclasses
+
+
+def test_more_messages_name_the_key_path() -> None:
+    cases = {
+        "smtp.listen[1]: bad port in '127.0.0.1:99999'": {
+            "smtp": {"listen": ["127.0.0.1:25", "127.0.0.1:99999"]}
+        },
+        "smtp: expected a table, got str": {"smtp": "x"},
+        "control.rate_limit: must be greater than 0, got 0.0": {"control": {"rate_limit": 0}},
+        "spool.segment_size: must be greater than 0, got 0": {"spool": {"segment_size": "0MB"}},
+        "queue.retry_factor: expected a number, got '2'": {"queue": {"retry_factor": "2"}},
+        "pools[0].members[0].wieght: unknown key (known here: source, weight)": {
+            "pools": [{"name": "p", "members": [{"source": "a", "wieght": 1}]}]
+        },
+        "delivery.tls_policies.b.test: must be one of 'opportunistic', 'required', "
+        "'disabled'; got 'x'": {"delivery": {"tls_policies": {"b.test": "x"}}},
+        "source: unknown key": {"source": "elsewhere"},
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            load_config(None, environ={}, overrides=overrides)
+        assert str(exc.value).startswith(message), (message, str(exc.value))
 
 
 def test_loading_reads_no_rules_or_patterns_file(tmp_path: Path) -> None:
