@@ -269,3 +269,13 @@ async def test_the_appliance_refuses_a_reload_with_a_bad_file(
         assert re.search(f"event=reload_refused error=.{re.escape(f'{key}: {path}')}", caplog.text)
         path.write_text("")
     assert app.reload() is True
+
+
+async def test_the_lab_refuses_a_bad_rules_file_at_start(tmp_path: Path, lab: Lab) -> None:
+    from postwarden.lab.demo import lab_config
+
+    bad = tmp_path / "rules.toml"
+    bad.write_text(BAD_RULES)
+    config = write(tmp_path, f'[shaping]\nrules_file = "{bad}"\n')
+    with pytest.raises(ConfigError, match=rf"^shaping\.rules_file: {re.escape(str(bad))}:3: "):
+        lab_config(str(config), lab, tmp_path / "var")
