@@ -30,7 +30,7 @@ import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from annotated_types import Gt
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Strict, TypeAdapter
@@ -39,6 +39,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 ENV_PREFIX = "POSTWARDEN_"
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,7 @@ _SIZE_UNITS = {
 }  # fmt: skip
 
 
-def _at(path: str, parse: Callable[..., Any], *args: Any) -> Any:
+def _at(path: str, parse: Callable[..., T], *args: Any) -> T:
     """``parse(*args)``, its ValueError turned into a ConfigError naming ``path``."""
     try:
         return parse(*args)
@@ -120,18 +121,17 @@ def _host_port(spec: str, default_port: int | None = None) -> tuple[str, int]:
 
 def parse_duration(value: object, path: str = "duration") -> float:
     """Seconds from a number or a string such as ``"250ms"``, ``"30s"``, ``"5m"``, ``"5d"``."""
-    return float(_at(path, _seconds, value))
+    return _at(path, _seconds, value)
 
 
 def parse_size(value: object, path: str = "size") -> int:
     """Bytes from an integer or a string such as ``"25MB"`` (binary units: 1 MB = 1 MiB)."""
-    return int(_at(path, _bytes, value))
+    return _at(path, _bytes, value)
 
 
 def parse_hostport(spec: str, path: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; refuse anything else with the key path."""
-    host, port = _at(path, _host_port, spec, default_port)
-    return str(host), int(port)
+    return _at(path, _host_port, spec, default_port)
 
 
 def _checked(check: Callable[[str], object], optional: bool = False) -> AfterValidator:
