@@ -580,8 +580,10 @@ class Appliance:
         if self.config_path is None:
             log.info("event=reload_skipped reason=no_config_file")
             return False
+        from postwarden.supervisor import check_files
+
         try:
-            new = load_config(self.config_path)
+            new = check_files(load_config(self.config_path))
             keys = config_keys(new)
             signer = DkimSigner(keys + self.control.signing_keys)
             return_paths = ReturnPaths.from_config(new)

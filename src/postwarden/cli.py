@@ -71,9 +71,9 @@ def _load(args: argparse.Namespace, **overrides: Any) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from postwarden.supervisor import Supervisor, worker_count
+    from postwarden.supervisor import Supervisor, check_files, worker_count
 
-    cfg = _load(args)
+    cfg = check_files(_load(args))
     setup_logging(cfg.server.log_level)
     path = args.config or os.environ.get("POSTWARDEN_CONFIG")
     if args.role == "control":
@@ -109,10 +109,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
     from postwarden.appliance import Appliance, WorkerRole
-    from postwarden.supervisor import die_with_parent
+    from postwarden.supervisor import check_files, die_with_parent
 
     die_with_parent(args.parent)
-    cfg = _load(args)
+    cfg = check_files(_load(args))
     setup_logging(cfg.server.log_level, tag=f"worker={args.index}")
     sockets = tuple(socket.socket(fileno=int(fd)) for fd in args.fds.split(",") if fd)
     control = socket.socket(fileno=args.control_fd) if args.control_fd is not None else None
@@ -202,10 +202,13 @@ def cmd_lab_inbox(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """The config file, the DKIM keys, and (unless ``--no-database``) the database:
-    one line for what is wrong, exit 1; or ``config ok`` and the database's line."""
-    cfg = _load(args)
+    """The config file, the files it names (bounce patterns, shaping rules, DKIM keys),
+    and (unless ``--no-database``) the database: one line for what is wrong, exit 1; or
+    ``config ok`` and the database's line."""
     from postwarden.appliance import build_signer
+    from postwarden.supervisor import check_files
+
+    cfg = check_files(_load(args))
 
     build_signer(cfg)
     if args.no_database:

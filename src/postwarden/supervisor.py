@@ -98,6 +98,26 @@ def metrics_token(cfg: Config) -> bytes | None:
         raise ConfigError(f"metrics.bearer_token_file: {exc}") from exc
 
 
+def check_files(cfg: Config) -> Config:
+    """``cfg``, once the operator's files it names that ``load_config`` does not read
+    (bounce patterns, shaping rules) are read as serving reads them: a bad one is a
+    ConfigError naming its key, at start, at reload and in ``check-config``."""
+    from postwarden.bounces.classify import Classifier, PatternsError
+    from postwarden.shaping.rules import RulesError, load_rules
+
+    if cfg.bounces.patterns_file:
+        try:
+            Classifier(cfg.bounces.patterns_file)
+        except PatternsError as exc:
+            raise ConfigError(f"bounces.patterns_file: {exc}") from exc
+    if cfg.shaping.rules_file:
+        try:
+            load_rules(cfg.shaping.rules_file)
+        except RulesError as exc:
+            raise ConfigError(f"shaping.rules_file: {exc}") from exc
+    return cfg
+
+
 STATUS_ENV = "POSTWARDEN_SUPERVISOR_STATUS"
 
 
@@ -288,7 +308,7 @@ class Supervisor:
             log.info("event=reload_skipped reason=no_config_file")
             return
         try:
-            new = load_config(self.config_path)
+            new = check_files(load_config(self.config_path))
         except ConfigError as exc:
             log.error("event=reload_refused error=%r", str(exc))
             return

@@ -30,6 +30,7 @@ from postwarden.lab import Lab
 from postwarden.lab.inbox import inbox_routes
 from postwarden.lab.publish import DomainPublisher
 from postwarden.mta.dkim import generate_key, load_key
+from postwarden.supervisor import check_files
 
 DEMO_DOMAIN = "demo.lab.test"
 API_DOMAIN = "shop.lab.test"  # a sending domain made through the API by the demo
@@ -90,7 +91,7 @@ def lab_config(config_path: str | None, lab: Lab, var_dir: Path) -> Config:
         # The inbound MX, so that the demo can return a bounce to a return path.
         overrides["inbound"] = {"listen": ["127.0.0.1:0"]}
         cfg = load_config(config_path, overrides=overrides)
-    return cfg
+    return check_files(cfg)  # the rules and patterns files, as serve checks them
 
 
 def publish_keys(lab: Lab, cfg: Config) -> None:

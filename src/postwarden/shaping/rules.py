@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from postwarden.config import ConfigError, parse_duration
 from postwarden.shaping.adaptive import ACTIONS, SHIPPED_RULES, ResponseRule, rule
 
 LIMIT_KEYS = (
@@ -259,8 +260,6 @@ def _limits(data: Mapping[str, Any], where: str, err: Any, allowed: Iterable[str
     )
     for key in durations:
         if key in data:
-            from postwarden.config import ConfigError, parse_duration
-
             try:
                 out[key] = parse_duration(data[key], f"{where}.{key}")
             except ConfigError as exc:
@@ -412,8 +411,6 @@ _RESPONSE_KEYS = ("name", "action", "duration", "code", "enhanced", "text", "sit
 
 
 def _response(table: Any, i: int, fail: Any) -> ResponseRule:
-    from postwarden.config import ConfigError, parse_duration
-
     where = f"responses[{i}]"
     _table(table, where, _RESPONSE_KEYS, fail)
     name = table.get("name")
