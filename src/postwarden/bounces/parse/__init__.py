@@ -24,6 +24,7 @@ from postwarden.bounces.parse.mime import ORIGINAL_MARKERS, split_mbox
 from postwarden.bounces.parse.parser import Parser
 from postwarden.bounces.parse.report import (
     MAX_DIAGNOSTIC,
+    MAX_HTML,
     MAX_RECIPIENTS,
     MAX_TEXT,
     Finding,
@@ -34,6 +35,7 @@ from postwarden.bounces.parse.report import (
 __all__ = [
     "ADDR_RE",
     "MAX_DIAGNOSTIC",
+    "MAX_HTML",
     "MAX_RECIPIENTS",
     "MAX_TEXT",
     "ORIGINAL_MARKERS",

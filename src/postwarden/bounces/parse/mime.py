@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.errors
+import functools
 import re
 from collections.abc import Iterator
 from email.header import decode_header as _decode_words
@@ -14,7 +15,7 @@ from email.policy import Compat32
 from typing import Any
 
 from postwarden.bounces.parse.htmltext import html_to_text
-from postwarden.bounces.parse.report import MAX_TEXT
+from postwarden.bounces.parse.report import MAX_HTML, MAX_TEXT
 
 
 class _Compat32Text(Compat32):
@@ -55,6 +56,10 @@ ORIGINAL_MARKERS = re.compile(
 ATTACHED = ("message/rfc822", "message/global", "message/partial")
 
 _EOL_RE = re.compile(r"\r+\n?")
+
+# The parser reads a report's text several times (for the original, the fields, the
+# recipients): each HTML part is read once.
+_shown = functools.lru_cache(maxsize=8)(html_to_text)
 
 
 def decode_header(value: str | None) -> str:
@@ -109,7 +114,7 @@ def body_text(msg: Message, *, cut: bool = True) -> str:
     """The human-readable text of the report itself (not of the original); ``cut``: up
     to where a copy of the original starts."""
     texts: list[str] = []
-    html: list[str] = []
+    html: list[Message] = []
     # Text parts that are not the field blocks of a report part (delivery-status,
     # disposition-notification, feedback-report).
     human = 0
@@ -133,14 +138,22 @@ def body_text(msg: Message, *, cut: bool = True) -> str:
             texts.append(part_text(part))
             human += id(part) not in fields
         elif ctype == "text/html":
-            html.append(html_to_text(part_text(part)))
+            html.append(part)
         elif part.get_content_maintype() == "message":
             continue
         elif ctype == "text/delivery-status" or ctype.startswith("text/"):
             texts.append(part_text(part))
     if not human and html:
         # An HTML-only report (Exchange and others): what it shows, then any fields.
-        texts = html + texts
+        shown: list[str] = []
+        budget = MAX_HTML
+        for part in html:
+            if budget <= 0:
+                break
+            markup = part_text(part)[:budget]
+            budget -= len(markup)
+            shown.append(_shown(markup))
+        texts = shown + texts
     text = "\n".join(texts)[:MAX_TEXT]
     if cut:
         m = ORIGINAL_MARKERS.search(text)

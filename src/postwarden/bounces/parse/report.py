@@ -10,10 +10,12 @@ from typing import Any
 Kind = str  # bounce | delayed | complaint | auto_reply | delivered
 
 # Limits on what one report may cost to read: the recipients of one report (a list
-# exploder's bounce rarely names more), the characters of its text searched, and those
-# of one diagnostic classified.
+# exploder's bounce rarely names more), the characters of its text searched, those of
+# its HTML read (HTMLParser takes some microseconds a tag), and those of one diagnostic
+# classified.
 MAX_RECIPIENTS = 200
 MAX_TEXT = 500_000
+MAX_HTML = 500_000
 MAX_DIAGNOSTIC = 4000
 
 
