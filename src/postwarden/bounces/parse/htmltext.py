@@ -6,7 +6,8 @@ inbound MX, so the reading must stay linear whatever the markup. ``HTMLParser`` 
 well-formed markup in one pass, but it has looked for the end of an unfinished construct
 again from every later ``<`` (an unclosed comment or declaration, a quote left open in a
 tag, ``<a`` with no ``>``: CPython gh-135462, CVE-2025-6069, fixed after the 3.11.7 used
-here; CVE-2026-15308 still open), and ``<![`` can make it raise. :func:`tags_only`
+here; CVE-2026-15308, unclosed declarations, reported unfixed in August 2026), and
+``<![`` can make it raise. :func:`tags_only`
 therefore hands it only constructs it finishes at the next ``>``, in one linear scan,
 and drops what shows nothing (comments, declarations, processing instructions, a tag
 left open at the end) as a browser does.
