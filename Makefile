@@ -27,10 +27,12 @@ test: $(STAMP)
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial" $(PYTEST_ARGS)
 	PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/python -m pytest -n $(SERIAL_WORKERS) --dist worksteal -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+## Style, types, and the import contracts of docs/architecture.md (.importlinter).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(if $(PROFILE),--profile $(PROFILE),) $(if $(REPS),--reps $(REPS),)
