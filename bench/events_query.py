@@ -466,7 +466,7 @@ async def measure(args: argparse.Namespace, url: str, hist: History, scratch: Pa
     from postwarden.config import load_config
     from postwarden.control.app import create_app
     from postwarden.control.auth import Principal
-    from postwarden.control.messages import EventQuery, list_events
+    from postwarden.control.event_list import EventQuery, list_events
     from postwarden.control.plane import ControlPlane
     from postwarden.control.routing import Call
     from postwarden.dns.resolver import Resolver

@@ -13,7 +13,7 @@ import pytest
 
 from postwarden.control.api import api as declared
 from postwarden.control.events import STATE_AFTER
-from postwarden.control.messages import EventType
+from postwarden.control.event_list import EventType
 from postwarden.queue.spool import OPERATOR_ACTIONS
 from tests.control.conftest import ControlFactory
 from tests.control.test_messages import ready_tenant

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from postwarden.control.messages import EventList, EventOut, render_events
+from postwarden.control.event_list import EventList, EventOut, render_events
 from postwarden.store.db import create_engine, upgrade_sync
 from postwarden.store.event_query import events_query
 from postwarden.store.models import Event

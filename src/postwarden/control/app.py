@@ -112,6 +112,7 @@ def create_app(
         from postwarden.control import suppressions  # noqa: F401
         from postwarden.control import message_list  # noqa: F401
         from postwarden.control import messages  # noqa: F401
+        from postwarden.control import event_list  # noqa: F401
         from postwarden.control import shaping_api  # noqa: F401
         # isort: on
 

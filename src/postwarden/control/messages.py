@@ -5,16 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import dataclasses
 import datetime as dt
-import hashlib
 import logging
-import re
 import time
-from collections.abc import Sequence
-from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses
-from operator import itemgetter
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -26,22 +19,18 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
-from sqlalchemy import Row, select
-from sqlalchemy.exc import IntegrityError
-from starlette.responses import Response
+from sqlalchemy import select
 
 from postwarden.control.api import api, one_or_404
 from postwarden.control.errors import ApiError, invalid
+from postwarden.control.event_list import EventOut
+from postwarden.control.idempotency import IDEMPOTENCY, Found, idempotent, keyed
 from postwarden.control.plane import PoolNotAllowed
 from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import (
     Address,
-    Cursor,
     PoolName,
-    Timestamp,
-    decode_cursor,
-    encode_cursor,
     one_line,
 )
 from postwarden.mail.build import (
@@ -59,12 +48,10 @@ from postwarden.queue.spool import (
     LANE_HIGH,
     Envelope,
     SpoolFull,
-    find_idempotent,
     new_message_id,
 )
-from postwarden.store.availability import LogLimiter, is_unavailable
-from postwarden.store.event_query import events_query
-from postwarden.store.models import Event, IdempotencyKey, Message, Recipient
+from postwarden.store.availability import LogLimiter
+from postwarden.store.models import Event, Message, Recipient
 
 log = logging.getLogger("postwarden.control.messages")
 _limited = LogLimiter(log)
@@ -185,18 +172,6 @@ class RecipientState(BaseModel):
     updated_at: dt.datetime
 
 
-class EventOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    type: str
-    ts: dt.datetime
-    message_id: str
-    recipient_id: str | None
-    recipient: str | None
-    detail: dict[str, Any]
-
-
 class MessageStatus(BaseModel):
     id: str
     created_at: dt.datetime
@@ -207,41 +182,6 @@ class MessageStatus(BaseModel):
     metadata: dict[str, Any]
     recipients: list[RecipientState]
     events: list[EventOut]
-
-
-class EventList(BaseModel):
-    data: list[EventOut]
-    next_cursor: str | None
-
-
-#: Every event type a tenant's events can have: the spool's recipient states and
-#: operator actions (queue/spool.py), and the bounce processor's ``complained``. A
-#: filter on another is a typo: 422 with this list, never an empty page.
-EventType = Literal[
-    "accepted",
-    "queued",
-    "deferred",
-    "delivered",
-    "bounced",
-    "expired",
-    "dropped",
-    "deleted",
-    "complained",
-    "held",
-    "released",
-    "flushed",
-]
-
-
-class EventQuery(Strict):
-    type: EventType | None = Field(None, description="only events of this type")
-    recipient: Annotated[str, StringConstraints(max_length=320)] | None = None
-    message_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,40}$")] | None = None
-    tag: Tag | None = None
-    since: Timestamp | None = Field(None, description="events at or after (ISO 8601)")
-    until: Timestamp | None = Field(None, description="events before (ISO 8601)")
-    cursor: Cursor | None = None
-    limit: int = Field(100, ge=1, le=1000)
 
 
 # ---------------------------------------------------------------- injection
@@ -397,14 +337,6 @@ async def _remember(c: Call, env: Envelope, msg: MessageAccepted) -> None:
         await s.commit()
 
 
-#: A retried request is carried out once per process at a time (the database row
-#: guards across processes; while the database is down, this lock alone does).
-_KEY_LOCKS: dict[tuple[int, str], tuple[asyncio.Lock, int]] = {}  # lock, requests using it
-
-#: What a retry finds in the spool: part (a batch's index) -> the answer then.
-Found = dict[int, "MessageAccepted"]
-
-
 def accepted(msg_id: str, rows: list[tuple[str, int, str | None]]) -> MessageAccepted:
     """The 202 answer for a message: its recipients (address, id, drop reason)."""
     return MessageAccepted(
@@ -419,162 +351,6 @@ def accepted(msg_id: str, rows: list[tuple[str, int, str | None]]) -> MessageAcc
             for rcpt, rid, reason in rows
         ],
     )
-
-
-def keyed(c: Call, env: Envelope, part: int) -> Envelope:
-    """The envelope with the request's Idempotency-Key, for the spool to keep."""
-    if c.idempotency is None:
-        return env
-    key, digest = c.idempotency
-    return dataclasses.replace(env, idempotency=(key, digest, part))
-
-
-async def idempotent(c: Call, run: Any) -> Any:
-    """``Idempotency-Key``: the same key and body give the same answer for
-    ``control.idempotency_ttl``; the same key with another body is a 409.
-
-    The spool keeps each message's key in the transaction that accepts it, so a
-    retry after any failure (the database down before, during or after, a crash, a
-    lost answer) finds what was accepted and answers as the first time: ``run`` is
-    called with what the spool holds (part -> answer) and sends only the rest."""
-    key = c.request.headers.get("idempotency-key")
-    if key is None:
-        return await run({})
-    if not re.fullmatch(r"[\x21-\x7e]{1,200}", key):
-        raise invalid("Idempotency-Key", "1 to 200 printable ASCII characters")
-    digest = hashlib.sha256(c.request.url.path.encode() + b"\0" + c.raw).hexdigest()
-    c.idempotency = (key, digest)
-    lock_key = (c.tenant_id, key)
-    # Forgotten when the last request using it is done (not when it is merely
-    # released: a waiter woken for it has not taken it yet).
-    lock, users = _KEY_LOCKS.get(lock_key) or (asyncio.Lock(), 0)
-    _KEY_LOCKS[lock_key] = (lock, users + 1)
-    try:
-        async with lock:
-            return await _idempotent(c, key, digest, run)
-    finally:
-        lock, users = _KEY_LOCKS[lock_key]
-        if users > 1:
-            _KEY_LOCKS[lock_key] = (lock, users - 1)
-        else:
-            del _KEY_LOCKS[lock_key]
-
-
-async def _idempotent(c: Call, key: str, digest: str, run: Any) -> Any:
-    ttl = dt.timedelta(seconds=c.ctx.cfg.control.idempotency_ttl)
-    now = dt.datetime.now(dt.UTC)
-    row: IdempotencyKey | None = None
-    ours = False  # this request holds the key's row (in progress)
-    try:
-        async with c.ctx.sessions() as s:
-            row = await s.get(IdempotencyKey, (c.tenant_id, key))
-            # An answer past its time, or a request that never finished (its process
-            # died mid-way; nothing takes this long), no longer holds the key.
-            if row is not None and (
-                row.created_at < now - ttl
-                or (row.status_code == 0 and row.created_at < now - STALE_IN_PROGRESS)
-            ):
-                await s.delete(row)
-                await s.flush()
-                row = None
-            if row is None:
-                s.add(
-                    IdempotencyKey(
-                        tenant_id=c.tenant_id,
-                        key=key,
-                        request_hash=digest,
-                        status_code=0,
-                        response={},
-                        created_at=now,
-                    )
-                )
-                try:
-                    await s.commit()
-                    ours = True
-                except IntegrityError:
-                    await s.rollback()
-                    row = await s.get(IdempotencyKey, (c.tenant_id, key))
-    except Exception as exc:
-        if not is_unavailable(exc):
-            raise
-        # The database is down: the spool alone says what was accepted.
-        c.ctx.db.down(exc)
-        row = None
-    if row is not None:
-        if row.request_hash != digest:
-            raise ApiError(
-                409,
-                "idempotency_conflict",
-                "this Idempotency-Key was used with another request body",
-            )
-        if row.status_code != 0:
-            return row.status_code, row.response
-    found = await _in_spool(c, key, digest)
-    if row is not None and not found:  # another request with this key, under way
-        raise ApiError(
-            409,
-            "idempotency_in_progress",
-            "a request with this Idempotency-Key is still being processed",
-            headers={"Retry-After": "1"},
-        )
-    try:
-        status, body = await run(found)
-    except ApiError as exc:
-        if exc.status >= 500:
-            if ours:  # let a retry try again
-                with contextlib.suppress(Exception):
-                    async with c.ctx.sessions() as s:
-                        gone = await s.get(IdempotencyKey, (c.tenant_id, key))
-                        if gone is not None:
-                            await s.delete(gone)
-                            await s.commit()
-            raise
-        status, body = exc.status, exc.body(c.request_id)
-    payload = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
-    try:
-        async with c.ctx.sessions() as s:
-            done = await s.get(IdempotencyKey, (c.tenant_id, key))
-            if done is None:
-                s.add(
-                    IdempotencyKey(
-                        tenant_id=c.tenant_id,
-                        key=key,
-                        request_hash=digest,
-                        status_code=status,
-                        response=payload,
-                        created_at=now,
-                    )
-                )
-            else:
-                done.status_code, done.response = status, payload
-            await s.commit()
-    except Exception as exc:
-        # The answer stands (the mail is in the spool): a retry finds it there.
-        _limited(logging.WARNING, "idempotency_record", "event=idempotency_record_failed",
-                 exc=exc)  # fmt: skip
-    return status, payload
-
-
-async def _in_spool(c: Call, key: str, digest: str) -> Found:
-    """What the spool accepted under ``key`` for this tenant (part -> answer); a 409
-    when it was accepted for another body."""
-    root = c.ctx.spool_root
-    if root is None:
-        return {}
-    rows = await asyncio.to_thread(find_idempotent, root, str(c.tenant_id), key)
-    if any(h != digest for _part, h, _m, _a in rows):
-        raise ApiError(
-            409,
-            "idempotency_conflict",
-            "this Idempotency-Key was used with another request body",
-        )
-    return {part: accepted(msg_id, [tuple(r) for r in answer]) for part, _h, msg_id, answer in rows}
-
-
-STALE_IN_PROGRESS = dt.timedelta(minutes=2)
-IDEMPOTENCY = {
-    "Idempotency-Key": "makes a retried request safe: same key and body, same answer (24 h)"
-}
 
 
 # JSON slack: the fields around the content (addresses, headers, JSON syntax).
@@ -616,7 +392,7 @@ async def send_message(c: Call) -> Any:
         await remember_message(c, env, msg)
         return 202, msg
 
-    return await idempotent(c, run)
+    return await idempotent(c, run, accepted)
 
 
 @api.op(
@@ -658,7 +434,7 @@ async def send_batch(c: Call) -> Any:
         results = await asyncio.gather(*(one(i, *p) for i, p in enumerate(prepared)))
         return 202, BatchAccepted(results=list(results))
 
-    return await idempotent(c, run)
+    return await idempotent(c, run, accepted)
 
 
 # ---------------------------------------------------------------- status and events
@@ -706,69 +482,3 @@ async def get_message(c: Call) -> Any:
         ],
         events=[event_out(e) for e in evs],
     )
-
-
-@api.op(
-    "GET",
-    "/v1/events",
-    summary="Events, filtered, oldest first",
-    scope="read",
-    query=EventQuery,
-    response=EventList,
-)
-async def list_events(c: Call) -> Any:
-    """Cursor pagination: pass ``next_cursor`` back as ``cursor``; polling with the last
-    cursor returns only newer events."""
-    q: EventQuery = c.query
-    tenant_id = c.tenant_id
-    after = decode_cursor(q.cursor)
-    async with c.ctx.sessions() as s:
-        stmt = events_query(
-            s.bind.dialect.name,
-            tenant_id,
-            after=after,
-            type=q.type,
-            recipient=q.recipient,
-            message_id=q.message_id,
-            tag=q.tag,
-            since=q.since,
-            until=q.until,
-            limit=q.limit,
-            detail_text=True,
-        )
-        # Core, not the ORM's execute: plain rows, a page of 1000 in a third less time
-        rows = (await (await s.connection()).execute(stmt)).all()
-    cursor = encode_cursor(rows[-1].id) if rows else q.cursor
-    return Response(render_events(rows, cursor), media_type="application/json")
-
-
-_RENDERED = ("id", "type", "ts", "message_id", "recipient_id", "recipient", "detail")
-
-
-def _text(v: str | None) -> str:
-    return "null" if v is None else encode_basestring(v)
-
-
-def render_events(rows: Sequence[Row[Any]], next_cursor: str | None) -> bytes:
-    """An :class:`EventList` as JSON, from rows whose ``detail`` is its stored JSON text.
-
-    The same document pydantic writes (tests/control/test_event_render.py), at about a
-    quarter of the cost for a page of 1000: no decoding of each detail only to encode
-    it again, no model per row, no row attribute lookups (bench/events_query.py)."""
-    if not rows:
-        return f'{{"data":[],"next_cursor":{_text(next_cursor)}}}'.encode()
-    fields = rows[0]._fields
-    get = itemgetter(*(fields.index(name) for name in _RENDERED))
-    out = []
-    for id_, type_, ts, message_id, recipient_id, recipient, detail in map(get, rows):
-        iso = ts.astimezone(dt.UTC).isoformat()
-        if iso.endswith("+00:00"):
-            iso = iso[:-6] + "Z"
-        if not detail or detail == "null":
-            detail = "{}"
-        out.append(
-            f'{{"id":{int(id_)},"type":{_text(type_)},"ts":"{iso}",'
-            f'"message_id":{_text(message_id)},"recipient_id":{_text(recipient_id)},'
-            f'"recipient":{_text(recipient)},"detail":{detail}}}'
-        )
-    return f'{{"data":[{",".join(out)}],"next_cursor":{_text(next_cursor)}}}'.encode()

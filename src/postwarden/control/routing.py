@@ -115,7 +115,7 @@ class Call:
     raw: bytes = b""
     request_id: str = ""
     reserved: int = 0  # bytes of the body budget this request holds
-    # The Idempotency-Key the request carries and its body's hash (messages.idempotent).
+    # The Idempotency-Key the request carries and its body's hash (control.idempotency).
     idempotency: tuple[str, str] | None = None
 
     @property
