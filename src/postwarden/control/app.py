@@ -101,6 +101,7 @@ def create_app(
         routes.append(metrics_route(metrics, metrics_token))
     if plane is not None:
         from postwarden.control.api import api
+        from postwarden.control.openapi import openapi_document
 
         # Each resource module declares its operations on ``api`` when imported; this
         # order is the order of the route table, /openapi.json and /docs.
@@ -116,7 +117,7 @@ def create_app(
         from postwarden.control import shaping_api  # noqa: F401
         # isort: on
 
-        schema = api.openapi()
+        schema = openapi_document(api)
         schema_bytes = json.dumps(schema).encode()
 
         async def openapi(_: Request) -> Response:

@@ -9,28 +9,23 @@ from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False
 from operator import itemgetter
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy import Row
 from starlette.responses import Response
 
 from postwarden.control.api import api
 from postwarden.control.routing import Call
-from postwarden.control.schemas import Cursor, Strict, Timestamp, decode_cursor, encode_cursor
+from postwarden.control.schemas import (
+    Cursor,
+    EventOut,
+    Strict,
+    Timestamp,
+    decode_cursor,
+    encode_cursor,
+)
 from postwarden.store.event_query import events_query
 
 Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")]
-
-
-class EventOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    type: str
-    ts: dt.datetime
-    message_id: str
-    recipient_id: str | None
-    recipient: str | None
-    detail: dict[str, Any]
 
 
 class EventList(BaseModel):

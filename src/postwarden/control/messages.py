@@ -23,13 +23,13 @@ from sqlalchemy import select
 
 from postwarden.control.api import api, one_or_404
 from postwarden.control.errors import ApiError, invalid
-from postwarden.control.event_list import EventOut
 from postwarden.control.idempotency import IDEMPOTENCY, Found, idempotent, keyed
 from postwarden.control.plane import PoolNotAllowed
 from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import (
     Address,
+    EventOut,
     PoolName,
     one_line,
 )

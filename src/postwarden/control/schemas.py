@@ -390,3 +390,15 @@ class MessageSummary(BaseModel):
 class MessageList(BaseModel):
     data: list[MessageSummary]
     next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    type: str
+    ts: dt.datetime
+    message_id: str
+    recipient_id: str | None
+    recipient: str | None
+    detail: dict[str, Any]
