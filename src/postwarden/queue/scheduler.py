@@ -14,7 +14,7 @@
   spool in batches.
 * With traffic shaping (a :class:`~postwarden.shaping.shaper.Shaper`), queues are per
   (destination domain, pool); each session asks the broker for a source and for
-  message tokens (:class:`_Gate`). What the broker refuses waits without counting an
+  message tokens (:class:`Gate`). What the broker refuses waits without counting an
   attempt: in memory when the wait is short (the queue is held until then), back in
   the spool with its next attempt at the broker's time when it is long.
 * Lanes: within a queue, transactional jobs go before bulk ones, and tenants take
@@ -30,21 +30,18 @@ import dataclasses
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from postwarden.bounces.classify import default_classifier
-from postwarden.config import Config, PoolConfig, SourceConfig
-from postwarden.dns.resolver import MxHost
+from postwarden.config import Config
 from postwarden.metrics import Metrics
 from postwarden.mta.delivery import DeliveryAgent
+from postwarden.queue.gate import Gate
+from postwarden.queue.jobqueue import DomainQueue
 from postwarden.queue.retry import RetryPolicy
 from postwarden.queue.spool import Spool
-from postwarden.shaping.adaptive import no_answer, speaks_of_pace
 from postwarden.shaping.broker import Choice, Grant
-from postwarden.shaping.shaper import split_answer
 from postwarden.values import (
     BOUNCED,
     DEFERRED,
@@ -67,8 +64,6 @@ log = logging.getLogger("postwarden.scheduler")
 BODY_BUDGET = 64 * 1024 * 1024
 #: The share of ``queue.max_inflight`` bulk mail may hold.
 BULK_SHARE = 0.8
-#: A refusal for at most this long is waited out with the connection open.
-HOLD_CONNECTION = 2.0
 #: ... for at most this long, with the jobs in memory; beyond, they go back to the spool.
 HOLD_MEMORY = 60.0
 #: Seconds a broker's notice that a slot is wanted holds here without a word again
@@ -79,8 +74,6 @@ WANT_HEARD = 1.5
 SUPPRESSIONS_UNKNOWN = "suppressions_unknown"
 #: Seconds such a recipient waits before it is asked about again.
 SUPPRESSIONS_RECHECK = 5.0
-#: Refusals of the chosen source alone (another source of the pool may take its mail).
-SOURCE_REFUSALS = frozenset({"suspended", "warming_cap", "paused"})
 #: Failed spool writes of outcomes are retried after this long, doubling up to the max.
 RECORD_RETRY_FIRST = 0.05
 RECORD_RETRY_MAX = 5.0
@@ -90,71 +83,8 @@ RECORD_RETRIES_AT_STOP = 3
 EXPIRED_UNTRIED = "451 4.4.7 expired in the queue before an attempt (queue.max_age)"
 
 
-class JobQueue:
-    """Jobs for one destination: the transactional lane first, then bulk; within a
-    lane, tenants take turns (one job each, round robin)."""
-
-    __slots__ = ("lanes", "n")
-
-    def __init__(self) -> None:
-        self.lanes: tuple[dict[str, deque[Job]], dict[str, deque[Job]]] = ({}, {})
-        self.n = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __bool__(self) -> bool:
-        return self.n > 0
-
-    def __iter__(self) -> Iterator[Job]:
-        for lane in self.lanes:
-            for d in lane.values():
-                yield from d
-
-    def append(self, job: Job, left: bool = False) -> None:
-        lane = self.lanes[1 if job.lane else 0]
-        d = lane.get(job.tenant)
-        if d is None:
-            d = lane[job.tenant] = deque()
-        if left:
-            d.appendleft(job)
-        else:
-            d.append(job)
-        self.n += 1
-
-    def popleft(self) -> Job:
-        for lane in self.lanes:
-            if lane:
-                tenant = next(iter(lane))
-                d = lane.pop(tenant)
-                job = d.popleft()
-                if d:
-                    lane[tenant] = d  # to the back of the turn
-                self.n -= 1
-                return job
-        raise IndexError("empty")
-
-    def clear(self) -> None:
-        for lane in self.lanes:
-            lane.clear()
-        self.n = 0
-
-
 # AttemptResult.reason -> the SMTP stage the classifier weighs.
 _STAGE = {"mail": "mail", "rcpt": "rcpt", "data": "data", "connect": "connect"}
-
-
-@dataclass
-class _DomainQueue:
-    domain: str = ""
-    pool: str = ""
-    jobs: JobQueue = field(default_factory=JobQueue)
-    sessions: int = 0
-    waiters: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    blocked_until: float = 0.0  # event-loop time: no new session before
-    timer: asyncio.TimerHandle | None = None
-    site: str = ""  # the provider site, once a session has resolved it
 
 
 class Scheduler:
@@ -179,7 +109,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.policy = RetryPolicy.from_config(cfg.queue)
         self.classifier = default_classifier(cfg.bounces.patterns_file)
-        self.queues: dict[tuple[str, str], _DomainQueue] = {}
+        self.queues: dict[tuple[str, str], DomainQueue] = {}
         self.inflight = 0
         self.bulk_ids: set[int] = set()  # recipients in flight in the bulk lane
         # Site -> queues waiting for a connection slot there: a slot freed in this
@@ -211,6 +141,11 @@ class Scheduler:
         # Called with the leases that failed for good (bounced or expired) and their
         # answers, after the outcomes are recorded (bounces.notices).
         self.failed = failed
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has begun (no new sessions, refusals not waited out)."""
+        return self._stopping
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -339,12 +274,12 @@ class Scheduler:
             lane = first.lane
             # "" (shaped): no pool named and no route by domain or sender; the
             # default pool, unless a route by site says otherwise when a connection
-            # opens (_Gate.open).
+            # opens (Gate.open).
             pool = (first.pool or self._route(domain, first.mail_from)) if shaped else ""
             key = (domain, pool)
             q = self.queues.get(key)
             if q is None:
-                q = self.queues[key] = _DomainQueue(domain, pool)
+                q = self.queues[key] = DomainQueue(domain, pool)
             if lane:
                 self.bulk_ids.update(x.rcpt_id for x in group)
             if verp is not None and (path := verp(first)) is not None:
@@ -384,7 +319,7 @@ class Scheduler:
 
     def _enqueue_verp(
         self,
-        q: _DomainQueue,
+        q: DomainQueue,
         group: list[Lease],
         path: str,
         verp: Callable[[Lease], str | None],
@@ -411,7 +346,7 @@ class Scheduler:
             if body is not None:
                 self._body_bytes += len(body)
 
-    def _dispatch(self, key: tuple[str, str], q: _DomainQueue) -> None:
+    def _dispatch(self, key: tuple[str, str], q: DomainQueue) -> None:
         d = self.cfg.delivery
         if q.blocked_until and asyncio.get_running_loop().time() < q.blocked_until:
             return  # the broker said when; the timer dispatches then
@@ -431,8 +366,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ shaping refusals
 
-    def _hold(
-        self, key: tuple[str, str], q: _DomainQueue, jobs: list[Job], no: Grant | Choice
+    def hold(
+        self, key: tuple[str, str], q: DomainQueue, jobs: list[Job], no: Grant | Choice
     ) -> None:
         """Jobs the broker refused until ``no.retry_at`` (loop time): held in memory,
         the queue blocked until then, when that is soon; else back to the spool, with
@@ -442,8 +377,8 @@ class Scheduler:
         retry_at = no.retry_at
         wait = retry_at - loop.time()
         if wait > HOLD_MEMORY or self._stopping:
-            rest = [self._take(q) for _ in range(len(q.jobs))]
-            self._to_spool(jobs + rest, no)
+            rest = [self.take_job(q) for _ in range(len(q.jobs))]
+            self.to_spool(jobs + rest, no)
             return
         for job in reversed(jobs):
             q.jobs.append(job, left=True)
@@ -465,7 +400,7 @@ class Scheduler:
             if n:
                 self.metrics.shaping_waits.labels(kind).inc(n)
 
-    def _requeue(self, q: _DomainQueue, job: Job) -> None:
+    def requeue(self, q: DomainQueue, job: Job) -> None:
         """A job handed back untouched: first in its queue again (the next session's
         source takes it)."""
         q.jobs.append(job, left=True)
@@ -473,13 +408,13 @@ class Scheduler:
             self._body_bytes += len(job.body)
         q.changed.set()
 
-    def _unblock(self, key: tuple[str, str], q: _DomainQueue) -> None:
+    def _unblock(self, key: tuple[str, str], q: DomainQueue) -> None:
         q.timer = None
         q.blocked_until = 0.0
         if self.queues.get(key) is q and q.jobs:
             self._dispatch(key, q)
 
-    def _to_spool(self, jobs: list[Job], no: Grant | Choice) -> None:
+    def to_spool(self, jobs: list[Job], no: Grant | Choice) -> None:
         """Back to the queue without counting an attempt, due when the broker said."""
         if not jobs:
             return
@@ -517,9 +452,11 @@ class Scheduler:
         if self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
-    def _refused(self, key: tuple[str, str], q: _DomainQueue, job: Job, choice: Choice) -> None:
+    def refused_at_site(
+        self, key: tuple[str, str], q: DomainQueue, job: Job, choice: Choice
+    ) -> None:
         if choice.bounce:
-            jobs = [job] + [self._take(q) for _ in range(len(q.jobs))]
+            jobs = [job] + [self.take_job(q) for _ in range(len(q.jobs))]
             resp = f"554 5.7.1 delivery stopped by a shaping rule: {choice.bounce}"[:500]
             self._report(
                 [
@@ -529,12 +466,12 @@ class Scheduler:
                 ]
             )
         elif choice.defer:
-            jobs = [job] + [self._take(q) for _ in range(min(len(q.jobs), choice.defer - 1))]
-            self._to_spool(jobs, choice)
+            jobs = [job] + [self.take_job(q) for _ in range(min(len(q.jobs), choice.defer - 1))]
+            self.to_spool(jobs, choice)
             if q.jobs:
                 asyncio.get_running_loop().call_soon(self._dispatch, key, q)
         else:
-            self._hold(key, q, [job], choice)
+            self.hold(key, q, [job], choice)
             if choice.kind == "connection_limit" and q.site:
                 self.slot_waiters.setdefault(q.site, set()).add(key)
                 for other in self.queues.values():  # idle sessions there: give way
@@ -584,9 +521,9 @@ class Scheduler:
             return False
         return source in (w[0] if high else w[1])
 
-    async def _session(self, key: tuple[str, str], q: _DomainQueue) -> None:
+    async def _session(self, key: tuple[str, str], q: DomainQueue) -> None:
         domain = key[0]
-        gate: _Gate | None = None
+        gate: Gate | None = None
 
         def gives_way(idle: bool) -> bool:
             """Whether this connection's slot goes to a request waiting for it: when
@@ -606,7 +543,7 @@ class Scheduler:
             if q.jobs:
                 if not first and gives_way(idle=False):
                     return None
-                return self._take(q)
+                return self.take_job(q)
             if first:
                 return None
             # Keep the connection a moment for work that is about to arrive.
@@ -626,7 +563,7 @@ class Scheduler:
                         await asyncio.wait_for(q.changed.wait(), remaining)
             finally:
                 q.waiters -= 1
-            return self._take(q) if q.jobs and not self._stopping else None
+            return self.take_job(q) if q.jobs and not self._stopping else None
 
         # Every recipient this session took is reported exactly once: by the agent,
         # handed back by the gate, or, when the session ends any other way, here.
@@ -648,7 +585,7 @@ class Scheduler:
             return job
 
         if self.shaper is not None:
-            gate = _Gate(self, key, q, settle)
+            gate = Gate(self, key, q, settle)
         ending = "completed"
         try:
             await self.agent.run_session(domain, tracked_next_job, report, gate)
@@ -699,7 +636,7 @@ class Scheduler:
         except Exception:
             log.exception("event=leftovers_report_failed domain=%s", domain)
 
-    def _take(self, q: _DomainQueue) -> Job:
+    def take_job(self, q: DomainQueue) -> Job:
         job = q.jobs.popleft()
         if job.body is not None:
             self._body_bytes -= len(job.body)
@@ -861,195 +798,3 @@ class Scheduler:
         self.queues.clear()
         self._pending.extend(leftovers)
         await self.drain_records()
-
-
-class _Gate:
-    """One session's dealings with the shaping broker (see ``DeliveryAgent.run_session``)."""
-
-    def __init__(
-        self,
-        sched: Scheduler,
-        key: tuple[str, str],
-        q: _DomainQueue,
-        settle: Callable[[Job], None] = lambda _job: None,
-    ) -> None:
-        assert sched.shaper is not None
-        self.sched = sched
-        # Called with each job handed back (to the queue or the spool) instead of run.
-        self.settle = settle
-        self.shaper = sched.shaper
-        self.key = key
-        self.q = q
-        self.pool: PoolConfig = self.shaper.pool(key[1])
-        self.domain = key[0]
-        self.site = ""
-        self.source: SourceConfig | None = None
-        self.metered = False
-        self.tokens = 0
-        self.max_messages = 0
-
-    async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
-        self.site = self.q.site = self.shaper.site_for(h.name for h in mx_hosts)
-        rules = self.shaper.rules
-        if not self.key[1] and rules.routes:  # no pool yet: a route by site may give one
-            routed = rules.route(self.domain, job.sending_domain, self.site)
-            if routed is not None:
-                self.pool = self.shaper.pool(routed)
-        limits = rules.limits_for(self.site, self.domain)
-        if limits.retry:
-            self.sched.retry_policies[self.domain] = dataclasses.replace(
-                self.sched.policy, **limits.retry
-            )
-        # Tokens for what one connection may carry here (the site's own limit, not
-        # only the delivery default): never the rest of a warming cap.
-        cap = self.sched.cfg.delivery.max_messages_per_connection
-        if limits.max_messages_per_connection:
-            cap = min(cap, limits.max_messages_per_connection)
-        queued = 1 + len(self.q.jobs)
-        choice, source = await self.shaper.choose(
-            self.pool, self.site, self.domain, min(queued, cap), queued, 1 if job.lane else 0
-        )
-        if not choice.ok or source is None:
-            self.sched._refused(self.key, self.q, job, choice)
-            self.settle(job)
-            return None
-        self.source, self.metered = source, choice.metered
-        self.tokens, self.max_messages = choice.tokens, choice.max_messages
-        self.sched.metrics.shaping_connections.labels(self.pool.name, source.name).inc()
-        return source
-
-    async def admit(self, job: Job) -> str:
-        assert self.source is not None
-        by_domain = self.shaper.metered_domain(job)
-        if not self.metered and not by_domain:
-            return "go"
-        if self.tokens > 0 and not by_domain:
-            self.tokens -= 1
-            return "go"
-        loop = asyncio.get_running_loop()
-        while True:
-            want = 1 if by_domain else min(10, 1 + len(self.q.jobs))
-            g = await self.shaper.backend.take(
-                self.source.name,
-                self.site,
-                want,
-                self.domain,
-                job.sending_domain if by_domain else None,
-                1 if job.lane else 0,
-            )
-            if g.ok:
-                self.tokens += g.tokens - 1
-                return "go"
-            if g.kind in ("domain_warming_cap", "domain_paused"):  # this sender's mail only
-                self.sched._to_spool([job], g)
-                self.settle(job)
-                return "skip"
-            wait = g.retry_at - loop.time()
-            if wait <= HOLD_CONNECTION and not self.sched._stopping:
-                await asyncio.sleep(max(wait, 0.005))
-                continue
-            if g.kind in SOURCE_REFUSALS and not self.sched._stopping:
-                # This source's own refusal: the job goes first in the queue again
-                # and the next connection's source (another of the pool, or the
-                # broker's word that none can) takes it; the queue is not held.
-                self.sched._requeue(self.q, job)
-            else:
-                self.sched._hold(self.key, self.q, [job], g)
-            self.settle(job)
-            return "stop"
-
-    async def refused(
-        self, job: Job, results: list[AttemptResult], room: int, answer: bool
-    ) -> bool:
-        """The connection was refused as a whole (at connect, greeting, EHLO, or a
-        MAIL answer ending it): one event for the (source, site), reported once. The
-        host's answer (``answer``) about pace hands the job back without counting an attempt: to the
-        queue when the broker now refuses this source (another source takes it), else
-        with what the connection would have carried (``room`` jobs) to the spool, due
-        at the retry schedule's time. True: the gate took the job back."""
-        if self.source is None or not results:
-            return False
-        r = results[0]
-        code, enhanced, _text = split_answer(r.response)
-        pace = answer and r.kind == "temporary" and speaks_of_pace(r.reason, code, enhanced)
-        self._report_answer(
-            job,
-            r.response,
-            bounced=int(r.kind == "permanent"),
-            # A host that gave no answer (down, unreachable) says nothing of the sender.
-            deferred=int(r.kind == "temporary" and not pace and answer),
-            throttled=len(job.leases) if pace else 0,
-            adaptive=pace,
-        )
-        if not pace or self.sched._stopping:
-            return False
-        no = await self.shaper.backend.refusal(self.source.name, self.site, self.domain)
-        if not no.ok:
-            self.sched._requeue(self.q, job)
-            self.settle(job)
-            return True
-        jobs = [job] + [self.sched._take(self.q) for _ in range(min(len(self.q.jobs), room - 1))]
-        lease = job.leases[0]
-        delay = self.sched.policy_for(lease).delay(lease.attempts + 1, self.sched.rng)
-        loop = asyncio.get_running_loop()
-        wait = Grant(False, reason=r.response, retry_at=loop.time() + delay, kind="throttled")
-        self.sched._to_spool(jobs, wait)
-        self.settle(job)
-        return True
-
-    def answered(self, job: Job, results: list[AttemptResult]) -> None:
-        if self.source is None or not results:
-            return
-        delivered = bounced = deferred = throttled = 0
-        worst: AttemptResult | None = None
-        for r in results:
-            if r.kind == "delivered":
-                delivered += 1
-            elif r.kind == "permanent":
-                bounced += 1
-                worst = worst or r
-            elif r.kind == "temporary":
-                # A deferral about pace is the provider's throttling, not a failure;
-                # no answer at all (the network's, DNS, ours) says nothing of the
-                # sender: neither counts against its health.
-                c, e, _t = split_answer(r.response)
-                if speaks_of_pace(r.reason, c, e):
-                    throttled += 1
-                elif not no_answer(r.reason, e):
-                    deferred += 1
-                worst = worst or r
-        response = (worst or results[0]).response
-        code, enhanced, _text = split_answer(response)
-        adaptive = worst is None or speaks_of_pace(worst.reason, code, enhanced)
-        self._report_answer(
-            job,
-            response,
-            delivered=delivered,
-            bounced=bounced,
-            deferred=deferred,
-            throttled=throttled,
-            adaptive=adaptive,
-        )
-
-    def _report_answer(self, job: Job, response: str, **counts: int) -> None:
-        """One answer for the (source, site) pair, with the recipients' outcomes."""
-        assert self.source is not None
-        code, enhanced, text = split_answer(response)
-        self.shaper.backend.report_outcome(
-            source=self.source.name,
-            site=self.site,
-            domain=self.domain,
-            sending_domain=job.sending_domain,
-            code=code,
-            enhanced=enhanced,
-            text=text[:300],
-            **counts,
-        )
-
-    async def close(self, sent: int) -> None:
-        if self.source is not None:
-            await self.shaper.backend.release(
-                self.pool.name, self.source.name, self.site, self.domain, sent, max(0, self.tokens)
-            )
-            if self.sched.slot_waiters.get(self.site):
-                self.sched.slot_freed(self.site)
