@@ -16,6 +16,7 @@ from postwarden.store.models import ApiKey
 from postwarden.store.secrets import new_api_key
 from tests.conftest import deep_merge
 from tests.pg import postgres  # noqa: F401  (the fixture)
+from tests.waiting import eventually
 
 
 @dataclass
@@ -73,6 +74,15 @@ async def make_admin_key(app: Appliance) -> str:
         )
         await s.commit()
     return new.plaintext
+
+
+async def domain_in_force(api: ControlApi, domain: str) -> None:
+    """The process's cache of verified domains follows the change feed: wait for it."""
+    await eventually(
+        lambda: any(domain in d for d in api.app.control.verified.values()),
+        15,
+        f"{domain} in the verified-domain cache",
+    )
 
 
 ControlFactory = Callable[..., Awaitable[ControlApi]]
