@@ -63,6 +63,7 @@ async def test_scopes_and_key_kinds(control: ControlFactory) -> None:
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "name"
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_validation_errors_name_the_field(control: ControlFactory) -> None:
     api = await control()
     key = await api.tenant("acme")
@@ -99,6 +100,7 @@ async def test_validation_errors_name_the_field(control: ControlFactory) -> None
         assert r.status_code == 413
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_request_id_is_echoed_or_made(control: ControlFactory) -> None:
     api = await control()
     async with api.client(api.admin_key) as c:
@@ -136,6 +138,7 @@ def test_rate_limiter_refills_as_its_clock_advances() -> None:
     assert [limiter.take("k") for _ in range(4)][3] == pytest.approx(1.0)
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_rate_limit_per_key(control: ControlFactory) -> None:
     api = await control({"control": {"rate_limit": 1, "rate_burst": 3}})
     # The API's limiter (set up from the config above) on a clock this test moves.

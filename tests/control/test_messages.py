@@ -11,6 +11,7 @@ import email.policy
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.control.conftest import ControlApi, ControlFactory, domain_in_force
 from tests.control.test_domains import verify_signatures
@@ -136,6 +137,7 @@ async def expect_422(c: httpx.AsyncClient, body: dict[str, Any], path: str) -> N
     assert path in paths, paths
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_bad_input_names_the_field_and_sends_nothing(control: ControlFactory) -> None:
     api = await control(
         {"smtp": {"max_message_size": "20KB"}, "control": {"max_api_recipients": 3}}
@@ -205,6 +207,7 @@ async def test_idempotency_key(control: ControlFactory) -> None:
         assert r.status_code == 422  # acme.test is not other's domain: its own answer
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_batch_all_or_nothing_validation(control: ControlFactory) -> None:
     api = await control({"control": {"max_batch": 5}})
     api.lab.add_domain("inbox.test")

@@ -138,6 +138,7 @@ async def test_address_suppressed_while_queued_is_dropped_before_retry(
     assert [e["type"] for e in events(api, msg_id)].count("deferred") == 1
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_multi_mailbox_from_and_overlong_paths_are_refused(control: ControlFactory) -> None:
     api = await control()
     api.lab.add_domain("inbox.test")
