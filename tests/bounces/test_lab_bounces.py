@@ -26,6 +26,7 @@ from postwarden.bounces.verp import ReturnPaths
 from tests.conftest import config_cli, free_port
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_messages import ready_tenant
+from tests.waiting import eventually
 
 
 def postfix_dsn(rcpt: str, return_path: str, original: bytes) -> bytes:
@@ -240,7 +241,7 @@ async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
         "later@inbox.test": ("dropped", "hard_bounce"),
         "fbl@inbox.test": ("dropped", "complaint"),
     }, states
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a window for a wrongly sent copy to arrive (none should)
     assert len(api.lab.messages) == n
 
 
@@ -258,7 +259,8 @@ async def test_dsn_to_the_sender_when_the_tenant_wants_one(control: ControlFacto
         tid = next(t["id"] for t in tenants if t["name"] == "acme")
         r = await c.patch(f"/v1/tenants/{tid}", json={"settings": {"bounce_notifications": True}})
         assert r.status_code == 200, r.text
-    await asyncio.sleep(1.5)  # the change feed's poll
+    # The process's set of tenants that want DSNs follows the change feed.
+    await eventually(lambda: tid in api.app.control.notify_tenants, 10, "the tenant's setting")
     async with api.client(key) as c:
         r = await c.post(
             "/v1/messages",

@@ -16,6 +16,7 @@ from postwarden.store.models import ApiKey
 from postwarden.store.secrets import new_api_key
 from tests.conftest import deep_merge
 from tests.pg import postgres  # noqa: F401  (the fixture)
+from tests.waiting import eventually
 
 
 @dataclass
@@ -75,14 +76,54 @@ async def make_admin_key(app: Appliance) -> str:
     return new.plaintext
 
 
+async def domain_in_force(api: ControlApi, domain: str) -> None:
+    """The process's cache of verified domains follows the change feed: wait for it."""
+    await eventually(
+        lambda: any(domain in d for d in api.app.control.verified.values()),
+        15,
+        f"{domain} in the verified-domain cache",
+    )
+
+
 ControlFactory = Callable[..., Awaitable[ControlApi]]
+
+
+# Which database a test runs on. The `control` fixture runs each test twice, on SQLite
+# and on PostgreSQL, and that stays the default: a test whose subject touches the
+# database (queries and listings, migrations, outages, transactions, isolation,
+# idempotency, events, keys, suppressions, the change feed, strings PostgreSQL cannot
+# store, schemathesis' generated values) runs on both. A test whose subject is the
+# HTTP or SMTP layer (error envelopes, request ids, the docs page, body limits,
+# validation answers that never reach the database, header checks) learns nothing
+# more from PostgreSQL: it is marked `@pytest.mark.sqlite_only` (or a module's
+# `pytestmark`) and runs on SQLite alone. When unsure, leave a test on both.
+SQLITE_ONLY = "sqlite_only"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{SQLITE_ONLY}: an HTTP/SMTP-level test; `control` runs it on SQLite only"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # As a parametrize mark on the test (what tests/lab/test_publish.py writes by
+    # hand), before pytest expands marks and the fixture's own params.
+    marks = list(metafunc.definition.iter_markers("parametrize"))
+    if any("control" in str(m.args[0]) for m in marks):
+        return  # the test chose its database itself
+    if "control" in metafunc.fixturenames and metafunc.definition.get_closest_marker(SQLITE_ONLY):
+        only = pytest.mark.parametrize("control", ["sqlite"], indirect=True)
+        metafunc.definition.add_marker(only)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def control(
     request: pytest.FixtureRequest, appliance: Any, lab: Lab
 ) -> AsyncIterator[ControlFactory]:
-    """An appliance with its API; every test using it runs on SQLite and on PostgreSQL."""
+    """An appliance with its API, on SQLite and on PostgreSQL (or on SQLite alone for
+    a test marked sqlite_only: see the rule above)."""
     db: dict[str, Any] = {}
     if request.param == "postgresql":
         server = request.getfixturevalue("postgres")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import pytest
+
+from postwarden.control.auth import RateLimiter
 from postwarden.store.models import ApiKey
 from tests.control.conftest import ControlFactory
 
@@ -60,6 +63,7 @@ async def test_scopes_and_key_kinds(control: ControlFactory) -> None:
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "name"
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_validation_errors_name_the_field(control: ControlFactory) -> None:
     api = await control()
     key = await api.tenant("acme")
@@ -96,6 +100,7 @@ async def test_validation_errors_name_the_field(control: ControlFactory) -> None
         assert r.status_code == 413
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_request_id_is_echoed_or_made(control: ControlFactory) -> None:
     api = await control()
     async with api.client(api.admin_key) as c:
@@ -105,10 +110,42 @@ async def test_request_id_is_echoed_or_made(control: ControlFactory) -> None:
         assert len(r.headers["x-request-id"]) == 16
 
 
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_rate_limiter_refills_as_its_clock_advances() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1, burst=3, clock=clock)
+    assert [limiter.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("k") == pytest.approx(1.0)
+    assert limiter.take("other") == 0.0  # each key its own bucket
+    clock.advance(0.5)
+    assert limiter.take("k") == pytest.approx(0.5)  # half a token back, not yet one
+    clock.advance(0.5)
+    assert limiter.take("k") == 0.0
+    assert limiter.take("k") == pytest.approx(1.0)
+    clock.advance(60)  # a long quiet spell refills up to the burst, no further
+    assert [limiter.take("k") for _ in range(4)][3] == pytest.approx(1.0)
+
+
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_rate_limit_per_key(control: ControlFactory) -> None:
     api = await control({"control": {"rate_limit": 1, "rate_burst": 3}})
+    # The API's limiter (set up from the config above) on a clock this test moves.
+    clock = FakeClock()
+    api.app.control.limiter.clock = clock
     key = await api.tenant("acme")
-    await asyncio.sleep(2)  # the operator key's bucket refills (1/s, burst 3)
+    clock.advance(2)  # the operator key's bucket refills (1/s, burst 3)
     other = await api.tenant("other")
     async with api.client(key) as c:
         codes = [(await c.get("/v1/domains")).status_code for _ in range(5)]

@@ -18,6 +18,10 @@ from postwarden.queue.spool import OPERATOR_ACTIONS
 from tests.control.conftest import ControlFactory
 from tests.control.test_messages import ready_tenant
 
+# Error envelopes, request ids, the docs page, validation answers: SQLite only
+# (the rule is in tests/control/conftest.py).
+pytestmark = pytest.mark.sqlite_only
+
 HEX_ID = re.compile(r"^[0-9a-f]{16}$")
 
 

@@ -9,9 +9,15 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from postwarden.control.messages import api_body_limit
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_messages import ready_tenant
+
+# Request body limits and the body budget: SQLite only
+# (the rule is in tests/control/conftest.py).
+pytestmark = pytest.mark.sqlite_only
 
 MAX_MESSAGE = 60_000
 

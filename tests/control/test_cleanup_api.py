@@ -11,6 +11,10 @@ from postwarden.lab.demo import dkim_verdicts
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_messages import ready_tenant
 
+# The cleanup stage's header checks on API mail: SQLite only
+# (the rule is in tests/control/conftest.py).
+pytestmark = pytest.mark.sqlite_only
+
 # The database plays no part here: SQLite only.
 pytestmark = pytest.mark.parametrize("control", ["sqlite"], indirect=True)
 

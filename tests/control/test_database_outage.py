@@ -24,6 +24,7 @@ from postwarden.lab import Lab
 from postwarden.queue.admin import QueueAdmin
 from tests.control.conftest import ControlApi, make_admin_key
 from tests.pg import PgServer, start_server, stop_server
+from tests.waiting import eventually
 
 INTERNAL = ("Traceback", "Errno", "asyncpg", "sqlalchemy", "ConnectionRefused", "Error:")
 
@@ -119,14 +120,6 @@ async def until_health(api: ControlApi, status: str, timeout: float = 30) -> dic
         await asyncio.sleep(0.05)
 
 
-async def until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.timeout(180)
 async def test_postgres_stopped_and_started_under_load(
     own_postgres: PgServer, appliance: Any, lab: Lab, caplog: pytest.LogCaptureFixture
@@ -159,7 +152,7 @@ async def test_postgres_stopped_and_started_under_load(
         asyncio.create_task(load.reader()),
     ]
     try:
-        await until(lambda: len(load.sent) >= 20, 30, "mail flowing before the outage")
+        await eventually(lambda: len(load.sent) >= 20, 30, "mail flowing before the outage")
         before = len(load.sent)
         caplog.clear()
         stopped = time.monotonic()
@@ -168,8 +161,10 @@ async def test_postgres_stopped_and_started_under_load(
         assert down["down"] == ["database"] and down["database"]["state"] == "down", down
         assert (await health(api, "/readyz"))[0] == 503
         # What needs the database says so; mail with cached keys goes on.
-        await until(lambda: load.refused["events database_unavailable"] >= 3, 30, "503s for reads")
-        await until(lambda: len(load.sent) >= before + 20, 30, "mail during the outage")
+        await eventually(
+            lambda: load.refused["events database_unavailable"] >= 3, 30, "503s for reads"
+        )
+        await eventually(lambda: len(load.sent) >= before + 20, 30, "mail during the outage")
         # A key no cache holds: SMTP AUTH is a temporary failure, never a 5xx.
         with pytest.raises(aiosmtplib.SMTPAuthenticationError) as exc:
             async with aiosmtplib.SMTP(
@@ -197,7 +192,7 @@ async def test_postgres_stopped_and_started_under_load(
             after = await c.post("/v1/messages", json=body, headers=idem)
             assert after.status_code == 202 and after.json() == first.json()
         n = len(load.sent)
-        await until(lambda: len(load.sent) >= n + 20, 30, "mail after the outage")
+        await eventually(lambda: len(load.sent) >= n + 20, 30, "mail after the outage")
     finally:
         load.stop.set()
         for t in tasks:
@@ -287,7 +282,7 @@ async def test_tenant_mail_waits_until_the_suppressions_are_read(
         finally:
             admin.close()
 
-    await until(
+    await eventually(
         lambda: len([r for r in waiting() if "suppression list" in (r["wait_reason"] or "")]) == 2,
         30,
         "the tenant's mail held",
@@ -295,7 +290,7 @@ async def test_tenant_mail_waits_until_the_suppressions_are_read(
     assert not lab.messages  # nothing sent while whom to skip is unknown
     await asyncio.to_thread(own_postgres.restart)
     await lab.wait_for_messages(1, timeout=60)
-    await until(lambda: not waiting(), 30, "an empty queue")
+    await eventually(lambda: not waiting(), 30, "an empty queue")
     assert [m.rcpt_tos for m in lab.messages] == [["a@later.test"]]  # b stayed suppressed
 
 

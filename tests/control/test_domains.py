@@ -7,6 +7,7 @@ import re
 
 import aiosmtplib
 import dkim
+import pytest
 from sqlalchemy import select
 
 from postwarden.store.models import DkimKey
@@ -86,6 +87,7 @@ async def test_verify_reports_missing_mismatch_then_ok(control: ControlFactory) 
         assert g["verified"] and {x["status"] for x in g["records"]} == {"ok"}
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_dns_failure_is_an_error_not_missing(control: ControlFactory) -> None:
     api = await control()
     key = await api.tenant("acme")

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postwarden.control.routing import ApiError, parse_json
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_messages import ready_tenant
 
@@ -263,3 +268,74 @@ async def test_request_schemas_never_answer_5xx(control: ControlFactory) -> None
         csv_import()
 
     await run_property(api, key, test)
+
+
+# ---------------------------------------------------------------- growth
+
+# Hostile bodies at scale k for the API's JSON reader (parse_json: json.loads, the
+# bracket depth scan, the walk for strings PostgreSQL cannot store).
+GROWTH_SHAPES: dict[str, Callable[[int], bytes]] = {
+    "brackets in a string": lambda k: b'{"subject": "' + b"[" * k + b'"}',
+    "nesting at the limit, side by side": lambda k: (
+        b"[" + b",".join([b"[" * 31 + b"]" * 31] * k) + b"]"
+    ),
+    "escaped NULs": lambda k: b'{"text": "' + b"a\\u0000" * k + b'"}',
+    "lone surrogates in many keys": lambda k: (
+        b"{" + b",".join(b'"k%d": "\\ud800"' % i for i in range(k)) + b"}"
+    ),
+}
+GROWTH_BYTES = 100_000  # the larger body: small enough to stay in the CPU caches
+MAX_GROWTH = 30.0  # for ten times the body; linear is about 10, quadratic 100
+
+
+def _read(raw: bytes) -> None:
+    try:
+        parse_json(raw)
+    except ApiError:
+        pass
+
+
+def _cpu(raw: bytes, reps: int) -> float:
+    """This process's CPU time for one read of ``raw``: the least of ``reps`` rounds,
+    each of enough reads to take 20 ms (a fast read is not lost in the clock's
+    resolution), with the garbage collector off (when it runs depends on what else
+    the test process holds, not on the reader)."""
+    n, best = 1, float("inf")
+    gc.disable()
+    try:
+        while reps > 0:
+            t = time.process_time()
+            for _ in range(n):
+                _read(raw)
+            took = time.process_time() - t
+            if took < 0.02:
+                n *= 2
+                continue
+            best = min(best, took / n)
+            reps -= 1
+    finally:
+        gc.enable()
+    return best
+
+
+@pytest.mark.parametrize("name", sorted(GROWTH_SHAPES))
+def test_hostile_bodies_cost_grows_linearly(name: str) -> None:
+    """Ten times the hostile body costs about ten times the CPU, not a hundred.
+
+    No absolute time is asserted: the two sizes are read in the same process and
+    compared by CPU time (``time.process_time``: what other processes on a busy
+    machine do is not counted; the best of several rounds drops a stray pause). A
+    linear reader gives a ratio near 10, a quadratic one near 100; the bound of 30 is
+    three times what linear needs, so no slow or loaded machine reaches it, while a
+    quadratic regression (a tenfold slowdown at this size) fails it."""
+    make = GROWTH_SHAPES[name]
+    unit = len(make(1000)) / 1000
+    k_big = max(10, int(GROWTH_BYTES / unit) // 10 * 10)
+    small, big = make(k_big // 10), make(k_big)
+    _cpu(small, 1)  # warm up
+    t_small, t_big = _cpu(small, 5), _cpu(big, 3)
+    ratio = t_big / t_small
+    assert ratio < MAX_GROWTH, (
+        f"{name}: {len(big)} bytes cost {ratio:.1f}x the CPU of a tenth of them "
+        f"({t_big:.4f} s vs {t_small:.4f} s): the read grows faster than linearly"
+    )

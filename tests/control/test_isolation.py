@@ -4,11 +4,10 @@ covered the day it is added), and A's lists never show B's rows."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 from postwarden.control.api import api as registry
-from tests.control.conftest import ControlFactory
+from tests.control.conftest import ControlFactory, domain_in_force
 
 
 async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
@@ -17,7 +16,7 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
     key_a = await api.tenant("alpha")
     key_b = await api.tenant("bravo")
     d_b = await api.verified_domain(key_b, "bravo.test")
-    await asyncio.sleep(0.3)
+    await domain_in_force(api, "bravo.test")
     async with api.client(key_b) as c:
         r = await c.post("/v1/suppressions", json={"address": "secret-b@inbox.test"})
         assert r.status_code == 201

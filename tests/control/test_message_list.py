@@ -224,6 +224,7 @@ def _m(minutes: int) -> dt.timedelta:
     return dt.timedelta(minutes=minutes)
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_bad_filters_are_refused_naming_the_field(control: ControlFactory) -> None:
     api = await control()
     key = await api.tenant("acme")

@@ -8,33 +8,37 @@ import asyncio
 import base64
 import email
 import email.policy
-import time
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.conftest import ControlApi, ControlFactory, domain_in_force
 from tests.control.test_domains import verify_signatures
+from tests.waiting import eventually
 
 
 async def until(c: httpx.AsyncClient, msg_id: str, done: Any, timeout: float = 15) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + timeout
-    while True:
+    """The message's JSON once ``done`` says so of it."""
+    last: list[httpx.Response] = []
+
+    async def fetched() -> bool:
         r = await c.get(f"/v1/messages/{msg_id}")
-        if r.status_code == 200 and done(r.json()):
-            return r.json()  # type: ignore[no-any-return]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out: {r.status_code} {r.text[:2000]}")
-        await asyncio.sleep(0.1)
+        last[:] = [r]
+        return r.status_code == 200 and bool(done(r.json()))
+
+    try:
+        await eventually(fetched, timeout, f"message {msg_id}", interval=0.1)
+    except AssertionError:
+        raise AssertionError(f"timed out: {last[0].status_code} {last[0].text[:2000]}") from None
+    return last[0].json()  # type: ignore[no-any-return]
 
 
 async def ready_tenant(api: ControlApi, name: str = "acme", domain: str = "acme.test") -> str:
     """A tenant's key, once the appliance's cache of verified domains has its domain."""
     key = await api.tenant(name)
     await api.verified_domain(key, domain)
-    # The process's cache of verified domains follows the change feed.
-    while not any(domain in d for d in api.app.control.verified.values()):
-        await asyncio.sleep(0.01)
+    await domain_in_force(api, domain)
     return key
 
 
@@ -103,8 +107,12 @@ async def test_send_and_follow_each_recipient(control: ControlFactory) -> None:
     # What arrived: one copy per recipient (each with its own signed return path on the
     # verified domain, VERP); Bcc nowhere in the headers; signed.
     got = await api.lab.wait_for_messages(1)
-    await asyncio.sleep(0.3)
-    copies = [x for x in api.lab.messages if x.rcpt_tos[0].endswith("@inbox.test")]
+
+    def inbox_copies() -> list[Any]:
+        return [x for x in api.lab.messages if x.rcpt_tos[0].endswith("@inbox.test")]
+
+    await eventually(lambda: len(inbox_copies()) >= 2, 10, "both copies for inbox.test")
+    copies = inbox_copies()
     assert sorted(r for x in copies for r in x.rcpt_tos) == ["ann@inbox.test", "hidden@inbox.test"]
     assert all(len(x.rcpt_tos) == 1 and x.mail_from.endswith("@pwb.acme.test") for x in copies)
     inbox = [x for x in copies if "ann@inbox.test" in x.rcpt_tos]
@@ -129,6 +137,7 @@ async def expect_422(c: httpx.AsyncClient, body: dict[str, Any], path: str) -> N
     assert path in paths, paths
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_bad_input_names_the_field_and_sends_nothing(control: ControlFactory) -> None:
     api = await control(
         {"smtp": {"max_message_size": "20KB"}, "control": {"max_api_recipients": 3}}
@@ -167,6 +176,8 @@ async def test_bad_input_names_the_field_and_sends_nothing(control: ControlFacto
         await expect_422(c, {k: v for k, v in ok.items() if k != "text"}, "body")
         await expect_422(c, {**ok, "colour": "red"}, "colour")
         await expect_422(c, {**ok, "tags": ["bad tag"]}, "tags[0]")
+    # Nothing should happen, so there is no event to wait for: a window in which a
+    # wrongly accepted message would reach the lab (delivery takes tens of ms here).
     await asyncio.sleep(0.3)
     assert not api.lab.messages
 
@@ -189,13 +200,14 @@ async def test_idempotency_key(control: ControlFactory) -> None:
         # The key is per tenant: another tenant's same key is its own.
         other = await api.tenant("other")
     await api.lab.wait_for_messages(1)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a window for a wrong second copy to arrive (none should)
     assert len(api.lab.messages) == 1
     async with api.client(other) as c:
         r = await c.post("/v1/messages", json=body, headers={"Idempotency-Key": "order-42"})
         assert r.status_code == 422  # acme.test is not other's domain: its own answer
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_batch_all_or_nothing_validation(control: ControlFactory) -> None:
     api = await control({"control": {"max_batch": 5}})
     api.lab.add_domain("inbox.test")
@@ -217,7 +229,7 @@ async def test_batch_all_or_nothing_validation(control: ControlFactory) -> None:
         res = r.json()["results"]
         assert [x["index"] for x in res] == [0, 1, 2] and {x["status"] for x in res} == {202}
     await api.lab.wait_for_messages(3)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a window for a wrong extra copy to arrive (none should)
     assert sorted(m.rcpt_tos[0] for m in api.lab.messages) == [
         "u0@inbox.test",
         "u1@inbox.test",

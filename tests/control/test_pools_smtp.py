@@ -16,6 +16,10 @@ from tests.control.test_domains import verify_signatures
 from tests.control.test_messages import ready_tenant
 from tests.control.test_pools import POOLS, events_of, spooled
 
+# Pool and priority header fields over SMTP and the relay: SQLite only
+# (the rule is in tests/control/conftest.py).
+pytestmark = pytest.mark.sqlite_only
+
 
 async def send(api: ControlApi, key: str, fields: bytes, rcpt: str = "u@later.test") -> str:
     """Submit as tenant acme with ``fields`` in the header; the spool's message id."""

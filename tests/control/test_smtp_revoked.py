@@ -3,16 +3,14 @@ is open: the next MAIL of that session is refused, and its AUTH state is gone.""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import time
-from collections.abc import Callable
 
 import aiosmtplib
 import pytest
 
 from postwarden.store.secrets import key_prefix
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.waiting import eventually
 
 MSG = b"From: a@acme.test\r\nTo: u@inbox.test\r\nSubject: s\r\n\r\nbody\r\n"
 
@@ -22,13 +20,6 @@ def no_verify() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
 
 
 async def session(api: ControlApi, key: str) -> aiosmtplib.SMTP:
@@ -64,7 +55,9 @@ async def test_key_revoked_mid_session_is_refused_at_the_next_mail(
             kid = next(k["id"] for k in keys if k["id"] != other_id)
             r = await c.delete(f"/v1/keys/{kid}")
             assert r.status_code == 200 and r.json()["revoked_at"], r.text
-        await until(lambda: key_prefix(key) in api.app.control.revoked_keys)
+        await eventually(
+            lambda: key_prefix(key) in api.app.control.revoked_keys, 10, "the revoked key"
+        )
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
             await smtp.sendmail("a@acme.test", ["u@inbox.test"], MSG)
         assert refused.value.code == 530
@@ -84,7 +77,7 @@ async def test_key_revoked_mid_session_is_refused_at_the_next_mail(
             tid = (await c.get("/v1/tenants")).json()["data"][0]["id"]
             r = await c.patch(f"/v1/tenants/{tid}", json={"disabled": True})
             assert r.status_code == 200, r.text
-        await until(lambda: tid in api.app.control.disabled_tenants)
+        await eventually(lambda: tid in api.app.control.disabled_tenants, 10, "the disabled tenant")
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as disabled:
             await kept.sendmail("a@acme.test", ["u@inbox.test"], MSG)
         assert disabled.value.code == 530

@@ -11,7 +11,8 @@ import aiosmtplib
 import pytest
 
 from postwarden.queue.admin import QueueAdmin
-from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.conftest import ControlApi, ControlFactory, domain_in_force
+from tests.waiting import eventually
 
 
 def events(api: ControlApi, msg_id: str) -> list[dict[str, Any]]:
@@ -59,7 +60,7 @@ async def test_auth_with_api_key_and_verified_domain_rule(control: ControlFactor
         await submit(api, "acme", key, "a@acme.test", ["u@inbox.test"])
     assert exc.value.code == 550 and "5.7.1" in exc.value.message
     await api.verified_domain(key, "acme.test")
-    await asyncio.sleep(0.5)
+    await domain_in_force(api, "acme.test")
     msg_id = await submit(api, "acme", key, "a@acme.test", ["u@inbox.test"])
     evs = await wait_events(api, msg_id, ["accepted", "delivered"])
     accepted = evs[0]
@@ -89,14 +90,17 @@ async def test_suppressed_recipient_is_dropped_at_acceptance(control: ControlFac
             "/v1/suppressions", json={"address": "Gone@Inbox.test", "reason": "hard_bounce"}
         )
         assert r.status_code == 201
-    await asyncio.sleep(0.3)
+        tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
+    # SMTP acceptance asks the process's suppression cache, which follows the change feed.
+    check = api.app.control.suppressions.check
+    await eventually(lambda: check(tid, "gone@inbox.test"), 10, "gone@ in the cache")
     msg_id = await submit(api, "acme", key, "a@acme.test", ["ok@inbox.test", "gone@inbox.test"])
     evs = await wait_events(api, msg_id, ["accepted", "accepted", "dropped", "delivered"])
     dropped = [e for e in evs if e["type"] == "dropped"]
     assert [e["rcpt"] for e in dropped] == ["gone@inbox.test"]
     assert dropped[0]["detail"] == {"reason": "hard_bounce", "stage": "acceptance"}
     got = await api.lab.wait_for_messages(1)
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a window for a wrong copy to gone@ to arrive (none should)
     assert len(api.lab.messages) == 1 and got[0].rcpt_tos == ["ok@inbox.test"]
     # Mail from a trusted network without AUTH has no tenant, hence no tenant list.
     host, port = api.app.smtp_addresses[0]
@@ -127,17 +131,20 @@ async def test_address_suppressed_while_queued_is_dropped_before_retry(
     evs = await wait_events(api, msg_id, ["dropped"])
     assert evs[-1]["type"] == "dropped"
     assert evs[-1]["detail"] == {"reason": "unsubscribe", "stage": "delivery"}
+    # Nothing should happen, so nothing to wait for: longer than the retry interval
+    # (1 s), in which a wrong retry would deliver or be deferred again.
     await asyncio.sleep(1.5)
     assert not api.lab.messages
     assert [e["type"] for e in events(api, msg_id)].count("deferred") == 1
 
 
+@pytest.mark.sqlite_only  # HTTP/SMTP-level: see tests/control/conftest.py
 async def test_multi_mailbox_from_and_overlong_paths_are_refused(control: ControlFactory) -> None:
     api = await control()
     api.lab.add_domain("inbox.test")
     key = await api.tenant("acme")
     await api.verified_domain(key, "acme.test")
-    await asyncio.sleep(0.5)
+    await domain_in_force(api, "acme.test")
     host, port = api.app.smtp_addresses[0]
     async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as smtp:
         await smtp.login("acme", key)
@@ -152,5 +159,5 @@ async def test_multi_mailbox_from_and_overlong_paths_are_refused(control: Contro
             await smtp.sendmail(
                 "me@acme.test", ["u" * 250 + "@inbox.test"], b"Subject: x\r\n\r\nx\r\n"
             )
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a window for a wrongly accepted message to arrive (none should)
     assert not api.lab.messages

@@ -45,7 +45,10 @@ async def test_control_role_relays_to_the_mta_role(
             assert (await c.post(f"/v1/domains/{d['id']}/verify")).json()["verified"]
             r = await c.post("/v1/suppressions", json={"address": "no@inbox.test"})
             assert r.status_code == 201
-            await asyncio.sleep(1.0)  # the MTA's change feed: keys and the suppression
+            # The MTA's change feed (keys and the suppression). The MTA is another process
+            # that shows no sign of having read it, and a probe message would change what
+            # is asserted below: a fixed wait of several polls (0.2 s each here).
+            await asyncio.sleep(1.0)
             r = await c.post(
                 "/v1/messages",
                 json={

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import io
@@ -10,6 +9,7 @@ from typing import get_args
 
 from postwarden.control.csvfile import unescape_cell
 from tests.control.conftest import ControlFactory
+from tests.waiting import eventually
 
 
 async def test_crud_search_and_the_check(control: ControlFactory) -> None:
@@ -41,8 +41,9 @@ async def test_crud_search_and_the_check(control: ControlFactory) -> None:
         assert r.status_code == 201
         assert len((await c.get("/v1/suppressions", params={"q": "bob"})).json()["data"]) == 1
         tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
-    await asyncio.sleep(0.1)
     check = api.app.control.suppressions.check
+    # The process's suppression cache follows the change feed.
+    await eventually(lambda: check(tid, "bob@example.com"), 10, "bob in the cache")
     assert check(tid, "BOB@EXAMPLE.COM") == "unsubscribe"
     assert check(tid, "someone@example.com") is None
     assert check(tid + 1, "bob@example.com") is None  # another tenant's list
@@ -50,7 +51,7 @@ async def test_crud_search_and_the_check(control: ControlFactory) -> None:
         assert (await c.delete("/v1/suppressions/bob@example.com")).status_code == 200
         assert (await c.get("/v1/suppressions/bob@example.com")).status_code == 404
         assert (await c.delete("/v1/suppressions/bob@example.com")).status_code == 404
-    await asyncio.sleep(0.1)
+    await eventually(lambda: check(tid, "bob@example.com") is None, 10, "bob out of the cache")
     assert check(tid, "bob@example.com") is None
 
 
@@ -69,8 +70,8 @@ async def test_expiry(control: ControlFactory) -> None:
         )
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "expires_at"
         tid = (await c.get("/v1/keys")).json()["data"][0]["tenant_id"]
-    await asyncio.sleep(0.1)
     check = api.app.control.suppressions.check
+    await eventually(lambda: check(tid, "t@example.com"), 10, "t in the suppression cache")
     assert check(tid, "t@example.com") == "manual"
     assert check(tid, "t@example.com", now=soon.timestamp() + 1) is None
 

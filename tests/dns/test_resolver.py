@@ -102,6 +102,8 @@ async def test_cache_honours_ttl(lab: Lab) -> None:
     for _ in range(5):
         await res.resolve_mx("cached.test")
     assert lab.dns.queries == after_first  # all from cache
+    # Part of the scenario: the 1 s TTL must pass on the wall clock, which dnspython's
+    # cache reads (time.time()); polling instead would not show the TTL was 1 s.
     await asyncio.sleep(1.2)
     await res.resolve_mx("cached.test")
     assert lab.dns.queries > after_first  # the 1 s TTL ran out: asked again

@@ -23,6 +23,7 @@ import dns.rdatatype
 import pytest
 
 from postwarden.lab import Lab
+from tests.waiting import eventually
 
 MSG = b"From: a@sender.test\r\nTo: b@inbox.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -307,7 +308,7 @@ async def test_slow_rcpt_waits_the_configured_delay(lab: Lab) -> None:
     with pytest.raises(aiosmtplib.SMTPTimeoutError):
         await smtp.execute_command(b"RCPT TO:<y@slow.test>", timeout=0.1)
     smtp.close()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: lab.sinks[0]._sessions == set(), 10, "the sink to drop the session")
     assert lab.sinks[0]._sessions == set()
 
 

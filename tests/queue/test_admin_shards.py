@@ -196,8 +196,9 @@ async def test_tail_follows_every_shard(sharded: Sharded) -> None:
             seen.put(ev)
 
     threading.Thread(target=follow, daemon=True).start()
-    assert started.wait(10)
-    await asyncio.sleep(0.1)
+    # tail() takes its cursors ("from now") before it returns, so once ``started`` is
+    # set the follower's starting point is fixed: nothing more to wait for.
+    assert await asyncio.to_thread(started.wait, 10)
     new2 = await store(root, 2, ["f@two.test"], 200.0)
     new0 = await store(root, 0, ["g@zero.test", "h@zero.test"], 201.0)
     # Another operator holds a message in shard 1.
@@ -218,6 +219,8 @@ async def test_tail_follows_every_shard(sharded: Sharded) -> None:
         (1, "held", sharded.ids["s1"]),
         (3, "accepted", new3),
     ]
+    # Nothing more should come, so nothing to wait for: ten polls' worth of time in
+    # which a replayed or doubled event would show.
     await asyncio.sleep(0.2)
     assert seen.empty()  # nothing replayed, nothing twice
 

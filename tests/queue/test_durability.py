@@ -162,7 +162,7 @@ async def test_each_250_follows_the_fsyncs_covering_its_message(
         together = asyncio.Barrier(10)
         ids += await asyncio.gather(*(one(i, together) for i in range(3, 13)))  # sharing fsyncs
         await lab.wait_for_messages(13, timeout=30)
-    calls = parse_trace(trace.read_text(errors="replace"))
+    calls = parse_trace(await asyncio.to_thread(trace.read_text, errors="replace"))
     assert calls, "strace recorded nothing"
     checked = 0
     for msg_id in ids:
@@ -207,17 +207,24 @@ async def test_each_250_follows_the_fsyncs_covering_its_message(
 # ---------------------------------------------------------------------- crash
 
 
-def metric(control: str, name: str) -> float:
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text: str = resp.read().decode()
+        return text
+
+
+async def metric(control: str, name: str) -> float:
+    """The value of ``name`` on the control listener's /metrics (the blocking client
+    in a thread, so the test's loop, which runs the lab MX, keeps serving)."""
     deadline = time.monotonic() + 10
     while True:  # the control plane may open a moment after the SMTP port
         try:
-            with urllib.request.urlopen(f"http://{control}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
+            text = await asyncio.to_thread(_get, f"http://{control}/metrics")
             break
         except OSError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
@@ -297,7 +304,7 @@ async def test_sigkill_loses_no_acknowledged_message(
                 break
             await asyncio.sleep(0.2)
         # Read once every worker has recovered its shard (they start after the port).
-        recovered = metric(control, "postwarden_spool_recovered_inflight_total")
+        recovered = await metric(control, "postwarden_spool_recovered_inflight_total")
     counts = Counter(
         int(m.group(1)) for msg in lab.messages if (m := re.search(rb"X-Seq: (\d+)", msg.data))
     )

@@ -4,8 +4,6 @@ unexpected exception escaping the session, a spool write of outcomes failing onc
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter
 from typing import Any
 
@@ -17,14 +15,7 @@ from postwarden.queue import scheduler as scheduler_module
 from postwarden.queue.spool import Lease, SpoolError
 from tests.conftest import ApplianceFactory
 from tests.mta.test_delivery import events, submit
-
-
-async def until(pred: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+from tests.waiting import eventually
 
 
 def fail_first_read(app: Appliance, exc: type[Exception]) -> list[str]:
@@ -51,8 +42,8 @@ async def settle(app: Appliance, msg_ids: list[str], n_rcpts: int) -> list[dict[
             if e["type"] in ("delivered", "bounced", "expired")
         ]
 
-    await until(lambda: len(finals()) >= n_rcpts, 15, "every recipient delivered")
-    await until(lambda: app.scheduler.inflight == 0, 5, "in-flight back to 0")
+    await eventually(lambda: len(finals()) >= n_rcpts, 15, "every recipient delivered")
+    await eventually(lambda: app.scheduler.inflight == 0, 5, "in-flight back to 0")
     evs = finals()
     per_rcpt = Counter((e["msg_id"], e["rcpt"]) for e in evs)
     assert len(per_rcpt) == n_rcpts and set(per_rcpt.values()) == {1}, per_rcpt

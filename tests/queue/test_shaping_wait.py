@@ -12,7 +12,8 @@ from postwarden.queue.admin import QueueAdmin
 from tests.conftest import ApplianceFactory, postwarden_cli
 from tests.shaping import test_lab_shaping as lab_shaping
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import near_midnight, send, shaped, shaping_config, until
+from tests.shaping.test_lab_shaping import near_midnight, send, shaped, shaping_config
+from tests.waiting import eventually
 
 sink = lab_shaping.sink  # the recording MX's fixture
 
@@ -40,9 +41,9 @@ async def test_warming_cap_wait_is_listed_with_its_reason_and_until_when(
     )  # fmt: skip
     started = time.time()
     await send(app.smtp_addresses[0][1], [f"w{i}@gm-one.test" for i in range(5)], sessions=1)
-    await until(lambda: len(sink.rec.messages) >= 2, 10, "the day's cap")
+    await eventually(lambda: len(sink.rec.messages) >= 2, 10, "the day's cap")
     spool = app.cfg.spool.path
-    await until(lambda: len(waiting_for_shaping(spool)) == 3, 10, "three put off")
+    await eventually(lambda: len(waiting_for_shaping(spool)) == 3, 10, "three put off")
     assert len(sink.rec.messages) == 2  # the cap held
 
     rc, out = await postwarden_cli(spool, "queue", "list")

@@ -3,6 +3,7 @@ schema."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections import Counter
@@ -74,7 +75,8 @@ async def test_high_lane_is_leased_first(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     await spool.open()
     await _bulk(spool, "t1", 500)
-    time.sleep(0.01)  # the high lane's recipients are due later than every bulk one
+    # Part of the scenario: the high lane's recipients are due later than every bulk one.
+    await asyncio.sleep(0.01)
     high = await spool.store(
         Envelope("a@x.test", [f"h{i}@y.test" for i in range(5)], tenant="t1"), b"h\r\n"
     )

@@ -4,10 +4,8 @@ also when the queue commands delete it while the appliance runs."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from postwarden.lab import Lab
@@ -15,6 +13,7 @@ from postwarden.queue.admin import QueueAdmin
 from postwarden.queue.spool import Envelope, Spool
 from tests.conftest import ApplianceFactory, postwarden_cli
 from tests.mta.test_delivery import has, submit, wait_events
+from tests.waiting import eventually
 
 
 def event_ids(spool_path: Path | str) -> list[int]:
@@ -33,13 +32,6 @@ def spool_events(spool_path: str, msg_id: str) -> list[dict[str, object]]:
         admin.close()
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_only_copied_events_past_retention_are_pruned(tmp_path: Path) -> None:
     spool = Spool(tmp_path, event_retention=0.001, upkeep_interval=0.02, prune_batch=2)
     await spool.open()
@@ -50,12 +42,13 @@ async def test_only_copied_events_past_retention_are_pruned(tmp_path: Path) -> N
     assert spool.copied_through is None
     spool.mark_copied(4)
     # Batches of two: the backlog drains in rounds, and stops at the copier's cursor.
-    await until(
+    await eventually(
         lambda: event_ids(tmp_path) == [5, 6] and spool.stats["events_pruned"] == 4,
+        10,
         "copied events to go",
     )
     spool.mark_copied(6)
-    await until(lambda: event_ids(tmp_path) == [6], "the rest to go")
+    await eventually(lambda: event_ids(tmp_path) == [6], 10, "the rest to go")
     # The newest event stays, so that ids keep growing past the copier's cursor (6
     # itself may go now that it is not the newest).
     await spool.store(Envelope("t@x.test", ["r@y.test"]), b"Subject: x\r\n\r\nx\r\n")
@@ -70,7 +63,7 @@ async def test_events_within_retention_stay(tmp_path: Path) -> None:
         await spool.store(Envelope(f"s{i}@x.test", ["r@y.test"]), b"Subject: x\r\n\r\nx\r\n")
     spool.mark_copied(3)
     done = spool.stats["upkeeps"]
-    await until(lambda: spool.stats["upkeeps"] >= done + 2, "two upkeep rounds")
+    await eventually(lambda: spool.stats["upkeeps"] >= done + 2, 10, "two upkeep rounds")
     assert event_ids(tmp_path) == [1, 2, 3]
     await spool.close()
 
@@ -85,7 +78,7 @@ async def test_appliance_prunes_what_the_copier_copied(
     second = await submit(app, ["b@inbox.test"])
     await wait_events(app, second, has("delivered"))
     # The first message's events are copied (the cursor passed them) and old: gone.
-    await until(lambda: not spool_events(app.cfg.spool.path, first), "pruning")
+    await eventually(lambda: not spool_events(app.cfg.spool.path, first), 10, "pruning")
     assert app.spool.copied_through is not None and app.spool.copied_through >= 2
     assert event_ids(app.spool_path)  # the newest stays
 
@@ -120,7 +113,7 @@ async def test_cli_delete_reclaims_segments_while_running(
     assert rc == 0 and "delete: 1 recipient(s)" in out
     rc, out = await postwarden_cli(app.cfg.spool.path, "queue", "delete", ids[0])
     assert rc == 0 and "delete: 1 recipient(s)" in out
-    await until(lambda: not seg_file(ids[0]).exists(), "the emptied segment to go")
+    await eventually(lambda: not seg_file(ids[0]).exists(), 10, "the emptied segment to go")
     assert seg_file(ids[1]).exists()  # still holds a message
     assert seg_file(ids[2]).exists()  # empty, but being written
     # The appliance goes on writing there.

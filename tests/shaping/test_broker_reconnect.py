@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from postwarden.metrics import Metrics
 from postwarden.shaping.channel import BrokerClient, BrokerServer, BrokerUnavailable
 from postwarden.shaping.fallback import LocalLimits
 from tests.shaping.test_channel import POOL, broker
+from tests.waiting import eventually
 
 
 class Relay:
@@ -61,14 +60,6 @@ class Relay:
             os.unlink(self.path)
 
 
-async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def test_local_limits_are_never_unlimited() -> None:
     lim = LocalLimits(connections=1, rate=1.0)
     c = lim.choose(["a", "b"], "gmail", 5, now=0.0)
@@ -99,7 +90,7 @@ async def test_mail_flows_under_local_limits_and_the_client_reconnects(tmp_path:
         assert c.ok and c.source == "a"
         held_before = {k: c.value for k, c in b.balancer.counts.items()}
         await relay.kill()
-        await until(lambda: not client.connected, 5, "the client to see the loss")
+        await eventually(lambda: not client.connected, 5, "the client to see the loss")
         assert metrics.broker_connected._value.get() == 0
 
         # Operator commands fail at once, with a catchable error.
@@ -122,7 +113,7 @@ async def test_mail_flows_under_local_limits_and_the_client_reconnects(tmp_path:
         assert metrics.broker_fallback.labels("choose")._value.get() == 3
 
         await relay.start()
-        await until(lambda: client.connected, 10, "the client to reconnect")
+        await eventually(lambda: client.connected, 10, "the client to reconnect")
         assert relay.accepted == 2
         assert metrics.broker_reconnects._value.get() == 1
         assert metrics.broker_connected._value.get() == 1

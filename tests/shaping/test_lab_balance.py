@@ -12,7 +12,8 @@ import pytest
 from postwarden.lab import Lab
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import send, until
+from tests.shaping.test_lab_shaping import send
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.serial  # a backlog drained through the weights
 
@@ -60,7 +61,7 @@ async def test_weights_hold_per_site_after_one_source_over_delivered(
     for name in ("a", "b"):
         await backend.command(op="pause", target="source", name=name, reason="test")
     await send(port, [f"x{i}@d1.test" for i in range(60)], sessions=4)
-    await until(lambda: len(sinks.rec.messages) >= 60, 30, "site one's mail")
+    await eventually(lambda: len(sinks.rec.messages) >= 60, 30, "site one's mail")
     assert sinks.rec.by_peer() == {SOURCES["c"][0]: 60}
     for name in ("a", "b"):
         await backend.command(op="resume", target="source", name=name)
@@ -74,7 +75,7 @@ async def test_weights_hold_per_site_after_one_source_over_delivered(
     n = 240
     await send(port, [f"y{i}@d2.test" for i in range(n)])
     await sinks.start(mx_port)
-    await until(lambda: len(sinks.rec.messages) >= n, 60, "site two's mail")
+    await eventually(lambda: len(sinks.rec.messages) >= n, 60, "site two's mail")
     got = sinks.rec.by_peer()
     shares = {name: got.get(ip, 0) / n for name, (ip, _w) in SOURCES.items()}
     for name, (_ip, weight) in SOURCES.items():

@@ -16,7 +16,8 @@ import pytest
 from postwarden.lab import Lab
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import SRC_A, send, shaping_config, until
+from tests.shaping.test_lab_shaping import SRC_A, send, shaping_config
+from tests.waiting import eventually
 
 # Its one timing check is a lower bound (nothing before the suspension's end), which a
 # busy machine cannot break: it runs in the parallel part of `make test`.
@@ -70,7 +71,7 @@ async def test_a_suspension_survives_a_restart(
     again = await appliance(cfg)  # the same spool and state file
     assert await suspended_for(again) > 0
     await send(again.smtp_addresses[0][1], ["second@gm-one.test"], sessions=1)
-    await until(lambda: len(sink.rec.messages) >= 2, SUSPEND + 20, "delivery after the end")
+    await eventually(lambda: len(sink.rec.messages) >= 2, SUSPEND + 20, "delivery after the end")
     # Both waited for the suspension's end (to its 0.1 s in the status), though the
     # MX took mail from the moment of the restart.
     assert min(m.at for m in sink.rec.messages) >= ends - 0.2, (ends, sink.rec.messages)

@@ -15,6 +15,7 @@ import pytest
 from postwarden.lab import Lab
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
+from tests.waiting import eventually
 
 # Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
 # two at a time.
@@ -70,14 +71,6 @@ async def send(
     await asyncio.gather(*(one() for _ in range(sessions)))
 
 
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_pool_weights_decide_the_source_and_ehlo(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
@@ -93,7 +86,7 @@ async def test_pool_weights_decide_the_source_and_ehlo(
     await send(port, [f"r{i}@gm-{'one' if i % 2 else 'two'}.test" for i in range(n)])
     sink.rec.conns.clear()
     await sink.start(mx_port)
-    await until(lambda: sum(sink.rec.by_peer().values()) >= n, 60, "all delivered")
+    await eventually(lambda: sum(sink.rec.by_peer().values()) >= n, 60, "all delivered")
     got = sink.rec.by_peer()
     assert set(got) == {SRC_A, SRC_B}
     share_a = got[SRC_A] / n
@@ -116,7 +109,7 @@ async def test_site_limits_hold_under_load(
     n = 1000  # ten seconds at the limit: long enough for every window below
     started = time.time()
     await send(port, [f"r{i}@gm-{'one' if i % 2 else 'two'}.test" for i in range(n)], sessions=10)
-    await until(lambda: len(sink.rec.messages) >= n, 120, "all delivered")
+    await eventually(lambda: len(sink.rec.messages) >= n, 120, "all delivered")
     took = sink.rec.messages[-1].at - started
     assert sink.rec.max_concurrent() <= 3
     # Rate: in every window, at most the rate's worth plus the one-second burst (100),
@@ -154,7 +147,7 @@ async def test_421_storm_suspends_only_that_pair_and_recovers(
     await send(
         port, [f"s{i}@gm-one.test" for i in range(40)] + [f"o{i}@elsewhere.test" for i in range(20)]
     )
-    await until(lambda: len(sink.rec.messages) >= 60, 60, "all delivered despite the storm")
+    await eventually(lambda: len(sink.rec.messages) >= 60, 60, "all delivered despite the storm")
     status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
     pairs = {(p["source"], p["site"]): p for p in status["pairs"]}
     assert pairs[("a", "gmail")]["suspended_for"] > 0
@@ -172,10 +165,16 @@ async def test_421_storm_suspends_only_that_pair_and_recovers(
     )
     # The storm ends; the suspension expires by itself and a sends to gmail again.
     storm = False
-    await asyncio.sleep(3.2)
+
+    async def a_gmail_free() -> bool:
+        status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
+        pair = [p for p in status["pairs"] if (p["source"], p["site"]) == ("a", "gmail")]
+        return all(p["suspended_for"] == 0 for p in pair)
+
+    await eventually(a_gmail_free, 30, "a's suspension at gmail to expire")
     before = len(sink.rec.messages)
     await send(port, [f"t{i}@gm-one.test" for i in range(80)])
-    await until(lambda: len(sink.rec.messages) >= before + 80, 60, "after the storm")
+    await eventually(lambda: len(sink.rec.messages) >= before + 80, 60, "after the storm")
     assert any(m.peer == SRC_A for m in sink.rec.messages[before:])
     status = await app.shaper.backend.command(op="status")  # type: ignore[union-attr]
     a_gm = next(p for p in status["pairs"] if (p["source"], p["site"]) == ("a", "gmail"))
@@ -225,13 +224,15 @@ async def test_warming_source_stops_at_its_cap_and_resumes_the_next_day(
     )
     port = app.smtp_addresses[0][1]
     await send(port, [f"w{i}@gm-one.test" for i in range(8)], sessions=2)
-    await until(lambda: len(sink.rec.messages) >= 5, 5, "the day's cap")
+    await eventually(lambda: len(sink.rec.messages) >= 5, 5, "the day's cap")
+    # Nothing more should go today, so nothing to wait for: a window in which a send
+    # past the cap would show.
     await asyncio.sleep(1.0)
     assert len(sink.rec.messages) == 5  # the cap holds: the rest waits
     p = svc.book.progress("source:a")
     assert (p["day"], p["cap"], p["sent_today"], p["remaining"]) == (1, 5, 5, 0)
     # Midnight passes (on the test's clock): day 2, cap 10, and the waiting three go.
-    await until(lambda: len(sink.rec.messages) >= 8, 20, "the next day")
+    await eventually(lambda: len(sink.rec.messages) >= 8, 20, "the next day")
     p = svc.book.progress("source:a")
     assert (p["day"], p["cap"], p["sent_today"]) == (2, 10, 3)
     assert p["history"][-1]["sent"] == 5 and p["history"][-1]["healthy"]
@@ -250,10 +251,12 @@ async def test_bounce_storm_pauses_a_warming_source_until_resumed(
     sink.rec.rcpt_answer = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("bad") else None
     port = app.smtp_addresses[0][1]
     await send(port, [f"good{i}@gm-one.test" for i in range(10)], sessions=1)
-    await until(lambda: len(sink.rec.messages) >= 10, 10, "good mail")
+    await eventually(lambda: len(sink.rec.messages) >= 10, 10, "good mail")
     await send(port, [f"bad{i}@gm-one.test" for i in range(12)], sessions=2)
-    await until(lambda: bool(svc.book.is_paused("source:a")), 10, "the auto-pause")
+    await eventually(lambda: bool(svc.book.is_paused("source:a")), 10, "the auto-pause")
     assert svc.book.is_paused("source:a").startswith("auto: bounce rate")
+    # What was in flight at the pause lands first (nothing to wait on: how many were
+    # in flight is not known), so that ``before`` counts it.
     await asyncio.sleep(0.5)
     before = len(sink.rec.messages)
     await send(port, [f"later{i}@gm-one.test" for i in range(5)], sessions=1)
@@ -263,7 +266,7 @@ async def test_bounce_storm_pauses_a_warming_source_until_resumed(
     # An operator resumes it (the API, as a client would); the mail that waited goes.
     out = await app.shaper.backend.command(op="resume", target="source", name="a")  # type: ignore[union-attr]
     assert not out["progress"]["paused"]
-    await until(lambda: len(sink.rec.messages) >= before + 5, 10, "mail after the resume")
+    await eventually(lambda: len(sink.rec.messages) >= before + 5, 10, "mail after the resume")
     assert {r for m in sink.rec.messages[before:] for r in m.rcpts} == {
         f"later{i}@gm-one.test" for i in range(5)
     }
@@ -287,7 +290,7 @@ async def test_transactional_mail_and_small_tenants_are_not_starved_by_a_campaig
 
     for i in range(400):
         await accept("big", LANE_BULK, f"c{i}@gm-one.test")
-    await until(lambda: len(sink.rec.messages) >= 20, 10, "the campaign under way")
+    await eventually(lambda: len(sink.rec.messages) >= 20, 10, "the campaign under way")
     mark = len(sink.rec.messages)
     for i in range(20):
         await accept("small", LANE_BULK, f"s{i}@gm-one.test")
@@ -295,7 +298,9 @@ async def test_transactional_mail_and_small_tenants_are_not_starved_by_a_campaig
         await accept("shop", LANE_HIGH, f"t{i}@gm-one.test")
     # The order is settled once the small tenant's and the shop's mail is through;
     # the rest of the campaign only repeats the same turn.
-    await until(lambda: sum(m.rcpts[0][0] in "st" for m in sink.rec.messages) >= 30, 60, "s and t")
+    await eventually(
+        lambda: sum(m.rcpts[0][0] in "st" for m in sink.rec.messages) >= 30, 60, "s and t"
+    )
     order = [m.rcpts[0][0] for m in sink.rec.messages]
     after = order[mark:]
     # Transactional: the next ten after what was in flight (a job or two per session).

@@ -21,7 +21,7 @@ from postwarden.lab import Lab
 from postwarden.queue.spool import shard_number, shard_paths
 from tests.queue.test_durability import serve
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import until
+from tests.waiting import eventually
 
 # The latencies checked are seconds against tens of seconds before: they hold with
 # the parallel part's load; the weights test runs alone.
@@ -104,14 +104,14 @@ async def test_transactional_overtakes_bulk_of_the_other_worker(
 
             # Every slot busy with bulk (both workers may hold some of it); each
             # connection would carry 100 messages, ten seconds, before it ends.
-            await until(lambda: bulk_done() >= 60, 60, "bulk mail under way")
+            await eventually(lambda: bulk_done() >= 60, 60, "bulk mail under way")
             await bulk
             sent_at: dict[str, float] = {}
             rcpts = [f"t{i}@tx.test" for i in range(8)]
             for r in rcpts:
                 sent_at[r] = time.time()
             await submit(port, rcpts, 8, bulk=False)
-            await until(
+            await eventually(
                 lambda: sum(1 for m in sink.rec.messages if m.rcpts[0] in sent_at) == len(rcpts),
                 90,
                 "the transactional mail",
@@ -147,7 +147,7 @@ async def test_weights_hold_with_two_workers(tmp_path: Path, lab: Lab, config: A
             await sink.stop()
             await submit(port, [f"y{i}@ya-one.test" for i in range(n)], 8, bulk=True)
             await sink.start(mx_port)
-            await until(lambda: len(sink.rec.messages) >= n, 120, "the backlog")
+            await eventually(lambda: len(sink.rec.messages) >= n, 120, "the backlog")
         got = sink.rec.by_peer()
         total = sum(w for _ip, w in SOURCES.values())
         shares = {name: round(got.get(ip, 0) / n, 3) for name, (ip, _w) in SOURCES.items()}
@@ -193,7 +193,7 @@ async def test_an_idle_connection_gives_its_slot_to_the_other_worker(
     try:
         async with serve([], path, port, tmp_path / "serve.log"):
             first = worker_of(spool, await send_one(port, "first@one.test"))
-            await until(lambda: len(sink.rec.messages) == 1, 30, "the first message")
+            await eventually(lambda: len(sink.rec.messages) == 1, 30, "the first message")
             # Its connection now idles (delivery.timeouts.idle: 5 s) in that worker.
             # Sessions until one reaches the other worker: its mail goes at once.
             for i in range(40):
@@ -201,10 +201,12 @@ async def test_an_idle_connection_gives_its_slot_to_the_other_worker(
                 rcpt = f"n{i}@two.test"
                 if worker_of(spool, await send_one(port, rcpt)) != first:
                     break
-                await until(lambda r=rcpt: any(m.rcpts == [r] for m in sink.rec.messages), 30, rcpt)
+                await eventually(
+                    lambda r=rcpt: any(m.rcpts == [r] for m in sink.rec.messages), 30, rcpt
+                )
             else:
                 raise AssertionError("every session reached the same worker")
-            await until(lambda: any(m.rcpts == [rcpt] for m in sink.rec.messages), 30, rcpt)
+            await eventually(lambda: any(m.rcpts == [rcpt] for m in sink.rec.messages), 30, rcpt)
             got = next(m.at for m in sink.rec.messages if m.rcpts == [rcpt])
             assert got - sent < 2.0, round(got - sent, 2)
             assert sink.rec.max_concurrent() <= 1

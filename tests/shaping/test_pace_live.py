@@ -19,7 +19,8 @@ import pytest
 from postwarden.lab import Lab
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import send, shaping_config, until
+from tests.shaping.test_lab_shaping import send, shaping_config
+from tests.waiting import eventually
 
 REFUSE = "421 4.7.0 Try again later, closing connection"
 
@@ -66,10 +67,10 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     # messages made 554 attempts in 25 s. A busy machine only makes fewer: these
     # bounds need no quiet machine, so the test runs in parallel.
     await send(app.smtp_addresses[0][1], [f"r{i}@unrated.test" for i in range(30)])
-    await until(lambda: bool(sink.rec.conns), 10, "a first attempt")
+    await eventually(lambda: bool(sink.rec.conns), 10, "a first attempt")
     first = sink.rec.conns[0].opened
     span = 9.0
-    await until(lambda: time.time() >= first + span, span + 5, "the refusals' span")
+    await eventually(lambda: time.time() >= first + span, span + 5, "the refusals' span")
     opened = [c.opened - first for c in sink.rec.conns if c.opened < first + span]
     # The connections opened before the first refusal was heard, then a probe now
     # and then: at most a few tens a minute.
@@ -79,7 +80,7 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     assert p["backoff"] and p["rate_limited"] and p["rate_per_min"] <= 15.0, p  # 1 per 4 s
     # The site takes mail again: a probe finds out within its retry interval.
     refusing = False
-    await until(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
+    await eventually(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
 
 
 # Rates measured from the MX's timestamps: run after the parallel part, two at a time.
@@ -115,7 +116,7 @@ async def test_full_rate_is_back_soon_after_push_back_stops(
                 return True
         return False
 
-    await until(recovered, 60, "the full rate")
+    await eventually(recovered, 60, "the full rate")
     times = [m.at for m in sink.rec.messages if m.at >= stopped]
     took = times[-1] - stopped
     assert took <= 8 + 5 + 5, took  # the backoff's end, a window at full rate, slack

@@ -15,7 +15,8 @@ from postwarden.shaping.rules import RulesError, parse_rules, shipped_rules
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
 from tests.shaping.test_choose import SOURCES, Clock
-from tests.shaping.test_lab_shaping import SRC_A, SRC_B, send, shaping_config, until
+from tests.shaping.test_lab_shaping import SRC_A, SRC_B, send, shaping_config
+from tests.waiting import eventually
 
 RULES = parse_rules(
     '[sites.lab]\nmx_suffixes = ["lab.test"]\nconnection_limit = 10\n'
@@ -87,6 +88,6 @@ async def test_two_sources_never_hold_more_than_the_provider_allows(
     app = await appliance(cfg)
     n = 200
     await send(app.smtp_addresses[0][1], [f"r{i}@gm-one.test" for i in range(n)], sessions=10)
-    await until(lambda: len(sink.rec.messages) >= n, 60, "all delivered")
+    await eventually(lambda: len(sink.rec.messages) >= n, 60, "all delivered")
     assert sink.rec.max_concurrent() <= 2
     assert {m.peer for m in sink.rec.messages} == {SRC_A, SRC_B}  # both sources sent

@@ -18,7 +18,8 @@ from postwarden.lab import Lab
 from postwarden.queue.admin import QueueAdmin
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import Conn, RecordingSink, _Handler
-from tests.shaping.test_lab_shaping import send, shaped, until
+from tests.shaping.test_lab_shaping import send, shaped
+from tests.waiting import eventually
 
 SRC_A, SRC_B, SRC_C = "127.0.7.1", "127.0.7.2", "127.0.7.3"
 TS03 = "421 4.7.0 [TS03] Messages from 127.0.7.1 temporarily deferred"
@@ -147,11 +148,11 @@ async def test_ts03_greeting_moves_the_share_to_the_others_and_is_one_event(
     rcpts = [f"r{i}@gm-one.test" for i in range(n)]
     await send(app.smtp_addresses[0][1], rcpts, sessions=6)
     # Item 1: a's share goes to b and c within seconds; nothing waits in the spool.
-    await until(lambda: len(delivered(sink)) >= n, 20, "every message through b and c")
+    await eventually(lambda: len(delivered(sink)) >= n, 20, "every message through b and c")
     assert sorted(delivered(sink)) == sorted(rcpts)  # each once
     by_peer = sink.rec.by_peer()
     assert set(by_peer) == {SRC_B, SRC_C}, by_peer
-    await until(lambda: not waiting(app), 5, "an empty queue")
+    await eventually(lambda: not waiting(app), 5, "an empty queue")
     assert sink.refused and set(sink.refused) == {SRC_A}
     # Item 2: however many connections met the greeting, one action, one log line.
     status = await app.shaper.backend.command(op="status")
@@ -179,11 +180,11 @@ async def test_a_warming_cap_mid_burst_with_spill_defers_nothing(
     n = 120
     rcpts = [f"s{i}@gm-one.test" for i in range(n)]
     await backlog(app, sink, rcpts)
-    await until(lambda: len(delivered(sink)) >= n, 20, "every message delivered")
+    await eventually(lambda: len(delivered(sink)) >= n, 20, "every message delivered")
     assert sorted(delivered(sink)) == sorted(rcpts)
     by_peer = sink.rec.by_peer()
     assert by_peer.get(SRC_C, 0) == 6, by_peer  # its cap, no more
-    await until(lambda: not waiting(app), 5, "an empty queue")
+    await eventually(lambda: not waiting(app), 5, "an empty queue")
     p = svc.book.progress("source:c")
     assert (p["sent_today"], p["remaining"]) == (6, 0)
 
@@ -205,7 +206,7 @@ async def test_a_warming_cap_mid_burst_with_wait_parks_about_its_share(
             (r["wait_reason"] or "").startswith("warming_cap") for r in left
         )
 
-    await until(settled, 20, "everything delivered or waiting for c's next day")
+    await eventually(settled, 20, "everything delivered or waiting for c's next day")
     left = waiting(app)
     by_peer = sink.rec.by_peer()
     assert by_peer.get(SRC_C, 0) <= 6, by_peer
@@ -234,8 +235,8 @@ async def test_holds_in_memory_count_as_waits_once_per_job(
     n = 30
     rcpts = [f"h{i}@gm-one.test" for i in range(n)]
     await send(app.smtp_addresses[0][1], rcpts, sessions=3)
-    await until(lambda: waits._value.get() > before, 10, "the hold counted")
-    await until(lambda: len(delivered(sink)) >= n, 20, "everything after the suspension")
+    await eventually(lambda: waits._value.get() > before, 10, "the hold counted")
+    await eventually(lambda: len(delivered(sink)) >= n, 20, "everything after the suspension")
     assert sorted(delivered(sink)) == sorted(rcpts)
     # Each held recipient once, however often the queue met the refusal.
     assert 0 < waits._value.get() - before <= n

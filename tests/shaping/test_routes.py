@@ -17,7 +17,8 @@ from postwarden.lab import Lab
 from postwarden.shaping.rules import RulesError, parse_rules, shipped_rules
 from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import SRC_A, SRC_B, shaping_config, until
+from tests.shaping.test_lab_shaping import SRC_A, SRC_B, shaping_config
+from tests.waiting import eventually
 
 ROUTES = """
 [[routes]]
@@ -89,7 +90,7 @@ async def test_mail_leaves_from_the_pool_its_route_gives(
     await send_as(port, "a@shop.test", "u1@routed.test")  # by domain: other
     await send_as(port, "a@campaigns.test", "u2@plain.test")  # by sender: other
     await send_as(port, "a@shop.test", "u3@routed.test", pool="main")  # named: kept
-    await until(lambda: len(sink.rec.messages) >= 3, 20, "three delivered")
+    await eventually(lambda: len(sink.rec.messages) >= 3, 20, "three delivered")
     peer = {m.rcpts[0]: m.peer for m in sink.rec.messages}
     assert peer == {"u1@routed.test": SRC_B, "u2@plain.test": SRC_B, "u3@routed.test": SRC_A}
 
@@ -107,6 +108,6 @@ async def test_a_route_by_site_decides_when_the_connection_opens(
     port = app.smtp_addresses[0][1]
     await send_as(port, "a@shop.test", "u1@plain.test")  # plain.test's MX is gmail's
     await send_as(port, "a@shop.test", "u2@plain.test", pool="main")
-    await until(lambda: len(sink.rec.messages) >= 2, 20, "two delivered")
+    await eventually(lambda: len(sink.rec.messages) >= 2, 20, "two delivered")
     peer = {m.rcpts[0]: m.peer for m in sink.rec.messages}
     assert peer == {"u1@plain.test": SRC_B, "u2@plain.test": SRC_A}

@@ -16,7 +16,8 @@ from postwarden.lab import Lab
 from tests.conftest import config_cli, operator_key_via_cli
 from tests.queue.test_durability import serve
 from tests.shaping.recsink import RecordingSink
-from tests.shaping.test_lab_shaping import SRC_A, send, until
+from tests.shaping.test_lab_shaping import SRC_A, send
+from tests.waiting import eventually
 
 # Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
 # two at a time.
@@ -54,7 +55,7 @@ async def test_two_workers_share_the_limits_cli_and_api_reach_the_broker(
         async with serve([], config, port, tmp_path / "serve.log") as proc:
             n = 400  # eight seconds at 50/s: longer than the 5 s window checked
             await send(port, [f"r{i}@gm-{'one' if i % 2 else 'two'}.test" for i in range(n)], 10)
-            await until(lambda: len(sink.rec.messages) >= n, 120, "all delivered")
+            await eventually(lambda: len(sink.rec.messages) >= n, 120, "all delivered")
             # Two workers, one budget: never more than 2 connections, 50 messages/s.
             assert sink.rec.max_concurrent() <= 2
             times = sorted(m.at for m in sink.rec.messages)
@@ -107,7 +108,7 @@ async def test_two_workers_share_the_limits_cli_and_api_reach_the_broker(
 
                 before = refusals()
                 proc.send_signal(signal.SIGHUP)
-                await until(lambda: refusals() > before, 30, "the SIGHUP reload refused too")
+                await eventually(lambda: refusals() > before, 30, "the SIGHUP reload refused too")
                 r = await c.get("/v1/shaping")
                 gm = [x for x in r.json()["pairs"] if x["site"] == "gmail"]
                 assert gm and all(x["connection_limit"] == 2 for x in gm)

@@ -140,16 +140,21 @@ class KeyAuthenticator:
 
 
 class RateLimiter:
-    """A token bucket per key: ``rate`` requests a second, bursts of ``burst``."""
+    """A token bucket per key: ``rate`` requests a second, bursts of ``burst``.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    ``clock`` gives the time in seconds (monotonic); tests pass one they advance."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = rate
         self.burst = burst
+        self.clock = clock
         self._buckets: dict[Any, tuple[float, float]] = {}
 
     def take(self, key: Any) -> float:
         """0 when the request may go; else the seconds until it could."""
-        now = time.monotonic()
+        now = self.clock()
         tokens, last = self._buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens >= 1.0:
