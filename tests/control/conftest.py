@@ -12,6 +12,7 @@ import pytest
 
 from postwarden.appliance import Appliance
 from postwarden.lab import Lab
+from postwarden.store.db import upgrade_sync
 from postwarden.store.models import ApiKey
 from postwarden.store.secrets import new_api_key
 from tests.conftest import deep_merge
@@ -116,6 +117,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "control" in metafunc.fixturenames and metafunc.definition.get_closest_marker(SQLITE_ONLY):
         only = pytest.mark.parametrize("control", ["sqlite"], indirect=True)
         metafunc.definition.add_marker(only)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """An empty control database at the newest revision: SQLite in the test's
+    directory, or a fresh database of the private PostgreSQL."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres").new_database()
+        return url
+    url = f"sqlite+aiosqlite:///{tmp_path / 'control.db'}"
+    upgrade_sync(url)
+    return url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

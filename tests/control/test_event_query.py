@@ -25,7 +25,6 @@ from postwarden.store.db import (
     head_revision,
     sessionmaker,
     upgrade,
-    upgrade_sync,
 )
 from postwarden.store.event_query import events_query
 from postwarden.store.models import Event
@@ -58,14 +57,9 @@ def downgrade_sync(url: str, revision: str) -> None:
         raise errors[0]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres").new_database()
-        return url
-    url = f"sqlite+aiosqlite:///{tmp_path / 'control.db'}"
-    upgrade_sync(url)
-    return url
+@pytest.fixture
+def database_url(migrated_url: str) -> str:
+    return migrated_url
 
 
 def make_events(rng: random.Random, n: int, start: dt.datetime) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from postwarden.control.event_list import EventList, EventOut, render_events
-from postwarden.store.db import create_engine, upgrade_sync
+from postwarden.store.db import create_engine
 from postwarden.store.event_query import events_query
 from postwarden.store.models import Event
 from tests.pg import postgres  # noqa: F401  (the fixture)
@@ -37,14 +37,9 @@ AWKWARD: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres").new_database()
-        return url
-    url = f"sqlite+aiosqlite:///{tmp_path / 'control.db'}"
-    upgrade_sync(url)
-    return url
+@pytest.fixture
+def database_url(migrated_url: str) -> str:
+    return migrated_url
 
 
 async def test_the_page_is_the_models_document(database_url: str) -> None:
