@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from postwarden.control.events import EventCopier
-from postwarden.queue.spool import DELIVERED, Envelope, Outcome, Spool
+from postwarden.queue.spool import Spool
 from postwarden.store.db import create_engine, sessionmaker, upgrade
+from postwarden.values import DELIVERED, Envelope, Outcome
 
 
 async def main(args: argparse.Namespace) -> None:

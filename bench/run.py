@@ -195,7 +195,7 @@ algorithm = "rsa-sha256"
         return 0
 
     def delays(self) -> list[float]:
-        from postwarden.queue.spool import shard_paths
+        from postwarden.queue.shards import shard_paths
 
         out: list[float] = []
         for shard in shard_paths(self.spool):  # one per worker
@@ -358,7 +358,8 @@ async def memory_run(
     scratch: Path, dns: DNSServer, sink_port: int, key: Path, n: int
 ) -> dict[str, Any]:
     """Peak RSS of Postwarden with ``n`` messages queued for a destination that is down."""
-    from postwarden.queue.spool import Envelope, Spool
+    from postwarden.queue.spool import Spool
+    from postwarden.values import Envelope
 
     spool_dir = scratch / "spool"
     spool = Spool(spool_dir, fsync=False)

@@ -240,7 +240,9 @@ async def test_workers_share_the_listener_and_a_dead_worker_is_restarted(
 async def test_serve_refuses_to_strand_a_shard_that_holds_mail(
     tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
 ) -> None:
-    from postwarden.queue.spool import Envelope, Spool, shard_path
+    from postwarden.queue.shards import shard_path
+    from postwarden.queue.spool import Spool
+    from postwarden.values import Envelope
 
     config, _port = subprocess_config({"server": {"workers": 2}})
     root = tomllib.loads(config.read_text())["spool"]["path"]

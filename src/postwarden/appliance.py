@@ -50,18 +50,14 @@ from postwarden.mta.ingress import IngressHandler
 from postwarden.mta.protocol import server_factory
 from postwarden.queue.gauges import keep_gauges
 from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN, Scheduler
-from postwarden.queue.spool import (
-    Envelope,
-    Spool,
-    StoredMessage,
-    new_message_id,
-    shard_path,
-)
+from postwarden.queue.shards import shard_path
+from postwarden.queue.spool import Spool, new_message_id
 from postwarden.shaping.channel import BrokerClient
 from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import LocalBackend, Shaper
 from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
+from postwarden.values import Envelope, StoredMessage
 
 if TYPE_CHECKING:
     from starlette.routing import Route

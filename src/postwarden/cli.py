@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_async(serve(cfg, path, role="control"))
         return 0
     count = worker_count(cfg)
-    from postwarden.queue.spool import stranded_shards
+    from postwarden.queue.shards import stranded_shards
 
     stranded = stranded_shards(cfg.spool.path, count)
     if stranded:

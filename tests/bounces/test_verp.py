@@ -24,7 +24,7 @@ from postwarden.config import load_config
 from postwarden.lab import Lab
 from postwarden.mta.delivery import Job
 from postwarden.queue.admin import QueueAdmin
-from postwarden.queue.spool import Lease
+from postwarden.values import Lease
 from tests.conftest import SENDER_DOMAIN, ApplianceFactory
 from tests.control.conftest import ControlApi, make_admin_key
 

@@ -14,7 +14,7 @@ import pytest
 from postwarden.control.api import api as declared
 from postwarden.control.event_list import EventType
 from postwarden.control.events import STATE_AFTER
-from postwarden.queue.spool import OPERATOR_ACTIONS
+from postwarden.queue.records import OPERATOR_ACTIONS
 from tests.control.conftest import ControlFactory
 from tests.control.test_messages import ready_tenant
 

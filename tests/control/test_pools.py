@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from postwarden.control.plane import ControlPlane, PoolNotAllowed
 from postwarden.queue.admin import QueueAdmin
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH
 from postwarden.store.models import Change
+from postwarden.values import LANE_BULK, LANE_HIGH
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_messages import ready_tenant
 from tests.mta.test_ingress_pools import spooled as spooled_message

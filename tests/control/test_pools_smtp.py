@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 
 from postwarden.control.relay import Credentials, RelayError, SmtpRelay
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope
+from postwarden.values import LANE_BULK, LANE_HIGH, Envelope
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_domains import verify_signatures
 from tests.control.test_messages import ready_tenant

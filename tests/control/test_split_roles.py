@@ -98,8 +98,8 @@ async def test_relay_checks_the_mta_certificate(appliance, tmp_path: Path) -> No
     import pytest
 
     from postwarden.control.relay import Credentials, RelayError, SmtpRelay
-    from postwarden.queue.spool import Envelope
     from postwarden.tls import self_signed
+    from postwarden.values import Envelope
 
     app = await appliance()
     host, port = app.smtp_addresses[0]

@@ -8,7 +8,8 @@ import pytest
 from postwarden.dns.resolver import MxHost
 from postwarden.lab import Lab, Sink
 from postwarden.mta.destinations import allowed_hosts, connectable, parse_networks
-from postwarden.queue.spool import Envelope, new_message_id
+from postwarden.queue.spool import new_message_id
+from postwarden.values import Envelope
 from tests.conftest import SENDER_DOMAIN, ApplianceFactory
 from tests.mta.test_delivery import has, submit, wait_events
 

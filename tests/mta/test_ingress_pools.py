@@ -14,7 +14,7 @@ from postwarden.lab import Lab
 from postwarden.mta.auth import hash_password
 from postwarden.mta.ingress import ControlFields, take_control_fields, take_meta
 from postwarden.queue.admin import QueueAdmin
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH
+from postwarden.values import LANE_BULK, LANE_HIGH
 from tests.conftest import ApplianceFactory
 
 

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from postwarden.queue.admin import QueueAdmin
-from postwarden.queue.spool import Envelope, Spool, shard_path
+from postwarden.queue.shards import shard_path
+from postwarden.queue.spool import Spool
+from postwarden.values import Envelope
 from tests.conftest import postwarden_cli
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"

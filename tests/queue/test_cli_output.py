@@ -14,7 +14,8 @@ import pytest
 
 from postwarden import cli
 from postwarden.queue.admin import QueueAdmin
-from postwarden.queue.spool import DEFERRED, DELIVERED, QUEUED, Envelope, Outcome, Spool
+from postwarden.queue.spool import Spool
+from postwarden.values import DEFERRED, DELIVERED, QUEUED, Envelope, Outcome
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 # A long answer of short words (the 5th word is long, to see the cut fall between words).
@@ -171,7 +172,7 @@ async def test_events_shows_the_newest_or_all(
 async def test_recent_events_across_shards_then_follow_from_there(tmp_path: Path) -> None:
     """`recent` merges the shards' newest events by time; following from its cursors
     gives exactly what comes after, in every shard."""
-    from postwarden.queue.spool import shard_path
+    from postwarden.queue.shards import shard_path
 
     spools = [Spool(shard_path(tmp_path, k), fsync=False) for k in (0, 1)]
     for s in spools:

@@ -12,7 +12,7 @@ import pytest
 from postwarden.appliance import Appliance
 from postwarden.lab import Lab
 from postwarden.queue import scheduler as scheduler_module
-from postwarden.queue.spool import Lease, SpoolError
+from postwarden.values import Lease, SpoolError
 from tests.conftest import ApplianceFactory
 from tests.mta.test_delivery import events, submit
 from tests.waiting import eventually

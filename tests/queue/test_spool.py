@@ -6,13 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from postwarden.queue.spool import (
-    DEFERRED,
-    DELIVERED,
-    Envelope,
-    Outcome,
-    Spool,
-)
+from postwarden.queue.spool import Spool
+from postwarden.values import DEFERRED, DELIVERED, Envelope, Outcome
 
 
 def _count(spool_path: Path, sql: str) -> int:

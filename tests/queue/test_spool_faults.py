@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from postwarden.queue.spool import Envelope, Spool, SpoolFull
+from postwarden.queue.spool import Spool
+from postwarden.values import Envelope, SpoolFull
 from tests.queue.fs import fill, small_fs
 
 

@@ -12,17 +12,9 @@ from typing import Any
 
 import pytest
 
-from postwarden.queue.schema import _RECIPIENTS_V2_COLUMNS, _RECIPIENTS_V2_TABLE
-from postwarden.queue.spool import (
-    DELIVERED,
-    LANE_BULK,
-    LANE_HIGH,
-    SCHEMA_VERSION,
-    Envelope,
-    Lease,
-    Outcome,
-    Spool,
-)
+from postwarden.queue.schema import _RECIPIENTS_V2_COLUMNS, _RECIPIENTS_V2_TABLE, SCHEMA_VERSION
+from postwarden.queue.spool import Spool
+from postwarden.values import DELIVERED, LANE_BULK, LANE_HIGH, Envelope, Lease, Outcome
 
 
 def _query(spool_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from postwarden.lab import Lab
 from postwarden.queue.admin import QueueAdmin
-from postwarden.queue.spool import Envelope, Spool
+from postwarden.queue.spool import Spool
+from postwarden.values import Envelope
 from tests.conftest import ApplianceFactory, postwarden_cli
 from tests.mta.test_delivery import has, submit, wait_events
 from tests.waiting import eventually

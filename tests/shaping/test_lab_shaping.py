@@ -276,7 +276,8 @@ async def test_bounce_storm_pauses_a_warming_source_until_resumed(
 async def test_transactional_mail_and_small_tenants_are_not_starved_by_a_campaign(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
-    from postwarden.queue.spool import LANE_BULK, LANE_HIGH, Envelope, new_message_id
+    from postwarden.queue.spool import new_message_id
+    from postwarden.values import LANE_BULK, LANE_HIGH, Envelope
 
     # One connection at 20 messages a second: the campaign alone needs 20 s.
     rules = 'connection_limit = 1\nmax_message_rate = "1200/min"\n'

@@ -18,7 +18,7 @@ import aiosmtplib
 import pytest
 
 from postwarden.lab import Lab
-from postwarden.queue.spool import shard_number, shard_paths
+from postwarden.queue.shards import shard_number, shard_paths
 from tests.queue.test_durability import serve
 from tests.shaping.recsink import RecordingSink
 from tests.waiting import eventually

@@ -20,7 +20,7 @@ log = logging.getLogger("postwarden")
 
 def cmd_queue(args: argparse.Namespace) -> int:
     from postwarden.queue.admin import QueueAdmin
-    from postwarden.queue.spool import PENDING_STATES
+    from postwarden.values import PENDING_STATES
 
     cfg = load(args)
     admin = QueueAdmin(cfg.spool.path)

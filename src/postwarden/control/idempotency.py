@@ -19,9 +19,10 @@ from sqlalchemy.exc import IntegrityError
 
 from postwarden.control.errors import ApiError, invalid
 from postwarden.control.routing import Call
-from postwarden.queue.spool import Envelope, find_idempotent
+from postwarden.queue.shards import find_idempotent
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.models import IdempotencyKey
+from postwarden.values import Envelope
 
 log = logging.getLogger("postwarden.control.messages")
 _limited = LogLimiter(log)

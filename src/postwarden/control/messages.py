@@ -43,15 +43,10 @@ from postwarden.mail.build import (
     needs_smtputf8,
 )
 from postwarden.mail.cleanup import Rejected
-from postwarden.queue.spool import (
-    LANE_BULK,
-    LANE_HIGH,
-    Envelope,
-    SpoolFull,
-    new_message_id,
-)
+from postwarden.queue.spool import new_message_id
 from postwarden.store.availability import LogLimiter
 from postwarden.store.models import Event, Message, Recipient
+from postwarden.values import LANE_BULK, LANE_HIGH, Envelope, SpoolFull
 
 log = logging.getLogger("postwarden.control.messages")
 _limited = LogLimiter(log)

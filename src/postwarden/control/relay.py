@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from postwarden.config import Config, parse_hostport
-from postwarden.queue.spool import LANE_BULK, Envelope, StoredMessage
+from postwarden.values import LANE_BULK, Envelope, StoredMessage
 
 _REPLY = re.compile(r"queued as (\S+) rcpts=(\S+)")
 RELAY_SESSIONS = 16

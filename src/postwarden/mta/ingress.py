@@ -35,8 +35,9 @@ from postwarden.mta.auth import AuthUnavailable, KeyLogin, PasswordStore
 from postwarden.mta.protocol import MAX_PATH, PostwardenSMTP, ehlo_lines, take_recipient
 from postwarden.mta.protocol import add_enhanced_code as add_enhanced_code  # re-exported
 from postwarden.mta.sessions import SessionGuard
-from postwarden.queue.spool import LANE_BULK, LANE_HIGH, SpoolFull, StoredMessage, new_message_id
-from postwarden.queue.spool import Envelope as SpoolEnvelope
+from postwarden.queue.spool import new_message_id
+from postwarden.values import LANE_BULK, LANE_HIGH, SpoolFull, StoredMessage
+from postwarden.values import Envelope as SpoolEnvelope
 
 log = logging.getLogger("postwarden.ingress")
 

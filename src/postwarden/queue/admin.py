@@ -6,7 +6,7 @@ right now (``active``), so an operator never races a delivery attempt; each chan
 an event.
 
 A spool path may hold several shards, one per worker (see
-:func:`postwarden.queue.spool.shard_paths`); :class:`QueueAdmin` reads and changes all
+:func:`postwarden.queue.shards.shard_paths`); :class:`QueueAdmin` reads and changes all
 of them. Message ids are unique across shards; recipient and event ids are only unique
 within their shard, so every event returned carries its shard's number (``"shard"``),
 and following the event log keeps one cursor per shard.
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from postwarden.queue import describe
-from postwarden.queue.spool import PENDING_STATES, operator_action, shard_number, shard_paths
+from postwarden.queue.records import operator_action
+from postwarden.queue.shards import shard_number, shard_paths
+from postwarden.values import PENDING_STATES
 
 Row = dict[str, Any]
 # ``after`` for :meth:`QueueAdmin.events` and :meth:`QueueAdmin.tail`: an event id
@@ -275,7 +277,7 @@ class QueueAdmin:
 
     # -- actions
     #
-    # The state changes are the spool's own (postwarden.queue.spool.operator_action),
+    # The state changes are the spool's own (postwarden.queue.records.operator_action),
     # run here on this process's connection in one transaction per shard. A delete
     # that empties a segment leaves its file to the running appliance, which unlinks
     # it at its next upkeep (or at its next start).

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from postwarden.queue.spool import (
+from postwarden.values import (
     ACTIVE,
     BOUNCED,
     DEFERRED,

@@ -50,15 +50,6 @@ from postwarden.queue.records import OPERATOR_ACTIONS, insert_event, operator_ac
 from postwarden.queue.schema import SCHEMA, SCHEMA_VERSION, upgrade
 from postwarden.queue.segments import Segments, is_no_space, spool_error
 from postwarden.queue.shards import IDEMPOTENCY_KEEP
-
-# Named here too for the spool's callers (they live in postwarden.values and the
-# queue modules above).
-from postwarden.queue.shards import SHARD_PREFIX as SHARD_PREFIX
-from postwarden.queue.shards import find_idempotent as find_idempotent
-from postwarden.queue.shards import shard_number as shard_number
-from postwarden.queue.shards import shard_path as shard_path
-from postwarden.queue.shards import shard_paths as shard_paths
-from postwarden.queue.shards import stranded_shards as stranded_shards
 from postwarden.values import (
     ACTIVE,
     DEFERRED,
@@ -73,14 +64,6 @@ from postwarden.values import (
     StoredMessage,
     domain_of,
 )
-from postwarden.values import BOUNCED as BOUNCED
-from postwarden.values import DELETED as DELETED
-from postwarden.values import DELIVERED as DELIVERED
-from postwarden.values import EXPIRED as EXPIRED
-from postwarden.values import LANE_BULK as LANE_BULK
-from postwarden.values import LANE_HIGH as LANE_HIGH
-from postwarden.values import PENDING_STATES as PENDING_STATES
-from postwarden.values import SpoolFull as SpoolFull
 
 log = logging.getLogger("postwarden.spool")
 
