@@ -36,18 +36,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import gc
 import glob
 import json
-import os
-import pwd
 import random
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,97 +51,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# tests/pg.py starts the server: the repository's root on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 DAY = 86400.0
 SPAN_DAYS = 90
-# Debian's initdb and postgres refuse to run as root: a system user runs them then.
-PG_USERS = ("postgres", "nobody")
+# The benchmark's server: tests/pg.py's throwaway cluster, with room to build the
+# indexes of 1.5M rows in one pass; queries run on the defaults otherwise
+# (shared_buffers 128MB, as Debian installs it).
+SETTINGS = {"maintenance_work_mem": "256MB", "max_wal_size": "4GB"}
 
 
-# ---------------------------------------------------------------- the server
-
-
-@dataclass
-class PgServer:
-    port: int
-    root: Path
-    proc: subprocess.Popen[bytes]
-
-    def url(self, db: str) -> str:
-        return f"postgresql+asyncpg://pw@127.0.0.1:{self.port}/{db}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_postgres() -> PgServer:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
+def start_postgres() -> Any:
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
         raise SystemExit("bench: PostgreSQL not found: apt-get install postgresql")
-    bindir = Path(found[-1]).parent
-    prefix: list[str] = []
-    user = None
-    if os.geteuid() == 0:
-        user = next(u for u in PG_USERS if _has_user(u))
-        prefix = ["runuser", "-u", user, "--"]
-    root = Path(tempfile.mkdtemp(prefix="pw-evbench-"))
-    data = root / "data"
-    data.mkdir()
-    if user:
-        pw = pwd.getpwnam(user)
-        for p in (root, data):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-    subprocess.run(
-        [*prefix, f"{bindir}/initdb", "-D", str(data), "-U", "pw", "--auth=trust", "-E", "UTF8",
-         "--no-sync"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    port = _free_port()
-    settings = {
-        "listen_addresses": "127.0.0.1",
-        "fsync": "off",
-        "synchronous_commit": "off",
-        "full_page_writes": "off",
-        # Enough to build the indexes of 1.5M rows in one pass; queries run on the
-        # defaults otherwise (shared_buffers 128MB, as Debian installs it).
-        "maintenance_work_mem": "256MB",
-        "max_wal_size": "4GB",
-    }
-    argv = [*prefix, f"{bindir}/postgres", "-D", str(data), "-k", str(root), "-p", str(port)]
-    for k, v in settings.items():
-        argv += ["-c", f"{k}={v}"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = PgServer(port, root, proc)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            asyncio.run(_sql(port, "postgres", "SELECT 1"))
-            return server
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                server.stop()
-                raise SystemExit(f"bench: postgres did not start: {err[-2000:]}") from None
-            time.sleep(0.2)
+    from tests.pg import start_cluster
 
-
-def _has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+    return start_cluster(SETTINGS, prefix="pw-evbench-")
 
 
 async def _sql(port: int, db: str, sql: str) -> None:
@@ -669,7 +590,9 @@ def main() -> int:
         return asyncio.run(run(args, url, scratch))
     finally:
         if server is not None:
-            server.stop()
+            from tests.pg import stop_server
+
+            stop_server(server)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

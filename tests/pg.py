@@ -107,7 +107,20 @@ class PgServer:
         return self.url(name)
 
 
-def start_server() -> PgServer:
+#: The server's settings: a throwaway cluster (no fsync), room for parallel tests.
+SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+
+
+def start_cluster(settings: dict[str, str] | None = None, prefix: str = "pw-pg-") -> PgServer:
+    """A new cluster in a temporary directory, started on 127.0.0.1 and a free port
+    with :data:`SETTINGS` (and ``settings`` over them), user ``pw`` trusted; returns
+    once it answers. Also used by bench/events_query.py."""
     bindir = _bindir()
     if bindir is None:
         require_binary("pg_ctlcluster")  # skips, or fails in CI, with the package name
@@ -115,7 +128,7 @@ def start_server() -> PgServer:
     user = None
     if os.geteuid() == 0:  # initdb refuses root
         user = "postgres" if _has_user("postgres") else "nobody"
-    root = Path(tempfile.mkdtemp(prefix="pw-pg-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     datadir = root / "data"
     datadir.mkdir()
     if user:
@@ -124,45 +137,30 @@ def start_server() -> PgServer:
             os.chown(p, pw.pw_uid, pw.pw_gid)
     _run_as(
         user,
-        [
-            f"{bindir}/initdb",
-            "-D",
-            str(datadir),
-            "-U",
-            "pw",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ],
-    )
+        [f"{bindir}/initdb", "-D", str(datadir), "-U", "pw", "--auth=trust", "-E", "UTF8",
+         "--no-sync"],
+    )  # fmt: skip
     from tests.conftest import free_port
 
     port = free_port()
-    argv = [
-        f"{bindir}/postgres",
-        "-D",
-        str(datadir),
-        "-k",
-        str(root),
-        "-p",
-        str(port),
-        "-c",
-        "listen_addresses=127.0.0.1",
-        "-c",
-        "fsync=off",
-        "-c",
-        "synchronous_commit=off",
-        "-c",
-        "full_page_writes=off",
-        "-c",
-        "max_connections=200",
-    ]
+    argv = [f"{bindir}/postgres", "-D", str(datadir), "-k", str(root), "-p", str(port)]
+    for k, v in {**SETTINGS, **(settings or {})}.items():
+        argv += ["-c", f"{k}={v}"]
     if user:
         argv = [require_binary("runuser"), "-u", user, "--", *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     server = PgServer(port, datadir, proc, argv=tuple(argv), user=user)
-    server.wait_ready()
+    try:
+        server.wait_ready()
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def start_server() -> PgServer:
+    """The tests' server: a cluster with a migrated template database."""
+    server = start_cluster()
     server._sql("CREATE DATABASE pw_template")
     upgrade_sync(server.url("pw_template"))
     return server
