@@ -22,6 +22,7 @@ import math
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,7 @@ from postwarden.queue.shards import shard_path
 from postwarden.queue.spool import Spool, new_message_id
 from postwarden.shaping.channel import BrokerClient
 from postwarden.shaping.service import ShapingService
-from postwarden.shaping.shaper import LocalBackend, Shaper
+from postwarden.shaping.shaper import Backend, LocalBackend, Shaper
 from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
 from postwarden.values import Envelope, StoredMessage
@@ -140,7 +141,7 @@ class Appliance:
         config_path: str | None = None,
         worker: WorkerRole | None = None,
         api: bool = True,
-        shaping: ShapingService | None = None,
+        shaping_wall: Callable[[], float] = time.time,
         extra_routes: list[Route] | None = None,
     ) -> None:
         self.worker = worker
@@ -166,7 +167,11 @@ class Appliance:
         self._config_keys = config_keys(cfg)
         self.signer = DkimSigner(self._config_keys)
         self.control = ControlPlane(
-            cfg, self.resolver, inject=self.inject, spool_root=str(cfg.spool.path)
+            cfg,
+            self.resolver,
+            inject=self.inject,
+            spool_root=str(cfg.spool.path),
+            shaping_command=self._broker_command,
         )
         self.control.on_keys.append(self._keys_changed)
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
@@ -178,6 +183,21 @@ class Appliance:
             read_body=self.spool.read_body,
             submit=lambda env, data: self.submit(env, data, new_message_id(), Origin("local")),
         )
+        # Traffic shaping: a worker asks the supervisor's broker (connected in start);
+        # the process alone runs its own (``shaping_wall``: the tests' calendar).
+        self.shaping: ShapingService | None = None
+        self.broker_client: BrokerClient | None = None
+        backend: Backend
+        if worker is not None:
+            self.broker_client = backend = BrokerClient(
+                cfg.shaping_socket, metrics=self.metrics, on_notice=self._broker_notice
+            )
+        else:
+            self.shaping = ShapingService(
+                cfg, wall=shaping_wall, metrics=ShapingMetrics(self.metrics.registry)
+            )
+            backend = LocalBackend(self.shaping, on_notice=self._broker_notice)
+        self.shaper = Shaper(cfg, backend, self.control.pool_members)
         self.scheduler = Scheduler(
             cfg,
             self.spool,
@@ -186,6 +206,7 @@ class Appliance:
             suppressed=self.control.suppressed,
             return_path=lambda lease: self.return_paths.for_lease(lease, self.control.verified),
             failed=self.notices.failed,
+            shaper=self.shaper,
         )
         self.passwords = PasswordStore(cfg.smtp.users)
         self.cleanup = Cleanup(cfg.server.hostname, cfg.smtp.hop_limit)
@@ -197,6 +218,9 @@ class Appliance:
             key_auth=self.control.smtp_login,
             key_valid=self.control.key_valid,
             pool_for=self.control.pool_for,
+            # Sessions per IP and AUTH lockouts: a worker asks the supervisor's tables,
+            # for the whole appliance (mta.guard).
+            shared=self.broker_client,
         )
         # The inbound MX (bounces, complaints): only with inbound.listen (a worker: with
         # the sockets the supervisor bound for it); its inbox is shared by every worker.
@@ -218,7 +242,7 @@ class Appliance:
                 self.return_paths,
                 parser=Parser(default_classifier(cfg.bounces.patterns_file)),
                 metrics=self.metrics,
-                feedback_to_broker=self._broker_feedback,
+                feedback_to_broker=self._broker_command,
                 on_suppressed=self._bounce_suppressed,
             )
             self.inbound = InboundHandler(
@@ -227,6 +251,7 @@ class Appliance:
                 self.inbox,
                 self.control.accepts_inbound,
                 on_delivered=self.bounces.wake,
+                shared=self.broker_client,
             )
         self.inbound_servers: list[asyncio.AbstractServer] = []
         self.inbound_addresses: list[tuple[str, int]] = []
@@ -239,10 +264,6 @@ class Appliance:
             # What the control plane holds, the spool may prune (spool.event_retention).
             on_copied=self.spool.mark_copied,
         )
-        # Traffic shaping: the supervisor's broker for a worker, else this process's own
-        # (``shaping`` given by tests, with their clocks).
-        self.shaping = shaping
-        self.shaper: Shaper | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.smtp_addresses: list[tuple[str, int]] = []
         self.control_address: tuple[str, int] | None = None
@@ -265,10 +286,11 @@ class Appliance:
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
-    async def _broker_feedback(self, **args: Any) -> Any:
-        if self.shaper is None:
-            return None
+    async def _broker_command(self, **args: Any) -> dict[str, Any]:
         return await self.shaper.backend.command(**args)
+
+    def _broker_notice(self, msg: dict[str, Any]) -> None:
+        self.scheduler.broker_notice(msg)
 
     # ------------------------------------------------------------------ stages
 
@@ -358,36 +380,11 @@ class Appliance:
         log.info("event=dkim_keys_loaded domains=%s",
                  ",".join(sorted(self.signer.domains())) or "-")  # fmt: skip
 
-    async def _start_shaping(self) -> None:
-        backend: Any
-        if self.worker is not None:
-            client = BrokerClient(
-                self.cfg.shaping_socket,
-                metrics=self.metrics,
-                on_notice=self.scheduler.broker_notice,
-            )
-            await client.connect()
-            backend = client
-            # Sessions per IP and AUTH lockouts: the supervisor's tables, for the
-            # whole appliance (mta.guard).
-            self.ingress.shared = client
-            if self.inbound is not None:
-                self.inbound.shared = client
-        else:
-            own = self.shaping is None
-            if own:
-                self.shaping = ShapingService(self.cfg)
-            assert self.shaping is not None
-            if self.shaping.metrics is None:
-                self.shaping.metrics = ShapingMetrics(self.metrics.registry)
-            if own:
-                await self.shaping.start(serve=True)
-            backend = LocalBackend(self.shaping, on_notice=self.scheduler.broker_notice)
-        self.shaper = Shaper(self.cfg, backend, self.control.pool_members)
-        self.scheduler.shaper = self.control.shaper = self.shaper
-
     async def start(self) -> None:
-        await self._start_shaping()
+        if self.broker_client is not None:
+            await self.broker_client.connect()
+        if self.shaping is not None:
+            await self.shaping.start(serve=True)
         await self.control.start()
         await self.spool.open()
         if self.spool.recovered_inflight:
@@ -548,9 +545,8 @@ class Appliance:
         ) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
-        if self.shaper is not None:
-            await self.shaper.backend.close()
-        if self.shaping is not None and self.worker is None:
+        await self.shaper.backend.close()
+        if self.shaping is not None:
             await self.shaping.stop()
         if self._gauge_task:
             self._gauge_task.cancel()
@@ -613,9 +609,8 @@ class Appliance:
         self.control.configure_inbound(new)
         if self.inbound is not None:
             self.inbound.configure(new)
-        if self.shaper is not None:
-            self.shaper.reconfigure(new)
-        if self.shaping is not None and self.worker is None:
+        self.shaper.reconfigure(new)
+        if self.shaping is not None:
             self.shaping.reload(new)
         log.info(
             "event=reloaded config=%s dkim_domains=%s",

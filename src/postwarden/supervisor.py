@@ -226,8 +226,7 @@ class Supervisor:
         from postwarden.metrics import ShapingMetrics
         from postwarden.shaping.service import ShapingService
 
-        self.shaping = ShapingService(self.cfg)
-        self.shaping.metrics = ShapingMetrics()
+        self.shaping = ShapingService(self.cfg, metrics=ShapingMetrics())
         await self.shaping.start(serve=True)
         self._write_status()
         for k in range(self.count):

@@ -194,26 +194,19 @@ def near_midnight(seconds_before: float) -> Callable[[], float]:
 
 
 async def shaped(
-    tmp_path: Path,
-    lab: Lab,
     appliance: ApplianceFactory,
     cfg: dict[str, Any],
     wall: Callable[[], float] = time.time,
 ) -> Any:
-    from postwarden.config import load_config
-    from postwarden.shaping.service import ShapingService
-    from tests.conftest import base_overrides, deep_merge
-
-    config = load_config(None, environ={}, overrides=deep_merge(base_overrides(tmp_path, lab), cfg))
-    svc = ShapingService(config, wall=wall)
-    return await appliance(cfg, shaping=svc), svc
+    app = await appliance(cfg, shaping_wall=wall)
+    return app, app.shaping
 
 
 async def test_warming_source_stops_at_its_cap_and_resumes_the_next_day(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
     cfg = shaping_config(tmp_path, sink, "", members=(("a", 1),))  # overflow "wait"
-    app, svc = await shaped(tmp_path, lab, appliance, cfg, near_midnight(8.0))
+    app, svc = await shaped(appliance, cfg, near_midnight(8.0))
     svc.command(
         {
             "op": "warming_start",
@@ -246,7 +239,7 @@ async def test_bounce_storm_pauses_a_warming_source_until_resumed(
 ) -> None:
     cfg = shaping_config(tmp_path, sink, "", members=(("a", 1),))
     cfg["shaping"].update(pause_min_volume=20, pause_recheck="0.5s")
-    app, svc = await shaped(tmp_path, lab, appliance, cfg)
+    app, svc = await shaped(appliance, cfg)
     svc.command({"op": "warming_start", "target": "source", "name": "a", "plan": "moderate"})
     sink.rec.rcpt_answer = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("bad") else None
     port = app.smtp_addresses[0][1]

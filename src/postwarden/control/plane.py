@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, func, select
 
@@ -43,9 +43,6 @@ from postwarden.store.models import (
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
 
-if TYPE_CHECKING:
-    from postwarden.shaping.shaper import Shaper
-
 log = logging.getLogger("postwarden.control")
 _limited = LogLimiter(log)
 #: Seconds before the database is asked again after it failed; doubling up to the max.
@@ -61,6 +58,7 @@ class ControlPlane:
         *,
         inject: Callable[..., Awaitable[Any]] | None = None,
         spool_root: str | None = None,
+        shaping_command: Callable[..., Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.resolver = resolver
@@ -90,9 +88,9 @@ class ControlPlane:
         # where a retried idempotent request finds what was accepted (None: this
         # process relays to an MTA elsewhere).
         self.spool_root = spool_root
-        # Set by the appliance: the worker's traffic shaping (None in a control-only
-        # process); the shaping API routes speak to the broker through it.
-        self.shaper: Shaper | None = None
+        # A command to the traffic-shaping broker, through the worker's shaper (None in
+        # a control-only process): what the shaping API routes call.
+        self.shaping_command = shaping_command
         self._last_change = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

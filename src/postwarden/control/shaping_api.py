@@ -40,13 +40,13 @@ class PauseBody(BaseModel):
 
 
 async def _command(c: Call, **args: Any) -> dict[str, Any]:
-    shaper = c.ctx.shaper
-    if shaper is None:
+    command = c.ctx.shaping_command
+    if command is None:
         raise ApiError(
             503, "unavailable", "traffic shaping runs with the MTA (serve --role all|mta)"
         )
     try:
-        answer: dict[str, Any] = await shaper.backend.command(**args)
+        answer: dict[str, Any] = await command(**args)
     except ValueError as exc:
         msg = str(exc)
         path, _, rest = msg.partition(": ")

@@ -33,6 +33,7 @@ from aiosmtpd.smtp import Envelope, Session
 from postwarden.bounces.inbox import Inbox
 from postwarden.config import Config
 from postwarden.metrics import Metrics
+from postwarden.mta.guard import GuardChannel
 from postwarden.mta.protocol import MAX_PATH, PostwardenSMTP, ehlo_lines, take_recipient
 from postwarden.mta.sessions import SessionGuard
 
@@ -59,13 +60,14 @@ class InboundHandler(SessionGuard):
         inbox: Inbox,
         accepts: AcceptsFn,
         on_delivered: OnDelivered | None = None,
+        shared: GuardChannel | None = None,
     ) -> None:
         self.metrics = metrics
         self.inbox = inbox
         self.accepts = accepts
         # Called (on the event loop) after each report is stored; plain and optional.
         self.on_delivered = on_delivered
-        super().__init__()
+        super().__init__(shared)
         self.in_transaction = 0
         self.configure(cfg)
 

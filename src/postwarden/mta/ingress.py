@@ -32,6 +32,7 @@ from postwarden.config import Config
 from postwarden.mail.cleanup import Origin, Rejected
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin, PasswordStore
+from postwarden.mta.guard import GuardChannel
 from postwarden.mta.protocol import MAX_PATH, PostwardenSMTP, ehlo_lines, take_recipient
 from postwarden.mta.protocol import add_enhanced_code as add_enhanced_code  # re-exported
 from postwarden.mta.sessions import SessionGuard
@@ -160,11 +161,12 @@ class IngressHandler(SessionGuard):
         key_auth: Callable[[str, str], Awaitable[KeyLogin | None]] | None = None,
         key_valid: Callable[[str, int], bool] | None = None,
         pool_for: Callable[[int | None, str | None], str | None] | None = None,
+        shared: GuardChannel | None = None,
     ) -> None:
         self.metrics = metrics
         self.passwords = passwords
         self.submit = submit
-        super().__init__()
+        super().__init__(shared)
         self.in_transaction = 0
         # (tenant name, API key) -> the tenant and key when the key may send; from the
         # control plane (None: no API-key logins).

@@ -53,10 +53,10 @@ class SessionGuard:
     metrics: Metrics
     listener = "smtp"  # the name of this listener's limit in the shared tables
 
-    def __init__(self) -> None:
+    def __init__(self, shared: GuardChannel | None = None) -> None:
         self.sessions_by_ip: dict[str, int] = {}
         self.open_sessions = 0
-        self.shared: GuardChannel | None = None
+        self.shared = shared
         self.auth_lockouts = AuthLockout()
         self._alone = False  # deciding locally because the broker did not answer
 

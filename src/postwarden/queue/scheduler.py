@@ -101,6 +101,7 @@ class Scheduler:
         suppressed: Callable[[str, str], str | None] | None = None,
         return_path: Callable[[Lease], str | None] | None = None,
         failed: Callable[[list[tuple[Lease, AttemptResult, bool]]], None] | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -120,7 +121,9 @@ class Scheduler:
         self.site_wants: dict[str, tuple[frozenset[str], frozenset[str], float]] = {}
         # Destination domain -> its site's retry schedule, when the rules override it.
         self.retry_policies: dict[str, RetryPolicy] = {}
-        self.shaper: Shaper | None = None
+        # Traffic shaping (queues per destination and pool, slots from the broker);
+        # None: one queue per domain, unshaped.
+        self.shaper = shaper
         self.sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()

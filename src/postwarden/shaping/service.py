@@ -53,6 +53,7 @@ class ShapingService:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        metrics: ShapingMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.book = WarmingBook(cfg.shaping.timezone, thresholds_of(cfg), wall=wall)
@@ -69,7 +70,7 @@ class ShapingService:
         self._autostart()
         self.server: BrokerServer | None = None
         self._saver: asyncio.Task[None] | None = None
-        self.metrics: ShapingMetrics | None = None
+        self.metrics = metrics  # updated as the broker acts (None: no metrics)
         self._actions_seen = 0
 
     def _autostart(self) -> None:
