@@ -159,6 +159,7 @@ class Appliance:
             fsync=cfg.spool.fsync,
             event_retention=cfg.spool.event_retention,
             upkeep_interval=cfg.spool.upkeep_interval,
+            on_events=self._on_events,
         )
         self.resolver = Resolver(
             cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
@@ -172,14 +173,14 @@ class Appliance:
             inject=self.inject,
             spool_root=str(cfg.spool.path),
             shaping_command=self._broker_command,
+            on_keys=self._keys_changed,
         )
-        self.control.on_keys.append(self._keys_changed)
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
         self.return_paths = ReturnPaths.from_config(cfg)
         # DSNs to senders whose tenants want them, through acceptance like any mail.
         self.notices = FailureNotices(
             cfg.ehlo_hostname,
-            wants_notices=lambda tenant: tenant in self.control.notify_tenants,
+            wants_notices=lambda tenant: tenant in self.control.pool_cache.notify_tenants,
             read_body=self.spool.read_body,
             submit=lambda env, data: self.submit(env, data, new_message_id(), Origin("local")),
         )
@@ -197,14 +198,16 @@ class Appliance:
                 cfg, wall=shaping_wall, metrics=ShapingMetrics(self.metrics.registry)
             )
             backend = LocalBackend(self.shaping, on_notice=self._broker_notice)
-        self.shaper = Shaper(cfg, backend, self.control.pool_members)
+        self.shaper = Shaper(cfg, backend, self.control.pool_cache.members)
         self.scheduler = Scheduler(
             cfg,
             self.spool,
             self.agent,
             self.metrics,
             suppressed=self.control.suppressed,
-            return_path=lambda lease: self.return_paths.for_lease(lease, self.control.verified),
+            return_path=lambda lease: self.return_paths.for_lease(
+                lease, self.control.signing.verified
+            ),
             failed=self.notices.failed,
             shaper=self.shaper,
         )
@@ -216,8 +219,8 @@ class Appliance:
             self.passwords,
             self.submit,
             key_auth=self.control.smtp_login,
-            key_valid=self.control.key_valid,
-            pool_for=self.control.pool_for,
+            key_valid=self.control.revocations.key_valid,
+            pool_for=self.control.pool_cache.pool_for,
             # Sessions per IP and AUTH lockouts: a worker asks the supervisor's tables,
             # for the whole appliance (mta.guard).
             shared=self.broker_client,
@@ -249,7 +252,7 @@ class Appliance:
                 cfg,
                 self.metrics,
                 self.inbox,
-                self.control.accepts_inbound,
+                self.control.inbound.accepts,
                 on_delivered=self.bounces.wake,
                 shared=self.broker_client,
             )
@@ -389,8 +392,6 @@ class Appliance:
         await self.spool.open()
         if self.spool.recovered_inflight:
             self.metrics.recovered_inflight.inc(self.spool.recovered_inflight)
-        self.spool.event_listeners.append(self._on_events)
-        self.spool.event_listeners.append(self.copier.notify)
         self.copier.start()
         if prunes_control_database(self.worker):
             self.pruner = Pruner(
@@ -523,9 +524,13 @@ class Appliance:
             self.metrics_address = await self._metrics_http.start()
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
-        for ev in events:
-            if ev["type"] != "accepted":
-                log.debug("event=%s msg=%s rcpt_id=%s", ev["type"], ev["msg_id"], ev["rcpt_id"])
+        """Events the spool committed: logged, and copied to the control plane."""
+        if log.isEnabledFor(logging.DEBUG):
+            for ev in events:
+                if ev["type"] != "accepted":
+                    log.debug("event=%s msg=%s rcpt_id=%s", ev["type"], ev["msg_id"],
+                              ev["rcpt_id"])  # fmt: skip
+        self.copier.notify(events)
 
     async def stop(self) -> None:
         """Graceful shutdown; safe to call twice."""
@@ -577,7 +582,7 @@ class Appliance:
         try:
             new = check_files(load_config(self.config_path))
             keys = config_keys(new)
-            signer = DkimSigner(keys + self.control.signing_keys)
+            signer = DkimSigner(keys + self.control.signing.keys)
             return_paths = ReturnPaths.from_config(new)
             parser = Parser(Classifier(new.bounces.patterns_file or None))
             if self.worker is not None:
@@ -605,8 +610,8 @@ class Appliance:
         self.ingress.configure(new)
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)
-        self.control.configure_pools(new)
-        self.control.configure_inbound(new)
+        self.control.pool_cache.configure(new)
+        self.control.inbound.configure(new)
         if self.inbound is not None:
             self.inbound.configure(new)
         self.shaper.reconfigure(new)

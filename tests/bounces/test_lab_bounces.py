@@ -260,7 +260,9 @@ async def test_dsn_to_the_sender_when_the_tenant_wants_one(control: ControlFacto
         r = await c.patch(f"/v1/tenants/{tid}", json={"settings": {"bounce_notifications": True}})
         assert r.status_code == 200, r.text
     # The process's set of tenants that want DSNs follows the change feed.
-    await eventually(lambda: tid in api.app.control.notify_tenants, 10, "the tenant's setting")
+    await eventually(
+        lambda: tid in api.app.control.pool_cache.notify_tenants, 10, "the tenant's setting"
+    )
     async with api.client(key) as c:
         r = await c.post(
             "/v1/messages",

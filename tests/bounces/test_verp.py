@@ -296,13 +296,11 @@ async def test_each_recipient_gets_its_own_signed_return_path(
     key = await api.tenant("acme")
     await api.verified_domain(key, "acme.test")
     for _ in range(100):  # the control plane learns of it from its change feed
-        if any("acme.test" in d for d in app.control.verified.values()):
+        if any("acme.test" in d for d in app.control.signing.verified.values()):
             break
         await asyncio.sleep(0.05)
-    # Wired as the appliance does it.
-    rp = ReturnPaths.from_config(app.cfg)
-    app.scheduler.return_path = lambda lease: rp.for_lease(lease, app.control.verified)
 
+    rp = app.return_paths  # what the appliance signs with (its config's key)
     rcpts = ["u1@inbox.test", "u2@inbox.test"]
     msg_id = await send(app, "shop@acme.test", rcpts, ("acme", key))
     evs = await wait_delivered(app, msg_id, 2)

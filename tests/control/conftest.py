@@ -80,7 +80,7 @@ async def make_admin_key(app: Appliance) -> str:
 async def domain_in_force(api: ControlApi, domain: str) -> None:
     """The process's cache of verified domains follows the change feed: wait for it."""
     await eventually(
-        lambda: any(domain in d for d in api.app.control.verified.values()),
+        lambda: any(domain in d for d in api.app.control.signing.verified.values()),
         15,
         f"{domain} in the verified-domain cache",
     )

@@ -204,7 +204,7 @@ async def test_verify_is_in_force_for_the_next_request_and_keys_are_parsed_once(
     assert selectors == sorted(k["selector"] for k in d["dkim"])
     plane = api.app.control
     assert plane is not None
-    before = {id(k) for k in plane.signing_keys}
+    before = {id(k) for k in plane.signing.keys}
     await api.verified_domain(key, "second.test")
-    after = {id(k) for k in plane.signing_keys}
+    after = {id(k) for k in plane.signing.keys}
     assert before < after and len(after) == 2 * len(before)

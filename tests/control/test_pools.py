@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from postwarden.control.plane import ControlPlane, PoolNotAllowed
+from postwarden.control.plane import ControlPlane
+from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.queue.admin import QueueAdmin
 from postwarden.store.models import Change
 from postwarden.values import LANE_BULK, LANE_HIGH
@@ -102,7 +103,7 @@ async def test_pool_crud_and_validation(control: ControlFactory) -> None:
         r = await c.patch("/v1/pools/warm_1", json={"overflow": "wait"})
         assert r.json()["overflow"] == "wait" and r.json()["members"][0]["source"] == "b"
         # This process's cache has it at once (the others from the change feed).
-        pool = api.app.control.pool_members("warm_1")
+        pool = api.app.control.pool_cache.members("warm_1")
         assert pool is not None and pool.overflow == "wait"
         assert [(m.source, m.weight) for m in pool.members] == [("b", 5)]
         r = await c.patch("/v1/pools/warm_1", json={"members": [{"source": "zz"}]})
@@ -130,7 +131,7 @@ async def test_pool_crud_and_validation(control: ControlFactory) -> None:
         assert r.status_code == 200 and r.json() == {"deleted": True}
         assert (await c.get("/v1/pools/warm_1")).status_code == 404
         assert (await c.delete("/v1/pools/warm_1")).status_code == 404
-        assert api.app.control.pool_members("warm_1") is None
+        assert api.app.control.pool_cache.members("warm_1") is None
         names = [p["name"] for p in (await c.get("/v1/pools")).json()["data"]]
         assert sorted(names) == ["cfg", "default"]
     # Every write is on the change feed.
@@ -182,12 +183,14 @@ async def test_tenant_default_and_allowed_pools(control: ControlFactory) -> None
     plane = api.app.control
     tid = t["id"]
     # The rules of pool_for, from this process's cache.
-    assert plane.pool_for(tid, None) == "cfg"
-    assert plane.pool_for(tid, "cfg") == "cfg"
-    assert plane.pool_for(plain, None) is None
-    assert plane.pool_for(plain, "default") == "default"  # the appliance's, no own default
-    assert plane.pool_for(None, "warm") == "warm"  # a trusted submitter: any pool
-    assert plane.pool_for(None, None) is None
+    assert plane.pool_cache.pool_for(tid, None) == "cfg"
+    assert plane.pool_cache.pool_for(tid, "cfg") == "cfg"
+    assert plane.pool_cache.pool_for(plain, None) is None
+    assert (
+        plane.pool_cache.pool_for(plain, "default") == "default"
+    )  # the appliance's, no own default
+    assert plane.pool_cache.pool_for(None, "warm") == "warm"  # a trusted submitter: any pool
+    assert plane.pool_cache.pool_for(None, None) is None
     for tenant, name, words in (
         (tid, "default", "may not"),  # has a default of its own
         (tid, "warm", "may not"),
@@ -196,7 +199,7 @@ async def test_tenant_default_and_allowed_pools(control: ControlFactory) -> None
         (None, "nope", "no pool named 'nope'"),
     ):
         try:
-            plane.pool_for(tenant, name)
+            plane.pool_cache.pool_for(tenant, name)
         except PoolNotAllowed as exc:
             assert words in str(exc), exc
             assert isinstance(exc, ValueError)
@@ -209,18 +212,20 @@ async def test_other_processes_follow_the_change_feed(control: ControlFactory) -
     other = ControlPlane(api.app.cfg, api.app.resolver)
     await other.start()
     try:
-        assert set(other.pools) == {"cfg", "default"}
+        assert set(other.pool_cache.pools) == {"cfg", "default"}
         async with api.client(api.admin_key) as c:
             await c.post("/v1/pools", json={"name": "warm", "members": [{"source": "b"}]})
             r = await c.post("/v1/tenants", json={"name": "acme", "default_pool": "warm"})
             tid = r.json()["id"]
         await eventually(
-            lambda: other.pool_for(tid, None) == "warm", 10, "the other process to see the pool"
+            lambda: other.pool_cache.pool_for(tid, None) == "warm",
+            10,
+            "the other process to see the pool",
         )
-        pool = other.pool_members("warm")
+        pool = other.pool_cache.members("warm")
         assert pool is not None and [m.source for m in pool.members] == ["b"]
         # The configuration's pool wins its name in every process.
-        cfg_pool = other.pool_members("cfg")
+        cfg_pool = other.pool_cache.members("cfg")
         assert cfg_pool is not None and cfg_pool.members[0].weight == 2
     finally:
         await other.stop()

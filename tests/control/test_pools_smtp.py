@@ -42,8 +42,6 @@ async def refused(api: ControlApi, key: str, fields: bytes) -> aiosmtplib.SMTPDa
 
 async def test_smtp_header_fields_name_pool_and_priority(control: ControlFactory) -> None:
     api = await control(POOLS)
-    # What the appliance wires (appliance.py): the control plane answers for pools.
-    api.app.ingress.pool_for = api.app.control.pool_for
     api.lab.add_domain("later.test", behaviour="tempfail")  # stays in the spool
     api.lab.add_domain("inbox.test")
     key = await ready_tenant(api)
@@ -100,7 +98,6 @@ async def test_relay_carries_pool_and_priority(control: ControlFactory) -> None:
     """``serve --role control`` relays API messages over SMTP: the pool and priority
     ride as the two header fields, and the MTA applies (and checks) them."""
     api = await control(POOLS)
-    api.app.ingress.pool_for = api.app.control.pool_for  # what the appliance wires
     api.lab.add_domain("later.test", behaviour="tempfail")  # stays in the spool
     key = await ready_tenant(api)
     async with api.client(api.admin_key) as c:

@@ -56,7 +56,9 @@ async def test_key_revoked_mid_session_is_refused_at_the_next_mail(
             r = await c.delete(f"/v1/keys/{kid}")
             assert r.status_code == 200 and r.json()["revoked_at"], r.text
         await eventually(
-            lambda: key_prefix(key) in api.app.control.revoked_keys, 10, "the revoked key"
+            lambda: key_prefix(key) in api.app.control.revocations.revoked_keys,
+            10,
+            "the revoked key",
         )
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
             await smtp.sendmail("a@acme.test", ["u@inbox.test"], MSG)
@@ -77,7 +79,9 @@ async def test_key_revoked_mid_session_is_refused_at_the_next_mail(
             tid = (await c.get("/v1/tenants")).json()["data"][0]["id"]
             r = await c.patch(f"/v1/tenants/{tid}", json={"disabled": True})
             assert r.status_code == 200, r.text
-        await eventually(lambda: tid in api.app.control.disabled_tenants, 10, "the disabled tenant")
+        await eventually(
+            lambda: tid in api.app.control.revocations.disabled_tenants, 10, "the disabled tenant"
+        )
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as disabled:
             await kept.sendmail("a@acme.test", ["u@inbox.test"], MSG)
         assert disabled.value.code == 530

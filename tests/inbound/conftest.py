@@ -49,7 +49,7 @@ class InboundMx:
     async def wait_accepts(self, domain: str, want: bool = True, timeout: float = 10) -> None:
         """Until the control plane's cache (fed by the change feed) says ``want``."""
         deadline = time.monotonic() + timeout
-        while self.app.control.accepts_inbound(domain) != want:
+        while self.app.control.inbound.accepts(domain) != want:
             assert time.monotonic() < deadline, f"accepts_inbound({domain!r}) != {want}"
             await asyncio.sleep(0.05)
 

@@ -81,7 +81,7 @@ async def test_configured_user_may_name_any_existing_pool(
         await send("X-Postwarden-Pool: café\r\n".encode())
     assert exc.value.message == "5.7.1 no pool named 'caf\\xe9'"  # the reply stays ASCII
 
-    assert app.ingress.pool_for == app.control.pool_for  # the appliance wires it
+    assert app.ingress.pool_for == app.control.pool_cache.pool_for  # the appliance wires it
     mid = await send(b"X-Postwarden-Pool: cfg\r\nX-Postwarden-Priority: bulk\r\n")
     row = spooled(app.cfg.spool.path, mid)
     assert (row["pool"], row["lane"]) == ("cfg", LANE_BULK)

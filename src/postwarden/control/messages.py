@@ -24,7 +24,7 @@ from sqlalchemy import select
 from postwarden.control.api import api, one_or_404
 from postwarden.control.errors import ApiError, invalid
 from postwarden.control.idempotency import IDEMPOTENCY, Found, idempotent, keyed
-from postwarden.control.plane import PoolNotAllowed
+from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.relay import Credentials
 from postwarden.control.routing import Call
 from postwarden.control.schemas import (
@@ -211,7 +211,7 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
         if is_reserved(name) or name.lower().startswith("x-postwarden-"):
             raise invalid(p(f"headers.{name}"), "this header is set by the appliance")
     try:
-        pool = c.ctx.pool_for(c.tenant_id, m.pool)
+        pool = c.ctx.pool_cache.pool_for(c.tenant_id, m.pool)
     except PoolNotAllowed as exc:
         raise invalid(p("pool"), str(exc)) from None
     limit = cfg.smtp.max_message_size

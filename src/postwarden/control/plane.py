@@ -14,13 +14,12 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from postwarden.config import Config, PoolConfig, SourceConfig
+from postwarden.config import Config
 from postwarden.control import ControlPlaneError
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
 from postwarden.control.inbound_domains import InboundDomains
 from postwarden.control.pool_cache import PoolCache
-from postwarden.control.pool_cache import PoolNotAllowed as PoolNotAllowed
 from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
 from postwarden.dns.resolver import Resolver
@@ -59,6 +58,7 @@ class ControlPlane:
         inject: Callable[..., Awaitable[Any]] | None = None,
         spool_root: str | None = None,
         shaping_command: Callable[..., Awaitable[dict[str, Any]]] | None = None,
+        on_keys: Callable[[list[SigningKey]], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.resolver = resolver
@@ -79,7 +79,7 @@ class ControlPlane:
         # The caches, each kept current from the change feed (poll_once).
         self.suppressions = SuppressionCache(self.sessions)
         self.revocations = Revocations(self.sessions)
-        self.keys = SigningKeyCache(self.sessions, self.box)
+        self.signing = SigningKeyCache(self.sessions, self.box, on_keys)
         self.pool_cache = PoolCache(self.sessions, cfg)
         self.inbound = InboundDomains(self.sessions, cfg)
         # Spools a message (the appliance's; None in a control-only process).
@@ -158,7 +158,7 @@ class ControlPlane:
         async with self.sessions() as s:
             self._last_change = (await s.execute(select(func.max(Change.id)))).scalar() or 0
         await self.suppressions.load()
-        await self.keys.reload()
+        await self.signing.reload()
         await self.inbound.reload()
         await self.pool_cache.reload()
         self.db.started = True
@@ -183,78 +183,6 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self.engine.dispose()
-
-    # ------------------------------------------------------------------ DKIM keys
-
-    # ------------------------------------------------------------------ the caches' answers
-
-    @property
-    def signing_keys(self) -> list[SigningKey]:
-        return self.keys.keys
-
-    @property
-    def verified(self) -> dict[int, set[str]]:
-        """Tenant id -> its verified sending domains."""
-        return self.keys.verified
-
-    @property
-    def on_keys(self) -> list[Callable[[list[SigningKey]], None]]:
-        return self.keys.on_keys
-
-    async def reload_keys(self) -> None:
-        await self.keys.reload()
-
-    @property
-    def sources(self) -> dict[str, SourceConfig]:
-        return self.pool_cache.sources
-
-    @property
-    def pools(self) -> dict[str, PoolConfig]:
-        """Every pool by name (the configuration's and the API's)."""
-        return self.pool_cache.pools
-
-    @property
-    def config_pools(self) -> dict[str, PoolConfig]:
-        return self.pool_cache.config_pools
-
-    @property
-    def notify_tenants(self) -> set[int]:
-        return self.pool_cache.notify_tenants
-
-    def configure_pools(self, cfg: Config) -> None:
-        self.pool_cache.configure(cfg)
-
-    async def reload_pools(self) -> None:
-        await self.pool_cache.reload()
-
-    def pool_for(self, tenant_id: int | None, requested: str | None) -> str | None:
-        return self.pool_cache.pool_for(tenant_id, requested)
-
-    def pool_members(self, name: str) -> PoolConfig | None:
-        """A pool by name (its weighted sources and overflow), or None."""
-        return self.pool_cache.members(name)
-
-    @property
-    def return_path_label(self) -> str:
-        return self.inbound.return_path_label
-
-    def configure_inbound(self, cfg: Config) -> None:
-        self.inbound.configure(cfg)
-
-    def accepts_inbound(self, domain: str) -> bool:
-        return self.inbound.accepts(domain)
-
-    @property
-    def revoked_keys(self) -> set[str]:
-        return self.revocations.revoked_keys
-
-    @property
-    def disabled_tenants(self) -> set[int]:
-        return self.revocations.disabled_tenants
-
-    def key_valid(self, prefix: str, tenant_id: int) -> bool:
-        """Whether a key that logged in may still send (asked at every MAIL)."""
-        return self.revocations.key_valid(prefix, tenant_id)
 
     # ------------------------------------------------------------------ the MTA's questions
 
@@ -285,7 +213,7 @@ class ControlPlane:
             return False
         if not self.cfg.control.require_verified_domains:
             return True
-        return domain in self.verified.get(tenant_id, ())
+        return domain in self.signing.verified.get(tenant_id, ())
 
     def suppressed(self, tenant: str, address: str) -> str | None:
         """The one suppression check, for spool tenants (ids as text);
@@ -320,7 +248,7 @@ class ControlPlane:
         if "suppression" in kinds:
             await self.suppressions.refresh((r[2], r[3]) for r in rows if r[1] == "suppression")
         if "domain" in kinds:
-            await self.keys.reload()
+            await self.signing.reload()
             await self.inbound.reload()
         if kinds & {"pool", "tenant"}:
             await self.pool_cache.reload()

@@ -50,7 +50,7 @@ def check_members(c: Call, members: list[PoolMemberIn]) -> list[dict[str, Any]]:
     """Every member a source of the configuration, each once (422 naming it)."""
     seen: set[str] = set()
     for i, m in enumerate(members):
-        if m.source not in c.ctx.sources:
+        if m.source not in c.ctx.pool_cache.sources:
             raise invalid(f"members[{i}].source", f"no source named {m.source!r}")
         if m.source in seen:
             raise invalid(f"members[{i}].source", f"source {m.source!r} is listed twice")
@@ -59,7 +59,7 @@ def check_members(c: Call, members: list[PoolMemberIn]) -> list[dict[str, Any]]:
 
 
 def refuse_config_pool(c: Call, name: str) -> None:
-    if name in c.ctx.config_pools:
+    if name in c.ctx.pool_cache.config_pools:
         raise ApiError(
             409,
             "conflict",
@@ -111,7 +111,7 @@ async def create_pool(c: Call) -> Any:
             raise ApiError(409, "conflict", f"a pool named {body.name!r} exists") from None
         await changed(s, "pool", None, body.name)
         await s.commit()
-    await c.ctx.reload_pools()
+    await c.ctx.pool_cache.reload()
     return pool_out(row)
 
 
@@ -123,7 +123,7 @@ async def create_pool(c: Call) -> Any:
     response=PoolList,
 )
 async def list_pools(c: Call) -> Any:
-    config = c.ctx.config_pools
+    config = c.ctx.pool_cache.config_pools
     async with c.ctx.sessions() as s:
         rows = list((await s.execute(select(Pool).order_by(Pool.name))).scalars())
     out = [config_pool_out(p) for p in config.values()]
@@ -141,8 +141,8 @@ async def list_pools(c: Call) -> Any:
 )
 async def get_pool(c: Call) -> Any:
     name = c.path["name"]
-    if name in c.ctx.config_pools:
-        return config_pool_out(c.ctx.config_pools[name])
+    if name in c.ctx.pool_cache.config_pools:
+        return config_pool_out(c.ctx.pool_cache.config_pools[name])
     async with c.ctx.sessions() as s:
         return pool_out(await _pool(s, name))
 
@@ -171,7 +171,7 @@ async def update_pool(c: Call) -> Any:
         row.updated_at = utcnow()
         await changed(s, "pool", None, name)
         await s.commit()
-    await c.ctx.reload_pools()
+    await c.ctx.pool_cache.reload()
     return pool_out(row)
 
 
@@ -204,5 +204,5 @@ async def delete_pool(c: Call) -> Any:
         await s.delete(row)
         await changed(s, "pool", None, name)
         await s.commit()
-    await c.ctx.reload_pools()
+    await c.ctx.pool_cache.reload()
     return Deleted(deleted=True)

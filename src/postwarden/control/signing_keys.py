@@ -19,13 +19,19 @@ log = logging.getLogger("postwarden.control")
 
 
 class SigningKeyCache:
-    def __init__(self, sessions: Any, box: Any) -> None:
+    def __init__(
+        self,
+        sessions: Any,
+        box: Any,
+        on_keys: Callable[[list[SigningKey]], None] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.box = box  # opens the stored private keys (store.secrets)
         self.keys: list[SigningKey] = []
         self.verified: dict[int, set[str]] = {}  # tenant id -> its verified sending domains
-        # Called with the new key list whenever verified domains or their keys change.
-        self.on_keys: list[Callable[[list[SigningKey]], None]] = []
+        # Called with the new key list whenever verified domains or their keys change
+        # (the appliance's signer; the lab subscribes too).
+        self.on_keys: list[Callable[[list[SigningKey]], None]] = [on_keys] if on_keys else []
         # DkimKey id -> its parsed key: a key row never changes, and parsing an RSA key
         # costs tens of milliseconds, so only keys not seen before are parsed.
         self._parsed_keys: dict[int, SigningKey] = {}

@@ -24,7 +24,7 @@ async def check_tenant_pools(
     """Each pool a tenant is given must exist (422 naming the field)."""
     if default_pool is None and not allowed_pools:
         return
-    names = set(c.ctx.config_pools) | set((await s.execute(select(Pool.name))).scalars())
+    names = set(c.ctx.pool_cache.config_pools) | set((await s.execute(select(Pool.name))).scalars())
     if default_pool is not None and default_pool not in names:
         raise invalid("default_pool", f"no pool named {default_pool!r}")
     for i, name in enumerate(allowed_pools or ()):
@@ -60,7 +60,7 @@ async def create_tenant(c: Call) -> Any:
         await changed(s, "tenant", t.id)
         await s.commit()
     if t.default_pool or t.allowed_pools:
-        await c.ctx.reload_pools()
+        await c.ctx.pool_cache.reload()
     return tenant_out(t)
 
 
@@ -120,5 +120,5 @@ async def update_tenant(c: Call) -> Any:
         await s.commit()
     c.ctx.auth.invalidate()
     if pools_given:
-        await c.ctx.reload_pools()
+        await c.ctx.pool_cache.reload()
     return tenant_out(t)

@@ -213,7 +213,7 @@ async def run_lab(
         # Sending domains made through the API (or in an earlier run) get their records
         # in the lab DNS; the control plane's reload after a domain change wakes it.
         publisher = DomainPublisher(lab, app.cfg, app.control.sessions, say=_say)
-        app.control.on_keys.append(publisher.wake)
+        app.control.signing.on_keys.append(publisher.wake)
         await publisher.start()
 
         seen = 0
@@ -373,15 +373,15 @@ async def api_demo(app: Appliance, lab: Lab, publisher: DomainPublisher, base: s
             signs = asyncio.Event()
 
             def keys_loaded(_keys: object) -> None:
-                if any(API_DOMAIN in d for d in app.control.verified.values()):
+                if any(API_DOMAIN in d for d in app.control.signing.verified.values()):
                     signs.set()
 
-            app.control.on_keys.append(keys_loaded)
+            app.control.signing.on_keys.append(keys_loaded)
             try:
                 keys_loaded(None)
                 await asyncio.wait_for(signs.wait(), 10)
             finally:
-                app.control.on_keys.remove(keys_loaded)
+                app.control.signing.on_keys.remove(keys_loaded)
             r = await http.post(
                 "/v1/messages",
                 headers=key,

@@ -98,6 +98,7 @@ class Spool:
         event_retention: float = 0.0,
         upkeep_interval: float = 10.0,
         prune_batch: int = 2000,
+        on_events: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.path = Path(path)
         self.segment_dir = self.path / "segments"
@@ -113,7 +114,8 @@ class Spool:
         self._bulk_after: str | None = None
         self.closed = True
         # Observers of committed events (metrics, logs); called on the event loop.
-        self.event_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        # Called on the event loop with each batch of committed events (the copier).
+        self.on_events = on_events
         self.stats = {
             "batches": 0, "stored": 0, "fsyncs": 0,
             "upkeeps": 0, "events_pruned": 0, "segments_reclaimed": 0,
@@ -393,7 +395,7 @@ class Spool:
         for item in results:
             if item[0].loop is not None:
                 by_loop.setdefault(item[0].loop, []).append(item)
-        listeners = list(self.event_listeners)
+        on_events = self.on_events
 
         def deliver(items: list[tuple[_Op, Any, BaseException | None]], evs: list[Any]) -> None:
             for op, res, exc in items:
@@ -404,12 +406,11 @@ class Spool:
                     fut.set_exception(exc)
                 else:
                     fut.set_result(res)
-            if evs:
-                for listener in listeners:
-                    try:
-                        listener(evs)
-                    except Exception:
-                        log.exception("event=event_listener_failed")
+            if evs and on_events is not None:
+                try:
+                    on_events(evs)
+                except Exception:
+                    log.exception("event=event_listener_failed")
 
         first = True
         for loop, items in by_loop.items():
