@@ -34,7 +34,7 @@ async def test_warming_cap_wait_is_listed_with_its_reason_and_until_when(
 ) -> None:
     cfg = shaping_config(tmp_path, sink, "", members=(("a", 1),))  # overflow "wait"
     # Six hours before the warming day ends: the rest waits in the spool, not in memory.
-    app, svc = await shaped(tmp_path, lab, appliance, cfg, near_midnight(6 * 3600))
+    app, svc = await shaped(appliance, cfg, near_midnight(6 * 3600))
     svc.command(
         {"op": "warming_start", "target": "source", "name": "a",
          "plan": {"name": "tiny", "days": [2, 10]}}

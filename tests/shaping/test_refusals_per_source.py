@@ -139,7 +139,7 @@ async def test_ts03_greeting_moves_the_share_to_the_others_and_is_one_event(
     cfg = three_sources(tmp_path, sink, TS03_RULE)
     cfg["queue"] = {"retry_initial": "1h"}  # a counted deferral would not come back
     cfg["shaping"].update(pause_min_volume=5)
-    app, svc = await shaped(tmp_path, lab, appliance, cfg)
+    app, svc = await shaped(appliance, cfg)
     # a (weight 3) warms, on a plan with room: its health and pause are watched.
     svc.command({"op": "warming_start", "target": "source", "name": "a",
                  "plan": {"name": "big", "days": [10_000]}})  # fmt: skip
@@ -174,7 +174,7 @@ async def test_a_warming_cap_mid_burst_with_spill_defers_nothing(
     tmp_path: Path, lab: Lab, sink: GreetingSink, appliance: ApplianceFactory
 ) -> None:
     cfg = three_sources(tmp_path, sink, "max_messages_per_connection = 5\n", overflow="spill")
-    app, svc = await shaped(tmp_path, lab, appliance, cfg)
+    app, svc = await shaped(appliance, cfg)
     svc.command({"op": "warming_start", "target": "source", "name": "c",
                  "plan": {"name": "tiny", "days": [6, 12]}})  # fmt: skip
     n = 120
@@ -193,7 +193,7 @@ async def test_a_warming_cap_mid_burst_with_wait_parks_about_its_share(
     tmp_path: Path, lab: Lab, sink: GreetingSink, appliance: ApplianceFactory
 ) -> None:
     cfg = three_sources(tmp_path, sink, "max_messages_per_connection = 5\n", overflow="wait")
-    app, svc = await shaped(tmp_path, lab, appliance, cfg)
+    app, svc = await shaped(appliance, cfg)
     svc.command({"op": "warming_start", "target": "source", "name": "c",
                  "plan": {"name": "tiny", "days": [6, 12]}})  # fmt: skip
     n = 120
@@ -225,7 +225,7 @@ async def test_holds_in_memory_count_as_waits_once_per_job(
     )
     cfg = three_sources(tmp_path, sink, rules)
     cfg["pools"][0]["members"] = [{"source": "a", "weight": 1}]
-    app, _svc = await shaped(tmp_path, lab, appliance, cfg)
+    app, _svc = await shaped(appliance, cfg)
     refusals = iter([True])
     sink.rec.answer = lambda peer, local: (
         "421 4.7.28 unusual rate" if next(refusals, False) else None
