@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from postwarden.config import SourceConfig
-from postwarden.shaping.broker import UNLIMITED_RATE, Broker, Choice
+from postwarden.shaping.broker import UNLIMITED_RATE, Broker
+from postwarden.shaping.grants import Choice
 from postwarden.shaping.rules import parse_rules, shipped_rules
 from tests.shaping.test_broker import Clock
 

@@ -4,7 +4,8 @@ the grants, and a holder that goes away frees its slots (a driven clock)."""
 from __future__ import annotations
 
 from postwarden.config import SourceConfig
-from postwarden.shaping.broker import Broker, Choice
+from postwarden.shaping.broker import Broker
+from postwarden.shaping.grants import Choice
 from postwarden.shaping.rules import parse_rules, shipped_rules
 
 RULES = parse_rules(

@@ -12,6 +12,7 @@ import pytest
 from postwarden.config import load_config
 from postwarden.shaping.adaptive import rule
 from postwarden.shaping.broker import Broker
+from postwarden.shaping.pair_state import restore, snapshot
 from postwarden.shaping.service import ShapingService
 from postwarden.warming.book import WarmingBook
 from postwarden.warming.plans import PlanError
@@ -35,7 +36,7 @@ def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
     b.report("c", "lab", 554, "5.7.1", "blocked")  # bounce rule, 10 min
     b.report("a", "lab", 451, "4.3.0", "busy")  # backoff: a's rate at lab drops
     b.report("c", "gmail", 250, "2.0.0", "ok")  # nothing in force: not saved
-    snap = b.snapshot(wall_now=WALL)
+    snap = snapshot(b, wall_now=WALL)
     pairs = {(p["source"], p["site"]): p for p in snap["pairs"]}
     assert set(pairs) == {("a", "gmail"), ("b", "gmail"), ("c", "lab"), ("a", "lab")}
     assert pairs[("a", "gmail")]["suspended_until"] == WALL + 1800
@@ -49,7 +50,7 @@ def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
 
     # Restarted 20 minutes later (wall), on a monotonic clock that reads 50.
     b2, clock2 = broker(50.0)
-    assert b2.restore(json.loads(json.dumps(snap)), wall_now=WALL + 1200) == 2
+    assert restore(b2, json.loads(json.dumps(snap)), wall_now=WALL + 1200) == 2
     a_gm = b2.pair("a", "gmail").state
     assert a_gm.suspended_until == 50.0 + 600 and a_gm.reason.startswith("gmail-rate-limited")
     c = b2.choose("w", "p", [("a", 1)], "wait", "gmail")
@@ -65,7 +66,7 @@ def test_snapshot_in_wall_time_and_restore_on_another_clock() -> None:
     # The suspension ends on the new clock, at its wall-clock time.
     clock2.t = 50.0 + 600
     assert b2.choose("w", "p", [("a", 1)], "wait", "gmail").ok
-    left = b2.snapshot(wall_now=WALL + 1800)["pairs"]
+    left = snapshot(b2, wall_now=WALL + 1800)["pairs"]
     assert {(p["source"], p["site"]) for p in left} == {("b", "gmail")}
 
 
@@ -75,14 +76,14 @@ def test_a_backoff_survives_a_short_restart_and_ends_when_it_would_have() -> Non
     lab = b.pair("a", "lab").state
     slow = lab.rate
     assert lab.backoff_since and slow < lab.limit_rate
-    snap = json.loads(json.dumps(b.snapshot(wall_now=WALL)))
+    snap = json.loads(json.dumps(snapshot(b, wall_now=WALL)))
     # Back 10 s later (wall) on a clock reading 50: 20 s of the 30 s backoff are left.
     b2, clock2 = broker(50.0)
-    assert b2.restore(snap, wall_now=WALL + 10) == 1
+    assert restore(b2, snap, wall_now=WALL + 10) == 1
     st = b2.pair("a", "lab").state
     assert st.rate == slow and st.backoff_since
     assert st.pushback_at == 50.0 - 10
-    snap2 = b2.snapshot(wall_now=WALL + 10)["pairs"]
+    snap2 = snapshot(b2, wall_now=WALL + 10)["pairs"]
     assert snap2[0]["pushback_at"] == WALL and snap2[0]["backoff_since"] == WALL
     # Without more push-back the backoff ends 30 s after the last one, on the new clock.
     clock2.t = 50.0 + 20
@@ -92,16 +93,16 @@ def test_a_backoff_survives_a_short_restart_and_ends_when_it_would_have() -> Non
 
 def test_restore_reads_old_files_and_names_a_bad_entry() -> None:
     b, _clock = broker(0.0)
-    assert b.restore({"version": 1, "trackers": {}}, wall_now=WALL) == 0  # before pairs
+    assert restore(b, {"version": 1, "trackers": {}}, wall_now=WALL) == 0  # before pairs
     assert b.pairs == {}
     with pytest.raises(ValueError, match=r"pairs\[1\]\.suspended_until: must be a non-negative"):
-        b.restore(
+        restore(b,
             {"pairs": [{"source": "a", "site": "gmail"}, {"source": "a", "site": "x",
                         "suspended_until": "soon"}]},
             wall_now=WALL,
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"pairs\[0\]\.site: must be a non-empty string"):
-        b.restore({"pairs": [{"source": "a"}]}, wall_now=WALL)
+        restore(b, {"pairs": [{"source": "a"}]}, wall_now=WALL)
 
 
 def test_the_service_saves_pairs_with_the_warming_book(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from postwarden.config import PoolConfig, SourceConfig
 from postwarden.dns.resolver import MxHost
 from postwarden.queue.jobqueue import DomainQueue
 from postwarden.shaping.adaptive import no_answer, speaks_of_pace
-from postwarden.shaping.broker import Grant
+from postwarden.shaping.grants import Grant
 from postwarden.shaping.shaper import split_answer
 from postwarden.values import AttemptResult, Job
 

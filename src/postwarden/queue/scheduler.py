@@ -41,7 +41,7 @@ from postwarden.queue.gate import Gate
 from postwarden.queue.jobqueue import DomainQueue
 from postwarden.queue.retry import RetryPolicy
 from postwarden.queue.spool import Spool
-from postwarden.shaping.broker import Choice, Grant
+from postwarden.shaping.grants import Choice, Grant
 from postwarden.values import (
     BOUNCED,
     DEFERRED,

@@ -35,6 +35,8 @@ from postwarden.shaping.adaptive import (
     on_success,
     recover,
 )
+from postwarden.shaping.buckets import Bucket, PacedBucket
+from postwarden.shaping.grants import Choice, Grant
 from postwarden.shaping.pools import Balancer
 from postwarden.shaping.rules import Limits, Rules
 from postwarden.shaping.wants import BULK, HIGH, Wants
@@ -54,77 +56,6 @@ def pair_aimd(base: Aimd, limits: Limits) -> Aimd:
     """The AIMD settings of a pair: ``base`` with the rules' backoff keys on top."""
     given = limits.backoff
     return dataclasses.replace(base, **given) if given else base
-
-
-@dataclass(frozen=True)
-class Grant:
-    ok: bool
-    tokens: int = 0
-    reason: str = ""
-    retry_at: float = 0.0
-    kind: str = ""  # on a refusal, one of values.REFUSALS
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The answer to :meth:`Broker.choose`: a source and a connection slot, or why not.
-
-    ``metered``: take message tokens (:meth:`Broker.take`) before each
-    transaction — the pair has a rate, or the source is warming; ``tokens`` are
-    granted already. On a refusal, ``retry_at`` says when to come back; ``defer``
-    says how many messages wait until then (a warming source's share, overflow
-    "wait"), else every message queued for the destination waits; ``bounce`` is set
-    while a bounce rule is in force.
-    """
-
-    ok: bool
-    source: str = ""
-    tokens: int = 0
-    metered: bool = False
-    max_messages: int = 0
-    reason: str = ""
-    retry_at: float = 0.0
-    defer: int = 0
-    bounce: str = ""
-    kind: str = ""  # on a refusal, one of values.REFUSALS (or "bounce")
-
-
-@dataclass
-class Bucket:
-    """A token bucket: ``rate`` per second, holding at most ``burst``."""
-
-    rate: float
-    burst: float
-    tokens: float
-    stamp: float
-
-    def refill(self, now: float) -> None:
-        # ``now`` may be older than the stamp (read before the bucket was made): no
-        # time has passed then, and none is taken back.
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def take(self, now: float, want: int) -> int:
-        self.refill(now)
-        n = min(want, int(self.tokens))
-        self.tokens -= n
-        return n
-
-    def wait(self) -> float:
-        """Seconds until one token is there."""
-        return max(0.0, (1.0 - self.tokens) / self.rate)
-
-
-@dataclass
-class _Paced(Bucket):
-    """A pair's message bucket: its wait ends by ``ready_at`` at the latest (when a
-    backoff ends and the full rate is back), so a refusal's ``retry_at`` is honest."""
-
-    ready_at: float = math.inf
-
-    def wait(self) -> float:
-        return min(super().wait(), max(0.0, self.ready_at - self.stamp))
 
 
 @dataclass
@@ -245,7 +176,7 @@ class Broker:
             site if domain is None else f"{site}/{domain}",
             limits,
             state,
-            _Paced(rate, burst, burst, now),
+            PacedBucket(rate, burst, burst, now),
             connects,
             last_success_window=now,
         )
@@ -259,7 +190,7 @@ class Broker:
 
     # ------------------------------------------------------------------ leases
 
-    def _aimd(self, p: Pair) -> Aimd:
+    def aimd_of(self, p: Pair) -> Aimd:
         return pair_aimd(self.aimd, p.limits)
 
     def _slot(self, p: Pair, holder: Any, now: float) -> Grant:
@@ -269,7 +200,7 @@ class Broker:
             return Grant(
                 False, reason="connection limit", retry_at=now + 0.25, kind="connection_limit"
             )
-        aimd = self._aimd(p)
+        aimd = self.aimd_of(p)
         at = connect_at(p.state, now, aimd)
         if at > now:
             return Grant(
@@ -504,7 +435,7 @@ class Broker:
     def _tokens(
         self, p: Pair, source: str, site: str, want: int, room: int | None, now: float
     ) -> int:
-        aimd = self._aimd(p)
+        aimd = self.aimd_of(p)
         recover(p.state, now, aimd)
         bucket = p.messages
         if bucket.rate != p.state.rate:  # AIMD moved the rate
@@ -514,7 +445,7 @@ class Broker:
             bucket.rate = p.state.rate
             bucket.burst = max(1.0, p.state.rate)
             bucket.tokens = min(bucket.tokens, bucket.burst)
-        if isinstance(bucket, _Paced):
+        if isinstance(bucket, PacedBucket):
             bucket.ready_at = normal_at(p.state, aimd)
         if room is not None:
             want = min(want, room)
@@ -714,7 +645,7 @@ class Broker:
             for key in keys:
                 self.book.outcomes(key, counts)
         before = p.state.rate
-        aimd = self._aimd(p)
+        aimd = self.aimd_of(p)
         hit = on_answer(
             p.state,
             now=now,
@@ -783,7 +714,7 @@ class Broker:
         out = []
         for p in self.pairs.values():
             expire(p.state, now)
-            aimd = self._aimd(p)
+            aimd = self.aimd_of(p)
             recover(p.state, now, aimd)
             backoff = in_backoff(p.state)
             out.append(
@@ -814,107 +745,6 @@ class Broker:
             )
         return out
 
-    # ------------------------------------------------------------------ restarts
-
-    def snapshot(self, wall_now: float | None = None) -> dict[str, Any]:
-        """What the answers did to each pair and still holds — suspensions, bounce
-        rules, lowered rates and connections — for the state file: ``{"pairs":
-        [...]}``, times as wall-clock seconds (the broker's clock is monotonic).
-        Pairs with nothing in force are left out."""
-        now = self.clock()
-        wall = self._wall() if wall_now is None else wall_now
-
-        def at(t: float) -> float | None:
-            return round(wall + (t - now), 3) if t > now else None
-
-        out = []
-        for (source, site, domain), p in self.pairs.items():
-            st = p.state
-            item: dict[str, Any] = {"source": source, "site": site, "domain": domain}
-            if at(st.suspended_until) is not None:
-                item["suspended_until"] = at(st.suspended_until)
-            if at(st.lowered_until) is not None:
-                item["lowered_until"] = at(st.lowered_until)
-                if st.connections < st.limit_connections:
-                    item["connections"] = st.connections
-            if st.rate < st.limit_rate:
-                item["rate"] = st.rate
-            if st.backoff_since:  # past times, on the wall clock too
-                item["backoff_since"] = round(wall + (st.backoff_since - now), 3)
-                item["pushback_at"] = round(wall + (st.pushback_at - now), 3)
-            if at(p.bounce_until) is not None:
-                item["bounce_until"] = at(p.bounce_until)
-                item["bounce_reason"] = p.bounce_reason
-            if len(item) > 3:
-                item["reason"] = st.reason
-                out.append(item)
-        return {"pairs": out}
-
-    def restore(self, data: Mapping[str, Any], wall_now: float | None = None) -> int:
-        """Put back what :meth:`snapshot` saved (the whole state file may be passed:
-        only ``"pairs"`` is read; a file without it restores nothing). What has
-        expired meanwhile is dropped; rates and connections stay within the rules in
-        force now. Returns how many pairs got something back; raises ValueError
-        naming the entry and field of a bad one."""
-        now = self.clock()
-        wall = self._wall() if wall_now is None else wall_now
-        items = data.get("pairs", [])
-        if not isinstance(items, list):
-            raise ValueError("pairs: must be a list")
-        restored = 0
-        for i, item in enumerate(items):
-            where = f"pairs[{i}]"
-            if not isinstance(item, Mapping):
-                raise ValueError(f"{where}: must be a table")
-
-            def num(name: str, item: Mapping[str, Any] = item, where: str = where) -> float:
-                v = item.get(name)
-                if v is None:
-                    return 0.0
-                if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                    raise ValueError(f"{where}.{name}: must be a non-negative number, got {v!r}")
-                return float(v)
-
-            def clock_at(name: str) -> float:
-                t = num(name)
-                return now + (t - wall) if t > wall else 0.0  # passed: expired
-
-            for name in ("source", "site"):
-                if not isinstance(item.get(name), str) or not item[name]:
-                    raise ValueError(f"{where}.{name}: must be a non-empty string")
-            domain = item.get("domain")
-            if domain is not None and not isinstance(domain, str):
-                raise ValueError(f"{where}.domain: must be a string or null")
-            suspended, lowered, bounce = (
-                clock_at("suspended_until"),
-                clock_at("lowered_until"),
-                clock_at("bounce_until"),
-            )
-            rate, conns = num("rate"), int(num("connections"))
-            backoff, pushback = num("backoff_since"), num("pushback_at")
-            p = self.pair(item["source"], item["site"], domain)
-            st = p.state
-            rate = min(rate, st.limit_rate) if rate > 0 else st.limit_rate
-            if backoff and pushback + self._aimd(p).to_normal_after > wall:
-                # Still in backoff: it ends when it would have, had nobody restarted.
-                st.backoff_since = now + (backoff - wall)
-                st.pushback_at = max(st.pushback_at, now + (pushback - wall))
-            elif backoff and not lowered:
-                rate = st.limit_rate  # the backoff ran out while the broker was down
-            if not (suspended or lowered or bounce or rate < st.limit_rate):
-                continue  # all of it ran its time while the broker was down
-            st.suspended_until = max(st.suspended_until, suspended)
-            st.lowered_until = max(st.lowered_until, lowered)
-            st.rate = min(st.rate, rate)
-            if lowered and conns > 0:
-                st.connections = min(st.connections, conns, st.limit_connections)
-            if bounce:
-                p.bounce_until = max(p.bounce_until, bounce)
-                p.bounce_reason = str(item.get("bounce_reason") or "")[:200]
-            st.reason = str(item.get("reason") or "")[:200]
-            st.changes.append((now, "restored", f"after a restart: {st.reason}"))
-            restored += 1
-        return restored
-
-    def _wall(self) -> float:
+    def wall(self) -> float:
+        """Wall-clock seconds now (the warming book's calendar when there is one)."""
         return self.book.wall() if self.book is not None else time.time()

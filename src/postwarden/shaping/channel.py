@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from postwarden.mta.guard import GUARD_OPS, GuardTables
-from postwarden.shaping.broker import Broker, Choice, Grant
+from postwarden.shaping.broker import Broker
 from postwarden.shaping.fallback import LocalLimits
+from postwarden.shaping.grants import Choice, Grant
 from postwarden.shaping.wants import deliver
 
 if TYPE_CHECKING:

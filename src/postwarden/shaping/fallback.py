@@ -11,9 +11,9 @@ broker (its caps are counted there). Pure policy: the clock is passed in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from postwarden.shaping.broker import Choice, Grant
+from postwarden.shaping.buckets import Bucket
+from postwarden.shaping.grants import Choice, Grant
 
 #: Connections per (source, site) in one worker while the broker is away.
 FALLBACK_CONNECTIONS = 1
@@ -23,12 +23,6 @@ FALLBACK_RATE = 1.0
 FALLBACK_RETRY = 0.25
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    at: float
-
-
 class LocalLimits:
     def __init__(
         self, connections: int = FALLBACK_CONNECTIONS, rate: float = FALLBACK_RATE
@@ -36,17 +30,13 @@ class LocalLimits:
         self.connections = connections
         self.rate = rate
         self.slots: dict[tuple[str, str], int] = {}
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._buckets: dict[tuple[str, str], Bucket] = {}
 
     def _tokens(self, key: tuple[str, str], want: int, now: float) -> int:
         b = self._buckets.get(key)
-        if b is None:
-            b = self._buckets[key] = _Bucket(1.0, now)  # a burst of one message
-        b.tokens = min(1.0, b.tokens + (now - b.at) * self.rate)
-        b.at = now
-        n = min(want, int(b.tokens))
-        b.tokens -= n
-        return n
+        if b is None:  # a burst of one message
+            b = self._buckets[key] = Bucket(self.rate, 1.0, 1.0, now)
+        return b.take(now, want)
 
     def choose(self, candidates: Sequence[str], site: str, want: int, now: float) -> Choice:
         """A slot for the first candidate source with one free here (``candidates``
@@ -75,8 +65,7 @@ class LocalLimits:
         n = self._tokens((source, site), max(1, want), now)
         if n:
             return Grant(True, tokens=n)
-        b = self._buckets[(source, site)]
-        wait = (1.0 - b.tokens) / self.rate if self.rate > 0 else 1.0
+        wait = self._buckets[(source, site)].wait() if self.rate > 0 else 1.0
         return Grant(
             False,
             reason="broker unavailable: local message rate",

@@ -22,6 +22,8 @@ from postwarden.config import Config
 from postwarden.metrics import ShapingMetrics, tenant_key
 from postwarden.shaping.broker import Broker
 from postwarden.shaping.channel import BrokerServer
+from postwarden.shaping.pair_state import restore as restore_pairs
+from postwarden.shaping.pair_state import snapshot as snapshot_pairs
 from postwarden.shaping.rules import RulesError, load_rules
 from postwarden.warming.book import WarmingBook, plan_from
 from postwarden.warming.health import Thresholds
@@ -108,7 +110,7 @@ class ShapingService:
         if not path.exists():
             return
         try:
-            n = self.broker.restore(json.loads(path.read_text(encoding="utf-8")))
+            n = restore_pairs(self.broker, json.loads(path.read_text(encoding="utf-8")))
         except ValueError as exc:
             # As for the warming book: never send to a suspended pair because the
             # state is unreadable; refuse to start instead.
@@ -118,7 +120,7 @@ class ShapingService:
 
     def _pairs_now(self) -> list[dict[str, Any]]:
         """The pairs' state as saved (whole seconds, so clock drift is no change)."""
-        pairs: list[dict[str, Any]] = self.broker.snapshot()["pairs"]
+        pairs: list[dict[str, Any]] = snapshot_pairs(self.broker)["pairs"]
         return [
             {k: round(v) if k.endswith("_until") else v for k, v in item.items()} for item in pairs
         ]
@@ -129,7 +131,7 @@ class ShapingService:
 
     def _state(self) -> dict[str, Any]:
         # Taken in the event loop (the broker's and the book's thread).
-        data = {**self.book.to_json(), **self.broker.snapshot()}
+        data = {**self.book.to_json(), **snapshot_pairs(self.broker)}
         self.book.dirty = False
         return data
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from postwarden.config import Config, PoolConfig, SourceConfig
-from postwarden.shaping.broker import Choice, Grant
+from postwarden.shaping.grants import Choice, Grant
 from postwarden.shaping.rules import Rules, RulesError, load_rules
 from postwarden.shaping.wants import deliver
 from postwarden.values import Job
