@@ -24,7 +24,8 @@ from postwarden import cli
 from postwarden.appliance import Appliance
 from postwarden.control.app import create_app
 from postwarden.lab import Lab, inbox_path
-from postwarden.lab.inbox import LabInbox, inbox_routes
+from postwarden.lab.inbox import LabInbox
+from postwarden.lab.inbox_http import inbox_routes
 from postwarden.mta.dkim import generate_key
 from tests.conftest import SENDER_DOMAIN, ApplianceFactory, free_port, write_toml
 

@@ -27,7 +27,7 @@ from postwarden.appliance import Appliance
 from postwarden.config import Config, load_config
 from postwarden.dns.resolver import DnsError, Resolver
 from postwarden.lab import Lab
-from postwarden.lab.inbox import inbox_routes
+from postwarden.lab.inbox_http import inbox_routes
 from postwarden.lab.publish import DomainPublisher
 from postwarden.mta.dkim import generate_key, load_key
 from postwarden.supervisor import check_files

@@ -39,28 +39,20 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import html.parser
 import mailbox
 import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import dkim
-import dns.exception
-import dns.rdata
-import dns.rdataclass
-import dns.rdatatype
-from dkim.util import parse_tag_value
+from postwarden.lab.dkim_check import DkimVerdict, lab_keys, verify_dkim
+from postwarden.lab.text import body_text
 
 if TYPE_CHECKING:
-    from starlette.routing import Route
-
     from postwarden.lab.dnsserver import DNSServer
     from postwarden.lab.sink import ReceivedMessage
 
@@ -96,100 +88,6 @@ class _KeyedMaildir(mailbox.Maildir):
             raise mailbox.Error("lab maildir: add messages with add_as")
         path = os.path.join(self._path, "tmp", self._next_key)
         return open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600))
-
-
-@dataclass(frozen=True)
-class DkimVerdict:
-    """One DKIM signature's result at the sink."""
-
-    result: str  # pass, fail, permerror
-    algorithm: str
-    domain: str
-    selector: str
-
-    def __str__(self) -> str:
-        return f"{self.result} {self.algorithm} d={self.domain} s={self.selector}"
-
-    @classmethod
-    def parse(cls, text: str) -> DkimVerdict:
-        result, _, rest = text.partition(" ")
-        algorithm, domain, selector = "", "", ""
-        for part in rest.split():
-            if part.startswith("d="):
-                domain = part[2:]
-            elif part.startswith("s="):
-                selector = part[2:]
-            elif not algorithm:
-                algorithm = part
-        return cls(result, algorithm, domain, selector)
-
-    def as_dict(self) -> dict[str, str]:
-        return {
-            "result": self.result,
-            "algorithm": self.algorithm,
-            "domain": self.domain,
-            "selector": self.selector,
-        }
-
-
-def _signatures(message: bytes) -> list[dict[str, str]]:
-    """The tags of each DKIM-Signature header (``{}`` for one that cannot be parsed)."""
-    head = message.split(b"\r\n\r\n", 1)[0]
-    if b"dkim-signature" not in head.lower():
-        return []
-    try:
-        headers = dkim.DKIM(message).headers
-    except dkim.DKIMException:
-        return [{}]
-    out = []
-    for name, value in headers:
-        if name.lower() != b"dkim-signature":
-            continue
-        try:
-            tags = parse_tag_value(value)
-            out.append({k.decode(): v.decode(errors="replace") for k, v in tags.items()})
-        except Exception:  # dkimpy raises several kinds for a malformed tag list
-            out.append({})
-    return out
-
-
-def verify_dkim(message: bytes, keys: dict[str, bytes]) -> list[DkimVerdict]:
-    """Each DKIM signature's verdict, with the TXT records in ``keys``
-    (``"selector._domainkey.domain"`` lower case, no trailing dot → record text)."""
-    verdicts = []
-    for i, tags in enumerate(_signatures(message)):
-        algorithm = tags.get("a", "")
-        domain, selector = tags.get("d", ""), tags.get("s", "")
-        if not tags or not domain or not selector:
-            verdicts.append(DkimVerdict("permerror", algorithm, domain, selector))
-            continue
-        record = keys.get(f"{selector}._domainkey.{domain}".lower().rstrip("."))
-        ok = False
-        if record is not None:
-            try:
-                ok = bool(dkim.DKIM(message).verify(idx=i, dnsfunc=lambda *_a, _r=record, **_k: _r))
-            except dkim.DKIMException:
-                ok = False
-        verdicts.append(DkimVerdict("pass" if ok else "fail", algorithm, domain, selector))
-    return verdicts
-
-
-def lab_keys(dns_server: DNSServer, message: bytes) -> dict[str, bytes]:
-    """The TXT records the message's DKIM signatures name, from the lab's DNS table."""
-    keys: dict[str, bytes] = {}
-    for tags in _signatures(message):
-        domain, selector = tags.get("d", ""), tags.get("s", "")
-        if not domain or not selector:
-            continue
-        name = f"{selector}._domainkey.{domain}".lower().rstrip(".")
-        try:
-            texts = dns_server.records(name, "TXT")
-        except dns.exception.DNSException:  # a name dnspython refuses: no key
-            continue
-        if texts:
-            rdata: Any = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, texts[0])
-            keys[name] = b"".join(rdata.strings)
-    return keys
 
 
 def _clean(value: str) -> str:
@@ -501,150 +399,3 @@ def _trace(data: bytes) -> tuple[dict[str, list[str]], int, int]:
     if "id" not in fields or "size" not in fields or "received-at" not in fields:
         raise ValueError("not a lab delivery")
     return fields, int(fields["size"][0]), pos
-
-
-class _HTMLText(html.parser.HTMLParser):
-    """Rough text from HTML: block elements on their own lines, links with their URL,
-    scripts and styles left out."""
-
-    BLOCKS = frozenset(
-        "p div br tr li h1 h2 h3 h4 h5 h6 table ul ol blockquote pre hr section article".split()
-    )
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-        self._href: list[str | None] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style", "head"):
-            self._skip += 1
-        elif tag in self.BLOCKS:
-            self.parts.append("\n")
-        if tag == "li":
-            self.parts.append("* ")
-        if tag == "a":
-            self._href.append(dict(attrs).get("href"))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style", "head"):
-            self._skip = max(0, self._skip - 1)
-        elif tag in self.BLOCKS:
-            self.parts.append("\n")
-        if tag == "a" and self._href:
-            href = self._href.pop()
-            if href and not href.startswith("#"):
-                self.parts.append(f" <{href}>")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(re.sub(r"\s+", " ", data))
-
-    def text(self) -> str:
-        joined = "".join(self.parts)
-        lines = [line.strip() for line in joined.splitlines()]
-        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
-
-
-def html_to_text(markup: str) -> str:
-    """Rough plain text from an HTML body."""
-    parser = _HTMLText()
-    parser.feed(markup)
-    parser.close()
-    return parser.text()
-
-
-def body_text(message: email.message.Message) -> str:
-    """The text/plain part, else the HTML part as rough text, else ``""``."""
-    get_body: Callable[..., Any] | None = getattr(message, "get_body", None)
-    if get_body is None:
-        return ""
-    try:
-        part = get_body(preferencelist=("plain", "html"))
-        if part is None:
-            return ""
-        content = part.get_content()
-    except Exception:  # undecodable or malformed: show nothing rather than fail
-        return ""
-    if not isinstance(content, str):
-        return ""
-    if part.get_content_subtype() == "html":
-        return html_to_text(content)
-    return content.replace("\r\n", "\n")
-
-
-# -- HTTP: what the lab serves on the control listener -------------------------------
-
-#: Most messages one ``GET /lab/messages`` lists.
-MAX_LIST = 1000
-
-
-def inbox_routes(inbox: LabInbox) -> list[Route]:
-    """``GET /lab/messages`` (``?to=ADDRESS|DOMAIN&limit=N``, newest first),
-    ``GET /lab/messages/{id}`` (JSON with the raw message) and
-    ``GET /lab/messages/{id}/raw`` (``message/rfc822``, exactly as received).
-
-    Read-only, without a key, and only to loopback clients: the lab's control
-    listener is on loopback by default, and the inbox holds whatever anyone sent.
-    """
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    from postwarden.control.errors import ApiError, invalid, not_found
-    from postwarden.control.routing import error_response
-
-    def rid(request: Request) -> str:
-        return request.headers.get("x-request-id", "")[:64] or "-"
-
-    def refused(request: Request) -> Response | None:
-        if _loopback(request.client.host if request.client else ""):
-            return None
-        err = ApiError(403, "forbidden", "the lab inbox is served to loopback clients only")
-        return error_response(err, rid(request))
-
-    async def list_messages(request: Request) -> Response:
-        if (no := refused(request)) is not None:
-            return no
-        to = request.query_params.get("to") or None
-        text = request.query_params.get("limit", "100")
-        if not text.isdigit() or not 1 <= int(text) <= MAX_LIST:
-            return error_response(
-                invalid("limit", f"must be an integer from 1 to {MAX_LIST}"), rid(request)
-            )
-        found = await asyncio.to_thread(inbox.list, to, int(text))
-        return JSONResponse({"data": [m.summary() for m in found]})
-
-    async def one(request: Request, raw: bool) -> Response:
-        if (no := refused(request)) is not None:
-            return no
-        msg_id = request.path_params["id"]
-        try:
-            if raw:
-                data = await asyncio.to_thread(inbox.raw, msg_id)
-                return Response(data, media_type="message/rfc822")
-            return JSONResponse(await asyncio.to_thread(inbox.detail, msg_id))
-        except KeyError:
-            return error_response(not_found(f"lab message {msg_id}"), rid(request))
-
-    async def get_message(request: Request) -> Response:
-        return await one(request, raw=False)
-
-    async def get_raw(request: Request) -> Response:
-        return await one(request, raw=True)
-
-    return [
-        Route("/lab/messages", list_messages, methods=["GET"]),
-        Route("/lab/messages/{id}", get_message, methods=["GET"]),
-        Route("/lab/messages/{id}/raw", get_raw, methods=["GET"]),
-    ]
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
