@@ -1,6 +1,7 @@
 """Wires the stages together and runs them on one event loop.
 
-ingress (SMTP) ─▶ spool (fsync) ─▶ scheduler ─▶ delivery ─▶ events (spool index)
+ingress (SMTP), API, DSNs ─▶ acceptance ─▶ spool (fsync) ─▶ scheduler ─▶ delivery
+─▶ events (spool index)
 inbound MX (``inbound.listen``) ─▶ inbox (fsync; shared by all workers)
 
 Shutdown (SIGTERM/SIGINT): stop accepting connections, let transactions that are
@@ -41,8 +42,9 @@ from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
 from postwarden.dns.resolver import Resolver
 from postwarden.mail.addresses import suppression_key
-from postwarden.mail.cleanup import Cleanup, Origin, Rejected
+from postwarden.mail.cleanup import Cleanup, Origin
 from postwarden.metrics import Metrics, ShapingMetrics
+from postwarden.mta.acceptance import Acceptance
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
 from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
@@ -50,7 +52,7 @@ from postwarden.mta.inbound import InboundHandler
 from postwarden.mta.ingress import IngressHandler
 from postwarden.mta.protocol import server_factory
 from postwarden.queue.gauges import keep_gauges
-from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN, Scheduler
+from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.shards import shard_path
 from postwarden.queue.spool import Spool, new_message_id
 from postwarden.shaping.channel import BrokerClient
@@ -58,7 +60,6 @@ from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import Backend, LocalBackend, Shaper
 from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
-from postwarden.values import Envelope, StoredMessage
 
 if TYPE_CHECKING:
     from starlette.routing import Route
@@ -166,11 +167,10 @@ class Appliance:
         )
         self.agent = DeliveryAgent(cfg, self.resolver, self.spool.read_body, self.metrics)
         self._config_keys = config_keys(cfg)
-        self.signer = DkimSigner(self._config_keys)
         self.control = ControlPlane(
             cfg,
             self.resolver,
-            inject=self.inject,
+            inject=lambda *args: self.acceptance.inject(*args),
             spool_root=str(cfg.spool.path),
             shaping_command=self._broker_command,
             on_keys=self._keys_changed,
@@ -182,7 +182,9 @@ class Appliance:
             cfg.ehlo_hostname,
             wants_notices=lambda tenant: tenant in self.control.pool_cache.notify_tenants,
             read_body=self.spool.read_body,
-            submit=lambda env, data: self.submit(env, data, new_message_id(), Origin("local")),
+            submit=lambda env, data: self.acceptance.submit(
+                env, data, new_message_id(), Origin("local")
+            ),
         )
         # Traffic shaping: a worker asks the supervisor's broker (connected in start);
         # the process alone runs its own (``shaping_wall``: the tests' calendar).
@@ -211,13 +213,23 @@ class Appliance:
             failed=self.notices.failed,
             shaper=self.shaper,
         )
+        # The one way into the spool, for SMTP, the API and our own DSNs.
+        self.acceptance = Acceptance(
+            Cleanup(cfg.server.hostname, cfg.smtp.hop_limit),
+            DkimSigner(self._config_keys),
+            self.spool,
+            self.scheduler,
+            self.metrics,
+            may_send_as=self.control.may_send_as,
+            suppressed=self.control.suppressed,
+            keys_loaded=lambda: self.control.db.started,
+        )
         self.passwords = PasswordStore(cfg.smtp.users)
-        self.cleanup = Cleanup(cfg.server.hostname, cfg.smtp.hop_limit)
         self.ingress = IngressHandler(
             cfg,
             self.metrics,
             self.passwords,
-            self.submit,
+            self.acceptance.submit,
             key_auth=self.control.smtp_login,
             key_valid=self.control.revocations.key_valid,
             pool_for=self.control.pool_cache.pool_for,
@@ -295,93 +307,13 @@ class Appliance:
     def _broker_notice(self, msg: dict[str, Any]) -> None:
         self.scheduler.broker_notice(msg)
 
-    # ------------------------------------------------------------------ stages
-
-    async def submit(
-        self, envelope: Envelope, data: bytes, msg_id: str, origin: Origin
-    ) -> StoredMessage:
-        """The one way into the spool, for every path (SMTP, the API, our own DSNs):
-        the cleanup stage, the tenant's sending domains, DKIM by the signing domain
-        cleanup decided, then the spool. Raises :class:`Rejected` with the answer."""
-        rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-        cleaned = self.cleanup.clean(data, msg_id=msg_id, origin=origin, rcpt=rcpt)
-        if envelope.tenant is not None:
-            tenant = int(envelope.tenant)
-            if not all(self.control.may_send_as(tenant, d) for d in cleaned.domains or (None,)):
-                raise Rejected(
-                    550, "5.7.1", "The From domain is not a verified sending domain of this"
-                    " account", field="from", reason="sender_domain",
-                )  # fmt: skip
-        if (
-            not self.control.db.started
-            and cleaned.signing_domain
-            and cleaned.signing_domain not in self.signer.domains()
-        ):
-            # Started while the control database was down: its DKIM keys are not
-            # loaded, and this domain may have some. Mail signed by the keys of the
-            # config goes on; this waits for the database (the client retries).
-            raise Rejected(
-                451, "4.3.0", "Temporary local problem, try again later",
-                field="from", reason="control_unavailable",
-            )  # fmt: skip
-        signatures = await self.signer.sign_fields_async(
-            cleaned.headers, cleaned.body, cleaned.signing_domain
-        )
-        return await self.accept(envelope, signatures + cleaned.message, msg_id)
-
-    async def accept(self, envelope: Envelope, data: bytes, msg_id: str) -> StoredMessage:
-        """Spool durably; hand the recipients straight to the scheduler when there is room.
-
-        Suppressed recipients of a tenant's message are stored as dropped (with the
-        reason) and never leased.
-        """
-        if envelope.tenant is not None:
-            drops = dict(envelope.drops)
-            for rcpt in envelope.rcpt_tos:
-                reason = self.control.suppressed(envelope.tenant, rcpt)
-                if reason == SUPPRESSIONS_UNKNOWN:
-                    raise Rejected(
-                        451, "4.3.0", "Temporary local problem, try again later",
-                        field="to", reason="control_unavailable",
-                    )  # fmt: skip
-                if reason is not None and rcpt not in drops:
-                    drops[rcpt] = reason
-                    self.metrics.dropped.labels(reason, "acceptance").inc()
-            if drops:
-                envelope = dataclasses.replace(envelope, drops=drops)
-        n = sum(1 for r in envelope.rcpt_tos if r not in envelope.drops)
-        lease = self.scheduler.reserve(n, envelope.lane)
-        try:
-            stored = await self.spool.store(envelope, data, lease=lease, msg_id=msg_id)
-        except BaseException:
-            if lease:
-                self.scheduler.release(n)
-            raise
-        if lease:
-            self.scheduler.offer(stored.leases, data)
-        else:
-            self.scheduler.wake()
-        return stored
-
-    async def inject(
-        self, envelope: Envelope, message: bytes, msg_id: str, _credentials: Any = None
-    ) -> StoredMessage:
-        """A message built by the API: through :meth:`submit` like SMTP mail (the
-        caller's credentials matter only to a control-only process, which relays over
-        SMTP)."""
-        envelope = dataclasses.replace(envelope, body_8bit=not message.isascii())
-        origin = Origin("HTTP", envelope.client_ip, "api")
-        stored = await self.submit(envelope, message, msg_id, origin)
-        self.metrics.received.labels("api").inc()
-        self.metrics.recipients_received.inc(len(envelope.rcpt_tos))
-        return stored
-
     # ------------------------------------------------------------------ lifecycle
 
     def _keys_changed(self, keys: list[SigningKey]) -> None:
-        self.signer = DkimSigner(self._config_keys + keys)
+        signer = DkimSigner(self._config_keys + keys)
+        self.acceptance.reconfigure(signer=signer)
         log.info("event=dkim_keys_loaded domains=%s",
-                 ",".join(sorted(self.signer.domains())) or "-")  # fmt: skip
+                 ",".join(sorted(signer.domains())) or "-")  # fmt: skip
 
     async def start(self) -> None:
         if self.broker_client is not None:
@@ -599,14 +531,15 @@ class Appliance:
             log.warning("event=reload_partial reason=listen_addresses_need_restart")
         self.cfg = new
         self._config_keys = keys
-        self.signer = signer
         self.return_paths = return_paths
         self.copier.reconfigure(new.bounces)
         if self.pruner is not None:
             self.pruner.reconfigure(new.database)
         if self.bounces is not None:
             self.bounces.reconfigure(new, parser, return_paths)
-        self.cleanup = Cleanup(new.server.hostname, new.smtp.hop_limit)
+        self.acceptance.reconfigure(
+            cleanup=Cleanup(new.server.hostname, new.smtp.hop_limit), signer=signer
+        )
         self.ingress.configure(new)
         self.agent.reconfigure(new)
         self.scheduler.reconfigure(new)

@@ -17,6 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+#: What the suppression check answers when it cannot know (the control database has
+#: not been read since start): the recipient waits, never sent, never dropped.
+SUPPRESSIONS_UNKNOWN = "suppressions_unknown"
+
 # Lanes: what kind of mail a message is, for fair leasing (``Spool.lease_due``). The
 # high lane (transactional: API and SMTP mail, or priority=high) is always leased
 # first; the bulk lane (campaigns) gets the room left, shared fairly across tenants.

@@ -151,7 +151,7 @@ async def test_a_spooled_address_literal_is_not_connected_to(
         msg_id = new_message_id()
         body = f"From: a@{SENDER_DOMAIN}\r\nSubject: x\r\n\r\nhi\r\n".encode()
         # Straight into the spool, past any check at ingress.
-        await app.accept(Envelope(f"a@{SENDER_DOMAIN}", ["x@[127.0.9.9]"]), body, msg_id)
+        await app.acceptance.accept(Envelope(f"a@{SENDER_DOMAIN}", ["x@[127.0.9.9]"]), body, msg_id)
         evs = await wait_events(app, msg_id, has("bounced"))
         assert "private address 127.0.9.9" in evs[-1]["detail"]["response"]
         assert sink.connections == 0

@@ -280,7 +280,7 @@ async def test_transactional_mail_and_small_tenants_are_not_starved_by_a_campaig
     async def accept(tenant: str, lane: int, rcpt: str) -> None:
         data = f"From: x@{tenant}.test\r\nTo: {rcpt}\r\nSubject: f\r\n\r\nx\r\n".encode()
         env = Envelope(f"x@{tenant}.test", [rcpt], tenant=tenant, lane=lane)
-        await app.accept(env, data, new_message_id())
+        await app.acceptance.accept(env, data, new_message_id())
 
     for i in range(400):
         await accept("big", LANE_BULK, f"c{i}@gm-one.test")

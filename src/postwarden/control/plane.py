@@ -25,7 +25,6 @@ from postwarden.control.signing_keys import SigningKeyCache
 from postwarden.dns.resolver import Resolver
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
 from postwarden.mta.dkim import SigningKey
-from postwarden.queue.scheduler import SUPPRESSIONS_UNKNOWN
 from postwarden.store.availability import DbHealth, LogLimiter, is_unavailable, short_error
 from postwarden.store.check import shipped_revisions
 from postwarden.store.db import (
@@ -41,6 +40,7 @@ from postwarden.store.models import (
 )
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
+from postwarden.values import SUPPRESSIONS_UNKNOWN
 
 log = logging.getLogger("postwarden.control")
 _limited = LogLimiter(log)

@@ -49,6 +49,7 @@ from postwarden.values import (
     DROPPED,
     EXPIRED,
     QUEUED,
+    SUPPRESSIONS_UNKNOWN,
     AttemptResult,
     Job,
     Lease,
@@ -69,9 +70,6 @@ HOLD_MEMORY = 60.0
 #: Seconds a broker's notice that a slot is wanted holds here without a word again
 # (the broker repeats it twice a second while the request waits; shaping.wants).
 WANT_HEARD = 1.5
-#: What the suppression check answers when it cannot know (the control database has
-#: not been read since start): the recipient waits, never sent, never dropped.
-SUPPRESSIONS_UNKNOWN = "suppressions_unknown"
 #: Seconds such a recipient waits before it is asked about again.
 SUPPRESSIONS_RECHECK = 5.0
 #: Failed spool writes of outcomes are retried after this long, doubling up to the max.
