@@ -8,11 +8,11 @@ from typing import Any
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from postwarden.store.all_models import metadata
 from postwarden.store.db import create_engine
-from postwarden.store.models import Base
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _run(connection: Connection) -> None:
