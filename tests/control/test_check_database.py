@@ -27,7 +27,7 @@ import pytest
 
 from postwarden.config import load_config
 from postwarden.control import ControlPlaneError
-from postwarden.store.check import DbCheck, check_database, redact
+from postwarden.store.check import DbCheck, check_database, redact, shipped_revisions
 from postwarden.store.db import create_engine, current_revision, head_revision, upgrade_sync
 from postwarden.supervisor import DB_CHECKED_ENV, prepare_control
 from tests.conftest import cli_here, free_port, write_toml
@@ -295,7 +295,9 @@ async def bare_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -> None:
     url, path, head = bare_url, config(tmp_path, bare_url), head_revision()
-    assert head == "0005"  # the steps below name the revisions this version ships
+    shipped = [rev for rev, _doc in shipped_revisions()]
+    assert shipped[0] == "0001" and shipped[-1] == head and len(shipped) >= 5
+    before_head = shipped[-2]
     code, out = await cli(path, "db", "history")
     lines = out.splitlines()
     assert code == 0 and lines[1:6] == [
@@ -304,8 +306,10 @@ async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -
         "  0003  indexes on the time columns that retention prunes by (issue 15, item 20)",
         "  0004  indexes for listing messages (issue 18, item 5)",
         "  0005  indexes for the event filters; PostgreSQL's hour and tag rollups (issue 18,"
-        " item 6) (newest)",
+        " item 6)" + (" (newest)" if head == "0005" else ""),
     ]
+    newest = [ln for ln in lines if ln.endswith("(newest)")]
+    assert len(newest) == 1 and newest[0].startswith(f"  {head}  ")
     assert "run `postwarden db upgrade`" in lines[-1]
 
     code, out = await cli(path, "db", "upgrade", "0002")
@@ -318,17 +322,17 @@ async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -
     code, out = await cli(path, "db", "upgrade")
     assert code == 0, out
     assert out.splitlines() == [
-        "database upgraded: 0002 -> 0005",
-        f"database ok: {redact(url)} at revision 0005",
+        f"database upgraded: 0002 -> {head}",
+        f"database ok: {redact(url)} at revision {head}",
     ]
     assert SECRET not in out
 
     code, out = await cli(path, "db", "downgrade")
     assert code == 1 and "needs a REVISION" in out
     code, out = await cli(path, "db", "downgrade", "-1")
-    assert code == 0 and out.startswith("database downgraded: 0005 -> 0004"), out
+    assert code == 0 and out.startswith(f"database downgraded: {head} -> {before_head}"), out
     code, out = await cli(path, "db", "downgrade", "0002")
-    assert code == 0 and out.startswith("database downgraded: 0004 -> 0002"), out
+    assert code == 0 and out.startswith(f"database downgraded: {before_head} -> 0002"), out
     assert await current_revision(url) == "0002"
     code, out = await cli(path, "db", "downgrade", "0003")
     assert code == 1 and "is above the database's revision 0002" in out
@@ -343,7 +347,7 @@ async def test_db_upgrade_downgrade_and_history(bare_url: str, tmp_path: Path) -
     assert code == 0 and out.startswith("database downgraded: 0002 -> none"), out
     assert await current_revision(url) is None
     code, out = await cli(path, "db", "upgrade")
-    assert code == 0 and out.splitlines()[-1] == f"database ok: {redact(url)} at revision 0005"
+    assert code == 0 and out.splitlines()[-1] == f"database ok: {redact(url)} at revision {head}"
 
 
 # ------------------------------------------------------------------ at start
