@@ -283,7 +283,8 @@ def sanitize_html(fragment: str) -> str:
     whole); a link to anything else is refused with ValueError rather than dropped, so
     the author learns of it."""
     _check_inline_jinja(fragment)
-    tokens = _Tokens(_marker(fragment))
+    # The sanitizer decodes character references: "pwj&#105;nja" must count too.
+    tokens = _Tokens(_marker(fragment + html.unescape(fragment)))
     protected = tokens.inline(fragment)
     # The sanitizer drops a javascript: link without a word: look at the links first,
     # to tell the author. The sanitizer stays the guard (the filter below).
@@ -532,6 +533,10 @@ Block = Annotated[
     | LoopBlock,
     Field(discriminator="type"),
 ]
+BLOCK_TYPES = (
+    "text", "image", "button", "divider", "spacer", "hero", "footer", "social",
+    "variable", "condition", "loop",
+)  # fmt: skip
 
 
 class Column(_Model):
@@ -573,6 +578,9 @@ LoopBlock.model_rebuild()
 _PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
 
 
+_BLOCK_LISTS = ("blocks", "else_blocks")
+
+
 def _error_path(loc: Sequence[str | int]) -> str:
     """pydantic's loc as a path, without the tag a block's union adds after its index
     (``blocks, 1, "button", "href"`` is ``blocks[1].href``)."""
@@ -585,9 +593,6 @@ def _error_path(loc: Sequence[str | int]) -> str:
         else:
             out += f".{part}" if out else part
     return out
-
-
-_BLOCK_LISTS = ("blocks", "else_blocks")
 
 
 def _field_message(err: Mapping[str, Any]) -> tuple[str, str]:
@@ -647,40 +652,45 @@ def _children(block: Any) -> Iterator[tuple[str, Any]]:
             yield f"blocks[{i}]", b
 
 
-def _structure_errors(design: Design) -> list[dict[str, str]]:
-    """What the models cannot see one at a time: totals, nesting, where a hero goes."""
-    errors: list[dict[str, str]] = []
-    total = 0
+def _walk(block: Any, path: str, depth: int) -> Iterator[tuple[str, Any, int]]:
+    yield path, block, depth
+    for sub, child in _children(block):
+        yield from _walk(child, f"{path}.{sub}", depth + 1)
 
-    def walk(block: Any, path: str, depth: int) -> None:
-        nonlocal total
-        total += 1
-        if isinstance(block, HeroBlock) and depth > 0:
-            errors.append({"path": path, "message": "a hero cannot be inside a condition or loop"})
-        if isinstance(block, ConditionBlock | LoopBlock):
-            if depth + 1 > MAX_NESTING:
-                errors.append(
-                    {"path": path, "message": f"conditions and loops nest {MAX_NESTING} deep"}
-                )
-                return
-            for sub, child in _children(block):
-                walk(child, f"{path}.{sub}", depth + 1)
 
+def all_blocks(design: Design) -> Iterator[tuple[str, Any, int]]:
+    """(path, block, depth) of every block, those inside conditions and loops too
+    (depth counts the conditions and loops around a block)."""
     for s, section in enumerate(design.sections):
         for c, column in enumerate(section.columns):
             for b, block in enumerate(column.blocks):
-                path = f"sections[{s}].columns[{c}].blocks[{b}]"
-                if isinstance(block, HeroBlock) and (
-                    len(section.columns) != 1 or len(column.blocks) != 1
-                ):
-                    errors.append(
-                        {
-                            "path": path,
-                            "message": "a hero fills its section: put it alone in a "
-                            "section of one column",
-                        }
-                    )
-                walk(block, path, 0)
+                yield from _walk(block, f"sections[{s}].columns[{c}].blocks[{b}]", 0)
+
+
+def _structure_errors(design: Design) -> list[dict[str, str]]:
+    """What the models cannot see one at a time: totals, nesting, where a hero goes."""
+    errors: list[dict[str, str]] = []
+    for s, section in enumerate(design.sections):
+        blocks = [(c, b) for c, col in enumerate(section.columns) for b in range(len(col.blocks))]
+        for c, b in blocks:
+            alone = len(section.columns) == 1 and len(blocks) == 1
+            if isinstance(section.columns[c].blocks[b], HeroBlock) and not alone:
+                errors.append(
+                    {
+                        "path": f"sections[{s}].columns[{c}].blocks[{b}]",
+                        "message": "a hero fills its section: put it alone in a section "
+                        "of one column",
+                    }
+                )
+    total = 0
+    for path, block, depth in all_blocks(design):
+        total += 1
+        if isinstance(block, HeroBlock) and depth > 0:
+            errors.append({"path": path, "message": "a hero cannot be inside a condition or loop"})
+        if isinstance(block, ConditionBlock | LoopBlock) and depth == MAX_NESTING:
+            errors.append(
+                {"path": path, "message": f"conditions and loops nest {MAX_NESTING} deep"}
+            )
     if total > MAX_BLOCKS:
         errors.insert(0, {"path": "sections", "message": f"more than {MAX_BLOCKS} blocks"})
     return errors
@@ -708,25 +718,15 @@ def parse_design(raw: Mapping[str, Any] | Design) -> Design:
 
 
 def design_warnings(design: Design) -> tuple[DesignWarning, ...]:
-    out: list[DesignWarning] = []
-
-    def visit(block: Any, path: str) -> None:
-        if isinstance(block, ImageBlock) and block.alt is None:
-            out.append(
-                DesignWarning(
-                    "image-missing-alt",
-                    f"{path}.alt",
-                    'an image without alt text (use "" for a purely decorative one)',
-                )
-            )
-        for sub, child in _children(block):
-            visit(child, f"{path}.{sub}")
-
-    for s, section in enumerate(design.sections):
-        for c, column in enumerate(section.columns):
-            for b, block in enumerate(column.blocks):
-                visit(block, f"sections[{s}].columns[{c}].blocks[{b}]")
-    return tuple(out)
+    return tuple(
+        DesignWarning(
+            "image-missing-alt",
+            f"{path}.alt",
+            'an image without alt text (use "" for a purely decorative one)',
+        )
+        for path, block, _depth in all_blocks(design)
+        if isinstance(block, ImageBlock) and block.alt is None
+    )
 
 
 # --- Jinja through MJML and the inliner: tokens ---------------------------------------
