@@ -900,7 +900,6 @@ class _Writer:
             background_repeat="no-repeat",
             background_position="center center",
             padding=f"{b.padding_y}px 0",
-            css_class="pw-hero",
         )
         self.out.append(f"<mj-section{attrs}><mj-column>")
         self.out.append(
