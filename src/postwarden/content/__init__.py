@@ -1,0 +1,1 @@
+"""Email content: templates, their rendering, lint and the visual builder's designs (issue 20)."""
