@@ -145,6 +145,8 @@ class VersionOut(BaseModel):
 
 
 class VersionSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     version: int
     subject: str
@@ -303,6 +305,18 @@ def _variables(variables: list[VariableIn]) -> list[dict[str, Any]]:
     return [v.model_dump() for v in variables]
 
 
+def _content(v: TemplateVersion) -> dict[str, Any]:
+    """A version's content, as both answers show it."""
+    return {
+        "subject": v.subject,
+        "preheader": v.preheader,
+        "html": v.html,
+        "text": v.text,
+        "variables": [VariableOut.model_validate(x) for x in v.variables or []],
+        "design": v.design,
+    }
+
+
 def template_out(t: Template, v: TemplateVersion) -> TemplateOut:
     return TemplateOut(
         id=t.id,
@@ -312,27 +326,13 @@ def template_out(t: Template, v: TemplateVersion) -> TemplateOut:
         updated_at=t.updated_at,
         version=v.version,
         version_id=v.id,
-        subject=v.subject,
-        preheader=v.preheader,
-        html=v.html,
-        text=v.text,
-        variables=[VariableOut.model_validate(x) for x in v.variables or []],
-        design=v.design,
+        **_content(v),
     )
 
 
 def version_out(v: TemplateVersion) -> VersionOut:
     return VersionOut(
-        id=v.id,
-        version=v.version,
-        subject=v.subject,
-        preheader=v.preheader,
-        html=v.html,
-        text=v.text,
-        variables=[VariableOut.model_validate(x) for x in v.variables or []],
-        design=v.design,
-        created_at=v.created_at,
-        created_by=v.created_by,
+        id=v.id, version=v.version, created_at=v.created_at, created_by=v.created_by, **_content(v)
     )
 
 
@@ -560,16 +560,7 @@ async def list_versions(c: Call) -> Any:
         stmt = select(TemplateVersion).where(TemplateVersion.template_id == t.id)
         rows = await page(s, stmt, TemplateVersion, c.query.cursor, c.query.limit)
     return VersionList(
-        data=[
-            VersionSummary(
-                id=v.id,
-                version=v.version,
-                subject=v.subject,
-                created_at=v.created_at,
-                created_by=v.created_by,
-            )
-            for v in rows
-        ],
+        data=[VersionSummary.model_validate(v) for v in rows],
         next_cursor=page_of(rows, c.query.limit),
     )
 
