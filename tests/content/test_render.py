@@ -252,3 +252,11 @@ def test_one_deadline_for_all_parts_of_a_message() -> None:
             limits=Limits(deadline=0.05, max_iterations=10**12),
         )
     assert (err.value.part, err.value.limit) == ("text", "deadline")
+
+
+def test_a_block_called_again_counts_as_written() -> None:
+    block = "{% block b %}" + "x" * 100_000 + "{% endblock %}"
+    src = block + "{% set t %}{% for i in range(100) %}{{ self.b() }}{% endfor %}{% endset %}"
+    refused(src, "limit_exceeded", "produced")
+    # Output that runs once is counted by the output cap alone.
+    assert len(render("y" * 900_000 + "{{ 'z' * 100_000 }}")) == 1_000_000

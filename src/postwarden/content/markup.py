@@ -34,10 +34,15 @@ _RAW_END = {t: re.compile(f"</{t}", re.I) for t in _RAW}
 @dataclass(frozen=True, slots=True)
 class Tag:
     name: str  # lower case
-    attrs: tuple[tuple[str, str | None], ...]  # names lower case, values decoded
+    source: str  # what is between the name and ">" (attributes: read when asked for)
     end: bool  # an end tag (</name>)
     line: int  # where its "<" is: 1-based line and column
     column: int
+
+    @property
+    def attrs(self) -> tuple[tuple[str, str | None], ...]:
+        """Names in lower case, values decoded (None: given without a value)."""
+        return _attrs(self.source)
 
     def attr(self, name: str) -> str | None:
         """The first value of an attribute (``""`` for one given without a value),
@@ -114,7 +119,7 @@ def walk(markup: str) -> Iterator[str | Tag]:
         end_tag = second == "/"
         ln, col = where(lt)
         inner = "" if end_tag else markup[name.end() : gt]
-        yield Tag(tag_name, _attrs(inner), end_tag, ln, col)
+        yield Tag(tag_name, inner, end_tag, ln, col)
         pos = gt + 1
         if not end_tag and tag_name in _RAW and not inner.rstrip().endswith("/"):
             closing = _RAW_END[tag_name].search(markup, pos)
@@ -123,7 +128,7 @@ def walk(markup: str) -> Iterator[str | Tag]:
             gt = markup.find(">", closing.end())
             if gt < 0:
                 return
-            yield Tag(tag_name, (), True, *where(closing.start()))
+            yield Tag(tag_name, "", True, *where(closing.start()))
             pos = gt + 1
     if pos < len(markup):
         yield markup[pos:]

@@ -397,10 +397,25 @@ _NOT_HERE = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
 
 
 class _Guard(NodeTransformer):
-    """Routes loops, output and ``~`` through the guards."""
+    """Routes loops, output and ``~`` through the guards. Output is counted where it
+    may repeat or is kept (in a loop, a macro, a call or filter block, a captured
+    ``set``): output outside them runs once, and the output cap counts it as it is
+    generated."""
 
     def __init__(self, environment: Any) -> None:
         self.environment = environment
+        self.repeated = 0
+
+    def _inside(self, node: nodes.Node) -> nodes.Node:
+        self.repeated += 1
+        try:
+            self.generic_visit(node)
+        finally:
+            self.repeated -= 1
+        return node
+
+    visit_Macro = visit_CallBlock = visit_FilterBlock = visit_AssignBlock = _inside
+    visit_Block = _inside  # may be called again: {{ self.name() }}
 
     def _filter(self, node: nodes.Node, name: str) -> nodes.Filter:
         new = nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
@@ -409,11 +424,12 @@ class _Guard(NodeTransformer):
 
     def visit_Output(self, node: nodes.Output) -> nodes.Node:
         self.generic_visit(node)
-        node.nodes = [self._filter(child, "_pw_out") for child in node.nodes]
+        if self.repeated:
+            node.nodes = [self._filter(child, "_pw_out") for child in node.nodes]
         return node
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        self.generic_visit(node)
+        self._inside(node)
         node.iter = self._filter(node.iter, "_pw_iter")
         return node
 
