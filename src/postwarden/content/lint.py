@@ -21,7 +21,7 @@ from jinja2.exceptions import TemplateSyntaxError
 from jinja2.lexer import Lexer
 
 from postwarden.content.markup import Tag, walk
-from postwarden.content.render import Parts, SandboxEnvironment
+from postwarden.content.render import Parts, RenderError, SandboxEnvironment, compile_template
 from postwarden.content.variables import BUILTINS, CONTACT_FIELDS, CONTRACT
 
 #: Gmail shows "[Message clipped]" after this many bytes of HTML.
@@ -120,7 +120,13 @@ def _parse(part: str, source: str, html: bool) -> tuple[nodes.Template | None, l
     env = _ENV[html]
     try:
         tree = env.parse(source)
-        env.compile(source)  # what only the compiler checks: filter names, include ...
+        try:
+            # What only the compiler checks (filter names, include ...), through the
+            # renderer's cache: a preview's lint compiles nothing again.
+            compile_template(source, html=html, part=part)
+        except RenderError as exc:
+            env.compile(source)  # the same error, with its column
+            return None, [Finding(exc.code, "error", exc.message, _at(part, exc.line))]
     except TemplateSyntaxError as exc:
         return None, [
             Finding("syntax_error", "error", exc.message or str(exc), _at(part, exc.lineno))
