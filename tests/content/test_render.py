@@ -119,6 +119,7 @@ def test_string_multiplication_is_refused_before_it_is_made() -> None:
     refused('{{ "x\nx" | indent(10**8) }}', "limit_exceeded", "value")
     refused('{{ [1] | batch(10**9, "x") | list }}', "limit_exceeded", "value")
     refused("{{ 9 ** 99999 }}", "limit_exceeded", "value")
+    refused("{{ ('wordy' * 150000) | wordwrap(3) }}", "limit_exceeded", "value")
     assert render('{{ "ab" * 3 }}') == "ababab"
 
 

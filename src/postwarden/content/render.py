@@ -276,8 +276,15 @@ def _pre_format(args: list[Any], kw: dict[str, Any]) -> None:
     _check_percent(str(args[0]), kw or tuple(args[1:]))
 
 
+#: Longest text wordwrap takes (textwrap is Python: a 750 000-character word takes it
+#: 3 s, between two checks of the deadline).
+MAX_WORDWRAP = 64 * 1024
+
+
 def _pre_wordwrap(args: list[Any], kw: dict[str, Any]) -> None:
     text = str(args[0])
+    if len(text) > MAX_WORDWRAP:
+        raise _Limit("value", f"wordwrap takes at most {MAX_WORDWRAP} characters")
     width = _arg(args, kw, 1, "width", 79)
     wrap = _arg(args, kw, 3, "wrapstring", None) or "\n"
     lines = len(text) // max(width if isinstance(width, int) else 1, 1) + text.count("\n") + 1
