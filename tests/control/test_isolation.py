@@ -9,6 +9,16 @@ import re
 from postwarden.control.api import api as registry
 from tests.control.conftest import ControlFactory, domain_in_force
 
+# Bodies for the routes with a resource in their path that take one: valid, so that
+# the answer is the resource lookup's (a route not listed gets {}).
+BODIES = {
+    ("PATCH", "/v1/templates/{template_id:int}"): {"name": "mine"},
+    ("POST", "/v1/templates/{template_id:int}/test-send"): {
+        "to": ["u@inbox.test"],
+        "from": "x@alpha.test",
+    },
+}
+
 
 async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
     api = await control()
@@ -27,12 +37,17 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         assert r.status_code == 202
         msg_b = r.json()["id"]
         key_b_id = (await c.get("/v1/keys")).json()["data"][0]["id"]
+        r = await c.post("/v1/templates", json={"name": "b's", "subject": "s", "html": "b"})
+        assert r.status_code == 201
+        template_b = r.json()["id"]
     values = {
         "domain_id": d_b["id"],
         "key_id": key_b_id,
         "selector": d_b["dkim"][0]["selector"],
         "address": "secret-b@inbox.test",
         "message_id": msg_b,
+        "template_id": template_b,
+        "version": 1,
     }
     await api.lab.wait_for_messages(1)
     checked = []
@@ -42,7 +57,8 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
             if not op.tenant or not params:
                 continue
             url = re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: str(values[m.group(1)]), op.path)
-            r = await c.request(op.method, url)
+            body = BODIES.get((op.method, op.path), {}) if op.body is not None else None
+            r = await c.request(op.method, url, json=body)
             assert r.status_code == 404, (op.method, url, r.status_code, r.text)
             assert "bravo" not in r.text and "secret-b" not in r.text
             checked.append((op.method, op.path))

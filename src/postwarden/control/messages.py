@@ -8,6 +8,7 @@ import binascii
 import datetime as dt
 import logging
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -195,9 +196,13 @@ def too_large(path: str, what: str, limit: int) -> ApiError:
     return ApiError(413, "too_large", f"{path}: {msg}", fields=[{"path": path, "message": msg}])
 
 
-def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, bytes, str]:
+def prepare(
+    c: Call, m: MessageCreate, prefix: str = "", *, own_headers: Sequence[tuple[str, str]] = ()
+) -> tuple[Envelope, bytes, str]:
     """Check a message against the tenant's rules and build it; raises ApiError (422,
-    or 413 when the built message is larger than smtp.max_message_size)."""
+    or 413 when the built message is larger than smtp.max_message_size).
+    ``own_headers`` are the appliance's (a test send's ``X-Postwarden-Test``), added
+    after the caller's, which may not use those names."""
     cfg = c.ctx.cfg
     p = (lambda s: f"{prefix}{s}") if prefix else (lambda s: s)
     sender = _box(m.from_)
@@ -229,7 +234,7 @@ def prepare(c: Call, m: MessageCreate, prefix: str = "") -> tuple[Envelope, byte
         subject=m.subject,
         text=m.text,
         html=m.html,
-        headers=list(m.headers.items()),
+        headers=[*m.headers.items(), *own_headers],
         attachments=parts,
     )
     msg_id = new_message_id()

@@ -120,6 +120,14 @@ def decode_cursor(cursor: str | None) -> int:
 
 class TenantSettings(Strict):
     bounce_notifications: bool = False
+    postal_address: Annotated[
+        str,
+        StringConstraints(max_length=500),
+        Field(
+            description="the physical postal address marketing mail carries (CAN-SPAM):"
+            " {{ postal_address }} in templates"
+        ),
+    ] = ""
 
 
 _DEFAULT_POOL = "the pool of its mail that names none; null: the appliance's default pool"
