@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,6 +28,7 @@ from pydantic import (
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from postwarden.content.design import DesignError, compile_design, design_json, parse_design
 from postwarden.content.lint import Finding, counts, lint
 from postwarden.content.render import Parts, Rendered, RenderError, render_message
 from postwarden.content.variables import BUILTINS, CONTRACT, VARIABLE_NAME, send_context
@@ -97,11 +99,17 @@ class TemplateCreate(Strict):
     html: Source | None = None
     text: Source | None = Field(None, description="null: made from the HTML at each send")
     variables: list[VariableIn] = Field(default_factory=list, max_length=100)
+    design: dict[str, Any] | None = Field(
+        None, description="a visual builder design (docs/design-json.md): the HTML is compiled"
+        " from it"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _complete(self) -> TemplateCreate:
-        if self.html is None and self.text is None:
-            raise ValueError("give html, text or both")
+        if self.design is not None and self.html is not None:
+            raise ValueError("give html or design, not both")
+        if self.html is None and self.text is None and self.design is None:
+            raise ValueError("give html, text, design, or html or design with text")
         _check_variables(self.variables)
         return self
 
@@ -114,9 +122,15 @@ class TemplateUpdate(Strict):
     html: Source | None = None
     text: Source | None = None
     variables: list[VariableIn] | None = Field(None, max_length=100)
+    design: dict[str, Any] | None = Field(
+        None, description="a new design (the HTML is compiled from it); null: keep the HTML,"
+        " drop the design"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _unique(self) -> TemplateUpdate:
+        if self.design is not None and self.html is not None:
+            raise ValueError("give html or design, not both")
         _check_variables(self.variables)
         return self
 
@@ -268,6 +282,21 @@ def template_error(exc: RenderError) -> ApiError:
     )
 
 
+def _compile(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A design's HTML and its canonical form to store; 422 naming the design's field."""
+    try:
+        design = parse_design(raw)
+        return compile_design(design).html, json.loads(design_json(design))
+    except DesignError as exc:
+        fields = exc.under("design")
+        message = f"{fields[0]['path']}: {fields[0]['message']}"
+        raise ApiError(422, "validation_error", message, fields=fields) from None
+
+
+async def compile_design_of(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return await asyncio.to_thread(_compile, raw)
+
+
 async def _render(parts: Parts, context: dict[str, Any]) -> Rendered:
     try:
         return await asyncio.to_thread(render_message, parts, context)
@@ -364,6 +393,9 @@ async def create_template(c: Call) -> Any:
     Templates with syntax errors are kept (lint reports them; previews and sends
     refuse them)."""
     b: TemplateCreate = c.body
+    html, design = b.html, None
+    if b.design is not None:
+        html, design = await compile_design_of(b.design)
     async with c.ctx.sessions() as s:
         t = Template(tenant_id=c.tenant_id, name=b.name, category=b.category)
         s.add(t)
@@ -377,9 +409,10 @@ async def create_template(c: Call) -> Any:
             version=1,
             subject=b.subject,
             preheader=b.preheader,
-            html=b.html,
+            html=html,
             text=b.text,
             variables=_variables(b.variables),
+            design=design,
             created_by=_author(c),
         )
         s.add(v)
@@ -447,7 +480,7 @@ async def get_template(c: Call) -> Any:
         return template_out(t, await _version(s, t))
 
 
-_CONTENT = ("subject", "preheader", "html", "text", "variables")
+_CONTENT = ("subject", "preheader", "html", "text", "variables", "design")
 
 
 @api.op(
@@ -471,6 +504,9 @@ async def update_template(c: Call) -> Any:
     for name in ("name", "category", "subject", "preheader", "variables"):
         if name in given and getattr(b, name) is None:
             raise invalid(name, "may not be null")
+    compiled: tuple[str, dict[str, Any]] | None = None
+    if b.design is not None:
+        compiled = await compile_design_of(b.design)
     async with c.ctx.sessions() as s:
         t = await _template(s, c, lock=True)
         cur = await _version(s, t)
@@ -480,12 +516,17 @@ async def update_template(c: Call) -> Any:
             "html": cur.html,
             "text": cur.text,
             "variables": list(cur.variables or []),
+            "design": cur.design,
         }
         new = dict(content)
         for name in _CONTENT:
             if name in given:
                 value = getattr(b, name)
                 new[name] = _variables(value) if name == "variables" else value
+        if compiled is not None:
+            new["html"], new["design"] = compiled
+        elif "html" in given:
+            new["design"] = None  # HTML written by hand: no longer the design's
         if new["html"] is None and new["text"] is None:
             raise invalid("html", "a template needs html, text or both")
         if b.name is not None:
