@@ -5,7 +5,7 @@ module is imported here."""
 
 from __future__ import annotations
 
-from postwarden.store import contact_models  # noqa: F401  (registers its tables)
+from postwarden.store import audience_models, contact_models  # noqa: F401  (their tables)
 from postwarden.store.models import Base
 
 metadata = Base.metadata
