@@ -28,6 +28,9 @@ from tests.control.conftest import ControlApi, ControlFactory
 
 DECLARED = {"plan": "string", "age": "number", "vip": "boolean", "renewal": "date",
             "tags": "list", "score": "number"}  # fmt: skip
+RENEWALS = ["2026-01-01", "2025-12-31", "2026-01-01T00:00:00Z", "2026-01-01T05:30:00Z",
+            "2026-01-01T05:30:00.250000Z", "2026-03-15", "2027-01-01T00:00:00Z",
+            20260101]  # fmt: skip
 DAY0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
@@ -64,9 +67,7 @@ def _contacts(rng: random.Random, n: int) -> list[tuple[ContactIn, dict[str, Any
         if rng.random() < 0.7:
             attrs["vip"] = rng.choice([True, False, "true", 1])
         if rng.random() < 0.8:
-            attrs["renewal"] = rng.choice(["2026-01-01", "2025-12-31", "2026-01-01T00:00:00Z",
-                                           "2026-01-01T05:30:00Z", "2026-01-01T05:30:00.250000Z",
-                                           "2026-03-15", "2027-01-01T00:00:00Z", 20260101])  # fmt: skip
+            attrs["renewal"] = rng.choice(RENEWALS)
         if rng.random() < 0.75:
             attrs["tags"] = rng.sample(["a", "b", "c", "d", "é"], rng.randint(0, 3))
             if rng.random() < 0.1:
@@ -343,3 +344,108 @@ async def test_counts_match_the_reference_on_both_databases(control: ControlFact
         # The rules that select nothing and everything are not all trivially empty.
         counts = [len(reference(rule, rows)) for rule in RULES]
         assert sum(1 for n in counts if 0 < n < len(rows)) >= len(RULES) - 3, counts
+
+
+async def test_crud_errors_snapshots_and_isolation(control: ControlFactory) -> None:
+    api = await control()
+    key, other = await api.tenant("acme"), await api.tenant("other")
+    tid, other_tid = await tenant_id(api, key), await tenant_id(api, other)
+    rows = await load(api, tid, 60, seed=5)
+    other_rows = await load(api, other_tid, 10, seed=6)
+    async with api.app.control.sessions() as s:  # a list of each tenant's own
+        s.add(ContactList(tenant_id=other_tid, name="secret"))
+        s.add(ContactList(tenant_id=tid, name="acme-only"))
+        await s.commit()
+    rule = 'attributes.plan == "pro" or in_list("beta")'
+    async with api.client(key) as c:
+        r = await c.post("/v1/audiences", json={"name": "Pro or beta", "rule": rule})
+        assert r.status_code == 201, r.text
+        aud = r.json()
+        assert aud["rule"] == rule and aud["name"] == "Pro or beta"
+        base = f"/v1/audiences/{aud['id']}"
+        assert (await c.post("/v1/audiences", json={"name": "Pro or beta", "rule": rule})
+                ).status_code == 409  # fmt: skip
+        # A rule error: 422 naming rule, with its line, column and a caret.
+        r = await c.post(
+            "/v1/audiences", json={"name": "x", "rule": 'email == "a"\n and in_list("secret")'}
+        )
+        assert r.status_code == 422
+        f = r.json()["error"]["fields"][0]
+        assert f["path"] == "rule" and (f["line"], f["column"]) == (2, 14), f
+        assert f["message"] == "line 2, column 14: no list named 'secret'"
+        assert f["caret"] == ' and in_list("secret")\n             ^'
+        r = await c.post("/v1/audiences", json={"name": "x", "rule": "attributes.age == 'x'"})
+        assert r.status_code == 422 and "column 19" in r.json()["error"]["message"]
+        r = await c.post("/v1/audiences/preview", json={"rule": "(" * 40 + "email == 'a'"})
+        assert r.status_code == 422 and "deeper than" in r.json()["error"]["message"]
+        r = await c.post("/v1/audiences/preview", json={"rule": "x" * 5000})
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "rule"
+
+        # Preview: count and sample as the reference says.
+        want = reference(rule, rows)
+        r = await c.get(f"{base}/preview")
+        assert r.json()["count"] == len(want) > 0
+        assert [x["id"] for x in r.json()["sample"]] == want[:10]
+        assert set(r.json()["sample"][0]) == {"id", "email", "name", "status", "attributes"}
+
+        # A snapshot holds exactly who matched then, whatever changes after.
+        r = await c.post(f"{base}/snapshots")
+        assert r.status_code == 201, r.text
+        snap = r.json()
+        assert snap["count"] == len(want) and snap["rule"] == rule
+        async with api.app.control.sessions() as s:
+            await upsert_contacts(s, tid, [ContactIn("late@acme.example",
+                                                     attributes={"plan": "pro"})])  # fmt: skip
+            await s.commit()
+        members: list[int] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 7}
+            if cursor:
+                params["cursor"] = cursor
+            r = await c.get(f"{base}/snapshots/{snap['id']}/members", params=params)
+            assert r.status_code == 200, r.text
+            members += [m["contact_id"] for m in r.json()["data"]]
+            assert all(m["email"] for m in r.json()["data"])
+            cursor = r.json()["next_cursor"]
+            if not cursor:
+                break
+        assert members == want
+        assert (await c.get(f"{base}/preview")).json()["count"] == len(want) + 1
+        r = await c.get(f"{base}/snapshots/{snap['id']}")
+        assert r.json() == snap
+
+        # Change the rule and the name; list; delete.
+        r = await c.patch(base, json={"rule": 'status == "bounced"', "name": "Bounced"})
+        assert r.status_code == 200 and r.json()["name"] == "Bounced"
+        r = await c.get(f"{base}/preview")
+        assert r.json()["count"] == len(reference('status == "bounced"', rows))
+        r = await c.patch(base, json={"rule": "in_list("})
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["column"] == 9
+        assert (await c.get(base)).json()["rule"] == 'status == "bounced"'
+        await c.post("/v1/audiences", json={"name": "second", "rule": 'name == "Ann"'})
+        page1 = (await c.get("/v1/audiences", params={"limit": 1})).json()
+        page2 = (await c.get("/v1/audiences", params={"cursor": page1["next_cursor"]})).json()
+        assert [a["name"] for a in page1["data"] + page2["data"]] == ["Bounced", "second"]
+
+    # The other tenant sees none of it, and its rules cannot see acme's lists.
+    async with api.client(other) as c:
+        assert (await c.get(base)).status_code == 404
+        assert (await c.get(f"{base}/preview")).status_code == 404
+        assert (await c.post(f"{base}/snapshots")).status_code == 404
+        assert (await c.get(f"{base}/snapshots/{snap['id']}")).status_code == 404
+        assert (await c.get(f"{base}/snapshots/{snap['id']}/members")).status_code == 404
+        assert (await c.patch(base, json={"name": "mine"})).status_code == 404
+        assert (await c.delete(base)).status_code == 404
+        assert (await c.get("/v1/audiences")).json()["data"] == []
+        r = await c.post("/v1/audiences/preview", json={"rule": 'in_list("acme-only")'})
+        assert r.status_code == 422 and "no list named 'acme-only'" in r.text
+        # Its "beta" is its own list: its members, none of acme's.
+        r = await c.post("/v1/audiences/preview", json={"rule": 'in_list("beta")'})
+        assert r.json()["count"] == len(reference('in_list("beta")', other_rows))
+        assert not {x["id"] for x in r.json()["sample"]} & {x.id for x in rows}
+
+    async with api.client(key) as c:
+        assert (await c.delete(base)).status_code == 200
+        assert (await c.get(base)).status_code == 404
+        assert (await c.get(f"{base}/snapshots/{snap['id']}")).status_code == 404

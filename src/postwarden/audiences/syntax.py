@@ -130,6 +130,8 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _OPS = ("==", "!=", "<=", ">=", "<", ">", "(", ")", "[", "]", ",", ".")
 _ESCAPES = {'"': '"', "'": "'", "\\": "\\", "n": "\n", "t": "\t", "/": "/"}
 _MAX_NUMBER = 40
+_DIGITS = "0123456789"
+_DIGITS_1 = tuple(_DIGITS)
 
 
 def _string(source: str, start: int) -> tuple[str, int]:
@@ -182,7 +184,7 @@ def tokenize(source: str) -> list[Token]:
             tokens.append(Token("string", source[i:end], i, value))
             i = end
             continue
-        if ch.isdigit() or (ch == "-" and source[i + 1 : i + 2].isdigit()):
+        if ch in _DIGITS or (ch == "-" and source[i + 1 : i + 2] in _DIGITS_1):
             m = _NUMBER.match(source, i)
             assert m is not None
             text = m.group()
@@ -257,10 +259,10 @@ class _Parser:
             raise self.error(f"expected {text!r} {what}, found {self.found()}")
         return self.take()
 
-    def enter(self) -> None:
+    def enter(self, tok: Token) -> None:
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise self.error(f"nested deeper than {MAX_DEPTH} levels")
+            raise self.error(f"nested deeper than {MAX_DEPTH} levels", tok)
 
     def term(self, tok: Token) -> None:
         self.terms += 1
@@ -294,7 +296,7 @@ class _Parser:
     def unary(self) -> Node:
         if self.is_word("not"):
             tok = self.take()
-            self.enter()
+            self.enter(tok)
             item = self.unary()
             self.depth -= 1
             return Not(item, tok.pos)
@@ -304,7 +306,7 @@ class _Parser:
         tok = self.tok
         if self.is_op("("):
             self.take()
-            self.enter()
+            self.enter(tok)
             node = self.or_expr()
             self.depth -= 1
             self.expect_op(")", "to close the '(' of column " + str(self._column(tok)))
