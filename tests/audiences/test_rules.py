@@ -227,3 +227,11 @@ def test_any_unicode_is_a_rule_or_a_rule_error(text: str) -> None:
         compile_rule(text, SCHEMA)
     except RuleError:
         pass
+
+
+def test_a_rule_names_at_most_30_lists_topics_and_purposes() -> None:
+    ok = " or ".join(f'has_consent("p{i}")' for i in range(30))
+    compile_rule(ok + ' or has_consent("p0")', SCHEMA)  # the same purpose twice is one
+    with pytest.raises(RuleError, match="more than 30 different") as info:
+        compile_rule(ok + ' or in_list("beta")', SCHEMA)
+    assert info.value.column == len(ok) + len(' or in_list("') + 0

@@ -33,6 +33,9 @@ from postwarden.mail.addresses import suppression_key
 
 #: Columns that may be NULL (a comparison with a NULL is false).
 NULLABLE = ("locale", "timezone")
+#: Most different lists, topics and consent purposes one rule names (each is a join;
+#: SQLite joins at most 64 tables).
+MAX_REFERENCES = 30
 #: Width of the text a date attribute is compared by: a day, or a time to the second.
 DAY, SECOND = 10, 19
 
@@ -178,6 +181,14 @@ class _Binder:
         self.source = source
         self.schema = schema
         self.names_status = False
+        self.references: set[tuple[str, str]] = set()
+
+    def refer(self, kind: str, name: str, pos: int) -> None:
+        self.references.add((kind, name))
+        if len(self.references) > MAX_REFERENCES:
+            raise self.error(
+                f"more than {MAX_REFERENCES} different lists, topics and consent purposes", pos
+            )
 
     def error(self, message: str, pos: int) -> RuleError:
         return RuleError(message, self.source, pos)
@@ -205,6 +216,7 @@ class _Binder:
             raise self.error(f"every contact has {f.name}: exists() is for attributes", f.pos)
         assert isinstance(node.arg, Literal) and isinstance(node.arg.value, str)
         name, pos = node.arg.value, node.arg.pos
+        self.refer("topic" if node.name.startswith("topic") else node.name, name, pos)
         if node.name == "in_list":
             if name not in self.schema.lists:
                 raise self.error(f"no list named {name!r}", pos)

@@ -81,6 +81,11 @@ def upgrade() -> None:
             "snapshot_id", "contact_id", name=op.f("pk_audience_snapshot_members")
         ),
     )
+    op.create_index(
+        "ix_consents_tenant_id_purpose_contact_id",
+        "consents",
+        ["tenant_id", "purpose", "contact_id"],
+    )
     if op.get_bind().dialect.name == "postgresql":
         op.alter_column(
             "contacts",
@@ -102,6 +107,7 @@ def downgrade() -> None:
             existing_nullable=False,
             postgresql_using="attributes::json",
         )
+    op.drop_index("ix_consents_tenant_id_purpose_contact_id", table_name="consents")
     op.drop_table("audience_snapshot_members")
     op.drop_index("ix_audience_snapshots_audience_id_id", table_name="audience_snapshots")
     op.drop_table("audience_snapshots")
