@@ -12,8 +12,10 @@ WHERE clause over ``contacts``, the same answer on SQLite and PostgreSQL:
   never NULL: ``not`` of a false condition is true);
 * text is compared by code point on both (``COLLATE "C"`` on PostgreSQL), substrings
   without ``LIKE`` (SQLite's is case-insensitive);
-* lists, topics and consent purposes are LEFT JOINs on their primary keys (see
-  :class:`_Selection`), once each however often the rule names them.
+* lists, topics and consent purposes are ``EXISTS`` / ``NOT EXISTS`` where they are
+  terms of the rule's top-level ``and`` (semi- and anti-joins), else LEFT JOINs on
+  their primary keys, once each however often the rule names them (see
+  :class:`_Selection`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy import (
     Float,
     and_,
     case,
+    exists,
     false,
     func,
     insert,
@@ -236,6 +239,36 @@ class _Selection:
 
         return self._join(("consent", purpose), consent).c.contact_id.is_not(None)
 
+    def conjunct(self, cond: Cond) -> Bool:
+        """``cond`` as one of the rule's top-level ``and`` terms: a membership (or its
+        ``not``) there is an ``EXISTS`` (``NOT EXISTS``), which PostgreSQL runs as a
+        parallel semi-join (anti-join), the consents without a DISTINCT pass."""
+        negated = isinstance(cond, Negation)
+        inner = cond.item if isinstance(cond, Negation) else cond
+        if isinstance(inner, InList):
+            found = exists().where(
+                ListMember.list_id == inner.list_id, ListMember.contact_id == Contact.id
+            )
+            positive = True
+        elif isinstance(inner, OptedIn):
+            # Opt-in by default: in unless a choice says out; else in only by a choice.
+            found = exists().where(
+                TopicSubscription.topic_id == inner.topic_id,
+                TopicSubscription.contact_id == Contact.id,
+                TopicSubscription.opted_in.is_(not inner.default_opt_in),
+            )
+            positive = not inner.default_opt_in
+        elif isinstance(inner, HasConsent):
+            found = exists().where(
+                Consent.contact_id == Contact.id,
+                Consent.tenant_id == self.tenant_id,
+                Consent.purpose == inner.purpose,
+            )
+            positive = True
+        else:
+            return self.condition(cond)
+        return found if positive != negated else not_(found)
+
 
 def selection(plan: Plan, tenant_id: int, dialect: str) -> tuple[Any, Bool]:
     """The FROM and the WHERE of the tenant's contacts the plan selects: only
@@ -244,7 +277,8 @@ def selection(plan: Plan, tenant_id: int, dialect: str) -> tuple[Any, Bool]:
     parts = [Contact.tenant_id == tenant_id]
     if not plan.names_status:
         parts.append(Contact.status == "active")
-    parts.append(sel.condition(plan.root))
+    top = plan.root.items if isinstance(plan.root, AllOf) else (plan.root,)
+    parts += [sel.conjunct(c) for c in top]
     return sel.source(), and_(*parts)
 
 
