@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from postwarden.audiences.syntax import BoolOp, Call, Compare, Field, Literal, Node, Not, parse
 from postwarden.store.contact_models import (
@@ -446,6 +446,15 @@ async def test_crud_errors_snapshots_and_isolation(control: ControlFactory) -> N
         assert not {x["id"] for x in r.json()["sample"]} & {x.id for x in rows}
 
     async with api.client(key) as c:
+        # A saved rule whose list was deleted since: 422 with the place, at preview.
+        r = await c.post("/v1/audiences", json={"name": "gone", "rule": 'in_list("acme-only")'})
+        gone = r.json()["id"]
+        async with api.app.control.sessions() as s:
+            await s.execute(delete(ContactList).where(ContactList.name == "acme-only"))
+            await s.commit()
+        r = await c.get(f"/v1/audiences/{gone}/preview")
+        assert r.status_code == 422 and r.json()["error"]["fields"][0]["column"] == 9
+        assert (await c.post(f"/v1/audiences/{gone}/snapshots")).status_code == 422
         assert (await c.delete(base)).status_code == 200
         assert (await c.get(base)).status_code == 404
         assert (await c.get(f"{base}/snapshots/{snap['id']}")).status_code == 404
