@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,6 +342,17 @@ async def test_counts_match_the_reference_on_both_databases(control: ControlFact
             got = r.json()
             assert got["count"] == len(want), rule
             assert [x["id"] for x in got["sample"]] == want[:10], rule
+        # The largest rule the limits allow runs on both databases: 100 conditions of
+        # every kind, parentheses 32 deep, an in [...] of 200 values.
+        kinds = sorted((r for r in RULES if not re.search(r" and | or |not ", r)), key=len)[:12]
+        terms = [kinds[i % len(kinds)] for i in range(98)]
+        values = ", ".join(f'"{i}"' for i in range(200))
+        big = "(" * 31 + " or ".join(terms[:50]) + ")" * 31
+        big += " or (" + " and ".join(terms[50:]) + f") or email in [{values}]"
+        assert len(big) <= 4000
+        r = await c.post("/v1/audiences/preview", json={"rule": big})
+        assert r.status_code == 200, r.text
+        assert r.json()["count"] == len(reference(big, rows))
         # The rules that select nothing and everything are not all trivially empty.
         counts = [len(reference(rule, rows)) for rule in RULES]
         assert sum(1 for n in counts if 0 < n < len(rows)) >= len(RULES) - 3, counts
