@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak bench-events clean venv
+.PHONY: run test lint bench bench-soak bench-events bench-audience clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,7 @@ bench-soak: $(STAMP)
 ## GET /v1/events over 1M events of one tenant, on a private PostgreSQL (not in `bench`).
 bench-events: $(STAMP)
 	$(BIN)/python bench/events_query.py
+
+## Audience counts over 1M contacts on a private PostgreSQL and 100k on SQLite (not in `bench`).
+bench-audience: $(STAMP)
+	$(BIN)/python bench/audience_count.py

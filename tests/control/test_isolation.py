@@ -40,7 +40,12 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         r = await c.post("/v1/templates", json={"name": "b's", "subject": "s", "html": "b"})
         assert r.status_code == 201
         template_b = r.json()["id"]
+        r = await c.post("/v1/audiences", json={"name": "bravo's", "rule": 'name == "b"'})
+        aud_b = r.json()["id"]
+        snap_b = (await c.post(f"/v1/audiences/{aud_b}/snapshots")).json()["id"]
     values = {
+        "audience_id": aud_b,
+        "snapshot_id": snap_b,
         "domain_id": d_b["id"],
         "key_id": key_b_id,
         "selector": d_b["dkim"][0]["selector"],

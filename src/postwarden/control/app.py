@@ -116,6 +116,7 @@ def create_app(
         from postwarden.control import event_list  # noqa: F401
         from postwarden.control import shaping_api  # noqa: F401
         from postwarden.control import templates  # noqa: F401
+        from postwarden.control import audiences  # noqa: F401
         # isort: on
 
         schema = openapi_document(api)

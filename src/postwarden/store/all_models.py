@@ -5,9 +5,10 @@ module is imported here."""
 
 from __future__ import annotations
 
-from postwarden.store import (
-    contact_models,  # noqa: F401  (registers its tables)
-    template_models,  # noqa: F401  (registers its tables)
+from postwarden.store import (  # noqa: F401  (each registers its tables)
+    audience_models,
+    contact_models,
+    template_models,
 )
 from postwarden.store.models import Base
 

@@ -13,6 +13,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     ForeignKey,
     Index,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from postwarden.store.models import Base, BigId, utcnow
@@ -44,8 +46,11 @@ class Contact(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     status: Mapped[str] = mapped_column(String(16), default="active")
     # Typed values by attribute name (declared in attribute_defs; JSON: dates as
-    # ISO 8601 text, lists as JSON arrays).
-    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # ISO 8601 text, lists as JSON arrays). JSONB on PostgreSQL (migration 0008):
+    # audience rules read it without parsing text for every contact.
+    attributes: Mapped[dict[str, Any]] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"), default=dict
+    )
     timezone: Mapped[str | None] = mapped_column(String(64), default=None)  # IANA name
     locale: Mapped[str | None] = mapped_column(String(35), default=None)  # BCP 47 tag
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
