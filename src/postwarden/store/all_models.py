@@ -5,7 +5,10 @@ module is imported here."""
 
 from __future__ import annotations
 
-from postwarden.store import contact_models  # noqa: F401  (registers its tables)
+from postwarden.store import (
+    contact_models,  # noqa: F401  (registers its tables)
+    import_models,  # noqa: F401
+)
 from postwarden.store.models import Base
 
 metadata = Base.metadata
