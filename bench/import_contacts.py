@@ -52,7 +52,7 @@ def write_csv(path: Path, rows: int) -> None:
             if i % 1000 == 999:
                 email = f"broken-{i}"
             elif i % 1000 == 500:
-                email = f"user{i - 1}@example.com"  # the row before's again
+                email = f"user{i - 1}@example{(i - 1) % 50}.com"  # the row before's again
             else:
                 email = f"user{i}@example{i % 50}.com"
             block.append(
