@@ -137,7 +137,23 @@ async def test_a_csv_with_bad_rows_is_reported_row_by_row(control: ControlFactor
     async with api.client(other) as c:
         assert (await c.get(f"/v1/imports/{iid}")).status_code == 404
         assert (await c.get(f"/v1/imports/{iid}/rejects.csv")).status_code == 404
+        assert (await c.post(f"/v1/imports/{iid}/cancel")).status_code == 404
         assert (await c.get("/v1/imports")).json()["data"] == []
+
+    # Cancelled while queued (the runner stopped, so that it stays queued): it never
+    # runs; an import that ended cannot be cancelled.
+    await api.app.control.imports.stop()
+    async with api.client(key) as c:
+        r = await c.post("/v1/imports", content=b"email\nzed@example.com\n",
+                         headers={"Content-Type": "text/csv"})  # fmt: skip
+        queued = r.json()["id"]
+        assert (await c.get(f"/v1/imports/{queued}")).json()["state"] == "queued"
+        r = await c.post(f"/v1/imports/{queued}/cancel")
+        assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+        assert (await c.post(f"/v1/imports/{queued}/cancel")).status_code == 409
+        r = await c.post(f"/v1/imports/{iid}/cancel")
+        assert r.status_code == 409 and "the import is done" in r.json()["error"]["message"]
+    assert "zed@example.com" not in await contacts(api, tid)
 
 
 async def test_multipart_mapping_encodings_delimiters_and_dry_run(control: ControlFactory) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.imports import (
+    LEASE,
     claim,
     forget_runner,
     reap_uploads,
@@ -45,6 +47,7 @@ class ImportRunner:
         self.name = runner_name()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._reaped = 0.0  # when uploads cut off were last looked for (monotonic)
 
     def start(self) -> None:
         if self._task is None:
@@ -65,7 +68,9 @@ class ImportRunner:
     async def run_once(self) -> int:
         """Pull the data sources that are due, then run every import there is to run:
         how many imports ran."""
-        await reap_uploads(self.sessions)
+        if time.monotonic() - self._reaped > LEASE:
+            await reap_uploads(self.sessions)
+            self._reaped = time.monotonic()
         if self.pull_due is not None:
             await self.pull_due()
         ran = 0

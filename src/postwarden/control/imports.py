@@ -100,7 +100,7 @@ class ImportOut(BaseModel):
     data_source_id: int | None
     options: dict[str, Any]
     size: int
-    rows_total: int | None
+    rows_total: int | None = Field(description="data rows, once the file has been read once")
     rows_done: int
     rows_imported: int
     rows_rejected: int
@@ -108,9 +108,9 @@ class ImportOut(BaseModel):
     contacts_updated: int
     error: str | None
     errors: list[RowError] = Field(description=f"the first {MAX_ERRORS} rejected rows")
-    created_at: Any
-    started_at: Any
-    finished_at: Any
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
 
 
 class ImportSummary(BaseModel):
@@ -122,8 +122,8 @@ class ImportSummary(BaseModel):
     rows_imported: int
     rows_rejected: int
     error: str | None
-    created_at: Any
-    finished_at: Any
+    created_at: str
+    finished_at: str | None
 
 
 class ImportList(BaseModel):

@@ -701,9 +701,13 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
                 await _end(sessions, import_id, me, "failed", str(exc))
                 return "failed"
             async with sessions() as s:
-                await s.execute(
+                result = await s.execute(
                     update(Import)
-                    .where(Import.id == import_id, Import.claimed_by == me)
+                    .where(
+                        Import.id == import_id,
+                        Import.claimed_by == me,
+                        Import.state == "running",
+                    )
                     .values(
                         rows_total=total,
                         header=_cells(header),
@@ -711,6 +715,8 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
                     )
                 )
                 await s.commit()
+                if getattr(result, "rowcount", 0) != 1:
+                    return "lost"  # cancelled while it was read
                 types = await attribute_types(s, plan.tenant_id)
                 refs = {str(t) for t in targets if t.kind in ("list", "topic")}
                 list_ids, topic_ids = await resolve_refs(s, plan.tenant_id, refs)
