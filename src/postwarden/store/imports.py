@@ -572,17 +572,40 @@ class _Batch:
     next_record: int
 
 
-async def _commit(
-    sessions: Sessions,
-    import_id: int,
-    me: str,
-    plan: _Plan,
-    batch: _Batch,
-    list_ids: Mapping[str, int],
-    topic_ids: Mapping[str, int],
-) -> bool:
+@dataclass
+class _Writer:
+    """Writes one run's batches."""
+
+    sessions: Sessions
+    import_id: int
+    me: str
+    plan: _Plan
+    seen: _Seen
+    list_ids: Mapping[str, int]
+    topic_ids: Mapping[str, int]
+
+    async def flush(self, batch: _Batch) -> bool:
+        """The batch's rows that repeat an earlier email rejected, then the batch
+        committed (:func:`_commit`)."""
+        rows = [n for n, _, _ in batch.good]
+        dups = self.seen.dups(min(rows), max(rows)) if rows else {}
+        if dups:
+            keep = []
+            for n, row, cells in batch.good:
+                if n in dups:
+                    reason = f"duplicate of row {dups[n]}: the first row with an email is taken"
+                    batch.bad.append((n, Reject("email", reason), _cells(cells)))
+                else:
+                    keep.append((n, row, cells))
+            batch.good = keep
+        return await _commit(self, batch)
+
+
+async def _commit(w: _Writer, batch: _Batch) -> bool:
     """One batch in one transaction, the cursor with it; False (nothing written) when
     this runner no longer holds the import (cancelled, or taken over)."""
+    sessions, import_id, me, plan = w.sessions, w.import_id, w.me, w.plan
+    list_ids, topic_ids = w.list_ids, w.topic_ids
     opts = plan.options
     created = updated = 0
     async with sessions() as s:
@@ -722,6 +745,7 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
                 list_ids, topic_ids = await resolve_refs(s, plan.tenant_id, refs)
             known = {f"list:{k}" for k in list_ids} | {f"topic:{k}" for k in topic_ids}
             rule = RowRule(header, targets, types, known)
+            writer = _Writer(sessions, import_id, me, plan, seen, list_ids, topic_ids)
 
             # 2. The batches, from the cursor on.
             current = _Batch([], [], plan.next_record)
@@ -739,8 +763,7 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
                 else:
                     current.good.append((number, checked, cells))
                 if len(current.good) + len(current.bad) >= batch_size:
-                    if not await _flush(sessions, import_id, me, plan, current, seen, list_ids,
-                                        topic_ids):  # fmt: skip
+                    if not await writer.flush(current):
                         return "lost"
                     written += len(current.good)
                     if written >= analyze_at:
@@ -748,9 +771,7 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
                         await _analyze(sessions)
                     current = _Batch([], [], number)
                     await asyncio.sleep(0)
-            if current.next_record > plan.next_record and not await _flush(
-                sessions, import_id, me, plan, current, seen, list_ids, topic_ids
-            ):
+            if current.next_record > plan.next_record and not await writer.flush(current):
                 return "lost"
             await _end(sessions, import_id, me, "done")
             return "done"
@@ -772,28 +793,3 @@ async def _analyze(sessions: Sessions) -> None:
             if is_unavailable(exc):
                 raise
             log.warning("event=import_analyze_failed error=%r", short_error(exc))
-
-
-async def _flush(
-    sessions: Sessions,
-    import_id: int,
-    me: str,
-    plan: _Plan,
-    batch: _Batch,
-    seen: _Seen,
-    list_ids: Mapping[str, int],
-    topic_ids: Mapping[str, int],
-) -> bool:
-    rows = [n for n, _, _ in batch.good]
-    if rows:
-        dups = seen.dups(min(rows), max(rows))
-        if dups:
-            keep = []
-            for n, row, cells in batch.good:
-                if n in dups:
-                    reason = f"duplicate of row {dups[n]}: the first row with an email is taken"
-                    batch.bad.append((n, Reject("email", reason), _cells(cells)))
-                else:
-                    keep.append((n, row, cells))
-            batch.good = keep
-    return await _commit(sessions, import_id, me, plan, batch, list_ids, topic_ids)
