@@ -77,7 +77,11 @@ class ImportOptions(Strict):
 class ImportQuery(Strict):
     """The options of a ``text/csv`` body, as query parameters (mapping as JSON)."""
 
-    mapping: str | None = Field(None, max_length=65536, description="JSON object")
+    # A request line the HTTP server takes (16 KiB) even percent-encoded: a longer
+    # mapping goes in a multipart upload's options.
+    mapping: str | None = Field(
+        None, max_length=1000, description="JSON object (longer: use a multipart upload)"
+    )
     dry_run: bool = False
     on_conflict: OnConflict = "update"
     encoding: Literal["utf-8", "latin-1"] = "utf-8"
