@@ -200,6 +200,15 @@ async def test_multipart_mapping_encodings_delimiters_and_dry_run(control: Contr
             assert ("new@example.com" in found) == (dry == "false")
             assert found["li@example.com"].name == "Lì"
 
+        # on_conflict=replace: the file's attributes are Lì's attributes whole.
+        for body, attrs in [(b"email,plan\nli@example.com,gold\n", {"plan": "gold"}),
+                            (b"email,plan\nli@example.com,\n", {})]:  # fmt: skip
+            r = await c.post("/v1/imports", content=body, params={"on_conflict": "replace"},
+                             headers={"Content-Type": "text/csv"})  # fmt: skip
+            imp = await finished(c, r.json()["id"])
+            assert imp["contacts_updated"] == 1, imp
+            assert (await contacts(api, tid))["li@example.com"].attributes == attrs
+
         # Whole-file failures: nothing of the file is written, the reason is given.
         for body, query, why in [
             (b"email,name\nx@example.com,\xff\n", {}, "not UTF-8: byte 0xff near byte 25"),
@@ -241,10 +250,10 @@ async def test_multipart_mapping_encodings_delimiters_and_dry_run(control: Contr
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "file"
         # Nothing half-received is left behind by a refused upload.
         listed = (await c.get("/v1/imports", params={"limit": 100})).json()["data"]
-        assert len(listed) == 9
+        assert len(listed) == 11
         async with api.app.control.sessions() as s:
             states = (await s.execute(select(Import.state))).scalars().all()
-        assert sorted(states) == ["done"] * 3 + ["failed"] * 6
+        assert sorted(states) == ["done"] * 5 + ["failed"] * 6
 
     read_only = await api.tenant("reader", scopes=("read",))
     async with api.client(read_only) as c:

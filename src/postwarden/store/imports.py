@@ -583,6 +583,9 @@ class _Writer:
     seen: _Seen
     list_ids: Mapping[str, int]
     topic_ids: Mapping[str, int]
+    # on_conflict=replace: the file's attribute columns are the contact's attributes
+    # whole, even when a row's cells are all empty.
+    whole: bool = False
 
     async def flush(self, batch: _Batch) -> bool:
         """The batch's rows that repeat an earlier email rejected, then the batch
@@ -612,7 +615,9 @@ async def _commit(w: _Writer, batch: _Batch) -> bool:
         if batch.good and not opts.get("dry_run"):
             on_conflict = opts.get("on_conflict", "update")
             items = [
-                ContactIn(email=r.email, name=r.name, attributes=r.attributes or None)
+                ContactIn(
+                    email=r.email, name=r.name, attributes=r.attributes or ({} if w.whole else None)
+                )
                 for _, r, _ in batch.good
             ]
             results = await upsert_contacts(s, plan.tenant_id, items, on_conflict)
@@ -746,6 +751,9 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
             known = {f"list:{k}" for k in list_ids} | {f"topic:{k}" for k in topic_ids}
             rule = RowRule(header, targets, types, known)
             writer = _Writer(sessions, import_id, me, plan, seen, list_ids, topic_ids)
+            writer.whole = opts.get("on_conflict") == "replace" and any(
+                t.kind == "attribute" for t in targets
+            )
 
             # 2. The batches, from the cursor on.
             current = _Batch([], [], plan.next_record)
