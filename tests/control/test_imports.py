@@ -200,6 +200,12 @@ async def test_multipart_mapping_encodings_delimiters_and_dry_run(control: Contr
             assert ("new@example.com" in found) == (dry == "false")
             assert found["li@example.com"].name == "Lì"
 
+        # The charset of the Content-Type stands for encoding when it is not given.
+        r = await c.post("/v1/imports", content="email,name\nlu@example.com,Lü\n".encode("latin-1"),
+                         headers={"Content-Type": "text/csv; charset=ISO-8859-1"})  # fmt: skip
+        assert (await finished(c, r.json()["id"]))["options"]["encoding"] == "latin-1"
+        assert (await contacts(api, tid))["lu@example.com"].name == "Lü"
+
         # on_conflict=replace: the file's attributes are Lì's attributes whole.
         for body, attrs in [(b"email,plan\nli@example.com,gold\n", {"plan": "gold"}),
                             (b"email,plan\nli@example.com,\n", {})]:  # fmt: skip
@@ -250,10 +256,10 @@ async def test_multipart_mapping_encodings_delimiters_and_dry_run(control: Contr
         assert r.status_code == 422 and r.json()["error"]["fields"][0]["path"] == "file"
         # Nothing half-received is left behind by a refused upload.
         listed = (await c.get("/v1/imports", params={"limit": 100})).json()["data"]
-        assert len(listed) == 11
+        assert len(listed) == 12
         async with api.app.control.sessions() as s:
             states = (await s.execute(select(Import.state))).scalars().all()
-        assert sorted(states) == ["done"] * 5 + ["failed"] * 6
+        assert sorted(states) == ["done"] * 6 + ["failed"] * 6
 
     read_only = await api.tenant("reader", scopes=("read",))
     async with api.client(read_only) as c:

@@ -38,6 +38,8 @@ MAX_ERRORS = 100
 #: Bytes of a multipart upload's non-file fields (the options).
 MAX_FIELDS = 64 * 1024
 CSV_TYPES = ("text/csv", "application/csv", "text/plain")
+#: A ``charset`` of the Content-Type that means encoding=latin-1 (when not given).
+LATIN_1 = ("iso-8859-1", "latin-1", "latin1", "l1")
 
 OnConflict = Literal["update", "replace", "skip"]
 assert set(OnConflict.__args__) == set(ON_CONFLICT)  # type: ignore[attr-defined]
@@ -349,6 +351,9 @@ async def create_import(c: Call) -> Any:
             raise invalid("body", "multipart/form-data without a boundary")
         iid = await _receive_multipart(c, boundary, given)
     elif media in CSV_TYPES:
+        charset = params.get(b"charset", b"").decode("latin-1").lower()
+        if "encoding" not in given and charset in LATIN_1:
+            given["encoding"] = "latin-1"
         options = options_from(given)
         await check_refs(c, options)
         iid = await _receive_csv(c, options)
