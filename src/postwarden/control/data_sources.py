@@ -31,7 +31,13 @@ from sqlalchemy import select, update
 
 from postwarden.control.api import api, one_or_404, page, page_of
 from postwarden.control.errors import from_validation
-from postwarden.control.imports import ImportOptions, check_refs
+from postwarden.control.imports import (
+    Delimiter,
+    Encoding,
+    ImportOptions,
+    OnConflict,
+    check_refs,
+)
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Deleted, Page, Strict
 from postwarden.dns.resolver import DnsError
@@ -88,9 +94,9 @@ class DataSourceUpdate(Strict):
     enabled: bool | None = None
     mapping: dict[str, str] | None = None
     dry_run: bool | None = None
-    on_conflict: Literal["update", "replace", "skip"] | None = None
-    encoding: Literal["utf-8", "latin-1"] | None = None
-    delimiter: Literal[",", ";", "\t", "|"] | None = None
+    on_conflict: OnConflict | None = None
+    encoding: Encoding | None = None
+    delimiter: Delimiter | None = None
 
     @field_validator("url")
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -42,7 +42,9 @@ CSV_TYPES = ("text/csv", "application/csv", "text/plain")
 LATIN_1 = ("iso-8859-1", "latin-1", "latin1", "l1")
 
 OnConflict = Literal["update", "replace", "skip"]
-assert set(OnConflict.__args__) == set(ON_CONFLICT)  # type: ignore[attr-defined]
+assert set(get_args(OnConflict)) == set(ON_CONFLICT)  # the store's rules, named here
+Encoding = Literal["utf-8", "latin-1"]
+Delimiter = Literal[",", ";", "\t", "|"]
 
 
 def _check_mapping(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -68,8 +70,8 @@ class ImportOptions(Strict):
     )
     dry_run: bool = Field(False, description="check every row, write nothing")
     on_conflict: OnConflict = Field("update", description="what to do with existing contacts")
-    encoding: Literal["utf-8", "latin-1"] = Field("utf-8", description="a BOM is skipped")
-    delimiter: Literal[",", ";", "\t", "|"] | None = Field(
+    encoding: Encoding = Field("utf-8", description="a BOM is skipped")
+    delimiter: Delimiter | None = Field(
         None, description="detected from the header row when not given"
     )
 
@@ -86,8 +88,8 @@ class ImportQuery(Strict):
     )
     dry_run: bool = False
     on_conflict: OnConflict = "update"
-    encoding: Literal["utf-8", "latin-1"] = "utf-8"
-    delimiter: Literal[",", ";", "\t", "|", "tab"] | None = None
+    encoding: Encoding = "utf-8"
+    delimiter: Delimiter | Literal["tab"] | None = None
 
 
 class ImportCreated(BaseModel):
