@@ -16,7 +16,14 @@ from postwarden.control.import_runner import ImportRunner
 from postwarden.store.contact_models import Contact
 from postwarden.store.db import create_engine, sessionmaker
 from postwarden.store.import_models import RECEIVING, Import
-from postwarden.store.imports import BodyWriter, claim, forget_runner, reap_uploads, runner_name
+from postwarden.store.imports import (
+    BodyWriter,
+    claim,
+    forget_runner,
+    prune_finished,
+    reap_uploads,
+    runner_name,
+)
 from postwarden.store.models import Tenant, utcnow
 
 
@@ -106,6 +113,15 @@ async def test_claims_takeovers_and_two_runners(migrated_url: str) -> None:
             )
             await s.commit()
         assert await reap_uploads(sessions) == 1
+        # Imports that ended long ago are forgotten.
+        async with sessions() as s:
+            old = await s.get(Import, ids[0])
+            assert old is not None
+            old.finished_at = utcnow() - dt.timedelta(days=31)
+            await s.commit()
+        assert await prune_finished(sessions) == 1
+        async with sessions() as s:
+            assert await s.get(Import, ids[0]) is None
     finally:
         for n in names:
             forget_runner(n)

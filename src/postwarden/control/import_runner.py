@@ -22,6 +22,7 @@ from postwarden.store.imports import (
     LEASE,
     claim,
     forget_runner,
+    prune_finished,
     reap_uploads,
     run_import,
     runner_name,
@@ -47,7 +48,8 @@ class ImportRunner:
         self.name = runner_name()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._reaped = 0.0  # when uploads cut off were last looked for (monotonic)
+        # When uploads cut off and old imports were last looked for (monotonic).
+        self._reaped = 0.0
 
     def start(self) -> None:
         if self._task is None:
@@ -70,6 +72,7 @@ class ImportRunner:
         how many imports ran."""
         if time.monotonic() - self._reaped > LEASE:
             await reap_uploads(self.sessions)
+            await prune_finished(self.sessions)
             self._reaped = time.monotonic()
         if self.pull_due is not None:
             await self.pull_due()

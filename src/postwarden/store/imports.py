@@ -56,6 +56,7 @@ from postwarden.store.availability import is_unavailable, short_error
 from postwarden.store.contact_models import ContactList, ListMember, Topic, TopicSubscription
 from postwarden.store.contacts import ContactIn, attribute_types, upsert_contacts
 from postwarden.store.import_models import (
+    FINISHED,
     RECEIVING,
     Import,
     ImportChunk,
@@ -71,6 +72,8 @@ MAX_RECORD = 1024 * 1024
 #: Rows an import writes before it refreshes PostgreSQL's statistics of contacts (then
 #: four times as many, and so on).
 ANALYZE_FIRST = 2000
+#: Seconds an import is kept once it has ended (its report, its rejected rows).
+KEEP = 30 * 86400.0
 #: Seconds a claim holds without being renewed (each batch renews it).
 LEASE = 60.0
 
@@ -381,6 +384,18 @@ async def reap_uploads(sessions: Sessions) -> int:
     async with sessions() as s:
         result = await s.execute(
             delete(Import).where(Import.state == RECEIVING, Import.lease_until < utcnow())
+        )
+        await s.commit()
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def prune_finished(sessions: Sessions, keep: float = KEEP) -> int:
+    """Forget imports that ended more than ``keep`` seconds ago (their rejected rows
+    with them): a data source pulled every minute makes 1 440 a day."""
+    cutoff = utcnow() - dt.timedelta(seconds=keep)
+    async with sessions() as s:
+        result = await s.execute(
+            delete(Import).where(Import.state.in_(FINISHED), Import.finished_at < cutoff)
         )
         await s.commit()
         return int(getattr(result, "rowcount", 0) or 0)
