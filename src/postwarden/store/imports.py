@@ -401,11 +401,16 @@ async def prune_finished(sessions: Sessions, keep: float = KEEP) -> int:
         return int(getattr(result, "rowcount", 0) or 0)
 
 
+def _held(import_id: int, me: str) -> tuple[Any, ...]:
+    """The import, while this runner holds it (not cancelled, not taken over)."""
+    return (Import.id == import_id, Import.claimed_by == me, Import.state == "running")
+
+
 async def _renew(sessions: Sessions, import_id: int, me: str) -> bool:
     async with sessions() as s:
         result = await s.execute(
             update(Import)
-            .where(Import.id == import_id, Import.claimed_by == me, Import.state == "running")
+            .where(*_held(import_id, me))
             .values(lease_until=utcnow() + dt.timedelta(seconds=LEASE))
         )
         await s.commit()
@@ -418,7 +423,7 @@ async def _end(
     async with sessions() as s:
         result = await s.execute(
             update(Import)
-            .where(Import.id == import_id, Import.claimed_by == me, Import.state == "running")
+            .where(*_held(import_id, me))
             .values(
                 state=state,
                 error=error,
@@ -665,12 +670,7 @@ async def _commit(w: _Writer, batch: _Batch) -> bool:
         done = len(batch.good) + len(batch.bad)
         result = await s.execute(
             update(Import)
-            .where(
-                Import.id == import_id,
-                Import.claimed_by == me,
-                Import.state == "running",
-                Import.next_record == plan.next_record,
-            )
+            .where(*_held(import_id, me), Import.next_record == plan.next_record)
             .values(
                 next_record=batch.next_record,
                 rows_done=Import.rows_done + done,
@@ -746,11 +746,7 @@ async def run_import(sessions: Sessions, import_id: int, me: str, batch_size: in
             async with sessions() as s:
                 result = await s.execute(
                     update(Import)
-                    .where(
-                        Import.id == import_id,
-                        Import.claimed_by == me,
-                        Import.state == "running",
-                    )
+                    .where(*_held(import_id, me))
                     .values(
                         rows_total=total,
                         header=_cells(header),
