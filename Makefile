@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak bench-events bench-audience clean venv
+.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,3 +51,8 @@ bench-events: $(STAMP)
 ## Audience counts over 1M contacts on a private PostgreSQL and 100k on SQLite (not in `bench`).
 bench-audience: $(STAMP)
 	$(BIN)/python bench/audience_count.py
+
+## A contact import of 1M rows (and 100k) on SQLite and a private PostgreSQL: rows/s
+## and peak RSS (not in `bench`).
+bench-import: $(STAMP)
+	$(BIN)/python bench/import_contacts.py

@@ -331,6 +331,8 @@ class ControlConfig:
     # Bytes of API request bodies held at once, appliance-wide (each worker its share):
     # a request that would pass it waits briefly, then gets 503 with Retry-After.
     max_body_memory: PosSize = 256 * 1024 * 1024
+    # Rows of a contact import committed per transaction (with the import's cursor).
+    import_batch: PosInt = 1000
 
 
 @dataclass(config=_TOML, frozen=True)

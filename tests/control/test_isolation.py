@@ -43,6 +43,13 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         r = await c.post("/v1/audiences", json={"name": "bravo's", "rule": 'name == "b"'})
         aud_b = r.json()["id"]
         snap_b = (await c.post(f"/v1/audiences/{aud_b}/snapshots")).json()["id"]
+        r = await c.post("/v1/imports", content=b"email\nsecret-b@inbox.test\n",
+                         headers={"Content-Type": "text/csv"})  # fmt: skip
+        assert r.status_code == 202
+        import_b = r.json()["id"]
+        r = await c.post("/v1/data-sources", json={"url": "http://127.0.0.1:9/bravo.csv"})
+        assert r.status_code == 201
+        source_b = r.json()["id"]
     values = {
         "audience_id": aud_b,
         "snapshot_id": snap_b,
@@ -53,6 +60,8 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "message_id": msg_b,
         "template_id": template_b,
         "version": 1,
+        "import_id": import_b,
+        "source_id": source_b,
     }
     await api.lab.wait_for_messages(1)
     checked = []

@@ -117,6 +117,8 @@ def create_app(
         from postwarden.control import shaping_api  # noqa: F401
         from postwarden.control import templates  # noqa: F401
         from postwarden.control import audiences  # noqa: F401
+        from postwarden.control import imports  # noqa: F401
+        from postwarden.control import data_sources  # noqa: F401
         # isort: on
 
         schema = openapi_document(api)

@@ -18,6 +18,8 @@ from postwarden.config import Config
 from postwarden.control import ControlPlaneError
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
+from postwarden.control.data_sources import pull_due
+from postwarden.control.import_runner import ImportRunner
 from postwarden.control.inbound_domains import InboundDomains
 from postwarden.control.pool_cache import PoolCache
 from postwarden.control.revocations import Revocations
@@ -82,6 +84,8 @@ class ControlPlane:
         self.signing = SigningKeyCache(self.sessions, self.box, on_keys)
         self.pool_cache = PoolCache(self.sessions, cfg)
         self.inbound = InboundDomains(self.sessions, cfg)
+        # Contact imports and data-source pulls, in the background (issue 20).
+        self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).
         self.inject = inject
         # The spool this process writes to (its root, every worker's shard under it):
@@ -164,6 +168,7 @@ class ControlPlane:
         self.db.started = True
         self.db.recovered()
         self._task = asyncio.create_task(self._poll())
+        self.imports.start()
 
     def wake(self) -> None:
         """Read the change feed soon (this process just wrote to it)."""
@@ -177,7 +182,11 @@ class ControlPlane:
         async with self._sync_lock:
             await self.poll_once()
 
+    async def _pull_due(self) -> int:
+        return await pull_due(self)
+
     async def stop(self) -> None:
+        await self.imports.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

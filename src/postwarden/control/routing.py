@@ -154,6 +154,9 @@ class Operation:
     # A change the answer waits to see in force in this process's caches (see
     # apply_changes); False for routes that change nothing the caches hold.
     sync: bool = True
+    # The handler reads the body itself (call.request.stream()): a body too large to
+    # hold in memory, stored as it comes (POST /v1/imports).
+    stream: bool = False
 
 
 class Api:
@@ -179,6 +182,7 @@ class Api:
         response_media: str = "application/json",
         headers: dict[str, str] | None = None,
         sync: bool = True,
+        stream: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             self.ops.append(
@@ -200,6 +204,7 @@ class Api:
                     (fn.__doc__ or "").strip(),
                     headers or {},
                     sync,
+                    stream,
                 )
             )
             return fn
@@ -317,7 +322,7 @@ class Api:
                 f"{name}: unknown query parameter",
                 fields=[{"path": name, "message": "unknown query parameter"}],
             )
-        if op.body is not None or op.request_media != "application/json":
+        if (op.body is not None or op.request_media != "application/json") and not op.stream:
             limit = op.body_limit(ctx) if callable(op.body_limit) else op.body_limit
             call.raw = await read_body(call, limit, getattr(ctx, "body_budget", None))
         if op.body is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from postwarden.store import (  # noqa: F401  (each registers its tables)
     audience_models,
     contact_models,
+    import_models,
     template_models,
 )
 from postwarden.store.models import Base

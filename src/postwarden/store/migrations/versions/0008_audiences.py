@@ -1,7 +1,7 @@
 """audiences, their snapshots; contacts' attributes as JSONB on PostgreSQL (issue 20)
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-06 00:00:00
 
 On PostgreSQL ``contacts.attributes`` becomes ``jsonb``: an audience rule reads
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
