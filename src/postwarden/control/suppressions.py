@@ -12,7 +12,7 @@ from typing import Any, get_args
 from sqlalchemy import select
 from starlette.responses import Response
 
-from postwarden.control.api import api, changed, one_or_404, page_of
+from postwarden.control.api import api, one_or_404, page_of
 from postwarden.control.csvfile import SafeWriter, unescape_cell
 from postwarden.control.errors import invalid
 from postwarden.control.routing import Call
@@ -29,7 +29,7 @@ from postwarden.control.schemas import (
 )
 from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
 from postwarden.store.models import Suppression
-from postwarden.store.suppress import upsert_suppression
+from postwarden.store.suppress import remove_suppression, upsert_suppression
 
 #: Every reason a suppression can have, the appliance's own (hard_bounce, soft_bounce,
 #: complaint) included: what the export writes, the import takes back.
@@ -115,8 +115,7 @@ async def get_suppression(c: Call) -> Any:
 async def delete_suppression(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await _suppression(s, c)
-        await s.delete(row)
-        await changed(s, "suppression", c.tenant_id, row.address)
+        await remove_suppression(s, c.tenant_id, row.address)
         await s.commit()
     await c.ctx.suppressions.refresh([(c.tenant_id, row.address)])
     return Deleted(deleted=True)

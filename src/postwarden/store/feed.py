@@ -20,12 +20,20 @@ from postwarden.store.models import Change
 _LOCKED = "postwarden_changes_locked"
 
 
-async def record_change(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
-    """Add a change row to the session's transaction (taking the feed lock first)."""
+async def lock_feed(session: Any) -> None:
+    """Take the feed lock for the session's transaction now (once). A writer that
+    locks other rows before it may write to the feed takes it first: the event
+    copier takes it before it locks contacts (suppressions follow bounces), so the
+    other order would deadlock."""
     bind = session.bind
     if bind is not None and bind.dialect.name == "postgresql" and not session.info.get(_LOCKED):
         await session.execute(text("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE"))
         session.info[_LOCKED] = True
+
+
+async def record_change(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:
+    """Add a change row to the session's transaction (taking the feed lock first)."""
+    await lock_feed(session)
     session.add(Change(kind=kind, tenant_id=tenant_id, ref=ref))
 
 

@@ -33,8 +33,9 @@ async def upsert_suppression(
     keep: Callable[[Suppression], bool] | None = None,
 ) -> tuple[Suppression, Upserted]:
     """Add or replace one suppression, with the change-feed row that makes every
-    process's cache load it; the caller commits. An existing entry for which ``keep``
-    is true stays as it is (``"kept"``)."""
+    process's cache load it, and the status of the address's contact to match
+    (``store.contacts.follow_suppression``); the caller commits. An existing entry
+    for which ``keep`` is true stays as it is (``"kept"``)."""
     key = suppression_key(address)
     row = (
         await s.execute(
@@ -52,7 +53,35 @@ async def upsert_suppression(
     row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
     row.created_at = dt.datetime.now(dt.UTC)
     await record_change(s, "suppression", tenant_id, key)
+    await _contacts().follow_suppression(s, tenant_id, key, reason)
     return row, how
+
+
+async def remove_suppression(s: Any, tenant_id: int, address: str) -> Suppression | None:
+    """Remove one suppression (None when there is none), with its change-feed row;
+    the contact of the address becomes active again. The caller commits."""
+    key = suppression_key(address)
+    row = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == tenant_id, Suppression.address == key
+            )
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    await s.delete(row)
+    await record_change(s, "suppression", tenant_id, key)
+    await _contacts().follow_suppression(s, tenant_id, key, None)
+    return row
+
+
+def _contacts() -> Any:
+    # store.contacts writes suppressions through this module (a contact's status):
+    # imported when called, not at import time, to keep the two modules' import order free.
+    from postwarden.store import contacts
+
+    return contacts
 
 
 class SuppressionCache:
