@@ -121,9 +121,9 @@ async def test_contact_crud_attributes_and_consents(control: ControlFactory) -> 
         assert fields(await c.post(f"{url}/consents", json={"source": "x", "ip": "1.2.3"})) == [
             "ip"
         ]
-        assert fields(await c.post(f"{url}/consents", json={"source": "x", "at": "2026-01-01"})) == [
-            "at"
-        ]
+        assert fields(
+            await c.post(f"{url}/consents", json={"source": "x", "at": "2026-01-01"})
+        ) == ["at"]
 
         assert (await c.delete(url)).status_code == 200
         assert (await c.get(url)).status_code == 404
@@ -140,9 +140,7 @@ async def test_bad_input_names_the_field(control: ControlFactory) -> None:
         await c.post("/v1/contact-attributes", json={"name": "seats", "type": "number"})
         post = c.post
         assert fields(await post("/v1/contacts", json={"email": "not an address"})) == ["email"]
-        assert fields(await post("/v1/contacts", json={"email": "a@x.test", "plan": 1})) == [
-            "plan"
-        ]
+        assert fields(await post("/v1/contacts", json={"email": "a@x.test", "plan": 1})) == ["plan"]
         r = await post("/v1/contacts", json={"email": "a@x.test", "attributes": {"seats": "3"}})
         assert fields(r) == ["attributes.seats"]
         r = await post("/v1/contacts", json={"email": "a@x.test", "attributes": {"9x": 1}})
@@ -189,7 +187,9 @@ async def test_batch_writes_the_good_and_reports_the_bad(control: ControlFactory
     async with api.client(key) as c:
         await c.post("/v1/contact-attributes", json={"name": "seats", "type": "number"})
         await c.post("/v1/contacts", json={"email": "old@x.test", "name": "Old"})
-        items: list[Any] = [{"email": f"user{i}@x.test", "attributes": {"seats": i}} for i in range(995)]
+        items: list[Any] = [
+            {"email": f"user{i}@x.test", "attributes": {"seats": i}} for i in range(995)
+        ]
         items += [
             {"email": "OLD@x.test", "name": "Old, updated"},
             {"email": "bad"},

@@ -6,7 +6,7 @@ transaction (a CSV import) could commit an id below one a reader has already pas
 Writers therefore take a lock that only writers of the feed contend for (SHARE ROW
 EXCLUSIVE conflicts with itself, not with readers) before their first change row:
 feed ids then become visible in the order they were drawn. SQLite has one writer at a
-time anyway.
+time anyway; there the lock is its write lock.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ async def lock_feed(session: Any) -> None:
     copier takes it before it locks contacts (suppressions follow bounces), so the
     other order would deadlock."""
     bind = session.bind
+    if bind is not None and bind.dialect.name == "sqlite":
+        # SQLite's one writer: taken now, before what the writer reads (the driver
+        # starts no transaction for a SELECT), so that it reads what it will change.
+        await session.execute(text("UPDATE changes SET id = id WHERE 0"))
     if bind is not None and bind.dialect.name == "postgresql" and not session.info.get(_LOCKED):
         await session.execute(text("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE"))
         session.info[_LOCKED] = True

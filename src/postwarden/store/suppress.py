@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import select, tuple_
 
 from postwarden.mail.addresses import suppression_key
-from postwarden.store.feed import record_change
+from postwarden.store.feed import lock_feed, record_change
 from postwarden.store.models import Suppression
 
 Upserted = Literal["created", "replaced", "kept"]
@@ -37,6 +37,9 @@ async def upsert_suppression(
     (``store.contacts.follow_suppression``); the caller commits. An existing entry
     for which ``keep`` is true stays as it is (``"kept"``)."""
     key = suppression_key(address)
+    # The feed lock before the row: every writer takes feed, suppression, contact in
+    # that order (the row's write is flushed by the next statement, before the lock).
+    await lock_feed(s)
     row = (
         await s.execute(
             select(Suppression).where(
@@ -61,6 +64,7 @@ async def remove_suppression(s: Any, tenant_id: int, address: str) -> Suppressio
     """Remove one suppression (None when there is none), with its change-feed row;
     the contact of the address becomes active again. The caller commits."""
     key = suppression_key(address)
+    await lock_feed(s)
     row = (
         await s.execute(
             select(Suppression).where(
