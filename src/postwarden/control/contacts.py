@@ -223,6 +223,7 @@ async def _contact(s: Any, c: Call) -> Contact:
     body=ContactCreate,
     response=ContactOut,
     status=201,
+    also=(200,),
 )
 async def upsert_contact(c: Call) -> Any:
     """201 when the contact was created, 200 when one of that address existed (the
@@ -414,6 +415,7 @@ class AttributeDefList(BaseModel):
     body=AttributeDefIn,
     response=AttributeDefOut,
     status=201,
+    also=(200,),
     errors=(409,),
     sync=False,
 )

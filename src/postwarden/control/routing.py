@@ -154,6 +154,9 @@ class Operation:
     # A change the answer waits to see in force in this process's caches (see
     # apply_changes); False for routes that change nothing the caches hold.
     sync: bool = True
+    # Other success statuses the handler answers with, with the same body (an upsert:
+    # 201 created, 200 updated).
+    also: tuple[int, ...] = ()
 
 
 class Api:
@@ -179,6 +182,7 @@ class Api:
         response_media: str = "application/json",
         headers: dict[str, str] | None = None,
         sync: bool = True,
+        also: tuple[int, ...] = (),
     ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             self.ops.append(
@@ -200,6 +204,7 @@ class Api:
                     (fn.__doc__ or "").strip(),
                     headers or {},
                     sync,
+                    also,
                 )
             )
             return fn
