@@ -8,37 +8,21 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from postwarden.bounces import feedback
 from postwarden.config import BouncesConfig
 from postwarden.store.contact_models import Contact
 from postwarden.store.contacts import ContactIn, save_contacts, update_contact
-from postwarden.store.db import create_engine, sessionmaker
-from postwarden.store.models import Suppression, Tenant
+from postwarden.store.models import Suppression
 from postwarden.store.suppress import remove_suppression
-from tests.control.conftest import migrated_url  # noqa: F401  (the fixture)
-from tests.pg import postgres  # noqa: F401  (the fixture)
+from tests.contacts.conftest import tenant_id
 
 CFG = BouncesConfig(soft_bounce_limit=3, soft_bounce_window=86400.0, soft_bounce_ttl=86400.0)
 
 
-@pytest.fixture
-async def db(migrated_url: str) -> Any:  # noqa: F811
-    engine = create_engine(migrated_url)
-    sessions = sessionmaker(engine)
-    async with sessions() as s:
-        s.add_all([Tenant(name="acme"), Tenant(name="other")])
-        await s.commit()
-    yield sessions
-    await engine.dispose()
-
-
 async def tenant_ids(sessions: Any) -> tuple[int, int]:
-    async with sessions() as s:
-        rows = dict((await s.execute(select(Tenant.name, Tenant.id))).all())
-    return rows["acme"], rows["other"]
+    return await tenant_id(sessions, "acme"), await tenant_id(sessions, "other")
 
 
 async def statuses(sessions: Any, tid: int) -> dict[str, str]:

@@ -44,12 +44,25 @@ ObjectName = Annotated[
 Description = Annotated[str, StringConstraints(max_length=10_000)]
 
 
-async def flush_unique(s: Any, what: str, name: str) -> None:
-    """Flush a row whose name is unique per tenant: 409 when the name is taken."""
+async def save_named(s: Any, row: Any, what: str) -> None:
+    """Write and commit a new or changed list or topic (a name unique per tenant): 409
+    when the name is taken."""
+    now = utcnow()
+    row.created_at = row.created_at or now
+    row.updated_at = now
+    name = row.name
+    s.add(row)
     try:
         await s.flush()
     except IntegrityError:
         raise ApiError(409, "conflict", f"a {what} named {name!r} exists") from None
+    await s.commit()
+
+
+def patch(row: Any, body: BaseModel) -> None:
+    """Set the fields given (not null) in ``body`` on ``row``."""
+    for name, value in body.model_dump(exclude_none=True).items():
+        setattr(row, name, value)
 
 
 class ListCreate(Strict):
@@ -162,18 +175,9 @@ async def _one_out(s: Any, c: Call, row: ContactList) -> ListOut:
 )
 async def create_list(c: Call) -> Any:
     b: ListCreate = c.body
+    row = ContactList(tenant_id=c.tenant_id, **b.model_dump())
     async with c.ctx.sessions() as s:
-        now = utcnow()
-        row = ContactList(
-            tenant_id=c.tenant_id,
-            name=b.name,
-            description=b.description,
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(row)
-        await flush_unique(s, "list", b.name)
-        await s.commit()
+        await save_named(s, row, "list")
     return list_out(row, 0)
 
 
@@ -216,13 +220,8 @@ async def update_list(c: Call) -> Any:
     b: ListUpdate = c.body
     async with c.ctx.sessions() as s:
         row = await _list(s, c)
-        if b.name is not None:
-            row.name = b.name
-        if b.description is not None:
-            row.description = b.description
-        row.updated_at = utcnow()
-        await flush_unique(s, "list", row.name)
-        await s.commit()
+        patch(row, b)
+        await save_named(s, row, "list")
         return await _one_out(s, c, row)
 
 

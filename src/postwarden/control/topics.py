@@ -12,13 +12,12 @@ from sqlalchemy import select
 from postwarden.control.api import api, one_or_404, page, page_of
 from postwarden.control.contacts import TopicChoiceOut
 from postwarden.control.errors import not_found
-from postwarden.control.lists import Description, ObjectName, flush_unique
+from postwarden.control.lists import Description, ObjectName, patch, save_named
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Deleted, Page, Strict
 from postwarden.store import memberships
 from postwarden.store.contact_models import Topic
 from postwarden.store.contacts import contact_of
-from postwarden.store.models import utcnow
 
 _DEFAULT = "whether a contact that made no choice counts as opted in"
 
@@ -74,19 +73,9 @@ async def _topic(s: Any, c: Call) -> Topic:
 )
 async def create_topic(c: Call) -> Any:
     b: TopicCreate = c.body
+    row = Topic(tenant_id=c.tenant_id, **b.model_dump())
     async with c.ctx.sessions() as s:
-        now = utcnow()
-        row = Topic(
-            tenant_id=c.tenant_id,
-            name=b.name,
-            description=b.description,
-            default_opt_in=b.default_opt_in,
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(row)
-        await flush_unique(s, "topic", b.name)
-        await s.commit()
+        await save_named(s, row, "topic")
     return TopicOut.model_validate(row)
 
 
@@ -129,15 +118,8 @@ async def update_topic(c: Call) -> Any:
     b: TopicUpdate = c.body
     async with c.ctx.sessions() as s:
         row = await _topic(s, c)
-        if b.name is not None:
-            row.name = b.name
-        if b.description is not None:
-            row.description = b.description
-        if b.default_opt_in is not None:
-            row.default_opt_in = b.default_opt_in
-        row.updated_at = utcnow()
-        await flush_unique(s, "topic", row.name)
-        await s.commit()
+        patch(row, b)
+        await save_named(s, row, "topic")
         return TopicOut.model_validate(row)
 
 

@@ -40,13 +40,7 @@ async def upsert_suppression(
     # The feed lock before the row: every writer takes feed, suppression, contact in
     # that order (the row's write is flushed by the next statement, before the lock).
     await lock_feed(s)
-    row = (
-        await s.execute(
-            select(Suppression).where(
-                Suppression.tenant_id == tenant_id, Suppression.address == key
-            )
-        )
-    ).scalar_one_or_none()
+    row = await _entry(s, tenant_id, key)
     if row is not None and keep is not None and keep(row):
         return row, "kept"
     how: Upserted = "created" if row is None else "replaced"
@@ -65,19 +59,24 @@ async def remove_suppression(s: Any, tenant_id: int, address: str) -> Suppressio
     the contact of the address becomes active again. The caller commits."""
     key = suppression_key(address)
     await lock_feed(s)
-    row = (
-        await s.execute(
-            select(Suppression).where(
-                Suppression.tenant_id == tenant_id, Suppression.address == key
-            )
-        )
-    ).scalar_one_or_none()
+    row = await _entry(s, tenant_id, key)
     if row is None:
         return None
     await s.delete(row)
     await record_change(s, "suppression", tenant_id, key)
     await _contacts().follow_suppression(s, tenant_id, key, None)
     return row
+
+
+async def _entry(s: Any, tenant_id: int, key: str) -> Suppression | None:
+    found: Suppression | None = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == tenant_id, Suppression.address == key
+            )
+        )
+    ).scalar_one_or_none()
+    return found
 
 
 def _contacts() -> Any:
