@@ -28,6 +28,7 @@ from postwarden.control.schemas import (
     parse_timestamp,
 )
 from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
+from postwarden.store.contacts import follow_suppression
 from postwarden.store.models import Suppression
 from postwarden.store.suppress import remove_suppression, upsert_suppression
 
@@ -195,15 +196,19 @@ async def store_import(session: Any, tenant_id: int, rows: Iterable[ImportRow]) 
     """Create or replace each row's entry in ``session``'s transaction (the caller
     commits): how many were created and how many updated."""
     created = updated = 0
+    by_reason: dict[str, list[str]] = {}
     for addr, reason, source, note, expires, created_at in rows:
         entry, how = await upsert_suppression(
-            session, tenant_id, addr, reason, source, note, expires
+            session, tenant_id, addr, reason, source, note, expires, follow=False
         )
+        by_reason.setdefault(reason, []).append(entry.address)
         if created_at is not None:
             entry.created_at = created_at
         new = how == "created"
         created += new
         updated += not new
+    for reason, addresses in by_reason.items():  # the contacts' statuses, in one go
+        await follow_suppression(session, tenant_id, addresses, reason)
     return created, updated
 
 

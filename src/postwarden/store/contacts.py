@@ -243,27 +243,29 @@ REASON_OF_STATUS = {v: k for k, v in STATUS_OF_REASON.items()}
 
 
 async def follow_suppression(
-    session: AsyncSession, tenant_id: int, address: str, reason: str | None
+    session: AsyncSession, tenant_id: int, addresses: Sequence[str], reason: str | None
 ) -> None:
-    """The contact of ``address`` (if the tenant has one) takes the status of a
-    suppression just written with ``reason``; ``None``: the suppression was removed,
-    and the contact is active again. In the caller's transaction."""
+    """The contacts of ``addresses`` (those the tenant has) take the status of
+    suppressions just written with ``reason``; ``None``: the suppressions were
+    removed, and the contacts are active again. In the caller's transaction."""
     if reason is None:
         status = "active"
     elif reason in STATUS_OF_REASON:
         status = STATUS_OF_REASON[reason]
     else:
         return
-    await session.execute(
-        update(Contact)
-        .where(
-            Contact.tenant_id == tenant_id,
-            Contact.email == normalize_email(address),
-            Contact.status != status,
+    keys = sorted({normalize_email(a) for a in addresses})
+    for i in range(0, len(keys), CHUNK):
+        await session.execute(
+            update(Contact)
+            .where(
+                Contact.tenant_id == tenant_id,
+                Contact.email.in_(keys[i : i + CHUNK]),
+                Contact.status != status,
+            )
+            .values(status=status, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
         )
-        .values(status=status, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
 
 
 async def status_to_suppressions(
@@ -310,9 +312,12 @@ async def _statuses_from_suppressions(
                 Suppression.reason.in_(list(STATUS_OF_REASON)),
             )
         )
+        live: dict[str, list[str]] = {}
         for address, reason, expires in rows.all():
             if expires is None or expires > now:
-                await follow_suppression(session, tenant_id, address, reason)
+                live.setdefault(reason, []).append(address)
+        for reason, addresses in live.items():
+            await follow_suppression(session, tenant_id, addresses, reason)
 
 
 async def save_contacts(

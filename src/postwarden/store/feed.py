@@ -21,18 +21,25 @@ _LOCKED = "postwarden_changes_locked"
 
 
 async def lock_feed(session: Any) -> None:
-    """Take the feed lock for the session's transaction now (once). A writer that
-    locks other rows before it may write to the feed takes it first: the event
-    copier takes it before it locks contacts (suppressions follow bounces), so the
-    other order would deadlock."""
+    """Take the feed lock for the session's transaction now (once per transaction). A
+    writer that locks other rows before it may write to the feed takes it first: the
+    event copier takes it before it writes suppressions and contacts (a contact's
+    status follows its suppression), so another order would deadlock."""
     bind = session.bind
-    if bind is not None and bind.dialect.name == "sqlite":
+    dialect = bind.dialect.name if bind is not None else ""
+    sync = getattr(session, "sync_session", session)
+    current = sync.get_transaction()
+    if dialect not in ("sqlite", "postgresql"):
+        return
+    if current is not None and session.info.get(_LOCKED) is current:
+        return  # taken already in this transaction
+    if dialect == "sqlite":
         # SQLite's one writer: taken now, before what the writer reads (the driver
         # starts no transaction for a SELECT), so that it reads what it will change.
         await session.execute(text("UPDATE changes SET id = id WHERE 0"))
-    if bind is not None and bind.dialect.name == "postgresql" and not session.info.get(_LOCKED):
+    else:
         await session.execute(text("LOCK TABLE changes IN SHARE ROW EXCLUSIVE MODE"))
-        session.info[_LOCKED] = True
+    session.info[_LOCKED] = sync.get_transaction()
 
 
 async def record_change(session: Any, kind: str, tenant_id: int | None, ref: str = "") -> None:

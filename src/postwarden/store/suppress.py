@@ -31,11 +31,13 @@ async def upsert_suppression(
     expires_at: dt.datetime | None,
     *,
     keep: Callable[[Suppression], bool] | None = None,
+    follow: bool = True,
 ) -> tuple[Suppression, Upserted]:
     """Add or replace one suppression, with the change-feed row that makes every
     process's cache load it, and the status of the address's contact to match
     (``store.contacts.follow_suppression``); the caller commits. An existing entry
-    for which ``keep`` is true stays as it is (``"kept"``)."""
+    for which ``keep`` is true stays as it is (``"kept"``). ``follow=False``: the
+    caller moves the contacts' statuses itself, many at once (``follow_suppression``)."""
     key = suppression_key(address)
     # The feed lock before the row: every writer takes feed, suppression, contact in
     # that order (the row's write is flushed by the next statement, before the lock).
@@ -50,7 +52,8 @@ async def upsert_suppression(
     row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
     row.created_at = dt.datetime.now(dt.UTC)
     await record_change(s, "suppression", tenant_id, key)
-    await _contacts().follow_suppression(s, tenant_id, key, reason)
+    if follow:
+        await _contacts().follow_suppression(s, tenant_id, [key], reason)
     return row, how
 
 
@@ -64,7 +67,7 @@ async def remove_suppression(s: Any, tenant_id: int, address: str) -> Suppressio
         return None
     await s.delete(row)
     await record_change(s, "suppression", tenant_id, key)
-    await _contacts().follow_suppression(s, tenant_id, key, None)
+    await _contacts().follow_suppression(s, tenant_id, [key], None)
     return row
 
 
