@@ -118,9 +118,8 @@ async def test_contact_crud_attributes_and_consents(control: ControlFactory) -> 
         r = await c.get(f"{url}/consents")
         assert [x["source"] for x in r.json()["data"]] == ["signup form", "import"]
         assert (await c.patch(f"{url}/consents", json={})).status_code == 405
-        assert fields(await c.post(f"{url}/consents", json={"source": "x", "ip": "1.2.3"})) == [
-            "ip"
-        ]
+        for ip in ("1.2.3", "fe80::1%eth0", "::ffff:ffff:ffff%" + "a" * 28):
+            assert fields(await c.post(f"{url}/consents", json={"source": "x", "ip": ip})) == ["ip"]
         assert fields(
             await c.post(f"{url}/consents", json={"source": "x", "at": "2026-01-01"})
         ) == ["at"]

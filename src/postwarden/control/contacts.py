@@ -63,7 +63,8 @@ def _locale(value: str) -> str:
 
 def _ip(value: str) -> str:
     try:
-        return str(ipaddress.ip_address(value))
+        # No zone index (fe80::1%eth0): it means nothing off its host.
+        return str(ipaddress.ip_address(value if "%" not in value else "-"))
     except ValueError:
         raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
 
