@@ -50,6 +50,15 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         r = await c.post("/v1/data-sources", json={"url": "http://127.0.0.1:9/bravo.csv"})
         assert r.status_code == 201
         source_b = r.json()["id"]
+        contact_b = (await c.post("/v1/contacts", json={"email": "secret-b@inbox.test"})).json()
+        list_b = (await c.post("/v1/lists", json={"name": "bravo-list"})).json()
+        r = await c.post(
+            f"/v1/lists/{list_b['id']}/members", json={"emails": ["secret-b@inbox.test"]}
+        )
+        assert r.json()["changed"] == 1
+        topic_b = (await c.post("/v1/topics", json={"name": "bravo-topic"})).json()
+        r = await c.post("/v1/contact-attributes", json={"name": "bravo_attr", "type": "string"})
+        assert r.status_code == 201
     values = {
         "audience_id": aud_b,
         "snapshot_id": snap_b,
@@ -62,6 +71,19 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "version": 1,
         "import_id": import_b,
         "source_id": source_b,
+        "contact_id": contact_b["id"],
+        "list_id": list_b["id"],
+        "topic_id": topic_b["id"],
+        "name": "bravo_attr",
+    }
+    # A route that takes a body gets a valid one, so that the answer is its handler's.
+    bodies = {
+        "ContactUpdate": {"name": "x"},
+        "ConsentCreate": {"source": "x"},
+        "ChoiceIn": {"opted_in": True},
+        "MembersIn": {"contact_ids": [contact_b["id"]]},
+        "ListUpdate": {"name": "x"},
+        "TopicUpdate": {"name": "x"},
     }
     await api.lab.wait_for_messages(1)
     checked = []
@@ -71,7 +93,11 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
             if not op.tenant or not params:
                 continue
             url = re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: str(values[m.group(1)]), op.path)
-            body = BODIES.get((op.method, op.path), {}) if op.body is not None else None
+            body = (
+                BODIES.get((op.method, op.path)) or bodies.get(op.body.__name__, {})
+                if op.body is not None
+                else None
+            )
             r = await c.request(op.method, url, json=body)
             assert r.status_code == 404, (op.method, url, r.status_code, r.text)
             assert "bravo" not in r.text and "secret-b" not in r.text

@@ -2,8 +2,8 @@
 operations on (``api``), the change feed's note, paging and the lookup that answers 404.
 
 One module per resource declares its operations: tenants.py, pools.py, keys.py,
-domains_api.py, suppressions.py, message_list.py, messages.py, shaping_api.py,
-imports.py and data_sources.py.
+domains_api.py, suppressions.py, contacts.py, lists.py, topics.py, message_list.py,
+messages.py, shaping_api.py, imports.py and data_sources.py.
 app.py imports each of them, in the order the route table, /openapi.json and /docs
 list them, before it builds the routes."""
 

@@ -111,6 +111,9 @@ def create_app(
         from postwarden.control import keys  # noqa: F401
         from postwarden.control import domains_api  # noqa: F401
         from postwarden.control import suppressions  # noqa: F401
+        from postwarden.control import contacts  # noqa: F401
+        from postwarden.control import lists  # noqa: F401
+        from postwarden.control import topics  # noqa: F401
         from postwarden.control import message_list  # noqa: F401
         from postwarden.control import messages  # noqa: F401
         from postwarden.control import event_list  # noqa: F401

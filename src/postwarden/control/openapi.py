@@ -97,7 +97,8 @@ def openapi_document(api: Api) -> dict[str, Any]:
                 ok["content"] = {op.response_media: {"schema": ref(op.response, "serialization")}}
             else:
                 ok["content"] = {op.response_media: {"schema": {"type": "string"}}}
-        entry["responses"][str(op.status)] = ok
+        for status in (op.status, *op.also):
+            entry["responses"][str(status)] = ok
         codes = set(op.errors) | {500, 503}  # 503: the database is down
         if op.scope is not None:
             codes |= {401, 403, 429}

@@ -157,6 +157,9 @@ class Operation:
     # The handler reads the body itself (call.request.stream()): a body too large to
     # hold in memory, stored as it comes (POST /v1/imports).
     stream: bool = False
+    # Other success statuses the handler answers with, with the same body (an upsert:
+    # 201 created, 200 updated).
+    also: tuple[int, ...] = ()
 
 
 class Api:
@@ -183,6 +186,7 @@ class Api:
         headers: dict[str, str] | None = None,
         sync: bool = True,
         stream: bool = False,
+        also: tuple[int, ...] = (),
     ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             self.ops.append(
@@ -205,6 +209,7 @@ class Api:
                     headers or {},
                     sync,
                     stream,
+                    also,
                 )
             )
             return fn

@@ -12,7 +12,7 @@ from typing import Any, get_args
 from sqlalchemy import select
 from starlette.responses import Response
 
-from postwarden.control.api import api, changed, one_or_404, page_of
+from postwarden.control.api import api, one_or_404, page_of
 from postwarden.control.csvfile import SafeWriter, unescape_cell
 from postwarden.control.errors import invalid
 from postwarden.control.routing import Call
@@ -28,8 +28,9 @@ from postwarden.control.schemas import (
     parse_timestamp,
 )
 from postwarden.mail.addresses import AddressError, normalize_address, suppression_key
+from postwarden.store.contacts import follow_suppression
 from postwarden.store.models import Suppression
-from postwarden.store.suppress import upsert_suppression
+from postwarden.store.suppress import remove_suppression, upsert_suppression
 
 #: Every reason a suppression can have, the appliance's own (hard_bounce, soft_bounce,
 #: complaint) included: what the export writes, the import takes back.
@@ -115,8 +116,7 @@ async def get_suppression(c: Call) -> Any:
 async def delete_suppression(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await _suppression(s, c)
-        await s.delete(row)
-        await changed(s, "suppression", c.tenant_id, row.address)
+        await remove_suppression(s, c.tenant_id, row.address)
         await s.commit()
     await c.ctx.suppressions.refresh([(c.tenant_id, row.address)])
     return Deleted(deleted=True)
@@ -196,15 +196,19 @@ async def store_import(session: Any, tenant_id: int, rows: Iterable[ImportRow]) 
     """Create or replace each row's entry in ``session``'s transaction (the caller
     commits): how many were created and how many updated."""
     created = updated = 0
+    by_reason: dict[str, list[str]] = {}
     for addr, reason, source, note, expires, created_at in rows:
         entry, how = await upsert_suppression(
-            session, tenant_id, addr, reason, source, note, expires
+            session, tenant_id, addr, reason, source, note, expires, follow=False
         )
+        by_reason.setdefault(reason, []).append(entry.address)
         if created_at is not None:
             entry.created_at = created_at
         new = how == "created"
         created += new
         updated += not new
+    for reason, addresses in by_reason.items():  # the contacts' statuses, in one go
+        await follow_suppression(session, tenant_id, addresses, reason)
     return created, updated
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import select, tuple_
 
 from postwarden.mail.addresses import suppression_key
-from postwarden.store.feed import record_change
+from postwarden.store.feed import lock_feed, record_change
 from postwarden.store.models import Suppression
 
 Upserted = Literal["created", "replaced", "kept"]
@@ -31,18 +31,18 @@ async def upsert_suppression(
     expires_at: dt.datetime | None,
     *,
     keep: Callable[[Suppression], bool] | None = None,
+    follow: bool = True,
 ) -> tuple[Suppression, Upserted]:
     """Add or replace one suppression, with the change-feed row that makes every
-    process's cache load it; the caller commits. An existing entry for which ``keep``
-    is true stays as it is (``"kept"``)."""
+    process's cache load it, and the status of the address's contact to match
+    (``store.contacts.follow_suppression``); the caller commits. An existing entry
+    for which ``keep`` is true stays as it is (``"kept"``). ``follow=False``: the
+    caller moves the contacts' statuses itself, many at once (``follow_suppression``)."""
     key = suppression_key(address)
-    row = (
-        await s.execute(
-            select(Suppression).where(
-                Suppression.tenant_id == tenant_id, Suppression.address == key
-            )
-        )
-    ).scalar_one_or_none()
+    # The feed lock before the row: every writer takes feed, suppression, contact in
+    # that order (the row's write is flushed by the next statement, before the lock).
+    await lock_feed(s)
+    row = await _entry(s, tenant_id, key)
     if row is not None and keep is not None and keep(row):
         return row, "kept"
     how: Upserted = "created" if row is None else "replaced"
@@ -52,7 +52,42 @@ async def upsert_suppression(
     row.reason, row.source, row.note, row.expires_at = reason, source, note, expires_at
     row.created_at = dt.datetime.now(dt.UTC)
     await record_change(s, "suppression", tenant_id, key)
+    if follow:
+        await _contacts().follow_suppression(s, tenant_id, [key], reason)
     return row, how
+
+
+async def remove_suppression(s: Any, tenant_id: int, address: str) -> Suppression | None:
+    """Remove one suppression (None when there is none), with its change-feed row;
+    the contact of the address becomes active again. The caller commits."""
+    key = suppression_key(address)
+    await lock_feed(s)
+    row = await _entry(s, tenant_id, key)
+    if row is None:
+        return None
+    await s.delete(row)
+    await record_change(s, "suppression", tenant_id, key)
+    await _contacts().follow_suppression(s, tenant_id, [key], None)
+    return row
+
+
+async def _entry(s: Any, tenant_id: int, key: str) -> Suppression | None:
+    found: Suppression | None = (
+        await s.execute(
+            select(Suppression).where(
+                Suppression.tenant_id == tenant_id, Suppression.address == key
+            )
+        )
+    ).scalar_one_or_none()
+    return found
+
+
+def _contacts() -> Any:
+    # store.contacts writes suppressions through this module (a contact's status):
+    # imported when called, not at import time, to keep the two modules' import order free.
+    from postwarden.store import contacts
+
+    return contacts
 
 
 class SuppressionCache:
