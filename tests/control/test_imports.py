@@ -85,6 +85,11 @@ async def test_a_csv_with_bad_rows_is_reported_row_by_row(control: ControlFactor
     async with api.client(key) as c:
         tid = await tenant_id(c)
         ids = await setup_tenant(api, tid)
+        # An address suppressed before it is imported: its new contact takes the status.
+        r = await c.post(
+            "/v1/suppressions", json={"address": "gus@example.com", "reason": "hard_bounce"}
+        )
+        assert r.status_code == 201, r.text
         r = await c.post(
             "/v1/imports", content=REPORT_CSV.encode(), headers={"Content-Type": "text/csv"}
         )
@@ -123,6 +128,7 @@ async def test_a_csv_with_bad_rows_is_reported_row_by_row(control: ControlFactor
     ann, gus = found["ann@example.com"], found["gus@example.com"]
     assert (ann.name, ann.attributes) == ("Ann", {"age": 31, "vip": True})
     assert (gus.name, gus.attributes) == ("Gus, Jr.", {"age": 7, "vip": True})
+    assert (ann.status, gus.status) == ("active", "bounced")
     async with api.app.control.sessions() as s:
         members = (await s.execute(select(ListMember.contact_id))).scalars().all()
         subs = (await s.execute(select(TopicSubscription))).scalars().all()

@@ -321,7 +321,10 @@ async def _statuses_from_suppressions(
 
 
 async def save_contacts(
-    session: AsyncSession, tenant_id: int, items: Sequence[ContactIn]
+    session: AsyncSession,
+    tenant_id: int,
+    items: Sequence[ContactIn],
+    on_conflict: str = "update",
 ) -> list[Upserted]:
     """Create or update ``items`` as :func:`upsert_contacts` does, and keep statuses
     and suppressions in step: a status unsubscribed, bounced or complained adds its
@@ -333,7 +336,7 @@ async def save_contacts(
         # Before the contacts are locked: the order of every writer (lock_feed).
         await lock_feed(session)
     stored = [dataclasses.replace(i, status=None) if i.status == "active" else i for i in items]
-    results = await upsert_contacts(session, tenant_id, stored)
+    results = await upsert_contacts(session, tenant_id, stored, on_conflict)
     statuses = {r.email: i.status for r, i in zip(results, stored, strict=True) if i.status}
     for email, status in statuses.items():
         await status_to_suppressions(session, tenant_id, email, status)

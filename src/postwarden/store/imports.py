@@ -15,7 +15,8 @@ A run reads the body twice, a chunk at a time (memory stays flat whatever the si
    a later one is rejected naming it. What was seen is kept in a private SQLite file
    in a temporary directory, not in memory; the scan is repeated on a resume.
 2. the *batches*: ``import_batch`` records at a time, the contacts (through
-   ``store.contacts.upsert_contacts``, the one writer of contacts), their list and
+   ``store.contacts.save_contacts``: the one writer of contacts, which also gives a
+   new contact of a suppressed address the suppression's status), their list and
    topic memberships, the rejected rows and the import's cursor and counters are
    committed in one transaction, guarded by the runner's claim. A process killed
    mid-import resumes after the last committed batch; a batch is never applied twice.
@@ -54,7 +55,7 @@ from postwarden.contacts.importing import (
 )
 from postwarden.store.availability import is_unavailable, short_error
 from postwarden.store.contact_models import ContactList, ListMember, Topic, TopicSubscription
-from postwarden.store.contacts import ContactIn, attribute_types, upsert_contacts
+from postwarden.store.contacts import ContactIn, attribute_types, save_contacts
 from postwarden.store.import_models import (
     FINISHED,
     RECEIVING,
@@ -640,7 +641,7 @@ async def _commit(w: _Writer, batch: _Batch) -> bool:
                 )
                 for _, r, _ in batch.good
             ]
-            results = await upsert_contacts(s, plan.tenant_id, items, on_conflict)
+            results = await save_contacts(s, plan.tenant_id, items, on_conflict)
             counted: set[int] = set()
             pairs = []
             for res, (_, row, _) in zip(results, batch.good, strict=True):
