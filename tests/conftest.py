@@ -129,7 +129,7 @@ def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
         },
         "database": {"url": control_db(tmp_path)},
         "spool": {"path": str(tmp_path / "spool")},
-        "dns": {"nameservers": [lab.nameserver], "timeout": "1s"},
+        "dns": {"nameservers": [lab.nameserver], "timeout": "3s"},
         "delivery": {
             "mx_port": lab.mx_port,
             # The lab's MX hosts and the tests' peers are on loopback.
