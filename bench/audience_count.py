@@ -17,9 +17,9 @@ One run:
   preview's sample (``store.audiences.sample``, the first 10 by id), timed apart.
 
 It prints per database and rule the count, the count's p50/p95 and the sample's p50
-in ms, then one line
-``audience_count: … worst_pg_p95_ms=…``; exit 1 when a PostgreSQL p95 is over
-``--budget-ms`` (1000).
+in ms (the :data:`STRESS` rules too, marked), then one line
+``audience_count: … worst_pg_p95_ms=…``; exit 1 when a PostgreSQL p95 of one of the
+typical :data:`RULES` is over ``--budget-ms`` (1000).
 
     python bench/audience_count.py [--contacts 1000000] [--sqlite-contacts 100000]
         [--reps 9] [--warmup 2] [--budget-ms 1000] [--skip-sqlite]
@@ -58,6 +58,15 @@ RULES = [
      'in_list("beta") or in_list("gamma") or attributes.plan in ["team", "enterprise"]'),
     ("five terms", 'attributes.plan != "free" and attributes.age > 25 and not in_list("gamma")'
                    ' and email.endswith(".example") and has_consent("marketing")'),
+]  # fmt: skip
+
+#: Beyond the typical: measured and printed, not held to the budget (six comparisons
+#: of attributes cost about 0.5 µs each per contact; docs/performance.md).
+STRESS = [
+    ("many attributes", "attributes.age > 20 and attributes.age < 75 and attributes.score >= 0"
+     ' and attributes.plan != "x" and attributes.country != "ZZ"'
+     ' and attributes.renewal > "2025-01-01" and has_consent("marketing")'
+     ' and not in_list("gamma")'),
 ]  # fmt: skip
 
 PG_LOAD = """
@@ -126,7 +135,7 @@ async def _measure(url: str, reps: int, warmup: int) -> list[Result]:
     out = []
     try:
         sessions = sessionmaker(engine)
-        for name, rule in RULES:
+        for name, rule in RULES + STRESS:
             times, samples = [], []
             found = 0
             for rep in range(warmup + reps):
@@ -157,8 +166,9 @@ async def _measure(url: str, reps: int, warmup: int) -> list[Result]:
 def _report(db: str, n: int, load_s: float, results: list[Result]) -> None:
     print(f"\n{db}: {n} contacts of the measured tenant, loaded in {load_s:.1f}s")
     print(f"  {'rule':<20} {'count':>9} {'p50 ms':>8} {'p95 ms':>8} {'sample p50':>10}")
-    for name, found, p50, p95, samp in results:
-        print(f"  {name:<20} {found:>9} {p50:>8.1f} {p95:>8.1f} {samp:>10.1f}")
+    for i, (name, found, p50, p95, samp) in enumerate(results):
+        mark = " (stress: not budgeted)" if i >= len(RULES) else ""
+        print(f"  {name:<20} {found:>9} {p50:>8.1f} {p95:>8.1f} {samp:>10.1f}{mark}")
 
 
 async def _pg_load(server: Any, n: int) -> tuple[str, float]:
@@ -217,7 +227,7 @@ async def run(args: argparse.Namespace, scratch: Path) -> int:
         url, took = await _pg_load(server, args.contacts)
         results = await _measure(url, args.reps, args.warmup)
         _report("PostgreSQL", args.contacts, took, results)
-        worst = max(r[3] for r in results)
+        worst = max(r[3] for r in results[: len(RULES)])
     finally:
         stop_server(server)
     ok = worst <= args.budget_ms

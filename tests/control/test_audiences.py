@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, text, update
 
 from postwarden.audiences.syntax import BoolOp, Call, Compare, Field, Literal, Node, Not, parse
+from postwarden.store.audiences import count, plan_for
 from postwarden.store.contact_models import (
     AttributeDef,
     Consent,
@@ -79,7 +80,8 @@ def _contacts(rng: random.Random, n: int) -> list[tuple[ContactIn, dict[str, Any
             attrs["misc"] = rng.choice(["abc", "xyz", 5, 12.5, ["abc", "q"], False])
         status = rng.choice(["active"] * 6 + ["unsubscribed", "bounced", "complained"])
         email = f"User{i}@{rng.choice(domains)}"
-        item = ContactIn(email, name=rng.choice(["Ann", "Bob", "ann", "Zoë", ""]),
+        names = ["Ann", "Bob", "ann", "Zoë", "", "50%_off", "a\\b_"]
+        item = ContactIn(email, name=rng.choice(names),
                          attributes=attrs, status=status,
                          locale=rng.choice([None, "de", "en-GB"]),
                          timezone=rng.choice([None, "Europe/Berlin"]))  # fmt: skip
@@ -302,6 +304,9 @@ RULES = [
     'domain.endswith(".co.uk")',
     'name == "Ann"',
     'name < "B" and name != ""',
+    'name contains "%_" or name.endswith("_")',  # LIKE's wildcards are plain text
+    'name contains "\\\\" or name.startswith("5%")',
+    'name contains "0_" or name contains "a%"',
     'locale == "de"',
     'not locale == "de"',
     "exists(timezone)",
@@ -356,6 +361,17 @@ async def test_counts_match_the_reference_on_both_databases(control: ControlFact
         # The rules that select nothing and everything are not all trivially empty.
         counts = [len(reference(rule, rows)) for rule in RULES]
         assert sum(1 for n in counts if 0 < n < len(rows)) >= len(RULES) - 3, counts
+    # A count plans for the whole tenant (PostgreSQL: no nested loops) and puts the
+    # session's planner settings back after its statement.
+    async with api.app.control.sessions() as s:
+        tid = await tenant_id(api, key)
+        assert await count(s, tid, await plan_for(s, tid, RULES[0])) == len(
+            reference(RULES[0], rows)
+        )
+        if s.get_bind().dialect.name == "postgresql":
+            shown = await s.execute(text("SELECT current_setting('enable_nestloop'),"
+                                         " current_setting('plan_cache_mode')"))  # fmt: skip
+            assert tuple(shown.one()) == ("on", "auto")
 
 
 async def test_crud_errors_snapshots_and_isolation(control: ControlFactory) -> None:

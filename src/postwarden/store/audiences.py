@@ -10,8 +10,9 @@ WHERE clause over ``contacts``, the same answer on SQLite and PostgreSQL:
   through ``jsonb_typeof`` and ``->>``. Every test of a value is guarded by its JSON
   type in a ``CASE``, so that a value of another type is false (never a cast error, and
   never NULL: ``not`` of a false condition is true);
-* text is compared by code point on both (``COLLATE "C"`` on PostgreSQL), substrings
-  without ``LIKE`` (SQLite's is case-insensitive);
+* text is compared by code point on both (``COLLATE "C"`` on PostgreSQL); substrings
+  by an escaped ``LIKE`` on PostgreSQL (estimated from statistics) and by
+  ``instr``/``substr`` on SQLite (whose ``LIKE`` ignores case);
 * lists, topics and consent purposes are ``EXISTS`` / ``NOT EXISTS`` where they are
   terms of the rule's top-level ``and`` (semi- and anti-joins), else LEFT JOINs on
   their primary keys, once each however often the rule names them (see
@@ -20,13 +21,15 @@ WHERE clause over ``contacts``, the same answer on SQLite and PostgreSQL:
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
-    Float,
     and_,
     case,
+    cast,
     exists,
     false,
     func,
@@ -37,7 +40,7 @@ from sqlalchemy import (
     select,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -73,6 +76,7 @@ from postwarden.store.contacts import attribute_types
 from postwarden.store.models import BigId, utcnow
 
 Bool = ColumnElement[bool]
+_LIKE_ESCAPE = re.compile(r"[\\%_]")
 
 _ORDER: dict[str, Callable[[Any, Any], Bool]] = {
     "==": lambda a, b: a == b,
@@ -92,12 +96,18 @@ def _text(value: Any, op: str, arg: Any, pg: bool) -> Bool:
         n = len(arg)
         if n == 0:
             return true()
+        if pg:
+            # LIKE (case-sensitive on PostgreSQL) rather than a function of the value:
+            # the planner estimates a pattern from the column's statistics, while
+            # ``right(email, 8) = …`` is a guess of 0.5 % that turned a count's
+            # semi-joins into a million index probes (docs/performance.md).
+            body = _LIKE_ESCAPE.sub(r"\\\g<0>", arg)
+            pattern = {"contains": f"%{body}%", "startswith": f"{body}%"}.get(op, f"%{body}")
+            return value.like(pattern, escape="\\")
+        # SQLite's LIKE ignores case: compare the part itself.
         if op == "contains":
-            return (func.strpos(value, arg) if pg else func.instr(value, arg)) > 0
-        if op == "startswith":
-            part = func.left(value, n) if pg else func.substr(value, 1, n)
-        else:
-            part = func.right(value, n) if pg else func.substr(value, -n)
+            return func.instr(value, arg) > 0
+        part = func.substr(value, 1, n) if op == "startswith" else func.substr(value, -n)
         return part == arg
     if pg and op not in ("==", "!="):
         value = value.collate("C")
@@ -114,6 +124,30 @@ def _contains(doc: dict[str, Any]) -> Bool:
     return Contact.attributes.op("@>", is_comparison=True)(literal(doc, JSONB))
 
 
+#: Comparisons a JSON path makes of a number or a string attribute.
+_PATH_OPS = ("!=", "<", "<=", ">", ">=")
+
+
+def _path_match(name: str, op: str, value: Any) -> Bool:
+    """``attributes @@ 'strict $."name" op value'``: true where the attribute is of
+    the value's type and compares so, false where it compares otherwise, and NULL
+    where it is missing or of another type (a strict path compares numbers with
+    numbers and strings with strings, by code point). One walk of the document
+    rather than ``jsonb_typeof`` and ``->>`` in a CASE: 1.7 times faster, and the
+    planner estimates ``@@`` from the column's statistics. NULL is false in a WHERE;
+    :meth:`_Selection.condition` makes it false under ``not``."""
+    path = f"strict $.{json.dumps(name)} {op} {json.dumps(value, ensure_ascii=False)}"
+    return Contact.attributes.op("@@", is_comparison=True)(cast(literal(path), JSONPATH))
+
+
+def _may_be_null(cond: Cond) -> bool:
+    if isinstance(cond, AttrTest):
+        return cond.type in ("number", "string") and cond.op in _PATH_OPS
+    if isinstance(cond, AllOf | AnyOf):
+        return any(_may_be_null(i) for i in cond.items)
+    return False
+
+
 def _attr_pg(c: AttrTest) -> Bool:
     a = Contact.attributes
     if c.op in ("==", "in") and c.type in ("string", "number", "boolean"):
@@ -124,10 +158,10 @@ def _attr_pg(c: AttrTest) -> Bool:
     if c.type == "list":
         values = c.value if isinstance(c.value, tuple) else (c.value,)
         return or_(*(_contains({c.name: [v]}) for v in values))
+    if c.type in ("number", "string") and c.op in _PATH_OPS:
+        return _path_match(c.name, c.op, c.value)
     jtype = func.jsonb_typeof(a[c.name])
     text = a[c.name].as_string()
-    if c.type == "number":
-        return _guarded(jtype == "number", _ORDER[c.op](text.cast(Float), c.value))
     if c.type == "date":
         key = func.substr(text.op("||")("T00:00:00"), 1, c.width).collate("C")
         return _guarded(jtype == "string", _ORDER[c.op](key, c.value))
@@ -185,13 +219,17 @@ class _Selection:
         return frm
 
     def condition(self, cond: Cond) -> Bool:
-        """True or false for every contact, never NULL."""
+        """True or false for every contact, or NULL where that means false (a WHERE
+        drops the row): never NULL under ``not``."""
         if isinstance(cond, AllOf):
             return and_(*(self.condition(i) for i in cond.items))
         if isinstance(cond, AnyOf):
             return or_(*(self.condition(i) for i in cond.items))
         if isinstance(cond, Negation):
-            return not_(self.condition(cond.item))
+            inner = self.condition(cond.item)
+            if self.pg and _may_be_null(cond.item):
+                inner = func.coalesce(inner, false())
+            return not_(inner)
         if isinstance(cond, AttrTest):
             return _attr_pg(cond) if self.pg else _attr_sqlite(cond)
         if isinstance(cond, AttrExists):
@@ -308,10 +346,32 @@ async def plan_for(session: AsyncSession, tenant_id: int, rule: str) -> Plan:
     return compile_rule(rule, await tenant_schema(session, tenant_id))
 
 
+#: How PostgreSQL plans a statement over all of a tenant's contacts: hash joins, not
+#: nested loops (a loop probes an index per contact, and the planner only chooses it
+#: when it underestimates how many contacts pass the tests before the join: 1.8 s
+#: instead of 0.6 s for a five-term rule over a million), and a plan for the values
+#: of this rule rather than a generic one for its shape.
+_WHOLE_TENANT = {"enable_nestloop": "off", "plan_cache_mode": "force_custom_plan"}
+
+
+async def _whole_tenant(session: AsyncSession, stmt: Any) -> Any:
+    """``stmt`` run under :data:`_WHOLE_TENANT` on PostgreSQL, the settings put back
+    after it (``set_config(…, true)``: a rollback also puts them back)."""
+    if _dialect(session) != "postgresql":
+        return await session.execute(stmt)
+    names = list(_WHOLE_TENANT)
+    before = (await session.execute(select(*(func.current_setting(n) for n in names)))).one()
+    await session.execute(select(*(func.set_config(n, v, True) for n, v in _WHOLE_TENANT.items())))
+    result = await session.execute(stmt)
+    restore = zip(names, before, strict=True)
+    await session.execute(select(*(func.set_config(n, v, True) for n, v in restore)))
+    return result
+
+
 async def count(session: AsyncSession, tenant_id: int, plan: Plan) -> int:
     frm, cond = selection(plan, tenant_id, _dialect(session))
     stmt = select(func.count()).select_from(frm).where(cond)
-    return int((await session.execute(stmt)).scalar_one())
+    return int((await _whole_tenant(session, stmt)).scalar_one())
 
 
 async def sample(session: AsyncSession, tenant_id: int, plan: Plan, n: int) -> list[Contact]:
@@ -333,9 +393,9 @@ async def take_snapshot(
     await session.flush()
     frm, cond = selection(plan, tenant_id, _dialect(session))
     chosen = select(literal(snap.id, BigId), Contact.id).select_from(frm).where(cond)
-    result = await session.execute(
-        insert(SnapshotMember).from_select(["snapshot_id", "contact_id"], chosen)
+    result = await _whole_tenant(
+        session, insert(SnapshotMember).from_select(["snapshot_id", "contact_id"], chosen)
     )
-    snap.count = int(result.rowcount)  # type: ignore[attr-defined]
+    snap.count = int(result.rowcount)
     await session.flush()
     return snap
