@@ -93,11 +93,12 @@ ControlFactory = Callable[..., Awaitable[ControlApi]]
 # and on PostgreSQL, and that stays the default: a test whose subject touches the
 # database (queries and listings, migrations, outages, transactions, isolation,
 # idempotency, events, keys, suppressions, the change feed, strings PostgreSQL cannot
-# store, schemathesis' generated values) runs on both. A test whose subject is the
-# HTTP or SMTP layer (error envelopes, request ids, the docs page, body limits,
-# validation answers that never reach the database, header checks) learns nothing
-# more from PostgreSQL: it is marked `@pytest.mark.sqlite_only` (or a module's
-# `pytestmark`) and runs on SQLite alone. When unsure, leave a test on both.
+# store, schemathesis' boundary values: its other phases run on SQLite) runs on both.
+# A test whose subject is the HTTP or SMTP layer (error envelopes, request ids, the
+# docs page, body limits, validation answers that never reach the database, header
+# checks) learns nothing more from PostgreSQL: it is marked `@pytest.mark.sqlite_only`
+# (or a module's `pytestmark`) and runs on SQLite alone. When unsure, leave a test on
+# both.
 SQLITE_ONLY = "sqlite_only"
 
 
