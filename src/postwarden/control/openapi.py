@@ -3,6 +3,7 @@ page built from it): every operation's parameters, body, answers and the key it 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,9 +18,31 @@ from postwarden.control.routing import (
     key_requirement,
 )
 
+#: Documents built, by API and its number of operations (they are declared when the
+#: resource modules are imported, before any app serves them).
+_built: dict[tuple[int, int], tuple[dict[str, Any], bytes]] = {}
+
+
+def _cached(api: Api) -> tuple[dict[str, Any], bytes]:
+    key = (id(api), len(api.ops))
+    if key not in _built:
+        doc = _document(api)
+        _built[key] = (doc, json.dumps(doc).encode())
+    return _built[key]
+
 
 def openapi_document(api: Api) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every declared operation (``/openapi.json``)."""
+    """The OpenAPI 3.1 document of every declared operation (``/openapi.json``),
+    built once per process: do not change it."""
+    return _cached(api)[0]
+
+
+def openapi_bytes(api: Api) -> bytes:
+    """:func:`openapi_document` as JSON, as ``/openapi.json`` serves it."""
+    return _cached(api)[1]
+
+
+def _document(api: Api) -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [(ErrorEnvelope, "serialization")]
     for op in api.ops:
         if op.body is not None:
