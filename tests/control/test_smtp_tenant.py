@@ -46,6 +46,8 @@ async def submit(api: ControlApi, login: str, password: str, sender: str, rcpts:
     return resp.rsplit(" ", 1)[-1]
 
 
+# SMTP AUTH and the domain rule: the keys are read as on any database.
+@pytest.mark.sqlite_only
 async def test_auth_with_api_key_and_verified_domain_rule(control: ControlFactory) -> None:
     api = await control()
     api.lab.add_domain("inbox.test")

@@ -9,6 +9,7 @@ import email.policy
 from typing import Any
 
 import httpx
+import pytest
 
 from postwarden.content.variables import PLACEHOLDER_URLS
 from postwarden.store.contact_models import AttributeDef
@@ -219,6 +220,8 @@ async def test_templates_versions_lint_and_preview(control: ControlFactory) -> N
         assert (await c.post("/v1/templates", json=body)).status_code == 201  # the name is free
 
 
+# The send path (acceptance, DKIM, delivery): nothing of it is the database's.
+@pytest.mark.sqlite_only
 async def test_test_send_is_delivered_signed_and_marked(control: ControlFactory) -> None:
     api = await control()
     api.lab.add_domain("inbox.test")

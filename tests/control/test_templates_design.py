@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from tests.content.design_samples import every_block
 from tests.control.conftest import ControlFactory
 from tests.control.test_templates import (
@@ -17,6 +19,8 @@ from tests.control.test_templates import (
 )
 
 
+# Compiling design JSON; storing a template runs on both in test_templates.
+@pytest.mark.sqlite_only
 async def test_a_template_from_design_json(control: ControlFactory) -> None:
     api = await control()
     key = await api.tenant("acme")
