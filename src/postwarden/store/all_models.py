@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from postwarden.store import (  # noqa: F401  (each registers its tables)
     audience_models,
+    campaign_models,
     contact_models,
     import_models,
     template_models,

@@ -1,0 +1,107 @@
+"""Campaigns (issue 21; docs/campaigns.md): a tenant's campaign, each change of its
+state with who and why, and one durable send record per (campaign, contact) written at
+launch — the feeder sends from these, never from a loop over the audience.
+
+A record's ``state``: ``pending`` (written at launch, not yet handed to acceptance),
+``suppressed`` (not sent: ``reason`` says why — suppressed, unsubscribed, bounced,
+complained, frequency cap), ``queued`` (in the spool as ``message_id``), then what
+delivery's events say: ``delivered``, ``deferred``, ``bounced``, ``complained``, or
+``cancelled`` when the campaign is cancelled before it was queued. The spool's
+idempotency key for a record is a function of (campaign, contact): a crash between
+the spool's fsync and the record's update sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from postwarden.store.models import Base, BigId, utcnow
+
+#: The states of a send record (see the module's docstring).
+RECORD_STATES = (
+    "pending",
+    "suppressed",
+    "queued",
+    "delivered",
+    "deferred",
+    "bounced",
+    "complained",
+    "cancelled",
+)
+
+
+class Campaign(Base):
+    __tablename__ = "campaigns"
+    __table_args__ = (Index("ix_campaigns_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default="draft")  # campaigns.lifecycle
+    audience_id: Mapped[int] = mapped_column(BigId)
+    template_id: Mapped[int] = mapped_column(BigId)
+    # The template version sent: fixed at validation, so approval approves a version.
+    template_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    from_email: Mapped[str] = mapped_column(String(320))
+    from_name: Mapped[str] = mapped_column(String(200), default="")
+    reply_to: Mapped[str | None] = mapped_column(String(320), default=None)
+    pool: Mapped[str | None] = mapped_column(String(64), default=None)
+    send_window: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    ab: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    scheduled_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    snapshot_id: Mapped[int | None] = mapped_column(BigId, default=None)
+    # The key (prefix) that last changed the campaign: not the one that approves it.
+    last_editor: Mapped[str | None] = mapped_column(String(16), default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    launched_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class CampaignTransition(Base):
+    """One change of a campaign's state: the action, who asked (a key's prefix, or
+    None for the runner) and why (``/v1/campaigns/{id}/history``)."""
+
+    __tablename__ = "campaign_transitions"
+    __table_args__ = (Index("ix_campaign_transitions_campaign_id_id", "campaign_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(16))
+    before: Mapped[str] = mapped_column(String(16))
+    after: Mapped[str] = mapped_column(String(16))
+    key_prefix: Mapped[str | None] = mapped_column(String(16), default=None)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class SendRecord(Base):
+    """One recipient of a campaign: written at launch, then moved by the feeder and
+    by delivery's events."""
+
+    __tablename__ = "send_records"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "contact_id"),
+        # The feeder's scan: a campaign's pending records in id order.
+        Index("ix_send_records_campaign_id_state_id", "campaign_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    # The contact's id and address as they were at launch (no foreign key: a contact
+    # deleted later still shows that it was sent to).
+    contact_id: Mapped[int] = mapped_column(BigId)
+    email: Mapped[str] = mapped_column(String(320))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # RECORD_STATES
+    reason: Mapped[str] = mapped_column(String(200), default="")
+    variant: Mapped[str | None] = mapped_column(String(32), default=None)
+    message_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
