@@ -13,7 +13,8 @@ from tests.control.conftest import ControlFactory, domain_in_force
 async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
     api = await control()
     api.lab.add_domain("inbox.test")
-    key_a = await api.tenant("alpha")
+    # Every scope, so that each route's answer is its lookup's (404), not a 403.
+    key_a = await api.tenant("alpha", scopes=("send", "read", "manage", "approve"))
     key_b = await api.tenant("bravo")
     d_b = await api.verified_domain(key_b, "bravo.test")
     await domain_in_force(api, "bravo.test")
@@ -49,6 +50,10 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         topic_b = (await c.post("/v1/topics", json={"name": "bravo-topic"})).json()
         r = await c.post("/v1/contact-attributes", json={"name": "bravo_attr", "type": "string"})
         assert r.status_code == 201
+        r = await c.post("/v1/campaigns", json={"name": "bravo's", "audience_id": aud_b,
+                         "template_id": template_b, "from": {"email": "x@bravo.test"}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        campaign_b = r.json()["id"]
     values = {
         "audience_id": aud_b,
         "snapshot_id": snap_b,
@@ -65,6 +70,7 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "list_id": list_b["id"],
         "topic_id": topic_b["id"],
         "name": "bravo_attr",
+        "campaign_id": campaign_b,
     }
     # A route with a resource in its path that takes a body gets a valid one (by its
     # body model; {} when every field is optional), so that the answer is the

@@ -70,7 +70,7 @@ async def schemathesis(base: str, key: str, tmp: Path, *extra: str) -> tuple[int
 TENANT_GROUPS = {
     "sending": "^/v1/(domains|keys|suppressions|messages|events|shaping)",
     "contacts": "^/v1/(contacts|contact-attributes|lists|topics|imports|data-sources)",
-    "content": "^/v1/(audiences|templates)",
+    "content": "^/v1/(audiences|templates|campaigns)",
 }
 
 

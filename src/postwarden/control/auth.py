@@ -19,7 +19,7 @@ from postwarden.store.secrets import hash_key, key_matches, key_prefix
 log = logging.getLogger("postwarden.control.auth")
 _limited = LogLimiter(log)
 
-TENANT_SCOPES = ("send", "read", "manage")
+TENANT_SCOPES = ("send", "read", "manage", "approve")
 ALL_SCOPES = (*TENANT_SCOPES, "admin")
 # A scope that includes others: managing a tenant's resources includes reading them.
 IMPLIES = {"manage": {"read"}}

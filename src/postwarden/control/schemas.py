@@ -18,7 +18,7 @@ from pydantic import (
 
 from postwarden.mail.addresses import AddressError, normalize_address
 
-Scope = Literal["send", "read", "manage"]
+Scope = Literal["send", "read", "manage", "approve"]
 Reason = Literal["unsubscribe", "hard_bounce", "soft_bounce", "complaint", "manual"]
 
 _HOSTNAME = re.compile(
@@ -128,6 +128,13 @@ class TenantSettings(Strict):
             " {{ postal_address }} in templates"
         ),
     ] = ""
+    single_key_approval: Annotated[
+        bool,
+        Field(
+            description="a campaign may be approved by the key that last changed it (for"
+            " installs run by one person); otherwise approval takes another key"
+        ),
+    ] = False
 
 
 _DEFAULT_POOL = "the pool of its mail that names none; null: the appliance's default pool"
@@ -218,7 +225,7 @@ class PoolList(BaseModel):
 
 class KeyCreate(Strict):
     name: Annotated[str, StringConstraints(max_length=200)] = ""
-    scopes: list[Scope] = Field(min_length=1, max_length=3)
+    scopes: list[Scope] = Field(min_length=1, max_length=4)
 
 
 class KeyOut(BaseModel):

@@ -626,11 +626,13 @@ async def get_version(c: Call) -> Any:
 # --------------------------------------------------------------- lint, preview, test send
 
 
-async def _lint_findings(
-    s: Any, c: Call, t: Template, v: TemplateVersion, rendered: Rendered | None = None
+async def lint_findings(
+    s: Any, tenant_id: int, t: Template, v: TemplateVersion, rendered: Rendered | None = None
 ) -> list[Finding]:
-    tenant = await s.get(Tenant, c.tenant_id)
-    attributes = await attribute_types(s, c.tenant_id)
+    """The lint of a template's version for its tenant (also run when a campaign is
+    validated)."""
+    tenant = await s.get(Tenant, tenant_id)
+    attributes = await attribute_types(s, tenant_id)
     html_bytes = None
     if rendered is not None and rendered.html is not None:
         html_bytes = len(rendered.html.encode("utf-8", "surrogatepass"))
@@ -664,7 +666,7 @@ async def lint_template(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         t = await _template(s, c)
         v = await _version(s, t)
-        findings = await _lint_findings(s, c, t, v)
+        findings = await lint_findings(s, c.tenant_id, t, v)
     n = counts(findings)
     return LintOut(
         template_id=t.id,
@@ -717,7 +719,7 @@ async def preview_template(c: Call) -> Any:
         v = await _version(s, t, body.version)
         context = await _context(s, c, body, v)
         out = await _render(parts_of(v), context)
-        findings = await _lint_findings(s, c, t, v, out)
+        findings = await lint_findings(s, c.tenant_id, t, v, out)
     return PreviewOut(
         template_id=t.id,
         version=v.version,

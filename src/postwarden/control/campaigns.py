@@ -1,0 +1,514 @@
+"""/v1/campaigns: a tenant's campaigns, their lifecycle (``campaigns.lifecycle``) and
+its history (issue 21; docs/campaigns.md).
+
+Each action is a transition the lifecycle allows in the campaign's state, recorded
+with the key and the reason. An edit after validation returns the campaign to draft.
+Validation checks what would stop a send (the template's lint, the audience, the From
+domain, DMARC, the pool). Approval needs the ``approve`` scope and a key other than
+the one that last changed the campaign (unless the tenant allows single-key approval).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy import func, select
+
+from postwarden.audiences import RuleError
+from postwarden.campaigns.lifecycle import (
+    DRAFT,
+    TransitionError,
+    approval_refused,
+    transition,
+)
+from postwarden.content.lint import counts
+from postwarden.control.api import api, one_or_404, page, page_of
+from postwarden.control.errors import ApiError
+from postwarden.control.pool_cache import PoolNotAllowed
+from postwarden.control.routing import Call
+from postwarden.control.schemas import MAX_ID, Address, Page, Strict, one_line
+from postwarden.control.templates import lint_findings
+from postwarden.mail.addresses import suppression_key
+from postwarden.store.audience_models import Audience
+from postwarden.store.audiences import count, plan_for
+from postwarden.store.campaign_models import Campaign, CampaignTransition
+from postwarden.store.models import Domain, Tenant, utcnow
+from postwarden.store.template_models import Template, TemplateVersion
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(one_line)]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(one_line)]
+Reason = Annotated[str, StringConstraints(max_length=500), AfterValidator(one_line)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+class FromIn(Strict):
+    email: Address
+    name: Annotated[str, StringConstraints(max_length=200), AfterValidator(one_line)] = ""
+
+
+class CampaignCreate(Strict):
+    name: Name
+    audience_id: Id
+    template_id: Id
+    from_: FromIn = Field(alias="from")
+    reply_to: Address | None = None
+    pool: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=20)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
+
+
+class CampaignUpdate(Strict):
+    name: Name | None = None
+    audience_id: Id | None = None
+    template_id: Id | None = None
+    from_: FromIn | None = Field(default=None, alias="from")
+    reply_to: Address | None = None
+    pool: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    tags: list[Tag] | None = Field(default=None, max_length=20)
+    metadata: dict[str, str] | None = Field(default=None, max_length=20)
+
+
+class ActionIn(Strict):
+    reason: Reason = ""
+
+
+class ScheduleIn(Strict):
+    at: dt.datetime | None = Field(default=None, description="when; omitted: now")
+    reason: Reason = ""
+
+
+class FromOut(BaseModel):
+    email: str
+    name: str
+
+
+class CampaignOut(BaseModel):
+    model_config = ConfigDict(serialize_by_alias=True)  # "from", as requests send it
+
+    id: int
+    name: str
+    state: str
+    audience_id: int
+    template_id: int
+    template_version: int | None = Field(description="the version validation fixed")
+    from_: FromOut = Field(serialization_alias="from")
+    reply_to: str | None
+    pool: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
+    scheduled_at: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class CampaignList(BaseModel):
+    data: list[CampaignOut]
+    next_cursor: str | None
+
+
+class TransitionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    action: str
+    before: str
+    after: str
+    key_prefix: str | None = Field(description="the key that asked; null: the runner")
+    reason: str
+    at: dt.datetime
+
+
+class History(BaseModel):
+    data: list[TransitionOut]
+    next_cursor: str | None
+
+
+class Problem(BaseModel):
+    code: str
+    field: str
+    message: str
+
+
+def _out(row: Campaign) -> CampaignOut:
+    return CampaignOut(
+        id=row.id, name=row.name, state=row.state, audience_id=row.audience_id,
+        template_id=row.template_id, template_version=row.template_version,
+        from_=FromOut(email=row.from_email, name=row.from_name), reply_to=row.reply_to,
+        pool=row.pool, tags=list(row.tags or []), metadata=dict(row.meta or {}),
+        scheduled_at=row.scheduled_at, created_at=row.created_at, updated_at=row.updated_at,
+    )  # fmt: skip
+
+
+def _key(c: Call) -> str | None:
+    return c.principal.prefix if c.principal is not None else None
+
+
+async def _campaign(s: Any, c: Call, *, lock: bool = False) -> Campaign:
+    stmt = select(Campaign).where(
+        Campaign.tenant_id == c.tenant_id, Campaign.id == c.path["campaign_id"]
+    )
+    row: Campaign = await one_or_404(s, stmt.with_for_update() if lock else stmt, "campaign")
+    return row
+
+
+async def _check_refs(s: Any, c: Call, audience_id: int | None, template_id: int | None) -> None:
+    """The audience and template named are the tenant's (422 naming the field)."""
+    for field, model, wanted in (
+        ("audience_id", Audience, audience_id),
+        ("template_id", Template, template_id),
+    ):
+        if wanted is None:
+            continue
+        found = await s.scalar(
+            select(model.id).where(model.tenant_id == c.tenant_id, model.id == wanted)
+        )
+        if found is None:
+            what = field.removesuffix("_id")
+            raise ApiError(422, "validation_error", f"{field}: no {what} {wanted}",
+                           fields=[{"path": field, "message": f"no {what} {wanted}"}])  # fmt: skip
+
+
+def _check_pool(c: Call, pool: str | None) -> None:
+    try:
+        c.ctx.pool_cache.pool_for(c.tenant_id, pool)
+    except PoolNotAllowed as exc:
+        raise ApiError(422, "validation_error", f"pool: {exc}",
+                       fields=[{"path": "pool", "message": str(exc)}]) from None  # fmt: skip
+
+
+def _record(s: Any, c: Call | None, row: Campaign, action: str, after: str, why: str) -> None:
+    step = CampaignTransition(
+        tenant_id=row.tenant_id, campaign_id=row.id, action=action, before=row.state,
+        after=after, key_prefix=_key(c) if c is not None else None, reason=why,
+    )  # fmt: skip
+    s.add(step)
+    row.state = after
+    row.updated_at = utcnow()
+
+
+def _conflict(exc: TransitionError) -> ApiError:
+    return ApiError(409, "conflict", str(exc))
+
+
+@api.op(
+    "POST",
+    "/v1/campaigns",
+    summary="Create a campaign (a draft)",
+    scope="manage",
+    body=CampaignCreate,
+    response=CampaignOut,
+    status=201,
+    errors=(422,),
+    sync=False,
+)
+async def create_campaign(c: Call) -> Any:
+    """The audience and template must be the tenant's, the pool one it may use."""
+    b: CampaignCreate = c.body
+    _check_pool(c, b.pool)
+    async with c.ctx.sessions() as s:
+        await _check_refs(s, c, b.audience_id, b.template_id)
+        row = Campaign(
+            tenant_id=c.tenant_id, name=b.name, state=DRAFT, audience_id=b.audience_id,
+            template_id=b.template_id, from_email=suppression_key(b.from_.email),
+            from_name=b.from_.name, reply_to=b.reply_to, pool=b.pool, tags=b.tags,
+            meta=b.metadata, last_editor=_key(c),
+        )  # fmt: skip
+        s.add(row)
+        await s.flush()
+        s.add(CampaignTransition(tenant_id=c.tenant_id, campaign_id=row.id, action="create",
+                                 before="", after=DRAFT, key_prefix=_key(c)))  # fmt: skip
+        await s.commit()
+        return _out(row)
+
+
+@api.op(
+    "GET",
+    "/v1/campaigns",
+    summary="List campaigns",
+    scope="read",
+    query=Page,
+    response=CampaignList,
+)
+async def list_campaigns(c: Call) -> Any:
+    q: Page = c.query
+    async with c.ctx.sessions() as s:
+        stmt = select(Campaign).where(Campaign.tenant_id == c.tenant_id)
+        rows = await page(s, stmt, Campaign, q.cursor, q.limit)
+    return CampaignList(data=[_out(r) for r in rows], next_cursor=page_of(rows, q.limit))
+
+
+@api.op(
+    "GET",
+    "/v1/campaigns/{campaign_id:int}",
+    summary="Show a campaign and its state",
+    scope="read",
+    response=CampaignOut,
+    errors=(404,),
+)
+async def get_campaign(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        return _out(await _campaign(s, c))
+
+
+@api.op(
+    "PATCH",
+    "/v1/campaigns/{campaign_id:int}",
+    summary="Change a campaign (back to draft if it was validated or later)",
+    scope="manage",
+    body=CampaignUpdate,
+    response=CampaignOut,
+    errors=(404, 409, 422),
+    sync=False,
+)
+async def update_campaign(c: Call) -> Any:
+    """Only a campaign that is not sending, paused, sent or cancelled changes (409);
+    what was validated or approved is no longer what would be sent, so it is a draft
+    again."""
+    b: CampaignUpdate = c.body
+    if b.pool is not None:
+        _check_pool(c, b.pool)
+    async with c.ctx.sessions() as s:
+        row = await _campaign(s, c, lock=True)
+        try:
+            moved = transition("edit", row.state)
+        except TransitionError as exc:
+            raise _conflict(exc) from None
+        await _check_refs(s, c, b.audience_id, b.template_id)
+        for name in ("name", "audience_id", "template_id", "reply_to", "pool", "tags"):
+            value = getattr(b, name)
+            if value is not None:
+                setattr(row, name, value)
+        if b.metadata is not None:
+            row.meta = b.metadata
+        if b.from_ is not None:
+            row.from_email, row.from_name = suppression_key(b.from_.email), b.from_.name
+        if moved.after != row.state:
+            _record(s, c, row, "edit", moved.after, "changed after validation")
+            row.template_version = None
+        row.last_editor = _key(c)
+        row.updated_at = utcnow()
+        await s.commit()
+        return _out(row)
+
+
+@api.op(
+    "GET",
+    "/v1/campaigns/{campaign_id:int}/history",
+    summary="A campaign's changes of state: the action, who and why",
+    scope="read",
+    query=Page,
+    response=History,
+    errors=(404,),
+)
+async def campaign_history(c: Call) -> Any:
+    q: Page = c.query
+    async with c.ctx.sessions() as s:
+        row = await _campaign(s, c)
+        stmt = select(CampaignTransition).where(CampaignTransition.campaign_id == row.id)
+        rows = await page(s, stmt, CampaignTransition, q.cursor, q.limit)
+    return History(
+        data=[TransitionOut.model_validate(r) for r in rows], next_cursor=page_of(rows, q.limit)
+    )
+
+
+# --------------------------------------------------------------- validation
+
+
+async def problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], int | None]:
+    """What stops this campaign from sending, and the template version it would
+    send."""
+    out: list[Problem] = []
+    version = None
+    t = await s.get(Template, row.template_id)
+    v = await s.get(TemplateVersion, t.current_version_id) if t is not None else None
+    if t is None or v is None or t.tenant_id != c.tenant_id:
+        out.append(Problem(code="template_missing", field="template_id",
+                           message=f"no template {row.template_id}"))  # fmt: skip
+    else:
+        version = v.version
+        errors = counts(await lint_findings(s, c.tenant_id, t, v))["error"]
+        if errors:
+            out.append(Problem(code="template_lint", field="template_id",
+                               message=f"the template's lint has {errors} error(s):"
+                               f" POST /v1/templates/{t.id}/lint"))  # fmt: skip
+    audience = await s.get(Audience, row.audience_id)
+    if audience is None or audience.tenant_id != c.tenant_id:
+        out.append(Problem(code="audience_missing", field="audience_id",
+                           message=f"no audience {row.audience_id}"))  # fmt: skip
+    else:
+        try:
+            n = await count(s, c.tenant_id, await plan_for(s, c.tenant_id, audience.rule))
+        except RuleError as exc:
+            out.append(Problem(code="audience_rule", field="audience_id", message=str(exc)))
+        else:
+            if n == 0:
+                out.append(Problem(code="audience_empty", field="audience_id",
+                                   message="the audience has no contacts"))  # fmt: skip
+    out += await _from_problems(s, c, row)
+    try:
+        c.ctx.pool_cache.pool_for(c.tenant_id, row.pool)
+    except PoolNotAllowed as exc:
+        out.append(Problem(code="pool_not_allowed", field="pool", message=str(exc)))
+    return out, version
+
+
+async def _from_problems(s: Any, c: Call, row: Campaign) -> list[Problem]:
+    domain = row.from_email.rpartition("@")[2]
+    d = await s.scalar(
+        select(Domain).where(Domain.tenant_id == c.tenant_id, func.lower(Domain.name) == domain)
+    )
+    if d is None or d.verified_at is None:
+        return [Problem(code="from_domain_unverified", field="from.email",
+                        message=f"{domain} is not a verified sending domain of the tenant"
+                        " (DKIM keys published): POST /v1/domains/{id}/verify")]  # fmt: skip
+    records = (d.last_check or {}).get("records", [])
+    if not any(r.get("purpose") == "dmarc" and r.get("status") == "ok" for r in records):
+        return [Problem(code="dmarc_missing", field="from.email",
+                        message=f"no DMARC record found for {domain} at its last check"
+                        " (bulk senders must publish one)")]  # fmt: skip
+    return []
+
+
+class ValidationOut(BaseModel):
+    campaign: CampaignOut
+    problems: list[Problem]
+
+
+async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
+    async with c.ctx.sessions() as s:
+        row = await _campaign(s, c, lock=True)
+        try:
+            moved = transition(action, row.state, launched=row.launched_at is not None)
+        except TransitionError as exc:
+            raise _conflict(exc) from None
+        if action == "approve":
+            tenant = await s.get(Tenant, c.tenant_id)
+            single = bool(((tenant.settings if tenant else None) or {}).get("single_key_approval"))
+            refused = approval_refused(_key(c) or "", row.last_editor, single_key_allowed=single)
+            if refused:
+                raise ApiError(403, "forbidden", refused)
+        for name, value in extra.items():
+            setattr(row, name, value)
+        _record(s, c, row, action, moved.after, why)
+        await s.commit()
+        return row
+
+
+@api.op(
+    "POST",
+    "/v1/campaigns/{campaign_id:int}/validate",
+    summary="Check that a campaign could send; fix the template version",
+    scope="manage",
+    body=ActionIn,
+    response=ValidationOut,
+    errors=(404, 409),
+    sync=False,
+)
+async def validate_campaign(c: Call) -> Any:
+    """A draft with no problems becomes ``validated``, its template's current version
+    fixed; with problems it stays a draft and the answer lists them (code, field,
+    message), still 200."""
+    b: ActionIn = c.body
+    async with c.ctx.sessions() as s:
+        row = await _campaign(s, c, lock=True)
+        try:
+            moved = transition("validate", row.state)
+        except TransitionError as exc:
+            raise _conflict(exc) from None
+        found, version = await problems(s, c, row)
+        if not found:
+            row.template_version = version
+            _record(s, c, row, "validate", moved.after, b.reason)
+            await s.commit()
+        return ValidationOut(campaign=_out(row), problems=found)
+
+
+@api.op(
+    "POST",
+    "/v1/campaigns/{campaign_id:int}/approve",
+    summary="Approve a validated campaign (another key than its last editor's)",
+    scope="approve",
+    body=ActionIn,
+    response=CampaignOut,
+    errors=(403, 404, 409),
+    sync=False,
+)
+async def approve_campaign(c: Call) -> Any:
+    b: ActionIn = c.body
+    return _out(await _act(c, "approve", b.reason))
+
+
+@api.op(
+    "POST",
+    "/v1/campaigns/{campaign_id:int}/schedule",
+    summary="Schedule an approved campaign at a time, or now",
+    scope="manage",
+    body=ScheduleIn,
+    response=CampaignOut,
+    errors=(404, 409, 422),
+    sync=False,
+)
+async def schedule_campaign(c: Call) -> Any:
+    """``{"at": "2026-12-24T09:00:00Z"}`` (a time with its zone) or ``{}`` for now."""
+    b: ScheduleIn = c.body
+    at = b.at
+    if at is not None and at.tzinfo is None:
+        raise ApiError(422, "validation_error", "at: give a time with its zone",
+                       fields=[{"path": "at", "message": "a time with its zone"}])  # fmt: skip
+    when = at.astimezone(dt.UTC) if at is not None else utcnow()
+    return _out(await _act(c, "schedule", b.reason, scheduled_at=when))
+
+
+def _simple(action: str, summary: str) -> None:
+    async def handler(c: Call) -> Any:
+        b: ActionIn = c.body
+        return _out(await _act(c, action, b.reason))
+
+    handler.__name__ = f"{action}_campaign"
+    api.op(
+        "POST",
+        f"/v1/campaigns/{{campaign_id:int}}/{action}",
+        summary=summary,
+        scope="manage",
+        body=ActionIn,
+        response=CampaignOut,
+        errors=(404, 409),
+        sync=False,
+    )(handler)
+
+
+_simple("pause", "Pause a scheduled or sending campaign")
+_simple("resume", "Resume a paused campaign")
+_simple("cancel", "Cancel a campaign that has not finished")
+
+
+@api.op(
+    "POST",
+    "/v1/campaigns/{campaign_id:int}/clone",
+    summary="A new draft with this campaign's settings",
+    scope="manage",
+    body=ActionIn,
+    response=CampaignOut,
+    status=201,
+    errors=(404,),
+    sync=False,
+)
+async def clone_campaign(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        src = await _campaign(s, c)
+        row = Campaign(
+            tenant_id=c.tenant_id, name=f"{src.name} (copy)"[:200], state=DRAFT,
+            audience_id=src.audience_id, template_id=src.template_id,
+            from_email=src.from_email, from_name=src.from_name, reply_to=src.reply_to,
+            pool=src.pool, send_window=src.send_window, tags=list(src.tags or []),
+            meta=dict(src.meta or {}), ab=src.ab, last_editor=_key(c),
+        )  # fmt: skip
+        s.add(row)
+        await s.flush()
+        s.add(CampaignTransition(tenant_id=c.tenant_id, campaign_id=row.id, action="create",
+                                 before="", after=DRAFT, key_prefix=_key(c),
+                                 reason=f"clone of campaign {src.id}"))  # fmt: skip
+        await s.commit()
+        return _out(row)
