@@ -34,6 +34,15 @@ async def setup(api: ControlApi, c: httpx.AsyncClient) -> dict[str, int]:
     return {"audience_id": audience, "template_id": r.json()["id"]}
 
 
+async def operator_made_key(api: ControlApi, tid: int, scopes: list[str]) -> str:
+    """A key of the tenant made by the operator (a tenant's key without ``approve``
+    cannot make one with it)."""
+    async with api.client(api.admin_key) as admin:
+        r = await admin.post(f"/v1/tenants/{tid}/keys", json={"name": "k", "scopes": scopes})
+        assert r.status_code == 201, r.text
+        return str(r.json()["key"])
+
+
 async def act(c: httpx.AsyncClient, cid: int, action: str, **body: Any) -> httpx.Response:
     return await c.post(f"/v1/campaigns/{cid}/{action}", json=body)
 
@@ -42,9 +51,10 @@ async def test_lifecycle_validation_approval_and_history(control: ControlFactory
     api = await control()
     key = await ready_tenant(api)
     async with api.client(key) as c:
+        # Whoever edits may not mint himself an approver.
         r = await c.post("/v1/keys", json={"name": "approver", "scopes": ["approve", "read"]})
-        assert r.status_code == 201, r.text
-        approver = r.json()["key"]
+        assert r.status_code == 403 and "approve scope" in r.text, r.text
+        approver = await operator_made_key(api, await tenant_id(c), ["approve", "read"])
         refs = await setup(api, c)
         new = {"name": "December news", **refs, "from": {"email": "News@Acme.test",
                "name": "Acme"}, "tags": ["news"], "metadata": {"quarter": "q4"}}  # fmt: skip
@@ -135,8 +145,11 @@ async def test_single_key_approval_and_the_from_domain(control: ControlFactory) 
     async with api.client(key) as c:
         refs = await setup(api, c)
         tid = await tenant_id(c)
-        r = await c.post("/v1/keys", json={"name": "all", "scopes": ["manage", "approve"]})
-        solo = r.json()["key"]
+        solo = await operator_made_key(api, tid, ["manage", "approve"])
+    async with api.client(solo) as c:
+        # A key with approve may make another.
+        r = await c.post("/v1/keys", json={"name": "also", "scopes": ["approve"]})
+        assert r.status_code == 201, r.text
     async with api.client(solo) as c:
         body = {"name": "x", **refs, "from": {"email": "news@unverified.test"}}
         cid = (await c.post("/v1/campaigns", json=body)).json()["id"]

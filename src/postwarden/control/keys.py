@@ -214,8 +214,18 @@ async def list_keys(c: Call) -> Any:
     body=KeyCreate,
     response=KeyCreated,
     status=201,
+    errors=(403,),
 )
 async def create_key(c: Call) -> Any:
+    """A key that approves campaigns is made only by a key that has ``approve`` (or by
+    an operator): otherwise whoever changes a campaign could make a second key and
+    approve it himself."""
+    if "approve" in c.body.scopes and (c.principal is None or not c.principal.has("approve")):
+        raise ApiError(
+            403,
+            "forbidden",
+            "only a key with the approve scope, or an operator, makes a key with it",
+        )
     async with c.ctx.sessions() as s:
         k, secret = await _new_key(s, c.tenant_id, c.body.name, c.body.scopes)
         await s.commit()
