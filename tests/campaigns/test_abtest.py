@@ -75,6 +75,8 @@ def test_assignment_is_the_same_in_other_processes_and_hash_seeds() -> None:
         " portion=0.3)\n"
         "ids = json.load(sys.stdin)\n"
         "print(json.dumps([s.assign(c) for c in ids]))\n"
+        # Assigning never loads scipy (a second and 100 MB): only deciding does.
+        "assert 'scipy' not in sys.modules\n"
     )
     for seed in ("0", "4242"):
         out = subprocess.run(

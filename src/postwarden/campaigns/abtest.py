@@ -26,8 +26,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scipy.stats import chi2_contingency, norm
-
 #: Metrics a test can be decided on. Successes are counted per send (a contact who
 #: clicked three times is one success); clicks must be bot-filtered by the caller.
 METRICS = ("clicks", "conversions", "opens")
@@ -180,6 +178,10 @@ def _p_value(table: list[list[int]]) -> tuple[float, bool]:
     fail = sum(r[1] for r in rows)
     if len(rows) < 2 or succ == 0 or fail == 0:
         return 1.0, False
+    # scipy.stats is imported on first use: it costs about a second and 100 MB, and a
+    # process that only assigns variants (the feeder) never needs it.
+    from scipy.stats import chi2_contingency
+
     result = chi2_contingency(rows)
     return float(result.pvalue), bool(result.expected_freq.min() >= MIN_EXPECTED)
 
@@ -199,6 +201,8 @@ def needed_sample(p1: float, p2: float, *, alpha: float = 0.05, power: float = 0
     _check_level(alpha, power)
     d = abs(p1 - p2)
     bar = (p1 + p2) / 2
+    from scipy.stats import norm  # on first use, as in _p_value
+
     z_a = norm.ppf(1 - alpha / 2)
     z_b = norm.ppf(power)
     root = z_a * math.sqrt(2 * bar * (1 - bar)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
