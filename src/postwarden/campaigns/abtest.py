@@ -191,8 +191,8 @@ def needed_sample(p1: float, p2: float, *, alpha: float = 0.05, power: float = 0
     rates ``p1`` against ``p2`` with probability ``power``: the normal approximation
     for two proportions, with Fleiss's continuity correction to match the Yates
     correction ``decide`` applies (Fleiss, Levin & Paik, *Statistical Methods for
-    Rates and Proportions*, 3rd ed., 4.14 and 4.15). 10 % against 12 % needs 3 841
-    without the correction, 3 941 with it."""
+    Rates and Proportions*). 10 % against 12 % needs 3 841 without the correction,
+    3 941 with it."""
     for name, p in (("p1", p1), ("p2", p2)):
         if not 0 <= p <= 1:
             raise ABTestError("must be a rate in [0, 1]", name)
