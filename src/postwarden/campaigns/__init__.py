@@ -1,0 +1,1 @@
+"""Campaigns: lifecycle, send windows, A/B tests (issue 21)."""
