@@ -414,6 +414,8 @@ def test_nothing_to_send_and_refused_inputs() -> None:
     assert predict_finish(utc(2026, 1, 5), 0, []).finish == utc(2026, 1, 5)
     with pytest.raises(ValueError, match="no sources"):
         predict_finish(utc(2026, 1, 5), 10, [])
+    with pytest.raises(ValueError, match="negative"):
+        predict_finish(utc(2026, 1, 5), -1, [src])
     with pytest.raises(ValueError, match="'ip9' is not one of the sources"):
         predict_finish(utc(2026, 1, 5), {"ip9": 10}, [src])
     with pytest.raises(ValueError, match="unique"):

@@ -235,13 +235,15 @@ class SourceLimit:
 @dataclass(frozen=True)
 class Prediction:
     finish: dt.datetime | None  # when the last message can be sent; None: not by the horizon
-    per_day: tuple[tuple[dt.date, int], ...]  # messages by local date (the window's zone)
+    per_day: tuple[tuple[dt.date, int], ...]  # by local date: the window's zone, else warming's
     per_source: Mapping[str, dt.datetime | None]  # each source's last message
     unsent: int  # messages the horizon left over
 
 
 def split_evenly(recipients: int, sources: Sequence[SourceLimit]) -> dict[str, int]:
     """``recipients`` over the sources in equal shares, the first ones one more."""
+    if recipients < 0:
+        raise ValueError(f"recipients: {recipients} is negative")
     if recipients and not sources:
         raise ValueError("recipients but no sources to send them from")
     share, extra = divmod(recipients, len(sources) or 1)
