@@ -293,7 +293,7 @@ def wall_clock_open(w: SendWindow, clock: dt.datetime) -> bool:
 BERLIN = "Europe/Berlin"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(case=cases())
 # The cases the module once got wrong, or could: inside a wrap after midnight, a start
 # in the spring gap, the second pass of a repeated hour, the instant a window closes.
