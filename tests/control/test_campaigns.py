@@ -64,12 +64,19 @@ async def test_lifecycle_validation_approval_and_history(control: ControlFactory
             assert r.status_code == 422 and field in r.text, r.text
         r = await c.post("/v1/campaigns", json={**new, "pool": "nowhere"})
         assert r.status_code == 422 and "pool" in r.text, r.text
+        bad = {"days": ["mon"], "start": "25:00", "end": "17:00", "timezone": "Europe/Berlin"}
+        r = await c.post("/v1/campaigns", json={**new, "send_window": bad})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["fields"][0]["path"] == "send_window.start", r.text
+        window = {"days": ["Mon", 2], "start": "09:00", "end": "17:00", "timezone": "Europe/Berlin"}
+        new["send_window"] = window
         r = await c.post("/v1/campaigns", json=new)
         assert r.status_code == 201, r.text
         camp = r.json()
         cid = camp["id"]
         assert camp["state"] == "draft" and camp["from"] == {"email": "news@acme.test",
                                                             "name": "Acme"}  # fmt: skip
+        assert camp["send_window"]["days"] == ["mon", "tue"], camp  # stored normalized
         # Not validated yet: neither approved nor scheduled (409 saying where it can).
         r = await act(c, cid, "schedule")
         assert r.status_code == 409 and "only in approved" in r.text, r.text

@@ -23,6 +23,7 @@ from postwarden.campaigns.lifecycle import (
     approval_refused,
     transition,
 )
+from postwarden.campaigns.windows import WindowError, parse_window
 from postwarden.content.lint import counts
 from postwarden.control.api import api, one_or_404, page, page_of
 from postwarden.control.errors import ApiError
@@ -41,6 +42,10 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterVali
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(one_line)]
 Reason = Annotated[str, StringConstraints(max_length=500), AfterValidator(one_line)]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+WINDOW = (
+    'when it may send, in the recipient\'s time zone when known: {"days": ["mon", …],'
+    ' "start": "09:00", "end": "17:00", "timezone": "Europe/Berlin"} (docs/campaigns.md)'
+)
 
 
 class FromIn(Strict):
@@ -57,6 +62,7 @@ class CampaignCreate(Strict):
     pool: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     tags: list[Tag] = Field(default_factory=list, max_length=20)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
+    send_window: dict[str, Any] | None = Field(default=None, description=WINDOW)
 
 
 class CampaignUpdate(Strict):
@@ -68,6 +74,7 @@ class CampaignUpdate(Strict):
     pool: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     tags: list[Tag] | None = Field(default=None, max_length=20)
     metadata: dict[str, str] | None = Field(default=None, max_length=20)
+    send_window: dict[str, Any] | None = Field(default=None, description=WINDOW)
 
 
 class ActionIn(Strict):
@@ -96,6 +103,7 @@ class CampaignOut(BaseModel):
     from_: FromOut = Field(serialization_alias="from")
     reply_to: str | None
     pool: str | None
+    send_window: dict[str, Any] | None
     tags: list[str]
     metadata: dict[str, Any]
     scheduled_at: dt.datetime | None
@@ -136,7 +144,8 @@ def _out(row: Campaign) -> CampaignOut:
         id=row.id, name=row.name, state=row.state, audience_id=row.audience_id,
         template_id=row.template_id, template_version=row.template_version,
         from_=FromOut(email=row.from_email, name=row.from_name), reply_to=row.reply_to,
-        pool=row.pool, tags=list(row.tags or []), metadata=dict(row.meta or {}),
+        pool=row.pool, send_window=row.send_window, tags=list(row.tags or []),
+        metadata=dict(row.meta or {}),
         scheduled_at=row.scheduled_at, created_at=row.created_at, updated_at=row.updated_at,
     )  # fmt: skip
 
@@ -168,6 +177,17 @@ async def _check_refs(s: Any, c: Call, audience_id: int | None, template_id: int
             what = field.removesuffix("_id")
             raise ApiError(422, "validation_error", f"{field}: no {what} {wanted}",
                            fields=[{"path": field, "message": f"no {what} {wanted}"}])  # fmt: skip
+
+
+def _window(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The send window as stored (normalized), or 422 naming the field."""
+    if data is None:
+        return None
+    try:
+        return dict(parse_window(data).to_json())
+    except WindowError as exc:
+        raise ApiError(422, "validation_error", f"{exc.path}: {exc.reason}",
+                       fields=[{"path": exc.path, "message": exc.reason}]) from None  # fmt: skip
 
 
 def _check_pool(c: Call, pool: str | None) -> None:
@@ -207,13 +227,14 @@ async def create_campaign(c: Call) -> Any:
     """The audience and template must be the tenant's, the pool one it may use."""
     b: CampaignCreate = c.body
     _check_pool(c, b.pool)
+    window = _window(b.send_window)
     async with c.ctx.sessions() as s:
         await _check_refs(s, c, b.audience_id, b.template_id)
         row = Campaign(
             tenant_id=c.tenant_id, name=b.name, state=DRAFT, audience_id=b.audience_id,
             template_id=b.template_id, from_email=suppression_key(b.from_.email),
             from_name=b.from_.name, reply_to=b.reply_to, pool=b.pool, tags=b.tags,
-            meta=b.metadata, last_editor=_key(c),
+            meta=b.metadata, send_window=window, last_editor=_key(c),
         )  # fmt: skip
         s.add(row)
         await s.flush()
@@ -269,6 +290,7 @@ async def update_campaign(c: Call) -> Any:
     b: CampaignUpdate = c.body
     if b.pool is not None:
         _check_pool(c, b.pool)
+    window = _window(b.send_window)
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
         try:
@@ -282,6 +304,8 @@ async def update_campaign(c: Call) -> Any:
                 setattr(row, name, value)
         if b.metadata is not None:
             row.meta = b.metadata
+        if window is not None:
+            row.send_window = window
         if b.from_ is not None:
             row.from_email, row.from_name = suppression_key(b.from_.email), b.from_.name
         if moved.after != row.state:
