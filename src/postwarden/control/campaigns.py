@@ -451,21 +451,6 @@ async def validate_campaign(c: Call) -> Any:
 
 @api.op(
     "POST",
-    "/v1/campaigns/{campaign_id:int}/approve",
-    summary="Approve a validated campaign (another key than its last editor's)",
-    scope="approve",
-    body=ActionIn,
-    response=CampaignOut,
-    errors=(403, 404, 409),
-    sync=False,
-)
-async def approve_campaign(c: Call) -> Any:
-    b: ActionIn = c.body
-    return _out(await _act(c, "approve", b.reason))
-
-
-@api.op(
-    "POST",
     "/v1/campaigns/{campaign_id:int}/schedule",
     summary="Schedule an approved campaign at a time, or now",
     scope="manage",
@@ -485,7 +470,9 @@ async def schedule_campaign(c: Call) -> Any:
     return _out(await _act(c, "schedule", b.reason, scheduled_at=when))
 
 
-def _simple(action: str, summary: str) -> None:
+def _simple(action: str, summary: str, scope: str = "manage") -> None:
+    """An action whose body is only a reason: ``POST /v1/campaigns/{id}/<action>``."""
+
     async def handler(c: Call) -> Any:
         b: ActionIn = c.body
         return _out(await _act(c, action, b.reason))
@@ -495,14 +482,15 @@ def _simple(action: str, summary: str) -> None:
         "POST",
         f"/v1/campaigns/{{campaign_id:int}}/{action}",
         summary=summary,
-        scope="manage",
+        scope=scope,
         body=ActionIn,
         response=CampaignOut,
-        errors=(404, 409),
+        errors=(403, 404, 409) if action == "approve" else (404, 409),
         sync=False,
     )(handler)
 
 
+_simple("approve", "Approve a validated campaign (another key than its last editor's)", "approve")
 _simple("pause", "Pause a scheduled or sending campaign")
 _simple("resume", "Resume a paused campaign")
 _simple("cancel", "Cancel a campaign that has not finished")
