@@ -86,3 +86,9 @@ async def test_records_resume_skip_nobody_and_say_why(control: ControlFactory) -
     assert got["p2@inbox.test"] == ("pending", "")  # expired
     assert got["gone@inbox.test"] == ("suppressed", "unsubscribed")
     assert counts == {"pending": 6, "suppressed": 2}
+    async with api.client(key) as c:
+        stats = (await c.get(f"/v1/campaigns/{cid}/stats")).json()
+    assert (stats["recipients"], stats["suppressed"], stats["pending"]) == (8, 2, 6), stats
+    assert stats["queued"] == stats["delivered"] == stats["bounced"] == 0
+    async with api.client(other) as c:
+        assert (await c.get(f"/v1/campaigns/{cid}/stats")).status_code == 404

@@ -35,6 +35,7 @@ from postwarden.mail.addresses import suppression_key
 from postwarden.store.audience_models import Audience
 from postwarden.store.audiences import count, plan_for
 from postwarden.store.campaign_models import Campaign, CampaignTransition
+from postwarden.store.campaigns import record_counts
 from postwarden.store.models import Domain, Tenant, utcnow
 from postwarden.store.template_models import Template, TemplateVersion
 
@@ -131,6 +132,21 @@ class TransitionOut(BaseModel):
 class History(BaseModel):
     data: list[TransitionOut]
     next_cursor: str | None
+
+
+class Stats(BaseModel):
+    campaign_id: int
+    state: str
+    recipients: int = Field(description="send records: one per contact of the snapshot")
+    suppressed: int = Field(description="not sent: suppressed, unsubscribed, or not active")
+    pending: int = Field(description="written at launch, not yet handed to the spool")
+    queued: int
+    delivered: int
+    deferred: int
+    bounced: int
+    complained: int
+    unsubscribed: int
+    cancelled: int
 
 
 class Problem(BaseModel):
@@ -335,6 +351,30 @@ async def campaign_history(c: Call) -> Any:
     return History(
         data=[TransitionOut.model_validate(r) for r in rows], next_cursor=page_of(rows, q.limit)
     )
+
+
+@api.op(
+    "GET",
+    "/v1/campaigns/{campaign_id:int}/stats",
+    summary="A campaign's recipients by what became of them",
+    scope="read",
+    response=Stats,
+    errors=(404,),
+)
+async def campaign_stats(c: Call) -> Any:
+    """Counts of the campaign's send records by state (all 0 before launch)."""
+    async with c.ctx.sessions() as s:
+        row = await _campaign(s, c)
+        n = await record_counts(s, row.id)
+    unsubscribed = 0  # unsubscribes after delivery come with tracking (issue 22)
+    return Stats(
+        campaign_id=row.id, state=row.state, recipients=sum(n.values()),
+        suppressed=n.get("suppressed", 0), pending=n.get("pending", 0),
+        queued=n.get("queued", 0), delivered=n.get("delivered", 0),
+        deferred=n.get("deferred", 0), bounced=n.get("bounced", 0),
+        complained=n.get("complained", 0), unsubscribed=unsubscribed,
+        cancelled=n.get("cancelled", 0),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------- validation
