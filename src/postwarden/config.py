@@ -333,6 +333,9 @@ class ControlConfig:
     max_body_memory: PosSize = 256 * 1024 * 1024
     # Rows of a contact import committed per transaction (with the import's cursor).
     import_batch: PosInt = 1000
+    # Longest an audience's count may take on PostgreSQL (a preview, a campaign's
+    # validation): a hostile or careless rule is stopped, not left to run.
+    count_timeout: PosDuration = 10.0
 
 
 @dataclass(config=_TOML, frozen=True)

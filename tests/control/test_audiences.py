@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from sqlalchemy import delete, text, update
 
 from postwarden.audiences.syntax import BoolOp, Call, Compare, Field, Literal, Node, Not, parse
@@ -486,3 +487,48 @@ async def test_crud_errors_snapshots_and_isolation(control: ControlFactory) -> N
         assert (await c.delete(base)).status_code == 200
         assert (await c.get(base)).status_code == 404
         assert (await c.get(f"{base}/snapshots/{snap['id']}")).status_code == 404
+
+
+# PostgreSQL's statement timeout is what is tested: SQLite has none.
+@pytest.mark.parametrize("control", ["postgresql"], indirect=True)
+async def test_a_count_past_its_time_limit_is_refused(control: ControlFactory) -> None:
+    api = await control({"control": {"count_timeout": "1ms"}})
+    key = await api.tenant("acme")
+    tid = await tenant_id(api, key)
+    async with api.app.control.sessions() as s:
+        # 30 000 contacts: no count of them with six JSON tests takes under 1 ms.
+        await s.execute(
+            text(
+                "INSERT INTO contacts (tenant_id, email, name, status, attributes,"
+                " created_at, updated_at) SELECT :t, 'u' || g || '@x.test', '', 'active',"
+                " jsonb_build_object('age', g % 90, 'plan', 'p' || (g % 7)), now(), now()"
+                " FROM generate_series(1, 30000) g"
+            ),
+            {"t": tid},
+        )
+        await s.commit()
+    rule = (
+        "attributes.age > 1 and attributes.age < 80 and attributes.age != 7"
+        ' and attributes.plan != "p1" and attributes.plan >= "p" and attributes.age >= 2'
+    )
+    async with api.client(key) as c:
+        r = await c.post("/v1/audiences/preview", json={"rule": rule})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["fields"][0]["path"] == "rule"
+        assert "control.count_timeout" in r.text
+        # The connection is fine afterwards: the settings went with the rollback.
+        r = await c.post("/v1/audiences", json={"name": "big", "rule": rule})
+        assert r.status_code == 201, r.text
+        aud = r.json()["id"]
+        assert (await c.get(f"/v1/audiences/{aud}/preview")).status_code == 422
+        # A campaign's validation reports it as a problem and goes on checking.
+        r = await c.post("/v1/templates", json={"name": "t", "subject": "s", "html": "<p>x</p>",
+                                                "category": "transactional"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        body = {"name": "c", "audience_id": aud, "template_id": r.json()["id"],
+                "from": {"email": "a@nowhere.test"}}  # fmt: skip
+        r = await c.post("/v1/campaigns", json=body)
+        assert r.status_code == 201, r.text
+        r = await c.post(f"/v1/campaigns/{r.json()['id']}/validate", json={})
+        codes = [p["code"] for p in r.json()["problems"]]
+        assert codes == ["audience_too_slow", "from_domain_unverified"], r.text

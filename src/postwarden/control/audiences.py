@@ -17,7 +17,7 @@ from postwarden.control.errors import ApiError
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Deleted, Page, Strict, decode_cursor, encode_cursor, one_line
 from postwarden.store.audience_models import Audience, AudienceSnapshot, SnapshotMember
-from postwarden.store.audiences import count, plan_for, sample, take_snapshot
+from postwarden.store.audiences import CountTooSlow, count, plan_for, sample, take_snapshot
 from postwarden.store.contact_models import Contact
 from postwarden.store.models import utcnow
 
@@ -124,10 +124,21 @@ def _conflict(name: str) -> ApiError:
     return ApiError(409, "conflict", f"an audience named {name!r} exists")
 
 
-async def _preview(s: Any, tenant_id: int, plan: Plan) -> Preview:
-    found = await sample(s, tenant_id, plan, SAMPLE)
+def too_slow(exc: CountTooSlow) -> ApiError:
+    """422 naming ``rule``: its count passed ``control.count_timeout``."""
+    message = f"{exc} (control.count_timeout): narrow the rule"
+    return ApiError(422, "validation_error", f"rule: {message}",
+                    fields=[{"path": "rule", "message": message}])  # fmt: skip
+
+
+async def _preview(c: Call, s: Any, plan: Plan) -> Preview:
+    found = await sample(s, c.tenant_id, plan, SAMPLE)
+    try:
+        n = await count(s, c.tenant_id, plan, c.ctx.cfg.control.count_timeout)
+    except CountTooSlow as exc:
+        raise too_slow(exc) from None
     return Preview(
-        count=await count(s, tenant_id, plan),
+        count=n,
         sample=[ContactBrief.model_validate(x) for x in found],
     )
 
@@ -246,7 +257,7 @@ async def preview_audience(c: Call) -> Any:
     names a list or topic deleted since is a 422 (``rule``, with the place)."""
     async with c.ctx.sessions() as s:
         row = await _audience(s, c)
-        return await _preview(s, c.tenant_id, await _plan(s, c.tenant_id, row.rule))
+        return await _preview(c, s, await _plan(s, c.tenant_id, row.rule))
 
 
 @api.op(
@@ -256,12 +267,13 @@ async def preview_audience(c: Call) -> Any:
     scope="read",
     body=RuleIn,
     response=Preview,
+    errors=(422,),
     sync=False,
 )
 async def preview_rule(c: Call) -> Any:
     b: RuleIn = c.body
     async with c.ctx.sessions() as s:
-        return await _preview(s, c.tenant_id, await _plan(s, c.tenant_id, b.rule))
+        return await _preview(c, s, await _plan(s, c.tenant_id, b.rule))
 
 
 @api.op(

@@ -33,7 +33,7 @@ from postwarden.control.schemas import MAX_ID, Address, Page, Strict, one_line
 from postwarden.control.templates import lint_findings
 from postwarden.mail.addresses import suppression_key
 from postwarden.store.audience_models import Audience
-from postwarden.store.audiences import count, plan_for
+from postwarden.store.audiences import CountTooSlow, count, plan_for
 from postwarden.store.campaign_models import Campaign, CampaignTransition
 from postwarden.store.campaigns import record_counts
 from postwarden.store.models import Domain, Tenant, utcnow
@@ -403,9 +403,14 @@ async def problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], int |
                            message=f"no audience {row.audience_id}"))  # fmt: skip
     else:
         try:
-            n = await count(s, c.tenant_id, await plan_for(s, c.tenant_id, audience.rule))
+            plan = await plan_for(s, c.tenant_id, audience.rule)
+            async with s.begin_nested():  # a count stopped rolls back only itself
+                n = await count(s, c.tenant_id, plan, c.ctx.cfg.control.count_timeout)
         except RuleError as exc:
             out.append(Problem(code="audience_rule", field="audience_id", message=str(exc)))
+        except CountTooSlow as exc:
+            out.append(Problem(code="audience_too_slow", field="audience_id",
+                               message=f"{exc} (control.count_timeout)"))  # fmt: skip
         else:
             if n == 0:
                 out.append(Problem(code="audience_empty", field="audience_id",

@@ -41,6 +41,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -354,24 +355,46 @@ async def plan_for(session: AsyncSession, tenant_id: int, rule: str) -> Plan:
 _WHOLE_TENANT = {"enable_nestloop": "off", "plan_cache_mode": "force_custom_plan"}
 
 
-async def _whole_tenant(session: AsyncSession, stmt: Any) -> Any:
-    """``stmt`` run under :data:`_WHOLE_TENANT` on PostgreSQL, the settings put back
-    after it (``set_config(…, true)``: a rollback also puts them back)."""
+async def _whole_tenant(session: AsyncSession, stmt: Any, time_limit: float | None = None) -> Any:
+    """``stmt`` run under :data:`_WHOLE_TENANT` on PostgreSQL (and a
+    ``statement_timeout`` of ``time_limit`` seconds: :class:`CountTooSlow` past it), the
+    settings put back after it (``set_config(…, true)``: a rollback also puts them
+    back). SQLite has no statement timeout: the count runs to its end."""
     if _dialect(session) != "postgresql":
         return await session.execute(stmt)
-    names = list(_WHOLE_TENANT)
+    settings = dict(_WHOLE_TENANT)
+    if time_limit is not None:
+        settings["statement_timeout"] = f"{max(1, int(time_limit * 1000))}ms"
+    names = list(settings)
     before = (await session.execute(select(*(func.current_setting(n) for n in names)))).one()
-    await session.execute(select(*(func.set_config(n, v, True) for n, v in _WHOLE_TENANT.items())))
-    result = await session.execute(stmt)
+    await session.execute(select(*(func.set_config(n, v, True) for n, v in settings.items())))
+    try:
+        result = await session.execute(stmt)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "57014":  # query_canceled
+            raise CountTooSlow(time_limit or 0.0) from None
+        raise
     restore = zip(names, before, strict=True)
     await session.execute(select(*(func.set_config(n, v, True) for n, v in restore)))
     return result
 
 
-async def count(session: AsyncSession, tenant_id: int, plan: Plan) -> int:
+class CountTooSlow(Exception):
+    """A count stopped at its time limit (the session's transaction must roll back)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"counting took longer than {timeout:g} s")
+        self.timeout = timeout
+
+
+async def count(
+    session: AsyncSession, tenant_id: int, plan: Plan, time_limit: float | None = None
+) -> int:
+    """How many contacts the plan selects; :class:`CountTooSlow` past ``time_limit``
+    seconds on PostgreSQL."""
     frm, cond = selection(plan, tenant_id, _dialect(session))
     stmt = select(func.count()).select_from(frm).where(cond)
-    return int((await _whole_tenant(session, stmt)).scalar_one())
+    return int((await _whole_tenant(session, stmt, time_limit)).scalar_one())
 
 
 async def sample(session: AsyncSession, tenant_id: int, plan: Plan, n: int) -> list[Contact]:
