@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from postwarden.audiences import Plan, RuleError
 from postwarden.audiences.syntax import MAX_LENGTH
 from postwarden.control.api import api, one_or_404, page, page_of
-from postwarden.control.errors import ApiError
+from postwarden.control.errors import ApiError, invalid
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Deleted, Page, Strict, decode_cursor, encode_cursor, one_line
 from postwarden.store.audience_models import Audience, AudienceSnapshot, SnapshotMember
@@ -126,9 +126,7 @@ def _conflict(name: str) -> ApiError:
 
 def too_slow(exc: CountTooSlow) -> ApiError:
     """422 naming ``rule``: its count passed ``control.count_timeout``."""
-    message = f"{exc} (control.count_timeout): narrow the rule"
-    return ApiError(422, "validation_error", f"rule: {message}",
-                    fields=[{"path": "rule", "message": message}])  # fmt: skip
+    return invalid("rule", f"{exc} (control.count_timeout): narrow the rule")
 
 
 async def _preview(c: Call, s: Any, plan: Plan) -> Preview:

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from postwarden.audiences import RuleError
 from postwarden.campaigns.lifecycle import (
     DRAFT,
+    Transition,
     TransitionError,
     approval_refused,
     transition,
@@ -26,7 +27,7 @@ from postwarden.campaigns.lifecycle import (
 from postwarden.campaigns.windows import WindowError, parse_window
 from postwarden.content.lint import counts
 from postwarden.control.api import api, one_or_404, page, page_of
-from postwarden.control.errors import ApiError
+from postwarden.control.errors import ApiError, invalid
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.routing import Call
 from postwarden.control.schemas import MAX_ID, Address, Page, Strict, one_line
@@ -190,9 +191,7 @@ async def _check_refs(s: Any, c: Call, audience_id: int | None, template_id: int
             select(model.id).where(model.tenant_id == c.tenant_id, model.id == wanted)
         )
         if found is None:
-            what = field.removesuffix("_id")
-            raise ApiError(422, "validation_error", f"{field}: no {what} {wanted}",
-                           fields=[{"path": field, "message": f"no {what} {wanted}"}])  # fmt: skip
+            raise invalid(field, f"no {field.removesuffix('_id')} {wanted}")
 
 
 def _window(data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -202,30 +201,43 @@ def _window(data: dict[str, Any] | None) -> dict[str, Any] | None:
     try:
         return dict(parse_window(data).to_json())
     except WindowError as exc:
-        raise ApiError(422, "validation_error", f"{exc.path}: {exc.reason}",
-                       fields=[{"path": exc.path, "message": exc.reason}]) from None  # fmt: skip
+        raise invalid(exc.path, exc.reason) from None
 
 
 def _check_pool(c: Call, pool: str | None) -> None:
     try:
         c.ctx.pool_cache.pool_for(c.tenant_id, pool)
     except PoolNotAllowed as exc:
-        raise ApiError(422, "validation_error", f"pool: {exc}",
-                       fields=[{"path": "pool", "message": str(exc)}]) from None  # fmt: skip
+        raise invalid("pool", str(exc)) from None
 
 
-def _record(s: Any, c: Call | None, row: Campaign, action: str, after: str, why: str) -> None:
+def _record(s: Any, c: Call, row: Campaign, action: str, after: str, why: str) -> None:
+    """``row`` moved to ``after`` by ``action``, and the step in its history."""
     step = CampaignTransition(
         tenant_id=row.tenant_id, campaign_id=row.id, action=action, before=row.state,
-        after=after, key_prefix=_key(c) if c is not None else None, reason=why,
+        after=after, key_prefix=_key(c), reason=why,
     )  # fmt: skip
     s.add(step)
     row.state = after
     row.updated_at = utcnow()
 
 
-def _conflict(exc: TransitionError) -> ApiError:
-    return ApiError(409, "conflict", str(exc))
+async def _add_draft(s: Any, c: Call, row: Campaign, why: str = "") -> CampaignOut:
+    """A new campaign stored, with ``create`` as the first step of its history."""
+    s.add(row)
+    await s.flush()
+    s.add(CampaignTransition(tenant_id=c.tenant_id, campaign_id=row.id, action="create",
+                             before="", after=DRAFT, key_prefix=_key(c), reason=why))  # fmt: skip
+    await s.commit()
+    return _out(row)
+
+
+def _allowed(action: str, row: Campaign) -> Transition:
+    """Where ``action`` takes the campaign; 409 naming the states where it is allowed."""
+    try:
+        return transition(action, row.state, launched=row.launched_at is not None)
+    except TransitionError as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
 
 
 @api.op(
@@ -252,12 +264,7 @@ async def create_campaign(c: Call) -> Any:
             from_name=b.from_.name, reply_to=b.reply_to, pool=b.pool, tags=b.tags,
             meta=b.metadata, send_window=window, last_editor=_key(c),
         )  # fmt: skip
-        s.add(row)
-        await s.flush()
-        s.add(CampaignTransition(tenant_id=c.tenant_id, campaign_id=row.id, action="create",
-                                 before="", after=DRAFT, key_prefix=_key(c)))  # fmt: skip
-        await s.commit()
-        return _out(row)
+        return await _add_draft(s, c, row)
 
 
 @api.op(
@@ -309,10 +316,7 @@ async def update_campaign(c: Call) -> Any:
     window = _window(b.send_window)
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
-        try:
-            moved = transition("edit", row.state)
-        except TransitionError as exc:
-            raise _conflict(exc) from None
+        moved = _allowed("edit", row)
         await _check_refs(s, c, b.audience_id, b.template_id)
         for name in ("name", "audience_id", "template_id", "reply_to", "pool", "tags"):
             value = getattr(b, name)
@@ -385,9 +389,11 @@ async def problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], int |
     send."""
     out: list[Problem] = []
     version = None
-    t = await s.get(Template, row.template_id)
+    t = await s.scalar(
+        select(Template).where(Template.tenant_id == c.tenant_id, Template.id == row.template_id)
+    )
     v = await s.get(TemplateVersion, t.current_version_id) if t is not None else None
-    if t is None or v is None or t.tenant_id != c.tenant_id:
+    if t is None or v is None:
         out.append(Problem(code="template_missing", field="template_id",
                            message=f"no template {row.template_id}"))  # fmt: skip
     else:
@@ -397,8 +403,10 @@ async def problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], int |
             out.append(Problem(code="template_lint", field="template_id",
                                message=f"the template's lint has {errors} error(s):"
                                f" POST /v1/templates/{t.id}/lint"))  # fmt: skip
-    audience = await s.get(Audience, row.audience_id)
-    if audience is None or audience.tenant_id != c.tenant_id:
+    audience = await s.scalar(
+        select(Audience).where(Audience.tenant_id == c.tenant_id, Audience.id == row.audience_id)
+    )
+    if audience is None:
         out.append(Problem(code="audience_missing", field="audience_id",
                            message=f"no audience {row.audience_id}"))  # fmt: skip
     else:
@@ -448,10 +456,7 @@ class ValidationOut(BaseModel):
 async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
-        try:
-            moved = transition(action, row.state, launched=row.launched_at is not None)
-        except TransitionError as exc:
-            raise _conflict(exc) from None
+        moved = _allowed(action, row)
         if action == "approve":
             tenant = await s.get(Tenant, c.tenant_id)
             single = bool(((tenant.settings if tenant else None) or {}).get("single_key_approval"))
@@ -482,10 +487,7 @@ async def validate_campaign(c: Call) -> Any:
     b: ActionIn = c.body
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
-        try:
-            moved = transition("validate", row.state)
-        except TransitionError as exc:
-            raise _conflict(exc) from None
+        moved = _allowed("validate", row)
         found, version = await problems(s, c, row)
         if not found:
             row.template_version = version
@@ -509,13 +511,14 @@ async def schedule_campaign(c: Call) -> Any:
     b: ScheduleIn = c.body
     at = b.at
     if at is not None and at.tzinfo is None:
-        raise ApiError(422, "validation_error", "at: give a time with its zone",
-                       fields=[{"path": "at", "message": "a time with its zone"}])  # fmt: skip
+        raise invalid("at", "give a time with its zone")
     when = at.astimezone(dt.UTC) if at is not None else utcnow()
     return _out(await _act(c, "schedule", b.reason, scheduled_at=when))
 
 
-def _simple(action: str, summary: str, scope: str = "manage") -> None:
+def _simple(
+    action: str, summary: str, scope: str = "manage", errors: tuple[int, ...] = (404, 409)
+) -> None:
     """An action whose body is only a reason: ``POST /v1/campaigns/{id}/<action>``."""
 
     async def handler(c: Call) -> Any:
@@ -530,12 +533,17 @@ def _simple(action: str, summary: str, scope: str = "manage") -> None:
         scope=scope,
         body=ActionIn,
         response=CampaignOut,
-        errors=(403, 404, 409) if action == "approve" else (404, 409),
+        errors=errors,
         sync=False,
     )(handler)
 
 
-_simple("approve", "Approve a validated campaign (another key than its last editor's)", "approve")
+_simple(
+    "approve",
+    "Approve a validated campaign (another key than its last editor's)",
+    scope="approve",
+    errors=(403, 404, 409),
+)
 _simple("pause", "Pause a scheduled or sending campaign")
 _simple("resume", "Resume a paused campaign")
 _simple("cancel", "Cancel a campaign that has not finished")
@@ -562,10 +570,4 @@ async def clone_campaign(c: Call) -> Any:
             pool=src.pool, send_window=src.send_window, tags=list(src.tags or []),
             meta=dict(src.meta or {}), ab=src.ab, last_editor=_key(c),
         )  # fmt: skip
-        s.add(row)
-        await s.flush()
-        s.add(CampaignTransition(tenant_id=c.tenant_id, campaign_id=row.id, action="create",
-                                 before="", after=DRAFT, key_prefix=_key(c),
-                                 reason=f"clone of campaign {src.id}"))  # fmt: skip
-        await s.commit()
-        return _out(row)
+        return await _add_draft(s, c, row, f"clone of campaign {src.id}")
