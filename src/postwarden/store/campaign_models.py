@@ -16,7 +16,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from postwarden.store.models import Base, BigId, utcnow
@@ -36,7 +46,10 @@ RECORD_STATES = (
 
 class Campaign(Base):
     __tablename__ = "campaigns"
-    __table_args__ = (Index("ix_campaigns_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (
+        Index("ix_campaigns_tenant_id_id", "tenant_id", "id"),
+        Index("ix_campaigns_state", "state"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -62,6 +75,27 @@ class Campaign(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     launched_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The launch (control.campaign_runner): feeding is split in ``parts`` parts (a
+    # record's id modulo parts), fixed when it starts; ``records_done`` once every
+    # member of the snapshot has its record. ``runner``/``lease_until``: who writes the
+    # records now.
+    parts: Mapped[int | None] = mapped_column(Integer, default=None)
+    records_done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    runner: Mapped[str | None] = mapped_column(String(80), default=None)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class CampaignFeed(Base):
+    """One part of a sending campaign's records and the runner feeding it (a lease)."""
+
+    __tablename__ = "campaign_feeds"
+
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True
+    )
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runner: Mapped[str | None] = mapped_column(String(80), default=None)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class CampaignTransition(Base):
@@ -91,6 +125,10 @@ class SendRecord(Base):
         UniqueConstraint("campaign_id", "contact_id"),
         # The feeder's scan: a campaign's pending records in id order.
         Index("ix_send_records_campaign_id_state_id", "campaign_id", "state", "id"),
+        # Delivery's events find their record by message id.
+        Index("ix_send_records_message_id", "message_id"),
+        # The frequency cap: a contact's sends in the last day.
+        Index("ix_send_records_contact_id_sent_at", "contact_id", "sent_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -103,5 +141,26 @@ class SendRecord(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")  # RECORD_STATES
     reason: Mapped[str] = mapped_column(String(200), default="")
     variant: Mapped[str | None] = mapped_column(String(32), default=None)
+    # Chosen before the message is handed to the spool (so delivery's events always
+    # find the record), with ``sent_at`` once the spool has it.
     message_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UnsubscribeRequest(Base):
+    """A request to a campaign message's List-Unsubscribe address (HTTPS or mailto),
+    kept as received: the placeholder until the one-click endpoint (issue 22)."""
+
+    __tablename__ = "unsubscribe_requests"
+    __table_args__ = (Index("ix_unsubscribe_requests_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    campaign_id: Mapped[int | None] = mapped_column(BigId, default=None)
+    contact_id: Mapped[int | None] = mapped_column(BigId, default=None)
+    email: Mapped[str] = mapped_column(String(320))
+    method: Mapped[str] = mapped_column(String(8))  # GET | POST | mailto
+    ip: Mapped[str | None] = mapped_column(String(45), default=None)
+    user_agent: Mapped[str] = mapped_column(String(500), default="")
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
