@@ -60,6 +60,7 @@ from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import Backend, LocalBackend, Shaper
 from postwarden.store.retention import Pruner
 from postwarden.tls import ensure_tls_files, server_context
+from postwarden.values import Envelope, StoredMessage
 
 if TYPE_CHECKING:
     from starlette.routing import Route
@@ -171,6 +172,8 @@ class Appliance:
             cfg,
             self.resolver,
             inject=lambda *args: self.acceptance.inject(*args),
+            submit=self._submit_campaign,
+            worker=(worker.index, worker.count) if worker else (0, 1),
             spool_root=str(cfg.spool.path),
             shaping_command=self._broker_command,
             on_keys=self._keys_changed,
@@ -300,6 +303,13 @@ class Appliance:
         task = asyncio.get_running_loop().create_task(self.control.suppressions.refresh(keys))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
+
+    async def _submit_campaign(self, env: Envelope, data: bytes, msg_id: str) -> StoredMessage:
+        """A campaign's message (control.campaign_runner), through acceptance."""
+        stored = await self.acceptance.submit(env, data, msg_id, Origin("local", helo="campaign"))
+        self.metrics.received.labels("campaign").inc()
+        self.metrics.recipients_received.inc(len(env.rcpt_tos))
+        return stored
 
     async def _broker_command(self, **args: Any) -> dict[str, Any]:
         return await self.shaper.backend.command(**args)

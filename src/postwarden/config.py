@@ -451,6 +451,19 @@ class BouncesConfig:
     soft_bounce_ttl: PosDuration = 14 * 86400.0
 
 
+@dataclass(config=_TOML, frozen=True)
+class CampaignsConfig:
+    """The campaign runner (control.campaign_runner, issue 21): ``[campaigns]``."""
+
+    # Messages of one campaign in the spool and not yet delivered or failed, at most:
+    # the feeder hands over more only as delivery (at the pace of warming and shaping)
+    # makes room, so the spool holds what can go soon, not the whole audience.
+    feed_window: PosInt = 2000
+    feed_batch: PosInt = 200  # records rendered and handed to the spool per step
+    launch_batch: PosInt = 5000  # send records written per transaction at launch
+    poll: PosDuration = 1.0  # seconds between looks for work when nothing is due
+
+
 DEFAULT_POOL = "default"
 DEFAULT_SOURCE = "default"
 
@@ -474,6 +487,7 @@ class Config:
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    campaigns: CampaignsConfig = field(default_factory=CampaignsConfig)
     source: Str = "<defaults>"  # the file it was read from: not a key (load_config)
 
     @property

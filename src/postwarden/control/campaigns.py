@@ -11,7 +11,7 @@ the one that last changed the campaign (unless the tenant allows single-key appr
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import func, select
@@ -35,7 +35,12 @@ from postwarden.control.templates import lint_findings
 from postwarden.mail.addresses import suppression_key
 from postwarden.store.audience_models import Audience
 from postwarden.store.audiences import CountTooSlow, count, plan_for
-from postwarden.store.campaign_models import Campaign, CampaignTransition
+from postwarden.store.campaign_models import (
+    RECORD_STATES,
+    Campaign,
+    CampaignTransition,
+    SendRecord,
+)
 from postwarden.store.campaigns import record_counts
 from postwarden.store.models import Domain, Tenant, utcnow
 from postwarden.store.template_models import Template, TemplateVersion
@@ -141,13 +146,14 @@ class Stats(BaseModel):
     recipients: int = Field(description="send records: one per contact of the snapshot")
     suppressed: int = Field(description="not sent: suppressed, unsubscribed, or not active")
     pending: int = Field(description="written at launch, not yet handed to the spool")
-    queued: int
+    queued: int = Field(description="in the spool, not yet delivered or failed")
     delivered: int
-    deferred: int
-    bounced: int
+    deferred: int = Field(description="in the spool after a temporary failure")
+    bounced: int = Field(description="failed for good (a bounce, or expired in the queue)")
     complained: int
     unsubscribed: int
-    cancelled: int
+    cancelled: int = Field(description="not sent: the campaign was cancelled first")
+    failed: int = Field(description="not sent: the message could not be made (render error)")
 
 
 class Problem(BaseModel):
@@ -357,6 +363,58 @@ async def campaign_history(c: Call) -> Any:
     )
 
 
+RecordState = Literal[
+    "pending", "suppressed", "queued", "delivered", "deferred", "bounced", "complained",
+    "cancelled", "failed",
+]  # fmt: skip
+
+
+class RecordQuery(Page):
+    state: RecordState | None = Field(None, description="only records in this state")
+
+
+class RecordOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    contact_id: int
+    email: str
+    state: str = Field(description=", ".join(RECORD_STATES))
+    reason: str = Field(description="why it was not sent, or the bounce's category")
+    variant: str | None
+    message_id: str | None = Field(description="its message (GET /v1/messages/{id})")
+    sent_at: dt.datetime | None
+    updated_at: dt.datetime
+
+
+class RecordList(BaseModel):
+    data: list[RecordOut]
+    next_cursor: str | None
+
+
+@api.op(
+    "GET",
+    "/v1/campaigns/{campaign_id:int}/records",
+    summary="A campaign's send records: one per contact of its snapshot",
+    scope="read",
+    query=RecordQuery,
+    response=RecordList,
+    errors=(404,),
+)
+async def campaign_records(c: Call) -> Any:
+    """What became of each recipient, in record order, filtered by ``state``."""
+    q: RecordQuery = c.query
+    async with c.ctx.sessions() as s:
+        row = await _campaign(s, c)
+        stmt = select(SendRecord).where(SendRecord.campaign_id == row.id)
+        if q.state is not None:
+            stmt = stmt.where(SendRecord.state == q.state)
+        rows = await page(s, stmt, SendRecord, q.cursor, q.limit)
+    return RecordList(
+        data=[RecordOut.model_validate(r) for r in rows], next_cursor=page_of(rows, q.limit)
+    )
+
+
 @api.op(
     "GET",
     "/v1/campaigns/{campaign_id:int}/stats",
@@ -377,7 +435,7 @@ async def campaign_stats(c: Call) -> Any:
         queued=n.get("queued", 0), delivered=n.get("delivered", 0),
         deferred=n.get("deferred", 0), bounced=n.get("bounced", 0),
         complained=n.get("complained", 0), unsubscribed=unsubscribed,
-        cancelled=n.get("cancelled", 0),
+        cancelled=n.get("cancelled", 0), failed=n.get("failed", 0),
     )  # fmt: skip
 
 
@@ -467,7 +525,10 @@ async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
             setattr(row, name, value)
         _record(s, c, row, action, moved.after, why)
         await s.commit()
-        return row
+    runner = getattr(c.ctx, "campaigns", None)
+    if runner is not None:  # the runner acts on it now, not at its next look
+        runner.wake()
+    return row
 
 
 @api.op(

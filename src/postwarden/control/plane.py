@@ -18,6 +18,7 @@ from postwarden.config import Config
 from postwarden.control import ControlPlaneError
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
+from postwarden.control.campaign_runner import CampaignRunner, Submit
 from postwarden.control.data_sources import pull_due
 from postwarden.control.import_runner import ImportRunner
 from postwarden.control.inbound_domains import InboundDomains
@@ -61,6 +62,8 @@ class ControlPlane:
         spool_root: str | None = None,
         shaping_command: Callable[..., Awaitable[dict[str, Any]]] | None = None,
         on_keys: Callable[[list[SigningKey]], None] | None = None,
+        submit: Submit | None = None,
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
         self.cfg = cfg
         self.resolver = resolver
@@ -88,6 +91,13 @@ class ControlPlane:
         self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).
         self.inject = inject
+        # Campaigns, launched and fed in the background where mail is spooled (issue
+        # 21); ``worker``: (this worker's index, how many there are).
+        self.campaigns = (
+            CampaignRunner(self, submit, index=worker[0], count=worker[1])
+            if submit is not None
+            else None
+        )
         # The spool this process writes to (its root, every worker's shard under it):
         # where a retried idempotent request finds what was accepted (None: this
         # process relays to an MTA elsewhere).
@@ -169,6 +179,8 @@ class ControlPlane:
         self.db.recovered()
         self._task = asyncio.create_task(self._poll())
         self.imports.start()
+        if self.campaigns is not None:
+            self.campaigns.start()
 
     def wake(self) -> None:
         """Read the change feed soon (this process just wrote to it)."""
@@ -187,6 +199,8 @@ class ControlPlane:
 
     async def stop(self) -> None:
         await self.imports.stop()
+        if self.campaigns is not None:
+            await self.campaigns.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -642,12 +642,12 @@ async def lint_findings(
         category=t.category,
         variables=[x["name"] for x in v.variables or []],
         attributes=set(attributes),
-        postal_address=_postal_address(tenant),
+        postal_address=postal_address_of(tenant),
         rendered_html_bytes=html_bytes,
     )
 
 
-def _postal_address(tenant: Tenant | None) -> str:
+def postal_address_of(tenant: Tenant | None) -> str:
     return str(((tenant.settings if tenant else None) or {}).get("postal_address") or "")
 
 
@@ -694,7 +694,7 @@ async def _context(s: Any, c: Call, body: RenderIn, v: TemplateVersion) -> dict[
     tenant = await s.get(Tenant, c.tenant_id)
     samples = {x["name"]: x.get("sample") for x in v.variables or []}
     return send_context(
-        contact=contact, postal_address=_postal_address(tenant), samples=samples, data=body.data
+        contact=contact, postal_address=postal_address_of(tenant), samples=samples, data=body.data
     )
 
 

@@ -309,12 +309,15 @@ class _Selection:
         return found if positive != negated else not_(found)
 
 
-def selection(plan: Plan, tenant_id: int, dialect: str) -> tuple[Any, Bool]:
+def selection(
+    plan: Plan, tenant_id: int, dialect: str, *, any_status: bool = False
+) -> tuple[Any, Bool]:
     """The FROM and the WHERE of the tenant's contacts the plan selects: only
-    ``active`` ones unless the rule names ``status`` itself."""
+    ``active`` ones unless the rule names ``status`` itself (or ``any_status``: a
+    campaign's snapshot, where the others get a ``suppressed`` record)."""
     sel = _Selection(dialect, tenant_id)
     parts = [Contact.tenant_id == tenant_id]
-    if not plan.names_status:
+    if not plan.names_status and not any_status:
         parts.append(Contact.status == "active")
     top = plan.root.items if isinstance(plan.root, AllOf) else (plan.root,)
     parts += [sel.conjunct(c) for c in top]
@@ -405,16 +408,23 @@ async def sample(session: AsyncSession, tenant_id: int, plan: Plan, n: int) -> l
 
 
 async def take_snapshot(
-    session: AsyncSession, tenant_id: int, audience_id: int, rule: str, plan: Plan
+    session: AsyncSession,
+    tenant_id: int,
+    audience_id: int,
+    rule: str,
+    plan: Plan,
+    *,
+    any_status: bool = False,
 ) -> AudienceSnapshot:
     """Record who the plan selects now: one ``INSERT … SELECT`` (one statement, so one
-    consistent view of the contacts on either database). The caller commits."""
+    consistent view of the contacts on either database). The caller commits.
+    ``any_status``: as :func:`selection`."""
     snap = AudienceSnapshot(
         tenant_id=tenant_id, audience_id=audience_id, rule=rule, count=0, taken_at=utcnow()
     )
     session.add(snap)
     await session.flush()
-    frm, cond = selection(plan, tenant_id, _dialect(session))
+    frm, cond = selection(plan, tenant_id, _dialect(session), any_status=any_status)
     chosen = select(literal(snap.id, BigId), Contact.id).select_from(frm).where(cond)
     result = await _whole_tenant(
         session, insert(SnapshotMember).from_select(["snapshot_id", "contact_id"], chosen)

@@ -6,7 +6,8 @@ A record's ``state``: ``pending`` (written at launch, not yet handed to acceptan
 ``suppressed`` (not sent: ``reason`` says why — suppressed, unsubscribed, bounced,
 complained, frequency cap), ``queued`` (in the spool as ``message_id``), then what
 delivery's events say: ``delivered``, ``deferred``, ``bounced``, ``complained``, or
-``cancelled`` when the campaign is cancelled before it was queued. The spool's
+``cancelled`` when the campaign is cancelled before it was queued, ``failed`` when its
+message could not be made (a render error: ``reason`` says which). The spool's
 idempotency key for a record is a function of (campaign, contact): a crash between
 the spool's fsync and the record's update sends nothing twice.
 """
@@ -41,6 +42,7 @@ RECORD_STATES = (
     "bounced",
     "complained",
     "cancelled",
+    "failed",
 )
 
 

@@ -31,7 +31,6 @@ import datetime as dt
 import logging
 import os
 import re
-import socket
 import sqlite3
 import tempfile
 from collections import deque
@@ -62,6 +61,11 @@ from postwarden.store.import_models import (
     Import,
     ImportChunk,
     ImportReject,
+)
+from postwarden.store.leases import (  # noqa: F401 (runner_name, forget_runner: re-exported)
+    forget_runner,
+    is_dead,
+    runner_name,
 )
 from postwarden.store.models import utcnow
 
@@ -296,43 +300,6 @@ async def records(
 
 # ---------------------------------------------------------------------- claims
 
-_HOST = socket.gethostname()
-#: The runners alive in this process (their claim names).
-_LIVE: set[str] = set()
-
-
-def runner_name() -> str:
-    """A claim name: host, process id and a token (what :func:`_dead` reads)."""
-    name = f"{_HOST}:{os.getpid()}:{os.urandom(4).hex()}"
-    _LIVE.add(name)
-    return name
-
-
-def forget_runner(name: str) -> None:
-    _LIVE.discard(name)
-
-
-def _dead(owner: str | None) -> bool:
-    """Whether the runner named ``owner`` is known to be gone: a process of this host
-    that no longer runs (or this process, where that runner stopped). Runners of other
-    hosts are waited out (their lease)."""
-    if not owner:
-        return True
-    host, _, rest = owner.partition(":")
-    pid_text, _, _token = rest.partition(":")
-    if host != _HOST or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return owner not in _LIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
 
 async def claim(sessions: Sessions, me: str) -> int | None:
     """Take one import to run: the oldest queued, or a running one whose runner is gone
@@ -352,7 +319,7 @@ async def claim(sessions: Sessions, me: str) -> int | None:
             # A runner runs one import at a time: one still marked as its own was
             # left by an error, and is taken up again.
             if state == "running" and not (
-                lease is None or lease < now or owner == me or _dead(owner)
+                lease is None or lease < now or owner == me or is_dead(owner)
             ):
                 continue
             guard = (

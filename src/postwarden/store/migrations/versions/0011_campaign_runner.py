@@ -59,9 +59,7 @@ def upgrade() -> None:
     with op.batch_alter_table("send_records") as b:
         b.add_column(_at("sent_at", nullable=True))
     op.create_index("ix_send_records_message_id", "send_records", ["message_id"])
-    op.create_index(
-        "ix_send_records_contact_id_sent_at", "send_records", ["contact_id", "sent_at"]
-    )
+    op.create_index("ix_send_records_contact_id_sent_at", "send_records", ["contact_id", "sent_at"])
     op.create_table(
         "unsubscribe_requests",
         sa.Column("id", BigId, nullable=False),

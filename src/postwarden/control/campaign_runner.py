@@ -1,0 +1,462 @@
+"""The campaign runner (issue 21; docs/campaigns.md "Launch and the feeder").
+
+Every process that spools mail runs one; the database decides who does what, as for
+imports. Each pass:
+
+1. delivery's events onto the send records (``store.campaign_outcomes``);
+2. scheduled campaigns whose time came are launched (``sending``, the feed split in
+   one part per worker);
+3. one batch of a launched campaign's records is written (a claim with a lease);
+4. each feed part this runner holds gets one step: as many ``pending`` records as the
+   campaign's feed window has room for (``campaigns.feed_window`` messages of the
+   campaign in the spool and not yet delivered or failed) are rendered and handed to
+   acceptance, the one way into the spool;
+5. pending records of cancelled campaigns are marked, and campaigns whose records are
+   all at an end are ``sent``.
+
+A record gets its message id (committed) before its message is handed on, and the
+message goes to the spool with the idempotency key ``campaign <id> <contact>``: after
+a crash, a pending record with a message id is looked up in the spool, and marked
+``queued`` if the spool has it, else sent again under the same id. Nobody is sent
+twice and nobody is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from postwarden.campaigns.windows import SendWindow, WindowError, allowed, parse_window
+from postwarden.content.render import Parts, RenderError, render_message
+from postwarden.content.variables import PLACEHOLDER_URLS, send_context
+from postwarden.control.pool_cache import PoolNotAllowed
+from postwarden.control.templates import parts_of, postal_address_of
+from postwarden.mail.build import BuildError, Draft, Mailbox, build, needs_smtputf8
+from postwarden.mail.cleanup import Rejected
+from postwarden.queue.shards import find_idempotent
+from postwarden.queue.spool import new_message_id
+from postwarden.store.availability import LogLimiter, is_unavailable
+from postwarden.store.campaign_models import Campaign
+from postwarden.store.campaign_outcomes import apply_outcomes, skip_to_now
+from postwarden.store.campaigns import (
+    cancelled_pending,
+    claim_feeds,
+    claim_launch,
+    finish_sent,
+    in_flight,
+    launch_step,
+    move,
+    pending,
+    release_feed,
+    renew_feed,
+    sent_today,
+    set_message_ids,
+    settle,
+    start_due,
+)
+from postwarden.store.contact_models import Contact
+from postwarden.store.leases import forget_runner, runner_name
+from postwarden.store.models import Tenant
+from postwarden.store.template_models import TemplateVersion
+from postwarden.values import LANE_BULK, Envelope, SpoolFull, StoredMessage
+
+if TYPE_CHECKING:
+    from postwarden.control.plane import ControlPlane
+
+log = logging.getLogger("postwarden.control.campaigns")
+_limited = LogLimiter(log)
+
+#: Hands a message to acceptance: (envelope, message, message id) -> what was stored.
+Submit = Callable[[Envelope, bytes, str], Awaitable[StoredMessage]]
+#: The List-Unsubscribe headers of one recipient's message:
+#: (tenant id, campaign id, contact id, From domain) -> headers.
+LinkHeaders = Callable[[int, int, int, str], Sequence[tuple[str, str]]]
+#: The request hash the spool keeps with a campaign message's idempotency key.
+SPOOL_HASH = "campaign"
+#: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
+OUTCOME_STEPS = 20
+
+
+def spool_key(campaign_id: int, contact_id: int) -> str:
+    """A record's idempotency key in the spool. It holds spaces, which an API
+    Idempotency-Key cannot (printable ASCII without space): the two never meet."""
+    return f"campaign {campaign_id} {contact_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every message of a campaign shares (read once per step)."""
+
+    campaign: Campaign
+    parts: Parts
+    samples: dict[str, Any]
+    postal_address: str
+    pool: str | None
+    frequency_cap: int
+
+
+@dataclasses.dataclass
+class Item:
+    """One record on its way: what the feeder builds and hands on."""
+
+    record_id: int
+    contact_id: int
+    email: str
+    msg_id: str
+    contact: dict[str, Any]
+    data: bytes = b""
+    subject: str = ""
+    smtputf8: bool = False
+    error: str = ""
+
+
+class CampaignRunner:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        submit: Submit,
+        *,
+        index: int = 0,
+        count: int = 1,
+        link_headers: LinkHeaders | None = None,
+    ) -> None:
+        self.plane = plane
+        self.sessions = plane.sessions
+        self.submit = submit
+        self.index, self.count = index, count
+        self.link_headers = link_headers
+        self.name = runner_name()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._launching: int | None = None
+        self._cursor_ready = False
+
+    @property
+    def cfg(self) -> Any:
+        return self.plane.cfg
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="campaigns")
+
+    def wake(self) -> None:
+        """Look for work now (a campaign was just scheduled, paused or cancelled)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        forget_runner(self.name)
+
+    async def _loop(self) -> None:
+        while True:
+            busy = False
+            try:
+                busy = await self.run_once()
+            except Exception as exc:
+                level = logging.WARNING if is_unavailable(exc) else logging.ERROR
+                _limited(level, "campaign_runner", "event=campaign_runner_failed", exc=exc)
+            if busy:
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.campaigns.poll)
+            self._wake.clear()
+
+    async def run_once(self) -> bool:
+        """One pass (the module's docstring); whether it did anything."""
+        if not self._cursor_ready:
+            await skip_to_now(self.sessions)
+            self._cursor_ready = True
+        busy = False
+        for _ in range(OUTCOME_STEPS):
+            if not await apply_outcomes(self.sessions):
+                break
+            busy = True
+        for cid in await start_due(self.sessions, self.count):
+            log.info("event=campaign_launched campaign=%d parts=%d", cid, self.count)
+            busy = True
+        if self._launching is None:
+            self._launching = await claim_launch(self.sessions, self.name)
+        if self._launching is not None:
+            written = await launch_step(
+                self.sessions, self._launching, self.name, self.cfg.campaigns.launch_batch
+            )
+            if written:
+                busy = True
+            else:
+                log.info("event=campaign_records_written campaign=%d", self._launching)
+                self._launching = None
+        for cid, part in await claim_feeds(self.sessions, self.name, self.index, self.count):
+            if await self.feed(cid, part):
+                busy = True
+        if await self._cancel_pending():
+            busy = True
+        for cid in await finish_sent(self.sessions):
+            log.info("event=campaign_sent campaign=%d", cid)
+        return busy
+
+    # ------------------------------------------------------------------ feeding
+
+    async def feed(self, campaign_id: int, part: int) -> int:
+        """One step of a part this runner holds: how many records it handed on."""
+        cfg = self.cfg.campaigns
+        async with self.sessions() as s:
+            row = await s.get(Campaign, campaign_id)
+            if row is None or row.state != "sending" or not row.parts:
+                await s.rollback()
+                await release_feed(self.sessions, campaign_id, part, self.name)
+                return 0
+            if not await renew_feed(s, campaign_id, part, self.name):
+                await s.rollback()
+                return 0
+            await s.commit()
+            if not _window_open(row):
+                return 0
+            window = max(1, cfg.feed_window // row.parts)
+            room = window - await in_flight(s, campaign_id, part, row.parts)
+            if room <= 0:
+                return 0
+            records = await pending(s, campaign_id, part, row.parts, min(room, cfg.feed_batch))
+            if not records:
+                return 0
+            job = await self._job(s, row)
+            if job is None:
+                return 0
+            ended: dict[int, tuple[str, str]] = {}
+            contacts = await _contacts(s, row.tenant_id, [r.contact_id for r in records])
+            capped = {}
+            if job.frequency_cap:
+                capped = await sent_today(s, row.tenant_id, row.id, [r.contact_id for r in records])
+            items, recover, fresh = [], [], {}
+            for r in records:
+                person = contacts.get(r.contact_id)
+                if person is None:
+                    ended[r.id] = ("suppressed", "contact_deleted")
+                    continue
+                if person["status"] != "active":
+                    ended[r.id] = ("suppressed", person["status"])
+                    continue
+                if job.frequency_cap and capped.get(r.contact_id, 0) >= job.frequency_cap:
+                    ended[r.id] = ("suppressed", "frequency_cap")
+                    continue
+                msg_id = r.message_id or new_message_id()
+                item = Item(r.id, r.contact_id, r.email, msg_id, person)
+                if r.message_id:
+                    recover.append(item)
+                else:
+                    fresh[r.id] = msg_id
+                items.append(item)
+            await set_message_ids(s, fresh)
+            await s.commit()
+        queued: list[int] = []
+        if recover:
+            found = await asyncio.to_thread(self._in_spool, row, recover)
+            for item in recover:
+                stored = found.get(item.record_id)
+                if stored is None:
+                    continue  # never reached the spool: sent below, under its id
+                queued_or_drop(item.record_id, stored, queued, ended)
+                items.remove(item)
+        await asyncio.to_thread(self._render_all, job, items)
+        stop = None
+        for item in items:
+            if item.error:
+                ended[item.record_id] = ("failed", item.error)
+                continue
+            try:
+                stored = await self.submit(self._envelope(job, item), item.data, item.msg_id)
+            except Rejected as exc:
+                if exc.code >= 500:
+                    stop = f"acceptance refused its messages: {exc.code} {exc.text}"
+                break  # a temporary refusal: the rest waits for the next step
+            except SpoolFull:
+                break
+            queued_or_drop(item.record_id, stored, queued, ended)
+        async with self.sessions() as s:
+            await settle(s, queued=queued, ended=ended)
+            if stop is not None:
+                fresh_row = await s.get(Campaign, campaign_id)
+                if fresh_row is not None and await move(s, fresh_row, "pause", stop):
+                    log.warning("event=campaign_paused campaign=%d why=%r", campaign_id, stop)
+            await s.commit()
+        return len(queued) + len(ended)
+
+    async def _job(self, s: Any, row: Campaign) -> Job | None:
+        version = (
+            await s.execute(
+                select(TemplateVersion).where(
+                    TemplateVersion.template_id == row.template_id,
+                    TemplateVersion.version == row.template_version,
+                )
+            )
+        ).scalar_one_or_none()
+        tenant = await s.get(Tenant, row.tenant_id)
+        why = None
+        pool = None
+        if version is None:
+            why = f"template version {row.template_version} is gone"
+        else:
+            try:
+                pool = self.plane.pool_cache.pool_for(row.tenant_id, row.pool)
+            except PoolNotAllowed as exc:
+                why = f"pool: {exc}"
+        if why is not None or version is None:
+            await s.rollback()
+            if await move(s, row, "pause", why or "the template is gone"):
+                await s.commit()
+            return None
+        settings = (tenant.settings if tenant else None) or {}
+        return Job(
+            campaign=row,
+            parts=parts_of(version),
+            samples={v["name"]: v.get("sample") for v in version.variables or []},
+            postal_address=postal_address_of(tenant),
+            pool=pool,
+            frequency_cap=int(settings.get("frequency_cap") or 0),
+        )
+
+    def _in_spool(self, row: Campaign, items: list[Item]) -> dict[int, StoredMessage]:
+        """Which of ``items`` the spool has (a step cut off by a crash): record id ->
+        what was stored."""
+        root = self.plane.spool_root
+        out = {}
+        for item in items:
+            key = spool_key(row.id, item.contact_id)
+            found = find_idempotent(root, str(row.tenant_id), key) if root else []
+            for _part, digest, msg_id, answer in found:
+                if digest != SPOOL_HASH:
+                    continue
+                drops = {a: why for a, _rid, why in answer if why}
+                out[item.record_id] = StoredMessage(msg_id, (), (), drops)
+        return out
+
+    def _render_all(self, job: Job, items: list[Item]) -> None:
+        """Render and build each item's message (in a thread: templates are CPU)."""
+        row = job.campaign
+        host = self.cfg.server.hostname
+        domain = row.from_email.rpartition("@")[2]
+        now = time.time()
+        for item in items:
+            person = item.contact
+            links = dict(PLACEHOLDER_URLS)
+            headers: list[tuple[str, str]] = []
+            if self.link_headers is not None:
+                headers += self.link_headers(row.tenant_id, row.id, item.contact_id, domain)
+            headers.append(("Feedback-ID", f"c{row.id}:t{row.tenant_id}:campaign:postwarden"))
+            context = send_context(
+                contact={
+                    "email": item.email,
+                    "name": person["name"],
+                    "attributes": person["attributes"],
+                },
+                postal_address=job.postal_address,
+                samples=job.samples,
+                urls=links,
+            )
+            try:
+                out = render_message(job.parts, context)
+                draft = Draft(
+                    sender=Mailbox(row.from_email, row.from_name or ""),
+                    to=[Mailbox(item.email, person["name"] or "")],
+                    reply_to=Mailbox(row.reply_to) if row.reply_to else None,
+                    subject=out.subject,
+                    text=out.text,
+                    html=out.html,
+                    headers=headers,
+                )
+                item.data = build(draft, message_id=f"<{item.msg_id}@{host}>", date=now)
+            except (RenderError, BuildError) as exc:
+                item.error = f"render: {exc}"[:200]
+                continue
+            item.subject = out.subject
+            item.smtputf8 = needs_smtputf8(draft) or not item.email.isascii()
+
+    def _envelope(self, job: Job, item: Item) -> Envelope:
+        row = job.campaign
+        meta = {**(row.meta or {}), "campaign_id": str(row.id), "contact_id": str(item.contact_id)}
+        return Envelope(
+            mail_from=row.from_email,
+            rcpt_tos=[item.email],
+            helo="campaign",
+            tenant=str(row.tenant_id),
+            smtputf8=item.smtputf8,
+            body_8bit=not item.data.isascii(),
+            meta={
+                "source": "campaign",
+                "subject": item.subject[:300],
+                "tags": list(row.tags or []),
+                "metadata": meta,
+            },
+            pool=job.pool,
+            lane=LANE_BULK,
+            idempotency=(spool_key(row.id, item.contact_id), SPOOL_HASH, 0),
+        )
+
+    async def _cancel_pending(self) -> int:
+        """Pending records of cancelled campaigns: ``cancelled``, unless a step cut off
+        by a crash had handed one to the spool (then ``queued``)."""
+        rows = await cancelled_pending(self.sessions)
+        if not rows:
+            return 0
+        queued: list[int] = []
+        ended: dict[int, tuple[str, str]] = {}
+        root = self.plane.spool_root
+        for rid, cid, tenant_id, contact_id, msg_id in rows:
+            found = []
+            if msg_id and root:
+                found = await asyncio.to_thread(
+                    find_idempotent, root, str(tenant_id), spool_key(cid, contact_id)
+                )
+            if any(h == SPOOL_HASH for _p, h, _m, _a in found):
+                queued.append(rid)
+            else:
+                ended[rid] = ("cancelled", "the campaign was cancelled")
+        async with self.sessions() as s:
+            await settle(s, queued=queued, ended=ended)
+            await s.commit()
+        return len(rows)
+
+
+def queued_or_drop(
+    rid: int, stored: StoredMessage, queued: list[int], ended: dict[int, tuple[str, str]]
+) -> None:
+    """The record's state from what the spool stored: dropped by the suppression
+    check (``suppressed`` with its reason), else ``queued``."""
+    if stored.drops:
+        ended[rid] = ("suppressed", next(iter(stored.drops.values())))
+    else:
+        queued.append(rid)
+
+
+def _window_open(row: Campaign) -> bool:
+    if not row.send_window:
+        return True
+    try:
+        window: SendWindow = parse_window(row.send_window)
+    except WindowError:
+        return True  # validated when it was stored; a window that no longer parses
+    return allowed(window, dt.datetime.now(dt.UTC))
+
+
+async def _contacts(s: Any, tenant_id: int, ids: list[int]) -> dict[int, dict[str, Any]]:
+    rows = await s.execute(
+        select(Contact.id, Contact.name, Contact.attributes, Contact.status).where(
+            Contact.tenant_id == tenant_id, Contact.id.in_(ids)
+        )
+    )
+    return {
+        int(cid): {"name": name or "", "attributes": dict(attrs or {}), "status": status}
+        for cid, name, attrs, status in rows.all()
+    }
