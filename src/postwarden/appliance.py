@@ -483,6 +483,8 @@ class Appliance:
         log.info("event=stopping")
         for server in self.servers + self.inbound_servers:
             server.close()
+        if self.control.campaigns is not None:  # it hands messages to the spool
+            await self.control.campaigns.stop()
         grace = self.cfg.server.shutdown_grace
         deadline = time.monotonic() + grace
         # Transactions already past DATA finish spooling (and get their 250); reports

@@ -134,48 +134,76 @@ class CampaignRunner:
         self.index, self.count = index, count
         self.link_headers = link_headers
         self.name = runner_name()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wakes: list[asyncio.Event] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._launching: int | None = None
         self._cursor_ready = False
+        self._stopping = False
 
     @property
     def cfg(self) -> Any:
         return self.plane.cfg
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="campaigns")
+        """Three loops, so that none waits for another: delivery's events onto the
+        records, launches, and the feed."""
+        if not self._tasks:
+            for name, step in (
+                ("outcomes", self.outcomes_pass),
+                ("launches", self.launch_pass),
+                ("feed", self.feed_pass),
+            ):
+                wake = asyncio.Event()
+                self._wakes.append(wake)
+                self._tasks.append(
+                    asyncio.create_task(self._loop(name, step, wake), name=f"campaign-{name}")
+                )
 
     def wake(self) -> None:
         """Look for work now (a campaign was just scheduled, paused or cancelled)."""
-        self._wake.set()
+        for wake in self._wakes:
+            wake.set()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let the steps under way finish (the feed hands on what it rendered) for up
+        to ``grace`` seconds, then stop. Called before the spool closes."""
+        self._stopping = True
+        self.wake()
+        if self._tasks:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(asyncio.gather(*self._tasks)), grace)
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._tasks.clear()
         forget_runner(self.name)
 
-    async def _loop(self) -> None:
-        while True:
+    async def _loop(
+        self, name: str, step: Callable[[], Awaitable[bool]], wake: asyncio.Event
+    ) -> None:
+        while not self._stopping:
             busy = False
             try:
-                busy = await self.run_once()
+                busy = await step()
             except Exception as exc:
                 level = logging.WARNING if is_unavailable(exc) else logging.ERROR
-                _limited(level, "campaign_runner", "event=campaign_runner_failed", exc=exc)
+                _limited(level, f"campaign_{name}", f"event=campaign_{name}_failed", exc=exc)
             if busy:
                 await asyncio.sleep(0)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.campaigns.poll)
-            self._wake.clear()
+                await asyncio.wait_for(wake.wait(), self.cfg.campaigns.poll)
+            wake.clear()
 
     async def run_once(self) -> bool:
-        """One pass (the module's docstring); whether it did anything."""
+        """One pass of each loop, in turn; whether any did anything."""
+        done = [await self.outcomes_pass(), await self.launch_pass(), await self.feed_pass()]
+        return any(done)
+
+    async def outcomes_pass(self) -> bool:
+        """Delivery's events onto the records; campaigns at an end ``sent``."""
         if not self._cursor_ready:
             await skip_to_now(self.sessions)
             self._cursor_ready = True
@@ -184,27 +212,42 @@ class CampaignRunner:
             if not await apply_outcomes(self.sessions):
                 break
             busy = True
+        for cid in await finish_sent(self.sessions):
+            log.info("event=campaign_sent campaign=%d", cid)
+        return busy
+
+    async def launch_pass(self) -> bool:
+        """Launch what is due, write records (for up to a second), mark the pending
+        records of cancelled campaigns."""
+        busy = False
         for cid in await start_due(self.sessions, self.count):
             log.info("event=campaign_launched campaign=%d parts=%d", cid, self.count)
             busy = True
         if self._launching is None:
             self._launching = await claim_launch(self.sessions, self.name)
-        if self._launching is not None:
+        until = time.monotonic() + 1.0
+        while self._launching is not None and time.monotonic() < until and not self._stopping:
             written = await launch_step(
                 self.sessions, self._launching, self.name, self.cfg.campaigns.launch_batch
             )
             if written:
                 busy = True
-            else:
+                continue
+            if written == 0:
                 log.info("event=campaign_records_written campaign=%d", self._launching)
-                self._launching = None
-        for cid, part in await claim_feeds(self.sessions, self.name, self.index, self.count):
-            if await self.feed(cid, part):
-                busy = True
+            self._launching = None
         if await self._cancel_pending():
             busy = True
-        for cid in await finish_sent(self.sessions):
-            log.info("event=campaign_sent campaign=%d", cid)
+        return busy
+
+    async def feed_pass(self) -> bool:
+        """One step of each feed part this runner holds."""
+        busy = False
+        for cid, part in await claim_feeds(self.sessions, self.name, self.index, self.count):
+            if self._stopping:
+                break
+            if await self.feed(cid, part):
+                busy = True
         return busy
 
     # ------------------------------------------------------------------ feeding
@@ -270,20 +313,28 @@ class CampaignRunner:
                 queued_or_drop(item.record_id, stored, queued, ended)
                 items.remove(item)
         await asyncio.to_thread(self._render_all, job, items)
-        stop = None
+        todo = []
         for item in items:
             if item.error:
                 ended[item.record_id] = ("failed", item.error)
-                continue
-            try:
-                stored = await self.submit(self._envelope(job, item), item.data, item.msg_id)
-            except Rejected as exc:
-                if exc.code >= 500:
-                    stop = f"acceptance refused its messages: {exc.code} {exc.text}"
-                break  # a temporary refusal: the rest waits for the next step
-            except SpoolFull:
-                break
-            queued_or_drop(item.record_id, stored, queued, ended)
+            else:
+                todo.append(item)
+        # All at once: the spool commits them together (one fsync for the lot).
+        answers = await asyncio.gather(
+            *(self.submit(self._envelope(job, i), i.data, i.msg_id) for i in todo),
+            return_exceptions=True,
+        )
+        stop = None
+        for item, answer in zip(todo, answers, strict=True):
+            if isinstance(answer, StoredMessage):
+                queued_or_drop(item.record_id, answer, queued, ended)
+            elif isinstance(answer, Rejected) and answer.code >= 500:
+                stop = f"acceptance refused its messages: {answer.code} {answer.text}"
+            elif isinstance(answer, (Rejected, SpoolFull)) or is_unavailable(answer):
+                pass  # temporary: it stays pending, and is looked for in the spool next
+            elif isinstance(answer, BaseException):
+                _limited(logging.ERROR, "campaign_submit", "event=campaign_submit_failed",
+                         exc=answer)  # fmt: skip
         async with self.sessions() as s:
             await settle(s, queued=queued, ended=ended)
             if stop is not None:

@@ -140,8 +140,8 @@ async def record_counts(session: AsyncSession, campaign_id: int) -> dict[str, in
 
 #: Seconds a runner's claim on a launch or a feed part lasts without renewal.
 LEASE = 60.0
-#: A part not yet claimed is left to the worker it falls to (part modulo workers) for
-#: this long after the launch; then any runner takes it.
+#: A free part is left to the worker it falls to (part modulo workers) for this long
+#: after the launch or its last lease; then any runner takes it.
 GRACE = 10.0
 #: Records that are in the spool, or on their way there: the feed window counts them.
 IN_FLIGHT = ("queued", "deferred")
@@ -297,9 +297,9 @@ async def launch_step(sessions: Sessions, campaign_id: int, me: str, batch: int)
 
 
 async def claim_feeds(sessions: Sessions, me: str, index: int, count: int) -> list[tuple[int, int]]:
-    """Take the feed parts of sending campaigns that nobody live holds: at first only
-    the parts that fall to this worker (``part % count == index``), after
-    :data:`GRACE` any. Returns every part ``me`` holds."""
+    """Take the feed parts of sending campaigns that nobody live holds: the parts that
+    fall to this worker (``part % count == index``) at once, others once they have been
+    free for :data:`GRACE`. Returns every part ``me`` holds."""
     now = utcnow()
     held = []
     async with sessions() as s:
@@ -324,11 +324,13 @@ async def claim_feeds(sessions: Sessions, me: str, index: int, count: int) -> li
                 continue
             if not _free(runner, lease, me, now):
                 continue
+            # Another worker's part: only once it has been free for GRACE (after its
+            # lease, or after the launch), so that its own worker takes it first.
+            since = lease or launched
             if (
-                runner is None
-                and part % count != index
-                and launched is not None
-                and launched > now - dt.timedelta(seconds=GRACE)
+                part % count != index
+                and since is not None
+                and since > now - dt.timedelta(seconds=GRACE)
             ):
                 continue
             result = await s.execute(
