@@ -6,12 +6,15 @@ window, pause, resume and cancel acting on records not yet handed on."""
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
 import email
 import email.policy
 from typing import Any
 
 import httpx
 
+from postwarden.store.campaign_models import Campaign
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_campaigns import act, operator_made_key, tenant_id
 from tests.control.test_domains import verify_signatures
@@ -121,3 +124,100 @@ async def test_a_campaign_reaches_each_contact_once(control: ControlFactory) -> 
 async def tenant_id_of(api: ControlApi, key: str) -> int:
     async with api.client(key) as c:
         return await tenant_id(c)
+
+
+def runner(api: ControlApi) -> Any:
+    r = api.app.control.campaigns
+    assert r is not None
+    return r
+
+
+async def test_the_window_paces_and_pause_resume_cancel_act(control: ControlFactory) -> None:
+    """Four messages at most in the spool: while the lab defers them nothing more is
+    handed on; paused, nothing is handed on even with room; resumed, the rest goes;
+    cancelled, what was not handed on is ``cancelled`` and what was is delivered."""
+    api = await control({"campaigns": {"feed_window": 4, "feed_batch": 2}})
+    api.lab.add_domain("inbox.test", behaviour="tempfail")
+    key = await ready_tenant(api)
+    people = [{"email": f"p{i}@inbox.test", "name": f"P{i}"} for i in range(10)]
+    async with api.client(key) as c:
+        cid = await approved_campaign(api, c, people)
+        assert (await act(c, cid, "schedule")).status_code == 200
+        await stats_when(c, cid, lambda s: s["deferred"] == 4)
+        for _ in range(3):  # the window is full: a step hands nothing on
+            assert await runner(api).feed_pass() is False
+        stats = (await c.get(f"/v1/campaigns/{cid}/stats")).json()
+        assert (stats["pending"], stats["queued"] + stats["deferred"]) == (6, 4), stats
+
+        assert (await act(c, cid, "pause", reason="check the copy")).json()["state"] == "paused"
+        api.lab.set_behaviour("inbox.test", "accept")
+        await stats_when(c, cid, lambda s: s["delivered"] == 4)  # spooled ones go on
+        assert await runner(api).feed_pass() is False  # room, but paused
+        assert (await c.get(f"/v1/campaigns/{cid}/stats")).json()["pending"] == 6
+        assert (await act(c, cid, "resume")).json()["state"] == "sending"
+        stats = await stats_when(c, cid, lambda s: s["state"] == "sent")
+        assert (stats["delivered"], stats["pending"]) == (10, 0), stats
+
+        # A clone, cancelled while the lab defers its first four.
+        api.lab.set_behaviour("inbox.test", "tempfail")
+        r = await act(c, cid, "clone")
+        clone = r.json()["id"]
+        assert (await act(c, clone, "validate")).json()["problems"] == []
+        approver = await operator_made_key(api, await tenant_id(c), ["approve"])
+        async with api.client(approver) as a:
+            assert (await act(a, clone, "approve")).status_code == 200
+        assert (await act(c, clone, "schedule")).status_code == 200
+        await stats_when(c, clone, lambda s: s["deferred"] == 4)
+        assert (await act(c, clone, "cancel")).json()["state"] == "cancelled"
+        await stats_when(c, clone, lambda s: s["cancelled"] == 6 and s["pending"] == 0)
+        api.lab.set_behaviour("inbox.test", "accept")
+        stats = await stats_when(c, clone, lambda s: s["delivered"] == 4)
+        assert stats["state"] == "cancelled", stats
+    got = collections.Counter(m.rcpt_tos[0] for m in api.lab.messages)
+    assert sum(got.values()) == 14 and all(n <= 2 for n in got.values()), got
+
+
+async def test_a_closed_send_window_and_the_frequency_cap(control: ControlFactory) -> None:
+    """Outside its send window a launched campaign hands nothing on; a tenant's cap of
+    one bulk message a day suppresses a second campaign's records (``frequency_cap``)."""
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    today = dt.datetime.now(dt.UTC).isoweekday()
+    closed = {"days": [d for d in range(1, 8) if d != today], "start": "00:00", "end": "24:00",
+              "timezone": "UTC"}  # fmt: skip
+    people = [{"email": f"w{i}@inbox.test", "name": f"W{i}"} for i in range(3)]
+    async with api.client(key) as c:
+        cid = await approved_campaign(api, c, people, send_window=closed)
+        assert (await act(c, cid, "schedule")).status_code == 200
+        await stats_when(c, cid, lambda s: s["state"] == "sending" and s["pending"] == 3)
+        assert await runner(api).feed_pass() is False
+        assert not api.lab.messages
+        # Opened (an edit is refused once sending: the window is changed in the store,
+        # as a day passing would).
+        async with api.app.control.sessions() as s:
+            row = await s.get(Campaign, cid)
+            row.send_window = None
+            await s.commit()
+        runner(api).wake()
+        await stats_when(c, cid, lambda s: s["state"] == "sent" and s["delivered"] == 3)
+
+        tid = await tenant_id(c)
+        async with api.client(api.admin_key) as admin:
+            r = await admin.patch(f"/v1/tenants/{tid}", json={"settings": {
+                "postal_address": ADDRESS, "frequency_cap": 1}})  # fmt: skip
+            assert r.status_code == 200 and r.json()["settings"]["frequency_cap"] == 1, r.text
+        r = await act(c, cid, "clone")
+        second = r.json()["id"]
+        r = await c.patch(f"/v1/campaigns/{second}", json={"send_window": None})
+        assert r.status_code == 200, r.text
+        assert (await act(c, second, "validate")).json()["problems"] == []
+        approver = await operator_made_key(api, tid, ["approve"])
+        async with api.client(approver) as a:
+            assert (await act(a, second, "approve")).status_code == 200
+        assert (await act(c, second, "schedule")).status_code == 200
+        stats = await stats_when(c, second, lambda s: s["state"] == "sent")
+        assert (stats["suppressed"], stats["delivered"]) == (3, 0), stats
+        r = await c.get(f"/v1/campaigns/{second}/records")
+        assert {x["reason"] for x in r.json()["data"]} == {"frequency_cap"}, r.text
+    assert len(api.lab.messages) == 3

@@ -135,6 +135,15 @@ class TenantSettings(Strict):
             " installs run by one person); otherwise approval takes another key"
         ),
     ] = False
+    frequency_cap: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=1000,
+            description="bulk messages (campaigns) a contact may be sent in 24 hours; a"
+            " record over the cap is suppressed with reason frequency_cap. 0: no cap",
+        ),
+    ] = 0
 
 
 _DEFAULT_POOL = "the pool of its mail that names none; null: the appliance's default pool"
