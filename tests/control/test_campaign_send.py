@@ -10,11 +10,13 @@ import collections
 import datetime as dt
 import email
 import email.policy
+import zoneinfo
 from typing import Any
 
 import httpx
+from sqlalchemy import update
 
-from postwarden.store.campaign_models import Campaign
+from postwarden.store.campaign_models import Campaign, SendRecord
 from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_campaigns import act, operator_made_key, tenant_id
 from tests.control.test_domains import verify_signatures
@@ -126,6 +128,22 @@ async def tenant_id_of(api: ControlApi, key: str) -> int:
         return await tenant_id(c)
 
 
+async def open_window(api: ControlApi, cid: int) -> None:
+    """The campaign's window opens for everyone: moved in the store, as time passing
+    would do (an edit is refused once a campaign is sending), and the runner told."""
+    async with api.app.control.sessions() as s:
+        row = await s.get(Campaign, cid)
+        row.send_window = None
+        await s.execute(
+            update(SendRecord)
+            .where(SendRecord.campaign_id == cid, SendRecord.state == "waiting")
+            .values(not_before=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
+        await s.commit()
+    runner(api)._woken = 0.0  # look at once, not in WAKE_WAITING seconds
+    runner(api).wake()
+
+
 def runner(api: ControlApi) -> Any:
     r = api.app.control.campaigns
     assert r is not None
@@ -190,16 +208,10 @@ async def test_a_closed_send_window_and_the_frequency_cap(control: ControlFactor
     async with api.client(key) as c:
         cid = await approved_campaign(api, c, people, send_window=closed)
         assert (await act(c, cid, "schedule")).status_code == 200
-        await stats_when(c, cid, lambda s: s["state"] == "sending" and s["pending"] == 3)
+        await stats_when(c, cid, lambda s: s["state"] == "sending" and s["waiting"] == 3)
         assert await runner(api).feed_pass() is False
         assert not api.lab.messages
-        # Opened (an edit is refused once sending: the window is changed in the store,
-        # as a day passing would).
-        async with api.app.control.sessions() as s:
-            row = await s.get(Campaign, cid)
-            row.send_window = None
-            await s.commit()
-        runner(api).wake()
+        await open_window(api, cid)
         await stats_when(c, cid, lambda s: s["state"] == "sent" and s["delivered"] == 3)
 
         tid = await tenant_id(c)
@@ -221,3 +233,32 @@ async def test_a_closed_send_window_and_the_frequency_cap(control: ControlFactor
         r = await c.get(f"/v1/campaigns/{second}/records")
         assert {x["reason"] for x in r.json()["data"]} == {"frequency_cap"}, r.text
     assert len(api.lab.messages) == 3
+
+
+async def test_the_send_window_in_each_recipients_zone(control: ControlFactory) -> None:
+    """A window open now in Tokyo and closed in the campaign's zone (UTC): the Tokyo
+    contact gets the message, the contact with no zone and the one in Los Angeles wait
+    (``waiting``, until the window opens for them); once it opens they go."""
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    hour = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Tokyo")).hour
+    window = {"days": list(range(1, 8)), "start": f"{max(hour - 1, 0):02d}:00",
+              "end": f"{min(hour + 2, 24):02d}:00", "timezone": "UTC"}  # fmt: skip
+    people = [
+        {"email": "tokyo@inbox.test", "name": "T", "timezone": "Asia/Tokyo"},
+        {"email": "nozone@inbox.test", "name": "N"},
+        {"email": "la@inbox.test", "name": "L", "timezone": "America/Los_Angeles"},
+    ]
+    async with api.client(key) as c:
+        cid = await approved_campaign(api, c, people, send_window=window)
+        assert (await act(c, cid, "schedule")).status_code == 200
+        stats = await stats_when(c, cid, lambda s: s["delivered"] == 1 and s["waiting"] == 2)
+        assert stats["state"] == "sending", stats
+        r = await c.get(f"/v1/campaigns/{cid}/records", params={"state": "waiting"})
+        waiting = {x["email"] for x in r.json()["data"]}
+        assert waiting == {"nozone@inbox.test", "la@inbox.test"}, r.text
+        assert [m.rcpt_tos[0] for m in api.lab.messages] == ["tokyo@inbox.test"]
+        await open_window(api, cid)
+        stats = await stats_when(c, cid, lambda s: s["state"] == "sent")
+        assert (stats["delivered"], stats["waiting"]) == (3, 0), stats

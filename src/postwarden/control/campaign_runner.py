@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from postwarden.campaigns.windows import SendWindow, WindowError, allowed, parse_window
+from postwarden.campaigns.windows import SendWindow, WindowError, allowed, next_open, parse_window
 from postwarden.content.render import Parts, RenderError, render_message
 from postwarden.content.variables import PLACEHOLDER_URLS, send_context
 from postwarden.control.pool_cache import PoolNotAllowed
@@ -61,6 +61,8 @@ from postwarden.store.campaigns import (
     set_message_ids,
     settle,
     start_due,
+    wait_unzoned,
+    wake_waiting,
 )
 from postwarden.store.contact_models import Contact
 from postwarden.store.leases import forget_runner, runner_name
@@ -81,6 +83,8 @@ Submit = Callable[[Envelope, bytes, str], Awaitable[StoredMessage]]
 LinkHeaders = Callable[[int, int, int, str], Sequence[tuple[str, str]]]
 #: The request hash the spool keeps with a campaign message's idempotency key.
 SPOOL_HASH = "campaign"
+#: Seconds between looks for waiting records whose send window has opened.
+WAKE_WAITING = 5.0
 #: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
 OUTCOME_STEPS = 20
 
@@ -139,6 +143,7 @@ class CampaignRunner:
         self._launching: int | None = None
         self._cursor_ready = False
         self._stopping = False
+        self._woken = 0.0  # when waiting records were last looked at (monotonic)
 
     @property
     def cfg(self) -> Any:
@@ -238,6 +243,10 @@ class CampaignRunner:
             self._launching = None
         if await self._cancel_pending():
             busy = True
+        if time.monotonic() - self._woken > WAKE_WAITING:
+            self._woken = time.monotonic()
+            if await wake_waiting(self.sessions):
+                busy = True
         return busy
 
     async def feed_pass(self) -> bool:
@@ -265,8 +274,13 @@ class CampaignRunner:
                 await s.rollback()
                 return 0
             await s.commit()
-            if not _window_open(row):
-                return 0
+            send_window = _window(row)
+            now = dt.datetime.now(dt.UTC)
+            if send_window is not None and not allowed(send_window, now):
+                # Closed in the campaign's zone: whoever has no zone of their own waits
+                # (one statement); the others are looked at one by one below.
+                await wait_unzoned(s, row, next_open(send_window, now))
+                await s.commit()
             window = max(1, cfg.feed_window // row.parts)
             room = window - await in_flight(s, campaign_id, part, row.parts)
             if room <= 0:
@@ -278,6 +292,7 @@ class CampaignRunner:
             if job is None:
                 return 0
             ended: dict[int, tuple[str, str]] = {}
+            waiting: dict[int, dt.datetime] = {}
             contacts = await _contacts(s, row.tenant_id, [r.contact_id for r in records])
             capped = {}
             if job.frequency_cap:
@@ -294,6 +309,11 @@ class CampaignRunner:
                 if job.frequency_cap and capped.get(r.contact_id, 0) >= job.frequency_cap:
                     ended[r.id] = ("suppressed", "frequency_cap")
                     continue
+                if send_window is not None and not r.message_id:
+                    zone = person["timezone"]
+                    if not allowed(send_window, now, zone):
+                        waiting[r.id] = next_open(send_window, now, zone)
+                        continue
                 msg_id = r.message_id or new_message_id()
                 item = Item(r.id, r.contact_id, r.email, msg_id, person)
                 if r.message_id:
@@ -336,7 +356,7 @@ class CampaignRunner:
                 _limited(logging.ERROR, "campaign_submit", "event=campaign_submit_failed",
                          exc=answer)  # fmt: skip
         async with self.sessions() as s:
-            await settle(s, queued=queued, ended=ended)
+            await settle(s, queued=queued, ended=ended, waiting=waiting)
             if stop is not None:
                 fresh_row = await s.get(Campaign, campaign_id)
                 if fresh_row is not None and await move(s, fresh_row, "pause", stop):
@@ -491,23 +511,28 @@ def queued_or_drop(
         queued.append(rid)
 
 
-def _window_open(row: Campaign) -> bool:
+def _window(row: Campaign) -> SendWindow | None:
     if not row.send_window:
-        return True
+        return None
     try:
-        window: SendWindow = parse_window(row.send_window)
-    except WindowError:
-        return True  # validated when it was stored; a window that no longer parses
-    return allowed(window, dt.datetime.now(dt.UTC))
+        return parse_window(row.send_window)
+    except WindowError:  # validated when stored: a zone this host no longer knows
+        log.warning("event=campaign_window_unreadable campaign=%d", row.id)
+        return None
 
 
 async def _contacts(s: Any, tenant_id: int, ids: list[int]) -> dict[int, dict[str, Any]]:
     rows = await s.execute(
-        select(Contact.id, Contact.name, Contact.attributes, Contact.status).where(
-            Contact.tenant_id == tenant_id, Contact.id.in_(ids)
-        )
+        select(
+            Contact.id, Contact.name, Contact.attributes, Contact.status, Contact.timezone
+        ).where(Contact.tenant_id == tenant_id, Contact.id.in_(ids))
     )
     return {
-        int(cid): {"name": name or "", "attributes": dict(attrs or {}), "status": status}
-        for cid, name, attrs, status in rows.all()
+        int(cid): {
+            "name": name or "",
+            "attributes": dict(attrs or {}),
+            "status": status,
+            "timezone": zone or None,
+        }
+        for cid, name, attrs, status, zone in rows.all()
     }

@@ -146,6 +146,9 @@ class Stats(BaseModel):
     recipients: int = Field(description="send records: one per contact of the snapshot")
     suppressed: int = Field(description="not sent: suppressed, unsubscribed, or not active")
     pending: int = Field(description="written at launch, not yet handed to the spool")
+    waiting: int = Field(
+        description="pending, outside the send window in the recipient's time zone"
+    )
     queued: int = Field(description="in the spool, not yet delivered or failed")
     delivered: int
     deferred: int = Field(description="in the spool after a temporary failure")
@@ -364,7 +367,7 @@ async def campaign_history(c: Call) -> Any:
 
 
 RecordState = Literal[
-    "pending", "suppressed", "queued", "delivered", "deferred", "bounced", "complained",
+    "pending", "waiting", "suppressed", "queued", "delivered", "deferred", "bounced", "complained",
     "cancelled", "failed",
 ]  # fmt: skip
 
@@ -435,7 +438,7 @@ async def campaign_stats(c: Call) -> Any:
         queued=n.get("queued", 0), delivered=n.get("delivered", 0),
         deferred=n.get("deferred", 0), bounced=n.get("bounced", 0),
         complained=n.get("complained", 0), unsubscribed=unsubscribed,
-        cancelled=n.get("cancelled", 0), failed=n.get("failed", 0),
+        cancelled=n.get("cancelled", 0), failed=n.get("failed", 0), waiting=n.get("waiting", 0),
     )  # fmt: skip
 
 

@@ -3,8 +3,9 @@ state with who and why, and one durable send record per (campaign, contact) writ
 launch — the feeder sends from these, never from a loop over the audience.
 
 A record's ``state``: ``pending`` (written at launch, not yet handed to acceptance),
-``suppressed`` (not sent: ``reason`` says why — suppressed, unsubscribed, bounced,
-complained, frequency cap), ``queued`` (in the spool as ``message_id``), then what
+``waiting`` (pending, but outside the send window in its recipient's time zone until
+``not_before``), ``suppressed`` (not sent: ``reason`` says why — suppressed,
+unsubscribed, bounced, complained, frequency cap), ``queued`` (in the spool as ``message_id``), then what
 delivery's events say: ``delivered``, ``deferred``, ``bounced``, ``complained``, or
 ``cancelled`` when the campaign is cancelled before it was queued, ``failed`` when its
 message could not be made (a render error: ``reason`` says which). The spool's
@@ -35,6 +36,7 @@ from postwarden.store.models import Base, BigId, utcnow
 #: The states of a send record (see the module's docstring).
 RECORD_STATES = (
     "pending",
+    "waiting",
     "suppressed",
     "queued",
     "delivered",
@@ -147,6 +149,8 @@ class SendRecord(Base):
     # find the record), with ``sent_at`` once the spool has it.
     message_id: Mapped[str | None] = mapped_column(String(64), default=None)
     sent_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # ``waiting``: outside the send window in the recipient's time zone until then.
+    not_before: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

@@ -147,7 +147,7 @@ GRACE = 10.0
 IN_FLIGHT = ("queued", "deferred")
 #: Records not yet at an end: a campaign with none of these (and all its records
 #: written) is sent.
-OPEN = ("pending", "queued", "deferred")
+OPEN = ("pending", "waiting", "queued", "deferred")
 
 
 def _lease(now: dt.datetime) -> dt.datetime:
@@ -428,10 +428,12 @@ async def settle(
     *,
     queued: Sequence[int] = (),
     ended: Mapping[int, tuple[str, str]] | None = None,
+    waiting: Mapping[int, dt.datetime] | None = None,
 ) -> None:
-    """Records handed to the spool (``queued`` and sent now), and records that will
-    not be sent: id -> (state, reason). Only records still ``pending`` change (an
-    event may have moved one already)."""
+    """Records handed to the spool (``queued`` and sent now), records that will not
+    be sent (id -> (state, reason)), and records outside their send window (id -> when
+    it opens: ``waiting``). Only records still ``pending`` change (an event may have
+    moved one already)."""
     now = utcnow()
     table = RECORDS
     if queued:
@@ -443,10 +445,66 @@ async def settle(
     if ended:
         await session.execute(
             update(table)
-            .where(table.c.id == bindparam("rid"), table.c.state == "pending")
+            .where(
+                table.c.id == bindparam("rid"),
+                or_(table.c.state == "pending", table.c.state == "waiting"),
+            )
             .values(state=bindparam("st"), reason=bindparam("why"), updated_at=now),
             [{"rid": rid, "st": st, "why": why[:200]} for rid, (st, why) in ended.items()],
         )
+    if waiting:
+        await session.execute(
+            update(table)
+            .where(table.c.id == bindparam("rid"), table.c.state == "pending")
+            .values(state="waiting", not_before=bindparam("at"), updated_at=now),
+            [{"rid": rid, "at": at} for rid, at in waiting.items()],
+        )
+
+
+async def wait_unzoned(session: AsyncSession, campaign: Campaign, until: dt.datetime) -> int:
+    """The campaign's window is closed in its own zone until ``until``: its pending
+    records of contacts with no time zone of their own wait until then (one statement,
+    however many they are). Records already handed on (with a message id) stay."""
+    unzoned = select(Contact.id).where(
+        Contact.tenant_id == campaign.tenant_id,
+        or_(Contact.timezone.is_(None), Contact.timezone == ""),
+    )
+    result = await session.execute(
+        update(SendRecord)
+        .where(
+            SendRecord.campaign_id == campaign.id,
+            SendRecord.state == "pending",
+            SendRecord.message_id.is_(None),
+            SendRecord.contact_id.in_(unzoned),
+        )
+        .values(state="waiting", not_before=until, updated_at=utcnow())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def wake_waiting(sessions: Sessions) -> int:
+    """Waiting records whose window has opened: ``pending`` again."""
+    now = utcnow()
+    n = 0
+    async with sessions() as s:
+        ids = (
+            (await s.execute(select(Campaign.id).where(Campaign.state.in_(("sending", "paused")))))
+            .scalars()
+            .all()
+        )
+        for cid in ids:
+            result = await s.execute(
+                update(SendRecord)
+                .where(
+                    SendRecord.campaign_id == cid,
+                    SendRecord.state == "waiting",
+                    SendRecord.not_before <= now,
+                )
+                .values(state="pending", not_before=None, updated_at=now)
+            )
+            n += int(getattr(result, "rowcount", 0) or 0)
+        await s.commit()
+    return n
 
 
 async def sent_today(
@@ -510,7 +568,7 @@ async def cancelled_pending(sessions: Sessions, limit: int = LAUNCH_BATCH) -> li
                 SendRecord.message_id,
             )
             .join(Campaign, Campaign.id == SendRecord.campaign_id)
-            .where(Campaign.state == "cancelled", SendRecord.state == "pending")
+            .where(Campaign.state == "cancelled", SendRecord.state.in_(("pending", "waiting")))
             .limit(limit)
         )
         return list(rows.all())
