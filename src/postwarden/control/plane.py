@@ -26,6 +26,7 @@ from postwarden.control.pool_cache import PoolCache
 from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
 from postwarden.dns.resolver import Resolver
+from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
 from postwarden.mta.dkim import SigningKey
 from postwarden.store.availability import DbHealth, LogLimiter, is_unavailable, short_error
@@ -64,8 +65,11 @@ class ControlPlane:
         on_keys: Callable[[list[SigningKey]], None] | None = None,
         submit: Submit | None = None,
         worker: tuple[int, int] = (0, 1),
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
+        # The appliance's metrics (None in a control-only process): the public routes count.
+        self.metrics = metrics
         self.resolver = resolver
         # Checking records an operator just published must not see yesterday's answer.
         self.fresh_resolver = Resolver(cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=0)
