@@ -6,8 +6,6 @@ they cannot carry."""
 from __future__ import annotations
 
 import base64
-import email
-import email.policy
 import hashlib
 import hmac
 import re
@@ -22,7 +20,6 @@ from postwarden.campaigns.unsubscribe import (
     ONE_CLICK,
     Recipient,
     derive_key,
-    header_lines,
     headers,
     make_token,
     read_token,
@@ -230,21 +227,3 @@ def test_headers_shape() -> None:
 def test_headers_refuse_what_the_field_cannot_carry(url: str, mailto: str | None) -> None:
     with pytest.raises(ValueError):
         headers(url, mailto)
-
-
-def test_header_lines_fold_between_uris_and_parse_back() -> None:
-    token = make_token(KEY, 2**40, 2**40, 2**40)
-    url = f"https://unsubscribe.mail.example.com/u/{token}"
-    mailto = f"unsubscribe+{token}@pwb.news.example.com"
-    fields = headers(url, mailto)
-    raw = header_lines(fields)
-    lines = raw.split(b"\r\n")
-    assert all(len(line) <= 998 for line in lines)
-    assert lines[0] == f"List-Unsubscribe: <{url}>,".encode()
-    assert lines[1] == f" <mailto:{mailto}>".encode()
-    msg = email.message_from_bytes(raw + b"\r\nbody\r\n", policy=email.policy.SMTP)
-    unfolded = re.sub(r"\r\n[ \t]", " ", str(msg["List-Unsubscribe"]))
-    assert unfolded == fields[0][1]
-    assert msg["List-Unsubscribe-Post"] == ONE_CLICK
-    with pytest.raises(ValueError):
-        header_lines([("X-A", "b\r\nBcc: c")])

@@ -7,6 +7,8 @@ that the fields would be inside the From domain's DKIM signature."""
 from __future__ import annotations
 
 import dataclasses
+import email
+import email.policy
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,7 +19,6 @@ from sqlalchemy import delete, func, select
 from postwarden.campaigns.unsubscribe import (
     ONE_CLICK,
     derive_key,
-    header_lines,
     make_token,
 )
 from postwarden.config import load_config
@@ -27,6 +28,7 @@ from postwarden.control.unsubscribe import (
     list_unsubscribe_problem,
     public_base_url,
 )
+from postwarden.mail.build import Draft, Mailbox, build
 from postwarden.mta.dkim import DkimSigner, generate_key, parse_key
 from postwarden.store.audience_models import Audience
 from postwarden.store.campaign_models import Campaign, SendRecord, UnsubscribeRequest
@@ -35,6 +37,9 @@ from postwarden.store.contacts import ContactIn, upsert_contacts
 from postwarden.store.models import DkimKey, Domain, Suppression
 from postwarden.store.template_models import Template
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_campaign_send import approved_campaign, stats_when
+from tests.control.test_campaigns import act
+from tests.control.test_domains import verify_signatures
 from tests.control.test_messages import ready_tenant, until
 
 
@@ -308,9 +313,9 @@ def test_covered_fields_verifies_what_it_reports() -> None:
     rsa = parse_key("acme.test", "a", generate_key("rsa-sha256"), "rsa-sha256")
     ed = parse_key("acme.test", "b", generate_key("ed25519-sha256"), "ed25519-sha256")
     signer = DkimSigner([rsa, ed])
-    body = b"From: a@acme.test\r\nTo: b@inbox.test\r\nSubject: s\r\n\r\nhi\r\n"
     fields = [("List-Unsubscribe", "<https://x.test/u/t>"), ("List-Unsubscribe-Post", ONE_CLICK)]
-    message = header_lines(fields) + body
+    draft = Draft(Mailbox("a@acme.test"), [Mailbox("b@inbox.test")], text="hi", headers=fields)
+    message = build(draft, message_id="<m@acme.test>", date=0)
     signed = signer.sign(message, "acme.test") + message
     covered = covered_fields(signed, [rsa, ed])
     assert len(covered) == 2
@@ -338,3 +343,38 @@ def test_covered_fields_verifies_what_it_reports() -> None:
 def test_public_base_url(control_cfg: dict[str, str], base: str) -> None:
     cfg = load_config(None, environ={}, overrides={"control": control_cfg})
     assert public_base_url(cfg) == base
+
+
+async def test_a_campaign_message_carries_signed_working_links(control: ControlFactory) -> None:
+    """Through the campaign runner into the lab: the message has both fields, every
+    DKIM signature verifies over them, and the one-click POST of its link suppresses
+    the recipient."""
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    people = [{"email": "ann@inbox.test", "name": "Ann"}]
+    async with api.client(key) as c:
+        cid = await approved_campaign(api, c, people)
+        assert (await act(c, cid, "schedule")).status_code == 200
+        await stats_when(c, cid, lambda s: s["state"] == "sent")
+    [got] = [m for m in api.lab.messages if m.rcpt_tos[0] == "ann@inbox.test"]
+    raw = got.data
+    parsed = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    value = re.sub(r"\r?\n", "", str(parsed["List-Unsubscribe"]))
+    assert parsed["List-Unsubscribe-Post"] == ONE_CLICK
+    m = re.fullmatch(
+        r"<(http://[^>]+/u/([A-Za-z0-9_-]+))>, <mailto:unsubscribe\+\2@pwb\.acme\.test>", value
+    )
+    assert m is not None, value
+    sels = await verify_signatures(api, raw)
+    assert len(sels) == len(re.findall(rb"(?m)^DKIM-Signature:", raw)) >= 1
+    for h in re.findall(rb"(?m)^DKIM-Signature:.*?\bh=([^;]+)", raw, re.S):
+        names = {n.strip().lower() for n in h.replace(b"\r\n", b"").split(b":")}
+        assert {b"list-unsubscribe", b"list-unsubscribe-post"} <= names
+    async with api.client() as c:
+        r = await c.post(urlsplit(m.group(1)).path, content=ONE_CLICK)
+        assert r.status_code == 200
+    tid = await tenant_id(api, key)
+    assert api.app.control.suppressions.check(tid, "ann@inbox.test") == "unsubscribe"
+    [row] = await requests_of(api, tid)
+    assert (row.campaign_id, row.email, row.method) == (cid, "ann@inbox.test", "POST")

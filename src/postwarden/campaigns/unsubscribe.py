@@ -198,18 +198,3 @@ def headers(https_url: str, mailto_address: str | None = None) -> list[tuple[str
             raise ValueError(f"mailto_address: not an address: {mailto_address!r}")
         uris.append(f"<mailto:{mailto_address}>")
     return [(HEADER, ", ".join(uris)), (POST_HEADER, ONE_CLICK)]
-
-
-def header_lines(fields: list[tuple[str, str]]) -> bytes:
-    """``fields`` as raw header lines (CRLF), List-Unsubscribe folded between its
-    URIs: what to put in a message's header as it is. A line builder that folds by
-    itself (Python's ``email`` at 78 columns) turns a URI longer than a line into
-    RFC 2047 encoded words, which no client reads as a URI."""
-    out = []
-    for name, value in fields:
-        if any(c in value for c in "\r\n\0") or any(c in name for c in "\r\n\0: "):
-            raise ValueError(f"{name}: CR, LF, NUL are not allowed")
-        if name.lower() == HEADER.lower():
-            value = value.replace(">, <", ">,\r\n <")
-        out.append(f"{name}: {value}\r\n")
-    return "".join(out).encode("ascii")

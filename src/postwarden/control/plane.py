@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from postwarden.control.inbound_domains import InboundDomains
 from postwarden.control.pool_cache import PoolCache
 from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
+from postwarden.control.unsubscribe import list_unsubscribe_headers
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
@@ -98,7 +100,13 @@ class ControlPlane:
         # Campaigns, launched and fed in the background where mail is spooled (issue
         # 21); ``worker``: (this worker's index, how many there are).
         self.campaigns = (
-            CampaignRunner(self, submit, index=worker[0], count=worker[1])
+            CampaignRunner(
+                self,
+                submit,
+                index=worker[0],
+                count=worker[1],
+                link_headers=functools.partial(list_unsubscribe_headers, self),
+            )
             if submit is not None
             else None
         )

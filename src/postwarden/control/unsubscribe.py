@@ -108,9 +108,9 @@ def list_unsubscribe_headers(
 ) -> list[tuple[str, str]]:
     """The List-Unsubscribe and List-Unsubscribe-Post fields of one campaign message:
     ``<{public_url}/u/{token}>, <mailto:unsubscribe+{token}@{mailto_domain}>`` (the
-    mailto left out when its local part would pass 64 characters). Put them in the
-    message with :func:`postwarden.campaigns.unsubscribe.header_lines` (folded between
-    the URIs), not through a builder that refolds at 78 columns."""
+    mailto left out when its local part would pass 64 characters): the campaign
+    runner's ``link_headers``, for ``mail.build.Draft.headers`` (which writes ASCII
+    values as they are, folded only at spaces)."""
     token = tokens.make_token(token_key(ctx.cfg), tenant_id, campaign_id, contact_id)
     url = f"{public_base_url(ctx.cfg)}{PATH_PREFIX}{token}"
     local = f"{MAILTO_PREFIX}{token}"
@@ -208,15 +208,24 @@ async def list_unsubscribe_problem(
             "from.email", f"{domain} has no DKIM signing keys: List-Unsubscribe would go unsigned"
         )
     fields = list_unsubscribe_headers(ctx, tenant_id, 0, 0, domain)
+    # Built as the campaign runner builds its messages (mail.build), then signed.
     draft = Draft(
         sender=Mailbox(f"sample@{domain}"),
         to=[Mailbox("recipient@example.invalid")],
         subject="List-Unsubscribe check",
         text="A sample of a campaign message.\n",
+        headers=fields,
     )
-    sample = tokens.header_lines(fields) + build(
-        draft, message_id=f"<list-unsubscribe-check@{domain}>", date=time.time()
-    )
+    sample = build(draft, message_id=f"<list-unsubscribe-check@{domain}>", date=time.time())
+    written = {
+        name.decode().lower(): b"".join(value.split(b"\r\n")).strip().decode()
+        for name, value in split_message(sample)[0]
+    }
+    for name, value in fields:
+        if written.get(name.lower()) != value:
+            return _problem(
+                "from.email", f"{name} does not come out of the message builder as it went in"
+            )
     signatures = await DkimSigner(keys).sign_async(sample, domain)
     signed = covered_fields(signatures + sample, keys)
     if len(signed) != len(keys):
