@@ -6,6 +6,7 @@ that the fields would be inside the From domain's DKIM signature."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import email
 import email.policy
@@ -28,19 +29,21 @@ from postwarden.control.unsubscribe import (
     list_unsubscribe_problem,
     public_base_url,
 )
+from postwarden.lab import Lab
 from postwarden.mail.build import Draft, Mailbox, build
 from postwarden.mta.dkim import DkimSigner, generate_key, parse_key
-from postwarden.store.audience_models import Audience
 from postwarden.store.campaign_models import Campaign, SendRecord, UnsubscribeRequest
 from postwarden.store.contact_models import Contact
 from postwarden.store.contacts import ContactIn, upsert_contacts
 from postwarden.store.models import DkimKey, Domain, Suppression
-from postwarden.store.template_models import Template
-from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.conftest import ControlApi, ControlFactory, make_admin_key
 from tests.control.test_campaign_send import approved_campaign, stats_when
 from tests.control.test_campaigns import act
+from tests.control.test_database_outage import own_postgres  # noqa: F401  (the fixture)
 from tests.control.test_domains import verify_signatures
 from tests.control.test_messages import ready_tenant, until
+from tests.pg import PgServer
+from tests.waiting import eventually
 
 
 async def tenant_id(api: ControlApi, key: str) -> int:
@@ -55,11 +58,8 @@ async def campaign_with_records(
     contact each), and its contacts' ids in that order."""
     async with api.app.control.sessions() as s:
         made = await upsert_contacts(s, tid, [ContactIn(a) for a in records])
-        aud = Audience(tenant_id=tid, name="all", rule='status = "active"')
-        tpl = Template(tenant_id=tid, name="t", category="marketing")
-        s.add_all([aud, tpl])
-        await s.flush()
-        camp = Campaign(tenant_id=tid, name="c", audience_id=aud.id, template_id=tpl.id,
+        # Audience and template are not read here (ids without foreign keys).
+        camp = Campaign(tenant_id=tid, name="c", audience_id=0, template_id=0,
                         from_email="news@acme.test", state="sending")  # fmt: skip
         s.add(camp)
         await s.flush()
@@ -378,3 +378,33 @@ async def test_a_campaign_message_carries_signed_working_links(control: ControlF
     assert api.app.control.suppressions.check(tid, "ann@inbox.test") == "unsubscribe"
     [row] = await requests_of(api, tid)
     assert (row.campaign_id, row.email, row.method) == (cid, "ann@inbox.test", "POST")
+
+
+async def test_database_down_answers_503_and_changes_nothing(
+    request: pytest.FixtureRequest, appliance: Any, lab: Lab
+) -> None:
+    server: PgServer = request.getfixturevalue("own_postgres")  # stopped, restarted
+    app = await appliance({"database": {"url": server.new_database()}})
+    assert app.control_address is not None
+    api = ControlApi(
+        app, "http://{}:{}".format(*app.control_address), await make_admin_key(app), lab
+    )
+    key = await ready_tenant(api)
+    tid = await tenant_id(api, key)
+    cid, (ann,) = await campaign_with_records(api, tid, ["ann@inbox.test"])
+    path = link_path(list_unsubscribe_headers(app.control, tid, cid, ann, "acme.test"))
+    await asyncio.to_thread(server.stop)
+    async with api.client() as c:
+        for method in ("GET", "POST"):
+            r = await c.request(method, path, content=ONE_CLICK)
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            assert "Traceback" not in r.text and "asyncpg" not in r.text
+        assert app.control.suppressions.check(tid, "ann@inbox.test") is None
+        await asyncio.to_thread(server.restart)
+
+        async def unsubscribed() -> bool:
+            return (await c.post(path, content=ONE_CLICK)).status_code == 200
+
+        await eventually(unsubscribed, 30, "the POST answered once the database is back")
+    assert app.control.suppressions.check(tid, "ann@inbox.test") == "unsubscribe"
+    assert [x.method for x in await requests_of(api, tid)] == ["POST"]
