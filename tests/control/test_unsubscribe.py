@@ -270,6 +270,9 @@ async def test_the_validation_check(control: ControlFactory) -> None:
     assert list_unsubscribe_headers(https, tid, 1, 2, "acme.test")[0][1].startswith(
         "<https://mail.example.com/pw/u/"
     )
+    # A From domain the appliance does not know: the mailto on it, in ASCII.
+    value = list_unsubscribe_headers(plane, tid, 1, 2, "Bücher.test")[0][1]
+    assert value.endswith("@xn--bcher-kva.test>") and value.isascii()
     for url in ("http://mail.example.com", "http://10.0.0.1:8025"):
         problem = await list_unsubscribe_problem(
             Overridden(plane, public_url=url), tid, "n@acme.test"

@@ -94,13 +94,20 @@ def unsubscribe_url(ctx: Any, tenant_id: int, campaign_id: int, contact_id: int)
     return f"{public_base_url(ctx.cfg)}{PATH_PREFIX}{token}"
 
 
-def mailto_domain(ctx: Any, from_domain: str) -> str:
+def mailto_domain(ctx: Any, from_domain: str) -> str | None:
     """Where the mailto goes: the From domain's return-path domain
     (``<control.return_path_label>.<domain>``) when the appliance's inbound MX takes
-    mail for it (a registered sending domain), else the From domain itself."""
+    mail for it (a registered sending domain), else the From domain itself; in ASCII
+    (an internationalized name as its A-label), None when it has none."""
     domain = from_domain.strip().rstrip(".").lower()
     return_path = f"{ctx.cfg.control.return_path_label}.{domain}"
-    return return_path if ctx.inbound.accepts(return_path) else domain
+    chosen = return_path if ctx.inbound.accepts(return_path) else domain
+    if chosen.isascii():
+        return chosen
+    try:
+        return chosen.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def list_unsubscribe_headers(
@@ -114,7 +121,8 @@ def list_unsubscribe_headers(
     token = tokens.make_token(token_key(ctx.cfg), tenant_id, campaign_id, contact_id)
     url = f"{public_base_url(ctx.cfg)}{PATH_PREFIX}{token}"
     local = f"{MAILTO_PREFIX}{token}"
-    mailto = f"{local}@{mailto_domain(ctx, from_domain)}" if len(local) <= MAX_LOCAL_PART else None
+    domain = mailto_domain(ctx, from_domain)
+    mailto = f"{local}@{domain}" if domain and len(local) <= MAX_LOCAL_PART else None
     return tokens.headers(url, mailto)
 
 
