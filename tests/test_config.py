@@ -88,6 +88,12 @@ algorithm = "ed25519-sha256"
         ("[[dkim.keys]]\ndomain = 'a'\nselector = 's'", "dkim.keys[0].key_file"),
         ("[[smtp.users]]\nusername = 'u'\npassword_hash = 'plain'", "smtp.users[0].password_hash"),
         ("[smtp]\nmax_recipients = true", "smtp.max_recipients"),
+        ("[control]\npublic_url = 'mail.example.com'", "control.public_url"),
+        ("[control]\npublic_url = 'ftp://mail.example.com'", "control.public_url"),
+        ("[control]\npublic_url = 'https://mail.example.com/?a=1'", "control.public_url"),
+        ("[control]\npublic_url = 'https://u:p@mail.example.com'", "control.public_url"),
+        ("[control]\npublic_url = 'https://mail example.com'", "control.public_url"),
+        ("[control]\npublic_url = 'https://mail.example.com:99999'", "control.public_url"),
     ],
 )
 def test_bad_values_are_refused_with_their_path(tmp_path: Path, text: str, path: str) -> None:

@@ -177,6 +177,7 @@ class Appliance:
             spool_root=str(cfg.spool.path),
             shaping_command=self._broker_command,
             on_keys=self._keys_changed,
+            metrics=self.metrics,
         )
         # Signed per-recipient return paths (VERP), read back by the bounce processor.
         self.return_paths = ReturnPaths.from_config(cfg)

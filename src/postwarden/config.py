@@ -317,6 +317,9 @@ class ControlConfig:
     tracking_label: Str = "track"  # tracking host: <label>.<domain>
     bounce_mx_host: Str = ""  # MX of the return path; "" = server.hostname
     tracking_host: Str = ""  # CNAME target of the tracking host; "" = server.hostname
+    # Base URL of the links recipients follow (List-Unsubscribe now, tracking later):
+    # "https://mail.example.com" or with a path prefix; "" = http://<control.listen>.
+    public_url: Str = ""
     spf_include: Str = ""  # SPF mechanism to ask for; "" = ip4/ip6 of the source addresses
     rate_limit: PosFloat = 50.0  # API requests per second per key (per worker share)
     rate_burst: PosInt = 100
@@ -653,6 +656,25 @@ def load_config(
     return cfg
 
 
+def _public_url(url: str) -> None:
+    """An absolute http(s) URL with a host, and nothing a base URL cannot have."""
+    from urllib.parse import urlsplit
+
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError(f"expected an ASCII URL without spaces, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises for a bad port)
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {url!r} ({exc})") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f'expected "https://host[:port][/path]", got {url!r}')
+    if parts.username is not None or parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"a base URL has no user, query or fragment: {url!r}")
+    if any(c in url for c in '<>,"'):
+        raise ValueError(f"<, >, comma and quotes cannot be in a link header: {url!r}")
+
+
 def validate(cfg: Config) -> None:
     """Checks between keys, and of formats the types above do not say."""
     if cfg.metrics.bearer_token_sha256 and not re.fullmatch(
@@ -685,6 +707,8 @@ def validate(cfg: Config) -> None:
     for name in ("return_path_label", "tracking_label"):
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", getattr(cfg.control, name)):
             raise ConfigError(f"control.{name}: expected one DNS label (a-z, 0-9, -)")
+    if cfg.control.public_url:
+        _at("control.public_url", _public_url, cfg.control.public_url)
     if not 0 <= cfg.server.workers <= 256:
         raise ConfigError(
             f"server.workers: must be 0 (one per CPU) to 256, got {cfg.server.workers}"

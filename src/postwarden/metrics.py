@@ -285,6 +285,13 @@ class Metrics:
             ["verdict"],
             registry=r,
         )
+        self.unsubscribe_requests = Counter(
+            "postwarden_unsubscribe_requests",
+            "Requests to List-Unsubscribe links (/u/<token>), by method (GET, HEAD, POST)"
+            " and token verdict: valid, or forged (altered, malformed, not ours).",
+            ["method", "verdict"],
+            registry=r,
+        )
         self.bounce_categories = Counter(
             "postwarden_bounce_categories",
             "Permanent failures by classifier category and hard/soft, during delivery "
@@ -329,6 +336,8 @@ class Metrics:
             self.inbound_reports.labels(outcome)
         for verdict in ("valid", "forged"):
             self.return_path_tokens.labels(verdict)
+            for method in ("GET", "HEAD", "POST"):
+                self.unsubscribe_requests.labels(method, verdict)
         for reason in ("hard_bounce", "soft_bounce", "complaint"):
             self.bounce_suppressions.labels(reason)
         for reason in FAILURE_STAGES:

@@ -132,8 +132,12 @@ def create_app(
         async def docs(_: Request) -> HTMLResponse:
             return HTMLResponse(docs_page(openapi_document(api)))
 
+        from postwarden.control import unsubscribe
+
         routes += [Route("/openapi.json", openapi), Route("/docs", docs)]
         routes += api.routes(plane)
+        # Public links in mail (no key): List-Unsubscribe's placeholder.
+        routes += unsubscribe.routes(plane)
     routes += extra_routes or []
 
     return Starlette(

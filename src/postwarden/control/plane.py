@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,9 @@ from postwarden.control.inbound_domains import InboundDomains
 from postwarden.control.pool_cache import PoolCache
 from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
+from postwarden.control.unsubscribe import list_unsubscribe_headers
 from postwarden.dns.resolver import Resolver
+from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
 from postwarden.mta.dkim import SigningKey
 from postwarden.store.availability import DbHealth, LogLimiter, is_unavailable, short_error
@@ -64,8 +67,11 @@ class ControlPlane:
         on_keys: Callable[[list[SigningKey]], None] | None = None,
         submit: Submit | None = None,
         worker: tuple[int, int] = (0, 1),
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
+        # The appliance's metrics (None in a control-only process): the public routes count.
+        self.metrics = metrics
         self.resolver = resolver
         # Checking records an operator just published must not see yesterday's answer.
         self.fresh_resolver = Resolver(cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=0)
@@ -94,7 +100,13 @@ class ControlPlane:
         # Campaigns, launched and fed in the background where mail is spooled (issue
         # 21); ``worker``: (this worker's index, how many there are).
         self.campaigns = (
-            CampaignRunner(self, submit, index=worker[0], count=worker[1])
+            CampaignRunner(
+                self,
+                submit,
+                index=worker[0],
+                count=worker[1],
+                link_headers=functools.partial(list_unsubscribe_headers, self),
+            )
             if submit is not None
             else None
         )

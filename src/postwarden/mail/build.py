@@ -91,6 +91,32 @@ def _clean(value: str, what: str) -> str:
     return value
 
 
+class _Verbatim(str):
+    """An ASCII header value written as given, folded only at its spaces when a line
+    would pass the policy's length. The ``email`` package turns a word longer than a
+    line into RFC 2047 encoded words: the mailto of a List-Unsubscribe would stop
+    being a URI. (The policy takes a value with ``name`` and ``fold`` as it is.)"""
+
+    name: str
+
+    def __new__(cls, name: str, value: str) -> _Verbatim:
+        self = super().__new__(cls, value)
+        self.name = name
+        return self
+
+    def fold(self, *, policy: email.policy.Policy) -> str:
+        limit = policy.max_line_length or 998
+        lines = [f"{self.name}:"]
+        empty = True  # no word on this line yet: nothing to fold after
+        for word in str(self).split(" "):
+            if len(lines[-1]) + 1 + len(word) > limit and not empty and word:
+                lines.append(f" {word}")  # the fold goes before the space
+            else:
+                lines[-1] += f" {word}"
+            empty = empty and not word
+        return policy.linesep.join(lines) + policy.linesep
+
+
 def _address(box: Mailbox) -> Address:
     local, _, domain = box.email.rpartition("@")
     return Address(display_name=_clean(box.name, "name"), username=local, domain=domain)
@@ -123,7 +149,8 @@ def build(draft: Draft, *, message_id: str, date: float) -> bytes:
     for name, value in draft.headers:
         if is_reserved(name):
             raise BuildError(f"headers.{name}: set by the appliance")
-        msg[_clean(name, "header name")] = _clean(value, f"headers.{name}")
+        name, value = _clean(name, "header name"), _clean(value, f"headers.{name}")
+        msg[name] = _Verbatim(name, value) if value.isascii() else value
     if draft.text is not None:
         msg.set_content(_text(draft.text))
         if draft.html is not None:
