@@ -5,12 +5,12 @@ launch — the feeder sends from these, never from a loop over the audience.
 A record's ``state``: ``pending`` (written at launch, not yet handed to acceptance),
 ``waiting`` (pending, but outside the send window in its recipient's time zone until
 ``not_before``), ``suppressed`` (not sent: ``reason`` says why — suppressed,
-unsubscribed, bounced, complained, frequency cap), ``queued`` (in the spool as ``message_id``), then what
-delivery's events say: ``delivered``, ``deferred``, ``bounced``, ``complained``, or
-``cancelled`` when the campaign is cancelled before it was queued, ``failed`` when its
-message could not be made (a render error: ``reason`` says which). The spool's
-idempotency key for a record is a function of (campaign, contact): a crash between
-the spool's fsync and the record's update sends nothing twice.
+unsubscribed, bounced, complained, frequency cap), ``queued`` (in the spool as
+``message_id``), then what delivery's events say: ``delivered``, ``deferred``,
+``bounced``, ``complained``, or ``cancelled`` when the campaign is cancelled before it
+was queued, ``failed`` when its message could not be made (a render error: ``reason``
+says which). The spool's idempotency key for a record is a function of (campaign,
+contact): a crash between the spool's fsync and the record's update sends nothing twice.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ while it writes its send records; feeding is split in ``campaigns.parts`` parts
 (record id modulo parts), each claimed by one runner (``campaign_feeds``). A record's
 ``sent_at`` is when it was handed to the spool (the frequency cap counts these);
 ``message_id`` is indexed for delivery's events; ``not_before``: a ``waiting`` record
-(outside its send window in its recipient's time zone) is not sent before then. ``unsubscribe_requests`` keeps what
-the List-Unsubscribe placeholder received until the one-click endpoint (issue 22).
+(outside its send window in its recipient's time zone) is not sent before then.
+``unsubscribe_requests`` keeps what the List-Unsubscribe placeholder received until
+the one-click endpoint (issue 22).
 """
 
 from __future__ import annotations
