@@ -10,6 +10,7 @@ import collections
 import datetime as dt
 import email
 import email.policy
+import urllib.parse
 import zoneinfo
 from typing import Any
 
@@ -121,6 +122,18 @@ async def test_a_campaign_reaches_each_contact_once(control: ControlFactory) -> 
         )
         html = parsed.get_body(("html",))
         assert html is not None and f"Hi {name}" in html.get_content()
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        link = parsed["List-Unsubscribe"].split(",")[0].strip("<> ")
+        assert f'href="{link}"' in html.get_content()  # {{ unsubscribe_url }} is the link
+    # Ann unsubscribes with one click (RFC 8058); the campaign's stats count it.
+    ann = email.message_from_bytes(got["ann@inbox.test"].data, policy=email.policy.default)
+    link = urllib.parse.urlsplit(ann["List-Unsubscribe"].split(",")[0].strip("<> "))
+    async with api.client() as anon:  # the test's listener (control.listen is port 0)
+        r = await anon.post(link.path, data={"List-Unsubscribe": "One-Click"})
+        assert r.status_code == 200, r.text
+    async with api.client(key) as c:
+        stats = (await c.get(f"/v1/campaigns/{cid}/stats")).json()
+        assert stats["unsubscribed"] == 1, stats
 
 
 async def tenant_id_of(api: ControlApi, key: str) -> int:

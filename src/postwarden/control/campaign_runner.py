@@ -39,6 +39,7 @@ from postwarden.content.render import Parts, RenderError, render_message
 from postwarden.content.variables import PLACEHOLDER_URLS, send_context
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.templates import parts_of, postal_address_of
+from postwarden.control.unsubscribe import unsubscribe_url
 from postwarden.mail.build import BuildError, Draft, Mailbox, build, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
 from postwarden.queue.shards import find_idempotent
@@ -421,7 +422,10 @@ class CampaignRunner:
         now = time.time()
         for item in items:
             person = item.contact
-            links = dict(PLACEHOLDER_URLS)
+            links = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
+            links["unsubscribe_url"] = unsubscribe_url(
+                self.plane, row.tenant_id, row.id, item.contact_id
+            )
             headers: list[tuple[str, str]] = []
             if self.link_headers is not None:
                 headers += self.link_headers(row.tenant_id, row.id, item.contact_id, domain)

@@ -32,6 +32,7 @@ from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.routing import Call
 from postwarden.control.schemas import MAX_ID, Address, Page, Strict, one_line
 from postwarden.control.templates import lint_findings
+from postwarden.control.unsubscribe import list_unsubscribe_problem
 from postwarden.mail.addresses import suppression_key
 from postwarden.store.audience_models import Audience
 from postwarden.store.audiences import CountTooSlow, count, plan_for
@@ -40,6 +41,7 @@ from postwarden.store.campaign_models import (
     Campaign,
     CampaignTransition,
     SendRecord,
+    UnsubscribeRequest,
 )
 from postwarden.store.campaigns import record_counts
 from postwarden.store.models import Domain, Tenant, utcnow
@@ -431,13 +433,18 @@ async def campaign_stats(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c)
         n = await record_counts(s, row.id)
-    unsubscribed = 0  # unsubscribes after delivery come with tracking (issue 22)
+        # One-click unsubscribes from its messages (the List-Unsubscribe placeholder).
+        unsubscribed = await s.scalar(
+            select(func.count(func.distinct(UnsubscribeRequest.contact_id))).where(
+                UnsubscribeRequest.campaign_id == row.id, UnsubscribeRequest.method == "POST"
+            )
+        )
     return Stats(
         campaign_id=row.id, state=row.state, recipients=sum(n.values()),
         suppressed=n.get("suppressed", 0), pending=n.get("pending", 0),
         queued=n.get("queued", 0), delivered=n.get("delivered", 0),
         deferred=n.get("deferred", 0), bounced=n.get("bounced", 0),
-        complained=n.get("complained", 0), unsubscribed=unsubscribed,
+        complained=n.get("complained", 0), unsubscribed=int(unsubscribed or 0),
         cancelled=n.get("cancelled", 0), failed=n.get("failed", 0), waiting=n.get("waiting", 0),
     )  # fmt: skip
 
@@ -506,6 +513,10 @@ async def _from_problems(s: Any, c: Call, row: Campaign) -> list[Problem]:
         return [Problem(code="dmarc_missing", field="from.email",
                         message=f"no DMARC record found for {domain} at its last check"
                         " (bulk senders must publish one)")]  # fmt: skip
+    # List-Unsubscribe and List-Unsubscribe-Post present and inside the DKIM signature.
+    found = await list_unsubscribe_problem(c.ctx, c.tenant_id, row.from_email)
+    if found is not None:
+        return [Problem(code=found["code"], field=found["path"], message=found["message"])]
     return []
 
 

@@ -159,7 +159,11 @@ class UnsubscribeRequest(Base):
     kept as received: the placeholder until the one-click endpoint (issue 22)."""
 
     __tablename__ = "unsubscribe_requests"
-    __table_args__ = (Index("ix_unsubscribe_requests_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (
+        Index("ix_unsubscribe_requests_tenant_id_id", "tenant_id", "id"),
+        # A campaign's unsubscribes (its stats).
+        Index("ix_unsubscribe_requests_campaign_id", "campaign_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

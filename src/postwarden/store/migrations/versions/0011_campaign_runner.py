@@ -80,6 +80,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_unsubscribe_requests_tenant_id_id", "unsubscribe_requests", ["tenant_id", "id"]
     )
+    op.create_index("ix_unsubscribe_requests_campaign_id", "unsubscribe_requests", ["campaign_id"])
 
 
 def downgrade() -> None:
