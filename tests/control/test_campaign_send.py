@@ -106,6 +106,14 @@ async def test_a_campaign_reaches_each_contact_once(control: ControlFactory) -> 
         assert why == {"cy@inbox.test": "manual", "dan@inbox.test": "unsubscribe"}, why
         r = await c.get(f"/v1/campaigns/{cid}/records", params={"state": "bounced"})
         assert [x["email"] for x in r.json()["data"]] == ["gone@nouser.test"], r.text
+        # The campaign's tags and metadata ride with its messages, into their events.
+        r = await c.get(f"/v1/campaigns/{cid}/records", params={"state": "delivered"})
+        rec = r.json()["data"][0]
+        msg = (await c.get(f"/v1/messages/{rec['message_id']}")).json()
+        assert msg["tags"] == ["december"] and msg["source"] == "campaign", msg
+        assert msg["metadata"]["quarter"] == "q4", msg
+        assert msg["metadata"]["campaign_id"] == str(cid), msg
+        assert [e["type"] for e in msg["events"]][-1] == "delivered", msg
         history = (await c.get(f"/v1/campaigns/{cid}/history")).json()["data"]
         steps = [(h["action"], h["after"], h["key_prefix"]) for h in history][-2:]
         assert steps == [("launch", "sending", None), ("finish", "sent", None)], history
