@@ -104,7 +104,7 @@ async def look_at_tests(sessions: Any) -> list[tuple[int, str]]:
             if not ab or ab.get("winner") or ab.get("verdict"):
                 continue
             if "decide_at" not in ab:
-                if await test_unsettled(s, row.id):
+                if not row.records_done or await test_unsettled(s, row.id):
                     continue
                 at = now + dt.timedelta(hours=float(ab.get("wait_hours", 0)))
                 ab["decide_at"] = at.isoformat()

@@ -44,6 +44,7 @@ from postwarden.control.templates import parts_of, postal_address_of
 from postwarden.control.unsubscribe import unsubscribe_url
 from postwarden.mail.build import BuildError, Draft, Mailbox, build, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
+from postwarden.queue.admin import QueueAdmin
 from postwarden.queue.shards import find_idempotent
 from postwarden.queue.spool import new_message_id
 from postwarden.store.availability import LogLimiter, is_unavailable
@@ -55,6 +56,7 @@ from postwarden.store.campaigns import (
     claim_launch,
     finish_sent,
     in_flight,
+    in_spool_ids,
     launch_step,
     move,
     pending,
@@ -86,6 +88,8 @@ Submit = Callable[[Envelope, bytes, str], Awaitable[StoredMessage]]
 LinkHeaders = Callable[[int, int, int, str], Sequence[tuple[str, str]]]
 #: The request hash the spool keeps with a campaign message's idempotency key.
 SPOOL_HASH = "campaign"
+#: What a pause and a cancel do to the campaign's messages already in the spool.
+AFTER_STOP = {"paused": "hold", "cancelled": "delete"}
 #: Seconds between looks for waiting records whose send window has opened.
 WAKE_WAITING = 5.0
 #: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
@@ -391,6 +395,14 @@ class CampaignRunner:
                 if fresh_row is not None and await move(s, fresh_row, "pause", stop):
                     log.warning("event=campaign_paused campaign=%d why=%r", campaign_id, stop)
             await s.commit()
+            state = await s.scalar(select(Campaign.state).where(Campaign.id == campaign_id))
+        if state in AFTER_STOP and queued:
+            # Paused or cancelled while this step handed its messages on: the API's
+            # hold (or delete) of what was in the spool did not see these yet.
+            by_id = {i.record_id: i.msg_id for i in items}
+            await self.spool_action(
+                campaign_id, AFTER_STOP[state], [by_id[r] for r in queued if r in by_id]
+            )
         return len(queued) + len(ended)
 
     async def _job(self, s: Any, row: Campaign) -> Job | None:
@@ -448,6 +460,34 @@ class CampaignRunner:
             variants=variants,
             winner=(row.ab or {}).get("winner"),
         )
+
+    async def spool_action(
+        self, campaign_id: int, action: str, ids: list[str] | None = None
+    ) -> int:
+        """``hold``, ``release`` or ``delete`` the campaign's messages in the spool
+        (``ids``, else every one of its records there): a pause holds what was already
+        handed on, a resume releases it, a cancel takes it out (``deleted`` events make
+        the records ``cancelled``). A recipient in the middle of an attempt finishes it.
+        Returns how many recipients changed."""
+        root = self.plane.spool_root
+        if root is None:
+            return 0
+        if ids is None:
+            async with self.sessions() as s:
+                ids = await in_spool_ids(s, campaign_id)
+        if not ids:
+            return 0
+
+        def run() -> int:
+            admin = QueueAdmin(root)
+            try:
+                return admin.act_on(action, ids)
+            finally:
+                admin.close()
+
+        n = await asyncio.to_thread(run)
+        log.info("event=campaign_spool campaign=%d action=%s recipients=%d", campaign_id, action, n)
+        return n
 
     def _in_spool(self, row: Campaign, items: list[Item]) -> dict[int, StoredMessage]:
         """Which of ``items`` the spool has (a step cut off by a crash): record id ->

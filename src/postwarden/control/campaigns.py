@@ -650,6 +650,10 @@ class ValidationOut(BaseModel):
     problems: list[Problem]
 
 
+#: What an action does to the campaign's messages already in the spool.
+SPOOL_ACTIONS = {"pause": "hold", "resume": "release", "cancel": "delete"}
+
+
 async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
@@ -667,6 +671,9 @@ async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
     runner = getattr(c.ctx, "campaigns", None)
     if runner is not None:  # the runner acts on it now, not at its next look
         runner.wake()
+        if action in SPOOL_ACTIONS and row.launched_at is not None:
+            # What was already handed on: held, released or taken out of the spool.
+            await runner.spool_action(row.id, SPOOL_ACTIONS[action])
     return row
 
 

@@ -611,14 +611,16 @@ async def ab_results(
 
 
 async def test_unsettled(session: AsyncSession, campaign_id: int) -> int:
-    """Records of the test portion (with a variant) not yet at an end."""
+    """Records not yet at an end, but those held for the test's winner: while there
+    are any, the test portion is not done (a record outside its send window has no
+    variant yet, and may be in the portion)."""
     n = await session.scalar(
         select(func.count())
         .select_from(SendRecord)
         .where(
             SendRecord.campaign_id == campaign_id,
             SendRecord.state.in_(OPEN),
-            SendRecord.variant.is_not(None),
+            or_(SendRecord.state != "waiting", SendRecord.not_before.is_not(None)),
         )
     )
     return int(n or 0)
@@ -649,3 +651,15 @@ async def release_remainder(session: AsyncSession, campaign_id: int, winner: str
         .values(state="pending", variant=winner, reason="", updated_at=utcnow())
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def in_spool_ids(session: AsyncSession, campaign_id: int) -> list[str]:
+    """The message ids of the campaign's records in the spool (queued, deferred)."""
+    rows = await session.execute(
+        select(SendRecord.message_id).where(
+            SendRecord.campaign_id == campaign_id,
+            SendRecord.state.in_(IN_FLIGHT),
+            SendRecord.message_id.is_not(None),
+        )
+    )
+    return [str(m) for (m,) in rows.all()]
