@@ -610,20 +610,20 @@ async def ab_results(
     return {str(v): (int(n), int(ok)) for v, n, ok in rows.all()}
 
 
-async def test_unsettled(session: AsyncSession, campaign_id: int) -> int:
-    """Records not yet at an end, but those held for the test's winner: while there
-    are any, the test portion is not done (a record outside its send window has no
-    variant yet, and may be in the portion)."""
-    n = await session.scalar(
-        select(func.count())
-        .select_from(SendRecord)
+async def test_unsettled(session: AsyncSession, campaign_id: int) -> bool:
+    """Whether a record is not yet at an end, but those held for the test's winner:
+    while there is one, the test portion is not done (a record outside its send window
+    has no variant yet, and may be in the portion)."""
+    found = await session.scalar(
+        select(SendRecord.id)
         .where(
             SendRecord.campaign_id == campaign_id,
             SendRecord.state.in_(OPEN),
             or_(SendRecord.state != "waiting", SendRecord.not_before.is_not(None)),
         )
+        .limit(1)
     )
-    return int(n or 0)
+    return found is not None
 
 
 async def held_for_winner(session: AsyncSession, campaign_id: int) -> int:
