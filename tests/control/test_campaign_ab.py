@@ -59,7 +59,6 @@ async def let_the_hour_pass(api: ControlApi, cid: int) -> None:
             row = await s.get(Campaign, cid)
             return bool(row and "decide_at" in (row.ab or {}))
 
-    runner(api)._woken = 0.0
     runner(api).wake()
 
     await eventually(decide_at, 15, "the test's decision time set")
@@ -70,7 +69,6 @@ async def let_the_hour_pass(api: ControlApi, cid: int) -> None:
             update(Campaign).where(Campaign.id == cid).values(ab={**row.ab, "decide_at": passed})
         )
         await s.commit()
-    runner(api)._woken = 0.0
     runner(api).wake()
 
 

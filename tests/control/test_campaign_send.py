@@ -162,7 +162,6 @@ async def open_window(api: ControlApi, cid: int) -> None:
             .values(not_before=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
         )
         await s.commit()
-    runner(api)._woken = 0.0  # look at once, not in WAKE_WAITING seconds
     runner(api).wake()
 
 

@@ -58,6 +58,7 @@ from postwarden.store.campaigns import (
     in_flight,
     in_spool_ids,
     launch_step,
+    live_states,
     move,
     pending,
     release_feed,
@@ -92,6 +93,8 @@ SPOOL_HASH = "campaign"
 AFTER_STOP = {"paused": "hold", "cancelled": "delete"}
 #: Seconds between looks for waiting records whose send window has opened.
 WAKE_WAITING = 5.0
+#: Seconds between reads of delivery's events while no campaign is sending.
+OUTCOMES_IDLE = 30.0
 #: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
 OUTCOME_STEPS = 20
 
@@ -168,6 +171,11 @@ class CampaignRunner:
         self._cursor_ready = False
         self._stopping = False
         self._woken = 0.0  # when waiting records were last looked at (monotonic)
+        # What campaigns are doing (_look): the states that give the loops work.
+        self._live: set[str] = {"scheduled", "sending", "paused"}
+        self._looked = 0.0
+        self._fresh = True
+        self._outcomes_at = 0.0
 
     @property
     def cfg(self) -> Any:
@@ -190,6 +198,8 @@ class CampaignRunner:
 
     def wake(self) -> None:
         """Look for work now (a campaign was just scheduled, paused or cancelled)."""
+        self._fresh = True
+        self._woken = 0.0  # and the every-5-s work too (a cancel's records)
         for wake in self._wakes:
             wake.set()
 
@@ -231,28 +241,51 @@ class CampaignRunner:
         done = [await self.outcomes_pass(), await self.launch_pass(), await self.feed_pass()]
         return any(done)
 
+    async def _look(self) -> set[str]:
+        """The states campaigns are in that give the loops work (``scheduled``,
+        ``sending``, ``paused``): one indexed query per poll however many loops ask;
+        everything is looked at again after :meth:`wake`."""
+        if self._fresh or time.monotonic() - self._looked >= self.cfg.campaigns.poll * 0.9:
+            self._fresh = False
+            self._looked = time.monotonic()
+            self._live = await live_states(self.sessions)
+        return self._live
+
     async def outcomes_pass(self) -> bool:
-        """Delivery's events onto the records; campaigns at an end ``sent``."""
+        """Delivery's events onto the records; campaigns at an end ``sent``. With no
+        campaign sending or paused, every 30 s only (a complaint or a late bounce
+        about one already sent still finds its record)."""
         if not self._cursor_ready:
             await skip_to_now(self.sessions)
             self._cursor_ready = True
+        live = await self._look()
+        if not live & {"sending", "paused"}:
+            if time.monotonic() - self._outcomes_at < OUTCOMES_IDLE:
+                return False
+        self._outcomes_at = time.monotonic()
         busy = False
         for _ in range(OUTCOME_STEPS):
             if not await apply_outcomes(self.sessions):
                 break
             busy = True
-        for cid in await finish_sent(self.sessions):
-            log.info("event=campaign_sent campaign=%d", cid)
+        if "sending" in live:
+            for cid in await finish_sent(self.sessions):
+                log.info("event=campaign_sent campaign=%d", cid)
         return busy
 
     async def launch_pass(self) -> bool:
-        """Launch what is due, write records (for up to a second), mark the pending
-        records of cancelled campaigns."""
+        """Launch what is due and write records (for up to a second); every 5 s mark
+        the pending records of cancelled campaigns, make waiting records whose window
+        opened pending, and look at A/B tests whose time came."""
         busy = False
-        for cid in await start_due(self.sessions, self.count):
-            log.info("event=campaign_launched campaign=%d parts=%d", cid, self.count)
-            busy = True
-        if self._launching is None:
+        live = await self._look()
+        if "scheduled" in live:
+            for cid in await start_due(self.sessions, self.count):
+                log.info("event=campaign_launched campaign=%d parts=%d", cid, self.count)
+                busy = True
+                self._fresh = True
+        slow = time.monotonic() - self._woken > WAKE_WAITING
+        if self._launching is None and (slow or live & {"sending", "paused"}):
             self._launching = await claim_launch(self.sessions, self.name)
         until = time.monotonic() + 1.0
         while self._launching is not None and time.monotonic() < until and not self._stopping:
@@ -265,19 +298,22 @@ class CampaignRunner:
             if written == 0:
                 log.info("event=campaign_records_written campaign=%d", self._launching)
             self._launching = None
-        if await self._cancel_pending():
-            busy = True
-        if time.monotonic() - self._woken > WAKE_WAITING:
+        if slow:
             self._woken = time.monotonic()
-            if await wake_waiting(self.sessions):
+            if await self._cancel_pending():
                 busy = True
-            for cid, what in await look_at_tests(self.sessions):
-                log.info("event=campaign_ab campaign=%d what=%r", cid, what)
+            if live and await wake_waiting(self.sessions):
                 busy = True
+            if "sending" in live:
+                for cid, what in await look_at_tests(self.sessions):
+                    log.info("event=campaign_ab campaign=%d what=%r", cid, what)
+                    busy = True
         return busy
 
     async def feed_pass(self) -> bool:
         """One step of each feed part this runner holds."""
+        if "sending" not in await self._look():
+            return False
         busy = False
         for cid, part in await claim_feeds(self.sessions, self.name, self.index, self.count):
             if self._stopping:
