@@ -65,6 +65,11 @@ async def test_counts_and_sample_match_what_the_launch_sends(control: ControlFac
             r = await c.post("/v1/suppressions", json={"address": address, **extra})
             assert r.status_code in (200, 201), r.text
         cid = await approved_campaign(api, c, people)
+        # A template changed after approval: the campaign still sends the version
+        # validation fixed, and so does its dry run.
+        template = (await c.get(f"/v1/campaigns/{cid}")).json()["template_id"]
+        r = await c.patch(f"/v1/templates/{template}", json={"subject": "Changed"})
+        assert r.status_code == 200, r.text
         before = await unchanged(c, cid)
         dry = await dry_run(c, cid)
         assert await unchanged(c, cid) == before  # state, history, no records

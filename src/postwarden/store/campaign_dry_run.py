@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postwarden.audiences import Plan
@@ -25,23 +25,26 @@ from postwarden.store.models import Suppression, utcnow
 SENDABLE = ""
 
 
+def _in_force(tenant_id: int, now: dt.datetime) -> Any:
+    """A suppression of the tenant in force at ``now`` for the contact's address."""
+    return and_(
+        Suppression.tenant_id == tenant_id,
+        Suppression.address == Contact.email,
+        or_(Suppression.expires_at.is_(None), Suppression.expires_at > now),
+    )
+
+
 def _with_suppressions(plan: Plan, tenant_id: int, dialect: str) -> tuple[Any, Any, Any]:
     """The FROM, the WHERE and the reason of every contact a launch would snapshot:
     the suppression's reason when one is in force for its address, else its status
     when it is not ``active``, else :data:`SENDABLE` (as the launch writes them)."""
     frm, cond = selection(plan, tenant_id, dialect, any_status=True)
-    now: dt.datetime = utcnow()
-    in_force = and_(
-        Suppression.tenant_id == tenant_id,
-        Suppression.address == Contact.email,
-        or_(Suppression.expires_at.is_(None), Suppression.expires_at > now),
-    )
     reason = case(
         (Suppression.id.is_not(None), Suppression.reason),
         (Contact.status != "active", Contact.status),
         else_=SENDABLE,
     )
-    return frm.outerjoin(Suppression.__table__, in_force), cond, reason
+    return frm.outerjoin(Suppression.__table__, _in_force(tenant_id, utcnow())), cond, reason
 
 
 async def recipient_counts(
@@ -64,12 +67,15 @@ async def sendable_sample(
     session: AsyncSession, tenant_id: int, plan: Plan, n: int
 ) -> list[Contact]:
     """The first ``n`` contacts (in id order) the plan selects that a launch would
-    send to: active, with no suppression in force."""
-    frm, cond, _reason = _with_suppressions(plan, tenant_id, session.get_bind().dialect.name)
+    send to: active, with no suppression in force. ``NOT EXISTS`` rather than the
+    counts' outer join: PostgreSQL then walks the contacts in id order and stops at
+    the ``n``-th (3 to 10 ms over a million contacts, where the join took 0.5 to 4 s:
+    docs/campaigns.md "Dry run")."""
+    frm, cond = selection(plan, tenant_id, session.get_bind().dialect.name, any_status=True)
     stmt = (
         select(Contact)
         .select_from(frm)
-        .where(cond, Suppression.id.is_(None), Contact.status == "active")
+        .where(cond, Contact.status == "active", ~exists().where(_in_force(tenant_id, utcnow())))
         .order_by(Contact.id)
         .limit(n)
     )
