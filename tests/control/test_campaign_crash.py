@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from postwarden.lab import Lab
 from postwarden.store.campaign_models import Campaign, SendRecord
 from postwarden.store.db import create_engine, sessionmaker
 from tests.conftest import postwarden_cli
-from tests.control.test_imports_crash import client, operator_key
+from tests.control.test_imports_crash import child_config, client
 from tests.control.test_templates import ADDRESS, FOOTER
 from tests.queue.test_durability import serve
 from tests.waiting import eventually
@@ -142,16 +141,12 @@ async def test_a_campaign_killed_twice_sends_each_message_once(
         # `postwarden queue flush` before the last start.
         "queue": {"retry_initial": "1h", "retry_max": "1h"},
     }
-    config, _smtp = subprocess_config(overrides)
-    conf = tomllib.loads(config.read_text())
+    config, conf, base, port, admin = await child_config(subprocess_config, overrides)
     url = conf["database"]["url"]
-    host, port = conf["control"]["listen"].rsplit(":", 1)
-    base = f"http://{host}:{port}"
-    admin = await operator_key(url)
     log = tmp_path / "serve.log"
     lab.add_domain("inbox.test", behaviour="tempfail")
 
-    async with serve([], config, int(port), log) as proc:
+    async with serve([], config, port, log) as proc:
         key, cid = await set_up(base, admin, lab)
         async with client(base, key) as c:
             r = await c.post(f"/v1/campaigns/{cid}/schedule", json={})
@@ -168,7 +163,7 @@ async def test_a_campaign_killed_twice_sends_each_message_once(
     first = await progress(url)
     assert first["state"] == "sending" and 0 < first["records"] < N, first
 
-    async with serve([], config, int(port), log) as proc:
+    async with serve([], config, port, log) as proc:
 
         async def feeding() -> bool:
             p = await progress(url)
@@ -188,7 +183,7 @@ async def test_a_campaign_killed_twice_sends_each_message_once(
     lab.set_behaviour("inbox.test", "accept")
     code, out = await postwarden_cli(conf["spool"]["path"], "queue", "flush")
     assert code == 0, out
-    async with serve([], config, int(port), log):
+    async with serve([], config, port, log):
         async with client(base, key) as c:
 
             async def sent() -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from postwarden.control.standalone import ControlService
 from postwarden.warming.plans import make_plan
 from tests.control.conftest import ControlFactory
 from tests.control.test_audiences import SLOW_RULE, many_contacts
+from tests.control.test_campaign_ab import ab
 from tests.control.test_campaign_send import approved_campaign, stats_when
 from tests.control.test_campaigns import act, setup
 from tests.control.test_messages import ready_tenant
@@ -120,7 +121,8 @@ async def test_a_draft_with_problems_gets_them_and_a_sample(control: ControlFact
     key = await ready_tenant(api)
     async with api.client(key) as c:
         refs = await setup(api, c)  # a template without unsubscribe link: lint errors
-        new = {"name": "d", **refs, "from": {"email": "news@unknown.test"}, "pool": "default"}
+        new = {"name": "d", **refs, "from": {"email": "news@unknown.test"}, "pool": "default",
+               "ab": ab("approval")}  # fmt: skip
         r = await c.post("/v1/campaigns", json=new)
         assert r.status_code == 201, r.text
         cid = r.json()["id"]
@@ -138,6 +140,8 @@ async def test_a_draft_with_problems_gets_them_and_a_sample(control: ControlFact
         p = dry["prediction"]
         assert p["start"].startswith("2031-03-03T09:00:00"), p
         assert p["finish"] == p["start"] and "it starts at the time asked" in p["assumptions"]
+        said = " / ".join(p["assumptions"])
+        assert "not each contact's variant" in said and "the 50% outside" in said, said
         # A template that does not render: the sample says why, still 200.
         r = await c.patch(f"/v1/templates/{refs['template_id']}",
                           json={"subject": "{{ contact.name.nope() }}"})  # fmt: skip

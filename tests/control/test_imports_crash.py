@@ -87,6 +87,18 @@ async def make_list(url: str, tenant_id: int) -> None:
         await engine.dispose()
 
 
+async def child_config(
+    make: Callable[..., tuple[Path, int]], overrides: dict[str, Any]
+) -> tuple[Path, dict[str, Any], str, int, str]:
+    """The config of a ``postwarden serve`` child: (its file, its content, the
+    control plane's base URL and port, an operator key in its database)."""
+    config, _smtp = make(overrides)
+    conf = tomllib.loads(config.read_text())
+    host, port = conf["control"]["listen"].rsplit(":", 1)
+    admin = await operator_key(conf["database"]["url"])
+    return config, conf, f"http://{host}:{port}", int(port), admin
+
+
 def client(base: str, key: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"})
 
@@ -102,16 +114,12 @@ async def test_a_killed_import_resumes_and_counts_exactly(
     overrides: dict[str, Any] = {"control": {"import_batch": BATCH}, "server": {"workers": 1}}
     if db == "postgresql":
         overrides["database"] = {"url": request.getfixturevalue("postgres").new_database()}
-    config, _smtp = subprocess_config(overrides)
-    conf = tomllib.loads(config.read_text())
+    config, conf, base, port, admin = await child_config(subprocess_config, overrides)
     url = conf["database"]["url"]
-    host, port = conf["control"]["listen"].rsplit(":", 1)
-    base = f"http://{host}:{port}"
-    admin = await operator_key(url)
     data, bad, member = body()
     log = tmp_path / "serve.log"
 
-    async with serve([], config, int(port), log) as proc:
+    async with serve([], config, port, log) as proc:
         async with client(base, admin) as c:
             tid = (await c.post("/v1/tenants", json={"name": "acme"})).json()["id"]
             r = await c.post(f"/v1/tenants/{tid}/keys", json={"name": "k", "scopes": ["manage"]})
@@ -139,7 +147,7 @@ async def test_a_killed_import_resumes_and_counts_exactly(
     assert at_kill["contacts"] == at_kill["rows_imported"]
     assert at_kill["rejects"] == at_kill["rows_rejected"]
 
-    async with serve([], config, int(port), log):
+    async with serve([], config, port, log):
         async with client(base, key) as c:
 
             async def ended() -> dict[str, Any] | None:

@@ -84,6 +84,7 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "MembersIn": {"contact_ids": [contact_b["id"]]},
         "ListUpdate": {"name": "x"},
         "TopicUpdate": {"name": "x"},
+        "ConversionIn": {"contact_id": contact_b["id"]},
     }
     await api.lab.wait_for_messages(1)
     checked = []

@@ -122,6 +122,7 @@ def create_app(
         from postwarden.control import imports  # noqa: F401
         from postwarden.control import data_sources  # noqa: F401
         from postwarden.control import campaigns  # noqa: F401
+        from postwarden.control import campaign_ab  # noqa: F401
         from postwarden.control import campaign_dry_run  # noqa: F401
         # isort: on
 

@@ -520,6 +520,13 @@ def _more_notes(
     if row.pool is None and rules.routes:
         notes.append("routes of the shaping rules that choose a pool by recipient or sender"
                      " domain are not applied")  # fmt: skip
+    if row.ab:
+        notes.append("the campaign has an A/B test: the sample shows its own template and"
+                     " From, not each contact's variant")  # fmt: skip
+        portion = float(row.ab.get("portion") or 1)
+        if portion < 1:
+            notes.append(f"the {1 - portion:.0%} outside the A/B test's portion are sent as if"
+                         " they did not wait for the winner")  # fmt: skip
     if int(settings.get("frequency_cap") or 0):
         notes.append("the tenant's frequency cap is applied when a message is sent, not here")
     return notes

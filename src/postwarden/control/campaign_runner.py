@@ -34,14 +34,17 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from postwarden.campaigns.abtest import Split, Variant
 from postwarden.campaigns.windows import SendWindow, WindowError, allowed, next_open, parse_window
 from postwarden.content.render import Parts, RenderError, render_message
 from postwarden.content.variables import PLACEHOLDER_URLS, send_context
+from postwarden.control.campaign_ab import look_at_tests
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.templates import parts_of, postal_address_of
 from postwarden.control.unsubscribe import unsubscribe_url
 from postwarden.mail.build import BuildError, Draft, Mailbox, build, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
+from postwarden.queue.admin import QueueAdmin
 from postwarden.queue.shards import find_idempotent
 from postwarden.queue.spool import new_message_id
 from postwarden.store.availability import LogLimiter, is_unavailable
@@ -53,6 +56,7 @@ from postwarden.store.campaigns import (
     claim_launch,
     finish_sent,
     in_flight,
+    in_spool_ids,
     launch_step,
     move,
     pending,
@@ -84,6 +88,8 @@ Submit = Callable[[Envelope, bytes, str], Awaitable[StoredMessage]]
 LinkHeaders = Callable[[int, int, int, str], Sequence[tuple[str, str]]]
 #: The request hash the spool keeps with a campaign message's idempotency key.
 SPOOL_HASH = "campaign"
+#: What a pause and a cancel do to the campaign's messages already in the spool.
+AFTER_STOP = {"paused": "hold", "cancelled": "delete"}
 #: Seconds between looks for waiting records whose send window has opened.
 WAKE_WAITING = 5.0
 #: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
@@ -97,15 +103,31 @@ def spool_key(campaign_id: int, contact_id: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Look:
+    """What a message looks like: the campaign's, or one A/B variant's."""
+
+    parts: Parts
+    samples: dict[str, Any]
+    from_email: str
+    from_name: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
     """What every message of a campaign shares (read once per step)."""
 
     campaign: Campaign
-    parts: Parts
-    samples: dict[str, Any]
+    look: Look
     postal_address: str
     pool: str | None
     frequency_cap: int
+    # The A/B test: who gets which variant, each variant's look, the winner once known.
+    split: Split | None = None
+    variants: dict[str, Look] = dataclasses.field(default_factory=dict)
+    winner: str | None = None
+
+    def look_of(self, variant: str | None) -> Look:
+        return self.variants.get(variant or "", self.look)
 
 
 @dataclasses.dataclass
@@ -117,6 +139,7 @@ class Item:
     email: str
     msg_id: str
     contact: dict[str, Any]
+    variant: str | None = None
     data: bytes = b""
     subject: str = ""
     smtputf8: bool = False
@@ -248,6 +271,9 @@ class CampaignRunner:
             self._woken = time.monotonic()
             if await wake_waiting(self.sessions):
                 busy = True
+            for cid, what in await look_at_tests(self.sessions):
+                log.info("event=campaign_ab campaign=%d what=%r", cid, what)
+                busy = True
         return busy
 
     async def feed_pass(self) -> bool:
@@ -293,7 +319,7 @@ class CampaignRunner:
             if job is None:
                 return 0
             ended: dict[int, tuple[str, str]] = {}
-            waiting: dict[int, dt.datetime] = {}
+            waiting: dict[int, dt.datetime | None] = {}
             contacts = await _contacts(s, row.tenant_id, [r.contact_id for r in records])
             capped = {}
             if job.frequency_cap:
@@ -315,12 +341,18 @@ class CampaignRunner:
                     if not allowed(send_window, now, zone):
                         waiting[r.id] = next_open(send_window, now, zone)
                         continue
+                variant = r.variant
+                if job.split is not None and variant is None:
+                    variant = job.split.assign(r.contact_id) or job.winner
+                    if variant is None:  # outside the test portion: waits for the winner
+                        waiting[r.id] = None
+                        continue
                 msg_id = r.message_id or new_message_id()
-                item = Item(r.id, r.contact_id, r.email, msg_id, person)
+                item = Item(r.id, r.contact_id, r.email, msg_id, person, variant)
                 if r.message_id:
                     recover.append(item)
                 else:
-                    fresh[r.id] = msg_id
+                    fresh[r.id] = (msg_id, variant)
                 items.append(item)
             await set_message_ids(s, fresh)
             await s.commit()
@@ -363,28 +395,56 @@ class CampaignRunner:
                 if fresh_row is not None and await move(s, fresh_row, "pause", stop):
                     log.warning("event=campaign_paused campaign=%d why=%r", campaign_id, stop)
             await s.commit()
+            state = await s.scalar(select(Campaign.state).where(Campaign.id == campaign_id))
+        if state in AFTER_STOP and queued:
+            # Paused or cancelled while this step handed its messages on: the API's
+            # hold (or delete) of what was in the spool did not see these yet.
+            by_id = {i.record_id: i.msg_id for i in items}
+            await self.spool_action(
+                campaign_id, AFTER_STOP[state], [by_id[r] for r in queued if r in by_id]
+            )
         return len(queued) + len(ended)
 
     async def _job(self, s: Any, row: Campaign) -> Job | None:
-        version = (
-            await s.execute(
-                select(TemplateVersion).where(
-                    TemplateVersion.template_id == row.template_id,
-                    TemplateVersion.version == row.template_version,
-                )
-            )
-        ).scalar_one_or_none()
         tenant = await s.get(Tenant, row.tenant_id)
         why = None
         pool = None
-        if version is None:
+        look = await _look(s, row.template_id, row.template_version, row.from_email,
+                           row.from_name)  # fmt: skip
+        variants: dict[str, Look] = {}
+        split = None
+        if look is None:
             why = f"template version {row.template_version} is gone"
-        else:
+        if row.ab and look is not None:
+            split = Split(
+                f"campaign:{row.id}/ab",
+                tuple(Variant(v["name"], float(v["weight"])) for v in row.ab["variants"]),
+                float(row.ab["portion"]),
+            )
+            for v in row.ab["variants"]:
+                base = look
+                if "template_id" in v:
+                    found = await _look(s, v["template_id"], v.get("template_version"),
+                                        row.from_email, row.from_name)  # fmt: skip
+                    if found is None:
+                        why = f"variant {v['name']}: its template version is gone"
+                        break
+                    base = found
+                if "subject" in v:
+                    base = dataclasses.replace(
+                        base, parts=dataclasses.replace(base.parts, subject=v["subject"])
+                    )
+                if "from_email" in v:
+                    base = dataclasses.replace(
+                        base, from_email=v["from_email"], from_name=v.get("from_name", "")
+                    )
+                variants[v["name"]] = base
+        if why is None:
             try:
                 pool = self.plane.pool_cache.pool_for(row.tenant_id, row.pool)
             except PoolNotAllowed as exc:
                 why = f"pool: {exc}"
-        if why is not None or version is None:
+        if why is not None or look is None:
             await s.rollback()
             if await move(s, row, "pause", why or "the template is gone"):
                 await s.commit()
@@ -392,12 +452,42 @@ class CampaignRunner:
         settings = (tenant.settings if tenant else None) or {}
         return Job(
             campaign=row,
-            parts=parts_of(version),
-            samples={v["name"]: v.get("sample") for v in version.variables or []},
+            look=look,
             postal_address=postal_address_of(tenant),
             pool=pool,
             frequency_cap=int(settings.get("frequency_cap") or 0),
+            split=split,
+            variants=variants,
+            winner=(row.ab or {}).get("winner"),
         )
+
+    async def spool_action(
+        self, campaign_id: int, action: str, ids: list[str] | None = None
+    ) -> int:
+        """``hold``, ``release`` or ``delete`` the campaign's messages in the spool
+        (``ids``, else every one of its records there): a pause holds what was already
+        handed on, a resume releases it, a cancel takes it out (``deleted`` events make
+        the records ``cancelled``). A recipient in the middle of an attempt finishes it.
+        Returns how many recipients changed."""
+        root = self.plane.spool_root
+        if root is None:
+            return 0
+        if ids is None:
+            async with self.sessions() as s:
+                ids = await in_spool_ids(s, campaign_id)
+        if not ids:
+            return 0
+
+        def run() -> int:
+            admin = QueueAdmin(root)
+            try:
+                return admin.act_on(action, ids)
+            finally:
+                admin.close()
+
+        n = await asyncio.to_thread(run)
+        log.info("event=campaign_spool campaign=%d action=%s recipients=%d", campaign_id, action, n)
+        return n
 
     def _in_spool(self, row: Campaign, items: list[Item]) -> dict[int, StoredMessage]:
         """Which of ``items`` the spool has (a step cut off by a crash): record id ->
@@ -418,10 +508,11 @@ class CampaignRunner:
         """Render and build each item's message (in a thread: templates are CPU)."""
         row = job.campaign
         host = self.cfg.server.hostname
-        domain = row.from_email.rpartition("@")[2]
         now = time.time()
         for item in items:
             person = item.contact
+            look = job.look_of(item.variant)
+            domain = look.from_email.rpartition("@")[2]
             links = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
             links["unsubscribe_url"] = unsubscribe_url(
                 self.plane, row.tenant_id, row.id, item.contact_id
@@ -437,13 +528,13 @@ class CampaignRunner:
                     "attributes": person["attributes"],
                 },
                 postal_address=job.postal_address,
-                samples=job.samples,
+                samples=look.samples,
                 urls=links,
             )
             try:
-                out = render_message(job.parts, context)
+                out = render_message(look.parts, context)
                 draft = Draft(
-                    sender=Mailbox(row.from_email, row.from_name or ""),
+                    sender=Mailbox(look.from_email, look.from_name or ""),
                     to=[Mailbox(item.email, person["name"] or "")],
                     reply_to=Mailbox(row.reply_to) if row.reply_to else None,
                     subject=out.subject,
@@ -461,8 +552,10 @@ class CampaignRunner:
     def _envelope(self, job: Job, item: Item) -> Envelope:
         row = job.campaign
         meta = {**(row.meta or {}), "campaign_id": str(row.id), "contact_id": str(item.contact_id)}
+        if item.variant is not None:
+            meta["variant"] = item.variant
         return Envelope(
-            mail_from=row.from_email,
+            mail_from=job.look_of(item.variant).from_email,
             rcpt_tos=[item.email],
             helo="campaign",
             tenant=str(row.tenant_id),
@@ -523,6 +616,23 @@ def _window(row: Campaign) -> SendWindow | None:
     except WindowError:  # validated when stored: a zone this host no longer knows
         log.warning("event=campaign_window_unreadable campaign=%d", row.id)
         return None
+
+
+async def _look(
+    s: Any, template_id: int, version: int | None, from_email: str, from_name: str
+) -> Look | None:
+    """A template version (fixed at validation) and a From; None when it is gone."""
+    found = (
+        await s.execute(
+            select(TemplateVersion).where(
+                TemplateVersion.template_id == template_id, TemplateVersion.version == version
+            )
+        )
+    ).scalar_one_or_none()
+    if found is None:
+        return None
+    samples = {v["name"]: v.get("sample") for v in found.variables or []}
+    return Look(parts_of(found), samples, from_email, from_name)
 
 
 async def _contacts(s: Any, tenant_id: int, ids: list[int]) -> dict[int, dict[str, Any]]:

@@ -43,7 +43,7 @@ from postwarden.store.campaign_models import (
     SendRecord,
     UnsubscribeRequest,
 )
-from postwarden.store.campaigns import record_counts
+from postwarden.store.campaigns import AB_RUNTIME, record_counts
 from postwarden.store.models import Domain, Tenant, utcnow
 from postwarden.store.template_models import Template, TemplateVersion
 
@@ -62,6 +62,41 @@ class FromIn(Strict):
     name: Annotated[str, StringConstraints(max_length=200), AfterValidator(one_line)] = ""
 
 
+class VariantIn(Strict):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+    weight: float = Field(1.0, gt=0, le=1000, description="its share of the test portion")
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=998)] | None = Field(
+        None, description="a subject line (Jinja, like the template's) instead of the template's"
+    )
+    template_id: Id | None = Field(None, description="another template instead of the campaign's")
+    from_: FromIn | None = Field(None, alias="from", description="another From")
+
+
+class AbIn(Strict):
+    variants: list[VariantIn] = Field(min_length=2, max_length=5)
+    portion: float = Field(
+        0.2, gt=0, le=1, description="the share of the audience in the test; the rest gets"
+        " the winner"
+    )  # fmt: skip
+    metric: Literal["clicks", "conversions", "opens"] = Field(
+        "conversions",
+        description="what decides: conversions (POST /v1/campaigns/{id}/conversions) or"
+        " bot-filtered clicks; opens only with allow_opens (Apple Mail Privacy Protection"
+        " opens every message)",
+    )
+    allow_opens: bool = False
+    min_sample: int = Field(1000, ge=1, le=10_000_000, description="sends per variant, at least")
+    winner_by: Literal["auto", "approval"] = Field(
+        "auto",
+        description="auto: the remainder gets the winner as soon as the test is decided;"
+        " approval: POST /v1/campaigns/{id}/ab/winner",
+    )
+    wait_hours: float = Field(
+        4.0, ge=0, le=24 * 30, description="how long after the test portion was sent the"
+        " test is decided (one look: peeking as results come in finds false winners)"
+    )  # fmt: skip
+
+
 class CampaignCreate(Strict):
     name: Name
     audience_id: Id
@@ -72,6 +107,7 @@ class CampaignCreate(Strict):
     tags: list[Tag] = Field(default_factory=list, max_length=20)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
     send_window: dict[str, Any] | None = Field(default=None, description=WINDOW)
+    ab: AbIn | None = Field(default=None, description="an A/B test (docs/campaigns.md)")
 
 
 class CampaignUpdate(Strict):
@@ -84,6 +120,7 @@ class CampaignUpdate(Strict):
     tags: list[Tag] | None = Field(default=None, max_length=20)
     metadata: dict[str, str] | None = Field(default=None, max_length=20)
     send_window: dict[str, Any] | None = Field(default=None, description=WINDOW)
+    ab: AbIn | None = Field(default=None, description="an A/B test; null: none")
 
 
 class ActionIn(Strict):
@@ -113,6 +150,10 @@ class CampaignOut(BaseModel):
     reply_to: str | None
     pool: str | None
     send_window: dict[str, Any] | None
+    ab: dict[str, Any] | None = Field(
+        description="the A/B test: its settings, the variants' template versions once"
+        " validated, and its winner and verdict once decided"
+    )
     tags: list[str]
     metadata: dict[str, Any]
     scheduled_at: dt.datetime | None
@@ -172,7 +213,7 @@ def _out(row: Campaign) -> CampaignOut:
         id=row.id, name=row.name, state=row.state, audience_id=row.audience_id,
         template_id=row.template_id, template_version=row.template_version,
         from_=FromOut(email=row.from_email, name=row.from_name), reply_to=row.reply_to,
-        pool=row.pool, send_window=row.send_window, tags=list(row.tags or []),
+        pool=row.pool, send_window=row.send_window, ab=row.ab, tags=list(row.tags or []),
         metadata=dict(row.meta or {}),
         scheduled_at=row.scheduled_at, created_at=row.created_at, updated_at=row.updated_at,
     )  # fmt: skip
@@ -203,6 +244,49 @@ async def _check_refs(s: Any, c: Call, audience_id: int | None, template_id: int
         )
         if found is None:
             raise invalid(field, f"no {field.removesuffix('_id')} {wanted}")
+
+
+async def _check_ab_refs(s: Any, c: Call, ab: dict[str, Any] | None) -> None:
+    """The variants' templates are the tenant's (422 naming the field)."""
+    for i, v in enumerate((ab or {}).get("variants", [])):
+        if "template_id" in v:
+            found = await s.scalar(
+                select(Template.id).where(
+                    Template.tenant_id == c.tenant_id, Template.id == v["template_id"]
+                )
+            )
+            if found is None:
+                raise invalid(f"ab.variants[{i}].template_id", f"no template {v['template_id']}")
+
+
+def _ab(ab: AbIn | None) -> dict[str, Any] | None:
+    """The A/B test as stored, or 422 naming the field."""
+    if ab is None:
+        return None
+    names = [v.name for v in ab.variants]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise invalid(f"ab.variants[{i}].name", f"another variant is named {name!r}")
+    if ab.metric == "opens" and not ab.allow_opens:
+        raise invalid("ab.metric", "opens are not a winning metric (Apple Mail Privacy"
+                      " Protection opens every message): use conversions or clicks, or set"
+                      " allow_opens")  # fmt: skip
+    variants = []
+    for v in ab.variants:
+        out: dict[str, Any] = {"name": v.name, "weight": v.weight}
+        if v.subject is not None:
+            out["subject"] = v.subject
+        if v.template_id is not None:
+            out["template_id"] = v.template_id
+        if v.from_ is not None:
+            out["from_email"] = suppression_key(v.from_.email)
+            out["from_name"] = v.from_.name
+        variants.append(out)
+    return {
+        "variants": variants, "portion": ab.portion, "metric": ab.metric,
+        "allow_opens": ab.allow_opens, "min_sample": ab.min_sample,
+        "winner_by": ab.winner_by, "wait_hours": ab.wait_hours,
+    }  # fmt: skip
 
 
 def _window(data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -267,13 +351,15 @@ async def create_campaign(c: Call) -> Any:
     b: CampaignCreate = c.body
     _check_pool(c, b.pool)
     window = _window(b.send_window)
+    ab = _ab(b.ab)
     async with c.ctx.sessions() as s:
         await _check_refs(s, c, b.audience_id, b.template_id)
+        await _check_ab_refs(s, c, ab)
         row = Campaign(
             tenant_id=c.tenant_id, name=b.name, state=DRAFT, audience_id=b.audience_id,
             template_id=b.template_id, from_email=suppression_key(b.from_.email),
             from_name=b.from_.name, reply_to=b.reply_to, pool=b.pool, tags=b.tags,
-            meta=b.metadata, send_window=window, last_editor=_key(c),
+            meta=b.metadata, send_window=window, last_editor=_key(c), ab=ab,
         )  # fmt: skip
         return await _add_draft(s, c, row)
 
@@ -325,10 +411,14 @@ async def update_campaign(c: Call) -> Any:
     if b.pool is not None:
         _check_pool(c, b.pool)
     window = _window(b.send_window)
+    ab = _ab(b.ab)
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
         moved = _allowed("edit", row)
         await _check_refs(s, c, b.audience_id, b.template_id)
+        await _check_ab_refs(s, c, ab)
+        if "ab" in b.model_fields_set:
+            row.ab = ab
         for name in ("name", "audience_id", "template_id", "reply_to", "pool", "tags"):
             value = getattr(b, name)
             if value is not None:
@@ -492,11 +582,46 @@ async def problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], int |
                 out.append(Problem(code="audience_empty", field="audience_id",
                                    message="the audience has no contacts"))  # fmt: skip
     out += await _from_problems(s, c, row)
+    out += (await ab_problems(s, c, row))[0]
     try:
         c.ctx.pool_cache.pool_for(c.tenant_id, row.pool)
     except PoolNotAllowed as exc:
         out.append(Problem(code="pool_not_allowed", field="pool", message=str(exc)))
     return out, version
+
+
+async def ab_problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], Any]:
+    """What stops the campaign's A/B test, and its settings with each variant's
+    template version fixed (None without a test)."""
+    if not row.ab:
+        return [], None
+    out: list[Problem] = []
+    ab = {**row.ab, "variants": [dict(v) for v in row.ab["variants"]]}
+    if ab["metric"] == "clicks":
+        out.append(Problem(code="ab_metric_unavailable", field="ab.metric",
+                           message="clicks are counted once click tracking is built (issue"
+                           " 22): decide on conversions for now"))  # fmt: skip
+    for i, v in enumerate(ab["variants"]):
+        where = f"ab.variants[{i}]"
+        if "template_id" in v:
+            t = await s.scalar(select(Template).where(Template.tenant_id == c.tenant_id,
+                                                      Template.id == v["template_id"]))  # fmt: skip
+            tv = await s.get(TemplateVersion, t.current_version_id) if t is not None else None
+            if t is None or tv is None:
+                out.append(Problem(code="template_missing", field=f"{where}.template_id",
+                                   message=f"no template {v['template_id']}"))  # fmt: skip
+                continue
+            v["template_version"] = tv.version
+            errors = counts(await lint_findings(s, c.tenant_id, t, tv))["error"]
+            if errors:
+                out.append(Problem(code="template_lint", field=f"{where}.template_id",
+                                   message=f"the template's lint has {errors} error(s):"
+                                   f" POST /v1/templates/{t.id}/lint"))  # fmt: skip
+        if "from_email" in v:
+            other = Campaign(tenant_id=row.tenant_id, from_email=v["from_email"])
+            for p in await _from_problems(s, c, other):
+                out.append(Problem(code=p.code, field=f"{where}.from.email", message=p.message))
+    return out, ab
 
 
 async def _from_problems(s: Any, c: Call, row: Campaign) -> list[Problem]:
@@ -525,6 +650,10 @@ class ValidationOut(BaseModel):
     problems: list[Problem]
 
 
+#: What an action does to the campaign's messages already in the spool.
+SPOOL_ACTIONS = {"pause": "hold", "resume": "release", "cancel": "delete"}
+
+
 async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
     async with c.ctx.sessions() as s:
         row = await _campaign(s, c, lock=True)
@@ -542,6 +671,9 @@ async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
     runner = getattr(c.ctx, "campaigns", None)
     if runner is not None:  # the runner acts on it now, not at its next look
         runner.wake()
+        if action in SPOOL_ACTIONS and row.launched_at is not None:
+            # What was already handed on: held, released or taken out of the spool.
+            await runner.spool_action(row.id, SPOOL_ACTIONS[action])
     return row
 
 
@@ -566,6 +698,8 @@ async def validate_campaign(c: Call) -> Any:
         found, version = await problems(s, c, row)
         if not found:
             row.template_version = version
+            if row.ab:
+                row.ab = (await ab_problems(s, c, row))[1]
             _record(s, c, row, "validate", moved.after, b.reason)
             await s.commit()
         return ValidationOut(campaign=_out(row), problems=found)
@@ -643,6 +777,7 @@ async def clone_campaign(c: Call) -> Any:
             audience_id=src.audience_id, template_id=src.template_id,
             from_email=src.from_email, from_name=src.from_name, reply_to=src.reply_to,
             pool=src.pool, send_window=src.send_window, tags=list(src.tags or []),
-            meta=dict(src.meta or {}), ab=src.ab, last_editor=_key(c),
+            meta=dict(src.meta or {}), last_editor=_key(c),
+            ab={k: v for k, v in src.ab.items() if k not in AB_RUNTIME} if src.ab else None,
         )  # fmt: skip
         return await _add_draft(s, c, row, f"clone of campaign {src.id}")

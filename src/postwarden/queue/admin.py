@@ -303,6 +303,36 @@ class QueueAdmin:
             raise
         return len(events)
 
+    def act_on(self, action: str, msg_ids: Iterable[str]) -> int:
+        """``action`` on each of ``msg_ids`` (those no longer in the queue are
+        skipped), in one transaction per shard: how many recipients it changed."""
+        wanted = set(msg_ids)
+        done = 0
+        for k, db in self.shards.items():
+            if not wanted:
+                break
+            here = [
+                m for (m,) in db.execute("SELECT id FROM messages").fetchall() if m in wanted
+            ] if len(wanted) > 500 else [
+                m for m in wanted
+                if db.execute("SELECT 1 FROM messages WHERE id = ?", (m,)).fetchone()
+            ]  # fmt: skip
+            if not here:
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for m in here:
+                    events, _emptied = operator_action(
+                        db, action, m, time.time(), wait_column=self._wait_column[k]
+                    )
+                    done += len(events)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            wanted.difference_update(here)
+        return done
+
     def hold(self, msg_id: str | None) -> int:
         return self._act("hold", msg_id)
 

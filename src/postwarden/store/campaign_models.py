@@ -151,6 +151,10 @@ class SendRecord(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     # ``waiting``: outside the send window in the recipient's time zone until then.
     not_before: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The first human click (tracking, issue 22) and the first conversion reported
+    # (POST /v1/campaigns/{id}/conversions): what an A/B test is decided on.
+    clicked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    converted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

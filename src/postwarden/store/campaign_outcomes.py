@@ -2,7 +2,7 @@
 
 A campaign message has one recipient, and its record holds the message id before the
 message reaches the spool, so each event (``deferred``, ``delivered``, ``bounced``,
-``expired``, ``dropped``, ``complained``) finds its record by message id. The events
+``expired``, ``dropped``, ``complained``, ``deleted``) finds its record by message id. The events
 are read in id order after a cursor (``event_cursors`` row :data:`CURSOR`); their ids
 become visible in the order they are drawn (``store.feed.lock_events``), so none is
 passed over. One reader at a time: the cursor's row is locked for the step.
@@ -39,6 +39,7 @@ STATE_OF = {
     "expired": "bounced",
     "dropped": "suppressed",
     "complained": "complained",
+    "deleted": "cancelled",  # taken out of the spool (a cancelled campaign's, or by hand)
 }
 
 
@@ -51,7 +52,7 @@ def _new_cursor(s: AsyncSession, last_id: int) -> Any:
 
 def _before(state: str) -> tuple[str, ...]:
     """The states a record may be in to move to ``state``."""
-    if state == "suppressed":  # dropped by the suppression check: never delivered
+    if state in ("suppressed", "cancelled"):  # never delivered
         return ("pending", "queued", "deferred")
     if state == "deferred":
         return ("pending", "queued", "deferred")
@@ -63,6 +64,8 @@ def _reason(kind: str, detail: dict[str, Any]) -> str:
         return "expired"
     if kind == "dropped":
         return str(detail.get("reason") or "suppressed")
+    if kind == "deleted":
+        return "deleted from the queue"
     if kind in ("bounced", "deferred"):
         return str(detail.get("category") or "")
     if kind == "complained":

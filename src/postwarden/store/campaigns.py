@@ -411,15 +411,16 @@ async def pending(
     return list(rows.all())
 
 
-async def set_message_ids(session: AsyncSession, ids: Mapping[int, str]) -> None:
-    """Give pending records the message ids they will be spooled under (the caller
-    commits before handing them on: delivery's events then always find them)."""
+async def set_message_ids(session: AsyncSession, ids: Mapping[int, tuple[str, str | None]]) -> None:
+    """Give pending records the message ids they will be spooled under, and their A/B
+    variant (the caller commits before handing them on: delivery's events then always
+    find them, and a record keeps its variant)."""
     if ids:
         await session.execute(
             update(RECORDS)
             .where(RECORDS.c.id == bindparam("rid"))
-            .values(message_id=bindparam("mid")),
-            [{"rid": rid, "mid": mid} for rid, mid in ids.items()],
+            .values(message_id=bindparam("mid"), variant=bindparam("var")),
+            [{"rid": rid, "mid": mid, "var": var} for rid, (mid, var) in ids.items()],
         )
 
 
@@ -428,12 +429,12 @@ async def settle(
     *,
     queued: Sequence[int] = (),
     ended: Mapping[int, tuple[str, str]] | None = None,
-    waiting: Mapping[int, dt.datetime] | None = None,
+    waiting: Mapping[int, dt.datetime | None] | None = None,
 ) -> None:
     """Records handed to the spool (``queued`` and sent now), records that will not
-    be sent (id -> (state, reason)), and records outside their send window (id -> when
-    it opens: ``waiting``). Only records still ``pending`` change (an event may have
-    moved one already)."""
+    be sent (id -> (state, reason)), and records that wait (id -> when their send
+    window opens, or None: outside an A/B test's portion, until its winner). Only
+    records still ``pending`` change (an event may have moved one already)."""
     now = utcnow()
     table = RECORDS
     if queued:
@@ -456,8 +457,16 @@ async def settle(
         await session.execute(
             update(table)
             .where(table.c.id == bindparam("rid"), table.c.state == "pending")
-            .values(state="waiting", not_before=bindparam("at"), updated_at=now),
-            [{"rid": rid, "at": at} for rid, at in waiting.items()],
+            .values(
+                state="waiting",
+                not_before=bindparam("at"),
+                reason=bindparam("why"),
+                updated_at=now,
+            ),
+            [
+                {"rid": rid, "at": at, "why": "send_window" if at else "ab_winner"}
+                for rid, at in waiting.items()
+            ],
         )
 
 
@@ -477,7 +486,7 @@ async def wait_unzoned(session: AsyncSession, campaign: Campaign, until: dt.date
             SendRecord.message_id.is_(None),
             SendRecord.contact_id.in_(unzoned),
         )
-        .values(state="waiting", not_before=until, updated_at=utcnow())
+        .values(state="waiting", not_before=until, reason="send_window", updated_at=utcnow())
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -500,7 +509,7 @@ async def wake_waiting(sessions: Sessions) -> int:
                     SendRecord.state == "waiting",
                     SendRecord.not_before <= now,
                 )
-                .values(state="pending", not_before=None, updated_at=now)
+                .values(state="pending", not_before=None, reason="", updated_at=now)
             )
             n += int(getattr(result, "rowcount", 0) or 0)
         await s.commit()
@@ -572,3 +581,85 @@ async def cancelled_pending(sessions: Sessions, limit: int = LAUNCH_BATCH) -> li
             .limit(limit)
         )
         return list(rows.all())
+
+
+# ---------------------------------------------------------------------- A/B tests
+
+#: What an A/B test's stored settings gain as it runs (a clone starts without them).
+AB_RUNTIME = ("winner", "verdict", "decide_at", "decided_by")
+#: A record that reached its recipient: counted as a send of its variant.
+REACHED = ("delivered", "complained")
+#: The column that marks a success, by metric.
+SUCCESS = {"conversions": "converted_at", "clicks": "clicked_at"}
+
+
+async def ab_results(
+    session: AsyncSession, campaign_id: int, metric: str
+) -> dict[str, tuple[int, int]]:
+    """Per variant: (sends that reached their recipient, those with a success)."""
+    column = getattr(SendRecord, SUCCESS.get(metric, "converted_at"))
+    rows = await session.execute(
+        select(SendRecord.variant, func.count(), func.count(column))
+        .where(
+            SendRecord.campaign_id == campaign_id,
+            SendRecord.variant.is_not(None),
+            SendRecord.state.in_(REACHED),
+        )
+        .group_by(SendRecord.variant)
+    )
+    return {str(v): (int(n), int(ok)) for v, n, ok in rows.all()}
+
+
+async def test_unsettled(session: AsyncSession, campaign_id: int) -> bool:
+    """Whether a record is not yet at an end, but those held for the test's winner:
+    while there is one, the test portion is not done (a record outside its send window
+    has no variant yet, and may be in the portion)."""
+    found = await session.scalar(
+        select(SendRecord.id)
+        .where(
+            SendRecord.campaign_id == campaign_id,
+            SendRecord.state.in_(OPEN),
+            or_(SendRecord.state != "waiting", SendRecord.not_before.is_not(None)),
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
+async def held_for_winner(session: AsyncSession, campaign_id: int) -> int:
+    n = await session.scalar(
+        select(func.count())
+        .select_from(SendRecord)
+        .where(
+            SendRecord.campaign_id == campaign_id,
+            SendRecord.state == "waiting",
+            SendRecord.not_before.is_(None),
+        )
+    )
+    return int(n or 0)
+
+
+async def release_remainder(session: AsyncSession, campaign_id: int, winner: str) -> int:
+    """The records that waited for the test's winner: pending, with the winner."""
+    result = await session.execute(
+        update(SendRecord)
+        .where(
+            SendRecord.campaign_id == campaign_id,
+            SendRecord.state == "waiting",
+            SendRecord.not_before.is_(None),
+        )
+        .values(state="pending", variant=winner, reason="", updated_at=utcnow())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def in_spool_ids(session: AsyncSession, campaign_id: int) -> list[str]:
+    """The message ids of the campaign's records in the spool (queued, deferred)."""
+    rows = await session.execute(
+        select(SendRecord.message_id).where(
+            SendRecord.campaign_id == campaign_id,
+            SendRecord.state.in_(IN_FLIGHT),
+            SendRecord.message_id.is_not(None),
+        )
+    )
+    return [str(m) for (m,) in rows.all()]

@@ -9,7 +9,9 @@ while it writes its send records; feeding is split in ``campaigns.parts`` parts
 (record id modulo parts), each claimed by one runner (``campaign_feeds``). A record's
 ``sent_at`` is when it was handed to the spool (the frequency cap counts these);
 ``message_id`` is indexed for delivery's events; ``not_before``: a ``waiting`` record
-(outside its send window in its recipient's time zone) is not sent before then.
+(outside its send window in its recipient's time zone) is not sent before then;
+``clicked_at``/``converted_at``: the first human click and the first conversion (what
+an A/B test is decided on).
 ``unsubscribe_requests`` keeps what the List-Unsubscribe placeholder received until
 the one-click endpoint (issue 22).
 """
@@ -61,6 +63,8 @@ def upgrade() -> None:
     with op.batch_alter_table("send_records") as b:
         b.add_column(_at("sent_at", nullable=True))
         b.add_column(_at("not_before", nullable=True))
+        b.add_column(_at("clicked_at", nullable=True))
+        b.add_column(_at("converted_at", nullable=True))
     op.create_index("ix_send_records_message_id", "send_records", ["message_id"])
     op.create_index("ix_send_records_contact_id_sent_at", "send_records", ["contact_id", "sent_at"])
     op.create_table(
@@ -88,6 +92,8 @@ def downgrade() -> None:
     op.drop_index("ix_send_records_contact_id_sent_at", table_name="send_records")
     op.drop_index("ix_send_records_message_id", table_name="send_records")
     with op.batch_alter_table("send_records") as b:
+        b.drop_column("converted_at")
+        b.drop_column("clicked_at")
         b.drop_column("not_before")
         b.drop_column("sent_at")
     op.drop_table("campaign_feeds")
