@@ -489,14 +489,17 @@ async def test_crud_errors_snapshots_and_isolation(control: ControlFactory) -> N
         assert (await c.get(f"{base}/snapshots/{snap['id']}")).status_code == 404
 
 
-# PostgreSQL's statement timeout is what is tested: SQLite has none.
-@pytest.mark.parametrize("control", ["postgresql"], indirect=True)
-async def test_a_count_past_its_time_limit_is_refused(control: ControlFactory) -> None:
-    api = await control({"control": {"count_timeout": "1ms"}})
-    key = await api.tenant("acme")
+#: A rule with six JSON tests: no count of :func:`many_contacts` with it takes 1 ms.
+SLOW_RULE = (
+    "attributes.age > 1 and attributes.age < 80 and attributes.age != 7"
+    ' and attributes.plan != "p1" and attributes.plan >= "p" and attributes.age >= 2'
+)
+
+
+async def many_contacts(api: ControlApi, key: str) -> None:
+    """30 000 contacts of the key's tenant, with an age and a plan (PostgreSQL)."""
     tid = await tenant_id(api, key)
     async with api.app.control.sessions() as s:
-        # 30 000 contacts: no count of them with six JSON tests takes under 1 ms.
         await s.execute(
             text(
                 "INSERT INTO contacts (tenant_id, email, name, status, attributes,"
@@ -507,10 +510,15 @@ async def test_a_count_past_its_time_limit_is_refused(control: ControlFactory) -
             {"t": tid},
         )
         await s.commit()
-    rule = (
-        "attributes.age > 1 and attributes.age < 80 and attributes.age != 7"
-        ' and attributes.plan != "p1" and attributes.plan >= "p" and attributes.age >= 2'
-    )
+
+
+# PostgreSQL's statement timeout is what is tested: SQLite has none.
+@pytest.mark.parametrize("control", ["postgresql"], indirect=True)
+async def test_a_count_past_its_time_limit_is_refused(control: ControlFactory) -> None:
+    api = await control({"control": {"count_timeout": "1ms"}})
+    key = await api.tenant("acme")
+    await many_contacts(api, key)
+    rule = SLOW_RULE
     async with api.client(key) as c:
         r = await c.post("/v1/audiences/preview", json={"rule": rule})
         assert r.status_code == 422, r.text

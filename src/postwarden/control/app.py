@@ -123,6 +123,7 @@ def create_app(
         from postwarden.control import data_sources  # noqa: F401
         from postwarden.control import campaigns  # noqa: F401
         from postwarden.control import campaign_ab  # noqa: F401
+        from postwarden.control import campaign_dry_run  # noqa: F401
         # isort: on
 
         # Built at the first request for it, once per process (0.2 s: not at every

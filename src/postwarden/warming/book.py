@@ -243,6 +243,8 @@ class WarmingBook:
             now = self.wall()
             out.update(
                 plan=t.plan.name,
+                # The whole plan, so that a custom one can be simulated (the dry run).
+                anchors=[[d, v] for d, v in t.plan.anchors],
                 day=t.day,
                 days=t.plan.days,
                 cap=t.plan.cap(t.day),
