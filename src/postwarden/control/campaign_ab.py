@@ -27,9 +27,9 @@ from postwarden.control.api import api
 from postwarden.control.campaigns import (
     CampaignOut,
     Reason,
-    _campaign,
     _key,
     _out,
+    campaign_of,
 )
 from postwarden.control.errors import ApiError, invalid, not_found
 from postwarden.control.routing import Call
@@ -197,7 +197,7 @@ def _test_of(row: Campaign) -> dict[str, Any]:
 )
 async def get_ab(c: Call) -> Any:
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c)
+        row = await campaign_of(s, c)
         ab = _test_of(row)
         results = await ab_results(s, row.id, ab["metric"])
         held = await held_for_winner(s, row.id)
@@ -231,7 +231,7 @@ async def choose_winner(c: Call) -> Any:
     the test said."""
     b: WinnerIn = c.body
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c, lock=True)
+        row = await campaign_of(s, c, lock=True)
         ab = _test_of(row)
         if ab.get("winner"):
             raise ApiError(409, "conflict", f"the test was decided: {ab['winner']}")
@@ -273,7 +273,7 @@ async def add_conversion(c: Call) -> Any:
     conversion counts (a repeat answers the same)."""
     b: ConversionIn = c.body
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c)
+        row = await campaign_of(s, c)
         stmt = select(SendRecord).where(SendRecord.campaign_id == row.id)
         if b.contact_id is not None:
             stmt = stmt.where(SendRecord.contact_id == b.contact_id)

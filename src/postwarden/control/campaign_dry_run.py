@@ -34,8 +34,8 @@ from postwarden.campaigns.windows import (
 )
 from postwarden.content.render import RenderError, render_message
 from postwarden.content.variables import PLACEHOLDER_URLS, send_context
-from postwarden.control.api import api, one_or_404
-from postwarden.control.campaigns import Problem, problems
+from postwarden.control.api import api
+from postwarden.control.campaigns import Problem, campaign_of, problems
 from postwarden.control.errors import ApiError, invalid
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.routing import Call
@@ -153,14 +153,6 @@ class DryRunOut(BaseModel):
     )
 
 
-async def _campaign(s: Any, c: Call) -> Campaign:
-    stmt = select(Campaign).where(
-        Campaign.tenant_id == c.tenant_id, Campaign.id == c.path["campaign_id"]
-    )
-    row: Campaign = await one_or_404(s, stmt, "campaign")
-    return row
-
-
 async def _plan(s: Any, c: Call, row: Campaign) -> Plan | None:
     """The audience's rule bound as it is now; None when it cannot be (validation's
     problems say why)."""
@@ -245,7 +237,7 @@ async def dry_run_campaign(c: Call) -> Any:
     if body.at is not None and body.at.tzinfo is None:
         raise invalid("at", "give a time with its zone")
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c)
+        row = await campaign_of(s, c)
         if row.launched_at is not None or row.state in FINAL:
             raise ApiError(
                 409,

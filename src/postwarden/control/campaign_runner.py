@@ -171,7 +171,7 @@ class CampaignRunner:
         self._cursor_ready = False
         self._stopping = False
         self._woken = 0.0  # when waiting records were last looked at (monotonic)
-        # What campaigns are doing (_look): the states that give the loops work.
+        # What campaigns are doing (_live_now): the states that give the loops work.
         self._live: set[str] = {"scheduled", "sending", "paused"}
         self._looked = 0.0
         self._fresh = True
@@ -241,7 +241,7 @@ class CampaignRunner:
         done = [await self.outcomes_pass(), await self.launch_pass(), await self.feed_pass()]
         return any(done)
 
-    async def _look(self) -> set[str]:
+    async def _live_now(self) -> set[str]:
         """The states campaigns are in that give the loops work (``scheduled``,
         ``sending``, ``paused``): one indexed query per poll however many loops ask;
         everything is looked at again after :meth:`wake`."""
@@ -258,7 +258,7 @@ class CampaignRunner:
         if not self._cursor_ready:
             await skip_to_now(self.sessions)
             self._cursor_ready = True
-        live = await self._look()
+        live = await self._live_now()
         if not live & {"sending", "paused"}:
             if time.monotonic() - self._outcomes_at < OUTCOMES_IDLE:
                 return False
@@ -278,7 +278,7 @@ class CampaignRunner:
         the pending records of cancelled campaigns, make waiting records whose window
         opened pending, and look at A/B tests whose time came."""
         busy = False
-        live = await self._look()
+        live = await self._live_now()
         if "scheduled" in live:
             for cid in await start_due(self.sessions, self.count):
                 log.info("event=campaign_launched campaign=%d parts=%d", cid, self.count)
@@ -312,7 +312,7 @@ class CampaignRunner:
 
     async def feed_pass(self) -> bool:
         """One step of each feed part this runner holds."""
-        if "sending" not in await self._look():
+        if "sending" not in await self._live_now():
             return False
         busy = False
         for cid, part in await claim_feeds(self.sessions, self.name, self.index, self.count):
@@ -445,7 +445,7 @@ class CampaignRunner:
         tenant = await s.get(Tenant, row.tenant_id)
         why = None
         pool = None
-        look = await _look(s, row.template_id, row.template_version, row.from_email,
+        look = await _version_look(s, row.template_id, row.template_version, row.from_email,
                            row.from_name)  # fmt: skip
         variants: dict[str, Look] = {}
         split = None
@@ -460,7 +460,7 @@ class CampaignRunner:
             for v in row.ab["variants"]:
                 base = look
                 if "template_id" in v:
-                    found = await _look(s, v["template_id"], v.get("template_version"),
+                    found = await _version_look(s, v["template_id"], v.get("template_version"),
                                         row.from_email, row.from_name)  # fmt: skip
                     if found is None:
                         why = f"variant {v['name']}: its template version is gone"
@@ -654,7 +654,7 @@ def _window(row: Campaign) -> SendWindow | None:
         return None
 
 
-async def _look(
+async def _version_look(
     s: Any, template_id: int, version: int | None, from_email: str, from_name: str
 ) -> Look | None:
     """A template version (fixed at validation) and a From; None when it is gone."""

@@ -223,7 +223,7 @@ def _key(c: Call) -> str | None:
     return c.principal.prefix if c.principal is not None else None
 
 
-async def _campaign(s: Any, c: Call, *, lock: bool = False) -> Campaign:
+async def campaign_of(s: Any, c: Call, *, lock: bool = False) -> Campaign:
     stmt = select(Campaign).where(
         Campaign.tenant_id == c.tenant_id, Campaign.id == c.path["campaign_id"]
     )
@@ -390,7 +390,7 @@ async def list_campaigns(c: Call) -> Any:
 )
 async def get_campaign(c: Call) -> Any:
     async with c.ctx.sessions() as s:
-        return _out(await _campaign(s, c))
+        return _out(await campaign_of(s, c))
 
 
 @api.op(
@@ -413,7 +413,7 @@ async def update_campaign(c: Call) -> Any:
     window = _window(b.send_window)
     ab = _ab(b.ab)
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c, lock=True)
+        row = await campaign_of(s, c, lock=True)
         moved = _allowed("edit", row)
         await _check_refs(s, c, b.audience_id, b.template_id)
         await _check_ab_refs(s, c, ab)
@@ -450,7 +450,7 @@ async def update_campaign(c: Call) -> Any:
 async def campaign_history(c: Call) -> Any:
     q: Page = c.query
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c)
+        row = await campaign_of(s, c)
         stmt = select(CampaignTransition).where(CampaignTransition.campaign_id == row.id)
         rows = await page(s, stmt, CampaignTransition, q.cursor, q.limit)
     return History(
@@ -500,7 +500,7 @@ async def campaign_records(c: Call) -> Any:
     """What became of each recipient, in record order, filtered by ``state``."""
     q: RecordQuery = c.query
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c)
+        row = await campaign_of(s, c)
         stmt = select(SendRecord).where(SendRecord.campaign_id == row.id)
         if q.state is not None:
             stmt = stmt.where(SendRecord.state == q.state)
@@ -521,7 +521,7 @@ async def campaign_records(c: Call) -> Any:
 async def campaign_stats(c: Call) -> Any:
     """Counts of the campaign's send records by state (all 0 before launch)."""
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c)
+        row = await campaign_of(s, c)
         n = await record_counts(s, row.id)
         # One-click unsubscribes from its messages (the List-Unsubscribe placeholder).
         unsubscribed = await s.scalar(
@@ -656,7 +656,7 @@ SPOOL_ACTIONS = {"pause": "hold", "resume": "release", "cancel": "delete"}
 
 async def _act(c: Call, action: str, why: str, **extra: Any) -> Campaign:
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c, lock=True)
+        row = await campaign_of(s, c, lock=True)
         moved = _allowed(action, row)
         if action == "approve":
             tenant = await s.get(Tenant, c.tenant_id)
@@ -693,7 +693,7 @@ async def validate_campaign(c: Call) -> Any:
     message), still 200."""
     b: ActionIn = c.body
     async with c.ctx.sessions() as s:
-        row = await _campaign(s, c, lock=True)
+        row = await campaign_of(s, c, lock=True)
         moved = _allowed("validate", row)
         found, version = await problems(s, c, row)
         if not found:
@@ -771,7 +771,7 @@ _simple("cancel", "Cancel a campaign that has not finished")
 )
 async def clone_campaign(c: Call) -> Any:
     async with c.ctx.sessions() as s:
-        src = await _campaign(s, c)
+        src = await campaign_of(s, c)
         row = Campaign(
             tenant_id=c.tenant_id, name=f"{src.name} (copy)"[:200], state=DRAFT,
             audience_id=src.audience_id, template_id=src.template_id,

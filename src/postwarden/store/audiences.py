@@ -358,7 +358,7 @@ async def plan_for(session: AsyncSession, tenant_id: int, rule: str) -> Plan:
 _WHOLE_TENANT = {"enable_nestloop": "off", "plan_cache_mode": "force_custom_plan"}
 
 
-async def _whole_tenant(session: AsyncSession, stmt: Any, time_limit: float | None = None) -> Any:
+async def whole_tenant(session: AsyncSession, stmt: Any, time_limit: float | None = None) -> Any:
     """``stmt`` run under :data:`_WHOLE_TENANT` on PostgreSQL (and a
     ``statement_timeout`` of ``time_limit`` seconds: :class:`CountTooSlow` past it), the
     settings put back after it (``set_config(…, true)``: a rollback also puts them
@@ -397,7 +397,7 @@ async def count(
     seconds on PostgreSQL."""
     frm, cond = selection(plan, tenant_id, _dialect(session))
     stmt = select(func.count()).select_from(frm).where(cond)
-    return int((await _whole_tenant(session, stmt, time_limit)).scalar_one())
+    return int((await whole_tenant(session, stmt, time_limit)).scalar_one())
 
 
 async def sample(session: AsyncSession, tenant_id: int, plan: Plan, n: int) -> list[Contact]:
@@ -426,7 +426,7 @@ async def take_snapshot(
     await session.flush()
     frm, cond = selection(plan, tenant_id, _dialect(session), any_status=any_status)
     chosen = select(literal(snap.id, BigId), Contact.id).select_from(frm).where(cond)
-    result = await _whole_tenant(
+    result = await whole_tenant(
         session, insert(SnapshotMember).from_select(["snapshot_id", "contact_id"], chosen)
     )
     snap.count = int(result.rowcount)

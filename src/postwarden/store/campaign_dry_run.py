@@ -17,7 +17,7 @@ from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from postwarden.audiences import Plan
-from postwarden.store.audiences import _whole_tenant, selection
+from postwarden.store.audiences import selection, whole_tenant
 from postwarden.store.contact_models import Contact
 from postwarden.store.models import Suppression, utcnow
 
@@ -59,7 +59,7 @@ async def recipient_counts(
     # (whose bound values PostgreSQL would not see as the same expression).
     each = select(reason.label("reason")).select_from(frm).where(cond).subquery()
     stmt = select(each.c.reason, func.count()).group_by(each.c.reason)
-    rows = (await _whole_tenant(session, stmt, time_limit)).all()
+    rows = (await whole_tenant(session, stmt, time_limit)).all()
     return {str(why): int(n) for why, n in rows}
 
 
