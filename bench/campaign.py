@@ -25,13 +25,15 @@ publishes 50 recipient domains' MX, three ``smtp-sink`` MX hosts on 127.0.2.1-3)
    Measured from the schedule call: **launch** (every send record written: the
    campaign's ``records_done``), **first delivery** (the appliance's delivered counter
    at 1), the **end-to-end rate** (deliveries per second up to ``--measure`` messages,
-   the first 100 000 by default, 0 for all; and the steady rate from 10 % of that on),
+   the first 100 000 by default, 0 for all, or what ``--max-seconds`` after the
+   schedule saw; and the steady rate from 10 % of that on),
    the appliance's CPU seconds and peak PSS (its whole process tree, bench/procstat.py).
 
 It prints a table and then one line ``bench-campaign: launch_s=… first_delivery_s=…
 e2e_msgs=… smtp_e2e_msgs=… ratio=… render_per_core=… peak_pss_mb=…``.
 
-    python bench/campaign.py [--contacts 1000000] [--measure N] [--db postgresql|sqlite]
+    python bench/campaign.py [--contacts 1000000] [--measure N] [--max-seconds S]
+        [--db postgresql|sqlite]
         [--smtp-messages 20000] [--renders 2000] [--py-spy SECONDS]
 
 ``--py-spy S`` samples the appliance's processes for S seconds once delivery is under way
@@ -48,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -66,11 +69,11 @@ from run import (
     SINK_HOSTS,
     Postwarden,
     bench_world,
-    free_port_on_all,
     one_run,
+    with_sinks,
 )
 
-from peers import SinkFarm, ensure_postfix
+from peers import ensure_postfix
 from postwarden.lab.dnsserver import DNSServer
 
 FROM_DOMAIN = "news.brand.bench.test"
@@ -496,9 +499,9 @@ def py_spy() -> str | None:
 
 
 def summarize_profile(path: Path, top: int = 22) -> list[str]:
-    """Where the sampled CPU went, from py-spy's raw (collapsed) stacks: per process,
-    by leaf function (self), and by postwarden function (inclusive)."""
-    procs: collections.Counter[str] = collections.Counter()
+    """Where the sampled CPU went, from py-spy's raw (collapsed) stacks of all the
+    appliance's processes: by leaf function (self), and by postwarden function
+    (inclusive)."""
     leaf: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     total = 0
@@ -509,8 +512,6 @@ def summarize_profile(path: Path, top: int = 22) -> list[str]:
         n = int(count)
         total += n
         frames = stack.split(";")
-        m = re.match(r"process (\d+)", frames[0])
-        procs[f"pid {m.group(1)}" if m else frames[0][:40]] += n
 
         def name(f: str) -> str:
             m = re.match(r"(.*?) \((.*?)(?::\d+)?\)$", f)
@@ -523,7 +524,6 @@ def summarize_profile(path: Path, top: int = 22) -> list[str]:
         for f in {name(f) for f in frames[1:] if "postwarden/" in f}:
             incl[f] += n
     out = [f"py-spy: {total} samples"]
-    out += [f"  {p}: {100 * n / total:.1f} %" for p, n in procs.most_common(6)]
     out.append("  self (leaf) time:")
     out += [f"    {100 * n / total:5.1f} %  {f}" for f, n in leaf.most_common(top)]
     out.append("  inclusive, postwarden functions:")
@@ -548,9 +548,6 @@ async def campaign_run(
     from postwarden.store.db import upgrade
 
     server = None
-    scratch = base / "campaign"
-    scratch.mkdir()
-    os.chmod(scratch, 0o755)
     if args.db == "postgresql":
         from tests.pg import start_cluster
 
@@ -561,19 +558,18 @@ async def campaign_run(
              "maintenance_work_mem": "256MB", "max_wal_size": "4GB"},
             prefix="pw-campbench-",
         )  # fmt: skip
+    scratch, sinks = with_sinks(base / "campaign")
+    if server is not None:
         server._sql("CREATE DATABASE bench")
         url = server.url("bench")
     else:
         url = f"sqlite+aiosqlite:///{scratch / 'control.db'}"
-    await upgrade(url)
-    sink_port = free_port_on_all(SINK_HOSTS)
-    sinks = SinkFarm(SINK_HOSTS, sink_port)
-    sinks.start(scratch)
-    pw = CampaignAppliance(scratch, dns, sink_port, key, url)
+    pw = CampaignAppliance(scratch, dns, sinks.port, key, url)
     state = CampaignState(url)
     out: dict[str, Any] = {"db": args.db, "contacts": args.contacts}
     profile = None
     try:
+        await upgrade(url)
         admin = await operator_key(url)
         pid = await pw.start()
         http = f"http://127.0.0.1:{pw.control}"
@@ -597,13 +593,16 @@ async def campaign_run(
             samples.append((now, done_n))
             if first_s is None and done_n >= 1:
                 first_s = now
+                print(f"    first delivery at {now:.1f} s", flush=True)
             if launch_s is None:
                 _state, records_done = await state.row(cid)
                 if records_done:
                     launch_s = now
-            if done_n >= target and launch_s is not None:
+                    print(f"    every record written at {now:.1f} s", flush=True)
+            if launch_s is not None and (done_n >= target or now > args.max_seconds):
                 break
-            if args.py_spy and profile is None and done_n >= target // 10 and py_spy():
+            started = done_n >= target // 10 or now > args.max_seconds / 10
+            if args.py_spy and profile is None and started and py_spy():
                 profile = scratch / "py-spy.txt"
                 spy = subprocess.Popen(
                     [py_spy() or "py-spy", "record", "--pid", str(pid), "--subprocesses",
@@ -623,8 +622,7 @@ async def campaign_run(
         if profile is not None:
             await asyncio.to_thread(spy.wait, args.py_spy + 30)
         out["by_state"] = await state.by_state(cid)
-        tenth = next(t for t, n in samples if n >= target // 10)
-        n_tenth = next(n for t, n in samples if n >= target // 10)
+        tenth, n_tenth = next((t, n) for t, n in samples if n >= samples[-1][1] // 10)
         out.update(
             cid=cid, measured=target, delivered=samples[-1][1], launch_s=launch_s,
             first_delivery_s=first_s, e2e_s=end_s, e2e_rate=samples[-1][1] / end_s,
@@ -657,15 +655,10 @@ async def main(args: argparse.Namespace) -> int:
     try:
         smtp = None
         if args.smtp_messages:
-            scratch = base / "smtp"
-            scratch.mkdir()
-            os.chmod(scratch, 0o755)
-            sink_port = free_port_on_all(SINK_HOSTS)
-            sinks = SinkFarm(SINK_HOSTS, sink_port)
-            sinks.start(scratch)
+            scratch, sinks = with_sinks(base / "smtp")
             try:
                 smtp = await one_run(
-                    Postwarden(scratch, dns, sink_port, key), args.smtp_messages, 5000
+                    Postwarden(scratch, dns, sinks.port, key), args.smtp_messages, 5000
                 )
             finally:
                 sinks.stop()
@@ -734,6 +727,17 @@ if __name__ == "__main__":
                     help="messages of the plain SMTP bench (0 skips it)")  # fmt: skip
     ap.add_argument("--renders", type=int, default=2000)
     ap.add_argument("--py-spy", type=int, default=0, metavar="SECONDS")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=3600,
+        help="stop measuring this long after the schedule, --measure reached or"
+        " not (once every record is written)",
+    )
     ap.add_argument("--timeout", type=float, default=7200)
     ap.add_argument("--json", help="also write the figures to this file")
+    # SIGTERM (and SIGINT, even when started in the background) stop the run and clean
+    # up: the appliance, the sinks and PostgreSQL are this process's children.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(asyncio.run(main(ap.parse_args())))
