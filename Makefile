@@ -60,6 +60,7 @@ bench-import: $(STAMP)
 ## A campaign to 1M contacts through `postwarden serve` on a private PostgreSQL into the
 ## lab's sinks: launch time, first delivery, e2e rate against the SMTP bench's in the
 ## same run, render throughput per core, peak PSS (not in `bench`). MEASURE=0 waits for
-## every delivery (hours on 2 cores).
+## every delivery (hours on 2 cores); MAX_SECONDS bounds the measured part (3600).
 bench-campaign: $(STAMP)
-	$(BIN)/python bench/campaign.py $(if $(CONTACTS),--contacts $(CONTACTS),) $(if $(MEASURE),--measure $(MEASURE),) $(if $(DB),--db $(DB),)
+	$(BIN)/python bench/campaign.py $(if $(CONTACTS),--contacts $(CONTACTS),) $(if $(MEASURE),--measure $(MEASURE),) \
+		$(if $(MAX_SECONDS),--max-seconds $(MAX_SECONDS),) $(if $(DB),--db $(DB),)
