@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import clean venv
+.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,3 +56,11 @@ bench-audience: $(STAMP)
 ## and peak RSS (not in `bench`).
 bench-import: $(STAMP)
 	$(BIN)/python bench/import_contacts.py
+
+## A campaign to 1M contacts through `postwarden serve` on a private PostgreSQL into the
+## lab's sinks: launch time, first delivery, e2e rate against the SMTP bench's in the
+## same run, render throughput per core, peak PSS (not in `bench`). MEASURE=0 waits for
+## every delivery (hours on 2 cores); MAX_SECONDS bounds the measured part (3600).
+bench-campaign: $(STAMP)
+	$(BIN)/python bench/campaign.py $(if $(CONTACTS),--contacts $(CONTACTS),) $(if $(MEASURE),--measure $(MEASURE),) \
+		$(if $(MAX_SECONDS),--max-seconds $(MAX_SECONDS),) $(if $(DB),--db $(DB),)

@@ -444,6 +444,16 @@ def print_table(rows: dict[str, dict[str, float]]) -> None:
         print(f"{name:<12}" + "".join(f"{fmt.format(s[key]):>13}" for key, _, fmt in cols))
 
 
+def with_sinks(scratch: Path) -> tuple[Path, SinkFarm]:
+    """A new scratch directory others may write in, and sinks started on the three
+    sink addresses (one port) with their logs there."""
+    scratch.mkdir()
+    os.chmod(scratch, 0o755)  # smtp-sink and Postfix drop to other users
+    sinks = SinkFarm(SINK_HOSTS, free_port_on_all(SINK_HOSTS))
+    sinks.start(scratch)
+    return scratch, sinks
+
+
 async def bench_world() -> tuple[Path, DNSServer, Path]:
     """Scratch directory, a DNS server publishing the 50 domains' MX, and a DKIM key."""
     base = Path(tempfile.mkdtemp(prefix="pw-bench-"))
@@ -479,12 +489,8 @@ async def main(args: argparse.Namespace) -> int:
     try:
         for rep in range(args.reps):
             for name in mtas if rep % 2 == 0 else reversed(mtas):
-                scratch = base / f"{name}-{rep}"
-                scratch.mkdir()
-                os.chmod(scratch, 0o755)
-                sink_port = free_port_on_all(SINK_HOSTS)
-                sinks = SinkFarm(SINK_HOSTS, sink_port)
-                sinks.start(scratch)
+                scratch, sinks = with_sinks(base / f"{name}-{rep}")
+                sink_port = sinks.port
                 try:
                     mta: Any = (
                         Postwarden(scratch, dns, sink_port, key)
