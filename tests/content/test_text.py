@@ -45,3 +45,58 @@ def test_unfinished_constructs_end_the_walk_in_linear_time() -> None:
     assert html_to_text("x" + "<a " * MB) == "x\n"
     text = html_to_text("<b>1 &lt; 2</b>" + "< " * MB)
     assert text.startswith("1 < 2< < <") and len(text) == 2 * MB + 5
+
+
+# ---------------------------------------------------------------- text templates
+
+TEMPLATES = [
+    "<h1>Hi {{ contact.name }}</h1><p>Plan {{ contact.attributes.plan | default('free') }}</p>",
+    '<ul>{% for p in products %}<li><a href="{{ p.url }}">{{ p.name }}</a> {{ p.price }}'
+    '</li>{% endfor %}</ul><img src="{{ logo }}" alt="{{ contact.name }}">',
+    "{% if contact.attributes.plan == 'pro' %}<p>Pro &amp; more</p>{% else %}<p>Upgrade"
+    ' &lt;now&gt;</p>{% endif %}<p><a href="{{ unsubscribe_url }}">Unsubscribe</a>'
+    " {{ postal_address }}</p>",
+    "<head><title>{{ contact.name }}</title><style>p { color: red }</style></head>"
+    "<body>{# a comment #}<table><tr><td>{{ contact.email }}</td></tr></table></body>",
+]
+CONTEXTS = [
+    {"contact": {"name": "Ann", "email": "a@x.test", "attributes": {"plan": "pro"}},
+     "products": [{"url": "https://s.test/1", "name": "Cup", "price": "3 €"},
+                  {"url": "https://s.test/2?a=1&b=2", "name": "Fish & <Chips>", "price": "9"}],
+     "logo": "https://s.test/l.png", "unsubscribe_url": "https://pw.test/u/t",
+     "postal_address": "1 Main St"},
+    {"contact": {"name": "O'Brien <b>", "email": "o@x.test", "attributes": {}},
+     "products": [], "logo": "", "unsubscribe_url": "https://pw.test/u/s",
+     "postal_address": ""},
+]  # fmt: skip
+
+
+def test_a_text_template_gives_what_each_rendered_message_would() -> None:
+    """The text template, rendered and tidied, equals html_to_text of the rendered
+    HTML: once per template instead of once per message."""
+    from postwarden.content.render import render_string
+    from postwarden.content.text import text_template, tidy
+
+    for source in TEMPLATES:
+        derived = text_template(source)
+        assert derived is not None, source
+        for context in CONTEXTS:
+            want = html_to_text(render_string(source, context, html=True))
+            got = tidy(render_string(derived, context, html=False))
+            assert got == want, (source, context, derived)
+
+
+def test_a_text_template_is_refused_where_it_could_differ() -> None:
+    from postwarden.content.text import text_template
+
+    # A statement inside an attribute the text leaves out, a raw block, marker
+    # characters, and text that reads as Jinja once unescaped.
+    for source in (
+        '<p class="{% if vip %}gold{% endif %}">Hi</p>',
+        "{% raw %}{{ not a variable }}{% endraw %}<p>x</p>",
+        "<p>\x02 0\x03 {{ a }}</p>",
+        "<p>&#123;&#123; a &#125;&#125; {{ b }}</p>",
+        "<style>{% if x %}p{}{% endif %}</style><p>{{ y }}</p>",
+    ):
+        assert text_template(source) is None, source
+    assert text_template("<p>no Jinja</p>") == "no Jinja\n"

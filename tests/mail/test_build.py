@@ -68,3 +68,64 @@ def test_non_ascii_values_are_still_encoded() -> None:
     assert b"=?utf-8?" in raw
     with pytest.raises(BuildError):
         built([("X-Bad", "a\r\nBcc: c@d.test")])
+
+
+# ---------------------------------------------------------------- build_alternative
+
+BODIES = [
+    ("Hi Zoë,\nyour order = 42 is ready.  \n" + "long line " * 30 + "\n", None),
+    (None, "<html><body><p>Hi Zoë</p>" + "<td>cell</td>" * 200 + "</body></html>"),
+    ("plain\r\nwith CRLF\rand CR", "<p>=3D is not an escape here; neither is =_x</p>\n\n"),
+    ("no newline at the end ", "<p>trailing space </p>"),
+]
+
+
+@pytest.mark.parametrize(("text", "html"), BODIES)
+@pytest.mark.parametrize("name", ["Ann", "Zoë Ünïcode", ""])
+def test_build_alternative_says_what_build_says(text: str | None, html: str | None,
+                                                name: str) -> None:  # fmt: skip
+    from postwarden.mail.build import build_alternative
+
+    draft = Draft(
+        Mailbox("news@acme.test", "Acme Nëws"),
+        [Mailbox("b@inbox.test", name)],
+        reply_to=Mailbox("help@acme.test"),
+        subject="Ünïcode subject " + "word " * 30,
+        text=text,
+        html=html,
+        headers=[("List-Unsubscribe", f"<https://pw.test/u/{TOKEN}>"), ("Feedback-ID", "c1:t1")],
+    )
+    fast = build_alternative(draft, message_id="<m@acme.test>", date=1_700_000_000)
+    slow = build(draft, message_id="<m@acme.test>", date=1_700_000_000)
+    # CRLF only, and lines within SMTP's limit.
+    assert b"\r\n" in fast and not fast.replace(b"\r\n", b"").count(b"\n")
+    assert not fast.replace(b"\r\n", b"").count(b"\r")
+    assert max(len(line) for line in fast.split(b"\r\n")) <= 998
+    a = email.message_from_bytes(fast, policy=email.policy.default)
+    b = email.message_from_bytes(slow, policy=email.policy.default)
+    for field in ("From", "To", "Reply-To", "Subject", "Date", "Message-ID", "List-Unsubscribe",
+                  "Feedback-ID", "MIME-Version"):  # fmt: skip
+        assert str(a[field]) == str(b[field]), field
+    assert a.get_content_type() == b.get_content_type()
+    for kind in ("plain", "html"):
+        pa, pb = a.get_body((kind,)), b.get_body((kind,))
+        assert (pa is None) == (pb is None), kind
+        if pa is not None and pb is not None:
+            assert pa.get_content() == pb.get_content(), kind
+    assert not a.defects and all(not p.defects for p in a.walk())
+
+
+def test_build_alternative_leaves_the_rest_to_build() -> None:
+    from postwarden.mail.build import Part, build_alternative
+
+    with_file = Draft(Mailbox("n@acme.test"), [Mailbox("b@inbox.test")], text="x",
+                      attachments=[Part("a.txt", "text/plain", b"data")])  # fmt: skip
+    parsed = email.message_from_bytes(
+        build_alternative(with_file, message_id="<m@a.test>", date=0), policy=email.policy.default
+    )
+    assert parsed.get_content_type() == "multipart/mixed"
+    utf8 = Draft(Mailbox("n@acme.test"), [Mailbox("zoë@inbox.test")], text="x")
+    assert b"zo\xc3\xab@inbox.test" in build_alternative(utf8, message_id="<m@a.test>", date=0)
+    with pytest.raises(BuildError):
+        build_alternative(Draft(Mailbox("n@acme.test"), [Mailbox("b@inbox.test")]),
+                          message_id="<m@a.test>", date=0)  # fmt: skip

