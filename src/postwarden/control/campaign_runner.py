@@ -49,6 +49,7 @@ from postwarden.queue.shards import find_idempotent
 from postwarden.queue.spool import new_message_id
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.campaign_models import Campaign
+from postwarden.store.campaign_outcomes import BATCH as OUTCOME_BATCH
 from postwarden.store.campaign_outcomes import apply_outcomes, skip_to_now
 from postwarden.store.campaigns import (
     cancelled_pending,
@@ -270,11 +271,14 @@ class CampaignRunner:
         self._outcomes_at = now
         busy = False
         for _ in range(OUTCOME_STEPS):
-            if not await apply_outcomes(self.sessions):
+            read, ours = await apply_outcomes(self.sessions)
+            if ours:
+                busy = True
+                # A campaign's events come in runs (a cancel's deletes, its last
+                # deliveries): read them every poll for a while.
+                self._fast_until = time.monotonic() + FAST_AFTER
+            if read < OUTCOME_BATCH:
                 break
-            busy = True
-            # Events come in runs (a cancel's deletes, a campaign's last deliveries).
-            self._fast_until = time.monotonic() + FAST_AFTER
         if "sending" in live:
             for cid in await finish_sent(self.sessions):
                 log.info("event=campaign_sent campaign=%d", cid)

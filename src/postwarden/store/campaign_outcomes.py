@@ -97,17 +97,18 @@ async def _hold_cursor(s: AsyncSession) -> int | None:
     return None if row is None else int(row[0])
 
 
-async def apply_outcomes(sessions: Callable[[], Any], batch: int = BATCH) -> int:
+async def apply_outcomes(sessions: Callable[[], Any], batch: int = BATCH) -> tuple[int, int]:
     """One step: the next events onto the records they concern. Returns how many
-    events were read (0: none new, or another reader is at it)."""
+    events were read (0: none new, or another reader is at it) and how many of them
+    were campaigns'."""
     async with sessions() as s:
         last = await _hold_cursor(s)
         if last is None:
             await s.rollback()
-            return 0
+            return 0, 0
         rows = (
             await s.execute(
-                select(Event.id, Event.type, Event.message_id, Event.ts, Event.detail)
+                select(Event.id, Event.type, Event.message_id)
                 .where(Event.id > last)
                 .order_by(Event.id)
                 .limit(batch)
@@ -115,13 +116,31 @@ async def apply_outcomes(sessions: Callable[[], Any], batch: int = BATCH) -> int
         ).all()
         if not rows:
             await s.rollback()
-            return 0
+            return 0, 0
+        # Most events are of other mail (SMTP, the API): one indexed look says which
+        # messages are campaigns', and only their events are read whole and applied.
+        wanted = {mid for _id, kind, mid in rows if kind in STATE_OF and mid}
+        ours: set[str] = set()
+        if wanted:
+            ours = set(
+                (
+                    await s.execute(
+                        select(RECORDS.c.message_id).where(RECORDS.c.message_id.in_(wanted))
+                    )
+                ).scalars()
+            )
         moves: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for _id, kind, msg_id, ts, detail in rows:
-            state = STATE_OF.get(kind)
-            if state is None or not msg_id:
-                continue
-            moves[state].append({"mid": msg_id, "why": _reason(kind, detail or {})[:200], "ts": ts})
+        mine = [eid for eid, kind, mid in rows if mid in ours and kind in STATE_OF]
+        if mine:
+            full = await s.execute(
+                select(Event.type, Event.message_id, Event.ts, Event.detail)
+                .where(Event.id.in_(mine))
+                .order_by(Event.id)
+            )
+            for kind, msg_id, ts, detail in full.all():
+                moves[STATE_OF[kind]].append(
+                    {"mid": msg_id, "why": _reason(kind, detail or {})[:200], "ts": ts}
+                )
         for state, params in moves.items():
             await s.execute(
                 update(RECORDS)
@@ -142,7 +161,7 @@ async def apply_outcomes(sessions: Callable[[], Any], batch: int = BATCH) -> int
             update(EventCursor).where(EventCursor.shard == CURSOR).values(last_id=rows[-1][0])
         )
         await s.commit()
-        return len(rows)
+        return len(rows), len(mine)
 
 
 async def skip_to_now(sessions: Callable[[], Any]) -> None:
