@@ -315,3 +315,10 @@ async def tenant_key_via_cli(config: Path, base: str, name: str = "acme") -> str
         r = await c.post(f"/v1/tenants/{tid}/keys", json={"scopes": ["send", "read", "manage"]})
         key: str = r.json()["key"]
         return key
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``long`` first (in their order), then the rest: with
+    ``--dist worksteal`` the workers start the long ones at once, and the run does not
+    end waiting for one that happened to be collected last."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

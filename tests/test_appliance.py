@@ -265,6 +265,7 @@ async def test_serve_refuses_to_strand_a_shard_that_holds_mail(
     assert "shard-2 holds 1 message(s) but only 2 worker(s)" in out.decode()
 
 
+@pytest.mark.long
 async def test_workers_serve_the_api_and_share_its_caches(
     tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
 ) -> None:

@@ -36,6 +36,7 @@ for line in out.get(os.path.realpath(sys.argv[2]), []):
 """
 
 
+@pytest.mark.long
 def test_corpus_scores(tmp_path: Path) -> None:
     parser = Parser()
     out: dict[str, list[dict[str, object]]] = {}

@@ -13,6 +13,7 @@ import email.policy
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import update
 
 from postwarden.store.campaign_models import Campaign
@@ -107,6 +108,7 @@ async def test_the_winner_goes_to_the_rest(control: ControlFactory) -> None:
             assert subject.startswith("Last chance"), (rcpt, subject)
 
 
+@pytest.mark.sqlite_only
 async def test_no_clear_result_waits_for_a_key(control: ControlFactory) -> None:
     api = await control()
     api.lab.add_domain("inbox.test")

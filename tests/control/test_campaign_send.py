@@ -15,6 +15,7 @@ import zoneinfo
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import update
 
 from postwarden.queue.admin import QueueAdmin
@@ -171,6 +172,8 @@ def runner(api: ControlApi) -> Any:
     return r
 
 
+@pytest.mark.long
+@pytest.mark.sqlite_only
 async def test_the_window_paces_and_pause_resume_cancel_act(control: ControlFactory) -> None:
     """Four messages at most in the spool: while the lab defers them nothing more is
     handed on. Paused, the four in the spool are held (even made due, they are not

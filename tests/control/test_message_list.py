@@ -94,6 +94,7 @@ async def every_page(c: httpx.AsyncClient, path: str, **params: Any) -> list[dic
     raise AssertionError("pagination did not end")
 
 
+@pytest.mark.long
 async def test_filters_pagination_and_isolation(
     control: ControlFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

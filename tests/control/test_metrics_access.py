@@ -68,6 +68,7 @@ async def test_sending_domains_stay_out_of_labels(appliance: Any, opt_in: bool) 
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.long
 async def test_workers_serve_the_separate_listener(
     tmp_path: Path, lab: Lab, subprocess_config: Any
 ) -> None:

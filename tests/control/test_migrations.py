@@ -230,6 +230,7 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
 
 
+@pytest.mark.long
 async def test_every_migration_goes_down_and_up_again(empty_database: str) -> None:
     """base → head → base → head, one step at a time: every downgrade() undoes its
     upgrade() exactly (the schema after each step down is the one before its step up),

@@ -98,6 +98,7 @@ TENANT_RUNS = [("sqlite", g) for g in sorted(TENANT_GROUPS)] + [("postgresql", "
 
 
 @pytest.mark.parametrize(("control", "group"), TENANT_RUNS, indirect=["control"])
+@pytest.mark.long
 async def test_tenant_routes_conform_to_the_schema(
     control: ControlFactory, tmp_path: Path, group: str
 ) -> None:

@@ -313,7 +313,11 @@ async def test_the_workers_of_serve_share_the_inbound_listener_and_inbox(
     )
     log = tmp_path / "serve.log"
     async with serve([], config, inbound_port, log):
-        await wait_log(log, rf"worker=1 event=started .*inbound=127\.0\.0\.1:{inbound_port}")
+        # The second worker may start seconds after the port answers on a loaded
+        # machine (the suite's other workers): a generous wait, not a fixed sleep.
+        await wait_log(
+            log, rf"worker=1 event=started .*inbound=127\.0\.0\.1:{inbound_port}", timeout=30
+        )
         await wait_log(log, rf"worker=0 event=started .*inbound=127\.0\.0\.1:{inbound_port}")
 
         async def send(n: int) -> None:
