@@ -146,7 +146,6 @@ def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
                 "idle": "0.5s",
             },
         },
-        "campaigns": {"poll": "0.2s"},
         "queue": {
             "retry_initial": "0.3s",
             "retry_max": "1s",

@@ -18,7 +18,7 @@ from sqlalchemy import update
 
 from postwarden.store.campaign_models import Campaign
 from tests.control.conftest import ControlApi, ControlFactory
-from tests.control.test_campaign_send import approved_campaign, runner, stats_when
+from tests.control.test_campaign_send import FAST, approved_campaign, runner, stats_when
 from tests.control.test_campaigns import act, operator_made_key, tenant_id
 from tests.control.test_messages import ready_tenant
 from tests.waiting import eventually
@@ -74,7 +74,7 @@ async def let_the_hour_pass(api: ControlApi, cid: int) -> None:
 
 
 async def test_the_winner_goes_to_the_rest(control: ControlFactory) -> None:
-    api = await control()
+    api = await control(FAST)
     api.lab.add_domain("inbox.test")
     key = await ready_tenant(api)
     async with api.client(key) as c:
@@ -110,7 +110,7 @@ async def test_the_winner_goes_to_the_rest(control: ControlFactory) -> None:
 
 @pytest.mark.sqlite_only
 async def test_no_clear_result_waits_for_a_key(control: ControlFactory) -> None:
-    api = await control()
+    api = await control(FAST)
     api.lab.add_domain("inbox.test")
     key = await ready_tenant(api)
     async with api.client(key) as c:

@@ -23,7 +23,7 @@ from postwarden.warming.plans import make_plan
 from tests.control.conftest import ControlFactory
 from tests.control.test_audiences import SLOW_RULE, many_contacts
 from tests.control.test_campaign_ab import ab
-from tests.control.test_campaign_send import approved_campaign, stats_when
+from tests.control.test_campaign_send import FAST, approved_campaign, stats_when
 from tests.control.test_campaigns import act, setup
 from tests.control.test_messages import ready_tenant
 
@@ -48,7 +48,7 @@ def one_line(value: str) -> str:
 
 
 async def test_counts_and_sample_match_what_the_launch_sends(control: ControlFactory) -> None:
-    api = await control()
+    api = await control(FAST)
     api.lab.add_domain("inbox.test")
     key = await ready_tenant(api)
     people = [

@@ -37,7 +37,7 @@ from postwarden.store.contact_models import Contact
 from postwarden.store.contacts import ContactIn, upsert_contacts
 from postwarden.store.models import DkimKey, Domain, Suppression
 from tests.control.conftest import ControlApi, ControlFactory, make_admin_key
-from tests.control.test_campaign_send import approved_campaign, stats_when
+from tests.control.test_campaign_send import FAST, approved_campaign, stats_when
 from tests.control.test_campaigns import act
 from tests.control.test_database_outage import own_postgres  # noqa: F401  (the fixture)
 from tests.control.test_domains import verify_signatures
@@ -352,7 +352,7 @@ async def test_a_campaign_message_carries_signed_working_links(control: ControlF
     """Through the campaign runner into the lab: the message has both fields, every
     DKIM signature verifies over them, and the one-click POST of its link suppresses
     the recipient."""
-    api = await control()
+    api = await control(FAST)
     api.lab.add_domain("inbox.test")
     key = await ready_tenant(api)
     people = [{"email": "ann@inbox.test", "name": "Ann"}]
