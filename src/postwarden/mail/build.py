@@ -134,10 +134,8 @@ def needs_smtputf8(draft: Draft) -> bool:
     return any(not b.email.isascii() for b in boxes)
 
 
-def build(draft: Draft, *, message_id: str, date: float) -> bytes:
-    utf8 = needs_smtputf8(draft)
-    policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
-    msg = EmailMessage(policy=policy)
+def _header_fields(msg: EmailMessage, draft: Draft, message_id: str, date: float) -> None:
+    """The message's header fields (the body's are the caller's)."""
     msg["From"] = _address(draft.sender)
     if draft.to:
         msg["To"] = [_address(b) for b in draft.to]
@@ -153,6 +151,13 @@ def build(draft: Draft, *, message_id: str, date: float) -> bytes:
             raise BuildError(f"headers.{name}: set by the appliance")
         name, value = _clean(name, "header name"), _clean(value, f"headers.{name}")
         msg[name] = _Verbatim(name, value) if value.isascii() else value
+
+
+def build(draft: Draft, *, message_id: str, date: float) -> bytes:
+    utf8 = needs_smtputf8(draft)
+    policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
+    msg = EmailMessage(policy=policy)
+    _header_fields(msg, draft, message_id, date)
     if draft.text is not None:
         msg.set_content(_text(draft.text))
         if draft.html is not None:
@@ -209,19 +214,7 @@ def build_alternative(draft: Draft, *, message_id: str, date: float) -> bytes:
         raise BuildError("text or html is needed")
     policy = email.policy.SMTP
     msg = EmailMessage(policy=policy)
-    msg["From"] = _address(draft.sender)
-    if draft.to:
-        msg["To"] = [_address(b) for b in draft.to]
-    if draft.reply_to:
-        msg["Reply-To"] = _address(draft.reply_to)
-    msg["Subject"] = _clean(draft.subject, "subject")
-    msg["Date"] = email.utils.formatdate(date, localtime=False)
-    msg["Message-ID"] = _clean(message_id, "message id")
-    for name, value in draft.headers:
-        if is_reserved(name):
-            raise BuildError(f"headers.{name}: set by the appliance")
-        name, value = _clean(name, "header name"), _clean(value, f"headers.{name}")
-        msg[name] = _Verbatim(name, value) if value.isascii() else value
+    _header_fields(msg, draft, message_id, date)
     head = b"".join(policy.fold_binary(k, v) for k, v in msg.raw_items())
     head += b"MIME-Version: 1.0\r\n"
     if len(bodies) == 1:
