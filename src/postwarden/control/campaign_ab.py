@@ -36,15 +36,12 @@ from postwarden.control.routing import Call
 from postwarden.control.schemas import MAX_ID, Strict
 from postwarden.store.campaign_models import Campaign, CampaignTransition, SendRecord
 from postwarden.store.campaigns import (
-    AB_RUNTIME,
     ab_results,
     held_for_winner,
     release_remainder,
     test_unsettled,
 )
 from postwarden.store.models import utcnow
-
-__all__ = ["AB_RUNTIME", "declare", "look_at_tests"]
 
 
 def verdict_of(ab: dict[str, Any], results: dict[str, tuple[int, int]]) -> Verdict:

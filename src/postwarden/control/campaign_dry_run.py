@@ -41,7 +41,7 @@ from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Strict
 from postwarden.control.templates import parts_of, postal_address_of
-from postwarden.control.unsubscribe import list_unsubscribe_headers, unsubscribe_url
+from postwarden.control.unsubscribe import recipient_links
 from postwarden.shaping.rules import Rules, RulesError, load_rules, shipped_rules
 from postwarden.store.audience_models import Audience
 from postwarden.store.audiences import CountTooSlow, plan_for
@@ -195,8 +195,9 @@ def _render_sample(
     out = []
     for person in contacts:
         urls = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
-        urls["unsubscribe_url"] = unsubscribe_url(c.ctx, row.tenant_id, row.id, person.id)
-        headers = list_unsubscribe_headers(c.ctx, row.tenant_id, row.id, person.id, domain)
+        urls["unsubscribe_url"], headers = recipient_links(
+            c.ctx, row.tenant_id, row.id, person.id, domain
+        )
         context = send_context(
             contact={"email": person.email, "name": person.name,
                      "attributes": dict(person.attributes or {})},

@@ -29,7 +29,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -41,7 +41,7 @@ from postwarden.content.variables import PLACEHOLDER_URLS, send_context
 from postwarden.control.campaign_ab import look_at_tests
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.templates import parts_of, postal_address_of
-from postwarden.control.unsubscribe import unsubscribe_url
+from postwarden.control.unsubscribe import recipient_links
 from postwarden.mail.build import BuildError, Draft, Mailbox, build_alternative, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
 from postwarden.queue.admin import QueueAdmin
@@ -85,9 +85,6 @@ _limited = LogLimiter(log)
 
 #: Hands a message to acceptance: (envelope, message, message id) -> what was stored.
 Submit = Callable[[Envelope, bytes, str], Awaitable[StoredMessage]]
-#: The List-Unsubscribe headers of one recipient's message:
-#: (tenant id, campaign id, contact id, From domain) -> headers.
-LinkHeaders = Callable[[int, int, int, str], Sequence[tuple[str, str]]]
 #: The request hash the spool keeps with a campaign message's idempotency key.
 SPOOL_HASH = "campaign"
 #: What a pause and a cancel do to the campaign's messages already in the spool.
@@ -160,13 +157,11 @@ class CampaignRunner:
         *,
         index: int = 0,
         count: int = 1,
-        link_headers: LinkHeaders | None = None,
     ) -> None:
         self.plane = plane
         self.sessions = plane.sessions
         self.submit = submit
         self.index, self.count = index, count
-        self.link_headers = link_headers
         self.name = runner_name()
         self._wakes: list[asyncio.Event] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -561,12 +556,9 @@ class CampaignRunner:
             look = job.look_of(item.variant)
             domain = look.from_email.rpartition("@")[2]
             links = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
-            links["unsubscribe_url"] = unsubscribe_url(
-                self.plane, row.tenant_id, row.id, item.contact_id
-            )
-            headers: list[tuple[str, str]] = []
-            if self.link_headers is not None:
-                headers += self.link_headers(row.tenant_id, row.id, item.contact_id, domain)
+            url, headers = recipient_links(self.plane, row.tenant_id, row.id, item.contact_id,
+                                           domain)  # fmt: skip
+            links["unsubscribe_url"] = url
             headers.append(("Feedback-ID", f"c{row.id}:t{row.tenant_id}:campaign:postwarden"))
             context = send_context(
                 contact={

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,6 @@ from postwarden.control.inbound_domains import InboundDomains
 from postwarden.control.pool_cache import PoolCache
 from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
-from postwarden.control.unsubscribe import list_unsubscribe_headers
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
@@ -105,7 +103,6 @@ class ControlPlane:
                 submit,
                 index=worker[0],
                 count=worker[1],
-                link_headers=functools.partial(list_unsubscribe_headers, self),
             )
             if submit is not None
             else None

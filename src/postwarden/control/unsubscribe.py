@@ -88,9 +88,7 @@ def public_base_url(cfg: Config) -> str:
     return f"http://{host}:{port}"
 
 
-def unsubscribe_url(ctx: Any, tenant_id: int, campaign_id: int, contact_id: int) -> str:
-    """The HTTPS link of one recipient of one campaign (``{{ unsubscribe_url }}``)."""
-    token = tokens.make_token(token_key(ctx.cfg), tenant_id, campaign_id, contact_id)
+def _url(ctx: Any, token: str) -> str:
     return f"{public_base_url(ctx.cfg)}{PATH_PREFIX}{token}"
 
 
@@ -113,17 +111,26 @@ def mailto_domain(ctx: Any, from_domain: str) -> str | None:
 def list_unsubscribe_headers(
     ctx: Any, tenant_id: int, campaign_id: int, contact_id: int, from_domain: str
 ) -> list[tuple[str, str]]:
-    """The List-Unsubscribe and List-Unsubscribe-Post fields of one campaign message:
-    ``<{public_url}/u/{token}>, <mailto:unsubscribe+{token}@{mailto_domain}>`` (the
-    mailto left out when its local part would pass 64 characters): the campaign
-    runner's ``link_headers``, for ``mail.build.Draft.headers`` (which writes ASCII
-    values as they are, folded only at spaces)."""
+    """The List-Unsubscribe and List-Unsubscribe-Post fields of one campaign message
+    (:func:`recipient_links`' second half)."""
+    return recipient_links(ctx, tenant_id, campaign_id, contact_id, from_domain)[1]
+
+
+def recipient_links(
+    ctx: Any, tenant_id: int, campaign_id: int, contact_id: int, from_domain: str
+) -> tuple[str, list[tuple[str, str]]]:
+    """One recipient's unsubscribe link (``{{ unsubscribe_url }}``) and the
+    List-Unsubscribe and List-Unsubscribe-Post fields of their message, from one
+    token: ``<{public_url}/u/{token}>, <mailto:unsubscribe+{token}@{mailto_domain}>``
+    (the mailto left out when its local part would pass 64 characters), for
+    ``mail.build.Draft.headers`` (which writes ASCII values as they are, folded only
+    at spaces)."""
     token = tokens.make_token(token_key(ctx.cfg), tenant_id, campaign_id, contact_id)
-    url = f"{public_base_url(ctx.cfg)}{PATH_PREFIX}{token}"
+    url = _url(ctx, token)
     local = f"{MAILTO_PREFIX}{token}"
     domain = mailto_domain(ctx, from_domain)
     mailto = f"{local}@{domain}" if domain and len(local) <= MAX_LOCAL_PART else None
-    return tokens.headers(url, mailto)
+    return url, tokens.headers(url, mailto)
 
 
 # ------------------------------------------------------------------ the validation check

@@ -311,12 +311,8 @@ class QueueAdmin:
         for k, db in self.shards.items():
             if not wanted:
                 break
-            here = [
-                m for (m,) in db.execute("SELECT id FROM messages").fetchall() if m in wanted
-            ] if len(wanted) > 500 else [
-                m for m in wanted
-                if db.execute("SELECT 1 FROM messages WHERE id = ?", (m,)).fetchone()
-            ]  # fmt: skip
+            has = "SELECT 1 FROM messages WHERE id = ?"
+            here = [m for m in wanted if db.execute(has, (m,)).fetchone()]
             if not here:
                 continue
             db.execute("BEGIN IMMEDIATE")
