@@ -6,6 +6,7 @@ window, pause, resume and cancel acting on records not yet handed on."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime as dt
 import email
@@ -18,13 +19,16 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from postwarden.lab import Lab
 from postwarden.queue.admin import QueueAdmin
 from postwarden.store.campaign_models import Campaign, SendRecord
-from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.conftest import ControlApi, ControlFactory, make_admin_key
 from tests.control.test_campaigns import act, operator_made_key, tenant_id
+from tests.control.test_database_outage import own_postgres  # noqa: F401  (the fixture)
 from tests.control.test_domains import verify_signatures
 from tests.control.test_messages import ready_tenant
 from tests.control.test_templates import ADDRESS, FOOTER, set_postal_address
+from tests.pg import PgServer
 from tests.waiting import eventually
 
 #: The campaign runner's poll in these tests (1 s by default; every appliance of the
@@ -327,3 +331,31 @@ async def test_the_send_window_in_each_recipients_zone(control: ControlFactory) 
         await open_window(api, cid)
         stats = await stats_when(c, cid, lambda s: s["state"] == "sent")
         assert (stats["delivered"], stats["waiting"]) == (3, 0), stats
+
+
+async def test_the_database_stopped_mid_campaign(
+    request: pytest.FixtureRequest, appliance: Any, lab: Lab
+) -> None:
+    """PostgreSQL stops while a campaign is being fed and comes back: the runner waits
+    and goes on, and every contact still gets exactly one message."""
+    server: PgServer = request.getfixturevalue("own_postgres")  # stopped, restarted
+    app = await appliance({"database": {"url": server.new_database()},
+                           "campaigns": {"poll": "0.2s", "feed_batch": 3}})  # fmt: skip
+    assert app.control_address is not None
+    api = ControlApi(app, "http://{}:{}".format(*app.control_address),
+                     await make_admin_key(app), lab)  # fmt: skip
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    people = [{"email": f"db{i}@inbox.test", "name": f"D{i}"} for i in range(30)]
+    async with api.client(key) as c:
+        cid = await approved_campaign(api, c, people)
+        assert (await act(c, cid, "schedule")).status_code == 200
+        await eventually(lambda: len(api.lab.messages) >= 3, 30, "the first messages")
+        await asyncio.to_thread(server.stop)
+        assert len(api.lab.messages) < len(people), "all sent before the database stopped"
+        await eventually(lambda: not app.control.db.up, 30, "the database seen down")
+        await asyncio.to_thread(server.restart)
+        stats = await stats_when(c, cid, lambda s: s["state"] == "sent", timeout=60)
+    got = collections.Counter(m.rcpt_tos[0] for m in api.lab.messages)
+    assert got == {p["email"]: 1 for p in people}, got
+    assert stats["delivered"] == 30, stats
