@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from postwarden.lab import Lab
 from postwarden.store.campaign_models import Campaign, SendRecord
@@ -37,36 +38,30 @@ N = 20_000
 HTML = "<html><body><p>Hello {{ contact.name }}</p>" + FOOTER + "</body></html>"
 
 
-async def progress(url: str) -> dict[str, Any]:
+async def progress(engine: AsyncEngine) -> dict[str, Any]:
     """The campaign's state, whether its records are all written, and its records by
     state (with how many pending ones already have a message id)."""
-    engine = create_engine(url)
-    try:
-        async with sessionmaker(engine)() as s:
-            row = (await s.execute(select(Campaign))).scalar_one_or_none()
-            if row is None:
-                return {"state": None, "records": 0, "by_state": {}}
-            by = dict(
-                (
-                    await s.execute(
-                        select(SendRecord.state, func.count()).group_by(SendRecord.state)
-                    )
-                ).all()
+    async with sessionmaker(engine)() as s:
+        row = (await s.execute(select(Campaign))).scalar_one_or_none()
+        if row is None:
+            return {"state": None, "records": 0, "by_state": {}}
+        by = dict(
+            (
+                await s.execute(select(SendRecord.state, func.count()).group_by(SendRecord.state))
+            ).all()
+        )
+        handed = await s.scalar(
+            select(func.count()).where(
+                SendRecord.state == "pending", SendRecord.message_id.is_not(None)
             )
-            handed = await s.scalar(
-                select(func.count()).where(
-                    SendRecord.state == "pending", SendRecord.message_id.is_not(None)
-                )
-            )
-            return {
-                "state": row.state,
-                "records_done": row.records_done,
-                "records": sum(by.values()),
-                "by_state": by,
-                "pending_with_id": handed,
-            }
-    finally:
-        await engine.dispose()
+        )
+        return {
+            "state": row.state,
+            "records_done": row.records_done,
+            "records": sum(by.values()),
+            "by_state": by,
+            "pending_with_id": handed,
+        }
 
 
 def kill(proc: Any) -> None:
@@ -141,11 +136,30 @@ async def test_a_campaign_killed_twice_sends_each_message_once(
         # One deferral per message while the lab defers (no storm of retries), then
         # `postwarden queue flush` before the last start.
         "queue": {"retry_initial": "1h", "retry_max": "1h"},
+        # 20 000 messages (and the deferrals) over plain SMTP: TLS has its own tests.
+        "delivery": {"tls": "disabled"},
     }
     config, conf, base, port, admin = await child_config(subprocess_config, overrides)
     url = conf["database"]["url"]
     log = tmp_path / "serve.log"
     lab.add_domain("inbox.test", behaviour="tempfail")
+    engine = create_engine(url)  # the test's own reads of the progress, one pool
+    try:
+        await crash_twice_then_finish(engine, config, conf, base, port, admin, lab, log)
+    finally:
+        await engine.dispose()
+
+
+async def crash_twice_then_finish(
+    engine: AsyncEngine,
+    config: Path,
+    conf: dict[str, Any],
+    base: str,
+    port: int,
+    admin: str,
+    lab: Lab,
+    log: Path,
+) -> None:
 
     async with serve([], config, port, log) as proc:
         key, cid = await set_up(base, admin, lab)
@@ -154,20 +168,20 @@ async def test_a_campaign_killed_twice_sends_each_message_once(
             assert r.status_code == 200, r.text
 
         async def writing() -> bool:
-            p = await progress(url)
+            p = await progress(engine)
             assert not p.get("records_done"), f"all records written before the kill: {p}"
             return bool(p["records"] >= 2000)
 
         await eventually(writing, 60, "the launch writing records", interval=0.01)
         kill(proc)
         await proc.wait()
-    first = await progress(url)
+    first = await progress(engine)
     assert first["state"] == "sending" and 0 < first["records"] < N, first
 
     async with serve([], config, port, log) as proc:
 
         async def feeding() -> bool:
-            p = await progress(url)
+            p = await progress(engine)
             fed = p["records"] - p["by_state"].get("pending", 0)
             assert p["by_state"].get("pending", 0) or not p["records_done"], (
                 f"all fed before the kill: {p}"
@@ -177,7 +191,7 @@ async def test_a_campaign_killed_twice_sends_each_message_once(
         await eventually(feeding, 120, "the feeder handing records on", interval=0.01)
         kill(proc)
         await proc.wait()
-    second = await progress(url)
+    second = await progress(engine)
     assert second["records"] == N and second["by_state"].get("pending", 0) > 0, second
 
     print("at the first kill:", first, "\nat the second kill:", second)
