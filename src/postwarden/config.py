@@ -179,6 +179,7 @@ class ServerConfig:
     shutdown_grace: Duration = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: Int = 0  # processes sharing the work (docs/decisions/0004); 0 = one per CPU
+    fork_workers: Bool = True  # started by fork from a preloaded process (forkserver.py)
 
 
 @dataclass(config=_TOML, frozen=True)
