@@ -71,7 +71,7 @@ async def test_forked_workers_are_the_supervisors_and_exec_takes_over(
         for index, pid in forked.items():
             assert await children(proc.pid, f"postwarden.cli worker --index {index} ") == [pid]
             assert parent_of(pid) == proc.pid
-        [server] = await children(proc.pid, "postwarden.forkserver")
+        [server] = await children(proc.pid, "postwarden.cli forkserver")
         assert server not in forked.values()
         await asyncio.gather(*(send(port, n) for n in range(4)))
         await lab.wait_for_messages(4)
@@ -108,6 +108,6 @@ async def test_without_the_fork_server_workers_are_execd(
     async with serve([], config, port, log) as proc:
         text = await wait_log(log, r"event=worker_execd worker=1")
         assert "event=worker_execd worker=0" in text and "worker_forked" not in text
-        assert await children(proc.pid, "postwarden.forkserver") == []
+        assert await children(proc.pid, "postwarden.cli forkserver") == []
         await send(port, 0)
         await lab.wait_for_messages(1)

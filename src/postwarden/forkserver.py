@@ -3,7 +3,8 @@
 A worker is a whole appliance: starting one as a new interpreter costs about 1.5 s of
 CPU in imports before it serves anything, at every start and every restart. The
 supervisor stays small (it never imports the pipeline, SQLAlchemy or the control
-plane), so it cannot fork workers itself. It starts one **fork server** instead (as
+plane), so it cannot fork workers itself. It starts one **fork server** instead
+(``postwarden forkserver``, a command not listed in the help, as
 Python's ``multiprocessing`` forkserver and gunicorn's ``--preload`` do): a process
 that imports the worker's code once, then waits, single-threaded and with no event
 loop, for requests on a pipe. For each one it forks, the child forks the worker and
@@ -39,6 +40,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("postwarden.forkserver")
@@ -138,8 +140,8 @@ class ForkServer:
         ans_r, ans_w = os.pipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "postwarden.forkserver",
-                str(req_r), str(ans_w), str(os.getpid()),
+                sys.executable, "-m", "postwarden.cli", "forkserver", "--requests", str(req_r),
+                "--answers", str(ans_w), "--parent", str(os.getpid()),
                 pass_fds=[*pass_fds, req_r, ans_w], env=env,
             )  # fmt: skip
         finally:
@@ -217,16 +219,6 @@ def _write_all(fd: int, data: bytes) -> None:
 # ------------------------------------------------------------------ the server
 
 
-def _preload() -> None:
-    """Everything a worker imports (the pipeline, the control plane, the loop)."""
-    import postwarden.appliance
-    import postwarden.cli
-    import postwarden.control.plane  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
-
-
 def _set_title(argv: list[str]) -> None:
     """The worker's command line as ``exec`` would have shown it (``ps``, ``pgrep``)."""
     try:
@@ -236,7 +228,10 @@ def _set_title(argv: list[str]) -> None:
     setproctitle(" ".join([sys.executable, "-m", "postwarden.cli", *argv]))
 
 
-def _child_main(request: dict[str, Any], supervisor: int, closing: list[int]) -> int:
+Main = Callable[[list[str]], int]
+
+
+def _child_main(request: dict[str, Any], supervisor: int, closing: list[int], main: Main) -> int:
     """In the forked child: become the worker (or the command) the request names."""
     for fd in closing:
         with contextlib.suppress(OSError):
@@ -259,18 +254,16 @@ def _child_main(request: dict[str, Any], supervisor: int, closing: list[int]) ->
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = [sys.executable, *argv]
-    from postwarden.cli import main
-
     try:
         return main(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
-def _run_child(request: dict[str, Any], supervisor: int, closing: list[int]) -> None:
+def _run_child(request: dict[str, Any], supervisor: int, closing: list[int], main: Main) -> None:
     code = 1
     try:
-        code = _child_main(request, supervisor, closing)
+        code = _child_main(request, supervisor, closing, main)
     except BaseException:  # the child must end here, whatever happened
         traceback.print_exc()
     finally:
@@ -283,7 +276,9 @@ def _run_child(request: dict[str, Any], supervisor: int, closing: list[int]) -> 
         os._exit(code)
 
 
-def _start_worker(request: dict[str, Any], supervisor: int, closing: list[int], ans: int) -> None:
+def _start_worker(
+    request: dict[str, Any], supervisor: int, closing: list[int], ans: int, main: Main
+) -> None:
     """Fork twice: the worker's parent exits at once, and the worker is adopted by
     the supervisor. Its pid goes to the supervisor from the intermediate child (one
     write under PIPE_BUF: whole).
@@ -296,7 +291,7 @@ def _start_worker(request: dict[str, Any], supervisor: int, closing: list[int], 
         try:
             pid = os.fork()
             if pid == 0:
-                _run_child(request, supervisor, closing)
+                _run_child(request, supervisor, closing, main)
             os.write(ans, (json.dumps({"pid": pid}) + "\n").encode())
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -306,7 +301,9 @@ def _start_worker(request: dict[str, Any], supervisor: int, closing: list[int], 
     os.waitpid(middle, 0)
 
 
-def _run_command(request: dict[str, Any], supervisor: int, closing: list[int]) -> dict[str, Any]:
+def _run_command(
+    request: dict[str, Any], supervisor: int, closing: list[int], main: Main
+) -> dict[str, Any]:
     """Fork a child that runs the command with its output into a pipe: its exit code
     and output."""
     out_r, out_w = os.pipe()
@@ -316,7 +313,7 @@ def _run_command(request: dict[str, Any], supervisor: int, closing: list[int]) -
         os.dup2(out_w, 1)
         os.dup2(out_w, 2)
         os.close(out_w)
-        _run_child(request, supervisor, closing)
+        _run_child(request, supervisor, closing, main)
     os.close(out_w)
     chunks = []
     with os.fdopen(out_r, "rb") as f:
@@ -329,8 +326,10 @@ def _run_command(request: dict[str, Any], supervisor: int, closing: list[int]) -
     }
 
 
-def serve(req: int, ans: int, supervisor: int) -> int:
-    """The server's loop: one request at a time, until the request pipe closes."""
+def serve(req: int, ans: int, supervisor: int, preload: Callable[[], None], main: Main) -> int:
+    """The server's loop (``postwarden forkserver``, which the supervisor starts):
+    ``preload`` imports what a worker needs, then one request at a time until the
+    request pipe closes; a child runs ``main`` (the CLI's) with the request's argv."""
     from postwarden.supervisor import die_with_parent
 
     die_with_parent(supervisor)
@@ -339,7 +338,7 @@ def serve(req: int, ans: int, supervisor: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        _preload()
+        preload()
     except Exception as exc:  # said to the supervisor, which execs instead
         os.write(ans, (json.dumps({"ready": False, "why": repr(exc)}) + "\n").encode())
         return 1
@@ -362,12 +361,8 @@ def serve(req: int, ans: int, supervisor: int) -> int:
         for line in requests:
             request = json.loads(line)
             if "argv" in request:
-                _start_worker(request, supervisor, closing, ans)
+                _start_worker(request, supervisor, closing, ans, main)
             else:
-                answer = _run_command(request, supervisor, closing)
+                answer = _run_command(request, supervisor, closing, main)
                 _write_all(ans, (json.dumps(answer) + "\n").encode())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
