@@ -17,8 +17,6 @@ reload by ``supervisor.check_files`` (shaping rules, bounce patterns) and
 postwarden: everything may import it.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import ipaddress
 import os

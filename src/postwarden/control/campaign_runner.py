@@ -225,6 +225,11 @@ class CampaignRunner:
     async def _loop(
         self, name: str, step: Callable[[], Awaitable[bool]], wake: asyncio.Event
     ) -> None:
+        # The first look one poll after the start, or at a wake (a campaign scheduled):
+        # a start, or a restart after a crash, has better things to do first.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), self.cfg.campaigns.poll)
+        wake.clear()
         while not self._stopping:
             busy = False
             try:
