@@ -1,6 +1,7 @@
 """Workers forked by the fork server (src/postwarden/forkserver.py) are the
 supervisor's children as exec'd ones were: found by their command line, restarted when
-they die, killed with the supervisor; without the fork server, workers are exec'd."""
+they die, killed with the supervisor; without the fork server, workers are exec'd
+(and with ``server.fork_workers = false``: tests/test_appliance.py, the SIGTERM test)."""
 
 from __future__ import annotations
 
@@ -97,17 +98,3 @@ async def test_forked_workers_are_the_supervisors_and_exec_takes_over(
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         await eventually(lambda: not any(alive(p) for p in workers), 10, "the workers gone")
-
-
-async def test_without_the_fork_server_workers_are_execd(
-    tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
-) -> None:
-    lab.add_domain("inbox.test")
-    config, port = subprocess_config({"server": {"workers": 2, "fork_workers": False}})
-    log = tmp_path / "serve.log"
-    async with serve([], config, port, log) as proc:
-        text = await wait_log(log, r"event=worker_execd worker=1")
-        assert "event=worker_execd worker=0" in text and "worker_forked" not in text
-        assert await children(proc.pid, "postwarden.cli forkserver") == []
-        await send(port, 0)
-        await lab.wait_for_messages(1)

@@ -124,14 +124,18 @@ def cmd_forkserver(args: argparse.Namespace) -> int:
     """The supervisor's fork server (forkserver.py; started by it, not by hand)."""
     from postwarden.forkserver import serve
 
-    def preload() -> None:  # what `worker` imports, and the loop it runs on
+    def early() -> None:  # what `db` imports
+        import postwarden.store.check
+        import postwarden.store.db  # noqa: F401
+
+    def rest() -> None:  # what `worker` imports, and the loop it runs on
         import postwarden.appliance
         import postwarden.control.plane  # noqa: F401
 
         with contextlib.suppress(ImportError):
             import uvloop  # noqa: F401
 
-    return serve(args.requests, args.answers, args.parent, preload=preload, main=main)
+    return serve(args.requests, args.answers, args.parent, preload=(early, rest), main=main)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:

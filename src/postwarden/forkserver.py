@@ -326,10 +326,27 @@ def _run_command(
     }
 
 
-def serve(req: int, ans: int, supervisor: int, preload: Callable[[], None], main: Main) -> int:
+def _fork_safe() -> str:
+    """Why forking now would be unsafe ("" when it is safe)."""
+    import threading
+
+    if threading.active_count() != 1:  # a fork would copy a lock another thread holds
+        return f"{threading.active_count()} threads after the imports"
+    return ""
+
+
+def serve(
+    req: int,
+    ans: int,
+    supervisor: int,
+    preload: tuple[Callable[[], None], Callable[[], None]],
+    main: Main,
+) -> int:
     """The server's loop (``postwarden forkserver``, which the supervisor starts):
-    ``preload`` imports what a worker needs, then one request at a time until the
-    request pipe closes; a child runs ``main`` (the CLI's) with the request's argv."""
+    one request at a time until the request pipe closes; a child runs ``main`` (the
+    CLI's) with the request's argv. ``preload`` is two steps: what the ``db`` check
+    before the workers needs, at once; what a worker needs, before the first worker
+    (a start refused by the database check never pays for it)."""
     from postwarden.supervisor import die_with_parent
 
     die_with_parent(supervisor)
@@ -337,15 +354,13 @@ def serve(req: int, ans: int, supervisor: int, preload: Callable[[], None], main
     # hang-up sent to the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    early, rest = preload
     try:
-        preload()
+        early()
     except Exception as exc:  # said to the supervisor, which execs instead
         os.write(ans, (json.dumps({"ready": False, "why": repr(exc)}) + "\n").encode())
         return 1
-    import threading
-
-    if threading.active_count() != 1:  # a fork would copy a lock another thread holds
-        why = f"{threading.active_count()} threads after the imports"
+    if why := _fork_safe():
         os.write(ans, (json.dumps({"ready": False, "why": why}) + "\n").encode())
         return 1
     # setproctitle takes over the memory of argv and the environment at its first
@@ -357,10 +372,22 @@ def serve(req: int, ans: int, supervisor: int, preload: Callable[[], None], main
         setproctitle.setproctitle(setproctitle.getproctitle())
     os.write(ans, (json.dumps({"ready": True}) + "\n").encode())
     closing = [req, ans]
+    loaded = False
     with os.fdopen(req, "rb", closefd=False) as requests:
         for line in requests:
             request = json.loads(line)
             if "argv" in request:
+                if not loaded:
+                    loaded = True
+                    try:
+                        rest()
+                    except Exception as exc:
+                        why = repr(exc)
+                    else:
+                        why = _fork_safe()
+                    if why:  # the supervisor execs this worker, and the next ones
+                        _write_all(ans, (json.dumps({"error": why}) + "\n").encode())
+                        return 1
                 _start_worker(request, supervisor, closing, ans, main)
             else:
                 answer = _run_command(request, supervisor, closing, main)
