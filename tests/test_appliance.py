@@ -353,6 +353,8 @@ async def test_serve_refuses_a_database_that_is_not_migrated(
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2, out.decode()
     assert "postwarden db upgrade" in out.decode()
+    if workers == 2:
+        return  # what follows does not depend on the workers: once is enough
     # `db upgrade` brings it up to date; `db current` then says so.
     for action, code in (("current", 1), ("upgrade", 0), ("current", 0)):
         p = await asyncio.create_subprocess_exec(
