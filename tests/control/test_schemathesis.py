@@ -100,7 +100,7 @@ TENANT_RUNS = [("sqlite", g) for g in sorted(TENANT_GROUPS)] + [("postgresql", "
 
 
 @pytest.mark.parametrize(("control", "group"), TENANT_RUNS, indirect=["control"])
-@pytest.mark.long
+@pytest.mark.long(30)
 async def test_tenant_routes_conform_to_the_schema(
     control: ControlFactory, tmp_path: Path, group: str
 ) -> None:
@@ -122,6 +122,7 @@ async def test_tenant_routes_conform_to_the_schema(
     assert code == 0, out[-6000:]
 
 
+@pytest.mark.long(20)
 async def test_operator_routes_conform_to_the_schema(
     control: ControlFactory, tmp_path: Path
 ) -> None:

@@ -29,6 +29,7 @@ RULES = (
 )
 
 
+@pytest.mark.long(10)
 @pytest.mark.timeout(300)
 async def test_two_workers_share_the_limits_cli_and_api_reach_the_broker(
     tmp_path: Path, lab: Lab, subprocess_config: Any
