@@ -20,7 +20,7 @@ from tests.shaping.test_lab_shaping import SRC_A, send
 from tests.waiting import eventually
 
 # Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# two at a time.
+# three at a time.
 pytestmark = pytest.mark.serial
 
 RULES = (
