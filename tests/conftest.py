@@ -316,8 +316,42 @@ async def tenant_key_via_cli(config: Path, base: str, name: str = "acme") -> str
         return key
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests marked ``long`` first (in their order), then the rest: with
-    ``--dist worksteal`` the workers start the long ones at once, and the run does not
-    end waiting for one that happened to be collected last."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+LONG_SECONDS = 10.0  # what a test marked ``long`` without a figure is taken to take
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected: the shares are of what runs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked ``long`` (``long(seconds)`` when one takes far more than the
+    others) start first, spread over the workers. ``--dist worksteal`` gives each
+    worker a contiguous share of the collection at the start, and an idle worker later
+    takes from the end of another's queue: with the long tests all at the front, the
+    first worker ran every one of them in turn, and the run waited for it. So each
+    share starts with some of them, the longest placed where the least is."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return float(mark.args[0]) if mark is not None and mark.args else LONG_SECONDS
+
+    long = [item for item in items if item.get_closest_marker("long") is not None]
+    rest = [item for item in items if item.get_closest_marker("long") is None]
+    long.sort(key=seconds, reverse=True)  # stable: the same order on every worker
+    if workers <= 1:
+        items[:] = long + rest
+        return
+    sizes, left = [], len(items)
+    for k in range(workers):  # the shares worksteal cuts, in its order
+        sizes.append(left // (workers - k))
+        left -= sizes[-1]
+    heads: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for item in long:
+        k = min((j for j in range(workers) if len(heads[j]) < sizes[j]), key=lambda j: load[j])
+        heads[k].append(item)
+        load[k] += seconds(item)
+    ordered: list[pytest.Item] = []
+    others = iter(rest)
+    for k in range(workers):
+        ordered += heads[k]
+        ordered += [next(others) for _ in range(sizes[k] - len(heads[k]))]
+    items[:] = ordered + list(others)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
@@ -117,6 +118,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     run_async(run())
     return 0
+
+
+def cmd_forkserver(args: argparse.Namespace) -> int:
+    """The supervisor's fork server (forkserver.py; started by it, not by hand)."""
+    from postwarden.forkserver import serve
+
+    def early() -> None:  # what `db` imports
+        import postwarden.store.check
+        import postwarden.store.db  # noqa: F401
+
+    def rest() -> None:  # what `worker` imports, and the loop it runs on
+        import postwarden.appliance
+        import postwarden.control.plane  # noqa: F401
+
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401
+
+    return serve(args.requests, args.answers, args.parent, preload=(early, rest), main=main)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -288,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", choices=["all", "mta"], default="all")
     s.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("forkserver", help=argparse.SUPPRESS)
+    s.add_argument("--requests", type=int, required=True, help="the pipe requests come on")
+    s.add_argument("--answers", type=int, required=True, help="the pipe answers go to")
+    s.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
+    s.set_defaults(fn=cmd_forkserver)
 
     s = sub.add_parser(
         "lab",

@@ -17,8 +17,6 @@ reload by ``supervisor.check_files`` (shaping rules, bounce patterns) and
 postwarden: everything may import it.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import ipaddress
 import os
@@ -179,6 +177,7 @@ class ServerConfig:
     shutdown_grace: Duration = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: Int = 0  # processes sharing the work (docs/decisions/0004); 0 = one per CPU
+    fork_workers: Bool = True  # started by fork from a preloaded process (forkserver.py)
 
 
 @dataclass(config=_TOML, frozen=True)

@@ -137,7 +137,7 @@ def read_status() -> dict[str, Any]:
 DB_CHECKED_ENV = "POSTWARDEN_DB_CHECKED"
 
 
-async def prepare_control(cfg: Config, config_path: str | None) -> None:
+async def prepare_control(cfg: Config, config_path: str | None, forks: Any = None) -> None:
     """Before workers start: apply migrations (``database.auto_upgrade``) or check the
     database is current, and create the encryption key file; a failure stops here, once,
     instead of in every worker. The database work runs in a child process (``postwarden
@@ -146,7 +146,9 @@ async def prepare_control(cfg: Config, config_path: str | None) -> None:
     ``db``'s exit code says what to do: 0, the database is ready (the workers need not
     check again); 2, it is down (unreachable): the start goes on, and the workers' control
     planes check it when it comes; 1, it needs a person (wrong URL or password, schema
-    out of date): :class:`ControlPlaneError` with the one line ``db`` printed."""
+    out of date): :class:`ControlPlaneError` with the one line ``db`` printed. With a
+    ready fork server (``forks``), ``db`` is a fork of it rather than a new
+    interpreter."""
     from postwarden.control import ControlPlaneError
     from postwarden.store.secrets import load_box
 
@@ -155,20 +157,27 @@ async def prepare_control(cfg: Config, config_path: str | None) -> None:
     except (OSError, ValueError) as exc:
         raise ControlPlaneError(f"control.encryption_key: {exc}") from exc
     action = "upgrade" if cfg.database.auto_upgrade else "current"
-    argv = [sys.executable, "-m", "postwarden.cli", "db", action]
+    argv = ["db", action]
     if config_path:
         argv += ["--config", config_path]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode == 0:
+    code, text = None, ""
+    if forks is not None and forks.alive:
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            code, text = await forks.run(argv, dict(os.environ), within=3600)
+    if code is None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "postwarden.cli", *argv,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        code, text = proc.returncode, out.decode(errors="replace")
+    if code == 0:
         os.environ[DB_CHECKED_ENV] = "1"  # the workers need not check again
         return
     # `db` ends with its verdict on one line (anything before it is a warning at most).
-    lines = [ln.strip() for ln in out.decode(errors="replace").splitlines() if ln.strip()]
-    line = lines[-1] if lines else f"`postwarden db {action}` exited with {proc.returncode}"
-    if proc.returncode == 2:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[-1] if lines else f"`postwarden db {action}` exited with {code}"
+    if code == 2:
         log.warning("event=database_unavailable at=start action=%s error=%r", action, line)
         return
     raise ControlPlaneError(line)
@@ -193,7 +202,8 @@ class Supervisor:
         self.count = count
         self.sockets: list[socket.socket] = []
         self.inbound_sockets: list[socket.socket] = []
-        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.procs: dict[int, Any] = {}  # asyncio's Process, or forkserver's ForkedProcess
+        self.forks: Any = None  # the fork server, when it runs (forkserver.py)
         self.restarts = 0
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -214,13 +224,20 @@ class Supervisor:
         self.status_file = os.path.join(self.metrics_dir, "supervisor.json")
         os.environ[STATUS_ENV] = self.status_file
         ensure_tls_files(self.cfg)  # once, before workers race to create it
-        await prepare_control(self.cfg, self.config_path)  # migrations, key file: once
         self.sockets = bind_listeners(self.cfg)
         self.inbound_sockets = bind_inbound(self.cfg)
         self.control_sock = bind(self.cfg.control.listen, "control.listen")
         if self.cfg.metrics.listen:
             metrics_token(self.cfg)  # an unreadable token file stops here, once
             self.metrics_sock = bind(self.cfg.metrics.listen, "metrics.listen")
+        if self.cfg.server.fork_workers:
+            await self._start_fork_server()
+        try:
+            # Migrations, key file: once (in a fork of the fork server when it runs).
+            await prepare_control(self.cfg, self.config_path, self.forks)
+        except BaseException:
+            await self._stop_fork_server()
+            raise
         # The shaping broker of every worker (docs/decisions/0006); imported only now,
         # so that its metrics are written to the directory set above.
         from postwarden.metrics import ShapingMetrics
@@ -246,34 +263,72 @@ class Supervisor:
         await self._stopped.wait()
         return 0
 
-    async def _spawn(self, index: int) -> None:
-        fds = [s.fileno() for s in self.sockets]
+    def _passed_fds(self) -> tuple[list[int], dict[str, str]]:
+        """The descriptors a worker inherits, and the environment that names them."""
         assert self.control_sock is not None
-        cfd = self.control_sock.fileno()
-        argv = [
-            sys.executable, "-m", "postwarden.cli", "worker",
-            "--index", str(index), "--count", str(self.count),
-            "--fds", ",".join(map(str, fds)), "--control-fd", str(cfd),
-            "--parent", str(os.getpid()), "--role", self.role,
-        ]  # fmt: skip
-        if self.config_path:
-            argv += ["--config", self.config_path]
+        fds = [s.fileno() for s in self.sockets]
         inbound = [s.fileno() for s in self.inbound_sockets]
         env = {**os.environ, INBOUND_FDS_ENV: ",".join(map(str, inbound))}
         extra = []
         if self.metrics_sock is not None:
             extra.append(self.metrics_sock.fileno())
             env[METRICS_FD_ENV] = str(self.metrics_sock.fileno())
-        proc = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=[*fds, *inbound, cfd, *extra], env=env
-        )
+        return [*fds, *inbound, self.control_sock.fileno(), *extra], env
+
+    async def _start_fork_server(self) -> None:
+        """The fork server (forkserver.py), given every listening socket; its own
+        metric files go to a directory /metrics does not read."""
+        from postwarden.forkserver import ForkServer
+
+        fds, env = self._passed_fds()
+        own = os.path.join(self.metrics_dir, "forkserver")
+        os.makedirs(own, exist_ok=True)
+        forks = ForkServer()
+        try:
+            ready = await forks.start(fds, {**env, "PROMETHEUS_MULTIPROC_DIR": own})
+        except OSError as exc:
+            log.warning("event=fork_server_unavailable why=%r", str(exc))
+            ready = False
+        if ready:
+            self.forks = forks
+
+    async def _stop_fork_server(self) -> None:
+        if self.forks is not None:
+            forks, self.forks = self.forks, None
+            await forks.stop()
+
+    async def _spawn(self, index: int) -> None:
+        assert self.control_sock is not None
+        argv = [
+            "worker",
+            "--index", str(index), "--count", str(self.count),
+            "--fds", ",".join(str(s.fileno()) for s in self.sockets),
+            "--control-fd", str(self.control_sock.fileno()),
+            "--parent", str(os.getpid()), "--role", self.role,
+        ]  # fmt: skip
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        fds, env = self._passed_fds()
+        proc: Any = None
+        if self.forks is not None and self.forks.alive:
+            try:
+                proc = await self.forks.spawn(argv, env)
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                log.warning("event=fork_failed worker=%d error=%r fallback=exec", index, str(exc))
+        how = "forked"
+        if proc is None:
+            how = "execd"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "postwarden.cli", *argv, pass_fds=fds, env=env
+            )
+        log.info("event=worker_%s worker=%d pid=%d", how, index, proc.pid)
         self.procs[index] = proc
         self._write_status()
         task = asyncio.create_task(self._watch(index, proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
+    async def _watch(self, index: int, proc: Any) -> None:
         code = await proc.wait()
         from prometheus_client import multiprocess
 
@@ -337,6 +392,7 @@ class Supervisor:
                 await proc.wait()
         for task in list(self._watchers):
             task.cancel()
+        await self._stop_fork_server()
         if self.shaping is not None:
             await self.shaping.stop()
         for sock in self.sockets + self.inbound_sockets:

@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import chi2, chi2_contingency, chisquare
 
 from postwarden.campaigns.abtest import (
     NOT_SIGNIFICANT,
@@ -33,6 +33,14 @@ N_IDS = 100_000
 # Generous: a correct hash fails one of these checks once in 10 000 runs (and the
 # ids are fixed, so the outcome is too); a biased one fails by orders of magnitude.
 P_FLOOR = 1e-4
+
+
+def stats() -> Any:
+    """scipy.stats, imported by the tests that use it: at module level it cost every
+    pytest worker a second at collection."""
+    import scipy.stats
+
+    return scipy.stats
 
 
 def split(portion: float = 1.0, weights: tuple[float, ...] = (1, 1, 2)) -> Split:
@@ -97,12 +105,12 @@ def test_variants_follow_the_weights(weights: tuple[float, ...]) -> None:
     names = [v.name for v in s.variants]
     observed = [counts[n] for n in names]
     expected = [N_IDS * w / sum(weights) for w in weights]
-    p = chisquare(observed, expected).pvalue
+    p = stats().chisquare(observed, expected).pvalue
     assert p > P_FLOOR, f"{observed} against {expected}: p = {p:.2g}"
     # The check can fail: the same counts against even weights are far off (unless
     # the weights are even).
     if len(set(weights)) > 1:
-        assert chisquare(observed, [N_IDS / len(weights)] * len(weights)).pvalue < 1e-9
+        assert stats().chisquare(observed, [N_IDS / len(weights)] * len(weights)).pvalue < 1e-9
 
 
 def test_portion_share_and_independence_from_the_variant() -> None:
@@ -112,12 +120,12 @@ def test_portion_share_and_independence_from_the_variant() -> None:
     for i in range(N_IDS):
         table[int(s.in_test(i))][names.index(s.variant_of(i))] += 1
     inside = sum(table[1])
-    p_share = chisquare([inside, N_IDS - inside], [0.2 * N_IDS, 0.8 * N_IDS]).pvalue
+    p_share = stats().chisquare([inside, N_IDS - inside], [0.2 * N_IDS, 0.8 * N_IDS]).pvalue
     assert p_share > P_FLOOR, f"{inside} of {N_IDS} in the test portion"
-    p_indep = chi2_contingency(table).pvalue
+    p_indep = stats().chi2_contingency(table).pvalue
     assert p_indep > P_FLOOR, f"portion x variant {table}: p = {p_indep:.2g}"
     # Within the portion, the variants still follow the weights.
-    p_weights = chisquare(table[1], [inside / 4, inside / 4, inside / 2]).pvalue
+    p_weights = stats().chisquare(table[1], [inside / 4, inside / 4, inside / 2]).pvalue
     assert p_weights > P_FLOOR, f"variants in the portion {table[1]}"
 
     # The check can fail: a portion read from the variant's own hash (the first 20 %
@@ -126,7 +134,7 @@ def test_portion_share_and_independence_from_the_variant() -> None:
     for i in range(N_IDS):
         v = s.variant_of(i)
         correlated[int(v == "A" and i % 5 != 0)][names.index(v)] += 1
-    assert chi2_contingency(correlated).pvalue < 1e-9
+    assert stats().chi2_contingency(correlated).pvalue < 1e-9
 
 
 def test_two_tests_divide_the_same_contacts_independently() -> None:
@@ -134,7 +142,7 @@ def test_two_tests_divide_the_same_contacts_independently() -> None:
     second = Split("campaign:8/ab", first.variants)
     pairs = Counter((first.variant_of(i), second.variant_of(i)) for i in range(N_IDS))
     table = [[pairs["A", "A"], pairs["A", "B"]], [pairs["B", "A"], pairs["B", "B"]]]
-    assert chi2_contingency(table).pvalue > P_FLOOR, table
+    assert stats().chi2_contingency(table).pvalue > P_FLOOR, table
 
 
 @settings(max_examples=100, deadline=None)
@@ -191,7 +199,7 @@ def yates_p(a: tuple[int, int], b: tuple[int, int]) -> float:
     f1, f2 = n1 - s1, n2 - s2
     n = n1 + n2
     stat = n * max(0.0, abs(s1 * f2 - s2 * f1) - n / 2) ** 2 / (n1 * n2 * (s1 + s2) * (f1 + f2))
-    return float(chi2.sf(stat, 1))
+    return float(stats().chi2.sf(stat, 1))
 
 
 def simulate(rng: np.random.Generator, n: int, rates: tuple[float, ...]) -> dict[str, tuple]:

@@ -121,7 +121,7 @@ async def set_up(base: str, admin: str, lab: Lab) -> tuple[str, int]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.long
+@pytest.mark.long(100)
 async def test_a_campaign_killed_twice_sends_each_message_once(
     tmp_path: Path,
     lab: Lab,

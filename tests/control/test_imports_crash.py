@@ -105,7 +105,7 @@ def client(base: str, key: str) -> httpx.AsyncClient:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-@pytest.mark.long
+@pytest.mark.long(15)
 async def test_a_killed_import_resumes_and_counts_exactly(
     db: str,
     request: pytest.FixtureRequest,

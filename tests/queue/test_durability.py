@@ -30,7 +30,7 @@ from postwarden.lab import Lab
 from tests.peers import require_binary
 
 # Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# two at a time.
+# three at a time.
 pytestmark = pytest.mark.serial
 
 PY = sys.executable

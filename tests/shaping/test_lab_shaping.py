@@ -18,7 +18,7 @@ from tests.shaping.recsink import RecordingSink
 from tests.waiting import eventually
 
 # Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# two at a time.
+# three at a time.
 pytestmark = pytest.mark.serial
 
 SRC_A, SRC_B = "127.0.2.1", "127.0.2.2"

@@ -132,6 +132,7 @@ async def test_transactional_overtakes_bulk_of_the_other_worker(
 
 
 @pytest.mark.serial
+@pytest.mark.long(13)
 @pytest.mark.timeout(240)
 async def test_weights_hold_with_two_workers(tmp_path: Path, lab: Lab, config: Any) -> None:
     sink = RecordingSink("127.0.3.2")

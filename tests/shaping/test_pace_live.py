@@ -83,8 +83,9 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     await eventually(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
 
 
-# Rates measured from the MX's timestamps: run after the parallel part, two at a time.
+# Rates measured from the MX's timestamps: run after the parallel part, three at a time.
 @pytest.mark.serial
+@pytest.mark.long(18)
 @pytest.mark.timeout(180)
 async def test_full_rate_is_back_soon_after_push_back_stops(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory

@@ -20,7 +20,7 @@ from tests.shaping.test_lab_shaping import SRC_A, send
 from tests.waiting import eventually
 
 # Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# two at a time.
+# three at a time.
 pytestmark = pytest.mark.serial
 
 RULES = (
@@ -29,6 +29,7 @@ RULES = (
 )
 
 
+@pytest.mark.long(10)
 @pytest.mark.timeout(300)
 async def test_two_workers_share_the_limits_cli_and_api_reach_the_broker(
     tmp_path: Path, lab: Lab, subprocess_config: Any

@@ -1,8 +1,6 @@
 """/v1/audiences: saved rules over a tenant's contacts (docs/audiences.md), their
 previews (a count and a sample) and snapshots (exactly who matched at a moment)."""
 
-from __future__ import annotations
-
 import datetime as dt
 from typing import Annotated, Any
 

@@ -11,8 +11,6 @@ campaign's send window. Nothing is written: the state, the history and the recor
 stay as they were.
 """
 
-from __future__ import annotations
-
 import asyncio
 import datetime as dt
 import logging

@@ -170,10 +170,13 @@ class CampaignRunner:
         self._stopping = False
         self._woken = 0.0  # when waiting records were last looked at (monotonic)
         # What campaigns are doing (_live_now): the states that give the loops work.
-        self._live: set[str] = {"scheduled", "sending", "paused"}
+        self._live: set[str] = set()
         self._looked = 0.0
         self._fresh = True
-        self._outcomes_at = 0.0
+        self._live_lock = asyncio.Lock()  # one query for the loops that ask at once
+        # Outcomes are read at once when a campaign is sending or paused; with none,
+        # the first idle read is OUTCOMES_IDLE after the start, as after any other.
+        self._outcomes_at = time.monotonic()
         self._fast_until = 0.0  # outcomes read every poll until then (monotonic)
 
     @property
@@ -222,6 +225,11 @@ class CampaignRunner:
     async def _loop(
         self, name: str, step: Callable[[], Awaitable[bool]], wake: asyncio.Event
     ) -> None:
+        # The first look one poll after the start, or at a wake (a campaign scheduled):
+        # a start, or a restart after a crash, has better things to do first.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), self.cfg.campaigns.poll)
+        wake.clear()
         while not self._stopping:
             busy = False
             try:
@@ -245,10 +253,11 @@ class CampaignRunner:
         """The states campaigns are in that give the loops work (``scheduled``,
         ``sending``, ``paused``): one indexed query per poll however many loops ask;
         everything is looked at again after :meth:`wake`."""
-        if self._fresh or time.monotonic() - self._looked >= self.cfg.campaigns.poll * 0.9:
-            self._fresh = False
-            self._looked = time.monotonic()
-            self._live = await live_states(self.sessions)
+        async with self._live_lock:
+            if self._fresh or time.monotonic() - self._looked >= self.cfg.campaigns.poll * 0.9:
+                self._fresh = False
+                self._looked = time.monotonic()
+                self._live = await live_states(self.sessions)
         return self._live
 
     async def outcomes_pass(self) -> bool:

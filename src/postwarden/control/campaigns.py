@@ -8,8 +8,6 @@ domain, DMARC, the pool). Approval needs the ``approve`` scope and a key other t
 the one that last changed the campaign (unless the tenant allows single-key approval).
 """
 
-from __future__ import annotations
-
 import datetime as dt
 from typing import Annotated, Any, Literal
 

@@ -3,8 +3,6 @@ to 1 000), their declared attribute types (/v1/contact-attributes) and their con
 records. The database work is in ``store.contacts``; a contact's status and the
 tenant's suppressions are kept in step there."""
 
-from __future__ import annotations
-
 import datetime as dt
 import functools
 import ipaddress

@@ -14,8 +14,6 @@ JSON: an array of objects, or ``{"data": [...]}``; each object's keys are the co
 written as ``a|b``, numbers and booleans as text, ``null`` as an empty cell.
 """
 
-from __future__ import annotations
-
 import asyncio
 import csv
 import datetime as dt

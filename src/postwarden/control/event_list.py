@@ -1,8 +1,6 @@
 """``GET /v1/events``: a tenant's events, filtered, oldest first, the page written
 straight from the rows (store.event_query has the query)."""
 
-from __future__ import annotations
-
 import datetime as dt
 from collections.abc import Sequence
 from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses

@@ -85,6 +85,10 @@ class ImportRunner:
         return ran
 
     async def _loop(self) -> None:
+        # The first look one poll after the start, or at a wake (an upload).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), POLL)
+        self._wake.clear()
         while True:
             try:
                 await self.run_once()

@@ -9,8 +9,6 @@ answer is ``202 {"id": …}``; the import runner (``control.import_runner``) doe
 them.
 """
 
-from __future__ import annotations
-
 import io
 import json
 from collections.abc import AsyncIterator

@@ -1,7 +1,5 @@
 """Request and response bodies of the API (pydantic), and their validation rules."""
 
-from __future__ import annotations
-
 import base64
 import binascii
 import datetime as dt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,9 @@ async def upgrade(url: str, revision: str = "head") -> None:
     await asyncio.to_thread(upgrade_sync, url, revision)
 
 
+@functools.cache
 def head_revision() -> str | None:
-    """The newest migration this version ships."""
+    """The newest migration this version ships (read once: they are the package's)."""
     from alembic.script import ScriptDirectory
 
     head: str | None = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

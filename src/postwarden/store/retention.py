@@ -39,6 +39,9 @@ def cutoffs(cfg: DatabaseConfig, now: dt.datetime) -> dict[str, dt.datetime | No
     return {"events": before(cfg.event_retention), "messages": before(cfg.message_retention)}
 
 
+FIRST_PRUNE_DELAY = 60.0
+
+
 class Pruner:
     def __init__(
         self,
@@ -68,6 +71,9 @@ class Pruner:
                 await self._task
 
     async def _run(self) -> None:
+        # The first run a minute after start (or sooner with a shorter interval): a
+        # start, or a restart after a crash, has better things to do first.
+        await asyncio.sleep(min(FIRST_PRUNE_DELAY, self.cfg.prune_interval))
         while True:
             try:
                 await self.run_once()
