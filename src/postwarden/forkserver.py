@@ -110,9 +110,6 @@ class ForkedProcess:
             raise ProcessLookupError(self.pid)
         signal.pidfd_send_signal(self._fd, sig)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
@@ -180,7 +177,7 @@ class ForkServer:
         async with self._lock:
             # Small, and read at once by a server that waits for it: written here
             # (no executor thread in the supervisor; see _start_worker on why).
-            _write_all(self._out, (json.dumps(request) + "\n").encode())
+            _say(self._out, request)
             return await asyncio.wait_for(self._answer(), within)
 
     async def spawn(self, argv: list[str], env: dict[str, str]) -> ForkedProcess:
@@ -214,6 +211,11 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _say(fd: int, message: dict[str, Any]) -> None:
+    """One line of the protocol (a pid or an error is under PIPE_BUF: one write)."""
+    _write_all(fd, (json.dumps(message) + "\n").encode())
 
 
 # ------------------------------------------------------------------ the server
@@ -292,10 +294,10 @@ def _start_worker(
             pid = os.fork()
             if pid == 0:
                 _run_child(request, supervisor, closing, main)
-            os.write(ans, (json.dumps({"pid": pid}) + "\n").encode())
+            _say(ans, {"pid": pid})
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                os.write(ans, (json.dumps({"error": repr(exc)}) + "\n").encode())
+                _say(ans, {"error": repr(exc)})
         finally:
             os._exit(0)
     os.waitpid(middle, 0)
@@ -358,10 +360,10 @@ def serve(
     try:
         early()
     except Exception as exc:  # said to the supervisor, which execs instead
-        os.write(ans, (json.dumps({"ready": False, "why": repr(exc)}) + "\n").encode())
+        _say(ans, {"ready": False, "why": repr(exc)})
         return 1
     if why := _fork_safe():
-        os.write(ans, (json.dumps({"ready": False, "why": why}) + "\n").encode())
+        _say(ans, {"ready": False, "why": why})
         return 1
     # setproctitle takes over the memory of argv and the environment at its first
     # call: made here, while the environment is this process's own (a worker changes
@@ -370,7 +372,7 @@ def serve(
         import setproctitle
 
         setproctitle.setproctitle(setproctitle.getproctitle())
-    os.write(ans, (json.dumps({"ready": True}) + "\n").encode())
+    _say(ans, {"ready": True})
     closing = [req, ans]
     loaded = False
     with os.fdopen(req, "rb", closefd=False) as requests:
@@ -386,10 +388,10 @@ def serve(
                     else:
                         why = _fork_safe()
                     if why:  # the supervisor execs this worker, and the next ones
-                        _write_all(ans, (json.dumps({"error": why}) + "\n").encode())
+                        _say(ans, {"error": why})
                         return 1
                 _start_worker(request, supervisor, closing, ans, main)
             else:
                 answer = _run_command(request, supervisor, closing, main)
-                _write_all(ans, (json.dumps(answer) + "\n").encode())
+                _say(ans, answer)
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import importlib.util
 import re
 import socket
@@ -68,18 +67,10 @@ def redact(url: str | URL) -> str:
 
 def shipped_revisions() -> list[tuple[str, str]]:
     """The migrations this version ships, oldest first: (revision, first doc line)."""
-    return list(_shipped())
+    from postwarden.store.db import script_directory
 
-
-@functools.cache
-def _shipped() -> tuple[tuple[str, str], ...]:  # read once: they are the package's
-    from alembic.script import ScriptDirectory
-
-    from postwarden.store.db import alembic_config
-
-    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    revs = [(r.revision, (r.doc or "").strip().splitlines()[0]) for r in script.walk_revisions()]
-    return tuple(revs[::-1])
+    revs = script_directory().walk_revisions()
+    return [(r.revision, (r.doc or "").strip().splitlines()[0]) for r in revs][::-1]
 
 
 def _suggest(url: URL) -> str | None:

@@ -107,11 +107,17 @@ async def upgrade(url: str, revision: str = "head") -> None:
 
 
 @functools.cache
-def head_revision() -> str | None:
-    """The newest migration this version ships (read once: they are the package's)."""
+def script_directory() -> Any:
+    """The migrations this version ships (alembic's ScriptDirectory), read once per
+    process: they are the package's."""
     from alembic.script import ScriptDirectory
 
-    head: str | None = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+def head_revision() -> str | None:
+    """The newest migration this version ships."""
+    head: str | None = script_directory().get_current_head()
     return head
 
 
