@@ -29,8 +29,8 @@ import pytest
 from postwarden.lab import Lab
 from tests.peers import require_binary
 
-# Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# three at a time.
+# Timing-sensitive (rates, group commit): `make test` runs these at normal CPU priority,
+# three at a time, alongside the rest at the lowest.
 pytestmark = pytest.mark.serial
 
 PY = sys.executable

@@ -17,8 +17,8 @@ from tests.conftest import ApplianceFactory
 from tests.shaping.recsink import RecordingSink
 from tests.waiting import eventually
 
-# Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# three at a time.
+# Timing-sensitive (rates, group commit): `make test` runs these at normal CPU priority,
+# three at a time, alongside the rest at the lowest.
 pytestmark = pytest.mark.serial
 
 SRC_A, SRC_B = "127.0.2.1", "127.0.2.2"

@@ -83,7 +83,7 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
     await eventually(lambda: bool(sink.rec.messages), 20, "a delivery after the refusals")
 
 
-# Rates measured from the MX's timestamps: run after the parallel part, three at a time.
+# Rates measured from the MX's timestamps: `make test` runs it at normal CPU priority.
 @pytest.mark.serial
 @pytest.mark.long(18)
 @pytest.mark.timeout(180)

@@ -19,8 +19,8 @@ from tests.shaping.recsink import RecordingSink
 from tests.shaping.test_lab_shaping import SRC_A, send
 from tests.waiting import eventually
 
-# Timing-sensitive (rates, group commit): run after the parallel part of `make test`,
-# three at a time.
+# Timing-sensitive (rates, group commit): `make test` runs these at normal CPU priority,
+# three at a time, alongside the rest at the lowest.
 pytestmark = pytest.mark.serial
 
 RULES = (
