@@ -125,7 +125,7 @@ def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
         "control": {
             "listen": "127.0.0.1:0",
             "encryption_key_file": str(tmp_path / "control.key"),
-            "cache_poll": "0.2s",
+            "cache_poll": "0.5s",
         },
         "database": {"url": control_db(tmp_path)},
         "spool": {"path": str(tmp_path / "spool")},
@@ -150,7 +150,7 @@ def base_overrides(tmp_path: Path, lab: Lab) -> dict[str, Any]:
             "retry_initial": "0.3s",
             "retry_max": "1s",
             "retry_jitter": 0.0,
-            "scan_interval": "0.05s",
+            "scan_interval": "0.25s",
         },
     }
 

@@ -172,7 +172,7 @@ async def crash_twice_then_finish(
             assert not p.get("records_done"), f"all records written before the kill: {p}"
             return bool(p["records"] >= 2000)
 
-        await eventually(writing, 60, "the launch writing records", interval=0.01)
+        await eventually(writing, 60, "the launch writing records", interval=0.03)
         kill(proc)
         await proc.wait()
     first = await progress(engine)
@@ -188,7 +188,7 @@ async def crash_twice_then_finish(
             )
             return bool(p["records_done"] and fed >= N // 3)
 
-        await eventually(feeding, 120, "the feeder handing records on", interval=0.01)
+        await eventually(feeding, 120, "the feeder handing records on", interval=0.05)
         kill(proc)
         await proc.wait()
     second = await progress(engine)
