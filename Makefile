@@ -40,9 +40,8 @@ REWRITTEN := $(VENV)/.tests-rewritten
 $(REWRITTEN): $(STAMP) $(shell find tests -name '*.py')
 	$(TEST_ENV) $(BIN)/python -m pytest --collect-only -q -p no:xdist -p no:cacheprovider \
 		>/dev/null 2>&1 && touch $@ || true  # a collection error: the run below shows it
-test: $(STAMP)
+test: $(STAMP) $(REWRITTEN)
 	$(BIN)/python -m compileall -q src tests bench >/dev/null
-	@$(MAKE) --no-print-directory $(REWRITTEN)
 	@log=$$(mktemp); \
 	$(TEST_ENV) $(BIN)/python -m pytest -n $(SERIAL_WORKERS) --dist worksteal -m serial \
 		$(PYTEST_ARGS) $(if $(PYTEST_ARGS),,$(SERIAL_FILES)) >"$$log" 2>&1 & serial=$$!; \
