@@ -5,10 +5,13 @@ in List-Unsubscribe stays a URI); other values keep the email package's encoding
 from __future__ import annotations
 
 import email
+import email.message
 import email.policy
 import re
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from postwarden.mail.build import BuildError, Draft, Mailbox, build
 
@@ -129,3 +132,45 @@ def test_build_alternative_leaves_the_rest_to_build() -> None:
     with pytest.raises(BuildError):
         build_alternative(Draft(Mailbox("n@acme.test"), [Mailbox("b@inbox.test")]),
                           message_id="<m@a.test>", date=0)  # fmt: skip
+
+
+# ---------------------------------------------------------------- plain header lines
+
+_NAME = st.text(alphabet="Ab z'.!=?\"()<>@,;:\\[]é -", max_size=30)
+_LOCAL = st.from_regex(r"[a-z0-9!#$%&'*+/=?^_`{|}~-]{1,8}(\.[a-z0-9_-]{1,5}){0,2}", fullmatch=True)
+_MAILBOX = st.builds(
+    Mailbox, st.builds("{}@{}".format, _LOCAL, st.sampled_from(["acme.test", "a-b.c1.test"])), _NAME
+)
+_PIECES = [*'ab =?_-\\"é\t<>:;', "x" * 30]
+_VALUE = st.lists(st.sampled_from(_PIECES), max_size=20).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sender=_MAILBOX, to=st.lists(_MAILBOX, min_size=1, max_size=3),
+       reply_to=st.none() | _MAILBOX, subject=_VALUE,
+       extra=st.lists(st.tuples(st.sampled_from(["X-A", "Feedback-ID", "List-Id"]), _VALUE),
+                      max_size=3),
+       date=st.integers(0, 4_000_000_000))  # fmt: skip
+@example(Mailbox("n@acme.test", "Acme News"), [Mailbox("b@acme.test", "Bo")], None,
+         "word " * 16 + "end", [("X-A", "x " * 40 + "y")], 0)  # fmt: skip
+@example(Mailbox("n@acme.test", "J. Smith"), [Mailbox("b@acme.test", "Zoë"),
+         Mailbox("c@acme.test", 'say "hi"')], Mailbox("r@acme.test", "(x) <y>"),
+         "=?utf-8?q?x?=", [("X-A", "tab\there")], 0)  # fmt: skip
+def test_plain_lines_are_what_the_email_package_writes(
+    sender: Mailbox, to: list[Mailbox], reply_to: Mailbox | None, subject: str,
+    extra: list[tuple[str, str]], date: int,
+) -> None:  # fmt: skip
+    """The header fields written without the ``email`` package are byte for byte
+    what it writes; values it must encode, quote or fold still go through it."""
+    from postwarden.mail.build import _head, _header_fields
+
+    draft = Draft(sender, to, reply_to=reply_to, subject=subject, text="x", headers=extra)
+    try:
+        msg = email.message.EmailMessage(policy=email.policy.SMTP)
+        _header_fields(msg, draft, "<m@acme.test>", date)
+        want = b"".join(email.policy.SMTP.fold_binary(k, v) for k, v in msg.raw_items())
+    except BuildError:
+        with pytest.raises(BuildError):
+            _head(draft, "<m@acme.test>", date)
+        return
+    assert _head(draft, "<m@acme.test>", date) == want
