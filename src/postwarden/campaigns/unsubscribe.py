@@ -27,27 +27,22 @@ generation could ride in it); version 1 stays readable while its mail is in inbo
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
 import hashlib
 import hmac
 import re
 from typing import NamedTuple
 
+from postwarden.engagement import sealed
+
 #: The version byte of the format above.
 VERSION = 1
-#: Bytes of the truncated HMAC-SHA256 tag (128 bits).
-TAG_BYTES = 16
+TAG_BYTES = sealed.TAG_BYTES
 #: Domain separation: the token key is HMAC-SHA256(material, KEY_LABEL).
 KEY_LABEL = b"postwarden list-unsubscribe v1"
-#: Ids are 64-bit signed in every database: 0 .. 2**63 - 1.
-MAX_ID = 2**63 - 1
-#: Varint bytes of one id at most (63 bits, 7 a byte).
-_MAX_VARINT = 9
+MAX_ID = sealed.MAX_ID
+_MAX_VARINT = sealed.MAX_VARINT
 _MIN_RAW = 1 + TAG_BYTES + 3
 _MAX_RAW = 1 + TAG_BYTES + 3 * _MAX_VARINT
-_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 #: Characters a URI in List-Unsubscribe may not hold (RFC 2369 encloses each in <>,
 #: separated by commas; whitespace, quotes and controls are never part of a URI).
 _NOT_IN_URI = re.compile(r'[\x00-\x20\x7f<>,"]')
@@ -74,54 +69,22 @@ def derive_key(material: bytes) -> bytes:
     return hmac.new(material, KEY_LABEL, hashlib.sha256).digest()
 
 
-@functools.lru_cache(maxsize=16)
-def _subkeys(key: bytes) -> tuple[bytes, bytes]:
-    return (
-        hmac.new(key, b"mac", hashlib.sha256).digest(),
-        hmac.new(key, b"enc", hashlib.sha256).digest(),
-    )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+# The construction is shared with the engagement tokens (version 2).
+_subkeys = sealed.subkeys
+_varint = sealed.varint
 
 
 def _read_varints(data: bytes) -> list[int] | None:
     """The ids of a payload; None unless it is exactly three canonical varints."""
     ids: list[int] = []
-    n = shift = size = 0
-    for byte in data:
-        n |= (byte & 0x7F) << shift
-        shift += 7
-        size += 1
-        if byte & 0x80:
-            if size == _MAX_VARINT:
-                return None
-            continue
-        if size > 1 and byte == 0:  # a zero last byte: not the shortest spelling
+    at = 0
+    while at < len(data):
+        got = sealed.read_varint(data, at)
+        if got is None:
             return None
-        if n > MAX_ID:
-            return None
+        n, at = got
         ids.append(n)
-        n = shift = size = 0
-    if size or len(ids) != 3:
-        return None
-    return ids
-
-
-def _keystream(enc_key: bytes, header: bytes, tag: bytes, n: int) -> bytes:
-    return hmac.new(enc_key, header + tag, hashlib.sha256).digest()[:n]
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    return ids if len(ids) == 3 else None
 
 
 def make_token(key: bytes, tenant_id: int, campaign_id: int, contact_id: int) -> str:
@@ -133,37 +96,20 @@ def make_token(key: bytes, tenant_id: int, campaign_id: int, contact_id: int) ->
     for name, value in zip(("tenant", "campaign", "contact"), ids, strict=True):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
             raise ValueError(f"{name} id out of range: {value!r}")
-    mac_key, enc_key = _subkeys(key)
-    header = bytes([VERSION])
     payload = b"".join(_varint(i) for i in ids)
-    tag = hmac.new(mac_key, header + payload, hashlib.sha256).digest()[:TAG_BYTES]
-    sealed = _xor(payload, _keystream(enc_key, header, tag, len(payload)))
-    return base64.urlsafe_b64encode(header + tag + sealed).rstrip(b"=").decode("ascii")
+    return sealed.spell(sealed.seal(key, bytes([VERSION]), payload))
 
 
 def read_token(key: bytes, token: str) -> Recipient | None:
     """The recipient a token of ``key`` names; None for anything else (forged,
     altered, malformed, another version or key)."""
-    if not key or not isinstance(token, str):
+    if not key:
         return None
-    if not 4 * _MIN_RAW // 3 <= len(token) <= -(-4 * _MAX_RAW // 3):
+    raw = sealed.unspell(token, _MIN_RAW, _MAX_RAW)
+    if raw is None or raw[0] != VERSION:
         return None
-    if not _B64URL.fullmatch(token):
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    # One spelling per token: the unused low bits of the last character must be zero.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != token:
-        return None
-    if not _MIN_RAW <= len(raw) <= _MAX_RAW or raw[0] != VERSION:
-        return None
-    mac_key, enc_key = _subkeys(key)
-    header, tag, sealed = raw[:1], raw[1 : 1 + TAG_BYTES], raw[1 + TAG_BYTES :]
-    payload = _xor(sealed, _keystream(enc_key, header, tag, len(sealed)))
-    want = hmac.new(mac_key, header + payload, hashlib.sha256).digest()[:TAG_BYTES]
-    if not hmac.compare_digest(want, tag):
+    payload = sealed.unseal(key, raw[:1], raw[1:])
+    if payload is None:
         return None
     ids = _read_varints(payload)
     if ids is None:  # never made by make_token: a key shared with something else
