@@ -466,6 +466,19 @@ class CampaignsConfig:
     poll: PosDuration = 1.0  # seconds between looks for work when nothing is due
 
 
+@dataclass(config=_TOML, frozen=True)
+class TrackingConfig:
+    """Open and click tracking (engagement, issue 22; docs/tracking.md): ``[tracking]``."""
+
+    # Hits are judged this long after they arrive, when what follows them is known
+    # (the click after a pixel, the other links of a message).
+    settle: PosDuration = 60.0
+    verdicts_file: Str = ""  # the operator's verdict rules (TOML), before the shipped ones
+    # The hit writer: one transaction per batch of at most this many hits, the
+    # requests waiting for it (a hit answered is a hit stored).
+    hit_batch: PosInt = 500
+
+
 DEFAULT_POOL = "default"
 DEFAULT_SOURCE = "default"
 
@@ -490,6 +503,7 @@ class Config:
     inbound: InboundConfig = field(default_factory=InboundConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     campaigns: CampaignsConfig = field(default_factory=CampaignsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source: Str = "<defaults>"  # the file it was read from: not a key (load_config)
 
     @property

@@ -292,6 +292,14 @@ class Metrics:
             ["method", "verdict"],
             registry=r,
         )
+        self.tracking_requests = Counter(
+            "postwarden_tracking_requests",
+            "Requests to the open pixel (kind=open, /t/o/<token>) and click redirects"
+            " (kind=click, /t/c/<token>) by verdict: valid (the hit stored), forged"
+            " (the token does not read: 404), lost (answered, the database down).",
+            ["kind", "verdict"],
+            registry=r,
+        )
         self.bounce_categories = Counter(
             "postwarden_bounce_categories",
             "Permanent failures by classifier category and hard/soft, during delivery "
@@ -338,6 +346,9 @@ class Metrics:
             self.return_path_tokens.labels(verdict)
             for method in ("GET", "HEAD", "POST"):
                 self.unsubscribe_requests.labels(method, verdict)
+        for kind in ("open", "click"):
+            for verdict in ("valid", "forged", "lost"):
+                self.tracking_requests.labels(kind, verdict)
         for reason in ("hard_bounce", "soft_bounce", "complaint"):
             self.bounce_suppressions.labels(reason)
         for reason in FAILURE_STAGES:

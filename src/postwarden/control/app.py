@@ -124,6 +124,7 @@ def create_app(
         from postwarden.control import campaigns  # noqa: F401
         from postwarden.control import campaign_ab  # noqa: F401
         from postwarden.control import campaign_dry_run  # noqa: F401
+        from postwarden.control import tracking_keys  # noqa: F401
         # isort: on
 
         # Built at the first request for it, once per process (0.2 s: not at every
@@ -134,12 +135,13 @@ def create_app(
         async def docs(_: Request) -> HTMLResponse:
             return HTMLResponse(docs_page(openapi_document(api)))
 
-        from postwarden.control import unsubscribe
+        from postwarden.control import tracking, unsubscribe
 
         routes += [Route("/openapi.json", openapi), Route("/docs", docs)]
         routes += api.routes(plane)
-        # Public links in mail (no key): List-Unsubscribe's placeholder.
+        # Public links in mail (no key): List-Unsubscribe, the pixel and the redirects.
         routes += unsubscribe.routes(plane)
+        routes += tracking.routes(plane)
     routes += extra_routes or []
 
     return Starlette(

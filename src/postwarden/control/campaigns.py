@@ -28,7 +28,7 @@ from postwarden.control.api import api, one_or_404, page, page_of
 from postwarden.control.errors import ApiError, invalid
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.routing import Call
-from postwarden.control.schemas import MAX_ID, Address, Page, Strict, one_line
+from postwarden.control.schemas import MAX_ID, Address, Page, Strict, TrackingMode, one_line
 from postwarden.control.templates import lint_findings
 from postwarden.control.unsubscribe import list_unsubscribe_problem
 from postwarden.mail.addresses import suppression_key
@@ -106,6 +106,9 @@ class CampaignCreate(Strict):
     metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
     send_window: dict[str, Any] | None = Field(default=None, description=WINDOW)
     ab: AbIn | None = Field(default=None, description="an A/B test (docs/campaigns.md)")
+    tracking: TrackingMode | None = Field(
+        default=None, description="open and click tracking; null: the tenant's setting"
+    )
 
 
 class CampaignUpdate(Strict):
@@ -119,6 +122,9 @@ class CampaignUpdate(Strict):
     metadata: dict[str, str] | None = Field(default=None, max_length=20)
     send_window: dict[str, Any] | None = Field(default=None, description=WINDOW)
     ab: AbIn | None = Field(default=None, description="an A/B test; null: none")
+    tracking: TrackingMode | None = Field(
+        default=None, description="open and click tracking; null: the tenant's setting"
+    )
 
 
 class ActionIn(Strict):
@@ -154,6 +160,7 @@ class CampaignOut(BaseModel):
     )
     tags: list[str]
     metadata: dict[str, Any]
+    tracking: str | None = Field(description="off, anonymous or per_recipient; null: the tenant's")
     scheduled_at: dt.datetime | None
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -212,7 +219,7 @@ def _out(row: Campaign) -> CampaignOut:
         template_id=row.template_id, template_version=row.template_version,
         from_=FromOut(email=row.from_email, name=row.from_name), reply_to=row.reply_to,
         pool=row.pool, send_window=row.send_window, ab=row.ab, tags=list(row.tags or []),
-        metadata=dict(row.meta or {}),
+        metadata=dict(row.meta or {}), tracking=row.tracking,
         scheduled_at=row.scheduled_at, created_at=row.created_at, updated_at=row.updated_at,
     )  # fmt: skip
 
@@ -358,6 +365,7 @@ async def create_campaign(c: Call) -> Any:
             template_id=b.template_id, from_email=suppression_key(b.from_.email),
             from_name=b.from_.name, reply_to=b.reply_to, pool=b.pool, tags=b.tags,
             meta=b.metadata, send_window=window, last_editor=_key(c), ab=ab,
+            tracking=b.tracking,
         )  # fmt: skip
         return await _add_draft(s, c, row)
 
@@ -423,6 +431,8 @@ async def update_campaign(c: Call) -> Any:
                 setattr(row, name, value)
         if b.metadata is not None:
             row.meta = b.metadata
+        if "tracking" in b.model_fields_set:
+            row.tracking = b.tracking
         if window is not None:
             row.send_window = window
         if b.from_ is not None:
@@ -775,7 +785,7 @@ async def clone_campaign(c: Call) -> Any:
             audience_id=src.audience_id, template_id=src.template_id,
             from_email=src.from_email, from_name=src.from_name, reply_to=src.reply_to,
             pool=src.pool, send_window=src.send_window, tags=list(src.tags or []),
-            meta=dict(src.meta or {}), last_editor=_key(c),
+            meta=dict(src.meta or {}), last_editor=_key(c), tracking=src.tracking,
             ab={k: v for k, v in src.ab.items() if k not in AB_RUNTIME} if src.ab else None,
         )  # fmt: skip
         return await _add_draft(s, c, row, f"clone of campaign {src.id}")

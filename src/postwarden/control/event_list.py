@@ -32,8 +32,10 @@ class EventList(BaseModel):
 
 
 #: Every event type a tenant's events can have: the spool's recipient states and
-#: operator actions (queue/spool.py), and the bounce processor's ``complained``. A
-#: filter on another is a typo: 422 with this list, never an empty page.
+#: operator actions (queue/spool.py), the bounce processor's ``complained``, and
+#: engagement's ``opened``, ``clicked`` (with ``machine`` and ``reason`` in their
+#: detail) and ``unsubscribed`` (docs/tracking.md). A filter on another is a typo: 422
+#: with this list, never an empty page.
 EventType = Literal[
     "accepted",
     "queued",
@@ -47,6 +49,9 @@ EventType = Literal[
     "held",
     "released",
     "flushed",
+    "opened",
+    "clicked",
+    "unsubscribed",
 ]
 
 

@@ -25,6 +25,8 @@ from postwarden.control.inbound_domains import InboundDomains
 from postwarden.control.pool_cache import PoolCache
 from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
+from postwarden.control.tenant_keys import TenantKeyCache
+from postwarden.control.tracking import HitWriter
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
@@ -91,6 +93,10 @@ class ControlPlane:
         self.signing = SigningKeyCache(self.sessions, self.box, on_keys)
         self.pool_cache = PoolCache(self.sessions, cfg)
         self.inbound = InboundDomains(self.sessions, cfg)
+        # The tenants' keys of tracking, unsubscribe and preference links (issue 22).
+        self.tenant_keys = TenantKeyCache(self.sessions, self.box)
+        # Tracking hits, written in batches (control.tracking).
+        self.hits = HitWriter(self.sessions, cfg.tracking.hit_batch)
         # Contact imports and data-source pulls, in the background (issue 20).
         self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).
@@ -184,6 +190,7 @@ class ControlPlane:
         await self.signing.reload()
         await self.inbound.reload()
         await self.pool_cache.reload()
+        await self.tenant_keys.reload()
         self.db.started = True
         self.db.recovered()
         self._task = asyncio.create_task(self._poll())
@@ -214,6 +221,7 @@ class ControlPlane:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        await self.hits.stop()
         await self.engine.dispose()
 
     # ------------------------------------------------------------------ the MTA's questions
@@ -284,6 +292,8 @@ class ControlPlane:
             await self.inbound.reload()
         if kinds & {"pool", "tenant"}:
             await self.pool_cache.reload()
+        if "tenant_key" in kinds:
+            await self.tenant_keys.reload()
         # Only once the caches hold them: a failure above reads the same rows again.
         self._last_change = rows[-1][0]
 

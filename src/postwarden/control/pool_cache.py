@@ -43,6 +43,7 @@ class PoolCache:
         # with either.
         self.tenant_pools: dict[int, tuple[str | None, frozenset[str]]] = {}
         self.notify_tenants: set[int] = set()  # tenants with settings.bounce_notifications
+        self.truncate_ip_tenants: set[int] = set()  # tenants with settings.truncate_ip
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -95,6 +96,10 @@ class PoolCache:
             tid
             for tid, *_pools, settings in tenants
             if (settings or {}).get("bounce_notifications")
+        }
+        # Tenants that keep tracking hits' IP addresses truncated (control.tracking).
+        self.truncate_ip_tenants = {
+            tid for tid, *_pools, settings in tenants if (settings or {}).get("truncate_ip")
         }
         self._merge_pools()
 

@@ -116,6 +116,9 @@ def decode_cursor(cursor: str | None) -> int:
 # ---------------------------------------------------------------- tenants and keys
 
 
+TrackingMode = Literal["off", "anonymous", "per_recipient"]
+
+
 class TenantSettings(Strict):
     bounce_notifications: bool = False
     postal_address: Annotated[
@@ -142,6 +145,21 @@ class TenantSettings(Strict):
             " record over the cap is suppressed with reason frequency_cap. 0: no cap",
         ),
     ] = 0
+    tracking: Annotated[
+        TrackingMode,
+        Field(
+            description="open and click tracking of campaigns (a campaign may say"
+            " otherwise): off; anonymous (counts per campaign and link, no contact in"
+            " the links); per_recipient (who opened and clicked)"
+        ),
+    ] = "anonymous"
+    truncate_ip: Annotated[
+        bool,
+        Field(
+            description="keep tracking hits' IP addresses truncated (IPv4 to /24, IPv6 to"
+            " /48) instead of whole"
+        ),
+    ] = False
 
 
 _DEFAULT_POOL = "the pool of its mail that names none; null: the appliance's default pool"

@@ -9,6 +9,7 @@ from postwarden.store import (  # noqa: F401  (each registers its tables)
     audience_models,
     campaign_models,
     contact_models,
+    engagement_models,
     import_models,
     template_models,
 )

@@ -87,6 +87,8 @@ class Campaign(Base):
     records_done: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     runner: Mapped[str | None] = mapped_column(String(80), default=None)
     lease_until: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Tracking (issue 22): off | anonymous | per_recipient; None follows the tenant's.
+    tracking: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class CampaignFeed(Base):
@@ -154,6 +156,7 @@ class SendRecord(Base):
     # The first human click (tracking, issue 22) and the first conversion reported
     # (POST /v1/campaigns/{id}/conversions): what an A/B test is decided on.
     clicked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    opened_at: Mapped[dt.datetime | None] = mapped_column(default=None)  # first human open
     converted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

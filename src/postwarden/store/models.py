@@ -175,7 +175,8 @@ class Change(Base):
     __tablename__ = "changes"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))  # suppression|domain|api_key|tenant|pool
+    # suppression | domain | api_key | tenant | pool | tenant_key
+    kind: Mapped[str] = mapped_column(String(20))
     tenant_id: Mapped[int | None] = mapped_column(BigInteger)
     ref: Mapped[str] = mapped_column(String(320), default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
