@@ -40,6 +40,7 @@ from postwarden.bounces.verp import ReturnPaths
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
 from postwarden.control.events import EventCopier
 from postwarden.control.plane import ControlPlane
+from postwarden.control.unsubscribe import mailto_unsubscribe
 from postwarden.dns.resolver import Resolver
 from postwarden.mail.addresses import suppression_key
 from postwarden.mail.cleanup import Cleanup, Origin
@@ -263,6 +264,7 @@ class Appliance:
                 metrics=self.metrics,
                 feedback_to_broker=self._broker_command,
                 on_suppressed=self._bounce_suppressed,
+                on_unsubscribe=self._mailto_unsubscribe,
             )
             self.inbound = InboundHandler(
                 cfg,
@@ -304,6 +306,11 @@ class Appliance:
         task = asyncio.get_running_loop().create_task(self.control.suppressions.refresh(keys))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
+
+    async def _mailto_unsubscribe(self, token: str, sender: str) -> bool:
+        """A message to a List-Unsubscribe mailto: whether its token read (then the
+        unsubscribe is recorded; control.unsubscribe)."""
+        return await mailto_unsubscribe(self.control, token, sender)
 
     async def _submit_campaign(self, env: Envelope, data: bytes, msg_id: str) -> StoredMessage:
         """A campaign's message (control.campaign_runner), through acceptance."""

@@ -275,7 +275,8 @@ class Metrics:
         self.inbound_reports = Counter(
             "postwarden_bounce_reports",
             "Reports from the inbox processed, by what they were: bounce, complaint, "
-            "feedback (ARF that is no complaint), auto_reply, delayed, delivered, unparsed.",
+            "feedback (ARF that is no complaint), auto_reply, delayed, delivered,"
+            " unsubscribe (to a List-Unsubscribe mailto), unparsed.",
             ["outcome"],
             registry=r,
         )
@@ -287,7 +288,8 @@ class Metrics:
         )
         self.unsubscribe_requests = Counter(
             "postwarden_unsubscribe_requests",
-            "Requests to List-Unsubscribe links (/u/<token>), by method (GET, HEAD, POST)"
+            "Requests to List-Unsubscribe links (/u/<token>) by method (GET, HEAD, POST,"
+            " mailto: a message to its mailto address)"
             " and token verdict: valid, or forged (altered, malformed, not ours).",
             ["method", "verdict"],
             registry=r,
@@ -339,12 +341,13 @@ class Metrics:
             "auto_reply",
             "delayed",
             "delivered",
+            "unsubscribe",
             "unparsed",
         ):
             self.inbound_reports.labels(outcome)
         for verdict in ("valid", "forged"):
             self.return_path_tokens.labels(verdict)
-            for method in ("GET", "HEAD", "POST"):
+            for method in ("GET", "HEAD", "POST", "mailto"):
                 self.unsubscribe_requests.labels(method, verdict)
         for kind in ("open", "click"):
             for verdict in ("valid", "forged", "lost"):

@@ -70,6 +70,18 @@ class Target:
     sending_domain: str
 
 
+#: The local part of a List-Unsubscribe mailto: ``unsubscribe+<token>``.
+UNSUBSCRIBE_PREFIX = "unsubscribe+"
+
+
+def _unsubscribe_token(rcpt_tos: list[str]) -> str | None:
+    for rcpt in rcpt_tos:
+        local = rcpt.rpartition("@")[0]
+        if local[: len(UNSUBSCRIBE_PREFIX)].lower() == UNSUBSCRIBE_PREFIX:
+            return local[len(UNSUBSCRIBE_PREFIX) :]
+    return None
+
+
 class BounceProcessor:
     def __init__(
         self,
@@ -82,6 +94,7 @@ class BounceProcessor:
         metrics: Any = None,
         feedback_to_broker: Callable[..., Awaitable[Any]] | None = None,
         on_suppressed: Callable[[list[tuple[int, str]]], Any] | None = None,
+        on_unsubscribe: Callable[[str, str], Awaitable[bool]] | None = None,
         batch: int = 8,  # up to inbound.max_message_size each, held at once
         stale_after: float = 300.0,
     ) -> None:
@@ -93,6 +106,9 @@ class BounceProcessor:
         self.metrics = metrics
         self.feedback_to_broker = feedback_to_broker
         self.on_suppressed = on_suppressed
+        # A message to a List-Unsubscribe mailto (``unsubscribe+<token>@...``):
+        # (token, envelope sender) -> whether the token read and was recorded.
+        self.on_unsubscribe = on_unsubscribe
         self.batch = batch
         self.stale_after = stale_after
         self._wake = asyncio.Event()
@@ -156,6 +172,13 @@ class BounceProcessor:
 
     async def handle(self, item: Item) -> str:
         """Process one claimed report; returns what it was (a metric label)."""
+        token = _unsubscribe_token(item.rcpt_tos)
+        if token is not None and self.on_unsubscribe is not None:
+            if await self.on_unsubscribe(token, item.mail_from):
+                await asyncio.to_thread(self.inbox.done, item)
+                return "unsubscribe"
+            await asyncio.to_thread(self.inbox.unparsed, item, "forged unsubscribe token")
+            return "unparsed"
         step = "parser"
         try:
             report = await asyncio.to_thread(self.parser.parse_bytes, item.data)

@@ -39,6 +39,7 @@ from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Strict
 from postwarden.control.templates import parts_of, postal_address_of
+from postwarden.control.tenant_keys import LinkKey
 from postwarden.control.unsubscribe import recipient_links
 from postwarden.shaping.rules import Rules, RulesError, load_rules, shipped_rules
 from postwarden.store.audience_models import Audience
@@ -184,7 +185,12 @@ async def _version(s: Any, c: Call, row: Campaign) -> TemplateVersion | None:
 
 
 def _render_sample(
-    c: Call, row: Campaign, v: TemplateVersion, postal: str, contacts: list[Contact]
+    c: Call,
+    row: Campaign,
+    v: TemplateVersion,
+    postal: str,
+    contacts: list[Contact],
+    signer: LinkKey,
 ) -> list[SampleMessage]:
     """Each contact's message as the runner would render it (its real links)."""
     parts = parts_of(v)
@@ -194,7 +200,7 @@ def _render_sample(
     for person in contacts:
         urls = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
         urls["unsubscribe_url"], headers = recipient_links(
-            c.ctx, row.tenant_id, row.id, person.id, domain
+            c.ctx, row.tenant_id, row.id, person.id, domain, signer
         )
         context = send_context(
             contact={"email": person.email, "name": person.name,
@@ -266,7 +272,13 @@ async def dry_run_campaign(c: Call) -> Any:
     messages = []
     if version is not None:
         messages = await asyncio.to_thread(
-            _render_sample, c, row, version, postal_address_of(tenant), contacts
+            _render_sample,
+            c,
+            row,
+            version,
+            postal_address_of(tenant),
+            contacts,
+            await c.ctx.tenant_keys.signer(row.tenant_id),
         )
     sample = Sample(
         template_id=row.template_id,

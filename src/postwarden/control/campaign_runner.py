@@ -41,6 +41,7 @@ from postwarden.content.variables import PLACEHOLDER_URLS, send_context
 from postwarden.control.campaign_ab import look_at_tests
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.templates import parts_of, postal_address_of
+from postwarden.control.tenant_keys import LinkKey
 from postwarden.control.unsubscribe import recipient_links
 from postwarden.mail.build import BuildError, Draft, Mailbox, build_alternative, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
@@ -124,6 +125,9 @@ class Job:
     postal_address: str
     pool: str | None
     frequency_cap: int
+    # Open and click tracking: off, anonymous or per_recipient (the campaign's, else
+    # the tenant's setting).
+    tracking: str = "anonymous"
     # The A/B test: who gets which variant, each variant's look, the winner once known.
     split: Split | None = None
     variants: dict[str, Look] = dataclasses.field(default_factory=dict)
@@ -416,7 +420,10 @@ class CampaignRunner:
                     continue  # never reached the spool: sent below, under its id
                 queued_or_drop(item.record_id, stored, queued, ended)
                 items.remove(item)
-        await asyncio.to_thread(self._render_all, job, items)
+        # The tenant's links key (made on its first campaign): List-Unsubscribe's token,
+        # and the tracked links'.
+        signer = await self.plane.tenant_keys.signer(row.tenant_id) if items else None
+        await asyncio.to_thread(self._render_all, job, items, signer)
         todo = []
         for item in items:
             if item.error:
@@ -507,6 +514,7 @@ class CampaignRunner:
             postal_address=postal_address_of(tenant),
             pool=pool,
             frequency_cap=int(settings.get("frequency_cap") or 0),
+            tracking=row.tracking or str(settings.get("tracking") or "anonymous"),
             split=split,
             variants=variants,
             winner=(row.ab or {}).get("winner"),
@@ -555,7 +563,7 @@ class CampaignRunner:
                 out[item.record_id] = StoredMessage(msg_id, (), (), drops)
         return out
 
-    def _render_all(self, job: Job, items: list[Item]) -> None:
+    def _render_all(self, job: Job, items: list[Item], signer: LinkKey | None) -> None:
         """Render and build each item's message (in a thread: templates are CPU)."""
         row = job.campaign
         host = self.cfg.server.hostname
@@ -566,7 +574,7 @@ class CampaignRunner:
             domain = look.from_email.rpartition("@")[2]
             links = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
             url, headers = recipient_links(self.plane, row.tenant_id, row.id, item.contact_id,
-                                           domain)  # fmt: skip
+                                           domain, signer)  # fmt: skip
             links["unsubscribe_url"] = url
             headers.append(("Feedback-ID", f"c{row.id}:t{row.tenant_id}:campaign:postwarden"))
             context = send_context(

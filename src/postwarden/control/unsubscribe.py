@@ -37,14 +37,16 @@ from starlette.routing import Route
 from postwarden.bounces.verp import control_key_material
 from postwarden.campaigns import unsubscribe as tokens
 from postwarden.config import Config, parse_hostport
+from postwarden.control.tenant_keys import LinkKey
+from postwarden.engagement import tokens as tokens_v2
+from postwarden.engagement.tokens import Kind, Link
 from postwarden.mail.addresses import suppression_key
 from postwarden.mail.build import Draft, Mailbox, build
 from postwarden.mta.dkim import DkimSigner, SigningKey, split_message
+from postwarden.store import unsubscribes
 from postwarden.store.availability import LogLimiter, is_unavailable
-from postwarden.store.campaign_models import SendRecord, UnsubscribeRequest
-from postwarden.store.contact_models import Contact
-from postwarden.store.models import Domain, Tenant
-from postwarden.store.suppress import upsert_suppression
+from postwarden.store.models import Domain
+from postwarden.store.unsubscribes import Unsubscribe
 
 log = logging.getLogger("postwarden.control.unsubscribe")
 _limited = LogLimiter(log)
@@ -109,28 +111,60 @@ def mailto_domain(ctx: Any, from_domain: str) -> str | None:
 
 
 def list_unsubscribe_headers(
-    ctx: Any, tenant_id: int, campaign_id: int, contact_id: int, from_domain: str
+    ctx: Any,
+    tenant_id: int,
+    campaign_id: int,
+    contact_id: int,
+    from_domain: str,
+    signer: LinkKey | None = None,
 ) -> list[tuple[str, str]]:
     """The List-Unsubscribe and List-Unsubscribe-Post fields of one campaign message
     (:func:`recipient_links`' second half)."""
-    return recipient_links(ctx, tenant_id, campaign_id, contact_id, from_domain)[1]
+    return recipient_links(ctx, tenant_id, campaign_id, contact_id, from_domain, signer)[1]
 
 
 def recipient_links(
-    ctx: Any, tenant_id: int, campaign_id: int, contact_id: int, from_domain: str
+    ctx: Any,
+    tenant_id: int,
+    campaign_id: int,
+    contact_id: int,
+    from_domain: str,
+    signer: LinkKey | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
     """One recipient's unsubscribe link (``{{ unsubscribe_url }}``) and the
     List-Unsubscribe and List-Unsubscribe-Post fields of their message, from one
     token: ``<{public_url}/u/{token}>, <mailto:unsubscribe+{token}@{mailto_domain}>``
     (the mailto left out when its local part would pass 64 characters), for
     ``mail.build.Draft.headers`` (which writes ASCII values as they are, folded only
-    at spaces)."""
-    token = tokens.make_token(token_key(ctx.cfg), tenant_id, campaign_id, contact_id)
+    at spaces).
+
+    ``signer``: the tenant's links key (``control.tenant_keys``): a version 2 token.
+    Without one, a version 1 token under the appliance-wide key — what mail sent
+    before issue 22 carries, still read by the route."""
+    if signer is not None:
+        token = tokens_v2.make(
+            signer.kid, signer.key, Link(Kind.UNSUBSCRIBE, campaign_id, contact_id)
+        )
+    else:
+        token = tokens.make_token(token_key(ctx.cfg), tenant_id, campaign_id, contact_id)
     url = _url(ctx, token)
     local = f"{MAILTO_PREFIX}{token}"
     domain = mailto_domain(ctx, from_domain)
     mailto = f"{local}@{domain}" if domain and len(local) <= MAX_LOCAL_PART else None
     return url, tokens.headers(url, mailto)
+
+
+def read_link(ctx: Any, token: str) -> tokens.Recipient | None:
+    """Who an unsubscribe token names: a version 2 token under the tenant's links
+    key, else a version 1 token under the appliance-wide key; None for anything else
+    (a tracking token included)."""
+    found = ctx.tenant_keys.read(token)
+    if found is not None:
+        tenant_id, link = found
+        if link.kind is not Kind.UNSUBSCRIBE or not link.contact_id:
+            return None
+        return tokens.Recipient(tenant_id, link.campaign_id, link.contact_id)
+    return tokens.read_token(token_key(ctx.cfg), token)
 
 
 # ------------------------------------------------------------------ the validation check
@@ -222,7 +256,8 @@ async def list_unsubscribe_problem(
         return _problem(
             "from.email", f"{domain} has no DKIM signing keys: List-Unsubscribe would go unsigned"
         )
-    fields = list_unsubscribe_headers(ctx, tenant_id, 0, 0, domain)
+    signer = await ctx.tenant_keys.signer(tenant_id)
+    fields = list_unsubscribe_headers(ctx, tenant_id, 0, 0, domain, signer)
     # Built as the campaign runner builds its messages (mail.build), then signed.
     draft = Draft(
         sender=Mailbox(f"sample@{domain}"),
@@ -310,60 +345,19 @@ def _unavailable() -> HTMLResponse:
 async def record_request(
     ctx: Any, who: tokens.Recipient, method: str, ip: str | None, user_agent: str
 ) -> str | None:
-    """Record one request to a valid link in ``unsubscribe_requests`` and, for a POST,
-    suppress the address for the tenant (an entry already in force without an expiry
-    is kept: a second POST changes nothing). The address comes from the campaign's
-    send record, else from the contact; a link whose tenant is gone records nothing.
-    Returns the address ("" when neither names it; None when the tenant is gone)."""
+    """Record one request to a valid link (``store.unsubscribes``: a POST
+    unsubscribes) and put a new suppression in force in this process before the
+    answer. Returns the address ("" when unknown; None when the tenant is gone)."""
+    u = Unsubscribe(who.tenant_id, who.campaign_id, who.contact_id, method, SOURCE, ip,
+                    user_agent)  # fmt: skip
     async with ctx.sessions() as s:
-        if (await s.execute(select(Tenant.id).where(Tenant.id == who.tenant_id))).first() is None:
-            return None
-        email = (
-            await s.execute(
-                select(SendRecord.email)
-                .where(
-                    SendRecord.tenant_id == who.tenant_id,
-                    SendRecord.campaign_id == who.campaign_id,
-                    SendRecord.contact_id == who.contact_id,
-                )
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-        if email is None:
-            email = (
-                await s.execute(
-                    select(Contact.email).where(
-                        Contact.tenant_id == who.tenant_id, Contact.id == who.contact_id
-                    )
-                )
-            ).scalar_one_or_none()
-        email = email or ""
-        s.add(
-            UnsubscribeRequest(
-                tenant_id=who.tenant_id,
-                campaign_id=who.campaign_id,
-                contact_id=who.contact_id,
-                email=email,
-                method=method,
-                ip=ip[:45] if ip else None,
-                user_agent=user_agent[:USER_AGENT_MAX],
-            )
-        )
-        if method == "POST" and email:
-            await upsert_suppression(
-                s,
-                who.tenant_id,
-                email,
-                "unsubscribe",
-                SOURCE,
-                f"campaign {who.campaign_id}, contact {who.contact_id}",
-                None,
-                keep=lambda row: row.expires_at is None,
-            )
+        done = await unsubscribes.record(s, u)
         await s.commit()
-    if method == "POST" and email:
+    if done is None:
+        return None
+    if done.unsubscribed:
         # In force in this process before the answer; in the others within a poll.
-        await ctx.suppressions.refresh([(who.tenant_id, suppression_key(email))])
+        await ctx.suppressions.refresh([(who.tenant_id, suppression_key(done.email))])
         ctx.wake()
     log.info(
         "event=list_unsubscribe method=%s tenant=%s campaign=%s contact=%s known=%s",
@@ -371,9 +365,21 @@ async def record_request(
         who.tenant_id,
         who.campaign_id,
         who.contact_id,
-        bool(email),
+        bool(done.email),
     )
-    return email
+    return done.email
+
+
+async def mailto_unsubscribe(ctx: Any, token: str, sender: str) -> bool:
+    """A message the inbound MX took for ``unsubscribe+<token>@...``: the unsubscribe
+    recorded (method ``mailto``; the envelope sender kept as the user agent) when the
+    token reads; False for a token that does not (the report is kept as unparsed)."""
+    who = read_link(ctx, token)
+    _count(ctx, "mailto", "forged" if who is None else "valid")
+    if who is None:
+        return False
+    await record_request(ctx, who, "mailto", None, f"mail from <{sender}>")
+    return True
 
 
 def _count(ctx: Any, method: str, verdict: str) -> None:
@@ -387,7 +393,7 @@ def routes(ctx: Any) -> list[Route]:
 
     async def link(request: Request) -> Response:
         method = request.method
-        who = tokens.read_token(token_key(ctx.cfg), request.path_params["token"])
+        who = read_link(ctx, request.path_params["token"])
         if who is None:
             _count(ctx, method, "forged")
             return _not_found()
