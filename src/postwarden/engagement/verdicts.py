@@ -223,7 +223,7 @@ def _rule(entry: Any, where: str, i: int) -> tuple[Rule | None, str]:
 
     def strings(field: str) -> list[str]:
         v = entry.get(field, [])
-        if not isinstance(v, list) or not v and field in entry:
+        if not isinstance(v, list) or (not v and field in entry):
             raise fail(field, "expected a non-empty list of strings")
         for j, s in enumerate(v):
             if not isinstance(s, str) or not s:
@@ -328,27 +328,27 @@ def _burst(hits: Sequence[Hit], window: float, min_links: int) -> set[int]:
     """The clicks of windows of at most ``window`` seconds that hold a click of every
     link of the message (counted by ``links_in_message``, at least ``min_links``)."""
     clicks = sorted(
-        (h for h in hits if h.kind == "click" and h.link_index is not None and _finite(h.at)),
-        key=lambda h: h.at,
+        (h.at, h.link_index, h.id)
+        for h in hits
+        if h.kind == "click" and h.link_index is not None and _finite(h.at)
     )
-    counts = [h.links_in_message for h in clicks if h.links_in_message is not None]
-    if not counts or max(counts) < min_links:
+    counts = [h.links_in_message for h in hits if h.kind == "click" and h.links_in_message]
+    if not clicks or not counts or max(counts) < min_links:
         return set()
     needed = max(counts)
     selected: set[int] = set()
     in_window: dict[int, int] = {}
     left = marked = 0
-    for right, h in enumerate(clicks):
-        in_window[h.link_index] = in_window.get(h.link_index, 0) + 1  # type: ignore[index]
-        while h.at - clicks[left].at > window:
-            gone = clicks[left].link_index
-            in_window[gone] -= 1  # type: ignore[index]
-            if not in_window[gone]:  # type: ignore[index]
-                del in_window[gone]  # type: ignore[arg-type]
+    for right, (at, link, _) in enumerate(clicks):
+        in_window[link] = in_window.get(link, 0) + 1
+        while at - clicks[left][0] > window:
+            gone = clicks[left][1]
+            in_window[gone] -= 1
+            if not in_window[gone]:
+                del in_window[gone]
             left += 1
         if len(in_window) >= needed:
-            for c in clicks[max(left, marked) : right + 1]:
-                selected.add(c.id)
+            selected.update(c[2] for c in clicks[max(left, marked) : right + 1])
             marked = right + 1
     return selected
 
