@@ -36,12 +36,14 @@ import math
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: A network as plain integers, for speed: (IP version, first address, prefix length).
+Span = tuple[int, int, int]
 
 KINDS = frozenset({"open", "click"})
 PERSON = "person"
@@ -100,14 +102,18 @@ class Rule:
     burst: float | None = None
     min_links: int = 2
     before_click: float | None = None
+    _spans: tuple[Span, ...] = field(default=(), init=False, repr=False, compare=False)
 
-    def matches(self, hit: Hit, net: Network | None) -> bool:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_spans", tuple(_span(n) for n in self.ip))
+
+    def matches(self, hit: Hit, net: Span | None) -> bool:
         """The conditions that need only the hit itself (``net``: its parsed IP)."""
         if hit.kind not in self.kinds:
             return False
         if self.user_agent and not any(rx.search(hit.user_agent or "") for rx in self.user_agent):
             return False
-        if self.ip and (net is None or not _within(net, self.ip)):
+        if self._spans and (net is None or not _within(net, self._spans)):
             return False
         if self.method and hit.method.upper() not in self.method:
             return False
@@ -248,6 +254,11 @@ def _rule(entry: Any, where: str, i: int) -> tuple[Rule | None, str]:
             patterns.append(re.compile(p, re.I))
         except re.error as exc:
             raise fail(f"user_agent[{j}]", f"bad regular expression: {exc}") from exc
+    if len(patterns) > 1:  # one search instead of many, when the patterns allow it
+        try:
+            patterns = [re.compile("|".join(f"(?:{p.pattern})" for p in patterns), re.I)]
+        except re.error:
+            pass  # e.g. an inline global flag: keep them apart
     networks: list[Network] = []
     for j, cidr in enumerate(strings("ip")):
         try:
@@ -378,7 +389,7 @@ def _finite(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def _network(hit: Hit) -> Network | None:
+def _network(hit: Hit) -> Span | None:
     """The hit's address as a network: /32 or /128 for a whole address, wider when
     the tenant truncated it; None when there is none or it does not parse."""
     if not hit.ip:
@@ -389,16 +400,25 @@ def _network(hit: Hit) -> Network | None:
             net = net.supernet(new_prefix=hit.ip_prefix)
     except ValueError:
         return None
-    return net
+    return _span(net)
 
 
-def _within(net: Network, ranges: Iterable[Network]) -> bool:
+def _span(net: Network) -> Span:
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def _within(net: Span, ranges: Iterable[Span]) -> bool:
     """Whether every address ``net`` may stand for lies in one of ``ranges``: a
     truncated address matches only a range at least as wide as the truncation."""
-    for r in ranges:
-        if r.version == net.version and r.prefixlen <= net.prefixlen:
-            if net.subnet_of(r):  # type: ignore[arg-type]
-                return True
+    version, first, length = net
+    bits = 32 if version == 4 else 128
+    for v, start, prefix in ranges:
+        if (
+            v == version
+            and prefix <= length
+            and first >> (bits - prefix) == start >> (bits - prefix)
+        ):
+            return True
     return False
 
 
