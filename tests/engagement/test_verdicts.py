@@ -477,3 +477,13 @@ def test_hits_and_verdicts_are_values() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         h.at = 0  # type: ignore[misc]
     assert hash(h) == hash(hit())
+
+
+def test_the_documented_example_loads(tmp_path: Path) -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "verdicts.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    rules = operator(tmp_path, example)
+    assert rules.names[0] == "acme-sandbox"
+    assert "ranged-request" not in rules.names
+    assert one(hit(ip="192.0.2.5"), rules) == Verdict(False, "kiosk-browsers")
+    assert one(hit(at=DELIVERED + 20), rules) == machine("click-at-delivery")
