@@ -430,6 +430,10 @@ def test_bad_file_names_file_rule_and_field(tmp_path: Path, text: str, where: st
     assert where in message
 
 
+def test_no_operator_file() -> None:
+    assert load_rules("") == load_rules(None) == RULES
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(VerdictRulesError, match=r"nowhere\.toml"):
         load_rules(tmp_path / "nowhere.toml")

@@ -156,12 +156,13 @@ class Rules:
 # -- loading ------------------------------------------------------------------------
 
 
-def load_rules(extra: Path | None = None) -> Rules:
+def load_rules(extra: Path | str | None = None) -> Rules:
     """The shipped rules (src/postwarden/engagement/verdicts.toml, read with
     importlib.resources) and the operator's file, whose rules come first and win; a
-    bad file raises VerdictRulesError naming the file, rule and field."""
+    bad file raises VerdictRulesError naming the file, rule and field. ``extra`` may
+    be the configured string as is: "" means no file."""
     operator: list[tuple[Rule | None, str]] = []
-    if extra is not None:
+    if extra:
         path = Path(extra)
         try:
             text = path.read_text()
