@@ -98,9 +98,17 @@ def test_apple_mpp_proxy_is_an_open_by_the_bare_user_agent() -> None:
     assert one(hit(kind="open", user_agent="Mozilla/5.0 (Macintosh)")) == HUMAN
 
 
+GMAIL_BOT = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/42.0.2311.135 Safari/537.36 Edge/12.246 Mozilla/5.0"
+)
+REAL_EDGE_12 = GMAIL_BOT.removesuffix(" Mozilla/5.0")
+
+
 @pytest.mark.parametrize(
     ("ua", "reason"),
     [
+        (GMAIL_BOT, "gmail-prefetch-bot"),
         ("Mozilla/5.0 (compatible; Barracuda Link Protection)", "scanner-user-agent"),
         ("Proofpoint URL Defense/1.0", "scanner-user-agent"),
         ("Mimecast-URL-Protect", "scanner-user-agent"),
@@ -139,6 +147,7 @@ def test_machine_user_agents(ua: str, reason: str) -> None:
         "Chrome/131.0.6778.104 Mobile Safari/537.36",
         "-",
         GMAIL_PROXY,
+        REAL_EDGE_12,
     ],
 )
 def test_person_user_agents(ua: str) -> None:
