@@ -557,6 +557,8 @@ class Appliance:
             self.pruner.reconfigure(new.database)
         if self.bounces is not None:
             self.bounces.reconfigure(new, parser, return_paths)
+        if self.control.verdicts is not None:
+            self.control.verdicts.reconfigure(new)
         self.acceptance.reconfigure(
             cleanup=Cleanup(new.server.hostname, new.smtp.hop_limit), signer=signer
         )

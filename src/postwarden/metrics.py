@@ -302,6 +302,13 @@ class Metrics:
             ["kind", "verdict"],
             registry=r,
         )
+        self.tracking_verdicts = Counter(
+            "postwarden_tracking_verdicts",
+            "Tracking hits judged by the verdict pass, by kind (open, click) and verdict"
+            " (human, machine: a proxy, a scanner, a prefetch).",
+            ["kind", "verdict"],
+            registry=r,
+        )
         self.bounce_categories = Counter(
             "postwarden_bounce_categories",
             "Permanent failures by classifier category and hard/soft, during delivery "
@@ -352,6 +359,8 @@ class Metrics:
         for kind in ("open", "click"):
             for verdict in ("valid", "forged", "lost"):
                 self.tracking_requests.labels(kind, verdict)
+            for verdict in ("human", "machine"):
+                self.tracking_verdicts.labels(kind, verdict)
         for reason in ("hard_bounce", "soft_bounce", "complaint"):
             self.bounce_suppressions.labels(reason)
         for reason in FAILURE_STAGES:

@@ -100,9 +100,11 @@ def metrics_token(cfg: Config) -> bytes | None:
 
 def check_files(cfg: Config) -> Config:
     """``cfg``, once the operator's files it names that ``load_config`` does not read
-    (bounce patterns, shaping rules) are read as serving reads them: a bad one is a
+    (bounce patterns, shaping rules, verdict rules) are read as serving reads them: a bad one is a
     ConfigError naming its key, at start, at reload and in ``check-config``."""
     from postwarden.bounces.classify import Classifier, PatternsError
+    from postwarden.engagement.verdicts import VerdictRulesError
+    from postwarden.engagement.verdicts import load_rules as load_verdicts
     from postwarden.shaping.rules import RulesError, load_rules
 
     if cfg.bounces.patterns_file:
@@ -115,6 +117,11 @@ def check_files(cfg: Config) -> Config:
             load_rules(cfg.shaping.rules_file)
         except RulesError as exc:
             raise ConfigError(f"shaping.rules_file: {exc}") from exc
+    if cfg.tracking.verdicts_file:
+        try:
+            load_verdicts(cfg.tracking.verdicts_file)
+        except VerdictRulesError as exc:
+            raise ConfigError(f"tracking.verdicts_file: {exc}") from exc
     return cfg
 
 

@@ -163,4 +163,4 @@ async def test_ip_addresses_are_truncated_when_the_tenant_asks(control: ControlF
         assert r.status_code == 200
         r = await c.get(f"/t/o/{tok}")  # from loopback itself
     # uvicorn takes X-Forwarded-For from a proxy on loopback (a proxy in front).
-    assert [h.ip for h in await hits(api)] == ["203.0.113.0", "127.0.0.0"]
+    assert [h.ip for h in await hits(api)] == ["203.0.113.0/24", "127.0.0.0/24"]

@@ -27,6 +27,7 @@ from postwarden.control.revocations import Revocations
 from postwarden.control.signing_keys import SigningKeyCache
 from postwarden.control.tenant_keys import TenantKeyCache
 from postwarden.control.tracking import HitWriter
+from postwarden.control.verdict_pass import VerdictPass
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
@@ -95,8 +96,12 @@ class ControlPlane:
         self.inbound = InboundDomains(self.sessions, cfg)
         # The tenants' keys of tracking, unsubscribe and preference links (issue 22).
         self.tenant_keys = TenantKeyCache(self.sessions, self.box)
-        # Tracking hits, written in batches (control.tracking).
+        # Tracking hits, written in batches (control.tracking), and judged by one
+        # process (the first worker; control.verdict_pass).
         self.hits = HitWriter(self.sessions, cfg.tracking.hit_batch)
+        self.verdicts = (
+            VerdictPass.from_config(self.sessions, cfg, metrics) if worker[0] == 0 else None
+        )
         # Contact imports and data-source pulls, in the background (issue 20).
         self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).
@@ -197,6 +202,8 @@ class ControlPlane:
         self.imports.start()
         if self.campaigns is not None:
             self.campaigns.start()
+        if self.verdicts is not None:
+            self.verdicts.start()
 
     def wake(self) -> None:
         """Read the change feed soon (this process just wrote to it)."""
@@ -217,6 +224,8 @@ class ControlPlane:
         await self.imports.stop()
         if self.campaigns is not None:
             await self.campaigns.stop()
+        if self.verdicts is not None:
+            await self.verdicts.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

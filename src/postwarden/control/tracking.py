@@ -54,8 +54,9 @@ _NO_STORE = {
 
 
 def truncate_ip(ip: str | None) -> str | None:
-    """An IPv4 address to its /24, an IPv6 address to its /48 (what a tenant that
-    keeps less asks for); anything else as None."""
+    """An IPv4 address as its /24, an IPv6 address as its /48, in network notation
+    (``203.0.113.0/24``: what a tenant that keeps less asks for, and what the verdicts
+    read as a truncated address); anything else as None."""
     if not ip:
         return None
     try:
@@ -63,7 +64,7 @@ def truncate_ip(ip: str | None) -> str | None:
     except ValueError:
         return None
     prefix = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False).network_address)
+    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
 
 
 class HitWriter:
@@ -123,7 +124,8 @@ def _hit(ctx: Any, tenant_id: int, link: Link, request: Request) -> dict[str, An
         "campaign_id": link.campaign_id or None,
         "contact_id": link.contact_id or None,
         "message_id": link.message_id or None,
-        "link_index": link.index if link.kind is Kind.CLICK else None,
+        # A click: which link; an open: how many tracked links its message has.
+        "link_index": link.index,
         "url": link.url or None,
         "at": dt.datetime.now(dt.UTC),
         "method": request.method[:8],

@@ -73,6 +73,8 @@ class TrackingHit(Base):
     campaign_id: Mapped[int | None] = mapped_column(BigId, default=None)
     contact_id: Mapped[int | None] = mapped_column(BigId, default=None)
     message_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A click: which link (0, 1... in document order); an open: how many tracked
+    # links its message has (the verdicts' "every link at once").
     link_index: Mapped[int | None] = mapped_column(Integer, default=None)
     url: Mapped[str | None] = mapped_column(Text, default=None)
     # The request.
