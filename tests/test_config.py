@@ -186,6 +186,9 @@ def test_more_messages_name_the_key_path() -> None:
         assert str(exc.value).startswith(message), (message, str(exc.value))
 
 
+BAD_VERDICTS = '[[rules]]\nname = "x"\nkinds = ["open"]\nip = ["not a network"]\n'
+
+
 def test_loading_reads_no_rules_or_patterns_file(tmp_path: Path) -> None:
     """The files are read by who uses them; check-config, serve and reload check them."""
     cfg = load_config(
@@ -202,7 +205,11 @@ def test_loading_reads_no_rules_or_patterns_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "text"),
-    [("shaping.rules_file", BAD_RULES), ("bounces.patterns_file", BAD_PATTERNS)],
+    [
+        ("shaping.rules_file", BAD_RULES),
+        ("bounces.patterns_file", BAD_PATTERNS),
+        ("tracking.verdicts_file", BAD_VERDICTS),
+    ],
 )
 def test_check_config_and_the_supervisor_refuse_a_bad_file(
     tmp_path: Path, key: str, text: str, caplog: pytest.LogCaptureFixture
