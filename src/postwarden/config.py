@@ -242,6 +242,8 @@ class DatabaseConfig:
     # (by creation time); 0 = for ever. Suppressions have their own expiry.
     event_retention: Duration = 90 * 86400.0
     message_retention: Duration = 90 * 86400.0
+    # Tracking hits (their IP addresses and user agents: personal data), by hit time.
+    tracking_retention: Duration = 90 * 86400.0
     prune_batch: PosInt = 5000  # rows per DELETE statement while pruning
     prune_interval: PosDuration = 3600.0  # between prune runs
 

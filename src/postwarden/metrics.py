@@ -380,7 +380,7 @@ class Metrics:
             self.shaping_yields.labels(why)
         for op in ("choose", "take"):
             self.broker_fallback.labels(op)
-        for table in ("events", "messages", "message_recipients"):
+        for table in ("events", "messages", "message_recipients", "tracking_hits"):
             self.control_pruned.labels(table)
 
 

@@ -1,6 +1,7 @@
-"""Retention of the control database (issue 15, item 20): events and message records
-past database.event_retention / message_retention go, in batches, on SQLite and on
-PostgreSQL; recent ones, and suppressions, stay; one worker prunes."""
+"""Retention of the control database (issue 15, item 20; issue 22): events, message
+records and tracking hits past database.event_retention / message_retention /
+tracking_retention go, in batches, on SQLite and on PostgreSQL; recent ones, and
+suppressions, stay; one worker prunes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Event, Message, Recipient, Suppression, Tenant
 from postwarden.store.retention import Pruner
 from tests.control.conftest import ControlFactory
@@ -46,6 +48,7 @@ async def test_old_rows_go_recent_stay(control: ControlFactory) -> None:
                     )
                 )
             s.add(Event(tenant_id=1, ts=at, type="delivered", message_id=f"m{i}", detail={}))
+            s.add(TrackingHit(tenant_id=tenant.id, kind="open", at=at, user_agent="x"))
         s.add(
             Suppression(tenant_id=tenant.id, address="keep@y.test", reason="manual", created_at=old)
         )
@@ -60,7 +63,10 @@ async def test_old_rows_go_recent_stay(control: ControlFactory) -> None:
     pruner = Pruner(cfg, sessions, on_pruned=seen, clock=lambda: NOW)
     done = await pruner.run_once()
     assert done["events"] == 17 and done["messages"] == 17
-    assert pruned == {"events": 17, "messages": 17, "message_recipients": 34}
+    assert pruned == {
+        "events": 17, "messages": 17, "message_recipients": 34, "tracking_hits": 17,
+    }  # fmt: skip
+    assert await count(sessions, TrackingHit) == 8
     assert await count(sessions, Message) == 8
     assert await count(sessions, Recipient) == 16
     assert await count(sessions, Event) == 8
@@ -68,12 +74,13 @@ async def test_old_rows_go_recent_stay(control: ControlFactory) -> None:
     async with sessions() as s:
         left = set((await s.execute(select(Message.created_at))).scalars())
     assert left == {recent}
-    assert await pruner.run_once() == {"events": 0, "messages": 0, "message_recipients": 0}
+    nothing = {"events": 0, "messages": 0, "message_recipients": 0, "tracking_hits": 0}
+    assert await pruner.run_once() == nothing
 
     # 0 keeps for ever.
-    cfg.event_retention = cfg.message_retention = 0
+    cfg.event_retention = cfg.message_retention = cfg.tracking_retention = 0
     later = Pruner(cfg, sessions, clock=lambda: NOW + dt.timedelta(days=3650))
-    assert await later.run_once() == {"events": 0, "messages": 0, "message_recipients": 0}
+    assert await later.run_once() == nothing
     assert await count(sessions, Event) == 8
 
 

@@ -96,6 +96,8 @@ class ControlPlane:
         self.inbound = InboundDomains(self.sessions, cfg)
         # The tenants' keys of tracking, unsubscribe and preference links (issue 22).
         self.tenant_keys = TenantKeyCache(self.sessions, self.box)
+        # Erased addresses stay suppressed as tombstones (control.privacy).
+        self.suppressions.tombstone_of = self.tenant_keys.tombstone
         # Tracking hits, written in batches (control.tracking), and judged by one
         # process (the first worker; control.verdict_pass).
         self.hits = HitWriter(self.sessions, cfg.tracking.hit_batch)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
-from postwarden.engagement import tokens
+from postwarden.engagement import tokens, tombstones
 from postwarden.store import tenant_keys as store
 from postwarden.store.engagement_models import LINKS, TOMBSTONE
 
@@ -67,6 +67,12 @@ class TenantKeyCache:
             await self.reload()
             found = self.signing[tenant_id]
         return found
+
+    def tombstone(self, tenant_id: int, address_key: str) -> str | None:
+        """The tombstone of an address for the tenant (None: it has no tombstone key
+        yet, so nothing of it was erased)."""
+        key = self.tombstones.get(tenant_id)
+        return None if key is None else tombstones.tombstone(key, address_key)
 
     def key_for(self, kid: bytes) -> bytes | None:
         """For ``tokens.read``: the key of a kid, None when unknown or retired."""

@@ -1,5 +1,6 @@
-"""Retention of the control database: events and message records older than
-``database.event_retention`` / ``database.message_retention`` go, in small batches.
+"""Retention of the control database: events, message records and tracking hits older
+than ``database.event_retention`` / ``database.message_retention`` /
+``database.tracking_retention`` go, in small batches.
 
 At a million messages an hour these tables grow by millions of rows an hour. One
 process prunes (the appliance, or worker 0 of a supervisor's), off the hot path: a
@@ -22,6 +23,7 @@ from sqlalchemy import delete, select
 
 from postwarden.config import DatabaseConfig
 from postwarden.store.availability import LogLimiter
+from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Event, Message, Recipient
 
 log = logging.getLogger("postwarden.store.retention")
@@ -36,7 +38,11 @@ def cutoffs(cfg: DatabaseConfig, now: dt.datetime) -> dict[str, dt.datetime | No
     def before(seconds: float) -> dt.datetime | None:
         return now - dt.timedelta(seconds=seconds) if seconds > 0 else None
 
-    return {"events": before(cfg.event_retention), "messages": before(cfg.message_retention)}
+    return {
+        "events": before(cfg.event_retention),
+        "messages": before(cfg.message_retention),
+        "tracking_hits": before(cfg.tracking_retention),
+    }
 
 
 FIRST_PRUNE_DELAY = 60.0
@@ -84,16 +90,21 @@ class Pruner:
     async def run_once(self) -> dict[str, int]:
         """Prune everything now past retention; rows deleted per table."""
         cut = cutoffs(self.cfg, self.clock())
-        done = {"events": 0, "messages": 0, "message_recipients": 0}
+        done = {"events": 0, "messages": 0, "message_recipients": 0, "tracking_hits": 0}
         if cut["events"] is not None:
             done["events"] = await self._drain(self._events_batch, cut["events"], "events")
         if cut["messages"] is not None:
             done["messages"] = await self._drain(self._messages_batch, cut["messages"], "messages")
+        if cut["tracking_hits"] is not None:
+            done["tracking_hits"] = await self._drain(
+                self._hits_batch, cut["tracking_hits"], "tracking_hits"
+            )
         if any(done.values()):
             log.info(
-                "event=control_pruned events=%d messages=%d",
+                "event=control_pruned events=%d messages=%d tracking_hits=%d",
                 done["events"],
                 done["messages"],
+                done["tracking_hits"],
             )
         return done
 
@@ -115,6 +126,16 @@ class Pruner:
                 await s.commit()
         self._count("events", len(ids_list))
         return len(ids_list)
+
+    async def _hits_batch(self, before: dt.datetime) -> int:
+        async with self.sessions() as s:
+            stmt = select(TrackingHit.id).where(TrackingHit.at < before)
+            ids = list((await s.execute(stmt.limit(self.cfg.prune_batch))).scalars())
+            if ids:
+                await s.execute(delete(TrackingHit).where(TrackingHit.id.in_(ids)))
+                await s.commit()
+        self._count("tracking_hits", len(ids))
+        return len(ids)
 
     async def _messages_batch(self, before: dt.datetime) -> int:
         """A batch of messages with their recipients (``message_id`` is indexed)."""

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from sqlalchemy import select, tuple_
 
+from postwarden.engagement.tombstones import is_tombstone
 from postwarden.mail.addresses import suppression_key
 from postwarden.store.feed import lock_feed, record_change
 from postwarden.store.models import Suppression
@@ -94,6 +95,10 @@ class SuppressionCache:
     def __init__(self, sessions: Callable[[], Any]) -> None:
         self._sessions = sessions
         self._by_tenant: dict[int, dict[str, tuple[str, float | None]]] = {}
+        # Tenants with tombstones of erased addresses (``h1:…``), and how to make an
+        # address's (control.tenant_keys): only those tenants' checks pay a hash.
+        self._tombstoned: set[int] = set()
+        self.tombstone_of: Callable[[int, str], str | None] | None = None
 
     def __len__(self) -> int:
         return sum(len(d) for d in self._by_tenant.values())
@@ -105,7 +110,11 @@ class SuppressionCache:
         entries = self._by_tenant.get(tenant_id)
         if not entries:
             return None
-        hit = entries.get(suppression_key(address))
+        key = suppression_key(address)
+        hit = entries.get(key)
+        if hit is None and tenant_id in self._tombstoned and self.tombstone_of is not None:
+            tomb = self.tombstone_of(tenant_id, key)
+            hit = entries.get(tomb) if tomb is not None else None
         if hit is None:
             return None
         reason, expires = hit
@@ -116,10 +125,13 @@ class SuppressionCache:
     def _put(self, row: Any) -> None:
         exp = row.expires_at.timestamp() if row.expires_at is not None else None
         self._by_tenant.setdefault(row.tenant_id, {})[row.address] = (row.reason, exp)
+        if is_tombstone(row.address):
+            self._tombstoned.add(row.tenant_id)
 
     async def load(self) -> None:
         fresh: dict[int, dict[str, tuple[str, float | None]]] = {}
         self._by_tenant = fresh
+        self._tombstoned = set()
         async with self._sessions() as s:
             result = await s.stream(
                 select(
