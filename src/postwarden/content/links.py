@@ -21,6 +21,7 @@ from html import escape
 from postwarden.content.markup import Tag, walk
 
 _LINKS = frozenset(("a", "area"))
+_READ = _LINKS | {"body"}  # the tags the rewriter reads (the walk passes over the rest)
 # A browser drops tabs and newlines from a URL and trims controls and spaces around it.
 _TAB_NEWLINE = re.compile("[\t\n\r]")
 _TRIMMED = "".join(map(chr, range(0x21)))
@@ -68,7 +69,7 @@ def rewrite_html(
     edits: list[tuple[int, int, str]] = []  # (start, stop, replacement), in order
     links: list[str] = []
     body_end: int | None = None
-    items = walk(html)
+    items = walk(html, _READ)
     while True:
         try:
             item = next(items)
