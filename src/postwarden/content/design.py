@@ -90,7 +90,7 @@ TEXT_TAGS = frozenset(
         "ol", "p", "s", "small", "span", "strong", "sub", "sup", "u", "ul",
     }
 )  # fmt: skip
-_TEXT_ATTRIBUTES = {"a": {"href", "title"}}
+_TEXT_ATTRIBUTES = {"a": {"href", "title", "data-notrack"}}
 
 
 class DesignError(ValueError):
