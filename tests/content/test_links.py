@@ -221,6 +221,13 @@ def test_rewritten_links_and_the_pixel_come_out_in_document_order() -> None:
     )
 
 
+def test_the_pixel_url_may_depend_on_how_many_links_were_tracked() -> None:
+    html = '<body><a href="https://x.test/1">1</a><a href="mailto:a@b">m</a>' \
+        '<a href="https://x.test/2">2</a></body>'  # fmt: skip
+    out = rewrite_html(html, same, pixel_url=lambda n: f"https://t.test/o/{n}")
+    assert pixel("https://t.test/o/2") in out.html and len(out.links) == 2
+
+
 # ---------------------------------------------------------------- valid HTML
 
 

@@ -58,12 +58,13 @@ def rewrite_html(
     click_url: Callable[[int, str], str],
     *,
     skip: Collection[str] = (),
-    pixel_url: str | None = None,
+    pixel_url: str | Callable[[int], str] | None = None,
 ) -> Rewritten:
     """``html`` with each tracked link's ``href`` replaced by ``click_url(index,
     original URL)`` (HTML-escaped, in double quotes), ``data-notrack`` dropped from
-    links, and the open pixel (when ``pixel_url`` is given) just before the last
-    ``</body>``, else at the end. Indexes count tracked links from 0 in document
+    links, and the open pixel (when ``pixel_url`` is given: a URL, or a function of
+    the number of tracked links that makes it) just before the last ``</body>``, else
+    at the end. Indexes count tracked links from 0 in document
     order; a URL that appears twice gets two. Linear in the length of ``html``."""
     never = frozenset(link_url(u) for u in skip)
     edits: list[tuple[int, int, str]] = []  # (start, stop, replacement), in order
@@ -102,7 +103,8 @@ def rewrite_html(
         edits.append((href.value_start, href.stop, f'"{escape(tracked)}"'))
     if pixel_url is not None:
         at = stopped if body_end is None else body_end
-        edits.append((at, at, pixel(pixel_url)))
+        url = pixel_url if isinstance(pixel_url, str) else pixel_url(len(links))
+        edits.append((at, at, pixel(url)))
         edits.sort(key=lambda e: e[0])  # stable: the pixel is at a tag's "<"
     out: list[str] = []
     pos = 0

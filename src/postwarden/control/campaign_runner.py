@@ -36,13 +36,15 @@ from sqlalchemy import select
 
 from postwarden.campaigns.abtest import Split, Variant
 from postwarden.campaigns.windows import SendWindow, WindowError, allowed, next_open, parse_window
+from postwarden.content.links import rewrite_html
 from postwarden.content.render import Parts, RenderError, render_message
 from postwarden.content.variables import PLACEHOLDER_URLS, send_context
 from postwarden.control.campaign_ab import look_at_tests
 from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.templates import parts_of, postal_address_of
 from postwarden.control.tenant_keys import LinkKey
-from postwarden.control.unsubscribe import recipient_links
+from postwarden.control.tracking import Tracker
+from postwarden.control.unsubscribe import public_base_url, recipient_links
 from postwarden.mail.build import BuildError, Draft, Mailbox, build_alternative, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
 from postwarden.queue.admin import QueueAdmin
@@ -568,6 +570,7 @@ class CampaignRunner:
         row = job.campaign
         host = self.cfg.server.hostname
         now = time.time()
+        base = public_base_url(self.cfg)
         for item in items:
             person = item.contact
             look = job.look_of(item.variant)
@@ -589,13 +592,23 @@ class CampaignRunner:
             )
             try:
                 out = render_message(look.parts, context)
+                html = out.html
+                if html is not None and signer is not None and job.tracking != "off":
+                    named = job.tracking == "per_recipient"
+                    tracker = Tracker(
+                        self.plane.tenant_keys, signer, base, row.id,
+                        item.contact_id if named else 0, item.msg_id if named else "",
+                    )  # fmt: skip
+                    html = rewrite_html(
+                        html, tracker.click, skip=list(links.values()), pixel_url=tracker.pixel
+                    ).html
                 draft = Draft(
                     sender=Mailbox(look.from_email, look.from_name or ""),
                     to=[Mailbox(item.email, person["name"] or "")],
                     reply_to=Mailbox(row.reply_to) if row.reply_to else None,
                     subject=out.subject,
                     text=out.text,
-                    html=out.html,
+                    html=html,
                     headers=headers,
                 )
                 item.data = build_alternative(draft, message_id=f"<{item.msg_id}@{host}>", date=now)

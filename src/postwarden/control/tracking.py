@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import logging
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from postwarden.control.tenant_keys import LinkKey, TenantKeyCache
 from postwarden.engagement.tokens import Kind, Link
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.engagement_models import TrackingHit
@@ -51,6 +53,30 @@ _NO_STORE = {
     "Referrer-Policy": "no-referrer",
     "X-Robots-Tag": "noindex, nofollow",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Tracker:
+    """The tracked URLs of one message: ``click`` and ``pixel`` for
+    ``content.links.rewrite_html``. Anonymous (``contact_id`` 0, no message id): the
+    same URLs for every recipient of the campaign, counts only."""
+
+    keys: TenantKeyCache
+    signer: LinkKey
+    base: str  # public_base_url, without a final "/"
+    campaign_id: int
+    contact_id: int = 0
+    message_id: str = ""
+
+    def click(self, index: int, url: str) -> str:
+        link = Link(Kind.CLICK, self.campaign_id, self.contact_id, index, self.message_id, url)
+        return f"{self.base}{CLICK_PREFIX}{self.keys.make(self.signer, link)}"
+
+    def pixel(self, links: int) -> str:
+        """The pixel's URL; its token carries how many links the message has (the
+        verdicts' "every link at once")."""
+        link = Link(Kind.OPEN, self.campaign_id, self.contact_id, links, self.message_id)
+        return f"{self.base}{OPEN_PREFIX}{self.keys.make(self.signer, link)}"
 
 
 def truncate_ip(ip: str | None) -> str | None:
