@@ -43,10 +43,14 @@ HTML = (
 
 
 async def approved_campaign(
-    api: ControlApi, c: httpx.AsyncClient, people: list[dict[str, Any]], **extra: Any
+    api: ControlApi,
+    c: httpx.AsyncClient,
+    people: list[dict[str, Any]],
+    html: str = HTML,
+    **extra: Any,
 ) -> int:
-    """Contacts, an audience of all of them, a lint-clean template and a campaign,
-    validated and approved by a second key: its id."""
+    """Contacts, an audience of all of them, a lint-clean template (``html``) and a
+    campaign, validated and approved by a second key: its id."""
     tid = await tenant_id(c)
     await set_postal_address(api, tid, ADDRESS)
     for p in people:
@@ -56,7 +60,7 @@ async def approved_campaign(
     assert r.status_code == 201, r.text
     audience = r.json()["id"]
     body = {"name": "news", "category": "marketing", "subject": "News for {{ contact.name }}",
-            "html": HTML}  # fmt: skip
+            "html": html}  # fmt: skip
     r = await c.post("/v1/templates", json=body)
     assert r.status_code == 201, r.text
     new = {"name": "December", "audience_id": audience, "template_id": r.json()["id"],

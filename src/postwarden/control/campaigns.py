@@ -41,7 +41,8 @@ from postwarden.store.campaign_models import (
     SendRecord,
     UnsubscribeRequest,
 )
-from postwarden.store.campaigns import AB_RUNTIME, record_counts
+from postwarden.store.campaigns import AB_RUNTIME, record_counts, tracking_counts
+from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Domain, Tenant, utcnow
 from postwarden.store.template_models import Template, TemplateVersion
 
@@ -205,6 +206,18 @@ class Stats(BaseModel):
     unsubscribed: int
     cancelled: int = Field(description="not sent: the campaign was cancelled first")
     failed: int = Field(description="not sent: the message could not be made (render error)")
+    opened: int = Field(
+        0, description="recipients who opened, judged a person (per_recipient tracking)"
+    )
+    clicked: int = Field(
+        0, description="recipients who clicked, judged a person (per_recipient tracking)"
+    )
+    opens: int = Field(0, description="opens judged a person's (pixel fetches)")
+    clicks: int = Field(0, description="clicks judged a person's")
+    machine_opens: int = Field(
+        0, description="pixel fetches judged a machine's: a proxy, a scanner (GET …/hits)"
+    )
+    machine_clicks: int = Field(0, description="clicks judged a machine's: scanners, prefetch")
 
 
 class Problem(BaseModel):
@@ -518,6 +531,64 @@ async def campaign_records(c: Call) -> Any:
     )
 
 
+class HitQuery(Page):
+    kind: Literal["open", "click"] | None = Field(None, description="only opens or clicks")
+    machine: bool | None = Field(None, description="only hits judged a machine's (or not)")
+
+
+class HitOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str = Field(description="open or click")
+    contact_id: int | None = Field(description="null: an anonymous link")
+    message_id: str | None
+    link_index: int | None = Field(
+        description="a click: which link (0, 1… in the message); an open: how many links"
+        " the message had"
+    )
+    url: str | None = Field(description="a click's destination")
+    at: dt.datetime
+    method: str
+    ip: str | None = Field(description="truncated (a /24 or /48) when the tenant asks")
+    user_agent: str
+    machine: bool | None = Field(description="null until judged (tracking.settle)")
+    reason: str = Field(description="the verdict rule that decided (person: none matched)")
+
+
+class HitList(BaseModel):
+    data: list[HitOut]
+    next_cursor: str | None
+
+
+@api.op(
+    "GET",
+    "/v1/campaigns/{campaign_id:int}/hits",
+    summary="A campaign's tracking hits with their verdicts (people versus machines)",
+    scope="read",
+    query=HitQuery,
+    response=HitList,
+    errors=(404,),
+)
+async def campaign_hits(c: Call) -> Any:
+    """Every pixel fetch and click of the campaign's links, machine ones included (for
+    forensics: they never count as human), in id order."""
+    q: HitQuery = c.query
+    async with c.ctx.sessions() as s:
+        row = await campaign_of(s, c)
+        stmt = select(TrackingHit).where(
+            TrackingHit.tenant_id == c.tenant_id, TrackingHit.campaign_id == row.id
+        )
+        if q.kind is not None:
+            stmt = stmt.where(TrackingHit.kind == q.kind)
+        if q.machine is not None:
+            stmt = stmt.where(TrackingHit.machine == q.machine)
+        rows = await page(s, stmt, TrackingHit, q.cursor, q.limit)
+    return HitList(
+        data=[HitOut.model_validate(r) for r in rows], next_cursor=page_of(rows, q.limit)
+    )
+
+
 @api.op(
     "GET",
     "/v1/campaigns/{campaign_id:int}/stats",
@@ -531,6 +602,7 @@ async def campaign_stats(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await campaign_of(s, c)
         n = await record_counts(s, row.id)
+        seen = await tracking_counts(s, row.id)
         # One-click unsubscribes from its messages (the List-Unsubscribe placeholder).
         unsubscribed = await s.scalar(
             select(func.count(func.distinct(UnsubscribeRequest.contact_id))).where(
@@ -544,6 +616,7 @@ async def campaign_stats(c: Call) -> Any:
         deferred=n.get("deferred", 0), bounced=n.get("bounced", 0),
         complained=n.get("complained", 0), unsubscribed=int(unsubscribed or 0),
         cancelled=n.get("cancelled", 0), failed=n.get("failed", 0), waiting=n.get("waiting", 0),
+        **seen,
     )  # fmt: skip
 
 
@@ -606,9 +679,14 @@ async def ab_problems(s: Any, c: Call, row: Campaign) -> tuple[list[Problem], An
     out: list[Problem] = []
     ab = {**row.ab, "variants": [dict(v) for v in row.ab["variants"]]}
     if ab["metric"] == "clicks":
-        out.append(Problem(code="ab_metric_unavailable", field="ab.metric",
-                           message="clicks are counted once click tracking is built (issue"
-                           " 22): decide on conversions for now"))  # fmt: skip
+        tenant = await s.get(Tenant, c.tenant_id)
+        settings = (tenant.settings if tenant is not None else None) or {}
+        mode = row.tracking or settings.get("tracking") or "anonymous"
+        if mode != "per_recipient":
+            out.append(Problem(code="ab_metric_unavailable", field="ab.metric",
+                               message=f"clicks are counted per recipient only with"
+                               f" per_recipient tracking (it is {mode}): set the campaign's"
+                               " tracking, or decide on conversions"))  # fmt: skip
     for i, v in enumerate(ab["variants"]):
         where = f"ab.variants[{i}]"
         if "template_id" in v:

@@ -28,6 +28,7 @@ from postwarden.store.campaign_models import (
     SendRecord,
 )
 from postwarden.store.contact_models import Contact
+from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.leases import is_dead
 from postwarden.store.models import BigId, Suppression, utcnow
 
@@ -134,6 +135,31 @@ async def record_counts(session: AsyncSession, campaign_id: int) -> dict[str, in
         .group_by(SendRecord.state)
     )
     return {state: int(n) for state, n in rows.all()}
+
+
+async def tracking_counts(session: AsyncSession, campaign_id: int) -> dict[str, int]:
+    """The campaign's opens and clicks (docs/tracking.md): ``opened``/``clicked``,
+    recipients with a human one (per-recipient tracking); ``opens``/``clicks``, human
+    hits; ``machine_opens``/``machine_clicks``, hits judged a machine's. Hits not yet
+    judged are in none."""
+    firsts = (
+        await session.execute(
+            select(func.count(SendRecord.opened_at), func.count(SendRecord.clicked_at)).where(
+                SendRecord.campaign_id == campaign_id
+            )
+        )
+    ).one()
+    out = {"opened": int(firsts[0]), "clicked": int(firsts[1]), "opens": 0, "clicks": 0,
+           "machine_opens": 0, "machine_clicks": 0}  # fmt: skip
+    rows = await session.execute(
+        select(TrackingHit.kind, TrackingHit.machine, func.count())
+        .where(TrackingHit.campaign_id == campaign_id, TrackingHit.machine.is_not(None))
+        .group_by(TrackingHit.kind, TrackingHit.machine)
+    )
+    for kind, machine, n in rows.all():
+        name = ("machine_" if machine else "") + ("opens" if kind == "open" else "clicks")
+        out[name] = int(n)
+    return out
 
 
 # ---------------------------------------------------------------------- the runner
