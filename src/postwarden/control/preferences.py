@@ -40,7 +40,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from postwarden.control.tenant_keys import LinkKey
-from postwarden.control.unsubscribe import public_base_url
+from postwarden.control.unsubscribe import _HEADERS, public_base_url
 from postwarden.engagement.tokens import Kind, Link
 from postwarden.mail.addresses import suppression_key
 from postwarden.store import memberships, unsubscribes
@@ -106,14 +106,6 @@ def wording_version(lang: str) -> str:
 
 # ------------------------------------------------------------------ the page
 
-_HEADERS = {
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Robots-Tag": "noindex, nofollow",
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    ),
-}
 _STYLE = (
     "body{font-family:sans-serif;max-width:36em;margin:3em auto;padding:0 1em;line-height:1.4}"
     "fieldset{border:1px solid #ccc;margin:0 0 1em;padding:.5em 1em}"
@@ -126,6 +118,8 @@ def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+# The List-Unsubscribe page's headers (_HEADERS): no store, no referrer, noindex, a
+# Content-Security-Policy with no script.
 def _html(lang: str, title: str, body: str, status: int = 200, **headers: str) -> HTMLResponse:
     return HTMLResponse(
         f"<!doctype html><html lang='{_esc(lang)}'><head><meta charset='utf-8'>"
