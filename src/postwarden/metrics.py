@@ -294,6 +294,15 @@ class Metrics:
             ["method", "verdict"],
             registry=r,
         )
+        self.preference_requests = Counter(
+            "postwarden_preference_requests",
+            "Requests to preference center links (/p/<token>) by method (GET, HEAD counted"
+            " as GET; POST) and verdict: valid, invalid (a form that does not read: 400),"
+            " gone (the contact deleted: 404), forged (the token does not read or is of"
+            " another kind: 404), unavailable (the database down: 503).",
+            ["method", "verdict"],
+            registry=r,
+        )
         self.tracking_requests = Counter(
             "postwarden_tracking_requests",
             "Requests to the open pixel (kind=open, /t/o/<token>) and click redirects"
@@ -356,6 +365,9 @@ class Metrics:
             self.return_path_tokens.labels(verdict)
             for method in ("GET", "HEAD", "POST", "mailto"):
                 self.unsubscribe_requests.labels(method, verdict)
+        for verdict in ("valid", "invalid", "gone", "forged", "unavailable"):
+            for method in ("GET", "POST"):
+                self.preference_requests.labels(method, verdict)
         for kind in ("open", "click"):
             for verdict in ("valid", "forged", "lost"):
                 self.tracking_requests.labels(kind, verdict)

@@ -136,12 +136,13 @@ def create_app(
         async def docs(_: Request) -> HTMLResponse:
             return HTMLResponse(docs_page(openapi_document(api)))
 
-        from postwarden.control import tracking, unsubscribe
+        from postwarden.control import preferences, tracking, unsubscribe
 
         routes += [Route("/openapi.json", openapi), Route("/docs", docs)]
         routes += api.routes(plane)
         # Public links in mail (no key): List-Unsubscribe, the pixel and the redirects.
         routes += unsubscribe.routes(plane)
+        routes += preferences.routes(plane)
         routes += tracking.routes(plane)
     routes += extra_routes or []
 

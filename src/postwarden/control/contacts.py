@@ -74,6 +74,10 @@ TimeZone = Annotated[
     AfterValidator(_timezone),
     Field(description="an IANA time zone name; empty or null: none"),
 ]
+Frequency = Annotated[
+    Literal["weekly", "monthly"],
+    Field(description="at most one campaign message a week or a month; null: every campaign"),
+]
 Locale = Annotated[
     str,
     StringConstraints(max_length=35),
@@ -109,6 +113,7 @@ class ContactUpdate(Strict):
     attributes: dict[str, Any] | None = Field(None, description=_ATTRIBUTES + " (merged)")
     timezone: TimeZone | None = None
     locale: Locale | None = None
+    frequency: Frequency | None = None
 
 
 class ContactOut(BaseModel):
@@ -121,6 +126,9 @@ class ContactOut(BaseModel):
     attributes: dict[str, Any]
     timezone: str | None
     locale: str | None
+    frequency: str | None = Field(
+        description="weekly or monthly (the preference center's choice); null: every campaign"
+    )
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -340,8 +348,9 @@ async def get_contact(c: Call) -> Any:
 )
 async def update_contact(c: Call) -> Any:
     """The fields given change (attributes are merged; null removes one; null or ""
-    clears the time zone or locale); the email cannot change. A status moves the
-    suppressions with it: ``active`` lifts an unsubscribe, bounce or complaint."""
+    clears the time zone or locale; null the frequency); the email cannot change. A
+    status moves the suppressions with it: ``active`` lifts an unsubscribe, bounce or
+    complaint."""
     b: ContactUpdate = c.body
     given = b.model_fields_set
     async with c.ctx.sessions() as s:
@@ -358,6 +367,8 @@ async def update_contact(c: Call) -> Any:
         )
         if row is None:
             raise not_found("contact")
+        if "frequency" in given:
+            row.frequency = b.frequency
         await s.commit()
         await s.refresh(row)
     return contact_out(row)

@@ -177,7 +177,8 @@ class UnsubscribeRequest(Base):
     campaign_id: Mapped[int | None] = mapped_column(BigId, default=None)
     contact_id: Mapped[int | None] = mapped_column(BigId, default=None)
     email: Mapped[str] = mapped_column(String(320))
-    method: Mapped[str] = mapped_column(String(8))  # GET | POST | mailto
+    # GET | HEAD | POST | mailto | preferences (16 since migration 0013)
+    method: Mapped[str] = mapped_column(String(16))
     ip: Mapped[str | None] = mapped_column(String(45), default=None)
     user_agent: Mapped[str] = mapped_column(String(500), default="")
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -30,6 +30,8 @@ from postwarden.store.models import Base, BigId, utcnow
 CONTACT_STATUSES = ("active", "unsubscribed", "bounced", "complained")
 #: The types an attribute may be declared with (``contacts.attributes``).
 ATTRIBUTE_TYPES = ("string", "number", "boolean", "date", "list")
+#: How often a contact wants campaigns (``contacts.frequency``; null: every campaign).
+FREQUENCIES = ("weekly", "monthly")
 
 
 class Contact(Base):
@@ -53,6 +55,9 @@ class Contact(Base):
     )
     timezone: Mapped[str | None] = mapped_column(String(64), default=None)  # IANA name
     locale: Mapped[str | None] = mapped_column(String(35), default=None)  # BCP 47 tag
+    # One of FREQUENCIES, or None for every campaign (the preference center sets it;
+    # the campaign feeder enforces it).
+    frequency: Mapped[str | None] = mapped_column(String(16), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
