@@ -323,6 +323,38 @@ async def test_a_closed_send_window_and_the_frequency_cap(control: ControlFactor
     assert len(api.lab.messages) == 3
 
 
+@pytest.mark.sqlite_only  # the feeder's rule; the query is the frequency cap's
+async def test_a_contacts_frequency_preference(control: ControlFactory) -> None:
+    """A contact who chose weekly or monthly (the preference center) gets one bulk
+    message in that time; the next campaign's record is ``frequency_preference``."""
+    api = await control(FAST)
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    people = [{"email": f"f{i}@inbox.test", "name": f"F{i}"} for i in range(3)]
+    async with api.client(key) as c:
+        cid = await approved_campaign(api, c, people)
+        contacts = (await c.get("/v1/contacts")).json()["data"]
+        by_email = {x["email"]: x["id"] for x in contacts}
+        for email_, freq in (("f1@inbox.test", "weekly"), ("f2@inbox.test", "monthly")):
+            r = await c.patch(f"/v1/contacts/{by_email[email_]}", json={"frequency": freq})
+            assert r.status_code == 200 and r.json()["frequency"] == freq, r.text
+        assert (await act(c, cid, "schedule")).status_code == 200
+        assert (await stats_when(c, cid, lambda s: s["state"] == "sent"))["delivered"] == 3
+        second = (await act(c, cid, "clone")).json()["id"]
+        assert (await act(c, second, "validate")).json()["problems"] == []
+        approver = await operator_made_key(api, await tenant_id(c), ["approve"])
+        async with api.client(approver) as a:
+            assert (await act(a, second, "approve")).status_code == 200
+        assert (await act(c, second, "schedule")).status_code == 200
+        stats = await stats_when(c, second, lambda s: s["state"] == "sent")
+        assert (stats["suppressed"], stats["delivered"]) == (2, 1), stats
+        r = await c.get(f"/v1/campaigns/{second}/records", params={"state": "suppressed"})
+        assert sorted((x["email"], x["reason"]) for x in r.json()["data"]) == [
+            ("f1@inbox.test", "frequency_preference"),
+            ("f2@inbox.test", "frequency_preference"),
+        ]
+
+
 async def test_the_send_window_in_each_recipients_zone(control: ControlFactory) -> None:
     """A window open now in Tokyo and closed in the campaign's zone (UTC): the Tokyo
     contact gets the message, the contact with no zone and the one in Los Angeles wait

@@ -36,6 +36,7 @@ from postwarden.control.api import api
 from postwarden.control.campaigns import Problem, campaign_of, problems
 from postwarden.control.errors import ApiError, invalid
 from postwarden.control.pool_cache import PoolNotAllowed
+from postwarden.control.preferences import preferences_url
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Strict
 from postwarden.control.templates import parts_of, postal_address_of
@@ -198,7 +199,8 @@ def _render_sample(
     domain = row.from_email.rpartition("@")[2]
     out = []
     for person in contacts:
-        urls = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
+        urls = dict(PLACEHOLDER_URLS)  # view online: not yet
+        urls["preferences_url"] = preferences_url(c.ctx, signer, row.id, person.id)
         urls["unsubscribe_url"], headers = recipient_links(
             c.ctx, row.tenant_id, row.id, person.id, domain, signer
         )

@@ -41,6 +41,7 @@ from postwarden.content.render import Parts, RenderError, render_message
 from postwarden.content.variables import PLACEHOLDER_URLS, send_context
 from postwarden.control.campaign_ab import look_at_tests
 from postwarden.control.pool_cache import PoolNotAllowed
+from postwarden.control.preferences import preferences_url
 from postwarden.control.templates import parts_of, postal_address_of
 from postwarden.control.tenant_keys import LinkKey
 from postwarden.control.tracking import Tracker
@@ -100,6 +101,11 @@ OUTCOMES_IDLE = 30.0
 FAST_AFTER = 60.0
 #: Outcome steps per pass (each reads up to store.campaign_outcomes.BATCH events).
 OUTCOME_STEPS = 20
+
+
+#: A contact's frequency preference (the preference center): at most one bulk
+#: message in this many days.
+FREQUENCY_DAYS = {"weekly": 7, "monthly": 30}
 
 
 def spool_key(campaign_id: int, contact_id: int) -> str:
@@ -381,6 +387,14 @@ class CampaignRunner:
             capped = {}
             if job.frequency_cap:
                 capped = await sent_today(s, row.tenant_id, row.id, [r.contact_id for r in records])
+            # The contacts' own frequency (the preference center): one bulk message a
+            # week or a month at most.
+            recent: dict[int, int] = {}
+            for freq, days in FREQUENCY_DAYS.items():
+                ids = [r.contact_id for r in records
+                       if (contacts.get(r.contact_id) or {}).get("frequency") == freq]  # fmt: skip
+                if ids:
+                    recent |= await sent_today(s, row.tenant_id, row.id, ids, days)
             items, recover, fresh = [], [], {}
             for r in records:
                 person = contacts.get(r.contact_id)
@@ -392,6 +406,9 @@ class CampaignRunner:
                     continue
                 if job.frequency_cap and capped.get(r.contact_id, 0) >= job.frequency_cap:
                     ended[r.id] = ("suppressed", "frequency_cap")
+                    continue
+                if recent.get(r.contact_id, 0) >= 1:
+                    ended[r.id] = ("suppressed", "frequency_preference")
                     continue
                 if send_window is not None and not r.message_id:
                     zone = person["timezone"]
@@ -575,7 +592,10 @@ class CampaignRunner:
             person = item.contact
             look = job.look_of(item.variant)
             domain = look.from_email.rpartition("@")[2]
-            links = dict(PLACEHOLDER_URLS)  # preferences and view online: issue 22
+            links = dict(PLACEHOLDER_URLS)  # view online: not yet
+            if signer is not None:
+                links["preferences_url"] = preferences_url(self.plane, signer, row.id,
+                                                           item.contact_id)  # fmt: skip
             url, headers = recipient_links(self.plane, row.tenant_id, row.id, item.contact_id,
                                            domain, signer)  # fmt: skip
             links["unsubscribe_url"] = url
@@ -707,7 +727,12 @@ async def _version_look(
 async def _contacts(s: Any, tenant_id: int, ids: list[int]) -> dict[int, dict[str, Any]]:
     rows = await s.execute(
         select(
-            Contact.id, Contact.name, Contact.attributes, Contact.status, Contact.timezone
+            Contact.id,
+            Contact.name,
+            Contact.attributes,
+            Contact.status,
+            Contact.timezone,
+            Contact.frequency,
         ).where(Contact.tenant_id == tenant_id, Contact.id.in_(ids))
     )
     return {
@@ -716,6 +741,7 @@ async def _contacts(s: Any, tenant_id: int, ids: list[int]) -> dict[int, dict[st
             "attributes": dict(attrs or {}),
             "status": status,
             "timezone": zone or None,
+            "frequency": frequency,
         }
-        for cid, name, attrs, status, zone in rows.all()
+        for cid, name, attrs, status, zone, frequency in rows.all()
     }

@@ -554,13 +554,18 @@ async def wake_waiting(sessions: Sessions) -> int:
 
 
 async def sent_today(
-    session: AsyncSession, tenant_id: int, campaign_id: int, contact_ids: Sequence[int]
+    session: AsyncSession,
+    tenant_id: int,
+    campaign_id: int,
+    contact_ids: Sequence[int],
+    days: int = 1,
 ) -> dict[int, int]:
     """How many bulk messages of the tenant's other campaigns each contact was sent in
-    the last 24 hours (the frequency cap)."""
+    the last 24 hours (the frequency cap), or the last ``days`` days (a contact's
+    frequency preference)."""
     if not contact_ids:
         return {}
-    since = utcnow() - dt.timedelta(days=1)
+    since = utcnow() - dt.timedelta(days=days)
     rows = await session.execute(
         select(SendRecord.contact_id, func.count())
         .where(
