@@ -1,5 +1,5 @@
-"""The preference center (issue 22; docs/preferences.md): one page per contact,
-reached by a signed link in every campaign message (``{public_url}/p/<token>``, a
+"""The preference center (issue 22; docs/api.md, "Preference center"): one page per
+contact, reached by a signed link in every campaign message (``{public_url}/p/<token>``, a
 version 2 token of kind ``preferences`` under the tenant's links key), served without
 an API key and without JavaScript.
 
