@@ -61,8 +61,9 @@ def links_of(raw: bytes) -> tuple[str, str, str]:
     html = body.get_content()
     assert SHOP not in html and 'href="https://acme.example/about"' in html
     assert "data-notrack" not in html
-    click = re.findall(r'href="(http://[^"]+/t/c/[^"]+)"', html)
-    pixel = re.findall(r'<img src="(http://[^"]+/t/o/[^"]+)"', html)
+    # The From domain's tracking host (its CNAME was published and found).
+    click = re.findall(r'href="(https://track\.acme\.test/t/c/[^"]+)"', html)
+    pixel = re.findall(r'<img src="(https://track\.acme\.test/t/o/[^"]+)"', html)
     unsubscribe = re.match(r"<([^>]+)>", str(msg["List-Unsubscribe"]))
     assert len(click) == 1 and len(pixel) == 1 and unsubscribe is not None, html
     return tuple(urlsplit(u).path for u in (click[0], pixel[0], unsubscribe.group(1)))  # type: ignore[return-value]

@@ -54,6 +54,9 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
                          "template_id": template_b, "from": {"email": "x@bravo.test"}})  # fmt: skip
         assert r.status_code == 201, r.text
         campaign_b = r.json()["id"]
+        assert (await c.post("/v1/tracking/keys")).status_code == 201  # two: one retirable
+        keys = (await c.post("/v1/tracking/keys")).json()["data"]
+        kid_b = keys[1]["kid"]
     values = {
         "audience_id": aud_b,
         "snapshot_id": snap_b,
@@ -71,6 +74,7 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "topic_id": topic_b["id"],
         "name": "bravo_attr",
         "campaign_id": campaign_b,
+        "kid": kid_b,
     }
     # A route with a resource in its path that takes a body gets a valid one (by its
     # body model; {} when every field is optional), so that the answer is the

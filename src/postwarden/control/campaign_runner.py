@@ -44,7 +44,7 @@ from postwarden.control.pool_cache import PoolNotAllowed
 from postwarden.control.preferences import preferences_url
 from postwarden.control.templates import parts_of, postal_address_of
 from postwarden.control.tenant_keys import LinkKey
-from postwarden.control.tracking import Tracker
+from postwarden.control.tracking import Tracker, tracking_base
 from postwarden.control.unsubscribe import public_base_url, recipient_links
 from postwarden.mail.build import BuildError, Draft, Mailbox, build_alternative, needs_smtputf8
 from postwarden.mail.cleanup import Rejected
@@ -136,6 +136,8 @@ class Job:
     # Open and click tracking: off, anonymous or per_recipient (the campaign's, else
     # the tenant's setting).
     tracking: str = "anonymous"
+    # Where tracked links point (control.tracking.tracking_base).
+    tracking_base: str = ""
     # The A/B test: who gets which variant, each variant's look, the winner once known.
     split: Split | None = None
     variants: dict[str, Look] = dataclasses.field(default_factory=dict)
@@ -534,6 +536,9 @@ class CampaignRunner:
             pool=pool,
             frequency_cap=int(settings.get("frequency_cap") or 0),
             tracking=row.tracking or str(settings.get("tracking") or "anonymous"),
+            tracking_base=await tracking_base(
+                s, self.plane, row.tenant_id, row.from_email.rpartition("@")[2]
+            ),
             split=split,
             variants=variants,
             winner=(row.ab or {}).get("winner"),
@@ -587,7 +592,7 @@ class CampaignRunner:
         row = job.campaign
         host = self.cfg.server.hostname
         now = time.time()
-        base = public_base_url(self.cfg)
+        base = job.tracking_base or public_base_url(self.cfg)
         for item in items:
             person = item.contact
             look = job.look_of(item.variant)

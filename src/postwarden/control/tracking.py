@@ -25,15 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from postwarden.control.tenant_keys import LinkKey, TenantKeyCache
+from postwarden.control.unsubscribe import public_base_url
 from postwarden.engagement.tokens import Kind, Link
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.engagement_models import TrackingHit
+from postwarden.store.models import Domain
 
 log = logging.getLogger("postwarden.control.tracking")
 _limited = LogLimiter(log)
@@ -77,6 +79,19 @@ class Tracker:
         verdicts' "every link at once")."""
         link = Link(Kind.OPEN, self.campaign_id, self.contact_id, links, self.message_id)
         return f"{self.base}{OPEN_PREFIX}{self.keys.make(self.signer, link)}"
+
+
+async def tracking_base(s: Any, ctx: Any, tenant_id: int, from_domain: str) -> str:
+    """Where a message's tracked links point: ``https://<tracking host>`` of its From
+    domain when the domain's tracking CNAME (``<control.tracking_label>.<domain>``) was
+    found at its last check, else ``control.public_url``."""
+    domain = await s.scalar(
+        select(Domain).where(Domain.tenant_id == tenant_id, Domain.name == from_domain.lower())
+    )
+    for rec in (domain.last_check or {}).get("records", []) if domain is not None else []:
+        if rec.get("purpose") == "tracking" and rec.get("status") == "ok" and rec.get("name"):
+            return f"https://{str(rec['name']).rstrip('.')}"
+    return public_base_url(ctx.cfg)
 
 
 def truncate_ip(ip: str | None) -> str | None:
