@@ -24,7 +24,7 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -32,6 +32,8 @@ from starlette.routing import Route
 from postwarden.engagement.tokens import Kind, Link
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.engagement_models import TrackingHit
+
+HITS: Table = TrackingHit.__table__  # type: ignore[assignment]
 
 log = logging.getLogger("postwarden.control.tracking")
 _limited = LogLimiter(log)
@@ -90,7 +92,9 @@ class HitWriter:
             batch, self._pending = self._pending[: self.batch], self._pending[self.batch :]
             try:
                 async with self.sessions() as s:
-                    await s.execute(insert(TrackingHit), [row for row, _ in batch])
+                    # A Core insert of the table: the ORM's bulk insert costs a fifth
+                    # more CPU a hit for the same statement (bench/tracking.py).
+                    await s.execute(insert(HITS), [row for row, _ in batch])
                     await s.commit()
             except Exception as exc:
                 for _, fut in batch:
