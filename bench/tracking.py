@@ -24,8 +24,13 @@ Not a test. One run, per database (``--db``: SQLite, PostgreSQL or both):
   stopped (``--connections``).
 
 It prints each run, the medians, then per database one line ``bench-tracking:
-base_rps=… pixel_rps=… click_rps=… pixel_ratio=… click_ratio=…``. The aim (issue 22)
-is a ratio of at least 0.5 on 2 cores: the server and the client get one each.
+base_rps=… pixel_rps=… click_rps=… pixel_ratio=… click_ratio=… pixel_cpu_ratio=…
+click_cpu_ratio=… db=…``; the CPU ratios are the baseline's server CPU per request
+over the endpoint's (with PostgreSQL's), the rate ratio a server alone on its core
+would reach: on a shared machine, steadier than the rates. The aim (issue 22) is a
+ratio of at least 0.5 on 2 cores: the server and the client get one each.
+``--py-spy S`` then profiles the server for S seconds under each load (py-spy from
+the venv or PATH).
 
     python bench/tracking.py [--db sqlite|postgresql|both] [--tokens 20000]
         [--seconds 5] [--reps 3] [--connections 64] [--batch N] [--py-spy SECONDS]
@@ -210,11 +215,16 @@ class Database:
             from tests.pg import start_cluster
 
             self.pg = start_cluster(DURABLE_PG, prefix="pw-trackbench-")
-            self.pg._sql("CREATE DATABASE bench")
+            try:
+                self.pg._sql("CREATE DATABASE bench")
+                upgrade_sync(self.pg.url("bench"))
+            except BaseException:
+                self.stop()
+                raise
             self.url = self.pg.url("bench")
         else:
             self.url = f"sqlite+aiosqlite:///{scratch / 'control.db'}"
-        upgrade_sync(self.url)
+            upgrade_sync(self.url)
 
     @property
     def pid(self) -> int | None:
