@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign clean venv
+.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign bench-tracking clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -90,3 +90,10 @@ bench-import: $(STAMP)
 bench-campaign: $(STAMP)
 	$(BIN)/python bench/campaign.py $(if $(CONTACTS),--contacts $(CONTACTS),) $(if $(MEASURE),--measure $(MEASURE),) \
 		$(if $(MAX_SECONDS),--max-seconds $(MAX_SECONDS),) $(if $(DB),--db $(DB),)
+
+## The tracking pixel and redirect (each hit stored, group commit) against a static 204
+## of the same app and process, under wrk: requests/s, ratios, CPU (not in `bench`).
+## DB=sqlite|postgresql|both (sqlite); PY_SPY=SECONDS profiles the server afterwards.
+bench-tracking: $(STAMP)
+	$(BIN)/python bench/tracking.py $(if $(DB),--db $(DB),) $(if $(REPS),--reps $(REPS),) \
+		$(if $(PY_SPY),--py-spy $(PY_SPY),)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -36,6 +36,8 @@ from postwarden.engagement.tokens import Kind, Link
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Domain
+
+HITS: Table = TrackingHit.__table__  # type: ignore[assignment]
 
 log = logging.getLogger("postwarden.control.tracking")
 _limited = LogLimiter(log)
@@ -132,7 +134,9 @@ class HitWriter:
             batch, self._pending = self._pending[: self.batch], self._pending[self.batch :]
             try:
                 async with self.sessions() as s:
-                    await s.execute(insert(TrackingHit), [row for row, _ in batch])
+                    # A Core insert of the table: the ORM's bulk insert costs a fifth
+                    # more CPU a hit for the same statement (bench/tracking.py).
+                    await s.execute(insert(HITS), [row for row, _ in batch])
                     await s.commit()
             except Exception as exc:
                 for _, fut in batch:
@@ -156,7 +160,18 @@ def _count(ctx: Any, kind: str, verdict: str) -> None:
 
 
 def _hit(ctx: Any, tenant_id: int, link: Link, request: Request) -> dict[str, Any]:
-    ip = request.client.host if request.client else None
+    # One pass over the raw header list (ASGI names are lower case): Starlette's
+    # Headers scans it again for every lookup, a third of this function's time.
+    agent: bytes | None = None
+    ranged = False
+    for name, value in request.scope["headers"]:
+        if name == b"user-agent":
+            if agent is None:
+                agent = value
+        elif name == b"range":
+            ranged = True
+    client = request.scope.get("client")
+    ip: str | None = client[0] if client else None
     if tenant_id in ctx.pool_cache.truncate_ip_tenants:
         ip = truncate_ip(ip)
     return {
@@ -171,8 +186,8 @@ def _hit(ctx: Any, tenant_id: int, link: Link, request: Request) -> dict[str, An
         "at": dt.datetime.now(dt.UTC),
         "method": request.method[:8],
         "ip": ip[:45] if ip else None,
-        "user_agent": request.headers.get("user-agent", "")[:USER_AGENT_MAX],
-        "ranged": "range" in request.headers,
+        "user_agent": (agent or b"").decode("latin-1")[:USER_AGENT_MAX],
+        "ranged": ranged,
         "reason": "",
     }
 
