@@ -138,13 +138,25 @@ def create_app(
 
         from postwarden.control import preferences, tracking, unsubscribe
 
-        routes += [Route("/openapi.json", openapi), Route("/docs", docs)]
-        routes += api.routes(plane)
-        # Public links in mail (no key): List-Unsubscribe, the pixel and the redirects.
-        routes += unsubscribe.routes(plane)
-        routes += preferences.routes(plane)
-        routes += tracking.routes(plane)
-    routes += extra_routes or []
+        # Public links in mail (no key) first: the pixel and the redirects are hit by
+        # every recipient, and Starlette tries routes in order (90-odd API routes
+        # cost a pixel 40 µs and more). Then List-Unsubscribe, the preference center,
+        # and the extra routes (the lab's inbox; a benchmark's baseline).
+        public = [
+            *tracking.routes(plane),
+            *unsubscribe.routes(plane),
+            *preferences.routes(plane),
+            *(extra_routes or []),
+        ]
+        routes = [
+            *public,
+            *routes,
+            Route("/openapi.json", openapi),
+            Route("/docs", docs),
+            *api.routes(plane),
+        ]
+    else:
+        routes += extra_routes or []
 
     return Starlette(
         routes=routes,

@@ -81,12 +81,17 @@ class TenantKeyCache:
 
     def read(self, token: str) -> tuple[int, tokens.Link] | None:
         """The tenant and link of a token, or None (forged, altered, retired key)."""
-        kid = tokens.kid_of(token)
-        found = self.by_kid.get(kid) if kid is not None else None
-        if found is None:
-            return None
-        link = tokens.read(token, self.key_for)
-        return None if link is None else (found.tenant_id, link)
+        found: list[LinkKey] = []
+
+        def key_for(kid: bytes) -> bytes | None:  # the token is decoded once
+            key = self.by_kid.get(kid)
+            if key is None:
+                return None
+            found.append(key)
+            return key.key
+
+        link = tokens.read(token, key_for)
+        return None if link is None or not found else (found[0].tenant_id, link)
 
     def make(self, signer: LinkKey, link: tokens.Link) -> str:
         return tokens.make(signer.kid, signer.key, link)
