@@ -214,6 +214,21 @@ def location(url: str) -> str:
     return quote(url, safe="!#$%&'()*+,/:;=?@[]~-._")
 
 
+class _Fixed(Response):
+    """A response whose header lines are encoded once (every recipient's pixel and
+    click; Starlette would encode them again for each)."""
+
+    def __init__(self, status: int, body: bytes, raw: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = status
+        self.body = body
+        self.background = None
+        self.raw_headers = [*raw, (b"content-length", str(len(body)).encode())]
+
+
+_RAW_NO_STORE = [(k.lower().encode(), v.encode()) for k, v in _NO_STORE.items()]
+_PIXEL_HEADERS = [*_RAW_NO_STORE, (b"content-type", b"image/gif")]
+
+
 def _not_found() -> Response:
     return Response(b"not found\n", 404, headers=_NO_STORE, media_type="text/plain")
 
@@ -227,7 +242,7 @@ def routes(ctx: Any) -> list[Route]:
             _count(ctx, "open", "forged")
             return _not_found()
         await _store(ctx, "open", _hit(ctx, found[0], found[1], request))
-        return Response(PIXEL, 200, headers=_NO_STORE, media_type="image/gif")
+        return _Fixed(200, PIXEL, _PIXEL_HEADERS)
 
     async def click(request: Request) -> Response:
         found = ctx.tenant_keys.read(request.path_params["token"])
@@ -241,7 +256,7 @@ def routes(ctx: Any) -> list[Route]:
             _count(ctx, "click", "forged")
             return _not_found()
         await _store(ctx, "click", _hit(ctx, found[0], link, request))
-        return Response(b"", 302, headers={**_NO_STORE, "Location": location(link.url)})
+        return _Fixed(302, b"", [*_RAW_NO_STORE, (b"location", location(link.url).encode())])
 
     return [
         Route(OPEN_PREFIX + "{token}", pixel, methods=["GET", "HEAD"]),

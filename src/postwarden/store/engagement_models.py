@@ -57,12 +57,13 @@ class TenantKey(Base):
 class TrackingHit(Base):
     __tablename__ = "tracking_hits"
     __table_args__ = (
-        Index("ix_tracking_hits_tenant_id_id", "tenant_id", "id"),
+        # Every hit updates each index (a recipient's click waits for it): four.
+        # A campaign's hits in id order (its hits list, its counts).
+        Index("ix_tracking_hits_campaign_id_id", "campaign_id", "id"),
         # The verdict pass: hits not judged yet, oldest first.
         Index("ix_tracking_hits_judged_at_id", "judged_at", "id"),
         # A message's hits, judged together.
         Index("ix_tracking_hits_message_id", "message_id"),
-        Index("ix_tracking_hits_campaign_id_kind", "campaign_id", "kind"),
         Index("ix_tracking_hits_at", "at"),  # retention
     )
 

@@ -79,10 +79,9 @@ def upgrade() -> None:
         _tenant_fk("tracking_hits"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tracking_hits")),
     )
-    op.create_index("ix_tracking_hits_tenant_id_id", "tracking_hits", ["tenant_id", "id"])
+    op.create_index("ix_tracking_hits_campaign_id_id", "tracking_hits", ["campaign_id", "id"])
     op.create_index("ix_tracking_hits_judged_at_id", "tracking_hits", ["judged_at", "id"])
     op.create_index("ix_tracking_hits_message_id", "tracking_hits", ["message_id"])
-    op.create_index("ix_tracking_hits_campaign_id_kind", "tracking_hits", ["campaign_id", "kind"])
     op.create_index("ix_tracking_hits_at", "tracking_hits", ["at"])
     with op.batch_alter_table("campaigns") as b:
         b.add_column(sa.Column("tracking", sa.String(length=16), nullable=True))
