@@ -164,3 +164,49 @@ async def test_ip_addresses_are_truncated_when_the_tenant_asks(control: ControlF
         r = await c.get(f"/t/o/{tok}")  # from loopback itself
     # uvicorn takes X-Forwarded-For from a proxy on loopback (a proxy in front).
     assert [h.ip for h in await hits(api)] == ["203.0.113.0/24", "127.0.0.0/24"]
+
+
+@pytest.mark.sqlite_only  # the message path; the hits' storage has its twin above
+async def test_an_api_message_that_asks_is_tracked(control: ControlFactory) -> None:
+    import datetime as dt
+    import email
+    import email.policy
+    import re
+    from urllib.parse import urlsplit
+
+    from tests.control.test_messages import ready_tenant, until
+
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await ready_tenant(api)
+    html = '<p><a href="https://shop.example/a?x=1&amp;y=2">Shop</a></p>'
+    async with api.client(key, follow_redirects=False) as c:
+        sent = {}
+        for tracking in (True, False):
+            r = await c.post("/v1/messages", json={
+                "from": "news@acme.test", "to": [f"{tracking}@inbox.test"], "subject": "s",
+                "html": html, "tracking": tracking})  # fmt: skip
+            assert r.status_code == 202, r.text
+            sent[tracking] = r.json()["id"]
+            await until(c, sent[tracking], lambda m: m["recipients"][0]["state"] == "delivered")
+        bodies = {}
+        for m in api.lab.messages:
+            part = email.message_from_bytes(m.data, policy=email.policy.default).get_body(("html",))
+            assert part is not None
+            bodies[m.rcpt_tos[0]] = part.get_content()
+        assert "https://shop.example/a?x=1&amp;y=2" in bodies["False@inbox.test"]
+        tracked = bodies["True@inbox.test"]
+        assert "shop.example" not in tracked and "/t/o/" in tracked
+        (link,) = re.findall(r'href="([^"]+/t/c/[^"]+)"', tracked)
+        r = await c.get(
+            urlsplit(link).path, headers={"User-Agent": "Mozilla/5.0 (X11) Firefox/133"}
+        )
+        assert r.status_code == 302 and r.headers["location"] == "https://shop.example/a?x=1&y=2"
+    plane = api.app.control
+    assert plane.verdicts is not None
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=plane.verdicts.settle + 3600)
+    assert await plane.verdicts.run_once(later) == 1
+    async with api.client(key) as c:
+        r = await c.get("/v1/events", params={"type": "clicked"})
+        got = r.json()["data"]
+    assert [(e["message_id"], e["recipient"]) for e in got] == [(sent[True], "True@inbox.test")]

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from sqlalchemy import select
 
+from postwarden.content.links import rewrite_html
 from postwarden.control.api import api, one_or_404
 from postwarden.control.errors import ApiError, invalid
 from postwarden.control.idempotency import IDEMPOTENCY, Found, idempotent, keyed
@@ -34,6 +35,8 @@ from postwarden.control.schemas import (
     PoolName,
     one_line,
 )
+from postwarden.control.tenant_keys import LinkKey
+from postwarden.control.tracking import Tracker, tracking_base
 from postwarden.mail.build import (
     BuildError,
     Draft,
@@ -122,6 +125,11 @@ class MessageCreate(Strict):
     priority: Literal["high", "bulk"] = Field(
         "high", description="high: transactional mail, sent first; bulk: campaign mail"
     )
+    tracking: bool = Field(
+        False,
+        description="rewrite the HTML's links and add an open pixel (docs/tracking.md):"
+        " the hits name this message (its recipients share the links)",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> MessageCreate:
@@ -196,13 +204,30 @@ def too_large(path: str, what: str, limit: int) -> ApiError:
     return ApiError(413, "too_large", f"{path}: {msg}", fields=[{"path": path, "message": msg}])
 
 
+async def tracking(c: Call, m: MessageCreate) -> tuple[LinkKey, str] | None:
+    """The links key and base of a message that asks for tracking (None otherwise):
+    the From domain's tracking host once its CNAME is found, else control.public_url."""
+    if not m.tracking or m.html is None:
+        return None
+    domain = _box(m.from_).email.rpartition("@")[2]
+    async with c.ctx.sessions() as s:
+        base = await tracking_base(s, c.ctx, c.tenant_id, domain)
+    return await c.ctx.tenant_keys.signer(c.tenant_id), base
+
+
 def prepare(
-    c: Call, m: MessageCreate, prefix: str = "", *, own_headers: Sequence[tuple[str, str]] = ()
+    c: Call,
+    m: MessageCreate,
+    prefix: str = "",
+    *,
+    own_headers: Sequence[tuple[str, str]] = (),
+    track: tuple[LinkKey, str] | None = None,
 ) -> tuple[Envelope, bytes, str]:
     """Check a message against the tenant's rules and build it; raises ApiError (422,
     or 413 when the built message is larger than smtp.max_message_size).
     ``own_headers`` are the appliance's (a test send's ``X-Postwarden-Test``), added
-    after the caller's, which may not use those names."""
+    after the caller's, which may not use those names. ``track``: the tenant's links
+    key and the links' base, for a message that asks for tracking (:func:`tracking`)."""
     cfg = c.ctx.cfg
     p = (lambda s: f"{prefix}{s}") if prefix else (lambda s: s)
     sender = _box(m.from_)
@@ -226,6 +251,11 @@ def prepare(
         if len(data) > limit:
             raise too_large(p(f"attachments[{i}].content"), f"{len(data)} bytes", limit)
         parts.append(Part(att.filename, att.content_type, data, att.disposition, att.content_id))
+    msg_id = new_message_id()
+    html = m.html
+    if html is not None and track is not None:
+        tracker = Tracker(c.ctx.tenant_keys, track[0], track[1], 0, message_id=msg_id)
+        html = rewrite_html(html, tracker.click, pixel_url=tracker.pixel).html
     draft = Draft(
         sender=sender,
         to=[_box(x) for x in m.to],
@@ -233,11 +263,10 @@ def prepare(
         reply_to=_box(m.reply_to) if m.reply_to else None,
         subject=m.subject,
         text=m.text,
-        html=m.html,
+        html=html,
         headers=[*m.headers.items(), *own_headers],
         attachments=parts,
     )
-    msg_id = new_message_id()
     try:
         data = build(draft, message_id=f"<{msg_id}@{cfg.server.hostname}>", date=time.time())
     except BuildError as exc:
@@ -386,7 +415,7 @@ async def send_message(c: Call) -> Any:
     async def run(found: Found) -> tuple[int, Any]:
         if 0 in found:  # accepted before, under this key: the same answer
             return 202, found[0]
-        env, data, msg_id = prepare(c, c.body)
+        env, data, msg_id = prepare(c, c.body, track=await tracking(c, c.body))
         env = keyed(c, env, 0)
         msg = await spool(c, env, data, msg_id)
         await remember_message(c, env, msg)
@@ -418,7 +447,10 @@ async def send_batch(c: Call) -> Any:
         raise invalid("messages", f"more than {limit} messages in one batch")
 
     async def run(found: Found) -> tuple[int, Any]:
-        prepared = [prepare(c, m, f"messages[{i}].") for i, m in enumerate(body.messages)]
+        prepared = [
+            prepare(c, m, f"messages[{i}].", track=await tracking(c, m))
+            for i, m in enumerate(body.messages)
+        ]
 
         async def one(i: int, env: Envelope, data: bytes, msg_id: str) -> BatchItem:
             if i in found:  # accepted before, under this key

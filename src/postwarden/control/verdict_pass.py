@@ -39,7 +39,7 @@ from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.campaign_models import Campaign, SendRecord
 from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.feed import lock_events
-from postwarden.store.models import Event
+from postwarden.store.models import Event, Recipient
 
 log = logging.getLogger("postwarden.control.verdicts")
 _limited = LogLimiter(log)
@@ -144,6 +144,7 @@ class VerdictPass:
                 ).scalars()
             delivered = await self._deliveries(s, messages)
             records = await self._records(s, messages)
+            alone = await self._only_recipients(s, [m for m in messages if m not in records])
             tags = await self._tags(s, {r.campaign_id for r in rows if r.campaign_id})
             groups: dict[Any, list[TrackingHit]] = defaultdict(list)
             for r in rows:
@@ -155,6 +156,7 @@ class VerdictPass:
                 judged += await self._judge(
                     s, now, cutoff, hits, delivered.get(mid) if mid else None,
                     records.get(mid) if mid else None, tags,
+                    alone.get(mid) if mid else None,
                 )  # fmt: skip
             await s.commit()
         return judged
@@ -187,6 +189,23 @@ class VerdictPass:
         ).scalars()
         return {r.message_id: r for r in rows if r.message_id}
 
+    async def _only_recipients(self, s: Any, messages: Sequence[str]) -> dict[str, str]:
+        """The address of each API message (no send record) that has one recipient:
+        its hits are that recipient's."""
+        if not messages:
+            return {}
+        rows = (
+            await s.execute(
+                select(Recipient.message_id, Recipient.address).where(
+                    Recipient.message_id.in_(messages)
+                )
+            )
+        ).all()
+        found: dict[str, list[str]] = defaultdict(list)
+        for mid, address in rows:
+            found[mid].append(address)
+        return {mid: addrs[0] for mid, addrs in found.items() if len(addrs) == 1}
+
     async def _tags(self, s: Any, campaigns: set[int | None]) -> dict[int, str]:
         ids = [c for c in campaigns if c]
         if not ids:
@@ -203,6 +222,7 @@ class VerdictPass:
         delivered: tuple[float, str | None] | None,
         record: SendRecord | None,
         tags: dict[int, str],
+        address: str | None = None,
     ) -> int:
         # The settled hits, judged with every hit of the message as context (the
         # rules join hits at most ``Rules.horizon`` apart, well under the settle
@@ -230,7 +250,8 @@ class VerdictPass:
                 .values(machine=v.machine, reason=v.reason[:40])
                 .execution_options(synchronize_session=False)
             )
-            self._event(s, r, v, record, tags.get(r.campaign_id or 0, ""))
+            self._event(s, r, v, record.email if record is not None else address,
+                        tags.get(r.campaign_id or 0, ""))  # fmt: skip
             if not v.machine and record is not None:
                 field = "opened_at" if r.kind == "open" else "clicked_at"
                 if getattr(record, field) is None or getattr(record, field) > r.at:
@@ -240,9 +261,7 @@ class VerdictPass:
                                                       ).inc()  # fmt: skip
         return 1
 
-    def _event(
-        self, s: Any, r: TrackingHit, v: Verdict, record: SendRecord | None, tags: str
-    ) -> None:
+    def _event(self, s: Any, r: TrackingHit, v: Verdict, recipient: str | None, tags: str) -> None:
         detail: dict[str, Any] = {
             "machine": v.machine,
             "reason": v.reason,
@@ -261,7 +280,7 @@ class VerdictPass:
                 type="opened" if r.kind == "open" else "clicked",
                 message_id=(r.message_id or "")[:40],
                 recipient_id=None,
-                recipient=record.email if record is not None else None,
+                recipient=recipient,
                 tags=tags,
                 detail=detail,
             )
