@@ -318,6 +318,13 @@ class Metrics:
             ["kind", "verdict"],
             registry=r,
         )
+        self.webhook_attempts = Counter(
+            "postwarden_webhook_attempts",
+            "Tries to deliver an event to a webhook endpoint, by outcome: delivered (a 2xx"
+            " answer), failed (any other answer, or none: tried again later).",
+            ["outcome"],
+            registry=r,
+        )
         self.bounce_categories = Counter(
             "postwarden_bounce_categories",
             "Permanent failures by classifier category and hard/soft, during delivery "
@@ -373,6 +380,8 @@ class Metrics:
                 self.tracking_requests.labels(kind, verdict)
             for verdict in ("human", "machine"):
                 self.tracking_verdicts.labels(kind, verdict)
+        for outcome in ("delivered", "failed"):
+            self.webhook_attempts.labels(outcome)
         for reason in ("hard_bounce", "soft_bounce", "complaint"):
             self.bounce_suppressions.labels(reason)
         for reason in FAILURE_STAGES:

@@ -57,6 +57,8 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         assert (await c.post("/v1/tracking/keys")).status_code == 201  # two: one retirable
         keys = (await c.post("/v1/tracking/keys")).json()["data"]
         kid_b = keys[1]["kid"]
+        r = await c.post("/v1/webhooks", json={"url": "https://hooks.test/b", "events": ["*"]})
+        webhook_b = r.json()["id"]
     values = {
         "audience_id": aud_b,
         "snapshot_id": snap_b,
@@ -75,6 +77,7 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "name": "bravo_attr",
         "campaign_id": campaign_b,
         "kid": kid_b,
+        "webhook_id": webhook_b,
     }
     # A route with a resource in its path that takes a body gets a valid one (by its
     # body model; {} when every field is optional), so that the answer is the

@@ -70,7 +70,7 @@ async def schemathesis(base: str, key: str, tmp: Path, *extra: str) -> tuple[int
 
 # The tenant routes in three runs of about the same length (pytest-xdist spreads them).
 TENANT_GROUPS = {
-    "sending": "^/v1/(domains|keys|suppressions|messages|events|shaping|tracking)",
+    "sending": "^/v1/(domains|keys|suppressions|messages|events|shaping|tracking|webhooks)",
     "contacts": "^/v1/(contacts|contact-attributes|lists|topics|imports|data-sources)",
     "content": "^/v1/(audiences|templates|campaigns)",
 }

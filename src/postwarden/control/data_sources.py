@@ -18,7 +18,6 @@ import asyncio
 import csv
 import datetime as dt
 import io
-import ipaddress
 import json
 import logging
 from typing import Any, Literal
@@ -37,9 +36,9 @@ from postwarden.control.imports import (
     check_refs,
 )
 from postwarden.control.routing import Call
+from postwarden.control.safe_http import UnsafeUrl, checked
 from postwarden.control.schemas import Deleted, Page, Strict
-from postwarden.dns.resolver import DnsError
-from postwarden.mta.destinations import connectable, parse_networks
+from postwarden.mta.destinations import parse_networks
 from postwarden.store.import_models import DataSource
 from postwarden.store.imports import BodyWriter, failed_import
 from postwarden.store.models import utcnow
@@ -289,44 +288,20 @@ async def run_data_source(c: Call) -> Any:
 # ---------------------------------------------------------------------- pulling
 
 
-def _literal(host: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return None
-
-
 async def fetch(url: str, resolver: Any, allowed: Any) -> bytes:
     """The body at ``url`` (GET), under the rules of this module; PullError says why
     not."""
     first = httpx.URL(url)
     for _hop in range(MAX_REDIRECTS + 1):
         u = httpx.URL(url)
-        if u.scheme not in ("http", "https") or not u.host:
-            raise PullError(f"{url}: only http:// and https:// URLs")
-        literal = _literal(u.host)
-        if literal is not None:
-            addresses: tuple[str, ...] = (literal,)
-        else:
-            try:
-                addresses = await resolver.resolve_addresses(u.host)
-            except DnsError as exc:
-                raise PullError(f"{u.host}: the address lookup failed: {exc}") from None
-            if not addresses:
-                raise PullError(f"{u.host}: no address (A or AAAA)")
-        refused = [a for a in addresses if not connectable(a, allowed)]
-        if refused:
-            raise PullError(
-                f"{u.host}: refusing to connect to {refused[0]}, an internal address"
-                " (delivery.allowed_private_networks names the ones allowed)"
-            )
-        # Connect to the address checked (no second lookup that could answer otherwise).
-        target = u.copy_with(host=addresses[0])
-        ext = {"sni_hostname": u.host} if u.scheme == "https" and literal is None else {}
+        try:
+            target = await checked(u, resolver, allowed)
+        except UnsafeUrl as exc:
+            raise PullError(str(exc)) from None
         async with (
             httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False, trust_env=False) as client,
             client.stream(
-                "GET", target, headers={"Host": u.netloc.decode("ascii")}, extensions=ext
+                "GET", target.url, headers=target.headers, extensions=target.extensions
             ) as resp,
         ):
             if resp.is_redirect:

@@ -28,6 +28,7 @@ from postwarden.control.signing_keys import SigningKeyCache
 from postwarden.control.tenant_keys import TenantKeyCache
 from postwarden.control.tracking import HitWriter
 from postwarden.control.verdict_pass import VerdictPass
+from postwarden.control.webhook_dispatch import WebhookDispatcher
 from postwarden.dns.resolver import Resolver
 from postwarden.metrics import Metrics
 from postwarden.mta.auth import AuthUnavailable, KeyLogin
@@ -104,6 +105,8 @@ class ControlPlane:
         self.verdicts = (
             VerdictPass.from_config(self.sessions, cfg, metrics) if worker[0] == 0 else None
         )
+        # Event webhooks out: the outbox sent by the first worker (control.webhook_dispatch).
+        self.webhooks = WebhookDispatcher(self) if worker[0] == 0 else None
         # Contact imports and data-source pulls, in the background (issue 20).
         self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).
@@ -206,6 +209,8 @@ class ControlPlane:
             self.campaigns.start()
         if self.verdicts is not None:
             self.verdicts.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
 
     def wake(self) -> None:
         """Read the change feed soon (this process just wrote to it)."""
@@ -228,6 +233,8 @@ class ControlPlane:
             await self.campaigns.stop()
         if self.verdicts is not None:
             await self.verdicts.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

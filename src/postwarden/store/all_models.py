@@ -12,6 +12,7 @@ from postwarden.store import (  # noqa: F401  (each registers its tables)
     engagement_models,
     import_models,
     template_models,
+    webhook_models,
 )
 from postwarden.store.models import Base
 
