@@ -79,7 +79,7 @@ class Clock:
         return self.now
 
 
-async def setup(api: ControlApi, port: int) -> tuple[Any, Receiver, int, Clock]:
+async def setup(api: ControlApi, port: int) -> tuple[Any, Receiver, int, Clock, str]:
     key = await api.tenant("acme")
     tid = await tenant_id(api, key)
     async with api.client(key) as c:
@@ -92,7 +92,7 @@ async def setup(api: ControlApi, port: int) -> tuple[Any, Receiver, int, Clock]:
     await dispatcher.stop()  # the test drives it, on its own clock
     clock = Clock()
     dispatcher.clock = clock
-    return dispatcher, Receiver(r.json()["secret"], port), tid, clock
+    return dispatcher, Receiver(r.json()["secret"], port), tid, clock, key
 
 
 async def drive(dispatcher: Any, clock: Clock, until: dt.timedelta, step: float) -> None:
@@ -108,7 +108,7 @@ async def drive(dispatcher: Any, clock: Clock, until: dt.timedelta, step: float)
 async def test_a_receiver_down_ten_minutes_gets_every_event_once(control: ControlFactory) -> None:
     port = free_port()
     api = await control()
-    dispatcher, receiver, tid, clock = await setup(api, port)
+    dispatcher, receiver, tid, clock, key = await setup(api, port)
     events = [await add_event(api, tid, kind) for kind in ("delivered", "bounced") * 10]
     try:
         # Down: nothing listens. Ten minutes of simulated time, a pass every 20 s.
@@ -132,6 +132,17 @@ async def test_a_receiver_down_ten_minutes_gets_every_event_once(control: Contro
         )
         failed_tries = await s.scalar(select(func.count()).where(WebhookAttempt.status.is_(None)))
     assert states == {"delivered": 20}
+    # The log of one delivery: no answer while down, then 200.
+    async with api.client(key) as c:
+        wid = (await c.get("/v1/webhooks")).json()["data"][0]["id"]
+        first = (await c.get(f"/v1/webhooks/{wid}/deliveries")).json()["data"][0]
+        r = await c.get(f"/v1/webhooks/{wid}/deliveries/{first['id']}/attempts")
+        assert r.status_code == 200, r.text
+        tries = r.json()["data"]
+        assert [t["status"] for t in tries][-1] == 200 and tries[-1]["response"] == "ok"
+        assert all(t["status"] is None and t["error"] for t in tries[:-1]) and len(tries) >= 3
+        r = await c.get(f"/v1/webhooks/{wid}/deliveries/{10**9}/attempts")
+        assert r.status_code == 404
     assert failed_tries and failed_tries >= 20 * 3  # tries at 0 s, ~5 s, ~5 min: no answer
 
 
@@ -139,7 +150,7 @@ async def test_a_receiver_down_ten_minutes_gets_every_event_once(control: Contro
 async def test_a_flaky_receiver_loses_nothing_and_410_disables(control: ControlFactory) -> None:
     port = free_port()
     api = await control()
-    dispatcher, receiver, tid, clock = await setup(api, port)
+    dispatcher, receiver, tid, clock, _key = await setup(api, port)
     receiver.mode = "flaky"
     await receiver.start()
     try:

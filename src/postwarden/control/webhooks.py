@@ -17,7 +17,12 @@ from postwarden.control.event_list import EventType
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Page, Strict
 from postwarden.store.models import Event
-from postwarden.store.webhook_models import OUTBOX_STATES, WebhookEndpoint, WebhookOutbox
+from postwarden.store.webhook_models import (
+    OUTBOX_STATES,
+    WebhookAttempt,
+    WebhookEndpoint,
+    WebhookOutbox,
+)
 from postwarden.webhooks import signing
 
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
@@ -346,6 +351,50 @@ async def list_deliveries(c: Call) -> Any:
         rows = await page(s, stmt, WebhookOutbox, q.cursor, q.limit)
     data = [DeliveryOut.model_validate(r) for r in rows]
     return DeliveryList(data=data, next_cursor=page_of(rows, q.limit))
+
+
+class AttemptOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: dt.datetime
+    status: int | None = Field(description="the HTTP status; null: no answer (see error)")
+    duration_ms: int
+    error: str = Field(description="why there was no answer (a refused address, a timeout)")
+    response: str = Field(description="the answer's first kilobyte")
+
+
+class AttemptList(BaseModel):
+    data: list[AttemptOut]
+
+
+@api.op(
+    "GET",
+    "/v1/webhooks/{webhook_id:int}/deliveries/{delivery_id:int}/attempts",
+    summary="Every try of one delivery: status, time, error, the answer's first kilobyte",
+    scope="read",
+    response=AttemptList,
+    errors=(404,),
+)
+async def list_attempts(c: Call) -> Any:
+    async with c.ctx.sessions() as s:
+        row = await _endpoint(s, c)
+        found = await s.scalar(
+            select(WebhookOutbox.id).where(
+                WebhookOutbox.endpoint_id == row.id, WebhookOutbox.id == c.path["delivery_id"]
+            )
+        )
+        if found is None:
+            raise not_found("delivery")
+        rows = (
+            await s.execute(
+                select(WebhookAttempt)
+                .where(WebhookAttempt.outbox_id == found)
+                .order_by(WebhookAttempt.id)
+                .limit(100)
+            )
+        ).scalars()
+        return AttemptList(data=[AttemptOut.model_validate(a) for a in rows])
 
 
 @api.op(
