@@ -174,6 +174,16 @@ def _sealed_secret(c: Call, secret: bytes) -> dict[str, Any]:
     return {"sealed": c.ctx.box.seal(secret).decode("ascii"), "expires_at": None}
 
 
+async def _saved_with_secret(
+    s: Any, c: Call, row: WebhookEndpoint, secret: bytes
+) -> WebhookCreated:
+    """Commit ``row`` and answer it with ``secret``, shown this once."""
+    await s.commit()
+    await s.refresh(row)
+    out = _with_key(c, row)
+    return WebhookCreated(**out.model_dump(), secret=signing.secret_text(secret))
+
+
 async def _endpoint(s: Any, c: Call) -> WebhookEndpoint:
     row = await s.scalar(
         select(WebhookEndpoint).where(
@@ -213,10 +223,7 @@ async def create_webhook(c: Call) -> Any:
     )
     async with c.ctx.sessions() as s:
         s.add(row)
-        await s.commit()
-        await s.refresh(row)
-    out = _with_key(c, row)
-    return WebhookCreated(**out.model_dump(), secret=signing.secret_text(secret))
+        return await _saved_with_secret(s, c, row, secret)
 
 
 @api.op(
@@ -326,10 +333,7 @@ async def rotate_webhook_secret(c: Call) -> Any:
             for x in _live(row.secrets, now)
         ]
         row.secrets = [_sealed_secret(c, secret), *old]
-        await s.commit()
-        await s.refresh(row)
-        out = _with_key(c, row)
-    return WebhookCreated(**out.model_dump(), secret=signing.secret_text(secret))
+        return await _saved_with_secret(s, c, row, secret)
 
 
 @api.op(
