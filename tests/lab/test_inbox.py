@@ -343,7 +343,10 @@ async def test_postwarden_lab_keeps_and_serves_what_it_receives(tmp_path: Path) 
         },
     )
     var = tmp_path / "var"
-    task = asyncio.create_task(run_lab(str(config), var_dir=str(var), demo=False))
+    # A port of its own for the lab DNS: the default (10053) is the README walkthrough's
+    # (tests/lab/test_readme_path.py), which another worker may be running.
+    dns = "127.0.0.1:0"
+    task = asyncio.create_task(run_lab(str(config), var_dir=str(var), demo=False, dns=dns))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{control}") as http:
             for _ in range(600):
