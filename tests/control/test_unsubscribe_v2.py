@@ -88,7 +88,11 @@ async def test_the_mailto_is_handled_by_the_inbound_mx(control: ControlFactory) 
         ("mailto", "ann@inbox.test", "mail from <ann@inbox.test>")
     ]
     assert plane.suppressions.check(tid, "bob@inbox.test") is None
-    assert api.app.metrics.inbound_reports.labels("unsubscribe")._value.get() == 1
+
+    async def counted() -> bool:  # the processor counts the report once it is done
+        return bool(api.app.metrics.inbound_reports.labels("unsubscribe")._value.get() == 1)
+
+    await eventually(counted, 30, "the mailto counted as an unsubscribe report")
     got = await events(api, key, "unsubscribed")
     assert [e["detail"]["method"] for e in got] == ["mailto"]  # type: ignore[index]
 
