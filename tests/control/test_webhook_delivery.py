@@ -96,12 +96,19 @@ async def setup(api: ControlApi, port: int) -> tuple[Any, Receiver, int, Clock, 
 
 
 async def drive(dispatcher: Any, clock: Clock, until: dt.timedelta, step: float) -> None:
-    """Passes of the dispatcher while the clock moves ``until`` on, ``step`` at a time."""
+    """Passes of the dispatcher while the clock moves ``until`` on: from each pass to
+    the next delivery due (at least ``step`` later), as a real clock would bring it."""
     end = clock.now + until
     while clock.now < end:
         await dispatcher.run_once()
         await dispatcher.settle()
-        clock.now += dt.timedelta(seconds=step)
+        async with dispatcher.sessions() as s:
+            due = await s.scalar(
+                select(func.min(WebhookOutbox.next_at)).where(WebhookOutbox.state == "pending")
+            )
+        if due is None:
+            return
+        clock.now = min(end, max(due, clock.now + dt.timedelta(seconds=step)))
 
 
 @pytest.mark.sqlite_only  # the outbox's database behaviour has its own twin test
