@@ -44,7 +44,7 @@ from postwarden.control.unsubscribe import _HEADERS, public_base_url
 from postwarden.engagement.tokens import Kind, Link
 from postwarden.mail.addresses import suppression_key
 from postwarden.store import memberships, unsubscribes
-from postwarden.store.availability import LogLimiter, is_unavailable
+from postwarden.store.availability import LogLimiter
 from postwarden.store.contact_models import FREQUENCIES, Consent, Contact, Topic
 from postwarden.store.models import Suppression
 from postwarden.store.suppress import remove_suppression
@@ -446,12 +446,14 @@ def routes(ctx: Any) -> list[Route]:
         try:
             verdict, response = await _answer(ctx, request, *found)
         except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            ctx.db.down(exc)
-            _limited(logging.WARNING, "preferences_unavailable",
-                     "event=preferences_database_unavailable method=%s", method,
-                     exc=exc)  # fmt: skip
+            if not ctx.db.lost(
+                exc,
+                _limited,
+                "preferences_unavailable",
+                "event=preferences_database_unavailable method=%s",
+                method,
+            ):
+                raise  # fmt: skip
             verdict, response = "unavailable", _unavailable(DEFAULT_LANGUAGE)
         _count(ctx, method, verdict)
         return response

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from postwarden.control.tenant_keys import LinkKey, TenantKeyCache
 from postwarden.control.unsubscribe import public_base_url
 from postwarden.engagement.tokens import Kind, Link
-from postwarden.store.availability import LogLimiter, is_unavailable
+from postwarden.store.availability import LogLimiter
 from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Domain
 
@@ -196,13 +196,14 @@ async def _store(ctx: Any, kind: str, row: dict[str, Any]) -> None:
     try:
         await ctx.hits.add(row)
     except Exception as exc:
-        if not is_unavailable(exc):
-            log.error("event=tracking_hit_failed kind=%s", kind, exc_info=exc)
-        else:
-            ctx.db.down(exc)
-            _limited(logging.WARNING, "tracking_unavailable",
-                     "event=tracking_hit_lost reason=database_unavailable kind=%s", kind,
-                     exc=exc)  # fmt: skip
+        if not ctx.db.lost(
+            exc,
+            _limited,
+            "tracking_unavailable",
+            "event=tracking_hit_lost reason=database_unavailable kind=%s",
+            kind,
+        ):
+            log.error("event=tracking_hit_failed kind=%s", kind, exc_info=exc)  # fmt: skip
         _count(ctx, kind, "lost")
         return
     _count(ctx, kind, "valid")

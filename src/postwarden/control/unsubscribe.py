@@ -44,7 +44,7 @@ from postwarden.mail.addresses import suppression_key
 from postwarden.mail.build import Draft, Mailbox, build
 from postwarden.mta.dkim import DkimSigner, SigningKey, split_message
 from postwarden.store import unsubscribes
-from postwarden.store.availability import LogLimiter, is_unavailable
+from postwarden.store.availability import LogLimiter
 from postwarden.store.models import Domain
 from postwarden.store.unsubscribes import Unsubscribe
 
@@ -407,12 +407,14 @@ def routes(ctx: Any) -> list[Route]:
                 request.headers.get("user-agent", ""),
             )
         except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            ctx.db.down(exc)
-            _limited(logging.WARNING, "unsubscribe_unavailable",
-                     "event=list_unsubscribe_database_unavailable method=%s", method,
-                     exc=exc)  # fmt: skip
+            if not ctx.db.lost(
+                exc,
+                _limited,
+                "unsubscribe_unavailable",
+                "event=list_unsubscribe_database_unavailable method=%s",
+                method,
+            ):
+                raise  # fmt: skip
             return _unavailable()
         return _done_page() if method == "POST" else _confirm_page()
 

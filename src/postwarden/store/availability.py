@@ -107,6 +107,19 @@ class DbHealth:
             self.since = time.time()
             self.log.error("event=database_unavailable error=%r", self.error)
 
+    def lost(
+        self, exc: BaseException, limited: LogLimiter, kind: str, msg: str, *args: Any
+    ) -> bool:
+        """For a request that could not reach the database: when ``exc`` says it is
+        unavailable, mark it down, log one rate-limited warning (``kind``, ``msg``) and
+        answer True (the caller answers 503, or goes on without it); False for any
+        other error (the caller's to raise or log)."""
+        if not is_unavailable(exc):
+            return False
+        self.down(exc)
+        limited(logging.WARNING, kind, msg, *args, exc=exc)
+        return True
+
     def recovered(self) -> None:
         if not self.up:
             self.log.warning(
