@@ -39,6 +39,14 @@ def own_postgres() -> Iterator[PgServer]:
         stop_server(server)
 
 
+async def api_on(server: PgServer, appliance: Any, lab: Lab) -> ControlApi:
+    """An appliance with its API on a database of ``server`` (one the test stops)."""
+    app = await appliance({"database": {"url": server.new_database()}})
+    assert app.control_address is not None
+    base = "http://{}:{}".format(*app.control_address)
+    return ControlApi(app, base, await make_admin_key(app), lab)
+
+
 class Load:
     """API and SMTP clients that send until told to stop, retrying what is refused
     for now, and keep every answer."""

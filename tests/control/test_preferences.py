@@ -26,8 +26,8 @@ from postwarden.lab import Lab
 from postwarden.store.campaign_models import UnsubscribeRequest
 from postwarden.store.contact_models import Consent, Contact, TopicSubscription
 from postwarden.store.contacts import ContactIn, upsert_contacts
-from tests.control.conftest import ControlApi, ControlFactory, make_admin_key
-from tests.control.test_database_outage import own_postgres  # noqa: F401  (the fixture)
+from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_database_outage import api_on, own_postgres  # noqa: F401
 from tests.control.test_messages import ready_tenant
 from tests.control.test_unsubscribe import campaign_with_records, tenant_id
 from tests.control.test_unsubscribe_v2 import events
@@ -389,11 +389,8 @@ async def test_database_down_answers_503_and_changes_nothing(
     request: pytest.FixtureRequest, appliance: Any, lab: Lab
 ) -> None:
     server: PgServer = request.getfixturevalue("own_postgres")  # stopped, restarted
-    app = await appliance({"database": {"url": server.new_database()}})
-    assert app.control_address is not None
-    api = ControlApi(
-        app, "http://{}:{}".format(*app.control_address), await make_admin_key(app), lab
-    )
+    api = await api_on(server, appliance, lab)
+    app = api.app
     s = await setup(api)
     await asyncio.to_thread(server.stop)
     async with api.client() as c:

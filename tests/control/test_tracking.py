@@ -5,13 +5,19 @@ from the sealed token alone; keys rotate with overlap and retire."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from sqlalchemy import select
 
 from postwarden.engagement.tokens import Kind, Link
+from postwarden.lab import Lab
 from postwarden.store.engagement_models import TrackingHit
 from tests.control.conftest import ControlApi, ControlFactory
+from tests.control.test_database_outage import api_on, own_postgres  # noqa: F401
 from tests.control.test_unsubscribe import tenant_id
+from tests.pg import PgServer
 
 
 async def hits(api: ControlApi) -> list[TrackingHit]:
@@ -210,3 +216,25 @@ async def test_an_api_message_that_asks_is_tracked(control: ControlFactory) -> N
         r = await c.get("/v1/events", params={"type": "clicked"})
         got = r.json()["data"]
     assert [(e["message_id"], e["recipient"]) for e in got] == [(sent[True], "True@inbox.test")]
+
+
+async def test_with_the_database_stopped_people_still_get_there(
+    request: pytest.FixtureRequest, appliance: Any, lab: Lab
+) -> None:
+    """The pixel and the redirect answer from the cached keys; the hit is counted as
+    lost, never a 5xx for the person clicking."""
+    server: PgServer = request.getfixturevalue("own_postgres")  # stopped, restarted
+    api = await api_on(server, appliance, lab)
+    tid = await tenant_id(api, await api.tenant("acme"))
+    click = await token(api, tid, Link(Kind.CLICK, 1, 2, 0, "m", "https://shop.example/x"))
+    pixel = await token(api, tid, Link(Kind.OPEN, 1, 2))
+    await asyncio.to_thread(server.stop)
+    try:
+        async with api.client(follow_redirects=False) as c:
+            r = await c.get(f"/t/c/{click}")
+            assert r.status_code == 302 and r.headers["location"] == "https://shop.example/x"
+            assert (await c.get(f"/t/o/{pixel}")).status_code == 200
+    finally:
+        await asyncio.to_thread(server.restart)
+    assert counted(api, "click", "lost") == 1 and counted(api, "open", "lost") == 1
+    assert counted(api, "click", "valid") == 0

@@ -36,10 +36,10 @@ from postwarden.store.campaign_models import Campaign, SendRecord, UnsubscribeRe
 from postwarden.store.contact_models import Contact
 from postwarden.store.contacts import ContactIn, upsert_contacts
 from postwarden.store.models import DkimKey, Domain, Suppression
-from tests.control.conftest import ControlApi, ControlFactory, make_admin_key
+from tests.control.conftest import ControlApi, ControlFactory
 from tests.control.test_campaign_send import FAST, approved_campaign, stats_when
 from tests.control.test_campaigns import act
-from tests.control.test_database_outage import own_postgres  # noqa: F401  (the fixture)
+from tests.control.test_database_outage import api_on, own_postgres  # noqa: F401
 from tests.control.test_domains import verify_signatures
 from tests.control.test_messages import ready_tenant, until
 from tests.pg import PgServer
@@ -387,11 +387,8 @@ async def test_database_down_answers_503_and_changes_nothing(
     request: pytest.FixtureRequest, appliance: Any, lab: Lab
 ) -> None:
     server: PgServer = request.getfixturevalue("own_postgres")  # stopped, restarted
-    app = await appliance({"database": {"url": server.new_database()}})
-    assert app.control_address is not None
-    api = ControlApi(
-        app, "http://{}:{}".format(*app.control_address), await make_admin_key(app), lab
-    )
+    api = await api_on(server, appliance, lab)
+    app = api.app
     key = await ready_tenant(api)
     tid = await tenant_id(api, key)
     cid, (ann,) = await campaign_with_records(api, tid, ["ann@inbox.test"])
