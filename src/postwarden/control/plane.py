@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, select
 
 from postwarden.config import Config
 from postwarden.control import ControlPlaneError
+from postwarden.control.analytics_pass import AnalyticsPass
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
 from postwarden.control.campaign_runner import CampaignRunner, Submit
@@ -107,6 +108,8 @@ class ControlPlane:
         )
         # Event webhooks out: the outbox sent by the first worker (control.webhook_dispatch).
         self.webhooks = WebhookDispatcher(self) if worker[0] == 0 else None
+        # Events into the hourly rollups the analytics read (control.analytics_pass).
+        self.analytics = AnalyticsPass(self.sessions) if worker[0] == 0 else None
         # Contact imports and data-source pulls, in the background (issue 20).
         self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).
@@ -211,6 +214,8 @@ class ControlPlane:
             self.verdicts.start()
         if self.webhooks is not None:
             self.webhooks.start()
+        if self.analytics is not None:
+            self.analytics.start()
 
     def wake(self) -> None:
         """Read the change feed soon (this process just wrote to it)."""
@@ -235,6 +240,8 @@ class ControlPlane:
             await self.verdicts.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self.analytics is not None:
+            await self.analytics.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

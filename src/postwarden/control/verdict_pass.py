@@ -250,10 +250,13 @@ class VerdictPass:
                 .values(machine=v.machine, reason=v.reason[:40])
                 .execution_options(synchronize_session=False)
             )
+            # The recipient's first human open or click: counted once (the rollups'
+            # unique opens and clicks, store.rollups).
+            field = "opened_at" if r.kind == "open" else "clicked_at"
+            first = not v.machine and record is not None and getattr(record, field) is None
             self._event(s, r, v, record.email if record is not None else address,
-                        tags.get(r.campaign_id or 0, ""))  # fmt: skip
+                        tags.get(r.campaign_id or 0, ""), first)  # fmt: skip
             if not v.machine and record is not None:
-                field = "opened_at" if r.kind == "open" else "clicked_at"
                 if getattr(record, field) is None or getattr(record, field) > r.at:
                     setattr(record, field, r.at)
             if self.metrics is not None:
@@ -261,7 +264,9 @@ class VerdictPass:
                                                       ).inc()  # fmt: skip
         return 1
 
-    def _event(self, s: Any, r: TrackingHit, v: Verdict, recipient: str | None, tags: str) -> None:
+    def _event(
+        self, s: Any, r: TrackingHit, v: Verdict, recipient: str | None, tags: str, first: bool
+    ) -> None:
         detail: dict[str, Any] = {
             "machine": v.machine,
             "reason": v.reason,
@@ -271,6 +276,8 @@ class VerdictPass:
             "ip": r.ip,
             "method": r.method,
         }
+        if first:
+            detail["first"] = True
         if r.kind == "click":
             detail |= {"link_index": r.link_index, "url": r.url}
         s.add(

@@ -575,7 +575,7 @@ class Scheduler:
                 outstanding.pop(lease.rcpt_id, None)
 
         def report(results: list[AttemptResult]) -> None:
-            self._report(results)
+            self._report(results, q.site)
             for r in results:
                 outstanding.pop(r.lease.rcpt_id, None)
 
@@ -648,7 +648,9 @@ class Scheduler:
     def policy_for(self, lease: Lease) -> RetryPolicy:
         return self.retry_policies.get(lease.domain, self.policy)
 
-    def _report(self, results: list[AttemptResult]) -> None:
+    def _report(self, results: list[AttemptResult], site: str = "") -> None:
+        """The attempts' outcomes to the spool; ``site``: the provider site the
+        destination's MX hosts fell in (shaping), in each attempt's event."""
         now = time.time()
         outcomes: list[Outcome] = []
         finals: list[tuple[Lease, AttemptResult, bool]] = []
@@ -660,6 +662,8 @@ class Scheduler:
             detail: dict[str, object] = {"mx": r.mx, "ip": r.ip, "tls": r.tls} if r.mx else {}
             if r.source:
                 detail["source"] = r.source
+            if site and r.mx:
+                detail["site"] = site
             if r.kind == "delivered":
                 outcomes.append(
                     Outcome(lease.rcpt_id, lease.msg_id, DELIVERED, r.response, detail=detail)

@@ -6,6 +6,7 @@ module is imported here."""
 from __future__ import annotations
 
 from postwarden.store import (  # noqa: F401  (each registers its tables)
+    analytics_models,
     audience_models,
     campaign_models,
     contact_models,

@@ -43,11 +43,11 @@ STATE_OF = {
 }
 
 
-def _new_cursor(s: AsyncSession, last_id: int) -> Any:
+def _new_cursor(s: AsyncSession, last_id: int, name: str = CURSOR) -> Any:
     """Insert the cursor's row unless it is there."""
     pg = s.get_bind().dialect.name == "postgresql"
     insert = (postgresql if pg else sqlite).insert(EventCursor)
-    return insert.values(shard=CURSOR, last_id=last_id).on_conflict_do_nothing()
+    return insert.values(shard=name, last_id=last_id).on_conflict_do_nothing()
 
 
 def _before(state: str) -> tuple[str, ...]:
@@ -73,24 +73,23 @@ def _reason(kind: str, detail: dict[str, Any]) -> str:
     return ""
 
 
-async def _hold_cursor(s: AsyncSession) -> int | None:
-    """Lock the cursor's row for this transaction and return where it is; None when
-    another reader holds it (PostgreSQL; SQLite has one writer at a time anyway)."""
+async def hold_cursor(s: AsyncSession, name: str = CURSOR) -> int | None:
+    """Lock the row of the events reader ``name``'s cursor for this transaction and
+    return where it is; None when another reader holds it (PostgreSQL; SQLite has one
+    writer at a time anyway)."""
     pg = s.get_bind().dialect.name == "postgresql"
-    await s.execute(_new_cursor(s, 0))
+    await s.execute(_new_cursor(s, 0, name))
     if not pg:
         await s.execute(
-            update(EventCursor)
-            .where(EventCursor.shard == CURSOR)
-            .values(last_id=EventCursor.last_id)
+            update(EventCursor).where(EventCursor.shard == name).values(last_id=EventCursor.last_id)
         )
         return int(
-            await s.scalar(select(EventCursor.last_id).where(EventCursor.shard == CURSOR)) or 0
+            await s.scalar(select(EventCursor.last_id).where(EventCursor.shard == name)) or 0
         )
     row = (
         await s.execute(
             select(EventCursor.last_id)
-            .where(EventCursor.shard == CURSOR)
+            .where(EventCursor.shard == name)
             .with_for_update(skip_locked=True)
         )
     ).first()
@@ -102,7 +101,7 @@ async def apply_outcomes(sessions: Callable[[], Any], batch: int = BATCH) -> tup
     events were read (0: none new, or another reader is at it) and how many of them
     were campaigns'."""
     async with sessions() as s:
-        last = await _hold_cursor(s)
+        last = await hold_cursor(s)
         if last is None:
             await s.rollback()
             return 0, 0

@@ -11,6 +11,7 @@ anywhere resumes where it stopped, and a batch written twice changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from postwarden.store.contact_models import Contact
 from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.leases import is_dead
 from postwarden.store.models import BigId, Suppression, utcnow
+from postwarden.store.rollups import Key, add_counts, hour_of
 
 RECORDS: Table = SendRecord.__table__  # type: ignore[assignment]
 #: Makes a session of the control database.
@@ -124,7 +126,30 @@ async def write_records(
         .on_conflict_do_nothing(index_elements=["campaign_id", "contact_id"])
     )
     result = await session.execute(stmt)
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    written = int(result.rowcount)  # type: ignore[attr-defined]
+    if written:
+        await _count_recipients(session, campaign, int(after or 0), now)
+    return written
+
+
+async def _count_recipients(
+    session: AsyncSession, campaign: Campaign, after: int, now: dt.datetime
+) -> None:
+    """The batch's records into the campaign's rollups (``recipients``, and
+    ``skipped``: suppressed at launch), in the batch's transaction: they are this
+    transaction's (the contact ids after ``after``; one launcher at a time)."""
+    states = await session.execute(
+        select(SendRecord.state, func.count())
+        .where(SendRecord.campaign_id == campaign.id, SendRecord.contact_id > after)
+        .group_by(SendRecord.state)
+    )
+    counts: Counter[Key] = Counter()
+    hour = hour_of(now)
+    for state, n in states.all():
+        counts[(campaign.tenant_id, "campaign", str(campaign.id), "", "", hour, "recipients")] += n
+        if state == "suppressed":
+            counts[(campaign.tenant_id, "campaign", str(campaign.id), "", "", hour, "skipped")] += n
+    await add_counts(session, counts)
 
 
 async def record_counts(session: AsyncSession, campaign_id: int) -> dict[str, int]:
