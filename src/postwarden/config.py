@@ -244,6 +244,8 @@ class DatabaseConfig:
     message_retention: Duration = 90 * 86400.0
     # Tracking hits (their IP addresses and user agents: personal data), by hit time.
     tracking_retention: Duration = 90 * 86400.0
+    # The analytics' hourly counts (stat_hours), by their hour: they outlive the events.
+    analytics_retention: Duration = 400 * 86400.0
     prune_batch: PosInt = 5000  # rows per DELETE statement while pruning
     prune_interval: PosDuration = 3600.0  # between prune runs
 

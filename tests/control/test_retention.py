@@ -1,7 +1,7 @@
-"""Retention of the control database (issue 15, item 20; issue 22): events, message
-records and tracking hits past database.event_retention / message_retention /
-tracking_retention go, in batches, on SQLite and on PostgreSQL; recent ones, and
-suppressions, stay; one worker prunes."""
+"""Retention of the control database (issue 15, item 20; issues 22, 23): events, message
+records, tracking hits and analytics' hourly counts past database.event_retention /
+message_retention / tracking_retention / analytics_retention go, in batches, on SQLite
+and on PostgreSQL; recent ones, and suppressions, stay; one worker prunes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from postwarden.store.analytics_models import StatHour
 from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Event, Message, Recipient, Suppression, Tenant
 from postwarden.store.retention import Pruner
@@ -52,6 +53,11 @@ async def test_old_rows_go_recent_stay(control: ControlFactory) -> None:
         s.add(
             Suppression(tenant_id=tenant.id, address="keep@y.test", reason="manual", created_at=old)
         )
+        # Hourly counts: two of an hour past analytics_retention (400 days), one of the
+        # hour after, which stays.
+        for hour, metric in [(401, "delivered"), (401, "bounced"), (399, "delivered")]:
+            s.add(StatHour(tenant_id=tenant.id, scope="tenant", key="", dim="", value="",
+                           hour=NOW - dt.timedelta(days=hour), metric=metric, n=7))  # fmt: skip
         await s.commit()
     pruned: dict[str, int] = {}
 
@@ -65,7 +71,11 @@ async def test_old_rows_go_recent_stay(control: ControlFactory) -> None:
     assert done["events"] == 17 and done["messages"] == 17
     assert pruned == {
         "events": 17, "messages": 17, "message_recipients": 34, "tracking_hits": 17,
+        "stat_hours": 2,
     }  # fmt: skip
+    async with sessions() as s:
+        kept = list((await s.execute(select(StatHour.hour).where(StatHour.n == 7))).scalars())
+    assert kept == [NOW - dt.timedelta(days=399)]
     assert await count(sessions, TrackingHit) == 8
     assert await count(sessions, Message) == 8
     assert await count(sessions, Recipient) == 16
@@ -74,11 +84,13 @@ async def test_old_rows_go_recent_stay(control: ControlFactory) -> None:
     async with sessions() as s:
         left = set((await s.execute(select(Message.created_at))).scalars())
     assert left == {recent}
-    nothing = {"events": 0, "messages": 0, "message_recipients": 0, "tracking_hits": 0}
+    nothing = {"events": 0, "messages": 0, "message_recipients": 0, "tracking_hits": 0,
+               "stat_hours": 0}  # fmt: skip
     assert await pruner.run_once() == nothing
 
     # 0 keeps for ever.
     cfg.event_retention = cfg.message_retention = cfg.tracking_retention = 0
+    cfg.analytics_retention = 0
     later = Pruner(cfg, sessions, clock=lambda: NOW + dt.timedelta(days=3650))
     assert await later.run_once() == nothing
     assert await count(sessions, Event) == 8

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, String
+from sqlalchemy import BigInteger, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from postwarden.store.models import Base
@@ -23,6 +23,8 @@ from postwarden.store.models import Base
 
 class StatHour(Base):
     __tablename__ = "stat_hours"
+    # Retention prunes by hour (store.retention).
+    __table_args__ = (Index(None, "hour"),)
 
     tenant_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     scope: Mapped[str] = mapped_column(String(16), primary_key=True)

@@ -1,6 +1,7 @@
-"""Retention of the control database: events, message records and tracking hits older
-than ``database.event_retention`` / ``database.message_retention`` /
-``database.tracking_retention`` go, in small batches.
+"""Retention of the control database: events, message records, tracking hits and
+analytics' hourly counts older than ``database.event_retention`` /
+``database.message_retention`` / ``database.tracking_retention`` /
+``database.analytics_retention`` go, in small batches.
 
 At a million messages an hour these tables grow by millions of rows an hour. One
 process prunes (the appliance, or worker 0 of a supervisor's), off the hot path: a
@@ -19,9 +20,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from postwarden.config import DatabaseConfig
+from postwarden.store.analytics_models import StatHour
 from postwarden.store.availability import LogLimiter
 from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Event, Message, Recipient
@@ -42,6 +44,7 @@ def cutoffs(cfg: DatabaseConfig, now: dt.datetime) -> dict[str, dt.datetime | No
         "events": before(cfg.event_retention),
         "messages": before(cfg.message_retention),
         "tracking_hits": before(cfg.tracking_retention),
+        "stat_hours": before(cfg.analytics_retention),
     }
 
 
@@ -90,7 +93,8 @@ class Pruner:
     async def run_once(self) -> dict[str, int]:
         """Prune everything now past retention; rows deleted per table."""
         cut = cutoffs(self.cfg, self.clock())
-        done = {"events": 0, "messages": 0, "message_recipients": 0, "tracking_hits": 0}
+        done = {"events": 0, "messages": 0, "message_recipients": 0, "tracking_hits": 0,
+                "stat_hours": 0}  # fmt: skip
         if cut["events"] is not None:
             done["events"] = await self._drain(self._events_batch, cut["events"], "events")
         if cut["messages"] is not None:
@@ -99,12 +103,17 @@ class Pruner:
             done["tracking_hits"] = await self._drain(
                 self._hits_batch, cut["tracking_hits"], "tracking_hits"
             )
+        if cut["stat_hours"] is not None:
+            while (n := await self._stats_batch(cut["stat_hours"])) >= 0:
+                done["stat_hours"] += n
+                await asyncio.sleep(PAUSE)
         if any(done.values()):
             log.info(
-                "event=control_pruned events=%d messages=%d tracking_hits=%d",
+                "event=control_pruned events=%d messages=%d tracking_hits=%d stat_hours=%d",
                 done["events"],
                 done["messages"],
                 done["tracking_hits"],
+                done["stat_hours"],
             )
         return done
 
@@ -136,6 +145,20 @@ class Pruner:
                 await s.commit()
         self._count("tracking_hits", len(ids))
         return len(ids)
+
+    async def _stats_batch(self, before: dt.datetime) -> int:
+        """The counts of the oldest hour before ``before`` (found by the index on
+        ``hour``; a whole hour at a time, so that none is left half counted); -1 when
+        there is none."""
+        async with self.sessions() as s:
+            oldest = await s.scalar(select(func.min(StatHour.hour)).where(StatHour.hour < before))
+            if oldest is None:
+                return -1
+            result = await s.execute(delete(StatHour).where(StatHour.hour == oldest))
+            await s.commit()
+        n = int(getattr(result, "rowcount", 0) or 0)
+        self._count("stat_hours", n)
+        return n
 
     async def _messages_batch(self, before: dt.datetime) -> int:
         """A batch of messages with their recipients (``message_id`` is indexed)."""

@@ -37,8 +37,10 @@ def upgrade() -> None:
         sa.Column("n", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint(*_KEY, name=op.f("pk_stat_hours")),
     )
+    op.create_index(op.f("ix_stat_hours_hour"), "stat_hours", ["hour"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_stat_hours_hour"), table_name="stat_hours")
     op.drop_table("stat_hours")
     op.execute("DELETE FROM event_cursors WHERE shard = 'analytics'")
