@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import random
+import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +52,13 @@ log = logging.getLogger("postwarden.shaping")
 
 UNLIMITED_RATE = UNLIMITED  # messages/s when the rules set none
 SUCCESS_WINDOW = DEFAULT_AIMD.window  # seconds without push-back before AIMD adds back
+CHANGE_LOG_SIZE = 2000  # changes the broker keeps for readers (the oldest dropped first)
+RATE_STEP = 1.10  # an increase is a change once the rate is 10 % above the last recorded
+
+
+def _per_min(rate: float) -> float | None:
+    """A rate (messages/s) per minute for the change log; None: no rate limit."""
+    return None if rate >= UNLIMITED_RATE else round(rate * 60, 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -73,6 +83,10 @@ class Pair:
     bounce_reason: str = ""
     # A transactional connection waits for tokens until then: bulk ones wait too.
     high_wait_until: float = 0.0
+    # The change log's view of the rate (Broker.note_rate): the rate in force when it
+    # last looked, and the rate its last recorded change left.
+    seen_rate: float = 0.0
+    logged_rate: float = 0.0
 
     @property
     def in_use(self) -> int:
@@ -107,6 +121,12 @@ class Broker:
         self.pause_recheck = 60.0  # seconds: when mail held by a pause asks again
         self.actions: list[dict[str, Any]] = []  # recent rule actions, newest last
         self.action_count = 0  # ever taken
+        # The change log (actions and rate changes, for readers such as the control
+        # plane's rollups): ``seq`` counts up from 1 within this ``epoch``, which a
+        # restarted broker draws anew.
+        self.epoch = secrets.token_hex(8)
+        self.seq = 0
+        self.changes: deque[dict[str, Any]] = deque(maxlen=CHANGE_LOG_SIZE)
         # Who waits for a slot at a site, and the notices for holders (shaping.wants).
         self.wants = Wants()
 
@@ -152,6 +172,9 @@ class Broker:
             ):
                 setattr(st, f, getattr(o, f))
             self.pairs[key] = new
+            # New limits can move the rate in force: a change like any other.
+            new.seen_rate, new.logged_rate = old.seen_rate, old.logged_rate
+            self.note_rate(new, self.clock(), "rules reloaded")
 
     # ------------------------------------------------------------------ pairs
 
@@ -179,6 +202,8 @@ class Broker:
             PacedBucket(rate, burst, burst, now),
             connects,
             last_success_window=now,
+            seen_rate=state.rate,
+            logged_rate=state.rate,
         )
 
     def pair(self, source: str, site: str, domain: str | None = None) -> Pair:
@@ -202,6 +227,7 @@ class Broker:
             )
         aimd = self.aimd_of(p)
         at = connect_at(p.state, now, aimd)
+        self.note_rate(p, now)
         if at > now:
             return Grant(
                 False,
@@ -437,6 +463,7 @@ class Broker:
     ) -> int:
         aimd = self.aimd_of(p)
         recover(p.state, now, aimd)
+        self.note_rate(p, now)
         bucket = p.messages
         if bucket.rate != p.state.rate:  # AIMD moved the rate
             bucket.refill(now)
@@ -679,6 +706,16 @@ class Broker:
             )
             del self.actions[:-100]
             self.action_count += 1
+            self._log_change(
+                now,
+                source,
+                p.site,
+                "action",
+                rule=hit.name,
+                action=hit.action,
+                duration=hit.duration,
+                answer=f"{code} {enhanced} {text}".strip()[:200],
+            )
             log.warning(
                 "event=shaping_action source=%s site=%s rule=%s action=%s for=%.0fs",
                 source,
@@ -700,7 +737,68 @@ class Broker:
                 p.state.rate * 60,
                 p.state.reason,
             )
+        self.note_rate(p, now)
         return hit
+
+    # ------------------------------------------------------------------ change log
+
+    def note_rate(self, p: Pair, now: float, reason: str | None = None) -> None:
+        """Record the pair's rate in force in the change log if it moved by a step that
+        matters (``kind`` "rate"). Called wherever the broker lets AIMD move a rate.
+
+        The rule: **every decrease** is recorded (``rate_before`` the rate just
+        before it). An increase is recorded only once the rate is at least
+        ``RATE_STEP`` (10 %) above the rate the pair's last recorded change left,
+        or has reached the rules' limit (the ceiling); ``rate_before`` is then that
+        last recorded rate, the small increases between summed into one change.
+        Rates are per minute, one decimal; ``None`` is "no rate limit" (a site the
+        rules give no rate, at its ceiling). ``reason``: the state's last reason
+        when not given."""
+        rate, seen = p.state.rate, p.seen_rate
+        if rate == seen:
+            return
+        p.seen_rate = rate
+        if rate < seen:
+            direction, before = "down", seen
+        elif rate > p.logged_rate and (
+            rate >= p.logged_rate * RATE_STEP or rate >= p.state.limit_rate
+        ):
+            direction, before = "up", p.logged_rate
+        else:
+            return
+        p.logged_rate = rate
+        self._log_change(
+            now,
+            p.source,
+            p.site,
+            "rate",
+            rate_before=_per_min(before),
+            rate_after=_per_min(rate),
+            direction=direction,
+            reason=(p.state.reason if reason is None else reason)[:200],
+        )
+
+    def settle_rates(self) -> None:
+        """Take every pair's rate in force as it is, recording nothing (after state
+        restored from a file: no change happened in this broker's life)."""
+        for p in self.pairs.values():
+            p.seen_rate = p.logged_rate = p.state.rate
+
+    def _log_change(self, now: float, source: str, site: str, kind: str, **what: Any) -> None:
+        self.seq += 1
+        at = self.wall() - max(0.0, self.clock() - now)  # the broker's clock to wall time
+        entry = {"seq": self.seq, "at": at, "source": source, "site": site, "kind": kind}
+        self.changes.append({**entry, **what})
+
+    def changes_after(self, after: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Up to ``limit`` changes with ``seq`` above ``after``, oldest first (copies),
+        and whether some above ``after`` were already dropped from the log."""
+        if not self.changes:
+            return [], False
+        first = self.changes[0]["seq"]  # seqs in the log run on without holes
+        start = max(0, after + 1 - first)
+        out = [dict(c) for c in itertools.islice(self.changes, start, start + max(0, limit))]
+        return out, after + 1 < first
 
     def _holding(self, source: str, site: str, rule: str, now: float) -> bool:
         """Whether ``rule`` already acts on the pair (an action of it still in force)."""
@@ -716,6 +814,7 @@ class Broker:
             expire(p.state, now)
             aimd = self.aimd_of(p)
             recover(p.state, now, aimd)
+            self.note_rate(p, now)
             backoff = in_backoff(p.state)
             out.append(
                 {

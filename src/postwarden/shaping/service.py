@@ -2,8 +2,9 @@
 ``shaping.state_file`` and served on ``shaping.socket`` (docs/decisions/0006).
 
 The supervisor runs one for all its workers; a single-process appliance runs its
-own. Operator ops (status, reload, warming start/stop/pause/resume/progress) arrive
-as ``command`` requests — from the API in any worker or from the CLI.
+own. Operator ops (status, reload, warming start/stop/pause/resume/progress) and the
+change log's reader (changes) arrive as ``command`` requests — from the API in any
+worker or from the CLI.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 
 from postwarden.config import Config
 from postwarden.metrics import ShapingMetrics, tenant_key
-from postwarden.shaping.broker import Broker
-from postwarden.shaping.channel import BrokerServer
+from postwarden.shaping.broker import CHANGE_LOG_SIZE, Broker
+from postwarden.shaping.channel import MAX_LINE, BrokerServer
 from postwarden.shaping.pair_state import restore as restore_pairs
 from postwarden.shaping.pair_state import snapshot as snapshot_pairs
 from postwarden.shaping.rules import RulesError, load_rules
@@ -31,6 +32,9 @@ from postwarden.warming.plans import PlanError
 
 log = logging.getLogger("postwarden.shaping")
 SAVE_EVERY = 2.0  # seconds between saves of a changed warming book or pair state
+CHANGES_PAGE = 500  # changes per "changes" answer unless the reader asks otherwise
+# An answer crosses the broker's channel as one line: a page stops short of its limit.
+CHANGES_BYTES = MAX_LINE - 4096
 
 
 def thresholds_of(cfg: Config) -> Thresholds:
@@ -115,6 +119,8 @@ class ShapingService:
             # As for the warming book: never send to a suspended pair because the
             # state is unreadable; refuse to start instead.
             raise PlanError(f"{path}: unreadable shaping state: {exc}") from exc
+        # What was restored was in force before: not a change of this broker's.
+        self.broker.settle_rates()
         if n:
             log.info("event=shaping_restored pairs=%d path=%s", n, path)
 
@@ -246,11 +252,40 @@ class ShapingService:
             "warming": [self.book.progress(k) for k in self.book.keys()],
         }
 
+    def changes(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The broker's change log after ``after`` (op "changes"), oldest first.
+
+        ``epoch``: the epoch the reader's ``after`` belongs to. When it is another
+        (the broker restarted), or ``after`` lies beyond the log's last ``seq``,
+        ``after`` means nothing here: the answer starts at this epoch's beginning,
+        with ``gap`` true. ``gap`` is also true when changes after ``after`` were
+        already dropped from the log (it keeps the last 2000). ``limit`` (1-2000,
+        500) bounds the page; a page also stops short of the channel's line limit.
+        ``last_seq`` is the newest change's ``seq``: the reader pages on with the
+        last ``seq`` it got as ``after`` while that is below ``last_seq``."""
+        after = _whole(args, "after", 0, 0, None)
+        limit = _whole(args, "limit", CHANGES_PAGE, 1, CHANGE_LOG_SIZE)
+        epoch = args.get("epoch")
+        if epoch is not None and not isinstance(epoch, str):
+            raise CommandError(f"epoch: must be a string or null, got {epoch!r}")
+        b = self.broker
+        other = (epoch is not None and epoch != b.epoch) or after > b.seq
+        page, dropped = b.changes_after(0 if other else after, limit)
+        size, n = 0, 0
+        for c in page:
+            size += len(json.dumps(c)) + 2
+            if size > CHANGES_BYTES and n:
+                break
+            n += 1
+        return {"epoch": b.epoch, "changes": page[:n], "last_seq": b.seq, "gap": other or dropped}
+
     def command(self, args: dict[str, Any]) -> dict[str, Any]:
         """One operator op; raises ValueError (CommandError, PlanError) when refused."""
         op = args.get("op")
         if op == "status":
             return self.status()
+        if op == "changes":
+            return self.changes(args)
         if op == "reload":
             from postwarden.config import load_config
 
@@ -295,3 +330,15 @@ class ShapingService:
             raise CommandError(f"op: unknown {op!r}")
         self.save()
         return {"progress": self.book.progress(key)}
+
+
+def _whole(args: dict[str, Any], name: str, default: int, low: int, high: int | None) -> int:
+    """``args[name]``, a whole number from ``low`` to ``high`` (``default`` when absent
+    or null); refused naming the field otherwise."""
+    v = args.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise CommandError(f"{name}: must be a whole number {span}, got {v!r}")
+    return v
