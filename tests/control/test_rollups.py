@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from pathlib import Path
 
 from sqlalchemy import insert, select
 
 from postwarden.store.analytics_models import StatHour
 from postwarden.store.campaign_models import Campaign, SendRecord
 from postwarden.store.db import create_engine, sessionmaker
-from postwarden.store.models import Event, Message, Tenant
+from postwarden.store.models import Event, EventCursor, Message, Tenant
 from postwarden.store.rollups import ALL, Rollups, ttd_metric
 
 T0 = dt.datetime(2026, 12, 7, 2, 10, tzinfo=dt.UTC)
@@ -141,4 +142,57 @@ async def test_events_roll_up_once_each(migrated_url: str) -> None:
         assert n(o, "tenant", "", "delivered") == 1
         assert n(o, "campaign", cid, "delivered") == 0
     finally:
+        await engine.dispose()
+
+
+async def test_shaping_changes_are_counted_once(migrated_url: str, tmp_path: Path) -> None:
+    """The broker's changes (a real shaping service's, read through its "changes" op)
+    into the appliance's counts by site and source: each once, across a restart of the
+    reader (its cursor is in the database) and a page size of a few; a restarted
+    broker's are counted from its first."""
+    from postwarden.config import load_config
+    from postwarden.control.analytics_pass import AnalyticsPass
+    from postwarden.shaping import service as shaping_service
+    from postwarden.shaping.service import ShapingService
+
+    cfg = load_config(None, environ={}, overrides={
+        "spool": {"path": str(tmp_path / "spool")},
+        "sources": [{"name": "a", "address": "127.0.0.1"}],
+    })  # fmt: skip
+    svc = ShapingService(cfg)
+
+    async def command(**args: object) -> dict[str, object]:
+        return svc.command(dict(args))
+
+    engine = create_engine(migrated_url)
+    sessions = sessionmaker(engine)
+    page = shaping_service.CHANGES_PAGE
+    shaping_service.CHANGES_PAGE = 3  # several pages
+    try:
+        # A first push-back at each of five sites: a "down" each.
+        for site in ("gmail", "outlook", "icloud", "mx:mx3.test", "mx:mx4.test"):
+            svc.broker.report("a", site, 451, "4.3.0", "busy")
+        reader = AnalyticsPass(sessions, shaping=command)
+        assert await reader.read_changes() == 5
+        assert await reader.read_changes() == 0
+        svc.broker.report("a", "yahoo", 451, "4.3.0", "busy")
+        again = AnalyticsPass(sessions, shaping=command)  # a restarted control plane
+        assert await again.read_changes() == 1
+        got = await _counts(sessions)
+        by: dict[tuple[str, str], int] = defaultdict(int)
+        for k, n in got.items():
+            if k[:3] == (ALL, "tenant", "") and k[6] == "rate_down":
+                by[(k[3], k[4])] += n
+        assert by == {("", ""): 6, ("site", "gmail"): 1, ("site", "outlook"): 1,
+                      ("site", "icloud"): 1, ("site", "other"): 2, ("site", "yahoo"): 1,
+                      ("source", "a"): 6}  # fmt: skip
+        svc2 = ShapingService(cfg)  # the broker restarted: a new epoch, seq from 1
+        svc2.broker.report("a", "gmail", 451, "4.3.0", "busy")
+        svc = svc2
+        assert await again.read_changes() == 1
+        async with sessions() as s:
+            shards = list((await s.execute(select(EventCursor.shard))).scalars())
+        assert [x for x in shards if x.startswith("shaping:")] == [f"shaping:{svc2.broker.epoch}"]
+    finally:
+        shaping_service.CHANGES_PAGE = page
         await engine.dispose()

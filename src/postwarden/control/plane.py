@@ -109,7 +109,9 @@ class ControlPlane:
         # Event webhooks out: the outbox sent by the first worker (control.webhook_dispatch).
         self.webhooks = WebhookDispatcher(self) if worker[0] == 0 else None
         # Events into the hourly rollups the analytics read (control.analytics_pass).
-        self.analytics = AnalyticsPass(self.sessions) if worker[0] == 0 else None
+        self.analytics = (
+            AnalyticsPass(self.sessions, shaping=shaping_command) if worker[0] == 0 else None
+        )
         # Contact imports and data-source pulls, in the background (issue 20).
         self.imports = ImportRunner(self.sessions, cfg.control.import_batch, self._pull_due)
         # Spools a message (the appliance's; None in a control-only process).

@@ -43,7 +43,7 @@ STATE_OF = {
 }
 
 
-def _new_cursor(s: AsyncSession, last_id: int, name: str = CURSOR) -> Any:
+def new_cursor(s: AsyncSession, last_id: int, name: str = CURSOR) -> Any:
     """Insert the cursor's row unless it is there."""
     pg = s.get_bind().dialect.name == "postgresql"
     insert = (postgresql if pg else sqlite).insert(EventCursor)
@@ -78,7 +78,7 @@ async def hold_cursor(s: AsyncSession, name: str = CURSOR) -> int | None:
     return where it is; None when another reader holds it (PostgreSQL; SQLite has one
     writer at a time anyway)."""
     pg = s.get_bind().dialect.name == "postgresql"
-    await s.execute(_new_cursor(s, 0, name))
+    await s.execute(new_cursor(s, 0, name))
     if not pg:
         await s.execute(
             update(EventCursor).where(EventCursor.shard == name).values(last_id=EventCursor.last_id)
@@ -170,5 +170,5 @@ async def skip_to_now(sessions: Callable[[], Any]) -> None:
         have = await s.get(EventCursor, CURSOR)
         if have is None:
             newest = await s.scalar(select(func.max(Event.id))) or 0
-            await s.execute(_new_cursor(s, int(newest)))
+            await s.execute(new_cursor(s, int(newest)))
             await s.commit()

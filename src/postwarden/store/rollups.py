@@ -93,6 +93,13 @@ def _clip(value: Any) -> str:
     return str(value)[:255] if value is not None else ""
 
 
+def site_label(site: Any) -> str:
+    """A provider site as the rollups count it: a destination of no named site
+    (``mx:<its hosts>``, shaping.rules) is ``other``, one row for all of them."""
+    label = _clip(site)
+    return "other" if label.startswith("mx:") else label
+
+
 def keys_of(
     tenant: int,
     kind: str,
@@ -105,9 +112,7 @@ def keys_of(
     hour = hour_of(ts)
     metrics = metrics_of(kind, detail, facts, ts)
     delivery = [m for m in metrics if m in DELIVERY or m.startswith("ttd:")]
-    site, source = _clip(detail.get("site")), _clip(detail.get("source"))
-    if site.startswith("mx:"):  # a destination of no named site: one row for all of them
-        site = "other"
+    site, source = site_label(detail.get("site")), _clip(detail.get("source"))
     category = _clip(detail.get("category")) if kind in ("bounced", "expired") else ""
     scopes: list[tuple[int, str, str]] = [(tenant, "tenant", ""), (ALL, "tenant", "")]
     if facts.domain:
