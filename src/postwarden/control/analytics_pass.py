@@ -152,4 +152,6 @@ class AnalyticsPass:
 
 
 def _client_of() -> Any:
-    return None
+    from postwarden.engagement.clients import client_of
+
+    return client_of
