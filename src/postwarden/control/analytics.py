@@ -31,7 +31,14 @@ from postwarden.control.csvfile import SafeWriter
 from postwarden.control.errors import invalid
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Strict, Timestamp
-from postwarden.store.analytics import Bucket, Rows, breakdowns, link_urls, timeline
+from postwarden.store.analytics import (
+    Breakdowns,
+    Bucket,
+    Rows,
+    breakdowns,
+    link_urls,
+    timeline,
+)
 from postwarden.store.analytics import totals as read_totals
 from postwarden.store.models import utcnow
 from postwarden.store.rollups import ALL, TTD_BOUNDS
@@ -48,6 +55,8 @@ TOTALS = ("recipients", "skipped", "accepted", "delivered", "deferred", "bounced
           "clicked_unique", "clicked_machine")  # fmt: skip
 #: Throttling changes the shaper counts per provider site (tenant 0, dim ``site``).
 THROTTLING = ("throttle_actions", "rate_down", "rate_up")
+#: The breakdowns of a campaign (the rollups' dims).
+CAMPAIGN_DIMS = ("category", "site", "source", "domain", "variant", "link", "client", "device")
 CSV_MEDIA = "text/csv"
 
 
@@ -401,6 +410,29 @@ def _csv(answer: BaseModel, table: str, extra: Mapping[str, Any] | None = None) 
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8")
 
 
+async def _read(
+    s: Any, rows: Rows, bucket: Bucket, dims: Sequence[str]
+) -> tuple[dict[str, Any], Breakdowns]:
+    """The figures of :class:`Figures` and the breakdowns by ``dims``."""
+    counts = await read_totals(s, rows)
+    points = await timeline(s, rows, TIMELINE, bucket)
+    return _figures(counts, points), await breakdowns(s, rows, dims)
+
+
+async def _ranged(
+    c: Call, q: Any, scope: str, key: str, dims: Sequence[str]
+) -> tuple[dict[str, Any], Breakdowns]:
+    """A tenant's or a sending domain's: its range, figures and breakdowns."""
+    since, until = _hours(q)
+    async with c.ctx.sessions() as s:
+        figures, by = await _read(s, Rows(c.tenant_id, scope, key, since, until), q.bucket, dims)
+    return {"since": since, "until": until, **figures}, by
+
+
+def _sites(rows: Mapping[str, Mapping[str, int]]) -> list[Site]:
+    return [Site(site=v, **d) for v, d in _delivery(rows)]
+
+
 def _answer(answer: BaseModel, q: Any) -> Any:
     return _csv(answer, q.table) if q.format == "csv" else answer
 
@@ -426,10 +458,7 @@ async def campaign_analytics(c: Call) -> Any:
     async with c.ctx.sessions() as s:
         row = await campaign_of(s, c)
         rows = Rows(c.tenant_id, "campaign", str(row.id))
-        counts = await read_totals(s, rows)
-        points = await timeline(s, rows, TIMELINE, q.bucket)
-        dims = await breakdowns(s, rows, ("category", "site", "source", "domain", "variant",
-                                          "link", "client", "device"))  # fmt: skip
+        figures, dims = await _read(s, rows, q.bucket, CAMPAIGN_DIMS)
         link_counts = {int(v): n for v, n in dims["link"].items() if v.isdigit()}
         urls = await link_urls(s, c.tenant_id, row.id, sorted(link_counts))
         ab = row.ab or {}
@@ -444,12 +473,12 @@ async def campaign_analytics(c: Call) -> Any:
     )
     answer = CampaignAnalytics(
         campaign_id=row.id,
-        **_figures(counts, points),
+        **figures,
         bounces_by_category=_categories(dims["category"]),
         links=links,
         clients=[Client(client=v, **e) for v, e in _engagement(dims["client"])],
         devices=[Device(device=v, **e) for v, e in _engagement(dims["device"])],
-        sites=[Site(site=v, **d) for v, d in _delivery(dims["site"])],
+        sites=_sites(dims["site"]),
         sources=[Source(source=v, **d) for v, d in _delivery(dims["source"])],
         domains=[SendingDomain(domain=v, **d) for v, d in _delivery(dims["domain"])],
         variants=variants,
@@ -472,18 +501,13 @@ async def overview(c: Call) -> Any:
     every message of the tenant in ``[since, until)``."""
     q: OverviewQuery = c.query
     _check_table(q)
-    since, until = _hours(q)
-    rows = Rows(c.tenant_id, "tenant", "", since, until)
-    async with c.ctx.sessions() as s:
-        counts = await read_totals(s, rows)
-        points = await timeline(s, rows, TIMELINE, q.bucket)
-        dims = await breakdowns(s, rows, ("site", "source", "category"))
+    figures, dims = await _ranged(c, q, "tenant", "", ("site", "source", "category"))
     answer = Overview(
-        since=since, until=until, **_figures(counts, points),
-        sites=[Site(site=v, **d) for v, d in _delivery(dims["site"])],
+        **figures,
+        sites=_sites(dims["site"]),
         sources=[Source(source=v, **d) for v, d in _delivery(dims["source"])],
         categories=_categories(dims["category"]),
-    )  # fmt: skip
+    )
     return _answer(answer, q)
 
 
@@ -506,15 +530,9 @@ async def domain_analytics(c: Call) -> Any:
     domain = str(c.path["domain"]).lower()
     if len(domain) > 255:
         raise invalid("domain", "longer than 255 characters")
-    since, until = _hours(q)
-    rows = Rows(c.tenant_id, "domain", domain, since, until)
-    async with c.ctx.sessions() as s:
-        counts = await read_totals(s, rows)
-        points = await timeline(s, rows, TIMELINE, q.bucket)
-        dims = await breakdowns(s, rows, ("site", "category"))
+    figures, dims = await _ranged(c, q, "domain", domain, ("site", "category"))
     answer = DomainAnalytics(
-        since=since, until=until, domain=domain, **_figures(counts, points),
-        sites=[Site(site=v, **d) for v, d in _delivery(dims["site"])],
+        **figures, domain=domain, sites=_sites(dims["site"]),
         categories=_categories(dims["category"]),
     )  # fmt: skip
     return _answer(answer, q)
