@@ -388,7 +388,7 @@ def _variants(
     return out, counts
 
 
-def _csv(answer: BaseModel, table: str, extra: Mapping[str, Any] | None = None) -> Response:
+def _csv(answer: BaseModel, table: str) -> Response:
     """One table of ``answer`` as CSV with a header row: ``totals`` is one row (the
     totals, then the rates and times to deliver), a list one row per item."""
     data = answer.model_dump(mode="json")
