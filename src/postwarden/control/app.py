@@ -127,6 +127,7 @@ def create_app(
         from postwarden.control import tracking_keys  # noqa: F401
         from postwarden.control import privacy  # noqa: F401
         from postwarden.control import webhooks  # noqa: F401
+        from postwarden.control import analytics  # noqa: F401
         # isort: on
 
         # Built at the first request for it, once per process (0.2 s: not at every

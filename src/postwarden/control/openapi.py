@@ -120,6 +120,8 @@ def _document(api: Api) -> dict[str, Any]:
                 ok["content"] = {op.response_media: {"schema": ref(op.response, "serialization")}}
             else:
                 ok["content"] = {op.response_media: {"schema": {"type": "string"}}}
+            for media in op.also_media:
+                ok["content"][media] = {"schema": {"type": "string"}}
         for status in (op.status, *op.also):
             entry["responses"][str(status)] = ok
         codes = set(op.errors) | {500, 503}  # 503: the database is down

@@ -160,6 +160,9 @@ class Operation:
     # Other success statuses the handler answers with, with the same body (an upsert:
     # 201 created, 200 updated).
     also: tuple[int, ...] = ()
+    # Other media types the success answers in (a query parameter chooses: CSV), each
+    # a string in the schema.
+    also_media: tuple[str, ...] = ()
 
 
 class Api:
@@ -187,6 +190,7 @@ class Api:
         sync: bool = True,
         stream: bool = False,
         also: tuple[int, ...] = (),
+        also_media: tuple[str, ...] = (),
     ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
             self.ops.append(
@@ -210,6 +214,7 @@ class Api:
                     sync,
                     stream,
                     also,
+                    also_media,
                 )
             )
             return fn
