@@ -17,7 +17,6 @@ from sqlalchemy import insert, select
 
 from postwarden.control.csvfile import unescape_cell
 from postwarden.store.campaign_models import Campaign, SendRecord
-from postwarden.store.engagement_models import TrackingHit
 from postwarden.store.models import Event, Message, Tenant
 from postwarden.store.rollups import ALL, Key, Rollups, add_counts
 from tests.control.conftest import ControlApi, ControlFactory
@@ -74,9 +73,6 @@ async def _world(api: ControlApi) -> dict[str, Any]:
                                     ("api", a, "App@Mail.Acme.test"),
                                     ("o", o, "x@other.test")]:  # fmt: skip
             s.add(Message(id=mid, tenant_id=tenant, created_at=T0, mail_from=sender))
-        for index, url in ((0, "https://acme.test/a"), (1, '=HYPERLINK("x")')):
-            s.add(TrackingHit(tenant_id=a, kind="click", campaign_id=camp.id, link_index=index,
-                              url=url, message_id="c0"))  # fmt: skip
         await s.commit()
         cid, other_cid = camp.id, theirs.id
     gmail = {"site": "gmail", "source": "ip1"}
@@ -97,10 +93,40 @@ async def _world(api: ControlApi) -> dict[str, Any]:
         _ev(a, _s(310), "opened", "c0", machine=False, **tb),
         _ev(a, _s(311), "opened", "c0", machine=True, **tb),
         _ev(a, _s(320), "opened", "c2", machine=False, first=True, **apple),
-        _ev(a, _s(330), "clicked", "c0", machine=False, first=True, link_index=0, **tb),
-        _ev(a, _s(340), "clicked", "c0", machine=False, link_index=0, **tb),
-        _ev(a, _s(350), "clicked", "c2", machine=False, first=True, link_index=1, **apple),
-        _ev(a, _s(351), "clicked", "c2", machine=True, link_index=1, **apple),
+        # A click's URL as the verdict pass writes it: the first seen names the link.
+        _ev(
+            a,
+            _s(330),
+            "clicked",
+            "c0",
+            machine=False,
+            first=True,
+            link_index=0,
+            url="https://acme.test/a",
+            **tb,
+        ),
+        _ev(
+            a,
+            _s(340),
+            "clicked",
+            "c0",
+            machine=False,
+            link_index=0,
+            url="https://acme.test/a?again",
+            **tb,
+        ),
+        _ev(
+            a,
+            _s(350),
+            "clicked",
+            "c2",
+            machine=False,
+            first=True,
+            link_index=1,
+            url='=HYPERLINK("x")',
+            **apple,
+        ),
+        _ev(a, _s(351), "clicked", "c2", machine=True, link_index=1, url="https://b", **apple),
         _ev(a, _s(360), "unsubscribed", "c2", campaign_id=cid),
         _ev(a, _s(3700), "complained", "c1"),
         _ev(o, _s(5), "delivered", "o", **gmail),
@@ -313,29 +339,34 @@ async def test_tenant_domain_and_provider_analytics(control: ControlFactory) -> 
     assert main["totals"]["delivered"] == 3 and main["rates"]["delivery_rate"] == 0.75
     assert none["totals"]["delivered"] == 0 and none["sites"] == []
 
-    # Providers: the tenant's attempts, the appliance's throttling changes per site.
-    throttled = {"throttle_actions": 3, "rate_down": 2, "rate_up": 1}
-    still = dict.fromkeys(throttled, 0)
+    # Providers: the tenant's attempts; the shaper's throttling changes are the
+    # appliance's (null in a tenant's answer: they would tell of other tenants').
+    hidden = dict.fromkeys(("throttle_actions", "rate_down", "rate_up"))
     assert prov["providers"] == [
-        {"site": "gmail", **GMAIL, **throttled},
-        {"site": "other", **OTHER, **still},
-        {"site": "yahoo", **YAHOO, **still},
+        {"site": "gmail", **GMAIL, **hidden},
+        {"site": "other", **OTHER, **hidden},
+        {"site": "yahoo", **YAHOO, **hidden},
     ]
     assert [{k: r[k] for k in ("site", "attempts", "block_rate", "throttle_actions")}
             for r in prov_csv] == [{"site": "gmail", "attempts": "4", "block_rate": "0.0",
-                                    "throttle_actions": "3"},
+                                    "throttle_actions": ""},
                                    {"site": "other", "attempts": "2", "block_rate": "0.5",
-                                    "throttle_actions": "0"},
+                                    "throttle_actions": ""},
                                    {"site": "yahoo", "attempts": "1", "block_rate": "0.0",
-                                    "throttle_actions": "0"}]  # fmt: skip
+                                    "throttle_actions": ""}]  # fmt: skip
     assert their_prov["providers"] == [
-        {"site": "gmail", **_delivery(1, 1, 0, 0, 0, (1.0, 0.0, 0.0), (3.0, 4.6)), **throttled}
+        {"site": "gmail", **_delivery(1, 1, 0, 0, 0, (1.0, 0.0, 0.0), (3.0, 4.6)), **hidden}
     ]
-    # The appliance's: every tenant's attempts.
+    # The appliance's: every tenant's attempts, and the throttling changes per site.
     by_site = {p["site"]: p for p in appliance["providers"]}
     assert set(by_site) == {"gmail", "other", "yahoo"}
     assert (by_site["gmail"]["attempts"], by_site["gmail"]["delivered"]) == (5, 3)
-    assert by_site["gmail"]["throttle_actions"] == 3
+    assert {k: by_site["gmail"][k] for k in hidden} == {
+        "throttle_actions": 3,
+        "rate_down": 2,
+        "rate_up": 1,
+    }
+    assert by_site["yahoo"]["throttle_actions"] == 0
 
 
 @pytest.mark.sqlite_only

@@ -148,9 +148,13 @@ class SendingDomain(Deliverability, _Domain):
 
 
 class Provider(Site):
-    throttle_actions: int = Field(description="the shaper's adaptive actions on this site")
-    rate_down: int = Field(description="of which slowed the rate down")
-    rate_up: int = Field(description="of which sped it up again")
+    # The shaper's changes act on the appliance's sources, whoever's mail met them:
+    # only the appliance's view shows them (a tenant's would tell of other tenants').
+    throttle_actions: int | None = Field(
+        description="the shaper's response-rule actions on this site (appliance view only)"
+    )
+    rate_down: int | None = Field(description="rate steps down (appliance view only)")
+    rate_up: int | None = Field(description="rate steps back up (appliance view only)")
 
 
 class Category(BaseModel):
@@ -460,8 +464,8 @@ async def campaign_analytics(c: Call) -> Any:
         rows = Rows(c.tenant_id, "campaign", str(row.id))
         figures, dims = await _read(s, rows, q.bucket, CAMPAIGN_DIMS)
         link_counts = {int(v): n for v, n in dims["link"].items() if v.isdigit()}
-        # The one part not from the rollups (a lookup in tracking_hits per link), and
-        # the slowest: only when the answer shows it.
+        # The links' URLs (campaign_links, recorded by the rollups): only when the
+        # answer shows them.
         urls = {}
         if q.format == "json" or q.table == "links":
             urls = await link_urls(s, c.tenant_id, row.id, sorted(link_counts))
@@ -548,15 +552,12 @@ async def _providers(c: Call, tenant: int) -> Any:
     since, until = _hours(q)
     async with c.ctx.sessions() as s:
         sites = (await breakdowns(s, Rows(tenant, "tenant", "", since, until), ("site",)))["site"]
-        if tenant == ALL:
-            throttling = sites
-        else:  # the shaper's changes are the appliance's: tenant 0's rows
-            throttling = (await breakdowns(s, Rows(ALL, "tenant", "", since, until), ("site",),
-                                           THROTTLING))["site"]  # fmt: skip
     out = []
     for site, figures in _delivery(sites):
-        changes = {m: throttling.get(site, {}).get(m, 0) for m in THROTTLING}
-        out.append(Provider(site=site, **figures, **changes))
+        # The shaper's changes: the appliance's, shown in its view only.
+        t, d, u = (int(sites.get(site, {}).get(m, 0)) if tenant == ALL else None
+                   for m in THROTTLING)  # fmt: skip
+        out.append(Provider(site=site, **figures, throttle_actions=t, rate_down=d, rate_up=u))
     return _answer(Providers(since=since, until=until, providers=out), q)
 
 
@@ -571,8 +572,9 @@ async def _providers(c: Call, tenant: int) -> Any:
 )
 async def providers(c: Call) -> Any:
     """Per provider site, the tenant's delivery attempts and their ends, acceptance,
-    deferral and block rates, times to deliver, and the shaper's throttling changes
-    on the site (the appliance's: they act on every tenant's mail)."""
+    deferral and block rates and times to deliver. The shaper's throttling changes
+    are the appliance's (they act on every tenant's mail): null here, counted in
+    ``GET /v1/analytics/appliance/providers``."""
     return await _providers(c, c.tenant_id)
 
 

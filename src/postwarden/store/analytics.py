@@ -18,8 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from postwarden.store.analytics_models import StatHour
-from postwarden.store.engagement_models import TrackingHit
+from postwarden.store.analytics_models import CampaignLink, StatHour
 
 Bucket = Literal["hour", "day"]
 #: dim → value → metric → count.
@@ -114,17 +113,17 @@ async def timeline(
 async def link_urls(
     s: AsyncSession, tenant: int, campaign_id: int, links: Iterable[int]
 ) -> dict[int, str | None]:
-    """Each link's URL, from its first recorded click: one lookup per link, which the
-    ``(campaign_id, id)`` index of ``tracking_hits`` walks in id order to the first
-    click on it (None when the hits are gone: retention)."""
-    out: dict[int, str | None] = {}
-    for index in links:
-        out[index] = await s.scalar(
-            select(TrackingHit.url)
-            .where(TrackingHit.campaign_id == campaign_id, TrackingHit.tenant_id == tenant,
-                   TrackingHit.link_index == index, TrackingHit.kind == "click",
-                   TrackingHit.url.is_not(None))
-            .order_by(TrackingHit.id)
-            .limit(1)
-        )  # fmt: skip
+    """Each link's URL, as the rollups recorded it from its first click
+    (``campaign_links``: one indexed read; None for a link never seen)."""
+    wanted = list(links)
+    out: dict[int, str | None] = dict.fromkeys(wanted)
+    if wanted:
+        rows = await s.execute(
+            select(CampaignLink.link_index, CampaignLink.url).where(
+                CampaignLink.campaign_id == campaign_id, CampaignLink.tenant_id == tenant
+            )
+        )
+        for index, url in rows.all():
+            if index in out:
+                out[index] = url
     return out

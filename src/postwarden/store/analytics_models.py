@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, Index, String
+from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from postwarden.store.models import Base
@@ -34,3 +34,16 @@ class StatHour(Base):
     hour: Mapped[dt.datetime] = mapped_column(primary_key=True)
     metric: Mapped[str] = mapped_column(String(48), primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CampaignLink(Base):
+    """A campaign's link by its index in the message, with the URL of its first click
+    seen (``store.rollups``): what the per-link figures are shown with. It outlives the
+    hits (``database.tracking_retention``)."""
+
+    __tablename__ = "campaign_links"
+
+    campaign_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    link_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(BigInteger)
+    url: Mapped[str] = mapped_column(String(2000))

@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from postwarden.store.analytics_models import StatHour
+from postwarden.store.analytics_models import CampaignLink, StatHour
 from postwarden.store.campaign_models import SendRecord
 from postwarden.store.campaign_outcomes import hold_cursor
 from postwarden.store.models import Event, EventCursor, Message
@@ -148,6 +148,21 @@ def keys_of(
                 yield (t, scope, key, "device", device, hour, m)
 
 
+def _link(tenant: int, kind: str, detail: dict[str, Any], facts: Facts) -> dict[str, Any] | None:
+    """A click's link, as ``campaign_links`` keeps it (the first URL seen wins)."""
+    campaign = facts.campaign or detail.get("campaign_id")
+    index, url = detail.get("link_index"), detail.get("url")
+    if kind != "clicked" or not campaign or not isinstance(index, int) or not url:
+        return None
+    return {"campaign_id": int(campaign), "link_index": index, "tenant_id": tenant,
+            "url": str(url)[:2000]}  # fmt: skip
+
+
+def _insert_ignore(s: AsyncSession, model: Any) -> Any:
+    pg = s.get_bind().dialect.name == "postgresql"
+    return (postgresql if pg else sqlite).insert(model).on_conflict_do_nothing()
+
+
 def _upsert(s: AsyncSession) -> Any:
     pg = s.get_bind().dialect.name == "postgresql"
     stmt = (postgresql if pg else sqlite).insert(StatHour)
@@ -240,12 +255,19 @@ class Rollups:
             try:
                 await self._lookup(s, {r[4] for r in rows if r[4]})
                 counts: Counter[Key] = Counter()
+                links: dict[tuple[int, int], dict[str, Any]] = {}
                 for _id, tenant, ts, kind, mid, detail in rows:
                     if tenant is None:
                         continue
+                    detail = detail or {}
                     facts = self._facts.get(mid, NO_FACTS) if mid else NO_FACTS
-                    counts.update(keys_of(tenant, kind, detail or {}, facts, ts, self.client_of))
+                    counts.update(keys_of(tenant, kind, detail, facts, ts, self.client_of))
+                    link = _link(tenant, kind, detail, facts)
+                    if link is not None:
+                        links.setdefault((link["campaign_id"], link["link_index"]), link)
                 await add_counts(s, counts)
+                if links:
+                    await s.execute(_insert_ignore(s, CampaignLink), list(links.values()))
                 await s.execute(
                     update(EventCursor)
                     .where(EventCursor.shard == CURSOR)

@@ -1,4 +1,4 @@
-"""analytics: hourly rollups of events (stat_hours)
+"""analytics: hourly rollups of events (stat_hours), campaigns' link URLs
 
 Revision ID: 0015
 Revises: 0014
@@ -38,9 +38,18 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(*_KEY, name=op.f("pk_stat_hours")),
     )
     op.create_index(op.f("ix_stat_hours_hour"), "stat_hours", ["hour"])
+    op.create_table(
+        "campaign_links",
+        sa.Column("campaign_id", sa.BigInteger(), nullable=False),
+        sa.Column("link_index", sa.Integer(), nullable=False),
+        sa.Column("tenant_id", sa.BigInteger(), nullable=False),
+        sa.Column("url", sa.String(length=2000), nullable=False),
+        sa.PrimaryKeyConstraint("campaign_id", "link_index", name=op.f("pk_campaign_links")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("campaign_links")
     op.drop_index(op.f("ix_stat_hours_hour"), table_name="stat_hours")
     op.drop_table("stat_hours")
     op.execute("DELETE FROM event_cursors WHERE shard = 'analytics'")
