@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign bench-tracking clean venv
+.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign bench-tracking bench-analytics clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -97,3 +97,9 @@ bench-campaign: $(STAMP)
 bench-tracking: $(STAMP)
 	$(BIN)/python bench/tracking.py $(if $(DB),--db $(DB),) $(if $(REPS),--reps $(REPS),) \
 		$(if $(PY_SPY),--py-spy $(PY_SPY),)
+
+## Analytics over a 1M-recipient campaign and a month of mail on a private PostgreSQL:
+## the rollup rate and each route's p50/p95 against issue 23's targets (not in `bench`).
+bench-analytics: $(STAMP)
+	$(BIN)/python bench/analytics.py $(if $(RECIPIENTS),--recipients $(RECIPIENTS),) \
+		$(if $(REPS),--reps $(REPS),)
