@@ -160,6 +160,23 @@ async def test_a_campaign_reaches_each_contact_once(control: ControlFactory) -> 
     async with api.client(key) as c:
         stats = (await c.get(f"/v1/campaigns/{cid}/stats")).json()
         assert stats["unsubscribed"] == 1, stats
+        # The appliance's analytics pass counted the same, from the events (issue 23):
+        # the launch's recipients, the spool's, delivery's (with the site it went to)
+        # and the unsubscribe.
+        seen: list[Any] = []
+
+        async def counted() -> bool:
+            r = await c.get(f"/v1/campaigns/{cid}/analytics")
+            seen[:] = [r.json()]
+            return r.status_code == 200 and r.json()["totals"]["unsubscribed"] == 1
+
+        await eventually(counted, 30, "the campaign's analytics", interval=0.1)
+        totals = seen[0]["totals"]
+        figures = ("recipients", "skipped", "accepted", "delivered", "bounced", "bounced_hard")
+        assert [totals[f] for f in figures] == [5, 2, 3, 2, 1, 1], seen[0]
+        sites = {x["site"]: x["delivered"] for x in seen[0]["sites"]}
+        assert sum(sites.values()) == 2 and "" not in sites, seen[0]
+        assert [x["category"] for x in seen[0]["bounces_by_category"]] == ["user_unknown"]
 
 
 async def tenant_id_of(api: ControlApi, key: str) -> int:
