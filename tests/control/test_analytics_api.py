@@ -280,7 +280,15 @@ async def test_tenant_domain_and_provider_analytics(control: ControlFactory) -> 
         default = (await c.get("/v1/analytics/overview")).json()
         sub = (await c.get(f"/v1/analytics/domains/Mail.Acme.test?{DAY}")).json()
         main = (await c.get(f"/v1/analytics/domains/acme.test?{DAY}")).json()
-        none = (await c.get(f"/v1/analytics/domains/other.test?{DAY}")).json()
+        # Another tenant's sending domain is not this tenant's to read.
+        r = await c.get(f"/v1/analytics/domains/other.test?{DAY}")
+        assert r.status_code == 404 and "other.test" not in r.text.replace(
+            "/v1/analytics/domains/other.test", ""
+        ), r.text
+        # One of its own domains that sent nothing in the range: zeros.
+        r = await c.post("/v1/domains", json={"name": "quiet.acme.test"})
+        assert r.status_code == 201, r.text
+        none = (await c.get(f"/v1/analytics/domains/quiet.acme.test?{DAY}")).json()
         prov = (await c.get(f"/v1/analytics/providers?{DAY}")).json()
         prov_csv = _csv(await c.get(f"/v1/analytics/providers?{DAY}&format=csv&table=providers"))
         cats_csv = _csv(await c.get(f"/v1/analytics/overview?{DAY}&format=csv&table=categories"))

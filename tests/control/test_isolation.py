@@ -79,6 +79,7 @@ async def test_tenant_a_never_sees_tenant_b(control: ControlFactory) -> None:
         "kid": kid_b,
         "webhook_id": webhook_b,
         "delivery_id": 1,
+        "domain": "bravo.test",  # a sending domain's analytics
     }
     # A route with a resource in its path that takes a body gets a valid one (by its
     # body model; {} when every field is optional), so that the answer is the

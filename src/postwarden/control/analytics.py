@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
+from sqlalchemy import select
 from starlette.responses import Response
 
 from postwarden.analytics.figures import (
@@ -28,7 +29,7 @@ from postwarden.analytics.figures import (
 from postwarden.control.api import api
 from postwarden.control.campaigns import campaign_of
 from postwarden.control.csvfile import SafeWriter
-from postwarden.control.errors import invalid
+from postwarden.control.errors import invalid, not_found
 from postwarden.control.routing import Call
 from postwarden.control.schemas import Strict, Timestamp
 from postwarden.store.analytics import (
@@ -40,7 +41,8 @@ from postwarden.store.analytics import (
     timeline,
 )
 from postwarden.store.analytics import totals as read_totals
-from postwarden.store.models import utcnow
+from postwarden.store.analytics_models import StatHour
+from postwarden.store.models import Domain, utcnow
 from postwarden.store.rollups import ALL, TTD_BOUNDS
 
 #: The range a tenant's, domain's or the providers' figures cover when not given.
@@ -531,13 +533,29 @@ async def overview(c: Call) -> Any:
 )
 async def domain_analytics(c: Call) -> Any:
     """The figures of the tenant's mail from one sending domain (its envelope
-    sender's, as sent: ``mail.acme.test`` is not ``acme.test``); zeros for a domain
-    it has not sent from."""
+    sender's, as sent: ``mail.acme.test`` is not ``acme.test``); 404 for a domain
+    that is neither one of the tenant's domains nor one it has sent from (another
+    tenant's, say), zeros for one of its domains in a range it sent nothing."""
     q: DomainQuery = c.query
     _check_table(q)
     domain = str(c.path["domain"]).lower()
     if len(domain) > 255:
         raise invalid("domain", "longer than 255 characters")
+    async with c.ctx.sessions() as s:
+        sent = await s.scalar(
+            select(StatHour.metric).where(
+                StatHour.tenant_id == c.tenant_id, StatHour.scope == "domain",
+                StatHour.key == domain,
+            ).limit(1)
+        )  # fmt: skip
+        if (
+            sent is None
+            and await s.scalar(
+                select(Domain.id).where(Domain.tenant_id == c.tenant_id, Domain.name == domain)
+            )
+            is None
+        ):
+            raise not_found("sending domain")
     figures, dims = await _ranged(c, q, "domain", domain, ("site", "category"))
     answer = DomainAnalytics(
         **figures, domain=domain, sites=_sites(dims["site"]),
