@@ -70,8 +70,8 @@ async def schemathesis(base: str, key: str, tmp: Path, *extra: str) -> tuple[int
 
 # The tenant routes in three runs of about the same length (pytest-xdist spreads them).
 TENANT_GROUPS = {
-    "sending": "^/v1/(domains|keys|suppressions|messages|events|shaping|tracking|webhooks"
-    "|analytics)",
+    "sending": "^/v1/(domains|keys|suppressions|messages|events)",
+    "engagement": "^/v1/(shaping|tracking|webhooks|analytics)",
     "contacts": "^/v1/(contacts|contact-attributes|lists|topics|imports|data-sources)",
     "content": "^/v1/(audiences|templates|campaigns)",
 }

@@ -236,6 +236,12 @@ class Rollups:
         """Roll up the next batch; the number of events read (0: none new, or another
         reader is at it)."""
         async with self.sessions() as s:
+            # Nothing new (an idle appliance, every second): a read, no write.
+            seen = await s.scalar(select(EventCursor.last_id).where(EventCursor.shard == CURSOR))
+            newer = await s.scalar(select(Event.id).where(Event.id > (seen or 0)).limit(1))
+            await s.rollback()
+            if newer is None:
+                return 0
             last = await hold_cursor(s, CURSOR)
             if last is None:
                 await s.rollback()
