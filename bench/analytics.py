@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from events_query import _sql  # one statement on the private cluster
 
 SETTINGS = {"maintenance_work_mem": "256MB", "max_wal_size": "4GB"}
 EVENT_COLUMNS = ["tenant_id", "ts", "type", "message_id", "recipient_id", "recipient", "tags",
@@ -354,16 +357,6 @@ async def _rows(url: str) -> int:
             return int((await conn.execute(text("SELECT count(*) FROM stat_hours"))).scalar())
     finally:
         await engine.dispose()
-
-
-async def _sql(port: int, db: str, sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(host="127.0.0.1", port=port, user="pw", database=db)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def main() -> int:
