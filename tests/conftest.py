@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import io
 import logging
+import os
 import random
 import shutil
 import socket
@@ -36,6 +37,29 @@ from postwarden.store.db import upgrade_sync
 
 SENDER_DOMAIN = "sender.test"
 VENV_BIN = Path(sys.executable).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the controller): the workers share one PostgreSQL server,
+    described in a directory named here (tests/pg.py)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from tests.pg import SHARED
+
+        root = tempfile.mkdtemp(prefix="pw-pgshared-")
+        os.environ[SHARED] = root
+        config.stash[_PG_SHARED] = root
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_PG_SHARED, None)
+    if root is not None:
+        from tests.pg import SHARED, stop_shared
+
+        stop_shared(Path(root))
+        os.environ.pop(SHARED, None)
+
+
+_PG_SHARED = pytest.StashKey[str]()
 
 
 def _ephemeral_range() -> tuple[int, int]:

@@ -2,13 +2,22 @@
 
 One server per test run, in a temporary directory, on 127.0.0.1 and a free port,
 ``fsync=off`` (a throwaway cluster); the migrations run once into a template database
-and each test gets ``CREATE DATABASE … TEMPLATE`` of it.
+and each test gets ``CREATE DATABASE … TEMPLATE`` of it (named after its process, so
+that the workers of a run share the server).
+
+Under pytest-xdist the run's workers share one server: the first that needs it starts
+it and writes where it is in the directory the controller named (:data:`SHARED`), the
+others read it there; the controller stops it when the run ends
+(:func:`stop_shared`). Alone (no xdist), a process starts and stops its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import glob
+import itertools
+import json
 import os
 import pwd
 import shutil
@@ -36,12 +45,14 @@ def _run_as(user: str | None, argv: list[str], **kw: object) -> subprocess.Compl
     return subprocess.run(argv, check=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
 
 
+_DATABASES = itertools.count(1)
+
+
 @dataclass
 class PgServer:
     port: int
     datadir: Path
     proc: subprocess.Popen[bytes]
-    counter: int = 0
     argv: tuple[str, ...] = ()  # how it was started: :meth:`restart` starts it again
 
     user: str | None = None  # whom it runs as (initdb refuses root)
@@ -51,7 +62,8 @@ class PgServer:
         operator's restart or a crash of the database host looks to its clients."""
         pg_ctl = str(Path(self.argv[self.argv.index("-D") - 1]).with_name("pg_ctl"))
         _run_as(self.user, [pg_ctl, "stop", "-D", str(self.datadir), "-m", "fast", "-w"])
-        self.proc.wait(30)
+        if self.proc is not None:  # None: another process started it (shared_server)
+            self.proc.wait(30)
 
     def restart(self) -> None:
         """Start it again on the same port and data, and wait until it answers."""
@@ -99,10 +111,17 @@ class PgServer:
         if errors:
             raise errors[0]
 
+    def empty_database(self, prefix: str) -> str:
+        """A new database with nothing in it (not even Alembic's table): its name."""
+        name = f"{prefix}_{os.getpid()}_{next(_DATABASES)}"
+        self._sql(f'CREATE DATABASE "{name}"')
+        return name
+
     def new_database(self) -> str:
         """A fresh, migrated database for one test."""
-        self.counter += 1
-        name = f"t{os.getpid()}_{self.counter}"
+        # Numbered in the process, not the server object: several fixtures of one
+        # worker (a conftest each) hold the same shared server.
+        name = f"t{os.getpid()}_{next(_DATABASES)}"
         self._sql(f'CREATE DATABASE "{name}" TEMPLATE pw_template')
         return self.url(name)
 
@@ -158,9 +177,9 @@ def start_cluster(settings: dict[str, str] | None = None, prefix: str = "pw-pg-"
     return server
 
 
-def start_server() -> PgServer:
+def start_server(settings: dict[str, str] | None = None) -> PgServer:
     """The tests' server: a cluster with a migrated template database."""
-    server = start_cluster()
+    server = start_cluster(settings)
     server._sql("CREATE DATABASE pw_template")
     upgrade_sync(server.url("pw_template"))
     return server
@@ -183,8 +202,51 @@ def _has_user(name: str) -> bool:
         return False
 
 
+#: The environment variable naming the directory where a run's shared server is
+#: described (set by the xdist controller, tests/conftest.py).
+SHARED = "POSTWARDEN_TEST_PG_SHARED"
+
+
+def shared_server(root: Path) -> PgServer:
+    """The run's shared server: started by the first worker to ask (under a lock),
+    found by the others in ``root/server.json``."""
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = root / "server.json"
+        if info.exists():
+            d = json.loads(info.read_text())
+            return PgServer(d["port"], Path(d["datadir"]), None, argv=tuple(d["argv"]),  # type: ignore[arg-type]
+                            user=d["user"])  # fmt: skip
+        # Its log into files of its own (the logging collector): the worker holding
+        # the other end of its stderr may finish first.
+        server = start_server({"logging_collector": "on"})
+        info.write_text(json.dumps({"port": server.port, "datadir": str(server.datadir),
+                                    "argv": list(server.argv), "user": server.user}))  # fmt: skip
+        return server
+
+
+def stop_shared(root: Path) -> None:
+    """Stop the run's shared server, if a worker started one (the controller, at the
+    end of the run)."""
+    info = root / "server.json"
+    if info.exists():
+        d = json.loads(info.read_text())
+        server = PgServer(d["port"], Path(d["datadir"]), None, argv=tuple(d["argv"]),  # type: ignore[arg-type]
+                          user=d["user"])  # fmt: skip
+        try:
+            server.stop()
+        except (subprocess.CalledProcessError, OSError):
+            pass  # already gone: its directory still goes
+        shutil.rmtree(server.datadir.parent, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> object:
+    root = os.environ.get(SHARED)
+    if root:
+        yield shared_server(Path(root))  # the controller stops it
+        return
     server = start_server()
     yield server
     stop_server(server)

@@ -80,10 +80,7 @@ def pg_url(server: PgServer, db: str, user: str = "pw", port: int | None = None)
 
 async def empty_database(server: PgServer) -> str:
     """A database with nothing in it: no Postwarden tables, no Alembic revision."""
-    server.counter += 1
-    name = f"bare_{server.counter}"
-    await asyncio.to_thread(server._sql, f'CREATE DATABASE "{name}"')
-    return name
+    return await asyncio.to_thread(server.empty_database, "bare")
 
 
 # ------------------------------------------------------------------ URLs and drivers

@@ -222,10 +222,7 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     """A database with nothing in it (not even Alembic's table)."""
     if request.param == "postgresql":
         server = request.getfixturevalue("postgres")
-        server.counter += 1
-        name = f"empty_{server.counter}"
-        server._sql(f'CREATE DATABASE "{name}"')
-        url: str = server.url(name)
+        url: str = server.url(server.empty_database("empty"))
         return url
     return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
 
