@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import socket
 import time
@@ -52,6 +53,7 @@ from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.inbound import InboundHandler
 from postwarden.mta.ingress import IngressHandler
 from postwarden.mta.protocol import server_factory
+from postwarden.notify import BEAT_ENV, Notifier, beat, write_ready
 from postwarden.queue.gauges import keep_gauges
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.shards import shard_path
@@ -295,6 +297,10 @@ class Appliance:
         self._gauge_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        # systemd's notifications (docs/decisions/0013): a process of its own speaks
+        # to systemd itself; a worker only beats, and its supervisor speaks.
+        self.notifier: Notifier | None = None
+        self._liveness: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ bounces
@@ -488,6 +494,10 @@ class Appliance:
             await self._stopped.wait()
             return
         self._stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self._liveness is not None:
+            self._liveness.cancel()
         log.info("event=stopping")
         for server in self.servers + self.inbound_servers:
             server.close()
@@ -525,7 +535,16 @@ class Appliance:
         log.info("event=stopped")
 
     def reload(self) -> bool:
-        """Re-read the config file; apply what can change live. False if refused."""
+        """Re-read the config file; apply what can change live. False if refused.
+        systemd hears RELOADING=1 first and READY=1 after, with what came of it."""
+        if self.notifier is None:
+            return self._reload()
+        self.notifier.reloading()
+        done = self._reload()
+        self.notifier.ready("serving" if done else "serving; the new configuration was refused")
+        return done
+
+    def _reload(self) -> bool:
         if self.config_path is None:
             log.info("event=reload_skipped reason=no_config_file")
             return False
@@ -595,8 +614,12 @@ class Appliance:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload.set)  # applied once started
+        if self.worker is None:
+            self.notifier = Notifier()
+            self.notifier.status("starting: recovering the spool, binding the listeners")
         await self.start()
         self.install_signal_handlers()
+        self._liveness = self._start_liveness()
         if stop.is_set():
             await self.stop()
         elif reload.is_set():
@@ -605,6 +628,33 @@ class Appliance:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    def _start_liveness(self) -> asyncio.Task[None] | None:
+        """Started: a worker writes its ready file and beats (its supervisor tells
+        systemd); a process of its own says READY=1 and feeds the watchdog from its
+        loop (docs/decisions/0013)."""
+        if self.worker is not None:
+            from postwarden.supervisor import STATUS_ENV
+
+            directory = os.path.dirname(os.environ.get(STATUS_ENV, ""))
+            if not directory:
+                return None
+            write_ready(directory, self.worker.index)
+            interval = float(os.environ.get(BEAT_ENV) or 0)
+            if interval <= 0:
+                return None
+            return asyncio.create_task(beat(directory, self.worker.index, interval))
+        if self.notifier is None or not self.notifier.enabled:
+            return None
+        self.notifier.ready("serving")
+        if self.notifier.watchdog is None:
+            return None
+        return asyncio.create_task(self._ping(self.notifier, self.notifier.watchdog / 2))
+
+    async def _ping(self, notifier: Notifier, every: float) -> None:
+        while True:
+            notifier.ping()
+            await asyncio.sleep(every)
 
 
 async def serve(cfg: Config, config_path: str | None = None, role: str = "all") -> None:

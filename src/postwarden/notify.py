@@ -86,3 +86,79 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+# ------------------------------------------------------------------ workers' liveness
+
+#: Set by the supervisor for its workers: seconds between a worker's beats (absent: no
+#: watchdog, no beats). docs/decisions/0013.
+BEAT_ENV = "POSTWARDEN_WATCHDOG_BEAT"
+#: A test-only fault switch: while the file this names exists, a worker's beat task
+#: blocks its event loop (what a stalled loop looks like to the supervisor).
+STALL_ENV = "POSTWARDEN_TEST_STALL_FILE"
+
+
+def ready_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.ready")
+
+
+def beat_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.beat")
+
+
+def write_ready(directory: str, index: int) -> None:
+    """A worker has started (listeners serving, spool recovered): its pid in its ready
+    file, written whole (a rename)."""
+    path = ready_path(directory, index)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def ready_pid(directory: str, index: int) -> int | None:
+    try:
+        with open(ready_path(directory, index), encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+async def beat(directory: str, index: int, interval: float) -> None:
+    """A worker's beats: its beat file touched every ``interval`` seconds from its own
+    event loop (on purpose: a stalled loop stops them, and the supervisor then stops
+    the watchdog's pings)."""
+    import asyncio
+
+    path = beat_path(directory, index)
+    stall = os.environ.get(STALL_ENV)
+    while True:
+        if stall:
+            _stall_while(stall)
+        _touch(path)
+        await asyncio.sleep(interval)
+
+
+def _stall_while(path: str) -> None:
+    """The fault switch: block the calling loop while ``path`` exists."""
+    while os.path.exists(path):
+        time.sleep(0.05)
+
+
+def _touch(path: str) -> None:
+    try:
+        with open(path, "a", encoding="ascii"):
+            pass
+        os.utime(path)
+    except OSError as exc:
+        log.warning("event=beat_failed path=%s error=%r", path, str(exc))
+
+
+def beat_age(directory: str, index: int, now: float | None = None) -> float | None:
+    """Seconds since a worker's last beat (None: none yet)."""
+    try:
+        mtime = os.stat(beat_path(directory, index)).st_mtime
+    except OSError:
+        return None
+    return (time.time() if now is None else now) - mtime

@@ -33,10 +33,13 @@ import time
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
+from postwarden.notify import BEAT_ENV, Notifier, beat_age, ready_pid
 
 log = logging.getLogger("postwarden.supervisor")
 
 RESTART_DELAY = 1.0
+#: Seconds a worker being (re)started may take before the watchdog counts it as stalled.
+START_GRACE = 120.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -220,12 +223,23 @@ class Supervisor:
         self.metrics_dir = ""
         self.status_file = ""
         self.shaping: Any = None
+        # systemd's notifications (docs/decisions/0013): only this process speaks; the
+        # workers write ready and beat files next to supervisor.json.
+        self.notifier = Notifier()
+        self.spawned_at: dict[int, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         from postwarden.tls import ensure_tls_files
 
         # Set before any worker starts: each one then keeps its metric values in files
         # here that /metrics adds up.
+        watchdog = self.notifier.watchdog
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)  # the workers' own notifications would be refused
+        if watchdog is not None:
+            os.environ[BEAT_ENV] = str(watchdog / 4)
+        self.notifier.status("binding the listeners")
         self.metrics_dir = tempfile.mkdtemp(prefix="postwarden-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         self.status_file = os.path.join(self.metrics_dir, "supervisor.json")
@@ -239,6 +253,7 @@ class Supervisor:
             self.metrics_sock = bind(self.cfg.metrics.listen, "metrics.listen")
         if self.cfg.server.fork_workers:
             await self._start_fork_server()
+        self.notifier.status("checking the control database")
         try:
             # Migrations, key file: once (in a fork of the fork server when it runs).
             await prepare_control(self.cfg, self.config_path, self.forks)
@@ -253,8 +268,12 @@ class Supervisor:
         self.shaping = ShapingService(self.cfg, metrics=ShapingMetrics())
         await self.shaping.start(serve=True)
         self._write_status()
+        self.notifier.status(f"starting {self.count} workers (each recovers its spool shard)")
         for k in range(self.count):
             await self._spawn(k)
+        self._task(self._readiness())
+        if watchdog is not None:
+            self._task(self._watchdog(watchdog))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
@@ -269,6 +288,54 @@ class Supervisor:
         )
         await self._stopped.wait()
         return 0
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ready(self, index: int) -> bool:
+        """Whether worker ``index`` has started: its ready file names its pid."""
+        proc = self.procs.get(index)
+        return proc is not None and ready_pid(self.metrics_dir, index) == proc.pid
+
+    async def _readiness(self) -> None:
+        """READY=1 once every worker has started (listeners serving, spool shard
+        recovered)."""
+        while not self._stopping:
+            if all(self._ready(k) for k in range(self.count)):
+                self.notifier.ready(f"serving: {self.count} workers")
+                log.info("event=ready workers=%d", self.count)
+                return
+            await asyncio.sleep(0.1)
+
+    def alive(self, limit: float, now: float | None = None) -> bool:
+        """Whether every worker's event loop answers: each started one beat within
+        ``limit`` seconds; one being (re)started is excused for START_GRACE."""
+        now = time.time() if now is None else now
+        for k, proc in self.procs.items():
+            if proc.returncode is not None:
+                continue  # dead: its restart is under way
+            if not self._ready(k):
+                if now - self.spawned_at.get(k, now) < START_GRACE:
+                    continue
+                return False
+            age = beat_age(self.metrics_dir, k, now)
+            if age is None or age > limit:
+                return False
+        return True
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every half interval, while every worker's loop beats."""
+        quiet = False
+        while not self._stopping:
+            if self.alive(interval / 2):
+                self.notifier.ping()
+                quiet = False
+            elif not quiet:
+                quiet = True
+                log.error("event=watchdog_withheld reason=worker_loop_not_beating")
+            await asyncio.sleep(interval / 2)
 
     def _passed_fds(self) -> tuple[list[int], dict[str, str]]:
         """The descriptors a worker inherits, and the environment that names them."""
@@ -330,6 +397,7 @@ class Supervisor:
             )
         log.info("event=worker_%s worker=%d pid=%d", how, index, proc.pid)
         self.procs[index] = proc
+        self.spawned_at[index] = time.time()
         self._write_status()
         task = asyncio.create_task(self._watch(index, proc))
         self._watchers.add(task)
@@ -364,7 +432,15 @@ class Supervisor:
             log.warning("event=status_write_failed", exc_info=True)
 
     def reload(self) -> None:
-        """Check the file, then let every worker reload it (each applies it itself)."""
+        """Check the file, then let every worker reload it (each applies it itself);
+        systemd hears RELOADING=1 first and READY=1 after."""
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready(f"serving: {self.count} workers")
+
+    def _reload(self) -> None:
         if self.config_path is None:
             log.info("event=reload_skipped reason=no_config_file")
             return
@@ -384,6 +460,9 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
+        self.notifier.stopping()
+        for task in list(self._tasks):
+            task.cancel()
         self._write_status()
         log.info("event=stopping workers=%d", self.count)
         for proc in self.procs.values():
