@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +62,24 @@ def _greets(port: int) -> bool:
     return False
 
 
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, config: Path, **env: str) -> AsyncIterator[Any]:
+    """``postwarden serve`` with ``env`` added, in a process group of its own; killed
+    with it on the way out."""
+    with (tmp_path / "serve.log").open("ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "postwarden.cli", "serve", "--config", str(config),
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
 @pytest.mark.serial
 @pytest.mark.timeout(120)
 async def test_ready_watchdog_reload_and_stop(
@@ -70,14 +89,9 @@ async def test_ready_watchdog_reload_and_stop(
     manager = Manager(tmp_path / "notify")
     stall = tmp_path / "stall"
     accepted_at_ready: list[bool] = []
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
            STALL_ENV: str(stall), "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    with (tmp_path / "serve.log").open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "postwarden.cli", "serve", "--config", str(config),
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    try:
+    async with serving(tmp_path, config, **env) as proc:
 
         async def ready() -> bool:
             if manager.first("READY") is None:
@@ -126,11 +140,7 @@ async def test_ready_watchdog_reload_and_stop(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         assert manager.first("STOPPING") is not None
-    finally:
-        manager.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+    manager.close()
 
 
 @pytest.mark.serial
@@ -142,14 +152,9 @@ async def test_one_process_speaks_for_itself(
     once it serves, feeds the watchdog from its loop, and brackets a reload."""
     config, smtp = subprocess_config({"server": {"workers": 1}})
     manager = Manager(tmp_path / "notify")
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    with (tmp_path / "serve.log").open("ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "postwarden.cli", "serve", "--config", str(config),
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    try:
+    async with serving(tmp_path, config, **env) as proc:
         await eventually(lambda: manager.first("READY") is not None, 60, "READY=1")
         assert _greets(smtp)
         statuses = [f["STATUS"] for _t, f in manager.got if "STATUS" in f]
@@ -163,8 +168,4 @@ async def test_one_process_speaks_for_itself(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         assert manager.first("STOPPING") is not None
-    finally:
-        manager.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+    manager.close()
