@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 
+from postwarden.control import stop_task
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.campaign_outcomes import new_cursor
 from postwarden.store.models import EventCursor
@@ -77,11 +78,8 @@ class AnalyticsPass:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="analytics")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def run_once(self) -> int:
         """Roll up every event there is now; how many."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from postwarden.control import stop_task
 from postwarden.store.availability import LogLimiter, is_unavailable
 from postwarden.store.imports import (
     LEASE,
@@ -60,11 +61,8 @@ class ImportRunner:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         forget_runner(self.name)
 
     async def run_once(self) -> int:

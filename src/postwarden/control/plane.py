@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from postwarden.config import Config
-from postwarden.control import ControlPlaneError
+from postwarden.control import ControlPlaneError, stop_task
 from postwarden.control.analytics_pass import AnalyticsPass
 from postwarden.control.auth import KeyAuthenticator, RateLimiter
 from postwarden.control.bodies import BodyBudget
@@ -244,10 +244,7 @@ class ControlPlane:
             await self.webhooks.stop()
         if self.analytics is not None:
             await self.analytics.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await stop_task(self._task)
         await self.hits.stop()
         await self.engine.dispose()
 

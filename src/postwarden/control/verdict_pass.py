@@ -16,7 +16,6 @@ judged once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -25,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from postwarden.control import ControlPlaneError
+from postwarden.control import ControlPlaneError, stop_task
 from postwarden.control.events import tags_text
 from postwarden.engagement.verdicts import (
     Hit,
@@ -98,11 +97,8 @@ class VerdictPass:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="verdicts")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         wait = min(self.settle / 4, 5.0)

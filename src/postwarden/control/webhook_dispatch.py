@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select, update
 
+from postwarden.control import stop_task
 from postwarden.control.safe_http import UnsafeUrl, checked
 from postwarden.control.schemas import EventOut
 from postwarden.mta.destinations import parse_networks
@@ -92,11 +93,8 @@ class WebhookDispatcher:
         self._wake.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         for t in list(self._inflight):
             t.cancel()
         if self._inflight:
