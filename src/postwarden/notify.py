@@ -10,6 +10,7 @@ wants ``WATCHDOG=1``: :attr:`Notifier.watchdog` is that interval in seconds, or 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -129,8 +130,6 @@ async def beat(directory: str, index: int, interval: float) -> None:
     """A worker's beats: its beat file touched every ``interval`` seconds from its own
     event loop (on purpose: a stalled loop stops them, and the supervisor then stops
     the watchdog's pings)."""
-    import asyncio
-
     path = beat_path(directory, index)
     stall = os.environ.get(STALL_ENV)
     while True:

@@ -150,15 +150,12 @@ async def test_shaping_changes_are_counted_once(migrated_url: str, tmp_path: Pat
     into the appliance's counts by site and source: each once, across a restart of the
     reader (its cursor is in the database) and a page size of a few; a restarted
     broker's are counted from its first."""
-    from postwarden.config import load_config
     from postwarden.control.analytics_pass import AnalyticsPass
     from postwarden.shaping import service as shaping_service
     from postwarden.shaping.service import ShapingService
+    from tests.shaping.test_change_log import one_source
 
-    cfg = load_config(None, environ={}, overrides={
-        "spool": {"path": str(tmp_path / "spool")},
-        "sources": [{"name": "a", "address": "127.0.0.1"}],
-    })  # fmt: skip
+    cfg = one_source(tmp_path)
     svc = ShapingService(cfg)
 
     async def command(**args: object) -> dict[str, object]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from postwarden.config import load_config
+from postwarden.config import Config, load_config
 from postwarden.shaping.adaptive import Aimd, rule
 from postwarden.shaping.broker import CHANGE_LOG_SIZE, Broker
 from postwarden.shaping.channel import MAX_LINE, BrokerClient, BrokerServer
@@ -142,8 +142,9 @@ def test_a_backoff_ending_between_answers_is_recorded_where_seen() -> None:
     assert ats == sorted(ats)
 
 
-def service(tmp_path: Path) -> ShapingService:
-    cfg = load_config(
+def one_source(tmp_path: Path) -> Config:
+    """A configuration with one source, ``a``, and its spool under ``tmp_path``."""
+    return load_config(
         None,
         environ={},
         overrides={
@@ -151,7 +152,10 @@ def service(tmp_path: Path) -> ShapingService:
             "sources": [{"name": "a", "address": "127.0.0.1"}],
         },
     )
-    return ShapingService(cfg)
+
+
+def service(tmp_path: Path) -> ShapingService:
+    return ShapingService(one_source(tmp_path))
 
 
 def push_backs(svc: ShapingService, n: int, text: str = "busy", first: int = 0) -> None:

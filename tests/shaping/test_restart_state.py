@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from postwarden.config import load_config
 from postwarden.shaping.adaptive import rule
 from postwarden.shaping.broker import Broker
 from postwarden.shaping.pair_state import restore, snapshot
 from postwarden.shaping.service import ShapingService
 from postwarden.warming.book import WarmingBook
 from postwarden.warming.plans import PlanError
+from tests.shaping.test_change_log import one_source
 from tests.shaping.test_choose import RULES, SOURCES, Clock
 
 WALL = 1_772_442_000.0
@@ -106,14 +106,7 @@ def test_restore_reads_old_files_and_names_a_bad_entry() -> None:
 
 
 def test_the_service_saves_pairs_with_the_warming_book(tmp_path: Path) -> None:
-    cfg = load_config(
-        None,
-        environ={},
-        overrides={
-            "spool": {"path": str(tmp_path / "spool")},
-            "sources": [{"name": "a", "address": "127.0.0.1"}],
-        },
-    )
+    cfg = one_source(tmp_path)
     wall = [WALL]
     svc = ShapingService(cfg, wall=lambda: wall[0])
     svc.book.pause("source:a", "by hand")
