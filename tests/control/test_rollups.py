@@ -5,17 +5,24 @@ SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from sqlalchemy import insert, select
 
 from postwarden.store.analytics_models import StatHour
+from postwarden.store.availability import is_unavailable
 from postwarden.store.campaign_models import Campaign, SendRecord
 from postwarden.store.db import create_engine, sessionmaker
 from postwarden.store.models import Event, EventCursor, Message, Tenant
 from postwarden.store.rollups import ALL, Rollups, ttd_metric
+from tests.control.test_database_outage import own_postgres  # noqa: F401  (the fixture)
+from tests.pg import PgServer
+from tests.waiting import eventually
 
 T0 = dt.datetime(2026, 12, 7, 2, 10, tzinfo=dt.UTC)
 H2 = dt.datetime(2026, 12, 7, 2, tzinfo=dt.UTC)
@@ -192,4 +199,45 @@ async def test_shaping_changes_are_counted_once(migrated_url: str, tmp_path: Pat
         assert [x for x in shards if x.startswith("shaping:")] == [f"shaping:{svc2.broker.epoch}"]
     finally:
         shaping_service.CHANGES_PAGE = page
+        await engine.dispose()
+
+
+async def test_the_database_stopped_mid_rollup_counts_each_event_once(
+    request: pytest.FixtureRequest,
+) -> None:
+    """PostgreSQL stopped between two batches and started again: the step in between
+    fails as the database's absence (the pass waits and tries again), and the events
+    are then counted once each: the cursor moved only with what was committed."""
+    server: PgServer = request.getfixturevalue("own_postgres")  # stopped, restarted
+    engine = create_engine(server.new_database())
+    sessions = sessionmaker(engine)
+    try:
+        async with sessions() as s:
+            acme = Tenant(name="acme")
+            s.add(acme)
+            await s.flush()
+            rows = [_ev(acme.id, T0, "delivered", f"m{i}", site="gmail") for i in range(30)]
+            await s.execute(insert(Event), rows)
+            await s.commit()
+            tid = acme.id
+        rollups = Rollups(sessions, batch=10)
+        assert await rollups.step() == 10
+        await asyncio.to_thread(server.stop)
+        with pytest.raises(Exception) as failed:
+            await rollups.step()
+        assert is_unavailable(failed.value), failed.value
+        await asyncio.to_thread(server.restart)
+        read = []
+
+        async def drained() -> bool:
+            with contextlib.suppress(Exception):  # a pooled connection of before the stop
+                read.append(await rollups.step())
+            return bool(read) and read[-1] == 0
+
+        await eventually(drained, 30, "the rest rolled up")
+        got = await _counts(sessions)
+        assert got[(tid, "tenant", "", "", "", H2, "delivered")] == 30
+        assert got[(tid, "tenant", "", "site", "gmail", H2, "delivered")] == 30
+        assert got[(ALL, "tenant", "", "", "", H2, "delivered")] == 30
+    finally:
         await engine.dispose()
