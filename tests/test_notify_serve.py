@@ -123,18 +123,29 @@ async def test_ready_watchdog_reload_and_stop(
             return time.monotonic() - last >= 2.0
 
         await eventually(withheld, 20, "the pings to stop while a loop stalls", interval=0.1)
-        # ...and come back once it answers again.
+
+        # SIGHUP while the workers' loops stall: RELOADING=1 at once, READY=1 only
+        # once every worker has applied the new file, which a stalled loop cannot.
+        hup = time.monotonic()
+        log_text = (tmp_path / "serve.log").read_text
+        proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: "event=reload_begun generation=1 workers=2" in log_text(), 20,
+                         "the supervisor to signal both workers")  # fmt: skip
+        await eventually(lambda: manager.first("RELOADING", hup) is not None, 20, "RELOADING=1")
+        assert manager.first("READY", hup) is None
+        assert "event=reloaded" not in log_text()
+        # ...and come back once it answers again: the pings, then READY=1.
         stall.unlink()
         back = time.monotonic()
         await eventually(lambda: manager.count("WATCHDOG", back) >= 2, 20, "the pings to resume")
-
-        # SIGHUP: RELOADING=1, then READY=1.
-        hup = time.monotonic()
-        proc.send_signal(signal.SIGHUP)
         await eventually(lambda: manager.first("READY", hup) is not None, 20, "READY after reload")
-        reloading = manager.first("RELOADING", hup)
-        assert reloading is not None and reloading <= (manager.first("READY", hup) or 0.0)
+        assert (manager.first("RELOADING", hup) or 1e18) <= (manager.first("READY", hup) or 0.0)
         assert any("MONOTONIC_USEC" in f for _t, f in manager.got)
+        lines = log_text().splitlines()
+        reloaded = [i for i, ln in enumerate(lines) if " event=reloaded " in ln]
+        done = [i for i, ln in enumerate(lines) if "event=reload_done generation=1 workers=2" in ln]
+        assert len(reloaded) == 2 and len(done) == 1 and done[0] > max(reloaded), lines
+        assert [f["STATUS"] for _t, f in manager.got if "STATUS" in f][-1] == "serving: 2 workers"
 
         # SIGTERM: STOPPING=1, and a clean exit.
         proc.send_signal(signal.SIGTERM)

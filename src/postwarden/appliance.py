@@ -53,7 +53,14 @@ from postwarden.mta.dkim import DkimSigner, SigningKey, load_key
 from postwarden.mta.inbound import InboundHandler
 from postwarden.mta.ingress import IngressHandler
 from postwarden.mta.protocol import server_factory
-from postwarden.notify import BEAT_ENV, Notifier, beat, write_ready
+from postwarden.notify import (
+    BEAT_ENV,
+    Notifier,
+    beat,
+    reload_generation,
+    write_ready,
+    write_reloaded,
+)
 from postwarden.queue.gauges import keep_gauges
 from postwarden.queue.scheduler import Scheduler
 from postwarden.queue.shards import shard_path
@@ -536,13 +543,27 @@ class Appliance:
 
     def reload(self) -> bool:
         """Re-read the config file; apply what can change live. False if refused.
-        systemd hears RELOADING=1 first and READY=1 after, with what came of it."""
+        systemd hears RELOADING=1 first and READY=1 after, with what came of it; a
+        worker tells its supervisor instead, which tells systemd once all have."""
         if self.notifier is None:
-            return self._reload()
+            done = self._reload()
+            if self.worker is not None:
+                self._confirm_reload(done)
+            return done
         self.notifier.reloading()
         done = self._reload()
         self.notifier.ready("serving" if done else "serving; the new configuration was refused")
         return done
+
+    def _confirm_reload(self, applied: bool) -> None:
+        from postwarden.supervisor import STATUS_ENV
+
+        directory = os.path.dirname(os.environ.get(STATUS_ENV, ""))
+        if directory and self.worker is not None:
+            try:
+                write_reloaded(directory, self.worker.index, reload_generation(directory), applied)
+            except OSError as exc:
+                log.warning("event=reload_confirm_failed error=%r", str(exc))
 
     def _reload(self) -> bool:
         if self.config_path is None:

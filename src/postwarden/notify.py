@@ -110,19 +110,59 @@ def beat_path(directory: str, index: int) -> str:
 def write_ready(directory: str, index: int) -> None:
     """A worker has started (listeners serving, spool recovered): its pid in its ready
     file, written whole (a rename)."""
-    path = ready_path(directory, index)
+    _write_whole(ready_path(directory, index), str(os.getpid()))
+
+
+def reload_path(directory: str) -> str:
+    """The supervisor's reload generation: a number it raises before each SIGHUP."""
+    return os.path.join(directory, "reload.gen")
+
+
+def reloaded_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.reloaded")
+
+
+def _write_whole(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="ascii") as f:
-        f.write(str(os.getpid()))
+        f.write(text)
     os.replace(tmp, path)
 
 
-def ready_pid(directory: str, index: int) -> int | None:
+def _read(path: str) -> str:
     try:
-        with open(ready_path(directory, index), encoding="ascii") as f:
-            text = f.read().strip()
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
     except OSError:
+        return ""
+
+
+def write_reload_generation(directory: str, generation: int) -> None:
+    _write_whole(reload_path(directory), str(generation))
+
+
+def reload_generation(directory: str) -> int:
+    text = _read(reload_path(directory))
+    return int(text) if text.isdigit() else 0
+
+
+def write_reloaded(directory: str, index: int, generation: int, applied: bool) -> None:
+    """A worker has handled the reload of ``generation``: applied it, or refused the
+    new file (it goes on with the old configuration)."""
+    _write_whole(reloaded_path(directory, index),
+                 f"{os.getpid()} {generation} {'applied' if applied else 'refused'}")  # fmt: skip
+
+
+def reloaded(directory: str, index: int) -> tuple[int, int, bool] | None:
+    """``(pid, generation, applied)`` of worker ``index``'s last reload, if any."""
+    parts = _read(reloaded_path(directory, index)).split()
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
         return None
+    return int(parts[0]), int(parts[1]), parts[2] == "applied"
+
+
+def ready_pid(directory: str, index: int) -> int | None:
+    text = _read(ready_path(directory, index))
     return int(text) if text.isdigit() else None
 
 

@@ -33,13 +33,23 @@ import time
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
-from postwarden.notify import BEAT_ENV, Notifier, beat_age, ready_pid
+from postwarden.notify import (
+    BEAT_ENV,
+    Notifier,
+    beat_age,
+    ready_pid,
+    reloaded,
+    write_reload_generation,
+)
 
 log = logging.getLogger("postwarden.supervisor")
 
 RESTART_DELAY = 1.0
 #: Seconds a worker being (re)started may take before the watchdog counts it as stalled.
 START_GRACE = 120.0
+#: Seconds the supervisor waits for every worker to confirm a reload before it tells
+#: systemd READY=1 anyway (naming the workers that did not, in STATUS= and the log).
+RELOAD_WAIT = 60.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -215,6 +225,7 @@ class Supervisor:
         self.procs: dict[int, Any] = {}  # asyncio's Process, or forkserver's ForkedProcess
         self.forks: Any = None  # the fork server, when it runs (forkserver.py)
         self.restarts = 0
+        self.reload_gen = 0
         self._stopping = False
         self._stopped = asyncio.Event()
         self._watchers: set[asyncio.Task[None]] = set()
@@ -433,28 +444,75 @@ class Supervisor:
 
     def reload(self) -> None:
         """Check the file, then let every worker reload it (each applies it itself);
-        systemd hears RELOADING=1 first and READY=1 after."""
+        systemd hears RELOADING=1 first and READY=1 once every worker has said it
+        handled the reload (or RELOAD_WAIT passed)."""
         self.notifier.reloading()
+        signalled: dict[int, int] = {}
         try:
-            self._reload()
+            signalled = self._reload()
         finally:
-            self.notifier.ready(f"serving: {self.count} workers")
+            if not signalled:
+                self.notifier.ready(f"serving: {self.count} workers")
+        if signalled:
+            self._task(self._reloaded(self.reload_gen, signalled))
 
-    def _reload(self) -> None:
+    def _reload(self) -> dict[int, int]:
+        """The workers told to reload: index → pid (none if the file was refused)."""
         if self.config_path is None:
             log.info("event=reload_skipped reason=no_config_file")
-            return
+            return {}
         try:
             new = check_files(load_config(self.config_path))
         except ConfigError as exc:
             log.error("event=reload_refused error=%r", str(exc))
-            return
+            return {}
         if self.shaping is not None and self.shaping.reload(new) is not None:
-            return
+            return {}
         self.cfg = new
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGHUP)
+        # The generation first, then the signal: a worker reads it when it reloads
+        # and writes it back with what came of it.
+        self.reload_gen += 1
+        write_reload_generation(self.metrics_dir, self.reload_gen)
+        signalled: dict[int, int] = {}
+        for index, proc in self.procs.items():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGHUP)
+                    signalled[index] = proc.pid
+        log.info("event=reload_begun generation=%d workers=%d", self.reload_gen, len(signalled))
+        return signalled
+
+    async def _reloaded(self, generation: int, signalled: dict[int, int]) -> None:
+        """READY=1 after a reload once each signalled worker confirmed it (a worker
+        that died meanwhile is excused: its successor reads the new file at start)."""
+        deadline = time.monotonic() + RELOAD_WAIT
+        waiting = dict(signalled)
+        refused: list[int] = []
+        while waiting and time.monotonic() < deadline:
+            for index, pid in list(waiting.items()):
+                proc = self.procs.get(index)
+                if proc is None or proc.pid != pid or proc.returncode is not None:
+                    del waiting[index]
+                    continue
+                said = reloaded(self.metrics_dir, index)
+                if said is not None and said[0] == pid and said[1] >= generation:
+                    del waiting[index]
+                    if not said[2]:
+                        refused.append(index)
+            if waiting:
+                await asyncio.sleep(0.05)
+        if generation != self.reload_gen:
+            return  # a newer reload is under way: it says READY=1
+        status = f"serving: {self.count} workers"
+        if waiting or refused:
+            log.error("event=reload_unconfirmed generation=%d waiting=%s refused=%s",
+                      generation, sorted(waiting), sorted(refused))  # fmt: skip
+            status += "; reload not applied by workers " + ",".join(
+                str(k) for k in sorted([*waiting, *refused])
+            )
+        else:
+            log.info("event=reload_done generation=%d workers=%d", generation, len(signalled))
+        self.notifier.ready(status)
 
     async def stop(self) -> None:
         if self._stopping:
