@@ -48,7 +48,7 @@ def http_get(url: str) -> tuple[int, str]:
             time.sleep(0.05)
 
 
-async def wait_log(log: Path, pattern: str, timeout: float = 10) -> str:
+async def wait_log(log: Path, pattern: str, timeout: float = 40) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
