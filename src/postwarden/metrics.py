@@ -11,10 +11,11 @@ every value in a per-process file, and the supervisor's ``/metrics`` adds them u
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import hmac
 import os
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -480,12 +481,28 @@ class ShapingMetrics:
         )
 
 
+def _written(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:
+        return False
+
+
 def render_multiprocess() -> bytes:
-    """The text exposition of every worker's metrics, summed (supervisor side)."""
+    """The text exposition of every process's metrics, summed (supervisor side)."""
     from prometheus_client import multiprocess
 
+    class Collector(multiprocess.MultiProcessCollector):
+        """Leaves out a file a process (a worker starting) has created and not yet
+        sized: it holds no value yet, and prometheus-client would fail the whole
+        scrape on its empty header."""
+
+        def collect(self) -> Any:
+            files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _written(f)]
+            return self.merge(files, accumulate=True)
+
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    Collector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
     return bytes(generate_latest(registry))
 
 
