@@ -45,7 +45,7 @@ from postwarden.control.unsubscribe import mailto_unsubscribe
 from postwarden.dns.resolver import Resolver
 from postwarden.mail.addresses import suppression_key
 from postwarden.mail.cleanup import Cleanup, Origin
-from postwarden.metrics import Metrics, ShapingMetrics
+from postwarden.metrics import ApplianceMetrics, Metrics, ProcessMetrics, ShapingMetrics
 from postwarden.mta.acceptance import Acceptance
 from postwarden.mta.auth import PasswordStore
 from postwarden.mta.delivery import DeliveryAgent
@@ -69,8 +69,9 @@ from postwarden.shaping.channel import BrokerClient
 from postwarden.shaping.service import ShapingService
 from postwarden.shaping.shaper import Backend, LocalBackend, Shaper
 from postwarden.store.retention import Pruner
-from postwarden.tls import ensure_tls_files, server_context
+from postwarden.tls import certificate_expiry, ensure_tls_files, server_context
 from postwarden.values import Envelope, StoredMessage
+from postwarden.vitals import keep_vitals, mark_running, mark_stopped
 
 if TYPE_CHECKING:
     from starlette.routing import Route
@@ -164,6 +165,10 @@ class Appliance:
         self.cfg = cfg
         self.config_path = config_path
         self.metrics = Metrics()
+        # Every process reads its own memory, CPU and descriptors; the process alone
+        # also speaks for the whole appliance (a worker's supervisor does: supervisor.py).
+        self.process_metrics = ProcessMetrics(self.metrics.registry)
+        self.appliance_metrics = None if worker else ApplianceMetrics(self.metrics.registry)
         self.spool_path = shard_path(cfg.spool.path, worker.index if worker else 0)
         self.spool = Spool(
             self.spool_path,
@@ -215,6 +220,7 @@ class Appliance:
             )
             backend = LocalBackend(self.shaping, on_notice=self._broker_notice)
         self.shaper = Shaper(cfg, backend, self.control.pool_cache.members)
+        self.metrics.declare_sites(self.shaper.rules.sites)
         self.scheduler = Scheduler(
             cfg,
             self.spool,
@@ -302,6 +308,8 @@ class Appliance:
         self._metrics_http: Any = None
         self.pruner: Pruner | None = None  # control-database retention (store.retention)
         self._gauge_task: asyncio.Task[None] | None = None
+        self._vitals_task: asyncio.Task[None] | None = None
+        self._marked = False  # the spool's run marker says "running" (vitals.py)
         self._stopped = asyncio.Event()
         self._stopping = False
         # systemd's notifications (docs/decisions/0013): a process of its own speaks
@@ -347,6 +355,8 @@ class Appliance:
                  ",".join(sorted(signer.domains())) or "-")  # fmt: skip
 
     async def start(self) -> None:
+        if self.appliance_metrics is not None:
+            self._mark_start(self.appliance_metrics)
         if self.broker_client is not None:
             await self.broker_client.connect()
         if self.shaping is not None:
@@ -369,6 +379,7 @@ class Appliance:
             self.bounces.wake()  # what waited in the inbox while nobody ran
         cert, key = ensure_tls_files(self.cfg)
         tls = server_context(cert, key)
+        self._certificate_expiry(cert)
         loop = asyncio.get_running_loop()
         factory = server_factory(self.ingress, tls)
         if self.worker is not None:
@@ -399,6 +410,14 @@ class Appliance:
                 keep_unparsed=self.cfg.inbound.keep_unparsed,
             )
         )
+        self._vitals_task = asyncio.create_task(
+            keep_vitals(
+                self.process_metrics,
+                lag=self.metrics.loop_lag,
+                appliance=self.appliance_metrics,
+                spool_dir=str(self.cfg.spool.path),
+            )
+        )
         log.info(
             "event=started worker=%s smtp=%s inbound=%s control=%s spool=%s config=%s loop=%s",
             f"{self.worker.index}/{self.worker.count}" if self.worker else "-",
@@ -409,6 +428,30 @@ class Appliance:
             self.cfg.source,
             type(loop).__module__.split(".")[0],
         )
+
+    def _mark_start(self, m: ApplianceMetrics) -> None:
+        """The process alone speaks for the appliance: one worker, started now, and
+        whether the previous run on the spool stopped cleanly (its run marker)."""
+        m.workers.set(1)
+        m.workers_alive.set(1)
+        m.start_time.set(time.time())
+        clean = mark_running(self.cfg.spool.path)
+        self._marked = True
+        m.previous_stop_clean.set(1 if clean else 0)
+        if not clean:
+            log.warning("event=previous_run_unclean spool=%s", self.cfg.spool.path)
+
+    def _certificate_expiry(self, cert: str) -> None:
+        """When the listeners' certificate (submission; the inbound MX serves it too)
+        expires. Read once: it is loaded once, at start."""
+        try:
+            expiry = certificate_expiry(cert)
+        except (OSError, ValueError) as exc:
+            log.warning("event=certificate_unreadable file=%s error=%r", cert, str(exc))
+            return
+        self.metrics.tls_expiry.labels("submission").set(expiry)
+        if self.inbound is not None:
+            self.metrics.tls_expiry.labels("inbound").set(expiry)
 
     async def _start_inbound(self, tls: Any) -> None:
         """The inbound MX on ``inbound.listen`` (a worker: on the supervisor's sockets),
@@ -469,6 +512,7 @@ class Appliance:
             metrics_token=token,
             serve_metrics=not separate,
             extra_routes=self.extra_routes,
+            http_metrics=self.metrics,
         )
         if self.worker is not None and self.worker.control_sock is not None:
             self._http = HttpServer(app, sock=self.worker.control_sock)
@@ -479,11 +523,12 @@ class Appliance:
         if separate:
             # A worker serves the supervisor's socket (every worker renders the sum).
             sock = inherited_metrics_socket() if self.worker is not None else None
+            scrapes = metrics_app(metrics, token, self.metrics)
             if sock is not None:
-                self._metrics_http = HttpServer(metrics_app(metrics, token), sock=sock)
+                self._metrics_http = HttpServer(scrapes, sock=sock)
             else:
                 host, port = parse_hostport(self.cfg.metrics.listen, "metrics.listen")
-                self._metrics_http = HttpServer(metrics_app(metrics, token), host, port)
+                self._metrics_http = HttpServer(scrapes, host, port)
             self.metrics_address = await self._metrics_http.start()
 
     def _on_events(self, events: list[dict[str, Any]]) -> None:
@@ -524,6 +569,8 @@ class Appliance:
             await self.shaping.stop()
         if self._gauge_task:
             self._gauge_task.cancel()
+        if self._vitals_task:
+            self._vitals_task.cancel()
         if self._http is not None:
             await self._http.stop()
         if self._metrics_http is not None:
@@ -538,6 +585,8 @@ class Appliance:
         for server in self.servers + self.inbound_servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
+        if self._marked:
+            mark_stopped(self.cfg.spool.path)  # the last step of a clean stop
         self._stopped.set()
         log.info("event=stopped")
 
@@ -610,6 +659,7 @@ class Appliance:
         if self.inbound is not None:
             self.inbound.configure(new)
         self.shaper.reconfigure(new)
+        self.metrics.declare_sites(self.shaper.rules.sites)
         if self.shaping is not None:
             self.shaping.reload(new)
         log.info(

@@ -1,26 +1,34 @@
 """Prometheus metrics. Every name here is documented in ``docs/operations.md``.
 
-Labels are bounded: results, states, directions and listener names, never recipient
-domains or addresses.
+Labels are bounded: results, states, directions, listener names, the provider sites
+the shaping rules name (any other destination: ``other``) and HTTP route templates,
+never recipient domains, addresses or raw paths.
 
 With several workers (docs/decisions/0004) the supervisor sets
 ``PROMETHEUS_MULTIPROC_DIR`` before any worker starts: prometheus-client then keeps
 every value in a per-process file, and the supervisor's ``/metrics`` adds them up
-(gauges as the sum over live workers).
+(gauges as the sum over live workers, or as their multiprocess mode says). The
+supervisor's own values (:class:`ApplianceMetrics`, its :class:`ProcessMetrics`) are
+such files too: prometheus-client chooses where values live when it is first
+imported, and the supervisor imports it only after setting the variable
+(``Supervisor._metrics`` checks).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import hmac
 import os
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -210,8 +218,51 @@ class Metrics:
         )
         self.attempts = Counter(
             "postwarden_delivery_attempts",
-            "Delivery transactions by result.",
-            ["result"],
+            "Delivery transactions by result and provider site (sites the shaping rules"
+            " name; other).",
+            ["result", "site"],
+            registry=r,
+        )
+        self.delivery_connections = Counter(
+            "postwarden_delivery_connections",
+            "Outbound delivery connections that got to MAIL FROM, by provider site and"
+            " whether STARTTLS was in force (tls=yes|no).",
+            ["site", "tls"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "postwarden_event_loop_lag_seconds",
+            "How late a 0.5 s timer fired on a worker's event loop.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_oldest = Gauge(
+            "postwarden_queue_oldest_seconds",
+            "Age of the oldest recipient in the state (0 when none), the most over workers.",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        # Each worker serves the same certificate file: the soonest expiry wins.
+        self.tls_expiry = Gauge(
+            "postwarden_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate a listener serves (submission, inbound), unix time.",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.http_requests = Counter(
+            "postwarden_http_requests",
+            "Control-plane HTTP requests by route template (other: none matched), method"
+            " and status class.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "postwarden_http_request_seconds",
+            "Control-plane request latency, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.dropped = Counter(
@@ -387,8 +438,9 @@ class Metrics:
         for reason in FAILURE_STAGES:
             self.deferred.labels(reason)
             self.bounced.labels(reason)
-        for result in ("delivered", "temporary", "permanent"):
-            self.attempts.labels(result)
+        self.declare_sites(())
+        for state in ("queued", "deferred"):
+            self.queue_oldest.labels(state)
         for state in ("queued", "deferred", "active", "held"):
             self.queue_depth.labels(state)
         for direction in ("in", "out"):
@@ -404,8 +456,125 @@ class Metrics:
         for table in ("events", "messages", "message_recipients", "tracking_hits"):
             self.control_pruned.labels(table)
 
+    def declare_sites(self, sites: Iterable[str]) -> None:
+        """The series of every site the shaping rules name, and ``other``, at 0 (again
+        at a reload that names new ones)."""
+        for site in (*sites, OTHER_SITE):
+            for result in ("delivered", "temporary", "permanent"):
+                self.attempts.labels(result, site)
+            for tls in ("yes", "no"):
+                self.delivery_connections.labels(site, tls)
+
 
 WAIT_REASONS = REFUSALS
+#: The ``site`` label of destinations the shaping rules do not name.
+OTHER_SITE = "other"
+
+
+def site_label(site: str) -> str:
+    """A provider site as a label value: the name of a site the shaping rules name;
+    ``other`` for a destination of none (``mx:<its hosts>``, shaping.rules) or none
+    known. Bounded by the rules file."""
+    return OTHER_SITE if not site or site.startswith("mx:") else site
+
+
+class ProcessMetrics:
+    """The process's own readings (memory, CPU, descriptors): written by every process
+    of the appliance (supervisor and workers), summed by /metrics (the descriptor
+    limit: the least). Read by :func:`postwarden.vitals.keep_vitals`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.rss = Gauge(
+            "postwarden_process_resident_memory_bytes",
+            "Resident memory, summed over the appliance's processes.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cpu = Counter(
+            "postwarden_process_cpu_seconds",
+            "User and system CPU time of the appliance's processes.",
+            registry=r,
+        )
+        self.open_fds = Gauge(
+            "postwarden_process_open_fds",
+            "Open file descriptors, summed over the appliance's processes.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.max_fds = Gauge(
+            "postwarden_process_max_fds",
+            "The open file descriptor limit (RLIMIT_NOFILE soft), the least of the"
+            " appliance's processes.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        # prometheus-client's own reader of /proc/self (not registered: read by hand).
+        self._reader = ProcessCollector(registry=None)
+        self._cpu_seen = 0.0
+
+    def update(self) -> None:
+        """One reading of /proc/self (a handful of small reads; every few seconds)."""
+        for family in self._reader.collect():
+            for sample in family.samples:
+                if sample.name == "process_resident_memory_bytes":
+                    self.rss.set(sample.value)
+                elif sample.name == "process_open_fds":
+                    self.open_fds.set(sample.value)
+                elif sample.name == "process_max_fds":
+                    self.max_fds.set(sample.value)
+                elif sample.name == "process_cpu_seconds_total":
+                    if sample.value > self._cpu_seen:
+                        self.cpu.inc(sample.value - self._cpu_seen)
+                        self._cpu_seen = sample.value
+
+
+class ApplianceMetrics:
+    """What one process says for the whole appliance: the supervisor with several
+    workers, else the process alone."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        mode: Literal["max"] = "max"  # one process writes these
+        self.workers = Gauge(
+            "postwarden_workers",
+            "Workers configured (1 without a supervisor).",
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.workers_alive = Gauge(
+            "postwarden_workers_alive", "Workers running now.", registry=r, multiprocess_mode=mode
+        )
+        self.worker_restarts = Counter(
+            "postwarden_worker_restarts",
+            "Workers the supervisor started again after one died.",
+            registry=r,
+        )
+        self.start_time = Gauge(
+            "postwarden_start_time_seconds",
+            "When the appliance (the supervisor, or the process alone) started, unix time.",
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.previous_stop_clean = Gauge(
+            "postwarden_previous_stop_clean",
+            "1 if the previous run on this spool stopped cleanly, 0 if it ended without a"
+            " clean stop (crash, kill -9, OOM, watchdog); from the spool's run marker.",
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.disk_free = Gauge(
+            "postwarden_spool_disk_free_bytes",
+            "Free space for the appliance's user on the spool's file system.",
+            registry=r,
+            multiprocess_mode=mode,
+        )
+        self.disk_size = Gauge(
+            "postwarden_spool_disk_size_bytes",
+            "Size of the spool's file system.",
+            registry=r,
+            multiprocess_mode=mode,
+        )
 
 
 class ShapingMetrics:
@@ -480,12 +649,28 @@ class ShapingMetrics:
         )
 
 
+def _written(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except FileNotFoundError:
+        return False
+
+
 def render_multiprocess() -> bytes:
-    """The text exposition of every worker's metrics, summed (supervisor side)."""
+    """The text exposition of every process's metrics, summed (supervisor side)."""
     from prometheus_client import multiprocess
 
+    class Collector(multiprocess.MultiProcessCollector):
+        """Leaves out a file a process (a worker starting) has created and not yet
+        sized: it holds no value yet, and prometheus-client would fail the whole
+        scrape on its empty header."""
+
+        def collect(self) -> Any:
+            files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _written(f)]
+            return self.merge(files, accumulate=True)
+
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    Collector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
     return bytes(generate_latest(registry))
 
 

@@ -239,6 +239,8 @@ class Supervisor:
         self.notifier = Notifier()
         self.spawned_at: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.started_at = time.time()
+        self.appliance_metrics: Any = None  # metrics.ApplianceMetrics, from _metrics()
 
     async def run(self) -> int:
         from postwarden.tls import ensure_tls_files
@@ -255,6 +257,7 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         self.status_file = os.path.join(self.metrics_dir, "supervisor.json")
         os.environ[STATUS_ENV] = self.status_file
+        self._metrics()
         ensure_tls_files(self.cfg)  # once, before workers race to create it
         self.sockets = bind_listeners(self.cfg)
         self.inbound_sockets = bind_inbound(self.cfg)
@@ -298,7 +301,40 @@ class Supervisor:
             type(loop).__module__.split(".")[0],
         )
         await self._stopped.wait()
+        self._stopped_cleanly()
         return 0
+
+    def _metrics(self) -> None:
+        """What the supervisor says for the whole appliance, and its own process's
+        readings, in the directory /metrics sums (PROMETHEUS_MULTIPROC_DIR, set just
+        before: prometheus-client must not have been imported yet); and the spool's run
+        marker (vitals.py): the previous run's verdict, then ``running``."""
+        from prometheus_client import values
+
+        from postwarden.metrics import ApplianceMetrics, ProcessMetrics
+        from postwarden.vitals import keep_vitals, mark_running
+
+        if values.ValueClass is values.MutexValue:  # imported too early: in memory only
+            log.error("event=supervisor_metrics_unsummed reason=prometheus_client_imported_early")
+        m = self.appliance_metrics = ApplianceMetrics()
+        m.workers.set(self.count)
+        m.workers_alive.set(0)
+        m.start_time.set(self.started_at)
+        clean = mark_running(self.cfg.spool.path)
+        m.previous_stop_clean.set(1 if clean else 0)
+        if not clean:
+            log.warning("event=previous_run_unclean spool=%s", self.cfg.spool.path)
+        spool = str(self.cfg.spool.path)
+        self._task(keep_vitals(ProcessMetrics(), appliance=m, spool_dir=spool))
+
+    def _count_alive(self) -> None:
+        alive = sum(1 for p in self.procs.values() if p.returncode is None)
+        self.appliance_metrics.workers_alive.set(alive)
+
+    def _stopped_cleanly(self) -> None:
+        from postwarden.vitals import mark_stopped
+
+        mark_stopped(self.cfg.spool.path)
 
     def _task(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -410,6 +446,7 @@ class Supervisor:
         self.procs[index] = proc
         self.spawned_at[index] = time.time()
         self._write_status()
+        self._count_alive()
         task = asyncio.create_task(self._watch(index, proc))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -420,9 +457,11 @@ class Supervisor:
 
         multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
         self._write_status()
+        self._count_alive()
         if self._stopping:
             return
         self.restarts += 1
+        self.appliance_metrics.worker_restarts.inc()
         log.error("event=worker_died worker=%d pid=%d code=%s restart_in=%.0fs",
                   index, proc.pid, code, RESTART_DELAY)  # fmt: skip
         await asyncio.sleep(RESTART_DELAY)

@@ -53,6 +53,14 @@ def self_signed(
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def certificate_expiry(cert_file: str) -> float:
+    """notAfter of the first certificate in a PEM file (the one a server presents), as
+    unix time. OSError or ValueError when it cannot be read."""
+    with open(cert_file, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return cert.not_valid_after_utc.timestamp()
+
+
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server-side context (TLS 1.2 or newer) from PEM files."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -4,6 +4,7 @@ and docs page, health and metrics."""
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from postwarden.control.errors import ApiError
 from postwarden.control.routing import (
@@ -22,7 +24,59 @@ from postwarden.control.routing import (
     error_response,
     request_id,
 )
-from postwarden.metrics import token_matches
+from postwarden.metrics import Metrics, token_matches
+
+#: Methods counted by name (any other: ``other``): the label stays bounded.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class HttpMetricsMiddleware:
+    """Counts every HTTP request (postwarden_http_requests_total) and times it
+    (postwarden_http_request_seconds) by the template of the route that matched
+    (``/v1/campaigns/{campaign_id}``; ``other`` when none did), never by its path. The
+    router names the route in the scope it shares with this middleware; the label
+    children are kept per (route, method, status), so a request costs two dict look-ups
+    and a clock read."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # no answer begun: the error handler outside answers 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path_format", None) or "other"
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            key = (template, method, status // 100)
+            children = self._children.get(key)
+            if children is None:
+                m = self.metrics
+                children = self._children[key] = (
+                    m.http_requests.labels(template, method, f"{key[2]}xx"),
+                    m.http_latency.labels(template),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
+
+
+def _middleware(http_metrics: Metrics | None) -> list[Middleware]:
+    counted = [Middleware(HttpMetricsMiddleware, http_metrics)] if http_metrics else []
+    return [*counted, Middleware(RequestIdMiddleware)]
 
 
 def metrics_route(metrics: Callable[[], bytes], token: bytes | None) -> Route:
@@ -43,12 +97,15 @@ def metrics_route(metrics: Callable[[], bytes], token: bytes | None) -> Route:
     return Route("/metrics", serve)
 
 
-def metrics_app(metrics: Callable[[], bytes], token: bytes | None) -> Starlette:
-    """What ``metrics.listen`` serves: ``/metrics`` alone."""
+def metrics_app(
+    metrics: Callable[[], bytes], token: bytes | None, http_metrics: Metrics | None = None
+) -> Starlette:
+    """What ``metrics.listen`` serves: ``/metrics`` alone (its requests counted in
+    ``http_metrics``, when given)."""
     return Starlette(
         routes=[metrics_route(metrics, token)],
         exception_handlers={HTTPException: http_error},
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=_middleware(http_metrics),
     )
 
 
@@ -60,8 +117,10 @@ def create_app(
     metrics_token: bytes | None = None,
     serve_metrics: bool = True,
     extra_routes: list[Route] | None = None,
+    http_metrics: Metrics | None = None,
 ) -> Starlette:
-    """Routes served on ``control.listen``.
+    """Routes served on ``control.listen``; with ``http_metrics``, every request
+    counted and timed there by route template (:class:`HttpMetricsMiddleware`).
 
     ``metrics`` renders the Prometheus text exposition (served here unless
     ``serve_metrics`` is off: metrics.listen serves it); ``health`` says whether the
@@ -163,7 +222,7 @@ def create_app(
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error},
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=_middleware(http_metrics),
     )
 
 

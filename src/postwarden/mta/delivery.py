@@ -35,7 +35,7 @@ from aiosmtplib.errors import (
 
 from postwarden.config import Config, SourceConfig
 from postwarden.dns.resolver import DnsError, MxHost, Resolver
-from postwarden.metrics import Metrics
+from postwarden.metrics import OTHER_SITE, Metrics, site_label
 from postwarden.mta import smtpclient_speedups
 from postwarden.mta.destinations import allowed_hosts, parse_networks
 from postwarden.values import AttemptResult, Job, Kind, Lease, SpoolError
@@ -117,6 +117,8 @@ class _Connection:
     tls: bool
     source: str = ""
     used: bool = False  # a transaction was begun on it
+    mailed: bool = False  # counted in postwarden_delivery_connections
+    site: str = OTHER_SITE  # the provider site as a metric label (metrics.site_label)
 
 
 class Gate(Protocol):
@@ -124,6 +126,7 @@ class Gate(Protocol):
     from, whether each message may go now, and what the answers were."""
 
     max_messages: int
+    site: str  # the destination's provider site, once open() has run (shaping.rules)
 
     async def open(self, mx_hosts: tuple[MxHost, ...], job: Job) -> SourceConfig | None:
         """The source to connect from; None: refused (the gate took ``job`` back)."""
@@ -280,6 +283,8 @@ class DeliveryAgent:
                     )
                     job = await next_job(True)
                 return
+            if gate is not None:
+                conn.site = site_label(gate.site)
             try:
                 while job is not None:
                     if gate is not None:
@@ -447,6 +452,9 @@ class DeliveryAgent:
         enc = "utf-8" if job.smtputf8 else "ascii"
         accepted: list[Lease] = []
         results: list[AttemptResult] = []
+        if self.metrics and not conn.mailed:
+            conn.mailed = True  # one connection got to MAIL FROM: its TLS counts once
+            self.metrics.delivery_connections.labels(conn.site, "yes" if conn.tls else "no").inc()
         try:
             try:
                 await smtp.mail(job.mail_from, options=options, encoding=enc, timeout=t.mail)

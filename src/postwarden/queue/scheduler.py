@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from postwarden.bounces.classify import default_classifier
 from postwarden.config import Config
-from postwarden.metrics import Metrics
+from postwarden.metrics import Metrics, site_label
 from postwarden.mta.delivery import DeliveryAgent
 from postwarden.queue.gate import Gate
 from postwarden.queue.jobqueue import DomainQueue
@@ -654,6 +654,7 @@ class Scheduler:
         now = time.time()
         outcomes: list[Outcome] = []
         finals: list[tuple[Lease, AttemptResult, bool]] = []
+        label = site_label(site)
         for r in results:
             lease = r.lease
             if r.kind == "not_attempted" and self.policy_for(lease).expired(lease.created_at, now):
@@ -708,7 +709,7 @@ class Scheduler:
             else:  # not attempted: back to the queue untouched
                 outcomes.append(Outcome(lease.rcpt_id, lease.msg_id, QUEUED, counted_attempt=False))
             if r.kind != "not_attempted":
-                self.metrics.attempts.labels(r.kind).inc()
+                self.metrics.attempts.labels(r.kind, label).inc()
                 # Deliveries at debug (the event log has each one); failures at info.
                 log.log(
                     logging.DEBUG if r.kind == "delivered" else logging.INFO,
