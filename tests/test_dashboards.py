@@ -454,6 +454,12 @@ async def test_every_query_returns_data_from_a_real_prometheus(
                 with contextlib.suppress(AssertionError):
                     await eventually(clean, 15, "every expression to return data", interval=1)
                 assert problems == [], "\n".join(problems)
+                # The variables took the label values the load made.
+                values, _ = checker.variable_values(src, "delivery.json")
+                assert {"lab", "other"} <= set(values["site"].strip("()").split("|"))
+                assert values["source"] == "(a|b)"
+                values, _ = checker.variable_values(src, "warming.json")
+                assert values["key"] == "(source:b)"
                 # Each typo makes the check fail, naming the file it is in.
                 for file, old, new in MUTATIONS:
                     dashboards, rule_doc = mutated(file, old, new)

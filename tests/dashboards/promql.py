@@ -255,7 +255,10 @@ class Checker:
             if not found:
                 problems.append(f"{var.origin}: no values of {m['label']!r} on {sel}")
                 continue
-            values[var.name] = "(" + "|".join(re.escape(v) for v in found) + ")"
+            # As Grafana's Prometheus datasource writes them: regex-escaped, and that
+            # escaped again inside the PromQL string.
+            alternatives = "|".join(re.escape(v).replace("\\", "\\\\") for v in found)
+            values[var.name] = f"({alternatives})"
         return values, problems
 
     def check(self, src: Source) -> list[str]:
