@@ -85,7 +85,7 @@ def test_checked_in_files_are_the_generators_output() -> None:
         p.name for p in expected if p.suffix == ".json"
     }
     for path, text in expected.items():
-        assert path.read_text() == text, f"{path}: run python3 dashboards/generate.py"
+        assert path.read_text() == text, f"{path}: run .venv/bin/python dashboards/generate.py"
 
 
 @pytest.mark.parametrize("name", sorted(boards()))
@@ -232,7 +232,7 @@ def test_each_alert_has_its_runbook_in_the_docs() -> None:
         ann = rule["annotations"]
         assert ann.get("summary") and ann.get("description") and ann.get("runbook"), name
         assert rule["labels"]["severity"] in ("page", "warning"), name
-        assert f"### {name}" in section, f"{name}: no heading in docs/operations.md"
+        assert f"\n#### {name}\n" in section, f"{name}: no heading in docs/operations.md"
         assert " ".join(ann["runbook"].split()) in flat, f"{name}: runbook differs from the docs"
 
 
