@@ -23,7 +23,7 @@ import re
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -246,9 +246,12 @@ mx_suffixes = ["lab.test"]
 
 
 @contextlib.contextmanager
-def prometheus(tmp_path: Path, target: str, token: Path) -> Iterator[str]:
+def prometheus(
+    tmp_path: Path, target: str, token: Path
+) -> Iterator[tuple[str, Callable[[], Awaitable[bool]]]]:
     """A Prometheus on loopback scraping ``target`` every second, with our rules
-    evaluated every second; yields its base URL; stopped (by its PID) on exit."""
+    evaluated every second; yields its base URL and a check that it is ready (which
+    fails with its log if it exited); stopped (by its PID) on exit."""
     binary = require_binary("prometheus")
     home = tmp_path / "prometheus"
     home.mkdir()
@@ -279,8 +282,20 @@ def prometheus(tmp_path: Path, target: str, token: Path) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    url = f"http://127.0.0.1:{port}"
+
+    async def ready() -> bool:
+        if proc.poll() is not None:
+            log = (home / "prometheus.log").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"prometheus exited with {proc.returncode}:\n{log}")
+        async with httpx.AsyncClient(timeout=2) as c:
+            try:
+                return (await c.get(f"{url}/-/ready")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url, ready
     finally:
         proc.terminate()
         try:
@@ -288,14 +303,6 @@ def prometheus(tmp_path: Path, target: str, token: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-async def ready(url: str) -> bool:
-    async with httpx.AsyncClient(timeout=2) as c:
-        try:
-            return (await c.get(f"{url}/-/ready")).status_code == 200
-        except httpx.HTTPError:
-            return False
 
 
 async def instant(c: httpx.AsyncClient, expr: str) -> list[dict[str, Any]]:
@@ -401,8 +408,8 @@ async def test_every_query_returns_data_from_a_real_prometheus(
     )
     control = tomllib.loads(config.read_text())["control"]["listen"]
     async with serve([], config, port, tmp_path / "serve.log"):
-        with prometheus(tmp_path, control, token) as url:
-            await eventually(lambda: ready(url), 30, "Prometheus ready")
+        with prometheus(tmp_path, control, token) as (url, ready):
+            await eventually(ready, 30, "Prometheus ready")
             rcpts = (
                 [f"r{i}@inbox.test" for i in range(12)]
                 + [f"p{i}@plain.test" for i in range(6)]
