@@ -511,6 +511,8 @@ class Supervisor:
         # The generation first, then the signal: a worker reads it when it reloads
         # and writes it back with what came of it.
         self.reload_gen += 1
+        if not self.metrics_dir:
+            return {}  # not running (no workers to tell)
         write_reload_generation(self.metrics_dir, self.reload_gen)
         signalled: dict[int, int] = {}
         for index, proc in self.procs.items():
