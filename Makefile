@@ -55,8 +55,8 @@ test: $(STAMP) $(REWRITTEN)
 
 ## Style, types, and the import contracts of docs/architecture.md (.importlinter).
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench dashboards
+	$(BIN)/ruff format --check src tests bench dashboards
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
