@@ -309,7 +309,7 @@ class _Db:
             self.kw.update(user=USER, group=USER, extra_groups=[])
 
     def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(  # type: ignore[call-overload,no-any-return]
+        return subprocess.run(  # type: ignore[call-overload]
             [sys.executable, *argv], check=False, capture_output=True, text=True, **self.kw
         )
 
@@ -506,7 +506,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         return 1
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """The two commands, for cli.build_parser."""
     s = sub.add_parser(
         "install",
