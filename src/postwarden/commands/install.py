@@ -232,10 +232,10 @@ def _binary(args: argparse.Namespace, host: Host) -> str:
             f"{on_disk}: no postwarden program there (install the package into that"
             " environment, or name another with --prefix)"
         )
-    hidden = [p for p in _HIDDEN if any(
-        c == p or c.startswith(p + "/") for c in (binary, os.path.realpath(sys.executable))
-    )]  # fmt: skip
-    if hidden and not args.prefix:
+    # With --prefix the interpreter is the target's, not this one.
+    paths = [binary] if args.prefix else [binary, os.path.realpath(sys.executable)]
+    hidden = [p for p in _HIDDEN if any(c == p or c.startswith(p + "/") for c in paths)]
+    if hidden:
         msg = (
             f"{binary} (or its interpreter {os.path.realpath(sys.executable)}) is under"
             f" {hidden[0]}, which the unit hides from the service (ProtectHome=,"
