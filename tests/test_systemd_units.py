@@ -3,8 +3,8 @@ test environment's ``postwarden``): ``systemd-analyze verify`` accepts it,
 ``systemd-analyze security`` scores it at most :data:`MAX_EXPOSURE`, and ``postwarden
 serve`` runs under what it asks of the kernel.
 
-There is no systemd to start the unit here (nor in CI: no PID 1 systemd, no
-systemd-nspawn), so the last test applies the unit's seccomp rules itself
+No systemd runs as PID 1 where the tests run (a container or a VM with another init),
+so the last test applies the unit's seccomp rules itself
 (tests/sandbox.py: the system-call filter, native ABI, MemoryDenyWriteExecute,
 address families, namespaces, from systemd's own tables) and its capability bounding
 set (``setpriv``): two workers, the fork server (ctypes' prctl), a PostgreSQL control
