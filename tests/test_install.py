@@ -35,7 +35,7 @@ def _tools() -> None:
     require_binary("systemd-sysusers")
     require_binary("systemd-tmpfiles")
     if os.geteuid() != 0:
-        pytest.skip("install sets owners (chown): run as root")
+        pytest.skip("install makes a user and sets owners: run as root")
 
 
 def postwarden(*args: str) -> subprocess.CompletedProcess[str]:

@@ -176,8 +176,7 @@ class Host:
         return True
 
     def _own(self, path: Path, mode: int, uid: int, gid: int) -> None:
-        if os.geteuid() == 0:
-            os.chown(path, uid, gid, follow_symlinks=False)
+        os.chown(path, uid, gid, follow_symlinks=False)
         os.chmod(path, mode)
 
     def remove(self, rel: str) -> bool:
@@ -305,7 +304,7 @@ class _Db:
         if self.url is not None:
             self.env["POSTWARDEN_DATABASE__URL"] = self.url
         self.kw: dict[str, object] = {"env": self.env, "cwd": str(host.path(STATE_DIR))}
-        if host.live and os.geteuid() == 0:
+        if host.live:
             self.kw.update(user=USER, group=USER, extra_groups=[])
 
     def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -350,7 +349,7 @@ class _Db:
                 " install` again"
             )
         host.changed.append("database")
-        if self.url is not None and os.geteuid() == 0:
+        if self.url is not None:
             # Made by root here, used by the service: its own, as on a live host.
             from sqlalchemy.engine import make_url
 
@@ -407,14 +406,12 @@ def _upgrade(host: Host) -> None:
 
 def install(args: argparse.Namespace) -> int:
     host = Host(Path(os.path.abspath(args.root)))
-    if host.live and os.geteuid() != 0:
-        raise InstallError("install lays out the host: run it as root (or with --root DIR)")
+    if os.geteuid() != 0:
+        raise InstallError("install makes a user and sets owners: run it as root")
     upgrade = host.path(UNIT).exists()
     host.step(f"{'upgrading' if upgrade else 'installing'} postwarden on {host.root}")
     binary = _binary(args, host)
     nofile = _config(host)
-    if not host.live and os.geteuid() != 0:
-        host.step("warning: not root: files are written with your own owner")
 
     # The user first: the owners below are looked up in its passwd.
     host.write(SYSUSERS, shipped("postwarden.sysusers"), 0o644, what="the user")
