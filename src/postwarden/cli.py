@@ -18,6 +18,7 @@ from postwarden.commands.bounces import cmd_bounces
 from postwarden.commands.common import load, run_async
 from postwarden.commands.db import cmd_db
 from postwarden.commands.dkim import cmd_dkim_genkey
+from postwarden.commands.install import add_parsers as add_install_parsers
 from postwarden.commands.queue import cmd_events, cmd_queue
 from postwarden.commands.shaping import cmd_shaping, cmd_sources, cmd_warming
 from postwarden.config import ConfigError
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_dkim_genkey)
+
+    add_install_parsers(sub)
     return p
 
 
