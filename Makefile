@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign bench-tracking bench-analytics clean venv
+.PHONY: run test lint bench bench-soak bench-events bench-audience bench-import bench-campaign bench-tracking bench-analytics bench-bounces clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -103,3 +103,10 @@ bench-tracking: $(STAMP)
 bench-analytics: $(STAMP)
 	$(BIN)/python bench/analytics.py $(if $(RECIPIENTS),--recipients $(RECIPIENTS),) \
 		$(if $(REPS),--reps $(REPS),)
+
+## The bounce classifier on the dev corpus: in-sample and leave-one-family-out (LOFO)
+## figures side by side, per reason and per family (docs/bounces.md, "Measuring
+## generalization"; not in `bench`). IN_SAMPLE=1: in-sample only; STRICT=1: LOFO where
+## source tags keep no rule.
+bench-bounces: $(STAMP)
+	$(BIN)/python bench/bounce_lofo.py $(if $(IN_SAMPLE),--in-sample,) $(if $(STRICT),--strict,)

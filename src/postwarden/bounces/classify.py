@@ -27,10 +27,13 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from postwarden.bounces.provenance import excluded_families, left_out, tags_of
 
 CATEGORIES = (
     "user_unknown",
@@ -134,6 +137,17 @@ class _TextRule:
     regex: re.Pattern[str]
     strong: bool = False
     any_stage: bool = False
+    #: Where the rule comes from (``from``: families and sources, provenance.py).
+    tags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """A patterns file's entries in file order, each with its ``from`` tags."""
+
+    codes: tuple[tuple[str, str, frozenset[str]], ...]
+    texts: tuple[_TextRule, ...]
+    replies: tuple[tuple[int, str, frozenset[str]], ...]
 
 
 def _first(rx: re.Pattern[str], text: str, group: int) -> str | None:
@@ -166,12 +180,10 @@ def _prefer_failure(a: str | None, b: str | None) -> str | None:
     return a or b
 
 
-def _load(
-    data: dict[str, Any], where: str
-) -> tuple[dict[str, str], list[_TextRule], dict[int, str]]:
-    codes: dict[str, str] = {}
+def _load(data: dict[str, Any], where: str) -> _Rules:
+    codes: list[tuple[str, str, frozenset[str]]] = []
     texts: list[_TextRule] = []
-    replies: dict[int, str] = {}
+    replies: list[tuple[int, str, frozenset[str]]] = []
     unknown = set(data) - {"codes", "texts", "replies"}
     if unknown:
         raise PatternsError(f"{where}: unknown key {sorted(unknown)[0]!r}")
@@ -184,9 +196,10 @@ def _load(
             if cat not in CATEGORIES:
                 raise PatternsError(f"{path}.category: unknown category {cat!r}")
             key = "patterns" if kind == "texts" else "codes"
-            extra = set(entry) - {"category", key, "strong", "any_stage"}
+            extra = set(entry) - {"category", key, "strong", "any_stage", "from"}
             if extra:
                 raise PatternsError(f"{path}: unknown key {sorted(extra)[0]!r}")
+            tags = tags_of(entry.get("from", []), f"{path}.from", PatternsError)
             values = entry.get(key)
             if not isinstance(values, list):
                 raise PatternsError(f"{path}.{key}: expected a list")
@@ -200,6 +213,7 @@ def _load(
                                 rx,
                                 bool(entry.get("strong", False)),
                                 bool(entry.get("any_stage", False)),
+                                tags,
                             )
                         )
                     except re.error as exc:
@@ -207,35 +221,67 @@ def _load(
                 elif kind == "codes":
                     if not isinstance(v, str) or not STATUS_RE.fullmatch(v):
                         raise PatternsError(f"{path}.codes[{j}]: not a status code: {v!r}")
-                    codes.setdefault(v, cat)
+                    codes.append((v, cat, tags))
                 else:
                     if not isinstance(v, int) or not 200 <= v <= 599:
                         raise PatternsError(f"{path}.codes[{j}]: not a reply code: {v!r}")
-                    replies.setdefault(v, cat)
-    return codes, texts, replies
+                    replies.append((v, cat, tags))
+    return _Rules(tuple(codes), tuple(texts), tuple(replies))
+
+
+@functools.cache
+def _shipped_rules() -> _Rules:
+    """The shipped patterns file, read and compiled once (every Classifier shares it)."""
+    shipped = resources.files(__package__).joinpath("patterns.toml").read_text()
+    return _load(tomllib.loads(shipped), "patterns.toml")
 
 
 class Classifier:
-    def __init__(self, patterns_file: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        patterns_file: str | Path | None = None,
+        *,
+        exclude_families: Iterable[str] = (),
+        strict: bool = False,
+    ) -> None:
+        """The operator's rules (``patterns_file``) before the shipped ones.
+        ``exclude_families``: leave out every rule written from those families' files
+        only (provenance.py), to measure how the rest generalizes; empty in production.
+        ``strict``: leave out such rules even when a source backs them too (what the
+        sources carry, measured)."""
+        self.exclude_families = excluded_families(exclude_families)
         self.codes: dict[str, str] = {}
         self.texts: list[_TextRule] = []
         self.replies: dict[int, str] = {}
-        sources: list[tuple[dict[str, Any], str]] = []
+        #: How many rules (patterns, codes, reply codes) the exclusion left out.
+        self.rules_left_out = 0
+        sources: list[_Rules] = []
         if patterns_file:
             path = Path(patterns_file)
             try:
-                sources.append((tomllib.loads(path.read_text()), str(path)))
+                data = tomllib.loads(path.read_text())
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise PatternsError(f"{path}: {exc}") from exc
-        shipped = resources.files(__package__).joinpath("patterns.toml").read_text()
-        sources.append((tomllib.loads(shipped), "patterns.toml"))
-        for data, where in sources:  # the operator's first: its entries win
-            codes, texts, replies = _load(data, where)
-            for k, v in codes.items():
-                self.codes.setdefault(k, v)
-            self.texts += texts
-            for r, v in replies.items():
-                self.replies.setdefault(r, v)
+            sources.append(_load(data, str(path)))
+        sources.append(_shipped_rules())
+        out = self.exclude_families
+
+        for rules in sources:  # the operator's first: its entries win
+            for code, cat, tags in rules.codes:
+                if left_out(tags, out, strict=strict):
+                    self.rules_left_out += 1
+                else:
+                    self.codes.setdefault(code, cat)
+            for rule in rules.texts:
+                if left_out(rule.tags, out, strict=strict):
+                    self.rules_left_out += 1
+                else:
+                    self.texts.append(rule)
+            for reply, cat, tags in rules.replies:
+                if left_out(tags, out, strict=strict):
+                    self.rules_left_out += 1
+                else:
+                    self.replies.setdefault(reply, cat)
 
     def rule_of_text(self, text: str, *, strong: bool | None = None) -> _TextRule | None:
         """The first rule matching ``text``: among strong rules only, weak ones only, or

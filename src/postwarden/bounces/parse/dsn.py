@@ -54,7 +54,7 @@ def dsn_report(msg: Message, original: Message | None, classifier: Classifier) -
     failed = [
         clean_addr(a) for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))
     ]
-    gateway = filter_gateway(msg)
+    gateway = filter_gateway(msg, classifier.exclude_families)
     out: list[Finding] = []
     for b in per_rcpt:
         get = getter(b)

@@ -3,10 +3,12 @@ an auto-reply, a report written by a content-filtering gateway."""
 
 from __future__ import annotations
 
+import functools
 import re
 from email.message import Message
 
 from postwarden.bounces.parse.mime import decode_header
+from postwarden.bounces.provenance import NOTHING, switch_on
 
 BOUNCE_FROM = re.compile(
     r"mailer-daemon|mail-daemon|post_?master|mail delivery|delivery (status|subsystem)|"
@@ -34,18 +36,30 @@ AUTO_REPLY_SUBJECT = re.compile(
 )
 
 # Content-filtering gateways that write their own delivery reports, by the header
-# fields they add: McAfee (NAI) Email Gateway, SurfControl, m-FILTER, MailFoundry.
-_GATEWAY_RE = re.compile(
-    r"^(x-nai-header:|x-sef-|x-mailer: *(surfcontrol|m-filter)|received:.*\(mailfoundry\))",
-    re.I | re.M,
-)
+# fields they add, each a rule of its own family (provenance.SWITCHES).
+_GATEWAYS = {
+    "gateway-mcafee": r"x-nai-header:",  # McAfee (NAI) Email Gateway
+    "gateway-surfcontrol": r"x-sef-|x-mailer: *surfcontrol",
+    "gateway-m-filter": r"x-mailer: *m-filter",
+    "gateway-mailfoundry": r"received:.*\(mailfoundry\)",
+}
 _DAEMON_RE = re.compile(r"mailer-daemon|mail delivery (system|subsystem)|postmaster@", re.I)
 
 
-def filter_gateway(msg: Message) -> bool:
-    """Whether a content-filtering gateway wrote the report (it refuses what it read)."""
+@functools.cache
+def _gateway_re(excluded: frozenset[str]) -> re.Pattern[str] | None:
+    alts = [rx for name, rx in _GATEWAYS.items() if switch_on(name, excluded)]
+    return re.compile("^(?:" + "|".join(alts) + ")", re.I | re.M) if alts else None
+
+
+def filter_gateway(msg: Message, excluded: frozenset[str] = NOTHING) -> bool:
+    """Whether a content-filtering gateway wrote the report (it refuses what it read).
+    ``excluded``: the families whose rules are left out (provenance.py)."""
+    rx = _gateway_re(excluded)
+    if rx is None:
+        return False
     heads = "\n".join(f"{k}: {v}" for k, v in msg.items())
-    return _GATEWAY_RE.search(heads) is not None
+    return rx.search(heads) is not None
 
 
 def bounce_like(msg: Message, *, strict: bool) -> bool:

@@ -7,6 +7,7 @@ import re
 
 from postwarden.bounces.classify import Classifier, find_stage, find_status
 from postwarden.bounces.parse.report import MAX_DIAGNOSTIC, Finding
+from postwarden.bounces.provenance import switch_on
 
 
 def judge(
@@ -53,9 +54,13 @@ def judge(
         # Pipelining MTAs (Sendmail) print refused recipients after ">>> DATA": a
         # transcript's DATA counts only when no precise code and no RCPT error says
         # otherwise.
-        if stage == "data" and (
-            (status_field and not status_field.endswith(".0"))
-            or re.search(r"\b503\b|precede data|no valid recipients", context, re.I)
+        if (
+            stage == "data"
+            and switch_on("sendmail-pipelining", classifier.exclude_families)
+            and (
+                (status_field and not status_field.endswith(".0"))
+                or re.search(r"\b503\b|precede data|no valid recipients", context, re.I)
+            )
         ):
             stage = None
     v = classifier.classify(status, None, diag, permanent=permanent, stage=stage)

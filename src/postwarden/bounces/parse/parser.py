@@ -4,7 +4,7 @@ it answering, and a report attached to a report read as well."""
 from __future__ import annotations
 
 import email
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from email.message import Message
 
 from postwarden.bounces.classify import Classifier, default_classifier
@@ -16,6 +16,7 @@ from postwarden.bounces.parse.mime import POLICY, original_of, split_mbox
 from postwarden.bounces.parse.report import Finding, Report
 from postwarden.bounces.parse.ses import ses_report
 from postwarden.bounces.parse.text import text_report
+from postwarden.bounces.provenance import excluded_families
 
 #: A step: (the message, the original it quotes, the classifier) -> what it reports,
 #: or None when the message is not of the step's kind.
@@ -26,7 +27,17 @@ STEPS: tuple[Step, ...] = (arf_report, ses_report, dsn_report, auto_reply_report
 
 
 class Parser:
-    def __init__(self, classifier: Classifier | None = None) -> None:
+    def __init__(
+        self, classifier: Classifier | None = None, *, exclude_families: Iterable[str] = ()
+    ) -> None:
+        """``exclude_families``: read as if no rule had been written from those
+        families' reports (provenance.py; the classifier's own exclusion when one is
+        given). Empty in production."""
+        excluded = excluded_families(exclude_families)
+        if classifier is None:
+            classifier = Classifier(None, exclude_families=excluded) if excluded else None
+        elif excluded and excluded != classifier.exclude_families:
+            raise ValueError("exclude_families differs from the classifier's")
         self.classifier = classifier or default_classifier()
 
     def parse_file(self, data: bytes) -> list[Finding]:

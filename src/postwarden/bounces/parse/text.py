@@ -72,7 +72,7 @@ def text_report(msg: Message, original: Message | None, classifier: Classifier) 
     )
     if not looks:
         return None
-    gateway = filter_gateway(msg)
+    gateway = filter_gateway(msg, classifier.exclude_families)
     exclude, weak = _sender_side(msg, original)
     failed = [
         clean_addr(a) for _n, a in email.utils.getaddresses(msg.get_all("x-failed-recipients", []))
