@@ -103,8 +103,32 @@ CASES = [
         "policy_blocked",
         False,
     ),
-    # ... and at the end of DATA it comes from a content filter,
-    ("550 5.7.1 User unknown", "data", "policy_blocked", False),
+    # ... and at the end of DATA it comes from a content filter (soft, "filtered"),
+    ("550 5.7.1 User unknown", "data", "filtered", False),
+    # ... unless its code says the mailbox does not exist (RFC 3463 X.1.1) or the
+    # account is disabled (X.7.13), which no filter needs to say.
+    ("550 5.1.1 <a@b.example>... User unknown", "data", "user_unknown", True),
+    ("525 5.7.13 Disabled recipient address", "data", "mailbox_disabled", False),
+    # A security or policy status (X.7) is never about the address, whatever the
+    # basic reply code (550 alone would read as an unknown user).
+    ("550 5.7.0 Local Policy Violation", None, "policy_blocked", False),
+    # Providers' published labels decide over the enhanced code (Facebook answers
+    # 5.1.1 for an address that exists but refuses this mail).
+    (
+        "550 5.1.1 RCP-P2 http://postmaster.facebook.com/response_codes?ip=192.0.2.1#rcp "
+        "Refused due to recipient preferences",
+        "rcpt",
+        "policy_blocked",
+        False,
+    ),
+    (
+        "550 5.1.1 RCP-P1 http://postmaster.facebook.com/response_codes#rcp "
+        "Recipient does not exist",
+        "rcpt",
+        "user_unknown",
+        True,
+    ),
+    ("550 Ip frequency limited [Blocked IP 192.0.2.22]", "rcpt", "rate_limited", False),
     # ... except where a provider refuses unknown users only there (Yahoo, AOL).
     (
         "554 delivery error: dd This user doesn't have a yahoo.com account (a@yahoo.com) [0]",
@@ -192,7 +216,7 @@ def test_an_operator_rule_can_hold_at_any_stage(tmp_path: Path) -> None:
     # Without the flag the end of DATA makes it a filter's refusal.
     f.write_text('[[texts]]\ncategory = "user_unknown"\npatterns = ["no such customer here"]\n')
     v = Classifier(f).classify(text=answer, stage="data")
-    assert (v.category, v.hard) == ("policy_blocked", False)
+    assert (v.category, v.hard) == ("filtered", False)
 
 
 @pytest.mark.parametrize(

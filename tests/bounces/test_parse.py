@@ -36,14 +36,16 @@ def postfix_dsn(diagnostic: str, status: str, human: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("diagnostic", "status", "human", "hard"),
+    ("diagnostic", "status", "human", "reason", "hard"),
     [
         # A bare remote answer, relayed with no enhanced code and no command: after
-        # DATA it would be a content filter's, so it is not proof.
+        # DATA it would be a content filter's, so it is not proof ("filtered", soft;
+        # it still counts towards the soft-bounce limit).
         (
             "550 <rcpt@remote.example>: User unknown",
             "5.0.0",
             "<rcpt@remote.example>: host mx.remote.example said: 550 User unknown",
+            "filtered",
             False,
         ),
         # The same answer to RCPT TO is proof.
@@ -52,6 +54,7 @@ def postfix_dsn(diagnostic: str, status: str, human: str) -> bytes:
             "5.0.0",
             "<rcpt@remote.example>: host mx.remote.example said: 550 User unknown"
             " (in reply to RCPT TO command)",
+            "user_unknown",
             True,
         ),
         # So is a precise enhanced code.
@@ -59,15 +62,16 @@ def postfix_dsn(diagnostic: str, status: str, human: str) -> bytes:
             "550 5.1.1 <rcpt@remote.example>: User unknown",
             "5.1.1",
             "<rcpt@remote.example>: host mx.remote.example said: 550 5.1.1 User unknown",
+            "user_unknown",
             True,
         ),
     ],
 )
 def test_what_makes_a_relayed_user_unknown_hard(
-    diagnostic: str, status: str, human: str, hard: bool
+    diagnostic: str, status: str, human: str, reason: str, hard: bool
 ) -> None:
     [f] = Parser().parse_bytes(postfix_dsn(diagnostic, status, human)).findings
-    assert (f.recipient, f.reason, f.hard) == ("rcpt@remote.example", "user_unknown", hard)
+    assert (f.recipient, f.reason, f.hard) == ("rcpt@remote.example", reason, hard)
 
 
 def test_a_free_text_bounce_keeps_each_recipient_its_own_reason() -> None:

@@ -43,6 +43,7 @@ CATEGORIES = (
     "no_mx",
     "null_mx",
     "policy_blocked",
+    "filtered",
     "spam_content",
     "authentication_failed",
     "rate_limited",
@@ -53,6 +54,18 @@ CATEGORIES = (
     "timeout",
     "other",
 )
+#: What an enhanced code's subject (RFC 3463 section 3) says when no rule names its
+#: code: X.7 security or policy status, X.6 message content or media status.
+_SUBJECTS = {"7": "policy_blocked", "6": "spam_content"}
+#: Enhanced codes that name the recipient's address as the cause, by category: X.1.0
+#: other address status, X.1.1 bad destination mailbox, X.1.3 bad destination mailbox
+#: syntax, X.1.6 destination mailbox has moved (RFC 3463), X.7.13 user account
+#: disabled (RFC 5248's registry). With one of these an answer is about the address
+#: at any stage, the end of DATA included.
+_ADDRESS_CODES = {
+    "user_unknown": frozenset({"5.1.0", "5.1.1", "5.1.3", "5.1.6"}),
+    "mailbox_disabled": frozenset({"5.7.13"}),
+}
 #: The address itself is undeliverable: a permanent failure of these suppresses it.
 HARD = frozenset({"user_unknown", "domain_not_found", "no_mx", "null_mx"})
 
@@ -323,6 +336,11 @@ class Classifier:
         if category is None and text:
             rule = self.rule_of_text(flat, strong=False)
             category = rule.category if rule else None
+        if category is None and status:
+            # RFC 3463: the subject digit alone says what kind of failure it is; a
+            # security or policy status (X.7.x) or a content one (X.6.x) is never
+            # about the address, whatever the basic reply code.
+            category = _SUBJECTS.get(status.split(".")[1])
         if category is None and reply_code is not None:
             category = self.replies.get(reply_code)
         if category is None:
@@ -334,8 +352,13 @@ class Classifier:
             stage = None  # an answer that names the address, whatever the command
         if stage == "mail" and category in _ADDRESS_CATEGORIES | {"other"}:
             category = "policy_blocked"
-        elif stage == "data" and category in _ADDRESS_CATEGORIES:
-            category = "policy_blocked"
+        elif (
+            stage == "data"
+            and category in _ADDRESS_CATEGORIES
+            and status not in _ADDRESS_CODES.get(category, ())
+        ):
+            # A content filter's answer, in the words of an address refusal.
+            category = "filtered" if category == "user_unknown" else "policy_blocked"
         elif stage == "connect" and category in _ADDRESS_CATEGORIES | {"other"}:
             category = "policy_blocked"
         if status is not None:

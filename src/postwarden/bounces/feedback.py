@@ -3,8 +3,8 @@
 * A hard failure (the address cannot receive mail) suppresses the address at once
   (``hard_bounce``).
 * A soft failure that says something about the address (a full or disabled mailbox,
-  mail that expired, a "user unknown" that a bounce relayed without saying which
-  command it answered) counts; ``bounces.soft_bounce_limit`` of them within
+  mail that expired, a "user unknown" that a bounce relayed without a code or the
+  command it answered: ``filtered``) counts; ``bounces.soft_bounce_limit`` of them within
   ``bounces.soft_bounce_window`` suppress it for ``bounces.soft_bounce_ttl``
   (``soft_bounce``). Failures that judge the *sender* (policy, reputation, content,
   authentication, rate, size, relaying) never count: suppressing their addresses would
@@ -32,7 +32,8 @@ from postwarden.store.suppress import upsert_suppression
 #: Soft failures that say something about the address itself.
 SOFT_ADDRESS = frozenset(
     {
-        "user_unknown",  # when not hard: temporary, or unconfirmed (docs/bounces.md)
+        "user_unknown",  # when not hard: temporary (docs/bounces.md)
+        "filtered",  # an unconfirmed "user unknown": perhaps a filter's, perhaps not
         "null_mx",
         "mailbox_full",
         "mailbox_disabled",

@@ -86,10 +86,12 @@ def judge(
         and find_stage(context) != "rcpt"
     ):
         # A remote server's bare "550 user unknown" relayed without an enhanced code
-        # and without the command it answered: at the end of DATA that is a content
-        # filter's answer. Counted as a soft bounce of the address (the soft limit
-        # still suppresses it) instead of suppressing it at once.
+        # and without the command it answered says nothing sure about the address:
+        # content-filtering gateways answer so at the end of DATA (RFC 5321 accepts
+        # or refuses a recipient at RCPT; Sisimai calls it "filtered"). Soft; it
+        # still counts towards the soft-bounce limit (bounces.feedback).
         hard = False
+        category = "filtered"
     return Finding(
         rcpt,
         final_status,
