@@ -129,6 +129,15 @@ CASES = [
         True,
     ),
     ("550 Ip frequency limited [Blocked IP 192.0.2.22]", "rcpt", "rate_limited", False),
+    # Google Groups refuses a post in the sender's language; its help centre's address
+    # says whose letter it is.
+    (
+        "Dobrý den, skupina (libsisimai) pravděpodobně neexistuje nebo nemáte oprávnění"
+        " ... https://groups.google.com/support/",
+        None,
+        "policy_blocked",
+        False,
+    ),
     # ... except where a provider refuses unknown users only there (Yahoo, AOL).
     (
         "554 delivery error: dd This user doesn't have a yahoo.com account (a@yahoo.com) [0]",

@@ -27,7 +27,7 @@ SCORER = Path(__file__).parent.parent / "corpus" / "score_bounces.py"
 # The figures this corpus gives today, a little below, so that a change that makes the
 # parser worse fails here. Raise them as the parser improves; the held-out figures are
 # in docs/bounces.md.
-FLOOR = {"recall": 0.98, "status": 0.95, "hard": 0.95, "reason": 0.90}
+FLOOR = {"recall": 0.98, "status": 0.95, "hard": 0.95, "reason": 0.915}
 
 # The replay: the findings of the message whose path the scorer appends, from a file
 # written here (``sh`` and ``cat``: a Python start per message would cost 10 s of CPU).

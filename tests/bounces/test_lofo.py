@@ -16,7 +16,7 @@ from postwarden.bounces.provenance import SWITCHES, is_family, switch_on
 
 # Today's LOFO figures (docs/bounces.md), a little below: a change that makes the rules
 # generalize worse fails here. Raise them as the rules improve.
-LOFO_FLOOR = {"recall": 98.0, "status": 95.0, "hard": 94.5, "reason": 87.5}
+LOFO_FLOOR = {"recall": 98.0, "status": 95.0, "hard": 94.5, "reason": 89.5}
 
 
 def patterns(tmp_path: Path, text: str) -> Path:
