@@ -255,3 +255,24 @@ def test_an_edited_patterns_file_is_read_again(tmp_path: Path) -> None:
     f.write_text('[[texts]]\ncategory = "rate_limited"\npatterns = ["frobnicated"]\n')
     assert default_classifier(str(f)).classify(text="550 frobnicated").category == "rate_limited"
     assert default_classifier() is default_classifier()  # the shipped rules, built once
+
+
+@pytest.mark.parametrize(
+    ("answer", "stage", "category", "hard", "basis", "weak"),
+    [
+        ("550 5.1.1 <a@b.example>: Recipient address rejected: User unknown", "rcpt",
+         "user_unknown", True, "text", False),
+        ("550 5.2.2 over the limit", "rcpt", "mailbox_full", False, "code", False),
+        ("550 5.7.0 frobnicated", "rcpt", "policy_blocked", False, "subject", False),
+        # A basic reply code alone: RFC 5321's 550 is also a refusal "for policy
+        # reasons", so an unknown user read from it alone is never hard.
+        ("550 go away", "rcpt", "user_unknown", False, "reply", True),
+        ("it did not work", None, "other", False, "none", True),
+        ("550 5.7.1 User unknown", "data", "filtered", False, "text", True),
+    ],
+)  # fmt: skip
+def test_what_decided_and_whether_it_is_weak(
+    answer: str, stage: str | None, category: str, hard: bool, basis: str, weak: bool
+) -> None:
+    v = default_classifier().classify(text=answer, stage=stage)
+    assert (v.category, v.hard, v.basis, v.weak) == (category, hard, basis, weak)

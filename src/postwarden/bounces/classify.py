@@ -142,6 +142,16 @@ class Verdict:
     reply_code: int | None
     #: The text rule that decided names the address whatever the command (any_stage).
     any_stage: bool = False
+    #: What decided the category: a text rule or a precise code (``text``, ``code``),
+    #: the code's subject (``subject``), the basic reply code alone (``reply``), or
+    #: nothing (``none``: ``other``, "we could not tell").
+    basis: str = "none"
+
+    @property
+    def weak(self) -> bool:
+        """Whether the evidence is weak: nothing or only a basic reply code decided, or
+        an address-like answer nothing confirms (``filtered``)."""
+        return self.basis in ("reply", "none") or self.category == "filtered"
 
 
 @dataclass(frozen=True)
@@ -331,20 +341,21 @@ class Classifier:
         flat = _SPACES_RE.sub(" ", text)
         rule = self.rule_of_text(flat, strong=True) if text else None
         category = rule.category if rule else None
+        basis = "text"
         if category is None and status:
-            category = self.codes.get(status)
+            category, basis = self.codes.get(status), "code"
         if category is None and text:
             rule = self.rule_of_text(flat, strong=False)
-            category = rule.category if rule else None
+            category, basis = (rule.category if rule else None), "text"
         if category is None and status:
             # RFC 3463: the subject digit alone says what kind of failure it is; a
             # security or policy status (X.7.x) or a content one (X.6.x) is never
             # about the address, whatever the basic reply code.
-            category = _SUBJECTS.get(status.split(".")[1])
+            category, basis = _SUBJECTS.get(status.split(".")[1]), "subject"
         if category is None and reply_code is not None:
-            category = self.replies.get(reply_code)
+            category, basis = self.replies.get(reply_code), "reply"
         if category is None:
-            category = "other"
+            category, basis = "other", "none"
         if stage is None:
             stage = find_stage(text)
         any_stage = rule is not None and rule.any_stage and rule.category == category
@@ -375,7 +386,10 @@ class Classifier:
                 if reply_code is not None
                 else implied_status(category, final)
             )
-        return Verdict(category, category in HARD and final, status, reply_code, any_stage)
+        # A basic reply code alone is weak evidence (RFC 5321's 550 is also a refusal
+        # "for policy reasons"): never a hard bounce.
+        hard = category in HARD and final and basis not in ("reply", "none")
+        return Verdict(category, hard, status, reply_code, any_stage, basis)
 
 
 _SPACES_RE = re.compile(r"\s+")

@@ -359,6 +359,8 @@ class BounceProcessor:
             "diagnostic": (f.diagnostic or "")[:1000],
             "remote_mta": f.remote_mta,
         }
+        if f.evidence:
+            detail["evidence"] = f.evidence
         if complaint:
             detail = {
                 "report": item.id,

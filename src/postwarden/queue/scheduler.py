@@ -676,7 +676,8 @@ class Scheduler:
                 # The one classifier judges the answer (bounces.classify); the event
                 # carries its verdict, which feeds suppressions (bounces.feedback).
                 v = self.classifier.classify(text=r.response, stage=_STAGE.get(r.reason))
-                detail.update(category=v.category, hard=v.hard, status=v.status)
+                detail.update(category=v.category, hard=v.hard, status=v.status,
+                              evidence="weak" if v.weak else "strong")  # fmt: skip
                 outcomes.append(
                     Outcome(lease.rcpt_id, lease.msg_id, BOUNCED, r.response, detail=detail)
                 )

@@ -92,6 +92,10 @@ def judge(
         # still counts towards the soft-bounce limit (bounces.feedback).
         hard = False
         category = "filtered"
+    # Weak: the classifier's own verdict stood on a basic reply code or on nothing, or
+    # the answer is an unconfirmed address refusal. An expiry read from the report's
+    # action and status is not weak.
+    weak = (v.weak and category == v.category) or category == "filtered"
     return Finding(
         rcpt,
         final_status,
@@ -102,4 +106,5 @@ def judge(
         diag.strip()[:1000],
         kind="delayed" if action == "delayed" else "bounce",
         reply_code=v.reply_code,
+        evidence="weak" if weak else "strong",
     )

@@ -33,10 +33,14 @@ class Finding:
     kind: Kind = "bounce"
     reply_code: int | None = None
     feedback_type: str | None = None
+    #: For a failure: ``strong``, or ``weak`` when nothing but a basic reply code or
+    #: nothing at all decided its reason, or the answer is an unconfirmed address
+    #: refusal (``filtered``): "we could not tell", never a hard bounce.
+    evidence: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("kind", "reply_code", "feedback_type"):
+        for k in ("kind", "reply_code", "feedback_type", "evidence"):
             if d[k] is None:
                 d.pop(k)
         return d

@@ -70,6 +70,7 @@ def ses_report(msg: Message, original: Message | None, classifier: Classifier) -
                     remote_mta=b.get("remoteMtaIp") or b.get("reportingMTA"),
                     diagnostic=diag,
                     reply_code=v.reply_code,
+                    evidence="weak" if v.weak else "strong",
                 )
             )
     elif ntype == "delivery":
