@@ -604,10 +604,16 @@ class Appliance:
         self.notifier.ready("serving" if done else "serving; the new configuration was refused")
         return done
 
-    def _confirm_reload(self, applied: bool) -> None:
+    @staticmethod
+    def _supervisor_dir() -> str:
+        """Where a worker's supervisor keeps its status, ready, beat and reload files
+        ("" when there is none)."""
         from postwarden.supervisor import STATUS_ENV
 
-        directory = os.path.dirname(os.environ.get(STATUS_ENV, ""))
+        return os.path.dirname(os.environ.get(STATUS_ENV, ""))
+
+    def _confirm_reload(self, applied: bool) -> None:
+        directory = self._supervisor_dir()
         if directory and self.worker is not None:
             try:
                 write_reloaded(directory, self.worker.index, reload_generation(directory), applied)
@@ -705,9 +711,7 @@ class Appliance:
         systemd); a process of its own says READY=1 and feeds the watchdog from its
         loop (docs/decisions/0013)."""
         if self.worker is not None:
-            from postwarden.supervisor import STATUS_ENV
-
-            directory = os.path.dirname(os.environ.get(STATUS_ENV, ""))
+            directory = self._supervisor_dir()
             if not directory:
                 return None
             write_ready(directory, self.worker.index)

@@ -17,6 +17,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+from postwarden.files import replace_file
+
 log = logging.getLogger("postwarden.notify")
 
 
@@ -110,7 +112,7 @@ def beat_path(directory: str, index: int) -> str:
 def write_ready(directory: str, index: int) -> None:
     """A worker has started (listeners serving, spool recovered): its pid in its ready
     file, written whole (a rename)."""
-    _write_whole(ready_path(directory, index), str(os.getpid()))
+    replace_file(ready_path(directory, index), str(os.getpid()))
 
 
 def reload_path(directory: str) -> str:
@@ -122,13 +124,6 @@ def reloaded_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"worker-{index}.reloaded")
 
 
-def _write_whole(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _read(path: str) -> str:
     try:
         with open(path, encoding="ascii") as f:
@@ -138,7 +133,7 @@ def _read(path: str) -> str:
 
 
 def write_reload_generation(directory: str, generation: int) -> None:
-    _write_whole(reload_path(directory), str(generation))
+    replace_file(reload_path(directory), str(generation))
 
 
 def reload_generation(directory: str) -> int:
@@ -149,7 +144,7 @@ def reload_generation(directory: str) -> int:
 def write_reloaded(directory: str, index: int, generation: int, applied: bool) -> None:
     """A worker has handled the reload of ``generation``: applied it, or refused the
     new file (it goes on with the old configuration)."""
-    _write_whole(reloaded_path(directory, index),
+    replace_file(reloaded_path(directory, index),
                  f"{os.getpid()} {generation} {'applied' if applied else 'refused'}")  # fmt: skip
 
 

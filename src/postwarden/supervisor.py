@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from postwarden.config import Config, ConfigError, load_config, parse_hostport
+from postwarden.files import replace_file
 from postwarden.notify import (
     BEAT_ENV,
     Notifier,
@@ -473,11 +474,8 @@ class Supervisor:
         alive = sum(1 for p in self.procs.values() if p.returncode is None)
         data = {"workers": self.count, "workers_alive": alive,
                 "worker_restarts": self.restarts, "stopping": self._stopping}  # fmt: skip
-        tmp = f"{self.status_file}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, self.status_file)
+            replace_file(self.status_file, json.dumps(data))
         except OSError:
             log.warning("event=status_write_failed", exc_info=True)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from prometheus_client import Histogram
 
+from postwarden.files import replace_file
 from postwarden.metrics import ApplianceMetrics, ProcessMetrics
 
 log = logging.getLogger("postwarden")
@@ -69,20 +70,6 @@ async def keep_vitals(
             lag.observe(max(0.0, loop.time() - start - LAG_TICK))
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mark_running(spool_path: str | os.PathLike[str]) -> bool:
     """At start: whether the previous run on this spool stopped cleanly (a spool
     without a marker: a first start, True), then the marker says ``running``.
@@ -93,13 +80,13 @@ def mark_running(spool_path: str | os.PathLike[str]) -> bool:
         clean = path.read_text(encoding="ascii", errors="replace").strip() == STOPPED
     except FileNotFoundError:
         clean = True
-    _write(path, RUNNING)
+    replace_file(path, RUNNING + "\n", durable=True)
     return clean
 
 
 def mark_stopped(spool_path: str | os.PathLike[str]) -> None:
     """At the end of a clean stop: the marker says ``stopped`` (logged if it cannot)."""
     try:
-        _write(Path(spool_path) / MARKER, STOPPED)
+        replace_file(Path(spool_path) / MARKER, STOPPED + "\n", durable=True)
     except OSError:
         log.exception("event=run_marker_write_failed")

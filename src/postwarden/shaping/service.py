@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from postwarden.config import Config
+from postwarden.files import replace_file
 from postwarden.metrics import ShapingMetrics, tenant_key
 from postwarden.shaping.broker import CHANGE_LOG_SIZE, Broker
 from postwarden.shaping.channel import MAX_LINE, BrokerServer
@@ -146,12 +146,7 @@ class ShapingService:
         path = Path(self.cfg.shaping_state_file)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_file(path, json.dumps(data), durable=True)
         except OSError:
             self.book.dirty = True  # try again at the next turn
             log.exception("event=warming_save_failed path=%s", path)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from postwarden.files import replace_file
 from postwarden.warming.health import KINDS, Thresholds, Window, healthy_day, pause_reason, score
 from postwarden.warming.health import tier as tier_of
 from postwarden.warming.plans import BUILTIN, Plan, PlanError, make_plan
@@ -312,12 +313,7 @@ class WarmingBook:
         """Atomically (write, fsync, rename)."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        replace_file(p, json.dumps(self.to_json()), durable=True)
         self.dirty = False
 
     def load(self, path: str | os.PathLike[str]) -> None:
