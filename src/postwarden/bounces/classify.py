@@ -10,16 +10,21 @@ It decides in this order:
 2. the diagnostic text against the other ``[[texts]]`` regular expressions, in file
    order (the operator's file first, then the shipped one), for the many answers
    whose code is vague (``5.7.1``, ``5.0.0``, ``550`` alone);
-3. the basic reply code (``[[replies]]``);
-4. ``other``.
+3. the code's subject alone (RFC 3463 section 3): ``X.7`` a policy refusal, ``X.6`` a
+   content one;
+4. the basic reply code (``[[replies]]``);
+5. ``other``.
 
-Then the SMTP stage: a refusal at MAIL FROM or at the greeting concerns the sender,
-and an address-like refusal at the end of DATA comes from a content filter; neither
-says the recipient's address is bad (``policy_blocked``).
+Then the SMTP stage: a refusal at MAIL FROM or at the greeting concerns the sender
+(``policy_blocked``), and an address-like refusal at the end of DATA comes from a
+content filter (``filtered`` for "user unknown", else ``policy_blocked``); neither says
+the recipient's address is bad, unless the enhanced code itself names the address
+(:data:`_ADDRESS_CODES`).
 
 A category is *hard* only when it says the address itself cannot receive mail
-(:data:`HARD`) and the failure was permanent. A policy, reputation or content block is
-soft even with a 5xx code: suppressing its address would throw away a good address.
+(:data:`HARD`), the failure was permanent, and more than a basic reply code decided
+it (:attr:`Verdict.basis`, :attr:`Verdict.weak`). A policy, reputation or content block
+is soft even with a 5xx code: suppressing its address would throw away a good address.
 """
 
 from __future__ import annotations
