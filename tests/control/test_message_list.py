@@ -299,3 +299,33 @@ async def test_real_mail_is_listed_with_its_recipients_states(control: ControlFa
         assert [m["id"] for m in r.json()["data"]] == [second]
         r = await c.get("/v1/messages", params={"source": "api", "tag": "news"})
         assert [m["id"] for m in r.json()["data"]] == [first]
+
+
+@pytest.mark.sqlite_only  # the copier's reading of an event, not the database's
+async def test_an_event_naming_no_tenant_id_does_not_stop_the_copy(
+    control: ControlFactory,
+) -> None:
+    """Mail accepted under a tenant that is no control-plane id (the lab's and the
+    shaping tests' names) stays in the spool's log only; the tenant's mail after it is
+    still copied and listed."""
+    from postwarden.queue.spool import new_message_id
+    from postwarden.values import Envelope
+
+    api = await control()
+    api.lab.add_domain("inbox.test")
+    key = await api.tenant("acme")
+    await api.verified_domain(key, "acme.test")
+    data = b"From: x@big.test\r\nTo: c@inbox.test\r\nSubject: f\r\n\r\nx\r\n"
+    await api.app.acceptance.accept(
+        Envelope("x@big.test", ["c@inbox.test"], tenant="big"), data, new_message_id()
+    )
+    mid = await submit(api, "acme", key, "shop@acme.test", ["bob@inbox.test"])
+    async with api.client(key) as c:
+        deadline = time.monotonic() + 30
+        while True:
+            data_ = (await c.get("/v1/messages")).json()["data"]
+            if [m["states"] for m in data_] == [{"delivered": 1}]:
+                break
+            assert time.monotonic() < deadline, data_
+            await asyncio.sleep(0.1)
+        assert [m["id"] for m in data_] == [mid]

@@ -60,6 +60,19 @@ def tags_text(tags: list[str]) -> str:
     return "," + ",".join(tags) + "," if tags else ""
 
 
+def _tenant_id(value: Any) -> int | None:
+    """The control plane's tenant id in an event, or None.
+
+    A tenant that is no id (a lab's or a test's name) is nobody's to see through the
+    API, like mail without one: one such event must not stop the copy for the rest.
+    """
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
 def _ts(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.UTC)
 
@@ -259,7 +272,7 @@ class EventCopier:
             detail = json.loads(detail_text or "{}")
             parsed.append((eid, ts, kind, msg_id, rcpt_id, rcpt, detail))
             if kind == "accepted" and msg_id not in self._msgs:
-                tenant = int(detail["tenant"]) if detail.get("tenant") else None
+                tenant = _tenant_id(detail.get("tenant"))
                 meta = detail.get("meta") or {}
                 tags = list(meta.get("tags") or [])
                 self._remember(msg_id, tenant, tags_text(tags))
