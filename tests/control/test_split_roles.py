@@ -81,6 +81,13 @@ async def test_control_role_relays_to_the_mta_role(
                 json={"from": "x@other.test", "to": ["a@inbox.test"], "subject": "s", "text": "t"},
             )
             assert r.status_code == 422
+            # The control process exports its own requests by route and its readings.
+            text = (await c.get("/metrics")).text
+        posts = 'postwarden_http_requests_total{method="POST",route="/v1/messages",status="%s"}'
+        counted = [x for x in text.splitlines() if "http_requests_total" in x]
+        assert posts % "2xx" + " 1.0" in counted and posts % "4xx" + " 1.0" in counted, counted
+        rss = [x for x in text.splitlines() if x.startswith("postwarden_process_resident_memory")]
+        assert rss and float(rss[0].split()[-1]) > 1e6, rss
         msgs = await lab.wait_for_messages(1)
         assert msgs[0].rcpt_tos == ["ann@inbox.test"]
         assert b"X-Postwarden-Meta" not in msgs[0].data and b"d=acme.test" in msgs[0].data

@@ -12,12 +12,14 @@ import logging
 import signal
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from postwarden.config import Config, parse_hostport
 from postwarden.control.plane import ControlPlane
 from postwarden.control.relay import SmtpRelay
 from postwarden.dns.resolver import Resolver
+from postwarden.metrics import Metrics, ProcessMetrics
+from postwarden.vitals import keep_vitals
 
 log = logging.getLogger("postwarden.control")
 
@@ -29,8 +31,15 @@ class ControlService:
             cfg.dns.nameservers, timeout=cfg.dns.timeout, cache_size=cfg.dns.cache_size
         )
         self.relay = SmtpRelay(cfg)
-        self.control = ControlPlane(cfg, self.resolver, inject=self.relay.inject)
-        self.registry = CollectorRegistry()
+        # The API's own metrics (requests by route, tracking, the database's state) and
+        # the process's readings; the MTA's series are exported at zero.
+        self.metrics = Metrics()
+        self.registry = self.metrics.registry
+        self.process_metrics = ProcessMetrics(self.registry)
+        self.control = ControlPlane(
+            cfg, self.resolver, inject=self.relay.inject, metrics=self.metrics
+        )
+        self._vitals: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
         self._http: Any = None
         self._metrics_http: Any = None
@@ -58,7 +67,12 @@ class ControlService:
         token = metrics_token(self.cfg)
         separate = bool(self.cfg.metrics.listen)
         app = create_app(
-            metrics, health, self.control, metrics_token=token, serve_metrics=not separate
+            metrics,
+            health,
+            self.control,
+            metrics_token=token,
+            serve_metrics=not separate,
+            http_metrics=self.metrics,
         )
         host, port = parse_hostport(self.cfg.control.listen, "control.listen")
         self._http = HttpServer(app, host, port)
@@ -67,6 +81,9 @@ class ControlService:
             host, port = parse_hostport(self.cfg.metrics.listen, "metrics.listen")
             self._metrics_http = HttpServer(metrics_app(metrics, token), host, port)
             self.metrics_address = await self._metrics_http.start()
+        self._vitals = asyncio.create_task(
+            keep_vitals(self.process_metrics, lag=self.metrics.loop_lag)
+        )
         log.info(
             "event=started role=control control=%s:%s submit_to=%s:%s",
             *self.address,
@@ -78,6 +95,8 @@ class ControlService:
         if self._stopping:
             return
         self._stopping = True
+        if self._vitals is not None:
+            self._vitals.cancel()
         if self._http is not None:
             await self._http.stop()
         if self._metrics_http is not None:
