@@ -165,6 +165,10 @@ def worker_of(spool: Path, msg_id: str) -> int:
         try:
             if db.execute("SELECT 1 FROM events WHERE msg_id = ?", (msg_id,)).fetchone():
                 return shard_number(spool, shard)
+        except sqlite3.OperationalError as exc:
+            # A worker still starting has created its index but not its tables yet.
+            if "no such table" not in str(exc):
+                raise
         finally:
             db.close()
     raise AssertionError(f"{msg_id} in no shard")
