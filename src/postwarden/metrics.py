@@ -16,11 +16,12 @@ imported, and the supervisor imports it only after setting the variable
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
@@ -481,9 +482,17 @@ def site_label(site: str) -> str:
 class ProcessMetrics:
     """The process's own readings (memory, CPU, descriptors): written by every process
     of the appliance (supervisor and workers), summed by /metrics (the descriptor
-    limit: the least). Read by :func:`postwarden.vitals.keep_vitals`."""
+    limit: the least). Read by :func:`postwarden.vitals.keep_vitals`.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    ``others`` names more processes this one reads for (the supervisor reads its fork
+    server, which writes no metrics of its own): their readings are added to its own.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        others: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.rss = Gauge(
             "postwarden_process_resident_memory_bytes",
@@ -509,24 +518,44 @@ class ProcessMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
-        # prometheus-client's own reader of /proc/self (not registered: read by hand).
-        self._reader = ProcessCollector(registry=None)
-        self._cpu_seen = 0.0
+        # prometheus-client's own reader of /proc/<pid> (not registered: read by hand),
+        # and the CPU seconds each process had at its last reading.
+        self._others = others
+        self._readers: dict[int | str, ProcessCollector] = {"self": ProcessCollector(registry=None)}
+        self._cpu_seen: dict[int | str, float] = {}
 
     def update(self) -> None:
-        """One reading of /proc/self (a handful of small reads; every few seconds)."""
-        for family in self._reader.collect():
-            for sample in family.samples:
-                if sample.name == "process_resident_memory_bytes":
-                    self.rss.set(sample.value)
-                elif sample.name == "process_open_fds":
-                    self.open_fds.set(sample.value)
-                elif sample.name == "process_max_fds":
-                    self.max_fds.set(sample.value)
-                elif sample.name == "process_cpu_seconds_total":
-                    if sample.value > self._cpu_seen:
-                        self.cpu.inc(sample.value - self._cpu_seen)
-                        self._cpu_seen = sample.value
+        """One reading of /proc/self and of the others' (a handful of small reads
+        each; every few seconds)."""
+        if self._others is not None:
+            pids: set[int | str] = {"self", *self._others()}
+            for gone in set(self._readers) - pids:
+                del self._readers[gone]
+                self._cpu_seen.pop(gone, None)
+            for pid in pids - set(self._readers):
+                self._readers[pid] = ProcessCollector(
+                    pid=functools.partial(str, pid), registry=None
+                )
+        rss = fds = 0.0
+        max_fds: float | None = None
+        for pid, reader in self._readers.items():
+            for family in reader.collect():
+                for sample in family.samples:
+                    if sample.name == "process_resident_memory_bytes":
+                        rss += sample.value
+                    elif sample.name == "process_open_fds":
+                        fds += sample.value
+                    elif sample.name == "process_max_fds":
+                        max_fds = min(sample.value, max_fds or sample.value)
+                    elif sample.name == "process_cpu_seconds_total":
+                        seen = self._cpu_seen.get(pid, 0.0)
+                        if sample.value > seen:
+                            self.cpu.inc(sample.value - seen)
+                            self._cpu_seen[pid] = sample.value
+        self.rss.set(rss)
+        self.open_fds.set(fds)
+        if max_fds is not None:
+            self.max_fds.set(max_fds)
 
 
 class ApplianceMetrics:

@@ -326,7 +326,13 @@ class Supervisor:
         if not clean:
             log.warning("event=previous_run_unclean spool=%s", self.cfg.spool.path)
         spool = str(self.cfg.spool.path)
-        self._task(keep_vitals(ProcessMetrics(), appliance=m, spool_dir=spool))
+        process = ProcessMetrics(others=self._fork_server_pid)
+        self._task(keep_vitals(process, appliance=m, spool_dir=spool))
+
+    def _fork_server_pid(self) -> list[int]:
+        """The fork server, read with the supervisor (it writes no metrics itself)."""
+        forks = self.forks
+        return [forks.proc.pid] if forks is not None and forks.alive else []
 
     def _count_alive(self) -> None:
         alive = sum(1 for p in self.procs.values() if p.returncode is None)
