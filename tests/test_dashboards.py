@@ -365,7 +365,6 @@ def mutated(file: str, old: str, new: str) -> tuple[dict[str, Any], dict[str, An
 
 @pytest.mark.serial  # a load and Prometheus's 1 s scrapes against a deadline
 @pytest.mark.long(30)
-@pytest.mark.timeout(180)
 async def test_every_query_returns_data_from_a_real_prometheus(
     tmp_path: Path, lab: Lab, subprocess_config: Any
 ) -> None:

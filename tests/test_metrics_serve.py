@@ -101,7 +101,6 @@ def worker_pids(log: Path) -> dict[int, int]:
     return pids
 
 
-@pytest.mark.timeout(180)
 @pytest.mark.long(30)
 async def test_two_workers_sum_and_a_worker_restart(
     tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]
@@ -179,7 +178,6 @@ async def test_two_workers_sum_and_a_worker_restart(
         assert value(text, "postwarden_previous_stop_clean") == 1
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.long(15)
 async def test_one_process_has_every_metric_and_the_run_marker(
     tmp_path: Path, lab: Lab, subprocess_config: Callable[..., tuple[Path, int]]

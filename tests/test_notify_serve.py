@@ -81,7 +81,6 @@ async def serving(tmp_path: Path, config: Path, **env: str) -> AsyncIterator[Any
 
 
 @pytest.mark.serial
-@pytest.mark.timeout(120)
 async def test_ready_watchdog_reload_and_stop(
     tmp_path: Path, subprocess_config: Callable[..., tuple[Path, int]]
 ) -> None:
@@ -155,7 +154,6 @@ async def test_ready_watchdog_reload_and_stop(
 
 
 @pytest.mark.serial
-@pytest.mark.timeout(120)
 async def test_one_process_speaks_for_itself(
     tmp_path: Path, subprocess_config: Callable[..., tuple[Path, int]]
 ) -> None:

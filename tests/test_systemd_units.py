@@ -132,7 +132,6 @@ print({
 
 
 @pytest.mark.serial
-@pytest.mark.timeout(180)
 async def test_serve_runs_in_the_units_sandbox(
     tmp_path: Path,
     lab: Lab,

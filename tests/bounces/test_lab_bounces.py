@@ -107,7 +107,6 @@ async def send_report(port: int, rcpt: str, data: bytes) -> None:
         await smtp.sendmail("", [rcpt], data)
 
 
-@pytest.mark.timeout(120)
 async def test_sync_dsn_and_arf_end_with_events_and_suppressions(
     control: ControlFactory, tmp_path: Path
 ) -> None:

@@ -25,7 +25,6 @@ from tests.control.test_messages import ready_tenant
 from tests.peers import require_binary
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("control", ["sqlite"], indirect=True)  # the database plays no part
 async def test_a_postfix_dsn_comes_back_and_suppresses(
     control: ControlFactory, request: pytest.FixtureRequest

@@ -128,7 +128,6 @@ async def until_health(api: ControlApi, status: str, timeout: float = 30) -> dic
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.timeout(180)
 async def test_postgres_stopped_and_started_under_load(
     own_postgres: PgServer, appliance: Any, lab: Lab, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -221,7 +220,6 @@ async def test_postgres_stopped_and_started_under_load(
     assert got == want, (sorted((got - want).items())[:5], sorted((want - got).items())[:5])
 
 
-@pytest.mark.timeout(120)
 async def test_the_appliance_starts_while_postgres_is_down(
     own_postgres: PgServer, appliance: Any, lab: Lab
 ) -> None:
@@ -258,7 +256,6 @@ async def test_the_appliance_starts_while_postgres_is_down(
     await lab.wait_for_messages(1, timeout=30)
 
 
-@pytest.mark.timeout(120)
 async def test_tenant_mail_waits_until_the_suppressions_are_read(
     own_postgres: PgServer, appliance: Any, lab: Lab
 ) -> None:
@@ -325,7 +322,6 @@ async def test_a_database_from_a_newer_version_stops_the_start(
     assert "postwarden db downgrade" in str(exc.value)
 
 
-@pytest.mark.timeout(120)
 async def test_serve_with_two_workers_starts_without_its_database(
     tmp_path: Any, subprocess_config: Any
 ) -> None:

@@ -86,7 +86,6 @@ async def judged(api: ControlApi, key: str, cid: int, n: int) -> None:
 
 
 @pytest.mark.sqlite_only  # the scenario, not the database: the parts have their twins
-@pytest.mark.timeout(120)
 async def test_people_machines_unsubscribe_and_erasure(
     control: ControlFactory, tmp_path: Path
 ) -> None:

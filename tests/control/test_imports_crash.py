@@ -103,7 +103,6 @@ def client(base: str, key: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"})
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 @pytest.mark.long(15)
 async def test_a_killed_import_resumes_and_counts_exactly(

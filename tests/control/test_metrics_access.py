@@ -67,7 +67,6 @@ async def test_sending_domains_stay_out_of_labels(appliance: Any, opt_in: bool) 
     assert ("secret-tenant.test" in text) is opt_in
 
 
-@pytest.mark.timeout(180)
 @pytest.mark.long
 async def test_workers_serve_the_separate_listener(
     tmp_path: Path, lab: Lab, subprocess_config: Any

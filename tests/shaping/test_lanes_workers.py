@@ -183,7 +183,6 @@ async def send_one(port: int, rcpt: str) -> str:
     return reply.split("queued as ")[1].split()[0]
 
 
-@pytest.mark.timeout(120)
 async def test_an_idle_connection_gives_its_slot_to_the_other_worker(
     tmp_path: Path, lab: Lab, config: Any
 ) -> None:

@@ -86,7 +86,6 @@ async def test_an_unrated_site_answering_421_gets_a_few_tens_of_attempts(
 # Rates measured from the MX's timestamps: `make test` runs it at normal CPU priority.
 @pytest.mark.serial
 @pytest.mark.long(18)
-@pytest.mark.timeout(180)
 async def test_full_rate_is_back_soon_after_push_back_stops(
     tmp_path: Path, lab: Lab, sink: RecordingSink, appliance: ApplianceFactory
 ) -> None:
