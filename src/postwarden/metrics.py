@@ -546,7 +546,7 @@ class ProcessMetrics:
                     elif sample.name == "process_open_fds":
                         fds += sample.value
                     elif sample.name == "process_max_fds":
-                        max_fds = min(sample.value, max_fds or sample.value)
+                        max_fds = sample.value if max_fds is None else min(max_fds, sample.value)
                     elif sample.name == "process_cpu_seconds_total":
                         seen = self._cpu_seen.get(pid, 0.0)
                         if sample.value > seen:

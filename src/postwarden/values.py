@@ -68,6 +68,18 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".")
 
 
+def tenant_id(tenant: str | int | None) -> int | None:
+    """The control plane's id of a spool tenant (the spool keeps it as text), or None
+    when there is none or it is no id (a lab's or a test's name): such mail is nobody's
+    to see through the API, and no tenant setting applies to it."""
+    if tenant is None or tenant == "":
+        return None
+    try:
+        return int(tenant)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Envelope:
     """What travels with a message besides its bytes."""

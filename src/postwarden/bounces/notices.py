@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from postwarden.bounces.classify import find_status
 from postwarden.bounces.notify import Failed, build_dsn, header_block
-from postwarden.values import AttemptResult, Envelope, Lease, StoredMessage
+from postwarden.values import AttemptResult, Envelope, Lease, StoredMessage, tenant_id
 
 log = logging.getLogger("postwarden")
 
@@ -50,11 +50,8 @@ class FailureNotices:
         """Recipients that failed for good: a DSN per message, sent in the background."""
         by_msg: dict[str, list[Final]] = {}
         for lease, result, expired in finals:
-            if not lease.mail_from or lease.mail_from == "<>" or not lease.tenant:
-                continue
-            try:
-                tenant = int(lease.tenant)
-            except ValueError:
+            tenant = tenant_id(lease.tenant)
+            if not lease.mail_from or lease.mail_from == "<>" or tenant is None:
                 continue
             if self.wants_notices(tenant):
                 by_msg.setdefault(lease.msg_id, []).append((lease, result, expired))

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from postwarden.values import tenant_id
+
 if TYPE_CHECKING:
     from postwarden.config import Config
     from postwarden.values import Lease
@@ -229,9 +231,8 @@ class ReturnPaths:
         sender = lease.mail_from
         if not sender or sender == "<>":
             return None
-        try:
-            tenant = int(lease.tenant)
-        except ValueError:
+        tenant = tenant_id(lease.tenant)
+        if tenant is None:
             return None
         domain = sender.rpartition("@")[2].lower().rstrip(".")
         return domain if domain in verified.get(tenant, ()) else None

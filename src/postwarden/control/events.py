@@ -31,6 +31,7 @@ from postwarden.config import BouncesConfig
 from postwarden.store.availability import LogLimiter
 from postwarden.store.feed import lock_events
 from postwarden.store.models import Event, EventCursor, Message, Recipient
+from postwarden.values import tenant_id
 
 log = logging.getLogger("postwarden.control.events")
 _limited = LogLimiter(log)
@@ -58,19 +59,6 @@ def recipient_id(msg_id: str, rcpt_id: int | None) -> str | None:
 
 def tags_text(tags: list[str]) -> str:
     return "," + ",".join(tags) + "," if tags else ""
-
-
-def _tenant_id(value: Any) -> int | None:
-    """The control plane's tenant id in an event, or None.
-
-    A tenant that is no id (a lab's or a test's name) is nobody's to see through the
-    API, like mail without one: one such event must not stop the copy for the rest.
-    """
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
 
 
 def _ts(value: float) -> dt.datetime:
@@ -272,7 +260,7 @@ class EventCopier:
             detail = json.loads(detail_text or "{}")
             parsed.append((eid, ts, kind, msg_id, rcpt_id, rcpt, detail))
             if kind == "accepted" and msg_id not in self._msgs:
-                tenant = _tenant_id(detail.get("tenant"))
+                tenant = tenant_id(detail.get("tenant"))
                 meta = detail.get("meta") or {}
                 tags = list(meta.get("tags") or [])
                 self._remember(msg_id, tenant, tags_text(tags))

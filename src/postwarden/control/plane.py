@@ -49,7 +49,7 @@ from postwarden.store.models import (
 )
 from postwarden.store.secrets import load_box
 from postwarden.store.suppress import SuppressionCache
-from postwarden.values import SUPPRESSIONS_UNKNOWN
+from postwarden.values import SUPPRESSIONS_UNKNOWN, tenant_id
 
 log = logging.getLogger("postwarden.control")
 _limited = LogLimiter(log)
@@ -283,9 +283,8 @@ class ControlPlane:
         """The one suppression check, for spool tenants (ids as text);
         ``SUPPRESSIONS_UNKNOWN`` while the list has not been read (started with the
         database down): the caller holds the mail."""
-        try:
-            tid = int(tenant)
-        except ValueError:
+        tid = tenant_id(tenant)
+        if tid is None:
             return None
         if not self.db.started:
             return SUPPRESSIONS_UNKNOWN
